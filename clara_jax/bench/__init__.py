@@ -1,0 +1,1 @@
+"""Throughput and MFU measurements (figures are printed, never asserted in tests)."""

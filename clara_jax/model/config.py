@@ -1,0 +1,169 @@
+"""Decoder and LoRA hyper-parameters, and the named model sizes.
+
+The configs are frozen dataclasses (hashable, so they can be static arguments of jitted
+functions); `configs/` builds ml_collections on top of them for the command line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+# The three CLaRa roles, each a LoRA adapter on the shared frozen decoder.
+CLARA_ADAPTERS: Tuple[str, ...] = ("compressor", "reasoner", "generator")
+
+# Policies for `jax.checkpoint` on each decoder block ("none" keeps every activation).
+REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """Named low-rank adapters applied to every linear layer of the decoder.
+
+  Attributes:
+    adapters: names of the adapters; each gets its own `lora_<name>` subtree in every
+      linear layer, so an optimizer mask can train any subset.
+    rank: inner dimension r of the A [in, r] and B [r, out] factors.
+    alpha: the adapter output is scaled by alpha / rank (PEFT convention).
+    dropout: dropout rate on the adapter's input (training only).
+  """
+
+  adapters: Tuple[str, ...] = CLARA_ADAPTERS
+  rank: int = 16
+  alpha: float = 32.0
+  dropout: float = 0.1
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+  def __post_init__(self):
+    if self.rank <= 0:
+      raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
+    if len(set(self.adapters)) != len(self.adapters):
+      raise ValueError(f"LoraConfig.adapters has duplicates: {self.adapters}")
+    for name in self.adapters:
+      if not name.isidentifier():
+        raise ValueError(f"LoraConfig.adapters: {name!r} is not an identifier")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """A Mistral/Llama-style decoder.
+
+  Attributes:
+    base_vocab_size: rows of the pretrained (or SentencePiece) vocabulary.
+    num_extra_tokens: rows appended for CLaRa's special tokens (<ENC>, <SEP>, <AE>,
+      <MEM*>). They live in separate parameters so that they alone can be trained.
+    hidden_size: model width (logical axis "embed").
+    intermediate_size: SwiGLU inner width (logical axis "mlp").
+    num_layers: decoder blocks.
+    num_heads: query heads; num_kv_heads: key/value heads (grouped-query attention).
+    head_dim: per-head width (Mistral: hidden_size // num_heads).
+    rope_theta: rotary embedding base.
+    rms_norm_eps: epsilon of every RMSNorm.
+    sliding_window: Mistral v0.1 style local attention span; None attends to all keys.
+    dtype: compute dtype of matmuls ("bfloat16" on TPU, "float32" on CPU).
+    param_dtype: storage dtype of parameters.
+    remat_policy: one of REMAT_POLICIES, applied per block.
+    lora: the adapters; None builds a plain decoder.
+  """
+
+  base_vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  num_extra_tokens: int = 0
+  rope_theta: float = 10000.0
+  rms_norm_eps: float = 1e-5
+  sliding_window: Optional[int] = None
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  remat_policy: str = "none"
+  lora: Optional[LoraConfig] = LoraConfig()
+
+  @property
+  def vocab_size(self) -> int:
+    return self.base_vocab_size + self.num_extra_tokens
+
+  @property
+  def adapters(self) -> Tuple[str, ...]:
+    return self.lora.adapters if self.lora is not None else ()
+
+  def __post_init__(self):
+    for field in ("base_vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "num_kv_heads", "head_dim"):
+      if getattr(self, field) <= 0:
+        raise ValueError(f"DecoderConfig.{field} must be positive, got {getattr(self, field)}")
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of "
+          f"num_kv_heads ({self.num_kv_heads})")
+    if self.head_dim % 2:
+      raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(
+          f"DecoderConfig.remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    for field in ("dtype", "param_dtype"):
+      if getattr(self, field) not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"DecoderConfig.{field} {getattr(self, field)!r} is not a float dtype")
+
+  def replace(self, **changes) -> "DecoderConfig":
+    return dataclasses.replace(self, **changes)
+
+  def num_params(self, include_lora: bool = True) -> int:
+    """Parameter count, computed from shapes (used by benchmarks and the plan)."""
+    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
+                       self.num_kv_heads, self.head_dim)
+    linears = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f), (d, f), (f, d)]
+    per_layer = sum(i * o for i, o in linears) + 2 * d
+    if include_lora and self.lora is not None:
+      per_layer += len(self.lora.adapters) * sum(self.lora.rank * (i + o) for i, o in linears)
+    return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+
+
+# Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,
+# `ref_tiny` matches the shapes at which the official PyTorch code runs on a CPU, and
+# `mistral_7b` has the real Mistral-7B-Instruct-v0.2 shapes.
+MODEL_SIZES = {
+    "tiny": dict(base_vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+                 num_heads=4, num_kv_heads=2, head_dim=16, lora=LoraConfig(rank=4, alpha=8.0)),
+    "small": dict(base_vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
+                  num_heads=8, num_kv_heads=4, head_dim=32, lora=LoraConfig(rank=16, alpha=32.0)),
+    "ref_tiny": dict(base_vocab_size=8000, hidden_size=256, intermediate_size=768,
+                     num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+    "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                       rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),
+}
+
+
+def model_config(name: str, **overrides) -> DecoderConfig:
+  """Returns the named size, with fields overridden (e.g. `num_extra_tokens`)."""
+  if name not in MODEL_SIZES:
+    raise ValueError(f"unknown model size {name!r}; known: {sorted(MODEL_SIZES)}")
+  return DecoderConfig(**{**MODEL_SIZES[name], **overrides})
+
+
+def config_to_dict(cfg: DecoderConfig) -> dict:
+  """JSON-ready dict of a DecoderConfig (LoRA nested or None)."""
+  return dataclasses.asdict(cfg)
+
+
+def config_from_dict(d: dict) -> DecoderConfig:
+  """Inverse of `config_to_dict`; unknown fields are an error naming them."""
+  known = {f.name for f in dataclasses.fields(DecoderConfig)}
+  unknown = sorted(set(d) - known)
+  if unknown:
+    raise ValueError(f"unknown DecoderConfig fields {unknown}; known: {sorted(known)}")
+  d = dict(d)
+  if d.get("lora") is not None:
+    lora = dict(d["lora"])
+    lora["adapters"] = tuple(lora.get("adapters", CLARA_ADAPTERS))
+    d["lora"] = LoraConfig(**lora)
+  return DecoderConfig(**d)

@@ -1,0 +1,300 @@
+"""A Mistral/Llama-style decoder in Flax linen, with named LoRA adapters and a KV cache.
+
+Pure functional use:
+
+    model = Decoder(cfg)
+    params = init_params(cfg, jax.random.key(0))
+    out = model.apply({"params": params}, tokens_bt, attention_mask=mask_bt,
+                      adapter="generator")
+    logits_btv = model.apply({"params": params}, out.hidden, method=Decoder.logits)
+
+`adapter` (a static string or None) selects which LoRA adapter is active; the generator
+passes `embeddings=` instead of token ids after writing document memories into its
+placeholder slots.
+"""
+
+from __future__ import annotations
+
+from typing import List, NamedTuple, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model.config import DecoderConfig
+from clara_jax.model.layers import (LoraLinear, RMSNorm, apply_rope, attention_bias,
+                                    constrain, default_kernel_init)
+
+Array = jax.Array
+# One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
+KVCache = List[dict]
+
+BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
+
+
+def _dtype(name: str):
+  return jnp.dtype(name)
+
+
+class Embedder(nn.Module):
+  """Token embedding: pretrained rows plus CLaRa's extra rows in their own parameter.
+
+  Keeping `extra_embedding` separate lets an optimizer mask train only the special-token
+  rows while the pretrained table stays frozen.
+  """
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, tokens_bt: Array) -> Array:
+    cfg = self.cfg
+    pdt = _dtype(cfg.param_dtype)
+    base = self.param("base_embedding",
+                      nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+                      (cfg.base_vocab_size, cfg.hidden_size), pdt)
+    emb = jnp.take(base, jnp.clip(tokens_bt, 0, cfg.base_vocab_size - 1), axis=0)
+    if cfg.num_extra_tokens:
+      extra = self.param("extra_embedding",
+                         nn.with_logical_partitioning(default_kernel_init,
+                                                      ("extra_vocab", "embed")),
+                         (cfg.num_extra_tokens, cfg.hidden_size), pdt)
+      extra_ids = jnp.clip(tokens_bt - cfg.base_vocab_size, 0, cfg.num_extra_tokens - 1)
+      emb = jnp.where((tokens_bt >= cfg.base_vocab_size)[..., None],
+                      jnp.take(extra, extra_ids, axis=0), emb)
+    return emb.astype(_dtype(cfg.dtype))
+
+
+class LmHead(nn.Module):
+  """Untied output projection, split like the Embedder; returns float32 logits."""
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, hidden: Array) -> Array:
+    cfg = self.cfg
+    pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
+    base = self.param("base_head",
+                      nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
+                      (cfg.hidden_size, cfg.base_vocab_size), pdt)
+    x = hidden.astype(dt)
+    logits = jnp.dot(x, base.astype(dt), preferred_element_type=jnp.float32)
+    if cfg.num_extra_tokens:
+      extra = self.param("extra_head",
+                         nn.with_logical_partitioning(default_kernel_init,
+                                                      ("embed", "extra_vocab")),
+                         (cfg.hidden_size, cfg.num_extra_tokens), pdt)
+      logits = jnp.concatenate(
+          [logits, jnp.dot(x, extra.astype(dt), preferred_element_type=jnp.float32)], -1)
+    return logits
+
+
+class Attention(nn.Module):
+  """Grouped-query attention with RoPE and an optional KV cache."""
+
+  cfg: DecoderConfig
+  adapter: Optional[str] = None
+  deterministic: bool = True
+
+  def _linear(self, features, axes, name, n_in=1):
+    cfg = self.cfg
+    return LoraLinear(features=features, kernel_axes=axes, n_in=n_in, lora=cfg.lora,
+                      active_adapter=self.adapter, deterministic=self.deterministic,
+                      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
+
+  @nn.compact
+  def __call__(self, x_btd: Array, positions_bt: Array, bias_bqk: Array,
+               cache: Optional[dict], cache_index_b: Optional[Array]):
+    cfg = self.cfg
+    h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj")(x_btd)
+    k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x_btd)
+    v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x_btd)
+    q = apply_rope(q, positions_bt, cfg.rope_theta)
+    k = apply_rope(k, positions_bt, cfg.rope_theta)
+    q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
+
+    new_cache = None
+    if cache is not None:
+      write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
+      new_cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), cache_index_b),
+                   "v": write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)}
+      k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
+
+    b, t = q.shape[:2]
+    groups = h // kv
+    q = q.reshape(b, t, kv, groups, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
+    scores = scores * (hd ** -0.5) + bias_bqk[:, None, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    out = out.reshape(b, t, h, hd).astype(_dtype(cfg.dtype))
+    out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
+                       n_in=2)(out)
+    return out, new_cache
+
+
+class Mlp(nn.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  cfg: DecoderConfig
+  adapter: Optional[str] = None
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_btd: Array) -> Array:
+    cfg = self.cfg
+    kw = dict(lora=cfg.lora, active_adapter=self.adapter, deterministic=self.deterministic,
+              dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+    gate = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
+    up = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x_btd)
+    hidden = constrain(jax.nn.silu(gate) * up,
+                       ("activation_batch", "activation_length", "activation_mlp"))
+    return LoraLinear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(hidden)
+
+
+class DecoderBlock(nn.Module):
+  """Pre-norm transformer block; activations constrained at its boundaries."""
+
+  cfg: DecoderConfig
+
+  @nn.compact
+  def __call__(self, x_btd, positions_bt, bias_bqk, cache, cache_index_b,
+               adapter: Optional[str], deterministic: bool):
+    cfg = self.cfg
+    dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
+    x_btd = constrain(x_btd, BATCH_LENGTH_EMBED)
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
+    h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
+        h, positions_bt, bias_bqk, cache, cache_index_b)
+    x_btd = x_btd + h
+    h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x_btd)
+    x_btd = x_btd + Mlp(cfg, adapter, deterministic, name="mlp")(h)
+    return constrain(x_btd, BATCH_LENGTH_EMBED), new_cache
+
+
+_REMAT_POLICIES = {
+    "full": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+class DecoderOutput(NamedTuple):
+  hidden: Array  # [batch, length, hidden] after the final norm
+  cache: Optional[KVCache]  # updated cache, or None without one
+
+
+class Decoder(nn.Module):
+  """The shared CLaRa backbone. See the module docstring for the calling convention."""
+
+  cfg: DecoderConfig
+
+  def setup(self):
+    cfg = self.cfg
+    block = DecoderBlock
+    if cfg.remat_policy != "none":
+      # Arguments 6 and 7 (adapter, deterministic; self is 0) pick code paths, so static.
+      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[cfg.remat_policy],
+                       prevent_cse=True, static_argnums=(6, 7))
+    self.embedder = Embedder(cfg)
+    self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
+    self.lm_head = LmHead(cfg)
+
+  def embed(self, tokens_bt: Array) -> Array:
+    """Token ids [batch, length] -> input embeddings [batch, length, hidden]."""
+    return self.embedder(tokens_bt)
+
+  def logits(self, hidden: Array) -> Array:
+    """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab]."""
+    return self.lm_head(hidden)
+
+  def __call__(self, tokens: Optional[Array] = None, *, embeddings: Optional[Array] = None,
+               positions: Optional[Array] = None, attention_mask: Optional[Array] = None,
+               adapter: Optional[str] = None, deterministic: bool = True,
+               cache: Optional[KVCache] = None,
+               cache_index: Optional[Array] = None) -> DecoderOutput:
+    """Runs the decoder.
+
+    Args:
+      tokens: [batch, length] int ids; or give `embeddings` [batch, length, hidden].
+      positions: [batch, length] RoPE positions; default `arange` (offset by
+        `cache_index` with a cache).
+      attention_mask: [batch, length], 1 for real tokens, 0 for padding (no cache only;
+        with a cache, prompts are right-padded and causality hides the padding).
+      adapter: name of the active LoRA adapter, or None for the base model.
+      deterministic: False enables LoRA dropout (needs a "dropout" rng).
+      cache: per-layer KV cache from `init_cache`; new keys/values are written at
+        `cache_index` [batch] (the number of valid entries before this call).
+
+    Returns:
+      DecoderOutput(hidden [batch, length, hidden] after the final norm, cache).
+    """
+    if (tokens is None) == (embeddings is None):
+      raise ValueError("pass exactly one of tokens or embeddings")
+    x = self.embed(tokens) if embeddings is None else embeddings.astype(_dtype(self.cfg.dtype))
+    b, t = x.shape[:2]
+    steps = jnp.arange(t, dtype=jnp.int32)
+
+    if cache is None:
+      q_slot = jnp.broadcast_to(steps, (b, t))
+      k_slot = q_slot
+      mask = k_slot[:, None, :] <= q_slot[:, :, None]
+      if attention_mask is not None:
+        mask = mask & attention_mask.astype(bool)[:, None, :]
+    else:
+      if attention_mask is not None:
+        raise ValueError("attention_mask is not used with a KV cache; right-pad prompts")
+      if cache_index is None:
+        raise ValueError("cache_index [batch] is required with a cache")
+      if len(cache) != self.cfg.num_layers:
+        raise ValueError(f"cache has {len(cache)} layers, model has {self.cfg.num_layers}")
+      q_slot = cache_index.astype(jnp.int32)[:, None] + steps
+      k_slot = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32)[None]
+      mask = k_slot[:, None, :] <= q_slot[:, :, None]
+    if self.cfg.sliding_window is not None:
+      mask = mask & (q_slot[:, :, None] - k_slot[:, None, :] < self.cfg.sliding_window)
+    if positions is None:
+      positions = q_slot
+    bias = attention_bias(mask)
+
+    new_cache = [] if cache is not None else None
+    for i, layer in enumerate(self.layers):
+      x, layer_cache = layer(x, positions, bias, None if cache is None else cache[i],
+                             cache_index, adapter, deterministic)
+      if cache is not None:
+        new_cache.append(layer_cache)
+    return DecoderOutput(self.final_norm(x), new_cache)
+
+  def init_all(self, tokens_bt: Array) -> Array:
+    """Touches every parameter (all adapters, head) so `init` creates them all."""
+    hidden = self(tokens_bt).hidden
+    for name in self.cfg.adapters:
+      hidden = hidden + self(tokens_bt, adapter=name).hidden
+    return self.logits(hidden)
+
+
+def init_cache(cfg: DecoderConfig, batch: int, max_length: int,
+               dtype: Optional[str] = None) -> KVCache:
+  """Zeroed KV cache: per layer k, v of [batch, max_length, kv_heads, head_dim]."""
+  shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
+  dt = _dtype(dtype or cfg.dtype)
+  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+          for _ in range(cfg.num_layers)]
+
+
+def init_params(cfg: DecoderConfig, rng: Array, boxed: bool = False):
+  """Initial parameters (every adapter and both heads), as a plain nested dict.
+
+  With `boxed=True` the leaves keep their `nn.LogicallyPartitioned` boxes (what
+  `clara_jax.partitioning` reads to derive shardings).
+  """
+  variables = Decoder(cfg).init(rng, jnp.zeros((1, 2), jnp.int32), method=Decoder.init_all)
+  params = variables["params"]
+  return params if boxed else nn.meta.unbox(params)
+
+
+def abstract_params(cfg: DecoderConfig):
+  """Shapes/dtypes of the boxed parameters, without allocating them."""
+  return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))

@@ -1,0 +1,388 @@
+"""Importing a local Hugging Face Mistral/Llama checkpoint (config.json + safetensors).
+
+    cfg, params = import_hf_checkpoint("/ckpts/Mistral-7B-Instruct-v0.2",
+                                       num_extra_tokens=tokenizer.num_special,
+                                       param_dtype="bfloat16", dtype="bfloat16")
+
+The HF names map onto the clara_jax tree as follows (torch Linear weights are
+[out, in]; clara_jax kernels are [in..., out...]):
+
+    model.embed_tokens.weight [V, D]                 embedder/base_embedding [V, D]
+    model.layers.{i}.self_attn.q_proj.weight [H*hd, D] layers_{i}/attn/q_proj/kernel [D, H, hd]
+    model.layers.{i}.self_attn.k_proj.weight [K*hd, D] layers_{i}/attn/k_proj/kernel [D, K, hd]
+    model.layers.{i}.self_attn.v_proj.weight [K*hd, D] layers_{i}/attn/v_proj/kernel [D, K, hd]
+    model.layers.{i}.self_attn.o_proj.weight [D, H*hd] layers_{i}/attn/o_proj/kernel [H, hd, D]
+    model.layers.{i}.mlp.{gate,up}_proj.weight [F, D]  layers_{i}/mlp/{gate,up}_proj/kernel [D, F]
+    model.layers.{i}.mlp.down_proj.weight [D, F]       layers_{i}/mlp/down_proj/kernel [F, D]
+    model.layers.{i}.input_layernorm.weight [D]        layers_{i}/attn_norm/scale
+    model.layers.{i}.post_attention_layernorm.weight   layers_{i}/mlp_norm/scale
+    model.norm.weight [D]                            final_norm/scale
+    lm_head.weight [V, D] (or the embedding if tied) lm_head/base_head [D, V]
+
+HF checkpoints already store q/k in the "rotate half" RoPE layout that
+`clara_jax.model.layers.apply_rope` uses, so no head-dim permutation is needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from clara_jax.model.config import DecoderConfig, LoraConfig
+from clara_jax.model.decoder import abstract_params, init_params
+from clara_jax.weights.safetensors_io import SafetensorsCheckpoint
+
+CONFIG_FILE = "config.json"
+
+# architectures[0] -> model_type, for the checkpoints this decoder reproduces exactly.
+SUPPORTED_ARCHITECTURES: Dict[str, str] = {
+    "MistralForCausalLM": "mistral",
+    "LlamaForCausalLM": "llama",
+}
+
+DEFAULT_ROPE_THETA = 10000.0
+
+# HF's `resize_token_embeddings(mean_resizing=True)` draws new rows from
+# N(mean, 1e-9 * covariance) of the pretrained rows; we use the same scale on the diagonal.
+EXTRA_ROW_VARIANCE_SCALE = 1e-9
+
+# Non-persistent buffers that some older exports still contain; recomputed, not imported.
+_IGNORED_TENSORS = re.compile(r".*\.rotary_emb\.inv_freq$")
+
+_FLOAT_CODES = ("F32", "F16", "BF16", "F64")
+
+
+def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
+  """Reads `ckpt_dir/config.json` (FileNotFoundError naming the path if absent)."""
+  path = os.path.join(os.fspath(ckpt_dir), CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
+        f"checkpoint (architectures {sorted(SUPPORTED_ARCHITECTURES)})")
+  try:
+    with open(path, encoding="utf-8") as f:
+      config = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from None
+  if not isinstance(config, dict):
+    raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
+  return config
+
+
+def _field(hf: Dict[str, Any], name: str, default: Any = None, required: bool = False):
+  """A config value; JSON null counts as absent (HF writes e.g. `head_dim: null`)."""
+  value = hf.get(name)
+  if value is None:
+    if required:
+      raise ValueError(f"HF config: required field {name!r} is missing")
+    return default
+  return value
+
+
+def _expect(field: str, expected: Any, found: Any) -> None:
+  if found != expected:
+    raise ValueError(f"HF config field {field!r}: expected {expected!r}, found {found!r} "
+                     "(not supported by the clara_jax decoder)")
+
+
+def _check_architecture(hf: Dict[str, Any]) -> str:
+  """Returns the model_type after checking it against `architectures`."""
+  supported = (f"supported: architectures {sorted(SUPPORTED_ARCHITECTURES)} "
+               f"(model_type {sorted(set(SUPPORTED_ARCHITECTURES.values()))})")
+  archs = _field(hf, "architectures", [])
+  model_type = _field(hf, "model_type")
+  if archs:
+    if (not isinstance(archs, list) or len(archs) != 1
+        or archs[0] not in SUPPORTED_ARCHITECTURES):
+      raise ValueError(f"unsupported architecture: found architectures {archs!r} "
+                       f"(model_type {model_type!r}); {supported}")
+    expected_type = SUPPORTED_ARCHITECTURES[archs[0]]
+    if model_type is not None and model_type != expected_type:
+      raise ValueError(f"HF config: architectures {archs!r} implies model_type "
+                       f"{expected_type!r}, found {model_type!r}")
+    return expected_type
+  if model_type not in SUPPORTED_ARCHITECTURES.values():
+    raise ValueError(f"unsupported architecture: found model_type {model_type!r} and no "
+                     f"architectures; {supported}")
+  return model_type
+
+
+def _rope_theta(hf: Dict[str, Any]) -> float:
+  """The RoPE base, from transformers-5 `rope_parameters` or the older top level."""
+  params = _field(hf, "rope_parameters")
+  if params is not None and not isinstance(params, dict):
+    raise ValueError(f"HF config field 'rope_parameters': expected an object, found "
+                     f"{params!r}")
+  params = params or {}
+  # Older configs: rope_theta at the top level and scaling under `rope_scaling`.
+  scaling = _field(hf, "rope_scaling") or {}
+  if not isinstance(scaling, dict):
+    raise ValueError(f"HF config field 'rope_scaling': expected an object or null, found "
+                     f"{scaling!r}")
+  for field, source in (("rope_parameters", params), ("rope_scaling", scaling)):
+    rope_type = source.get("rope_type", source.get("type", "default"))
+    _expect(f"{field}.rope_type", "default", rope_type)
+  factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
+  if factor is not None:
+    _expect("partial_rotary_factor", 1.0, factor)
+  theta = params.get("rope_theta", _field(hf, "rope_theta", DEFAULT_ROPE_THETA))
+  return float(theta)
+
+
+def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
+                           lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
+                           param_dtype: str = "float32") -> DecoderConfig:
+  """The DecoderConfig equivalent to a HF Mistral/Llama config.json dict.
+
+  Raises:
+    ValueError naming the field, the expected and the found value, for anything this
+    decoder would not reproduce exactly (RoPE scaling, biases, another activation,
+    quantized weights), or naming the architecture found and those supported.
+  """
+  hf = hf_config
+  model_type = _check_architecture(hf)
+  _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
+  _expect("attention_bias", False, _field(hf, "attention_bias", False))
+  _expect("mlp_bias", False, _field(hf, "mlp_bias", False))
+  _expect("quantization_config", None, hf.get("quantization_config"))
+  hidden = int(_field(hf, "hidden_size", required=True))
+  heads = int(_field(hf, "num_attention_heads", required=True))
+  if hidden % heads and _field(hf, "head_dim") is None:
+    raise ValueError(f"HF config: hidden_size {hidden} is not a multiple of "
+                     f"num_attention_heads {heads} and no head_dim is given")
+  sliding_window = _field(hf, "sliding_window") if model_type == "mistral" else None
+  return DecoderConfig(
+      base_vocab_size=int(_field(hf, "vocab_size", required=True)),
+      num_extra_tokens=int(num_extra_tokens),
+      hidden_size=hidden,
+      intermediate_size=int(_field(hf, "intermediate_size", required=True)),
+      num_layers=int(_field(hf, "num_hidden_layers", required=True)),
+      num_heads=heads,
+      num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
+      head_dim=int(_field(hf, "head_dim", hidden // heads)),
+      rope_theta=_rope_theta(hf),
+      rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
+      sliding_window=None if sliding_window is None else int(sliding_window),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      lora=lora,
+  )
+
+
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One checkpoint tensor: its HF name and shape, and where/how it lands in clara_jax."""
+
+  hf_name: str
+  hf_shape: Tuple[int, ...]
+  path: str  # '/'-joined clara_jax parameter path
+  convert: Callable[[np.ndarray], np.ndarray]
+
+
+def _tensor_plan(cfg: DecoderConfig, tied: bool) -> List[_Entry]:
+  d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                    cfg.head_dim)
+  v = cfg.base_vocab_size
+  same = lambda w: w
+  t = lambda w: w.T
+  plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", same)]
+  for i in range(cfg.num_layers):
+    src, dst = f"model.layers.{i}.", f"layers_{i}/"
+    plan += [
+        _Entry(src + "self_attn.q_proj.weight", (h * hd, d), dst + "attn/q_proj/kernel",
+               lambda w: w.T.reshape(d, h, hd)),
+        _Entry(src + "self_attn.k_proj.weight", (k * hd, d), dst + "attn/k_proj/kernel",
+               lambda w: w.T.reshape(d, k, hd)),
+        _Entry(src + "self_attn.v_proj.weight", (k * hd, d), dst + "attn/v_proj/kernel",
+               lambda w: w.T.reshape(d, k, hd)),
+        _Entry(src + "self_attn.o_proj.weight", (d, h * hd), dst + "attn/o_proj/kernel",
+               lambda w: w.T.reshape(h, hd, d)),
+        _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
+        _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
+        _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
+        _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", same),
+        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", same),
+    ]
+  plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", same))
+  if not tied:
+    plan.append(_Entry("lm_head.weight", (v, d), "lm_head/base_head", t))
+  return plan
+
+
+def _config_summary(cfg: DecoderConfig) -> str:
+  return (f"vocab_size={cfg.base_vocab_size}, hidden_size={cfg.hidden_size}, "
+          f"intermediate_size={cfg.intermediate_size}, num_hidden_layers={cfg.num_layers}, "
+          f"num_attention_heads={cfg.num_heads}, num_key_value_heads={cfg.num_kv_heads}, "
+          f"head_dim={cfg.head_dim}")
+
+
+def _validate(ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfig,
+              tied: bool) -> None:
+  """Checks names, shapes and dtypes from the headers alone, before any data is read."""
+  for entry in plan:
+    if entry.hf_name not in ckpt:
+      raise ValueError(
+          f"{ckpt.ckpt_dir}: missing tensor {entry.hf_name!r} (expected shape "
+          f"{entry.hf_shape}) in {[os.path.basename(p) for p in ckpt.files]}")
+    info = ckpt.info(entry.hf_name)
+    if info.shape != entry.hf_shape:
+      raise ValueError(
+          f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has shape "
+          f"{info.shape}, expected {entry.hf_shape} from config.json ({_config_summary(cfg)})")
+    if info.dtype not in _FLOAT_CODES:
+      raise ValueError(f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has dtype "
+                       f"{info.dtype}, expected one of {_FLOAT_CODES}")
+  used = {entry.hf_name for entry in plan}
+  if tied:
+    # Some tied checkpoints also store the (identical) head; HF ties it to the embedding.
+    used.add("lm_head.weight")
+  unused = sorted(n for n in ckpt.keys() if n not in used and not _IGNORED_TENSORS.match(n))
+  if unused:
+    shown = unused[:20] + ([f"... ({len(unused) - 20} more)"] if len(unused) > 20 else [])
+    raise ValueError(f"{ckpt.ckpt_dir}: {len(unused)} checkpoint tensor(s) not used by a "
+                     f"{'tied' if tied else 'untied'} Mistral/Llama decoder: {shown}")
+
+
+def _row_moments(rows_vd: np.ndarray, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-column mean and variance of a [rows, width] matrix, in float64, chunk by chunk
+  (a 32k x 4k memmap is never materialised in a wider dtype)."""
+  n, width = rows_vd.shape
+  total, total_sq = np.zeros(width), np.zeros(width)
+  for start in range(0, n, chunk):
+    block = np.asarray(rows_vd[start:start + chunk], dtype=np.float64)
+    total += block.sum(0)
+    total_sq += np.square(block).sum(0)
+  mean = total / n
+  return mean, np.maximum(total_sq / n - np.square(mean), 0.0)
+
+
+def _extra_rows(rows_vd: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
+  """`num` new rows [num, width] from the pretrained rows' statistics, float32.
+
+  Why the mean (as HF `resize_token_embeddings` does, after Hewitt 2021, "Initializing
+  new word embeddings for pretrained language models"): a row at the mean keeps the new
+  tokens' logits at the average of the existing ones, so before any training the special
+  tokens neither dominate the output distribution nor look like outliers to attention,
+  unlike rows drawn at the initializer scale. The tiny seeded noise (HF's
+  N(mean, 1e-9 * covariance), here with the diagonal of the covariance, which avoids a
+  width x width matrix) keeps the rows distinct.
+  """
+  mean, var = _row_moments(rows_vd)
+  noise = np.asarray(jax.random.normal(key, (num, rows_vd.shape[1]), jnp.float32))
+  return (mean + np.sqrt(EXTRA_ROW_VARIANCE_SCALE * var) * noise).astype(np.float32)
+
+
+def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
+  """The LoRA leaves of `init_params(cfg, rng)`, flat, without materialising the base.
+
+  Under jit, the base kernels' initialisers feed no output, so XLA drops them: a 7B
+  import does not allocate a random 7B model just to read off its adapters.
+  """
+  paths = [p for p in traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
+           if "/lora_" in f"/{p}"]
+  if not paths:
+    return {}
+
+  def init_lora(key):
+    flat = traverse_util.flatten_dict(init_params(cfg, key), sep="/")
+    return {p: flat[p] for p in paths}
+
+  out_shardings = None
+  if shardings:
+    out_shardings = {p: shardings[p] for p in paths}
+  return jax.jit(init_lora, out_shardings=out_shardings)(rng)
+
+
+def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
+                         lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
+                         param_dtype: str = "float32", rng: Optional[jax.Array] = None,
+                         shardings: Any = None) -> Tuple[DecoderConfig, Dict]:
+  """Converts a local HF Mistral/Llama checkpoint into a clara_jax config and params.
+
+  Args:
+    ckpt_dir: directory with config.json and model.safetensors (or a sharded
+      model.safetensors.index.json and its shards).
+    num_extra_tokens: vocabulary rows to add for CLaRa's special tokens; they are
+      initialised at the mean of the pretrained rows plus tiny seeded noise (see
+      `_extra_rows`), and with tied embeddings the new head rows equal the new
+      embedding rows.
+    lora: the adapters (None: none). Their params are those of `init_params(cfg, rng)`;
+      B = 0 there, so every adapter of the imported model computes the base model.
+    dtype: compute dtype of the returned config.
+    param_dtype: dtype every parameter is cast to.
+    rng: seeds the adapters (`rng` itself, as `init_params`) and the extra rows
+      (`fold_in(rng, 1)`); default `jax.random.key(0)`.
+    shardings: optional tree of `jax.sharding.Sharding` matching the params (e.g.
+      `partitioning.logical_shardings(abstract_params(cfg), mesh)`); each tensor is
+      placed with it as soon as it is converted, so no device holds the whole model.
+
+  Returns:
+    (DecoderConfig, params): params is the nested dict `init_params` would return.
+
+  Raises:
+    FileNotFoundError: config.json or the safetensors file(s) missing (naming the path).
+    ValueError: an unsupported config (naming the field), or a checkpoint tensor missing,
+      of the wrong shape (naming tensor, expected and found shape) or left unused.
+  """
+  ckpt_dir = os.fspath(ckpt_dir)
+  rng = jax.random.key(0) if rng is None else rng
+  hf = load_hf_config(ckpt_dir)
+  try:
+    cfg = decoder_config_from_hf(hf, num_extra_tokens, lora=lora, dtype=dtype,
+                                 param_dtype=param_dtype)
+  except ValueError as e:
+    raise ValueError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: {e}") from None
+  tied = bool(_field(hf, "tie_word_embeddings", False))
+  pdt = np.dtype(jnp.dtype(param_dtype))
+  flat_shardings = (traverse_util.flatten_dict(shardings, sep="/")
+                    if shardings is not None else {})
+
+  def place(path: str, value: np.ndarray) -> jax.Array:
+    # A forced copy: device_put may alias host memory on CPU, and params must not stay
+    # backed by the checkpoint's memory map.
+    host = np.array(value, dtype=pdt, order="C", copy=True)
+    return jax.device_put(host, flat_shardings.get(path))
+
+  plan = _tensor_plan(cfg, tied)
+  flat: Dict[str, jax.Array] = {}
+  with SafetensorsCheckpoint(ckpt_dir) as ckpt:
+    _validate(ckpt, plan, cfg, tied)
+    for entry in plan:  # one tensor at a time: read (memmap), rearrange, cast, place
+      flat[entry.path] = place(entry.path, entry.convert(ckpt.get(entry.hf_name)))
+    embed_vd = ckpt.get("model.embed_tokens.weight")
+    if tied:
+      flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
+    if cfg.num_extra_tokens:
+      embed_key, head_key = jax.random.split(jax.random.fold_in(rng, 1))
+      extra_embedding = _extra_rows(embed_vd, cfg.num_extra_tokens, embed_key)
+      extra_head = (extra_embedding if tied else
+                    _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key))
+      flat["embedder/extra_embedding"] = place("embedder/extra_embedding", extra_embedding)
+      flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
+    del embed_vd
+
+  flat.update(_lora_leaves(cfg, rng, flat_shardings))
+  _check_tree(cfg, flat)
+  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+
+
+def _check_tree(cfg: DecoderConfig, flat: Dict[str, jax.Array]) -> None:
+  """The assembled tree must be exactly the decoder's (guards the name table above)."""
+  expected = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
+  if set(expected) != set(flat):
+    raise RuntimeError(
+        f"HF import produced parameters {sorted(set(flat) - set(expected))} and lacks "
+        f"{sorted(set(expected) - set(flat))}; the mapping is out of date with the Decoder")
+  for path, spec in expected.items():
+    if tuple(flat[path].shape) != tuple(spec.shape) or flat[path].dtype != spec.dtype:
+      raise RuntimeError(f"HF import: {path} is {flat[path].dtype}{list(flat[path].shape)}, "
+                         f"the Decoder expects {spec.dtype}{list(spec.shape)}")

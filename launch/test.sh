@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Installs clara_jax with its test extras into .venv and runs the whole test suite on the
+# CPU (8 simulated devices). Extra arguments go to pytest, e.g. `-m slow` for benchmarks.
+set -euo pipefail
+source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
+install_clara_jax test
+cd "$CLARA_ROOT"
+python -m pytest "$@"

@@ -1,0 +1,43 @@
+"""clara_jax: CLaRa (Continuous Latent Reasoning for RAG) in JAX/Flax, built for TPU pods."""
+
+from setuptools import find_packages, setup
+
+# Direct dependencies, pinned; requirements/constraints.txt pins everything they pull in.
+INSTALL_REQUIRES = [
+    "absl-py==2.5.1",
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "ml_dtypes==0.6.0",
+    "numpy==2.4.6",
+    "protobuf==7.36.2",  # sentencepiece_model_pb2, to edit tokenizer protos
+    "sentencepiece==0.2.3",
+]
+
+EXTRAS_REQUIRE = {
+    # torch/transformers only build reference models in tests (HF import parity);
+    # torch 2.13.0 is the CPU build available offline on the project's machines.
+    "test": [
+        "pytest==9.2.0",
+        "torch==2.13.0",
+        "transformers==5.23.0",
+        "safetensors==0.8.0",
+    ],
+    "tpu": ["jax[tpu]==0.10.2"],
+}
+
+setup(
+    name="clara_jax",
+    version="0.1.0",
+    description="CLaRa retrieval-augmented generation with continuous latent reasoning, in JAX",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["clara_jax", "clara_jax.*"]),
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["clara-jax=clara_jax.cli:main"]},
+)

@@ -1,0 +1,15 @@
+"""Test set-up: 8 simulated CPU devices, float32, and fast (unoptimised) XLA compiles.
+
+The environment must be set before jax is imported anywhere, hence at module top.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+
+# Tests compile many small programs once each; optimisation passes cost more than they save.
+jax.config.update("jax_disable_most_optimizations", True)

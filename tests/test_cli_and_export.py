@@ -1,0 +1,62 @@
+"""The `clara-jax` entry points and saving/loading a decoder outside training."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from clara_jax import cli, partitioning
+from clara_jax.model.config import config_from_dict, config_to_dict, model_config
+from clara_jax.model.decoder import abstract_params, init_params
+from clara_jax.weights.export import load_params, save_params
+
+
+def test_info_reports_parameter_counts(capsys):
+  assert cli.main(["info", "--model", "mistral_7b", "--num_extra_tokens", "35"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["config"]["hidden_size"] == 4096
+  assert out["num_params"] == model_config("mistral_7b", num_extra_tokens=35).num_params(False)
+
+
+def test_demo_command_exists(capsys):
+  assert cli.main(["demo", "--quick"]) == 0
+  assert "not yet available" in capsys.readouterr().out
+
+
+def test_bench_forward_prints_figures(capsys):
+  assert cli.main(["bench", "forward", "--model", "tiny", "--batch", "2", "--length", "16",
+                   "--iters", "2"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
+  assert result["peak_gflops_per_s"] > 0
+
+
+def test_unknown_subcommand_is_an_error():
+  with pytest.raises(SystemExit):
+    cli.main(["fly"])
+
+
+def test_config_dict_round_trip():
+  cfg = model_config("small", num_extra_tokens=11, sliding_window=64)
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+  with pytest.raises(ValueError, match="unknown DecoderConfig fields"):
+    config_from_dict({**config_to_dict(cfg), "hiden_size": 3})
+
+
+def test_save_and_load_params_onto_a_mesh(tmp_path):
+  cfg = model_config("tiny", num_extra_tokens=3)
+  params = init_params(cfg, jax.random.key(5))
+  save_params(str(tmp_path / "ckpt"), cfg, params)
+  loaded_cfg, loaded = load_params(str(tmp_path / "ckpt"))
+  assert loaded_cfg == cfg
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded)):
+    np.testing.assert_array_equal(a, b)
+  mesh = partitioning.make_mesh((1, 2, 4))
+  shardings = partitioning.logical_shardings(abstract_params(cfg), mesh)
+  _, sharded = load_params(str(tmp_path / "ckpt"), shardings=shardings)
+  kernel = sharded["layers_0"]["mlp"]["up_proj"]["kernel"]
+  assert kernel.sharding == shardings["layers_0"]["mlp"]["up_proj"]["kernel"]
+  np.testing.assert_array_equal(kernel, params["layers_0"]["mlp"]["up_proj"]["kernel"])
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    load_params(str(tmp_path / "nothing"))

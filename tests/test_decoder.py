@@ -1,0 +1,189 @@
+"""Decoder: paths (ids/embeddings, cache/no cache), masks, adapters, remat, dtypes."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clara_jax.model import lora
+from clara_jax.model.config import DecoderConfig, LoraConfig, model_config
+from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
+
+CFG = model_config("tiny", num_extra_tokens=7)
+
+
+@pytest.fixture(scope="module")
+def params():
+  return init_params(CFG, jax.random.key(0))
+
+
+def _apply(p, cfg=CFG, **kw):
+  return Decoder(cfg).apply({"params": p}, **kw)
+
+
+def _randomize_adapter(p, name, key=1, scale=0.05):
+  """B = 0 makes a new adapter a no-op; give it weights so it changes outputs."""
+  flat = lora.flatten(p)
+  keys = iter(jax.random.split(jax.random.key(key), len(flat)))
+  for path in flat:
+    if f"lora_{name}/b" in path:
+      flat[path] = scale * jax.random.normal(next(keys), flat[path].shape)
+  return lora.unflatten(flat)
+
+
+def _tokens(shape, seed=1):
+  return jax.random.randint(jax.random.key(seed), shape, 0, CFG.vocab_size)
+
+
+def test_every_parameter_has_logical_axes():
+  boxed = abstract_params(CFG)
+  leaves = jax.tree_util.tree_leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.LogicallyPartitioned) for x in leaves)
+  for leaf in leaves:
+    assert len(leaf.names) == len(leaf.value.shape)
+  shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.meta.unbox(boxed))
+  assert shapes["embedder"]["extra_embedding"] == (7, CFG.hidden_size)
+  assert shapes["lm_head"]["base_head"] == (CFG.hidden_size, CFG.base_vocab_size)
+  assert sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(
+      shapes, is_leaf=lambda x: isinstance(x, tuple))) == CFG.num_params()
+
+
+def test_tokens_and_embeddings_paths_agree(params):
+  toks = _tokens((2, 9))
+  by_ids = _apply(params, tokens=toks).hidden
+  emb = Decoder(CFG).apply({"params": params}, toks, method=Decoder.embed)
+  by_emb = _apply(params, embeddings=emb).hidden
+  np.testing.assert_allclose(by_ids, by_emb, atol=1e-6)
+  # Extra (special-token) rows come from their own table.
+  special = jnp.full((1, 1), CFG.base_vocab_size + 3)
+  np.testing.assert_allclose(Decoder(CFG).apply({"params": params}, special, method=Decoder.embed)[0, 0],
+                             params["embedder"]["extra_embedding"][3])
+  logits = Decoder(CFG).apply({"params": params}, by_ids, method=Decoder.logits)
+  assert logits.shape == (2, 9, CFG.vocab_size) and logits.dtype == jnp.float32
+  with pytest.raises(ValueError, match="exactly one"):
+    _apply(params, tokens=toks, embeddings=emb)
+
+
+def test_padding_does_not_change_real_positions(params):
+  toks = _tokens((1, 6))
+  ref = _apply(params, tokens=toks).hidden
+  # Right padding: causality alone hides the pads from real tokens.
+  right = jnp.concatenate([toks, jnp.zeros((1, 3), toks.dtype)], 1)
+  mask = jnp.array([[1] * 6 + [0] * 3])
+  out = _apply(params, tokens=right, attention_mask=mask).hidden
+  np.testing.assert_allclose(out[:, :6], ref, atol=1e-5)
+  # Left padding: needs the mask and shifted positions.
+  left = jnp.concatenate([jnp.zeros((1, 3), toks.dtype), toks], 1)
+  mask = jnp.array([[0] * 3 + [1] * 6])
+  positions = jnp.maximum(jnp.cumsum(mask, -1) - 1, 0)
+  out = _apply(params, tokens=left, attention_mask=mask, positions=positions).hidden
+  np.testing.assert_allclose(out[:, 3:], ref, atol=1e-5)
+  unmasked = _apply(params, tokens=left, positions=positions).hidden
+  assert np.abs(unmasked[:, 3:] - ref).max() > 1e-3  # the mask matters
+
+
+def test_kv_cache_decoding_matches_full_recomputation(params):
+  p = _randomize_adapter(params, "generator")
+  lengths = jnp.array([5, 3, 7])
+  total = 11
+  toks = _tokens((3, total), seed=4)
+  # Prefill right-padded prompts, then decode each example at its own length.
+  prompt_len = int(lengths.max())
+  cache = init_cache(CFG, 3, 16)
+  pre = _apply(p, tokens=toks[:, :prompt_len], adapter="generator", cache=cache,
+               cache_index=jnp.zeros(3, jnp.int32))
+  cache, idx = pre.cache, lengths
+  steps = []
+  for s in range(total - prompt_len):
+    nxt = jnp.take_along_axis(toks, (idx)[:, None], 1)
+    out = _apply(p, tokens=nxt, adapter="generator", cache=cache, cache_index=idx)
+    cache, idx = out.cache, idx + 1
+    steps.append(out.hidden[:, 0])
+  for b in range(3):
+    n = int(lengths[b])
+    full = _apply(p, tokens=toks[b:b + 1, :n + len(steps)], adapter="generator").hidden[0]
+    np.testing.assert_allclose(pre.hidden[b, :n], full[:n], atol=2e-5)
+    np.testing.assert_allclose(jnp.stack([st[b] for st in steps]), full[n:], atol=2e-5)
+
+
+def test_active_adapter_selects_only_its_weights(params):
+  toks = _tokens((2, 8))
+  base = _apply(params, tokens=toks).hidden
+  for name in CFG.adapters:  # B = 0: every fresh adapter is a no-op
+    np.testing.assert_allclose(_apply(params, tokens=toks, adapter=name).hidden, base,
+                               atol=1e-6)
+  p = _randomize_adapter(params, "compressor")
+  comp = _apply(p, tokens=toks, adapter="compressor").hidden
+  assert np.abs(comp - base).max() > 1e-3
+  np.testing.assert_allclose(_apply(p, tokens=toks, adapter="generator").hidden, base,
+                             atol=1e-6)
+  with pytest.raises(ValueError, match="unknown adapter"):
+    _apply(p, tokens=toks, adapter="nope")
+
+
+def test_lora_dropout_only_in_training(params):
+  p = _randomize_adapter(params, "reasoner")
+  toks = _tokens((2, 8))
+  run = lambda seed: _apply(p, tokens=toks, adapter="reasoner", deterministic=False,
+                            rngs={"dropout": jax.random.key(seed)}).hidden
+  np.testing.assert_allclose(run(0), run(0))
+  assert np.abs(run(0) - run(1)).max() > 1e-4
+  eval_out = _apply(p, tokens=toks, adapter="reasoner").hidden
+  np.testing.assert_allclose(eval_out, _apply(p, tokens=toks, adapter="reasoner").hidden)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_remat_keeps_values_and_gradients(params, policy):
+  p = _randomize_adapter(params, "generator")
+  toks = _tokens((2, 8))
+
+  def loss(p, cfg):
+    h = Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator").hidden
+    return jnp.mean(Decoder(cfg).apply({"params": p}, h, method=Decoder.logits) ** 2)
+
+  ref_val, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, CFG)))(p)
+  cfg = CFG.replace(remat_policy=policy)
+  val, grad = jax.jit(jax.value_and_grad(lambda p: loss(p, cfg)))(p)
+  np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_bfloat16_compute_tracks_float32(params):
+  toks = _tokens((2, 8))
+  ref = _apply(params, tokens=toks).hidden
+  cfg = CFG.replace(dtype="bfloat16")
+  out = _apply(params, cfg=cfg, tokens=toks).hidden
+  assert out.dtype == jnp.bfloat16
+  assert np.abs(np.asarray(out, np.float32) - ref).max() < 0.1
+  bf16_params = init_params(CFG.replace(param_dtype="bfloat16"), jax.random.key(0))
+  assert bf16_params["layers_0"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_sliding_window_limits_receptive_field():
+  cfg = CFG.replace(sliding_window=3)
+  p = init_params(cfg, jax.random.key(0))
+  toks = _tokens((1, 12))
+  changed = toks.at[0, 0].set((toks[0, 0] + 1) % CFG.base_vocab_size)
+  diff = np.abs(_apply(p, cfg=cfg, tokens=toks).hidden
+                - _apply(p, cfg=cfg, tokens=changed).hidden).max(-1)[0]
+  # Two layers of window 3 reach back 2 * (3 - 1) = 4 positions.
+  assert diff[:5].max() > 1e-4 and diff[5:].max() == 0.0
+  full = np.abs(_apply(p, tokens=toks).hidden - _apply(p, tokens=changed).hidden).max(-1)[0]
+  assert full[5:].max() > 1e-4
+
+
+def test_config_validation_names_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    model_config("tiny", num_kv_heads=3)
+  with pytest.raises(ValueError, match="remat_policy"):
+    model_config("tiny", remat_policy="sometimes")
+  with pytest.raises(ValueError, match="unknown model size"):
+    model_config("huge")
+  with pytest.raises(ValueError, match="rank"):
+    LoraConfig(rank=0)
+  cfg = model_config("mistral_7b")
+  assert isinstance(cfg, DecoderConfig)
+  # Mistral-7B has 7.24B parameters.
+  assert abs(cfg.num_params(include_lora=False) / 1e9 - 7.24) < 0.01

@@ -1,0 +1,482 @@
+"""HF checkpoint import: numerical parity with transformers' Mistral/Llama, KV-cache decoding
+with imported weights, the safetensors reader/writer, and the error messages.
+
+torch and transformers are test extras; the reference models are tiny, random and built
+from configs locally (no hub access).
+"""
+
+import functools
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from clara_jax import partitioning
+from clara_jax.model.config import LoraConfig
+from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
+from clara_jax.weights import safetensors_io as st
+from clara_jax.weights.hf_import import (decoder_config_from_hf, import_hf_checkpoint,
+                                         load_hf_config)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 96
+EXTRA = 5
+LENGTHS = (12, 7, 3)  # right-padded batch of different lengths
+TOL = 1e-4
+LORA = LoraConfig(rank=4, alpha=8.0)
+SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+             # Larger than HF's 0.02 so attention is sharp: with near-uniform attention a
+             # wrong RoPE or mask would barely move the logits.
+             initializer_range=0.15)
+
+
+def _build(model_cls, config, seed):
+  torch.manual_seed(seed)
+  model = model_cls(config).eval()
+  with torch.no_grad():  # non-trivial norm weights, so a swapped norm would show
+    for name, p in model.named_parameters():
+      if name.endswith("norm.weight"):
+        p.copy_(1.0 + 0.2 * torch.randn_like(p))
+  return model
+
+
+@pytest.fixture(scope="module")
+def mistral(tmp_path_factory):
+  """A tiny random Mistral with a RoPE base and a sliding window off the defaults, saved
+  once as one file and once sharded."""
+  config = transformers.MistralConfig(**SMALL, rope_theta=1e6, sliding_window=6)
+  model = _build(transformers.MistralForCausalLM, config, seed=0)
+  single = tmp_path_factory.mktemp("mistral_single")
+  sharded = tmp_path_factory.mktemp("mistral_sharded")
+  model.save_pretrained(single, safe_serialization=True)
+  model.save_pretrained(sharded, safe_serialization=True, max_shard_size="40KB")
+  return model, str(single), str(sharded)
+
+
+@pytest.fixture(scope="module")
+def mistral_imported(mistral):
+  _, single, _ = mistral
+  return import_hf_checkpoint(single, EXTRA, lora=LORA, rng=jax.random.key(3))
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+  """A tiny random Llama with tied input/output embeddings."""
+  config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
+  model = _build(transformers.LlamaForCausalLM, config, seed=1)
+  path = tmp_path_factory.mktemp("llama_tied")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def _batch(seed, lengths=LENGTHS, length=None):
+  """Right-padded token ids (padding id 0) and their attention mask, as numpy."""
+  rng = np.random.default_rng(seed)
+  length = length or max(lengths)
+  ids = np.zeros((len(lengths), length), np.int32)
+  mask = np.zeros((len(lengths), length), np.int32)
+  for i, n in enumerate(lengths):
+    ids[i, :n] = rng.integers(3, VOCAB, n)
+    mask[i, :n] = 1
+  return ids, mask
+
+
+def _hf_logits(model, ids, mask):
+  with torch.no_grad():
+    out = model(input_ids=torch.from_numpy(ids).long(),
+                attention_mask=torch.from_numpy(mask).long())
+  return out.logits.float().numpy()
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "adapter"))
+def _forward(params, tokens, mask, cfg, adapter=None):
+  """(hidden, logits) without a cache."""
+  model = Decoder(cfg)
+  hidden = model.apply({"params": params}, tokens, attention_mask=mask, adapter=adapter).hidden
+  return hidden, model.apply({"params": params}, hidden, method=Decoder.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _cached(params, tokens, cache, cache_index, cfg):
+  """(hidden, logits, cache) with a KV cache."""
+  model = Decoder(cfg)
+  out = model.apply({"params": params}, tokens, cache=cache, cache_index=cache_index)
+  return out.hidden, model.apply({"params": params}, out.hidden, method=Decoder.logits), out.cache
+
+
+def _max_real_diff(ours, ref, lengths):
+  """Max |ours - ref| over the real (unpadded) positions and the base vocabulary."""
+  return max(float(np.abs(np.asarray(ours)[i, :n, :VOCAB] - ref[i, :n]).max())
+             for i, n in enumerate(lengths))
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_mistral_logits_match_transformers(mistral, layout):
+  model, single, sharded = mistral
+  ckpt = single if layout == "single" else sharded
+  if layout == "sharded":
+    files = os.listdir(sharded)
+    assert st.INDEX_FILE in files and sum(f.endswith(".safetensors") for f in files) > 1
+  cfg, params = import_hf_checkpoint(ckpt, EXTRA, lora=LORA, rng=jax.random.key(3))
+  assert (cfg.rope_theta, cfg.sliding_window, cfg.vocab_size) == (1e6, 6, VOCAB + EXTRA)
+
+  ids, mask = _batch(0)
+  ref = _hf_logits(model, ids, mask)
+  _, logits = _forward(params, ids, mask, cfg)
+  assert logits.shape == (3, max(LENGTHS), VOCAB + EXTRA)
+  diff = _max_real_diff(logits, ref, LENGTHS)
+  print(f"mistral ({layout}) max abs logit diff: {diff:.3g}")
+  assert diff < TOL
+
+  # The comparison is sensitive to what it claims to test: dropping the sliding window
+  # or the RoPE base moves the logits far beyond the tolerance.
+  for wrong in (cfg.replace(sliding_window=None), cfg.replace(rope_theta=1e4)):
+    assert _max_real_diff(_forward(params, ids, mask, wrong)[1], ref, LENGTHS) > 100 * TOL
+
+  # B = 0 in every adapter: the imported model is the base model whichever is active.
+  _, with_adapter = _forward(params, ids, mask, cfg, adapter="generator")
+  assert _max_real_diff(with_adapter, ref, LENGTHS) < TOL
+
+
+def test_sharded_and_single_imports_are_identical(mistral, mistral_imported):
+  _, _, sharded = mistral
+  _, single_params = mistral_imported
+  _, sharded_params = import_hf_checkpoint(sharded, EXTRA, lora=LORA, rng=jax.random.key(3))
+  jax.tree_util.tree_map(np.testing.assert_array_equal, single_params, sharded_params)
+
+
+def test_imported_tree_layout_and_extra_rows(mistral, mistral_imported):
+  model, _, _ = mistral
+  cfg, params = mistral_imported
+  reference = init_params(cfg, jax.random.key(3))
+  assert (jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference))
+  # Adapters are exactly init_params' (same rng), so B is zero.
+  layer = params["layers_1"]["mlp"]["down_proj"]
+  np.testing.assert_array_equal(layer["lora_reasoner"]["a"],
+                                reference["layers_1"]["mlp"]["down_proj"]["lora_reasoner"]["a"])
+  assert not np.any(np.asarray(layer["lora_reasoner"]["b"]))
+
+  state = model.state_dict()
+  np.testing.assert_array_equal(
+      params["layers_1"]["attn"]["o_proj"]["kernel"],
+      state["model.layers.1.self_attn.o_proj.weight"].numpy().T.reshape(4, 16, 64))
+  embed = state["model.embed_tokens.weight"].numpy()
+  head = state["lm_head.weight"].numpy()
+  extra_emb = np.asarray(params["embedder"]["extra_embedding"])
+  extra_head = np.asarray(params["lm_head"]["extra_head"]).T
+  for extra, rows in ((extra_emb, embed), (extra_head, head)):
+    assert extra.shape == (EXTRA, 64)
+    np.testing.assert_allclose(extra, np.broadcast_to(rows.mean(0), extra.shape), atol=1e-4)
+    assert len({row.tobytes() for row in extra}) == EXTRA  # seeded noise keeps rows distinct
+  assert params["embedder"]["base_embedding"].dtype == jnp.float32
+
+
+def test_import_places_params_with_shardings(mistral, mistral_imported):
+  _, single, _ = mistral
+  _, reference = mistral_imported
+  cfg = decoder_config_from_hf(load_hf_config(single), EXTRA, lora=LORA)
+  mesh = partitioning.make_mesh((1, 2, 4))
+  shardings = partitioning.logical_shardings(abstract_params(cfg), mesh)
+  _, params = import_hf_checkpoint(single, EXTRA, lora=LORA, rng=jax.random.key(3),
+                                   shardings=shardings)
+  for path in (("layers_0", "mlp", "up_proj", "kernel"), ("lm_head", "base_head"),
+               ("layers_1", "attn", "q_proj", "lora_compressor", "a")):
+    leaf, want = params, shardings
+    for key in path:
+      leaf, want = leaf[key], want[key]
+    assert leaf.sharding == want, path
+  jax.tree_util.tree_map(np.testing.assert_array_equal, params, reference)
+
+
+def test_param_dtype_bfloat16(mistral):
+  _, single, _ = mistral
+  cfg, params = import_hf_checkpoint(single, EXTRA, lora=LORA, param_dtype="bfloat16",
+                                     dtype="bfloat16")
+  assert cfg.param_dtype == "bfloat16" and cfg.dtype == "bfloat16"
+  assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def test_llama_with_tied_embeddings_matches_transformers(llama):
+  model, path = llama
+  assert "lm_head.weight" not in st.SafetensorsCheckpoint(path)
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert cfg.rope_theta == 10000.0 and cfg.sliding_window is None
+  np.testing.assert_array_equal(params["lm_head"]["base_head"],
+                                np.asarray(params["embedder"]["base_embedding"]).T)
+  np.testing.assert_array_equal(params["lm_head"]["extra_head"],
+                                np.asarray(params["embedder"]["extra_embedding"]).T)
+  ids, mask = _batch(1)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], _hf_logits(model, ids, mask),
+                        LENGTHS)
+  print(f"llama (tied) max abs logit diff: {diff:.3g}")
+  assert diff < TOL
+
+
+def _hf_greedy(model, prompt, steps):
+  """Greedy continuation of one unpadded prompt with transformers' own KV cache."""
+  tokens, step_logits, past = [], [], None
+  inputs = torch.from_numpy(prompt[None]).long()
+  with torch.no_grad():
+    for _ in range(steps):
+      out = model(input_ids=inputs, past_key_values=past, use_cache=True)
+      past = out.past_key_values
+      step_logits.append(out.logits[0, -1].numpy())
+      tokens.append(int(out.logits[0, -1].argmax()))
+      inputs = torch.tensor([[tokens[-1]]])
+  return tokens, step_logits
+
+
+def test_kv_cache_decoding_matches_recomputation_and_transformers(mistral, mistral_imported):
+  model, _, _ = mistral
+  cfg, params = mistral_imported
+  prompt_lengths, steps = (6, 4, 2), 5
+  max_len = max(prompt_lengths) + steps  # decoding runs past the sliding window of 6
+  prompts, _ = _batch(2, prompt_lengths)
+  batch = len(prompt_lengths)
+
+  cache = init_cache(cfg, batch, max_len)
+  hidden, logits, cache = _cached(params, prompts, cache, jnp.zeros((batch,), jnp.int32), cfg)
+  full_ids, full_mask = _batch(2, prompt_lengths, length=max_len)
+  ref_hidden, ref_logits = _forward(params, full_ids, full_mask, cfg)
+  for i, n in enumerate(prompt_lengths):
+    np.testing.assert_allclose(hidden[i, :n], ref_hidden[i, :n], atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits[i, :n], ref_logits[i, :n], atol=TOL, rtol=0)
+
+  lengths = np.array(prompt_lengths)
+  last = np.asarray(logits)[np.arange(batch), lengths - 1]
+  ours_tokens, ours_logits, worst = [[] for _ in range(batch)], [[] for _ in range(batch)], 0.0
+  for _ in range(steps):
+    next_tokens = last[:, :VOCAB].argmax(-1)  # the base vocabulary, as HF's model has
+    for i in range(batch):
+      ours_tokens[i].append(int(next_tokens[i]))
+      ours_logits[i].append(last[i, :VOCAB])
+      full_ids[i, lengths[i]] = next_tokens[i]
+      full_mask[i, lengths[i]] = 1
+    # Each example appends at its own length.
+    hidden, logits, cache = _cached(params, next_tokens[:, None].astype(np.int32), cache,
+                                    jnp.asarray(lengths, jnp.int32), cfg)
+    ref_hidden, ref_logits = _forward(params, full_ids, full_mask, cfg)
+    rows = np.arange(batch)
+    np.testing.assert_allclose(hidden[:, 0], np.asarray(ref_hidden)[rows, lengths],
+                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(logits[:, 0], np.asarray(ref_logits)[rows, lengths],
+                               atol=TOL, rtol=0)
+    worst = max(worst, float(np.abs(logits[:, 0] - np.asarray(ref_logits)[rows, lengths]).max()))
+    lengths = lengths + 1
+    last = np.asarray(logits)[:, 0]
+
+  hf_worst = 0.0
+  for i, n in enumerate(prompt_lengths):
+    hf_tokens, hf_logits = _hf_greedy(model, prompts[i, :n], steps)
+    assert ours_tokens[i] == hf_tokens, f"example {i}"
+    hf_worst = max(hf_worst, float(np.abs(np.stack(ours_logits[i]) - np.stack(hf_logits)).max()))
+  print(f"cache vs recompute max abs logit diff: {worst:.3g}; vs HF greedy steps: {hf_worst:.3g}")
+  assert hf_worst < TOL
+
+
+# ---------------------------------------------------------------------------- errors
+
+
+def _copy_checkpoint(src, dst):
+  shutil.copytree(src, dst)
+  return str(dst)
+
+
+def test_missing_config_json(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  os.remove(os.path.join(ckpt, "config.json"))
+  with pytest.raises(FileNotFoundError, match=r"ckpt/config\.json: missing"):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def test_missing_safetensors(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  os.remove(os.path.join(ckpt, "model.safetensors"))
+  expected = r"ckpt: expected model\.safetensors\.index\.json .* or model\.safetensors"
+  with pytest.raises(FileNotFoundError, match=expected):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def test_missing_shard(mistral, tmp_path):
+  _, _, sharded = mistral
+  ckpt = _copy_checkpoint(sharded, tmp_path / "ckpt")
+  with open(os.path.join(ckpt, st.INDEX_FILE)) as f:
+    shard = json.load(f)["weight_map"]["model.norm.weight"]
+  os.remove(os.path.join(ckpt, shard))
+  expected = rf"{shard}: missing; .*index\.json lists it as the shard"
+  with pytest.raises(FileNotFoundError, match=expected):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def test_unknown_architecture(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  config = load_hf_config(ckpt)
+  config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+  with open(os.path.join(ckpt, "config.json"), "w") as f:
+    json.dump(config, f)
+  with pytest.raises(ValueError, match=r"GPT2LMHeadModel.*LlamaForCausalLM.*MistralForCausalLM"):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def _rewrite_tensors(ckpt, edit):
+  path = os.path.join(ckpt, "model.safetensors")
+  tensors = {k: np.array(v) for k, v in st.load_safetensors(path).items()}
+  edit(tensors)
+  st.write_safetensors(path, tensors, {"format": "pt"})
+
+
+def test_wrong_shape_names_the_tensor(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  name = "model.layers.1.mlp.up_proj.weight"
+  _rewrite_tensors(ckpt, lambda t: t.update({name: np.zeros((130, 64), np.float32)}))
+  with pytest.raises(ValueError, match=rf"'{name}' has shape \(130, 64\), expected \(128, 64\)"):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def test_missing_and_unused_tensors(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  _rewrite_tensors(ckpt, lambda t: t.pop("model.layers.0.input_layernorm.weight"))
+  with pytest.raises(ValueError, match=r"missing tensor 'model\.layers\.0\.input_layernorm"):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt2")
+  _rewrite_tensors(ckpt, lambda t: t.update({
+      "model.layers.0.self_attn.q_proj.bias": np.zeros((64,), np.float32),
+      "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros((8,), np.float32)}))
+  expected = r"1 checkpoint tensor\(s\) not used.*\['model\.layers\.0\.self_attn\.q_proj\.bias'\]"
+  with pytest.raises(ValueError, match=expected):
+    import_hf_checkpoint(ckpt, EXTRA)
+
+
+def test_truncated_safetensors(mistral, tmp_path):
+  _, single, _ = mistral
+  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+  path = os.path.join(ckpt, "model.safetensors")
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) - 100)
+  with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' data_offsets .* "
+                                       r"outside .*truncated"):
+    import_hf_checkpoint(ckpt, EXTRA)
+  with open(path, "r+b") as f:
+    f.truncate(5)
+  with pytest.raises(ValueError, match=r"model\.safetensors: truncated"):
+    st.SafetensorsFile(path)
+
+
+# ------------------------------------------------------------------------ config parsing
+
+BASE_HF_CONFIG = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                  "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
+                  "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5}
+
+
+def test_config_defaults_and_old_style_rope_theta():
+  cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "head_dim": None}, 3, lora=None)
+  assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window) == (
+      4, 16, 10000.0, None)
+  assert cfg.vocab_size == 99 and cfg.lora is None
+  old = decoder_config_from_hf({**BASE_HF_CONFIG, "rope_theta": 5e5, "rope_scaling": None,
+                                "sliding_window": 32}, 0)
+  assert (old.rope_theta, old.sliding_window) == (5e5, 32)
+  new = decoder_config_from_hf(
+      {**BASE_HF_CONFIG, "rope_parameters": {"rope_theta": 2e4, "rope_type": "default"}}, 0)
+  assert new.rope_theta == 2e4
+  llama = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
+                                  "model_type": "llama", "sliding_window": 8}, 0)
+  assert llama.sliding_window is None  # Llama has no local attention
+
+
+@pytest.mark.parametrize("change, pattern", [
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
+     r"'rope_parameters\.rope_type': expected 'default', found 'llama3'"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}},
+     r"'rope_scaling\.rope_type': expected 'default', found 'linear'"),
+    ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
+    ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
+    ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
+     r"found architectures \['Qwen2ForCausalLM'\].*supported"),
+    ({"architectures": None, "model_type": "phi"}, r"found model_type 'phi'.*supported"),
+    ({"hidden_size": None}, r"required field 'hidden_size'"),
+])
+def test_unsupported_config_values(change, pattern):
+  with pytest.raises(ValueError, match=pattern):
+    decoder_config_from_hf({**BASE_HF_CONFIG, **change}, 0)
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+def test_safetensors_round_trip_with_the_reference_library(tmp_path):
+  safetensors_numpy = pytest.importorskip("safetensors.numpy")
+  safetensors_torch = pytest.importorskip("safetensors.torch")
+  tensors = {
+      "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+      "f16": np.array(3.5, np.float16),
+      "bf16": (np.arange(4) / 3).astype(ml_dtypes.bfloat16).reshape(4, 1),
+      "i64": np.arange(5, dtype=np.int64),
+      "i32": np.array([-1, 2], ">i4"),  # big-endian input is stored little-endian
+      "empty": np.zeros((0, 3), np.float32),
+  }
+  ours = str(tmp_path / "ours.safetensors")
+  st.write_safetensors(ours, tensors, {"format": "np"})
+  loaded = safetensors_torch.load_file(ours)
+  assert loaded["bf16"].dtype == torch.bfloat16
+  for name, value in tensors.items():
+    np.testing.assert_array_equal(loaded[name].float().numpy(), value.astype(np.float32))
+    assert tuple(loaded[name].shape) == value.shape
+
+  theirs = str(tmp_path / "theirs.safetensors")
+  safetensors_torch.save_file({"w": torch.arange(4, dtype=torch.bfloat16) / 3,
+                               "x": torch.ones(2, 3, dtype=torch.float16)}, theirs,
+                              metadata={"format": "pt"})
+  f = st.SafetensorsFile(theirs)
+  assert f.metadata == {"format": "pt"} and sorted(f.keys()) == ["w", "x"]
+  assert f.get("w").dtype == ml_dtypes.bfloat16 and not f.get("w").flags.writeable
+  np.testing.assert_array_equal(f.get("w").astype(np.float32),
+                                (torch.arange(4, dtype=torch.bfloat16) / 3).float().numpy())
+  safetensors_numpy.save_file({"e": np.zeros((0,), np.float32)}, str(tmp_path / "e.st"))
+  assert st.load_safetensors(str(tmp_path / "e.st"))["e"].shape == (0,)
+
+
+def _raw_file(path, header: bytes, data: bytes = b""):
+  with open(path, "wb") as f:
+    f.write(len(header).to_bytes(8, "little") + header + data)
+  return str(path)
+
+
+def test_safetensors_header_errors(tmp_path):
+  bad_json = _raw_file(tmp_path / "a.safetensors", b"{not json")
+  with pytest.raises(ValueError, match=r"a\.safetensors: bad safetensors header"):
+    st.SafetensorsFile(bad_json)
+  unknown = _raw_file(tmp_path / "b.safetensors", json.dumps(
+      {"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode(), b"\0" * 8)
+  with pytest.raises(ValueError, match=r"b\.safetensors: tensor 't': unknown dtype 'C64'"):
+    st.SafetensorsFile(unknown)
+  wrong_size = _raw_file(tmp_path / "c.safetensors", json.dumps(
+      {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(), b"\0" * 8)
+  with pytest.raises(ValueError, match=r"c\.safetensors: tensor 't'.*needs 12"):
+    st.SafetensorsFile(wrong_size)
+  outside = _raw_file(tmp_path / "d.safetensors", json.dumps(
+      {"t": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(), b"\0" * 16)
+  with pytest.raises(ValueError, match=r"d\.safetensors: tensor 't' data_offsets \[8, 24\] "
+                                       r"lie outside"):
+    st.SafetensorsFile(outside)
+  huge = _raw_file(tmp_path / "e.safetensors", b"{}")
+  with open(huge, "r+b") as f:
+    f.write((10**6).to_bytes(8, "little"))
+  with pytest.raises(ValueError, match=r"e\.safetensors: truncated"):
+    st.SafetensorsFile(huge)
