@@ -1,0 +1,168 @@
+"""CLaRa's three roles on the shared decoder, as pure functions of (params, arrays).
+
+Token layouts (built by `clara_jax.data.templates`; all lengths static):
+
+* encoder input (compressor on documents, reasoner on questions): the text block
+  `<ENC><s> text </s>` LEFT-padded to its maximum length, then the `n_mem` memory tokens
+  `<MEM0>..<MEM{n-1}>`. Left padding keeps the memory tokens right after the text with
+  contiguous positions, and puts them at the static slice `[-n_mem:]`.
+  Arrays: `tokens [M, L + n_mem]`, `mask [M, L + n_mem]` (1 = real token).
+* generator input: a prompt region of P tokens (left-padded) followed by an answer region
+  of A tokens (right-padded). The prompt holds k placeholder slots
+  `<MEM0>..<MEM{n-1}><SEP>`; `slot_positions [B, k * n_mem]` says where, slot by slot.
+  Arrays: `tokens [B, P + A]`, `mask [B, P + A]`, `answer_mask [B, A]` (1 on supervised
+  answer tokens and the end-of-sequence token), `slot_positions`.
+
+The compressor reads out the final-normed hidden states at the memory positions; the
+generator's LM head runs only on the A positions that predict the answer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model.decoder import Decoder
+from clara_jax.ops import losses
+
+Array = jax.Array
+
+COMPRESSOR, REASONER, GENERATOR = "compressor", "reasoner", "generator"
+MAX_COMPRESSION_RATE = 256
+
+
+def num_memory_tokens(doc_max_length: int, compr_rate: int) -> int:
+  """n_mem = doc_max_length // compr_rate, with a clear error when it does not divide."""
+  if not 1 <= compr_rate <= MAX_COMPRESSION_RATE:
+    raise ValueError(f"compr_rate must be in [1, {MAX_COMPRESSION_RATE}], got {compr_rate}")
+  if doc_max_length <= 0 or doc_max_length % compr_rate:
+    raise ValueError(f"doc_max_length ({doc_max_length}) must be a positive multiple of "
+                     f"compr_rate ({compr_rate})")
+  return doc_max_length // compr_rate
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaraConfig:
+  """Static CLaRa settings shared by the stage losses.
+
+  Attributes:
+    doc_max_length: document tokens before compression (paper: 256).
+    compr_rate: compression rate; n_mem = doc_max_length // compr_rate.
+    k: documents selected per question (stage 2); documents per prompt otherwise.
+    temperature: tau of the straight-through top-k (paper: 0.02).
+    mse_weight: weight of the compressor alignment MSE in stages 1 and 1_2 (paper: 0.1).
+    train_compressor: stage 2 only; the paper keeps the compressor frozen.
+    retrieval_temperature: InfoNCE temperature of the supervised baseline.
+    check_nans: checkify NaN checks on retrieval scores (debug mode).
+  """
+
+  doc_max_length: int = 64
+  compr_rate: int = 16
+  k: int = 5
+  temperature: float = 0.02
+  mse_weight: float = 0.1
+  train_compressor: bool = False
+  retrieval_temperature: float = 0.02
+  check_nans: bool = False
+
+  @property
+  def n_mem(self) -> int:
+    return num_memory_tokens(self.doc_max_length, self.compr_rate)
+
+  def __post_init__(self):
+    _ = self.n_mem  # validates
+    if self.k < 1:
+      raise ValueError(f"ClaraConfig.k must be >= 1, got {self.k}")
+    if self.temperature <= 0:
+      raise ValueError(f"ClaraConfig.temperature must be positive, got {self.temperature}")
+
+
+def positions_from_mask(mask_bt: Array) -> Array:
+  """RoPE positions that skip left padding: 0 at the first real token."""
+  return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def encode(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
+           adapter: str, deterministic: bool = True, rng: Optional[Array] = None
+           ) -> Tuple[Array, Array]:
+  """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
+  states [M, L + n_mem, H])."""
+  rngs = {"dropout": rng} if rng is not None else {}
+  hidden = model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
+                       positions=positions_from_mask(mask_mt), adapter=adapter,
+                       deterministic=deterministic, rngs=rngs).hidden
+  return hidden[:, -n_mem:], hidden
+
+
+def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: int,
+             deterministic: bool = True, rng: Optional[Array] = None,
+             adapter: str = COMPRESSOR) -> Tuple[Array, Array]:
+  """Documents -> (memories [M, n_mem, H], MSE alignment loss).
+
+  `doc_tokens`/`doc_mask` may carry extra leading axes (e.g. [B, N, L + n_mem]); they are
+  flattened to M documents and the memories come back as [M, n_mem, H].
+  """
+  tokens = doc_tokens.reshape(-1, doc_tokens.shape[-1])
+  mask = doc_mask.reshape(-1, doc_mask.shape[-1])
+  mem, hidden = encode(model, params, tokens, mask, n_mem, adapter, deterministic, rng)
+  mse = losses.mse_alignment_loss(mem, hidden[:, :-n_mem], mask[:, :-n_mem])
+  return mem, mse
+
+
+def reason(model: Decoder, params, q_tokens: Array, q_mask: Array, n_mem: int,
+           deterministic: bool = True, rng: Optional[Array] = None) -> Array:
+  """Questions [B, Lq + n_mem] -> query memories [B, n_mem, H] (reasoner adapter)."""
+  mem, _ = encode(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng)
+  return mem
+
+
+def score(query_mem_bmh: Array, doc_mem_bnmh: Array) -> Array:
+  """Cosine scores [B, N] (float32) over flattened, L2-normalised memories."""
+  return losses.cosine_scores(query_mem_bmh, doc_mem_bnmh)
+
+
+def select(weights_bkn: Array, doc_mem_bnmh: Array) -> Array:
+  """Selected memories [B, k, n_mem, H]: the top-k weights applied to the candidates
+  (an einsum, so the straight-through gradient reaches the scores)."""
+  out = jnp.einsum("bkn,bnmh->bkmh", weights_bkn.astype(jnp.float32),
+                   doc_mem_bnmh.astype(jnp.float32))
+  return out.astype(doc_mem_bnmh.dtype)
+
+
+def splice(embeddings_bth: Array, slot_positions_bs: Array, memories_bsh: Array) -> Array:
+  """Writes memories [B, S, H] into the placeholder positions [B, S] of embeddings
+  [B, T, H] (one vectorised scatter; gradients flow into the memories)."""
+  batch = jnp.arange(embeddings_bth.shape[0])[:, None]
+  return embeddings_bth.at[batch, slot_positions_bs].set(
+      memories_bsh.astype(embeddings_bth.dtype))
+
+
+def generator_loss(model: Decoder, params, tokens_bt: Array, mask_bt: Array,
+                   slot_positions_bs: Array, memories_bkmh: Array, answer_mask_ba: Array,
+                   deterministic: bool = True, rng: Optional[Array] = None
+                   ) -> Tuple[Array, Array]:
+  """Masked next-token CE of the answer, given memories for the prompt's slots.
+
+  Args:
+    memories_bkmh: [B, k, n_mem, H], written slot by slot into `slot_positions_bs`
+      [B, k * n_mem].
+
+  Returns:
+    (mean CE over supervised answer tokens, number of those tokens).
+  """
+  b, t = tokens_bt.shape
+  a = answer_mask_ba.shape[1]
+  embeddings = model.apply({"params": params}, tokens_bt, method=Decoder.embed)
+  memories = memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1])
+  embeddings = splice(embeddings, slot_positions_bs, memories)
+  rngs = {"dropout": rng} if rng is not None else {}
+  hidden = model.apply({"params": params}, embeddings=embeddings, attention_mask=mask_bt,
+                       positions=positions_from_mask(mask_bt), adapter=GENERATOR,
+                       deterministic=deterministic, rngs=rngs).hidden
+  # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1).
+  answer_hidden = hidden[:, t - a - 1: t - 1]
+  logits = model.apply({"params": params}, answer_hidden, method=Decoder.logits)
+  return losses.masked_cross_entropy(logits, tokens_bt[:, t - a:], answer_mask_ba)

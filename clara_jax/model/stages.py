@@ -1,0 +1,209 @@
+"""The loss of every training stage, and the parameters each stage trains.
+
+Each loss is a pure `loss_fn(params, batch, rng) -> (loss, metrics)` over a dict of
+arrays (layouts in `clara_jax.model.clara`); `trainable_mask(stage, params, clara_cfg)`
+gives the optimizer mask of the paper's trainable set. Batch keys:
+
+* lm: `tokens [B, T]`, `mask [B, T]`.
+* stage1 / stage1_2: `doc_tokens [B, K, Ld + n_mem]`, `doc_mask`, and the generator
+  arrays `gen_tokens [B, P + A]`, `gen_mask`, `slot_positions [B, K * n_mem]`,
+  `answer_mask [B, A]` (stage1: K = 1; stage1_2: K documents per question).
+* stage2: `q_tokens [B, Lq + n_mem]`, `q_mask`, candidates as `doc_tokens
+  [B, N, Ld + n_mem]` + `doc_mask` or precomputed `doc_mem [B, N, n_mem, H]`, the
+  generator arrays with k slots, optional `positives [B, N]` (gold candidates) for
+  retrieval metrics.
+* stage2_retrieval: `q_tokens`, `q_mask`, candidates as above, `positives [B, N]`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional, Tuple
+
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model import clara, lora
+from clara_jax.model.config import DecoderConfig
+from clara_jax.model.decoder import Decoder
+from clara_jax.ops import losses
+from clara_jax.ops.topk import soft_topk, straight_through_topk
+
+Array = jax.Array
+Batch = Dict[str, Array]
+LossFn = Callable[[dict, Batch, Optional[Array]], Tuple[Array, Dict[str, Array]]]
+
+STAGES = ("lm", "stage1", "stage1_2", "stage2", "stage2_retrieval")
+
+
+def trainable_mask(stage: str, params, clara_cfg: clara.ClaraConfig):
+  """Optimizer mask of the stage's trainable set (the base model is always frozen, except
+  in `lm`, which pretrains a from-scratch base)."""
+  if stage == "lm":
+    return lora.trainable_mask(params, base=True)
+  if stage in ("stage1", "stage1_2"):
+    # As in the reference, the special-token embedding rows train in stage1 only.
+    return lora.trainable_mask(params, adapters=(clara.COMPRESSOR, clara.GENERATOR),
+                               extra_embedding=stage == "stage1")
+  if stage == "stage2":
+    adapters = (clara.REASONER, clara.GENERATOR)
+    if clara_cfg.train_compressor:
+      adapters += (clara.COMPRESSOR,)
+    return lora.trainable_mask(params, adapters=adapters)
+  if stage == "stage2_retrieval":
+    return lora.trainable_mask(params, adapters=(clara.REASONER,))
+  raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+
+
+def _split(rng: Optional[Array], n: int):
+  return [None] * n if rng is None else list(jax.random.split(rng, n))
+
+
+def lm_loss(model: Decoder, params, batch: Batch, rng: Optional[Array] = None):
+  """Next-token CE over every real token (from-scratch base pretraining, no adapter)."""
+  tokens, mask = batch["tokens"], batch["mask"]
+  rngs = {"dropout": rng} if rng is not None else {}
+  hidden = model.apply({"params": params}, tokens, attention_mask=mask,
+                       positions=clara.positions_from_mask(mask), deterministic=rng is None,
+                       rngs=rngs).hidden
+  logits = model.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
+  target_mask = mask[:, 1:] * mask[:, :-1]
+  ce, count = losses.masked_cross_entropy(logits, tokens[:, 1:], target_mask)
+  return ce, {"ce": ce, "tokens": count}
+
+
+def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
+                     rng: Optional[Array] = None):
+  """stage1 / stage1_2: CE of the answer from the documents' memories + w * MSE."""
+  comp_rng, gen_rng = _split(rng, 2)
+  b, n_docs = batch["doc_tokens"].shape[:2]
+  mem, mse = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
+                            clara_cfg.n_mem, deterministic=rng is None, rng=comp_rng)
+  mem = mem.reshape(b, n_docs, clara_cfg.n_mem, -1)
+  ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
+                                   batch["slot_positions"], mem, batch["answer_mask"],
+                                   deterministic=rng is None, rng=gen_rng)
+  loss = ce + clara_cfg.mse_weight * mse
+  return loss, {"ce": ce, "mse": mse, "tokens": count}
+
+
+def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
+                       rng: Optional[Array] = None) -> Array:
+  """Candidate memories [B, N, n_mem, H]: from the `doc_mem` cache when the batch has
+  one, else recomputed by the compressor (frozen unless `train_compressor`)."""
+  if "doc_mem" in batch:
+    return jax.lax.stop_gradient(batch["doc_mem"])
+  b, n = batch["doc_tokens"].shape[:2]
+  train = clara_cfg.train_compressor and rng is not None
+  mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
+                          clara_cfg.n_mem, deterministic=not train,
+                          rng=rng if train else None)
+  mem = mem.reshape(b, n, clara_cfg.n_mem, -1)
+  return mem if clara_cfg.train_compressor else jax.lax.stop_gradient(mem)
+
+
+def retrieval_metrics(scores_bn: Array, indices_bk: Array, positives_bn: Array
+                      ) -> Dict[str, Array]:
+  """Recall@1 and Recall@k (hits among positives / number of positives), averaged over
+  questions that have positives."""
+  pos = positives_bn.astype(jnp.float32)
+  n_pos = jnp.sum(pos, -1)
+  has_pos = (n_pos > 0).astype(jnp.float32)
+  hits = jnp.take_along_axis(pos, indices_bk, axis=-1)  # [B, k]
+
+  def recall(at):
+    per_q = jnp.sum(hits[:, :at], -1) / jnp.maximum(n_pos, 1.0)
+    return jnp.sum(per_q * has_pos) / jnp.maximum(jnp.sum(has_pos), 1.0)
+
+  return {"recall@1": recall(1), f"recall@{indices_bk.shape[1]}": recall(indices_bk.shape[1])}
+
+
+def end_to_end_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
+                    rng: Optional[Array] = None, cut_topk_gradient: bool = False):
+  """stage2: reasoner -> cosine scores -> straight-through top-k -> generator CE.
+
+  `cut_topk_gradient` stops the gradient at the top-k weights (an ablation: the
+  reasoner then learns nothing from the answer loss).
+  """
+  comp_rng, q_rng, gen_rng = _split(rng, 3)
+  doc_mem = candidate_memories(model, params, batch, clara_cfg, comp_rng)
+  q_mem = clara.reason(model, params, batch["q_tokens"], batch["q_mask"], clara_cfg.n_mem,
+                       deterministic=rng is None, rng=q_rng)
+  scores = clara.score(q_mem, doc_mem)
+  weights, indices = straight_through_topk(scores, clara_cfg.k, clara_cfg.temperature,
+                                           check_nans=clara_cfg.check_nans)
+  if cut_topk_gradient:
+    weights = jax.lax.stop_gradient(weights)
+  selected = clara.select(weights, doc_mem)
+  ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
+                                   batch["slot_positions"], selected, batch["answer_mask"],
+                                   deterministic=rng is None, rng=gen_rng)
+  soft = jax.lax.stop_gradient(soft_topk(scores, jax.lax.stop_gradient(weights),
+                                         clara_cfg.temperature))
+  entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, 1e-30)), -1)
+  metrics = {"ce": ce, "tokens": count,
+             "selected_score": jnp.mean(jnp.take_along_axis(scores, indices, -1)),
+             "selection_entropy": jnp.mean(entropy)}
+  if "positives" in batch:
+    metrics.update(retrieval_metrics(scores, indices, batch["positives"]))
+  return ce, metrics
+
+
+def retrieval_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
+                   rng: Optional[Array] = None):
+  """stage2_retrieval: supervised InfoNCE over the labelled positives."""
+  comp_rng, q_rng = _split(rng, 2)
+  doc_mem = candidate_memories(model, params, batch, clara_cfg, comp_rng)
+  q_mem = clara.reason(model, params, batch["q_tokens"], batch["q_mask"], clara_cfg.n_mem,
+                       deterministic=rng is None, rng=q_rng)
+  scores = clara.score(q_mem, doc_mem)
+  loss = losses.infonce_loss(scores, batch["positives"], clara_cfg.retrieval_temperature)
+  _, indices = jax.lax.top_k(scores, min(clara_cfg.k, scores.shape[-1]))
+  return loss, {"infonce": loss, **retrieval_metrics(scores, indices, batch["positives"])}
+
+
+def stage_loss(stage: str, model_cfg: DecoderConfig, clara_cfg: clara.ClaraConfig) -> LossFn:
+  """`loss_fn(params, batch, rng)` of a stage; rng None means deterministic (eval)."""
+  model = Decoder(model_cfg)
+  fns = {
+      "lm": lambda p, b, r: lm_loss(model, p, b, r),
+      "stage1": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
+      "stage1_2": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
+      "stage2": lambda p, b, r: end_to_end_loss(model, p, b, clara_cfg, r),
+      "stage2_retrieval": lambda p, b, r: retrieval_loss(model, p, b, clara_cfg, r),
+  }
+  if stage not in fns:
+    raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+  return fns[stage]
+
+
+def fixed_selection(positives_bn: Array, k: int, rng: Array, gold: bool) -> Array:
+  """Indices [B, k] of a fixed (not retrieved) selection: gold candidates first, then
+  random non-gold ones (`gold=True`), or k random non-gold candidates (`gold=False`)."""
+  noise = jax.random.uniform(rng, positives_bn.shape)
+  pos = positives_bn.astype(jnp.float32)
+  priority = noise + (2.0 * pos if gold else -2.0 * pos)
+  return jax.lax.top_k(priority, k)[1].astype(jnp.int32)
+
+
+def memory_gain(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
+                rng: Array) -> Dict[str, Array]:
+  """Does the generator read its memories? Answer CE with k random non-gold candidates
+  minus answer CE with the gold candidate(s) in the slots (positive: reading pays).
+
+  Needs a stage2-style batch with `positives`; evaluation only (deterministic).
+  """
+  doc_mem = candidate_memories(model, params, batch, clara_cfg)
+  n = doc_mem.shape[1]
+  k = clara_cfg.k
+
+  def ce_for(indices_bk):
+    weights = jax.nn.one_hot(indices_bk, n, dtype=jnp.float32)
+    ce, _ = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
+                                 batch["slot_positions"], clara.select(weights, doc_mem),
+                                 batch["answer_mask"])
+    return ce
+
+  gold_rng, control_rng = jax.random.split(rng)
+  ce_gold = ce_for(fixed_selection(batch["positives"], k, gold_rng, gold=True))
+  ce_control = ce_for(fixed_selection(batch["positives"], k, control_rng, gold=False))
+  return {"ce_gold": ce_gold, "ce_control": ce_control, "memory_gain": ce_control - ce_gold}
