@@ -15,6 +15,11 @@ INSTALL_REQUIRES = [
     "numpy==2.4.6",
     "protobuf==7.36.2",  # sentencepiece_model_pb2, to edit tokenizer protos
     "sentencepiece==0.2.3",
+    # Data: TFDS array_record datasets read through grain, without tensorflow.
+    "tensorflow-datasets==4.9.10",
+    "array-record==0.8.6",
+    "grain==0.2.18",
+    "importlib_resources==7.1.0",  # needed by tfds' etils.epath, not declared by it
 ]
 
 EXTRAS_REQUIRE = {

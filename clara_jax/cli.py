@@ -30,7 +30,11 @@ def _cmd_info(args) -> int:
 def _cmd_bench(args) -> int:
   if args.what == "forward":
     from clara_jax.bench.forward import forward_throughput
-    result = forward_throughput(args.model, args.batch, args.length, iters=args.iters)
+    result = forward_throughput(args.model, args.batch or 8, args.length, iters=args.iters)
+  elif args.what == "stage2":
+    from clara_jax.bench.stage_step import stage2_step_time
+    result = stage2_step_time(args.model, batch=args.batch or 4, cached=args.cached,
+                              iters=args.iters)
   else:  # argparse restricts choices; kept for new benchmarks
     raise ValueError(f"unknown benchmark {args.what!r}")
   print(json.dumps(result))
@@ -62,11 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
   info.set_defaults(fn=_cmd_info)
 
   bench = sub.add_parser("bench", help="throughput benchmarks (prints a JSON line)")
-  bench.add_argument("what", choices=["forward"])
+  bench.add_argument("what", choices=["forward", "stage2"])
   bench.add_argument("--model", default="small")
-  bench.add_argument("--batch", type=int, default=8)
+  bench.add_argument("--batch", type=int, default=None,
+                     help="sequences (forward, default 8) or questions (stage2, default 4)")
   bench.add_argument("--length", type=int, default=256)
   bench.add_argument("--iters", type=int, default=5)
+  bench.add_argument("--cached", action="store_true",
+                     help="stage2: read precomputed document memories")
   bench.set_defaults(fn=_cmd_bench)
 
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")

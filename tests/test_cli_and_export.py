@@ -60,3 +60,13 @@ def test_save_and_load_params_onto_a_mesh(tmp_path):
   np.testing.assert_array_equal(kernel, params["layers_0"]["mlp"]["up_proj"]["kernel"])
   with pytest.raises(FileNotFoundError, match="config.json"):
     load_params(str(tmp_path / "nothing"))
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_bench_stage2_step(cached):
+  from clara_jax.bench.stage_step import stage2_step_time
+  result = stage2_step_time("tiny", batch=2, candidates=4, doc_len=16, compr_rate=4, k=2,
+                            question_len=8, prompt_len=24, answer_len=4, cached=cached,
+                            iters=1)
+  assert result["step_s"] > 0 and result["cached_memories"] == cached
+  assert 0 < result["mfu"] < 1.5

@@ -1,0 +1,124 @@
+"""TFDS datasets for the three CLaRa formats, built from local JSONL files only.
+
+    builder = prepare("stage2", source_dir="converted/", data_dir="tfds/")
+    source = builder.as_data_source(split="train")   # random access, no tensorflow
+
+`source_dir` holds `{split}.jsonl` (or `.jsonl.gz`) files; every row is validated by
+`clara_jax.data.formats` (strict: the first bad row stops preparation with file, line and
+field; `on_error="skip"` skips and counts). Data is written as array_record, which TFDS
+reads back without tensorflow.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+from typing import Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import tensorflow_datasets as tfds
+
+from clara_jax.data import formats
+
+_TEXT = tfds.features.Text
+_TEXTS = lambda: tfds.features.Sequence(tfds.features.Text())
+
+FEATURES = {
+    formats.STAGE1: lambda: tfds.features.FeaturesDict({
+        "data_type": _TEXT(), "question": _TEXTS(), "answers": _TEXTS(), "docs": _TEXTS()}),
+    formats.STAGE1_2: lambda: tfds.features.FeaturesDict({
+        "question": _TEXT(), "docs": _TEXTS(), "answer": _TEXT(), "answers": _TEXTS()}),
+    formats.STAGE2: lambda: tfds.features.FeaturesDict({
+        "question": _TEXT(), "docs": _TEXTS(), "answer": _TEXT(), "answers": _TEXTS(),
+        "pos_index": tfds.features.Sequence(np.int32)}),
+}
+
+
+def split_files(source_dir: str) -> Dict[str, str]:
+  """{split: path} for every `{split}.jsonl[.gz]` in `source_dir`."""
+  files = {}
+  for path in sorted(glob.glob(os.path.join(source_dir, "*.jsonl"))
+                     + glob.glob(os.path.join(source_dir, "*.jsonl.gz"))):
+    split = os.path.basename(path).split(".jsonl")[0]
+    if split in files:
+      raise ValueError(f"{source_dir}: split {split!r} has both .jsonl and .jsonl.gz files")
+    files[split] = path
+  if not files:
+    raise FileNotFoundError(f"{source_dir}: no {{split}}.jsonl files found")
+  return files
+
+
+class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
+  """Shared builder logic; subclasses name the format."""
+
+  VERSION = tfds.core.Version("1.0.0")
+  RELEASE_NOTES = {"1.0.0": "CLaRa JSONL formats, validated and normalised."}
+  FORMAT = ""
+
+  def __init__(self, *, source_dir: str, on_error: str = "raise",
+               num_docs: Optional[int] = None, **kwargs):
+    self._source_dir, self._on_error, self._num_docs = source_dir, on_error, num_docs
+    self.reports: Dict[str, formats.ReadReport] = {}
+    super().__init__(**kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(builder=self, features=FEATURES[self.FORMAT](),
+                                 description=f"CLaRa {self.FORMAT} rows from local JSONL.")
+
+  def _split_generators(self, dl_manager):
+    del dl_manager  # local files only: nothing is downloaded
+    return {split: self._generate_examples(split, path)
+            for split, path in split_files(self._source_dir).items()}
+
+  def _generate_examples(self, split: str, path: str) -> Iterator[Tuple[int, dict]]:
+    report = self.reports.setdefault(split, formats.ReadReport())
+    for i, row in enumerate(formats.read_rows(path, self.FORMAT, self._on_error,
+                                              self._num_docs, report)):
+      yield i, row
+    if report.rows_skipped:
+      logging.warning("%s: %s", path, report.summary())
+
+
+class ClaraStage1(_ClaraBuilder):
+  FORMAT = formats.STAGE1
+
+
+class ClaraStage12(_ClaraBuilder):
+  FORMAT = formats.STAGE1_2
+
+
+class ClaraStage2(_ClaraBuilder):
+  FORMAT = formats.STAGE2
+
+
+BUILDERS = {formats.STAGE1: ClaraStage1, formats.STAGE1_2: ClaraStage12,
+            formats.STAGE2: ClaraStage2}
+
+
+def prepare(fmt: str, source_dir: str, data_dir: str, on_error: str = "raise",
+            num_docs: Optional[int] = None) -> _ClaraBuilder:
+  """Validates and writes the dataset (once; later calls reuse it) and returns the
+  builder, whose `as_data_source(split)` gives random access to decoded rows."""
+  if fmt not in BUILDERS:
+    raise ValueError(f"unknown format {fmt!r}; known: {sorted(BUILDERS)}")
+  builder = BUILDERS[fmt](source_dir=source_dir, on_error=on_error, num_docs=num_docs,
+                          data_dir=data_dir, file_format="array_record")
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
+  return builder
+
+
+def decode_row(row: Dict) -> Dict:
+  """TFDS yields bytes for text; turn an example back into a normalised row."""
+  def text(value):
+    return value.decode("utf-8") if isinstance(value, bytes) else value
+  out = {}
+  for key, value in row.items():
+    if isinstance(value, (list, tuple, np.ndarray)) and key != "pos_index":
+      out[key] = [text(v) for v in value]
+    elif key == "pos_index":
+      out[key] = [int(v) for v in value]
+    else:
+      out[key] = text(value)
+  return out
