@@ -1,0 +1,1 @@
+"""Training: optimizer, train state, one compiled step per stage, loop, checkpoints."""
