@@ -20,6 +20,10 @@ INSTALL_REQUIRES = [
     "array-record==0.8.6",
     "grain==0.2.18",
     "importlib_resources==7.1.0",  # needed by tfds' etils.epath, not declared by it
+    # Metrics: clu's TensorBoard writer needs tensorflow (the CPU build) and tensorboard.
+    "clu==0.0.12",
+    "tensorflow-cpu==2.21.0",
+    "tensorboard==2.21.0",
 ]
 
 EXTRAS_REQUIRE = {

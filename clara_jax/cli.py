@@ -51,9 +51,46 @@ def _cmd_import_hf(args) -> int:
   return 0
 
 
+def train_main(argv: Sequence[str]) -> int:
+  """`clara-jax train --config=configs/stage2.py:model=tiny --workdir=DIR
+  [--config.optimizer.lr=1e-4 ...] [--coordinator_address=host:port --num_processes=N
+  --process_id=I | --distributed]` (absl flags, ml_collections config files)."""
+  import os
+  from absl import flags, logging
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "stage config file[:variant]",
+                                  flag_values=fv, lock_config=False)
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)",
+                      flag_values=fv)
+  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() from the "
+                    "environment (TPU pods)", flag_values=fv)
+  flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=fv)
+  flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
+  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+  # Config files import `configs.base`: make the directory holding `configs/` importable.
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0]))
+      sys.path.insert(0, os.path.dirname(config_dir))
+  fv(["clara-jax train"] + list(argv))
+  if fv.config is None or fv.workdir is None:
+    raise SystemExit("clara-jax train: --config and --workdir are required")
+  logging.set_verbosity(logging.INFO)
+  from clara_jax.train.distributed import initialize_distributed
+  initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
+                         fv.process_id)
+  from clara_jax.train.loop import train
+  result = train(fv.config, fv.workdir)
+  print(json.dumps({"workdir": fv.workdir, **result}))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="clara-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
+  sub.add_parser("train", help="train a stage: --config=configs/STAGE.py[:variant] "
+                 "--workdir=DIR [--config.FIELD=VALUE ...]")
 
   demo = sub.add_parser("demo", help="the whole CLaRa pipeline on the generated world")
   demo.add_argument("--workdir", default="workdir_demo")
@@ -88,6 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if argv and argv[0] == "train":  # absl flags + config files, not argparse
+    return train_main(argv[1:])
   args = build_parser().parse_args(argv)
   return args.fn(args)
 

@@ -1,9 +1,10 @@
 """TFDS datasets for the three CLaRa formats, built from local JSONL files only.
 
-    builder = prepare("stage2", source_dir="converted/", data_dir="tfds/")
+    builder = prepare("stage2", "converted/", data_dir="tfds/")
     source = builder.as_data_source(split="train")   # random access, no tensorflow
 
-`source_dir` holds `{split}.jsonl` (or `.jsonl.gz`) files; every row is validated by
+The source is a directory of `{split}.jsonl` (or `.jsonl.gz`) files or a {split: path}
+mapping; every row is validated by
 `clara_jax.data.formats` (strict: the first bad row stops preparation with file, line and
 field; `on_error="skip"` skips and counts). Data is written as array_record, which TFDS
 reads back without tensorflow.
@@ -56,9 +57,9 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "CLaRa JSONL formats, validated and normalised."}
   FORMAT = ""
 
-  def __init__(self, *, source_dir: str, on_error: str = "raise",
+  def __init__(self, *, files: Dict[str, str], on_error: str = "raise",
                num_docs: Optional[int] = None, **kwargs):
-    self._source_dir, self._on_error, self._num_docs = source_dir, on_error, num_docs
+    self._files, self._on_error, self._num_docs = dict(files), on_error, num_docs
     self.reports: Dict[str, formats.ReadReport] = {}
     super().__init__(**kwargs)
 
@@ -69,7 +70,7 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only: nothing is downloaded
     return {split: self._generate_examples(split, path)
-            for split, path in split_files(self._source_dir).items()}
+            for split, path in self._files.items()}
 
   def _generate_examples(self, split: str, path: str) -> Iterator[Tuple[int, dict]]:
     report = self.reports.setdefault(split, formats.ReadReport())
@@ -96,16 +97,23 @@ BUILDERS = {formats.STAGE1: ClaraStage1, formats.STAGE1_2: ClaraStage12,
             formats.STAGE2: ClaraStage2}
 
 
-def prepare(fmt: str, source_dir: str, data_dir: str, on_error: str = "raise",
+def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
             num_docs: Optional[int] = None) -> _ClaraBuilder:
   """Validates and writes the dataset (once; later calls reuse it) and returns the
-  builder, whose `as_data_source(split)` gives random access to decoded rows."""
+  builder, whose `as_data_source(split)` gives random access to decoded rows.
+
+  Args:
+    source: a directory of `{split}.jsonl[.gz]` files, or a {split: path} dict.
+  """
   if fmt not in BUILDERS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(BUILDERS)}")
-  builder = BUILDERS[fmt](source_dir=source_dir, on_error=on_error, num_docs=num_docs,
+  files = split_files(source) if isinstance(source, str) else dict(source)
+  for split, path in files.items():
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: no such file (split {split!r})")
+  builder = BUILDERS[fmt](files=files, on_error=on_error, num_docs=num_docs,
                           data_dir=data_dir, file_format="array_record")
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=source_dir))
+  builder.download_and_prepare()
   return builder
 
 

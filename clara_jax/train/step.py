@@ -89,7 +89,9 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     extra = counters(batch)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
+      counts = {k: jax.lax.psum(v, axis_name) for k, v in metrics.items() if k == "tokens"}
       loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
+      metrics.update(counts)
       extra = jax.lax.psum(extra, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)

@@ -1,0 +1,74 @@
+"""Orbax checkpoints of the train state plus the data iterator's position.
+
+Each checkpoint step holds two items: `state` (the TrainState arrays) and `data` (JSON:
+the input pipeline state). Saving is asynchronous; restoring walks back from the newest
+step and skips (with a warning) a checkpoint that is incomplete or cannot be read, so a
+crash during a save never strands a run. Restoring onto a different mesh passes the
+target shardings as the abstract tree.
+"""
+
+from __future__ import annotations
+
+from absl import logging
+import os
+from typing import Any, Dict, Optional, Tuple
+
+import jax
+import orbax.checkpoint as ocp
+
+from clara_jax.train.state import TrainState
+
+
+class Checkpointer:
+  """`CheckpointManager` wrapper: save every N steps, keep K, resume the newest good."""
+
+  def __init__(self, directory: str, save_every: int = 100, keep: int = 3,
+               async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, save_interval_steps=save_every, create=True,
+        enable_async_checkpointing=async_save)
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
+                                         item_names=("state", "data"))
+
+  def save(self, step: int, state: TrainState, data_state: Dict[str, Any],
+           force: bool = False) -> bool:
+    """Saves if `step` is on the interval (or `force`); returns whether it saved."""
+    return self.manager.save(step, args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def all_steps(self):
+    return sorted(self.manager.all_steps())
+
+  def restore(self, abstract_state: TrainState, step: Optional[int] = None
+              ) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
+    """Restores `step` (default: the newest readable one) into the structure, dtypes and
+    shardings of `abstract_state` (ShapeDtypeStructs with `sharding` set). Returns None
+    when no usable checkpoint exists."""
+    steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
+    for candidate in steps:
+      try:
+        restored = self.manager.restore(candidate, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+      except Exception as error:  # orbax raises many types for truncated/corrupt files
+        if step is not None:
+          raise
+        logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+                        self.directory, candidate, type(error).__name__,
+                        str(error).splitlines()[0][:200])
+        continue
+      return candidate, restored["state"], dict(restored["data"] or {})
+    return None
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+
+def abstract_with_shardings(state_shape: TrainState, shardings: TrainState) -> TrainState:
+  """ShapeDtypeStructs carrying the target shardings (what orbax restores onto)."""
+  return jax.tree_util.tree_map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings)

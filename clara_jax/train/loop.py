@@ -1,0 +1,373 @@
+"""The training job of any stage: config in, checkpoints, metrics and an export out.
+
+    train(config, workdir)
+
+Layout of a workdir: `checkpoints/` (orbax, resumable), `metrics.jsonl`,
+`tensorboard/`, `tfds/` (prepared data), `export/` (config.json + params + the tokenizer
+model: what the next stage's `init.from_workdir` loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from absl import logging
+import os
+import signal
+import time
+from typing import Dict, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from clu import periodic_actions
+
+from clara_jax import partitioning
+from clara_jax.bench.flops import forward_flops, matmul_peak_flops
+from clara_jax.data import formats, tfds_builders
+from clara_jax.data.features import FeatureConfig, Featurizer
+from clara_jax.data.pipeline import InputPipeline, to_global_arrays
+from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.model import lora, stages
+from clara_jax.model.clara import ClaraConfig
+from clara_jax.model.config import DecoderConfig, config_from_dict
+from clara_jax.model.decoder import abstract_params, init_params
+from clara_jax.train import optimizer
+from clara_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from clara_jax.train.metrics import MetricsWriter, parameter_overview
+from clara_jax.train.state import TrainState, create_state
+from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_step,
+                                  replicate, state_shardings, unreplicate)
+from clara_jax.weights.export import load_params, save_params
+
+TOKENIZER_FILE = "tokenizer.model"
+
+
+class NonFiniteError(RuntimeError):
+  """Too many consecutive non-finite updates: the run stops, checkpoints intact."""
+
+
+class _Preemption:
+  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread: no handler, nothing to restore
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint before exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def clara_config(config) -> ClaraConfig:
+  c = config.clara
+  return ClaraConfig(doc_max_length=c.doc_max_length, compr_rate=c.compr_rate, k=c.k,
+                     temperature=c.temperature, mse_weight=c.mse_weight,
+                     train_compressor=c.train_compressor,
+                     retrieval_temperature=c.retrieval_temperature, check_nans=c.check_nans)
+
+
+def _previous_export(config, workdir: str) -> Optional[str]:
+  if not config.init.from_workdir:
+    return None
+  prev = os.path.normpath(os.path.join(workdir, config.init.from_workdir, "export"))
+  if not os.path.exists(os.path.join(prev, "config.json")):
+    raise FileNotFoundError(f"{prev}: the previous stage's export is missing "
+                            f"(config init.from_workdir={config.init.from_workdir!r})")
+  return prev
+
+
+def synth_dir(config, workdir: str) -> str:
+  """Where the generated world lives: shared by the stages of one pipeline."""
+  return os.path.normpath(os.path.join(workdir, "..", "data", f"synth_{config.data.synth_size}"
+                                       f"_seed{config.seed}"))
+
+
+def data_files(config, workdir: str) -> Dict[str, str]:
+  """{split: file} of this stage's rows (the generated world is written on first use)."""
+  fmt = config.data.format
+  if config.data.source == "synth":
+    from clara_jax.data import synth
+    directory = synth_dir(config, workdir)
+    if not os.path.exists(os.path.join(directory, "manifest.json")):
+      if jax.process_index() == 0:
+        synth.write_world(directory, seed=config.seed, size=config.data.synth_size,
+                          candidates=config.data.candidates)
+    if fmt == "text":
+      return {"train": os.path.join(directory, "lm.txt")}
+    return {split: os.path.join(directory, f"{fmt}_{split}.jsonl") for split in ("train", "test")}
+  source = config.data.source
+  if fmt == "text":
+    return {"train": source}
+  return tfds_builders.split_files(source)
+
+
+def load_tokenizer(config, workdir: str, files: Dict[str, str], prev: Optional[str]) -> Tokenizer:
+  """The tokenizer: configured path, else the previous stage's, else trained on the text
+  of the training data (and saved in the export)."""
+  n = config.tokenizer.num_mem_tokens
+  if config.tokenizer.path:
+    return Tokenizer.load(config.tokenizer.path, n)
+  if prev is not None:
+    return Tokenizer.load(os.path.join(prev, TOKENIZER_FILE), n)
+  own = os.path.join(workdir, "export", TOKENIZER_FILE)
+  if os.path.exists(own):
+    return Tokenizer.load(own, n)
+  texts = list(_training_texts(files["train"], config.data.format))
+  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed)
+  os.makedirs(os.path.dirname(own), exist_ok=True)
+  tok.save(own)
+  return tok
+
+
+def _training_texts(path: str, fmt: str):
+  if fmt == "text":
+    with open(path, encoding="utf-8") as f:
+      yield from (line.rstrip("\n") for line in f if line.strip())
+    return
+  for row in formats.read_rows(path, fmt, on_error="skip"):
+    yield from row["docs"]
+    yield from (row["question"] if isinstance(row["question"], list) else [row["question"]])
+    yield from row["answers"]
+
+
+def _text_source(path: str):
+  with open(path, encoding="utf-8") as f:
+    return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+
+
+def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
+                   cclara: ClaraConfig) -> InputPipeline:
+  fmt, d = config.data.format, config.data
+  num_docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
+  feat_cfg = FeatureConfig(stage=config.stage, n_mem=cclara.n_mem,
+                           doc_max_length=cclara.doc_max_length,
+                           question_max_length=d.question_max_length, k=cclara.k,
+                           num_docs=num_docs, prompt_length=d.prompt_length,
+                           answer_length=d.answer_length, lm_length=d.lm_length)
+  if fmt == "text":
+    source, decode = _text_source(files[d.train_split]), (lambda row: row)
+  else:
+    builder = tfds_builders.prepare(
+        fmt, files, os.path.join(workdir, "tfds"), on_error=d.on_error,
+        num_docs=num_docs if config.stage == "stage1_2" else None)
+    source, decode = builder.as_data_source(split=d.train_split), tfds_builders.decode_row
+    for split, report in builder.reports.items():
+      if report.rows_skipped:
+        logging.warning("data %s: %s", split, report.summary())
+  return InputPipeline(source, Featurizer(tok, feat_cfg, seed=config.seed),
+                       config.train.global_batch, seed=config.seed, decode=decode)
+
+
+def initial_params(config, tok: Tokenizer, prev: Optional[str]):
+  """(DecoderConfig, params): the previous stage's export, or a fresh init; then the
+  configured adapter resets and copies (stage1_2: fresh generator; stage2: reasoner :=
+  compressor)."""
+  if prev is not None:
+    cfg, params = load_params(prev)
+  else:
+    model = config.model.to_dict()
+    model["num_extra_tokens"] = tok.num_special
+    model["base_vocab_size"] = tok.base_vocab_size
+    cfg = config_from_dict(model)
+    params = init_params(cfg, jax.random.key(config.seed))
+  if cfg.vocab_size != tok.vocab_size:
+    raise ValueError(f"model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
+                     f"{tok.vocab_size}")
+  if config.init.reset_adapters:
+    fresh = lora.split_adapters(init_params(cfg, jax.random.key(config.seed + 1)))[1]
+    base, adapters = lora.split_adapters(params)
+    for name in config.init.reset_adapters:
+      adapters[name] = fresh[name]
+    params = lora.merge_adapters(base, adapters)
+  for src, dst in config.init.copy_adapters:
+    params = lora.copy_adapter(params, src, dst)
+  return cfg, params
+
+
+def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig) -> float:
+  """Model FLOPs of one train step (forward + backward of the trained roles)."""
+  d, b = config.data, config.train.global_batch
+  rank = cfg.lora.rank if cfg.lora else 0
+  n_doc_tokens = cclara.doc_max_length + 3 + cclara.n_mem
+  gen = 3 * forward_flops(cfg, b, d.prompt_length + d.answer_length, rank,
+                          head_tokens=b * d.answer_length)
+  if config.stage == "lm":
+    return 3 * forward_flops(cfg, b, d.lm_length, 0)
+  if config.stage in ("stage1", "stage1_2"):
+    docs = 1 if config.stage == "stage1" else cclara.k
+    return gen + 3 * forward_flops(cfg, b * docs, n_doc_tokens, rank, head_tokens=0)
+  q = 3 * forward_flops(cfg, b, d.question_max_length + 3 + cclara.n_mem, rank, head_tokens=0)
+  docs = forward_flops(cfg, b * d.candidates, n_doc_tokens, rank, head_tokens=0)
+  return q + docs + (gen if config.stage == "stage2" else 0)
+
+
+def train(config, workdir: str) -> Dict[str, float]:
+  """Runs (or resumes) a stage; returns the last logged metrics."""
+  from configs.base import validate
+  validate(config)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  cclara = clara_config(config)
+  prev = _previous_export(config, workdir)
+  files = data_files(config, workdir)
+  tok = load_tokenizer(config, workdir, files, prev)
+  cfg, params = initial_params(config, tok, prev)
+  mask = stages.trainable_mask(config.stage, params, cclara)
+  schedule = optimizer.learning_rate_schedule(
+      config.optimizer.lr, config.train.num_steps, config.optimizer.schedule,
+      config.optimizer.warmup_ratio, config.optimizer.final_ratio)
+  tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,
+                                config.optimizer.weight_decay, config.optimizer.clip_norm)
+  loss_fn = stages.stage_loss(config.stage, cfg, cclara)
+  pmap = config.train.parallelism == "pmap"
+  step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
+                            axis_name="batch" if pmap else None)
+
+  mesh = partitioning.make_mesh(config.mesh.shape)
+  rules = tuple(tuple(r) for r in config.mesh.rules)
+  params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
+  state = create_state(params, mask, tx, config.seed)
+  del params
+  state_sh = state_shardings(jax.eval_shape(lambda: state), params_sh, tx, mesh)
+  state = jax.device_put(state, state_sh)
+
+  pipeline = build_pipeline(config, workdir, tok, files, cclara)
+  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
+                              config.train.checkpoint_every, config.train.keep_checkpoints)
+  restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state),
+                                                          state_sh))
+  if restored is not None:
+    step0, state, data_state = restored
+    pipeline.set_state(data_state)
+    logging.info("resumed from step %d", step0)
+  else:
+    step0 = 0
+  writer = MetricsWriter(workdir)
+  if step0 == 0:
+    writer.write_hparams(_flat_hparams(config))
+  logging.info("%s", parameter_overview(state.trainable, state.frozen, params_sh))
+
+  peak = config.train.peak_flops or matmul_peak_flops()
+  flops = _step_flops(config, cfg, cclara)
+  tokens_per_step = _tokens_per_step(config, cclara)
+  report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
+                                           writer=None, every_steps=config.train.log_every)
+  profile = (periodic_actions.Profile(first_profile=config.train.profile_steps[0],
+                                      profile_duration_ms=None,
+                                      num_profile_steps=config.train.profile_steps[1]
+                                      - config.train.profile_steps[0],
+                                      logdir=os.path.join(workdir, "profile"))
+             if config.train.profile_steps else None)
+
+  mesh_ctx = contextlib.ExitStack()
+  if pmap:
+    run_step = pmap_train_step(step_fn)
+    state = replicate(jax.device_get(state))
+  else:
+    mesh_ctx.enter_context(jax.set_mesh(mesh))
+    mesh_ctx.enter_context(nn.logical_axis_rules(rules))
+    batch_sh = None
+    run_step = None
+
+  last: Dict[str, float] = {}
+  window, window_start = [], time.perf_counter()
+  bad_in_a_row = 0
+  with mesh_ctx, _Preemption() as preemption:
+    for step in range(step0, config.train.num_steps):
+      local = next(pipeline)
+      if pmap:
+        n = jax.local_device_count()
+        batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
+        state, metrics = run_step(state, batch)
+        metrics = unreplicate(metrics)
+      else:
+        batch = to_global_arrays(local, mesh, rules)
+        if run_step is None:
+          batch_sh = {k: v.sharding for k, v in batch.items()}
+          run_step = jit_train_step(step_fn, mesh, state_sh, batch_sh)
+        state, metrics = run_step(state, batch)
+      window.append(metrics)
+      bad_in_a_row = bad_in_a_row + 1 if int(metrics["nonfinite"]) else 0
+      if bad_in_a_row >= config.train.max_consecutive_nonfinite:
+        checkpointer.close()
+        raise NonFiniteError(
+            f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (step "
+            f"{step + 1}); the last good checkpoint in {checkpointer.directory} is intact")
+      done = step + 1
+      report(done)
+      if profile is not None:
+        profile(done)
+      if done % config.train.log_every == 0 or done == config.train.num_steps:
+        seconds = time.perf_counter() - window_start
+        last = _summarize(window, seconds, tokens_per_step, flops, peak)
+        writer.write_scalars(done, last)
+        window, window_start = [], time.perf_counter()
+      host_state = unreplicate(state) if pmap else state
+      if preemption.requested:
+        checkpointer.save(done, host_state, pipeline.get_state(), force=True)
+        checkpointer.close()
+        writer.close()
+        logging.warning("preempted at step %d: checkpoint saved", done)
+        return last
+      checkpointer.save(done, host_state, pipeline.get_state(),
+                        force=done == config.train.num_steps)
+  final = unreplicate(state) if pmap else state
+  checkpointer.close()
+  writer.close()
+  if jax.process_index() == 0:
+    save_params(os.path.join(workdir, "export"), cfg, jax.device_get(final.params()))
+    tok.save(os.path.join(workdir, "export", TOKENIZER_FILE))
+  return last
+
+
+def _flat_hparams(config) -> Dict:
+  out = {}
+
+  def walk(prefix, node):
+    for key, value in node.items():
+      name = f"{prefix}{key}"
+      if hasattr(value, "items"):
+        walk(name + ".", value)
+      elif isinstance(value, (int, float, str, bool)):
+        out[name] = value
+
+  walk("", config)
+  return out
+
+
+def _tokens_per_step(config, cclara: ClaraConfig) -> int:
+  d, b = config.data, config.train.global_batch
+  if config.stage == "lm":
+    return b * d.lm_length
+  doc = cclara.doc_max_length + 3 + cclara.n_mem
+  docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
+  q = d.question_max_length + 3 + cclara.n_mem if config.stage.startswith("stage2") else 0
+  return b * (docs * doc + q + d.prompt_length + d.answer_length)
+
+
+def _summarize(window, seconds: float, tokens_per_step: int, flops: float, peak: float):
+  """Means of the window's metrics (sums for counters) plus throughput."""
+  host = jax.device_get(window)
+  out = {}
+  for key in host[0]:
+    values = np.asarray([m[key] for m in host], np.float64)
+    out[key] = float(values.sum() if key.startswith(("truncated_", "nonfinite"))
+                     else values.mean())
+  steps_per_s = len(window) / max(seconds, 1e-9)
+  out["steps_per_s"] = steps_per_s
+  out["tokens_per_s"] = steps_per_s * tokens_per_step
+  out["mfu"] = steps_per_s * flops / peak
+  return out

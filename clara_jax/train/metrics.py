@@ -1,0 +1,83 @@
+"""Training metrics: clu TensorBoard writer, one JSON object per line in
+`WORKDIR/metrics.jsonl`, and a parameter overview. Only process 0 writes."""
+
+from __future__ import annotations
+
+import json
+from absl import logging
+import os
+from typing import Any, Dict, Mapping
+
+import jax
+import numpy as np
+
+
+class MetricsWriter:
+  """Writes scalars to TensorBoard (clu) and appends them to `metrics.jsonl`."""
+
+  def __init__(self, workdir: str, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._writer = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      if tensorboard:
+        from clu import metric_writers  # imports tensorflow: only where it is used
+        self._writer = metric_writers.create_default_writer(
+            os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
+    if self._writer is not None:
+      self._writer.write_scalars(step, clean)
+    with open(self.path, "a") as f:
+      f.write(json.dumps({"step": int(step), **clean}) + "\n")
+
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    if self.enabled and self._writer is not None:
+      flat = {k: v for k, v in hparams.items() if isinstance(v, (int, float, str, bool))}
+      self._writer.write_hparams(flat)
+
+  def flush(self) -> None:
+    if self._writer is not None:
+      self._writer.flush()
+
+  def close(self) -> None:
+    if self._writer is not None:
+      self._writer.close()
+
+
+def read_metrics(workdir: str):
+  """The rows of `WORKDIR/metrics.jsonl` (for scripts and tests)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def parameter_overview(trainable: Dict[str, Any], frozen: Dict[str, Any],
+                       shardings: Dict[str, Any] | None = None) -> str:
+  """A start-of-run table: counts per adapter / base, trainable or frozen, and the
+  sharding of the largest parameters."""
+  counts: Dict[str, list] = {}
+  for group, tree in (("trainable", trainable), ("frozen", frozen)):
+    for path, value in tree.items():
+      adapter = next((p[5:] for p in path.split("/") if p.startswith("lora_")), "base")
+      entry = counts.setdefault(adapter, [0, 0])
+      entry[0 if group == "trainable" else 1] += int(np.prod(value.shape))
+  lines = [f"{'part':<12}{'trainable':>14}{'frozen':>14}"]
+  for name, (t, f) in sorted(counts.items()):
+    lines.append(f"{name:<12}{t:>14,}{f:>14,}")
+  if shardings:
+    everything = {**trainable, **frozen}
+    largest = sorted(everything, key=lambda k: -int(np.prod(everything[k].shape)))[:5]
+    for path in largest:
+      spec = getattr(shardings.get(path), "spec", None)
+      lines.append(f"  {path} {tuple(everything[path].shape)} {spec}")
+  text = "\n".join(lines)
+  logging.info("parameters:\n%s", text)
+  return text
+

@@ -1,0 +1,125 @@
+"""The shared base of every stage config; stage files change only what differs.
+
+`get_config(arg)` in each stage file takes a comma-separated variant string, e.g.
+`model=tiny,data=synth,runlocal` (big_vision style): `model=` picks a named size,
+`data=` is `synth` (the generated world) or a directory of `{split}.jsonl` files in the
+stage's format, `runlocal` shrinks steps and batch for a quick CPU run.
+"""
+
+import ml_collections
+
+from clara_jax import partitioning
+from configs.common import model_config_dict
+
+STAGE_FORMATS = {"lm": "text", "stage1": "stage1", "stage1_2": "stage1_2",
+                 "stage2": "stage2", "stage2_retrieval": "stage2"}
+
+
+def parse_arg(arg):
+  """'model=tiny,runlocal' -> {'model': 'tiny', 'runlocal': True}."""
+  out = {}
+  for part in filter(None, (arg or "").split(",")):
+    key, _, value = part.partition("=")
+    out[key.strip()] = value.strip() if value else True
+  unknown = set(out) - {"model", "data", "runlocal", "synth_size"}
+  if unknown:
+    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
+                     "known: model=, data=, synth_size=, runlocal")
+  return out
+
+
+def get_base_config(stage, arg=None):
+  args = parse_arg(arg)
+  model = args.get("model", "tiny")
+  c = ml_collections.ConfigDict()
+  c.stage = stage  # which loss and trainable set (clara_jax.model.stages)
+  c.seed = 0  # parameter init, dropout and data order
+
+  c.model_size = model  # the named size the model fields came from
+  c.model = model_config_dict(model)  # decoder fields, overridable one by one
+
+  c.clara = ml_collections.ConfigDict()
+  c.clara.doc_max_length = 64  # document tokens before compression (paper: 256)
+  c.clara.compr_rate = 16  # n_mem = doc_max_length // compr_rate
+  c.clara.k = 5  # documents selected per question (stage2) / per prompt (stage1_2)
+  c.clara.temperature = 0.02  # straight-through top-k tau
+  c.clara.mse_weight = 0.1  # compressor alignment MSE weight (stages 1, 1_2)
+  c.clara.train_compressor = False  # stage2: also train the compressor (paper: no)
+  c.clara.retrieval_temperature = 0.02  # InfoNCE tau of stage2_retrieval
+  c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = args.get("data", "synth")  # 'synth' or a directory of {split}.jsonl
+  c.data.synth_size = args.get("synth_size", "tiny")  # world size when source=synth
+  c.data.format = STAGE_FORMATS[stage]  # row format read by this stage
+  c.data.train_split = "train"  # split trained on
+  c.data.on_error = "raise"  # bad rows: 'raise' (file:line:field) or 'skip' and count
+  c.data.candidates = 20  # stage2 documents per question
+  c.data.question_max_length = 32  # question tokens kept (reasoner input)
+  c.data.prompt_length = 96  # generator prompt region (left-padded)
+  c.data.answer_length = 32  # generator answer region incl. eos (right-padded)
+  c.data.lm_length = 128  # sequence length of LM pretraining
+
+  c.tokenizer = ml_collections.ConfigDict()
+  c.tokenizer.path = ""  # a SentencePiece .model; empty: previous stage's or trained
+  c.tokenizer.vocab_size = 2048  # when training one from the data's text
+  c.tokenizer.num_mem_tokens = 16  # <MEM*> tokens; must cover n_mem
+
+  c.init = ml_collections.ConfigDict()
+  c.init.from_workdir = ""  # the previous stage's workdir (its export/ is loaded)
+  c.init.reset_adapters = ()  # adapters re-initialised at start (fresh generator)
+  c.init.copy_adapters = ()  # (src, dst) pairs, e.g. (('compressor', 'reasoner'),)
+
+  c.optimizer = ml_collections.ConfigDict()
+  c.optimizer.lr = 1e-4  # peak learning rate
+  c.optimizer.schedule = "cosine"  # 'cosine' (to final_ratio * lr) or 'constant'
+  c.optimizer.warmup_ratio = 0.03  # share of steps warming up linearly
+  c.optimizer.final_ratio = 0.1  # cosine floor as a share of lr
+  c.optimizer.b1 = 0.9  # Adam beta1
+  c.optimizer.b2 = 0.95  # Adam beta2
+  c.optimizer.weight_decay = 0.0  # AdamW decay (paper: none)
+  c.optimizer.clip_norm = 1.0  # global gradient-norm clip
+
+  c.train = ml_collections.ConfigDict()
+  c.train.global_batch = 8  # examples per step over all devices and micro-batches
+  c.train.grad_accum_steps = 1  # micro-batches per step
+  c.train.num_steps = 200  # optimizer steps
+  c.train.log_every = 10  # steps between metric writes
+  c.train.checkpoint_every = 50  # steps between (async) checkpoints
+  c.train.keep_checkpoints = 3  # checkpoints kept
+  c.train.max_consecutive_nonfinite = 5  # stop after this many skipped updates in a row
+  c.train.parallelism = "jit"  # 'jit' (sharded over the mesh) or 'pmap' (data parallel)
+  c.train.profile_steps = ()  # (first, last) step of a profiler trace, or empty
+  c.train.peak_flops = 0.0  # MFU denominator in FLOP/s; 0 measures a 2048^3 matmul
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.shape = (-1, 1, 1)  # (data, fsdp, tensor); one -1 takes the remaining devices
+  c.mesh.rules = partitioning.DEFAULT_RULES  # logical axis -> mesh axes
+
+  if args.get("runlocal"):
+    c.train.num_steps = 20
+    c.train.global_batch = 8
+    c.train.log_every = 5
+    c.train.checkpoint_every = 10
+  return c
+
+
+def validate(c):
+  """Clear errors for settings that cannot work together; returns the config."""
+  from clara_jax.model.clara import num_memory_tokens
+  n_mem = num_memory_tokens(c.clara.doc_max_length, c.clara.compr_rate)
+  if n_mem > c.tokenizer.num_mem_tokens:
+    raise ValueError(f"config: n_mem = doc_max_length // compr_rate = {n_mem} exceeds "
+                     f"tokenizer.num_mem_tokens = {c.tokenizer.num_mem_tokens}")
+  if c.stage in ("stage2", "stage2_retrieval") and c.clara.k > c.data.candidates:
+    raise ValueError(f"config: clara.k = {c.clara.k} exceeds data.candidates = "
+                     f"{c.data.candidates}")
+  if c.train.global_batch % c.train.grad_accum_steps:
+    raise ValueError(f"config: train.global_batch = {c.train.global_batch} is not divisible "
+                     f"by train.grad_accum_steps = {c.train.grad_accum_steps}")
+  if c.train.parallelism not in ("jit", "pmap"):
+    raise ValueError(f"config: train.parallelism must be 'jit' or 'pmap', "
+                     f"got {c.train.parallelism!r}")
+  if c.data.on_error not in ("raise", "skip"):
+    raise ValueError(f"config: data.on_error must be 'raise' or 'skip', got {c.data.on_error!r}")
+  return c

@@ -1,0 +1,155 @@
+"""The training job from the CLI: loss goes down, metrics and exports are written, runs
+resume exactly after SIGKILL, save on SIGTERM, fall back over a corrupt checkpoint, and
+stop after repeated non-finite updates."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from clara_jax.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORDS = ("alpha beta gamma delta river stone city team blue red north west coach mayor "
+         "founded played born year club valley").split()
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+  rng = random.Random(0)
+  path = tmp_path_factory.mktemp("lm") / "lm.txt"
+  path.write_text("\n".join(" ".join(rng.choice(WORDS) for _ in range(20))
+                            for _ in range(300)))
+  return str(path)
+
+
+def _args(text_file, workdir, steps=12, every=4, extra=()):
+  return ["train", "--config=" + os.path.join(ROOT, "configs", "lm.py") + ":model=tiny",
+          f"--workdir={workdir}", f"--config.data.source={text_file}",
+          "--config.tokenizer.vocab_size=300", "--config.data.lm_length=32",
+          f"--config.train.num_steps={steps}", f"--config.train.log_every={every}",
+          f"--config.train.checkpoint_every={every}", "--config.train.peak_flops=1e11",
+          *extra]
+
+
+def _run(args, **kw):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  return subprocess.Popen([sys.executable, "-m", "clara_jax.cli", *args], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **kw)
+
+
+def _final_params(workdir):
+  from clara_jax.weights.export import load_params
+  from clara_jax.model import lora
+  _, params = load_params(os.path.join(workdir, "export"))
+  return lora.flatten(params)
+
+
+@pytest.fixture(scope="module")
+def reference_run(text_file, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("ref"))
+  proc = _run(_args(text_file, workdir, steps=12, every=2))
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out.decode()[-3000:]
+  return workdir
+
+
+def test_lm_stage_trains_and_reports(reference_run):
+  rows = read_metrics(reference_run)
+  assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12]
+  assert rows[-1]["loss"] < rows[0]["loss"] - 0.3
+  for key in ("ce", "lr", "grad_norm", "tokens_per_s", "mfu", "steps_per_s"):
+    assert key in rows[-1]
+  assert rows[-1]["tokens_per_s"] > 0 and rows[-1]["nonfinite"] == 0
+  assert os.listdir(os.path.join(reference_run, "tensorboard"))
+  assert os.path.exists(os.path.join(reference_run, "export", "tokenizer.model"))
+
+
+def test_resume_after_sigkill_is_bit_identical(text_file, reference_run, tmp_path):
+  workdir = str(tmp_path / "killed")
+  proc = _run(_args(text_file, workdir, steps=12, every=2))
+  kill_after = random.Random(int(time.time())).choice([4, 6, 8])
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    rows = read_metrics(workdir)
+    if rows and rows[-1]["step"] >= kill_after:
+      proc.send_signal(signal.SIGKILL)
+      break
+    time.sleep(0.05)
+  proc.wait(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+  resumed = _run(_args(text_file, workdir, steps=12, every=2))
+  out, _ = resumed.communicate(timeout=300)
+  assert resumed.returncode == 0, out.decode()[-3000:]
+  assert "resumed from step" in out.decode()
+  want, got = _final_params(reference_run), _final_params(workdir)
+  assert set(want) == set(got)
+  for key in want:
+    np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+  ref_losses = {r["step"]: r["loss"] for r in read_metrics(reference_run)}
+  for row in read_metrics(workdir):
+    assert row["loss"] == ref_losses[row["step"]], row["step"]
+
+
+def test_sigterm_saves_a_checkpoint_and_exits(text_file, tmp_path):
+  workdir = str(tmp_path / "preempted")
+  proc = _run(_args(text_file, workdir, steps=400, every=100))
+  deadline = time.time() + 240
+  ckpt = os.path.join(workdir, "checkpoints")
+  while time.time() < deadline and proc.poll() is None:
+    if read_metrics(workdir) or os.path.exists(os.path.join(workdir, "export", "x")):
+      break
+    time.sleep(0.05)
+  # Wait until the loop runs (the first log is at step 100; any step past 0 will do).
+  time.sleep(3.0)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 0, out.decode()[-3000:]
+  assert "preempted at step" in out.decode()
+  steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()]
+  assert steps and 0 < max(steps) < 400
+
+
+def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path, caplog):
+  import shutil
+  import jax
+  from clara_jax.train.checkpoint import Checkpointer
+  workdir = str(tmp_path / "copy")
+  shutil.copytree(reference_run, workdir)
+  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
+  steps = ckpt.all_steps()
+  assert steps[-1] == 12 and len(steps) == 3
+  # Truncate every data file of the newest checkpoint's state.
+  newest = os.path.join(workdir, "checkpoints", "12", "state")
+  for dirpath, _, files in os.walk(newest):
+    for name in files:
+      with open(os.path.join(dirpath, name), "r+b") as f:
+        f.truncate(0)
+  # Restore with the structure of a saved state (read from the previous good one).
+  meta = ckpt.manager.item_metadata(steps[-2])["state"]
+  abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), meta)
+  with caplog.at_level("WARNING"):
+    step, state, data = ckpt.restore(abstract)
+  assert step == steps[-2]
+  assert data["next_index"] > 0
+  assert any("unreadable" in r.message for r in caplog.records)
+  ckpt.close()
+
+
+def test_repeated_nonfinite_updates_stop_the_run(text_file, tmp_path):
+  workdir = str(tmp_path / "nan")
+  proc = _run(_args(text_file, workdir, steps=30, every=2,
+                    extra=["--config.optimizer.lr=1e30", "--config.optimizer.warmup_ratio=0",
+                           "--config.train.max_consecutive_nonfinite=3"]))
+  out, _ = proc.communicate(timeout=300)
+  text = out.decode()
+  assert proc.returncode != 0
+  assert "consecutive steps had a non-finite loss" in text
+  assert os.path.isdir(os.path.join(workdir, "checkpoints"))
