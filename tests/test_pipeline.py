@@ -160,12 +160,19 @@ def test_pipeline_is_deterministic_and_resumes_exactly(stage2_source, tok):
 
 def test_pipeline_slices_rows_per_process(stage2_source, tok):
   source = stage2_source.as_data_source(split="train")
-  seen = []
-  for process in range(2):
-    pipe = _pipeline(source, tok, global_batch=4, process_index=process, process_count=2)
-    assert pipe.local_batch == 2 and pipe.rows_per_process == 12
-    rows = np.concatenate([next(pipe)["q_tokens"] for _ in range(6)])
-    seen.append({r.tobytes() for r in rows})
+  single = _pipeline(source, tok, global_batch=4)
+  halves = [_pipeline(source, tok, global_batch=4, process_index=p, process_count=2)
+            for p in range(2)]
+  assert halves[0].local_batch == 2
+  seen = [set(), set()]
+  for _ in range(6):  # one epoch
+    whole = next(single)
+    parts = [next(h) for h in halves]
+    for key in whole:  # the two local batches assemble into the single-process batch
+      np.testing.assert_array_equal(np.concatenate([parts[0][key], parts[1][key]]),
+                                    whole[key])
+    for p in range(2):
+      seen[p] |= {r.tobytes() for r in parts[p]["q_tokens"]}
   assert len(seen[0]) == len(seen[1]) == 12 and not seen[0] & seen[1]
   with pytest.raises(ValueError, match="not divisible"):
     _pipeline(source, tok, global_batch=5, process_count=2)

@@ -153,3 +153,35 @@ def test_repeated_nonfinite_updates_stop_the_run(text_file, tmp_path):
   assert proc.returncode != 0
   assert "consecutive steps had a non-finite loss" in text
   assert os.path.isdir(os.path.join(workdir, "checkpoints"))
+
+
+def _free_port():
+  import socket
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_match_one(text_file, reference_run, tmp_path):
+  """2 processes x 4 CPU devices (gloo collectives) reproduce 1 process x 8 devices."""
+  workdir = str(tmp_path / "multihost")
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo")
+  procs = []
+  for pid in range(2):
+    args = _args(text_file, workdir, steps=12, every=2) + [
+        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+        f"--process_id={pid}"]
+    procs.append(subprocess.Popen([sys.executable, "-m", "clara_jax.cli", *args], env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+  outs = [p.communicate(timeout=400)[0].decode() for p in procs]
+  for p, out in zip(procs, outs):
+    assert p.returncode == 0, out[-3000:]
+  rows, ref = read_metrics(workdir), read_metrics(reference_run)
+  assert [r["step"] for r in rows] == [r["step"] for r in ref]  # process 0 alone logs
+  np.testing.assert_allclose([r["loss"] for r in rows], [r["loss"] for r in ref], rtol=1e-5)
+  want, got = _final_params(reference_run), _final_params(workdir)
+  for key in want:
+    np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)

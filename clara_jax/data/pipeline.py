@@ -7,8 +7,10 @@ numpy examples (grain), one slice per process, with a checkpointable iterator st
     batch = to_global_arrays(local, mesh)     # jax.Arrays sharded over the data axes
     state = pipe.get_state()                  # save with the checkpoint; set_state() resumes
 
-Determinism: the order is a function of (seed, epoch) only. Each epoch is a fresh seeded
-permutation of this process's slice `source[process_index::process_count]`.
+Determinism: the order is a function of (seed, epoch) only: each epoch is a fresh seeded
+permutation of the whole source, cut into global batches; process p featurises rows
+[p * B/P, (p + 1) * B/P) of each global batch, so the global batch does not depend on
+the number of processes.
 """
 
 from __future__ import annotations
@@ -39,17 +41,21 @@ class InputPipeline:
     if global_batch % process_count:
       raise ValueError(f"global batch {global_batch} is not divisible by the "
                        f"{process_count} processes")
-    self.local_batch = global_batch // process_count
-    ds = grain.MapDataset.source(source)[process_index::process_count]
-    if len(ds) < self.local_batch:
-      raise ValueError(f"process {process_index} has {len(ds)} rows, fewer than its batch "
-                       f"of {self.local_batch}")
-    self.rows_per_process = len(ds)
+    if len(source) < global_batch:
+      raise ValueError(f"{len(source)} rows are fewer than one global batch of {global_batch}")
+    self.local_batch = lb = global_batch // process_count
+    rows = grain.MapDataset.source(source)
     if shuffle:
-      ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(num_epochs)
-    ds = ds.map_with_index(lambda index, row: featurize(decode(row), index))
-    self._dataset = ds.batch(self.local_batch, drop_remainder=True)
+      rows = rows.shuffle(seed=seed)
+    rows = rows.repeat(num_epochs)
+    # Every process walks the same global order and featurises only its own contiguous
+    # share of each global batch: the assembled global batch is the same whatever the
+    # number of processes (a 2-host run sees exactly the batches of a 1-host run).
+    to_global = lambda j: (j // lb) * global_batch + process_index * lb + j % lb
+    num_local = (len(rows) // global_batch) * lb
+    ds = grain.MapDataset.range(num_local).map(
+        lambda j: featurize(decode(rows[to_global(j)]), to_global(j)))
+    self._dataset = ds.batch(lb, drop_remainder=True)
     self._iterator = iter(self._dataset.to_iter_dataset())
 
   def __iter__(self):

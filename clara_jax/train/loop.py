@@ -105,6 +105,7 @@ def data_files(config, workdir: str) -> Dict[str, str]:
       if jax.process_index() == 0:
         synth.write_world(directory, seed=config.seed, size=config.data.synth_size,
                           candidates=config.data.candidates)
+      _barrier("synth world written")
     if fmt == "text":
       return {"train": os.path.join(directory, "lm.txt")}
     return {split: os.path.join(directory, f"{fmt}_{split}.jsonl") for split in ("train", "test")}
@@ -127,8 +128,9 @@ def load_tokenizer(config, workdir: str, files: Dict[str, str], prev: Optional[s
     return Tokenizer.load(own, n)
   texts = list(_training_texts(files["train"], config.data.format))
   tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed)
-  os.makedirs(os.path.dirname(own), exist_ok=True)
-  tok.save(own)
+  if jax.process_index() == 0:  # training is deterministic: every process has the same
+    os.makedirs(os.path.dirname(own), exist_ok=True)
+    tok.save(own)
   return tok
 
 
@@ -160,9 +162,15 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
   if fmt == "text":
     source, decode = _text_source(files[d.train_split]), (lambda row: row)
   else:
-    builder = tfds_builders.prepare(
+    prepare = lambda: tfds_builders.prepare(
         fmt, files, os.path.join(workdir, "tfds"), on_error=d.on_error,
         num_docs=num_docs if config.stage == "stage1_2" else None)
+    # Process 0 writes the dataset; the others open it once it is complete.
+    if jax.process_index() == 0:
+      builder = prepare()
+    _barrier("tfds prepared")
+    if jax.process_index() != 0:
+      builder = prepare()
     source, decode = builder.as_data_source(split=d.train_split), tfds_builders.decode_row
     for split, report in builder.reports.items():
       if report.rows_skipped:
@@ -327,10 +335,16 @@ def train(config, workdir: str) -> Dict[str, float]:
   final = unreplicate(state) if pmap else state
   checkpointer.close()
   writer.close()
+  save_params(os.path.join(workdir, "export"), cfg, final.params())
   if jax.process_index() == 0:
-    save_params(os.path.join(workdir, "export"), cfg, jax.device_get(final.params()))
     tok.save(os.path.join(workdir, "export", TOKENIZER_FILE))
   return last
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
 
 
 def _flat_hparams(config) -> Dict:
