@@ -185,3 +185,17 @@ def test_two_processes_match_one(text_file, reference_run, tmp_path):
   want, got = _final_params(reference_run), _final_params(workdir)
   for key in want:
     np.testing.assert_allclose(got[key], want[key], atol=1e-5, err_msg=key)
+
+
+def test_resume_onto_a_different_mesh(text_file, reference_run, tmp_path):
+  import shutil
+  workdir = str(tmp_path / "remesh")
+  shutil.copytree(reference_run, workdir)
+  proc = _run(_args(text_file, workdir, steps=16, every=2,
+                    extra=["--config.mesh.shape=(1,2,4)"]))
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out.decode()[-3000:]
+  assert "resumed from step 12" in out.decode()
+  rows = read_metrics(workdir)
+  assert [r["step"] for r in rows][-2:] == [14, 16]
+  assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < rows[0]["loss"]
