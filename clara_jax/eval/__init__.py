@@ -1,0 +1,1 @@
+"""Evaluation: answer and retrieval metrics, the evaluate job, the logit lens."""
