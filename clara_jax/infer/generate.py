@@ -1,0 +1,113 @@
+"""Batched generation with a KV cache from generator prompts whose memory slots hold
+document memories: greedy, or temperature / top-p sampling (seeded).
+
+`generate` is one jitted program per (batch, prompt length, max_new_tokens) shape, so
+callers pad prompts to a few bucket lengths (`bucket_length`) and never recompile per
+question. Prompts arrive in the training layout (left-padded); they are shifted to the
+right-padded layout the cache path needs (causality then hides the padding).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from clara_jax.model import clara
+from clara_jax.model.config import DecoderConfig
+from clara_jax.model.decoder import Decoder, init_cache
+
+Array = jax.Array
+
+
+def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)
+                  ) -> int:
+  """The smallest bucket that holds `length` (a multiple of the largest beyond it)."""
+  for b in buckets:
+    if length <= b:
+      return b
+  top = buckets[-1]
+  return -(-length // top) * top
+
+
+def left_to_right_padding(tokens_bt: Array, mask_bt: Array, slot_positions_bs: Array):
+  """Moves each row's real tokens to the front; returns (tokens, lengths, slots)."""
+  t = tokens_bt.shape[1]
+  lengths = jnp.sum(mask_bt, axis=-1).astype(jnp.int32)
+  shift = t - lengths  # left padding of each row
+  index = (jnp.arange(t)[None, :] + shift[:, None]) % t
+  tokens = jnp.take_along_axis(tokens_bt, index, axis=1)
+  return tokens, lengths, slot_positions_bs - shift[:, None]
+
+
+def _sample(logits_bv: Array, key: Array, temperature: float, top_p: float) -> Array:
+  if temperature <= 0.0:
+    return jnp.argmax(logits_bv, axis=-1).astype(jnp.int32)
+  logits = logits_bv / temperature
+  if top_p < 1.0:
+    sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    cum = jnp.cumsum(probs, axis=-1)
+    # Keep the smallest prefix whose mass reaches top_p (always at least one token).
+    cutoff_index = jnp.sum(cum < top_p, axis=-1, keepdims=True)
+    cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id",
+                                              "temperature", "top_p"))
+def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
+             slot_positions_bs: Array, memories_bkmh: Array, *, max_new_tokens: int,
+             eos_id: int, temperature: float = 0.0, top_p: float = 1.0,
+             rng: Optional[Array] = None):
+  """Generates up to `max_new_tokens` per row after the prompt.
+
+  Args:
+    tokens_bt, mask_bt: left-padded generator prompts [B, P] (placeholders included).
+    slot_positions_bs: [B, k * n_mem] placeholder positions in that layout.
+    memories_bkmh: [B, k, n_mem, H] memories to write into the slots.
+
+  Returns:
+    (new tokens [B, max_new_tokens] (after eos: eos), lengths [B] including the eos).
+  """
+  model = Decoder(cfg)
+  b = tokens_bt.shape[0]
+  tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
+  embeddings = model.apply({"params": params}, tokens, method=Decoder.embed)
+  embeddings = clara.splice(embeddings, slots,
+                            memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]))
+  cache = init_cache(cfg, b, tokens.shape[1] + max_new_tokens)
+  out = model.apply({"params": params}, embeddings=embeddings, adapter=clara.GENERATOR,
+                    cache=cache, cache_index=jnp.zeros(b, jnp.int32))
+  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  rng = jax.random.key(0) if rng is None else rng
+
+  def logits_of(hidden_bh):
+    return model.apply({"params": params}, hidden_bh, method=Decoder.logits)
+
+  first = _sample(logits_of(last_hidden), jax.random.fold_in(rng, 0), temperature, top_p)
+  generated = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+  done = first == eos_id
+
+  def cond(carry):
+    step, _, _, _, done = carry
+    return (step < max_new_tokens) & ~jnp.all(done)
+
+  def body(carry):
+    step, cache, generated, token, done = carry
+    out = model.apply({"params": params}, token[:, None], adapter=clara.GENERATOR,
+                      cache=cache, cache_index=lengths + step - 1)
+    nxt = _sample(logits_of(out.hidden[:, 0]), jax.random.fold_in(rng, step), temperature,
+                  top_p)
+    nxt = jnp.where(done, eos_id, nxt)
+    generated = generated.at[:, step].set(nxt)
+    return step + 1, out.cache, generated, nxt, done | (nxt == eos_id)
+
+  _, _, generated, _, _ = jax.lax.while_loop(
+      cond, body, (jnp.int32(1), out.cache, generated, first, done))
+  is_eos = generated == eos_id
+  lengths_out = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
+  return generated, lengths_out

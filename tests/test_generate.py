@@ -1,0 +1,104 @@
+"""KV-cache generation equals step-by-step recomputation without a cache; sampling is
+seeded; one compile per shape bucket."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from clara_jax.data import packing
+from clara_jax.infer.generate import bucket_length, generate, left_to_right_padding
+from clara_jax.model import clara, lora
+from clara_jax.model.decoder import Decoder, init_params
+from clara_synth import BOS, EOS, INST, PAD, SEP, mem_ids, model_cfg
+
+N_MEM, K = 2, 2
+MODEL = model_cfg(N_MEM)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  p = init_params(MODEL, jax.random.key(0))
+  flat = lora.flatten(p)
+  keys = iter(jax.random.split(jax.random.key(1), len(flat)))
+  for path in flat:
+    if "lora_generator/b" in path:
+      flat[path] = 0.3 * jax.random.normal(next(keys), flat[path].shape)
+  p = lora.unflatten(flat)
+  slots = packing.slot_ids(N_MEM, K, mem_ids(N_MEM), SEP)
+  prompts = [[BOS, INST] + slots + [5, 6, INST], [BOS] + slots + [INST],
+             [BOS, INST, 9, 9] + slots + [7, 8, 9, INST]]
+  arrays, _ = packing.pack_generator(prompts, [[]] * 3, prompt_len=16, answer_len=1,
+                                     mem_ids=mem_ids(N_MEM), n_slots=K, eos_id=EOS,
+                                     pad_id=PAD)
+  tokens = arrays["gen_tokens"][:, :16]
+  mask = arrays["gen_mask"][:, :16]
+  memories = jax.random.normal(jax.random.key(2), (3, K, N_MEM, MODEL.hidden_size))
+  return p, tokens, mask, arrays["slot_positions"], memories
+
+
+def _greedy_without_cache(p, tokens, mask, slots, memories, steps):
+  model = Decoder(MODEL)
+  out = []
+  for b in range(tokens.shape[0]):
+    real = tokens[b][mask[b] == 1].tolist()
+    offset = int(np.argmax(mask[b]))
+    pos = slots[b] - offset
+    seq = []
+    for _ in range(steps):
+      ids = jnp.asarray([real + seq])
+      emb = model.apply({"params": p}, ids, method=Decoder.embed)
+      emb = clara.splice(emb, jnp.asarray(pos)[None], memories[b].reshape(1, -1, memories.shape[-1]))
+      h = model.apply({"params": p}, embeddings=emb, adapter="generator").hidden
+      logits = model.apply({"params": p}, h[:, -1], method=Decoder.logits)
+      seq.append(int(jnp.argmax(logits[0])))
+    out.append(seq)
+  return np.asarray(out)
+
+
+def test_cache_generation_equals_recomputation(setup):
+  p, tokens, mask, slots, memories = setup
+  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
+                          eos_id=-1)
+  want = _greedy_without_cache(p, tokens, mask, slots, memories, 6)
+  np.testing.assert_array_equal(np.asarray(got), want)
+  np.testing.assert_array_equal(lengths, [6, 6, 6])
+
+
+def test_eos_stops_and_pads(setup):
+  p, tokens, mask, slots, memories = setup
+  free, _ = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1)
+  eos = int(free[0, 2])  # make the third greedy token of row 0 the end of sequence
+  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
+                          eos_id=eos)
+  got = np.asarray(got)
+  assert int(lengths[0]) <= 3 and np.all(got[0, int(lengths[0]) - 1:] == eos)
+
+
+def test_sampling_is_seeded(setup):
+  p, tokens, mask, slots, memories = setup
+  run = lambda seed, top_p=0.9: np.asarray(generate(
+      p, MODEL, tokens, mask, slots, memories, max_new_tokens=8, eos_id=-1,
+      temperature=1.5, top_p=top_p, rng=jax.random.key(seed))[0])
+  np.testing.assert_array_equal(run(0), run(0))
+  assert not np.array_equal(run(0, 1.0), run(1, 1.0))
+  # top_p -> 0 keeps only the best token: greedy.
+  greedy = np.asarray(generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=8,
+                               eos_id=-1)[0])
+  np.testing.assert_array_equal(run(3, 1e-6), greedy)
+
+
+def test_padding_shift_and_buckets(setup):
+  _, tokens, mask, slots, _ = setup
+  shifted, lengths, new_slots = left_to_right_padding(jnp.asarray(tokens), jnp.asarray(mask),
+                                                      jnp.asarray(slots))
+  for b in range(3):
+    n = int(lengths[b])
+    np.testing.assert_array_equal(shifted[b, :n], tokens[b][mask[b] == 1])
+    np.testing.assert_array_equal(shifted[b][np.asarray(new_slots[b])], tokens[b][slots[b]])
+  assert bucket_length(10) == 64 and bucket_length(200) == 256 and bucket_length(5000) == 6144
+  # One compile per shape: a second batch of the same shape reuses the executable.
+  before = generate._cache_size()
+  p, _, _, _, memories = setup
+  generate(p, MODEL, tokens, mask, slots, memories * 2, max_new_tokens=6, eos_id=-1)
+  assert generate._cache_size() == before
