@@ -1,0 +1,173 @@
+"""A trained CLaRa as a Python object, mirroring the reference's entry points.
+
+    model = ClaraModel.load("runs/stage2/export", doc_max_length=64, compr_rate=16)
+    memories = model.compress_documents(["doc one", "doc two"])        # [N, n_mem, H]
+    model.generate_from_paraphrase(["a document"])                      # stage1
+    model.generate_from_documents(["question?"], [["d1", "d2", ...]])  # stage1_2
+    answers, chosen = model.generate_from_questions(["q?"], [[20 docs]], k=5)  # stage2
+
+Every call pads to shape buckets so repeated calls reuse compiled programs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import List, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clara_jax.data import packing, templates
+from clara_jax.data.tokenizer import Tokenizer, build_chat_prompt
+from clara_jax.infer.generate import bucket_length, generate
+from clara_jax.model import clara
+from clara_jax.model.config import DecoderConfig
+from clara_jax.model.decoder import Decoder
+from clara_jax.weights.export import load_params
+
+
+@dataclasses.dataclass
+class Timings:
+  """Accumulated milliseconds per phase (for per-question latency reports)."""
+  compress_ms: float = 0.0
+  query_ms: float = 0.0
+  decode_ms: float = 0.0
+
+
+class ClaraModel:
+  """Compressor, reasoner and generator of one exported checkpoint."""
+
+  def __init__(self, cfg: DecoderConfig, params, tokenizer: Tokenizer, doc_max_length: int,
+               compr_rate: int, question_max_length: int = 64, doc_batch: int = 32):
+    self.cfg, self.params, self.tok = cfg, params, tokenizer
+    self.n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
+    self.doc_max_length, self.question_max_length = doc_max_length, question_max_length
+    self.doc_batch = doc_batch
+    self.timings = Timings()
+    model = Decoder(cfg)
+    n_mem = self.n_mem
+    self._compress = jax.jit(lambda p, t, m: clara.compress(model, p, t, m, n_mem)[0])
+    self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
+
+  @classmethod
+  def load(cls, export_dir: str, doc_max_length: int, compr_rate: int, **kw) -> "ClaraModel":
+    cfg, params = load_params(export_dir)
+    tok_path = os.path.join(export_dir, "tokenizer.model")
+    n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
+    tok = Tokenizer.load(tok_path, cfg.num_extra_tokens - 3)
+    if tok.num_mem_tokens < n_mem:
+      raise ValueError(f"{tok_path}: {tok.num_mem_tokens} memory tokens < n_mem {n_mem}")
+    return cls(cfg, params, tok, doc_max_length, compr_rate, **kw)
+
+  # --- encoders -------------------------------------------------------------------
+  def _encode_texts(self, texts: Sequence[str], max_len: int):
+    ids = [self.tok.encode(t, parse_special=False) for t in texts]
+    tokens, mask, _ = packing.pack_encoder(ids, max_len + 3, self.tok.mem_ids[:self.n_mem],
+                                           self.tok.enc_id, self.tok.bos_id,
+                                           self.tok.eos_id, self.tok.pad_id)
+    return tokens, mask
+
+  def _batched(self, fn, tokens, mask):
+    """Runs fn over fixed-size chunks (padded) so one compiled program serves all."""
+    out, n, size = [], len(tokens), self.doc_batch
+    for start in range(0, n, size):
+      t, m = tokens[start:start + size], mask[start:start + size]
+      pad = size - len(t)
+      if pad:
+        t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
+        m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
+      out.append(np.asarray(fn(self.params, t, m))[:size - pad])
+    return np.concatenate(out) if out else np.zeros((0, self.n_mem, self.cfg.hidden_size))
+
+  def compress_documents(self, texts: Sequence[str]) -> np.ndarray:
+    """Documents -> memories [N, n_mem, H] (compressor adapter)."""
+    start = time.perf_counter()
+    tokens, mask = self._encode_texts(texts, self.doc_max_length)
+    mem = self._batched(self._compress, tokens, mask)
+    self.timings.compress_ms += 1e3 * (time.perf_counter() - start)
+    return mem
+
+  def reason(self, questions: Sequence[str]) -> np.ndarray:
+    """Questions -> query memories [B, n_mem, H] (reasoner adapter)."""
+    start = time.perf_counter()
+    tokens, mask = self._encode_texts(questions, self.question_max_length)
+    mem = self._batched(self._reason, tokens, mask)
+    self.timings.query_ms += 1e3 * (time.perf_counter() - start)
+    return mem
+
+  # --- generation -----------------------------------------------------------------
+  def _generate(self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int,
+                max_new_tokens: int) -> List[str]:
+    """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
+    start = time.perf_counter()
+    prompts = [self.tok.encode(build_chat_prompt(user, system), add_bos=True)
+               for system, user in turns]
+    length = bucket_length(max(len(p) for p in prompts))
+    arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), length, 1,
+                                       self.tok.mem_ids[:self.n_mem], k, self.tok.eos_id,
+                                       self.tok.pad_id)
+    b = len(prompts)
+    padded_b = bucket_length(b, (1, 2, 4, 8, 16, 32, 64))
+    def pad(x):
+      return np.concatenate([x, np.repeat(x[-1:], padded_b - b, 0)]) if padded_b > b else x
+    tokens, _ = generate(self.params, self.cfg, pad(arrays["gen_tokens"][:, :length]),
+                         pad(arrays["gen_mask"][:, :length]), pad(arrays["slot_positions"]),
+                         pad(np.asarray(memories)), max_new_tokens=max_new_tokens,
+                         eos_id=self.tok.eos_id)
+    tokens = np.asarray(tokens)[:b]
+    out = []
+    for row in tokens:
+      row = row.tolist()
+      if self.tok.eos_id in row:
+        row = row[:row.index(self.tok.eos_id)]
+      out.append(self.tok.decode(row, skip_special=True).strip())
+    self.timings.decode_ms += 1e3 * (time.perf_counter() - start)
+    return out
+
+  def generate_from_paraphrase(self, docs: Sequence[str], max_new_tokens: int = 64,
+                               instruction: int = 0) -> List[str]:
+    """stage1: reconstruct each document from its memories."""
+    mem = self.compress_documents(docs)[:, None]
+    slots = templates.memory_slots(self.n_mem, 1)
+    user = templates.PARAPHRASE_INSTRUCTIONS[instruction].format(docs=slots)
+    return self._generate([(templates.PARAPHRASE_SYSTEM, user)] * len(docs), mem, 1,
+                          max_new_tokens)
+
+  def generate_from_documents(self, questions: Sequence[str], docs: Sequence[Sequence[str]],
+                              max_new_tokens: int = 64) -> List[str]:
+    """stage1_2: answer each question from its given documents' memories."""
+    k = len(docs[0])
+    if any(len(d) != k for d in docs):
+      raise ValueError("every question needs the same number of documents")
+    mem = self.compress_documents([d for ds in docs for d in ds])
+    mem = mem.reshape(len(questions), k, self.n_mem, -1)
+    turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
+    return self._generate(turns, mem, k, max_new_tokens)
+
+  def retrieve(self, questions: Sequence[str], doc_mem: np.ndarray, k: int
+               ) -> Tuple[np.ndarray, np.ndarray]:
+    """Reasoner top-k over candidate memories [B, N, n_mem, H]: (indices, scores)."""
+    q_mem = self.reason(questions)
+    scores = np.asarray(clara.score(jnp.asarray(q_mem), jnp.asarray(doc_mem)))
+    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    return order, scores
+
+  def generate_from_questions(self, questions: Sequence[str],
+                              candidates: Sequence[Sequence[str]], k: int = 5,
+                              max_new_tokens: int = 64) -> Tuple[List[str], np.ndarray]:
+    """stage2: compress the candidates, retrieve k with the reasoner, answer.
+
+    Returns (answers, chosen candidate indices [B, k], best first).
+    """
+    n = len(candidates[0])
+    if any(len(c) != n for c in candidates):
+      raise ValueError("every question needs the same number of candidates")
+    doc_mem = self.compress_documents([d for c in candidates for d in c])
+    doc_mem = doc_mem.reshape(len(questions), n, self.n_mem, -1)
+    chosen, _ = self.retrieve(questions, doc_mem, k)
+    selected = np.take_along_axis(doc_mem, chosen[:, :, None, None], axis=1)
+    turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
+    return self._generate(turns, selected, k, max_new_tokens), chosen

@@ -1,0 +1,61 @@
+"""The ClaraModel API on an exported (untrained) tiny checkpoint: every entry point runs,
+retrieval follows the reasoner's scores, and repeated calls reuse compiled programs."""
+
+import jax
+import numpy as np
+import pytest
+
+from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.infer.api import ClaraModel
+from clara_jax.infer.generate import generate
+from clara_jax.model import clara
+from clara_jax.model.config import model_config
+from clara_jax.model.decoder import init_params
+from clara_jax.weights.export import save_params
+
+WORDS = "red blue green river stone city team coach mayor north south".split()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+  rng = np.random.default_rng(0)
+  corpus = [" ".join(rng.choice(WORDS, 10)) for _ in range(200)]
+  tok = Tokenizer.train(corpus, vocab_size=300, num_mem_tokens=4)
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
+                     num_extra_tokens=tok.num_special)
+  out = str(tmp_path_factory.mktemp("export"))
+  save_params(out, cfg, init_params(cfg, jax.random.key(0)))
+  tok.save(out + "/tokenizer.model")
+  return ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8,
+                         doc_batch=8)
+
+
+def test_entry_points(model):
+  docs = ["red river city", "blue stone team", "green north coach"]
+  mem = model.compress_documents(docs)
+  assert mem.shape == (3, 4, model.cfg.hidden_size)
+  np.testing.assert_allclose(model.compress_documents(docs[:1]), mem[:1], atol=1e-5)
+  para = model.generate_from_paraphrase(docs[:2], max_new_tokens=4)
+  assert len(para) == 2 and all(isinstance(p, str) for p in para)
+  answers = model.generate_from_documents(["which?", "what?"], [docs[:2], docs[1:]],
+                                          max_new_tokens=4)
+  assert len(answers) == 2
+  cands = [docs + ["south mayor"], ["south mayor"] + docs]
+  answers, chosen = model.generate_from_questions(["red city?", "coach?"], cands, k=2,
+                                                  max_new_tokens=4)
+  assert chosen.shape == (2, 2) and len(answers) == 2
+  doc_mem = model.compress_documents([d for c in cands for d in c]).reshape(2, 4, 4, -1)
+  q_mem = model.reason(["red city?", "coach?"])
+  scores = np.asarray(clara.score(q_mem, doc_mem))
+  np.testing.assert_array_equal(chosen, np.argsort(-scores, -1, kind="stable")[:, :2])
+  assert model.timings.compress_ms > 0 and model.timings.decode_ms > 0
+  with pytest.raises(ValueError, match="same number of candidates"):
+    model.generate_from_questions(["q"], [docs, docs[:2]])
+
+
+def test_repeated_calls_do_not_recompile(model):
+  model.generate_from_documents(["a?"], [["red", "blue"]], max_new_tokens=4)
+  before = generate._cache_size()
+  model.generate_from_documents(["another question?"], [["green", "stone"]],
+                                max_new_tokens=4)
+  assert generate._cache_size() == before
