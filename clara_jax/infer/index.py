@@ -1,0 +1,100 @@
+"""A document-memory index: compress a corpus once, then retrieve by cosine for the
+reasoner's query memories (built in, where the reference calls an external service).
+
+On disk (`out_dir`): `shard_00000.npz` ... each holding `ids` and `memories`
+[n, n_mem, H] (float16 by default), plus `index.json` written last. Building is
+resumable: finished shards are kept and the build continues after the last one.
+Searching shards the flattened, L2-normalised memory matrix over the devices along the
+document axis, so a corpus need not fit on one device.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+INDEX_FILE = "index.json"
+
+
+def _shard_path(out_dir: str, i: int) -> str:
+  return os.path.join(out_dir, f"shard_{i:05d}.npz")
+
+
+def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[Dict],
+                out_dir: str, shard_size: int = 1024, dtype: str = "float16",
+                progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+  """Compresses `docs` ({"id", "text"}) shard by shard with `compress` (texts -> [n,
+  n_mem, H]). Existing complete shards are reused, so an interrupted build resumes."""
+  os.makedirs(out_dir, exist_ok=True)
+  num_shards = -(-len(docs) // shard_size)
+  for i in range(num_shards):
+    path = _shard_path(out_dir, i)
+    chunk = docs[i * shard_size:(i + 1) * shard_size]
+    if os.path.exists(path):
+      with np.load(path) as done:
+        if list(done["ids"]) == [str(d["id"]) for d in chunk]:
+          continue
+    memories = np.asarray(compress([d["text"] for d in chunk])).astype(dtype)
+    tmp = path + ".tmp.npz"
+    np.savez(tmp, ids=np.asarray([str(d["id"]) for d in chunk]), memories=memories)
+    os.replace(tmp, path)  # a shard is there whole or not at all
+    if progress is not None:
+      progress(i + 1, num_shards)
+  meta = {"num_docs": len(docs), "num_shards": num_shards, "shard_size": shard_size,
+          "dtype": dtype}
+  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
+    json.dump(meta, f)
+  return meta
+
+
+class MemoryIndex:
+  """The loaded index: ids and a normalised [N, n_mem * H] matrix sharded over devices."""
+
+  def __init__(self, ids: List[str], memories: np.ndarray, mesh: Optional[Mesh] = None):
+    self.ids = ids
+    self.n_mem, self.hidden = memories.shape[1:]
+    flat = memories.reshape(len(ids), -1).astype(np.float32)
+    flat /= np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+    devices = np.asarray(jax.devices()) if mesh is None else mesh.devices.reshape(-1)
+    mesh = Mesh(devices, ("docs",))
+    pad = -len(ids) % len(devices)  # zero rows score 0 and are masked out below
+    flat = np.concatenate([flat, np.zeros((pad, flat.shape[1]), np.float32)])
+    self.matrix = jax.device_put(flat, NamedSharding(mesh, PartitionSpec("docs", None)))
+    self.valid = jax.device_put(np.arange(len(flat)) < len(ids),
+                                NamedSharding(mesh, PartitionSpec("docs")))
+
+  @classmethod
+  def load(cls, out_dir: str, mesh: Optional[Mesh] = None) -> "MemoryIndex":
+    path = os.path.join(out_dir, INDEX_FILE)
+    if not os.path.exists(path):
+      raise FileNotFoundError(f"{path}: missing; the index build did not finish")
+    with open(path) as f:
+      meta = json.load(f)
+    ids, mems = [], []
+    for i in range(meta["num_shards"]):
+      with np.load(_shard_path(out_dir, i)) as shard:
+        ids.extend(str(x) for x in shard["ids"])
+        mems.append(shard["memories"])
+    return cls(ids, np.concatenate(mems), mesh)
+
+  def search(self, query_mem_bmh: np.ndarray, top_n: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Cosine top-n for query memories [B, n_mem, H]: (doc indices [B, n], scores)."""
+    scores, idx = _search(self.matrix, self.valid, jnp.asarray(query_mem_bmh, jnp.float32),
+                          min(top_n, len(self.ids)))
+    return np.asarray(idx), np.asarray(scores)
+
+
+@functools.partial(jax.jit, static_argnames=("top_n",))
+def _search(matrix, valid, query_bmh, top_n: int):
+  q = query_bmh.reshape(query_bmh.shape[0], -1)
+  q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
+  scores = q @ matrix.T
+  scores = jnp.where(valid[None], scores, -jnp.inf)
+  return jax.lax.top_k(scores, top_n)
