@@ -73,7 +73,12 @@ def train_main(argv: Sequence[str]) -> int:
     if arg.startswith("--config="):
       config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0]))
       sys.path.insert(0, os.path.dirname(config_dir))
-  fv(["clara-jax train"] + list(argv))
+  # config_flags reads the config path from sys.argv to register --config.* overrides.
+  saved_argv, sys.argv = sys.argv, ["clara-jax train"] + list(argv)
+  try:
+    fv(sys.argv)
+  finally:
+    sys.argv = saved_argv
   if fv.config is None or fv.workdir is None:
     raise SystemExit("clara-jax train: --config and --workdir are required")
   logging.set_verbosity(logging.INFO)

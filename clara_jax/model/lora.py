@@ -85,7 +85,8 @@ def copy_adapter(params: Params, src: str, dst: str) -> Dict:
       target = f"/{path}".replace(src_key, dst_key, 1)[1:]
       if target not in flat:
         raise ValueError(f"adapter {dst!r} has no parameter {target} to copy {path} into")
-      flat[target] = flat[path]
+      # A real copy: two leaves sharing one buffer cannot both be donated to a step.
+      flat[target] = jnp.array(flat[path], copy=True)
       copied += 1
   if not copied:
     raise ValueError(f"no parameters of adapter {src!r}; present: {adapter_names(params)}")
