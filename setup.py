@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
     "clu==0.0.12",
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",
+    "matplotlib==3.11.2",  # logit-lens and loss-curve figures
 ]
 
 EXTRAS_REQUIRE = {

@@ -12,9 +12,10 @@ Every call pads to shape buckets so repeated calls reuse compiled programs.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
-from typing import List, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +54,20 @@ class ClaraModel:
     self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
 
   @classmethod
-  def load(cls, export_dir: str, doc_max_length: int, compr_rate: int, **kw) -> "ClaraModel":
+  def load(cls, export_dir: str, doc_max_length: Optional[int] = None,
+           compr_rate: Optional[int] = None, **kw) -> "ClaraModel":
+    """Loads an export; lengths default to those recorded by training (clara.json)."""
+    recorded = {}
+    clara_json = os.path.join(export_dir, "clara.json")
+    if os.path.exists(clara_json):
+      with open(clara_json) as f:
+        recorded = json.load(f)
+    doc_max_length = doc_max_length or recorded.get("doc_max_length")
+    compr_rate = compr_rate or recorded.get("compr_rate")
+    if doc_max_length is None or compr_rate is None:
+      raise ValueError(f"{export_dir}: no clara.json; pass doc_max_length and compr_rate")
+    if "question_max_length" in recorded:
+      kw.setdefault("question_max_length", recorded["question_max_length"])
     cfg, params = load_params(export_dir)
     tok_path = os.path.join(export_dir, "tokenizer.model")
     n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
@@ -99,7 +113,7 @@ class ClaraModel:
     return mem
 
   # --- generation -----------------------------------------------------------------
-  def _generate(self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int,
+  def generate_turns(self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int,
                 max_new_tokens: int) -> List[str]:
     """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
     start = time.perf_counter()
@@ -133,7 +147,7 @@ class ClaraModel:
     mem = self.compress_documents(docs)[:, None]
     slots = templates.memory_slots(self.n_mem, 1)
     user = templates.PARAPHRASE_INSTRUCTIONS[instruction].format(docs=slots)
-    return self._generate([(templates.PARAPHRASE_SYSTEM, user)] * len(docs), mem, 1,
+    return self.generate_turns([(templates.PARAPHRASE_SYSTEM, user)] * len(docs), mem, 1,
                           max_new_tokens)
 
   def generate_from_documents(self, questions: Sequence[str], docs: Sequence[Sequence[str]],
@@ -145,7 +159,7 @@ class ClaraModel:
     mem = self.compress_documents([d for ds in docs for d in ds])
     mem = mem.reshape(len(questions), k, self.n_mem, -1)
     turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
-    return self._generate(turns, mem, k, max_new_tokens)
+    return self.generate_turns(turns, mem, k, max_new_tokens)
 
   def retrieve(self, questions: Sequence[str], doc_mem: np.ndarray, k: int
                ) -> Tuple[np.ndarray, np.ndarray]:
@@ -170,4 +184,4 @@ class ClaraModel:
     chosen, _ = self.retrieve(questions, doc_mem, k)
     selected = np.take_along_axis(doc_mem, chosen[:, :, None, None], axis=1)
     turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
-    return self._generate(turns, selected, k, max_new_tokens), chosen
+    return self.generate_turns(turns, selected, k, max_new_tokens), chosen

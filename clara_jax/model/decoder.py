@@ -210,6 +210,10 @@ class Decoder(nn.Module):
     """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab]."""
     return self.lm_head(hidden)
 
+  def lens_logits(self, states: Array) -> Array:
+    """The logit lens: any states [..., hidden] through final norm + LM head."""
+    return self.lm_head(self.final_norm(states))
+
   def __call__(self, tokens: Optional[Array] = None, *, embeddings: Optional[Array] = None,
                positions: Optional[Array] = None, attention_mask: Optional[Array] = None,
                adapter: Optional[str] = None, deterministic: bool = True,

@@ -10,6 +10,7 @@ model: what the next stage's `init.from_workdir` loads).
 from __future__ import annotations
 
 import contextlib
+import json
 from absl import logging
 import os
 import signal
@@ -41,6 +42,7 @@ from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_st
 from clara_jax.weights.export import load_params, save_params
 
 TOKENIZER_FILE = "tokenizer.model"
+CLARA_FILE = "clara.json"  # the CLaRa lengths an export was trained with
 
 
 class NonFiniteError(RuntimeError):
@@ -338,6 +340,10 @@ def train(config, workdir: str) -> Dict[str, float]:
   save_params(os.path.join(workdir, "export"), cfg, final.params())
   if jax.process_index() == 0:
     tok.save(os.path.join(workdir, "export", TOKENIZER_FILE))
+    with open(os.path.join(workdir, "export", CLARA_FILE), "w") as f:
+      json.dump({"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
+                 "k": cclara.k, "question_max_length": config.data.question_max_length,
+                 "temperature": cclara.temperature, "stage": config.stage}, f, indent=2)
   return last
 
 

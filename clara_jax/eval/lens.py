@@ -1,0 +1,138 @@
+"""The logit lens: what words do the reasoner's memory embeddings decode to?
+
+Each query memory vector goes through the generator's output head (final norm + LM
+head); the top-T tokens per vector are kept, special/punctuation/stopword pieces are
+dropped, and the remaining words are compared with the documents:
+
+* hidden words: in the gold document(s) but not in the question;
+* control words: in a random non-gold candidate but not in the question.
+
+Only *discriminative* words count (gold words absent from the control document, and
+control words absent from the gold documents): with a small vocabulary, n_mem x top-T
+tokens cover most of it, and undifferentiated counts saturate at 100% (see
+FEASIBILITY.md). The lift of hidden over control hit rates is the headline figure.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Optional, Sequence, Set
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.model.decoder import Decoder
+
+STOPWORDS = frozenset("""a about above after again against all am an and any are as at be
+because been before being below between both but by can could did do does doing down during
+each few for from further had has have having he her here hers herself him himself his how i
+if in into is it its itself just me more most my myself no nor not now of off on once only or
+other our ours ourselves out over own same she should so some such than that the their theirs
+them themselves then there these they this those through to too under until up very was we
+were what when where which while who whom why will with would you your yours yourself
+yourselves also was were is born""".split())
+
+_WORD = re.compile(r"[A-Za-z][A-Za-z0-9]+")
+
+
+def words(text: str) -> Set[str]:
+  """Lower-cased alphanumeric words of a text, without stopwords."""
+  return {w.lower() for w in _WORD.findall(text)} - STOPWORDS
+
+
+def token_word(tok: Tokenizer, token_id: int) -> Optional[str]:
+  """The word a vocabulary entry stands for, or None for special/punctuation/stopwords."""
+  if tok.is_special(token_id) or token_id in (tok.bos_id, tok.eos_id, tok.pad_id):
+    return None
+  piece = tok.id_to_piece(token_id).replace("\u2581", "").strip()
+  if not _WORD.fullmatch(piece):
+    return None
+  word = piece.lower()
+  return None if word in STOPWORDS else word
+
+
+def top_tokens(params, model: Decoder, states: jax.Array, top_t: int) -> np.ndarray:
+  """Top-T token ids [..., top_t] of states [..., hidden] under the logit lens."""
+  logits = model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
+  return np.asarray(jax.lax.top_k(logits, top_t)[1])
+
+
+def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
+  out = set()
+  for t in token_ids:
+    w = token_word(tok, int(t))
+    if w is not None:
+      out.add(w)
+  return out
+
+
+def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
+                    gold_docs: Sequence[str], control_doc: str,
+                    clue_words: Sequence[str] = ()) -> Dict:
+  """Per-question lens result from the top tokens of every memory slot [n_mem, T]."""
+  decoded = decoded_words(tok, slot_token_ids.reshape(-1))
+  q_words = words(question)
+  gold = set().union(*(words(d) for d in gold_docs)) - q_words
+  control = words(control_doc) - q_words
+  hidden = sorted(decoded & (gold - control))
+  control_hits = sorted(decoded & (control - gold))
+  clues = {c.lower() for c in clue_words} - q_words
+  return {"question": question, "decoded": sorted(decoded), "hidden": hidden,
+          "control_hits": control_hits,
+          "clues_found": sorted(decoded & clues), "num_clues": len(clues),
+          "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids]}
+
+
+def summarize(reports: List[Dict]) -> Dict[str, float]:
+  """Hit rates (share of questions with >= 1 word), words per question, the lift of
+  hidden over control, and clue recall where clues are known."""
+  n = max(len(reports), 1)
+  hit = sum(bool(r["hidden"]) for r in reports) / n
+  control = sum(bool(r["control_hits"]) for r in reports) / n
+  out = {"questions": len(reports), "hidden_hit_rate": hit, "control_hit_rate": control,
+         "hidden_per_question": sum(len(r["hidden"]) for r in reports) / n,
+         "control_per_question": sum(len(r["control_hits"]) for r in reports) / n,
+         "lift": hit - control}
+  with_clues = [r for r in reports if r["num_clues"]]
+  if with_clues:
+    out["clue_recall"] = (sum(len(r["clues_found"]) for r in with_clues)
+                          / sum(r["num_clues"] for r in with_clues))
+  return out
+
+
+def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
+         num_questions: int = 3) -> None:
+  """PNG: per-question slot x top-token tables (as heat-coloured text grids) and a bar
+  chart of hidden vs control hit rates for each compared checkpoint."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  shown = reports[:num_questions]
+  fig, axes = plt.subplots(1, len(shown) + 1, figsize=(5 * (len(shown) + 1), 4))
+  axes = np.atleast_1d(axes)
+  for ax, rep in zip(axes, shown):
+    slots = rep["slots"]
+    hidden = set(rep["hidden"])
+    grid = np.array([[1.0 if p.replace("\u2581", "").lower() in hidden else 0.2
+                      for p in row] for row in slots])
+    ax.imshow(grid, cmap="Oranges", vmin=0, vmax=1, aspect="auto")
+    for i, row in enumerate(slots):
+      for j, piece in enumerate(row):
+        ax.text(j, i, piece.replace("\u2581", "")[:8], ha="center", va="center", fontsize=6)
+    ax.set_title(rep["question"][:48], fontsize=8)
+    ax.set_xlabel("top tokens")
+    ax.set_ylabel("memory slot")
+  bars = axes[-1]
+  names = list(summaries)
+  x = np.arange(len(names))
+  bars.bar(x - 0.2, [summaries[n]["hidden_hit_rate"] for n in names], 0.4, label="gold (hidden)")
+  bars.bar(x + 0.2, [summaries[n]["control_hit_rate"] for n in names], 0.4, label="control")
+  bars.set_xticks(x, names, fontsize=8)
+  bars.set_ylim(0, 1)
+  bars.set_title("questions with >= 1 discriminative word")
+  bars.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)

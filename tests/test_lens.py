@@ -1,0 +1,71 @@
+"""Logit lens: word filtering, discriminative hidden vs control counting, summaries,
+figure, and the lens job on an exported model."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.eval import lens
+from clara_jax.eval.evaluate import run_lens
+from clara_jax.infer.api import ClaraModel
+from clara_jax.model.config import model_config
+from clara_jax.model.decoder import init_params
+from clara_jax.weights.export import save_params
+
+WORDS = "red blue green river stone city team coach mayor north south kiwi falcon".split()
+
+
+@pytest.fixture(scope="module")
+def tok():
+  rng = np.random.default_rng(0)
+  return Tokenizer.train([" ".join(rng.choice(WORDS, 10)) for _ in range(300)],
+                         vocab_size=420, num_mem_tokens=4)
+
+
+def _ids(tok, text):
+  """Vocabulary ids of whole-word pieces ("\u2581word") for each word of `text`."""
+  pieces = {tok.id_to_piece(i): i for i in range(tok.base_vocab_size)}
+  return [pieces["\u2581" + w] for w in text.split()]
+
+
+def test_words_and_token_filtering(tok):
+  assert lens.words("The Falcon team, born in 1987!") == {"falcon", "team"}
+  assert lens.token_word(tok, tok.enc_id) is None and lens.token_word(tok, tok.eos_id) is None
+  assert all(lens.token_word(tok, i) is None for i in tok.mem_ids)
+
+
+def test_hidden_words_are_discriminative(tok):
+  question = "Which team does the coach lead?"
+  gold = ["The falcon team plays in the north city."]
+  control = "The kiwi team plays in the south city."
+  slots = np.asarray([_ids(tok, "falcon kiwi city coach")[:4],
+                      _ids(tok, "north south red blue")[:4]])
+  rep = lens.question_report(tok, slots, question, gold, control, clue_words=["falcon", "mascot"])
+  # city/team are in both documents (not discriminative); coach is in the question.
+  assert rep["hidden"] == ["falcon", "north"]
+  assert rep["control_hits"] == ["kiwi", "south"]
+  assert rep["clues_found"] == ["falcon"] and rep["num_clues"] == 2
+  s = lens.summarize([rep, dict(rep, hidden=[], control_hits=[])])
+  assert s["hidden_hit_rate"] == 0.5 and s["lift"] == 0.0 and s["clue_recall"] == 0.5
+
+
+def test_lens_job_writes_json_and_png(tok, tmp_path):
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
+                     num_extra_tokens=tok.num_special)
+  out = str(tmp_path / "export")
+  save_params(out, cfg, init_params(cfg, jax.random.key(0)))
+  tok.save(out + "/tokenizer.model")
+  model = ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8,
+                          doc_batch=8)
+  rows = [{"question": f"Which {w} team?", "docs": [f"{w} falcon north", "kiwi south red",
+                                                     "blue stone"], "answer": "x",
+           "answers": ["x"], "pos_index": [0]} for w in ("red", "blue", "green")]
+  summary = run_lens({"a": model, "b": model}, rows, str(tmp_path / "lens.json"), top_t=20)
+  assert set(summary) == {"a", "b"} and summary["a"] == summary["b"]
+  data = json.loads((tmp_path / "lens.json").read_text())
+  assert len(data["questions"]["a"]) == 3 and "documents_summary" in data
+  assert os.path.getsize(tmp_path / "lens.png") > 1000
