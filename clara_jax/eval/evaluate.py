@@ -1,0 +1,142 @@
+"""The `evaluate` and `lens` jobs over stage2 / stage1_2-format files.
+
+evaluate: answers in the Normal setting (reasoner retrieves k of the candidates) and
+the Oracle setting (the gold candidates first, then the reasoner's choice); EM, F1,
+Cover EM; Recall@1/3/5 of the reasoner and of a BM25 baseline on the same candidates;
+per-question outputs as JSONL beside the summary; latency per question split into
+compress / query / decode milliseconds.
+
+lens: the logit lens of `clara_jax.eval.lens` over every question's reasoner memories
+(and, for comparison, over the gold document's memories), for one or two checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from clara_jax.data import formats, templates
+from clara_jax.eval import lens as lens_lib
+from clara_jax.eval.answer_metrics import answer_scores, recall_at_k
+from clara_jax.infer.api import ClaraModel
+from clara_jax.model.decoder import Decoder
+
+RECALL_AT = (1, 3, 5)
+
+
+def load_rows(path: str, on_error: str = "raise", limit: Optional[int] = None) -> List[Dict]:
+  """stage2 rows (stage1_2 rows get an empty pos_index)."""
+  try:
+    rows = list(formats.read_rows(path, "stage2", on_error))
+  except formats.DataError:
+    rows = [dict(r, pos_index=[]) for r in formats.read_rows(path, "stage1_2", on_error)]
+  return rows[:limit] if limit else rows
+
+
+def _bm25_ranking(question: str, docs: Sequence[str]) -> List[int]:
+  from clara_jax.data.bm25 import BM25
+  scores = BM25(list(docs)).scores(question)
+  return list(np.argsort(-np.asarray(scores), kind="stable"))
+
+
+def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
+             max_new_tokens: int = 64, out_path: Optional[str] = None) -> Dict:
+  """Runs the evaluation; writes `out_path` (summary) and `out_path`.jsonl (per
+  question) when given. Returns the summary."""
+  n_cands = {len(r["docs"]) for r in rows}
+  if len(n_cands) != 1:
+    raise ValueError(f"every row needs the same number of documents, found {sorted(n_cands)}")
+  k = min(k, n_cands.pop())
+  per_question, timings_before = [], dict(vars(model.timings))
+  for start in range(0, len(rows), batch):
+    chunk = rows[start:start + batch]
+    questions = [r["question"] for r in chunk]
+    doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
+    doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
+    chosen, scores = model.retrieve(questions, doc_mem, doc_mem.shape[1])
+    normal_sel = chosen[:, :k]
+    oracle_sel = np.stack([
+        (list(r["pos_index"]) + [int(i) for i in ranked if int(i) not in r["pos_index"]])[:k]
+        for r, ranked in zip(chunk, chosen)])
+    answers = {}
+    for setting, sel in (("normal", normal_sel), ("oracle", oracle_sel)):
+      mem = np.take_along_axis(doc_mem, sel[:, :, None, None], axis=1)
+      turns = [templates.answer_turn(q, model.n_mem, k) for q in questions]
+      answers[setting] = model.generate_turns(turns, mem, k, max_new_tokens)
+    for i, row in enumerate(chunk):
+      bm25 = _bm25_ranking(row["question"], row["docs"])
+      record = {"question": row["question"], "answers": row["answers"],
+                "pos_index": row["pos_index"],
+                "retrieved": [int(x) for x in chosen[i][:max(RECALL_AT)]],
+                "bm25": [int(x) for x in bm25[:max(RECALL_AT)]]}
+      for setting in ("normal", "oracle"):
+        record[f"prediction_{setting}"] = answers[setting][i]
+        record.update({f"{m}_{setting}": v for m, v in
+                       answer_scores(answers[setting][i], row["answers"]).items()})
+      for at in RECALL_AT:
+        record[f"recall@{at}"] = recall_at_k(chosen[i], row["pos_index"], at)
+        record[f"bm25_recall@{at}"] = recall_at_k(bm25, row["pos_index"], at)
+      per_question.append(record)
+  n = max(len(per_question), 1)
+  mean = lambda key: sum(r[key] for r in per_question) / n
+  metric_keys = [k_ for k_ in per_question[0] if k_.startswith(("em_", "f1_", "cover_em_",
+                                                               "recall@", "bm25_recall@"))]
+  spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
+  summary = {"questions": len(per_question), "k": k,
+             **{key: mean(key) for key in metric_keys},
+             **{f"{key}_per_question": value / n for key, value in spent.items()}}
+  if out_path:
+    _write_json(out_path, summary)
+    with open(os.path.splitext(out_path)[0] + ".jsonl", "w") as f:
+      for record in per_question:
+        f.write(json.dumps(record) + "\n")
+  return summary
+
+
+def lens_reports(model: ClaraModel, rows: List[Dict], top_t: int = 50, seed: int = 0,
+                 clues: Optional[Sequence[Sequence[str]]] = None) -> Dict:
+  """Lens over the reasoner memories of every question with a gold candidate, plus the
+  gold documents' own memories as a reference point."""
+  rng = np.random.default_rng(seed)
+  decoder = Decoder(model.cfg)
+  rows = [r for r in rows if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
+  q_ids = lens_lib.top_tokens(model.params, decoder, model.reason([r["question"] for r in rows]),
+                              top_t)
+  gold_texts = [r["docs"][r["pos_index"][0]] for r in rows]
+  d_ids = lens_lib.top_tokens(model.params, decoder, model.compress_documents(gold_texts), top_t)
+  reports, doc_reports = [], []
+  for i, row in enumerate(rows):
+    negatives = [j for j in range(len(row["docs"])) if j not in row["pos_index"]]
+    control = row["docs"][int(rng.choice(negatives))]
+    golds = [row["docs"][j] for j in row["pos_index"]]
+    clue = clues[i] if clues is not None else ()
+    reports.append(lens_lib.question_report(model.tok, q_ids[i], row["question"], golds,
+                                            control, clue))
+    doc_reports.append(lens_lib.question_report(model.tok, d_ids[i], row["question"], golds,
+                                                control, clue))
+  return {"reasoner": reports, "documents": doc_reports,
+          "summary": lens_lib.summarize(reports),
+          "documents_summary": lens_lib.summarize(doc_reports)}
+
+
+def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str,
+             top_t: int = 50, seed: int = 0, clues=None) -> Dict:
+  """Lens for one or more checkpoints side by side; writes JSON and a PNG figure."""
+  results = {name: lens_reports(m, rows, top_t, seed, clues) for name, m in checkpoints.items()}
+  summary = {name: r["summary"] for name, r in results.items()}
+  _write_json(out_path, {"summary": summary,
+                         "documents_summary": {n: r["documents_summary"]
+                                               for n, r in results.items()},
+                         "questions": {n: r["reasoner"] for n, r in results.items()}})
+  first = next(iter(results.values()))
+  lens_lib.plot(first["reasoner"], summary, os.path.splitext(out_path)[0] + ".png")
+  return summary
+
+
+def _write_json(path: str, obj) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f, indent=2)
