@@ -91,6 +91,51 @@ def train_main(argv: Sequence[str]) -> int:
   return 0
 
 
+def _load_model(workdir: str):
+  import os
+  from clara_jax.infer.api import ClaraModel
+  return ClaraModel.load(os.path.join(workdir, "export"))
+
+
+def _cmd_evaluate(args) -> int:
+  from clara_jax.eval.evaluate import evaluate, load_rows
+  summary = evaluate(_load_model(args.workdir), load_rows(args.data, limit=args.limit),
+                     k=args.k, max_new_tokens=args.max_new_tokens, out_path=args.out)
+  print(json.dumps(summary))
+  return 0
+
+
+def _cmd_lens(args) -> int:
+  from clara_jax.eval.evaluate import load_rows, run_lens
+  models = {"main": _load_model(args.workdir)}
+  if args.compare:
+    models["compare"] = _load_model(args.compare)
+  summary = run_lens(models, load_rows(args.data, limit=args.limit), args.out,
+                     top_t=args.top, seed=args.seed)
+  print(json.dumps(summary))
+  return 0
+
+
+def _cmd_index(args) -> int:
+  from clara_jax.data.formats import iter_json_lines
+  from clara_jax.infer.index import MemoryIndex, build_index
+  model = _load_model(args.workdir)
+  docs = [value for _, value in iter_json_lines(args.corpus)]
+  for i, doc in enumerate(docs):
+    if not isinstance(doc, dict) or "text" not in doc:
+      raise ValueError(f"{args.corpus}: row {i + 1} needs a 'text' field")
+    doc.setdefault("id", str(i))
+  meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size)
+  result = {"index": args.out, **meta}
+  if args.query:
+    index = MemoryIndex.load(args.out)
+    ids, scores = index.search(model.reason(args.query), args.top_n)
+    result["results"] = [[{"id": index.ids[j], "score": float(s)} for j, s in zip(row, srow)]
+                         for row, srow in zip(ids, scores)]
+  print(json.dumps(result))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="clara-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -117,6 +162,34 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--cached", action="store_true",
                      help="stage2: read precomputed document memories")
   bench.set_defaults(fn=_cmd_bench)
+
+  ev = sub.add_parser("evaluate", help="EM/F1/Cover EM, Recall@k vs BM25, latency")
+  ev.add_argument("--workdir", required=True, help="a trained stage's workdir (export/)")
+  ev.add_argument("--data", required=True, help="stage2 or stage1_2 JSONL")
+  ev.add_argument("--out", required=True, help="summary JSON (per-question .jsonl beside)")
+  ev.add_argument("--k", type=int, default=5)
+  ev.add_argument("--limit", type=int, default=None)
+  ev.add_argument("--max_new_tokens", type=int, default=64)
+  ev.set_defaults(fn=_cmd_evaluate)
+
+  ln = sub.add_parser("lens", help="logit lens of the reasoner's memories")
+  ln.add_argument("--workdir", required=True)
+  ln.add_argument("--compare", default=None, help="a second workdir, side by side")
+  ln.add_argument("--data", required=True)
+  ln.add_argument("--out", required=True, help="lens JSON (a PNG is written beside)")
+  ln.add_argument("--top", type=int, default=50)
+  ln.add_argument("--seed", type=int, default=0)
+  ln.add_argument("--limit", type=int, default=None)
+  ln.set_defaults(fn=_cmd_lens)
+
+  ix = sub.add_parser("index", help="compress a corpus into a document-memory index")
+  ix.add_argument("--workdir", required=True)
+  ix.add_argument("--corpus", required=True, help='JSONL of {"id", "text"}')
+  ix.add_argument("--out", required=True)
+  ix.add_argument("--shard_size", type=int, default=1024)
+  ix.add_argument("--query", action="append", help="questions to answer from the index")
+  ix.add_argument("--top_n", type=int, default=5)
+  ix.set_defaults(fn=_cmd_index)
 
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
   imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")

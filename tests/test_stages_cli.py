@@ -82,3 +82,21 @@ def test_all_stages_train_in_sequence(data, tmp_path, capsys):
       assert "mse" in rows[-1]
   out = capsys.readouterr().out
   assert out.count('"workdir"') == len(STAGES)
+
+  # The trained stage2 checkpoint through the inference jobs.
+  data2 = str(data / "stage2" / "train.jsonl")
+  assert cli.main(["lens", f"--workdir={runs / 'stage2'}", f"--compare={runs / 'stage1_2'}",
+                   f"--data={data2}", f"--out={tmp_path / 'lens.json'}", "--top=20"]) == 0
+  lens = json.loads((tmp_path / "lens.json").read_text())
+  assert set(lens["summary"]) == {"main", "compare"}
+  assert os.path.exists(tmp_path / "lens.png")
+  corpus = tmp_path / "corpus.jsonl"
+  corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": d}) + "\n"
+                            for i, d in enumerate(json.loads(
+                                (data / "stage2" / "train.jsonl").read_text().splitlines()[0])["docs"])))
+  capsys.readouterr()
+  assert cli.main(["index", f"--workdir={runs / 'stage2'}", f"--corpus={corpus}",
+                   f"--out={tmp_path / 'index'}", "--shard_size=4", "--query=Where?",
+                   "--top_n=3"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result["num_docs"] == 6 and len(result["results"][0]) == 3
