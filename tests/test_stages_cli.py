@@ -18,8 +18,12 @@ CITIES = ["Oslo", "Lima", "Kyiv", "Pune", "Rome", "Baku"]
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+  return write_stage_data(tmp_path_factory.mktemp("data"))
+
+
+def write_stage_data(root):
+  """A small people-and-cities world in every stage's format (also used by benchmarks)."""
   rng = np.random.default_rng(0)
-  root = tmp_path_factory.mktemp("data")
   facts = {n: CITIES[rng.integers(len(CITIES))] for n in NAMES}
   doc = lambda n: f"{n} lives in {facts[n]} and works as a baker."
   (root / "lm.txt").write_text("\n".join(doc(n) for n in NAMES * 5))
