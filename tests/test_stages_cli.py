@@ -94,6 +94,18 @@ def test_all_stages_train_in_sequence(data, tmp_path, capsys):
   lens = json.loads((tmp_path / "lens.json").read_text())
   assert set(lens["summary"]) == {"main", "compare"}
   assert os.path.exists(tmp_path / "lens.png")
+  capsys.readouterr()
+  assert cli.main(["evaluate", f"--workdir={runs / 'stage2'}", f"--data={data2}",
+                   f"--out={tmp_path / 'results.json'}", "--k=2", "--limit=6",
+                   "--max_new_tokens=6"]) == 0
+  summary = json.loads((tmp_path / "results.json").read_text())
+  assert summary["questions"] == 6 and summary["k"] == 2
+  for key in ("em_normal", "f1_oracle", "cover_em_normal", "recall@1", "recall@5",
+              "bm25_recall@1", "compress_ms_per_question", "decode_ms_per_question"):
+    assert key in summary, key
+  assert 0 <= summary["recall@5"] <= 1 and summary["decode_ms_per_question"] > 0
+  per_q = (tmp_path / "results.jsonl").read_text().splitlines()
+  assert len(per_q) == 6 and "prediction_oracle" in json.loads(per_q[0])
   corpus = tmp_path / "corpus.jsonl"
   corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": d}) + "\n"
                             for i, d in enumerate(json.loads(
