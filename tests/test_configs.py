@@ -21,3 +21,49 @@ def test_overrides_are_validated():
   cd.num_kv_heads = 3
   with pytest.raises(ValueError, match="num_kv_heads"):
     decoder_config(cd)
+
+
+import importlib
+
+from configs.base import parse_arg, validate
+
+STAGE_CONFIGS = ["lm", "stage1", "stage1_2", "stage2", "stage2_retrieval"]
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_stage_configs_and_sweeps_validate(name):
+  module = importlib.import_module(f"configs.{name}")
+  for arg in ("model=tiny", "model=small,runlocal", "model=mistral_7b,data=/tmp/x"):
+    validate(module.get_config(arg))
+  points = []
+  module.sweep(lambda **overrides: points.append(overrides))
+  assert points
+  for overrides in points:
+    config = module.get_config("model=tiny")
+    for path, value in overrides.items():
+      node = config
+      *parents, leaf = path.split(".")
+      for p in parents:
+        node = node[p]
+      assert leaf in node, path
+      node[leaf] = value
+    validate(config)
+
+
+def test_config_errors_name_the_field():
+  from configs import stage2
+  c = stage2.get_config("model=tiny")
+  c.clara.k = 30
+  with pytest.raises(ValueError, match="clara.k = 30 exceeds data.candidates = 20"):
+    validate(c)
+  c = stage2.get_config("model=tiny")
+  c.clara.doc_max_length = 50
+  with pytest.raises(ValueError, match="multiple of compr_rate"):
+    validate(c)
+  c = stage2.get_config("model=tiny")
+  c.train.grad_accum_steps = 3
+  with pytest.raises(ValueError, match="grad_accum_steps"):
+    validate(c)
+  with pytest.raises(ValueError, match="unknown config variant"):
+    parse_arg("modle=tiny")
+  assert stage2.get_config("model=tiny").init.copy_adapters == (("compressor", "reasoner"),)

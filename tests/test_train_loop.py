@@ -199,3 +199,9 @@ def test_resume_onto_a_different_mesh(text_file, reference_run, tmp_path):
   rows = read_metrics(workdir)
   assert [r["step"] for r in rows][-2:] == [14, 16]
   assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < rows[0]["loss"]
+
+
+def test_batch_must_divide_the_data_parallel_size(text_file, tmp_path):
+  from clara_jax import cli
+  with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
+    cli.main(_args(text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"]))

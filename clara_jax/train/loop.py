@@ -247,6 +247,13 @@ def train(config, workdir: str) -> Dict[str, float]:
                             axis_name="batch" if pmap else None)
 
   mesh = partitioning.make_mesh(config.mesh.shape)
+  data_parallel = (jax.device_count() if pmap
+                   else mesh.shape["data"] * mesh.shape["fsdp"])
+  micro_batch = config.train.global_batch // config.train.grad_accum_steps
+  if micro_batch % data_parallel:
+    raise ValueError(f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
+                     f"divisible by the data-parallel size {data_parallel} "
+                     f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})")
   rules = tuple(tuple(r) for r in config.mesh.rules)
   params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
   state = create_state(params, mask, tx, config.seed)
