@@ -35,7 +35,10 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers==5.23.0",
         "safetensors==0.8.0",
+        "peft==0.21.2",
     ],
+    # Reading official CLaRa checkpoints (.pth files) needs torch.
+    "import": ["torch==2.13.0"],
     "tpu": ["jax[tpu]==0.10.2"],
 }
 

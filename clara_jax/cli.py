@@ -136,6 +136,22 @@ def _cmd_index(args) -> int:
   return 0
 
 
+def _cmd_import_clara(args) -> int:
+  import os
+  from clara_jax.data.tokenizer import Tokenizer
+  from clara_jax.weights.clara_import import import_official_clara
+  from clara_jax.weights.export import save_params
+  cfg, params, info = import_official_clara(args.ckpt_dir, args.hf_dir,
+                                            param_dtype=args.param_dtype, dtype=args.dtype)
+  save_params(args.out, cfg, params)
+  Tokenizer.load(os.path.join(args.hf_dir, "tokenizer.model"), info["n_mem"]).save(
+      os.path.join(args.out, "tokenizer.model"))
+  with open(os.path.join(args.out, "clara.json"), "w") as f:
+    json.dump({k: info[k] for k in ("doc_max_length", "compr_rate")}, f)
+  print(json.dumps({"out": args.out, **info}))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="clara-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
@@ -190,6 +206,15 @@ def build_parser() -> argparse.ArgumentParser:
   ix.add_argument("--query", action="append", help="questions to answer from the index")
   ix.add_argument("--top_n", type=int, default=5)
   ix.set_defaults(fn=_cmd_index)
+
+  ic = sub.add_parser("import-clara", help="convert an official CLaRa (PyTorch) checkpoint")
+  ic.add_argument("--ckpt_dir", required=True, help="adapters.pth, decoder_first_last_layers.pth")
+  ic.add_argument("--hf_dir", required=True, help="the Mistral base (config, safetensors, "
+                  "tokenizer.model)")
+  ic.add_argument("--out", required=True, help="a clara_jax export directory")
+  ic.add_argument("--param_dtype", default="bfloat16")
+  ic.add_argument("--dtype", default="bfloat16")
+  ic.set_defaults(fn=_cmd_import_clara)
 
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
   imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
