@@ -55,30 +55,19 @@ def train_main(argv: Sequence[str]) -> int:
   """`clara-jax train --config=configs/stage2.py:model=tiny --workdir=DIR
   [--config.optimizer.lr=1e-4 ...] [--coordinator_address=host:port --num_processes=N
   --process_id=I | --distributed]` (absl flags, ml_collections config files)."""
-  import os
   from absl import flags, logging
-  from ml_collections import config_flags
-  fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "stage config file[:variant]",
-                                  flag_values=fv, lock_config=False)
-  flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)",
-                      flag_values=fv)
-  flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() from the "
-                    "environment (TPU pods)", flag_values=fv)
-  flags.DEFINE_string("coordinator_address", None, "host:port of process 0", flag_values=fv)
-  flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
-  flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
-  # Config files import `configs.base`: make the directory holding `configs/` importable.
-  for arg in argv:
-    if arg.startswith("--config="):
-      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0]))
-      sys.path.insert(0, os.path.dirname(config_dir))
-  # config_flags reads the config path from sys.argv to register --config.* overrides.
-  saved_argv, sys.argv = sys.argv, ["clara-jax train"] + list(argv)
-  try:
-    fv(sys.argv)
-  finally:
-    sys.argv = saved_argv
+
+  def define(fv):
+    flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, export)",
+                        flag_values=fv)
+    flags.DEFINE_bool("distributed", False, "jax.distributed.initialize() from the "
+                      "environment (TPU pods)", flag_values=fv)
+    flags.DEFINE_string("coordinator_address", None, "host:port of process 0",
+                        flag_values=fv)
+    flags.DEFINE_integer("num_processes", None, "processes in the job", flag_values=fv)
+    flags.DEFINE_integer("process_id", None, "this process's index", flag_values=fv)
+
+  fv = _config_flags(argv, define)
   if fv.config is None or fv.workdir is None:
     raise SystemExit("clara-jax train: --config and --workdir are required")
   logging.set_verbosity(logging.INFO)
@@ -152,11 +141,65 @@ def _cmd_import_clara(args) -> int:
   return 0
 
 
+def _config_flags(argv: Sequence[str], extra_defs=None):
+  """Parses `--config=FILE[:variant]` (+ `--config.*` overrides) with absl flags."""
+  import os
+  from absl import flags
+  from ml_collections import config_flags
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "stage config file[:variant]",
+                                  flag_values=fv, lock_config=False)
+  if extra_defs:
+    extra_defs(fv)
+  # Config files import `configs.base`: make the directory holding `configs/` importable.
+  for arg in argv:
+    if arg.startswith("--config="):
+      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0]))
+      sys.path.insert(0, os.path.dirname(config_dir))
+  # config_flags reads the config path from sys.argv to register --config.* overrides.
+  saved_argv, sys.argv = sys.argv, ["clara-jax"] + list(argv)
+  try:
+    fv(sys.argv)
+  finally:
+    sys.argv = saved_argv
+  if fv.config is None:
+    raise SystemExit("--config is required")
+  return fv
+
+
+def plan_main(argv: Sequence[str]) -> int:
+  """`clara-jax plan --config=configs/stage2.py:model=mistral_7b --mesh=1,32,8`: AOT
+  compile the train step for that mesh on simulated devices; print per-device GiB."""
+  import math
+  import os
+  from absl import flags
+  mesh_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
+  if mesh_arg is None:
+    raise SystemExit("clara-jax plan: --mesh=DATA,FSDP,TENSOR is required")
+  shape = tuple(int(x) for x in mesh_arg.split(","))
+  devices = math.prod(shape)
+  flag = f"--xla_force_host_platform_device_count={devices}"
+  if flag not in os.environ.get("XLA_FLAGS", ""):
+    # The device count is fixed when jax starts: run again with the simulated devices.
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
+               JAX_PLATFORMS="cpu")
+    import subprocess
+    return subprocess.call([sys.executable, "-m", "clara_jax.cli", "plan", *argv], env=env)
+  fv = _config_flags(argv, lambda fv: flags.DEFINE_string("mesh", None, "d,f,t",
+                                                          flag_values=fv))
+  config = fv.config
+  config.mesh.shape = shape
+  from clara_jax.bench.plan import memory_plan
+  print(json.dumps(memory_plan(config)))
+  return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="clara-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("train", help="train a stage: --config=configs/STAGE.py[:variant] "
                  "--workdir=DIR [--config.FIELD=VALUE ...]")
+  sub.add_parser("plan", help="AOT memory plan: --config=... --mesh=DATA,FSDP,TENSOR")
 
   demo = sub.add_parser("demo", help="the whole CLaRa pipeline on the generated world")
   demo.add_argument("--workdir", default="workdir_demo")
@@ -231,6 +274,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   argv = list(sys.argv[1:] if argv is None else argv)
   if argv and argv[0] == "train":  # absl flags + config files, not argparse
     return train_main(argv[1:])
+  if argv and argv[0] == "plan":
+    return plan_main(argv[1:])
   args = build_parser().parse_args(argv)
   return args.fn(args)
 
