@@ -10,12 +10,14 @@ reasoner trainable, from a reasoner that starts as a copy of the compressor (at 
 
 import jax
 import numpy as np
-import optax
 import pytest
 
 from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.decoder import Decoder, init_params
+from clara_jax.train import optimizer
+from clara_jax.train.state import create_state
+from clara_jax.train.step import make_train_step
 from clara_synth import KVWorld, model_cfg
 
 CLARA = ClaraConfig(doc_max_length=6, compr_rate=3, k=1, temperature=0.02)
@@ -25,20 +27,14 @@ SEED = 3
 
 
 def _train(params, loss_fn, mask, batches, steps, lr):
-  tx = optax.chain(optax.clip_by_global_norm(1.0), optax.masked(optax.adam(lr), mask),
-                   optax.masked(optax.set_to_zero(),
-                                jax.tree_util.tree_map(lambda m: not m, mask)))
-
-  @jax.jit
-  def step(p, s, batch, rng):
-    (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, batch, rng)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, metrics
-
-  state = tx.init(params)
-  for i in range(steps):
-    params, state, _ = step(params, state, batches(), jax.random.key(i))
-  return params
+  """The library's train step (clip 1.0 + Adam, trainable subset only) at constant lr."""
+  schedule = optimizer.learning_rate_schedule(lr, steps, "constant", warmup_ratio=0.0)
+  tx = optimizer.make_optimizer(schedule)
+  step = jax.jit(make_train_step(loss_fn, tx, schedule))
+  state = create_state(params, mask, tx)
+  for _ in range(steps):
+    state, _ = step(state, batches())
+  return state.params()
 
 
 @pytest.fixture(scope="module")

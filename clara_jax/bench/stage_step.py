@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import jax
 import numpy as np
-import optax
 
 from clara_jax.bench.flops import forward_flops, matmul_peak_flops, time_fn
 from clara_jax.data import packing
 from clara_jax.model import clara, stages
 from clara_jax.model.config import model_config
 from clara_jax.model.decoder import Decoder, init_params
+from clara_jax.train import optimizer
+from clara_jax.train.state import create_state
+from clara_jax.train.step import make_train_step
 
 
 def synthetic_stage2_batch(rng: np.random.Generator, vocab: int, base_vocab: int,
@@ -53,18 +55,12 @@ def stage2_step_time(model: str = "tiny", batch: int = 4, candidates: int = 20,
     mem, _ = jax.jit(lambda p, t, m: clara.compress(Decoder(cfg_m), p, t, m, cfg_c.n_mem))(
         params, data.pop("doc_tokens"), data.pop("doc_mask"))
     data["doc_mem"] = mem.reshape(batch, candidates, cfg_c.n_mem, -1)
-  loss_fn = stages.stage_loss("stage2", cfg_m, cfg_c)
-  mask = stages.trainable_mask("stage2", params, cfg_c)
-  tx = optax.masked(optax.adamw(1e-4, b2=0.95, weight_decay=0.0), mask)
-
-  @jax.jit
-  def step(p, s, b, key):
-    (loss, _), grads = jax.value_and_grad(loss_fn, has_aux=True)(p, b, key)
-    updates, s = tx.update(grads, s, p)
-    return optax.apply_updates(p, updates), s, loss
-
-  state = tx.init(params)
-  seconds = time_fn(lambda: step(params, state, data, jax.random.key(0)), iters=iters)
+  # The real train step: gradients of the trainable subset only, clip + AdamW.
+  schedule = optimizer.learning_rate_schedule(1e-4, 100, "constant", warmup_ratio=0.0)
+  tx = optimizer.make_optimizer(schedule)
+  step = jax.jit(make_train_step(stages.stage_loss("stage2", cfg_m, cfg_c), tx, schedule))
+  state = create_state(params, stages.trainable_mask("stage2", params, cfg_c), tx)
+  seconds = time_fn(lambda: step(state, data), iters=iters)
   # FLOPs: frozen compressor forward (1x) unless cached; reasoner and generator
   # forward + backward (3x).
   rank = cfg_m.lora.rank if cfg_m.lora else 0
