@@ -117,10 +117,13 @@ def _cmd_index(args) -> int:
   meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size)
   result = {"index": args.out, **meta}
   if args.query:
+    from clara_jax.infer.index import answer_from_index
     index = MemoryIndex.load(args.out)
     ids, scores = index.search(model.reason(args.query), args.top_n)
     result["results"] = [[{"id": index.ids[j], "score": float(s)} for j, s in zip(row, srow)]
                          for row, srow in zip(ids, scores)]
+    answers, _ = answer_from_index(model, index, args.query, k=min(args.top_n, len(index.ids)))
+    result["answers"] = answers
   print(json.dumps(result))
   return 0
 

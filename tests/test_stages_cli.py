@@ -116,3 +116,4 @@ def test_all_stages_train_in_sequence(data, tmp_path, capsys):
                    "--top_n=3"]) == 0
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["num_docs"] == 6 and len(result["results"][0]) == 3
+  assert len(result["answers"]) == 1 and isinstance(result["answers"][0], str)

@@ -59,6 +59,7 @@ class MemoryIndex:
 
   def __init__(self, ids: List[str], memories: np.ndarray, mesh: Optional[Mesh] = None):
     self.ids = ids
+    self.memories = memories  # host copy [N, n_mem, H], what the generator reads
     self.n_mem, self.hidden = memories.shape[1:]
     flat = memories.reshape(len(ids), -1).astype(np.float32)
     flat /= np.maximum(np.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
@@ -98,3 +99,15 @@ def _search(matrix, valid, query_bmh, top_n: int):
   scores = q @ matrix.T
   scores = jnp.where(valid[None], scores, -jnp.inf)
   return jax.lax.top_k(scores, top_n)
+
+
+def answer_from_index(model, index: MemoryIndex, questions: Sequence[str], k: int = 5,
+                      max_new_tokens: int = 64):
+  """Retrieves k documents per question from the index with the reasoner and answers
+  from their stored memories. Returns (answers, [[doc ids]])."""
+  from clara_jax.data import templates
+  idx, _ = index.search(model.reason(questions), k)
+  memories = index.memories[idx].astype(np.float32)  # [B, k, n_mem, H]
+  turns = [templates.answer_turn(q, model.n_mem, idx.shape[1]) for q in questions]
+  answers = model.generate_turns(turns, memories, idx.shape[1], max_new_tokens)
+  return answers, [[index.ids[j] for j in row] for row in idx]
