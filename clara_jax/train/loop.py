@@ -101,7 +101,12 @@ def data_files(config, workdir: str) -> Dict[str, str]:
   """{split: file} of this stage's rows (the generated world is written on first use)."""
   fmt = config.data.format
   if config.data.source == "synth":
-    from clara_jax.data import synth
+    try:
+      from clara_jax.data import synth
+    except ImportError:
+      raise ValueError("config data.source='synth' needs the generated world "
+                       "(clara_jax.data.synth), which this version does not ship yet; "
+                       "pass --config.data.source=DIR of {split}.jsonl files") from None
     directory = synth_dir(config, workdir)
     if not os.path.exists(os.path.join(directory, "manifest.json")):
       if jax.process_index() == 0:
