@@ -12,7 +12,8 @@ def _cmd_demo(args) -> int:
   print("clara-jax demo: not yet available. The end-to-end demo on the generated world "
         "(tokenizer, LM pretraining, stage1, stage1_2, stage2, evaluation, logit lens) "
         "lands with the demo issue.\n"
-        "Available now: `clara-jax info`, `clara-jax bench forward`, `clara-jax import-hf`.")
+        "Available now: train, evaluate, lens, index, plan, bench, info, import-hf, "
+        "import-clara (see the README).")
   return 0
 
 
