@@ -93,9 +93,12 @@ def test_resume_after_sigkill_is_bit_identical(text_file, reference_run, tmp_pat
   assert set(want) == set(got)
   for key in want:
     np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-  ref_losses = {r["step"]: r["loss"] for r in read_metrics(reference_run)}
-  for row in read_metrics(workdir):
-    assert row["loss"] == ref_losses[row["step"]], row["step"]
+  ref_rows, rows = read_metrics(reference_run), read_metrics(workdir)
+  # Rows the killed run logged past its last checkpoint are replaced, not duplicated.
+  assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]
+  for row, ref in zip(rows, ref_rows):
+    for key in ("loss", "ce", "grad_norm", "lr"):
+      assert row[key] == ref[key], (row["step"], key)
 
 
 def test_sigterm_saves_a_checkpoint_and_exits(text_file, tmp_path):
@@ -205,3 +208,15 @@ def test_batch_must_divide_the_data_parallel_size(text_file, tmp_path):
   from clara_jax import cli
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
     cli.main(_args(text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"]))
+
+
+def test_checkpoints_only_on_the_interval_or_forced(tmp_path):
+  import jax.numpy as jnp
+  from clara_jax.train.checkpoint import Checkpointer
+  ckpt = Checkpointer(str(tmp_path / "c"), save_every=2, keep=5)
+  saved = [ckpt.save(step, {"w": jnp.full((2,), step)}, {"pos": step}) for step in range(1, 6)]
+  saved.append(ckpt.save(5, {"w": jnp.zeros((2,))}, {"pos": 5}, force=True))
+  ckpt.close()
+  # No save at step 1: a resume must land on a logging boundary.
+  assert saved == [False, True, False, True, False, True]
+  assert ckpt.all_steps() == [2, 4, 5]

@@ -25,9 +25,15 @@ class Checkpointer:
   def __init__(self, directory: str, save_every: int = 100, keep: int = 3,
                async_save: bool = True):
     self.directory = os.path.abspath(directory)
+    # Only interval steps (and forced saves: the end, preemption). Orbax's default policy
+    # also saves the first step, which would let a resume land between two logging
+    # steps and change the next logged window mean.
+    policy = ocp.checkpoint_managers.AnySavePolicy([
+        ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, save_interval_steps=save_every, create=True,
-        enable_async_checkpointing=async_save)
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        save_decision_policy=policy)
     self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=("state", "data"))
 

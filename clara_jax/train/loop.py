@@ -277,7 +277,7 @@ def train(config, workdir: str) -> Dict[str, float]:
     logging.info("resumed from step %d", step0)
   else:
     step0 = 0
-  writer = MetricsWriter(workdir)
+  writer = MetricsWriter(workdir, resume_step=step0)
   if step0 == 0:
     writer.write_hparams(_flat_hparams(config))
   logging.info("%s", parameter_overview(state.trainable, state.frozen, params_sh))

@@ -15,12 +15,15 @@ import numpy as np
 class MetricsWriter:
   """Writes scalars to TensorBoard (clu) and appends them to `metrics.jsonl`."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True):
+  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0):
+    """`resume_step`: the step training restarts from; rows a killed run logged after
+    it are dropped, since the resumed run logs those steps again."""
     self.enabled = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._writer = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
+      self._drop_rows_after(resume_step)
       if tensorboard:
         from clu import metric_writers  # imports tensorflow: only where it is used
         self._writer = metric_writers.create_default_writer(
@@ -34,6 +37,25 @@ class MetricsWriter:
       self._writer.write_scalars(step, clean)
     with open(self.path, "a") as f:
       f.write(json.dumps({"step": int(step), **clean}) + "\n")
+
+  def _drop_rows_after(self, step: int) -> None:
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = f.readlines()
+    keep = []
+    for line in lines:
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by the kill
+        continue
+      if row.get("step", 0) <= step:
+        keep.append(json.dumps(row) + "\n")
+    if len(keep) != len(lines):
+      tmp = self.path + ".tmp"
+      with open(tmp, "w") as f:
+        f.writelines(keep)
+      os.replace(tmp, self.path)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     if self.enabled and self._writer is not None:
