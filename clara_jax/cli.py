@@ -17,6 +17,28 @@ def _cmd_demo(args) -> int:
   return 0
 
 
+def _cmd_synth(args) -> int:
+  import json
+  from clara_jax.data import synth
+  size = args.size
+  if args.stream:
+    count = synth.write_fresh(args.out, args.seed, args.rows, args.stream, size, args.k,
+                              args.max_facts)
+    print(json.dumps({"file": args.out, "rows": count, "format": args.stream}))
+    return 0
+  manifest = synth.write_world(args.out, seed=args.seed, size=size,
+                               candidates=args.candidates, k=args.k,
+                               max_facts=args.max_facts, fresh_rows=args.rows)
+  kinds = {}
+  for q in manifest["questions"].values():
+    key = f"{q['split']}_{q['kind']}"
+    kinds[key] = kinds.get(key, 0) + 1
+  print(f"world seed {args.seed} ({size}): {len(manifest['documents'])} documents, "
+        f"{len(manifest['questions'])} questions in {args.out}")
+  print(json.dumps({"out": args.out, "files": manifest["files"], "questions": kinds}))
+  return 0
+
+
 def _cmd_info(args) -> int:
   from clara_jax.model.config import model_config
   cfg = model_config(args.model, num_extra_tokens=args.num_extra_tokens)
@@ -49,6 +71,24 @@ def _cmd_import_hf(args) -> int:
                                      param_dtype=args.param_dtype, dtype=args.dtype)
   save_params(args.out, cfg, params)
   print(json.dumps({"out": args.out, "num_params": cfg.num_params()}))
+  return 0
+
+
+def _cmd_convert(args) -> int:
+  # Only stdlib, numpy and scipy on this path: converting data must not start jax.
+  from clara_jax.data.convert import convert
+  from clara_jax.data.formats import DataError
+  try:
+    report = convert(args.format, args.input, args.out, candidates=args.candidates, k=args.k,
+                     seed=args.seed, on_error=args.on_error, stage=args.stage,
+                     limit=args.limit)
+  except (DataError, FileNotFoundError) as e:
+    print(f"clara-jax convert: {e}", file=sys.stderr)
+    return 2
+  for reason in report.reasons:
+    print(f"skipped: {reason}", file=sys.stderr)
+  print(report.summary())
+  print(json.dumps(report.to_dict()))
   return 0
 
 
@@ -210,6 +250,20 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--quick", action="store_true", help="a ~3 minute version for tests")
   demo.set_defaults(fn=_cmd_demo)
 
+  sy = sub.add_parser("synth", help="generate a fictional world (the embedded default data)")
+  sy.add_argument("--out", required=True, help="output directory (or file with --stream)")
+  sy.add_argument("--seed", type=int, default=0)
+  sy.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
+  sy.add_argument("--candidates", type=int, default=20, help="stage2 documents per question")
+  sy.add_argument("--k", type=int, default=5, help="stage1_2 documents per question")
+  sy.add_argument("--max_facts", type=int, default=None, help="facts per document (shorter)")
+  sy.add_argument("--rows", type=int, default=0,
+                  help="fresh-world rows: written as {stage1,stage1_2}_fresh.jsonl beside "
+                  "the world, or to --out with --stream")
+  sy.add_argument("--stream", choices=["stage1", "stage1_2", "stage2"], default=None,
+                  help="write --rows rows of this format from fresh worlds to the file --out")
+  sy.set_defaults(fn=_cmd_synth)
+
   info = sub.add_parser("info", help="a named model size and its parameter counts")
   info.add_argument("--model", default="tiny")
   info.add_argument("--num_extra_tokens", type=int, default=0)
@@ -262,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
   ic.add_argument("--param_dtype", default="bfloat16")
   ic.add_argument("--dtype", default="bfloat16")
   ic.set_defaults(fn=_cmd_import_clara)
+
+  cv = sub.add_parser("convert", help="a QA dataset (or stage1 rows) to CLaRa JSONL, with "
+                      "BM25 distractors and seeded shuffling")
+  cv.add_argument("format", choices=["hotpotqa", "hotpotqa_ircot", "musique", "2wiki", "nq",
+                                     "stage1"])
+  cv.add_argument("--input", action="append", required=True,
+                  help="JSONL(.gz) or JSON array file; repeat to pool several")
+  cv.add_argument("--out", required=True, help="output JSONL (written atomically)")
+  cv.add_argument("--stage", choices=["stage2", "stage1_2"], default="stage2")
+  cv.add_argument("--candidates", type=int, default=20, help="documents per stage2 row")
+  cv.add_argument("--k", type=int, default=5, help="documents per stage1_2 row")
+  cv.add_argument("--seed", type=int, default=0, help="candidate shuffle seed")
+  cv.add_argument("--on_error", choices=["raise", "skip"], default="raise")
+  cv.add_argument("--limit", type=int, default=None, help="convert the first N rows only")
+  cv.set_defaults(fn=_cmd_convert)
 
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
   imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
