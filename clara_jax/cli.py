@@ -140,8 +140,12 @@ def _cmd_lens(args) -> int:
   models = {"main": _load_model(args.workdir)}
   if args.compare:
     models["compare"] = _load_model(args.compare)
-  summary = run_lens(models, load_rows(args.data, limit=args.limit), args.out,
-                     top_t=args.top, seed=args.seed)
+  rows = load_rows(args.data, limit=args.limit)
+  clues = None
+  if args.manifest:
+    from clara_jax.data.synth import clues_for
+    clues = clues_for(args.manifest, [r["question"] for r in rows])
+  summary = run_lens(models, rows, args.out, top_t=args.top, seed=args.seed, clues=clues)
   print(json.dumps(summary))
   return 0
 
@@ -297,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
   ln.add_argument("--top", type=int, default=50)
   ln.add_argument("--seed", type=int, default=0)
   ln.add_argument("--limit", type=int, default=None)
+  ln.add_argument("--manifest", default=None,
+                  help="a generated world's manifest.json: also report clue-word recall")
   ln.set_defaults(fn=_cmd_lens)
 
   ix = sub.add_parser("index", help="compress a corpus into a document-memory index")

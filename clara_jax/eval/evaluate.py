@@ -102,7 +102,9 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: int = 50, seed: int
   gold documents' own memories as a reference point."""
   rng = np.random.default_rng(seed)
   decoder = Decoder(model.cfg)
-  rows = [r for r in rows if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
+  keep = [i for i, r in enumerate(rows) if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
+  rows = [rows[i] for i in keep]
+  clues = [clues[i] for i in keep] if clues is not None else None
   q_ids = lens_lib.top_tokens(model.params, decoder, model.reason([r["question"] for r in rows]),
                               top_t)
   gold_texts = [r["docs"][r["pos_index"][0]] for r in rows]

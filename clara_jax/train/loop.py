@@ -92,31 +92,49 @@ def _previous_export(config, workdir: str) -> Optional[str]:
 
 
 def synth_dir(config, workdir: str) -> str:
-  """Where the generated world lives: shared by the stages of one pipeline."""
-  return os.path.normpath(os.path.join(workdir, "..", "data", f"synth_{config.data.synth_size}"
-                                       f"_seed{config.seed}"))
+  """Where the generated world lives: beside the workdir, shared by the stages of one
+  pipeline that ask for the same world (its name holds every generation setting)."""
+  d = config.data
+  name = f"synth_{d.synth_size}_seed{d.synth_seed}_c{d.candidates}_k{config.clara.k}"
+  if d.synth_max_facts:
+    name += f"_f{d.synth_max_facts}"
+  return os.path.normpath(os.path.join(workdir, "..", "data", name))
+
+
+def _fresh_rows_needed(config) -> int:
+  return config.train.num_steps * config.train.global_batch
 
 
 def data_files(config, workdir: str) -> Dict[str, str]:
   """{split: file} of this stage's rows (the generated world is written on first use)."""
   fmt = config.data.format
-  if config.data.source == "synth":
-    try:
-      from clara_jax.data import synth
-    except ImportError:
-      raise ValueError("config data.source='synth' needs the generated world "
-                       "(clara_jax.data.synth), which this version does not ship yet; "
-                       "pass --config.data.source=DIR of {split}.jsonl files") from None
+  d = config.data
+  if d.source == "synth":
+    from clara_jax.data import synth
     directory = synth_dir(config, workdir)
+    max_facts = d.synth_max_facts or None
     if not os.path.exists(os.path.join(directory, "manifest.json")):
       if jax.process_index() == 0:
-        synth.write_world(directory, seed=config.seed, size=config.data.synth_size,
-                          candidates=config.data.candidates)
+        synth.write_world(directory, seed=d.synth_seed, size=d.synth_size,
+                          candidates=d.candidates, k=config.clara.k, max_facts=max_facts)
       _barrier("synth world written")
     if fmt == "text":
       return {"train": os.path.join(directory, "lm.txt")}
-    return {split: os.path.join(directory, f"{fmt}_{split}.jsonl") for split in ("train", "test")}
-  source = config.data.source
+    files = {split: os.path.join(directory, f"{fmt}_{split}.jsonl")
+             for split in ("train", "test")}
+    if d.synth_fresh:
+      if fmt not in ("stage1", "stage1_2"):
+        raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
+                         f"stage1 and stage1_2 do (this stage reads {fmt!r} rows)")
+      rows = _fresh_rows_needed(config)
+      path = os.path.join(directory, f"{fmt}_fresh{rows}.jsonl")
+      if not os.path.exists(path) and jax.process_index() == 0:
+        synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
+                          max_facts)
+      _barrier("fresh rows written")
+      files["train"] = path
+    return files
+  source = d.source
   if fmt == "text":
     return {"train": source}
   return tfds_builders.split_files(source)
