@@ -9,12 +9,11 @@ from typing import Optional, Sequence
 
 
 def _cmd_demo(args) -> int:
-  print("clara-jax demo: not yet available. The end-to-end demo on the generated world "
-        "(tokenizer, LM pretraining, stage1, stage1_2, stage2, evaluation, logit lens) "
-        "lands with the demo issue.\n"
-        "Available now: train, evaluate, lens, index, plan, bench, info, import-hf, "
-        "import-clara (see the README).")
-  return 0
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # the demo prints its own progress
+  from clara_jax import demo
+  summary = demo.run(args.workdir, quick=args.quick, seed=args.seed)
+  return 0 if summary["claims"] else 1
 
 
 def _cmd_synth(args) -> int:
@@ -180,9 +179,13 @@ def _cmd_import_clara(args) -> int:
   from clara_jax.weights.export import save_params
   cfg, params, info = import_official_clara(args.ckpt_dir, args.hf_dir,
                                             param_dtype=args.param_dtype, dtype=args.dtype)
+  tok_path = os.path.join(args.hf_dir, "tokenizer.model")
+  tok = Tokenizer.load(tok_path, info["n_mem"])
+  if tok.base_vocab_size != cfg.base_vocab_size:
+    raise ValueError(f"{tok_path}: {tok.base_vocab_size} pieces, but the checkpoint's "
+                     f"embedding has {cfg.base_vocab_size} base rows")
   save_params(args.out, cfg, params)
-  Tokenizer.load(os.path.join(args.hf_dir, "tokenizer.model"), info["n_mem"]).save(
-      os.path.join(args.out, "tokenizer.model"))
+  tok.save(os.path.join(args.out, "tokenizer.model"))
   with open(os.path.join(args.out, "clara.json"), "w") as f:
     json.dump({k: info[k] for k in ("doc_max_length", "compr_rate")}, f)
   print(json.dumps({"out": args.out, **info}))
@@ -252,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
   demo = sub.add_parser("demo", help="the whole CLaRa pipeline on the generated world")
   demo.add_argument("--workdir", default="workdir_demo")
   demo.add_argument("--quick", action="store_true", help="a ~3 minute version for tests")
+  demo.add_argument("--seed", type=int, default=0, help="world, init and data-order seed")
   demo.set_defaults(fn=_cmd_demo)
 
   sy = sub.add_parser("synth", help="generate a fictional world (the embedded default data)")

@@ -45,6 +45,7 @@ def get_base_config(stage, arg=None):
   c.clara.temperature = 0.02  # straight-through top-k tau
   c.clara.mse_weight = 0.1  # compressor alignment MSE weight (stages 1, 1_2)
   c.clara.train_compressor = False  # stage2: also train the compressor (paper: no)
+  c.clara.train_generator = True  # stage2: also train the generator (paper: yes)
   c.clara.retrieval_temperature = 0.02  # InfoNCE tau of stage2_retrieval
   c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
 
@@ -62,6 +63,7 @@ def get_base_config(stage, arg=None):
   c.data.prompt_length = 96  # generator prompt region (left-padded)
   c.data.answer_length = 32  # generator answer region incl. eos (right-padded)
   c.data.lm_length = 128  # sequence length of LM pretraining
+  c.data.prompt_style = "reference"  # generator prompts: 'reference' or 'short' (tiny models)
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # a SentencePiece .model; empty: previous stage's or trained

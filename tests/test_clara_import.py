@@ -90,3 +90,42 @@ def test_bad_files_get_clear_errors(official, tmp_path):
   os.remove(bad / "decoder_first_last_layers.pth")
   with pytest.raises(FileNotFoundError, match="decoder_first_last_layers.pth"):
     import_official_clara(str(bad), base_dir)
+
+
+def test_cli_import_gives_a_loadable_clara_model(official, tmp_path):
+  """`clara-jax import-clara` writes an export that the inference API serves."""
+  import io
+  import sentencepiece as spm
+  from clara_jax import cli
+  from clara_jax.infer.api import ClaraModel
+  _, ckpt, base_dir = official
+  words = ("the river runs by the old town and the team plays in blue while a quick brown "
+           "fox jumps over lazy dogs").split()
+  rng = np.random.default_rng(0)
+  lines = [" ".join(rng.choice(words, 12)) for _ in range(400)]
+
+  def write_tokenizer(vocab_size):
+    proto = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto,
+                                   vocab_size=vocab_size, model_type="bpe",
+                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+                                   pad_id=3, minloglevel=2)
+    with open(os.path.join(base_dir, "tokenizer.model"), "wb") as f:
+      f.write(proto.getvalue())
+
+  out = str(tmp_path / "export")
+  write_tokenizer(V0 - 8)  # a tokenizer that does not belong to these weights
+  with pytest.raises(ValueError, match="88 pieces, but the checkpoint's embedding has 96"):
+    cli.main(["import-clara", f"--ckpt_dir={ckpt}", f"--hf_dir={base_dir}", f"--out={out}"])
+  assert not os.path.exists(out)
+  write_tokenizer(V0)
+  assert cli.main(["import-clara", f"--ckpt_dir={ckpt}", f"--hf_dir={base_dir}",
+                   f"--out={out}", "--param_dtype=float32", "--dtype=float32"]) == 0
+  model = ClaraModel.load(out)
+  assert model.n_mem == N_MEM
+  mem = model.compress_documents(["the team plays in blue", "the old town"])
+  assert mem.shape == (2, N_MEM, 32) and np.isfinite(mem).all()
+  answers, chosen = model.generate_from_questions(["where does the team play"],
+                                                  [["the team plays in blue", "the old town"]],
+                                                  k=1, max_new_tokens=4)
+  assert len(answers) == 1 and chosen.shape == (1, 1)

@@ -53,6 +53,27 @@ def test_hidden_words_are_discriminative(tok):
   assert s["hidden_hit_rate"] == 0.5 and s["lift"] == 0.0 and s["clue_recall"] == 0.5
 
 
+def test_pieces_catch_names_a_small_vocabulary_splits(tok):
+  """A made-up name is several pieces: the word count misses it, the piece count not."""
+  name = "Kiwimayor"
+  name_ids = sorted(lens.content_pieces(tok, tok.encode(name, parse_special=False)))
+  assert len(name_ids) >= 2
+  question = "Which team does the coach lead?"
+  gold = [f"The {name} team plays in the north city."]
+  control = "The kiwi team plays in the south city."
+  slots = np.asarray([name_ids[:2] + _ids(tok, "coach team")[:2],
+                      _ids(tok, "red blue green river")])
+  rep = lens.question_report(tok, slots, question, gold, control, clue_words=[name.lower()])
+  assert rep["hidden"] == [] and rep["clues_found"] == []
+  want = sorted(tok.id_to_piece(i) for i in name_ids[:2])
+  assert want and rep["hidden_pieces"] == want
+  assert rep["control_pieces"] == []
+  assert 0 < len(rep["clue_pieces_found"]) <= rep["num_clue_pieces"]
+  s = lens.summarize([rep])
+  assert s["hidden_piece_hit_rate"] == 1.0 and s["piece_lift"] == 1.0
+  assert 0 < s["clue_piece_recall"] <= 1.0
+
+
 def test_lens_job_writes_json_and_png(tok, tmp_path):
   cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
                      num_extra_tokens=tok.num_special)

@@ -29,6 +29,7 @@ class FeatureConfig:
     num_docs: documents per example (stage1: 1; stage1_2: k; stage2: candidates).
     prompt_length, answer_length: generator regions (see clara_jax.model.clara).
     lm_length: sequence length of the `lm` stage.
+    prompt_style: generator prompt wording (see `templates.PROMPT_STYLES`).
   """
 
   stage: str
@@ -40,6 +41,7 @@ class FeatureConfig:
   prompt_length: int = 64
   answer_length: int = 32
   lm_length: int = 128
+  prompt_style: str = "reference"
 
 
 class Featurizer:
@@ -88,11 +90,12 @@ class Featurizer:
     if cfg.stage == "stage1":
       self._docs(row["docs"], example)
       rng = np.random.default_rng([self.seed, index])
-      system, user, answer = templates.stage1_turn(row, cfg.n_mem, rng)
+      system, user, answer = templates.stage1_turn(row, cfg.n_mem, rng, cfg.prompt_style)
       gen, truncated = self._generator(system, user, answer, 1)
     else:
       self._docs(row["docs"], example)
-      system, user = templates.answer_turn(row["question"], cfg.n_mem, cfg.k)
+      system, user = templates.answer_turn(row["question"], cfg.n_mem, cfg.k,
+                                          cfg.prompt_style)
       gen, truncated = self._generator(system, user, row["answer"], cfg.k)
     example.update(gen)
     example["truncated_gen"] = np.int32(truncated)

@@ -44,22 +44,41 @@ PARAPHRASE_INSTRUCTIONS: Tuple[str, ...] = (
 )
 
 
+# "reference": the reference's English system prompts and instructions. "short": no
+# system text and one fixed instruction, for small from-scratch models whose vocabulary
+# never saw those prompts (they would cost ~100 tokens of every example).
+PROMPT_STYLES = ("reference", "short")
+
+
+def _check_style(style: str) -> None:
+  if style not in PROMPT_STYLES:
+    raise ValueError(f"unknown prompt style {style!r}; known: {PROMPT_STYLES}")
+
+
 def memory_slots(n_mem: int, k: int) -> str:
   """k placeholder slots, each `<MEM0>..<MEM{n-1}><SEP>`, with no separators between."""
   return ("".join(mem_token(i) for i in range(n_mem)) + SEP_TOKEN) * k
 
 
-def stage1_turn(row: Dict, n_mem: int, rng: np.random.Generator) -> Tuple[str, str, str]:
+def stage1_turn(row: Dict, n_mem: int, rng: np.random.Generator,
+                style: str = "reference") -> Tuple[str, str, str]:
   """(system, user, answer) of a stage1 row: all QA pairs, or a paraphrase."""
+  _check_style(style)
   slots = memory_slots(n_mem, 1)
+  short = style == "short"
   if row["data_type"] == "qa":
     answer = "\n".join(f"Question: {q}\nAnswer: {a}"
                        for q, a in zip(row["question"], row["answers"]))
-    return QA_SYSTEM, f"Background:\n{slots}", answer
+    return "" if short else QA_SYSTEM, f"Background:\n{slots}", answer
+  if short:
+    return "", PARAPHRASE_INSTRUCTIONS[0].format(docs=slots), row["answers"][0]
   instruction = PARAPHRASE_INSTRUCTIONS[int(rng.integers(len(PARAPHRASE_INSTRUCTIONS)))]
   return PARAPHRASE_SYSTEM, instruction.format(docs=slots), row["answers"][0]
 
 
-def answer_turn(question: str, n_mem: int, k: int) -> Tuple[str, str]:
+def answer_turn(question: str, n_mem: int, k: int,
+                style: str = "reference") -> Tuple[str, str]:
   """(system, user) of a question over k document slots (stage1_2, stage2, inference)."""
-  return ANSWER_SYSTEM, f"Background:\n{memory_slots(n_mem, k)}\n\nQuestion:{question}"
+  _check_style(style)
+  system = "" if style == "short" else ANSWER_SYSTEM
+  return system, f"Background:\n{memory_slots(n_mem, k)}\n\nQuestion:{question}"

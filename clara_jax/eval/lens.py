@@ -68,20 +68,47 @@ def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
   return out
 
 
+def content_pieces(tok: Tokenizer, token_ids: Iterable[int]) -> Set[int]:
+  """The ids among `token_ids` whose piece is alphabetic (2+ letters, not a stopword):
+  the unit of the piece-level lens, for vocabularies that split names into pieces."""
+  return {int(t) for t in token_ids if token_word(tok, int(t)) is not None
+          and token_word(tok, int(t)).isalpha()}
+
+
+def _text_pieces(tok: Tokenizer, text: str) -> Set[int]:
+  return content_pieces(tok, tok.encode(text, parse_special=False))
+
+
 def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
                     gold_docs: Sequence[str], control_doc: str,
                     clue_words: Sequence[str] = ()) -> Dict:
-  """Per-question lens result from the top tokens of every memory slot [n_mem, T]."""
-  decoded = decoded_words(tok, slot_token_ids.reshape(-1))
+  """Per-question lens result from the top tokens of every memory slot [n_mem, T].
+
+  Words (whole vocabulary words) and pieces (token ids, which also catch names that a
+  small vocabulary splits) are counted the same way: discriminative gold items absent
+  from the question, against discriminative items of the control document."""
+  top = slot_token_ids.reshape(-1)
+  decoded = decoded_words(tok, top)
   q_words = words(question)
   gold = set().union(*(words(d) for d in gold_docs)) - q_words
   control = words(control_doc) - q_words
   hidden = sorted(decoded & (gold - control))
   control_hits = sorted(decoded & (control - gold))
   clues = {c.lower() for c in clue_words} - q_words
+  pieces = content_pieces(tok, top)
+  q_pieces = _text_pieces(tok, question)
+  gold_p = set().union(*(_text_pieces(tok, d) for d in gold_docs)) - q_pieces
+  control_p = _text_pieces(tok, control_doc) - q_pieces
+  # Clue words come lower-cased; their pieces are those of the gold text's spelling.
+  spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
+  clue_p = set().union(set(), *(_text_pieces(tok, w) for w in spelled)) - q_pieces
+  piece = lambda ids: sorted(tok.id_to_piece(i) for i in ids)
   return {"question": question, "decoded": sorted(decoded), "hidden": hidden,
           "control_hits": control_hits,
           "clues_found": sorted(decoded & clues), "num_clues": len(clues),
+          "hidden_pieces": piece(pieces & (gold_p - control_p)),
+          "control_pieces": piece(pieces & (control_p - gold_p)),
+          "clue_pieces_found": piece(pieces & clue_p), "num_clue_pieces": len(clue_p),
           "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids]}
 
 
@@ -95,10 +122,18 @@ def summarize(reports: List[Dict]) -> Dict[str, float]:
          "hidden_per_question": sum(len(r["hidden"]) for r in reports) / n,
          "control_per_question": sum(len(r["control_hits"]) for r in reports) / n,
          "lift": hit - control}
+  if reports and "hidden_pieces" in reports[0]:
+    out["hidden_piece_hit_rate"] = sum(bool(r["hidden_pieces"]) for r in reports) / n
+    out["control_piece_hit_rate"] = sum(bool(r["control_pieces"]) for r in reports) / n
+    out["piece_lift"] = out["hidden_piece_hit_rate"] - out["control_piece_hit_rate"]
   with_clues = [r for r in reports if r["num_clues"]]
   if with_clues:
     out["clue_recall"] = (sum(len(r["clues_found"]) for r in with_clues)
                           / sum(r["num_clues"] for r in with_clues))
+    with_pieces = [r for r in with_clues if r.get("num_clue_pieces")]
+    if with_pieces:
+      out["clue_piece_recall"] = (sum(len(r["clue_pieces_found"]) for r in with_pieces)
+                                  / sum(r["num_clue_pieces"] for r in with_pieces))
   return out
 
 

@@ -42,8 +42,10 @@ class ClaraModel:
   """Compressor, reasoner and generator of one exported checkpoint."""
 
   def __init__(self, cfg: DecoderConfig, params, tokenizer: Tokenizer, doc_max_length: int,
-               compr_rate: int, question_max_length: int = 64, doc_batch: int = 32):
+               compr_rate: int, question_max_length: int = 64, doc_batch: int = 32,
+               prompt_style: str = "reference"):
     self.cfg, self.params, self.tok = cfg, params, tokenizer
+    self.prompt_style = prompt_style
     self.n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
     self.doc_max_length, self.question_max_length = doc_max_length, question_max_length
     self.doc_batch = doc_batch
@@ -52,6 +54,13 @@ class ClaraModel:
     n_mem = self.n_mem
     self._compress = jax.jit(lambda p, t, m: clara.compress(model, p, t, m, n_mem)[0])
     self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
+
+    def nll_per_example(p, tokens, mask, slots, memories, answer_mask):
+      one = lambda t, m, s, mem, a: clara.generator_loss(
+          model, p, t[None], m[None], s[None], mem[None], a[None])[0]
+      return jax.vmap(one)(tokens, mask, slots, memories, answer_mask)
+
+    self._answer_nll = jax.jit(nll_per_example)
 
   @classmethod
   def load(cls, export_dir: str, doc_max_length: Optional[int] = None,
@@ -66,8 +75,9 @@ class ClaraModel:
     compr_rate = compr_rate or recorded.get("compr_rate")
     if doc_max_length is None or compr_rate is None:
       raise ValueError(f"{export_dir}: no clara.json; pass doc_max_length and compr_rate")
-    if "question_max_length" in recorded:
-      kw.setdefault("question_max_length", recorded["question_max_length"])
+    for key in ("question_max_length", "prompt_style"):
+      if key in recorded:
+        kw.setdefault(key, recorded[key])
     cfg, params = load_params(export_dir)
     tok_path = os.path.join(export_dir, "tokenizer.model")
     n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
@@ -141,13 +151,39 @@ class ClaraModel:
     self.timings.decode_ms += 1e3 * (time.perf_counter() - start)
     return out
 
+  def answer_nll(self, turns: List[Tuple[str, str]], answers: Sequence[str],
+                 memories: np.ndarray, k: int) -> np.ndarray:
+    """Teacher-forced answer loss: mean NLL (nats) per answer token (incl. eos) of each
+    answer [B], given memories [B, k, n_mem, H] in the turns' k slots."""
+    prompts = [self.tok.encode(build_chat_prompt(user, system), add_bos=True)
+               for system, user in turns]
+    answer_ids = [self.tok.encode(a, parse_special=False) for a in answers]
+    length = bucket_length(max(len(p) for p in prompts))
+    answer_len = bucket_length(max(len(a) for a in answer_ids) + 1, (8, 16, 32, 64, 128))
+    arrays, _ = packing.pack_generator(prompts, answer_ids, length, answer_len,
+                                       self.tok.mem_ids[:self.n_mem], k, self.tok.eos_id,
+                                       self.tok.pad_id)
+    out = []
+    for start in range(0, len(prompts), self.doc_batch):
+      part = {key: v[start:start + self.doc_batch] for key, v in arrays.items()}
+      b = len(part["gen_tokens"])
+      pad = lambda x: (np.concatenate([x, np.repeat(x[-1:], self.doc_batch - b, 0)])
+                       if b < self.doc_batch else x)
+      nll = self._answer_nll(self.params, pad(part["gen_tokens"]), pad(part["gen_mask"]),
+                             pad(part["slot_positions"]),
+                             pad(np.asarray(memories[start:start + self.doc_batch])),
+                             pad(part["answer_mask"]))
+      out.append(np.asarray(nll)[:b])
+    return np.concatenate(out)
+
   def generate_from_paraphrase(self, docs: Sequence[str], max_new_tokens: int = 64,
                                instruction: int = 0) -> List[str]:
     """stage1: reconstruct each document from its memories."""
     mem = self.compress_documents(docs)[:, None]
     slots = templates.memory_slots(self.n_mem, 1)
     user = templates.PARAPHRASE_INSTRUCTIONS[instruction].format(docs=slots)
-    return self.generate_turns([(templates.PARAPHRASE_SYSTEM, user)] * len(docs), mem, 1,
+    system = "" if self.prompt_style == "short" else templates.PARAPHRASE_SYSTEM
+    return self.generate_turns([(system, user)] * len(docs), mem, 1,
                           max_new_tokens)
 
   def generate_from_documents(self, questions: Sequence[str], docs: Sequence[Sequence[str]],
@@ -158,7 +194,7 @@ class ClaraModel:
       raise ValueError("every question needs the same number of documents")
     mem = self.compress_documents([d for ds in docs for d in ds])
     mem = mem.reshape(len(questions), k, self.n_mem, -1)
-    turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
+    turns = [templates.answer_turn(q, self.n_mem, k, self.prompt_style) for q in questions]
     return self.generate_turns(turns, mem, k, max_new_tokens)
 
   def retrieve(self, questions: Sequence[str], doc_mem: np.ndarray, k: int
@@ -183,5 +219,5 @@ class ClaraModel:
     doc_mem = doc_mem.reshape(len(questions), n, self.n_mem, -1)
     chosen, _ = self.retrieve(questions, doc_mem, k)
     selected = np.take_along_axis(doc_mem, chosen[:, :, None, None], axis=1)
-    turns = [templates.answer_turn(q, self.n_mem, k) for q in questions]
+    turns = [templates.answer_turn(q, self.n_mem, k, self.prompt_style) for q in questions]
     return self.generate_turns(turns, selected, k, max_new_tokens), chosen

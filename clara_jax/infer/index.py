@@ -108,6 +108,6 @@ def answer_from_index(model, index: MemoryIndex, questions: Sequence[str], k: in
   from clara_jax.data import templates
   idx, _ = index.search(model.reason(questions), k)
   memories = index.memories[idx].astype(np.float32)  # [B, k, n_mem, H]
-  turns = [templates.answer_turn(q, model.n_mem, idx.shape[1]) for q in questions]
+  turns = [templates.answer_turn(q, model.n_mem, idx.shape[1], model.prompt_style) for q in questions]
   answers = model.generate_turns(turns, memories, idx.shape[1], max_new_tokens)
   return answers, [[index.ids[j] for j in row] for row in idx]

@@ -55,6 +55,8 @@ class ClaraConfig:
     temperature: tau of the straight-through top-k (paper: 0.02).
     mse_weight: weight of the compressor alignment MSE in stages 1 and 1_2 (paper: 0.1).
     train_compressor: stage 2 only; the paper keeps the compressor frozen.
+    train_generator: stage 2 only; the paper trains it (False: only retrieval can lower
+      the answer loss, which keeps a small generator from memorising answers).
     retrieval_temperature: InfoNCE temperature of the supervised baseline.
     check_nans: checkify NaN checks on retrieval scores (debug mode).
   """
@@ -65,6 +67,7 @@ class ClaraConfig:
   temperature: float = 0.02
   mse_weight: float = 0.1
   train_compressor: bool = False
+  train_generator: bool = True
   retrieval_temperature: float = 0.02
   check_nans: bool = False
 

@@ -45,7 +45,7 @@ def trainable_mask(stage: str, params, clara_cfg: clara.ClaraConfig):
     return lora.trainable_mask(params, adapters=(clara.COMPRESSOR, clara.GENERATOR),
                                extra_embedding=stage == "stage1")
   if stage == "stage2":
-    adapters = (clara.REASONER, clara.GENERATOR)
+    adapters = (clara.REASONER,) + ((clara.GENERATOR,) if clara_cfg.train_generator else ())
     if clara_cfg.train_compressor:
       adapters += (clara.COMPRESSOR,)
     return lora.trainable_mask(params, adapters=adapters)

@@ -15,7 +15,7 @@ from absl import logging
 import os
 import signal
 import time
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import flax.linen as nn
 import jax
@@ -78,6 +78,7 @@ def clara_config(config) -> ClaraConfig:
   return ClaraConfig(doc_max_length=c.doc_max_length, compr_rate=c.compr_rate, k=c.k,
                      temperature=c.temperature, mse_weight=c.mse_weight,
                      train_compressor=c.train_compressor,
+                     train_generator=c.train_generator,
                      retrieval_temperature=c.retrieval_temperature, check_nans=c.check_nans)
 
 
@@ -183,7 +184,8 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
                            doc_max_length=cclara.doc_max_length,
                            question_max_length=d.question_max_length, k=cclara.k,
                            num_docs=num_docs, prompt_length=d.prompt_length,
-                           answer_length=d.answer_length, lm_length=d.lm_length)
+                           answer_length=d.answer_length, lm_length=d.lm_length,
+                           prompt_style=d.prompt_style)
   if fmt == "text":
     source, decode = _text_source(files[d.train_split]), (lambda row: row)
   else:
@@ -247,8 +249,11 @@ def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig) -> float:
   return q + docs + (gen if config.stage == "stage2" else 0)
 
 
-def train(config, workdir: str) -> Dict[str, float]:
-  """Runs (or resumes) a stage; returns the last logged metrics."""
+def train(config, workdir: str,
+          progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
+          ) -> Dict[str, float]:
+  """Runs (or resumes) a stage; returns the last logged metrics. `progress(step,
+  num_steps, metrics)` is called at every logging step (e.g. a progress bar)."""
   from configs.base import validate
   validate(config)
   workdir = os.path.abspath(workdir)
@@ -354,6 +359,8 @@ def train(config, workdir: str) -> Dict[str, float]:
         seconds = time.perf_counter() - window_start
         last = _summarize(window, seconds, tokens_per_step, flops, peak)
         writer.write_scalars(done, last)
+        if progress is not None:
+          progress(done, config.train.num_steps, last)
         window, window_start = [], time.perf_counter()
       host_state = unreplicate(state) if pmap else state
       if preemption.requested:
@@ -373,7 +380,8 @@ def train(config, workdir: str) -> Dict[str, float]:
     with open(os.path.join(workdir, "export", CLARA_FILE), "w") as f:
       json.dump({"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
                  "k": cclara.k, "question_max_length": config.data.question_max_length,
-                 "temperature": cclara.temperature, "stage": config.stage}, f, indent=2)
+                 "temperature": cclara.temperature, "stage": config.stage,
+                 "prompt_style": config.data.prompt_style}, f, indent=2)
   return last
 
 

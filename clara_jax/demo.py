@@ -1,0 +1,260 @@
+"""`clara-jax demo`: the whole CLaRa pipeline on the generated world, on a CPU.
+
+world -> tokenizer + base LM (`lm`) -> compressor pretraining (`stage1`, on fresh
+worlds: reading pays, recall cannot) -> instruction tuning (`stage1_2`) -> end-to-end
+(`stage2`, no relevance labels) -> evaluation and logit lens on held-out questions, then
+a table of the three claims (see `claims`):
+
+a. the generator reads its memories (memory gain in nats; EM with the gold document's
+   memories vs with random non-gold ones);
+b. the stage2 reasoner beats the stage1_2-initialised reasoner (Recall@1, @5), and BM25
+   on the multi-hop questions;
+c. the lens finds discriminative gold-document words absent from the question more
+   often than words of a control candidate.
+
+Every stage resumes from its checkpoint, and a finished stage is skipped, so running the
+command again continues where it stopped. Artefacts in the workdir: `summary.json`,
+`lens.png`, `losses.png`, each stage's `tensorboard/` and `metrics.jsonl`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+STAGES = ("lm", "stage1", "stage1_2", "stage2")
+DONE_FILE = "DONE.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+  """Config overrides: `shared` for every stage, `stages` per stage (dotted keys)."""
+  model: str
+  shared: Dict[str, Any]
+  stages: Dict[str, Dict[str, Any]]
+  eval_questions: int  # held-out questions evaluated (each kind sampled evenly)
+  min_memory_gain: float  # claim (a) threshold, nats per answer token
+
+
+def default_recipe(quick: bool = False) -> Recipe:
+  """The recipe; see docs/demo_log.md for how it was chosen."""
+  shared = {
+      "data.synth_size": "small", "data.synth_max_facts": 2,
+      "tokenizer.vocab_size": 1024,
+      "clara.doc_max_length": 32, "clara.compr_rate": 4, "clara.k": 2,
+      "data.candidates": 10, "data.question_max_length": 24,
+      "data.prompt_length": 96, "data.answer_length": 16, "data.lm_length": 48,
+      "train.global_batch": 32, "train.log_every": 25, "train.checkpoint_every": 100,
+      "mesh.shape": (1, 1, 1),
+  }
+  stages = {
+      "lm": {"train.num_steps": 400, "optimizer.lr": 3e-3},
+      "stage1": {"train.num_steps": 600, "optimizer.lr": 1e-3, "data.synth_fresh": True},
+      "stage1_2": {"train.num_steps": 300, "optimizer.lr": 1e-3},
+      "stage2": {"train.num_steps": 300, "optimizer.lr": 1e-3,
+                 "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03},
+  }
+  if quick:
+    shared.update({"data.synth_size": "tiny", "train.global_batch": 16,
+                   "train.log_every": 10, "train.checkpoint_every": 20})
+    for stage, steps in zip(STAGES, (60, 60, 40, 40)):
+      stages[stage]["train.num_steps"] = steps
+  return Recipe(model="tiny" if quick else "small", shared=shared, stages=stages,
+                eval_questions=32 if quick else 160, min_memory_gain=1.0)
+
+
+def stage_config(stage: str, recipe: Recipe, seed: int = 0):
+  """The stage's config file (`configs/STAGE.py`) with the recipe applied."""
+  module = importlib.import_module(f"configs.{stage}")
+  config = module.get_config(f"model={recipe.model}")
+  config.seed = seed
+  config.data.synth_seed = seed
+  for key, value in {**recipe.shared, **recipe.stages.get(stage, {})}.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for part in parents:
+      node = node[part]
+    node[leaf] = value
+  return config
+
+
+class ProgressBar:
+  """One line per logging step: bar, step, loss, speed and ETA of the running stage."""
+
+  def __init__(self, stage: str, out=sys.stdout, width: int = 24):
+    self.stage, self.out, self.width = stage, out, width
+
+  def __call__(self, step: int, total: int, metrics: Dict[str, float]) -> None:
+    filled = int(self.width * step / max(total, 1))
+    speed = metrics.get("steps_per_s", 0.0)
+    eta = (total - step) / speed if speed > 0 else float("nan")
+    self.out.write(f"[{self.stage:>8}] {'#' * filled}{'.' * (self.width - filled)} "
+                   f"{step}/{total} loss {metrics.get('loss', float('nan')):.3f} "
+                   f"{speed:.1f} steps/s ETA {_duration(eta)}\n")
+    self.out.flush()
+
+
+def _duration(seconds: float) -> str:
+  if seconds != seconds:  # nan
+    return "?"
+  return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
+              log: Callable[[str], None] = print) -> Dict[str, float]:
+  """Trains one stage unless it finished before; returns its last metrics."""
+  from clara_jax.train.loop import train
+  stage_dir = os.path.join(workdir, stage)
+  done = os.path.join(stage_dir, DONE_FILE)
+  if os.path.exists(done):
+    with open(done) as f:
+      log(f"[{stage:>8}] finished before: skipped")
+      return json.load(f)["metrics"]
+  start = time.perf_counter()
+  metrics = train(stage_config(stage, recipe, seed), stage_dir, progress=ProgressBar(stage))
+  seconds = time.perf_counter() - start
+  with open(done + ".tmp", "w") as f:
+    json.dump({"metrics": metrics, "seconds": seconds}, f)
+  os.replace(done + ".tmp", done)
+  log(f"[{stage:>8}] done in {_duration(seconds)}")
+  return metrics
+
+
+def world_dir(workdir: str, recipe: Recipe, seed: int = 0) -> str:
+  from clara_jax.train.loop import synth_dir
+  config = stage_config("stage2", recipe, seed)
+  return synth_dir(config, os.path.join(workdir, "stage2"))
+
+
+def held_out_rows(path: str, limit: int) -> List[Dict]:
+  """Up to `limit` test rows, the same number of each kind where possible (seeded)."""
+  import numpy as np
+  from clara_jax.eval.evaluate import load_rows
+  rows = load_rows(path)
+  by_kind: Dict[str, List[Dict]] = {}
+  for row in rows:
+    by_kind.setdefault(row.get("kind", "all"), []).append(row)
+  rng = np.random.default_rng(0)
+  per_kind = max(1, limit // max(len(by_kind), 1))
+  picked = []
+  for kind in sorted(by_kind):
+    group = by_kind[kind]
+    picked.extend(group[i] for i in sorted(rng.permutation(len(group))[:per_kind]))
+  return picked
+
+
+def initial_reasoner(model):
+  """The stage1_2 checkpoint with the reasoner set as stage2 starts it (a copy of the
+  compressor): the baseline for claim (b)."""
+  from clara_jax.infer.api import ClaraModel
+  from clara_jax.model import lora
+  params = lora.copy_adapter(model.params, "compressor", "reasoner")
+  return ClaraModel(model.cfg, params, model.tok, model.doc_max_length,
+                    model.doc_max_length // model.n_mem, model.question_max_length)
+
+
+def claims(results: Dict[str, Any], min_gain: float) -> List[Tuple[str, str, str, bool]]:
+  """(claim, measured, target, passed) rows of the final table."""
+  final, init = results["stage2"], results["stage1_2_init"]
+  lens_main, lens_init = results["lens"]["stage2"], results["lens"]["stage1_2_init"]
+  multi = final.get("by_kind", {}).get("multi", {})
+  rows = [
+      ("a. memory gain (nats/token)", f"{final['memory_gain']:.2f}", f">= {min_gain:g}",
+       final["memory_gain"] >= min_gain),
+      ("a. EM gold memories vs random", f"{final['em_oracle']:.2f} vs {final['em_control']:.2f}",
+       "gold >> random", final["em_oracle"] >= final["em_control"] + 0.2),
+      ("b. Recall@1 stage2 vs init", f"{final['recall@1']:.2f} vs {init['recall@1']:.2f}",
+       "stage2 > init", final["recall@1"] > init["recall@1"]),
+      ("b. Recall@5 stage2 vs init", f"{final['recall@5']:.2f} vs {init['recall@5']:.2f}",
+       "stage2 > init", final["recall@5"] > init["recall@5"]),
+  ]
+  if multi:
+    rows.append(("b. multi-hop Recall@1 vs BM25",
+                 f"{multi['recall@1']:.2f} vs {multi['bm25_recall@1']:.2f}", "stage2 > BM25",
+                 multi["recall@1"] > multi["bm25_recall@1"]))
+  rows.append(("c. lens hidden vs control hits",
+               f"{lens_main['hidden_hit_rate']:.2f} vs {lens_main['control_hit_rate']:.2f}",
+               "hidden > control", lens_main["hidden_hit_rate"] > lens_main["control_hit_rate"]))
+  if "clue_recall" in lens_main:
+    rows.append(("c. lens clue recall stage2 vs init",
+                 f"{lens_main['clue_recall']:.2f} vs {lens_init.get('clue_recall', 0):.2f}",
+                 "(reported)", True))
+  return rows
+
+
+def format_table(rows: List[Tuple[str, str, str, bool]]) -> str:
+  width = max(len(r[0]) for r in rows)
+  lines = [f"{'claim':<{width}}  {'measured':<14} {'target':<16} result"]
+  for claim, measured, target, passed in rows:
+    lines.append(f"{claim:<{width}}  {measured:<14} {target:<16} {'PASS' if passed else 'miss'}")
+  return "\n".join(lines)
+
+
+def plot_losses(workdir: str, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  from clara_jax.train.metrics import read_metrics
+  fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3))
+  for ax, stage in zip(axes, STAGES):
+    rows = read_metrics(os.path.join(workdir, stage))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+  axes[0].set_ylabel("loss")
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def evaluate_pipeline(workdir: str, recipe: Recipe, seed: int = 0,
+                      log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Held-out evaluation and lens of the final and the stage2-initial checkpoints."""
+  from clara_jax.data.synth import clues_for
+  from clara_jax.eval.evaluate import evaluate, run_lens
+  from clara_jax.infer.api import ClaraModel
+  world = world_dir(workdir, recipe, seed)
+  rows = held_out_rows(os.path.join(world, "stage2_test.jsonl"), recipe.eval_questions)
+  k = recipe.shared["clara.k"]
+  final = ClaraModel.load(os.path.join(workdir, "stage2", "export"))
+  init = initial_reasoner(ClaraModel.load(os.path.join(workdir, "stage1_2", "export")))
+  start = time.perf_counter()
+  results = {
+      "stage2": evaluate(final, rows, k=k, max_new_tokens=12,
+                         out_path=os.path.join(workdir, "eval", "stage2.json")),
+      "stage1_2_init": evaluate(init, rows, k=k, max_new_tokens=12,
+                                out_path=os.path.join(workdir, "eval", "stage1_2_init.json")),
+  }
+  clues = clues_for(os.path.join(world, "manifest.json"), [r["question"] for r in rows])
+  results["lens"] = run_lens({"stage2": final, "stage1_2_init": init}, rows,
+                             os.path.join(workdir, "lens.json"), clues=clues)
+  log(f"[    eval] {len(rows)} held-out questions in "
+      f"{_duration(time.perf_counter() - start)}")
+  return results
+
+
+def run(workdir: str, quick: bool = False, seed: int = 0,
+        log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The demo; returns (and writes) the summary."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  recipe = default_recipe(quick)
+  start = time.perf_counter()
+  stage_metrics = {stage: run_stage(stage, workdir, recipe, seed, log) for stage in STAGES}
+  results = evaluate_pipeline(workdir, recipe, seed, log)
+  table = claims(results, recipe.min_memory_gain)
+  plot_losses(workdir, os.path.join(workdir, "losses.png"))
+  summary = {"recipe": dataclasses.asdict(recipe), "stages": stage_metrics,
+             "results": results, "claims": [dict(zip(("claim", "measured", "target",
+                                                      "passed"), row)) for row in table],
+             "seconds": time.perf_counter() - start}
+  with open(os.path.join(workdir, "summary.json"), "w") as f:
+    json.dump(summary, f, indent=1, default=str)
+  log("\n" + format_table(table))
+  log(f"\nartefacts in {workdir}: summary.json, lens.png, losses.png, */tensorboard")
+  return summary
