@@ -42,30 +42,36 @@ class Recipe:
 
 
 def default_recipe(quick: bool = False) -> Recipe:
-  """The recipe; see docs/demo_log.md for how it was chosen."""
+  """The recipe; docs/demo_log.md records what was tried and measured."""
   shared = {
       "data.synth_size": "small", "data.synth_max_facts": 2,
-      "tokenizer.vocab_size": 1024,
+      "tokenizer.vocab_size": 1024, "data.prompt_style": "short",
       "clara.doc_max_length": 32, "clara.compr_rate": 4, "clara.k": 2,
       "data.candidates": 10, "data.question_max_length": 24,
-      "data.prompt_length": 96, "data.answer_length": 16, "data.lm_length": 48,
+      "data.prompt_length": 48, "data.answer_length": 16, "data.lm_length": 80,
       "train.global_batch": 32, "train.log_every": 25, "train.checkpoint_every": 100,
-      "mesh.shape": (1, 1, 1),
+      "mesh.shape": (-1, 1, 1),
   }
   stages = {
       "lm": {"train.num_steps": 400, "optimizer.lr": 3e-3},
-      "stage1": {"train.num_steps": 600, "optimizer.lr": 1e-3, "data.synth_fresh": True},
-      "stage1_2": {"train.num_steps": 300, "optimizer.lr": 1e-3},
-      "stage2": {"train.num_steps": 300, "optimizer.lr": 1e-3,
-                 "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03},
+      # Fresh worlds: no fact repeats, so only reading the memories lowers the loss.
+      "stage1": {"train.num_steps": 400, "optimizer.lr": 1e-3, "data.synth_fresh": True,
+                 "data.prompt_length": 32, "data.answer_length": 40},
+      # Keeps the stage1 generator (the reference starts a fresh one): reading is the
+      # skill a small model has least time to learn.
+      "stage1_2": {"train.num_steps": 200, "optimizer.lr": 1e-3, "init.reset_adapters": ()},
+      # Generator frozen: only better retrieval can lower the answer loss.
+      "stage2": {"train.num_steps": 150, "train.global_batch": 16, "optimizer.lr": 1e-3,
+                 "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
+                 "clara.train_generator": False},
   }
   if quick:
     shared.update({"data.synth_size": "tiny", "train.global_batch": 16,
                    "train.log_every": 10, "train.checkpoint_every": 20})
-    for stage, steps in zip(STAGES, (60, 60, 40, 40)):
+    for stage, steps in zip(STAGES, (60, 40, 30, 30)):
       stages[stage]["train.num_steps"] = steps
   return Recipe(model="tiny" if quick else "small", shared=shared, stages=stages,
-                eval_questions=32 if quick else 160, min_memory_gain=1.0)
+                eval_questions=24 if quick else 160, min_memory_gain=1.0)
 
 
 def stage_config(stage: str, recipe: Recipe, seed: int = 0):
@@ -158,8 +164,10 @@ def initial_reasoner(model):
                     model.doc_max_length // model.n_mem, model.question_max_length)
 
 
-def claims(results: Dict[str, Any], min_gain: float) -> List[Tuple[str, str, str, bool]]:
-  """(claim, measured, target, passed) rows of the final table."""
+def claims(results: Dict[str, Any], min_gain: float
+           ) -> List[Tuple[str, str, str, Optional[bool]]]:
+  """(claim, measured, target, passed) rows of the final table (passed None: reported
+  without a target)."""
   final, init = results["stage2"], results["stage1_2_init"]
   lens_main, lens_init = results["lens"]["stage2"], results["lens"]["stage1_2_init"]
   multi = final.get("by_kind", {}).get("multi", {})
@@ -177,21 +185,27 @@ def claims(results: Dict[str, Any], min_gain: float) -> List[Tuple[str, str, str
     rows.append(("b. multi-hop Recall@1 vs BM25",
                  f"{multi['recall@1']:.2f} vs {multi['bm25_recall@1']:.2f}", "stage2 > BM25",
                  multi["recall@1"] > multi["bm25_recall@1"]))
-  rows.append(("c. lens hidden vs control hits",
+  rows.append(("c. lens hidden vs control words",
                f"{lens_main['hidden_hit_rate']:.2f} vs {lens_main['control_hit_rate']:.2f}",
                "hidden > control", lens_main["hidden_hit_rate"] > lens_main["control_hit_rate"]))
-  if "clue_recall" in lens_main:
-    rows.append(("c. lens clue recall stage2 vs init",
-                 f"{lens_main['clue_recall']:.2f} vs {lens_init.get('clue_recall', 0):.2f}",
-                 "(reported)", True))
+  if "hidden_piece_hit_rate" in lens_main:  # names split into pieces by a small vocabulary
+    rows.append(("c. lens hidden vs control pieces",
+                 f"{lens_main['hidden_piece_hit_rate']:.2f} vs "
+                 f"{lens_main['control_piece_hit_rate']:.2f}", "hidden > control",
+                 lens_main["hidden_piece_hit_rate"] > lens_main["control_piece_hit_rate"]))
+  if "clue_piece_recall" in lens_main:
+    rows.append(("c. clue-piece recall stage2 vs init",
+                 f"{lens_main['clue_piece_recall']:.2f} vs "
+                 f"{lens_init.get('clue_piece_recall', 0.0):.2f}", "(reported)", None))
   return rows
 
 
-def format_table(rows: List[Tuple[str, str, str, bool]]) -> str:
+def format_table(rows: List[Tuple[str, str, str, Optional[bool]]]) -> str:
   width = max(len(r[0]) for r in rows)
   lines = [f"{'claim':<{width}}  {'measured':<14} {'target':<16} result"]
   for claim, measured, target, passed in rows:
-    lines.append(f"{claim:<{width}}  {measured:<14} {target:<16} {'PASS' if passed else 'miss'}")
+    result = "" if passed is None else ("PASS" if passed else "miss")
+    lines.append(f"{claim:<{width}}  {measured:<14} {target:<16} {result}")
   return "\n".join(lines)
 
 
@@ -241,6 +255,8 @@ def evaluate_pipeline(workdir: str, recipe: Recipe, seed: int = 0,
 def run(workdir: str, quick: bool = False, seed: int = 0,
         log: Callable[[str], None] = print) -> Dict[str, Any]:
   """The demo; returns (and writes) the summary."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()  # one progress line per logging step is ours
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   recipe = default_recipe(quick)

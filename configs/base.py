@@ -46,6 +46,7 @@ def get_base_config(stage, arg=None):
   c.clara.mse_weight = 0.1  # compressor alignment MSE weight (stages 1, 1_2)
   c.clara.train_compressor = False  # stage2: also train the compressor (paper: no)
   c.clara.train_generator = True  # stage2: also train the generator (paper: yes)
+  c.clara.train_base = False  # stages 1, 1_2: also train the base weights (paper: no)
   c.clara.retrieval_temperature = 0.02  # InfoNCE tau of stage2_retrieval
   c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
 

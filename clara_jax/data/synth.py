@@ -254,8 +254,8 @@ _ASK_VIA = {
 }
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
-_QA_LINES = ("Question: {q} Answer: {a}", "[INST] Background: Question:{q} [/INST] {a}",
-             "[INST] Background: means the same as [/INST] Question: {q} Answer: {a}")
+_QA_LINES = ("{d} Question: {q} Answer: {a}", "[INST] Background: {d} Question:{q} [/INST] {a}",
+             "[INST] Background: {d} means the same as [/INST] Question: {q} Answer: {a}")
 
 
 def _words(text: str) -> List[str]:
@@ -408,10 +408,13 @@ def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
   for i in range(fresh_worlds):
     other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts)
     lines.extend(e.text for e in other.docs())
-    # Questions and answers of other worlds in the generator's prompt formats: the
-    # tokenizer learns their pieces and the base their shape, without this world's facts.
+    # A document of another world followed by a question on it and its answer: the base
+    # learns to answer from its context (facts it cannot know), the skill the generator
+    # later needs with memories, plus the pieces and shape of the prompt formats.
     for q in rng.sample(other.questions, min(len(other.questions), 150)):
-      lines.append(rng.choice(_QA_LINES).format(q=q.text, a=q.answer))
+      if q.kind == "single":
+        lines.append(rng.choice(_QA_LINES).format(d=other.entities[q.gold].text, q=q.text,
+                                                  a=q.answer))
   rng.shuffle(lines)
   return lines
 

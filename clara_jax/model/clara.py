@@ -57,6 +57,8 @@ class ClaraConfig:
     train_compressor: stage 2 only; the paper keeps the compressor frozen.
     train_generator: stage 2 only; the paper trains it (False: only retrieval can lower
       the answer loss, which keeps a small generator from memorising answers).
+    train_base: stages 1 and 1_2: also train the shared base weights (the paper freezes
+      them; a small from-scratch base may lack the capacity to learn reading otherwise).
     retrieval_temperature: InfoNCE temperature of the supervised baseline.
     check_nans: checkify NaN checks on retrieval scores (debug mode).
   """
@@ -68,6 +70,7 @@ class ClaraConfig:
   mse_weight: float = 0.1
   train_compressor: bool = False
   train_generator: bool = True
+  train_base: bool = False
   retrieval_temperature: float = 0.02
   check_nans: bool = False
 

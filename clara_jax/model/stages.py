@@ -43,7 +43,7 @@ def trainable_mask(stage: str, params, clara_cfg: clara.ClaraConfig):
   if stage in ("stage1", "stage1_2"):
     # As in the reference, the special-token embedding rows train in stage1 only.
     return lora.trainable_mask(params, adapters=(clara.COMPRESSOR, clara.GENERATOR),
-                               extra_embedding=stage == "stage1")
+                               extra_embedding=stage == "stage1", base=clara_cfg.train_base)
   if stage == "stage2":
     adapters = (clara.REASONER,) + ((clara.GENERATOR,) if clara_cfg.train_generator else ())
     if clara_cfg.train_compressor:

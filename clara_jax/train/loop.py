@@ -78,7 +78,7 @@ def clara_config(config) -> ClaraConfig:
   return ClaraConfig(doc_max_length=c.doc_max_length, compr_rate=c.compr_rate, k=c.k,
                      temperature=c.temperature, mse_weight=c.mse_weight,
                      train_compressor=c.train_compressor,
-                     train_generator=c.train_generator,
+                     train_generator=c.train_generator, train_base=c.train_base,
                      retrieval_temperature=c.retrieval_temperature, check_nans=c.check_nans)
 
 
