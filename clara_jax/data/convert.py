@@ -57,6 +57,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from clara_jax.data.formats import _text as formats_text
 from clara_jax.data.formats import (ON_ERROR, STAGE1, STAGE1_2, STAGE2, DataError, FieldError,
                                     ReadReport, iter_json_lines, read_rows, validate_row,
                                     write_jsonl_atomic)
@@ -212,12 +213,7 @@ def _get(obj: Dict[str, Any], key: str, field: str) -> Any:
   return obj[key]
 
 
-def _str(value: Any, field: str, allow_empty: bool = False) -> str:
-  if not isinstance(value, str):
-    raise FieldError(field, f"expected a string, found {type(value).__name__}")
-  if not allow_empty and not value.strip():
-    raise FieldError(field, "is empty")
-  return value
+_str = formats_text  # the formats module's string check, same errors
 
 
 def _list(value: Any, field: str, allow_empty: bool = False) -> list:
