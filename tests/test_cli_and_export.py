@@ -19,9 +19,14 @@ def test_info_reports_parameter_counts(capsys):
   assert out["num_params"] == model_config("mistral_7b", num_extra_tokens=35).num_params(False)
 
 
-def test_demo_command_exists(capsys):
-  assert cli.main(["demo", "--quick"]) == 0
-  assert "not yet available" in capsys.readouterr().out
+def test_demo_command_runs_the_demo_pipeline(monkeypatch, tmp_path):
+  """The CLI hands its flags to `clara_jax.demo.run` (tests/test_demo.py runs it)."""
+  from clara_jax import demo
+  calls = []
+  monkeypatch.setattr(demo, "run", lambda workdir, quick, seed: calls.append(
+      (workdir, quick, seed)) or {"claims": [{"claim": "x"}]})
+  assert cli.main(["demo", "--quick", "--workdir", str(tmp_path), "--seed", "3"]) == 0
+  assert calls == [(str(tmp_path), True, 3)]
 
 
 def test_bench_forward_prints_figures(capsys):
