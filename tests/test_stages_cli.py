@@ -14,10 +14,10 @@ from clara_jax.train.metrics import read_metrics
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
     ("lm", []),
-    ("stage1", ["--config.data.synth_fresh=true", "--config.optimizer.lr=2e-3"]),
-    ("stage1_2", ["--config.clara.k=3"]),
+    ("stage1", ["--config.optimizer.lr=1e-2"]),
+    ("stage1_2", ["--config.clara.k=3", "--config.optimizer.lr=1e-2"]),
     ("stage2", ["--config.clara.k=2", "--config.data.candidates=6",
-                "--config.optimizer.lr=3e-3"]),
+                "--config.optimizer.lr=1e-2"]),
     ("stage2_retrieval", ["--config.clara.k=2", "--config.data.candidates=6",
                           "--config.optimizer.lr=3e-3"]),
 ]
@@ -29,8 +29,8 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
     workdir = runs / stage
     args = ["train", f"--config={ROOT}/configs/{stage}.py:model=tiny,data=synth",
             f"--workdir={workdir}", "--config.data.synth_max_facts=2",
-            "--config.tokenizer.vocab_size=512", "--config.train.num_steps=12",
-            "--config.train.log_every=4", "--config.train.checkpoint_every=12",
+            "--config.tokenizer.vocab_size=512", "--config.train.num_steps=24",
+            "--config.train.log_every=8", "--config.train.checkpoint_every=24",
             "--config.train.global_batch=8", "--config.train.peak_flops=1e11",
             "--config.clara.doc_max_length=16", "--config.clara.compr_rate=4",
             "--config.data.question_max_length=12", "--config.data.prompt_length=96",
@@ -52,7 +52,6 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
   world = runs / "data" / "synth_tiny_seed0_c6_k2_f2"
   assert sorted(os.listdir(runs / "data")) == [
       "synth_tiny_seed0_c20_k3_f2", "synth_tiny_seed0_c20_k5_f2", "synth_tiny_seed0_c6_k2_f2"]
-  assert os.path.exists(runs / "data" / "synth_tiny_seed0_c20_k5_f2" / "stage1_fresh96.jsonl")
 
   # The trained stage2 checkpoint through the inference jobs, on held-out questions.
   data2 = str(world / "stage2_test.jsonl")
@@ -83,3 +82,24 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["num_docs"] == 42 and len(result["results"][0]) == 3
   assert len(result["answers"]) == 1 and isinstance(result["answers"][0], str)
+
+
+def test_fresh_worlds_replace_the_training_file(tmp_path):
+  """`data.synth_fresh` trains stage1/stage1_2 on num_steps x batch rows of new worlds;
+  stages that read candidates refuse it."""
+  from clara_jax.data.formats import read_rows
+  from clara_jax.train.loop import data_files
+  from configs import stage1, stage2
+  config = stage1.get_config("model=tiny")
+  config.data.synth_fresh = True
+  config.train.num_steps, config.train.global_batch = 5, 4
+  files = data_files(config, str(tmp_path / "runs" / "stage1"))
+  assert files["train"].endswith("stage1_fresh20.jsonl")
+  fresh = list(read_rows(files["train"], "stage1"))
+  fixed = list(read_rows(files["test"], "stage1"))
+  assert len(fresh) == 20
+  assert not {r["docs"][0] for r in fresh} & {r["docs"][0] for r in fixed}
+  config = stage2.get_config("model=tiny")
+  config.data.synth_fresh = True
+  with pytest.raises(ValueError, match="synth_fresh"):
+    data_files(config, str(tmp_path / "runs" / "stage2"))
