@@ -174,7 +174,7 @@ def iter_json_lines(path: str, on_error: str = "raise",
       report.rows_read += 1
       try:
         try:
-          text = raw.decode("utf-8")
+          text = raw.decode("utf-8").rstrip("\r\n")  # error columns on this line
         except UnicodeDecodeError as e:
           raise DataError(path, line_no, None,
                           f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
