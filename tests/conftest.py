@@ -5,6 +5,8 @@ The environment must be set before jax is imported anywhere, hence at module top
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -13,3 +15,14 @@ import jax  # noqa: E402
 
 # Tests compile many small programs once each; optimisation passes cost more than they save.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory):
+  """`demo.run(quick=True)` once per session: (workdir, summary, logged lines). Shared by
+  test_demo and test_colab, whose notebook resumes from it instead of training again."""
+  from clara_jax import demo
+  workdir = str(tmp_path_factory.mktemp("demo"))
+  lines = []
+  summary = demo.run(workdir, quick=True, log=lines.append)
+  return workdir, summary, lines

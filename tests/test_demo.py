@@ -1,6 +1,7 @@
 """`clara-jax demo --quick`: every stage runs from the previous one on the generated
 world, the evaluation and lens produce the claims table and the artefacts, and running
-it again resumes (finished stages are skipped) instead of starting over."""
+it again resumes (finished stages are skipped) instead of starting over. The run itself is
+the session fixture `quick_demo` (tests/conftest.py)."""
 
 import json
 import os
@@ -13,16 +14,8 @@ CLAIMS = ("a. memory gain", "a. EM gold", "b. Recall@1", "b. Recall@5", "b. mult
           "c. lens hidden vs control words", "c. lens hidden vs control pieces")
 
 
-@pytest.fixture(scope="module")
-def quick_run(tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("demo"))
-  lines = []
-  summary = demo.run(workdir, quick=True, log=lines.append)
-  return workdir, summary, lines
-
-
-def test_quick_demo_writes_the_table_and_artefacts(quick_run):
-  workdir, summary, lines = quick_run
+def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
+  workdir, summary, lines = quick_demo
   for name in ("summary.json", "lens.png", "losses.png", "lens.json"):
     assert os.path.exists(os.path.join(workdir, name)), name
   for stage in demo.STAGES:
@@ -44,8 +37,8 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_run):
   assert all(c["passed"] in (True, False, None) for c in written["claims"])
 
 
-def test_rerun_resumes_instead_of_starting_over(quick_run):
-  workdir, summary, _ = quick_run
+def test_rerun_resumes_instead_of_starting_over(quick_demo):
+  workdir, summary, _ = quick_demo
   lines = []
   again = demo.run(workdir, quick=True, log=lines.append)
   skipped = [line for line in lines if "finished before" in line]
