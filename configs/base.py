@@ -55,6 +55,7 @@ def get_base_config(stage, arg=None):
   c.data.synth_size = args.get("synth_size", "tiny")  # world size when source=synth
   c.data.synth_seed = 0  # the generated world's seed (shared by a pipeline's stages)
   c.data.synth_max_facts = 0  # facts per generated document; 0 keeps all (longer docs)
+  c.data.synth_names = "syllables"  # 'syllables' or 'pool' (single-token names, see synth)
   c.data.synth_fresh = False  # stage1/1_2: train on fresh worlds (reading, not recall)
   c.data.format = STAGE_FORMATS[stage]  # row format read by this stage
   c.data.train_split = "train"  # split trained on

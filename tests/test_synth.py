@@ -152,6 +152,33 @@ def test_fresh_worlds_stream_new_names_and_reproduce():
   assert not fixed & set(docs)
 
 
+def test_pool_names_are_single_pieces_rebound_by_every_world():
+  from clara_jax.data.tokenizer import Tokenizer
+  pool = {w for words in synth.name_pool().values() for w in words}
+  assert len(pool) == sum(synth._POOL_SIZES.values())  # distinct words
+  worlds = [synth.make_world(synth._fresh_seed(0, 10_000 + i), "small", max_facts=2,
+                             names="pool") for i in range(2)]
+  for world in worlds:
+    for e in world.docs():
+      words = e.name.split()
+      assert words[0] in pool and (e.kind in ("team", "company") or words[-1] in pool)
+  # Same names, new facts: only reading the document tells a world's answers.
+  facts = [{(e.name, a, v) for e in w.docs() for a, v in e.facts.items()} for w in worlds]
+  names = [{e.name for e in w.docs() if e.kind == "city"} for w in worlds]
+  assert names[0] & names[1] and len(facts[0] & facts[1]) < 0.1 * len(facts[0])
+  lines = synth.lm_text(worlds[0], fresh_worlds=1, size="small", max_facts=2)
+  tok = Tokenizer.train(lines, 1024, 4, user_symbols=synth.pool_symbols())
+  pieces = lambda t, word: len(t.encode("of " + word)) - len(t.encode("of"))
+  for e in worlds[1].docs():
+    for word in e.name.split():
+      if word in pool:
+        assert pieces(tok, word) == 1, word
+  plain = Tokenizer.train(lines, 1024, 4)
+  assert sum(pieces(plain, w) for w in pool) > 1.5 * len(pool)
+  with pytest.raises(ValueError, match="unknown names"):
+    synth.make_world(0, "tiny", names="nicknames")
+
+
 def test_too_many_candidates_is_a_clear_error():
   world = synth.make_world(0, "tiny")
   with pytest.raises(ValueError, match="candidates requested"):
@@ -170,11 +197,12 @@ def test_cli_writes_a_world_and_a_stream(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = tmp_path / "w"
   proc = subprocess.run([sys.executable, "-m", "clara_jax.cli", "synth", "--out", str(out),
-                         "--seed", "2", "--size", "tiny", "--candidates", "10"],
+                         "--seed", "2", "--size", "tiny", "--candidates", "10",
+                         "--names", "pool"],
                         env=env, capture_output=True, text=True, timeout=120)
   assert proc.returncode == 0, proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
-  assert summary["files"]["stage2_test.jsonl"] > 0
+  assert summary["files"]["stage2_test.jsonl"] > 0 and summary["names"] == "pool"
   rows = list(read_rows(str(out / "stage2_test.jsonl"), "stage2", num_docs=10))
   assert len(rows) == summary["files"]["stage2_test.jsonl"]
   stream = tmp_path / "fresh.jsonl"

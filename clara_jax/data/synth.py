@@ -32,6 +32,7 @@ reference notes). All text is produced by the templates below.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import random
@@ -110,13 +111,14 @@ class World:
   seed: int
   entities: Dict[str, Entity]
   questions: List[Question]
+  names: str = "syllables"
 
   def docs(self) -> List[Entity]:
     return list(self.entities.values())
 
 
 class _Names:
-  """Unique pronounceable fictional names from syllables."""
+  """Unique pronounceable fictional names from syllables: every world its own names."""
 
   def __init__(self, rng: random.Random):
     self.rng, self.used = rng, set()
@@ -132,18 +134,91 @@ class _Names:
         return word
     raise RuntimeError("name space exhausted; use a smaller world")
 
+  def city(self) -> str:
+    return self.word()
+
+  def river(self) -> str:
+    return self.word((2, 2))
+
+  def brand(self) -> str:  # the first word of a team's or a company's name
+    return self.word((2, 2))
+
+  def person(self) -> str:
+    return f"{self.word((1, 2))} {self.word((2, 2))}"
+
+
+# The fixed name pool (`names="pool"`): every world draws its names from the same few
+# hundred words, which the tokenizer keeps as single pieces (`pool_symbols`). A world
+# binds them to new facts, so nothing carries over between worlds except the skill of
+# reading, and reading a name is copying one token instead of a string of syllable
+# pieces (which a small model learns far too slowly; docs/demo_log.md).
+_POOL_SIZES = {"first": 64, "last": 64, "place": 72, "brand": 72}
+
+
+@functools.lru_cache(maxsize=1)
+def name_pool() -> Dict[str, Tuple[str, ...]]:
+  """{category: words} of the fixed pool (the same on every machine and call)."""
+  names = _Names(random.Random("clara-name-pool"))
+  return {category: tuple(names.word((1, 2) if category == "first" else (2, 2))
+                          for _ in range(n)) for category, n in _POOL_SIZES.items()}
+
+
+def pool_symbols() -> List[str]:
+  """The pool's words as SentencePiece user symbols ("\u2581" marks the preceding
+  space, so a name after a space is one piece)."""
+  return ["\u2581" + w for words in name_pool().values() for w in words]
+
+
+class _PoolNames:
+  """Names drawn without replacement from the fixed pool (see `name_pool`)."""
+
+  def __init__(self, rng: random.Random):
+    self.rng = rng
+    pool = name_pool()
+    self.free = {c: self.rng.sample(words, len(words)) for c, words in pool.items()}
+    self.people = set()
+
+  def _take(self, category: str) -> str:
+    if not self.free[category]:
+      raise RuntimeError(f"the name pool has only {_POOL_SIZES[category]} {category} "
+                         "names; use a smaller world")
+    return self.free[category].pop()
+
+  def city(self) -> str:
+    return self._take("place")
+
+  def river(self) -> str:
+    return self._take("place")
+
+  def brand(self) -> str:
+    return self._take("brand")
+
+  def person(self) -> str:
+    for _ in range(1000):
+      pool = name_pool()
+      name = f"{self.rng.choice(pool['first'])} {self.rng.choice(pool['last'])}"
+      if name not in self.people:
+        self.people.add(name)
+        return name
+    raise RuntimeError("the name pool has too few people; use a smaller world")
+
+
+_NAMERS = {"syllables": _Names, "pool": _PoolNames}
+
 
 def _year(rng: random.Random) -> str:
   return str(rng.randint(*YEARS))
 
 
-def _make_entities(rng: random.Random, size: WorldSize) -> Dict[str, Entity]:
-  names = _Names(rng)
+def _make_entities(rng: random.Random, size: WorldSize, names: str) -> Dict[str, Entity]:
+  if names not in _NAMERS:
+    raise ValueError(f"unknown names {names!r}; known: {sorted(_NAMERS)}")
+  names = _NAMERS[names](rng)
   ents: Dict[str, Entity] = {}
   cities = []
   for i in range(size.cities):
-    e = Entity(f"city{i}", "city", names.word(), {
-        "river": names.word((2, 2)), "population": f"{rng.randint(12, 950)} thousand"}, {})
+    e = Entity(f"city{i}", "city", names.city(), {
+        "river": names.river(), "population": f"{rng.randint(12, 950)} thousand"}, {})
     ents[e.id] = e
     cities.append(e)
   teams = []
@@ -151,7 +226,7 @@ def _make_entities(rng: random.Random, size: WorldSize) -> Dict[str, Entity]:
   for i in range(size.teams):
     city = rng.choice(cities)
     mascot = mascots[i % len(mascots)]
-    e = Entity(f"team{i}", "team", f"{names.word((2, 2))} {mascot}", {
+    e = Entity(f"team{i}", "team", f"{names.brand()} {mascot}", {
         "city": city.name, "founded": _year(rng), "colour": rng.choice(_COLOURS),
         "sport": rng.choice(_SPORTS)}, {"city": city.id})
     ents[e.id] = e
@@ -159,7 +234,7 @@ def _make_entities(rng: random.Random, size: WorldSize) -> Dict[str, Entity]:
   companies = []
   for i in range(size.companies):
     city = rng.choice(cities)
-    e = Entity(f"company{i}", "company", f"{names.word((2, 2))} {rng.choice(_FIRMS)}", {
+    e = Entity(f"company{i}", "company", f"{names.brand()} {rng.choice(_FIRMS)}", {
         "city": city.name, "founded": _year(rng), "product": rng.choice(_PRODUCTS)},
         {"city": city.id})
     ents[e.id] = e
@@ -175,7 +250,7 @@ def _make_entities(rng: random.Random, size: WorldSize) -> Dict[str, Entity]:
     else:
       company = rng.choice(companies)
       facts["employer"], links["employer"] = company.name, company.id
-    e = Entity(f"person{i}", "person", f"{names.word((1, 2))} {names.word((2, 2))}", facts,
+    e = Entity(f"person{i}", "person", names.person(), facts,
                links)
     ents[e.id] = e
     people.append(e)
@@ -322,14 +397,15 @@ def _limit_facts(rng: random.Random, ents: Dict[str, Entity], max_facts: int) ->
 
 
 def make_world(seed: int, size="tiny", test_share: float = 0.2,
-               max_facts: Optional[int] = None) -> World:
+               max_facts: Optional[int] = None, names: str = "syllables") -> World:
   """A world from a seed: `size` is a name in SIZES or a WorldSize; `max_facts` caps the
-  facts (sentences) per document."""
+  facts (sentences) per document; `names`: "syllables" (every world invents its own)
+  or "pool" (single-token names from a fixed pool, see `name_pool`)."""
   shape = SIZES[size] if isinstance(size, str) else size
   if isinstance(size, str) and size not in SIZES:
     raise ValueError(f"unknown world size {size!r}; known: {sorted(SIZES)}")
   rng = random.Random(f"clara-world:{seed}")
-  ents = _make_entities(rng, shape)
+  ents = _make_entities(rng, shape, names)
   if max_facts is not None:
     _limit_facts(rng, ents, max_facts)
   for e in ents.values():
@@ -341,7 +417,7 @@ def make_world(seed: int, size="tiny", test_share: float = 0.2,
       e.paraphrase = _render(rng, e, None)
   questions = _questions(rng, ents)
   _split(rng, questions, test_share)
-  return World(seed, ents, questions)
+  return World(seed, ents, questions, names)
 
 
 def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[List[str], List[int]]:
@@ -406,7 +482,8 @@ def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
   for e in world.docs():
     lines.extend({_render(rng, e, v) for v in range(wordings)})
   for i in range(fresh_worlds):
-    other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts)
+    other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts,
+                       names=world.names)
     lines.extend(e.text for e in other.docs())
     # A document of another world followed by a question on it and its answer: the base
     # learns to answer from its context (facts it cannot know), the skill the generator
@@ -424,13 +501,14 @@ def _fresh_seed(seed: int, index: int) -> int:
 
 
 def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
-                    start_world: int = 0, max_facts: Optional[int] = None) -> Iterator[Dict]:
+                    start_world: int = 0, max_facts: Optional[int] = None,
+                    names: str = "syllables") -> Iterator[Dict]:
   """Endless rows from fresh worlds (new names and facts each world), in world order:
   nothing learned about one world helps answer the next except reading the document."""
   index = start_world
   while True:
     world = make_world(_fresh_seed(seed, 10_000 + index), size, test_share=0.0,
-                       max_facts=max_facts)
+                       max_facts=max_facts, names=names)
     rows = stage_rows(world, "train", candidates=k, k=k, seed=seed)
     chunk = rows[fmt] if fmt != STAGE2 else rows[STAGE2]
     rng = random.Random(f"fresh-order:{seed}:{index}")
@@ -440,19 +518,20 @@ def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
 
 
 def write_fresh(path: str, seed: int, num_rows: int, fmt: str = STAGE1, size="tiny",
-                k: int = 5, max_facts: Optional[int] = None) -> int:
+                k: int = 5, max_facts: Optional[int] = None, names: str = "syllables") -> int:
   """Writes the first `num_rows` streamed fresh-world rows (a training file in which no
   fact repeats across worlds)."""
-  stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts)
+  stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts, names=names)
   return write_jsonl_atomic(path, (next(stream) for _ in range(num_rows)))
 
 
 def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20,
                 k: int = 5, lm_wordings: int = 3, lm_fresh_worlds: int = 8,
-                fresh_rows: int = 0, max_facts: Optional[int] = None) -> Dict:
+                fresh_rows: int = 0, max_facts: Optional[int] = None,
+                names: str = "syllables") -> Dict:
   """Writes a world's files into `directory` (see the module docstring); returns the
   manifest. The manifest is written last, so its presence means the world is complete."""
-  world = make_world(seed, size, max_facts=max_facts)
+  world = make_world(seed, size, max_facts=max_facts, names=names)
   os.makedirs(directory, exist_ok=True)
   counts = {}
   for split in ("train", "test"):
@@ -469,10 +548,11 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
     for fmt in (STAGE1, STAGE1_2):
       name = f"{fmt}_fresh.jsonl"
       counts[name] = write_fresh(os.path.join(directory, name), seed, fresh_rows, fmt, size,
-                                 k, max_facts)
+                                 k, max_facts, names)
   manifest = {
       "seed": seed, "size": size if isinstance(size, str) else dataclasses.asdict(size),
-      "candidates": candidates, "k": k, "max_facts": max_facts, "files": counts,
+      "candidates": candidates, "k": k, "max_facts": max_facts, "names": names,
+      "files": counts,
       "documents": {e.id: {"kind": e.kind, "name": e.name} for e in world.docs()},
       "questions": {q.id: {"question": q.text, "answer": q.answer, "kind": q.kind,
                            "attribute": q.attribute, "gold": q.gold, "bridge": q.bridge,

@@ -158,6 +158,7 @@ class Tokenizer:
       model_type: str = "bpe",
       seed: int = 0,
       out_path: str | os.PathLike[str] | None = None,
+      user_symbols: Sequence[str] = (),
   ) -> Tokenizer:
     """Trains a SentencePiece model in memory, reproducibly.
 
@@ -179,6 +180,8 @@ class Tokenizer:
       model_type: "bpe", "unigram", "char" or "word".
       seed: SentencePiece's random seed. Note that it is process-global.
       out_path: if given, the `.model` file is also written there.
+      user_symbols: pieces kept whole wherever they occur (SentencePiece
+        user_defined_symbols; "\u2581" stands for a preceding space).
 
     Raises:
       ValueError: SentencePiece refused the input or settings (no text, vocabulary too
@@ -206,6 +209,7 @@ class Tokenizer:
           num_threads=1,
           input_sentence_size=0,
           shuffle_input_sentence=False,
+          user_defined_symbols=list(user_symbols),
           minloglevel=2,  # the trainer otherwise logs every step to stderr
       )
     except RuntimeError as e:

@@ -99,6 +99,8 @@ def synth_dir(config, workdir: str) -> str:
   name = f"synth_{d.synth_size}_seed{d.synth_seed}_c{d.candidates}_k{config.clara.k}"
   if d.synth_max_facts:
     name += f"_f{d.synth_max_facts}"
+  if d.synth_names != "syllables":
+    name += f"_{d.synth_names}"
   return os.path.normpath(os.path.join(workdir, "..", "data", name))
 
 
@@ -117,7 +119,8 @@ def data_files(config, workdir: str) -> Dict[str, str]:
     if not os.path.exists(os.path.join(directory, "manifest.json")):
       if jax.process_index() == 0:
         synth.write_world(directory, seed=d.synth_seed, size=d.synth_size,
-                          candidates=d.candidates, k=config.clara.k, max_facts=max_facts)
+                          candidates=d.candidates, k=config.clara.k, max_facts=max_facts,
+                          names=d.synth_names)
       _barrier("synth world written")
     if fmt == "text":
       return {"train": os.path.join(directory, "lm.txt")}
@@ -131,7 +134,7 @@ def data_files(config, workdir: str) -> Dict[str, str]:
       path = os.path.join(directory, f"{fmt}_fresh{rows}.jsonl")
       if not os.path.exists(path) and jax.process_index() == 0:
         synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
-                          max_facts)
+                          max_facts, d.synth_names)
       _barrier("fresh rows written")
       files["train"] = path
     return files
@@ -153,7 +156,12 @@ def load_tokenizer(config, workdir: str, files: Dict[str, str], prev: Optional[s
   if os.path.exists(own):
     return Tokenizer.load(own, n)
   texts = list(_training_texts(files["train"], config.data.format))
-  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed)
+  symbols = ()
+  if config.data.synth_names == "pool":  # the generated names stay single pieces
+    from clara_jax.data import synth
+    symbols = synth.pool_symbols()
+  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed,
+                        user_symbols=symbols)
   if jax.process_index() == 0:  # training is deterministic: every process has the same
     os.makedirs(os.path.dirname(own), exist_ok=True)
     tok.save(own)
