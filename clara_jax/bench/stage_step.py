@@ -1,7 +1,9 @@
 """Time of one compiled training step (loss + gradients + Adam update) per stage, on
-random token ids shaped like a real batch."""
+random token ids laid out like a real batch, with tokens/s and MFU."""
 
 from __future__ import annotations
+
+from typing import Dict, Optional
 
 import jax
 import numpy as np
@@ -15,42 +17,89 @@ from clara_jax.train import optimizer
 from clara_jax.train.state import create_state
 from clara_jax.train.step import make_train_step
 
+STAGES = ("lm", "stage1", "stage1_2", "stage2")
 
-def synthetic_stage2_batch(rng: np.random.Generator, vocab: int, base_vocab: int,
-                           batch: int, candidates: int, doc_len: int, question_len: int,
-                           prompt_len: int, answer_len: int, clara_cfg: clara.ClaraConfig):
-  """A stage2 batch of random ids with the real layouts; gold = candidate 0."""
+
+def documents_per_question(stage: str, candidates: int, k: int) -> int:
+  """Documents each example compresses: stage1 its own, stage1_2 its k, stage2 all
+  candidates."""
+  return {"stage1": 1, "stage1_2": k}.get(stage, candidates)
+
+
+def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch: int,
+                    candidates: int, doc_len: int, question_len: int, prompt_len: int,
+                    answer_len: int, clara_cfg: clara.ClaraConfig) -> Dict[str, np.ndarray]:
+  """A batch of random ids with the stage's real layouts (packing functions of the data
+  pipeline); stage2's gold is candidate 0. `lm` reads `prompt_len + answer_len` tokens."""
+  texts = lambda n, length: [list(rng.integers(4, base_vocab, length)) for _ in range(n)]
+  if stage == "lm":
+    length = prompt_len + answer_len
+    return {"tokens": rng.integers(4, base_vocab, (batch, length)).astype(np.int32),
+            "mask": np.ones((batch, length), np.int32)}
   n_mem = clara_cfg.n_mem
   mem = list(range(base_vocab + 3, base_vocab + 3 + n_mem))
   enc, sep = base_vocab, base_vocab + 1
-  texts = lambda n, length: [list(rng.integers(4, base_vocab, length)) for _ in range(n)]
-  doc_t, doc_m, _ = packing.pack_encoder(texts(batch * candidates, doc_len - 3), doc_len,
-                                         mem, enc, 1, 2, 0)
-  q_t, q_m, _ = packing.pack_encoder(texts(batch, question_len - 3), question_len, mem,
-                                     enc, 1, 2, 0)
-  slots = packing.slot_ids(n_mem, clara_cfg.k, mem, sep)
+  docs = documents_per_question(stage, candidates, clara_cfg.k)
+  slots_k = 1 if stage == "stage1" else clara_cfg.k
+  doc_t, doc_m, _ = packing.pack_encoder(texts(batch * docs, doc_len - 3), doc_len, mem,
+                                         enc, 1, 2, 0)
+  slots = packing.slot_ids(n_mem, slots_k, mem, sep)
   fill = prompt_len - len(slots) - 1
   prompts = [[1] + slots + list(rng.integers(4, base_vocab, fill)) for _ in range(batch)]
   gen, _ = packing.pack_generator(prompts, texts(batch, answer_len - 1), prompt_len,
-                                  answer_len, mem, clara_cfg.k, 2, 0)
-  positives = np.zeros((batch, candidates), np.int32)
-  positives[:, 0] = 1
-  return {"doc_tokens": doc_t.reshape(batch, candidates, -1),
-          "doc_mask": doc_m.reshape(batch, candidates, -1), "q_tokens": q_t, "q_mask": q_m,
-          "positives": positives, **gen}
+                                  answer_len, mem, slots_k, 2, 0)
+  out = {"doc_tokens": doc_t.reshape(batch, docs, -1),
+         "doc_mask": doc_m.reshape(batch, docs, -1), **gen}
+  if stage == "stage2":
+    q_t, q_m, _ = packing.pack_encoder(texts(batch, question_len - 3), question_len, mem,
+                                       enc, 1, 2, 0)
+    positives = np.zeros((batch, candidates), np.int32)
+    positives[:, 0] = 1
+    out.update(q_tokens=q_t, q_mask=q_m, positives=positives)
+  return out
 
 
-def stage2_step_time(model: str = "tiny", batch: int = 4, candidates: int = 20,
-                     doc_len: int = 128, compr_rate: int = 16, k: int = 5,
-                     question_len: int = 32, prompt_len: int = 169, answer_len: int = 20,
-                     cached: bool = False, iters: int = 3) -> dict:
-  """Seconds per stage2 train step, with document memories recomputed or cached."""
+def step_flops(stage: str, cfg_m, clara_cfg: clara.ClaraConfig, batch: int, docs: int,
+               doc_len: int, question_len: int, prompt_len: int, answer_len: int,
+               cached: bool) -> float:
+  """Model FLOPs of one step: 3x forward for what trains, 1x for what is frozen.
+
+  lm: the full decoder at every position. stage1/1_2: compressor and generator adapters
+  train. stage2: the compressor is frozen (1x, or nothing with cached memories); the
+  reasoner and generator train."""
+  rank = cfg_m.lora.rank if cfg_m.lora else 0
+  if stage == "lm":
+    return 3 * forward_flops(cfg_m, batch, prompt_len + answer_len)
+  n_mem = clara_cfg.n_mem
+  gen = 3 * forward_flops(cfg_m, batch, prompt_len + answer_len, rank,
+                          head_tokens=batch * answer_len)
+  doc_mult = 1 if stage == "stage2" else 3
+  docs_f = 0.0 if cached else doc_mult * forward_flops(cfg_m, batch * docs, doc_len + n_mem,
+                                                       rank, head_tokens=0)
+  query = 3 * forward_flops(cfg_m, batch, question_len + n_mem, rank, head_tokens=0) \
+      if stage == "stage2" else 0.0
+  return gen + docs_f + query
+
+
+def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
+                    candidates: int = 20, doc_len: int = 128, compr_rate: int = 16,
+                    k: int = 5, question_len: int = 32, prompt_len: int = 169,
+                    answer_len: int = 20, cached: bool = False, iters: int = 3,
+                    dtype: Optional[str] = None) -> dict:
+  """Seconds per train step of `stage` (stage2: document memories recomputed, as the
+  reference does, or `cached`), tokens/s and MFU against this process's matmul peak."""
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+  if cached and stage != "stage2":
+    raise ValueError("cached document memories are a stage2 option")
   cfg_c = clara.ClaraConfig(doc_max_length=doc_len, compr_rate=compr_rate, k=k)
-  cfg_m = model_config(model, num_extra_tokens=3 + cfg_c.n_mem)
+  overrides = {"num_extra_tokens": 3 + cfg_c.n_mem}
+  if dtype:
+    overrides["dtype"] = dtype
+  cfg_m = model_config(model, **overrides)
   params = init_params(cfg_m, jax.random.key(0))
-  data = synthetic_stage2_batch(np.random.default_rng(0), cfg_m.vocab_size,
-                                cfg_m.base_vocab_size, batch, candidates, doc_len,
-                                question_len, prompt_len, answer_len, cfg_c)
+  data = synthetic_batch(stage, np.random.default_rng(0), cfg_m.base_vocab_size, batch,
+                         candidates, doc_len, question_len, prompt_len, answer_len, cfg_c)
   if cached:
     mem, _ = jax.jit(lambda p, t, m: clara.compress(Decoder(cfg_m), p, t, m, cfg_c.n_mem))(
         params, data.pop("doc_tokens"), data.pop("doc_mask"))
@@ -58,23 +107,25 @@ def stage2_step_time(model: str = "tiny", batch: int = 4, candidates: int = 20,
   # The real train step: gradients of the trainable subset only, clip + AdamW.
   schedule = optimizer.learning_rate_schedule(1e-4, 100, "constant", warmup_ratio=0.0)
   tx = optimizer.make_optimizer(schedule)
-  step = jax.jit(make_train_step(stages.stage_loss("stage2", cfg_m, cfg_c), tx, schedule))
-  state = create_state(params, stages.trainable_mask("stage2", params, cfg_c), tx)
+  step = jax.jit(make_train_step(stages.stage_loss(stage, cfg_m, cfg_c), tx, schedule))
+  state = create_state(params, stages.trainable_mask(stage, params, cfg_c), tx)
   seconds = time_fn(lambda: step(state, data), iters=iters)
-  # FLOPs: frozen compressor forward (1x) unless cached; reasoner and generator
-  # forward + backward (3x).
-  rank = cfg_m.lora.rank if cfg_m.lora else 0
-  flops = 3 * forward_flops(cfg_m, batch, question_len + cfg_c.n_mem, rank, head_tokens=0)
-  flops += 3 * forward_flops(cfg_m, batch, prompt_len + answer_len, rank,
-                             head_tokens=batch * answer_len)
-  if not cached:
-    flops += forward_flops(cfg_m, batch * candidates, doc_len + cfg_c.n_mem, rank,
-                           head_tokens=0)
+  docs = documents_per_question(stage, candidates, k)
+  flops = step_flops(stage, cfg_m, cfg_c, batch, docs, doc_len, question_len, prompt_len,
+                     answer_len, cached)
   peak = matmul_peak_flops()
-  tokens = batch * (question_len + prompt_len + answer_len
-                    + (0 if cached else candidates * doc_len))
-  return {"benchmark": "stage2_step", "model": model, "cached_memories": cached,
-          "batch": batch, "candidates": candidates, "k": k, "doc_len": doc_len,
-          "compr_rate": compr_rate, "step_s": round(seconds, 4),
-          "tokens_per_s": round(tokens / seconds, 1),
+  tokens = batch * (prompt_len + answer_len)
+  if stage != "lm" and not cached:
+    tokens += batch * docs * doc_len
+  if stage == "stage2":
+    tokens += batch * question_len
+  return {"benchmark": f"{stage}_step", "model": model, "dtype": cfg_m.dtype,
+          "cached_memories": cached, "batch": batch, "documents_per_question": docs,
+          "k": k, "doc_len": doc_len, "compr_rate": compr_rate,
+          "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
           "mfu": round(flops / seconds / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
+
+
+def stage2_step_time(model: str = "tiny", **kwargs) -> dict:
+  """The stage2 step (kept for callers of the first benchmark)."""
+  return stage_step_time("stage2", model, **kwargs)

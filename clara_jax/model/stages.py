@@ -33,6 +33,9 @@ Batch = Dict[str, Array]
 LossFn = Callable[[dict, Batch, Optional[Array]], Tuple[Array, Dict[str, Array]]]
 
 STAGES = ("lm", "stage1", "stage1_2", "stage2", "stage2_retrieval")
+# Documents per example compressed in one pass of a frozen compressor: ~10 kept the
+# working set in cache on the CPU (faster than all candidates at once).
+COMPRESS_CHUNK = 10
 
 
 def trainable_mask(stage: str, params, clara_cfg: clara.ClaraConfig):
@@ -94,11 +97,43 @@ def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.Cl
     return jax.lax.stop_gradient(batch["doc_mem"])
   b, n = batch["doc_tokens"].shape[:2]
   train = clara_cfg.train_compressor and rng is not None
+  if not clara_cfg.train_compressor:
+    return frozen_compress(model, params, batch["doc_tokens"], batch["doc_mask"],
+                           clara_cfg.n_mem)
   mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
                           clara_cfg.n_mem, deterministic=not train,
                           rng=rng if train else None)
-  mem = mem.reshape(b, n, clara_cfg.n_mem, -1)
-  return mem if clara_cfg.train_compressor else jax.lax.stop_gradient(mem)
+  return mem.reshape(b, n, clara_cfg.n_mem, -1)
+
+
+def _chunk(n: int, target: int) -> int:
+  """The largest divisor of n not above target."""
+  return max(c for c in range(1, min(n, target) + 1) if n % c == 0)
+
+
+def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl: Array,
+                    n_mem: int, chunk: int = COMPRESS_CHUNK) -> Array:
+  """Memories [B, N, n_mem, H] of a frozen compressor, without gradients.
+
+  The compressor adapter is folded into the base kernels (one matmul per layer instead of
+  three), and the documents go through in chunks of `chunk` per example (a loop, so the
+  working set of each pass stays in cache); the batch axis stays whole in every chunk, so
+  its sharding is untouched.
+  """
+  params = jax.lax.stop_gradient(params)
+  if model.cfg.lora is not None:
+    params = lora.fold_adapter(params, clara.COMPRESSOR, model.cfg.lora)
+  b, n, length = doc_tokens_bnl.shape
+  c = _chunk(n, chunk)
+  to_chunks = lambda x: x.reshape(b, n // c, c, length).swapaxes(0, 1)
+
+  def one(chunk_arrays):
+    tokens, mask = (x.reshape(b * c, length) for x in chunk_arrays)
+    mem, _ = clara.encode(model, params, tokens, mask, n_mem, adapter=None)
+    return mem.reshape(b, c, n_mem, -1)
+
+  mem = jax.lax.map(one, (to_chunks(doc_tokens_bnl), to_chunks(doc_mask_bnl)))
+  return mem.swapaxes(0, 1).reshape(b, n, n_mem, -1)
 
 
 def retrieval_metrics(scores_bn: Array, indices_bk: Array, positives_bn: Array
