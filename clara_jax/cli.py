@@ -16,25 +16,39 @@ def _cmd_demo(args) -> int:
   return 0 if summary["claims"] else 1
 
 
+def _cmd_real_data(args) -> int:
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)  # the run prints its own progress
+  from clara_jax import demo, real_data
+  try:
+    summary = real_data.run(args.workdir, args.data_dir, quick=args.quick, seed=args.seed)
+  except (demo.StageStopped, FileNotFoundError) as e:
+    print(f"clara-jax real-data: {e}", file=sys.stderr)
+    return 2
+  return 0 if summary["claims"] else 1
+
+
 def _cmd_synth(args) -> int:
   import json
   from clara_jax.data import synth
   size = args.size
   if args.stream:
     count = synth.write_fresh(args.out, args.seed, args.rows, args.stream, size, args.k,
-                              args.max_facts)
+                              args.max_facts, args.names)
     print(json.dumps({"file": args.out, "rows": count, "format": args.stream}))
     return 0
   manifest = synth.write_world(args.out, seed=args.seed, size=size,
                                candidates=args.candidates, k=args.k,
-                               max_facts=args.max_facts, fresh_rows=args.rows)
+                               max_facts=args.max_facts, fresh_rows=args.rows,
+                               names=args.names)
   kinds = {}
   for q in manifest["questions"].values():
     key = f"{q['split']}_{q['kind']}"
     kinds[key] = kinds.get(key, 0) + 1
   print(f"world seed {args.seed} ({size}): {len(manifest['documents'])} documents, "
         f"{len(manifest['questions'])} questions in {args.out}")
-  print(json.dumps({"out": args.out, "files": manifest["files"], "questions": kinds}))
+  print(json.dumps({"out": args.out, "files": manifest["files"], "questions": kinds,
+                    "names": manifest["names"]}))
   return 0
 
 
@@ -49,17 +63,35 @@ def _cmd_info(args) -> int:
   return 0
 
 
+def _bench_shapes(args) -> dict:
+  return {"batch": args.batch or 4, "candidates": args.candidates, "doc_len": args.doc_len,
+          "compr_rate": args.compr_rate, "k": args.k, "iters": args.iters}
+
+
 def _cmd_bench(args) -> int:
+  """Prints one JSON line per benchmark; `suite` ends with a line holding them all."""
+  from clara_jax.bench.generation import generation_latency
+  from clara_jax.bench.stage_step import STAGES, stage_step_time
+  shapes = _bench_shapes(args)
   if args.what == "forward":
     from clara_jax.bench.forward import forward_throughput
-    result = forward_throughput(args.model, args.batch or 8, args.length, iters=args.iters)
-  elif args.what == "stage2":
-    from clara_jax.bench.stage_step import stage2_step_time
-    result = stage2_step_time(args.model, batch=args.batch or 4, cached=args.cached,
-                              iters=args.iters)
-  else:  # argparse restricts choices; kept for new benchmarks
-    raise ValueError(f"unknown benchmark {args.what!r}")
-  print(json.dumps(result))
+    results = [forward_throughput(args.model, args.batch or 8, args.length, iters=args.iters)]
+  elif args.what in ("step", "stage2"):
+    stage = "stage2" if args.what == "stage2" else args.stage
+    results = [stage_step_time(stage, args.model, cached=args.cached, dtype=args.dtype,
+                               **shapes)]
+  elif args.what == "generate":
+    results = [generation_latency(args.model, **shapes)]
+  else:  # suite: every stage's step, stage2 with cached memories, generation
+    results = [stage_step_time(stage, args.model, dtype=args.dtype, **shapes)
+               for stage in STAGES]
+    results.append(stage_step_time("stage2", args.model, cached=True, dtype=args.dtype,
+                                   **shapes))
+    results.append(generation_latency(args.model, **shapes))
+  for result in results:
+    print(json.dumps(result), flush=True)
+  if args.what == "suite":
+    print(json.dumps({"benchmark": "suite", "model": args.model, "results": results}))
   return 0
 
 
@@ -258,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--seed", type=int, default=0, help="world, init and data-order seed")
   demo.set_defaults(fn=_cmd_demo)
 
+  real = sub.add_parser("real-data", help="the demo's pipeline on the real HotpotQA, NQ and "
+                        "CLaRa-pretraining files (see DATA_DIR/SOURCES.md)")
+  real.add_argument("--data_dir", default="../shared/data",
+                    help="directory holding hotpotqa_dev500.jsonl, nq_open_oracle.jsonl.gz, "
+                    "clara_pretrain_1k.jsonl")
+  real.add_argument("--workdir", default="workdir_real_data")
+  real.add_argument("--quick", action="store_true", help="a few-minute version for tests")
+  real.add_argument("--seed", type=int, default=0, help="split, shuffle, init and data-order "
+                    "seed")
+  real.set_defaults(fn=_cmd_real_data)
+
   sy = sub.add_parser("synth", help="generate a fictional world (the embedded default data)")
   sy.add_argument("--out", required=True, help="output directory (or file with --stream)")
   sy.add_argument("--seed", type=int, default=0)
@@ -265,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
   sy.add_argument("--candidates", type=int, default=20, help="stage2 documents per question")
   sy.add_argument("--k", type=int, default=5, help="stage1_2 documents per question")
   sy.add_argument("--max_facts", type=int, default=None, help="facts per document (shorter)")
+  sy.add_argument("--names", default="syllables", choices=["syllables", "pool"],
+                  help="invented per world, or single-token names from a fixed pool")
   sy.add_argument("--rows", type=int, default=0,
                   help="fresh-world rows: written as {stage1,stage1_2}_fresh.jsonl beside "
                   "the world, or to --out with --stream")
@@ -277,12 +322,21 @@ def build_parser() -> argparse.ArgumentParser:
   info.add_argument("--num_extra_tokens", type=int, default=0)
   info.set_defaults(fn=_cmd_info)
 
-  bench = sub.add_parser("bench", help="throughput benchmarks (prints a JSON line)")
-  bench.add_argument("what", choices=["forward", "stage2"])
-  bench.add_argument("--model", default="small")
+  bench = sub.add_parser("bench", help="step time, tokens/s, MFU and generation latency "
+                         "(JSON lines; `suite` runs them all)")
+  bench.add_argument("what", choices=["forward", "step", "stage2", "generate", "suite"])
+  bench.add_argument("--model", default="small", help="a named size (e.g. ref_tiny)")
+  bench.add_argument("--stage", default="stage2", choices=["lm", "stage1", "stage1_2",
+                                                           "stage2"], help="for `step`")
   bench.add_argument("--batch", type=int, default=None,
-                     help="sequences (forward, default 8) or questions (stage2, default 4)")
-  bench.add_argument("--length", type=int, default=256)
+                     help="sequences (forward, default 8) or questions (default 4)")
+  bench.add_argument("--length", type=int, default=256, help="forward: sequence length")
+  bench.add_argument("--candidates", type=int, default=20, help="documents per question")
+  bench.add_argument("--doc_len", type=int, default=128)
+  bench.add_argument("--compr_rate", type=int, default=16)
+  bench.add_argument("--k", type=int, default=5)
+  bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                     help="compute dtype (parameters stay float32)")
   bench.add_argument("--iters", type=int, default=5)
   bench.add_argument("--cached", action="store_true",
                      help="stage2: read precomputed document memories")

@@ -67,11 +67,27 @@ def test_save_and_load_params_onto_a_mesh(tmp_path):
     load_params(str(tmp_path / "nothing"))
 
 
-@pytest.mark.parametrize("cached", [False, True])
-def test_bench_stage2_step(cached):
-  from clara_jax.bench.stage_step import stage2_step_time
-  result = stage2_step_time("tiny", batch=2, candidates=4, doc_len=16, compr_rate=4, k=2,
-                            question_len=8, prompt_len=24, answer_len=4, cached=cached,
-                            iters=1)
-  assert result["step_s"] > 0 and result["cached_memories"] == cached
-  assert 0 < result["mfu"] < 1.5
+SHAPES = dict(batch=2, candidates=4, doc_len=16, compr_rate=4, k=2, iters=1)
+
+
+def test_bench_generation_latency():
+  from clara_jax.bench.generation import generation_latency
+  result = generation_latency("tiny", question_len=8, prompt_len=24, new_tokens=3, **SHAPES)
+  phases = [result[f"{p}_ms_per_question"] for p in ("compress", "reason", "select", "decode")]
+  assert all(ms > 0 for ms in phases)
+  assert result["total_ms_per_question"] == pytest.approx(sum(phases), rel=1e-2)
+
+
+def test_bench_cli_suite_prints_a_final_json_line(capsys):
+  assert cli.main(["bench", "suite", "--model", "tiny", "--batch", "1", "--candidates", "3",
+                   "--doc_len", "16", "--compr_rate", "4", "--k", "2", "--iters", "1"]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  final = json.loads(lines[-1])
+  names = [r["benchmark"] for r in final["results"]]
+  assert names == ["lm_step", "stage1_step", "stage1_2_step", "stage2_step", "stage2_step",
+                   "generation"]
+  assert [json.loads(line) for line in lines[:-1]] == final["results"]
+  steps = final["results"][:5]
+  assert [r["documents_per_question"] for r in steps] == [3, 1, 2, 3, 3]
+  assert [r["cached_memories"] for r in steps] == [False] * 4 + [True]
+  assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 for r in steps)

@@ -1,0 +1,351 @@
+"""`clara-jax real-data`: the demo's CLaRa pipeline on the real shared files.
+
+The inputs are the files described in DATA_DIR/SOURCES.md (read in place; nothing is
+copied into the repository):
+
+* `hotpotqa_dev500.jsonl` (IRCoT HotpotQA, multi-hop): stage2 rows of 20 candidates (its
+  10 paragraphs + 10 BM25 distractors from the other questions' paragraphs) and stage1_2
+  rows of k documents, with the project's converter (`clara_jax.data.convert`, seeded);
+* `nq_open_oracle.jsonl.gz` (NQ-open, single-hop): the same, its gold passage + 19 BM25
+  distractors from the other questions' gold passages;
+* `clara_pretrain_1k.jsonl`: stage1 rows (converter passthrough), their QA pairs
+  regrouped (one per row by default) so every pair fits the answer region.
+
+Each QA set is split into train and held-out questions (seeded, by question). Every
+distinct passage (all questions', held-out included: they are the corpus, not the
+answers) becomes one line of plain text, on which the tokenizer and the base LM (`lm`)
+are trained from scratch, since no pretrained weights can be downloaded. Then stage1
+(pretrain rows), stage1_2 and stage2 (HotpotQA + NQ train questions) run as in the demo
+(`demo.run_stage`, each from the previous stage's export), and the held-out questions
+are evaluated (EM, F1, Recall@1/5 of stage2 vs the stage1_2-initialised reasoner and vs
+BM25; `kind` multi = HotpotQA, single = NQ) with the logit lens. There is no manifest of
+clue words for real data: the lens counts the gold document's words absent from the
+question, only those absent from a random control candidate too, against the control's
+own discriminative words (`clara_jax.eval.lens`). The demo's claims table is printed and
+written to `summary.json`.
+
+Workdir layout (besides the demo's stage directories, `eval/`, `lens.*`, `losses.png`):
+
+    data/converted/{hotpotqa,nq}_{stage2,stage1_2}.jsonl, pretrain_stage1.jsonl
+    data/lm/train.txt            one passage per line (tokenizer + `lm`)
+    data/{stage1,stage1_2,stage2}/train.jsonl
+    data/heldout.jsonl           held-out stage2 rows with `kind`
+    data/DONE.json               the data plan and the conversion reports
+
+Re-running resumes: the data is kept when its plan is unchanged, and finished stages are
+skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from clara_jax import demo
+
+HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
+NQ_FILE = "nq_open_oracle.jsonl.gz"
+PRETRAIN_FILE = "clara_pretrain_1k.jsonl"
+# QA set -> (converter format, file, `kind` of its held-out rows)
+QA_SETS = {"hotpotqa": ("hotpotqa_ircot", HOTPOTQA_FILE, "multi"),
+           "nq": ("nq", NQ_FILE, "single")}
+
+
+@dataclasses.dataclass(frozen=True)
+class DataPlan:
+  """What is converted and held out.
+
+  limits: per source (hotpotqa, nq, pretrain), convert only the first N rows (None: all;
+  the distractor pool is then those rows' passages); test: held-out questions per QA
+  set; candidates, k: documents per stage2 / stage1_2 row; qa_per_row: QA pairs per
+  stage1 row (a pair is ~50 tokens under the 4096-piece tokenizer, the answer region
+  64); seed: converter shuffle and train/test split seed.
+  """
+  limits: Dict[str, Optional[int]]
+  test: Dict[str, int]
+  candidates: int = 20
+  k: int = 3
+  qa_per_row: int = 1
+  seed: int = 0
+
+
+def data_plan(quick: bool = False, seed: int = 0) -> DataPlan:
+  if quick:
+    return DataPlan(limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
+                    test={"hotpotqa": 8, "nq": 8}, k=2, seed=seed)
+  return DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
+                  test={"hotpotqa": 100, "nq": 200}, seed=seed)
+
+
+def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recipe:
+  """The stage overrides (`demo.Recipe`) for real text: documents of 128 tokens (64
+  quick) compressed 8x, short prompts, the demo's choices of trained roles (the stage1
+  generator kept into stage1_2, the generator frozen in stage2). `dirs`: the data paths
+  of `prepare_data`. The generator prompt lengths are set after the `lm` stage
+  (`fit_recipe`)."""
+  doc_len = 64 if quick else 128
+  shared = {
+      "tokenizer.vocab_size": 1024 if quick else 4096, "data.prompt_style": "short",
+      "clara.doc_max_length": doc_len, "clara.compr_rate": 8, "clara.k": plan.k,
+      "data.candidates": plan.candidates, "data.question_max_length": 32,
+      "data.answer_length": 16, "data.lm_length": doc_len,
+      "train.global_batch": 8 if quick else 16, "train.log_every": 10 if quick else 25,
+      "train.checkpoint_every": 20 if quick else 100, "mesh.shape": (-1, 1, 1),
+  }
+  stages = {
+      "lm": {"train.num_steps": 500, "optimizer.lr": 3e-3, "data.source": dirs["lm"],
+             "train.global_batch": 32},
+      "stage1": {"train.num_steps": 400, "optimizer.lr": 1e-3, "data.source": dirs["stage1"],
+                 "data.answer_length": 64},
+      "stage1_2": {"train.num_steps": 200, "optimizer.lr": 1e-3,
+                   "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
+      "stage2": {"train.num_steps": 150, "train.global_batch": 8, "optimizer.lr": 1e-3,
+                 "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
+                 "clara.train_generator": False, "data.source": dirs["stage2"]},
+  }
+  if quick:
+    for stage, steps in zip(demo.STAGES, (40, 20, 20, 20)):
+      stages[stage]["train.num_steps"] = steps
+      stages[stage]["train.global_batch"] = 8
+  return demo.Recipe(model="tiny" if quick else "small", shared=shared, stages=stages,
+                     eval_questions=16 if quick else 200, min_memory_gain=1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Data: conversion, split, text.
+
+
+def source_path(data_dir: str, name: str) -> str:
+  path = os.path.join(data_dir, name)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing; --data_dir must hold the files listed in "
+                            f"its SOURCES.md ({HOTPOTQA_FILE}, {NQ_FILE}, {PRETRAIN_FILE})")
+  return path
+
+
+def read_jsonl(path: str) -> List[Dict]:
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def split_ids(rows: Sequence[Dict], num_test: int, seed: int) -> set:
+  """The ids of `num_test` rows drawn at random (seeded): the held-out questions."""
+  import numpy as np
+  if not 0 < num_test < len(rows):
+    raise ValueError(f"cannot hold out {num_test} of {len(rows)} questions: need "
+                     "0 < test < rows")
+  ids = [r["id"] for r in rows]
+  if len(set(ids)) != len(ids):
+    raise ValueError("converted rows have duplicate ids: the split would leak questions")
+  order = np.random.default_rng(seed).permutation(len(ids))
+  return {ids[i] for i in order[:num_test]}
+
+
+def regroup_qa(rows: Sequence[Dict], per_row: int) -> List[Dict]:
+  """stage1 QA rows with at most `per_row` question/answer pairs each (same document):
+  all of a row's pairs are then trained on, instead of the first few that fit the
+  answer region. Paraphrase rows pass through."""
+  out = []
+  for row in rows:
+    if row.get("data_type", "qa") != "qa":
+      out.append(row)
+      continue
+    pairs = list(zip(row["question"], row["answers"]))
+    for start in range(0, len(pairs), per_row):
+      chunk = pairs[start:start + per_row]
+      out.append({"data_type": "qa", "question": [q for q, _ in chunk],
+                  "answers": [a for _, a in chunk], "docs": row["docs"]})
+  return out
+
+
+def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
+  """Distinct documents of all rows in first-seen order, each on one line (newlines,
+  e.g. the converter's "title\\nparagraph", become spaces)."""
+  seen = {}
+  for rows in row_lists:
+    for row in rows:
+      for doc in row["docs"]:
+        line = " ".join(doc.split())
+        if line:
+          seen.setdefault(line, None)
+  return list(seen)
+
+
+def _write_jsonl(path: str, rows: Sequence[Dict]) -> None:
+  from clara_jax.data.formats import write_jsonl_atomic
+  write_jsonl_atomic(path, rows)
+
+
+def _write_lines(path: str, lines: Sequence[str]) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    f.writelines(line + "\n" for line in lines)
+  os.replace(path + ".tmp", path)
+
+
+def data_dirs(workdir: str) -> Dict[str, str]:
+  """Where `prepare_data` writes: the `lm` text file, each stage's directory of
+  `train.jsonl`, the held-out file, the converted files."""
+  root = os.path.join(workdir, "data")
+  return {"root": root, "converted": os.path.join(root, "converted"),
+          "lm": os.path.join(root, "lm", "train.txt"),
+          "stage1": os.path.join(root, "stage1"), "stage1_2": os.path.join(root, "stage1_2"),
+          "stage2": os.path.join(root, "stage2"),
+          "heldout": os.path.join(root, "heldout.jsonl")}
+
+
+def convert_sources(data_dir: str, out_dir: str, plan: DataPlan,
+                    log: Callable[[str], None] = print) -> Dict[str, Dict]:
+  """Runs the converter on every source: {name: report dict}; files in `out_dir` as
+  `{hotpotqa,nq}_{stage2,stage1_2}.jsonl` and `pretrain_stage1.jsonl`."""
+  from clara_jax.data.convert import convert
+  reports = {}
+  for name, (fmt, filename, _) in QA_SETS.items():
+    for stage in ("stage2", "stage1_2"):
+      report = convert(fmt, source_path(data_dir, filename),
+                       os.path.join(out_dir, f"{name}_{stage}.jsonl"),
+                       candidates=plan.candidates, k=plan.k, seed=plan.seed, stage=stage,
+                       limit=plan.limits.get(name))
+      reports[f"{name}_{stage}"] = report.to_dict()
+      log(f"[    data] {report.summary()}")
+  report = convert("stage1", source_path(data_dir, PRETRAIN_FILE),
+                   os.path.join(out_dir, "pretrain_stage1.jsonl"),
+                   limit=plan.limits.get("pretrain"))
+  reports["pretrain_stage1"] = report.to_dict()
+  log(f"[    data] {report.summary()}")
+  return reports
+
+
+def split_qa_sets(converted: str, plan: DataPlan
+                  ) -> Tuple[Dict[str, List[Dict]], List[Dict], Dict[str, Dict]]:
+  """({"stage2": train rows, "stage1_2": train rows}, held-out stage2 rows with `kind`,
+  {set: counts}) of the converted QA sets; a question is in train or held out for both
+  stages."""
+  train: Dict[str, List[Dict]] = {"stage2": [], "stage1_2": []}
+  heldout, counts = [], {}
+  for name, (_, _, kind) in QA_SETS.items():
+    stage2 = read_jsonl(os.path.join(converted, f"{name}_stage2.jsonl"))
+    stage1_2 = read_jsonl(os.path.join(converted, f"{name}_stage1_2.jsonl"))
+    test_ids = split_ids(stage2, plan.test[name], plan.seed)
+    train["stage2"] += [r for r in stage2 if r["id"] not in test_ids]
+    train["stage1_2"] += [r for r in stage1_2 if r["id"] not in test_ids]
+    heldout += [dict(r, kind=kind) for r in stage2 if r["id"] in test_ids]
+    counts[name] = {"train": len(stage2) - len(test_ids), "test": len(test_ids)}
+  return train, heldout, counts
+
+
+def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
+                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Converts, splits and writes every stage's data (see the module docstring); kept
+  when `data/DONE.json` records the same plan. Returns that record: {"plan", "reports",
+  "counts", "seconds"}."""
+  dirs = data_dirs(workdir)
+  done = os.path.join(dirs["root"], demo.DONE_FILE)
+  plan_dict = json.loads(json.dumps(dataclasses.asdict(plan)))
+  if os.path.exists(done):
+    with open(done) as f:
+      record = json.load(f)
+    if record["plan"] == plan_dict:
+      log("[    data] prepared before: kept")
+      return record
+    raise ValueError(f"{done}: the data there was prepared with another plan "
+                     f"({record['plan']}, now {plan_dict}); use another --workdir")
+  start = time.perf_counter()
+  reports = convert_sources(data_dir, dirs["converted"], plan, log)
+  train, heldout, counts = split_qa_sets(dirs["converted"], plan)
+  pretrain = read_jsonl(os.path.join(dirs["converted"], "pretrain_stage1.jsonl"))
+  stage1 = regroup_qa(pretrain, plan.qa_per_row)
+  qa_all = [read_jsonl(os.path.join(dirs["converted"], f"{name}_stage2.jsonl"))
+            for name in QA_SETS]
+  text = passages([pretrain, *qa_all])
+  _write_lines(dirs["lm"], text)
+  _write_jsonl(os.path.join(dirs["stage1"], "train.jsonl"), stage1)
+  for stage in ("stage1_2", "stage2"):
+    _write_jsonl(os.path.join(dirs[stage], "train.jsonl"), train[stage])
+  _write_jsonl(dirs["heldout"], heldout)
+  counts.update(passages=len(text), stage1=len(stage1), stage1_2=len(train["stage1_2"]),
+                stage2=len(train["stage2"]), heldout=len(heldout))
+  record = {"plan": plan_dict, "reports": reports, "counts": counts,
+            "seconds": time.perf_counter() - start}
+  with open(done, "w") as f:
+    json.dump(record, f, indent=1)
+  log(f"[    data] {counts['passages']} passages, stage1 {len(stage1)}, stage1_2 "
+      f"{len(train['stage1_2'])}, stage2 {len(train['stage2'])} train rows, "
+      f"{len(heldout)} held out")
+  return record
+
+
+# ---------------------------------------------------------------------------------------
+# The pipeline.
+
+
+def prompt_tokens(tok, user: str, system: str) -> int:
+  """Length of a generator prompt as the featurizer encodes it (bos included)."""
+  from clara_jax.data.tokenizer import build_chat_prompt
+  return len(tok.encode(build_chat_prompt(user, system), add_bos=True))
+
+
+def fitted_prompt_lengths(tok, questions: Sequence[str], n_mem: int, k: int, style: str,
+                          multiple: int = 8) -> Dict[str, int]:
+  """Generator prompt lengths, rounded up to `multiple`, that fit every row:
+  {"stage1": the memory-slot prompt of stage1, "answer": the longest question's prompt
+  with k slots (stage1_2, stage2)}. Real questions are long and the packer never cuts a
+  memory slot, so the length comes from the data once the tokenizer exists."""
+  from clara_jax.data import templates
+  round_up = lambda n: -(-n // multiple) * multiple
+  row = {"data_type": "qa", "question": ["?"], "answers": ["."], "docs": ["."]}
+  system, user, _ = templates.stage1_turn(row, n_mem, None, style)
+  longest = max(prompt_tokens(tok, *reversed(templates.answer_turn(q, n_mem, k, style)))
+                for q in questions)
+  return {"stage1": round_up(prompt_tokens(tok, user, system)), "answer": round_up(longest)}
+
+
+def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
+               log: Callable[[str], None] = print) -> demo.Recipe:
+  """The recipe with `data.prompt_length` fitted to the training questions under the
+  `lm` stage's tokenizer (see `fitted_prompt_lengths`)."""
+  from clara_jax.data.tokenizer import Tokenizer
+  from clara_jax.train.loop import TOKENIZER_FILE
+  config = demo.stage_config("stage2", recipe)
+  tok = Tokenizer.load(os.path.join(workdir, "lm", "export", TOKENIZER_FILE),
+                       config.tokenizer.num_mem_tokens)
+  questions = [r["question"] for stage in ("stage1_2", "stage2")
+               for r in read_jsonl(os.path.join(dirs[stage], "train.jsonl"))]
+  n_mem = config.clara.doc_max_length // config.clara.compr_rate
+  lengths = fitted_prompt_lengths(tok, questions, n_mem, config.clara.k,
+                                  config.data.prompt_style)
+  log(f"[    data] generator prompts: {lengths['stage1']} tokens (stage1), "
+      f"{lengths['answer']} (longest question, stage1_2 and stage2)")
+  stages = {name: dict(overrides) for name, overrides in recipe.stages.items()}
+  stages["stage1"]["data.prompt_length"] = lengths["stage1"]
+  return dataclasses.replace(recipe, shared={**recipe.shared,
+                                             "data.prompt_length": lengths["answer"]},
+                             stages=stages)
+
+
+def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
+        log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The real-data run; returns (and writes) the summary, as `demo.run`."""
+  import tensorflow_datasets as tfds
+  tfds.disable_progress_bar()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  start = time.perf_counter()
+  plan = data_plan(quick, seed)
+  data = prepare_data(os.path.abspath(data_dir), workdir, plan, log)
+  dirs = data_dirs(workdir)
+  recipe = real_recipe(quick, plan, dirs)
+  stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
+  recipe = fit_recipe(recipe, workdir, dirs, log)
+  for stage in demo.STAGES[1:]:
+    stage_metrics[stage] = demo.run_stage(stage, workdir, recipe, seed, log)
+  rows = demo.held_out_rows(dirs["heldout"], recipe.eval_questions)
+  # clues=None: the lens's hidden words are the gold document's words absent from the
+  # question (and from the control candidate): no clue manifest exists for real data.
+  results = demo.evaluate_checkpoints(workdir, rows, plan.k, clues=None, log=log)
+  return demo.write_report(workdir, recipe, stage_metrics, results,
+                           time.perf_counter() - start, log,
+                           extra={"data": {"dir": os.path.abspath(data_dir), **data}})
