@@ -53,7 +53,7 @@ def default_recipe(quick: bool = False) -> Recipe:
   a string of syllables), documents of two facts, compression rate 2, fresh worlds in
   stage1 and stage1_2 (only reading lowers the loss), and the base weights training with
   the adapters there (`clara.train_base`): the copy skill appears after ~700 stage1 steps
-  and the `tiny` model takes ~6 steps/s, so it gets thousands of steps in the budget.
+  and the `tiny` model takes ~5 steps/s, so it gets thousands of steps in the budget.
   """
   shared = {
       "data.synth_size": "small", "data.synth_max_facts": 2, "data.synth_names": "pool",
