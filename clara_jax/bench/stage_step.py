@@ -125,7 +125,3 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
           "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
           "mfu": round(flops / seconds / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
 
-
-def stage2_step_time(model: str = "tiny", **kwargs) -> dict:
-  """The stage2 step (kept for callers of the first benchmark)."""
-  return stage_step_time("stage2", model, **kwargs)

@@ -95,11 +95,11 @@ def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.Cl
   one, else recomputed by the compressor (frozen unless `train_compressor`)."""
   if "doc_mem" in batch:
     return jax.lax.stop_gradient(batch["doc_mem"])
-  b, n = batch["doc_tokens"].shape[:2]
-  train = clara_cfg.train_compressor and rng is not None
   if not clara_cfg.train_compressor:
     return frozen_compress(model, params, batch["doc_tokens"], batch["doc_mask"],
                            clara_cfg.n_mem)
+  b, n = batch["doc_tokens"].shape[:2]
+  train = rng is not None
   mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
                           clara_cfg.n_mem, deterministic=not train,
                           rng=rng if train else None)
