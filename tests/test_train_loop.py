@@ -72,6 +72,11 @@ def test_lm_stage_trains_and_reports(reference_run):
   assert os.path.exists(os.path.join(reference_run, "export", "tokenizer.model"))
 
 
+def _finished_checkpoints(workdir):
+  ckpt = os.path.join(workdir, "checkpoints")
+  return [d for d in os.listdir(ckpt) if d.isdigit()] if os.path.isdir(ckpt) else []
+
+
 def test_resume_after_sigkill_is_bit_identical(text_file, reference_run, tmp_path):
   workdir = str(tmp_path / "killed")
   proc = _run(_args(text_file, workdir, steps=12, every=2))
@@ -79,7 +84,9 @@ def test_resume_after_sigkill_is_bit_identical(text_file, reference_run, tmp_pat
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
     rows = read_metrics(workdir)
-    if rows and rows[-1]["step"] >= kill_after:
+    # Kill only once a checkpoint is finalised (orbax renames a finished step directory
+    # to its number): a kill before that has nothing to resume from.
+    if rows and rows[-1]["step"] >= kill_after and _finished_checkpoints(workdir):
       proc.send_signal(signal.SIGKILL)
       break
     time.sleep(0.05)
