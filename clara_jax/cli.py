@@ -68,6 +68,10 @@ def _bench_shapes(args) -> dict:
           "compr_rate": args.compr_rate, "k": args.k, "iters": args.iters}
 
 
+def _step_options(args) -> dict:
+  return {"dtype": args.dtype, "attention_layout": args.attention}
+
+
 def _cmd_bench(args) -> int:
   """Prints one JSON line per benchmark; `suite` ends with a line holding them all."""
   from clara_jax.bench.generation import generation_latency
@@ -78,14 +82,14 @@ def _cmd_bench(args) -> int:
     results = [forward_throughput(args.model, args.batch or 8, args.length, iters=args.iters)]
   elif args.what in ("step", "stage2"):
     stage = "stage2" if args.what == "stage2" else args.stage
-    results = [stage_step_time(stage, args.model, cached=args.cached, dtype=args.dtype,
+    results = [stage_step_time(stage, args.model, cached=args.cached, **_step_options(args),
                                **shapes)]
   elif args.what == "generate":
     results = [generation_latency(args.model, **shapes)]
   else:  # suite: every stage's step, stage2 with cached memories, generation
-    results = [stage_step_time(stage, args.model, dtype=args.dtype, **shapes)
+    results = [stage_step_time(stage, args.model, **_step_options(args), **shapes)
                for stage in STAGES]
-    results.append(stage_step_time("stage2", args.model, cached=True, dtype=args.dtype,
+    results.append(stage_step_time("stage2", args.model, cached=True, **_step_options(args),
                                    **shapes))
     results.append(generation_latency(args.model, **shapes))
   for result in results:
@@ -176,7 +180,7 @@ def _cmd_lens(args) -> int:
   if args.manifest:
     from clara_jax.data.synth import clues_for
     clues = clues_for(args.manifest, [r["question"] for r in rows])
-  summary = run_lens(models, rows, args.out, top_t=args.top, seed=args.seed, clues=clues)
+  summary = run_lens(models, rows, args.out, top_t=args.top, clues=clues)
   print(json.dumps(summary))
   return 0
 
@@ -338,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                      help="compute dtype (parameters stay float32)")
   bench.add_argument("--iters", type=int, default=5)
+  bench.add_argument("--attention", default=None, choices=["grouped", "per_kv_head"],
+                     help="attention layout (default: the model size's)")
   bench.add_argument("--cached", action="store_true",
                      help="stage2: read precomputed document memories")
   bench.set_defaults(fn=_cmd_bench)
@@ -356,8 +362,9 @@ def build_parser() -> argparse.ArgumentParser:
   ln.add_argument("--compare", default=None, help="a second workdir, side by side")
   ln.add_argument("--data", required=True)
   ln.add_argument("--out", required=True, help="lens JSON (a PNG is written beside)")
-  ln.add_argument("--top", type=int, default=50)
-  ln.add_argument("--seed", type=int, default=0)
+  ln.add_argument("--top", type=int, default=None,
+                  help="top tokens per vector (default: the paper's 50 of 32k, scaled to "
+                       "the vocabulary)")
   ln.add_argument("--limit", type=int, default=None)
   ln.add_argument("--manifest", default=None,
                   help="a generated world's manifest.json: also report clue-word recall")

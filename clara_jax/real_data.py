@@ -20,8 +20,8 @@ are trained from scratch, since no pretrained weights can be downloaded. Then st
 are evaluated (EM, F1, Recall@1/5 of stage2 vs the stage1_2-initialised reasoner and vs
 BM25; `kind` multi = HotpotQA, single = NQ) with the logit lens. There is no manifest of
 clue words for real data: the lens counts the gold document's words absent from the
-question, only those absent from a random control candidate too, against the control's
-own discriminative words (`clara_jax.eval.lens`). The demo's claims table is printed and
+question, only those absent from the control candidate too, against the control's own
+discriminative words, with every non-gold candidate as a control (`clara_jax.eval.lens`). The demo's claims table is printed and
 written to `summary.json`.
 
 Workdir layout (besides the demo's stage directories, `eval/`, `lens.*`, `losses.png`):
@@ -77,40 +77,44 @@ def data_plan(quick: bool = False, seed: int = 0) -> DataPlan:
     return DataPlan(limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
                     test={"hotpotqa": 8, "nq": 8}, k=2, seed=seed)
   return DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
-                  test={"hotpotqa": 100, "nq": 200}, seed=seed)
+                  test={"hotpotqa": 100, "nq": 200}, k=2, seed=seed)
 
 
 def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recipe:
-  """The stage overrides (`demo.Recipe`) for real text: documents of 128 tokens (64
-  quick) compressed 8x, short prompts, the demo's choices of trained roles (the stage1
-  generator kept into stage1_2, the generator frozen in stage2). `dirs`: the data paths
-  of `prepare_data`. The generator prompt lengths are set after the `lm` stage
-  (`fit_recipe`)."""
+  """The stage overrides (`demo.Recipe`) for real text, with the demo's lessons (see
+  `demo.default_recipe`): the `tiny` model (it affords thousands of steps), the base
+  weights training with the adapters in stage1 and stage1_2, documents of 128 tokens
+  (64 quick) compressed 4x, short prompts, the stage1 generator kept into stage1_2, and
+  in stage2 the generator frozen and one selected document. stage1_2 prompts hold
+  `plan.k` documents. `dirs`: the data paths of `prepare_data`. The generator prompt
+  lengths are set after the `lm` stage (`fit_recipe`)."""
   doc_len = 64 if quick else 128
   shared = {
       "tokenizer.vocab_size": 1024 if quick else 4096, "data.prompt_style": "short",
-      "clara.doc_max_length": doc_len, "clara.compr_rate": 8, "clara.k": plan.k,
+      "clara.doc_max_length": doc_len, "clara.compr_rate": 4, "clara.k": plan.k,
+      "tokenizer.num_mem_tokens": doc_len // 4,
       "data.candidates": plan.candidates, "data.question_max_length": 32,
       "data.answer_length": 16, "data.lm_length": doc_len,
-      "train.global_batch": 8 if quick else 16, "train.log_every": 10 if quick else 25,
-      "train.checkpoint_every": 20 if quick else 100, "mesh.shape": (-1, 1, 1),
+      "train.global_batch": 8 if quick else 16, "train.log_every": 10 if quick else 50,
+      "train.checkpoint_every": 20 if quick else 250, "mesh.shape": (-1, 1, 1),
   }
   stages = {
-      "lm": {"train.num_steps": 500, "optimizer.lr": 3e-3, "data.source": dirs["lm"],
+      "lm": {"train.num_steps": 1500, "optimizer.lr": 3e-3, "data.source": dirs["lm"],
              "train.global_batch": 32},
-      "stage1": {"train.num_steps": 400, "optimizer.lr": 1e-3, "data.source": dirs["stage1"],
-                 "data.answer_length": 64},
-      "stage1_2": {"train.num_steps": 200, "optimizer.lr": 1e-3,
+      "stage1": {"train.num_steps": 1500, "optimizer.lr": 3e-3, "data.source": dirs["stage1"],
+                 "data.answer_length": 64, "clara.train_base": True},
+      "stage1_2": {"train.num_steps": 400, "optimizer.lr": 1e-3, "clara.train_base": True,
                    "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
-      "stage2": {"train.num_steps": 150, "train.global_batch": 8, "optimizer.lr": 1e-3,
+      "stage2": {"train.num_steps": 400, "train.global_batch": 8, "optimizer.lr": 1e-3,
                  "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
-                 "clara.train_generator": False, "data.source": dirs["stage2"]},
+                 "clara.train_generator": False, "clara.k": 1,
+                 "data.source": dirs["stage2"]},
   }
   if quick:
     for stage, steps in zip(demo.STAGES, (40, 20, 20, 20)):
       stages[stage]["train.num_steps"] = steps
       stages[stage]["train.global_batch"] = 8
-  return demo.Recipe(model="tiny" if quick else "small", shared=shared, stages=stages,
+  return demo.Recipe(model="tiny", shared=shared, stages=stages,
                      eval_questions=16 if quick else 200, min_memory_gain=1.0)
 
 
@@ -315,8 +319,9 @@ def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
   questions = [r["question"] for stage in ("stage1_2", "stage2")
                for r in read_jsonl(os.path.join(dirs[stage], "train.jsonl"))]
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
-  lengths = fitted_prompt_lengths(tok, questions, n_mem, config.clara.k,
-                                  config.data.prompt_style)
+  # One prompt length serves stage1_2 and stage2, so it fits the larger of their k.
+  k = max(demo.stage_config(stage, recipe).clara.k for stage in ("stage1_2", "stage2"))
+  lengths = fitted_prompt_lengths(tok, questions, n_mem, k, config.data.prompt_style)
   log(f"[    data] generator prompts: {lengths['stage1']} tokens (stage1), "
       f"{lengths['answer']} (longest question, stage1_2 and stage2)")
   stages = {name: dict(overrides) for name, overrides in recipe.stages.items()}
@@ -345,7 +350,8 @@ def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
   rows = demo.held_out_rows(dirs["heldout"], recipe.eval_questions)
   # clues=None: the lens's hidden words are the gold document's words absent from the
   # question (and from the control candidate): no clue manifest exists for real data.
-  results = demo.evaluate_checkpoints(workdir, rows, plan.k, clues=None, log=log)
+  k = demo.stage_config("stage2", recipe, seed).clara.k
+  results = demo.evaluate_checkpoints(workdir, rows, k, clues=None, log=log)
   return demo.write_report(workdir, recipe, stage_metrics, results,
                            time.perf_counter() - start, log,
                            extra={"data": {"dir": os.path.abspath(data_dir), **data}})

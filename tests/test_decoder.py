@@ -161,6 +161,47 @@ def test_bfloat16_compute_tracks_float32(params):
   assert bf16_params["layers_0"]["attn"]["q_proj"]["kernel"].dtype == jnp.bfloat16
 
 
+@pytest.mark.parametrize("layout", ["grouped", "per_kv_head"])
+def test_attention_layouts_agree_in_values_and_gradients(params, layout):
+  p = _randomize_adapter(params, "generator")
+  toks = _tokens((2, 9))
+  mask = jnp.ones((2, 9), jnp.int32).at[1, :3].set(0)
+
+  def loss(p, cfg):
+    h = Decoder(cfg).apply({"params": p}, tokens=toks, attention_mask=mask,
+                           adapter="generator").hidden
+    return jnp.mean(jnp.sin(h))
+
+  other = {"grouped": "per_kv_head", "per_kv_head": "grouped"}[layout]
+  val, grad = jax.value_and_grad(loss)(p, CFG.replace(attention_layout=layout))
+  ref_val, ref_grad = jax.value_and_grad(loss)(p, CFG.replace(attention_layout=other))
+  np.testing.assert_allclose(val, ref_val, rtol=1e-6)
+  for a, b in zip(jax.tree_util.tree_leaves(grad), jax.tree_util.tree_leaves(ref_grad)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_readout_computes_only_the_requested_positions(params):
+  p = _randomize_adapter(params, "compressor")
+  toks = _tokens((2, 10))
+  mask = jnp.ones((2, 10), jnp.int32).at[0, :4].set(0)
+  full = _apply(p, tokens=toks, attention_mask=mask, adapter="compressor").hidden
+  for readout, want in (((-3, None), full[:, -3:]), ((2, 5), full[:, 2:5])):
+    out = _apply(p, tokens=toks, attention_mask=mask, adapter="compressor",
+                 readout=readout).hidden
+    assert out.shape == want.shape
+    np.testing.assert_allclose(out, want, atol=1e-5)
+  # The skipped positions still feed the last layer's keys and values.
+  changed = toks.at[:, 0].set((toks[:, 0] + 1) % CFG.base_vocab_size)
+  moved = _apply(p, tokens=changed, adapter="compressor", readout=(-3, None)).hidden
+  assert np.abs(moved - _apply(p, tokens=toks, adapter="compressor",
+                               readout=(-3, None)).hidden).max() > 1e-5
+  with pytest.raises(ValueError, match="no position"):
+    _apply(p, tokens=toks, readout=(5, 5))
+  with pytest.raises(ValueError, match="cache"):
+    _apply(p, tokens=toks[:, :1], cache=init_cache(CFG, 2, 4), cache_index=jnp.zeros(2, jnp.int32),
+           readout=(0, 1))
+
+
 def test_sliding_window_limits_receptive_field():
   cfg = CFG.replace(sliding_window=3)
   p = init_params(cfg, jax.random.key(0))
@@ -179,6 +220,8 @@ def test_config_validation_names_the_field():
     model_config("tiny", num_kv_heads=3)
   with pytest.raises(ValueError, match="remat_policy"):
     model_config("tiny", remat_policy="sometimes")
+  with pytest.raises(ValueError, match="attention_layout"):
+    model_config("tiny", attention_layout="diagonal")
   with pytest.raises(ValueError, match="unknown model size"):
     model_config("huge")
   with pytest.raises(ValueError, match="rank"):

@@ -44,13 +44,36 @@ def test_hidden_words_are_discriminative(tok):
   control = "The kiwi team plays in the south city."
   slots = np.asarray([_ids(tok, "falcon kiwi city coach")[:4],
                       _ids(tok, "north south red blue")[:4]])
-  rep = lens.question_report(tok, slots, question, gold, control, clue_words=["falcon", "mascot"])
+  rep = lens.question_report(tok, slots, question, gold, [control],
+                             clue_words=["falcon", "mascot"])
   # city/team are in both documents (not discriminative); coach is in the question.
   assert rep["hidden"] == ["falcon", "north"]
   assert rep["control_hits"] == ["kiwi", "south"]
+  assert rep["hidden_rate"] == rep["control_rate"] == 1.0 and rep["hidden_count"] == 2.0
   assert rep["clues_found"] == ["falcon"] and rep["num_clues"] == 2
-  s = lens.summarize([rep, dict(rep, hidden=[], control_hits=[])])
+  s = lens.summarize([rep, dict(rep, hidden_rate=0.0, control_rate=0.0)])
   assert s["hidden_hit_rate"] == 0.5 and s["lift"] == 0.0 and s["clue_recall"] == 0.5
+
+
+def test_every_control_counts_on_its_own(tok):
+  """Against a control that shares the decoded gold word, that word is no hit; the rates
+  are shares of controls."""
+  question = "Which team does the coach lead?"
+  gold = ["The falcon team plays in the north city."]
+  controls = ["The kiwi team plays in the south city.", "The falcon team plays in the red city.",
+              "The blue team plays in the stone city."]
+  slots = np.asarray([_ids(tok, "falcon kiwi")])
+  rep = lens.question_report(tok, slots, question, gold, controls)
+  assert rep["hidden_rate"] == pytest.approx(2 / 3) and rep["hidden"] == ["falcon"]
+  assert rep["control_rate"] == pytest.approx(1 / 3) and rep["control_hits"] == ["kiwi"]
+  assert rep["num_controls"] == 3
+  with pytest.raises(ValueError, match="control"):
+    lens.question_report(tok, slots, question, gold, [])
+
+
+def test_top_t_keeps_the_papers_share_of_the_vocabulary():
+  assert lens.scaled_top_t(32000) == 50 and lens.scaled_top_t(1040) == 2
+  assert lens.scaled_top_t(100) == 1
 
 
 def test_pieces_catch_names_a_small_vocabulary_splits(tok):
@@ -63,7 +86,8 @@ def test_pieces_catch_names_a_small_vocabulary_splits(tok):
   control = "The kiwi team plays in the south city."
   slots = np.asarray([name_ids[:2] + _ids(tok, "coach team")[:2],
                       _ids(tok, "red blue green river")])
-  rep = lens.question_report(tok, slots, question, gold, control, clue_words=[name.lower()])
+  rep = lens.question_report(tok, slots, question, gold, [control],
+                             clue_words=[name.lower()])
   assert rep["hidden"] == [] and rep["clues_found"] == []
   want = sorted(tok.id_to_piece(i) for i in name_ids[:2])
   assert want and rep["hidden_pieces"] == want
@@ -89,4 +113,5 @@ def test_lens_job_writes_json_and_png(tok, tmp_path):
   assert set(summary) == {"a", "b"} and summary["a"] == summary["b"]
   data = json.loads((tmp_path / "lens.json").read_text())
   assert len(data["questions"]["a"]) == 3 and "documents_summary" in data
+  assert summary["a"]["top_t"] == 20 and data["questions"]["a"][0]["num_controls"] == 2
   assert os.path.getsize(tmp_path / "lens.png") > 1000

@@ -85,11 +85,11 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
 
 
 def test_fresh_worlds_replace_the_training_file(tmp_path):
-  """`data.synth_fresh` trains stage1/stage1_2 on num_steps x batch rows of new worlds;
-  stages that read candidates refuse it."""
+  """`data.synth_fresh` trains stage1/stage1_2/stage2 on num_steps x batch rows of new
+  worlds (stage2 rows with all their candidates); the text stage refuses it."""
   from clara_jax.data.formats import read_rows
   from clara_jax.train.loop import data_files
-  from configs import stage1, stage2
+  from configs import lm, stage1, stage2
   config = stage1.get_config("model=tiny")
   config.data.synth_fresh = True
   config.train.num_steps, config.train.global_batch = 5, 4
@@ -101,5 +101,12 @@ def test_fresh_worlds_replace_the_training_file(tmp_path):
   assert not {r["docs"][0] for r in fresh} & {r["docs"][0] for r in fixed}
   config = stage2.get_config("model=tiny")
   config.data.synth_fresh = True
+  config.train.num_steps, config.train.global_batch = 3, 4
+  files = data_files(config, str(tmp_path / "runs" / "stage2"))
+  assert files["train"].endswith("stage2_fresh12.jsonl")
+  rows = list(read_rows(files["train"], "stage2"))
+  assert len(rows) == 12 and all(len(r["docs"]) == config.data.candidates for r in rows)
+  config = lm.get_config("model=tiny")
+  config.data.synth_fresh = True
   with pytest.raises(ValueError, match="synth_fresh"):
-    data_files(config, str(tmp_path / "runs" / "stage2"))
+    data_files(config, str(tmp_path / "runs" / "lm"))

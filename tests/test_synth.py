@@ -152,6 +152,15 @@ def test_fresh_worlds_stream_new_names_and_reproduce():
   assert not fixed & set(docs)
 
 
+def test_fresh_stage2_rows_have_all_candidates_and_their_gold():
+  rows = list(itertools.islice(synth.iter_fresh_rows(0, "stage2", k=1, candidates=6), 80))
+  assert all(len(r["docs"]) == 6 and r["pos_index"] for r in rows)
+  for r in rows:
+    synth.validate_row(r, "stage2")
+  fixed = {e.text for e in synth.make_world(0, "tiny").docs()}
+  assert not fixed & {d for r in rows for d in r["docs"]}
+
+
 def test_pool_names_are_single_pieces_rebound_by_every_world():
   from clara_jax.data.tokenizer import Tokenizer
   pool = {w for words in synth.name_pool().values() for w in words}

@@ -85,7 +85,8 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
                     candidates: int = 20, doc_len: int = 128, compr_rate: int = 16,
                     k: int = 5, question_len: int = 32, prompt_len: int = 169,
                     answer_len: int = 20, cached: bool = False, iters: int = 3,
-                    dtype: Optional[str] = None) -> dict:
+                    dtype: Optional[str] = None,
+                    attention_layout: Optional[str] = None) -> dict:
   """Seconds per train step of `stage` (stage2: document memories recomputed, as the
   reference does, or `cached`), tokens/s and MFU against this process's matmul peak."""
   if stage not in STAGES:
@@ -96,6 +97,8 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
   overrides = {"num_extra_tokens": 3 + cfg_c.n_mem}
   if dtype:
     overrides["dtype"] = dtype
+  if attention_layout:
+    overrides["attention_layout"] = attention_layout
   cfg_m = model_config(model, **overrides)
   params = init_params(cfg_m, jax.random.key(0))
   data = synthetic_batch(stage, np.random.default_rng(0), cfg_m.base_vocab_size, batch,
@@ -120,6 +123,7 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
   if stage == "stage2":
     tokens += batch * question_len
   return {"benchmark": f"{stage}_step", "model": model, "dtype": cfg_m.dtype,
+          "attention_layout": cfg_m.attention_layout,
           "cached_memories": cached, "batch": batch, "documents_per_question": docs,
           "k": k, "doc_len": doc_len, "compr_rate": compr_rate,
           "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),

@@ -502,14 +502,16 @@ def _fresh_seed(seed: int, index: int) -> int:
 
 def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
                     start_world: int = 0, max_facts: Optional[int] = None,
-                    names: str = "syllables") -> Iterator[Dict]:
+                    names: str = "syllables", candidates: Optional[int] = None
+                    ) -> Iterator[Dict]:
   """Endless rows from fresh worlds (new names and facts each world), in world order:
-  nothing learned about one world helps answer the next except reading the document."""
+  nothing learned about one world helps answer the next except reading the document.
+  `candidates`: documents per stage2 row (default k)."""
   index = start_world
   while True:
     world = make_world(_fresh_seed(seed, 10_000 + index), size, test_share=0.0,
                        max_facts=max_facts, names=names)
-    rows = stage_rows(world, "train", candidates=k, k=k, seed=seed)
+    rows = stage_rows(world, "train", candidates=candidates or k, k=k, seed=seed)
     chunk = rows[fmt] if fmt != STAGE2 else rows[STAGE2]
     rng = random.Random(f"fresh-order:{seed}:{index}")
     rng.shuffle(chunk)
@@ -518,10 +520,12 @@ def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
 
 
 def write_fresh(path: str, seed: int, num_rows: int, fmt: str = STAGE1, size="tiny",
-                k: int = 5, max_facts: Optional[int] = None, names: str = "syllables") -> int:
+                k: int = 5, max_facts: Optional[int] = None, names: str = "syllables",
+                candidates: Optional[int] = None) -> int:
   """Writes the first `num_rows` streamed fresh-world rows (a training file in which no
   fact repeats across worlds)."""
-  stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts, names=names)
+  stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts, names=names,
+                           candidates=candidates)
   return write_jsonl_atomic(path, (next(stream) for _ in range(num_rows)))
 
 

@@ -150,11 +150,12 @@ def _means(records: List[Dict], keys: Sequence[str]) -> Dict[str, float]:
   return out
 
 
-def lens_reports(model: ClaraModel, rows: List[Dict], top_t: int = 50, seed: int = 0,
+def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = None,
                  clues: Optional[Sequence[Sequence[str]]] = None) -> Dict:
   """Lens over the reasoner memories of every question with a gold candidate, plus the
-  gold documents' own memories as a reference point."""
-  rng = np.random.default_rng(seed)
+  gold documents' own memories as a reference point; every non-gold candidate is a
+  control. `top_t` None: `lens.scaled_top_t` of the model's vocabulary."""
+  top_t = top_t or lens_lib.scaled_top_t(model.cfg.vocab_size)
   decoder = Decoder(model.cfg)
   keep = [i for i, r in enumerate(rows) if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
   rows = [rows[i] for i in keep]
@@ -165,23 +166,22 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: int = 50, seed: int
   d_ids = lens_lib.top_tokens(model.params, decoder, model.compress_documents(gold_texts), top_t)
   reports, doc_reports = [], []
   for i, row in enumerate(rows):
-    negatives = [j for j in range(len(row["docs"])) if j not in row["pos_index"]]
-    control = row["docs"][int(rng.choice(negatives))]
+    controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]
     golds = [row["docs"][j] for j in row["pos_index"]]
     clue = clues[i] if clues is not None else ()
     reports.append(lens_lib.question_report(model.tok, q_ids[i], row["question"], golds,
-                                            control, clue))
+                                            controls, clue))
     doc_reports.append(lens_lib.question_report(model.tok, d_ids[i], row["question"], golds,
-                                                control, clue))
-  return {"reasoner": reports, "documents": doc_reports,
-          "summary": lens_lib.summarize(reports),
-          "documents_summary": lens_lib.summarize(doc_reports)}
+                                                controls, clue))
+  summary = dict(lens_lib.summarize(reports), top_t=top_t)
+  return {"reasoner": reports, "documents": doc_reports, "summary": summary,
+          "documents_summary": dict(lens_lib.summarize(doc_reports), top_t=top_t)}
 
 
 def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str,
-             top_t: int = 50, seed: int = 0, clues=None) -> Dict:
+             top_t: Optional[int] = None, clues=None) -> Dict:
   """Lens for one or more checkpoints side by side; writes JSON and a PNG figure."""
-  results = {name: lens_reports(m, rows, top_t, seed, clues) for name, m in checkpoints.items()}
+  results = {name: lens_reports(m, rows, top_t, clues) for name, m in checkpoints.items()}
   summary = {name: r["summary"] for name, r in results.items()}
   _write_json(out_path, {"summary": summary,
                          "documents_summary": {n: r["documents_summary"]

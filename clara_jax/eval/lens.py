@@ -5,12 +5,13 @@ head); the top-T tokens per vector are kept, special/punctuation/stopword pieces
 dropped, and the remaining words are compared with the documents:
 
 * hidden words: in the gold document(s) but not in the question;
-* control words: in a random non-gold candidate but not in the question.
+* control words: in a non-gold candidate but not in the question.
 
 Only *discriminative* words count (gold words absent from the control document, and
-control words absent from the gold documents): with a small vocabulary, n_mem x top-T
-tokens cover most of it, and undifferentiated counts saturate at 100% (see
-FEASIBILITY.md). The lift of hidden over control hit rates is the headline figure.
+control words absent from the gold documents), and top-T keeps the paper's share of the
+vocabulary (`scaled_top_t`): with a small vocabulary, n_mem x top-50 tokens cover most of
+it and any count saturates (see FEASIBILITY.md). Every non-gold candidate serves as a
+control in turn. The lift of hidden over control hit rates is the headline figure.
 """
 
 from __future__ import annotations
@@ -79,53 +80,94 @@ def _text_pieces(tok: Tokenizer, text: str) -> Set[int]:
   return content_pieces(tok, tok.encode(text, parse_special=False))
 
 
+# The paper keeps the top-50 tokens of Mistral's 32k vocabulary per vector; a smaller
+# vocabulary keeps the same share, so that top-T stays as selective (and unsaturated).
+PAPER_TOP_T, PAPER_VOCAB = 50, 32000
+
+
+def scaled_top_t(vocab_size: int) -> int:
+  """Top-T that keeps the paper's share of the vocabulary (50 of 32k), at least 1."""
+  return max(1, round(PAPER_TOP_T * vocab_size / PAPER_VOCAB))
+
+
 def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
-                    gold_docs: Sequence[str], control_doc: str,
+                    gold_docs: Sequence[str], control_docs: Sequence[str],
                     clue_words: Sequence[str] = ()) -> Dict:
   """Per-question lens result from the top tokens of every memory slot [n_mem, T].
 
-  Words (whole vocabulary words) and pieces (token ids, which also catch names that a
-  small vocabulary splits) are counted the same way: discriminative gold items absent
-  from the question, against discriminative items of the control document."""
+  Each control document (every non-gold candidate: one random control is a noisy
+  estimate of the same rate) is compared with the gold documents on its own: a hit for
+  the gold side is a decoded gold item absent from the question and from that control,
+  a hit for the control side the reverse. `hidden_rate`/`control_rate` are the shares of
+  controls with at least one such hit; `hidden`/`control_hits` list the items over all
+  controls. Words (whole vocabulary words) and pieces (token ids, which also catch names
+  that a small vocabulary splits) are counted the same way."""
+  if not control_docs:
+    raise ValueError(f"question {question!r}: the lens needs at least one control document")
   top = slot_token_ids.reshape(-1)
   decoded = decoded_words(tok, top)
   q_words = words(question)
   gold = set().union(*(words(d) for d in gold_docs)) - q_words
-  control = words(control_doc) - q_words
-  hidden = sorted(decoded & (gold - control))
-  control_hits = sorted(decoded & (control - gold))
   clues = {c.lower() for c in clue_words} - q_words
   pieces = content_pieces(tok, top)
   q_pieces = _text_pieces(tok, question)
   gold_p = set().union(*(_text_pieces(tok, d) for d in gold_docs)) - q_pieces
-  control_p = _text_pieces(tok, control_doc) - q_pieces
   # Clue words come lower-cased; their pieces are those of the gold text's spelling.
   spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
   clue_p = set().union(set(), *(_text_pieces(tok, w) for w in spelled)) - q_pieces
+  hits = {key: [] for key in ("hidden", "control", "hidden_p", "control_p")}
+  for doc in control_docs:
+    control = words(doc) - q_words
+    control_p = _text_pieces(tok, doc) - q_pieces
+    hits["hidden"].append(decoded & (gold - control))
+    hits["control"].append(decoded & (control - gold))
+    hits["hidden_p"].append(pieces & (gold_p - control_p))
+    hits["control_p"].append(pieces & (control_p - gold_p))
+  rate = lambda sets: float(np.mean([bool(x) for x in sets]))
+  count = lambda sets: float(np.mean([len(x) for x in sets]))
+  union = lambda sets: set().union(*sets)
   piece = lambda ids: sorted(tok.id_to_piece(i) for i in ids)
-  return {"question": question, "decoded": sorted(decoded), "hidden": hidden,
-          "control_hits": control_hits,
+  return {"question": question, "decoded": sorted(decoded),
+          "hidden": sorted(union(hits["hidden"])),
+          "control_hits": sorted(union(hits["control"])),
+          "hidden_rate": rate(hits["hidden"]), "control_rate": rate(hits["control"]),
+          "hidden_count": count(hits["hidden"]), "control_count": count(hits["control"]),
           "clues_found": sorted(decoded & clues), "num_clues": len(clues),
-          "hidden_pieces": piece(pieces & (gold_p - control_p)),
-          "control_pieces": piece(pieces & (control_p - gold_p)),
+          "hidden_pieces": piece(union(hits["hidden_p"])),
+          "control_pieces": piece(union(hits["control_p"])),
+          "hidden_piece_rate": rate(hits["hidden_p"]),
+          "control_piece_rate": rate(hits["control_p"]),
           "clue_pieces_found": piece(pieces & clue_p), "num_clue_pieces": len(clue_p),
+          "num_controls": len(control_docs),
           "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids]}
 
 
+def _ci95(differences: Sequence[float]) -> float:
+  """Half-width of the normal 95% interval of a mean of paired per-question differences
+  (0 for fewer than two questions)."""
+  if len(differences) < 2:
+    return 0.0
+  return float(1.96 * np.std(differences, ddof=1) / np.sqrt(len(differences)))
+
+
 def summarize(reports: List[Dict]) -> Dict[str, float]:
-  """Hit rates (share of questions with >= 1 word), words per question, the lift of
-  hidden over control, and clue recall where clues are known."""
+  """Hit rates (share of question-control pairs with >= 1 discriminative item), items
+  per pair, the lift of hidden over control with the half-width of its 95% interval
+  over questions, and clue recall where clues are known."""
   n = max(len(reports), 1)
-  hit = sum(bool(r["hidden"]) for r in reports) / n
-  control = sum(bool(r["control_hits"]) for r in reports) / n
-  out = {"questions": len(reports), "hidden_hit_rate": hit, "control_hit_rate": control,
-         "hidden_per_question": sum(len(r["hidden"]) for r in reports) / n,
-         "control_per_question": sum(len(r["control_hits"]) for r in reports) / n,
-         "lift": hit - control}
-  if reports and "hidden_pieces" in reports[0]:
-    out["hidden_piece_hit_rate"] = sum(bool(r["hidden_pieces"]) for r in reports) / n
-    out["control_piece_hit_rate"] = sum(bool(r["control_pieces"]) for r in reports) / n
+  mean = lambda key: sum(r[key] for r in reports) / n
+  out = {"questions": len(reports), "hidden_hit_rate": mean("hidden_rate"),
+         "control_hit_rate": mean("control_rate"),
+         "hidden_per_question": mean("hidden_count"),
+         "control_per_question": mean("control_count")}
+  out["lift"] = out["hidden_hit_rate"] - out["control_hit_rate"]
+  out["lift_ci95"] = _ci95([r["hidden_rate"] - r["control_rate"] for r in reports])
+  if reports:
+    out["hidden_piece_hit_rate"] = mean("hidden_piece_rate")
+    out["control_piece_hit_rate"] = mean("control_piece_rate")
     out["piece_lift"] = out["hidden_piece_hit_rate"] - out["control_piece_hit_rate"]
+    out["piece_lift_ci95"] = _ci95([r["hidden_piece_rate"] - r["control_piece_rate"]
+                                    for r in reports])
   with_clues = [r for r in reports if r["num_clues"]]
   if with_clues:
     out["clue_recall"] = (sum(len(r["clues_found"]) for r in with_clues)
@@ -166,7 +208,7 @@ def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
   bars.bar(x + 0.2, [summaries[n]["control_hit_rate"] for n in names], 0.4, label="control")
   bars.set_xticks(x, names, fontsize=8)
   bars.set_ylim(0, 1)
-  bars.set_title("questions with >= 1 discriminative word")
+  bars.set_title("question-control pairs with >= 1 discriminative word", fontsize=8)
   bars.legend(fontsize=8)
   fig.tight_layout()
   fig.savefig(path, dpi=100)

@@ -92,14 +92,18 @@ def positions_from_mask(mask_bt: Array) -> Array:
 
 
 def encode(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
-           adapter: str, deterministic: bool = True, rng: Optional[Array] = None
-           ) -> Tuple[Array, Array]:
+           adapter: str, deterministic: bool = True, rng: Optional[Array] = None,
+           memory_only: bool = False) -> Tuple[Array, Optional[Array]]:
   """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
-  states [M, L + n_mem, H])."""
+  states [M, L + n_mem, H]). `memory_only`: the last layer runs only at the memory
+  positions, and the second value is None."""
   rngs = {"dropout": rng} if rng is not None else {}
   hidden = model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
                        positions=positions_from_mask(mask_mt), adapter=adapter,
-                       deterministic=deterministic, rngs=rngs).hidden
+                       deterministic=deterministic, rngs=rngs,
+                       readout=(-n_mem, None) if memory_only else None).hidden
+  if memory_only:
+    return hidden, None
   return hidden[:, -n_mem:], hidden
 
 
@@ -121,7 +125,8 @@ def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: 
 def reason(model: Decoder, params, q_tokens: Array, q_mask: Array, n_mem: int,
            deterministic: bool = True, rng: Optional[Array] = None) -> Array:
   """Questions [B, Lq + n_mem] -> query memories [B, n_mem, H] (reasoner adapter)."""
-  mem, _ = encode(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng)
+  mem, _ = encode(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng,
+                  memory_only=True)
   return mem
 
 
@@ -165,10 +170,11 @@ def generator_loss(model: Decoder, params, tokens_bt: Array, mask_bt: Array,
   memories = memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1])
   embeddings = splice(embeddings, slot_positions_bs, memories)
   rngs = {"dropout": rng} if rng is not None else {}
-  hidden = model.apply({"params": params}, embeddings=embeddings, attention_mask=mask_bt,
-                       positions=positions_from_mask(mask_bt), adapter=GENERATOR,
-                       deterministic=deterministic, rngs=rngs).hidden
-  # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1).
-  answer_hidden = hidden[:, t - a - 1: t - 1]
+  # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1);
+  # the last layer runs only there.
+  answer_hidden = model.apply({"params": params}, embeddings=embeddings,
+                              attention_mask=mask_bt, positions=positions_from_mask(mask_bt),
+                              adapter=GENERATOR, deterministic=deterministic, rngs=rngs,
+                              readout=(t - a - 1, t - 1)).hidden
   logits = model.apply({"params": params}, answer_hidden, method=Decoder.logits)
   return losses.masked_cross_entropy(logits, tokens_bt[:, t - a:], answer_mask_ba)

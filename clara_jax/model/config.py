@@ -14,6 +14,7 @@ CLARA_ADAPTERS: Tuple[str, ...] = ("compressor", "reasoner", "generator")
 
 # Policies for `jax.checkpoint` on each decoder block ("none" keeps every activation).
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
+ATTENTION_LAYOUTS = ("grouped", "per_kv_head")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,6 +69,10 @@ class DecoderConfig:
     dtype: compute dtype of matmuls ("bfloat16" on TPU, "float32" on CPU).
     param_dtype: storage dtype of parameters.
     remat_policy: one of REMAT_POLICIES, applied per block.
+    attention_layout: "grouped" (one einsum over all heads; shards over the "tensor"
+      mesh axis) or "per_kv_head" (a loop of batched 3-D matmuls, one per KV head: XLA
+      fuses scores/softmax/values better on CPU, but the loop slices the head axis, so
+      it is for unsharded heads).
     lora: the adapters; None builds a plain decoder.
   """
 
@@ -85,6 +90,7 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  attention_layout: str = "grouped"
   lora: Optional[LoraConfig] = LoraConfig()
 
   @property
@@ -109,6 +115,9 @@ class DecoderConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"DecoderConfig.remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.attention_layout not in ATTENTION_LAYOUTS:
+      raise ValueError(f"DecoderConfig.attention_layout {self.attention_layout!r} not in "
+                       f"{ATTENTION_LAYOUTS}")
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"DecoderConfig.{field} {getattr(self, field)!r} is not a float dtype")
@@ -129,14 +138,18 @@ class DecoderConfig:
 
 # Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,
 # `ref_tiny` matches the shapes at which the official PyTorch code runs on a CPU, and
-# `mistral_7b` has the real Mistral-7B-Instruct-v0.2 shapes.
+# `mistral_7b` has the real Mistral-7B-Instruct-v0.2 shapes. The CPU sizes attend per KV
+# head (faster there); `mistral_7b` keeps the grouped einsum that shards over "tensor".
 MODEL_SIZES = {
     "tiny": dict(base_vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=16, lora=LoraConfig(rank=4, alpha=8.0)),
+                 num_heads=4, num_kv_heads=2, head_dim=16, lora=LoraConfig(rank=4, alpha=8.0),
+                 attention_layout="per_kv_head"),
     "small": dict(base_vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
-                  num_heads=8, num_kv_heads=4, head_dim=32, lora=LoraConfig(rank=16, alpha=32.0)),
+                  num_heads=8, num_kv_heads=4, head_dim=32, lora=LoraConfig(rank=16, alpha=32.0),
+                  attention_layout="per_kv_head"),
     "ref_tiny": dict(base_vocab_size=8000, hidden_size=256, intermediate_size=768,
-                     num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32),
+                     num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
+                     attention_layout="per_kv_head"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

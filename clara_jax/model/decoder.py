@@ -15,7 +15,7 @@ placeholder slots.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -88,6 +88,41 @@ class LmHead(nn.Module):
     return logits
 
 
+def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array) -> Array:
+  """Grouped-query attention as one einsum pair over [batch, kv, group] -> [b, t, h, d]."""
+  b, t, h, hd = q_bthd.shape
+  kv = k_bskd.shape[2]
+  q = q_bthd.reshape(b, t, kv, h // kv, hd)
+  scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
+  scores = scores * (hd ** -0.5) + bias_bts[:, None, None]
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
+  out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd, preferred_element_type=jnp.float32)
+  return out.reshape(b, t, h, hd)
+
+
+def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array
+                        ) -> Array:
+  """The same attention as a loop over KV heads: the query heads of one group are stacked
+  along the query axis, so each head is two batched 3-D matmuls (one batch dimension),
+  which XLA's CPU backend fuses with the softmax far better than the 5-D einsum."""
+  b, t, h, hd = q_bthd.shape
+  s, kv = k_bskd.shape[1], k_bskd.shape[2]
+  groups = h // kv
+  q = q_bthd.reshape(b, t, kv, groups, hd)
+  outs = []
+  for j in range(kv):
+    q_bqd = q[:, :, j].transpose(0, 2, 1, 3).reshape(b, groups * t, hd)
+    scores = jnp.einsum("bqd,bsd->bqs", q_bqd, k_bskd[:, :, j],
+                        preferred_element_type=jnp.float32)
+    scores = scores.reshape(b, groups, t, s) * (hd ** -0.5) + bias_bts[:, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype).reshape(b, groups * t, s)
+    out = jnp.einsum("bqs,bsd->bqd", probs, v_bskd[:, :, j],
+                     preferred_element_type=jnp.float32)
+    outs.append(out.reshape(b, groups, t, hd))
+  # [b, kv, groups, t, d] -> [b, t, kv * groups, d]: query head kv_j * groups + g.
+  return jnp.stack(outs, 1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
+
+
 class Attention(nn.Module):
   """Grouped-query attention with RoPE and an optional KV cache."""
 
@@ -103,13 +138,21 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd: Array, positions_bt: Array, bias_bqk: Array,
-               cache: Optional[dict], cache_index_b: Optional[Array]):
+               cache: Optional[dict], cache_index_b: Optional[Array],
+               query_slice: Optional[Tuple[int, int]] = None):
+    """`query_slice` (start, stop): only those positions query (keys/values come from
+    all); the output then has stop - start positions."""
     cfg = self.cfg
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj")(x_btd)
+    x_q, positions_q = x_btd, positions_bt
+    if query_slice is not None:
+      start, stop = query_slice
+      x_q, positions_q = x_btd[:, start:stop], positions_bt[:, start:stop]
+      bias_bqk = bias_bqk[:, start:stop]
+    q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj")(x_q)
     k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x_btd)
     v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x_btd)
-    q = apply_rope(q, positions_bt, cfg.rope_theta)
+    q = apply_rope(q, positions_q, cfg.rope_theta)
     k = apply_rope(k, positions_bt, cfg.rope_theta)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
@@ -120,14 +163,12 @@ class Attention(nn.Module):
                    "v": write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)}
       k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
 
-    b, t = q.shape[:2]
-    groups = h // kv
-    q = q.reshape(b, t, kv, groups, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32)
-    scores = scores * (hd ** -0.5) + bias_bqk[:, None, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    out = out.reshape(b, t, h, hd).astype(_dtype(cfg.dtype))
+    if cfg.attention_layout == "per_kv_head":
+      out = _attend_per_kv_head(q, k, v, bias_bqk)
+
+    else:
+      out = _attend_grouped(q, k, v, bias_bqk)
+    out = out.astype(_dtype(cfg.dtype))
     out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
                        n_in=2)(out)
     return out, new_cache
@@ -159,13 +200,16 @@ class DecoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x_btd, positions_bt, bias_bqk, cache, cache_index_b,
-               adapter: Optional[str], deterministic: bool):
+               adapter: Optional[str], deterministic: bool,
+               query_slice: Optional[Tuple[int, int]] = None):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x_btd = constrain(x_btd, BATCH_LENGTH_EMBED)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
     h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
-        h, positions_bt, bias_bqk, cache, cache_index_b)
+        h, positions_bt, bias_bqk, cache, cache_index_b, query_slice)
+    if query_slice is not None:
+      x_btd = x_btd[:, query_slice[0]:query_slice[1]]
     x_btd = x_btd + h
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x_btd)
     x_btd = x_btd + Mlp(cfg, adapter, deterministic, name="mlp")(h)
@@ -194,9 +238,9 @@ class Decoder(nn.Module):
     cfg = self.cfg
     block = DecoderBlock
     if cfg.remat_policy != "none":
-      # Arguments 6 and 7 (adapter, deterministic; self is 0) pick code paths, so static.
+      # Arguments 6-8 (adapter, deterministic, query_slice; self is 0) pick code paths.
       block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=True, static_argnums=(6, 7))
+                       prevent_cse=True, static_argnums=(6, 7, 8))
     self.embedder = Embedder(cfg)
     self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
@@ -218,7 +262,8 @@ class Decoder(nn.Module):
                positions: Optional[Array] = None, attention_mask: Optional[Array] = None,
                adapter: Optional[str] = None, deterministic: bool = True,
                cache: Optional[KVCache] = None,
-               cache_index: Optional[Array] = None) -> DecoderOutput:
+               cache_index: Optional[Array] = None,
+               readout: Optional[Tuple[int, int]] = None) -> DecoderOutput:
     """Runs the decoder.
 
     Args:
@@ -231,6 +276,10 @@ class Decoder(nn.Module):
       deterministic: False enables LoRA dropout (needs a "dropout" rng).
       cache: per-layer KV cache from `init_cache`; new keys/values are written at
         `cache_index` [batch] (the number of valid entries before this call).
+      readout: static (start, stop): only those positions are computed in the last
+        layer (queries, MLP, final norm), the rest only provide its keys/values; the
+        hidden output is then [batch, stop - start, hidden]. Python slice rules
+        (negative indices count from the end). No cache.
 
     Returns:
       DecoderOutput(hidden [batch, length, hidden] after the final norm, cache).
@@ -262,11 +311,21 @@ class Decoder(nn.Module):
     if positions is None:
       positions = q_slot
     bias = attention_bias(mask)
+    query_slice = None
+    if readout is not None:
+      if cache is not None:
+        raise ValueError("readout is not supported with a KV cache")
+      start, stop, _ = slice(*readout).indices(t)
+      if stop <= start:
+        raise ValueError(f"readout {readout} selects no position of length {t}")
+      query_slice = (start, stop)
 
     new_cache = [] if cache is not None else None
+    last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(x, positions, bias, None if cache is None else cache[i],
-                             cache_index, adapter, deterministic)
+                             cache_index, adapter, deterministic,
+                             query_slice if i == last else None)
       if cache is not None:
         new_cache.append(layer_cache)
     return DecoderOutput(self.final_norm(x), new_cache)

@@ -122,19 +122,19 @@ def data_files(config, workdir: str) -> Dict[str, str]:
                           candidates=d.candidates, k=config.clara.k, max_facts=max_facts,
                           names=d.synth_names)
       _barrier("synth world written")
+    if d.synth_fresh and fmt not in ("stage1", "stage1_2", "stage2"):
+      raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
+                       f"stage1, stage1_2 and stage2 do (this stage reads {fmt!r} rows)")
     if fmt == "text":
       return {"train": os.path.join(directory, "lm.txt")}
     files = {split: os.path.join(directory, f"{fmt}_{split}.jsonl")
              for split in ("train", "test")}
     if d.synth_fresh:
-      if fmt not in ("stage1", "stage1_2"):
-        raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
-                         f"stage1 and stage1_2 do (this stage reads {fmt!r} rows)")
       rows = _fresh_rows_needed(config)
       path = os.path.join(directory, f"{fmt}_fresh{rows}.jsonl")
       if not os.path.exists(path) and jax.process_index() == 0:
         synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
-                          max_facts, d.synth_names)
+                          max_facts, d.synth_names, candidates=d.candidates)
       _barrier("fresh rows written")
       files["train"] = path
     return files
