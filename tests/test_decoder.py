@@ -140,7 +140,11 @@ def test_remat_keeps_values_and_gradients(params, policy):
 
   def loss(p, cfg):
     h = Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator").hidden
-    return jnp.mean(Decoder(cfg).apply({"params": p}, h, method=Decoder.logits) ** 2)
+    # The last layer's read-out path is a static argument of the remat'd block too.
+    tail = Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator",
+                              readout=(-3, None)).hidden
+    return (jnp.mean(Decoder(cfg).apply({"params": p}, h, method=Decoder.logits) ** 2)
+            + jnp.mean(tail ** 2))
 
   ref_val, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, CFG)))(p)
   cfg = CFG.replace(remat_policy=policy)

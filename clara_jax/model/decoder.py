@@ -165,7 +165,6 @@ class Attention(nn.Module):
 
     if cfg.attention_layout == "per_kv_head":
       out = _attend_per_kv_head(q, k, v, bias_bqk)
-
     else:
       out = _attend_grouped(q, k, v, bias_bqk)
     out = out.astype(_dtype(cfg.dtype))
