@@ -58,6 +58,9 @@ def test_compress_is_independent_of_padding(params):
   doc_mean = np.stack([h[i, :-2][m_short[i, :-2] == 1].mean(0) for i in range(2)])
   want = np.mean((h[:, -2:].mean(1) - doc_mean) ** 2)
   np.testing.assert_allclose(mse_s, want, rtol=1e-5)
+  # The memory-only path (last layer at the memory positions) gives the same memories.
+  only = clara.memories(model, params, t_long, m_long, 2, "compressor")
+  np.testing.assert_allclose(only, mem_l, atol=1e-5)
 
 
 def test_pack_encoder_truncates_and_counts():

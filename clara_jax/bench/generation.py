@@ -28,7 +28,7 @@ def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20
   data = synthetic_batch("stage2", np.random.default_rng(0), cfg_m.base_vocab_size, batch,
                          candidates, doc_len, question_len, prompt_len, 2, cfg_c)
   decoder, n_mem = Decoder(cfg_m), cfg_c.n_mem
-  compress = jax.jit(lambda p, t, m: clara.compress(decoder, p, t, m, n_mem)[0])
+  compress = jax.jit(lambda p, t, m: clara.memories(decoder, p, t, m, n_mem, clara.COMPRESSOR))
   reason = jax.jit(lambda p, t, m: clara.reason(decoder, p, t, m, n_mem))
 
   @jax.jit

@@ -104,7 +104,8 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
   data = synthetic_batch(stage, np.random.default_rng(0), cfg_m.base_vocab_size, batch,
                          candidates, doc_len, question_len, prompt_len, answer_len, cfg_c)
   if cached:
-    mem, _ = jax.jit(lambda p, t, m: clara.compress(Decoder(cfg_m), p, t, m, cfg_c.n_mem))(
+    mem = jax.jit(lambda p, t, m: clara.memories(Decoder(cfg_m), p, t, m, cfg_c.n_mem,
+                                                 clara.COMPRESSOR))(
         params, data.pop("doc_tokens"), data.pop("doc_mask"))
     data["doc_mem"] = mem.reshape(batch, candidates, cfg_c.n_mem, -1)
   # The real train step: gradients of the trainable subset only, clip + AdamW.

@@ -52,7 +52,8 @@ class ClaraModel:
     self.timings = Timings()
     model = Decoder(cfg)
     n_mem = self.n_mem
-    self._compress = jax.jit(lambda p, t, m: clara.compress(model, p, t, m, n_mem)[0])
+    self._compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem,
+                                                             clara.COMPRESSOR))
     self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
 
     def nll_per_example(p, tokens, mask, slots, memories, answer_mask):

@@ -92,19 +92,26 @@ def positions_from_mask(mask_bt: Array) -> Array:
 
 
 def encode(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
-           adapter: str, deterministic: bool = True, rng: Optional[Array] = None,
-           memory_only: bool = False) -> Tuple[Array, Optional[Array]]:
+           adapter: str, deterministic: bool = True, rng: Optional[Array] = None
+           ) -> Tuple[Array, Array]:
   """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
-  states [M, L + n_mem, H]). `memory_only`: the last layer runs only at the memory
-  positions, and the second value is None."""
+  states [M, L + n_mem, H])."""
   rngs = {"dropout": rng} if rng is not None else {}
   hidden = model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
                        positions=positions_from_mask(mask_mt), adapter=adapter,
-                       deterministic=deterministic, rngs=rngs,
-                       readout=(-n_mem, None) if memory_only else None).hidden
-  if memory_only:
-    return hidden, None
+                       deterministic=deterministic, rngs=rngs).hidden
   return hidden[:, -n_mem:], hidden
+
+
+def memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
+             adapter: Optional[str], deterministic: bool = True,
+             rng: Optional[Array] = None) -> Array:
+  """Memory states [M, n_mem, H] of an encoder-layout batch, the last layer run only at
+  the memory positions (for callers that need no other final state)."""
+  rngs = {"dropout": rng} if rng is not None else {}
+  return model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
+                     positions=positions_from_mask(mask_mt), adapter=adapter,
+                     deterministic=deterministic, rngs=rngs, readout=(-n_mem, None)).hidden
 
 
 def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: int,
@@ -125,9 +132,7 @@ def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: 
 def reason(model: Decoder, params, q_tokens: Array, q_mask: Array, n_mem: int,
            deterministic: bool = True, rng: Optional[Array] = None) -> Array:
   """Questions [B, Lq + n_mem] -> query memories [B, n_mem, H] (reasoner adapter)."""
-  mem, _ = encode(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng,
-                  memory_only=True)
-  return mem
+  return memories(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng)
 
 
 def score(query_mem_bmh: Array, doc_mem_bnmh: Array) -> Array:

@@ -129,8 +129,7 @@ def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl:
 
   def one(chunk_arrays):
     tokens, mask = (x.reshape(b * c, length) for x in chunk_arrays)
-    mem, _ = clara.encode(model, params, tokens, mask, n_mem, adapter=None,
-                          memory_only=True)
+    mem = clara.memories(model, params, tokens, mask, n_mem, adapter=None)
     return mem.reshape(b, c, n_mem, -1)
 
   mem = jax.lax.map(one, (to_chunks(doc_tokens_bnl), to_chunks(doc_mask_bnl)))
