@@ -61,6 +61,8 @@ def test_compress_is_independent_of_padding(params):
   # The memory-only path (last layer at the memory positions) gives the same memories.
   only = clara.memories(model, params, t_long, m_long, 2, "compressor")
   np.testing.assert_allclose(only, mem_l, atol=1e-5)
+  only_bn = clara.memories(model, params, t_long[None], m_long[None], 2, "compressor")
+  np.testing.assert_allclose(only_bn, only, atol=1e-6)
 
 
 def test_pack_encoder_truncates_and_counts():

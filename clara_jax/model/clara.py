@@ -107,7 +107,10 @@ def memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: in
              adapter: Optional[str], deterministic: bool = True,
              rng: Optional[Array] = None) -> Array:
   """Memory states [M, n_mem, H] of an encoder-layout batch, the last layer run only at
-  the memory positions (for callers that need no other final state)."""
+  the memory positions (for callers that need no other final state). Extra leading axes
+  (e.g. [B, N, L + n_mem]) are flattened to M rows, as in `compress`."""
+  tokens_mt = tokens_mt.reshape(-1, tokens_mt.shape[-1])
+  mask_mt = mask_mt.reshape(-1, mask_mt.shape[-1])
   rngs = {"dropout": rng} if rng is not None else {}
   return model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
                      positions=positions_from_mask(mask_mt), adapter=adapter,
