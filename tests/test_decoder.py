@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from clara_jax.model import lora
+from clara_jax.model import layers, lora
 from clara_jax.model.config import DecoderConfig, LoraConfig, model_config
 from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
 
@@ -234,3 +234,34 @@ def test_config_validation_names_the_field():
   assert isinstance(cfg, DecoderConfig)
   # Mistral-7B has 7.24B parameters.
   assert abs(cfg.num_params(include_lora=False) / 1e9 - 7.24) < 0.01
+
+
+@pytest.mark.parametrize("rate,width", [(0.1, 256), (0.3, 7)])
+def test_dropout_rate_scale_and_independence(rate, width):
+  x = jnp.ones((64, 32, width), jnp.float32)
+  out = np.asarray(layers.dropout(x, rate, jax.random.key(3)))
+  p = layers.effective_dropout_rate(rate)
+  assert abs(p - rate) <= 1 / 512
+  dropped = out == 0
+  # 64 * 32 * width draws: the observed rate is within 5 standard errors of p.
+  n = dropped.size
+  assert abs(dropped.mean() - p) < 5 * np.sqrt(p * (1 - p) / n)
+  np.testing.assert_allclose(out[~dropped], 1.0 / (1.0 - p), rtol=1e-6)
+  # The four draws packed in one 32-bit word are not tied together: each position along
+  # the last axis drops at the same rate, and neighbours' drops are uncorrelated.
+  per_column = dropped.reshape(-1, width).mean(0)
+  assert np.all(np.abs(per_column - p) < 6 * np.sqrt(p * (1 - p) / (n // width)))
+  flat = dropped.reshape(-1, width).astype(np.float64)
+  if width > (width + 3) // 4:
+    quarter = (width + 3) // 4
+    a, b = flat[:, 0], flat[:, quarter]  # the same word's first and second byte
+    assert abs(np.corrcoef(a, b)[0, 1]) < 0.05
+  again = np.asarray(layers.dropout(x, rate, jax.random.key(3)))
+  np.testing.assert_array_equal(out, again)
+  assert not np.array_equal(out, np.asarray(layers.dropout(x, rate, jax.random.key(4))))
+
+
+def test_dropout_rounds_tiny_rates_to_none():
+  x = jnp.ones((4, 8))
+  assert layers.effective_dropout_rate(1e-4) == 0.0
+  np.testing.assert_array_equal(layers.dropout(x, 1e-4, jax.random.key(0)), x)

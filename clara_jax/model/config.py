@@ -26,7 +26,8 @@ class LoraConfig:
       linear layer, so an optimizer mask can train any subset.
     rank: inner dimension r of the A [in, r] and B [r, out] factors.
     alpha: the adapter output is scaled by alpha / rank (PEFT convention).
-    dropout: dropout rate on the adapter's input (training only).
+    dropout: dropout rate on the adapter's input (training only; applied in steps of
+      1/256, see `layers.dropout`).
   """
 
   adapters: Tuple[str, ...] = CLARA_ADAPTERS
