@@ -96,11 +96,18 @@ def encode(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
            ) -> Tuple[Array, Array]:
   """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
   states [M, L + n_mem, H])."""
-  rngs = {"dropout": rng} if rng is not None else {}
-  hidden = model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
-                       positions=positions_from_mask(mask_mt), adapter=adapter,
-                       deterministic=deterministic, rngs=rngs).hidden
+  hidden = _run_encoder(model, params, tokens_mt, mask_mt, adapter, deterministic, rng)
   return hidden[:, -n_mem:], hidden
+
+
+def _run_encoder(model: Decoder, params, tokens_mt: Array, mask_mt: Array,
+                 adapter: Optional[str], deterministic: bool, rng: Optional[Array],
+                 readout: Optional[Tuple[int, Optional[int]]] = None) -> Array:
+  """Final states of an encoder-layout batch ([M, L + n_mem, H], or the read-out part)."""
+  rngs = {"dropout": rng} if rng is not None else {}
+  return model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
+                     positions=positions_from_mask(mask_mt), adapter=adapter,
+                     deterministic=deterministic, rngs=rngs, readout=readout).hidden
 
 
 def memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
@@ -111,10 +118,8 @@ def memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: in
   (e.g. [B, N, L + n_mem]) are flattened to M rows, as in `compress`."""
   tokens_mt = tokens_mt.reshape(-1, tokens_mt.shape[-1])
   mask_mt = mask_mt.reshape(-1, mask_mt.shape[-1])
-  rngs = {"dropout": rng} if rng is not None else {}
-  return model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
-                     positions=positions_from_mask(mask_mt), adapter=adapter,
-                     deterministic=deterministic, rngs=rngs, readout=(-n_mem, None)).hidden
+  return _run_encoder(model, params, tokens_mt, mask_mt, adapter, deterministic, rng,
+                      readout=(-n_mem, None))
 
 
 def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: int,

@@ -103,7 +103,7 @@ def dropout(x: Array, rate: float, rng: Array) -> Array:
   26/256 = 0.1016, see `effective_dropout_rate`); kept inputs are scaled by the exact
   inverse keep probability, so the expectation is unchanged.
   """
-  threshold = round(rate * (1 << DROPOUT_BITS))
+  threshold = _drop_threshold(rate)
   if threshold <= 0:
     return x
   if threshold >= 1 << DROPOUT_BITS:
@@ -119,10 +119,14 @@ def dropout(x: Array, rate: float, rng: Array) -> Array:
                    jnp.zeros((), x.dtype))
 
 
+def _drop_threshold(rate: float) -> int:
+  """Draws below this 8-bit value are dropped: `rate` in steps of 1/256, clipped."""
+  return min(max(round(rate * (1 << DROPOUT_BITS)), 0), 1 << DROPOUT_BITS)
+
+
 def effective_dropout_rate(rate: float) -> float:
   """The drop probability `dropout` applies for a requested `rate`."""
-  return min(max(round(rate * (1 << DROPOUT_BITS)), 0), 1 << DROPOUT_BITS) / (
-      1 << DROPOUT_BITS)
+  return _drop_threshold(rate) / (1 << DROPOUT_BITS)
 
 
 def _contract(x: Array, w: Array, n_in: int, dtype) -> Array:

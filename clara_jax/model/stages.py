@@ -127,9 +127,8 @@ def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl:
   c = _chunk(n, chunk)
   to_chunks = lambda x: x.reshape(b, n // c, c, length).swapaxes(0, 1)
 
-  def one(chunk_arrays):
-    tokens, mask = (x.reshape(b * c, length) for x in chunk_arrays)
-    mem = clara.memories(model, params, tokens, mask, n_mem, adapter=None)
+  def one(chunk_arrays):  # [b, c, length] each; `memories` flattens them to b * c rows
+    mem = clara.memories(model, params, *chunk_arrays, n_mem, adapter=None)
     return mem.reshape(b, c, n_mem, -1)
 
   mem = jax.lax.map(one, (to_chunks(doc_tokens_bnl), to_chunks(doc_mask_bnl)))
