@@ -32,6 +32,8 @@ EXTRAS_REQUIRE = {
     # torch 2.13.0 is the CPU build available offline on the project's machines.
     "test": [
         "pytest==9.2.0",
+        # launch/test.sh runs two workers: the suite is mostly single-threaded compiles.
+        "pytest-xdist==3.8.0",
         "torch==2.13.0",
         "transformers==5.23.0",
         "safetensors==0.8.0",

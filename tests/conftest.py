@@ -26,3 +26,15 @@ def quick_demo(tmp_path_factory):
   lines = []
   summary = demo.run(workdir, quick=True, log=lines.append)
   return workdir, summary, lines
+
+
+# Under pytest-xdist (`launch/test.sh` runs two workers with `--dist loadgroup`) each
+# module stays on one worker, so its module fixtures compile once; the notebook test joins
+# the demo tests, whose session fixture it resumes.
+_SHARED_GROUPS = {"test_colab": "test_demo"}
+
+
+def pytest_collection_modifyitems(config, items):
+  for item in items:
+    module = item.module.__name__.rsplit(".", 1)[-1]
+    item.add_marker(pytest.mark.xdist_group(_SHARED_GROUPS.get(module, module)))

@@ -265,3 +265,46 @@ def test_dropout_rounds_tiny_rates_to_none():
   x = jnp.ones((4, 8))
   assert layers.effective_dropout_rate(1e-4) == 0.0
   np.testing.assert_array_equal(layers.dropout(x, 1e-4, jax.random.key(0)), x)
+
+
+def _dot_operand_dtypes(fn, *args):
+  """(lhs, rhs) dtypes of every dot_general in the jaxpr of `fn` (nested jaxprs too)."""
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.append(tuple(v.aval.dtype for v in eqn.invars))
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+  walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+@pytest.mark.parametrize("n_in", [1, 2])
+def test_mixed_matmul_values_gradients_and_backward_dtype(n_in):
+  """bf16 `matmul`: float32 accumulation rounded once, gradients that track float32
+  autodiff, and backward matmuls on bf16 operands (float32 ones run ~3x slower on the
+  CPU); a float32 result (the LM head) differentiates the same way."""
+  kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(kx, (3, 5, 4, 8) if n_in == 2 else (3, 5, 32))
+  w = jax.random.normal(kw, (4, 8, 16) if n_in == 2 else (32, 16))
+  g = jax.random.normal(kg, x.shape[:-n_in] + (16,))
+  bf = lambda a: a.astype(jnp.bfloat16)
+  ref = layers.matmul(bf(x).astype(jnp.float32), bf(w).astype(jnp.float32), n_in, jnp.float32)
+  out = layers.matmul(x, w, n_in, jnp.bfloat16)
+  assert out.dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(bf(ref), np.float32))
+  for out_dtype in (None, jnp.float32):
+    loss = lambda x, w: jnp.sum(layers.matmul(x, w, n_in, jnp.bfloat16, out_dtype)
+                                .astype(jnp.float32) * g)
+    ref_loss = lambda x, w: jnp.sum(layers.matmul(x, w, n_in, jnp.float32) * g)
+    grads = jax.grad(loss, argnums=(0, 1))(x, w)
+    ref_grads = jax.grad(ref_loss, argnums=(0, 1))(bf(x).astype(jnp.float32),
+                                                   bf(w).astype(jnp.float32))
+    for got, want, primal in zip(grads, ref_grads, (x, w)):
+      assert got.dtype == primal.dtype  # the cast back to the float32 parameter
+      scale = np.abs(np.asarray(want)).max()
+      assert np.abs(np.asarray(got) - np.asarray(want)).max() < 2e-2 * scale
+    dtypes = _dot_operand_dtypes(jax.grad(loss, argnums=(0, 1)), x, w)
+    assert len(dtypes) == 3 and all(d == (jnp.bfloat16, jnp.bfloat16) for d in dtypes), dtypes

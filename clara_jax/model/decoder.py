@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.layers import (LoraLinear, RMSNorm, apply_rope, attention_bias,
-                                    constrain, default_kernel_init)
+                                    constrain, default_kernel_init, matmul, rope_tables)
 
 Array = jax.Array
 # One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
@@ -77,14 +77,14 @@ class LmHead(nn.Module):
                       nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
                       (cfg.hidden_size, cfg.base_vocab_size), pdt)
     x = hidden.astype(dt)
-    logits = jnp.dot(x, base.astype(dt), preferred_element_type=jnp.float32)
+    logits = matmul(x, base, 1, dt, out_dtype=jnp.float32)
     if cfg.num_extra_tokens:
       extra = self.param("extra_head",
                          nn.with_logical_partitioning(default_kernel_init,
                                                       ("embed", "extra_vocab")),
                          (cfg.hidden_size, cfg.num_extra_tokens), pdt)
       logits = jnp.concatenate(
-          [logits, jnp.dot(x, extra.astype(dt), preferred_element_type=jnp.float32)], -1)
+          [logits, matmul(x, extra, 1, dt, out_dtype=jnp.float32)], -1)
     return logits
 
 
@@ -137,23 +137,25 @@ class Attention(nn.Module):
                       dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
 
   @nn.compact
-  def __call__(self, x_btd: Array, positions_bt: Array, bias_bqk: Array,
+  def __call__(self, x_btd: Array, rope_btf: Tuple[Array, Array], bias_bqk: Array,
                cache: Optional[dict], cache_index_b: Optional[Array],
                query_slice: Optional[Tuple[int, int]] = None):
-    """`query_slice` (start, stop): only those positions query (keys/values come from
-    all); the output then has stop - start positions."""
+    """`rope_btf`: the positions' `rope_tables` (cos, sin). `query_slice` (start, stop):
+    only those positions query (keys/values come from all); the output then has
+    stop - start positions."""
     cfg = self.cfg
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    x_q, positions_q = x_btd, positions_bt
+    x_q, rope_q = x_btd, rope_btf
     if query_slice is not None:
       start, stop = query_slice
-      x_q, positions_q = x_btd[:, start:stop], positions_bt[:, start:stop]
+      x_q = x_btd[:, start:stop]
+      rope_q = tuple(table[:, start:stop] for table in rope_btf)
       bias_bqk = bias_bqk[:, start:stop]
     q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj")(x_q)
     k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x_btd)
     v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x_btd)
-    q = apply_rope(q, positions_q, cfg.rope_theta)
-    k = apply_rope(k, positions_bt, cfg.rope_theta)
+    q = apply_rope(q, rope_q)
+    k = apply_rope(k, rope_btf)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
     new_cache = None
@@ -187,8 +189,9 @@ class Mlp(nn.Module):
               dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
     gate = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
     up = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x_btd)
-    hidden = constrain(jax.nn.silu(gate) * up,
-                       ("activation_batch", "activation_length", "activation_mlp"))
+    # In float32: XLA's CPU backend evaluates a bf16 logistic about twice as slowly.
+    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+    hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return LoraLinear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(hidden)
 
 
@@ -198,7 +201,7 @@ class DecoderBlock(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x_btd, positions_bt, bias_bqk, cache, cache_index_b,
+  def __call__(self, x_btd, rope_btf, bias_bqk, cache, cache_index_b,
                adapter: Optional[str], deterministic: bool,
                query_slice: Optional[Tuple[int, int]] = None):
     cfg = self.cfg
@@ -206,7 +209,7 @@ class DecoderBlock(nn.Module):
     x_btd = constrain(x_btd, BATCH_LENGTH_EMBED)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
     h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
-        h, positions_bt, bias_bqk, cache, cache_index_b, query_slice)
+        h, rope_btf, bias_bqk, cache, cache_index_b, query_slice)
     if query_slice is not None:
       x_btd = x_btd[:, query_slice[0]:query_slice[1]]
     x_btd = x_btd + h
@@ -319,10 +322,11 @@ class Decoder(nn.Module):
         raise ValueError(f"readout {readout} selects no position of length {t}")
       query_slice = (start, stop)
 
+    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
     new_cache = [] if cache is not None else None
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, positions, bias, None if cache is None else cache[i],
+      x, layer_cache = layer(x, rope, bias, None if cache is None else cache[i],
                              cache_index, adapter, deterministic,
                              query_slice if i == last else None)
       if cache is not None:
