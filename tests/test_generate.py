@@ -11,6 +11,7 @@ from clara_jax.infer.generate import bucket_length, generate, left_to_right_padd
 from clara_jax.model import clara, lora
 from clara_jax.model.decoder import Decoder, init_params
 from clara_synth import BOS, EOS, INST, PAD, SEP, mem_ids, model_cfg
+from compile_count import backend_compiles
 
 N_MEM, K = 2, 2
 MODEL = model_cfg(N_MEM)
@@ -97,8 +98,13 @@ def test_padding_shift_and_buckets(setup):
     np.testing.assert_array_equal(shifted[b, :n], tokens[b][mask[b] == 1])
     np.testing.assert_array_equal(shifted[b][np.asarray(new_slots[b])], tokens[b][slots[b]])
   assert bucket_length(10) == 64 and bucket_length(200) == 256 and bucket_length(5000) == 6144
-  # One compile per shape: a second batch of the same shape reuses the executable.
-  before = generate._cache_size()
+  # One compile per shape: a second batch of the same shape reuses the executable, and a
+  # new static setting compiles (which shows the counter sees generate's compiles).
   p, _, _, _, memories = setup
-  generate(p, MODEL, tokens, mask, slots, memories * 2, max_new_tokens=6, eos_id=-1)
-  assert generate._cache_size() == before
+  doubled = memories * 2
+  generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1)
+  with backend_compiles() as same_shape:
+    generate(p, MODEL, tokens, mask, slots, doubled, max_new_tokens=6, eos_id=-1)
+  with backend_compiles() as new_length:
+    generate(p, MODEL, tokens, mask, slots, doubled, max_new_tokens=5, eos_id=-1)
+  assert "jit(generate)" not in same_shape and "jit(generate)" in new_length, (same_shape, new_length)
