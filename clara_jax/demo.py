@@ -215,6 +215,14 @@ def claims(results: Dict[str, Any], min_gain: float
     rows.append((f"c. lens hidden vs control {unit}{top}",
                  f"{lens_main[f'hidden_{hit}']:.2f} vs {lens_main[f'control_{hit}']:.2f} "
                  f"(lift {lift:+.2f} +- {ci:.2f})", "lift > 0 (95%)", lift - ci > 0))
+  # The rank statistic uses every piece's lens score, not only the top-T (see lens.py);
+  # it is reported beside the top-T rows, which keep their own verdicts.
+  if "rank_auc" in lens_main:
+    auc, ci = lens_main["rank_auc"], lens_main["rank_auc_ci95"]
+    init_auc = lens_init.get("rank_auc", float("nan"))
+    rows.append(("c. lens rank AUC gold vs control pieces",
+                 f"{auc:.3f} +- {ci:.3f} (init {init_auc:.3f})", "> 0.5 (95%)",
+                 auc - ci > 0.5))
   if "clue_piece_recall" in lens_main:
     rows.append(("c. clue-piece recall stage2 vs init",
                  f"{lens_main['clue_piece_recall']:.2f} vs "

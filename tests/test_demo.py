@@ -35,9 +35,9 @@ def test_rerun_resumes_instead_of_starting_over(quick_demo):
       summary["results"]["stage2"]["memory_gain"], abs=1e-5)
 
 
-def _results(lift, ci):
+def _results(lift, ci, auc=0.56):
   lens = {"hidden_hit_rate": 0.2 + lift, "control_hit_rate": 0.2, "lift": lift,
-          "lift_ci95": ci, "top_t": 2}
+          "lift_ci95": ci, "top_t": 2, "rank_auc": auc, "rank_auc_ci95": 0.03}
   return {"stage2": {"memory_gain": 1.5, "em_oracle": 0.9, "em_control": 0.1,
                      "recall@1": 0.5, "recall@5": 0.8,
                      "by_kind": {"multi": {"recall@1": 0.2, "bm25_recall@1": 0.3}}},
@@ -53,9 +53,12 @@ def test_claims_table_applies_each_target():
   assert not rows["b. multi-hop Recall@1 vs BM25"][3]
   lens_row = rows["c. lens hidden vs control words (top-2)"]
   assert lens_row[3] and "+0.10 +- 0.04" in lens_row[1]
+  auc_row = rows["c. lens rank AUC gold vs control pieces"]
+  assert auc_row[3] and "0.560 +- 0.030" in auc_row[1]
   # A lift inside its 95% interval is no evidence of hidden words.
-  rows = {r[0]: r for r in demo.claims(_results(0.03, 0.05), min_gain=2.0)}
+  rows = {r[0]: r for r in demo.claims(_results(0.03, 0.05, auc=0.52), min_gain=2.0)}
   assert not rows["c. lens hidden vs control words (top-2)"][3]
+  assert not rows["c. lens rank AUC gold vs control pieces"][3]  # 0.52 - 0.03 < 0.5
   assert not rows["a. memory gain (nats/token)"][3]
   table = demo.format_table(list(rows.values()))
   assert len(table.splitlines()) == len(rows) + 1 and "miss" in table

@@ -71,6 +71,34 @@ def test_every_control_counts_on_its_own(tok):
     lens.question_report(tok, slots, question, gold, [])
 
 
+def test_rank_auc_compares_every_discriminative_piece(tok):
+  """Gold pieces above the control's: AUC 1 whatever the top-T shows; reversed: 0; shared
+  and question pieces do not count; ties count half; the summary gives mean and interval."""
+  assert lens.rank_auc(np.array([3.0, 1.0, 2.0]), {0, 2}, {1}) == 1.0
+  assert lens.rank_auc(np.array([3.0, 1.0, 2.0]), {1}, {0, 2}) == 0.0
+  assert lens.rank_auc(np.array([1.0, 1.0, 0.0]), {0}, {1, 2}) == 0.75
+  assert lens.rank_auc(np.zeros(3), set(), {1}) is None
+  question = "Which team does the coach lead?"
+  gold = ["The falcon team plays in the north city."]
+  controls = ["The kiwi team plays in the south city.", "The falcon team plays in the red city."]
+  piece = lambda w: _ids(tok, w)[0]
+  scores = np.full(tok.vocab_size, -10.0)
+  # Shared (team, city) and question (coach) pieces score highest: they must not count.
+  for w, v in (("team", 0.0), ("city", 0.0), ("coach", 0.0), ("falcon", -1.0),
+               ("north", -3.0), ("kiwi", -2.0), ("south", -4.0), ("red", -5.0)):
+    scores[piece(w)] = v
+  slots = np.asarray([_ids(tok, "team city")])  # top-2 holds no discriminative word
+  rep = lens.question_report(tok, slots, question, gold, controls, piece_scores_v=scores)
+  # Control 1: gold {falcon -1, north -3} vs {kiwi -2, south -4}: 3 of 4 pairs.
+  # Control 2 shares falcon: gold {north -3} vs {red -5}: 1 of 1.
+  assert rep["rank_auc"] == pytest.approx((0.75 + 1.0) / 2)
+  assert rep["hidden_rate"] == rep["control_rate"] == 0.0
+  assert lens.question_report(tok, slots, question, gold, controls)["rank_auc"] is None
+  s = lens.summarize([rep, dict(rep, rank_auc=0.5), dict(rep, rank_auc=None)])
+  assert s["rank_questions"] == 2 and s["rank_auc"] == pytest.approx((0.875 + 0.5) / 2)
+  assert s["rank_auc_ci95"] == pytest.approx(1.96 * np.std([0.875, 0.5], ddof=1) / np.sqrt(2))
+
+
 def test_top_t_keeps_the_papers_share_of_the_vocabulary():
   assert lens.scaled_top_t(32000) == 50 and lens.scaled_top_t(1040) == 2
   assert lens.scaled_top_t(100) == 1
@@ -114,4 +142,5 @@ def test_lens_job_writes_json_and_png(tok, tmp_path):
   data = json.loads((tmp_path / "lens.json").read_text())
   assert len(data["questions"]["a"]) == 3 and "documents_summary" in data
   assert summary["a"]["top_t"] == 20 and data["questions"]["a"][0]["num_controls"] == 2
+  assert 0.0 <= summary["a"]["rank_auc"] <= 1.0 and summary["a"]["rank_questions"] == 3
   assert os.path.getsize(tmp_path / "lens.png") > 1000

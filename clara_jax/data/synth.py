@@ -480,7 +480,9 @@ def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
   rng = random.Random(f"lm:{world.seed}")
   lines = []
   for e in world.docs():
-    lines.extend({_render(rng, e, v) for v in range(wordings)})
+    # Distinct wordings in drawing order (a set's order would follow the process's
+    # string-hash seed, and with it the pretraining text and every later result).
+    lines.extend(dict.fromkeys(_render(rng, e, v) for v in range(wordings)))
   for i in range(fresh_worlds):
     other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts,
                        names=world.names)

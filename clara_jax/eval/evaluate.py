@@ -160,19 +160,22 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = Non
   keep = [i for i, r in enumerate(rows) if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
   rows = [rows[i] for i in keep]
   clues = [clues[i] for i in keep] if clues is not None else None
-  q_ids = lens_lib.top_tokens(model.params, decoder, model.reason([r["question"] for r in rows]),
-                              top_t)
+  q_mem = model.reason([r["question"] for r in rows])
+  q_ids = lens_lib.top_tokens(model.params, decoder, q_mem, top_t)
+  q_scores = lens_lib.slot_max_log_probs(model.params, decoder, q_mem)
   gold_texts = [r["docs"][r["pos_index"][0]] for r in rows]
-  d_ids = lens_lib.top_tokens(model.params, decoder, model.compress_documents(gold_texts), top_t)
+  d_mem = model.compress_documents(gold_texts)
+  d_ids = lens_lib.top_tokens(model.params, decoder, d_mem, top_t)
+  d_scores = lens_lib.slot_max_log_probs(model.params, decoder, d_mem)
   reports, doc_reports = [], []
   for i, row in enumerate(rows):
     controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]
     golds = [row["docs"][j] for j in row["pos_index"]]
     clue = clues[i] if clues is not None else ()
     reports.append(lens_lib.question_report(model.tok, q_ids[i], row["question"], golds,
-                                            controls, clue))
+                                            controls, clue, q_scores[i]))
     doc_reports.append(lens_lib.question_report(model.tok, d_ids[i], row["question"], golds,
-                                                controls, clue))
+                                                controls, clue, d_scores[i]))
   summary = dict(lens_lib.summarize(reports), top_t=top_t)
   return {"reasoner": reports, "documents": doc_reports, "summary": summary,
           "documents_summary": dict(lens_lib.summarize(doc_reports), top_t=top_t)}

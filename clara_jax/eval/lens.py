@@ -11,7 +11,13 @@ Only *discriminative* words count (gold words absent from the control document, 
 control words absent from the gold documents), and top-T keeps the paper's share of the
 vocabulary (`scaled_top_t`): with a small vocabulary, n_mem x top-50 tokens cover most of
 it and any count saturates (see FEASIBILITY.md). Every non-gold candidate serves as a
-control in turn. The lift of hidden over control hit rates is the headline figure.
+control in turn. The lift of hidden over control hit rates is the paper's measure.
+
+A top-T count only sees the few tokens at the very top, so at T = 2 most
+question-control pairs have no hit on either side and the lift is coarse. The rank
+statistic uses the whole decoding: each vocabulary piece scores its best log-probability
+over the memory slots, and the rank AUC is the chance that a discriminative gold piece
+outscores a discriminative control piece (ties count half; 0.5 = no preference).
 """
 
 from __future__ import annotations
@@ -60,6 +66,23 @@ def top_tokens(params, model: Decoder, states: jax.Array, top_t: int) -> np.ndar
   return np.asarray(jax.lax.top_k(logits, top_t)[1])
 
 
+def slot_max_log_probs(params, model: Decoder, states: jax.Array) -> np.ndarray:
+  """Each token's best lens log-probability over the slots: states [B, M, hidden] ->
+  [B, vocab] (log-softmax per slot, then the max over slots)."""
+  logits = model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
+  return np.asarray(jnp.max(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-2))
+
+
+def rank_auc(scores_v: np.ndarray, better: Set[int], worse: Set[int]) -> Optional[float]:
+  """Chance that an id of `better` outscores an id of `worse` under `scores_v` [vocab],
+  ties counting half (the Mann-Whitney AUC); None if either set is empty."""
+  if not better or not worse:
+    return None
+  b = scores_v[sorted(better)][:, None]
+  w = scores_v[sorted(worse)][None, :]
+  return float(np.mean((b > w) + 0.5 * (b == w)))
+
+
 def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
   out = set()
   for t in token_ids:
@@ -92,7 +115,8 @@ def scaled_top_t(vocab_size: int) -> int:
 
 def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
                     gold_docs: Sequence[str], control_docs: Sequence[str],
-                    clue_words: Sequence[str] = ()) -> Dict:
+                    clue_words: Sequence[str] = (),
+                    piece_scores_v: Optional[np.ndarray] = None) -> Dict:
   """Per-question lens result from the top tokens of every memory slot [n_mem, T].
 
   Each control document (every non-gold candidate: one random control is a noisy
@@ -101,7 +125,9 @@ def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
   a hit for the control side the reverse. `hidden_rate`/`control_rate` are the shares of
   controls with at least one such hit; `hidden`/`control_hits` list the items over all
   controls. Words (whole vocabulary words) and pieces (token ids, which also catch names
-  that a small vocabulary splits) are counted the same way."""
+  that a small vocabulary splits) are counted the same way. With `piece_scores_v`
+  ([vocab], `slot_max_log_probs`), `rank_auc` is the mean over controls of `rank_auc` of
+  the discriminative gold pieces against the control's (None: no control had both)."""
   if not control_docs:
     raise ValueError(f"question {question!r}: the lens needs at least one control document")
   top = slot_token_ids.reshape(-1)
@@ -116,9 +142,12 @@ def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
   spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
   clue_p = set().union(set(), *(_text_pieces(tok, w) for w in spelled)) - q_pieces
   hits = {key: [] for key in ("hidden", "control", "hidden_p", "control_p")}
+  aucs = []
   for doc in control_docs:
     control = words(doc) - q_words
     control_p = _text_pieces(tok, doc) - q_pieces
+    if piece_scores_v is not None:
+      aucs.append(rank_auc(piece_scores_v, gold_p - control_p, control_p - gold_p))
     hits["hidden"].append(decoded & (gold - control))
     hits["control"].append(decoded & (control - gold))
     hits["hidden_p"].append(pieces & (gold_p - control_p))
@@ -139,6 +168,8 @@ def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
           "control_piece_rate": rate(hits["control_p"]),
           "clue_pieces_found": piece(pieces & clue_p), "num_clue_pieces": len(clue_p),
           "num_controls": len(control_docs),
+          "rank_auc": (float(np.mean([a for a in aucs if a is not None]))
+                       if any(a is not None for a in aucs) else None),
           "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids]}
 
 
@@ -153,7 +184,8 @@ def _ci95(differences: Sequence[float]) -> float:
 def summarize(reports: List[Dict]) -> Dict[str, float]:
   """Hit rates (share of question-control pairs with >= 1 discriminative item), items
   per pair, the lift of hidden over control with the half-width of its 95% interval
-  over questions, and clue recall where clues are known."""
+  over questions, the mean rank AUC with its interval where reports have one, and clue
+  recall where clues are known."""
   n = max(len(reports), 1)
   mean = lambda key: sum(r[key] for r in reports) / n
   out = {"questions": len(reports), "hidden_hit_rate": mean("hidden_rate"),
@@ -168,6 +200,11 @@ def summarize(reports: List[Dict]) -> Dict[str, float]:
     out["piece_lift"] = out["hidden_piece_hit_rate"] - out["control_piece_hit_rate"]
     out["piece_lift_ci95"] = _ci95([r["hidden_piece_rate"] - r["control_piece_rate"]
                                     for r in reports])
+  ranked = [r["rank_auc"] for r in reports if r.get("rank_auc") is not None]
+  if ranked:
+    out["rank_auc"] = float(np.mean(ranked))
+    out["rank_auc_ci95"] = _ci95(ranked)
+    out["rank_questions"] = len(ranked)
   with_clues = [r for r in reports if r["num_clues"]]
   if with_clues:
     out["clue_recall"] = (sum(len(r["clues_found"]) for r in with_clues)
@@ -209,7 +246,10 @@ def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
   bars.set_xticks(x, names, fontsize=8)
   bars.set_ylim(0, 1)
   bars.set_title("question-control pairs with >= 1 discriminative word", fontsize=8)
-  bars.legend(fontsize=8)
+  for i, n in enumerate(names):
+    if "rank_auc" in summaries[n]:
+      bars.text(i, 0.95, f"rank AUC {summaries[n]['rank_auc']:.2f}", ha="center", fontsize=7)
+  bars.legend(fontsize=8, loc="center right")
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
