@@ -77,9 +77,9 @@ def default_recipe(quick: bool = False) -> Recipe:
       # Reasoner and generator train together, as in the paper. With the generator
       # frozen, stage2 beat its initial reasoner on both Recall@1 and Recall@5 in two whole
       # runs of six; training both did at each of the three seeds tried (session 7 of the
-      # log). One selected document (k = 1):
-      # the answer then depends on the top-1 choice alone, which is what Recall@1 measures
-      # (with k = 2, Recall@2 rose and Recall@1 stayed flat).
+      # log). One selected document (k = 1): the answer then depends on the top-1 choice
+      # alone, which is what Recall@1 measures (with k = 2, Recall@2 rose and Recall@1
+      # stayed flat).
       "stage2": {"train.num_steps": 1200, "train.global_batch": 16, "optimizer.lr": 1e-3,
                  "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
                  "clara.train_generator": True, "clara.k": 1},

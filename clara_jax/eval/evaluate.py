@@ -161,12 +161,10 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = Non
   rows = [rows[i] for i in keep]
   clues = [clues[i] for i in keep] if clues is not None else None
   q_mem = model.reason([r["question"] for r in rows])
-  q_ids = lens_lib.top_tokens(model.params, decoder, q_mem, top_t)
-  q_scores = lens_lib.slot_max_log_probs(model.params, decoder, q_mem)
+  q_ids, q_scores = lens_lib.lens_decode(model.params, decoder, q_mem, top_t)
   gold_texts = [r["docs"][r["pos_index"][0]] for r in rows]
   d_mem = model.compress_documents(gold_texts)
-  d_ids = lens_lib.top_tokens(model.params, decoder, d_mem, top_t)
-  d_scores = lens_lib.slot_max_log_probs(model.params, decoder, d_mem)
+  d_ids, d_scores = lens_lib.lens_decode(model.params, decoder, d_mem, top_t)
   reports, doc_reports = [], []
   for i, row in enumerate(rows):
     controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]

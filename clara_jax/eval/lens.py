@@ -23,7 +23,7 @@ outscores a discriminative control piece (ties count half; 0.5 = no preference).
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -60,17 +60,16 @@ def token_word(tok: Tokenizer, token_id: int) -> Optional[str]:
   return None if word in STOPWORDS else word
 
 
-def top_tokens(params, model: Decoder, states: jax.Array, top_t: int) -> np.ndarray:
-  """Top-T token ids [..., top_t] of states [..., hidden] under the logit lens."""
+def lens_decode(params, model: Decoder, states: jax.Array, top_t: int
+                ) -> Tuple[np.ndarray, np.ndarray]:
+  """One pass of states [B, M, hidden] through the lens: the top-T token ids of every
+  slot [B, M, top_t], and each token's best log-probability over the slots [B, vocab]
+  (log-softmax per slot, then the max over slots)."""
   logits = model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
-  return np.asarray(jax.lax.top_k(logits, top_t)[1])
-
-
-def slot_max_log_probs(params, model: Decoder, states: jax.Array) -> np.ndarray:
-  """Each token's best lens log-probability over the slots: states [B, M, hidden] ->
-  [B, vocab] (log-softmax per slot, then the max over slots)."""
-  logits = model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
-  return np.asarray(jnp.max(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=-2))
+  logits = logits.astype(jnp.float32)
+  top_ids = jax.lax.top_k(logits, top_t)[1]
+  best_log_probs = jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-2)
+  return np.asarray(top_ids), np.asarray(best_log_probs)
 
 
 def rank_auc(scores_v: np.ndarray, better: Set[int], worse: Set[int]) -> Optional[float]:
@@ -126,7 +125,7 @@ def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
   controls with at least one such hit; `hidden`/`control_hits` list the items over all
   controls. Words (whole vocabulary words) and pieces (token ids, which also catch names
   that a small vocabulary splits) are counted the same way. With `piece_scores_v`
-  ([vocab], `slot_max_log_probs`), `rank_auc` is the mean over controls of `rank_auc` of
+  ([vocab], from `lens_decode`), `rank_auc` is the mean over controls of `rank_auc` of
   the discriminative gold pieces against the control's (None: no control had both)."""
   if not control_docs:
     raise ValueError(f"question {question!r}: the lens needs at least one control document")
