@@ -49,6 +49,27 @@ def test_every_parameter_has_logical_axes():
       shapes, is_leaf=lambda x: isinstance(x, tuple))) == CFG.num_params()
 
 
+def test_tied_embeddings_decode_through_the_embedding_table():
+  cfg = CFG.replace(tie_embeddings=True)
+  p = init_params(cfg, jax.random.key(0))
+  assert "lm_head" not in p
+  assert sum(x.size for x in jax.tree_util.tree_leaves(p)) == cfg.num_params()
+  assert cfg.num_params() == CFG.num_params() - CFG.vocab_size * CFG.hidden_size
+  hidden = _apply(p, cfg, tokens=_tokens((2, 5))).hidden
+  table = jnp.concatenate([p["embedder"]["base_embedding"], p["embedder"]["extra_embedding"]])
+  logits = Decoder(cfg).apply({"params": p}, hidden, method=Decoder.logits)
+  np.testing.assert_allclose(logits, hidden @ table.T, atol=1e-5)
+  # The lens is final norm + the same tied head.
+  lens = Decoder(cfg).apply({"params": p}, hidden, method=Decoder.lens_logits)
+  normed = Decoder(cfg).apply({"params": p}, hidden,
+                              method=lambda m, x: m.final_norm(x))
+  np.testing.assert_allclose(lens, normed @ table.T, atol=1e-5)
+  # A loss on the logits trains the embedding rows, special rows included.
+  grads = jax.grad(lambda q: Decoder(cfg).apply({"params": q}, hidden,
+                                                method=Decoder.logits).sum())(p)
+  assert float(jnp.abs(grads["embedder"]["extra_embedding"]).sum()) > 0
+
+
 def test_tokens_and_embeddings_paths_agree(params):
   toks = _tokens((2, 9))
   by_ids = _apply(params, tokens=toks).hidden

@@ -37,7 +37,9 @@ def test_rerun_resumes_instead_of_starting_over(quick_demo):
 
 def _results(lift, ci, auc=0.56):
   lens = {"hidden_hit_rate": 0.2 + lift, "control_hit_rate": 0.2, "lift": lift,
-          "lift_ci95": ci, "top_t": 2, "rank_auc": auc, "rank_auc_ci95": 0.03}
+          "lift_ci95": ci, "top_t": 2, "rank_auc": auc, "rank_auc_ci95": 0.03,
+          "gold_memories": {"rank_auc": 0.58, "rank_auc_ci95": 0.03, "piece_lift": 0.07,
+                            "piece_lift_ci95": 0.07}}
   return {"stage2": {"memory_gain": 1.5, "em_oracle": 0.9, "em_control": 0.1,
                      "recall@1": 0.5, "recall@5": 0.8,
                      "by_kind": {"multi": {"recall@1": 0.2, "bm25_recall@1": 0.3}}},
@@ -55,6 +57,8 @@ def test_claims_table_applies_each_target():
   assert lens_row[3] and "+0.10 +- 0.04" in lens_row[1]
   auc_row = rows["c. lens rank AUC gold vs control pieces"]
   assert auc_row[3] and "0.560 +- 0.030" in auc_row[1]
+  reference = rows["c. reference: gold memories' own lens"]
+  assert reference[1] == "AUC 0.580 +- 0.030, lift +0.07 +- 0.07" and reference[3] is None
   # A lift inside its 95% interval is no evidence of hidden words.
   rows = {r[0]: r for r in demo.claims(_results(0.03, 0.05, auc=0.52), min_gain=2.0)}
   assert not rows["c. lens hidden vs control words (top-2)"][3]

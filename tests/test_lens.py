@@ -140,6 +140,9 @@ def test_lens_job_writes_json_and_png(tok, tmp_path):
   summary = run_lens({"a": model, "b": model}, rows, str(tmp_path / "lens.json"), top_t=20)
   assert set(summary) == {"a", "b"} and summary["a"] == summary["b"]
   data = json.loads((tmp_path / "lens.json").read_text())
+  # The gold memories' reference comes back beside each reasoner summary.
+  assert summary["a"].pop("gold_memories") == data["documents_summary"]["a"]
+  assert summary["a"] == data["summary"]["a"]
   assert len(data["questions"]["a"]) == 3 and "documents_summary" in data
   assert summary["a"]["top_t"] == 20 and data["questions"]["a"][0]["num_controls"] == 2
   assert 0.0 <= summary["a"]["rank_auc"] <= 1.0 and summary["a"]["rank_questions"] == 3

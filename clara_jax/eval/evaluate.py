@@ -181,7 +181,11 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = Non
 
 def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str,
              top_t: Optional[int] = None, clues=None) -> Dict:
-  """Lens for one or more checkpoints side by side; writes JSON and a PNG figure."""
+  """Lens for one or more checkpoints side by side; writes JSON and a PNG figure.
+
+  Returns each checkpoint's reasoner summary, with the summary of the gold documents'
+  own memories under "gold_memories": the reference that the reasoner's lens is read
+  against (the reasoner is trained to score near those memories)."""
   results = {name: lens_reports(m, rows, top_t, clues) for name, m in checkpoints.items()}
   summary = {name: r["summary"] for name, r in results.items()}
   _write_json(out_path, {"summary": summary,
@@ -190,7 +194,8 @@ def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str
                          "questions": {n: r["reasoner"] for n, r in results.items()}})
   first = next(iter(results.values()))
   lens_lib.plot(first["reasoner"], summary, os.path.splitext(out_path)[0] + ".png")
-  return summary
+  return {name: dict(r["summary"], gold_memories=r["documents_summary"])
+          for name, r in results.items()}
 
 
 def _write_json(path: str, obj) -> None:

@@ -74,6 +74,9 @@ class DecoderConfig:
       mesh axis) or "per_kv_head" (a loop of batched 3-D matmuls, one per KV head: XLA
       fuses scores/softmax/values better on CPU, but the loop slices the head axis, so
       it is for unsharded heads).
+    tie_embeddings: the output head is the transposed embedding table (Gemma, Phi-4-mini,
+      Llama-3.2-1B style): no `lm_head` parameters; the logit lens then decodes a memory
+      through the same rows that embed the generator's input (docs/demo_log.md, session 8).
     lora: the adapters; None builds a plain decoder.
   """
 
@@ -92,6 +95,7 @@ class DecoderConfig:
   param_dtype: str = "float32"
   remat_policy: str = "none"
   attention_layout: str = "grouped"
+  tie_embeddings: bool = False
   lora: Optional[LoraConfig] = LoraConfig()
 
   @property
@@ -134,7 +138,8 @@ class DecoderConfig:
     per_layer = sum(i * o for i, o in linears) + 2 * d
     if include_lora and self.lora is not None:
       per_layer += len(self.lora.adapters) * sum(self.lora.rank * (i + o) for i, o in linears)
-    return self.num_layers * per_layer + 2 * self.vocab_size * d + d
+    tables = 1 if self.tie_embeddings else 2
+    return self.num_layers * per_layer + tables * self.vocab_size * d + d
 
 
 # Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,

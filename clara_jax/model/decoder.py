@@ -40,28 +40,44 @@ class Embedder(nn.Module):
   """Token embedding: pretrained rows plus CLaRa's extra rows in their own parameter.
 
   Keeping `extra_embedding` separate lets an optimizer mask train only the special-token
-  rows while the pretrained table stays frozen.
+  rows while the pretrained table stays frozen. With tied embeddings, `attend` is also
+  the output projection.
   """
 
   cfg: DecoderConfig
 
-  @nn.compact
-  def __call__(self, tokens_bt: Array) -> Array:
+  def setup(self):
     cfg = self.cfg
     pdt = _dtype(cfg.param_dtype)
-    base = self.param("base_embedding",
-                      nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
-                      (cfg.base_vocab_size, cfg.hidden_size), pdt)
-    emb = jnp.take(base, jnp.clip(tokens_bt, 0, cfg.base_vocab_size - 1), axis=0)
+    self.base_embedding = self.param(
+        "base_embedding", nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+        (cfg.base_vocab_size, cfg.hidden_size), pdt)
     if cfg.num_extra_tokens:
-      extra = self.param("extra_embedding",
-                         nn.with_logical_partitioning(default_kernel_init,
-                                                      ("extra_vocab", "embed")),
-                         (cfg.num_extra_tokens, cfg.hidden_size), pdt)
+      self.extra_embedding = self.param(
+          "extra_embedding",
+          nn.with_logical_partitioning(default_kernel_init, ("extra_vocab", "embed")),
+          (cfg.num_extra_tokens, cfg.hidden_size), pdt)
+
+  def __call__(self, tokens_bt: Array) -> Array:
+    cfg = self.cfg
+    emb = jnp.take(self.base_embedding, jnp.clip(tokens_bt, 0, cfg.base_vocab_size - 1),
+                   axis=0)
+    if cfg.num_extra_tokens:
       extra_ids = jnp.clip(tokens_bt - cfg.base_vocab_size, 0, cfg.num_extra_tokens - 1)
       emb = jnp.where((tokens_bt >= cfg.base_vocab_size)[..., None],
-                      jnp.take(extra, extra_ids, axis=0), emb)
+                      jnp.take(self.extra_embedding, extra_ids, axis=0), emb)
     return emb.astype(_dtype(cfg.dtype))
+
+  def attend(self, hidden: Array) -> Array:
+    """hidden [..., hidden] -> float32 logits [..., vocab] against every embedding row
+    (the tied output head)."""
+    dt = _dtype(self.cfg.dtype)
+    x = hidden.astype(dt)
+    logits = matmul(x, self.base_embedding.T, 1, dt, out_dtype=jnp.float32)
+    if self.cfg.num_extra_tokens:
+      logits = jnp.concatenate(
+          [logits, matmul(x, self.extra_embedding.T, 1, dt, out_dtype=jnp.float32)], -1)
+    return logits
 
 
 class LmHead(nn.Module):
@@ -246,7 +262,8 @@ class Decoder(nn.Module):
     self.embedder = Embedder(cfg)
     self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
-    self.lm_head = LmHead(cfg)
+    if not cfg.tie_embeddings:
+      self.lm_head = LmHead(cfg)
 
   def embed(self, tokens_bt: Array) -> Array:
     """Token ids [batch, length] -> input embeddings [batch, length, hidden]."""
@@ -254,11 +271,11 @@ class Decoder(nn.Module):
 
   def logits(self, hidden: Array) -> Array:
     """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab]."""
-    return self.lm_head(hidden)
+    return self.embedder.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
 
   def lens_logits(self, states: Array) -> Array:
     """The logit lens: any states [..., hidden] through final norm + LM head."""
-    return self.lm_head(self.final_norm(states))
+    return self.logits(self.final_norm(states))
 
   def __call__(self, tokens: Optional[Array] = None, *, embeddings: Optional[Array] = None,
                positions: Optional[Array] = None, attention_mask: Optional[Array] = None,
