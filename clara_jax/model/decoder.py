@@ -71,13 +71,18 @@ class Embedder(nn.Module):
   def attend(self, hidden: Array) -> Array:
     """hidden [..., hidden] -> float32 logits [..., vocab] against every embedding row
     (the tied output head)."""
-    dt = _dtype(self.cfg.dtype)
-    x = hidden.astype(dt)
-    logits = matmul(x, self.base_embedding.T, 1, dt, out_dtype=jnp.float32)
-    if self.cfg.num_extra_tokens:
-      logits = jnp.concatenate(
-          [logits, matmul(x, self.extra_embedding.T, 1, dt, out_dtype=jnp.float32)], -1)
+    extra = self.extra_embedding.T if self.cfg.num_extra_tokens else None
+    return _vocab_logits(hidden, self.base_embedding.T, extra, _dtype(self.cfg.dtype))
+
+
+def _vocab_logits(hidden: Array, base_hv: Array, extra_hx: Optional[Array], dtype) -> Array:
+  """float32 logits [..., base + extra vocab] of hidden [..., H] against the pretrained
+  columns [H, base] and the special-token columns [H, extra] (or None)."""
+  x = hidden.astype(dtype)
+  logits = matmul(x, base_hv, 1, dtype, out_dtype=jnp.float32)
+  if extra_hx is None:
     return logits
+  return jnp.concatenate([logits, matmul(x, extra_hx, 1, dtype, out_dtype=jnp.float32)], -1)
 
 
 class LmHead(nn.Module):
@@ -92,16 +97,13 @@ class LmHead(nn.Module):
     base = self.param("base_head",
                       nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
                       (cfg.hidden_size, cfg.base_vocab_size), pdt)
-    x = hidden.astype(dt)
-    logits = matmul(x, base, 1, dt, out_dtype=jnp.float32)
+    extra = None
     if cfg.num_extra_tokens:
       extra = self.param("extra_head",
                          nn.with_logical_partitioning(default_kernel_init,
                                                       ("embed", "extra_vocab")),
                          (cfg.hidden_size, cfg.num_extra_tokens), pdt)
-      logits = jnp.concatenate(
-          [logits, matmul(x, extra, 1, dt, out_dtype=jnp.float32)], -1)
-    return logits
+    return _vocab_logits(hidden, base, extra, dt)
 
 
 def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array) -> Array:
