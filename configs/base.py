@@ -86,6 +86,10 @@ def get_base_config(stage, arg=None):
   c.optimizer.b2 = 0.95  # Adam beta2
   c.optimizer.weight_decay = 0.0  # AdamW decay (paper: none)
   c.optimizer.clip_norm = 1.0  # global gradient-norm clip
+  # (regex, factor) pairs: the lr of trainable parameters whose path fully matches the
+  # regex is multiplied by the factor (first match wins), e.g.
+  # (('.*/lora_reasoner/.*', 3.0),)
+  c.optimizer.lr_multipliers = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 8  # examples per step over all devices and micro-batches

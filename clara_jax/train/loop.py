@@ -275,8 +275,12 @@ def train(config, workdir: str,
   schedule = optimizer.learning_rate_schedule(
       config.optimizer.lr, config.train.num_steps, config.optimizer.schedule,
       config.optimizer.warmup_ratio, config.optimizer.final_ratio)
+  lr_multipliers = tuple(tuple(m) for m in config.optimizer.lr_multipliers)
+  optimizer.check_lr_multipliers(lr_multipliers,
+                                 [path for path, on in lora.flatten(mask).items() if on])
   tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,
-                                config.optimizer.weight_decay, config.optimizer.clip_norm)
+                                config.optimizer.weight_decay, config.optimizer.clip_norm,
+                                lr_multipliers=lr_multipliers)
   loss_fn = stages.stage_loss(config.stage, cfg, cclara)
   pmap = config.train.parallelism == "pmap"
   step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,

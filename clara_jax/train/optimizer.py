@@ -1,7 +1,12 @@
-"""AdamW with the paper's settings and its learning-rate schedules."""
+"""AdamW with the paper's settings, its learning-rate schedules, and per-parameter
+learning-rate multipliers chosen by regex over parameter paths."""
 
 from __future__ import annotations
 
+import re
+from typing import Sequence, Tuple
+
+import jax
 import optax
 
 SCHEDULES = ("cosine", "constant")
@@ -28,11 +33,76 @@ def learning_rate_schedule(lr: float, total_steps: int, schedule: str = "cosine"
 
 def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
                    weight_decay: float = 0.0, clip_norm: float = 1.0,
-                   eps: float = 1e-8) -> optax.GradientTransformation:
-  """Global-norm clipping then AdamW. Applied to the trainable parameters only (the
-  train state keeps frozen parameters apart), so no state is spent on frozen ones."""
+                   eps: float = 1e-8, lr_multipliers: Sequence[Tuple[str, float]] = ()
+                   ) -> optax.GradientTransformation:
+  """Global-norm clipping, AdamW, then `scale_by_path(lr_multipliers)` when given.
+  Applied to the trainable parameters only (the train state keeps frozen parameters
+  apart), so no state is spent on frozen ones."""
   parts = []
   if clip_norm:
     parts.append(optax.clip_by_global_norm(clip_norm))
   parts.append(optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay))
+  if lr_multipliers:
+    parts.append(scale_by_path(lr_multipliers))
   return optax.chain(*parts)
+
+
+def path_string(path) -> str:
+  """A tree path (dict keys, sequence indices, attributes) as 'a/b/c'."""
+  parts = []
+  for entry in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(entry, attr):
+        parts.append(str(getattr(entry, attr)))
+        break
+    else:
+      parts.append(str(entry))
+  return "/".join(parts)
+
+
+def check_lr_multipliers(lr_multipliers: Sequence[Tuple[str, float]], paths: Sequence[str]
+                         ) -> None:
+  """Clear errors for a multiplier list that cannot mean what it says: a pattern that is
+  not a regex, a multiplier that is not a positive number, or a pattern that matches
+  none of the trainable parameters (a typo would otherwise change nothing, silently)."""
+  for i, entry in enumerate(lr_multipliers):
+    if len(entry) != 2:
+      raise ValueError(f"config: optimizer.lr_multipliers[{i}] = {entry!r} is not a "
+                       f"(regex, multiplier) pair")
+    pattern, factor = entry
+    try:
+      compiled = re.compile(pattern)
+    except re.error as e:
+      raise ValueError(f"config: optimizer.lr_multipliers[{i}] pattern {pattern!r} is not "
+                       f"a regex: {e}") from e
+    if not isinstance(factor, (int, float)) or not factor > 0:
+      raise ValueError(f"config: optimizer.lr_multipliers[{i}] multiplier {factor!r} must "
+                       f"be a positive number")
+    if not any(compiled.fullmatch(p) for p in paths):
+      raise ValueError(f"config: optimizer.lr_multipliers[{i}] pattern {pattern!r} matches "
+                       f"no trainable parameter (e.g. {sorted(paths)[:2]})")
+
+
+def scale_by_path(lr_multipliers: Sequence[Tuple[str, float]]
+                  ) -> optax.GradientTransformation:
+  """Multiplies each update by the factor of the first (regex, factor) pair whose regex
+  fully matches the parameter's path ('layers_0/attn/q_proj/lora_reasoner/a'), 1 where
+  none does: a learning rate per parameter group, e.g. one adapter faster than another
+  that trains beside it."""
+  compiled = [(re.compile(p), float(f)) for p, f in lr_multipliers]
+
+  def factor(path) -> float:
+    name = path_string(path)
+    return next((f for c, f in compiled if c.fullmatch(name)), 1.0)
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    scaled = jax.tree_util.tree_map_with_path(
+        lambda path, u: u if factor(path) == 1.0 else u * factor(path), updates)
+    return scaled, state
+
+  return optax.GradientTransformation(init_fn, update_fn)
