@@ -78,8 +78,7 @@ def memory_plan(config) -> Dict:
                                               config.optimizer.warmup_ratio)
   tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,
                                 config.optimizer.weight_decay, config.optimizer.clip_norm,
-                                lr_multipliers=tuple(tuple(m) for m in
-                                                     config.optimizer.lr_multipliers))
+                                lr_multipliers=config.optimizer.lr_multipliers)
   abstract = nn.meta.unbox(boxed)
   mask = stages.trainable_mask(config.stage, abstract, cclara)
   state_shape = jax.eval_shape(lambda p: create_state(p, mask, tx, config.seed), abstract)

@@ -275,7 +275,7 @@ def train(config, workdir: str,
   schedule = optimizer.learning_rate_schedule(
       config.optimizer.lr, config.train.num_steps, config.optimizer.schedule,
       config.optimizer.warmup_ratio, config.optimizer.final_ratio)
-  lr_multipliers = tuple(tuple(m) for m in config.optimizer.lr_multipliers)
+  lr_multipliers = config.optimizer.lr_multipliers
   optimizer.check_lr_multipliers(lr_multipliers,
                                  [path for path, on in lora.flatten(mask).items() if on])
   tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,

@@ -48,16 +48,8 @@ def make_optimizer(schedule: optax.Schedule, b1: float = 0.9, b2: float = 0.95,
 
 
 def path_string(path) -> str:
-  """A tree path (dict keys, sequence indices, attributes) as 'a/b/c'."""
-  parts = []
-  for entry in path:
-    for attr in ("key", "idx", "name"):
-      if hasattr(entry, attr):
-        parts.append(str(getattr(entry, attr)))
-        break
-    else:
-      parts.append(str(entry))
-  return "/".join(parts)
+  """A tree path of dict keys as 'a/b/c' (the train state's flat keys are whole paths)."""
+  return "/".join(str(getattr(entry, "key", entry)) for entry in path)
 
 
 def check_lr_multipliers(lr_multipliers: Sequence[Tuple[str, float]], paths: Sequence[str]
@@ -101,8 +93,9 @@ def scale_by_path(lr_multipliers: Sequence[Tuple[str, float]]
 
   def update_fn(updates, state, params=None):
     del params
-    scaled = jax.tree_util.tree_map_with_path(
-        lambda path, u: u if factor(path) == 1.0 else u * factor(path), updates)
-    return scaled, state
+    def scale(path, u):
+      f = factor(path)
+      return u if f == 1.0 else u * f
+    return jax.tree_util.tree_map_with_path(scale, updates), state
 
   return optax.GradientTransformation(init_fn, update_fn)
