@@ -12,8 +12,17 @@ def _cmd_demo(args) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # the demo prints its own progress
   from clara_jax import demo
-  summary = demo.run(args.workdir, quick=args.quick, seed=args.seed)
-  return 0 if summary["claims"] else 1
+  if args.seeds:
+    try:
+      seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+      print(f"clara-jax demo: --seeds {args.seeds!r} is not a comma-separated list of "
+            "integers", file=sys.stderr)
+      return 2
+    summary = demo.run_seeds(args.workdir, seeds, quick=args.quick)
+  else:
+    summary = demo.run(args.workdir, quick=args.quick, seed=args.seed)
+  return 0 if demo.claims_met(summary) else 1
 
 
 def _cmd_real_data(args) -> int:
@@ -25,7 +34,7 @@ def _cmd_real_data(args) -> int:
   except (demo.StageStopped, FileNotFoundError) as e:
     print(f"clara-jax real-data: {e}", file=sys.stderr)
     return 2
-  return 0 if summary["claims"] else 1
+  return 0 if demo.claims_met(summary) else 1
 
 
 def _cmd_synth(args) -> int:
@@ -34,13 +43,14 @@ def _cmd_synth(args) -> int:
   size = args.size
   if args.stream:
     count = synth.write_fresh(args.out, args.seed, args.rows, args.stream, size, args.k,
-                              args.max_facts, args.names)
+                              args.max_facts, args.names, candidates=args.candidates,
+                              world=args.world)
     print(json.dumps({"file": args.out, "rows": count, "format": args.stream}))
     return 0
   manifest = synth.write_world(args.out, seed=args.seed, size=size,
                                candidates=args.candidates, k=args.k,
                                max_facts=args.max_facts, fresh_rows=args.rows,
-                               names=args.names)
+                               names=args.names, world=args.world)
   kinds = {}
   for q in manifest["questions"].values():
     key = f"{q['split']}_{q['kind']}"
@@ -163,9 +173,12 @@ def _load_model(workdir: str):
 
 
 def _cmd_evaluate(args) -> int:
+  from clara_jax.eval.baselines import gold_counts_of
   from clara_jax.eval.evaluate import evaluate, load_rows
+  counts = gold_counts_of(load_rows(args.train_data)) if args.train_data else None
   summary = evaluate(_load_model(args.workdir), load_rows(args.data, limit=args.limit),
-                     k=args.k, max_new_tokens=args.max_new_tokens, out_path=args.out)
+                     k=args.k, max_new_tokens=args.max_new_tokens, out_path=args.out,
+                     gold_counts=counts)
   print(json.dumps(summary))
   return 0
 
@@ -181,6 +194,17 @@ def _cmd_lens(args) -> int:
     from clara_jax.data.synth import clues_for
     clues = clues_for(args.manifest, [r["question"] for r in rows])
   summary = run_lens(models, rows, args.out, top_t=args.top, clues=clues)
+  if args.manifest:  # the generated world: lens v2 (matched controls, null) beside
+    import os
+    from clara_jax.eval.hidden import lens_v2_summaries
+    v2 = lens_v2_summaries(models, rows, os.path.dirname(os.path.abspath(args.manifest)))
+    if v2:
+      summary = {name: dict(s, lens_v2=v2[name]) for name, s in summary.items()}
+      with open(args.out) as f:
+        written = json.load(f)
+      written["lens_v2"] = v2
+      with open(args.out, "w") as f:
+        json.dump(written, f, indent=2)
   print(json.dumps(summary))
   return 0
 
@@ -292,6 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
   demo.add_argument("--workdir", default="workdir_demo")
   demo.add_argument("--quick", action="store_true", help="a ~3 minute version for tests")
   demo.add_argument("--seed", type=int, default=0, help="world, init and data-order seed")
+  demo.add_argument("--seeds", default="", help="comma-separated seeds: the demo at each "
+                    "(WORKDIR/seed<N>), then the claims over all of them pooled, e.g. the "
+                    "protocol's fresh seeds 100,101,102,103,104")
   demo.set_defaults(fn=_cmd_demo)
 
   real = sub.add_parser("real-data", help="the demo's pipeline on the real HotpotQA, NQ and "
@@ -319,6 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
                   "the world, or to --out with --stream")
   sy.add_argument("--stream", choices=["stage1", "stage1_2", "stage2"], default=None,
                   help="write --rows rows of this format from fresh worlds to the file --out")
+  sy.add_argument("--world", default="hidden",
+                  choices=["hidden", "hidden_shared_names", "classic"],
+                  help="hidden: same-kind candidates, no bridge document, one- and "
+                  "two-link chains, held-out persons; classic: the earlier world")
   sy.set_defaults(fn=_cmd_synth)
 
   info = sub.add_parser("info", help="a named model size and its parameter counts")
@@ -354,6 +385,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--out", required=True, help="summary JSON (per-question .jsonl beside)")
   ev.add_argument("--k", type=int, default=5)
   ev.add_argument("--limit", type=int, default=None)
+  ev.add_argument("--train_data", default=None,
+                  help="the training rows (with doc_ids) of the gold-frequency baseline")
   ev.add_argument("--max_new_tokens", type=int, default=64)
   ev.set_defaults(fn=_cmd_evaluate)
 

@@ -111,11 +111,12 @@ def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recip
                  "data.source": dirs["stage2"]},
   }
   if quick:
-    for stage, steps in zip(demo.STAGES, (40, 20, 20, 20)):
+    for stage, steps in zip(demo.PAPER_STAGES, (40, 20, 20, 20)):
       stages[stage]["train.num_steps"] = steps
       stages[stage]["train.global_batch"] = 8
   return demo.Recipe(model="tiny", shared=shared, stages=stages,
-                     eval_questions=16 if quick else 200, min_memory_gain=1.0)
+                     eval_questions=16 if quick else 200, min_memory_gain=1.0,
+                     judged=not quick)
 
 
 # ---------------------------------------------------------------------------------------
@@ -345,7 +346,7 @@ def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
   recipe = real_recipe(quick, plan, dirs)
   stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
   recipe = fit_recipe(recipe, workdir, dirs, log)
-  for stage in demo.STAGES[1:]:
+  for stage in demo.PAPER_STAGES[1:]:
     stage_metrics[stage] = demo.run_stage(stage, workdir, recipe, seed, log)
   rows = demo.held_out_rows(dirs["heldout"], recipe.eval_questions)
   # clues=None: the lens's hidden words are the gold document's words absent from the

@@ -48,6 +48,7 @@ def get_base_config(stage, arg=None):
   c.clara.train_generator = True  # stage2: also train the generator (paper: yes)
   c.clara.train_base = False  # stages 1, 1_2: also train the base weights (paper: no)
   c.clara.retrieval_temperature = 0.02  # InfoNCE tau of stage2_retrieval
+  c.clara.replay_weight = 1.0  # weight of the replay text's LM loss (data.replay_text)
   c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
 
   c.data = ml_collections.ConfigDict()
@@ -57,6 +58,13 @@ def get_base_config(stage, arg=None):
   c.data.synth_max_facts = 0  # facts per generated document; 0 keeps all (longer docs)
   c.data.synth_names = "syllables"  # 'syllables' or 'pool' (single-token names, see synth)
   c.data.synth_fresh = False  # stage1/1_2/2: train on fresh worlds (reading, not recall)
+  c.data.synth_world = "hidden"  # a name of synth.WORLDS: 'hidden' (closed bridge, hard
+  # negatives, held-out chains), 'hidden_shared_names' or 'classic'
+  c.data.shuffle_answers = False  # ablation: each answer from another same-template row
+  c.data.lm_text = "all"  # lm stage on synth: 'all' (with fresh worlds) or 'world' (its facts)
+  # stage1 / stage1_2 with clara.train_base: LM text the base keeps learning beside the
+  # stage's loss ('' none, 'world' the generated world's own text, or a text file).
+  c.data.replay_text = ""
   c.data.format = STAGE_FORMATS[stage]  # row format read by this stage
   c.data.train_split = "train"  # split trained on
   c.data.on_error = "raise"  # bad rows: 'raise' (file:line:field) or 'skip' and count
@@ -90,6 +98,9 @@ def get_base_config(stage, arg=None):
   # regex is multiplied by the factor (first match wins), e.g.
   # (('.*/lora_reasoner/.*', 3.0),)
   c.optimizer.lr_multipliers = ()
+  # Regexes of parameters kept frozen although the stage would train them, e.g.
+  # ('.*/attn/.*',) for a base update that leaves attention as it was.
+  c.optimizer.frozen = ()
 
   c.train = ml_collections.ConfigDict()
   c.train.global_batch = 8  # examples per step over all devices and micro-batches
@@ -131,6 +142,12 @@ def validate(c):
   if c.train.parallelism not in ("jit", "pmap"):
     raise ValueError(f"config: train.parallelism must be 'jit' or 'pmap', "
                      f"got {c.train.parallelism!r}")
+  if c.data.lm_text not in ("all", "world"):
+    raise ValueError(f"config: data.lm_text must be 'all' or 'world', got {c.data.lm_text!r}")
+  from clara_jax.data.synth import WORLDS
+  if c.data.synth_world not in WORLDS:
+    raise ValueError(f"config: data.synth_world must be one of {sorted(WORLDS)}, "
+                     f"got {c.data.synth_world!r}")
   if c.data.on_error not in ("raise", "skip"):
     raise ValueError(f"config: data.on_error must be 'raise' or 'skip', got {c.data.on_error!r}")
   return c

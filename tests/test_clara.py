@@ -260,3 +260,26 @@ def test_memory_gain_reports_both_losses(params):
   assert bool(jnp.all(jnp.take_along_axis(jnp.asarray(batch["positives"]), idx[:, :1], 1) == 1))
   idx = stages.fixed_selection(jnp.asarray(batch["positives"]), 2, jax.random.key(1), gold=False)
   assert bool(jnp.all(jnp.take_along_axis(jnp.asarray(batch["positives"]), idx, 1) == 0))
+
+
+def test_replay_adds_the_base_lm_loss_of_the_replay_text(params):
+  world = KVWorld(12)
+  rng = np.random.default_rng(0)
+  batch = world.stage1_batch(rng, 4, CLARA)
+  replay = {"replay_tokens": batch["gen_tokens"], "replay_mask": batch["gen_mask"]}
+  inner = stages.stage_loss("stage1", MODEL, CLARA)
+  replayed = stages.with_replay(inner, MODEL, 0.5)
+  lm_ce, _ = stages.lm_loss(Decoder(MODEL), params, {"tokens": replay["replay_tokens"],
+                                                    "mask": replay["replay_mask"]})
+  loss, metrics = replayed(params, {**batch, **replay})
+  base_loss, _ = inner(params, batch, None)
+  np.testing.assert_allclose(loss, base_loss + 0.5 * lm_ce, rtol=1e-5)
+  np.testing.assert_allclose(metrics["replay_ce"], lm_ce, rtol=1e-5)
+  same, same_metrics = replayed(params, batch)  # no replay text: the stage's loss alone
+  np.testing.assert_allclose(same, base_loss, rtol=1e-6)
+  assert "replay_ce" not in same_metrics
+  # The replay gradient reaches the base (the stage updates it with clara.train_base).
+  grads = jax.grad(lambda p: replayed(p, {**batch, **replay})[0])(params)
+  base_grads = jax.grad(lambda p: inner(p, batch, None)[0])(params)
+  path = "layers_0/mlp/up_proj/kernel"
+  assert not np.allclose(lora.flatten(grads)[path], lora.flatten(base_grads)[path])

@@ -67,3 +67,22 @@ def test_config_errors_name_the_field():
   with pytest.raises(ValueError, match="unknown config variant"):
     parse_arg("modle=tiny")
   assert stage2.get_config("model=tiny").init.copy_adapters == (("compressor", "reasoner"),)
+
+
+def test_replay_text_is_checked_where_it_is_set(tmp_path):
+  from clara_jax.train import loop
+  from configs import stage1, stage2
+  c = stage2.get_config("model=tiny")
+  c.data.replay_text = "world"
+  with pytest.raises(ValueError, match="stage 'stage2' does not update it"):
+    loop._with_replay_text(c, str(tmp_path / "run"), {})
+  c = stage1.get_config("model=tiny")
+  c.data.replay_text = str(tmp_path / "missing.txt")
+  with pytest.raises(FileNotFoundError, match="missing.txt: no such replay text file"):
+    loop._with_replay_text(c, str(tmp_path / "run"), {})
+  (tmp_path / "text.txt").write_text("one line\n")
+  c.data.replay_text = str(tmp_path / "text.txt")
+  assert loop._with_replay_text(c, "run", {"train": "t"}) == {
+      "train": "t", "replay": str(tmp_path / "text.txt")}
+  c.data.replay_text = ""
+  assert loop._with_replay_text(c, "run", {"train": "t"}) == {"train": "t"}

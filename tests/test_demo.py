@@ -3,24 +3,62 @@ world, the evaluation and lens produce the claims table and the artefacts, and r
 it again resumes (finished stages are skipped) instead of starting over. The run itself is
 the session fixture `quick_demo` (tests/conftest.py)."""
 
+import json
 import os
 
 import pytest
 
 from clara_jax import demo
-from report_checks import check_report
+from clara_jax.eval import baselines
+from clara_jax.eval.evaluate import load_rows
+from report_checks import HIDDEN_CLAIMS, check_report
+
+ALL_STAGES = demo.STAGES + demo.BASELINE_STAGES
 
 
 def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   workdir, summary, lines = quick_demo
-  for stage in demo.STAGES:
+  for stage in ALL_STAGES:
     assert os.listdir(os.path.join(workdir, stage, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, stage, demo.DONE_FILE))
-  written = check_report(workdir, lines)
+  written = check_report(workdir, lines, HIDDEN_CLAIMS, ("single", "one_link", "two_link"))
   final = written["results"]["stage2"]
   assert final["questions"] == summary["results"]["stage2"]["questions"] > 0
-  for key in ("memory_gain", "em_oracle", "em_control", "recall@1", "bm25_recall@1"):
+  for key in ("memory_gain", "em_oracle", "em_control", "recall@1", "bm25_recall@1",
+              "kind_prior_recall@1", "bm25_two_hop_recall@1", "gold_prior_recall@1"):
     assert key in final, key
+  for name in ("init", "stage2_shuffled", "stage2_retrieval"):
+    assert written["results"][name]["questions"] == final["questions"]
+  # --quick trains too few steps for any claim: its rows carry no verdict.
+  assert all(c["passed"] is None for c in written["claims"]) and demo.claims_met(written)
+  probe = written["results"]["probe"]
+  assert set(probe) == {"lm", "stage1", "stage1_2"}
+  assert all(0 <= p["known_share"] <= 1 and p["links"] > 0 for p in probe.values())
+
+
+def test_baselines_rank_the_same_candidates_as_the_reasoner(quick_demo):
+  workdir, _, _ = quick_demo
+  world = demo.world_dir(workdir, demo.default_recipe(quick=True))
+  rows = {r["id"]: r for r in load_rows(os.path.join(world, "stage2_test.jsonl"))}
+  counts = baselines.gold_counts_of(load_rows(os.path.join(world, "stage2_train.jsonl")))
+  with open(os.path.join(workdir, "eval", "stage2.jsonl")) as f:
+    records = [json.loads(line) for line in f]
+  assert records
+  for record in records:
+    row = rows[record["id"]]
+    assert record["pos_index"] == row["pos_index"]
+    assert all(0 <= i < len(row["docs"]) for i in record["retrieved"])
+    for name, by_at in baselines.recalls(row, (1, 5), counts).items():
+      for at, value in by_at.items():
+        assert record[f"{name}_recall@{at}"] == pytest.approx(value), (name, at)
+
+
+def test_demo_exit_code_follows_the_claims():
+  rows = lambda *verdicts: {"claims": [{"claim": str(i), "passed": v}
+                                       for i, v in enumerate(verdicts)]}
+  assert demo.claims_met(rows(True, None, True))
+  assert not demo.claims_met(rows(True, False, None))
+  assert not demo.claims_met({"claims": []})
 
 
 def test_rerun_resumes_instead_of_starting_over(quick_demo):
@@ -28,7 +66,7 @@ def test_rerun_resumes_instead_of_starting_over(quick_demo):
   lines = []
   again = demo.run(workdir, quick=True, log=lines.append)
   skipped = [line for line in lines if "finished before" in line]
-  assert len(skipped) == len(demo.STAGES)
+  assert len(skipped) == len(ALL_STAGES)
   # Same checkpoints, same evaluation.
   assert again["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
   assert again["results"]["stage2"]["memory_gain"] == pytest.approx(
@@ -66,3 +104,26 @@ def test_claims_table_applies_each_target():
   assert not rows["a. memory gain (nats/token)"][3]
   table = demo.format_table(list(rows.values()))
   assert len(table.splitlines()) == len(rows) + 1 and "miss" in table
+
+
+def test_pooling_seeds_reads_every_seeds_records(quick_demo):
+  from clara_jax.eval import hidden
+  workdir, summary, _ = quick_demo
+  k = demo.stage_config("stage2", demo.default_recipe(quick=True)).clara.k
+  pooled = hidden.pool_seeds({1: workdir, 2: workdir}, k)
+  single = summary["results"]
+  assert pooled["questions"] == 2 * single["questions"]
+  assert pooled["stage2"]["recall@1"] == pytest.approx(single["stage2"]["recall@1"])
+  for stage, p in pooled["probe"].items():
+    assert p["links"] == 2 * single["probe"][stage]["links"]
+    assert p["known_share"] == pytest.approx(single["probe"][stage]["known_share"])
+  rows = hidden.claims(pooled, 1.0)
+  verdicts = {1: {rows[0][0]: True}, 2: {rows[0][0]: False}}
+  table = demo.format_seeds_table(rows, verdicts).splitlines()
+  assert len(table) == len(rows) + 1 and table[1].rstrip().endswith("PASS miss")
+
+
+def test_demo_seeds_flag_is_checked(capsys):
+  from clara_jax import cli
+  assert cli.main(["demo", "--seeds", "1,x"]) == 2
+  assert "comma-separated list of integers" in capsys.readouterr().err

@@ -186,3 +186,24 @@ def test_global_arrays_on_a_mesh(stage2_source, tok):
   assert batch["doc_tokens"].shape == local["doc_tokens"].shape
   assert len(batch["doc_tokens"].addressable_shards) == jax.device_count()
   np.testing.assert_array_equal(np.asarray(batch["q_tokens"]), local["q_tokens"])
+
+
+def test_replay_featurizer_adds_one_line_of_lm_text_per_example(tok):
+  from clara_jax.data.features import ReplayFeaturizer
+  lm_cfg = FeatureConfig("lm", lm_length=24)
+  inner = Featurizer(tok, FeatureConfig("stage1", n_mem=2, doc_max_length=16,
+                                        prompt_length=96, answer_length=24))
+  lines = ["the first line of text", "the second line", "a third one"]
+  replay = ReplayFeaturizer(inner, lines, Featurizer(tok, lm_cfg))
+  row = {"data_type": "qa", "question": ["who?"], "answers": ["me"], "docs": ["a doc"]}
+  for index in (0, 4):
+    example = replay(row, index)
+    plain = inner(row, index)
+    assert all(np.array_equal(example[k], v) for k, v in plain.items())
+    want = Featurizer(tok, lm_cfg)({"text": lines[index % 3]})
+    np.testing.assert_array_equal(example["replay_tokens"], want["tokens"])
+    np.testing.assert_array_equal(example["replay_mask"], want["mask"])
+  with pytest.raises(ValueError, match="no lines"):
+    ReplayFeaturizer(inner, [], Featurizer(tok, lm_cfg))
+  with pytest.raises(ValueError, match="lm stage"):
+    ReplayFeaturizer(inner, lines, inner)

@@ -146,7 +146,7 @@ def test_recipe_gives_valid_stage_configs(tmp_path, quick):
   plan = real_data.data_plan(quick)
   dirs = real_data.data_dirs(str(tmp_path))
   recipe = real_data.real_recipe(quick, plan, dirs)
-  for stage in demo.STAGES:
+  for stage in demo.PAPER_STAGES:
     config = validate(demo.stage_config(stage, recipe))
     assert config.data.source == dirs["lm" if stage == "lm" else stage]
     assert config.data.candidates == plan.candidates
@@ -221,5 +221,5 @@ def test_quick_real_data_rerun_resumes(quick_run):
   lines = []
   again = real_data.run(workdir, data_dir, quick=True, log=lines.append)
   assert "[    data] prepared before: kept" in lines
-  assert sum("finished before" in line for line in lines) == len(demo.STAGES)
+  assert sum("finished before" in line for line in lines) == len(demo.PAPER_STAGES)
   assert again["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]

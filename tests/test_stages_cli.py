@@ -49,9 +49,10 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count('"workdir"') == len(STAGES)
 
-  world = runs / "data" / "synth_tiny_seed0_c6_k2_f2"
+  world = runs / "data" / "synth_tiny_seed0_c6_k2_f2_hidden"
   assert sorted(os.listdir(runs / "data")) == [
-      "synth_tiny_seed0_c20_k3_f2", "synth_tiny_seed0_c20_k5_f2", "synth_tiny_seed0_c6_k2_f2"]
+      "synth_tiny_seed0_c20_k3_f2_hidden", "synth_tiny_seed0_c20_k5_f2_hidden",
+      "synth_tiny_seed0_c6_k2_f2_hidden"]
 
   # The trained stage2 checkpoint through the inference jobs, on held-out questions.
   data2 = str(world / "stage2_test.jsonl")
@@ -61,15 +62,20 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
   lens = json.loads((tmp_path / "lens.json").read_text())
   assert set(lens["summary"]) == {"main", "compare"}
   assert "clue_recall" in lens["summary"]["main"]
+  for name in ("main", "compare"):  # lens v2 on the generated world's multi-hop rows
+    assert lens["lens_v2"][name]["all"]["questions"] > 0
+    assert {"clue_auc", "doc_auc", "clue_auc_vs_null"} <= set(lens["lens_v2"][name]["all"])
   assert os.path.exists(tmp_path / "lens.png")
   capsys.readouterr()
   assert cli.main(["evaluate", f"--workdir={runs / 'stage2'}", f"--data={data2}",
                    f"--out={tmp_path / 'results.json'}", "--k=2", "--limit=6",
+                   f"--train_data={world / 'stage2_train.jsonl'}",
                    "--max_new_tokens=6"]) == 0
   summary = json.loads((tmp_path / "results.json").read_text())
   assert summary["questions"] == 6 and summary["k"] == 2
   for key in ("em_normal", "f1_oracle", "cover_em_normal", "recall@1", "recall@5",
-              "bm25_recall@1", "compress_ms_per_question", "decode_ms_per_question"):
+              "bm25_recall@1", "kind_prior_recall@1", "bm25_two_hop_recall@1",
+              "gold_prior_recall@1", "compress_ms_per_question", "decode_ms_per_question"):
     assert key in summary, key
   assert 0 <= summary["recall@5"] <= 1 and summary["decode_ms_per_question"] > 0
   per_q = (tmp_path / "results.jsonl").read_text().splitlines()

@@ -91,6 +91,24 @@ def test_lr_multipliers_reject_what_cannot_apply(mults, message):
   optimizer.check_lr_multipliers(((".*/lora_reasoner/.*", 2.0),), paths)
 
 
+def test_frozen_regexes_take_parameters_out_of_the_trainable_set():
+  cfg = model_cfg(2, lora=LoraConfig(rank=4, adapters=("compressor", "generator")))
+  params = init_params(cfg, jax.random.PRNGKey(0))
+  mask = lora.trainable_mask(params, base=True)
+  kept = optimizer.freeze_by_path(mask, (".*/attn/.*", "embedder/.*"))
+  flat, before = lora.flatten(kept), lora.flatten(mask)
+  assert any(flat.values()) and flat.keys() == before.keys()
+  for path, on in flat.items():
+    frozen = "/attn/" in path or path.startswith("embedder/")
+    assert on == (before[path] and not frozen), path
+  assert flat["layers_0/mlp/up_proj/kernel"] and not flat["layers_0/attn/q_proj/kernel"]
+  with pytest.raises(ValueError, match=r"optimizer.frozen\[1\] pattern '.\*/lora_x/.\*' "
+                     "matches no trainable parameter"):
+    optimizer.freeze_by_path(mask, (".*/attn/.*", ".*/lora_x/.*"))
+  with pytest.raises(ValueError, match="is not a regex"):
+    optimizer.freeze_by_path(mask, ("(",))
+
+
 def test_step_updates_only_trainable_and_reports_metrics():
   state, step, _ = _setup()
   assert all("lora_reasoner/" in k or "lora_generator/" in k for k in state.trainable)

@@ -112,3 +112,23 @@ def truncation_counts(batch: Example) -> Dict[str, int]:
   """Sums of a batch's `truncated_*` counters (what the loop reports)."""
   return {key: int(np.sum(value)) for key, value in batch.items()
           if key.startswith("truncated_")}
+
+
+class ReplayFeaturizer:
+  """A stage's featurizer whose every example also carries one line of replay text as
+  LM tokens (`replay_tokens`, `replay_mask`: the `lm` stage's features), line `index`
+  modulo the number of lines: the text a stage that updates the base keeps learning
+  (`stages.with_replay`)."""
+
+  def __init__(self, inner: Featurizer, lines: Sequence[str], lm: Featurizer):
+    if not lines:
+      raise ValueError("replay text has no lines")
+    if lm.cfg.stage != "lm":
+      raise ValueError(f"the replay featurizer must be the lm stage's, got {lm.cfg.stage!r}")
+    self.inner, self.lines, self.lm = inner, list(lines), lm
+
+  def __call__(self, row: Dict, index: int = 0) -> Example:
+    example = self.inner(row, index)
+    replay = self.lm({"text": self.lines[index % len(self.lines)]}, index)
+    example["replay_tokens"], example["replay_mask"] = replay["tokens"], replay["mask"]
+    return example

@@ -12,6 +12,9 @@ Normalised rows (what every reader yields and every converter writes):
 `answer` is the training target; `answers` keeps every alias for evaluation. Field
 fallbacks follow the reference: docs from `docs`/`context`/`content`; the answer from
 `answer`, `answers[0]` or `golden_answers[0]`.
+
+Evaluation files (`read_eval_rows`) are stage2 or stage1_2, one schema per file, plus
+optional extras (`id`, `kind`, `doc_ids`, ...; see EVAL_EXTRAS) checked row by row.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import gzip
 import json
 import os
 import tempfile
-from typing import Any, Dict, Iterable, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 STAGE1, STAGE1_2, STAGE2 = "stage1", "stage1_2", "stage2"
 FORMATS = (STAGE1, STAGE1_2, STAGE2)
@@ -49,23 +52,60 @@ class FieldError(ValueError):
 
 @dataclasses.dataclass
 class ReadReport:
-  """What a reader or converter saw: rows read, kept, skipped and the first reasons."""
+  """What a reader or converter saw: rows read, kept and skipped, every skip reason
+  counted, and the first full messages.
+
+  `reasons` keeps only the first MAX_REASONS messages (so a million bad rows cost no
+  memory), but `reason_counts` counts every skip by (field, reason): a summary must not
+  hide that one cause of failure dominates. `schema` is the row schema a reader settled
+  on (e.g. `read_eval_rows`), None where it was not detected.
+  """
 
   rows_read: int = 0
   rows_ok: int = 0
   rows_skipped: int = 0
   reasons: List[str] = dataclasses.field(default_factory=list)
+  reason_counts: Dict[Tuple[Optional[str], str], int] = dataclasses.field(default_factory=dict)
+  reason_first: Dict[Tuple[Optional[str], str], str] = dataclasses.field(default_factory=dict)
+  schema: Optional[str] = None
 
   def skip(self, error: DataError) -> None:
     self.rows_skipped += 1
+    key = (getattr(error, "field", None), getattr(error, "reason", str(error)))
+    if key not in self.reason_counts:
+      self.reason_counts[key] = 0
+      self.reason_first[key] = _where(error)
+    self.reason_counts[key] += 1
     if len(self.reasons) < MAX_REASONS:
       self.reasons.append(str(error))
 
   def summary(self) -> str:
     text = f"{self.rows_ok} rows kept, {self.rows_skipped} skipped of {self.rows_read} read"
+    if self.reason_counts:
+      text += "; skip reasons:\n  " + "\n  ".join(self._counted_reasons())
     if self.reasons:
-      text += "; first reasons:\n  " + "\n  ".join(self.reasons)
+      text += "\nfirst reasons:\n  " + "\n  ".join(self.reasons)
+      more = self.rows_skipped - len(self.reasons)
+      if more > 0:
+        text += f"\n  and {more} more"
     return text
+
+  def _counted_reasons(self) -> List[str]:
+    """One line per distinct (field, reason), most frequent first."""
+    ordered = sorted(self.reason_counts.items(), key=lambda item: -item[1])
+    lines = []
+    for (field, reason), count in ordered:
+      what = f"field '{field}': " if field else ""
+      lines.append(f"{count} x {what}{reason} (first at {self.reason_first[(field, reason)]})")
+    return lines
+
+
+def _where(error: Exception) -> str:
+  """`path:line` of a DataError (just `path` for file-level ones)."""
+  path, line = getattr(error, "path", None), getattr(error, "line", None)
+  if path is None:
+    return "?"
+  return f"{path}:{line}" if line else path
 
 
 def _text(value: Any, field: str, allow_empty: bool = False) -> str:
@@ -209,6 +249,166 @@ def read_rows(path: str, fmt: str, on_error: str = "raise", num_docs: Optional[i
       continue
     report.rows_ok += 1
     yield row
+
+
+# ---------------------------------------------------------------------------------------
+# Evaluation files: one schema per file, gold labels never dropped, optional extras checked.
+
+EVAL_FORMATS = (STAGE2, STAGE1_2)
+
+
+def _plain_text_list(value: Any, field: str) -> List[str]:
+  """A list of strings that may be empty and may hold empty strings (descriptive text,
+  not identifiers)."""
+  if not isinstance(value, list):
+    raise FieldError(field, f"expected a list of strings, found {type(value).__name__}")
+  return [_text(v, f"{field}[{i}]", allow_empty=True) for i, v in enumerate(value)]
+
+
+def _one_per_doc(values: List[Any], field: str, num_docs: int) -> List[Any]:
+  """Per-document annotations must line up with `docs`, or they describe the wrong one."""
+  if len(values) != num_docs:
+    raise FieldError(field, f"expected {num_docs} entries (one per document), "
+                            f"found {len(values)}")
+  return values
+
+
+def _flag(value: Any, field: str) -> bool:
+  if not isinstance(value, bool):
+    raise FieldError(field, f"expected true or false, found {type(value).__name__}")
+  return value
+
+
+def _control_clues(value: Any, num_docs: int) -> List[List[str]]:
+  if not isinstance(value, list):
+    raise FieldError("control_clues",
+                     f"expected a list of lists of strings, found {type(value).__name__}")
+  clues = [_plain_text_list(v, f"control_clues[{i}]") for i, v in enumerate(value)]
+  return _one_per_doc(clues, "control_clues", num_docs)
+
+
+# name -> check(value, number of documents) returning the value to keep. Identifiers
+# (`id`, `doc_ids`) must be non-empty; descriptive text may be empty.
+EVAL_EXTRAS: Dict[str, Callable[[Any, int], Any]] = {
+    "id": lambda v, n: _text(v, "id"),
+    "kind": lambda v, n: _text(v, "kind", allow_empty=True),
+    "template": lambda v, n: _text(v, "template", allow_empty=True),
+    "seen": lambda v, n: _flag(v, "seen"),
+    "doc_ids": lambda v, n: _one_per_doc(_text_list(v, "doc_ids", allow_empty_list=True),
+                                         "doc_ids", n),
+    "doc_kinds": lambda v, n: _one_per_doc(_plain_text_list(v, "doc_kinds"), "doc_kinds", n),
+    "clues": lambda v, n: _plain_text_list(v, "clues"),
+    "control_clues": _control_clues,
+    "bridge_clues": lambda v, n: _plain_text_list(v, "bridge_clues"),
+}
+
+
+class _EvalRowChecker:
+  """Per-file state of `read_eval_rows`: the file's schema and where it came from, and
+  the line of every id kept so far.
+
+  The schema is fixed once per file, so a row that disagrees is an error at that row,
+  never a reason to re-read the whole file under another schema (which silently dropped
+  every gold label).
+  """
+
+  def __init__(self, fmt: Optional[str]):
+    self.schema = fmt
+    self.origin = "declared by the caller" if fmt else ""
+    self.id_lines: Dict[str, int] = {}
+
+  def check(self, value: Any, line_no: int) -> Dict[str, Any]:
+    """The normalised row with its extras; raises FieldError."""
+    if isinstance(value, dict):
+      self._settle_schema(value, line_no)
+    row = validate_row(value, self.schema or STAGE1_2)  # a non-object fails here
+    row.setdefault("pos_index", [])  # stage1_2: one shape for downstream code
+    num_docs = len(row["docs"])
+    for name, check in EVAL_EXTRAS.items():
+      if name in value:
+        row[name] = check(value[name], num_docs)
+    self._check_unique_id(row, line_no)
+    return row
+
+  def _settle_schema(self, value: Dict[str, Any], line_no: int) -> None:
+    if self.schema is None:
+      self.schema = STAGE2 if "pos_index" in value else STAGE1_2
+      self.origin = f"detected from line {line_no}"
+    has_gold = "pos_index" in value
+    if self.schema == STAGE2 and not has_gold:
+      raise FieldError("pos_index", f"missing; this file's rows are stage2 ({self.origin})")
+    if self.schema == STAGE1_2 and has_gold:
+      raise FieldError("pos_index",
+                       f"unexpected; this file's rows are stage1_2 ({self.origin}), "
+                       "which have no gold labels")
+
+  def _check_unique_id(self, row: Dict[str, Any], line_no: int) -> None:
+    """Ids key per-question results; a repeated one would merge two questions."""
+    if "id" not in row:
+      return
+    first = self.id_lines.get(row["id"])
+    if first is not None:
+      raise FieldError("id", f"duplicate {row['id']!r}; first used on line {first}")
+    self.id_lines[row["id"]] = line_no
+
+
+def _check_limit(limit: Optional[int]) -> None:
+  """`limit=0` would silently evaluate nothing, so only positive limits are allowed."""
+  if limit is None:
+    return
+  if isinstance(limit, bool) or not isinstance(limit, int):
+    raise TypeError(f"limit must be a positive int or None, got {limit!r}")
+  if limit <= 0:
+    raise ValueError(f"limit must be positive, got {limit}")
+
+
+def _no_rows(path: str, report: ReadReport) -> DataError:
+  """An evaluation over no rows reports nothing meaningful, so it is an error."""
+  if not report.rows_read:
+    return DataError(path, 0, None, "no rows: the file is empty")
+  return DataError(path, 0, None, f"no rows: all {report.rows_skipped} rows were skipped; "
+                                  f"{report.summary()}")
+
+
+def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise",
+                   limit: Optional[int] = None,
+                   report: Optional[ReadReport] = None) -> List[Dict[str, Any]]:
+  """Validated evaluation rows of a stage2 or stage1_2 JSONL file, read row by row.
+
+  fmt: "stage2" or "stage1_2", or None to detect it from the first JSON object ("stage2"
+  if it has `pos_index`); every row must then match that schema. stage1_2 rows get
+  `pos_index: []`. The optional extras in EVAL_EXTRAS are checked and kept; other keys are
+  ignored. Ids must be unique. on_error: "raise" (DataError at the first bad row) or
+  "skip" (count it in `report`, whose `schema` records the schema used). limit: keep the
+  first `limit` good rows (rows after them are not read). A file that yields no row
+  raises DataError.
+  """
+  _check_limit(limit)
+  if fmt is not None and fmt not in EVAL_FORMATS:
+    raise ValueError(f"fmt must be one of {EVAL_FORMATS} or None, got {fmt!r}")
+  report = report if report is not None else ReadReport()
+  checker, rows = _EvalRowChecker(fmt), []
+  lines = iter_json_lines(path, on_error, report)
+  try:
+    for line_no, value in lines:
+      try:
+        row = checker.check(value, line_no)
+      except FieldError as e:
+        error = DataError(path, line_no, e.field, e.reason)
+        if on_error == "raise":
+          raise error from None
+        report.skip(error)
+        continue
+      report.rows_ok += 1
+      rows.append(row)
+      if limit is not None and len(rows) >= limit:
+        break
+  finally:
+    lines.close()
+    report.schema = checker.schema
+  if not rows:
+    raise _no_rows(path, report)
+  return rows
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:

@@ -59,6 +59,7 @@ _SPORTS = ("football", "hockey", "rugby", "basketball", "handball", "cricket")
 YEARS = (1820, 2010)
 
 STAGE1_NAME, STAGE1_2_NAME, STAGE2_NAME = STAGE1, STAGE1_2, STAGE2
+LM_WORLD_FILE = "lm_world.txt"  # the world's own LM text (its facts, no fresh worlds)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +78,41 @@ SIZES = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class WorldOptions:
+  """What a world's questions and candidates test.
+
+  The "hidden" world (the default) is built so that only the model's knowledge can find
+  a multi-hop question's document: every candidate is of the gold's kind, the bridge
+  documents (those of the entities on the question's chain) are never candidates, chains
+  have one or two links, the answer document never names the person asked about, and
+  held-out persons' chains occur in no training row although their facts are in the LM
+  text. The "classic" world keeps the bridge among the candidates, mixes kinds and has
+  one-link chains only (BM25 finds its bridge, a kind prior gets Recall@5 1.0)."""
+  hard_negatives: bool = True  # candidates of the gold's kind first (then other kinds)
+  closed_bridge: bool = True  # bridge documents are never candidates
+  two_link: bool = True  # X -> sibling -> linked entity questions beside one-link ones
+  heldout_people: float = 0.25  # share of persons every question of whose chain is test
+  own_names: bool = True  # pool names: this world's half, fresh worlds the other half
+
+
+WORLDS = {"hidden": WorldOptions(),
+          # The hidden world whose fresh worlds rebind its names (reading is then learned
+          # on the very names the world uses; knowledge of them is contradicted).
+          "hidden_shared_names": WorldOptions(own_names=False),
+          "classic": WorldOptions(hard_negatives=False, closed_bridge=False, two_link=False,
+                                  heldout_people=0.0, own_names=False)}
+
+
+def world_options(world) -> WorldOptions:
+  """A name of WORLDS, or WorldOptions as they are."""
+  if isinstance(world, WorldOptions):
+    return world
+  if world not in WORLDS:
+    raise ValueError(f"unknown world {world!r}; known: {sorted(WORLDS)}")
+  return WORLDS[world]
+
+
 @dataclasses.dataclass
 class Entity:
   """One entity and its document. `facts`: attribute -> value text; `links`: attribute
@@ -93,8 +129,12 @@ class Entity:
 @dataclasses.dataclass
 class Question:
   """A question about the world. `gold`: the document holding the answer; `bridge`: for
-  multi-hop questions, the document of the entity the question names; `clues`: words of
-  the gold document's entity name that the question does not contain."""
+  multi-hop questions, the document of the entity the question names; `chain`: the
+  entities from the named one to the gold's (one-link: [X, gold]; two-link: [X, sibling,
+  gold]); `clues`: words of the gold document's entity name that the question does not
+  contain; `bridge_clues`: name words of the chain's inner entities (two-link: the
+  sibling), which the question never says; `seen`: a test question whose (named entity,
+  gold) pair a training question also has."""
   id: str
   text: str
   answer: str
@@ -104,6 +144,15 @@ class Question:
   bridge: Optional[str]
   clues: List[str]
   split: str = "train"
+  hops: str = "single"  # "single" | "one_link" | "two_link"
+  chain: List[str] = dataclasses.field(default_factory=list)
+  bridge_clues: List[str] = dataclasses.field(default_factory=list)
+  seen: bool = True
+
+  @property
+  def template(self) -> str:
+    """Questions that share a template ask the same thing of different entities."""
+    return f"{self.hops}:{self.attribute}"
 
 
 @dataclasses.dataclass
@@ -112,6 +161,7 @@ class World:
   entities: Dict[str, Entity]
   questions: List[Question]
   names: str = "syllables"
+  options: WorldOptions = WorldOptions()
 
   def docs(self) -> List[Entity]:
     return list(self.entities.values())
@@ -169,18 +219,31 @@ def pool_symbols() -> List[str]:
   return ["\u2581" + w for words in name_pool().values() for w in words]
 
 
+def pool_part(part: Optional[str]) -> Dict[str, Tuple[str, ...]]:
+  """The whole pool (None) or one half of every category: "main" for the world a
+  pipeline is asked about, "fresh" for the fresh worlds that teach reading, so those
+  never rebind the main world's names to other facts."""
+  pool = name_pool()
+  if part is None:
+    return pool
+  if part not in ("main", "fresh"):
+    raise ValueError(f"unknown pool part {part!r}; known: main, fresh")
+  half = lambda words: words[:len(words) // 2] if part == "main" else words[len(words) // 2:]
+  return {category: half(words) for category, words in pool.items()}
+
+
 class _PoolNames:
   """Names drawn without replacement from the fixed pool (see `name_pool`)."""
 
-  def __init__(self, rng: random.Random):
+  def __init__(self, rng: random.Random, part: Optional[str] = None):
     self.rng = rng
-    pool = name_pool()
-    self.free = {c: self.rng.sample(words, len(words)) for c, words in pool.items()}
+    self.pool = pool_part(part)
+    self.free = {c: self.rng.sample(words, len(words)) for c, words in self.pool.items()}
     self.people = set()
 
   def _take(self, category: str) -> str:
     if not self.free[category]:
-      raise RuntimeError(f"the name pool has only {_POOL_SIZES[category]} {category} "
+      raise RuntimeError(f"the name pool has only {len(self.pool[category])} {category} "
                          "names; use a smaller world")
     return self.free[category].pop()
 
@@ -195,7 +258,7 @@ class _PoolNames:
 
   def person(self) -> str:
     for _ in range(1000):
-      pool = name_pool()
+      pool = self.pool
       name = f"{self.rng.choice(pool['first'])} {self.rng.choice(pool['last'])}"
       if name not in self.people:
         self.people.add(name)
@@ -210,10 +273,11 @@ def _year(rng: random.Random) -> str:
   return str(rng.randint(*YEARS))
 
 
-def _make_entities(rng: random.Random, size: WorldSize, names: str) -> Dict[str, Entity]:
+def _make_entities(rng: random.Random, size: WorldSize, names: str,
+                   part: Optional[str] = None) -> Dict[str, Entity]:
   if names not in _NAMERS:
     raise ValueError(f"unknown names {names!r}; known: {sorted(_NAMERS)}")
-  names = _NAMERS[names](rng)
+  names = _PoolNames(rng, part) if names == "pool" else _Names(rng)
   ents: Dict[str, Entity] = {}
   cities = []
   for i in range(size.cities):
@@ -351,8 +415,20 @@ def _render(rng: random.Random, e: Entity, variant: Optional[int]) -> str:
   return " ".join(sentences)
 
 
-def _questions(rng: random.Random, ents: Dict[str, Entity]) -> List[Question]:
-  out: List[Question] = []
+def _name_words(e: Entity) -> List[str]:
+  """The words of an entity's name as documents spell them (the tokenizer's pieces of
+  "Kestrel" and "kestrel" differ)."""
+  return list(dict.fromkeys(_WORD.findall(e.name)))
+
+
+def _not_in(words: Sequence[str], text: str) -> List[str]:
+  said = set(_words(text))
+  return [w for w in words if w.lower() not in said]
+
+
+def _questions(rng: random.Random, ents: Dict[str, Entity],
+               options: WorldOptions) -> List[Question]:
+  out: List[Optional[Question]] = []
   for e in ents.values():
     for attr, value in e.facts.items():
       template = rng.choice(_ASK[(e.kind, attr)])
@@ -367,10 +443,47 @@ def _questions(rng: random.Random, ents: Dict[str, Entity]) -> List[Question]:
       if attr not in target.facts:
         continue
       text = rng.choice(templates).format(n=e.name)
-      question_words = set(_words(text))
-      clues = [w for w in dict.fromkeys(_words(target.name)) if w not in question_words]
-      out.append(Question(f"{e.id}.{link}.{attr}", text, target.facts[attr], "multi",
-                          f"{link}.{attr}", target.id, e.id, clues))
+      out.append(_chain_question(f"{e.id}.{link}.{attr}", text, [e, target], attr,
+                                 f"{link}.{attr}", options))
+  if options.two_link:
+    out.extend(_two_link_questions(rng, ents, options))
+  return [q for q in out if q is not None]
+
+
+def _chain_question(qid: str, text: str, chain: List[Entity], attr: str, attribute: str,
+                    options: WorldOptions) -> Optional[Question]:
+  """A multi-hop question along `chain` (named entity first, gold last). None in the
+  hidden world when the answer document names the person asked about (a sibling's
+  document may say "The sibling of Y is X")."""
+  named, target = chain[0], chain[-1]
+  if options.closed_bridge and set(_words(named.name)) & set(_words(target.text)):
+    return None
+  clues = _not_in(_name_words(target), text)
+  bridge_clues = [w for e in chain[1:-1] for w in _not_in(_name_words(e), text)]
+  return Question(qid, text, target.facts[attr], "multi", attribute, target.id, named.id,
+                  clues, hops="one_link" if len(chain) == 2 else "two_link",
+                  chain=[e.id for e in chain], bridge_clues=bridge_clues)
+
+
+def _two_link_questions(rng: random.Random, ents: Dict[str, Entity],
+                        options: WorldOptions) -> List[Optional[Question]]:
+  """X -> sibling Y -> Y's team / employer / hometown -> an attribute of it ("In which
+  city is the team of the sibling of X based?")."""
+  out = []
+  for e in ents.values():
+    if e.kind != "person" or "sibling" not in e.links:
+      continue
+    sibling = ents[e.links["sibling"]]
+    for (link, attr), templates in _ASK_VIA.items():
+      if link == "sibling" or link not in sibling.links:
+        continue
+      target = ents[sibling.links[link]]
+      if attr not in target.facts:
+        continue
+      text = rng.choice(templates).format(n=f"the sibling of {e.name}")
+      out.append(_chain_question(f"{e.id}.sibling.{link}.{attr}", text,
+                                 [e, sibling, target], attr, f"sibling.{link}.{attr}",
+                                 options))
   return out
 
 
@@ -386,6 +499,28 @@ def _split(rng: random.Random, questions: List[Question], test_share: float) -> 
       has_train.add(q.gold)
 
 
+def _split_people(rng: random.Random, questions: List[Question], ents: Dict[str, Entity],
+                  heldout: float, test_share: float) -> None:
+  """Held-out chains: a `heldout` share of the persons is test-only, so every question
+  whose chain (single-hop: whose document) touches one of them is test, and unseen; of
+  the other questions about `test_share` are test as well."""
+  people = [e.id for e in ents.values() if e.kind == "person"]
+  rng.shuffle(people)
+  held = set(people[:round(heldout * len(people))])
+  for q in questions:
+    touched = set(q.chain) if q.chain else {q.gold}
+    q.split = "test" if touched & held or rng.random() < test_share else "train"
+
+
+def _mark_seen(questions: List[Question]) -> None:
+  """A question is seen when a training question has its (named entity, gold) pair:
+  its retriever may then have memorised the mapping instead of reasoning to it."""
+  named = lambda q: q.chain[0] if q.chain else q.gold
+  train_pairs = {(named(q), q.gold) for q in questions if q.split == "train"}
+  for q in questions:
+    q.seen = (named(q), q.gold) in train_pairs
+
+
 def _limit_facts(rng: random.Random, ents: Dict[str, Entity], max_facts: int) -> None:
   """Keeps at most `max_facts` facts per entity (shorter documents); links that multi-hop
   questions use go first."""
@@ -397,15 +532,20 @@ def _limit_facts(rng: random.Random, ents: Dict[str, Entity], max_facts: int) ->
 
 
 def make_world(seed: int, size="tiny", test_share: float = 0.2,
-               max_facts: Optional[int] = None, names: str = "syllables") -> World:
+               max_facts: Optional[int] = None, names: str = "syllables",
+               world="hidden", fresh: bool = False) -> World:
   """A world from a seed: `size` is a name in SIZES or a WorldSize; `max_facts` caps the
   facts (sentences) per document; `names`: "syllables" (every world invents its own)
-  or "pool" (single-token names from a fixed pool, see `name_pool`)."""
+  or "pool" (single-token names from a fixed pool, see `name_pool`); `world`: a name of
+  WORLDS or WorldOptions; `fresh`: a world that teaches reading (its pool names come
+  from the half the main world never uses, when the options say so)."""
+  options = world_options(world)
   shape = SIZES[size] if isinstance(size, str) else size
   if isinstance(size, str) and size not in SIZES:
     raise ValueError(f"unknown world size {size!r}; known: {sorted(SIZES)}")
   rng = random.Random(f"clara-world:{seed}")
-  ents = _make_entities(rng, shape, names)
+  part = ("fresh" if fresh else "main") if options.own_names and names == "pool" else None
+  ents = _make_entities(rng, shape, names, part)
   if max_facts is not None:
     _limit_facts(rng, ents, max_facts)
   for e in ents.values():
@@ -415,37 +555,69 @@ def make_world(seed: int, size="tiny", test_share: float = 0.2,
       if e.paraphrase != e.text:
         break
       e.paraphrase = _render(rng, e, None)
-  questions = _questions(rng, ents)
-  _split(rng, questions, test_share)
-  return World(seed, ents, questions, names)
+  questions = _questions(rng, ents, options)
+  if options.heldout_people > 0 and test_share > 0:
+    _split_people(rng, questions, ents, options.heldout_people, test_share)
+  else:
+    _split(rng, questions, test_share)
+  _mark_seen(questions)
+  return World(seed, ents, questions, names, options)
 
 
 def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[List[str], List[int]]:
-  """`n` document ids with the gold among them: the bridge document (it names the
-  question's person), documents of the gold's kind (hard), then any others."""
-  if n > len(world.entities):
-    raise ValueError(f"{n} candidates requested but the world has {len(world.entities)} "
-                     "documents; use a larger size")
+  """`n` document ids with the gold among them. Hidden world: documents of the gold's
+  kind (then others if too few), never a bridge. Classic world: the bridge document (it
+  names the question's person), half of the rest of the gold's kind, then any others."""
+  bridges = [i for i in (q.chain[:-1] if q.chain else [q.bridge] if q.bridge else [])]
+  excluded = {q.gold} | (set(bridges) if world.options.closed_bridge else set())
+  others = [e.id for e in world.docs() if e.id not in excluded]
+  if n > len(others) + 1:
+    raise ValueError(f"{n} candidates requested but the world has only {len(others) + 1} "
+                     f"documents a question may be given; use a larger size")
   gold = world.entities[q.gold]
-  others = [e.id for e in world.docs() if e.id != q.gold]
   same_kind = [i for i in others if world.entities[i].kind == gold.kind]
   rest = [i for i in others if world.entities[i].kind != gold.kind]
   rng.shuffle(same_kind)
   rng.shuffle(rest)
-  picked = [q.bridge] if q.bridge else []
-  for i in same_kind[: max(0, (n - 1) // 2)] + rest + same_kind[(n - 1) // 2:]:
-    if len(picked) >= n - 1:
-      break
-    if i not in picked:
-      picked.append(i)
+  if world.options.hard_negatives:
+    picked = (same_kind + rest)[:n - 1]
+  else:
+    picked = [] if world.options.closed_bridge else list(dict.fromkeys(bridges))
+    for i in same_kind[: max(0, (n - 1) // 2)] + rest + same_kind[(n - 1) // 2:]:
+      if len(picked) >= n - 1:
+        break
+      if i not in picked:
+        picked.append(i)
   ids = picked + [q.gold]
   rng.shuffle(ids)
   return ids, [ids.index(q.gold)]
 
 
+def _control_clues(rng: random.Random, world: World, q: Question, ids: Sequence[str]
+                   ) -> List[List[str]]:
+  """Per candidate, the words the lens compares with the gold's clues: the candidate's
+  entity name words the question does not say, and for a two-link question the name of
+  a decoy person off the chain (the gold's side has the sibling's), so both sides hold
+  the same kinds of words. The gold's own entry is its clues plus bridge clues."""
+  people = [e.id for e in world.docs() if e.kind == "person" and e.id not in q.chain]
+  out = []
+  for i in ids:
+    if i == q.gold:
+      out.append(list(q.clues) + list(q.bridge_clues))
+      continue
+    words = _not_in(_name_words(world.entities[i]), q.text)
+    if q.bridge_clues and people:
+      words += _not_in(_name_words(world.entities[rng.choice(people)]), q.text)
+    out.append(list(dict.fromkeys(words)))
+  return out
+
+
 def stage_rows(world: World, split: str, candidates: int = 20, k: int = 5,
                seed: int = 0) -> Dict[str, List[Dict]]:
-  """{format: rows} of one split."""
+  """{format: rows} of one split. stage2 and stage1_2 rows carry, beside the format's
+  fields, what evaluation breaks results down by and what baselines need: `id`, `kind`
+  (single / one_link / two_link), `template`, `seen`, `doc_ids`, `doc_kinds`, and the
+  lens's `clues`, `bridge_clues` and `control_clues`."""
   qs = [q for q in world.questions if q.split == split]
   rows: Dict[str, List[Dict]] = {STAGE1: [], STAGE1_2: [], STAGE2: []}
   for e in world.docs():
@@ -459,33 +631,43 @@ def stage_rows(world: World, split: str, candidates: int = 20, k: int = 5,
   for q in qs:
     rng = random.Random(f"candidates:{world.seed}:{seed}:{q.id}")
     ids, pos = _candidates(rng, world, q, candidates)
-    docs = [world.entities[i].text for i in ids]
-    rows[STAGE2].append({"id": q.id, "question": q.text, "docs": docs, "answer": q.answer,
-                         "answers": [q.answer], "pos_index": pos, "kind": q.kind})
     few_ids, few_pos = _candidates(rng, world, q, k)
-    rows[STAGE1_2].append({"id": q.id, "question": q.text,
-                           "docs": [world.entities[i].text for i in few_ids],
-                           "answer": q.answer, "answers": [q.answer], "pos_index": few_pos,
-                           "kind": q.kind})
+    for fmt, (cand_ids, cand_pos) in ((STAGE2, (ids, pos)), (STAGE1_2, (few_ids, few_pos))):
+      rows[fmt].append({
+          "id": q.id, "question": q.text,
+          "docs": [world.entities[i].text for i in cand_ids],
+          "answer": q.answer, "answers": [q.answer], "pos_index": cand_pos,
+          "kind": q.hops, "template": q.template, "seen": q.seen,
+          "doc_ids": list(cand_ids), "doc_kinds": [world.entities[i].kind for i in cand_ids],
+          "clues": q.clues, "bridge_clues": q.bridge_clues,
+          "control_clues": _control_clues(rng, world, q, cand_ids)})
   for fmt, fmt_rows in rows.items():
     for row in fmt_rows:  # what we write must read back
       validate_row(row, fmt)
   return rows
 
 
-def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
-            size="tiny", max_facts: Optional[int] = None) -> List[str]:
-  """Lines of pretraining text: every document of the world in `wordings` wordings, then
-  the documents of `fresh_worlds` other worlds (language without these facts)."""
+def world_lm_lines(world: World, wordings: int = 3) -> List[str]:
+  """Every document of the world in `wordings` wordings: every fact, links included, as
+  knowledge the base can learn (drawing order: the same on every machine)."""
   rng = random.Random(f"lm:{world.seed}")
   lines = []
   for e in world.docs():
     # Distinct wordings in drawing order (a set's order would follow the process's
     # string-hash seed, and with it the pretraining text and every later result).
     lines.extend(dict.fromkeys(_render(rng, e, v) for v in range(wordings)))
+  return lines
+
+
+def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
+            size="tiny", max_facts: Optional[int] = None) -> List[str]:
+  """Lines of pretraining text: `world_lm_lines`, then the documents of `fresh_worlds`
+  other worlds (language without these facts)."""
+  lines = world_lm_lines(world, wordings)
+  rng = _after_world_lines(world, wordings)
   for i in range(fresh_worlds):
     other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts,
-                       names=world.names)
+                       names=world.names, world=world.options, fresh=True)
     lines.extend(e.text for e in other.docs())
     # A document of another world followed by a question on it and its answer: the base
     # learns to answer from its context (facts it cannot know), the skill the generator
@@ -498,23 +680,33 @@ def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
   return lines
 
 
+def _after_world_lines(world: World, wordings: int) -> random.Random:
+  """The LM-text rng in the state `world_lm_lines` leaves it in."""
+  rng = random.Random(f"lm:{world.seed}")
+  for e in world.docs():
+    for v in range(wordings):
+      _render(rng, e, v)
+  return rng
+
+
 def _fresh_seed(seed: int, index: int) -> int:
   return 1_000_003 * (seed + 1) + 7919 * (index + 1)
 
 
 def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
                     start_world: int = 0, max_facts: Optional[int] = None,
-                    names: str = "syllables", candidates: Optional[int] = None
-                    ) -> Iterator[Dict]:
+                    names: str = "syllables", candidates: Optional[int] = None,
+                    world="hidden") -> Iterator[Dict]:
   """Endless rows from fresh worlds (new names and facts each world), in world order:
   nothing learned about one world helps answer the next except reading the document.
-  `candidates`: documents per stage2 row (default k)."""
+  `candidates`: documents per stage2 row (default k); `world`: the main world's
+  options (its candidates, and which half of the name pool stays its own)."""
+  options = dataclasses.replace(world_options(world), heldout_people=0.0)
   index = start_world
   while True:
-    world = make_world(_fresh_seed(seed, 10_000 + index), size, test_share=0.0,
-                       max_facts=max_facts, names=names)
-    rows = stage_rows(world, "train", candidates=candidates or k, k=k, seed=seed)
-    chunk = rows[fmt] if fmt != STAGE2 else rows[STAGE2]
+    fresh = make_world(_fresh_seed(seed, 10_000 + index), size, test_share=0.0,
+                       max_facts=max_facts, names=names, world=options, fresh=True)
+    chunk = stage_rows(fresh, "train", candidates=candidates or k, k=k, seed=seed)[fmt]
     rng = random.Random(f"fresh-order:{seed}:{index}")
     rng.shuffle(chunk)
     yield from chunk
@@ -523,46 +715,52 @@ def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
 
 def write_fresh(path: str, seed: int, num_rows: int, fmt: str = STAGE1, size="tiny",
                 k: int = 5, max_facts: Optional[int] = None, names: str = "syllables",
-                candidates: Optional[int] = None) -> int:
+                candidates: Optional[int] = None, world="hidden") -> int:
   """Writes the first `num_rows` streamed fresh-world rows (a training file in which no
   fact repeats across worlds)."""
   stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts, names=names,
-                           candidates=candidates)
+                           candidates=candidates, world=world)
   return write_jsonl_atomic(path, (next(stream) for _ in range(num_rows)))
 
 
 def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20,
                 k: int = 5, lm_wordings: int = 3, lm_fresh_worlds: int = 8,
                 fresh_rows: int = 0, max_facts: Optional[int] = None,
-                names: str = "syllables") -> Dict:
+                names: str = "syllables", world="hidden") -> Dict:
   """Writes a world's files into `directory` (see the module docstring); returns the
   manifest. The manifest is written last, so its presence means the world is complete."""
-  world = make_world(seed, size, max_facts=max_facts, names=names)
+  the_world = make_world(seed, size, max_facts=max_facts, names=names, world=world)
   os.makedirs(directory, exist_ok=True)
   counts = {}
   for split in ("train", "test"):
-    for fmt, rows in stage_rows(world, split, candidates, k, seed).items():
+    for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
       name = f"{fmt}_{split}.jsonl"
       counts[name] = write_jsonl_atomic(os.path.join(directory, name), rows)
-  lines = lm_text(world, lm_wordings, lm_fresh_worlds, size, max_facts)
+  lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
   _write_text(os.path.join(directory, "lm.txt"), lines)
   counts["lm.txt"] = len(lines)
+  world_lines = world_lm_lines(the_world, lm_wordings)
+  _write_text(os.path.join(directory, LM_WORLD_FILE), world_lines)
+  counts[LM_WORLD_FILE] = len(world_lines)
   counts["corpus.jsonl"] = write_jsonl_atomic(
       os.path.join(directory, "corpus.jsonl"),
-      ({"id": e.id, "text": e.text} for e in world.docs()))
+      ({"id": e.id, "text": e.text} for e in the_world.docs()))
   if fresh_rows:
     for fmt in (STAGE1, STAGE1_2):
       name = f"{fmt}_fresh.jsonl"
       counts[name] = write_fresh(os.path.join(directory, name), seed, fresh_rows, fmt, size,
-                                 k, max_facts, names)
+                                 k, max_facts, names, world=the_world.options)
   manifest = {
       "seed": seed, "size": size if isinstance(size, str) else dataclasses.asdict(size),
       "candidates": candidates, "k": k, "max_facts": max_facts, "names": names,
-      "files": counts,
-      "documents": {e.id: {"kind": e.kind, "name": e.name} for e in world.docs()},
+      "world": dataclasses.asdict(the_world.options), "files": counts,
+      "documents": {e.id: {"kind": e.kind, "name": e.name} for e in the_world.docs()},
       "questions": {q.id: {"question": q.text, "answer": q.answer, "kind": q.kind,
-                           "attribute": q.attribute, "gold": q.gold, "bridge": q.bridge,
-                           "clues": q.clues, "split": q.split} for q in world.questions},
+                           "hops": q.hops, "attribute": q.attribute,
+                           "template": q.template, "gold": q.gold, "bridge": q.bridge,
+                           "chain": q.chain, "clues": q.clues,
+                           "bridge_clues": q.bridge_clues, "split": q.split,
+                           "seen": q.seen} for q in the_world.questions},
   }
   tmp = os.path.join(directory, ".manifest.json.tmp")
   with open(tmp, "w") as f:
@@ -584,3 +782,34 @@ def clues_for(manifest_path: str, questions: Sequence[str]) -> List[List[str]]:
     manifest = json.load(f)
   by_text = {q["question"]: q["clues"] for q in manifest["questions"].values()}
   return [by_text.get(q, []) for q in questions]
+
+
+def shuffled_answers(rows: Sequence[Dict], seed: int = 0) -> List[Dict]:
+  """The rows with every answer taken from another row of the same `template`: the
+  answer loss still flows through the retriever, but no longer says which document
+  answers which question (the ablation of stage2's signal). Within each template the
+  rows are permuted with no fixed point (a random cycle); a template with one row
+  cannot be paired, so its row is dropped."""
+  by_template: Dict[str, List[int]] = {}
+  for i, row in enumerate(rows):
+    if not isinstance(row.get("template"), str):
+      raise ValueError(f"row {i} ({row.get('id', 'no id')}): shuffled answers need each "
+                       "row's 'template'")
+    by_template.setdefault(row["template"], []).append(i)
+  rng = random.Random(f"shuffled-answers:{seed}")
+  out: Dict[int, Dict] = {}
+  for members in by_template.values():
+    if len(members) < 2:
+      continue
+    cycle = rng.sample(members, len(members))
+    for a, b in zip(cycle, cycle[1:] + cycle[:1]):  # a takes b's answer: never its own row
+      out[a] = dict(rows[a], answer=rows[b]["answer"], answers=list(rows[b]["answers"]),
+                    answer_from=rows[b].get("id"))
+  return [out[i] for i in sorted(out)]
+
+
+def write_shuffled_answers(source: str, path: str, seed: int = 0) -> int:
+  """`shuffled_answers` of a JSONL file's rows, written atomically to `path`."""
+  from clara_jax.data.formats import iter_json_lines
+  rows = [value for _, value in iter_json_lines(source)]
+  return write_jsonl_atomic(path, shuffled_answers(rows, seed))

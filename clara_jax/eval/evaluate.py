@@ -14,35 +14,31 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from clara_jax.data import formats, templates
+from clara_jax.eval import baselines, stats
 from clara_jax.eval import lens as lens_lib
 from clara_jax.eval.answer_metrics import answer_scores, recall_at_k
 from clara_jax.infer.api import ClaraModel
 from clara_jax.model.decoder import Decoder
 
 RECALL_AT = (1, 3, 5)
-METRIC_PREFIXES = ("em_", "f1_", "cover_em_", "recall@", "bm25_recall@", "nll_",
-                   "memory_gain")
+METRIC_PREFIXES = ("em_", "f1_", "cover_em_", "recall@", "nll_", "memory_gain",
+                   *(f"{name}_recall@" for name in baselines.BASELINES))
+# Row labels kept in each record, for breakdowns and paired comparisons.
+ROW_LABELS = ("id", "kind", "template", "seen")
 
 
-def load_rows(path: str, on_error: str = "raise", limit: Optional[int] = None) -> List[Dict]:
-  """stage2 rows (stage1_2 rows get an empty pos_index). A row's optional `id` and
-  `kind` (e.g. the generated world's single / multi) are kept for breakdowns."""
-  try:
-    rows = list(formats.read_rows(path, "stage2", on_error))
-  except formats.DataError:
-    rows = [dict(r, pos_index=[]) for r in formats.read_rows(path, "stage1_2", on_error)]
-  extras = []
-  for _, value in formats.iter_json_lines(path, on_error):
-    if isinstance(value, dict):
-      extras.append({key: value[key] for key in ("id", "kind") if isinstance(value.get(key), str)})
-  if len(extras) == len(rows):  # skipped rows would misalign: then no extras
-    rows = [dict(row, **extra) for row, extra in zip(rows, extras)]
-  return rows[:limit] if limit else rows
+def load_rows(path: str, on_error: str = "raise", limit: Optional[int] = None,
+              report: Optional[formats.ReadReport] = None) -> List[Dict]:
+  """Evaluation rows, parsed row by row under one schema per file
+  (`formats.read_eval_rows`): stage2 rows keep their gold `pos_index`, stage1_2 rows get
+  an empty one, and a bad row is an error naming file, line and field (or, with
+  `on_error="skip"`, skipped and counted in `report`)."""
+  return formats.read_eval_rows(path, on_error=on_error, limit=limit, report=report)
 
 
 def _control_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
@@ -56,29 +52,26 @@ def _gold_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
   return (list(row["pos_index"]) + _control_selection(row, k, rng))[:k]
 
 
-def _bm25_ranking(question: str, docs: Sequence[str]) -> List[int]:
-  from clara_jax.data.bm25 import BM25
-  scores = BM25(list(docs)).scores(question)
-  return list(np.argsort(-np.asarray(scores), kind="stable"))
-
-
-def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
-             max_new_tokens: int = 64, out_path: Optional[str] = None, seed: int = 0) -> Dict:
-  """Runs the evaluation; writes `out_path` (summary) and `out_path`.jsonl (per
-  question) when given. Returns the summary.
+def evaluate_records(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
+                     max_new_tokens: int = 64, seed: int = 0,
+                     gold_counts: Optional[Dict[str, int]] = None,
+                     progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+  """Per-question records: predictions and answer scores in each setting, the
+  reasoner's Recall@k, every baseline's (`baselines.recalls`, same candidates), memory
+  gain, and the row's `id`, `kind`, `template`, `seen`.
 
   Settings: `normal` (the reasoner's top-k), `oracle` (gold first, then the reasoner's
   choice) and `control` (k random non-gold candidates: no answer in the memories).
   Memory gain (rows with gold candidates): answer NLL with k random non-gold memories
   minus answer NLL with the gold memories (then random ones) in the slots, in nats per
-  answer token; positive means the generator reads its memories. Metrics are also
-  broken down by the rows' `kind` when they have one."""
+  answer token; positive means the generator reads its memories. `memory_gain_vs_none`:
+  the same against a prompt with no memory slots at all."""
   rng = np.random.default_rng(seed)
   n_cands = {len(r["docs"]) for r in rows}
   if len(n_cands) != 1:
     raise ValueError(f"every row needs the same number of documents, found {sorted(n_cands)}")
   k = min(k, n_cands.pop())
-  per_question, timings_before = [], dict(vars(model.timings))
+  per_question = []
   for start in range(0, len(rows), batch):
     chunk = rows[start:start + batch]
     questions = [r["question"] for r in chunk]
@@ -103,36 +96,87 @@ def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
       targets = [r["answer"] for r in chunk]
       nll_gold = model.answer_nll(turns, targets, take(gold_sel), k)
       nll_control = model.answer_nll(turns, targets, take(control_sel), k)
+      no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style)
+                  for q in questions]
+      nll_none = model.answer_nll(no_slots, targets, doc_mem[:, :0], 0)
     for i, row in enumerate(chunk):
-      bm25 = _bm25_ranking(row["question"], row["docs"])
       record = {"question": row["question"], "answers": row["answers"],
                 "pos_index": row["pos_index"],
-                "retrieved": [int(x) for x in chosen[i][:max(RECALL_AT)]],
-                "bm25": [int(x) for x in bm25[:max(RECALL_AT)]]}
-      for key in ("id", "kind"):
+                "retrieved": [int(x) for x in chosen[i][:max(RECALL_AT)]]}
+      for key in ROW_LABELS:
         if key in row:
           record[key] = row[key]
       if has_gold:
         record.update(nll_gold=float(nll_gold[i]), nll_control=float(nll_control[i]),
-                      memory_gain=float(nll_control[i] - nll_gold[i]))
+                      nll_none=float(nll_none[i]),
+                      memory_gain=float(nll_control[i] - nll_gold[i]),
+                      memory_gain_vs_none=float(nll_none[i] - nll_gold[i]))
       for setting in settings:
         record[f"prediction_{setting}"] = answers[setting][i]
         record.update({f"{m}_{setting}": v for m, v in
                        answer_scores(answers[setting][i], row["answers"]).items()})
       for at in RECALL_AT:
         record[f"recall@{at}"] = recall_at_k(chosen[i], row["pos_index"], at)
-        record[f"bm25_recall@{at}"] = recall_at_k(bm25, row["pos_index"], at)
+      for name, by_at in baselines.recalls(row, RECALL_AT, gold_counts).items():
+        record.update({f"{name}_recall@{at}": value for at, value in by_at.items()})
       per_question.append(record)
+    if progress is not None:
+      progress(len(per_question), len(rows))
+  return per_question
+
+
+def group_of(record: Dict) -> Optional[str]:
+  """'one_link/unseen'-style group of a record with a `kind` and a `seen` label."""
+  if "kind" not in record or "seen" not in record:
+    return None
+  return f"{record['kind']}/{'seen' if record['seen'] else 'unseen'}"
+
+
+def summarize_records(per_question: List[Dict], k: int,
+                      timings: Optional[Dict[str, float]] = None) -> Dict:
+  """Means over questions, broken down by `kind`, by seen/unseen and by both; and for
+  each baseline the paired-bootstrap interval of the reasoner's Recall@1 and @5 minus
+  the baseline's (`vs_baselines`, also per breakdown)."""
   n = max(len(per_question), 1)
   metric_keys = sorted({k_ for r in per_question for k_ in r if k_.startswith(METRIC_PREFIXES)})
-  spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
   summary = {"questions": len(per_question), "k": k, **_means(per_question, metric_keys),
-             **{f"{key}_per_question": value / n for key, value in spent.items()}}
-  kinds = sorted({r["kind"] for r in per_question if "kind" in r})
-  if kinds:
-    summary["by_kind"] = {kind: {"questions": sum(r.get("kind") == kind for r in per_question),
-                                 **_means([r for r in per_question if r.get("kind") == kind],
-                                          metric_keys)} for kind in kinds}
+             **{f"{key}_per_question": value / n for key, value in (timings or {}).items()},
+             "vs_baselines": _vs_baselines(per_question)}
+  for name, key_of in (("by_kind", lambda r: r.get("kind")), ("by_group", group_of),
+                       ("by_seen", lambda r: None if "seen" not in r else
+                        ("seen" if r["seen"] else "unseen"))):
+    groups = sorted({key_of(r) for r in per_question} - {None})
+    if groups:
+      summary[name] = {}
+      for g in groups:
+        members = [r for r in per_question if key_of(r) == g]
+        summary[name][g] = {"questions": len(members), **_means(members, metric_keys),
+                            "vs_baselines": _vs_baselines(members)}
+  return summary
+
+
+def _vs_baselines(records: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
+  out = {}
+  for name in baselines.BASELINES:
+    for at in (1, 5):
+      key = f"{name}_recall@{at}"
+      if records and all(key in r for r in records):
+        out.setdefault(name, {})[f"recall@{at}"] = stats.paired_difference(
+            [r[f"recall@{at}"] for r in records], [r[key] for r in records])
+  return out
+
+
+def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
+             max_new_tokens: int = 64, out_path: Optional[str] = None, seed: int = 0,
+             gold_counts: Optional[Dict[str, int]] = None, progress=None) -> Dict:
+  """`evaluate_records` and `summarize_records`; writes `out_path` (summary) and
+  `out_path`.jsonl (per question) when given. Returns the summary."""
+  timings_before = dict(vars(model.timings))
+  per_question = evaluate_records(model, rows, k, batch, max_new_tokens, seed, gold_counts,
+                                  progress)
+  spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
+  summary = summarize_records(per_question, min(k, len(rows[0]["docs"])) if rows else k,
+                              spent)
   if out_path:
     _write_json(out_path, summary)
     with open(os.path.splitext(out_path)[0] + ".jsonl", "w") as f:

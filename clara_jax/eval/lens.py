@@ -23,13 +23,15 @@ outscores a discriminative control piece (ties count half; 0.5 = no preference).
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from collections import Counter
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.eval.stats import bootstrap_ci, paired_difference
 from clara_jax.model.decoder import Decoder
 
 STOPWORDS = frozenset("""a about above after again against all am an and any are as at be
@@ -252,3 +254,225 @@ def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
   fig.tight_layout()
   fig.savefig(path, dpi=100)
   plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------
+# Lens v2: matched controls, clue headline, permutation null, bootstrap intervals.
+#
+# The v1 rank AUC compares the gold document's pieces with every non-gold candidate's,
+# whatever its kind: against a control of another kind, the gold template's type words
+# ("team", "founded") count as hidden although any question of that kind would decode
+# them. v2 compares the gold with candidates of its own kind only, drops template pieces
+# from both sides, matches the two sides in number, and puts the headline on the clue
+# pieces (the gold entity's and bridge entity's names against the control entity's
+# name). Its chance level is checked by a permutation null: every question scored with
+# another question's lens of the same template, which keeps template knowledge and
+# removes question-specific knowledge.
+# ---------------------------------------------------------------------------------------
+
+Pairs = List[Tuple[List[int], List[int]]]
+
+
+def template_pieces(tok: Tokenizer, docs_by_kind: Mapping[str, Sequence[str]],
+                    max_share: float = 0.3) -> Set[int]:
+  """Content pieces in more than `max_share` of the documents of at least one kind: the
+  template and type words ("based", "founded", "river") that any question of that kind
+  could decode without knowing its documents. Shares are per kind, so a word common in
+  one kind is a template word even if rare overall. A kind of few documents marks
+  almost all its pieces (one document of two is a share of 0.5): give each kind many."""
+  out: Set[int] = set()
+  for docs in docs_by_kind.values():
+    if not docs:
+      continue
+    counts = Counter(p for doc in docs for p in _text_pieces(tok, doc))
+    out |= {p for p, n in counts.items() if n > max_share * len(docs)}
+  return out
+
+
+def word_pieces(tok: Tokenizer, names: Iterable[str]) -> Set[int]:
+  """Content pieces of each word as it is spelled after a space in running text.
+
+  The tokenizer's dummy prefix makes `encode(word)` the after-space spelling ("\u2581"
+  + word), the pieces a document holds for a word that follows a space. Encoding
+  " " + word gives the same content pieces with the tokenizers trained here (an extra
+  lone "\u2581"), but a vocabulary with a "\u2581\u2581" piece (Mistral) may split it
+  differently, so the word itself is encoded. Case is kept: callers give the spelling
+  the documents use."""
+  return set().union(set(), *(_text_pieces(tok, w.strip()) for w in names if w.strip()))
+
+
+def _match_sizes(a: Set[int], b: Set[int], rng: np.random.Generator
+                 ) -> Tuple[List[int], List[int]]:
+  """Both sets (sorted), the larger subsampled without replacement to the size of the
+  smaller, so that neither side's AUC rests on more pieces; unchanged if either is empty
+  (the AUC is then unavailable) or the sizes agree. Draws from `rng` only to subsample."""
+  a, b = sorted(a), sorted(b)
+  if not a or not b or len(a) == len(b):
+    return a, b
+  if len(a) > len(b):
+    return sorted(int(x) for x in rng.choice(a, len(b), replace=False)), b
+  return a, sorted(int(x) for x in rng.choice(b, len(a), replace=False))
+
+
+def matched_sets(tok: Tokenizer, question: str, gold_doc: str, control_docs: Sequence[str],
+                 excluded: Set[int], gold_clue_words: Sequence[str] = (),
+                 control_clue_words: Optional[Sequence[Sequence[str]]] = None,
+                 rng: Optional[np.random.Generator] = None) -> Dict:
+  """The matched piece sets of one question, before any scores: built once per question,
+  they are scored by `score_matched` with the question's own lens and, unchanged, with
+  the permutation null's (the null then differs from the real value only in the scores).
+
+  `control_docs` are the non-gold candidates of the gold's kind (the caller's duty:
+  this takes what it is given); `control_clue_words[c]` the name words of control c's
+  entity (None: no clue comparison). For each control c:
+    doc:  G = pieces(gold) - pieces(c) - Q - excluded,  C = pieces(c) - pieces(gold) - Q - excluded;
+    clue: G = clue(gold) - clue(c) - Q - excluded,      C = clue(c) - clue(gold) - Q - excluded,
+  where Q is the question's pieces and clue(.) the pieces of the clue words; each pair
+  matched in number by `_match_sizes` (seeded `rng`; default: seed 0).
+
+  Returns {"doc_pairs", "clue_pairs": [(gold ids, control ids)] per control (sorted int
+  lists), "num_gold_pieces": |pieces(gold) - Q - excluded|, "num_clue_pieces":
+  |clue(gold) - Q - excluded|, "num_controls"}."""
+  rng = np.random.default_rng(0) if rng is None else rng
+  if control_clue_words is not None and len(control_clue_words) != len(control_docs):
+    raise ValueError(f"question {question!r}: {len(control_clue_words)} control clue lists "
+                     f"for {len(control_docs)} controls")
+  drop = _text_pieces(tok, question) | set(excluded)
+  gold = _text_pieces(tok, gold_doc)
+  gold_clue = word_pieces(tok, gold_clue_words)
+  doc_pairs: Pairs = []
+  clue_pairs: Pairs = []
+  for c, doc in enumerate(control_docs):
+    control = _text_pieces(tok, doc)
+    doc_pairs.append(_match_sizes(gold - control - drop, control - gold - drop, rng))
+    if control_clue_words is not None:
+      control_clue = word_pieces(tok, control_clue_words[c])
+      clue_pairs.append(_match_sizes(gold_clue - control_clue - drop,
+                                     control_clue - gold_clue - drop, rng))
+  return {"doc_pairs": doc_pairs, "clue_pairs": clue_pairs,
+          "num_gold_pieces": len(gold - drop), "num_clue_pieces": len(gold_clue - drop),
+          "num_controls": len(control_docs)}
+
+
+def _mean_auc(scores_v: np.ndarray, pairs: Pairs) -> Optional[float]:
+  """Mean over controls of `rank_auc` of each (gold, control) pair under `scores_v`
+  [vocab]; None if no control had both sides."""
+  aucs = [rank_auc(scores_v, set(g), set(c)) for g, c in pairs]
+  aucs = [a for a in aucs if a is not None]
+  return float(np.mean(aucs)) if aucs else None
+
+
+def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
+  """The report of one question's `matched_sets` under a lens `piece_scores_v` [vocab]
+  (`lens_decode`'s best log-probabilities): "doc_auc" and "clue_auc" (the headline),
+  each a mean over controls or None, and the piece counts."""
+  return {"doc_auc": _mean_auc(piece_scores_v, sets["doc_pairs"]),
+          "clue_auc": _mean_auc(piece_scores_v, sets["clue_pairs"]),
+          "num_gold_pieces": sets["num_gold_pieces"],
+          "num_clue_pieces": sets["num_clue_pieces"], "num_controls": sets["num_controls"]}
+
+
+def matched_report(tok: Tokenizer, piece_scores_v: np.ndarray, question: str, gold_doc: str,
+                   control_docs: Sequence[str], excluded: Set[int],
+                   gold_clue_words: Sequence[str] = (),
+                   control_clue_words: Optional[Sequence[Sequence[str]]] = None,
+                   rng: Optional[np.random.Generator] = None) -> Dict:
+  """Per-question lens v2 against same-kind controls: `score_matched` of `matched_sets`
+  (see there for the sets). Keys: "doc_auc", "clue_auc", "num_gold_pieces",
+  "num_clue_pieces", "num_controls". Deterministic given `rng`."""
+  sets = matched_sets(tok, question, gold_doc, control_docs, excluded, gold_clue_words,
+                      control_clue_words, rng)
+  return score_matched(sets, piece_scores_v)
+
+
+def group_derangement(groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:
+  """[Q] source row per question: another question of the same group, a uniform random
+  derangement within each group (rejection-sampled: no question keeps its own row);
+  -1 for a question alone in its group, which has no null."""
+  groups = list(groups)
+  source = np.full(len(groups), -1, np.int64)
+  members: Dict[str, List[int]] = {}
+  for q, g in enumerate(groups):
+    members.setdefault(g, []).append(q)
+  for g in sorted(members):
+    idx = np.asarray(members[g])
+    if idx.size < 2:
+      continue
+    while True:
+      perm = rng.permutation(idx.size)
+      if not np.any(perm == np.arange(idx.size)):
+        break
+    source[idx] = idx[perm]
+  return source
+
+
+MEASURES = ("clue_auc", "doc_auc")
+
+
+def permutation_null(matched: Sequence[Dict], score_rows: np.ndarray, groups: Sequence[str],
+                     num_permutations: int = 200, seed: int = 0) -> Dict:
+  """The lens AUCs when each question is scored with another question's lens.
+
+  `matched` [Q]: each question's `matched_sets`; `score_rows` [Q, vocab]: each
+  question's lens scores (`lens_decode`'s best log-probabilities); `groups` [Q]: each
+  question's template. Each permutation draws a `group_derangement`, so a question is
+  scored with the lens of another question of its template: what the lens shows
+  without knowing that question's documents. Questions alone in their group are left
+  out. Pure and deterministic given `seed`.
+
+  Returns, for each measure in MEASURES, {"mean": mean over permutations of the mean
+  over questions, "q95": the 95% quantile of that per-permutation mean, "per_question":
+  [Q] each question's mean over permutations (None: singleton or no value)}, plus
+  "num_permutations" and "num_questions" (questions with a null)."""
+  score_rows = np.asarray(score_rows)
+  if not len(matched) == len(score_rows) == len(groups):
+    raise ValueError(f"{len(matched)} matched sets, {len(score_rows)} score rows and "
+                     f"{len(groups)} groups: one each per question")
+  rng = np.random.default_rng(seed)
+  values = {m: np.full((num_permutations, len(matched)), np.nan) for m in MEASURES}
+  source = np.full(len(matched), -1)
+  for k in range(num_permutations):
+    source = group_derangement(groups, rng)
+    for q in np.flatnonzero(source >= 0):
+      report = score_matched(matched[q], score_rows[source[q]])
+      for m in MEASURES:
+        if report[m] is not None:
+          values[m][k, q] = report[m]
+  out: Dict = {"num_permutations": num_permutations,
+               "num_questions": int(np.sum(source >= 0))}
+  for m in MEASURES:
+    out[m] = _null_summary(values[m])
+  return out
+
+
+def _null_summary(values: np.ndarray) -> Dict:
+  """{"mean", "q95", "per_question"} of null values [permutations, Q] (NaN: none). A
+  question's value is None in every permutation or in none (the sets decide, not the
+  scores), so every permutation averages the same questions."""
+  known = ~np.isnan(values[0]) if values.size else np.zeros(values.shape[1], bool)
+  if not known.any():
+    return {"mean": None, "q95": None, "per_question": [None] * values.shape[1]}
+  per_perm = values[:, known].mean(axis=1)
+  per_q = values.mean(axis=0)
+  return {"mean": float(per_perm.mean()), "q95": float(np.quantile(per_perm, 0.95)),
+          "per_question": [float(v) if k else None for v, k in zip(per_q, known)]}
+
+
+def summarize_matched(reports: Sequence[Dict], null: Optional[Dict] = None,
+                      seed: int = 0) -> Dict:
+  """Lens v2 over questions: for each measure in MEASURES, its mean with the percentile
+  bootstrap 95% interval over questions ({"mean", "lo", "hi", "n"}, None without
+  values); with a `permutation_null` of the same questions (in the same order), the
+  null's {"mean", "q95"} under "<measure>_null" and the paired per-question difference
+  real - null with its interval under "<measure>_vs_null" (questions with both)."""
+  out: Dict = {"questions": len(reports)}
+  for m in MEASURES:
+    real = [r.get(m) for r in reports]
+    out[m] = bootstrap_ci(real, seed)
+    if null is not None:
+      per_q = null[m]["per_question"]
+      if len(per_q) != len(reports):
+        raise ValueError(f"null of {len(per_q)} questions for {len(reports)} reports")
+      out[m + "_null"] = {"mean": null[m]["mean"], "q95": null[m]["q95"]}
+      out[m + "_vs_null"] = paired_difference(real, per_q, seed)
+  return out

@@ -210,6 +210,25 @@ def stage_loss(stage: str, model_cfg: DecoderConfig, clara_cfg: clara.ClaraConfi
   return fns[stage]
 
 
+def with_replay(loss_fn: LossFn, model_cfg: DecoderConfig, weight: float) -> LossFn:
+  """`loss_fn` plus `weight` x the LM loss of the base (no adapter) on the batch's replay
+  text (`replay_tokens [B, T]`, `replay_mask`), so that a stage which updates the base
+  keeps what the base knows of that text; unchanged on batches without replay text."""
+  model = Decoder(model_cfg)
+
+  def fn(params, batch: Batch, rng: Optional[Array] = None):
+    if "replay_tokens" not in batch:
+      return loss_fn(params, batch, rng)
+    stage_rng, replay_rng = _split(rng, 2)
+    inner = {k: v for k, v in batch.items() if not k.startswith("replay_")}
+    loss, metrics = loss_fn(params, inner, stage_rng)
+    replay_ce, _ = lm_loss(model, params, {"tokens": batch["replay_tokens"],
+                                           "mask": batch["replay_mask"]}, replay_rng)
+    return loss + weight * replay_ce, {**metrics, "replay_ce": replay_ce}
+
+  return fn
+
+
 def fixed_selection(positives_bn: Array, k: int, rng: Array, gold: bool) -> Array:
   """Indices [B, k] of a fixed (not retrieved) selection: gold candidates first, then
   random non-gold ones (`gold=True`), or k random non-gold candidates (`gold=False`)."""

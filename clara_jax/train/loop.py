@@ -10,6 +10,7 @@ model: what the next stage's `init.from_workdir` loads).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from absl import logging
 import os
@@ -101,6 +102,8 @@ def synth_dir(config, workdir: str) -> str:
     name += f"_f{d.synth_max_facts}"
   if d.synth_names != "syllables":
     name += f"_{d.synth_names}"
+  if d.synth_world != "classic":
+    name += f"_{d.synth_world}"
   return os.path.normpath(os.path.join(workdir, "..", "data", name))
 
 
@@ -120,13 +123,14 @@ def data_files(config, workdir: str) -> Dict[str, str]:
       if jax.process_index() == 0:
         synth.write_world(directory, seed=d.synth_seed, size=d.synth_size,
                           candidates=d.candidates, k=config.clara.k, max_facts=max_facts,
-                          names=d.synth_names)
+                          names=d.synth_names, world=d.synth_world)
       _barrier("synth world written")
     if d.synth_fresh and fmt not in ("stage1", "stage1_2", "stage2"):
       raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
                        f"stage1, stage1_2 and stage2 do (this stage reads {fmt!r} rows)")
     if fmt == "text":
-      return {"train": os.path.join(directory, "lm.txt")}
+      return {"train": os.path.join(directory, synth.LM_WORLD_FILE if d.lm_text == "world"
+                                    else "lm.txt")}
     files = {split: os.path.join(directory, f"{fmt}_{split}.jsonl")
              for split in ("train", "test")}
     if d.synth_fresh:
@@ -134,14 +138,49 @@ def data_files(config, workdir: str) -> Dict[str, str]:
       path = os.path.join(directory, f"{fmt}_fresh{rows}.jsonl")
       if not os.path.exists(path) and jax.process_index() == 0:
         synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
-                          max_facts, d.synth_names, candidates=d.candidates)
+                          max_facts, d.synth_names, candidates=d.candidates,
+                          world=d.synth_world)
       _barrier("fresh rows written")
       files["train"] = path
-    return files
+    return _with_shuffled_answers(config, files)
   source = d.source
   if fmt == "text":
     return {"train": source}
-  return tfds_builders.split_files(source)
+  return _with_shuffled_answers(config, tfds_builders.split_files(source))
+
+
+def _with_replay_text(config, workdir: str, files: Dict[str, str]) -> Dict[str, str]:
+  """`data.replay_text`: "world" (the generated world's own LM text) or a text file,
+  added as `files["replay"]` for the stage's replay loss."""
+  replay = config.data.replay_text
+  if not replay:
+    return files
+  if config.stage not in ("stage1", "stage1_2"):
+    raise ValueError(f"config: data.replay_text keeps a base that stage1 / stage1_2 update; "
+                     f"stage {config.stage!r} does not update it")
+  if replay == "world":
+    if config.data.source != "synth":
+      raise ValueError("config: data.replay_text='world' needs data.source='synth'")
+    from clara_jax.data import synth
+    replay = os.path.join(synth_dir(config, workdir), synth.LM_WORLD_FILE)
+  if not os.path.isfile(replay):
+    raise FileNotFoundError(f"{replay}: no such replay text file (config data.replay_text)")
+  return dict(files, replay=replay)
+
+
+def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
+  """`data.shuffle_answers`: the training file with every answer taken from another
+  question of the same template (the ablation whose gradient carries no
+  question-document signal), written once beside the original."""
+  if not config.data.shuffle_answers:
+    return files
+  from clara_jax.data import synth
+  source = files[config.data.train_split]
+  path = os.path.splitext(source)[0] + f"_shuffled_answers_seed{config.seed}.jsonl"
+  if not os.path.exists(path) and jax.process_index() == 0:
+    synth.write_shuffled_answers(source, path, seed=config.seed)
+  _barrier("shuffled answers written")
+  return dict(files, **{config.data.train_split: path})
 
 
 def load_tokenizer(config, workdir: str, files: Dict[str, str], prev: Optional[str]) -> Tokenizer:
@@ -197,8 +236,9 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
   if fmt == "text":
     source, decode = _text_source(files[d.train_split]), (lambda row: row)
   else:
+    splits = {split: path for split, path in files.items() if split != "replay"}
     prepare = lambda: tfds_builders.prepare(
-        fmt, files, os.path.join(workdir, "tfds"), on_error=d.on_error,
+        fmt, splits, os.path.join(workdir, "tfds"), on_error=d.on_error,
         num_docs=num_docs if config.stage == "stage1_2" else None)
     # Process 0 writes the dataset; the others open it once it is complete.
     if jax.process_index() == 0:
@@ -210,8 +250,14 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
     for split, report in builder.reports.items():
       if report.rows_skipped:
         logging.warning("data %s: %s", split, report.summary())
-  return InputPipeline(source, Featurizer(tok, feat_cfg, seed=config.seed),
-                       config.train.global_batch, seed=config.seed, decode=decode)
+  featurize = Featurizer(tok, feat_cfg, seed=config.seed)
+  if "replay" in files:
+    from clara_jax.data.features import ReplayFeaturizer
+    lm_cfg = dataclasses.replace(feat_cfg, stage="lm")
+    lines = [row["text"] for row in _text_source(files["replay"])]
+    featurize = ReplayFeaturizer(featurize, lines, Featurizer(tok, lm_cfg, seed=config.seed))
+  return InputPipeline(source, featurize, config.train.global_batch, seed=config.seed,
+                       decode=decode)
 
 
 def initial_params(config, tok: Tokenizer, prev: Optional[str]):
@@ -268,10 +314,12 @@ def train(config, workdir: str,
   os.makedirs(workdir, exist_ok=True)
   cclara = clara_config(config)
   prev = _previous_export(config, workdir)
-  files = data_files(config, workdir)
+  files = _with_replay_text(config, workdir, data_files(config, workdir))
   tok = load_tokenizer(config, workdir, files, prev)
   cfg, params = initial_params(config, tok, prev)
   mask = stages.trainable_mask(config.stage, params, cclara)
+  if config.optimizer.frozen:
+    mask = optimizer.freeze_by_path(mask, config.optimizer.frozen)
   schedule = optimizer.learning_rate_schedule(
       config.optimizer.lr, config.train.num_steps, config.optimizer.schedule,
       config.optimizer.warmup_ratio, config.optimizer.final_ratio)
@@ -282,6 +330,8 @@ def train(config, workdir: str,
                                 config.optimizer.weight_decay, config.optimizer.clip_norm,
                                 lr_multipliers=lr_multipliers)
   loss_fn = stages.stage_loss(config.stage, cfg, cclara)
+  if "replay" in files:
+    loss_fn = stages.with_replay(loss_fn, cfg, config.clara.replay_weight)
   pmap = config.train.parallelism == "pmap"
   step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
                             axis_name="batch" if pmap else None)

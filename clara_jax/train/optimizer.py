@@ -75,6 +75,27 @@ def check_lr_multipliers(lr_multipliers: Sequence[Tuple[str, float]], paths: Seq
                        f"no trainable parameter (e.g. {sorted(paths)[:2]})")
 
 
+def freeze_by_path(mask, frozen: Sequence[str]):
+  """The trainable `mask` (a boolean tree keyed by parameter path) with every parameter
+  whose path fully matches a regex of `frozen` set to False (big_vision's regex
+  freezing). A bad regex, or one that matches no trainable parameter, is an error."""
+  from clara_jax.model import lora
+  flat = lora.flatten(mask)
+  trainable = [path for path, on in flat.items() if on]
+  compiled = []
+  for i, pattern in enumerate(frozen):
+    try:
+      compiled.append(re.compile(pattern))
+    except (re.error, TypeError) as e:
+      raise ValueError(f"config: optimizer.frozen[{i}] = {pattern!r} is not a regex: {e}"
+                       ) from e
+    if not any(compiled[-1].fullmatch(p) for p in trainable):
+      raise ValueError(f"config: optimizer.frozen[{i}] pattern {pattern!r} matches no "
+                       f"trainable parameter (e.g. {sorted(trainable)[:2]})")
+  return lora.unflatten({path: bool(on) and not any(c.fullmatch(path) for c in compiled)
+                         for path, on in flat.items()})
+
+
 def scale_by_path(lr_multipliers: Sequence[Tuple[str, float]]
                   ) -> optax.GradientTransformation:
   """Multiplies each update by the factor of the first (regex, factor) pair whose regex

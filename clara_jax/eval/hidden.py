@@ -1,0 +1,411 @@
+"""The hidden-reasoning evaluation of a pipeline on the generated world.
+
+On the world's held-out questions, for the stage2 reasoner and what it is compared with
+(the stage1_2-initialised reasoner, the shuffled-answer ablation, the supervised
+retriever), on the same candidates:
+
+* retrieval records with every baseline of `clara_jax.eval.baselines`, broken down by
+  question kind (single, one_link, two_link) and seen / unseen chain;
+* lens v2 (`clara_jax.eval.lens`: same-kind controls, template pieces excluded, a
+  permutation null within each template) on the multi-hop questions;
+* the knowledge probe (`clara_jax.eval.probe`) of each stage's base on the links of the
+  held-out chains, and per question whether its chain is known;
+* paired-bootstrap intervals of each difference the claims rest on (`claims`).
+
+A claim passes only when its interval says so; `claims` marks every row that misses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import types
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from clara_jax.eval import baselines, stats
+from clara_jax.eval import lens as lens_lib
+
+# The models compared, by workdir name; "init" is the stage1_2 export with the reasoner
+# set as stage2 starts it.
+REASONERS = ("stage2", "init", "stage2_shuffled", "stage2_retrieval")
+INIT_SOURCES = ("stage1_2",)
+LENS_MODELS = ("stage2", "init", "stage2_shuffled")
+PROBED_STAGES = ("lm", "stage1", "stage1_2")  # stage2 keeps stage1_2's base
+MULTI_HOP = ("one_link", "two_link")
+UNSEEN_GROUPS = tuple(f"{kind}/unseen" for kind in MULTI_HOP)
+TEMPLATE_SHARE = 0.3  # a piece in more than this share of a kind's documents is template
+Row = Tuple[str, str, str, Optional[bool]]
+
+
+def load_reasoners(workdir: str) -> Dict[str, Any]:
+  """{name: ClaraModel} of the REASONERS whose export exists."""
+  from clara_jax.demo import initial_reasoner
+  from clara_jax.infer.api import ClaraModel
+  exists = lambda stage: os.path.exists(os.path.join(workdir, stage, "export", "config.json"))
+  models = {}
+  for name in REASONERS:
+    source = next((s for s in INIT_SOURCES if exists(s)), None) if name == "init" else name
+    if source is not None and exists(source):
+      model = ClaraModel.load(os.path.join(workdir, source, "export"))
+      models[name] = initial_reasoner(model) if name == "init" else model
+  return models
+
+
+def base_model(export_dir: str):
+  """The base of an export (config, params, tokenizer), for the probe: no adapter and
+  no CLaRa lengths needed."""
+  from clara_jax.data.tokenizer import Tokenizer
+  from clara_jax.weights.export import load_params
+  cfg, params = load_params(export_dir)
+  tok = Tokenizer.load(os.path.join(export_dir, "tokenizer.model"), cfg.num_extra_tokens - 3)
+  return types.SimpleNamespace(cfg=cfg, params=params, tok=tok)
+
+
+def excluded_pieces(tok, world_dir: str) -> set:
+  """Template pieces of the world's documents (`lens.template_pieces`, per kind)."""
+  with open(os.path.join(world_dir, "manifest.json")) as f:
+    kinds = {i: d["kind"] for i, d in json.load(f)["documents"].items()}
+  by_kind: Dict[str, List[str]] = {}
+  with open(os.path.join(world_dir, "corpus.jsonl")) as f:
+    for line in f:
+      doc = json.loads(line)
+      by_kind.setdefault(kinds[doc["id"]], []).append(doc["text"])
+  return lens_lib.template_pieces(tok, by_kind, TEMPLATE_SHARE)
+
+
+def lens_matched_sets(tok, rows: Sequence[Dict], excluded: set, seed: int = 0) -> List[Dict]:
+  """Each row's `lens.matched_sets` against its non-gold candidates of the gold's kind,
+  built once (seeded) so every model is scored on the same sets."""
+  rng = np.random.default_rng(seed)
+  out = []
+  for row in rows:
+    gold = row["pos_index"][0]
+    kind = row["doc_kinds"][gold]
+    controls = [j for j, k in enumerate(row["doc_kinds"])
+                if k == kind and j not in row["pos_index"]]
+    out.append(lens_lib.matched_sets(
+        tok, row["question"], row["docs"][gold], [row["docs"][j] for j in controls],
+        excluded, list(row["clues"]) + list(row.get("bridge_clues", [])),
+        [row["control_clues"][j] for j in controls], rng))
+  return out
+
+
+def lens_records(model, rows: Sequence[Dict], matched: Sequence[Dict], seed: int = 0,
+                 num_permutations: int = 200) -> Tuple[List[Dict], Dict]:
+  """The reasoner's lens v2 on `rows`, one record per question: its `id`, `seen`,
+  `template`, each measure (`lens.MEASURES`) and that measure's permutation null
+  (`null_<measure>`: the mean over permutations of the question scored with another
+  question's lens of its template). Also returns the null's summary ("mean", "q95")."""
+  from clara_jax.model.decoder import Decoder
+  q_mem = model.reason([r["question"] for r in rows])
+  _, scores = lens_lib.lens_decode(model.params, Decoder(model.cfg), q_mem, top_t=1)
+  null = lens_lib.permutation_null(matched, scores, [r["template"] for r in rows],
+                                   num_permutations, seed)
+  records = []
+  for i, (row, sets) in enumerate(zip(rows, matched)):
+    report = lens_lib.score_matched(sets, scores[i])
+    records.append({"id": row["id"], "kind": row["kind"], "seen": row["seen"],
+                    "template": row["template"],
+                    **{m: report[m] for m in lens_lib.MEASURES},
+                    **{f"null_{m}": null[m]["per_question"][i] for m in lens_lib.MEASURES}})
+  return records, {m: {"mean": null[m]["mean"], "q95": null[m]["q95"]}
+                   for m in lens_lib.MEASURES}
+
+
+def lens_v2_summaries(models: Dict[str, Any], rows: Sequence[Dict], world_dir: str,
+                      seed: int = 0) -> Dict[str, Dict]:
+  """{model name: {"all", "unseen"} lens v2 summaries} on the multi-hop rows of the
+  world in `world_dir` (rows carrying the generated world's `doc_kinds`, `clues`,
+  `control_clues`, `template`, `seen`): the `clara-jax lens --manifest` rows."""
+  multi = [r for r in rows if r.get("kind") in MULTI_HOP and "control_clues" in r]
+  if not multi:
+    return {}
+  tok = next(iter(models.values())).tok
+  matched = lens_matched_sets(tok, multi, excluded_pieces(tok, world_dir), seed)
+  out = {}
+  for name, model in models.items():
+    recs, _ = lens_records(model, multi, matched, seed)
+    out[name] = {"all": _lens_summary(recs),
+                 "unseen": _lens_summary([r for r in recs if not r["seen"]])}
+  return out
+
+
+def knowledge(workdir: str, manifest: Dict, question_ids: Sequence[str]) -> Dict:
+  """{stage: probe report} for each PROBED_STAGES export that exists."""
+  from clara_jax.eval.probe import knowledge_report
+  out = {}
+  for stage in PROBED_STAGES:
+    export = os.path.join(workdir, stage, "export")
+    if os.path.exists(os.path.join(export, "config.json")):
+      out[stage] = knowledge_report(base_model(export), manifest, question_ids)
+  return out
+
+
+def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
+                   log: Callable[[str], None] = print, seed: int = 0) -> Dict[str, Any]:
+  """Everything `claims` reads, for the pipeline in `workdir` on `rows` of the world in
+  `world_dir`. Per-question records go to `workdir/eval/<model>.jsonl` (retrieval and
+  answers) and `workdir/eval/lens_<model>.jsonl` (lens v2), the probe to
+  `workdir/eval/probe.json`: `pool_seeds` reads them back."""
+  from clara_jax.eval.evaluate import evaluate_records, load_rows
+  with open(os.path.join(world_dir, "manifest.json")) as f:
+    manifest = json.load(f)
+  gold_counts = baselines.gold_counts_of(load_rows(os.path.join(world_dir,
+                                                                "stage2_train.jsonl")))
+  models = load_reasoners(workdir)
+  records, lens = {}, {}
+  for name, model in models.items():
+    records[name] = evaluate_records(model, rows, k, max_new_tokens=12, seed=seed,
+                                     gold_counts=gold_counts)
+    _write_records(os.path.join(workdir, "eval", f"{name}.jsonl"), records[name])
+    log(f"[    eval] {name}: {len(rows)} questions")
+  multi = [r for r in rows if r.get("kind") in MULTI_HOP]
+  tok = models["stage2"].tok
+  matched = lens_matched_sets(tok, multi, excluded_pieces(tok, world_dir), seed)
+  null_summary = {}
+  for name in LENS_MODELS:
+    if name in models:
+      lens[name], null_summary[name] = lens_records(models[name], multi, matched, seed)
+      _write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
+  probe = knowledge(workdir, manifest, [r["id"] for r in multi])
+  with open(os.path.join(workdir, "eval", "probe.json"), "w") as f:
+    json.dump(probe, f)
+  results = assemble(records, lens, probe, k)
+  for name, null in null_summary.items():  # the permutation's own quantile, one world
+    results["lens_v2"][name]["null"] = null
+  plot_lens(results["lens_v2"], os.path.join(workdir, "lens.png"))
+  with open(os.path.join(workdir, "lens.json"), "w") as f:
+    json.dump({"summary": results["lens_v2"], "questions": lens}, f, indent=1)
+  return results
+
+
+def assemble(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]], probe: Dict,
+             k: int) -> Dict[str, Any]:
+  """The results `claims` reads, from per-question records (one world's, or several
+  worlds' pooled by `pool_seeds`): summaries per model, lens v2 summaries on all and on
+  unseen multi-hop questions, the probe, recall by chain knowledge, and `comparisons`."""
+  from clara_jax.eval.evaluate import summarize_records
+  results: Dict[str, Any] = {"questions": len(records["stage2"])}
+  for name, recs in records.items():
+    results[name] = summarize_records(recs, k)
+  results["lens_v2"] = {
+      name: {"all": _lens_summary(recs),
+             "unseen": _lens_summary([r for r in recs if not r["seen"]])}
+      for name, recs in lens.items()}
+  results["probe"] = {stage: {key: p[key] for key in ("links", "known_share", "chance")}
+                      for stage, p in probe.items()}
+  base = next((s for s in INIT_SOURCES if s in probe), None)
+  known = probe[base]["questions"] if base else {}
+  results["probe_base"] = base
+  results["recall_by_knowledge"] = {
+      text: stats.bootstrap_ci([r["recall@1"] for r in records["stage2"]
+                                if r.get("id") in known and known[r["id"]] == flag
+                                and not r.get("seen")])
+      for flag, text in ((True, "known"), (False, "unknown"))}
+  results["comparisons"] = comparisons(records, lens)
+  return results
+
+
+def _lens_summary(recs: Sequence[Dict]) -> Dict:
+  """`lens.summarize_matched` of lens records, the null from their per-question values."""
+  null = {}
+  for m in lens_lib.MEASURES:
+    per_q = [r[f"null_{m}"] for r in recs]
+    known = [v for v in per_q if v is not None]
+    null[m] = {"mean": float(np.mean(known)) if known else None, "q95": None,
+               "per_question": per_q}
+  return lens_lib.summarize_matched(list(recs), null)
+
+
+def pool_seeds(workdirs: Dict[int, str], k: int) -> Dict[str, Any]:
+  """`assemble` over the per-question records of several seeds' runs (each question's
+  id prefixed with its seed, since every world reuses ids): the table's intervals then
+  run over every question of every world."""
+  records: Dict[str, List[Dict]] = {}
+  lens: Dict[str, List[Dict]] = {}
+  probe: Dict[str, Dict] = {}
+  for seed, workdir in workdirs.items():
+    tag = lambda r: dict(r, id=f"s{seed}:{r.get('id')}")
+    for name in REASONERS + tuple(f"lens_{n}" for n in LENS_MODELS):
+      path = os.path.join(workdir, "eval", f"{name}.jsonl")
+      if not os.path.exists(path):
+        continue
+      with open(path) as f:
+        recs = [tag(json.loads(line)) for line in f]
+      target = lens if name.startswith("lens_") else records
+      target.setdefault(name[len("lens_"):] if name.startswith("lens_") else name,
+                        []).extend(recs)
+    with open(os.path.join(workdir, "eval", "probe.json")) as f:
+      for stage, p in json.load(f).items():
+        pooled = probe.setdefault(stage, {"links": 0, "known": 0.0, "chance_sum": 0.0,
+                                          "questions": {}})
+        pooled["links"] += p["links"]
+        pooled["known"] += (p["known_share"] or 0.0) * p["links"]
+        pooled["chance_sum"] += (p["chance"] or 0.0) * p["links"]
+        pooled["questions"].update({f"s{seed}:{q}": v for q, v in p["questions"].items()})
+  for p in probe.values():
+    links = max(p["links"], 1)
+    p["known_share"], p["chance"] = p.pop("known") / links, p.pop("chance_sum") / links
+  return assemble(records, lens, probe, k)
+
+
+def _write_records(path: str, records: Sequence[Dict]) -> None:
+  from clara_jax.data.formats import write_jsonl_atomic
+  write_jsonl_atomic(path, records)
+
+
+def plot_lens(lens: Dict, path: str) -> None:
+  """Bars: each model's clue and doc-piece AUC on unseen multi-hop questions with their
+  95% intervals, beside its permutation null; 0.5 is no preference."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names = list(lens)
+  fig, axes = plt.subplots(1, len(lens_lib.MEASURES), figsize=(5 * len(lens_lib.MEASURES), 3.5))
+  for ax, measure in zip(np.atleast_1d(axes), lens_lib.MEASURES):
+    x = np.arange(len(names))
+    for offset, key, label in ((-0.2, measure, "reasoner"), (0.2, f"{measure}_null", "null")):
+      means, errs = [], [[], []]
+      for name in names:
+        ci = lens[name]["unseen"].get(key) or {}
+        mean = ci.get("mean")
+        means.append(np.nan if mean is None else mean)
+        errs[0].append(0 if mean is None or "lo" not in ci else mean - ci["lo"])
+        errs[1].append(0 if mean is None or "hi" not in ci else ci["hi"] - mean)
+      ax.bar(x + offset, means, 0.4, yerr=errs, label=label, capsize=3)
+    ax.axhline(0.5, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(x, names, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"lens {measure.replace('_', ' ')}, unseen multi-hop", fontsize=9)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]
+                ) -> Dict[str, Any]:
+  """Paired intervals per unseen multi-hop group (records carry `kind` and `seen`):
+  stage2's Recall@1 minus each baseline's and each other reasoner's; the ablation minus
+  the initial reasoner; and on unseen multi-hop questions, the lens's clue AUC of
+  stage2 minus each other reasoner's."""
+  out: Dict[str, Any] = {}
+  main = records["stage2"]
+  for group in UNSEEN_GROUPS:
+    kind = group.split("/")[0]
+    idx = [i for i, r in enumerate(main) if r.get("kind") == kind and not r.get("seen")]
+    if not idx:
+      continue
+    pick = lambda recs, key: [recs[i][key] for i in idx if key in recs[i]]
+    entry = {"questions": len(idx), "recall@1": {
+        name: stats.bootstrap_ci(pick(recs, "recall@1")) for name, recs in records.items()}}
+    for name in baselines.BASELINES:
+      values = pick(main, f"{name}_recall@1")
+      if len(values) == len(idx):
+        entry["recall@1"][name] = stats.bootstrap_ci(values)
+        entry[f"stage2-{name}"] = stats.paired_difference(pick(main, "recall@1"), values)
+    for name in records:
+      if name != "stage2":
+        entry[f"stage2-{name}"] = stats.paired_difference(pick(main, "recall@1"),
+                                                          pick(records[name], "recall@1"))
+    if "stage2_shuffled" in records and "init" in records:
+      entry["stage2_shuffled-init"] = stats.paired_difference(
+          pick(records["stage2_shuffled"], "recall@1"), pick(records["init"], "recall@1"))
+    out[group] = entry
+  if "stage2" in lens:
+    unseen = lambda recs: [r["clue_auc"] for r in recs if not r["seen"]]
+    for name in lens:
+      if name != "stage2":
+        out[f"clue_auc:stage2-{name}"] = stats.paired_difference(unseen(lens["stage2"]),
+                                                                 unseen(lens[name]))
+  return out
+
+
+def _r(ci: Optional[Dict]) -> str:
+  return stats.format_ci(ci)
+
+
+def _d(ci: Optional[Dict]) -> str:
+  return stats.format_ci(ci, signed=True)
+
+
+def _above_zero(ci: Optional[Dict]) -> Optional[bool]:
+  return None if ci is None else ci["lo"] > 0
+
+
+def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
+  """(claim, measured, target, passed) rows on the held-out unseen chains; passed None
+  for rows reported without a target."""
+  final = results["stage2"]
+  rows: List[Row] = [
+      ("a. memory gain (nats/token)", f"{final['memory_gain']:.2f} vs a same-kind wrong "
+       f"document, {final.get('memory_gain_vs_none', float('nan')):.2f} vs no memories",
+       f">= {min_gain:g}", final["memory_gain"] >= min_gain),
+      ("a. EM gold memories vs same-kind wrong", f"{final['em_oracle']:.2f} vs "
+       f"{final['em_control']:.2f}", "gold >> wrong",
+       final["em_oracle"] >= final["em_control"] + 0.2)]
+  comp = results["comparisons"]
+  for group in UNSEEN_GROUPS:
+    if group not in comp:
+      continue
+    c, r1 = comp[group], comp[group]["recall@1"]
+    label = f"b. {group} R@1"
+    prior = r1["kind_prior"]["mean"]
+    rows.append((f"{label} stage2 vs kind prior",
+                 f"{_r(r1['stage2'])} vs {prior:.2f}, diff {_d(c['stage2-kind_prior'])}, "
+                 f"n={c['questions']}",
+                 ">= 2x prior, diff > 0",
+                 r1["stage2"]["mean"] >= 2 * prior and _above_zero(c["stage2-kind_prior"])))
+    for name, text in (("bm25_kind", "BM25 in kind"), ("bm25_two_hop", "two-hop BM25"),
+                       ("init", "init reasoner")):
+      if f"stage2-{name}" in c:
+        rows.append((f"{label} stage2 - {text}",
+                     f"{_d(c[f'stage2-{name}'])} ({text} {_r(r1[name])})", "diff > 0",
+                     _above_zero(c[f"stage2-{name}"])))
+    if "stage2_shuffled-init" in c:
+      ablation = c["stage2_shuffled-init"]
+      rows.append((f"{label} shuffled-answer ablation - init",
+                   f"{_d(ablation)} (ablation {_r(r1['stage2_shuffled'])})", "not above 0",
+                   ablation["lo"] <= 0))
+    for name, text in (("stage2_shuffled", "ablation"), ("bm25", "BM25"),
+                       ("gold_prior", "gold-frequency prior"),
+                       ("stage2_retrieval", "supervised (ceiling)")):
+      if name in r1:
+        rows.append((f"{label} {text}", f"{_r(r1[name])}", "(reported)", None))
+  lens = results.get("lens_v2", {})
+  if "stage2" in lens:
+    unseen = lens["stage2"]["unseen"]
+    clue = unseen["clue_auc"]
+    rows.append(("c. lens clue AUC, unseen multi-hop (stage2)", _r(clue), ">= 0.65",
+                 None if clue is None else clue["mean"] >= 0.65))
+    rows.append(("c. lens clue AUC stage2 - permutation null",
+                 f"{_d(unseen.get('clue_auc_vs_null'))} (null "
+                 f"{_fmt(unseen.get('clue_auc_null', {}).get('mean'))})", "diff > 0",
+                 _above_zero(unseen.get("clue_auc_vs_null"))))
+    for name, text in (("init", "init reasoner"), ("stage2_shuffled", "ablation")):
+      key = f"clue_auc:stage2-{name}"
+      if key in comp:
+        rows.append((f"c. lens clue AUC stage2 - {text}",
+                     f"{_d(comp[key])} ({text} {_r(lens[name]['unseen']['clue_auc'])})",
+                     "diff > 0" if name == "init" else "(reported)",
+                     _above_zero(comp[key]) if name == "init" else None))
+    rows.append(("c. lens doc-piece AUC, unseen multi-hop (stage2)",
+                 _r(unseen["doc_auc"]), "(reported)", None))
+  probe = results.get("probe", {})
+  if probe:
+    measured = ", ".join(f"{stage} {_fmt(p['known_share'])}" for stage, p in probe.items())
+    chance = next(iter(probe.values()))["chance"]
+    rows.append(("d. links of held-out chains the base knows", f"{measured} (chance "
+                 f"{_fmt(chance)})", "(reported)", None))
+    split = results.get("recall_by_knowledge", {})
+    if split:
+      rows.append(("d. unseen multi-hop R@1 stage2: chain known / not",
+                   " / ".join(f"{_r(split.get(t))} (n={(split.get(t) or {}).get('n', 0)})"
+                              for t in ("known", "unknown")), "(reported)", None))
+  return rows
+
+
+def _fmt(x: Optional[float]) -> str:
+  return "n/a" if x is None else f"{x:.2f}"
