@@ -195,3 +195,21 @@ def test_claims_table_applies_each_target():
   rows = {r[0]: r for r in hidden.claims(_results(lens_lo=-0.01), min_gain=1.0)}
   assert rows["c. lens clue AUC stage2 - permutation null"][3] is False
   assert rows["b. one_link/unseen R@1 supervised (ceiling)"][3] is None
+
+
+def test_lens_controls_are_the_candidates_of_the_golds_kind(world):
+  from clara_jax.data.tokenizer import Tokenizer
+  tok = Tokenizer.train(synth.world_lm_lines(world), 1024, 4,
+                        user_symbols=synth.pool_symbols())
+  row = next(r for r in synth.stage_rows(world, "test", candidates=10, k=2)["stage2"]
+             if r["kind"] == "two_link")
+  # Mix the kinds: two candidates relabelled as another kind drop out of the controls.
+  mixed = dict(row, doc_kinds=list(row["doc_kinds"]))
+  others = [j for j in range(10) if j not in row["pos_index"]][:2]
+  for j in others:
+    mixed["doc_kinds"][j] = "another kind"
+  full, part = hidden.lens_matched_sets(tok, [row, mixed], set())
+  assert full["num_controls"] == 9 and part["num_controls"] == 7
+  assert full["num_clue_pieces"] > 0
+  for gold_ids, control_ids in full["clue_pairs"]:
+    assert len(gold_ids) == len(control_ids)  # matched in number

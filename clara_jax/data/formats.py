@@ -238,9 +238,17 @@ def read_rows(path: str, fmt: str, on_error: str = "raise", num_docs: Optional[i
   field; `"skip"` skips and counts it in `report`.
   """
   report = report if report is not None else ReadReport()
+  yield from _checked_rows(path, on_error, report,
+                           lambda value, _: validate_row(value, fmt, num_docs))
+
+
+def _checked_rows(path: str, on_error: str, report: ReadReport,
+                  check: Callable[[Any, int], Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+  """`check(value, line)` of every JSON line: its row, or a FieldError that becomes a
+  DataError naming file and line (raised, or skipped and counted in `report`)."""
   for line_no, value in iter_json_lines(path, on_error, report):
     try:
-      row = validate_row(value, fmt, num_docs)
+      row = check(value, line_no)
     except FieldError as e:
       error = DataError(path, line_no, e.field, e.reason)
       if on_error == "raise":
@@ -388,23 +396,14 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
     raise ValueError(f"fmt must be one of {EVAL_FORMATS} or None, got {fmt!r}")
   report = report if report is not None else ReadReport()
   checker, rows = _EvalRowChecker(fmt), []
-  lines = iter_json_lines(path, on_error, report)
+  checked = _checked_rows(path, on_error, report, checker.check)
   try:
-    for line_no, value in lines:
-      try:
-        row = checker.check(value, line_no)
-      except FieldError as e:
-        error = DataError(path, line_no, e.field, e.reason)
-        if on_error == "raise":
-          raise error from None
-        report.skip(error)
-        continue
-      report.rows_ok += 1
+    for row in checked:
       rows.append(row)
       if limit is not None and len(rows) >= limit:
         break
   finally:
-    lines.close()
+    checked.close()
     report.schema = checker.schema
   if not rows:
     raise _no_rows(path, report)

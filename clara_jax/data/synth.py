@@ -568,7 +568,7 @@ def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[
   """`n` document ids with the gold among them. Hidden world: documents of the gold's
   kind (then others if too few), never a bridge. Classic world: the bridge document (it
   names the question's person), half of the rest of the gold's kind, then any others."""
-  bridges = [i for i in (q.chain[:-1] if q.chain else [q.bridge] if q.bridge else [])]
+  bridges = q.chain[:-1] if q.chain else ([q.bridge] if q.bridge else [])
   excluded = {q.gold} | (set(bridges) if world.options.closed_bridge else set())
   others = [e.id for e in world.docs() if e.id not in excluded]
   if n > len(others) + 1:
