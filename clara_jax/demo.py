@@ -1,20 +1,26 @@
 """`clara-jax demo`: the whole CLaRa pipeline on the generated world, on a CPU.
 
 world -> tokenizer + base LM (`lm`) -> compressor pretraining (`stage1`, on fresh
-worlds: reading pays, recall cannot) -> instruction tuning (`stage1_2`) -> end-to-end
-(`stage2`, no relevance labels) -> evaluation and logit lens on held-out questions, then
-a table of the three claims (see `claims`):
+worlds: reading pays, recall cannot; the base replays the world's own text) ->
+instruction tuning (`stage1_2`, the same) -> end-to-end (`stage2`, no relevance labels),
+with the shuffled-answer ablation and the supervised retriever beside it -> the
+hidden-reasoning evaluation of the held-out questions (`clara_jax.eval.hidden`), then
+the claims table (`hidden.claims`):
 
-a. the generator reads its memories (memory gain in nats; EM with the gold document's
-   memories vs with random non-gold ones);
-b. the stage2 reasoner beats the stage1_2-initialised reasoner (Recall@1, @5), and BM25
-   on the multi-hop questions;
-c. the lens finds discriminative gold-document words absent from the question more
-   often than words of a control candidate.
+a. the generator reads its memories (memory gain against a wrong document of the same
+   kind and against no memories; EM with the gold memories vs the wrong ones);
+b. on held-out persons' one- and two-link chains, stage2 retrieves the document the
+   question never names above the kind prior, BM25 in kind, two-hop BM25 and the
+   initial reasoner, and the shuffled-answer ablation does not;
+c. lens v2: the reasoner's memories rank the gold's name pieces above matched controls,
+   above a permutation null and above the initial reasoner;
+d. the knowledge probe, reported.
 
-Every stage resumes from its checkpoint, and a finished stage is skipped, so running the
-command again continues where it stopped. Artefacts in the workdir: `summary.json`,
-`lens.png`, `losses.png`, each stage's `tensorboard/` and `metrics.jsonl`.
+A row with a target passes only when its paired-bootstrap interval does; the command
+exits 1 when one misses. Every stage resumes from its checkpoint, and a finished stage
+is skipped, so running the command again continues where it stopped. Artefacts in the
+workdir: `summary.json`, `lens.json`, `lens.png`, `losses.png`, `eval/*.jsonl`, each
+stage's `tensorboard/` and `metrics.jsonl`. `run_seeds` pools several seeds.
 """
 
 from __future__ import annotations
