@@ -12,6 +12,7 @@ def _cmd_demo(args) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)  # the demo prints its own progress
   from clara_jax import demo
+  seeds = []
   if args.seeds:
     try:
       seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -19,10 +20,41 @@ def _cmd_demo(args) -> int:
       print(f"clara-jax demo: --seeds {args.seeds!r} is not a comma-separated list of "
             "integers", file=sys.stderr)
       return 2
-    summary = demo.run_seeds(args.workdir, seeds, quick=args.quick)
-  else:
-    summary = demo.run(args.workdir, quick=args.quick, seed=args.seed)
+  from clara_jax.train.workdir_lock import WorkdirLocked
+  try:
+    if seeds:
+      summary = demo.run_seeds(args.workdir, seeds, quick=args.quick)
+    else:
+      summary = demo.run(args.workdir, quick=args.quick, seed=args.seed)
+  except demo.StageStopped as e:
+    print(f"clara-jax demo: {e}", file=sys.stderr)
+    return e.exit_code
+  except WorkdirLocked as e:
+    print(f"clara-jax demo: {e}", file=sys.stderr)
+    return 2
   return 0 if demo.claims_met(summary) else 1
+
+
+def _cmd_edit(args) -> int:
+  from absl import logging
+  logging.set_verbosity(logging.WARNING)
+  import os
+  from clara_jax import demo
+  from clara_jax.eval import edit
+  if not os.path.exists(os.path.join(args.workdir, "stage2", demo.DONE_FILE)):
+    print(f"clara-jax edit: {args.workdir} has no finished stage2 (run `clara-jax demo "
+          f"--workdir {args.workdir}` first)", file=sys.stderr)
+    return 2
+  recipe = demo.default_recipe(args.quick)
+  try:
+    rows = edit.claims(demo.run_edit(os.path.abspath(args.workdir), recipe, args.seed))
+  except demo.StageStopped as e:
+    print(f"clara-jax edit: {e}", file=sys.stderr)
+    return e.exit_code
+  if not recipe.judged:
+    rows = [(c, m, f"{t} (not judged)", None) for c, m, t, _ in rows]
+  print(demo.format_table(rows))
+  return 0 if all(passed is not False for *_, passed in rows) else 1
 
 
 def _cmd_real_data(args) -> int:
@@ -31,7 +63,10 @@ def _cmd_real_data(args) -> int:
   from clara_jax import demo, real_data
   try:
     summary = real_data.run(args.workdir, args.data_dir, quick=args.quick, seed=args.seed)
-  except (demo.StageStopped, FileNotFoundError) as e:
+  except demo.StageStopped as e:
+    print(f"clara-jax real-data: {e}", file=sys.stderr)
+    return e.exit_code
+  except FileNotFoundError as e:
     print(f"clara-jax real-data: {e}", file=sys.stderr)
     return 2
   return 0 if demo.claims_met(summary) else 1
@@ -160,8 +195,16 @@ def train_main(argv: Sequence[str]) -> int:
   from clara_jax.train.distributed import initialize_distributed
   initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
                          fv.process_id)
-  from clara_jax.train.loop import train
-  result = train(fv.config, fv.workdir)
+  from clara_jax.train.loop import Preempted, train
+  from clara_jax.train.workdir_lock import WorkdirLocked
+  try:
+    result = train(fv.config, fv.workdir)
+  except WorkdirLocked as e:
+    print(f"clara-jax train: {e}", file=sys.stderr)
+    return 2
+  except Preempted as e:
+    print(f"clara-jax train: {e}", file=sys.stderr)
+    return e.exit_code
   print(json.dumps({"workdir": fv.workdir, **result}))
   return 0
 
@@ -320,6 +363,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "(WORKDIR/seed<N>), then the claims over all of them pooled, e.g. the "
                     "protocol's fresh seeds 100,101,102,103,104")
   demo.set_defaults(fn=_cmd_demo)
+
+  ed = sub.add_parser("edit", help="the causal edit on a demo run: change held-out links in "
+                      "the base's text, fine-tune the base (adapters kept), measure whether "
+                      "retrieval follows the new link")
+  ed.add_argument("--workdir", default="workdir_demo", help="a `clara-jax demo` workdir")
+  ed.add_argument("--quick", action="store_true", help="the workdir of `demo --quick`")
+  ed.add_argument("--seed", type=int, default=0, help="the demo run's --seed")
+  ed.set_defaults(fn=_cmd_edit)
 
   real = sub.add_parser("real-data", help="the demo's pipeline on the real HotpotQA, NQ and "
                         "CLaRa-pretraining files (see DATA_DIR/SOURCES.md)")

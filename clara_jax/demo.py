@@ -4,8 +4,8 @@ world -> tokenizer + base LM (`lm`) -> compressor pretraining (`stage1`, on fres
 worlds: reading pays, recall cannot; the base replays the world's own text) ->
 instruction tuning (`stage1_2`, the same) -> end-to-end (`stage2`, no relevance labels),
 with the shuffled-answer ablation and the supervised retriever beside it -> the
-hidden-reasoning evaluation of the held-out questions (`clara_jax.eval.hidden`), then
-the claims table (`hidden.claims`):
+hidden-reasoning evaluation of the held-out questions (`clara_jax.eval.hidden`) and
+the causal edit, then the claims table (`hidden.claims`):
 
 a. the generator reads its memories (memory gain against a wrong document of the same
    kind and against no memories; EM with the gold memories vs the wrong ones);
@@ -14,13 +14,18 @@ b. on held-out persons' one- and two-link chains, stage2 retrieves the document 
    initial reasoner, and the shuffled-answer ablation does not;
 c. lens v2: the reasoner's memories rank the gold's name pieces above matched controls,
    above a permutation null and above the initial reasoner;
-d. the knowledge probe, reported.
+d. the knowledge probe, reported;
+e. the causal edit (`clara_jax.eval.edit`): held-out links edited in the base's text and
+   the base fine-tuned on it, adapters kept (`lm_edit`; `lm_sham` fine-tunes on the
+   unchanged text): at least half of the edited questions' top-1 moves to the new
+   entity's document, above the sham.
 
 A row with a target passes only when its paired-bootstrap interval does; the command
 exits 1 when one misses. Every stage resumes from its checkpoint, and a finished stage
 is skipped, so running the command again continues where it stopped. Artefacts in the
 workdir: `summary.json`, `lens.json`, `lens.png`, `losses.png`, `eval/*.jsonl`, each
-stage's `tensorboard/` and `metrics.jsonl`. `run_seeds` pools several seeds.
+stage's `tensorboard/` and `metrics.jsonl`, `edit.json` and `edit/` (the two texts).
+`run_seeds` pools several seeds.
 """
 
 from __future__ import annotations
@@ -39,12 +44,22 @@ STAGES = PAPER_STAGES
 # shuffled-answer ablation (stage2 whose answers carry no question-document signal) and
 # the supervised retriever (stage2_retrieval, trained on the gold labels: the ceiling).
 BASELINE_STAGES = ("stage2_shuffled", "stage2_retrieval")
-CONFIG_OF = {"stage2_shuffled": "stage2"}  # workdir name -> configs/ module, if other
+# The causal edit (`clara_jax.eval.edit`): two short `lm` fine-tunes of the stage2
+# export's base, on the world's text with held-out links edited and on it unchanged.
+EDIT_STAGES = ("lm_edit", "lm_sham")
+EDIT_TEXT = {"lm_edit": "lm_edited.txt", "lm_sham": "lm_unchanged.txt"}  # in workdir/edit
+CONFIG_OF = {"stage2_shuffled": "stage2", "lm_edit": "lm", "lm_sham": "lm"}  # workdir
+# name -> configs/ module, where they differ
 DONE_FILE = "DONE.json"
 
 
 class StageStopped(RuntimeError):
-  """A stage's training stopped early (preempted): its checkpoint is kept, no export."""
+  """A stage's training stopped early (preempted): its checkpoint is kept, no export.
+  `exit_code`: what the command exits with (128 + the signal that stopped it)."""
+
+  def __init__(self, message: str, exit_code: int = 1):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,23 +133,31 @@ def default_recipe(quick: bool = False) -> Recipe:
   stages["stage2_retrieval"] = {
       "train.num_steps": 1200, "train.global_batch": 16, "optimizer.lr": 2e-3,
       "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03, "clara.k": 1}
+  # The causal edit's fine-tunes (the text path is set at run time): the base only, from
+  # the stage2 export, adapters untouched; edit and sham differ in their text alone.
+  for stage in EDIT_STAGES:
+    stages[stage] = {"train.num_steps": 100, "optimizer.lr": 1e-3,
+                     "init.from_workdir": "../stage2", "data.source": ""}
   if quick:
     shared.update({"data.synth_size": "tiny", "train.global_batch": 16,
                    "train.log_every": 10, "train.checkpoint_every": 20})
-    for stage, steps in zip(STAGES + BASELINE_STAGES, (60, 40, 30, 30, 30, 30)):
+    for stage, steps in zip(STAGES + BASELINE_STAGES + EDIT_STAGES,
+                            (60, 40, 30, 30, 30, 30, 10, 10)):
       stages[stage]["train.num_steps"] = steps
   return Recipe(model="tiny", shared=shared, stages=stages,
                 eval_questions=24 if quick else None, min_memory_gain=1.0,
                 judged=not quick)
 
 
-def stage_config(stage: str, recipe: Recipe, seed: int = 0):
-  """The stage's config file (`configs/STAGE.py`) with the recipe applied."""
+def stage_config(stage: str, recipe: Recipe, seed: int = 0,
+                 extra: Optional[Dict[str, Any]] = None):
+  """The stage's config file (`configs/STAGE.py`) with the recipe applied, then
+  `extra` (dotted keys known only at run time, e.g. a path in the workdir)."""
   module = importlib.import_module(f"configs.{CONFIG_OF.get(stage, stage)}")
   config = module.get_config(f"model={recipe.model}")
   config.seed = seed
   config.data.synth_seed = seed
-  for key, value in {**recipe.shared, **recipe.stages.get(stage, {})}.items():
+  for key, value in {**recipe.shared, **recipe.stages.get(stage, {}), **(extra or {})}.items():
     node = config
     *parents, leaf = key.split(".")
     for part in parents:
@@ -166,7 +189,8 @@ def _duration(seconds: float) -> str:
 
 
 def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
-              log: Callable[[str], None] = print) -> Dict[str, float]:
+              log: Callable[[str], None] = print,
+              extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
   """Trains one stage unless it finished before; returns its last metrics."""
   from clara_jax.train.loop import train
   stage_dir = os.path.join(workdir, stage)
@@ -175,8 +199,13 @@ def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
     with open(done) as f:
       log(f"[{stage:>8}] finished before: skipped")
       return json.load(f)["metrics"]
+  from clara_jax.train.loop import Preempted
   start = time.perf_counter()
-  metrics = train(stage_config(stage, recipe, seed), stage_dir, progress=ProgressBar(stage))
+  try:
+    metrics = train(stage_config(stage, recipe, seed, extra), stage_dir,
+                    progress=ProgressBar(stage))
+  except Preempted as e:
+    raise StageStopped(f"[{stage:>8}] {e}", e.exit_code) from e
   seconds = time.perf_counter() - start
   if not os.path.exists(os.path.join(stage_dir, "export", "config.json")):
     # train() returns early, checkpoint saved, on SIGTERM: not finished, so not skipped.
@@ -326,6 +355,46 @@ def evaluate_pipeline(workdir: str, recipe: Recipe, seed: int = 0,
   return results
 
 
+def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
+             log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The causal edit (`clara_jax.eval.edit`) on the held-out one-link questions: plans
+  the edits, writes the edited and the unchanged world text to `workdir/edit/`,
+  fine-tunes the stage2 export's base on each (`lm_edit`, `lm_sham`), and measures
+  stage2, sham and edit on the same questions. Writes `eval/edit_<model>.jsonl` and
+  `edit.json`; returns `edit.summarize`'s summary plus the edits."""
+  from clara_jax.data import synth
+  from clara_jax.eval import edit, hidden
+  from clara_jax.eval.evaluate import load_rows
+  from clara_jax.infer.api import ClaraModel
+  world = world_dir(workdir, recipe, seed)
+  with open(os.path.join(world, "manifest.json")) as f:
+    manifest = json.load(f)
+  rows = load_rows(os.path.join(world, "stage2_test.jsonl"))
+  edits, control = edit.plan_edits(manifest, rows, seed)
+  unchanged, edited = edit.edited_lines(manifest, edits)
+  with open(os.path.join(world, synth.LM_WORLD_FILE), encoding="utf-8") as f:
+    if [line.rstrip("\n") for line in f if line.strip()] != unchanged:
+      raise ValueError(f"{world}/{synth.LM_WORLD_FILE} differs from the world's rebuilt "
+                       f"text: the sham would not be the text the base learned")
+  for stage, lines in (("lm_edit", edited), ("lm_sham", unchanged)):
+    path = os.path.join(workdir, "edit", EDIT_TEXT[stage])
+    edit.write_lines(path, lines)
+    run_stage(stage, workdir, recipe, seed, log, extra={"data.source": path})
+  per_model, probes = {}, {}
+  for name, stage in zip(edit.MODELS, ("stage2",) + tuple(EDIT_STAGES[::-1])):
+    export = os.path.join(workdir, stage, "export")
+    per_model[name] = edit.records(ClaraModel.load(export), rows, manifest, edits, control)
+    hidden.write_records(os.path.join(workdir, "eval", f"edit_{name}.jsonl"),
+                         per_model[name])
+    probes[name] = edit.probe(hidden.base_model(export), manifest, edits)
+  summary = edit.summarize(per_model, probes)
+  summary["edits"] = [dataclasses.asdict(e) for e in edits]
+  edit.write_json(os.path.join(workdir, "edit.json"), summary)
+  log(f"[    edit] {len(edits)} links edited, {summary['questions']} questions; "
+      f"{summary['control_questions']} control questions")
+  return summary
+
+
 def evaluate_checkpoints(workdir: str, rows: List[Dict], k: int, clues=None,
                          log: Callable[[str], None] = print) -> Dict[str, Any]:
   """Evaluation and lens of `rows` (stage2 rows, optional `kind`) with the stage2 export
@@ -361,6 +430,7 @@ def run(workdir: str, quick: bool = False, seed: int = 0,
   stage_metrics = {stage: run_stage(stage, workdir, recipe, seed, log)
                    for stage in STAGES + BASELINE_STAGES}
   results = evaluate_pipeline(workdir, recipe, seed, log)
+  results["edit"] = run_edit(workdir, recipe, seed, log)
   return write_report(workdir, recipe, stage_metrics, results,
                       time.perf_counter() - start, log)
 

@@ -50,7 +50,8 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
   assert "clara_jax already installed" in _stream(install)
   assert "cpu" in _stream(devices)
   log = _stream(run)
-  assert log.count("finished before: skipped") == len(demo.STAGES + demo.BASELINE_STAGES)
+  assert log.count("finished before: skipped") == len(demo.STAGES + demo.BASELINE_STAGES
+                                                     + demo.EDIT_STAGES)
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)
   assert written["results"]["stage2"]["questions"] == summary["results"]["stage2"]["questions"]

@@ -6,6 +6,7 @@ the session fixture `quick_demo` (tests/conftest.py)."""
 import json
 import os
 
+import jax
 import pytest
 
 from clara_jax import demo
@@ -13,7 +14,7 @@ from clara_jax.eval import baselines
 from clara_jax.eval.evaluate import load_rows
 from report_checks import HIDDEN_CLAIMS, check_report
 
-ALL_STAGES = demo.STAGES + demo.BASELINE_STAGES
+ALL_STAGES = demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
 
 
 def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
@@ -34,6 +35,33 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   probe = written["results"]["probe"]
   assert set(probe) == {"lm", "stage1", "stage1_2"}
   assert all(0 <= p["known_share"] <= 1 and p["links"] > 0 for p in probe.values())
+  # The causal edit: both fine-tunes ran from the stage2 export on their own text, kept
+  # every adapter, and every model was measured on the same questions.
+  edit = written["results"]["edit"]
+  assert edit["questions"] > 0 and edit["links"] == len(edit["edits"])
+  assert any(c["claim"].startswith("e. edit: top-1 on the new") for c in written["claims"])
+  with open(os.path.join(workdir, demo.EDIT_STAGES[0], "export", "config.json")) as f:
+    assert json.load(f)
+  from clara_jax.model import lora
+  from clara_jax.weights.export import load_params
+  _, stage2 = load_params(os.path.join(workdir, "stage2", "export"))
+  for stage in demo.EDIT_STAGES:
+    _, tuned = load_params(os.path.join(workdir, stage, "export"))
+    (base2, adapters2), (base_t, adapters_t) = (lora.split_adapters(stage2),
+                                                lora.split_adapters(tuned))
+    assert all((a == b).all() for a, b in zip(jax.tree.leaves(adapters2),
+                                              jax.tree.leaves(adapters_t)))
+    assert any((a != b).any() for a, b in zip(jax.tree.leaves(base2),
+                                              jax.tree.leaves(base_t)))
+  ids = {}
+  for model in ("stage2", "sham", "edit"):
+    with open(os.path.join(workdir, "eval", f"edit_{model}.jsonl")) as f:
+      ids[model] = [json.loads(line)["id"] for line in f]
+  assert ids["stage2"] == ids["sham"] == ids["edit"] and ids["stage2"]
+  texts = [os.path.join(workdir, "edit", demo.EDIT_TEXT[s]) for s in demo.EDIT_STAGES]
+  edited, unchanged = ([line for line in open(t)] for t in texts)
+  changed = [(a, b) for a, b in zip(unchanged, edited) if a != b]
+  assert changed and len(edited) == len(unchanged)
 
 
 def test_baselines_rank_the_same_candidates_as_the_reasoner(quick_demo):
@@ -117,6 +145,12 @@ def test_pooling_seeds_reads_every_seeds_records(quick_demo):
   for stage, p in pooled["probe"].items():
     assert p["links"] == 2 * single["probe"][stage]["links"]
     assert p["known_share"] == pytest.approx(single["probe"][stage]["known_share"])
+  edit, one = pooled["edit"], single["edit"]
+  assert edit["questions"] == 2 * one["questions"] and edit["links"] == 2 * one["links"]
+  for model in ("stage2", "sham", "edit"):
+    assert edit["edited"][model]["top1_new"]["mean"] == pytest.approx(
+        one["edited"][model]["top1_new"]["mean"])
+    assert edit["probe"][model]["links"] == 2 * one["probe"][model]["links"]
   rows = hidden.claims(pooled, 1.0)
   verdicts = {1: {rows[0][0]: True}, 2: {rows[0][0]: False}}
   table = demo.format_seeds_table(rows, verdicts).splitlines()

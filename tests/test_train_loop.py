@@ -108,7 +108,8 @@ def test_resume_after_sigkill_is_bit_identical(text_file, reference_run, tmp_pat
       assert row[key] == ref[key], (row["step"], key)
 
 
-def test_sigterm_saves_a_checkpoint_and_exits(text_file, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(text_file, tmp_path, signum):
   workdir = str(tmp_path / "preempted")
   proc = _run(_args(text_file, workdir, steps=400, every=100))
   deadline = time.time() + 240
@@ -119,12 +120,28 @@ def test_sigterm_saves_a_checkpoint_and_exits(text_file, tmp_path):
     time.sleep(0.05)
   # Wait until the loop runs (the first log is at step 100; any step past 0 will do).
   time.sleep(3.0)
-  proc.send_signal(signal.SIGTERM)
+  proc.send_signal(signum)
   out, _ = proc.communicate(timeout=120)
-  assert proc.returncode == 0, out.decode()[-3000:]
-  assert "preempted at step" in out.decode()
+  text = out.decode()
+  # 128 + the signal, one line naming it and how to resume; no traceback.
+  assert proc.returncode == 128 + signum, text[-3000:]
+  assert "preempted at step" in text and "Traceback" not in text
+  assert f"clara-jax train: {signal.Signals(signum).name} at step" in text
+  assert "run the same command again to resume" in text
   steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()]
   assert steps and 0 < max(steps) < 400
+  assert not os.path.exists(os.path.join(workdir, "LOCK.json"))  # released on the way out
+
+
+def test_a_second_writer_is_refused(text_file, tmp_path):
+  from clara_jax import cli
+  from clara_jax.train.workdir_lock import WorkdirLock
+  workdir = str(tmp_path / "busy")
+  os.makedirs(workdir)
+  with WorkdirLock(workdir):
+    before = sorted(os.listdir(workdir))
+    assert cli.main(_args(text_file, workdir)) == 2
+    assert sorted(os.listdir(workdir)) == before  # nothing written beside the holder
 
 
 def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path, caplog):

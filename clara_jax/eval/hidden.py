@@ -159,7 +159,7 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name, model in models.items():
     records[name] = evaluate_records(model, rows, k, max_new_tokens=12, seed=seed,
                                      gold_counts=gold_counts)
-    _write_records(os.path.join(workdir, "eval", f"{name}.jsonl"), records[name])
+    write_records(os.path.join(workdir, "eval", f"{name}.jsonl"), records[name])
     log(f"[    eval] {name}: {len(rows)} questions")
   multi = [r for r in rows if r.get("kind") in MULTI_HOP]
   tok = models["stage2"].tok
@@ -168,7 +168,7 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name in LENS_MODELS:
     if name in models:
       lens[name], null_summary[name] = lens_records(models[name], multi, matched, seed)
-      _write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
+      write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
   probe = knowledge(workdir, manifest, [r["id"] for r in multi])
   with open(os.path.join(workdir, "eval", "probe.json"), "w") as f:
     json.dump(probe, f)
@@ -248,10 +248,46 @@ def pool_seeds(workdirs: Dict[int, str], k: int) -> Dict[str, Any]:
   for p in probe.values():
     links = max(p["links"], 1)
     p["known_share"], p["chance"] = p.pop("known") / links, p.pop("chance_sum") / links
-  return assemble(records, lens, probe, k)
+  results = assemble(records, lens, probe, k)
+  edit = pool_edits(workdirs)
+  if edit is not None:
+    results["edit"] = edit
+  return results
 
 
-def _write_records(path: str, records: Sequence[Dict]) -> None:
+def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
+  """`edit.summarize` over the causal-edit records of several seeds' runs (ids and
+  links prefixed with the seed); None when no run has them."""
+  from clara_jax.eval import edit as edit_lib
+  per_model: Dict[str, List[Dict]] = {}
+  probes: Dict[str, Dict[str, float]] = {}
+  for seed, workdir in workdirs.items():
+    summary_path = os.path.join(workdir, "edit.json")
+    if not os.path.exists(summary_path):
+      continue
+    for name in edit_lib.MODELS:
+      with open(os.path.join(workdir, "eval", f"edit_{name}.jsonl")) as f:
+        per_model.setdefault(name, []).extend(
+            dict(r, id=f"s{seed}:{r['id']}", link=f"s{seed}:{r['link']}")
+            for r in map(json.loads, f))
+    with open(summary_path) as f:
+      for name, p in json.load(f)["probe"].items():
+        pooled = probes.setdefault(name, {"links": 0, "new": 0.0, "old": 0.0})
+        pooled["links"] += p["links"]
+        pooled["new"] += (p["new_known"] or 0.0) * p["links"]
+        pooled["old"] += (p["old_known"] or 0.0) * p["links"]
+  if not per_model:
+    return None
+  for p in probes.values():
+    links = p["links"]
+    new, old = p.pop("new"), p.pop("old")
+    p["new_known"] = new / links if links else None
+    p["old_known"] = old / links if links else None
+  return edit_lib.summarize(per_model, probes)
+
+
+def write_records(path: str, records: Sequence[Dict]) -> None:
+  """Per-question records, one JSON object per line (atomic)."""
   from clara_jax.data.formats import write_jsonl_atomic
   write_jsonl_atomic(path, records)
 
@@ -404,6 +440,9 @@ def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
       rows.append(("d. unseen multi-hop R@1 stage2: chain known / not",
                    " / ".join(f"{_r(split.get(t))} (n={(split.get(t) or {}).get('n', 0)})"
                               for t in ("known", "unknown")), "(reported)", None))
+  if "edit" in results:
+    from clara_jax.eval import edit as edit_lib
+    rows.extend(edit_lib.claims(results["edit"]))
   return rows
 
 

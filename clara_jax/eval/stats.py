@@ -8,7 +8,7 @@ give the same interval on every machine.
 
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence
+from typing import Dict, Hashable, Optional, Sequence
 
 import numpy as np
 
@@ -16,27 +16,46 @@ NUM_RESAMPLES = 2000
 
 
 def bootstrap_ci(values: Sequence[float], seed: int = 0, num_resamples: int = NUM_RESAMPLES,
-                 level: float = 0.95) -> Optional[Dict[str, float]]:
+                 level: float = 0.95, clusters: Optional[Sequence[Hashable]] = None
+                 ) -> Optional[Dict[str, float]]:
   """{"mean", "lo", "hi", "n"}: the mean of `values` [Q] and the percentile bootstrap
-  interval of that mean at `level`; None for no values. One value gives lo = hi = it."""
-  x = np.asarray([v for v in values if v is not None], np.float64)
+  interval of that mean at `level`; None for no values. One value gives lo = hi = it.
+
+  `clusters` [Q]: questions that share a cause (e.g. one edited fact) are resampled
+  together, whole clusters at a time, so they do not count as independent."""
+  keep = [i for i, v in enumerate(values) if v is not None]
+  x = np.asarray([values[i] for i in keep], np.float64)
   if x.size == 0:
     return None
   rng = np.random.default_rng(seed)
-  means = x[rng.integers(0, x.size, (num_resamples, x.size))].mean(axis=1)
+  if clusters is None:
+    means = x[rng.integers(0, x.size, (num_resamples, x.size))].mean(axis=1)
+  else:
+    if len(clusters) != len(values):
+      raise ValueError(f"clusters needs one label per value, got {len(clusters)} for "
+                       f"{len(values)}")
+    labels = {c: j for j, c in enumerate(dict.fromkeys(clusters[i] for i in keep))}
+    of = np.asarray([labels[clusters[i]] for i in keep])
+    sums = np.bincount(of, weights=x, minlength=len(labels))
+    sizes = np.bincount(of, minlength=len(labels)).astype(np.float64)
+    picks = rng.integers(0, len(labels), (num_resamples, len(labels)))
+    means = sums[picks].sum(axis=1) / sizes[picks].sum(axis=1)
   tail = (1.0 - level) / 2.0
   lo, hi = np.quantile(means, [tail, 1.0 - tail])
   return {"mean": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": int(x.size)}
 
 
 def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0,
-                      num_resamples: int = NUM_RESAMPLES) -> Optional[Dict[str, float]]:
+                      num_resamples: int = NUM_RESAMPLES,
+                      clusters: Optional[Sequence[Hashable]] = None
+                      ) -> Optional[Dict[str, float]]:
   """Bootstrap interval of mean(a - b) over the questions where both are known; a and b
-  [Q] are aligned per question (None marks a missing value)."""
+  [Q] are aligned per question (None marks a missing value); `clusters` as in
+  `bootstrap_ci`."""
   if len(a) != len(b):
     raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")
-  diffs = [x - y for x, y in zip(a, b) if x is not None and y is not None]
-  return bootstrap_ci(diffs, seed, num_resamples)
+  diffs = [None if x is None or y is None else x - y for x, y in zip(a, b)]
+  return bootstrap_ci(diffs, seed, num_resamples, clusters=clusters)
 
 
 def format_ci(ci: Optional[Dict[str, float]], digits: int = 2, signed: bool = False) -> str:

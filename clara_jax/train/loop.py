@@ -38,6 +38,7 @@ from clara_jax.train import optimizer
 from clara_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from clara_jax.train.metrics import MetricsWriter, parameter_overview
 from clara_jax.train.state import TrainState, create_state
+from clara_jax.train.workdir_lock import WorkdirLock
 from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_step,
                                   replicate, state_shardings, unreplicate)
 from clara_jax.weights.export import load_params, save_params
@@ -50,28 +51,49 @@ class NonFiniteError(RuntimeError):
   """Too many consecutive non-finite updates: the run stops, checkpoints intact."""
 
 
+class Preempted(RuntimeError):
+  """SIGTERM (how a TPU VM is preempted) or SIGINT stopped the run after a checkpoint
+  of `step` was saved; the same command resumes it. `exit_code`: 128 + the signal."""
+
+  def __init__(self, step: int, signum: int, workdir: str):
+    name = signal.Signals(signum).name
+    super().__init__(f"{name} at step {step}: checkpoint saved in {workdir}/checkpoints; "
+                     f"run the same command again to resume")
+    self.step, self.signum, self.exit_code = step, signum, 128 + signum
+
+
 class _Preemption:
-  """Turns SIGTERM into a flag the loop checks between steps (save, then exit)."""
+  """Turns SIGTERM and SIGINT into a flag the loop checks between steps (save, then
+  exit): the step in flight finishes, so the checkpoint is a consistent one."""
+
+  SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = False
-    self._previous = None
+    self.signum: Optional[int] = None
+    self._previous: Dict[int, object] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signum is not None
 
   def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread: no handler, nothing to restore
-      self._previous = None
+    for signum in self.SIGNALS:
+      try:
+        self._previous[signum] = signal.signal(signum, self._handle)
+      except ValueError:  # not the main thread: no handler, nothing to restore
+        pass
     return self
 
   def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint before exiting")
-    self.requested = True
+    del frame
+    logging.warning("%s received: saving a checkpoint before exiting",
+                    signal.Signals(signum).name)
+    self.signum = signum
 
   def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
 
 
 def clara_config(config) -> ClaraConfig:
@@ -307,11 +329,20 @@ def train(config, workdir: str,
           progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
           ) -> Dict[str, float]:
   """Runs (or resumes) a stage; returns the last logged metrics. `progress(step,
-  num_steps, metrics)` is called at every logging step (e.g. a progress bar)."""
+  num_steps, metrics)` is called at every logging step (e.g. a progress bar).
+
+  Holds the workdir's lock (`WorkdirLocked` if another run has it). Raises `Preempted`
+  after saving a checkpoint when SIGTERM or SIGINT arrives."""
   from configs.base import validate
   validate(config)
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
+  lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
+    return _train(config, workdir, progress)
+
+
+def _train(config, workdir: str, progress) -> Dict[str, float]:
   cclara = clara_config(config)
   prev = _previous_export(config, workdir)
   files = _with_replay_text(config, workdir, data_files(config, workdir))
@@ -430,7 +461,7 @@ def train(config, workdir: str,
         checkpointer.close()
         writer.close()
         logging.warning("preempted at step %d: checkpoint saved", done)
-        return last
+        raise Preempted(done, preemption.signum, workdir)
       checkpointer.save(done, host_state, pipeline.get_state(),
                         force=done == config.train.num_steps)
   final = unreplicate(state) if pmap else state
