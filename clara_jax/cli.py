@@ -20,6 +20,7 @@ def _cmd_demo(args) -> int:
       print(f"clara-jax demo: --seeds {args.seeds!r} is not a comma-separated list of "
             "integers", file=sys.stderr)
       return 2
+  from clara_jax.train.run_config import ConfigChanged
   from clara_jax.train.workdir_lock import WorkdirLocked
   try:
     if seeds:
@@ -29,7 +30,7 @@ def _cmd_demo(args) -> int:
   except demo.StageStopped as e:
     print(f"clara-jax demo: {e}", file=sys.stderr)
     return e.exit_code
-  except WorkdirLocked as e:
+  except (WorkdirLocked, ConfigChanged) as e:
     print(f"clara-jax demo: {e}", file=sys.stderr)
     return 2
   return 0 if demo.claims_met(summary) else 1
@@ -190,16 +191,18 @@ def train_main(argv: Sequence[str]) -> int:
 
   fv = _config_flags(argv, define)
   if fv.config is None or fv.workdir is None:
-    raise SystemExit("clara-jax train: --config and --workdir are required")
+    print("clara-jax train: --config and --workdir are required", file=sys.stderr)
+    return 2
   logging.set_verbosity(logging.INFO)
   from clara_jax.train.distributed import initialize_distributed
   initialize_distributed(fv.distributed, fv.coordinator_address, fv.num_processes,
                          fv.process_id)
   from clara_jax.train.loop import Preempted, train
+  from clara_jax.train.run_config import ConfigChanged
   from clara_jax.train.workdir_lock import WorkdirLocked
   try:
     result = train(fv.config, fv.workdir)
-  except WorkdirLocked as e:
+  except (WorkdirLocked, ConfigChanged) as e:
     print(f"clara-jax train: {e}", file=sys.stderr)
     return 2
   except Preempted as e:
@@ -314,10 +317,14 @@ def _config_flags(argv: Sequence[str], extra_defs=None):
   saved_argv, sys.argv = sys.argv, ["clara-jax"] + list(argv)
   try:
     fv(sys.argv)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override's unknown field
+    name = str(e).strip("'\"")
+    bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
+    raise ValueError(f"{bad[0] if bad else name}: no such config field") from None
   finally:
     sys.argv = saved_argv
   if fv.config is None:
-    raise SystemExit("--config is required")
+    raise ValueError("--config=FILE[:variant] is required")
   return fv
 
 
@@ -329,7 +336,8 @@ def plan_main(argv: Sequence[str]) -> int:
   from absl import flags
   mesh_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
   if mesh_arg is None:
-    raise SystemExit("clara-jax plan: --mesh=DATA,FSDP,TENSOR is required")
+    print("clara-jax plan: --mesh=DATA,FSDP,TENSOR is required", file=sys.stderr)
+    return 2
   shape = tuple(int(x) for x in mesh_arg.split(","))
   devices = math.prod(shape)
   flag = f"--xla_force_host_platform_device_count={devices}"
@@ -346,6 +354,17 @@ def plan_main(argv: Sequence[str]) -> int:
   from clara_jax.bench.plan import memory_plan
   print(json.dumps(memory_plan(config)))
   return 0
+
+
+def positive_int(text: str) -> int:
+  """argparse type: an integer of at least 1 (a count of rows, documents or steps)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -387,8 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
   sy.add_argument("--out", required=True, help="output directory (or file with --stream)")
   sy.add_argument("--seed", type=int, default=0)
   sy.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-  sy.add_argument("--candidates", type=int, default=20, help="stage2 documents per question")
-  sy.add_argument("--k", type=int, default=5, help="stage1_2 documents per question")
+  sy.add_argument("--candidates", type=positive_int, default=20, help="stage2 documents per question")
+  sy.add_argument("--k", type=positive_int, default=5, help="stage1_2 documents per question")
   sy.add_argument("--max_facts", type=int, default=None, help="facts per document (shorter)")
   sy.add_argument("--names", default="syllables", choices=["syllables", "pool"],
                   help="invented per world, or single-token names from a fixed pool")
@@ -417,10 +436,10 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--batch", type=int, default=None,
                      help="sequences (forward, default 8) or questions (default 4)")
   bench.add_argument("--length", type=int, default=256, help="forward: sequence length")
-  bench.add_argument("--candidates", type=int, default=20, help="documents per question")
+  bench.add_argument("--candidates", type=positive_int, default=20, help="documents per question")
   bench.add_argument("--doc_len", type=int, default=128)
   bench.add_argument("--compr_rate", type=int, default=16)
-  bench.add_argument("--k", type=int, default=5)
+  bench.add_argument("--k", type=positive_int, default=5)
   bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                      help="compute dtype (parameters stay float32)")
   bench.add_argument("--iters", type=int, default=5)
@@ -434,8 +453,8 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--workdir", required=True, help="a trained stage's workdir (export/)")
   ev.add_argument("--data", required=True, help="stage2 or stage1_2 JSONL")
   ev.add_argument("--out", required=True, help="summary JSON (per-question .jsonl beside)")
-  ev.add_argument("--k", type=int, default=5)
-  ev.add_argument("--limit", type=int, default=None)
+  ev.add_argument("--k", type=positive_int, default=5)
+  ev.add_argument("--limit", type=positive_int, default=None)
   ev.add_argument("--train_data", default=None,
                   help="the training rows (with doc_ids) of the gold-frequency baseline")
   ev.add_argument("--max_new_tokens", type=int, default=64)
@@ -449,7 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
   ln.add_argument("--top", type=int, default=None,
                   help="top tokens per vector (default: the paper's 50 of 32k, scaled to "
                        "the vocabulary)")
-  ln.add_argument("--limit", type=int, default=None)
+  ln.add_argument("--limit", type=positive_int, default=None)
   ln.add_argument("--manifest", default=None,
                   help="a generated world's manifest.json: also report clue-word recall")
   ln.set_defaults(fn=_cmd_lens)
@@ -458,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
   ix.add_argument("--workdir", required=True)
   ix.add_argument("--corpus", required=True, help='JSONL of {"id", "text"}')
   ix.add_argument("--out", required=True)
-  ix.add_argument("--shard_size", type=int, default=1024)
+  ix.add_argument("--shard_size", type=positive_int, default=1024)
   ix.add_argument("--query", action="append", help="questions to answer from the index")
   ix.add_argument("--top_n", type=int, default=5)
   ix.set_defaults(fn=_cmd_index)
@@ -480,11 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
                   help="JSONL(.gz) or JSON array file; repeat to pool several")
   cv.add_argument("--out", required=True, help="output JSONL (written atomically)")
   cv.add_argument("--stage", choices=["stage2", "stage1_2"], default="stage2")
-  cv.add_argument("--candidates", type=int, default=20, help="documents per stage2 row")
-  cv.add_argument("--k", type=int, default=5, help="documents per stage1_2 row")
+  cv.add_argument("--candidates", type=positive_int, default=20, help="documents per stage2 row")
+  cv.add_argument("--k", type=positive_int, default=5, help="documents per stage1_2 row")
   cv.add_argument("--seed", type=int, default=0, help="candidate shuffle seed")
   cv.add_argument("--on_error", choices=["raise", "skip"], default="raise")
-  cv.add_argument("--limit", type=int, default=None, help="convert the first N rows only")
+  cv.add_argument("--limit", type=positive_int, default=None, help="convert the first N rows only")
   cv.set_defaults(fn=_cmd_convert)
 
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
@@ -498,14 +517,43 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
+# Errors in what the user gave (a file, a flag, a config value): one line, exit 2.
+USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, KeyError)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """The error contract: bad input or usage prints one line `clara-jax CMD: message`
+  and exits 2; any other failure one line and exits 1; `--debug` (anywhere) shows the
+  traceback instead."""
   argv = list(sys.argv[1:] if argv is None else argv)
-  if argv and argv[0] == "train":  # absl flags + config files, not argparse
-    return train_main(argv[1:])
-  if argv and argv[0] == "plan":
-    return plan_main(argv[1:])
-  args = build_parser().parse_args(argv)
-  return args.fn(args)
+  debug = "--debug" in argv
+  argv = [a for a in argv if a != "--debug"]
+  command = argv[0] if argv else ""
+  try:
+    if command == "train":  # absl flags + config files, not argparse
+      return train_main(argv[1:])
+    if command == "plan":
+      return plan_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+  except Exception as e:  # noqa: BLE001 - the contract: one line, exit 2 or 1
+    if debug:
+      raise
+    from absl import flags
+    if isinstance(e, USAGE_ERRORS + (flags.Error,)):
+      print(f"clara-jax {command}: {_one_line(e)}", file=sys.stderr)
+      return 2
+    print(f"clara-jax {command}: failed: {type(e).__name__}: {_one_line(e)} (run again "
+          f"with --debug for the traceback)", file=sys.stderr)
+    return 1
+
+
+def _one_line(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  if isinstance(error, KeyError) and error.args:
+    text = f"missing key {error.args[0]!r}"
+  return " ".join(text.split())
 
 
 if __name__ == "__main__":

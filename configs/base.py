@@ -126,8 +126,57 @@ def get_base_config(stage, arg=None):
   return c
 
 
+# Fields that count something: each must be at least 1.
+POSITIVE_INTS = ("clara.doc_max_length", "clara.compr_rate", "clara.k", "data.candidates",
+                 "data.question_max_length", "data.prompt_length", "data.answer_length",
+                 "data.lm_length", "tokenizer.vocab_size", "tokenizer.num_mem_tokens",
+                 "train.global_batch", "train.grad_accum_steps", "train.num_steps",
+                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+                 "train.max_consecutive_nonfinite")
+# (field, low, high, low included, high included)
+FLOAT_RANGES = (("optimizer.lr", 0.0, float("inf"), False, False),
+                ("optimizer.warmup_ratio", 0.0, 1.0, True, False),
+                ("optimizer.final_ratio", 0.0, 1.0, True, True),
+                ("optimizer.b1", 0.0, 1.0, True, False),
+                ("optimizer.b2", 0.0, 1.0, True, False),
+                ("optimizer.weight_decay", 0.0, float("inf"), True, False),
+                ("optimizer.clip_norm", 0.0, float("inf"), True, False),
+                ("clara.temperature", 0.0, float("inf"), False, False),
+                ("clara.retrieval_temperature", 0.0, float("inf"), False, False),
+                ("clara.mse_weight", 0.0, float("inf"), True, False),
+                ("clara.replay_weight", 0.0, float("inf"), True, False))
+
+
+def _get(c, dotted: str):
+  node = c
+  for part in dotted.split("."):
+    node = node[part]
+  return node
+
+
+def _check_values(c) -> None:
+  import math
+  for field in POSITIVE_INTS:
+    value = _get(c, field)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"config: {field} must be a positive integer, got {value!r}")
+  for field, lo, hi, lo_in, hi_in in FLOAT_RANGES:
+    value = _get(c, field)
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+          and not math.isnan(value) and (lo <= value if lo_in else lo < value)
+          and (value <= hi if hi_in else value < hi))
+    if not ok:
+      interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
+      raise ValueError(f"config: {field} must be a number in {interval}, got {value!r}")
+  if c.optimizer.schedule not in ("cosine", "constant"):
+    raise ValueError(f"config: optimizer.schedule must be 'cosine' or 'constant', got "
+                     f"{c.optimizer.schedule!r}")
+
+
 def validate(c):
-  """Clear errors for settings that cannot work together; returns the config."""
+  """Clear errors, naming the field, for values out of range and settings that cannot
+  work together; returns the config."""
+  _check_values(c)
   from clara_jax.model.clara import num_memory_tokens
   n_mem = num_memory_tokens(c.clara.doc_max_length, c.clara.compr_rate)
   if n_mem > c.tokenizer.num_mem_tokens:

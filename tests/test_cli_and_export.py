@@ -1,6 +1,7 @@
 """The `clara-jax` entry points and saving/loading a decoder outside training."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -91,3 +92,47 @@ def test_bench_cli_suite_prints_a_final_json_line(capsys):
   assert [r["documents_per_question"] for r in steps] == [3, 1, 2, 3, 3]
   assert [r["cached_memories"] for r in steps] == [False] * 4 + [True]
   assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 for r in steps)
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "--out", "w", "--candidates", "0"],
+    ["synth", "--out", "w", "--k", "-2"],
+    ["evaluate", "--workdir", "w", "--data", "d.jsonl", "--limit", "0"],
+    ["evaluate", "--workdir", "w", "--data", "d.jsonl", "--k", "0"],
+    ["index", "--workdir", "w", "--corpus", "c.jsonl", "--out", "o", "--shard_size", "0"],
+    ["convert", "hotpotqa_ircot", "--input", "i", "--out", "o", "--limit", "0"],
+    ["convert", "hotpotqa_ircot", "--input", "i", "--out", "o", "--candidates", "x"],
+])
+def test_counts_below_one_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
+  from clara_jax import cli
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(SystemExit) as stop:
+    cli.main(argv)
+  assert stop.value.code == 2
+  err = capsys.readouterr().err
+  assert "must be at least 1" in err or "is not an integer" in err
+  assert "Traceback" not in err and not os.listdir(tmp_path)
+
+
+def test_errors_are_one_line_with_the_exit_code(tmp_path, capsys):
+  from clara_jax import cli
+  missing = str(tmp_path / "nowhere.jsonl")
+  # Bad input: one line naming the command, exit 2; --debug shows the exception itself.
+  out = str(tmp_path / "out.json")
+  assert cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out",
+                   out]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("clara-jax evaluate: ") and len(err.strip().splitlines()) == 1
+  with pytest.raises((FileNotFoundError, ValueError)):
+    cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out", out,
+              "--debug"])
+  assert cli.main(["train", "--workdir", str(tmp_path)]) == 2
+  assert "--config=FILE[:variant] is required" in capsys.readouterr().err
+
+  # An unknown config override is a usage error too (absl's flag error, one line).
+  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "configs", "lm.py")
+  assert cli.main(["train", f"--config={config}", f"--workdir={tmp_path}",
+                   "--config.train.no_such_field=1"]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("clara-jax train: ") and "no_such_field" in err
+  assert len(err.strip().splitlines()) == 1

@@ -69,6 +69,33 @@ def test_config_errors_name_the_field():
   assert stage2.get_config("model=tiny").init.copy_adapters == (("compressor", "reasoner"),)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("train.log_every", 0, "train.log_every must be a positive integer, got 0"),
+    ("clara.compr_rate", 0, "clara.compr_rate must be a positive integer, got 0"),
+    ("clara.k", -1, "clara.k must be a positive integer, got -1"),
+    ("data.candidates", 0, "data.candidates must be a positive integer"),
+    ("train.num_steps", 2.5, "train.num_steps must be a positive integer, got 2.5"),
+    ("train.global_batch", True, "train.global_batch must be a positive integer"),
+    ("optimizer.lr", 0.0, r"optimizer.lr must be a number in \(0, inf\), got 0.0"),
+    ("optimizer.lr", float("nan"), "optimizer.lr must be a number"),
+    ("optimizer.warmup_ratio", 1.0, r"optimizer.warmup_ratio must be a number in \[0, 1\)"),
+    ("optimizer.b2", -0.1, "optimizer.b2 must be a number"),
+    ("clara.temperature", 0.0, "clara.temperature must be a number"),
+    ("optimizer.schedule", "linear", "optimizer.schedule must be 'cosine' or 'constant'"),
+])
+def test_values_out_of_range_name_the_field(field, value, message):
+  from configs import stage2
+  c = stage2.get_config("model=tiny")
+  *parents, leaf = field.split(".")
+  node = c
+  for part in parents:
+    node = node[part]
+  with c.ignore_type():
+    node[leaf] = value
+  with pytest.raises(ValueError, match=message):
+    validate(c)
+
+
 def test_replay_text_is_checked_where_it_is_set(tmp_path):
   from clara_jax.train import loop
   from configs import stage1, stage2

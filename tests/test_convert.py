@@ -248,6 +248,35 @@ def test_existing_output_survives_a_failed_conversion(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["hotpot.jsonl", "out.jsonl"]
 
 
+def test_output_equal_to_an_input_is_refused_and_the_input_kept(tmp_path):
+  fmt, path, _, candidates = _source(tmp_path, "hotpotqa_ircot")
+  with open(path, "rb") as f:
+    before = f.read()
+  alias = str(tmp_path / "alias.jsonl")
+  os.symlink(path, alias)
+  for out in (path, alias):  # the same file by name, or through a link
+    with pytest.raises(DataError, match="the output is also an input"):
+      convert(fmt, path, out, candidates=candidates)
+  with open(path, "rb") as f:
+    assert f.read() == before
+  result = _cli(fmt, "--input", path, "--out", path, "--candidates", str(candidates))
+  assert result.returncode == 2 and "the output is also an input" in result.stderr
+
+
+def test_outputs_get_the_umask_mode(tmp_path):
+  fmt, path, _, candidates = _source(tmp_path, "hotpotqa_ircot")
+  out = str(tmp_path / "out.jsonl")
+  old = os.umask(0o022)
+  try:
+    convert(fmt, path, out, candidates=candidates)
+    assert os.stat(out).st_mode & 0o777 == 0o644
+    os.umask(0o077)
+    convert(fmt, path, out, candidates=candidates)
+    assert os.stat(out).st_mode & 0o777 == 0o600
+  finally:
+    os.umask(old)
+
+
 def test_unanswerable_musique_rows_are_counted_skips(tmp_path):
   rows = [_musique_row(q) for q in _world(6, 4, 2)]
   rows[4]["answerable"] = False

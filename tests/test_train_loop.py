@@ -144,7 +144,7 @@ def test_a_second_writer_is_refused(text_file, tmp_path):
     assert sorted(os.listdir(workdir)) == before  # nothing written beside the holder
 
 
-def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path, caplog):
+def test_corrupt_newest_checkpoint_falls_back(reference_run, text_file, tmp_path, caplog):
   import shutil
   import jax
   from clara_jax.train.checkpoint import Checkpointer
@@ -167,7 +167,46 @@ def test_corrupt_newest_checkpoint_falls_back(reference_run, tmp_path, caplog):
   assert step == steps[-2]
   assert data["next_index"] > 0
   assert any("unreadable" in r.message for r in caplog.records)
+  # The unreadable step is kept aside, not deleted, and no longer listed.
+  assert ckpt.all_steps() == steps[:-1]
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "12.unreadable"))
   ckpt.close()
+  # The CLI resumes from the good step and writes step 12 anew.
+  proc = _run(_args(text_file, workdir, steps=12, every=2))
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out.decode()[-3000:]
+  assert f"resumed from step {steps[-2]}" in out.decode()
+  assert Checkpointer(os.path.join(workdir, "checkpoints")).all_steps()[-1] == 12
+
+
+def _tree_bytes(root):
+  out = {}
+  for dirpath, _, files in os.walk(root):
+    for name in files:
+      path = os.path.join(dirpath, name)
+      with open(path, "rb") as f:
+        out[os.path.relpath(path, root)] = f.read()
+  return out
+
+
+def test_a_changed_config_is_refused_and_the_run_left_intact(text_file, reference_run,
+                                                             tmp_path):
+  import shutil
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(reference_run, workdir)
+  before = _tree_bytes(workdir)
+  proc = _run(_args(text_file, workdir, steps=12, every=2,
+                    extra=["--config.optimizer.lr=0.01", "--config.model.num_layers=3"]))
+  out, _ = proc.communicate(timeout=300)
+  text = out.decode()
+  assert proc.returncode == 2, text[-3000:]
+  assert "optimizer.lr: 0.003 -> 0.01" in text and "model.num_layers: 2 -> 3" in text
+  assert "Traceback" not in text
+  assert _tree_bytes(workdir) == before
+  # Logging and saving may change on a resume.
+  proc = _run(_args(text_file, workdir, steps=12, every=3))
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode == 0, out.decode()[-3000:]
 
 
 def test_repeated_nonfinite_updates_stop_the_run(text_file, tmp_path):
@@ -228,10 +267,15 @@ def test_resume_onto_a_different_mesh(text_file, reference_run, tmp_path):
   assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_batch_must_divide_the_data_parallel_size(text_file, tmp_path):
+def test_batch_must_divide_the_data_parallel_size(text_file, tmp_path, capsys):
   from clara_jax import cli
+  argv = _args(text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"])
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err.startswith("clara-jax train: config: train.global_batch / grad_accum_steps")
+  assert "not divisible by the data-parallel size 8" in err and len(err.splitlines()) == 1
   with pytest.raises(ValueError, match="not divisible by the data-parallel size 8"):
-    cli.main(_args(text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"]))
+    cli.main(argv + ["--debug"])
 
 
 def test_checkpoints_only_on_the_interval_or_forced(tmp_path):

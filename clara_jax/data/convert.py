@@ -595,6 +595,10 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
   if limit is not None and limit < 0:
     raise ValueError(f"limit must be >= 0, got {limit}")
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
+  for path in inputs:
+    if os.path.exists(path) and os.path.exists(out_path) and os.path.samefile(path, out_path):
+      raise DataError(out_path, 0, None, "the output is also an input; writing it would "
+                      "replace the data it is converted from (choose another --out)")
   if source_format == STAGE1:
     report = ConvertReport(source_format, STAGE1, out_path)
     rows, read_report = read_stage1(inputs, on_error)

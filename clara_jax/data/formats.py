@@ -410,6 +410,13 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
   return rows
 
 
+def default_file_mode() -> int:
+  """The mode `open(path, "w")` would give a new file: 0666 less the process umask."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
+
+
 def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
   """Writes rows as JSONL through a temporary file renamed into place, so a failure
   (including bad input raised by the `rows` iterator) never leaves a partial file and
@@ -423,6 +430,7 @@ def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
       for row in rows:
         f.write(json.dumps(row, ensure_ascii=False) + "\n")
         count += 1
+    os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide it from the team
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

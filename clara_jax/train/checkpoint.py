@@ -3,7 +3,8 @@
 Each checkpoint step holds two items: `state` (the TrainState arrays) and `data` (JSON:
 the input pipeline state). Saving is asynchronous; restoring walks back from the newest
 step and skips (with a warning) a checkpoint that is incomplete or cannot be read, so a
-crash during a save never strands a run. Restoring onto a different mesh passes the
+crash during a save never strands a run; a skipped step is set aside (renamed, not
+deleted) so that the resumed run writes it again. Restoring onto a different mesh passes the
 target shardings as the abstract tree.
 """
 
@@ -66,8 +67,25 @@ class Checkpointer:
                         self.directory, candidate, type(error).__name__,
                         str(error).splitlines()[0][:200])
         continue
+      self._set_aside([s for s in steps if s > candidate])
       return candidate, restored["state"], dict(restored["data"] or {})
     return None
+
+  def _set_aside(self, unreadable) -> None:
+    """Renames unreadable steps newer than the restored one to `<step>.unreadable`
+    (kept for inspection, never deleted), so the resumed run saves those steps anew
+    instead of colliding with them."""
+    if not unreadable or jax.process_index() != 0:
+      return
+    for step in unreadable:
+      src = os.path.join(self.directory, str(step))
+      dst = f"{src}.unreadable"
+      n = 1
+      while os.path.exists(dst):
+        dst, n = f"{src}.unreadable{n}", n + 1
+      os.rename(src, dst)
+      logging.warning("checkpoint %s set aside as %s", src, dst)
+    self.manager.reload()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

@@ -34,7 +34,7 @@ from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import DecoderConfig, config_from_dict
 from clara_jax.model.decoder import abstract_params, init_params
-from clara_jax.train import optimizer
+from clara_jax.train import optimizer, run_config
 from clara_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from clara_jax.train.metrics import MetricsWriter, parameter_overview
 from clara_jax.train.state import TrainState, create_state
@@ -343,6 +343,11 @@ def train(config, workdir: str,
 
 
 def _train(config, workdir: str, progress) -> Dict[str, float]:
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  saved_steps = (sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
+                 if os.path.isdir(ckpt_dir) else [])
+  run_config.check_or_record(workdir, config, bool(saved_steps),
+                             write=jax.process_index() == 0)
   cclara = clara_config(config)
   prev = _previous_export(config, workdir)
   files = _with_replay_text(config, workdir, data_files(config, workdir))
@@ -383,10 +388,14 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   state = jax.device_put(state, state_sh)
 
   pipeline = build_pipeline(config, workdir, tok, files, cclara)
-  checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                              config.train.checkpoint_every, config.train.keep_checkpoints)
+  checkpointer = Checkpointer(ckpt_dir, config.train.checkpoint_every,
+                              config.train.keep_checkpoints)
   restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state),
                                                           state_sh))
+  if restored is None and saved_steps:
+    checkpointer.close()
+    raise RuntimeError(f"{ckpt_dir}: checkpoints of steps {saved_steps} exist but none "
+                       f"restores (see the warnings above); refusing to start over them")
   if restored is not None:
     step0, state, data_state = restored
     pipeline.set_state(data_state)
