@@ -256,6 +256,7 @@ def _cmd_lens(args) -> int:
 
 
 def _cmd_index(args) -> int:
+  import os
   from clara_jax.data.formats import iter_json_lines
   from clara_jax.infer.index import MemoryIndex, build_index
   model = _load_model(args.workdir)
@@ -264,7 +265,11 @@ def _cmd_index(args) -> int:
     if not isinstance(doc, dict) or "text" not in doc:
       raise ValueError(f"{args.corpus}: row {i + 1} needs a 'text' field")
     doc.setdefault("id", str(i))
-  meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size)
+  from clara_jax.data import fingerprint
+  inputs = {"export": fingerprint.dir_fingerprint(os.path.join(args.workdir, "export")),
+            "corpus": fingerprint.file_fingerprint(args.corpus)}
+  meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size,
+                     inputs=inputs)
   result = {"index": args.out, **meta}
   if args.query:
     from clara_jax.infer.index import answer_from_index

@@ -103,7 +103,8 @@ def test_summary_pairs_models_and_resamples_links():
   assert summary["control"]["edit"]["top1_new_elsewhere"]["n"] == 5
   rows = dict((r[0], r) for r in edit.claims(summary))
   assert rows["e. edit: top-1 on the new target's document"][3] is True
-  assert "n=5" in rows["e. unedited links: top-1 on an edit's new target, edit / sham"][1]
+  assert "n=5" in rows["e. unedited links, edit - sham: top-1 on an edit's new target"][1]
+  assert summary["control:edit-sham"]["top1_old"]["mean"] == 0.0
   # Half moved is the target's edge; below it, or not above the sham, misses.
   per_model["edit"] = _records([1, 0, 0, 0] * 5, link) + per_model["edit"][20:]
   rows = dict((r[0], r) for r in edit.claims(edit.summarize(per_model)))

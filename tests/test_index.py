@@ -54,3 +54,29 @@ def test_build_resume_and_search(tmp_path):
   assert index.ids[idx[0, 0]] == "d5" and index.ids[idx[1, 0]] == "d30"
   np.testing.assert_allclose(scores[:2, 0], 1.0, atol=1e-3)
   assert np.all(idx < 37)  # padding rows are never returned
+
+
+def test_shards_of_other_inputs_are_never_reused(tmp_path):
+  import os
+  from clara_jax.data import fingerprint
+  corpus, export = tmp_path / "corpus.jsonl", tmp_path / "export"
+  corpus.write_text("one\n")
+  export.mkdir()
+  (export / "params.npz").write_bytes(b"weights v1")
+  inputs = lambda: {"export": fingerprint.dir_fingerprint(str(export)),
+                    "corpus": fingerprint.file_fingerprint(str(corpus))}
+  out = str(tmp_path / "idx")
+  build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())
+  contents = lambda: {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
+  before = contents()
+  build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())  # same: reused
+  (export / "params.npz").write_bytes(b"weights v2")  # a retrained export
+  with pytest.raises(fingerprint.StaleArtefact,
+                     match=r"export.files.params.npz.(bytes|sha256).*Remove it to rebuild"):
+    build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())
+  (export / "params.npz").write_bytes(b"weights v1")
+  with pytest.raises(fingerprint.StaleArtefact, match="shard_size: 10 -> 12"):
+    build_index(fake_compress, DOCS, out, shard_size=12, inputs=inputs())
+  assert contents() == before
+  with pytest.raises(ValueError, match="shard_size must be at least 1"):
+    build_index(fake_compress, DOCS, str(tmp_path / "other"), shard_size=0)

@@ -2,6 +2,7 @@
 determinism, exact resumption, per-process slices, global arrays."""
 
 import json
+import os
 
 import jax
 import numpy as np
@@ -76,6 +77,24 @@ def test_tfds_bad_row_stops_or_is_skipped(tmp_path):
   assert builder.reports["train"].rows_skipped == 1
   with pytest.raises(FileNotFoundError, match="no {split}.jsonl"):
     tfds_builders.prepare("stage2", str(tmp_path / "empty"), str(tmp_path / "x"))
+
+
+def test_a_prepared_dataset_is_not_reused_for_other_inputs(tmp_path):
+  from clara_jax.data.fingerprint import StaleArtefact
+  src, data_dir = tmp_path / "src", str(tmp_path / "tfds")
+  _write_split(src, "train", _stage2_rows(6))
+  tfds_builders.prepare("stage2", str(src), data_dir)
+  tfds_builders.prepare("stage2", str(src), data_dir)  # the same inputs: reused
+  _write_split(src, "train", _stage2_rows(6, seed=4))  # the file rewritten
+  with pytest.raises(StaleArtefact, match=r"files.train.sha256.*Remove it to rebuild"):
+    tfds_builders.prepare("stage2", str(src), data_dir)
+  _write_split(src, "train", _stage2_rows(6))
+  with pytest.raises(StaleArtefact, match="on_error: \"raise\" -> \"skip\""):
+    tfds_builders.prepare("stage2", str(src), data_dir, on_error="skip")
+  moved = tmp_path / "moved"
+  os.rename(src, moved)  # the same bytes elsewhere are the same input
+  assert len(tfds_builders.prepare("stage2", str(moved), data_dir)
+             .as_data_source(split="train")) == 6
 
 
 def test_stage1_and_stage1_2_builders(tmp_path, tok):

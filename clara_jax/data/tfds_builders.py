@@ -20,7 +20,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
-from clara_jax.data import formats
+from clara_jax.data import fingerprint, formats
 
 _TEXT = tfds.features.Text
 _TEXTS = lambda: tfds.features.Sequence(tfds.features.Text())
@@ -113,7 +113,16 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
       raise FileNotFoundError(f"{path}: no such file (split {split!r})")
   builder = BUILDERS[fmt](files=files, on_error=on_error, num_docs=num_docs,
                           data_dir=data_dir, file_format="array_record")
+  # TFDS reuses a prepared dataset by name and version alone: record what it was
+  # prepared from, and refuse to reuse it for other files or settings.
+  inputs = {"format": fmt, "on_error": on_error, "num_docs": num_docs,
+            "files": {split: fingerprint.file_fingerprint(path)
+                      for split, path in sorted(files.items())}}
+  record = os.path.join(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX)
+  if os.path.exists(record):
+    fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")
   builder.download_and_prepare()
+  fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")
   return builder
 
 

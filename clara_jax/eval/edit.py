@@ -217,7 +217,7 @@ MEASURES = ("top1_new", "top1_old", "margin", "lens_auc")
 def summarize(per_model: Mapping[str, Sequence[Mapping]],
               probes: Optional[Mapping[str, Mapping]] = None) -> Dict[str, Any]:
   """{"edited": {model: {measure: ci}}, "control": {model: {"top1_old",
-  "top1_new_elsewhere": ci}},
+  "top1_new_elsewhere": ci}}, "control:edit-sham": {those two: paired ci},
   "edit-sham" / "edit-stage2": {measure: paired ci}, "questions", "links", "probe"}.
   Intervals resample links (a link's questions share its edit). Records of every model
   come in the same question order."""
@@ -237,6 +237,14 @@ def summarize(per_model: Mapping[str, Sequence[Mapping]],
   out["links"] = len({r["link"] for r in any_recs})
   out["control_questions"] = len([r for r in next(iter(per_model.values()), [])
                                   if r["group"] == "control"])
+  control = {name: [r for r in recs if r["group"] == "control"]
+             for name, recs in per_model.items()}
+  if "edit" in control and "sham" in control:
+    clusters = [r["link"] for r in control["edit"]]
+    out["control:edit-sham"] = {
+        m: stats.paired_difference([r.get(m) for r in control["edit"]],
+                                   [r.get(m) for r in control["sham"]], clusters=clusters)
+        for m in ("top1_old", "top1_new_elsewhere")}
   if "edit" in edited:
     clusters = [r["link"] for r in edited["edit"]]
     for other in ("sham", "stage2"):
@@ -272,15 +280,16 @@ def claims(summary: Mapping[str, Any]) -> List[Tuple[str, str, str, Optional[boo
       ("e. edit - sham: lens AUC new vs old name", sfmt(diff.get("lens_auc")),
        "(reported)", None),
   ]
-  control = summary["control"]
+  control, cdiff = summary["control"], summary.get("control:edit-sham", {})
   if "edit" in control and control["edit"]["top1_old"] is not None:
-    rows.append(("e. unedited links: top-1 on their gold, edit / sham",
-                 f"{fmt(control['edit']['top1_old'])} / {fmt(control['sham']['top1_old'])}"
+    rows.append(("e. unedited links, edit - sham: top-1 on their gold",
+                 f"{sfmt(cdiff.get('top1_old'))} (edit {fmt(control['edit']['top1_old'])})"
                  f", n={summary['control_questions']}", "(reported)", None))
-    elsewhere = [control[m].get("top1_new_elsewhere") for m in ("edit", "sham")]
-    if None not in elsewhere:
-      rows.append(("e. unedited links: top-1 on an edit's new target, edit / sham",
-                   f"{fmt(elsewhere[0])} / {fmt(elsewhere[1])}, n={elsewhere[0]['n']}",
+    elsewhere = cdiff.get("top1_new_elsewhere")
+    if elsewhere is not None:
+      rows.append(("e. unedited links, edit - sham: top-1 on an edit's new target",
+                   f"{sfmt(elsewhere)} (edit "
+                   f"{fmt(control['edit']['top1_new_elsewhere'])}), n={elsewhere['n']}",
                    "(reported)", None))
   probes = summary.get("probe", {})
   if probes:

@@ -29,10 +29,22 @@ def _shard_path(out_dir: str, i: int) -> str:
 
 def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[Dict],
                 out_dir: str, shard_size: int = 1024, dtype: str = "float16",
-                progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+                progress: Optional[Callable[[int, int], None]] = None,
+                inputs: Optional[Dict] = None) -> Dict:
   """Compresses `docs` ({"id", "text"}) shard by shard with `compress` (texts -> [n,
-  n_mem, H]). Existing complete shards are reused, so an interrupted build resumes."""
+  n_mem, H]). Existing complete shards are reused, so an interrupted build resumes.
+
+  `inputs`: what the shards are computed from (e.g. the export's and the corpus's
+  fingerprints, `clara_jax.data.fingerprint`), recorded on the first build; a build into
+  a directory recorded with other inputs raises `StaleArtefact` before touching it."""
+  if shard_size < 1:
+    raise ValueError(f"shard_size must be at least 1, got {shard_size}")
   os.makedirs(out_dir, exist_ok=True)
+  if inputs is not None:
+    from clara_jax.data import fingerprint
+    fingerprint.check_or_record(
+        os.path.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
+        dict(inputs, shard_size=shard_size, dtype=dtype), f"the index in {out_dir}")
   num_shards = -(-len(docs) // shard_size)
   for i in range(num_shards):
     path = _shard_path(out_dir, i)

@@ -1,0 +1,93 @@
+"""Fingerprints of the inputs a derived artefact was built from (prepared TFDS data, index
+shards), so that a later run reuses it only when its inputs are the same.
+
+A file is known by its size and content hash (files up to `HASH_LIMIT`; larger ones by
+size and modification time, since hashing tens of gigabytes on every start would cost
+more than it saves). Paths are recorded but not compared: the same bytes moved
+elsewhere are the same input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Dict, Mapping
+
+HASH_LIMIT = 1 << 30  # bytes: larger files are known by size and mtime
+FINGERPRINT_SUFFIX = ".fingerprint.json"
+
+
+class StaleArtefact(ValueError):
+  """A derived artefact was built from other inputs than the ones given now."""
+
+
+def file_fingerprint(path: str) -> Dict[str, Any]:
+  stat = os.stat(path)
+  out: Dict[str, Any] = {"path": os.path.abspath(path), "bytes": stat.st_size}
+  if stat.st_size <= HASH_LIMIT:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+      for block in iter(lambda: f.read(1 << 20), b""):
+        digest.update(block)
+    out["sha256"] = digest.hexdigest()
+  else:
+    out["mtime_ns"] = stat.st_mtime_ns
+  return out
+
+
+def dir_fingerprint(directory: str) -> Dict[str, Any]:
+  """{relative file name: file_fingerprint} of every file under `directory`."""
+  out = {}
+  for root, _, names in os.walk(directory):
+    for name in sorted(names):
+      path = os.path.join(root, name)
+      out[os.path.relpath(path, directory)] = file_fingerprint(path)
+  return {"path": os.path.abspath(directory), "files": out}
+
+
+def _comparable(value: Any) -> Any:
+  if isinstance(value, Mapping):
+    return {k: _comparable(v) for k, v in value.items() if k != "path"}
+  return value
+
+
+def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str, tuple]:
+  """{dotted key: (recorded, current)} where the two differ (paths aside)."""
+  out: Dict[str, tuple] = {}
+
+  def walk(prefix: str, a: Any, b: Any) -> None:
+    if isinstance(a, Mapping) and isinstance(b, Mapping):
+      for key in sorted(set(a) | set(b)):
+        walk(f"{prefix}{key}.", a.get(key), b.get(key))
+    elif a != b:
+      out[prefix.rstrip(".")] = (a, b)
+
+  walk("", _comparable(recorded), _comparable(current))
+  return out
+
+
+def check_or_record(record_path: str, current: Mapping[str, Any], what: str) -> None:
+  """Writes `current` to `record_path` the first time; afterwards raises `StaleArtefact`
+  naming each differing input when `current` is not what was recorded."""
+  if os.path.exists(record_path):
+    with open(record_path) as f:
+      recorded = json.load(f)
+    changed = differences(recorded, current)
+    if changed:
+      shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}"
+                        for k, (old, new) in list(changed.items())[:5])
+      more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+      raise StaleArtefact(f"{what} was built from other inputs ({record_path}): {shown}"
+                          f"{more}. Remove it to rebuild, or use another output")
+    return
+  os.makedirs(os.path.dirname(record_path) or ".", exist_ok=True)
+  tmp = record_path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(current, f, indent=1, sort_keys=True)
+  os.replace(tmp, record_path)
+
+
+def _short(value: Any) -> str:
+  text = json.dumps(value, sort_keys=True) if value is not None else "absent"
+  return text if len(text) <= 40 else text[:37] + "..."
