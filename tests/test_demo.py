@@ -39,6 +39,9 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   # every adapter, and every model was measured on the same questions.
   edit = written["results"]["edit"]
   assert edit["questions"] > 0 and edit["links"] == len(edit["edits"])
+  for model in ("stage2", "sham", "edit"):  # the base and each adapted model, closed book
+    assert {"new_known", "reasoner_old_known", "generator_new_known"} <= set(
+        edit["probe"][model])
   assert any(c["claim"].startswith("e. edit: top-1 on the new") for c in written["claims"])
   with open(os.path.join(workdir, demo.EDIT_STAGES[0], "export", "config.json")) as f:
     assert json.load(f)

@@ -200,15 +200,24 @@ def records(model, rows: Sequence[Mapping], manifest: Mapping, edits: Sequence[E
   return out
 
 
-def probe(base, manifest: Mapping, edits: Sequence[Edit]) -> Dict[str, float]:
+PROBED_ADAPTERS = ("reasoner", "generator")  # beside the base (no adapter)
+
+
+def probe(base, manifest: Mapping, edits: Sequence[Edit]) -> Dict[str, Any]:
   """Share of edited links for which the base (closed book) ranks the new target first
-  (`new_known`) and still ranks the old one first (`old_known`)."""
+  (`new_known`) and still ranks the old one first (`old_known`); the same with each
+  PROBED_ADAPTERS adapter active (`<adapter>_new_known`, `<adapter>_old_known`): where
+  the adapted model still says the old link, the association lives in the adapters."""
   if not edits:
     return {"new_known": None, "old_known": None, "links": 0}
-  new = probe_links(base, manifest, [(e.person, e.link, e.new) for e in edits])
-  old = probe_links(base, manifest, [(e.person, e.link, e.old) for e in edits])
-  return {"new_known": float(np.mean(list(new.values()))),
-          "old_known": float(np.mean(list(old.values()))), "links": len(edits)}
+  out: Dict[str, Any] = {"links": len(edits)}
+  for adapter in (None,) + PROBED_ADAPTERS:
+    prefix = f"{adapter}_" if adapter else ""
+    for side in ("new", "old"):
+      known = probe_links(base, manifest, [(e.person, e.link, getattr(e, side))
+                                           for e in edits], adapter=adapter)
+      out[f"{prefix}{side}_known"] = float(np.mean(list(known.values())))
+  return out
 
 
 MEASURES = ("top1_new", "top1_old", "margin", "lens_auc")
@@ -292,11 +301,18 @@ def claims(summary: Mapping[str, Any]) -> List[Tuple[str, str, str, Optional[boo
                    f"{fmt(control['edit']['top1_new_elsewhere'])}), n={elsewhere['n']}",
                    "(reported)", None))
   probes = summary.get("probe", {})
+  known = lambda model, key: (f"{probes[model][key]:.2f}" if probes.get(model, {}).get(key)
+                              is not None else "n/a")
   if probes:
-    rows.append(("e. base knows the new link (closed book), edit / sham",
-                 " / ".join(f"{probes[m]['new_known']:.2f}" if m in probes
-                            and probes[m]["new_known"] is not None else "n/a"
-                            for m in ("edit", "sham")), "(reported)", None))
+    for adapter in ("",) + PROBED_ADAPTERS:
+      prefix, who = (f"{adapter}_", f"with the {adapter}") if adapter else ("", "base")
+      if not any(f"{prefix}new_known" in p for p in probes.values()):
+        continue
+      rows.append((f"e. closed book, {who}: new link / old link known",
+                   f"edit {known('edit', prefix + 'new_known')} / "
+                   f"{known('edit', prefix + 'old_known')}, sham "
+                   f"{known('sham', prefix + 'new_known')} / "
+                   f"{known('sham', prefix + 'old_known')}", "(reported)", None))
   return rows
 
 

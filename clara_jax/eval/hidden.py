@@ -272,17 +272,17 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
             for r in map(json.loads, f))
     with open(summary_path) as f:
       for name, p in json.load(f)["probe"].items():
-        pooled = probes.setdefault(name, {"links": 0, "new": 0.0, "old": 0.0})
+        pooled = probes.setdefault(name, {"links": 0, "sums": {}})
         pooled["links"] += p["links"]
-        pooled["new"] += (p["new_known"] or 0.0) * p["links"]
-        pooled["old"] += (p["old_known"] or 0.0) * p["links"]
+        for key, value in p.items():
+          if key.endswith("_known"):
+            pooled["sums"][key] = pooled["sums"].get(key, 0.0) + (value or 0.0) * p["links"]
   if not per_model:
     return None
   for p in probes.values():
     links = p["links"]
-    new, old = p.pop("new"), p.pop("old")
-    p["new_known"] = new / links if links else None
-    p["old_known"] = old / links if links else None
+    p.update({key: total / links if links else None
+              for key, total in p.pop("sums").items()})
   return edit_lib.summarize(per_model, probes)
 
 

@@ -13,7 +13,7 @@ sibling, Y) and (Y, link, gold). A question's chain is known when every link is.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +37,10 @@ def chain_links(question: Mapping) -> List[Link]:
   return [(chain[i], link_names[i], chain[i + 1]) for i in range(len(chain) - 1)]
 
 
-def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64) -> np.ndarray:
+def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64,
+                             adapter: Optional[str] = None) -> np.ndarray:
   """Sum of next-token log-probabilities of each sentence [S] under the base model
-  (no adapter), after BOS."""
+  (`adapter` None) or the model with that LoRA adapter active, after BOS."""
   tok = model.tok
   ids = [tok.encode(s, add_bos=True, parse_special=False) for s in sentences]
   length = max(len(i) for i in ids)
@@ -52,7 +53,7 @@ def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64) -
   @jax.jit
   def score(params, t, m):
     hidden = decoder.apply({"params": params}, t, attention_mask=m,
-                           positions=clara.positions_from_mask(m)).hidden
+                           positions=clara.positions_from_mask(m), adapter=adapter).hidden
     logits = decoder.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
@@ -69,9 +70,10 @@ def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64) -
   return np.concatenate(out)
 
 
-def probe_links(model, manifest: Mapping, links: Sequence[Link]) -> Dict[Link, bool]:
+def probe_links(model, manifest: Mapping, links: Sequence[Link],
+                adapter: Optional[str] = None) -> Dict[Link, bool]:
   """{link: known} for each distinct link: the true entity's sentence outscores the
-  sentence with every other entity of its kind."""
+  sentence with every other entity of its kind (under the base, or with `adapter`)."""
   docs = manifest["documents"]
   links = list(dict.fromkeys(links))
   sentences, spans = [], []
@@ -82,7 +84,8 @@ def probe_links(model, manifest: Mapping, links: Sequence[Link]) -> Dict[Link, b
     sentences += [LINK_SENTENCES[link].format(n=docs[person]["name"], v=docs[t]["name"])
                   for t in options]
     spans.append((first, options.index(target), len(options)))
-  scores = sentence_log_likelihoods(model, sentences) if sentences else np.zeros(0)
+  scores = (sentence_log_likelihoods(model, sentences, adapter=adapter) if sentences
+            else np.zeros(0))
   known = {}
   for link, (first, true_at, n) in zip(links, spans):
     own = scores[first:first + n]
