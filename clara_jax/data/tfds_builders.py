@@ -72,6 +72,14 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
     return {split: self._generate_examples(split, path)
             for split, path in self._files.items()}
 
+  # TFDS prints these two lines to stdout on every preparation; they are logged instead
+  # (INFO), since preparing local files is a routine step of every stage.
+  def _log_download_bytes(self) -> None:
+    logging.info("preparing %s from %s in %s", self.name, self._files, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info("prepared %s in %s", self.name, self.data_dir)
+
   def _generate_examples(self, split: str, path: str) -> Iterator[Tuple[int, dict]]:
     report = self.reports.setdefault(split, formats.ReadReport())
     for i, row in enumerate(formats.read_rows(path, self.FORMAT, self._on_error,
