@@ -378,7 +378,8 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
                        f"text: the sham would not be the text the base learned")
   for stage, lines in (("lm_edit", edited), ("lm_sham", unchanged)):
     path = os.path.join(workdir, "edit", EDIT_TEXT[stage])
-    edit.write_lines(path, lines)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    synth.write_text(path, lines)
     run_stage(stage, workdir, recipe, seed, log, extra={"data.source": path})
   per_model, probes = {}, {}
   for name, stage in zip(edit.MODELS, ("stage2",) + tuple(EDIT_STAGES[::-1])):

@@ -737,10 +737,10 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
       name = f"{fmt}_{split}.jsonl"
       counts[name] = write_jsonl_atomic(os.path.join(directory, name), rows)
   lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
-  _write_text(os.path.join(directory, "lm.txt"), lines)
+  write_text(os.path.join(directory, "lm.txt"), lines)
   counts["lm.txt"] = len(lines)
   world_lines = world_lm_lines(the_world, lm_wordings)
-  _write_text(os.path.join(directory, LM_WORLD_FILE), world_lines)
+  write_text(os.path.join(directory, LM_WORLD_FILE), world_lines)
   counts[LM_WORLD_FILE] = len(world_lines)
   counts["corpus.jsonl"] = write_jsonl_atomic(
       os.path.join(directory, "corpus.jsonl"),
@@ -769,7 +769,8 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
   return manifest
 
 
-def _write_text(path: str, lines: Sequence[str]) -> None:
+def write_text(path: str, lines: Sequence[str]) -> None:
+  """Lines of text, one per line, written atomically (temporary file, then rename)."""
   tmp = path + ".tmp"
   with open(tmp, "w") as f:
     f.write("\n".join(lines) + "\n")

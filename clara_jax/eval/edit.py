@@ -137,14 +137,6 @@ def edited_lines(manifest: Mapping, edits: Sequence[Edit], wordings: int = 3
   return before, after
 
 
-def write_lines(path: str, lines: Sequence[str]) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
-
-
 def _name_pieces(tok, manifest: Mapping, entity: str) -> set:
   from clara_jax.eval.lens import word_pieces
   return word_pieces(tok, manifest["documents"][entity]["name"].split())
