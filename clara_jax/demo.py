@@ -455,7 +455,8 @@ def run_seeds(workdir: str, seeds: List[int], quick: bool = False,
   summary = {"seeds": seeds, "recipe": dataclasses.asdict(recipe),
              "claims": [dict(zip(("claim", "measured", "target", "passed"), row))
                         for row in pooled],
-             "per_seed": {str(seed): s["claims"] for seed, s in per_seed.items()}}
+             "per_seed": {str(seed): s["claims"] for seed, s in per_seed.items()},
+             "provenance": provenance()}
   with open(os.path.join(workdir, "seeds_summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
   log("\n" + table)
@@ -482,6 +483,23 @@ def format_seeds_table(pooled: List[Tuple[str, str, str, Optional[bool]]],
   return "\n".join(lines)
 
 
+def provenance() -> Dict[str, Any]:
+  """What produced a report: the time, the command line, and the git commit of the
+  clara_jax checkout (with whether it had uncommitted changes), where there is one."""
+  import subprocess
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out: Dict[str, Any] = {"time": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+                         "argv": list(sys.argv)}
+  try:
+    git = lambda *a: subprocess.run(["git", "-C", root, *a], capture_output=True, text=True,
+                                    timeout=10, check=True).stdout.strip()
+    out["commit"] = git("rev-parse", "HEAD")
+    out["uncommitted_changes"] = bool(git("status", "--porcelain", "--untracked-files=no"))
+  except (OSError, subprocess.SubprocessError):
+    out["commit"] = None  # an installed package, not a checkout
+  return out
+
+
 def write_report(workdir: str, recipe: Recipe, stage_metrics: Dict[str, Dict],
                  results: Dict[str, Any], seconds: float,
                  log: Callable[[str], None] = print,
@@ -500,7 +518,7 @@ def write_report(workdir: str, recipe: Recipe, stage_metrics: Dict[str, Dict],
   summary = {"recipe": dataclasses.asdict(recipe), "stages": stage_metrics,
              "results": results, "claims": [dict(zip(("claim", "measured", "target",
                                                       "passed"), row)) for row in table],
-             "seconds": seconds, **(extra or {})}
+             "seconds": seconds, "provenance": provenance(), **(extra or {})}
   with open(os.path.join(workdir, "summary.json"), "w") as f:
     json.dump(summary, f, indent=1, default=str)
   log("\n" + format_table(table))

@@ -23,6 +23,11 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
     assert os.listdir(os.path.join(workdir, stage, "tensorboard"))
     assert os.path.exists(os.path.join(workdir, stage, demo.DONE_FILE))
   written = check_report(workdir, lines, HIDDEN_CLAIMS, ("single", "one_link", "two_link"))
+  # The report says what produced it: this checkout's commit.
+  import subprocess
+  head = subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(demo.__file__)),
+                         "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+  assert written["provenance"]["commit"] == (head or None)
   final = written["results"]["stage2"]
   assert final["questions"] == summary["results"]["stage2"]["questions"] > 0
   for key in ("memory_gain", "em_oracle", "em_control", "recall@1", "bm25_recall@1",
