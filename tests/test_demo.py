@@ -169,3 +169,17 @@ def test_demo_seeds_flag_is_checked(capsys):
   from clara_jax import cli
   assert cli.main(["demo", "--seeds", "1,x"]) == 2
   assert "comma-separated list of integers" in capsys.readouterr().err
+
+
+def test_edit_command_reruns_the_measurement_on_a_finished_run(quick_demo, capsys, tmp_path):
+  from clara_jax import cli
+  workdir, summary, _ = quick_demo
+  assert cli.main(["edit", "--workdir", workdir, "--quick"]) == 0  # --quick: no verdicts
+  out = capsys.readouterr().out
+  assert "finished before: skipped" in out and "(not judged)" in out
+  assert "e. edit: top-1 on the new target's document" in out
+  with open(os.path.join(workdir, "edit.json")) as f:
+    again = json.load(f)
+  assert again["edited"] == summary["results"]["edit"]["edited"]  # the same measurement
+  assert cli.main(["edit", "--workdir", str(tmp_path)]) == 2
+  assert "has no finished stage2" in capsys.readouterr().err
