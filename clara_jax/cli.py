@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   real = sub.add_parser("real-data", help="the demo's pipeline on the real HotpotQA, NQ and "
                         "CLaRa-pretraining files (see DATA_DIR/SOURCES.md)")
-  real.add_argument("--data_dir", default="../shared/data",
+  real.add_argument("--data_dir", required=True,
                     help="directory holding hotpotqa_dev500.jsonl, nq_open_oracle.jsonl.gz, "
                     "clara_pretrain_1k.jsonl")
   real.add_argument("--workdir", default="workdir_real_data")

@@ -77,7 +77,7 @@ class Recipe:
 def default_recipe(quick: bool = False) -> Recipe:
   """The recipe; docs/demo_log.md records what was tried and measured.
 
-  What makes reading learnable at this size (session 3 of the log): names drawn from a
+  What makes reading learnable at this size (docs/demo_log.md, "single-token names"): names drawn from a
   fixed pool of single tokens (`data.synth_names=pool`; a name is one piece to copy, not
   a string of syllables), documents of two facts, compression rate 2, fresh worlds in
   stage1 and stage1_2 (only reading lowers the loss), and the base weights training with
@@ -95,7 +95,7 @@ def default_recipe(quick: bool = False) -> Recipe:
       # One table embeds tokens and decodes states, so the lens reads the memories with
       # the rows the generator reads them as: through an untied head, the gold
       # documents' own memories decoded to their words at rank AUC 0.58, tied 0.71-0.77
-      # (session 8 of the log).
+      # (docs/demo_log.md, "tied embeddings").
       "model.tie_embeddings": True,
   }
   stages = {
@@ -104,7 +104,7 @@ def default_recipe(quick: bool = False) -> Recipe:
       # base trains too, and keeps learning the world's own text beside it (replay): at
       # seed 0, stage1 without replay left the base knowing 0.04 of the held-out chains'
       # links (0.70 after `lm`, chance 0.06) and stage1_2 reading them at 0.12 nats; with
-      # replay 0.84 and 1.78 nats (session 10 of the log).
+      # replay 0.84 and 1.78 nats (docs/demo_log.md, "a world where only knowledge can retrieve").
       "stage1": {"train.num_steps": 2500, "optimizer.lr": 3e-3, "data.synth_fresh": True,
                  "clara.train_base": True, "data.prompt_length": 32,
                  "data.answer_length": 40, "data.replay_text": "world"},
@@ -115,13 +115,13 @@ def default_recipe(quick: bool = False) -> Recipe:
                    "data.replay_text": "world"},
       # Reasoner and generator train together, as in the paper. With the generator
       # frozen, stage2 beat its initial reasoner on both Recall@1 and Recall@5 in two whole
-      # runs of six; training both did at each of the three seeds tried (session 7 of the
-      # log). One selected document (k = 1): the answer then depends on the top-1 choice
-      # alone, which is what Recall@1 measures (with k = 2, Recall@2 rose and Recall@1
-      # stayed flat).
+      # runs of six; training both did at each of the three seeds tried
+      # (docs/demo_log.md). One selected document (k = 1): the answer then depends on the
+      # top-1 choice alone, which is what Recall@1 measures (with k = 2, Recall@2 rose and
+      # Recall@1 stayed flat).
       # The reasoner at twice the generator's learning rate: at one rate it stayed at its
       # initial lens AUC at seed 1 and missed Recall@5 there; at 2x every recall and AUC
-      # row passed at seeds 0-2, at 3x seed 0 lost Recall@5 (session 9 of the log).
+      # row passed at seeds 0-2, at 3x seed 0 lost Recall@5 (docs/demo_log.md, "the reasoner at twice the generator's learning rate").
       "stage2": {"train.num_steps": 1200, "train.global_batch": 16, "optimizer.lr": 1e-3,
                  "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
                  "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
@@ -363,6 +363,7 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
   stage2, sham and edit on the same questions. Writes `eval/edit_<model>.jsonl` and
   `edit.json`; returns `edit.summarize`'s summary plus the edits."""
   from clara_jax.data import synth
+  from clara_jax.data.formats import write_json_atomic
   from clara_jax.eval import edit, hidden
   from clara_jax.eval.evaluate import load_rows
   from clara_jax.infer.api import ClaraModel
@@ -390,7 +391,7 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
     probes[name] = edit.probe(hidden.base_model(export), manifest, edits)
   summary = edit.summarize(per_model, probes)
   summary["edits"] = [dataclasses.asdict(e) for e in edits]
-  edit.write_json(os.path.join(workdir, "edit.json"), summary)
+  write_json_atomic(os.path.join(workdir, "edit.json"), summary)
   log(f"[    edit] {len(edits)} links edited, {summary['questions']} questions; "
       f"{summary['control_questions']} control questions")
   return summary

@@ -81,11 +81,9 @@ def check_or_record(record_path: str, current: Mapping[str, Any], what: str) -> 
       raise StaleArtefact(f"{what} was built from other inputs ({record_path}): {shown}"
                           f"{more}. Remove it to rebuild, or use another output")
     return
+  from clara_jax.data.formats import write_json_atomic
   os.makedirs(os.path.dirname(record_path) or ".", exist_ok=True)
-  tmp = record_path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(current, f, indent=1, sort_keys=True)
-  os.replace(tmp, record_path)
+  write_json_atomic(record_path, current)
 
 
 def _short(value: Any) -> str:

@@ -410,6 +410,14 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
   return rows
 
 
+def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
+  """One JSON document through a temporary file renamed into place (never half written)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=indent, sort_keys=False)
+  os.replace(tmp, path)
+
+
 def default_file_mode() -> int:
   """The mode `open(path, "w")` would give a new file: 0666 less the process umask."""
   mask = os.umask(0)

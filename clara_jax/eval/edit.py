@@ -32,8 +32,6 @@ questions toward the new targets (a change of the documents, not of the knowledg
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import random
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -306,10 +304,3 @@ def claims(summary: Mapping[str, Any]) -> List[Tuple[str, str, str, Optional[boo
                    f"{known('sham', prefix + 'new_known')} / "
                    f"{known('sham', prefix + 'old_known')}", "(reported)", None))
   return rows
-
-
-def write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)

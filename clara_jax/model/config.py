@@ -76,7 +76,7 @@ class DecoderConfig:
       it is for unsharded heads).
     tie_embeddings: the output head is the transposed embedding table (Gemma, Phi-4-mini,
       Llama-3.2-1B style): no `lm_head` parameters; the logit lens then decodes a memory
-      through the same rows that embed the generator's input (docs/demo_log.md, session 8).
+      through the same rows that embed the generator's input (docs/demo_log.md, "tied embeddings").
     lora: the adapters; None builds a plain decoder.
   """
 

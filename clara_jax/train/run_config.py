@@ -82,7 +82,5 @@ def check_or_record(workdir: str, config, has_checkpoints: bool, write: bool = T
     logging.warning("%s: checkpoints without a recorded config (an older run): not "
                     "checked; recording the current one", workdir)
   if write:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-      json.dump(current, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    from clara_jax.data.formats import write_json_atomic
+    write_json_atomic(path, current)
