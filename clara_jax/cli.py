@@ -7,6 +7,8 @@ import json
 import sys
 from typing import Optional, Sequence
 
+from clara_jax.progress import Progress
+
 
 def _cmd_demo(args) -> int:
   from absl import logging
@@ -78,6 +80,9 @@ def _cmd_synth(args) -> int:
   from clara_jax.data import synth
   size = args.size
   if args.stream:
+    if args.rows < 1:
+      raise UsageError("--stream writes --rows rows to the file --out: --rows must be at "
+                       f"least 1, got {args.rows}")
     count = synth.write_fresh(args.out, args.seed, args.rows, args.stream, size, args.k,
                               args.max_facts, args.names, candidates=args.candidates,
                               world=args.world)
@@ -146,8 +151,10 @@ def _cmd_bench(args) -> int:
 
 
 def _cmd_import_hf(args) -> int:
+  from clara_jax.data.formats import check_output_dir
   from clara_jax.weights.export import save_params
   from clara_jax.weights.hf_import import import_hf_checkpoint
+  check_output_dir(args.out)
   cfg, params = import_hf_checkpoint(args.hf_dir, args.num_extra_tokens,
                                      param_dtype=args.param_dtype, dtype=args.dtype)
   save_params(args.out, cfg, params)
@@ -162,9 +169,9 @@ def _cmd_convert(args) -> int:
   try:
     report = convert(args.format, args.input, args.out, candidates=args.candidates, k=args.k,
                      seed=args.seed, on_error=args.on_error, stage=args.stage,
-                     limit=args.limit)
+                     limit=args.limit, progress=Progress("convert", "row"))
   except (DataError, FileNotFoundError) as e:
-    print(f"clara-jax convert: {e}", file=sys.stderr)
+    print(f"clara-jax convert: {_one_line(e)}", file=sys.stderr)
     return 2
   for reason in report.reasons:
     print(f"skipped: {reason}", file=sys.stderr)
@@ -215,31 +222,53 @@ def train_main(argv: Sequence[str]) -> int:
 def _load_model(workdir: str):
   import os
   from clara_jax.infer.api import ClaraModel
-  return ClaraModel.load(os.path.join(workdir, "export"))
+  if not os.path.isdir(workdir):
+    if os.path.exists(workdir):
+      raise NotADirectoryError(f"{workdir}: is a file; expected a trained stage's workdir")
+    raise FileNotFoundError(f"{workdir}: no such workdir")
+  export = os.path.join(workdir, "export")
+  if not os.path.isdir(export):
+    raise FileNotFoundError(f"{export}: missing; expected a trained stage's workdir "
+                            "(its export/ is written when training finishes)")
+  return ClaraModel.load(export)
+
+
+def _check_out_file(path: str) -> None:
+  """A summary file named by --out: refused now if it is a directory, not after the
+  whole run."""
+  import os
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path}: is a directory; expected a file to write")
 
 
 def _cmd_evaluate(args) -> int:
   from clara_jax.eval.baselines import gold_counts_of
   from clara_jax.eval.evaluate import evaluate, load_rows
+  # Every input is read and checked before the model loads: bad data fails at once.
+  _check_out_file(args.out)
+  rows = load_rows(args.data, limit=args.limit)
   counts = gold_counts_of(load_rows(args.train_data)) if args.train_data else None
-  summary = evaluate(_load_model(args.workdir), load_rows(args.data, limit=args.limit),
-                     k=args.k, max_new_tokens=args.max_new_tokens, out_path=args.out,
-                     gold_counts=counts)
+  summary = evaluate(_load_model(args.workdir), rows, k=args.k,
+                     max_new_tokens=args.max_new_tokens, out_path=args.out,
+                     gold_counts=counts, progress=Progress("evaluate", "question"))
   print(json.dumps(summary))
   return 0
 
 
 def _cmd_lens(args) -> int:
   from clara_jax.eval.evaluate import load_rows, run_lens
-  models = {"main": _load_model(args.workdir)}
-  if args.compare:
-    models["compare"] = _load_model(args.compare)
+  # Every input is read and checked before the models load: bad data fails at once.
+  _check_out_file(args.out)
   rows = load_rows(args.data, limit=args.limit)
   clues = None
   if args.manifest:
     from clara_jax.data.synth import clues_for
     clues = clues_for(args.manifest, [r["question"] for r in rows])
-  summary = run_lens(models, rows, args.out, top_t=args.top, clues=clues)
+  models = {"main": _load_model(args.workdir)}
+  if args.compare:
+    models["compare"] = _load_model(args.compare)
+  summary = run_lens(models, rows, args.out, top_t=args.top, clues=clues,
+                     progress=lambda name: Progress(f"lens {name}", "question"))
   if args.manifest:  # the generated world: lens v2 (matched controls, null) beside
     import os
     from clara_jax.eval.hidden import lens_v2_summaries
@@ -249,27 +278,25 @@ def _cmd_lens(args) -> int:
       with open(args.out) as f:
         written = json.load(f)
       written["lens_v2"] = v2
-      with open(args.out, "w") as f:
-        json.dump(written, f, indent=2)
+      from clara_jax.data.formats import write_json_atomic
+      write_json_atomic(args.out, written, indent=2)
   print(json.dumps(summary))
   return 0
 
 
 def _cmd_index(args) -> int:
   import os
-  from clara_jax.data.formats import iter_json_lines
+  from clara_jax.data.formats import check_output_dir, read_corpus
   from clara_jax.infer.index import MemoryIndex, build_index
+  # The corpus and --out are checked before the model loads: bad input fails at once.
+  check_output_dir(args.out)
+  docs = read_corpus(args.corpus)
   model = _load_model(args.workdir)
-  docs = [value for _, value in iter_json_lines(args.corpus)]
-  for i, doc in enumerate(docs):
-    if not isinstance(doc, dict) or "text" not in doc:
-      raise ValueError(f"{args.corpus}: row {i + 1} needs a 'text' field")
-    doc.setdefault("id", str(i))
   from clara_jax.data import fingerprint
   inputs = {"export": fingerprint.dir_fingerprint(os.path.join(args.workdir, "export")),
             "corpus": fingerprint.file_fingerprint(args.corpus)}
   meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size,
-                     inputs=inputs)
+                     inputs=inputs, progress=Progress("index", "shard"))
   result = {"index": args.out, **meta}
   if args.query:
     from clara_jax.infer.index import answer_from_index
@@ -285,9 +312,11 @@ def _cmd_index(args) -> int:
 
 def _cmd_import_clara(args) -> int:
   import os
+  from clara_jax.data.formats import check_output_dir
   from clara_jax.data.tokenizer import Tokenizer
   from clara_jax.weights.clara_import import import_official_clara
   from clara_jax.weights.export import save_params
+  check_output_dir(args.out)
   cfg, params, info = import_official_clara(args.ckpt_dir, args.hf_dir,
                                             param_dtype=args.param_dtype, dtype=args.dtype)
   tok_path = os.path.join(args.hf_dir, "tokenizer.model")
@@ -316,7 +345,13 @@ def _config_flags(argv: Sequence[str], extra_defs=None):
   # Config files import `configs.base`: make the directory holding `configs/` importable.
   for arg in argv:
     if arg.startswith("--config="):
-      config_dir = os.path.dirname(os.path.abspath(arg.split("=", 1)[1].split(":")[0]))
+      path = arg.split("=", 1)[1].split(":")[0]
+      # ml_collections reports these as an OSError about "an earlier failure to load".
+      if os.path.isdir(path):
+        raise IsADirectoryError(f"--config={path}: is a directory; expected a config file")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"--config={path}: no such config file")
+      config_dir = os.path.dirname(os.path.abspath(path))
       sys.path.insert(0, os.path.dirname(config_dir))
   # config_flags reads the config path from sys.argv to register --config.* overrides.
   saved_argv, sys.argv = sys.argv, ["clara-jax"] + list(argv)
@@ -326,6 +361,15 @@ def _config_flags(argv: Sequence[str], extra_defs=None):
     name = str(e).strip("'\"")
     bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
     raise ValueError(f"{bad[0] if bad else name}: no such config field") from None
+  except flags.Error as e:
+    # A config file's get_config() raised: ml_collections puts the whole traceback in
+    # the flag error; its last line is the message that says what is wrong.
+    text = str(e)
+    if "Traceback (most recent call last)" not in text:
+      raise
+    flag = text.split(": Error whilst parsing", 1)[0]
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    raise ValueError(f"{flag}: {last}") from None
   finally:
     sys.argv = saved_argv
   if fv.config is None:
@@ -361,6 +405,17 @@ def plan_main(argv: Sequence[str]) -> int:
   return 0
 
 
+def non_negative_int(text: str) -> int:
+  """argparse type: an integer of at least 0 (a count that may be zero)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+  return value
+
+
 def positive_int(text: str) -> int:
   """argparse type: an integer of at least 1 (a count of rows, documents or steps)."""
   try:
@@ -372,8 +427,20 @@ def positive_int(text: str) -> int:
   return value
 
 
+class UsageError(Exception):
+  """A command-line usage error: reported like bad input, on one line, exit 2."""
+
+
+class _ArgumentParser(argparse.ArgumentParser):
+  """argparse whose usage errors raise UsageError (one line from `main`, exit 2) instead
+  of printing the usage block and exiting; subcommand parsers are of this class too."""
+
+  def error(self, message: str):
+    raise UsageError(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="clara-jax", description=__doc__)
+  parser = _ArgumentParser(prog="clara-jax", description=__doc__)
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("train", help="train a stage: --config=configs/STAGE.py[:variant] "
                  "--workdir=DIR [--config.FIELD=VALUE ...]")
@@ -413,10 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
   sy.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
   sy.add_argument("--candidates", type=positive_int, default=20, help="stage2 documents per question")
   sy.add_argument("--k", type=positive_int, default=5, help="stage1_2 documents per question")
-  sy.add_argument("--max_facts", type=int, default=None, help="facts per document (shorter)")
+  sy.add_argument("--max_facts", type=positive_int, default=None,
+                  help="facts per document (shorter)")
   sy.add_argument("--names", default="syllables", choices=["syllables", "pool"],
                   help="invented per world, or single-token names from a fixed pool")
-  sy.add_argument("--rows", type=int, default=0,
+  sy.add_argument("--rows", type=non_negative_int, default=0,
                   help="fresh-world rows: written as {stage1,stage1_2}_fresh.jsonl beside "
                   "the world, or to --out with --stream")
   sy.add_argument("--stream", choices=["stage1", "stage1_2", "stage2"], default=None,
@@ -429,7 +497,7 @@ def build_parser() -> argparse.ArgumentParser:
 
   info = sub.add_parser("info", help="a named model size and its parameter counts")
   info.add_argument("--model", default="tiny")
-  info.add_argument("--num_extra_tokens", type=int, default=0)
+  info.add_argument("--num_extra_tokens", type=non_negative_int, default=0)
   info.set_defaults(fn=_cmd_info)
 
   bench = sub.add_parser("bench", help="step time, tokens/s, MFU and generation latency "
@@ -438,16 +506,17 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--model", default="small", help="a named size (e.g. ref_tiny)")
   bench.add_argument("--stage", default="stage2", choices=["lm", "stage1", "stage1_2",
                                                            "stage2"], help="for `step`")
-  bench.add_argument("--batch", type=int, default=None,
+  bench.add_argument("--batch", type=positive_int, default=None,
                      help="sequences (forward, default 8) or questions (default 4)")
-  bench.add_argument("--length", type=int, default=256, help="forward: sequence length")
+  bench.add_argument("--length", type=positive_int, default=256,
+                     help="forward: sequence length")
   bench.add_argument("--candidates", type=positive_int, default=20, help="documents per question")
-  bench.add_argument("--doc_len", type=int, default=128)
-  bench.add_argument("--compr_rate", type=int, default=16)
+  bench.add_argument("--doc_len", type=positive_int, default=128)
+  bench.add_argument("--compr_rate", type=positive_int, default=16)
   bench.add_argument("--k", type=positive_int, default=5)
   bench.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                      help="compute dtype (parameters stay float32)")
-  bench.add_argument("--iters", type=int, default=5)
+  bench.add_argument("--iters", type=positive_int, default=5)
   bench.add_argument("--attention", default=None, choices=["grouped", "per_kv_head"],
                      help="attention layout (default: the model size's)")
   bench.add_argument("--cached", action="store_true",
@@ -462,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--limit", type=positive_int, default=None)
   ev.add_argument("--train_data", default=None,
                   help="the training rows (with doc_ids) of the gold-frequency baseline")
-  ev.add_argument("--max_new_tokens", type=int, default=64)
+  ev.add_argument("--max_new_tokens", type=positive_int, default=64)
   ev.set_defaults(fn=_cmd_evaluate)
 
   ln = sub.add_parser("lens", help="logit lens of the reasoner's memories")
@@ -470,7 +539,7 @@ def build_parser() -> argparse.ArgumentParser:
   ln.add_argument("--compare", default=None, help="a second workdir, side by side")
   ln.add_argument("--data", required=True)
   ln.add_argument("--out", required=True, help="lens JSON (a PNG is written beside)")
-  ln.add_argument("--top", type=int, default=None,
+  ln.add_argument("--top", type=positive_int, default=None,
                   help="top tokens per vector (default: the paper's 50 of 32k, scaled to "
                        "the vocabulary)")
   ln.add_argument("--limit", type=positive_int, default=None)
@@ -484,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
   ix.add_argument("--out", required=True)
   ix.add_argument("--shard_size", type=positive_int, default=1024)
   ix.add_argument("--query", action="append", help="questions to answer from the index")
-  ix.add_argument("--top_n", type=int, default=5)
+  ix.add_argument("--top_n", type=positive_int, default=5)
   ix.set_defaults(fn=_cmd_index)
 
   ic = sub.add_parser("import-clara", help="convert an official CLaRa (PyTorch) checkpoint")
@@ -514,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
   imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
   imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
   imp.add_argument("--out", required=True, help="output directory (params + config.json)")
-  imp.add_argument("--num_extra_tokens", type=int, required=True,
+  imp.add_argument("--num_extra_tokens", type=non_negative_int, required=True,
                    help="rows to add for CLaRa's special tokens (Tokenizer.num_special)")
   imp.add_argument("--param_dtype", default="bfloat16")
   imp.add_argument("--dtype", default="bfloat16")
@@ -522,9 +591,10 @@ def build_parser() -> argparse.ArgumentParser:
   return parser
 
 
-# Errors in what the user gave (a file, a flag, a config value): one line, exit 2.
-USAGE_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                PermissionError, KeyError)
+# Errors in what the user gave (a file, a flag, a config value, a path that exists where
+# a new one was to be made): one line, exit 2.
+USAGE_ERRORS = (UsageError, ValueError, FileNotFoundError, NotADirectoryError,
+                IsADirectoryError, FileExistsError, PermissionError, KeyError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -532,6 +602,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   and exits 2; any other failure one line and exits 1; `--debug` (anywhere) shows the
   traceback instead."""
   argv = list(sys.argv[1:] if argv is None else argv)
+  # TensorFlow (the data pipeline's, imported before a config is checked) logs notices on
+  # stderr at import, the oneDNN one whatever the log level unless those ops are off; it
+  # only moves integer data here. An error must stay the one line the contract promises.
+  import os
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+  os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
   debug = "--debug" in argv
   argv = [a for a in argv if a != "--debug"]
   command = argv[0] if argv else ""
@@ -546,10 +622,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if debug:
       raise
     from absl import flags
+    prefix = f"clara-jax {command}" if command else "clara-jax"
     if isinstance(e, USAGE_ERRORS + (flags.Error,)):
-      print(f"clara-jax {command}: {_one_line(e)}", file=sys.stderr)
+      print(f"{prefix}: {_one_line(e)}", file=sys.stderr)
       return 2
-    print(f"clara-jax {command}: failed: {type(e).__name__}: {_one_line(e)} (run again "
+    print(f"{prefix}: failed: {type(e).__name__}: {_one_line(e)} (run again "
           f"with --debug for the traceback)", file=sys.stderr)
     return 1
 

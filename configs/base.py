@@ -84,6 +84,10 @@ def get_base_config(stage, arg=None):
   c.init.from_workdir = ""  # the previous stage's workdir (its export/ is loaded)
   c.init.reset_adapters = ()  # adapters re-initialised at start (fresh generator)
   c.init.copy_adapters = ()  # (src, dst) pairs, e.g. (('compressor', 'reasoner'),)
+  # A workdir whose newest checkpoint supplies every parameter of the same path and
+  # shape (the rest keep their init): a changed model or stage started from a run that
+  # its own workdir would refuse to resume. Optimizer state and step start afresh.
+  c.init.from_checkpoint = ""
 
   c.optimizer = ml_collections.ConfigDict()
   c.optimizer.lr = 1e-4  # peak learning rate

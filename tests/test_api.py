@@ -59,3 +59,26 @@ def test_repeated_calls_do_not_recompile(model):
     model.generate_from_documents(["another question?"], [["green", "stone"]],
                                   max_new_tokens=4)
   assert compiled == [], compiled
+
+
+def test_cut_texts_are_counted_and_logged(model, caplog):
+  before = (model.truncations.documents, model.truncations.questions)
+  long_doc = " ".join(["red river city"] * 20)  # far past doc_max_length=16 tokens
+  with caplog.at_level("WARNING"):
+    model.compress_documents(["blue stone", long_doc, long_doc])
+    model.reason(["red city?", " ".join(["coach"] * 30) + "?"])
+  assert model.truncations.documents == before[0] + 2
+  assert model.truncations.questions == before[1] + 1
+  text = caplog.text
+  assert "2 of 3 documents are longer than 16 tokens" in text
+  assert "1 of 2 questions are longer than 8 tokens" in text
+
+
+def test_lengths_needing_more_memory_tokens_name_the_cause(model, tmp_path):
+  out = str(tmp_path / "export")
+  save_params(out, model.cfg, model.params)
+  model.tok.save(out + "/tokenizer.model")
+  # 4 memory tokens in the tokenizer; 64 / 4 needs 16.
+  with pytest.raises(ValueError, match="doc_max_length 64 / compr_rate 4 need 16 memory "
+                                       "tokens, but the export's tokenizer has 4"):
+    ClaraModel.load(out, doc_max_length=64, compr_rate=4)

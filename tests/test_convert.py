@@ -121,9 +121,12 @@ def _check_rows(rows, world, num_docs, fmt):
 def test_each_source_to_stage2(tmp_path, name):
   fmt, path, world, candidates = _source(tmp_path, name)
   out = str(tmp_path / "out.jsonl")
-  report = convert(fmt, path, out, candidates=candidates, seed=3)
+  calls = []
+  report = convert(fmt, path, out, candidates=candidates, seed=3,
+                   progress=lambda done, total: calls.append((done, total)))
   rows = _read(out)
   assert report.rows_in == report.rows_out == len(rows) == len(world)
+  assert calls == [(len(rows), len(rows))]  # the last call closes the bar
   own = len(world[0]["paras"])
   assert report.distractors_added == len(world) * (candidates - own)
   _check_rows(rows, world, candidates, fmt)

@@ -23,7 +23,7 @@ STAGES = [
 ]
 
 
-def test_all_stages_train_in_sequence(tmp_path, capsys):
+def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
   runs = tmp_path / "runs"
   for stage, extra in STAGES:
     workdir = runs / stage
@@ -56,6 +56,8 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
 
   # The trained stage2 checkpoint through the inference jobs, on held-out questions.
   data2 = str(world / "stage2_test.jsonl")
+  monkeypatch.setenv("CLARA_PROGRESS", "1")  # the bars, as on a terminal
+  capsys.readouterr()
   assert cli.main(["lens", f"--workdir={runs / 'stage2'}", f"--compare={runs / 'stage1_2'}",
                    f"--data={data2}", f"--out={tmp_path / 'lens.json'}", "--top=20",
                    f"--manifest={world / 'manifest.json'}", "--limit=16"]) == 0
@@ -66,7 +68,8 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
     assert lens["lens_v2"][name]["all"]["questions"] > 0
     assert {"clue_auc", "doc_auc", "clue_auc_vs_null"} <= set(lens["lens_v2"][name]["all"])
   assert os.path.exists(tmp_path / "lens.png")
-  capsys.readouterr()
+  err = capsys.readouterr().err
+  assert "lens main" in err and "lens compare" in err and "question" in err
   assert cli.main(["evaluate", f"--workdir={runs / 'stage2'}", f"--data={data2}",
                    f"--out={tmp_path / 'results.json'}", "--k=2", "--limit=6",
                    f"--train_data={world / 'stage2_train.jsonl'}",
@@ -78,6 +81,7 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
               "gold_prior_recall@1", "compress_ms_per_question", "decode_ms_per_question"):
     assert key in summary, key
   assert 0 <= summary["recall@5"] <= 1 and summary["decode_ms_per_question"] > 0
+  assert "evaluate" in capsys.readouterr().err
   per_q = (tmp_path / "results.jsonl").read_text().splitlines()
   assert len(per_q) == 6 and "prediction_oracle" in json.loads(per_q[0])
   corpus = world / "corpus.jsonl"
@@ -85,7 +89,9 @@ def test_all_stages_train_in_sequence(tmp_path, capsys):
   assert cli.main(["index", f"--workdir={runs / 'stage2'}", f"--corpus={corpus}",
                    f"--out={tmp_path / 'index'}", "--shard_size=4", "--query=Where?",
                    "--top_n=3"]) == 0
-  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  captured = capsys.readouterr()
+  assert "index" in captured.err and "11/11" in captured.err  # 42 documents, 4 a shard
+  result = json.loads(captured.out.strip().splitlines()[-1])
   assert result["num_docs"] == 42 and len(result["results"][0]) == 3
   assert len(result["answers"]) == 1 and isinstance(result["answers"][0], str)
 

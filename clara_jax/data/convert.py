@@ -42,7 +42,10 @@ Conventions, the same for every source:
   'contexts[2].title': expected a string, found int`); JSON-array items add "(item N)" to
   the reason and give the line the item starts on. With `on_error="skip"` bad rows are
   skipped and counted instead; a JSON syntax error inside an array still raises, since the
-  rest of the array cannot be found reliably.
+  rest of the array cannot be found reliably. A row whose id repeats an earlier row's is
+  bad input too (ids key per-question results), and so is a conversion that yields no row
+  at all (an empty input, or every row skipped): it raises rather than replace the
+  output with an empty file.
 """
 
 from __future__ import annotations
@@ -59,8 +62,8 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 
 from clara_jax.data.formats import _text as formats_text
 from clara_jax.data.formats import (ON_ERROR, STAGE1, STAGE1_2, STAGE2, DataError, FieldError,
-                                    ReadReport, iter_json_lines, read_rows, validate_row,
-                                    write_jsonl_atomic)
+                                    ReadReport, check_input_file, iter_json_lines, no_rows,
+                                    read_rows, validate_row, write_jsonl_atomic)
 
 SOURCE_FORMATS = ("hotpotqa", "hotpotqa_ircot", "musique", "2wiki", "nq", "stage1")
 OUTPUT_STAGES = (STAGE2, STAGE1_2)
@@ -194,8 +197,7 @@ def iter_records(path: str, on_error: str = "raise",
   """Yields (line, item, value) for every record of a JSONL or JSON-array file (either
   optionally gzipped); item is the 1-based array index, None for JSONL."""
   report = report if report is not None else ReadReport()
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
+  check_input_file(path)
   if _is_json_array(path):
     yield from _iter_json_array(path, report)
   else:
@@ -404,6 +406,7 @@ def _raise_or_skip(error: DataError, on_error: str, report: ReadReport) -> None:
 def _read(source_format: str, paths: Sequence[str], on_error: str,
           report: SourceReport) -> Iterator[Example]:
   parse = PARSERS[source_format]
+  first_seen: Dict[str, str] = {}  # id -> where it was first read
   for path in paths:
     for line, item, value in iter_records(path, on_error, report):
       where = f"{os.path.basename(path)}:{line}" if item is None else \
@@ -419,6 +422,11 @@ def _read(source_format: str, paths: Sequence[str], on_error: str,
         report.skip(DataError(path, line, "answerable", "unanswerable question, skipped"))
         continue
       example.path, example.line = path, line
+      if example.id in first_seen:  # output ids key per-question results downstream
+        _raise_or_skip(DataError(path, line, "id", f"duplicate {example.id!r}; first used "
+                                 f"at {first_seen[example.id]}"), on_error, report)
+        continue
+      first_seen[example.id] = f"{path}:{line}"
       report.rows_ok += 1
       yield example
 
@@ -570,20 +578,47 @@ def build_rows(examples: Sequence[Example], stage: str, num_docs: int, seed: int
     yield row
 
 
+def _not_empty(rows: Iterable[Dict[str, Any]], inputs: Sequence[str],
+               report: ReadReport) -> Iterator[Dict[str, Any]]:
+  """`rows`, raising DataError at the end if there were none: an empty conversion (an
+  empty input, or every row skipped) is an error, not an empty file that replaces the
+  previous output."""
+  count = 0
+  for row in rows:
+    count += 1
+    yield row
+  if not count:
+    raise no_rows(", ".join(inputs), report)
+
+
 # ---------------------------------------------------------------------------------------
 # The whole conversion.
 
 
+def _counted(rows: Iterable[Dict], total: Optional[int], progress) -> Iterator[Dict]:
+  """`rows`, telling `progress(done, total)` every 1,000 rows and at the end."""
+  done = 0
+  for done, row in enumerate(rows, 1):
+    if progress is not None and done % 1000 == 0:
+      progress(done, total)
+    yield row
+  if progress is not None:
+    progress(done, done)
+
+
 def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
             candidates: int = 20, k: int = 5, seed: int = 0, on_error: str = "raise",
-            stage: str = STAGE2, limit: Optional[int] = None) -> ConvertReport:
+            stage: str = STAGE2, limit: Optional[int] = None,
+            progress: Optional[Callable[[int, Optional[int]], None]] = None
+            ) -> ConvertReport:
   """Converts `inputs` (one path or several, pooled) of `source_format` to `stage` JSONL
   at `out_path`, written atomically.
 
   candidates: documents per stage2 row; k: documents per stage1_2 row; seed: candidate
   shuffle seed; on_error: "raise" (DataError at the first bad row) or "skip" (count it);
   limit: convert only the first `limit` usable rows (the distractor pool is built from
-  those rows only). `stage` is ignored for source_format "stage1".
+  those rows only). `stage` is ignored for source_format "stage1". progress(rows
+  written, total or None): called as rows are written.
   """
   start = time.perf_counter()
   if source_format not in SOURCE_FORMATS:
@@ -602,7 +637,8 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
   if source_format == STAGE1:
     report = ConvertReport(source_format, STAGE1, out_path)
     rows, read_report = read_stage1(inputs, on_error)
-    report.rows_out = write_jsonl_atomic(out_path, itertools.islice(rows, limit))
+    report.rows_out = write_jsonl_atomic(out_path, _counted(
+        _not_empty(itertools.islice(rows, limit), inputs, read_report), None, progress))
   else:
     num_docs = candidates if stage == STAGE2 else k
     if num_docs < 1:
@@ -613,9 +649,9 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
     examples = list(itertools.islice(examples, limit))
     pool = DistractorPool(examples)
     report.pool_size = len(pool.texts)
-    report.rows_out = write_jsonl_atomic(
-        out_path, build_rows(examples, stage, num_docs, seed, on_error, read_report, report,
-                             pool))
+    report.rows_out = write_jsonl_atomic(out_path, _counted(
+        _not_empty(build_rows(examples, stage, num_docs, seed, on_error, read_report,
+                              report, pool), inputs, read_report), len(examples), progress))
     report.unanswerable = read_report.unanswerable
   report.rows_in = read_report.rows_read
   report.skipped = read_report.rows_skipped

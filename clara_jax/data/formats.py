@@ -198,21 +198,66 @@ def _open_binary(path: str):
   return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
+# A JSONL row longer than this is refused: no CLaRa row comes near it (a stage2 row with
+# 20 candidates is tens of kilobytes), and reading an unbounded line (a JSON array or a
+# binary file given by mistake, a file without newlines) would hold all of it in memory.
+MAX_LINE_BYTES = 16 << 20
+_LINE_CHUNK = 1 << 20
+
+
+def check_input_file(path: str) -> None:
+  """A missing input or a directory given for a file, named before anything is read."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path}: is a directory; expected a file")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: no such file")
+
+
+def check_output_dir(path: str) -> None:
+  """An output directory must not be an existing file; checked before any work."""
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise NotADirectoryError(f"{path}: is a file; expected a directory to write into")
+
+
+def _lines(f) -> Iterator[Tuple[int, Optional[bytes], int]]:
+  """(line number, bytes, length) of each line of a binary file; bytes is None for a
+  line over MAX_LINE_BYTES, which is read past in chunks, never held whole."""
+  line_no = 0
+  while True:
+    raw = f.readline(MAX_LINE_BYTES + 1)
+    if not raw:
+      return
+    line_no += 1
+    if len(raw) <= MAX_LINE_BYTES or raw.endswith(b"\n"):
+      yield line_no, raw, len(raw)
+      continue
+    length = len(raw)
+    while not raw.endswith(b"\n"):
+      raw = f.readline(_LINE_CHUNK)
+      if not raw:
+        break
+      length += len(raw)
+    yield line_no, None, length
+
+
 def iter_json_lines(path: str, on_error: str = "raise",
                     report: Optional[ReadReport] = None) -> Iterator[tuple]:
   """Yields (line number, decoded JSON value) for every non-blank line of a (gzipped)
-  JSONL file; undecodable lines raise DataError or are skipped and counted."""
+  JSONL file; undecodable lines and lines over MAX_LINE_BYTES raise DataError or are
+  skipped and counted."""
   if on_error not in ON_ERROR:
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{path}: no such file")
+  check_input_file(path)
   report = report if report is not None else ReadReport()
   with _open_binary(path) as f:
-    for line_no, raw in enumerate(f, start=1):
-      if not raw.strip():
+    for line_no, raw, length in _lines(f):
+      if raw is not None and not raw.strip():
         continue
       report.rows_read += 1
       try:
+        if raw is None:
+          raise DataError(path, line_no, None, f"line of {length} bytes is longer than "
+                          f"the {MAX_LINE_BYTES} allowed for one row (not JSONL?)")
         try:
           text = raw.decode("utf-8").rstrip("\r\n")  # error columns on this line
         except UnicodeDecodeError as e:
@@ -360,6 +405,35 @@ class _EvalRowChecker:
     self.id_lines[row["id"]] = line_no
 
 
+def read_corpus(path: str) -> List[Dict[str, str]]:
+  """The documents of a corpus JSONL file, one {"id", "text"} object per line (`id`
+  defaults to the row's position), checked row by row: `text` a non-empty string, ids
+  unique, since they name the search results. Other keys are ignored. A file without
+  rows is an error."""
+  id_lines: Dict[str, int] = {}
+
+  def check(value: Any, line_no: int) -> Dict[str, str]:
+    if not isinstance(value, dict):
+      raise FieldError(None, f"expected a JSON object, found {type(value).__name__}")
+    if "text" not in value:
+      raise FieldError("text", "missing")
+    text = _text(value["text"], "text")
+    doc_id = value.get("id", str(len(id_lines)))
+    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
+      raise FieldError("id", f"expected a string or integer, found {type(doc_id).__name__}")
+    doc_id = _text(str(doc_id), "id")
+    if doc_id in id_lines:
+      raise FieldError("id", f"duplicate {doc_id!r}; first used on line {id_lines[doc_id]}")
+    id_lines[doc_id] = line_no
+    return {"id": doc_id, "text": text}
+
+  report = ReadReport()
+  docs = list(_checked_rows(path, "raise", report, check))
+  if not docs:
+    raise no_rows(path, report)
+  return docs
+
+
 def _check_limit(limit: Optional[int]) -> None:
   """`limit=0` would silently evaluate nothing, so only positive limits are allowed."""
   if limit is None:
@@ -370,7 +444,7 @@ def _check_limit(limit: Optional[int]) -> None:
     raise ValueError(f"limit must be positive, got {limit}")
 
 
-def _no_rows(path: str, report: ReadReport) -> DataError:
+def no_rows(path: str, report: ReadReport) -> DataError:
   """An evaluation over no rows reports nothing meaningful, so it is an error."""
   if not report.rows_read:
     return DataError(path, 0, None, "no rows: the file is empty")
@@ -406,16 +480,67 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
     checked.close()
     report.schema = checker.schema
   if not rows:
-    raise _no_rows(path, report)
+    raise no_rows(path, report)
   return rows
+
+
+def _write_all(fd: int, data: bytes) -> None:
+  """Every byte of `data` to `fd` (os.write may write fewer). The one low-level write of
+  the atomic writers, so a full disk surfaces here, as OSError(ENOSPC)."""
+  view = memoryview(data)
+  while view:
+    view = view[os.write(fd, view):]
+
+
+_WRITE_BUFFER = 1 << 20
+
+
+def _write_atomic(path: str, chunks: Iterable[str]) -> None:
+  """Writes the text `chunks` to a temporary file beside `path`, then renames it into
+  place: a failure (bad input raised by `chunks`, a full disk, no permission) never
+  leaves a partial file, never leaves the temporary one and never touches an existing
+  `path`. Write errors name `path`, not the temporary file the user never asked for."""
+  if os.path.isdir(path):
+    raise IsADirectoryError(f"{path}: is a directory; expected a file to write")
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  try:
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=f".{os.path.basename(path)}",
+                               dir=directory)
+  except OSError as e:
+    raise type(e)(e.errno, f"cannot write {path}: {e.strerror} (creating a file in "
+                  f"{directory})") from None
+
+  def write(data: bytes) -> None:
+    try:
+      _write_all(fd, data)
+    except OSError as e:
+      raise type(e)(e.errno, f"{e.strerror}: writing {path}") from None
+
+  try:
+    try:
+      buffered, size = [], 0
+      for chunk in chunks:
+        data = chunk.encode("utf-8")
+        buffered.append(data)
+        size += len(data)
+        if size >= _WRITE_BUFFER:
+          write(b"".join(buffered))
+          buffered, size = [], 0
+      write(b"".join(buffered))
+      os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would hide it from the team
+    finally:
+      os.close(fd)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
 
 
 def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
   """One JSON document through a temporary file renamed into place (never half written)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=indent, sort_keys=False)
-  os.replace(tmp, path)
+  _write_atomic(path, [json.dumps(obj, indent=indent, sort_keys=False)])
 
 
 def default_file_mode() -> int:
@@ -429,19 +554,13 @@ def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
   """Writes rows as JSONL through a temporary file renamed into place, so a failure
   (including bad input raised by the `rows` iterator) never leaves a partial file and
   never touches an existing one. Returns the number of rows written."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".jsonl", dir=directory)
   count = 0
-  try:
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        count += 1
-    os.chmod(tmp, default_file_mode())  # mkstemp's 0600 would hide it from the team
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+
+  def lines():
+    nonlocal count
+    for row in rows:
+      yield json.dumps(row, ensure_ascii=False) + "\n"
+      count += 1
+
+  _write_atomic(path, lines())
   return count

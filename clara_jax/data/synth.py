@@ -39,7 +39,8 @@ import random
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from clara_jax.data.formats import STAGE1, STAGE1_2, STAGE2, validate_row, write_jsonl_atomic
+from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, validate_row,
+                                    write_jsonl_atomic)
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
            "t", "th", "v", "z", "h", "j", "sh", "tr", "gr", "c", "w")
@@ -729,6 +730,7 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
                 names: str = "syllables", world="hidden") -> Dict:
   """Writes a world's files into `directory` (see the module docstring); returns the
   manifest. The manifest is written last, so its presence means the world is complete."""
+  check_output_dir(directory)
   the_world = make_world(seed, size, max_facts=max_facts, names=names, world=world)
   os.makedirs(directory, exist_ok=True)
   counts = {}
@@ -779,9 +781,13 @@ def write_text(path: str, lines: Sequence[str]) -> None:
 
 def clues_for(manifest_path: str, questions: Sequence[str]) -> List[List[str]]:
   """Clue words per question text (empty for questions the manifest does not know)."""
-  with open(manifest_path) as f:
-    manifest = json.load(f)
-  by_text = {q["question"]: q["clues"] for q in manifest["questions"].values()}
+  try:
+    with open(manifest_path) as f:
+      manifest = json.load(f)
+    by_text = {q["question"]: q["clues"] for q in manifest["questions"].values()}
+  except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, wrong shape
+    raise ValueError(f"{manifest_path}: not the manifest.json of a generated world "
+                     f"({type(e).__name__}: {e})") from None
   return [by_text.get(q, []) for q in questions]
 
 

@@ -12,7 +12,6 @@ lens: the logit lens of `clara_jax.eval.lens` over every question's reasoner mem
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -179,9 +178,7 @@ def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
                               spent)
   if out_path:
     _write_json(out_path, summary)
-    with open(os.path.splitext(out_path)[0] + ".jsonl", "w") as f:
-      for record in per_question:
-        f.write(json.dumps(record) + "\n")
+    formats.write_jsonl_atomic(os.path.splitext(out_path)[0] + ".jsonl", per_question)
   return summary
 
 
@@ -195,7 +192,8 @@ def _means(records: List[Dict], keys: Sequence[str]) -> Dict[str, float]:
 
 
 def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = None,
-                 clues: Optional[Sequence[Sequence[str]]] = None) -> Dict:
+                 clues: Optional[Sequence[Sequence[str]]] = None,
+                 progress: Optional[Callable[[int, int], None]] = None) -> Dict:
   """Lens over the reasoner memories of every question with a gold candidate, plus the
   gold documents' own memories as a reference point; every non-gold candidate is a
   control. `top_t` None: `lens.scaled_top_t` of the model's vocabulary."""
@@ -218,19 +216,24 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = Non
                                             controls, clue, q_scores[i]))
     doc_reports.append(lens_lib.question_report(model.tok, d_ids[i], row["question"], golds,
                                                 controls, clue, d_scores[i]))
+    if progress is not None:
+      progress(i + 1, len(rows))
   summary = dict(lens_lib.summarize(reports), top_t=top_t)
   return {"reasoner": reports, "documents": doc_reports, "summary": summary,
           "documents_summary": dict(lens_lib.summarize(doc_reports), top_t=top_t)}
 
 
 def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str,
-             top_t: Optional[int] = None, clues=None) -> Dict:
+             top_t: Optional[int] = None, clues=None,
+             progress: Optional[Callable[[str], Callable[[int, int], None]]] = None
+             ) -> Dict:
   """Lens for one or more checkpoints side by side; writes JSON and a PNG figure.
 
   Returns each checkpoint's reasoner summary, with the summary of the gold documents'
   own memories under "gold_memories": the reference that the reasoner's lens is read
   against (the reasoner is trained to score near those memories)."""
-  results = {name: lens_reports(m, rows, top_t, clues) for name, m in checkpoints.items()}
+  results = {name: lens_reports(m, rows, top_t, clues, progress(name) if progress else None)
+             for name, m in checkpoints.items()}
   summary = {name: r["summary"] for name, r in results.items()}
   _write_json(out_path, {"summary": summary,
                          "documents_summary": {n: r["documents_summary"]
@@ -244,5 +247,4 @@ def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str
 
 def _write_json(path: str, obj) -> None:
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
+  formats.write_json_atomic(path, obj, indent=2)

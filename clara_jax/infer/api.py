@@ -20,6 +20,7 @@ from typing import List, Optional, Sequence, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import Tokenizer, build_chat_prompt
@@ -38,6 +39,13 @@ class Timings:
   decode_ms: float = 0.0
 
 
+@dataclasses.dataclass
+class Truncations:
+  """Texts cut to the encoder's length so far (each cut is also logged as it happens)."""
+  documents: int = 0
+  questions: int = 0
+
+
 class ClaraModel:
   """Compressor, reasoner and generator of one exported checkpoint."""
 
@@ -50,6 +58,7 @@ class ClaraModel:
     self.doc_max_length, self.question_max_length = doc_max_length, question_max_length
     self.doc_batch = doc_batch
     self.timings = Timings()
+    self.truncations = Truncations()
     model = Decoder(cfg)
     n_mem = self.n_mem
     self._compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem,
@@ -84,15 +93,26 @@ class ClaraModel:
     n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
     tok = Tokenizer.load(tok_path, cfg.num_extra_tokens - 3)
     if tok.num_mem_tokens < n_mem:
-      raise ValueError(f"{tok_path}: {tok.num_mem_tokens} memory tokens < n_mem {n_mem}")
+      raise ValueError(
+          f"{export_dir}: doc_max_length {doc_max_length} / compr_rate {compr_rate} need "
+          f"{n_mem} memory tokens, but the export's tokenizer has {tok.num_mem_tokens} "
+          f"(trained with doc_max_length {recorded.get('doc_max_length', '?')} / "
+          f"compr_rate {recorded.get('compr_rate', '?')}: pass lengths that give at most "
+          f"{tok.num_mem_tokens})")
     return cls(cfg, params, tok, doc_max_length, compr_rate, **kw)
 
   # --- encoders -------------------------------------------------------------------
-  def _encode_texts(self, texts: Sequence[str], max_len: int):
+  def _encode_texts(self, texts: Sequence[str], max_len: int, kind: str):
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
-    tokens, mask, _ = packing.pack_encoder(ids, max_len + 3, self.tok.mem_ids[:self.n_mem],
-                                           self.tok.enc_id, self.tok.bos_id,
-                                           self.tok.eos_id, self.tok.pad_id)
+    tokens, mask, cut = packing.pack_encoder(ids, max_len + 3, self.tok.mem_ids[:self.n_mem],
+                                             self.tok.enc_id, self.tok.bos_id,
+                                             self.tok.eos_id, self.tok.pad_id)
+    if cut:
+      # What the compressor or reasoner never saw changes its memories: say so.
+      setattr(self.truncations, kind, getattr(self.truncations, kind) + cut)
+      longest = max(len(i) for i in ids)
+      logging.warning("%d of %d %s are longer than %d tokens (the longest: %d) and were "
+                      "cut to fit", cut, len(ids), kind, max_len, longest)
     return tokens, mask
 
   def _batched(self, fn, tokens, mask):
@@ -110,7 +130,7 @@ class ClaraModel:
   def compress_documents(self, texts: Sequence[str]) -> np.ndarray:
     """Documents -> memories [N, n_mem, H] (compressor adapter)."""
     start = time.perf_counter()
-    tokens, mask = self._encode_texts(texts, self.doc_max_length)
+    tokens, mask = self._encode_texts(texts, self.doc_max_length, "documents")
     mem = self._batched(self._compress, tokens, mask)
     self.timings.compress_ms += 1e3 * (time.perf_counter() - start)
     return mem
@@ -118,7 +138,7 @@ class ClaraModel:
   def reason(self, questions: Sequence[str]) -> np.ndarray:
     """Questions -> query memories [B, n_mem, H] (reasoner adapter)."""
     start = time.perf_counter()
-    tokens, mask = self._encode_texts(questions, self.question_max_length)
+    tokens, mask = self._encode_texts(questions, self.question_max_length, "questions")
     mem = self._batched(self._reason, tokens, mask)
     self.timings.query_ms += 1e3 * (time.perf_counter() - start)
     return mem

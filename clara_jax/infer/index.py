@@ -39,6 +39,10 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
   a directory recorded with other inputs raises `StaleArtefact` before touching it."""
   if shard_size < 1:
     raise ValueError(f"shard_size must be at least 1, got {shard_size}")
+  if not docs:
+    raise ValueError("no documents to index")  # an index of nothing cannot be loaded
+  from clara_jax.data.formats import check_output_dir
+  check_output_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
   if inputs is not None:
     from clara_jax.data import fingerprint

@@ -15,6 +15,7 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from clara_jax.train.state import TrainState
@@ -96,3 +97,33 @@ def abstract_with_shardings(state_shape: TrainState, shardings: TrainState) -> T
   """ShapeDtypeStructs carrying the target shardings (what orbax restores onto)."""
   return jax.tree_util.tree_map(
       lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings)
+
+
+def newest_parameters(directory: str) -> Tuple[str, Dict[str, np.ndarray]]:
+  """(checkpoint path, {param path: host array}) of the newest readable checkpoint in
+  `directory` (a workdir or its `checkpoints/`), read in its own structure: what
+  `init.from_checkpoint` starts another run from. Each array is read whole onto this
+  host."""
+  ckpt_dir = os.path.join(directory, "checkpoints")
+  ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else directory
+  if not os.path.isdir(ckpt_dir):
+    raise FileNotFoundError(f"{directory}: no such workdir or checkpoint directory")
+  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+  if not steps:
+    raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint")
+  checkpointer = ocp.StandardCheckpointer()
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  for step in steps:
+    path = os.path.join(ckpt_dir, str(step), "state")
+    try:
+      saved = checkpointer.metadata(path).item_metadata
+      abstract = jax.tree_util.tree_map(
+          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(saved))
+      state = checkpointer.restore(path, abstract)
+    except Exception as error:  # orbax raises many types for truncated/corrupt files
+      logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
+                      type(error).__name__, str(error).splitlines()[0][:200])
+      continue
+    return path, {k: np.asarray(v) for k, v in {**state["frozen"],
+                                                 **state["trainable"]}.items()}
+  raise ValueError(f"{ckpt_dir}: no checkpoint of steps {steps} is readable")

@@ -35,9 +35,10 @@ from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import DecoderConfig, config_from_dict
 from clara_jax.model.decoder import abstract_params, init_params
 from clara_jax.train import optimizer, run_config
-from clara_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from clara_jax.train.checkpoint import (Checkpointer, abstract_with_shardings,
+                                        newest_parameters)
 from clara_jax.train.metrics import MetricsWriter, parameter_overview
-from clara_jax.train.state import TrainState, create_state
+from clara_jax.train.state import create_state
 from clara_jax.train.workdir_lock import WorkdirLock
 from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_step,
                                   replicate, state_shardings, unreplicate)
@@ -63,21 +64,37 @@ class Preempted(RuntimeError):
 
 
 class _Preemption:
-  """Turns SIGTERM and SIGINT into a flag the loop checks between steps (save, then
-  exit): the step in flight finishes, so the checkpoint is a consistent one."""
+  """When to stop for a preemption: the loop asks `reached(step)` after each step, and
+  on True saves a checkpoint of that step and exits (the step in flight finishes, so the
+  checkpoint is a consistent one).
 
-  SIGNALS = (signal.SIGTERM, signal.SIGINT)
+  One process: SIGTERM and SIGINT set a flag. Several processes: every host must save
+  the same step, and a signal reaches one host at a time (or only one), so the decision
+  goes through JAX's preemption sync service. Its SIGTERM notifier tells the
+  coordinator, which picks the step after the furthest host's; `reached` is True on
+  every host at that step. It is a local check: no per-step collective. SIGINT is turned
+  into a SIGTERM for the notifier, so Ctrl-C on one host stops all of them at one step.
+  """
 
   def __init__(self):
     self.signum: Optional[int] = None
     self._previous: Dict[int, object] = {}
+    self._synced = _preemption_service_running()
 
-  @property
-  def requested(self) -> bool:
-    return self.signum is not None
+  def reached(self, step: int) -> bool:
+    if not self._synced:
+      return self.signum is not None
+    from jax.experimental import multihost_utils
+    if multihost_utils.reached_preemption_sync_point(step):
+      self.signum = self.signum or signal.SIGTERM  # a host that saw no signal itself
+      return True
+    return False
 
   def __enter__(self):
-    for signum in self.SIGNALS:
+    # With the sync service, SIGTERM stays with its notifier (a Python handler would
+    # replace the notifier's and the other hosts would never hear of it).
+    signals = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
       try:
         self._previous[signum] = signal.signal(signum, self._handle)
       except ValueError:  # not the main thread: no handler, nothing to restore
@@ -89,11 +106,27 @@ class _Preemption:
     logging.warning("%s received: saving a checkpoint before exiting",
                     signal.Signals(signum).name)
     self.signum = signum
+    if self._synced:
+      os.kill(os.getpid(), signal.SIGTERM)
 
   def __exit__(self, *exc):
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
+
+
+def _preemption_service_running() -> bool:
+  """Whether this is a multi-process job with JAX's preemption sync service (on unless
+  `jax_enable_preemption_service` is off)."""
+  if jax.process_count() == 1:
+    return False
+  from jax._src import distributed
+  if distributed.global_state.preemption_sync_manager is None:
+    logging.warning("multi-process run without the JAX preemption service "
+                    "(jax_enable_preemption_service): a signal stops only the host it "
+                    "reaches")
+    return False
+  return True
 
 
 def clara_config(config) -> ClaraConfig:
@@ -282,8 +315,10 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
                        decode=decode)
 
 
-def initial_params(config, tok: Tokenizer, prev: Optional[str]):
+def initial_params(config, tok: Tokenizer, prev: Optional[str],
+                   overlay_from: Optional[str] = None):
   """(DecoderConfig, params): the previous stage's export, or a fresh init; then the
+  parameters of the checkpoint in `overlay_from` where path and shape match; then the
   configured adapter resets and copies (stage1_2: fresh generator; stage2: reasoner :=
   compressor)."""
   if prev is not None:
@@ -297,6 +332,8 @@ def initial_params(config, tok: Tokenizer, prev: Optional[str]):
   if cfg.vocab_size != tok.vocab_size:
     raise ValueError(f"model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
                      f"{tok.vocab_size}")
+  if overlay_from:
+    params = overlay_parameters(params, *newest_parameters(overlay_from))
   if config.init.reset_adapters:
     fresh = lora.split_adapters(init_params(cfg, jax.random.key(config.seed + 1)))[1]
     base, adapters = lora.split_adapters(params)
@@ -306,6 +343,32 @@ def initial_params(config, tok: Tokenizer, prev: Optional[str]):
   for src, dst in config.init.copy_adapters:
     params = lora.copy_adapter(params, src, dst)
   return cfg, params
+
+
+def overlay_parameters(params, origin: str, saved: Dict[str, np.ndarray]):
+  """`params` with every parameter whose path and shape `saved` also has replaced by the
+  saved value (cast to the model's dtype). What does not match keeps its value and is
+  logged; no match at all is an error (the wrong workdir, most likely)."""
+  flat = lora.flatten(params)
+  taken, reshaped = [], []
+  for path, value in flat.items():
+    if path not in saved:
+      continue
+    if tuple(saved[path].shape) != tuple(value.shape):
+      reshaped.append(f"{path} {tuple(saved[path].shape)} -> {tuple(value.shape)}")
+      continue
+    flat[path] = jnp.asarray(saved[path], value.dtype)
+    taken.append(path)
+  if not taken:
+    raise ValueError(f"init.from_checkpoint: no parameter of {origin} matches this "
+                     f"model's (path and shape)")
+  new = len(flat) - len(taken) - len(reshaped)
+  logging.warning("init.from_checkpoint: %d of %d parameters from %s; kept from the init: "
+                  "%d the checkpoint lacks, %d of another shape%s; %d checkpoint "
+                  "parameters unused", len(taken), len(flat), origin, new, len(reshaped),
+                  f" ({'; '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''})"
+                  if reshaped else "", len(set(saved) - set(flat)))
+  return lora.unflatten(flat)
 
 
 def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig) -> float:
@@ -336,6 +399,8 @@ def train(config, workdir: str,
   from configs.base import validate
   validate(config)
   workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f"{workdir}: --workdir is a file; expected a run directory")
   os.makedirs(workdir, exist_ok=True)
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
@@ -352,7 +417,10 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   prev = _previous_export(config, workdir)
   files = _with_replay_text(config, workdir, data_files(config, workdir))
   tok = load_tokenizer(config, workdir, files, prev)
-  cfg, params = initial_params(config, tok, prev)
+  # init.from_checkpoint seeds a first start only: a resume restores its own checkpoint.
+  overlay_from = (os.path.join(workdir, config.init.from_checkpoint)
+                  if config.init.from_checkpoint and not saved_steps else None)
+  cfg, params = initial_params(config, tok, prev, overlay_from)
   mask = stages.trainable_mask(config.stage, params, cclara)
   if config.optimizer.frozen:
     mask = optimizer.freeze_by_path(mask, config.optimizer.frozen)
@@ -403,6 +471,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   else:
     step0 = 0
   writer = MetricsWriter(workdir, resume_step=step0)
+  logging.info("training steps %d to %d", step0 + 1, config.train.num_steps)
   if step0 == 0:
     writer.write_hparams(_flat_hparams(config))
   logging.info("%s", parameter_overview(state.trainable, state.frozen, params_sh))
@@ -465,7 +534,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
           progress(done, config.train.num_steps, last)
         window, window_start = [], time.perf_counter()
       host_state = unreplicate(state) if pmap else state
-      if preemption.requested:
+      if preemption.reached(done):
         checkpointer.save(done, host_state, pipeline.get_state(), force=True)
         checkpointer.close()
         writer.close()

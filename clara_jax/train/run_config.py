@@ -75,7 +75,8 @@ def check_or_record(workdir: str, config, has_checkpoints: bool, write: bool = T
       raise ConfigChanged(
           f"{workdir}: the config differs from the one its checkpoints were trained with "
           f"({path}): {fields}. Resume with the recorded values, or train in another "
-          f"--workdir (init.from_workdir starts a new stage from this one's export)")
+          f"--workdir with --config.init.from_checkpoint={workdir} (starts from its "
+          f"parameters where path and shape match)")
     if not changed:
       return
   elif has_checkpoints:

@@ -26,6 +26,7 @@ import numpy as np
 
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig, LoraConfig
+from clara_jax.weights.export import check_finite
 from clara_jax.weights.hf_import import import_hf_checkpoint
 
 ADAPTER_NAMES = {"encoder_adapter": "compressor", "query_reasoner_adapter": "reasoner",
@@ -84,11 +85,20 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   conf_path = os.path.join(ckpt_dir, "config.json")
   if not os.path.exists(conf_path):
     raise FileNotFoundError(f"{conf_path}: missing; expected the CLaRa config.json")
-  with open(conf_path) as f:
-    conf = json.load(f)
+  try:
+    with open(conf_path) as f:
+      conf = json.load(f)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{conf_path}: not valid JSON: {e}") from None
+  if not isinstance(conf, dict):
+    raise ValueError(f"{conf_path}: expected a JSON object, found {type(conf).__name__}")
   for field in ("lora_r", "doc_max_length", "compr_rate"):
     if field not in conf:
       raise ValueError(f"{conf_path}: field '{field}' missing")
+    value = conf[field]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+      raise ValueError(f"{conf_path}: field '{field}': expected a positive integer, "
+                       f"found {value!r}")
   r, n_mem = int(conf["lora_r"]), int(conf["doc_max_length"]) // int(conf["compr_rate"])
   lora = LoraConfig(rank=r, alpha=2.0 * r, dropout=0.1)
   cfg, params = import_hf_checkpoint(base_dir, 3 + n_mem, lora=lora, dtype=dtype,
@@ -105,6 +115,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
     if len(keys) != 1:
       raise ValueError(f"{first_last_path}: expected one '*{suffix}', found {keys}")
     w = _np(first_last[keys[0]])
+    check_finite([(repr(keys[0]), w)], first_last_path)
     want = (v0 + n_mem + 3, cfg.hidden_size)
     if w.shape != want:
       raise ValueError(f"{first_last_path}: '{keys[0]}' has shape {w.shape}, expected {want}")
@@ -129,7 +140,9 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
       path = f"layers_{layer}/{module}/{proj}_proj/lora_{ours}/{part.lower()}"
       if path not in flat:
         raise ValueError(f"{adapters_path}: {ref_name}: {key!r} has no place in the model")
-      value = _lora_factors(proj, part, _np(tensor), cfg)
+      array = _np(tensor)
+      check_finite([(f"{ref_name}: {key!r}", array)], adapters_path)
+      value = _lora_factors(proj, part, array, cfg)
       if value.shape != flat[path].shape:
         raise ValueError(f"{adapters_path}: {ref_name}: {key!r} has shape {tuple(tensor.shape)}"
                          f" (-> {value.shape}), expected {flat[path].shape}")

@@ -39,6 +39,7 @@ from flax import traverse_util
 
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.model.decoder import abstract_params, init_params
+from clara_jax.weights.export import check_finite
 from clara_jax.weights.safetensors_io import SafetensorsCheckpoint
 
 CONFIG_FILE = "config.json"
@@ -63,6 +64,8 @@ _FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 
 def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
   """Reads `ckpt_dir/config.json` (FileNotFoundError naming the path if absent)."""
+  if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+    raise NotADirectoryError(f"{ckpt_dir}: is a file; expected a checkpoint directory")
   path = os.path.join(os.fspath(ckpt_dir), CONFIG_FILE)
   if not os.path.exists(path):
     raise FileNotFoundError(
@@ -356,8 +359,10 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
   flat: Dict[str, jax.Array] = {}
   with SafetensorsCheckpoint(ckpt_dir) as ckpt:
     _validate(ckpt, plan, cfg, tied)
-    for entry in plan:  # one tensor at a time: read (memmap), rearrange, cast, place
-      flat[entry.path] = place(entry.path, entry.convert(ckpt.get(entry.hf_name)))
+    for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
+      tensor = ckpt.get(entry.hf_name)
+      check_finite([(repr(entry.hf_name), tensor)], ckpt.file_of(entry.hf_name))
+      flat[entry.path] = place(entry.path, entry.convert(tensor))
     embed_vd = ckpt.get("model.embed_tokens.weight")
     if tied:
       flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
