@@ -25,6 +25,7 @@ INSTALL_REQUIRES = [
     "tensorflow-cpu==2.21.0",
     "tensorboard==2.21.0",
     "matplotlib==3.11.2",  # logit-lens and loss-curve figures
+    "gguf==0.19.0",  # reading and dequantizing GGUF files (import-gguf)
     "tqdm==4.70.1",  # progress of evaluate, lens, index and convert on a terminal
 ]
 

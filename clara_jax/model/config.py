@@ -144,8 +144,9 @@ class DecoderConfig:
 
 # Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,
 # `ref_tiny` matches the shapes at which the official PyTorch code runs on a CPU, and
-# `mistral_7b` has the real Mistral-7B-Instruct-v0.2 shapes. The CPU sizes attend per KV
-# head (faster there); `mistral_7b` keeps the grouped einsum that shards over "tensor".
+# `smollm2_135m` and `mistral_7b` have the real SmolLM2-135M and Mistral-7B-Instruct-v0.2
+# shapes. The CPU sizes attend per KV head (faster there); the real ones keep the grouped
+# einsum that shards over "tensor".
 MODEL_SIZES = {
     "tiny": dict(base_vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, lora=LoraConfig(rank=4, alpha=8.0),
@@ -156,6 +157,11 @@ MODEL_SIZES = {
     "ref_tiny": dict(base_vocab_size=8000, hidden_size=256, intermediate_size=768,
                      num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
                      attention_layout="per_kv_head"),
+    # SmolLM2-135M(-Instruct)'s shapes (`clara-jax fetch-base smollm2`, `import-gguf`).
+    "smollm2_135m": dict(base_vocab_size=49152, hidden_size=576, intermediate_size=1536,
+                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                         rope_theta=1e5, rms_norm_eps=1e-5,
+                         lora=LoraConfig(rank=16, alpha=32.0)),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

@@ -337,13 +337,28 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
       of the wrong shape (naming tensor, expected and found shape) or left unused.
   """
   ckpt_dir = os.fspath(ckpt_dir)
-  rng = jax.random.key(0) if rng is None else rng
   hf = load_hf_config(ckpt_dir)
+  with SafetensorsCheckpoint(ckpt_dir) as ckpt:
+    return import_tensors(ckpt, hf, os.path.join(ckpt_dir, CONFIG_FILE), num_extra_tokens,
+                          lora=lora, dtype=dtype, param_dtype=param_dtype, rng=rng,
+                          shardings=shardings)
+
+
+def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_tokens: int, *,
+                   lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
+                   param_dtype: str = "float32", rng: Optional[jax.Array] = None,
+                   shardings: Any = None) -> Tuple[DecoderConfig, Dict]:
+  """The conversion behind `import_hf_checkpoint`, from any checkpoint of HF-named
+  tensors: `ckpt` has `keys()`, `in`, `info(name)` (.shape, .dtype), `get(name)` (numpy),
+  `file_of(name)`, and `ckpt_dir` and `files` (named in errors); `hf` is its config.json
+  dict, read from `config_source` (named in errors). The GGUF importer feeds it
+  dequantized tensors."""
+  rng = jax.random.key(0) if rng is None else rng
   try:
     cfg = decoder_config_from_hf(hf, num_extra_tokens, lora=lora, dtype=dtype,
                                  param_dtype=param_dtype)
   except ValueError as e:
-    raise ValueError(f"{os.path.join(ckpt_dir, CONFIG_FILE)}: {e}") from None
+    raise ValueError(f"{config_source}: {e}") from None
   tied = bool(_field(hf, "tie_word_embeddings", False))
   pdt = np.dtype(jnp.dtype(param_dtype))
   flat_shardings = (traverse_util.flatten_dict(shardings, sep="/")
@@ -357,23 +372,22 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
 
   plan = _tensor_plan(cfg, tied)
   flat: Dict[str, jax.Array] = {}
-  with SafetensorsCheckpoint(ckpt_dir) as ckpt:
-    _validate(ckpt, plan, cfg, tied)
-    for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
-      tensor = ckpt.get(entry.hf_name)
-      check_finite([(repr(entry.hf_name), tensor)], ckpt.file_of(entry.hf_name))
-      flat[entry.path] = place(entry.path, entry.convert(tensor))
-    embed_vd = ckpt.get("model.embed_tokens.weight")
-    if tied:
-      flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
-    if cfg.num_extra_tokens:
-      embed_key, head_key = jax.random.split(jax.random.fold_in(rng, 1))
-      extra_embedding = _extra_rows(embed_vd, cfg.num_extra_tokens, embed_key)
-      extra_head = (extra_embedding if tied else
-                    _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key))
-      flat["embedder/extra_embedding"] = place("embedder/extra_embedding", extra_embedding)
-      flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
-    del embed_vd
+  _validate(ckpt, plan, cfg, tied)
+  for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
+    tensor = ckpt.get(entry.hf_name)
+    check_finite([(repr(entry.hf_name), tensor)], ckpt.file_of(entry.hf_name))
+    flat[entry.path] = place(entry.path, entry.convert(tensor))
+  embed_vd = ckpt.get("model.embed_tokens.weight")
+  if tied:
+    flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
+  if cfg.num_extra_tokens:
+    embed_key, head_key = jax.random.split(jax.random.fold_in(rng, 1))
+    extra_embedding = _extra_rows(embed_vd, cfg.num_extra_tokens, embed_key)
+    extra_head = (extra_embedding if tied else
+                  _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key))
+    flat["embedder/extra_embedding"] = place("embedder/extra_embedding", extra_embedding)
+    flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
+  del embed_vd
 
   flat.update(_lora_leaves(cfg, rng, flat_shardings))
   _check_tree(cfg, flat)

@@ -238,6 +238,8 @@ LENS = ("lens", "--workdir", "wd", "--data", "data.jsonl", "--out", "lens.json")
 INDEX = ("index", "--workdir", "wd", "--corpus", "corpus.jsonl", "--out", "idx")
 TRAIN = ("train", "--config={repo}/configs/lm.py", "--workdir=run")
 IMPORT_HF = ("import-hf", "--hf_dir", "hf", "--out", "imported", "--num_extra_tokens", "3")
+IMPORT_GGUF = ("import-gguf", "--gguf", "model.gguf", "--out", "imported",
+               "--num_extra_tokens", "3")
 IMPORT_CLARA = ("import-clara", "--ckpt_dir", "clara", "--hf_dir", "hf", "--out", "imported")
 
 
@@ -521,6 +523,18 @@ CASES = [
     Case("import-hf-out-is-file", "`--out` is a file (checked before importing)", IMPORT_HF,
          2, ("imported: is a file; expected a directory",),
          {"hf": _hf_checkpoint, "imported": "an old file\n"}),
+
+    # import-gguf: a llama.cpp / Ollama file; nothing may be written to --out.
+    Case("import-gguf-not-gguf", "a text file named .gguf", IMPORT_GGUF, 2,
+         ("model.gguf: not a readable GGUF file",), {"model.gguf": "not a model\n"}),
+    Case("import-gguf-cut-header", "a GGUF header cut after its first bytes", IMPORT_GGUF, 2,
+         ("model.gguf: not a readable GGUF file",), {"model.gguf": b"GGUF\x03\x00\x00"}),
+    Case("import-gguf-missing", "`--gguf` names no file", IMPORT_GGUF, 2,
+         ("model.gguf: no such GGUF file",)),
+    Case("import-gguf-directory", "`--gguf` is a directory", IMPORT_GGUF, 2,
+         ("model.gguf: is a directory; expected a .gguf file",), {"model.gguf": _directory}),
+    Case("import-gguf-negative-extra-tokens", "`--num_extra_tokens -1`",
+         IMPORT_GGUF[:-1] + ("-1",), 2, ("argument --num_extra_tokens: must be at least 0",)),
 
     # import-clara: the official PyTorch format on top of the HF base.
     Case("import-clara-missing-config", "the CLaRa directory has no config.json",
