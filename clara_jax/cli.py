@@ -171,11 +171,24 @@ def _cmd_import_gguf(args) -> int:
   with GGUFCheckpoint(args.gguf) as ckpt:  # read the header first: bad files fail fast
     name = ckpt.metadata.get("general.name")
     quantizations = Counter(ckpt.info(n).quantization for n in ckpt.keys())
+    has_tokenizer = "tokenizer.ggml.model" in ckpt.reader.fields
+  tok = None
+  # <ENC>, <SEP>, <AE>, then the memory tokens: the tokenizer needs at least the three.
+  if has_tokenizer and args.num_extra_tokens >= 3:
+    from clara_jax.data.tokenizer import BPETokenizer
+    tok = BPETokenizer.from_gguf(args.gguf, args.num_extra_tokens - 3)
+    if tok.base_vocab_size != ckpt.config["vocab_size"]:
+      raise ValueError(f"{args.gguf}: the tokenizer has {tok.base_vocab_size} tokens, the "
+                       f"embedding {ckpt.config['vocab_size']} rows")
   cfg, params = import_gguf(args.gguf, args.num_extra_tokens, param_dtype=args.param_dtype,
                             dtype=args.dtype)
   save_params(args.out, cfg, params)
+  if tok is not None:
+    import os
+    tok.save(os.path.join(args.out, tok.FILENAME))
   print(json.dumps({"out": args.out, "name": name, "num_params": cfg.num_params(),
-                    "tensors_by_type": dict(sorted(quantizations.items()))}))
+                    "tensors_by_type": dict(sorted(quantizations.items())),
+                    "tokenizer": None if tok is None else repr(tok)}))
   return 0
 
 
@@ -616,7 +629,8 @@ def build_parser() -> argparse.ArgumentParser:
   gg.add_argument("--gguf", required=True, help="the .gguf file")
   gg.add_argument("--out", required=True, help="output directory (params + config.json)")
   gg.add_argument("--num_extra_tokens", type=non_negative_int, required=True,
-                  help="rows to add for CLaRa's special tokens (Tokenizer.num_special)")
+                  help="rows to add for CLaRa's special tokens: 3 + memory tokens (with 3 "
+                  "or more, the GGUF's tokenizer is written beside the weights)")
   gg.add_argument("--param_dtype", default="float32")
   gg.add_argument("--dtype", default="float32")
   gg.set_defaults(fn=_cmd_import_gguf)

@@ -312,11 +312,9 @@ def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
                log: Callable[[str], None] = print) -> demo.Recipe:
   """The recipe with `data.prompt_length` fitted to the training questions under the
   `lm` stage's tokenizer (see `fitted_prompt_lengths`)."""
-  from clara_jax.data.tokenizer import Tokenizer
-  from clara_jax.train.loop import TOKENIZER_FILE
+  from clara_jax.data.tokenizer import load_tokenizer
   config = demo.stage_config("stage2", recipe)
-  tok = Tokenizer.load(os.path.join(workdir, "lm", "export", TOKENIZER_FILE),
-                       config.tokenizer.num_mem_tokens)
+  tok = load_tokenizer(os.path.join(workdir, "lm", "export"), config.tokenizer.num_mem_tokens)
   questions = [r["question"] for stage in ("stage1_2", "stage2")
                for r in read_jsonl(os.path.join(dirs[stage], "train.jsonl"))]
   n_mem = config.clara.doc_max_length // config.clara.compr_rate

@@ -247,6 +247,25 @@ def test_smollm2_logits_match_transformers_gguf_loading(smollm2):
                                   ref[i, :n].argmax(-1))
 
 
+def test_smollm2_tokenizer_matches_transformers(smollm2, tmp_path):
+  from clara_jax.data.tokenizer import BPETokenizer, load_tokenizer
+  from clara_jax.weights.fetch import fetch_base
+  transformers = pytest.importorskip("transformers")
+  path = fetch_base("smollm2")
+  ours = BPETokenizer.from_gguf(path, num_mem_tokens=2)
+  theirs = transformers.AutoTokenizer.from_pretrained(os.path.dirname(path),
+                                                      gguf_file=os.path.basename(path))
+  texts = ["Hello world!", " The year 2024 had 365 days.",
+           "Ivory Lee Brown's father was born in Kalamazoo.\n\nWhy?", "naïve café — 北京",
+           "<|im_start|>user\nWho coached the team?<|im_end|>\n", "  two  spaces"]
+  for text in texts:
+    assert ours.encode(text) == theirs.encode(text, add_special_tokens=False), text
+    assert ours.decode(ours.encode(text)) == text
+  assert (ours.bos_id, ours.eos_id, ours.base_vocab_size) == (1, 2, 49152)
+  ours.save(str(tmp_path / BPETokenizer.FILENAME))
+  assert load_tokenizer(str(tmp_path), 2).encode(texts[2]) == ours.encode(texts[2])
+
+
 def test_smollm2_weights_are_transformers_dequantized_weights(smollm2):
   cfg, params, model = smollm2
   state = {k: v.numpy() for k, v in model.state_dict().items()}
@@ -303,3 +322,25 @@ def test_smollm2_greedy_decoding_with_a_cache_matches_transformers(smollm2):
 def jnp_zeros():
   import jax.numpy as jnp
   return jnp.zeros((1,), jnp.int32)
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores: compiles the 30-layer compressor
+def test_smollm2_export_serves_the_inference_api(smollm2, tmp_path, capsys):
+  """`import-gguf` writes weights and the GGUF's tokenizer; `ClaraModel` loads the export
+  and compresses documents with it."""
+  from clara_jax import cli
+  from clara_jax.infer.api import ClaraModel
+  from clara_jax.weights.fetch import fetch_base
+  out = str(tmp_path / "base")
+  assert cli.main(["import-gguf", "--gguf", fetch_base("smollm2"), "--out", out,
+                   "--num_extra_tokens", "7", "--param_dtype", "bfloat16"]) == 0
+  printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert printed["tensors_by_type"] == {"F32": 61, "Q4_1": 210, "Q8_0": 1}
+  assert sorted(os.listdir(out)) == ["config.json", "params", "params_sizes.json",
+                                     "tokenizer.json", "tokenizer_config.json"]
+  model = ClaraModel.load(out, doc_max_length=32, compr_rate=8, question_max_length=16,
+                          doc_batch=2)
+  assert model.tok.vocab_size == model.cfg.vocab_size == 49152 + 7
+  memories = model.compress_documents(["Ivory Lee Brown was born in Kalamazoo.",
+                                       "The Marsh Hawks play in the valley."])
+  assert memories.shape == (2, 4, 576) and np.isfinite(memories).all()

@@ -1,8 +1,10 @@
-"""SentencePiece tokenizer with the CLaRa special tokens appended after its vocabulary.
+"""Tokenizers with the CLaRa special tokens appended after their vocabulary: SentencePiece
+(`Tokenizer`) and Hugging Face `tokenizers` BPE (`BPETokenizer`, from tokenizer.json or a
+GGUF file), behind one interface (`ClaraTokenizer`; `load_tokenizer` picks the backend).
 
-Id layout, for a SentencePiece model of `base_vocab_size` pieces and n memory tokens:
+Id layout, for a base model of `base_vocab_size` pieces and n memory tokens:
 
-  [0, base_vocab_size)        the SentencePiece pieces (Mistral: unk=0, bos=1, eos=2)
+  [0, base_vocab_size)        the base pieces (Mistral: unk=0, bos=1, eos=2)
   base_vocab_size + 0         <ENC>  (marks a document to compress)
   base_vocab_size + 1         <SEP>
   base_vocab_size + 2         <AE>   (auto-encoding / reconstruction instruction)
@@ -86,7 +88,221 @@ def _load_model_proto(proto: bytes, source: str) -> sentencepiece_model_pb2.Mode
   return model
 
 
-class Tokenizer:
+class ClaraTokenizer:
+  """A base vocabulary plus the CLaRa special tokens after it (see the module docstring):
+  what every part of clara_jax uses. Backends: `Tokenizer` (SentencePiece) and
+  `BPETokenizer` (Hugging Face `tokenizers`: tokenizer.json or a GGUF's metadata). A
+  backend sets `_base`, `_num_mem_tokens` (through `_init_specials`) and the base ids,
+  and encodes and decodes plain text (`_encode_plain`, `_decode_plain`)."""
+
+  FILENAME = ""  # what `save` writes inside an export directory
+
+  def _init_specials(self, base: int, num_mem_tokens: int) -> None:
+    if (isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int)
+        or num_mem_tokens < 0):
+      raise ValueError(f"num_mem_tokens must be a non-negative int, got {num_mem_tokens!r}")
+    self._base = base
+    self._num_mem_tokens = num_mem_tokens
+    self._special_strings: tuple[str, ...] = FIXED_SPECIAL_TOKENS + tuple(
+        mem_token(i) for i in range(num_mem_tokens))
+    self._special_to_id: dict[str, int] = {
+        s: self._base + k for k, s in enumerate(self._special_strings)}
+
+  def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+    """Base ids of text without CLaRa tokens; `at_start`: nothing precedes it."""
+    raise NotImplementedError
+
+  def _decode_plain(self, ids: list[int], at_start: bool) -> str:
+    raise NotImplementedError
+
+  def _base_piece(self, token_id: int) -> str:
+    raise NotImplementedError
+
+  # --- vocabulary ---------------------------------------------------------------------------
+
+  @property
+  def base_vocab_size(self) -> int:
+    """Number of SentencePiece pieces; the first special id."""
+    return self._base
+
+  @property
+  def num_mem_tokens(self) -> int:
+    return self._num_mem_tokens
+
+  @property
+  def num_special(self) -> int:
+    """Number of CLaRa special tokens: 3 fixed plus the memory tokens."""
+    return len(self._special_strings)
+
+  @property
+  def vocab_size(self) -> int:
+    """Total number of ids: base vocabulary plus special tokens."""
+    return self._base + self.num_special
+
+  @property
+  def enc_id(self) -> int:
+    return self._base
+
+  @property
+  def sep_id(self) -> int:
+    return self._base + 1
+
+  @property
+  def ae_id(self) -> int:
+    return self._base + 2
+
+  @property
+  def mem_ids(self) -> list[int]:
+    """Ids of <MEM0> .. <MEM{n-1}>, in order."""
+    first = self._base + len(FIXED_SPECIAL_TOKENS)
+    return list(range(first, first + self._num_mem_tokens))
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    """Ids of all CLaRa special tokens."""
+    return frozenset(range(self._base, self.vocab_size))
+
+  @property
+  def special_tokens(self) -> dict[str, int]:
+    """Special token string -> id."""
+    return dict(self._special_to_id)
+
+  def mem_token(self, i: int) -> str:
+    """The string of the i-th memory token, checked against num_mem_tokens."""
+    if not 0 <= i < self._num_mem_tokens:
+      raise IndexError(f"memory token {i} out of range [0, {self._num_mem_tokens})")
+    return mem_token(i)
+
+  def is_special(self, token_id: int) -> bool:
+    """Whether token_id is a CLaRa special token (not a SentencePiece control piece)."""
+    return self._base <= int(token_id) < self.vocab_size
+
+  def id_to_piece(self, token_id: int) -> str:
+    """The piece string of any id: SentencePiece's piece, or the special token's string."""
+    token_id = self._check_id(token_id)
+    if token_id < self._base:
+      return self._base_piece(token_id)
+    return self._special_strings[token_id - self._base]
+
+  def _check_id(self, token_id: int) -> int:
+    token_id = int(token_id)
+    if not 0 <= token_id < self.vocab_size:
+      raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
+    return token_id
+
+  # --- encoding / decoding ------------------------------------------------------------------
+
+  def _split_special(self, text: str) -> list[str | int]:
+    """Splits text into plain segments (str, non-empty) and special token ids (int)."""
+    parts: list[str | int] = []
+    plain_start = 0
+    for match in _SPECIAL_CANDIDATE_RE.finditer(text):
+      token_id = self._special_to_id.get(match.group())
+      if token_id is None:
+        continue  # e.g. <MEM99> with fewer memory tokens: plain text
+      if match.start() > plain_start:
+        parts.append(text[plain_start:match.start()])
+      parts.append(token_id)
+      plain_start = match.end()
+    if plain_start < len(text):
+      parts.append(text[plain_start:])
+    return parts
+
+  def encode(
+      self, text: str, add_bos: bool = False, add_eos: bool = False, *,
+      parse_special: bool = True) -> list[int]:
+    """Encodes text to ids; special token strings in it become their ids.
+
+    Args:
+      text: the text.
+      add_bos: prepend the bos id.
+      add_eos: append the eos id.
+      parse_special: if False, special token strings are encoded as plain text (for
+        untrusted text such as retrieved documents that might contain "<SEP>").
+    """
+    ids: list[int] = [self.bos_id] if add_bos else []
+    parts: list[str | int] = self._split_special(text) if parse_special else [text]
+    for k, part in enumerate(parts):
+      if isinstance(part, int):
+        ids.append(part)
+      elif part:
+        ids.extend(self._encode_plain(part, at_start=k == 0))
+    if add_eos:
+      ids.append(self.eos_id)
+    return ids
+
+  def encode_batch(
+      self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, *,
+      parse_special: bool = True) -> list[list[int]]:
+    """`encode` on each text (no padding)."""
+    return [self.encode(t, add_bos, add_eos, parse_special=parse_special) for t in texts]
+
+  def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+    """Decodes ids (any iterable of ints, e.g. a 1-D numpy array) to text.
+
+    bos/eos/pad are SentencePiece control pieces and decode to "", except that a model
+    without a pad piece (Mistral) pads with unk, which decodes to " ⁇ ": strip padding first.
+
+    Args:
+      ids: token ids, each in [0, vocab_size).
+      skip_special: drop the CLaRa special tokens instead of writing their strings.
+
+    Raises:
+      IndexError: an id is out of range.
+    """
+    out: list[str] = []
+    run: list[int] = []
+    seen_special = False
+
+    def flush() -> None:
+      if run:
+        out.append(self._decode_plain(list(run), at_start=not seen_special))
+        run.clear()
+
+    for token_id in ids:
+      token_id = self._check_id(token_id)
+      if token_id < self._base:
+        run.append(token_id)
+        continue
+      flush()
+      seen_special = True
+      if not skip_special:
+        out.append(self._special_strings[token_id - self._base])
+    flush()
+    return "".join(out)
+
+  def decode_batch(
+      self, batch: Iterable[Iterable[int]], skip_special: bool = False) -> list[str]:
+    """`decode` on each sequence (rows of a 2-D array work too)."""
+    return [self.decode(ids, skip_special) for ids in batch]
+
+  def encode_chat(
+      self, user: str, system: str | None = None, answer: str | None = None,
+  ) -> tuple[list[int], list[int]]:
+    """Encodes a Mistral-Instruct turn: bos, "[INST] {content} [/INST]", then the answer.
+
+    The answer is encoded on its own (so it starts with SentencePiece's "▁" dummy prefix,
+    as in Mistral's reference tokenizer), followed by eos. Special token strings in
+    `user`/`system` (e.g. <MEM0> placeholders) become their ids.
+
+    Returns:
+      (ids, answer_mask): answer_mask[i] is 1 exactly on the answer tokens and the final
+      eos (the supervised positions), 0 elsewhere; all 0 when no answer is given.
+    """
+    ids = self.encode(build_chat_prompt(user, system), add_bos=True)
+    mask = [0] * len(ids)
+    if answer is not None:
+      answer_ids = self.encode(answer, add_eos=True)
+      ids += answer_ids
+      mask += [1] * len(answer_ids)
+    return ids, mask
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}(base_vocab_size={self._base}, num_mem_tokens={self._num_mem_tokens}, "
+            f"vocab_size={self.vocab_size})")
+
+
+class Tokenizer(ClaraTokenizer):
   """SentencePiece tokenizer plus the CLaRa special tokens (see the module docstring).
 
   Build one with `Tokenizer.load` (an existing `.model` file), `Tokenizer.train` (a small
@@ -96,6 +312,8 @@ class Tokenizer:
   vocabulary (<ENC>, <SEP>, <AE>, <MEM*>); SentencePiece's own control pieces (bos, eos,
   pad) are ordinary base ids, which SentencePiece decodes to the empty string.
   """
+
+  FILENAME = _DEFAULT_MODEL_FILENAME
 
   def __init__(self, model_proto: bytes, num_mem_tokens: int, *, source: str = "model proto"):
     """Wraps a serialized SentencePiece model.
@@ -108,9 +326,6 @@ class Tokenizer:
     Raises:
       ValueError: num_mem_tokens is negative or model_proto is not a SentencePiece model.
     """
-    if (isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int)
-        or num_mem_tokens < 0):
-      raise ValueError(f"num_mem_tokens must be a non-negative int, got {num_mem_tokens!r}")
     model = _load_model_proto(model_proto, source)
     try:
       self._sp = spm.SentencePieceProcessor(model_proto=model_proto)
@@ -120,12 +335,7 @@ class Tokenizer:
     except RuntimeError as e:
       raise ValueError(f"{source} is not a usable SentencePiece model: {e}") from e
     self._proto = bytes(model_proto)
-    self._num_mem_tokens = num_mem_tokens
-    self._base = self._sp.get_piece_size()
-    self._special_strings: tuple[str, ...] = FIXED_SPECIAL_TOKENS + tuple(
-        mem_token(i) for i in range(num_mem_tokens))
-    self._special_to_id: dict[str, int] = {
-        s: self._base + k for k, s in enumerate(self._special_strings)}
+    self._init_specials(self._sp.get_piece_size(), num_mem_tokens)
 
   # --- construction -----------------------------------------------------------------------
 
@@ -232,27 +442,6 @@ class Tokenizer:
     """The SentencePiece model as the bytes of a `.model` file."""
     return self._proto
 
-  # --- vocabulary ---------------------------------------------------------------------------
-
-  @property
-  def base_vocab_size(self) -> int:
-    """Number of SentencePiece pieces; the first special id."""
-    return self._base
-
-  @property
-  def num_mem_tokens(self) -> int:
-    return self._num_mem_tokens
-
-  @property
-  def num_special(self) -> int:
-    """Number of CLaRa special tokens: 3 fixed plus the memory tokens."""
-    return len(self._special_strings)
-
-  @property
-  def vocab_size(self) -> int:
-    """Total number of ids: base vocabulary plus special tokens."""
-    return self._base + self.num_special
-
   @property
   def unk_id(self) -> int:
     return self._sp.unk_id()
@@ -271,166 +460,171 @@ class Tokenizer:
     pad = self._sp.pad_id()
     return pad if pad >= 0 else self._sp.unk_id()
 
-  @property
-  def enc_id(self) -> int:
-    return self._base
+  def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+    # Only text at the very start gets SentencePiece's dummy "▁" prefix.
+    return (self._sp if at_start else self._sp_inner).encode(text)
+
+  def _decode_plain(self, ids: list[int], at_start: bool) -> str:
+    # Mirrors `encode`: only the run before any special token had the dummy prefix.
+    return (self._sp if at_start else self._sp_inner).decode(ids)
+
+  def _base_piece(self, token_id: int) -> str:
+    return self._sp.id_to_piece(token_id)
+
+
+
+class BPETokenizer(ClaraTokenizer):
+  """A Hugging Face `tokenizers` model (the byte-level BPE of GPT-2, SmolLM2, Llama 3,
+  Qwen...) plus the CLaRa tokens after its vocabulary.
+
+  Made from a `tokenizer.json` (`load`; bos/eos/unk/pad from the `tokenizer_config.json`
+  beside it, as Hugging Face checkpoints keep them) or from a GGUF file's metadata
+  (`from_gguf`). `save` writes both files. Byte-level BPE needs no dummy-prefix handling:
+  text between CLaRa tokens encodes the same wherever it falls. The model's own control
+  tokens (e.g. `<|im_start|>`) are base ids, matched in text as Hugging Face matches them.
+  """
+
+  FILENAME = "tokenizer.json"
+  CONFIG_FILENAME = "tokenizer_config.json"
+  _ROLES = ("bos", "eos", "unk", "pad")
+
+  def __init__(self, backend, num_mem_tokens: int, *, bos_id: int, eos_id: int,
+               unk_id: int | None = None, pad_id: int | None = None,
+               source: str = "tokenizers model"):
+    self._tk = backend
+    base = backend.get_vocab_size(with_added_tokens=True)
+    for role, value in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
+      if value is not None and not 0 <= value < base:
+        raise ValueError(f"{source}: {role} id {value} is outside the vocabulary of {base}")
+    self._ids = {"bos": bos_id, "eos": eos_id, "unk": unk_id, "pad": pad_id}
+    self._source = source
+    self._init_specials(base, num_mem_tokens)
+
+  @classmethod
+  def load(cls, path: str | os.PathLike[str], num_mem_tokens: int) -> BPETokenizer:
+    """A `tokenizer.json` file, or a directory holding one (and its tokenizer_config.json,
+    whose bos/eos/unk/pad token strings give the ids)."""
+    import json
+    import tokenizers
+    path = os.fspath(path)
+    if os.path.isdir(path):
+      path = os.path.join(path, cls.FILENAME)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"tokenizer file not found: {path}")
+    try:
+      backend = tokenizers.Tokenizer.from_file(path)
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
+      raise ValueError(f"{path} is not a tokenizers model: {e}") from None
+    config_path = os.path.join(os.path.dirname(path), cls.CONFIG_FILENAME)
+    roles = {}
+    if os.path.exists(config_path):
+      with open(config_path, encoding="utf-8") as f:
+        try:
+          config = json.load(f)
+        except ValueError as e:
+          raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+      for role in cls._ROLES:
+        token = config.get(f"{role}_token")
+        if isinstance(token, dict):  # {"content": "<s>", ...} in newer checkpoints
+          token = token.get("content")
+        if token is not None:
+          token_id = backend.token_to_id(token)
+          if token_id is None:
+            raise ValueError(f"{config_path}: {role}_token {token!r} is not in {path}")
+          roles[f"{role}_id"] = token_id
+    if "bos_id" not in roles or "eos_id" not in roles:
+      raise ValueError(f"{config_path}: needs bos_token and eos_token (the ids every "
+                       f"prompt and answer use)")
+    return cls(backend, num_mem_tokens, source=path, **roles)
+
+  @classmethod
+  def from_gguf(cls, path: str, num_mem_tokens: int) -> BPETokenizer:
+    """The tokenizer in a GGUF file's metadata (`tokenizer.ggml.model` "gpt2": tokens,
+    merges, token types, special ids), built as byte-level BPE; control tokens (type 3)
+    are matched whole in text."""
+    import gguf
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+    reader = gguf.GGUFReader(path)
+
+    def field(name, required=True):
+      if name not in reader.fields:
+        if required:
+          raise ValueError(f"{path}: metadata {name} is missing")
+        return None
+      return reader.fields[name].contents()
+
+    kind = field("tokenizer.ggml.model")
+    if kind != "gpt2":
+      raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level "
+                       f"BPE) is supported")
+    tokens = field("tokenizer.ggml.tokens")
+    merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
+    types = field("tokenizer.ggml.token_type", required=False) or [1] * len(tokens)
+    backend = tokenizers.Tokenizer(models.BPE(
+        vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    control = [token for token, kind in zip(tokens, types) if kind == 3]
+    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                for t in control])
+    ids = {f"{role}_id": field(f"tokenizer.ggml.{name}_token_id", required=role in
+                                ("bos", "eos"))
+           for role, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
+                              ("pad", "padding"))}
+    return cls(backend, num_mem_tokens, source=path, **ids)
+
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Writes `path` (tokenizer.json) and the tokenizer_config.json beside it."""
+    import json
+    path = os.fspath(path)
+    directory = os.path.dirname(path)
+    if directory:
+      os.makedirs(directory, exist_ok=True)
+    self._tk.save(path)
+    config = {f"{role}_token": self._tk.id_to_token(token_id)
+              for role, token_id in self._ids.items() if token_id is not None}
+    with open(os.path.join(directory, self.CONFIG_FILENAME), "w", encoding="utf-8") as f:
+      json.dump(config, f, indent=2)
 
   @property
-  def sep_id(self) -> int:
-    return self._base + 1
+  def unk_id(self) -> int:
+    return self._ids["unk"] if self._ids["unk"] is not None else self._ids["eos"]
 
   @property
-  def ae_id(self) -> int:
-    return self._base + 2
+  def bos_id(self) -> int:
+    return self._ids["bos"]
 
   @property
-  def mem_ids(self) -> list[int]:
-    """Ids of <MEM0> .. <MEM{n-1}>, in order."""
-    first = self._base + len(FIXED_SPECIAL_TOKENS)
-    return list(range(first, first + self._num_mem_tokens))
+  def eos_id(self) -> int:
+    return self._ids["eos"]
 
   @property
-  def special_ids(self) -> frozenset[int]:
-    """Ids of all CLaRa special tokens."""
-    return frozenset(range(self._base, self.vocab_size))
+  def pad_id(self) -> int:
+    """The model's pad id, else eos (many BPE models pad with it)."""
+    return self._ids["pad"] if self._ids["pad"] is not None else self._ids["eos"]
 
-  @property
-  def special_tokens(self) -> dict[str, int]:
-    """Special token string -> id."""
-    return dict(self._special_to_id)
+  def _encode_plain(self, text: str, at_start: bool) -> list[int]:
+    return self._tk.encode(text, add_special_tokens=False).ids
 
-  def mem_token(self, i: int) -> str:
-    """The string of the i-th memory token, checked against num_mem_tokens."""
-    if not 0 <= i < self._num_mem_tokens:
-      raise IndexError(f"memory token {i} out of range [0, {self._num_mem_tokens})")
-    return mem_token(i)
+  def _decode_plain(self, ids: list[int], at_start: bool) -> str:
+    return self._tk.decode(ids, skip_special_tokens=False)
 
-  def is_special(self, token_id: int) -> bool:
-    """Whether token_id is a CLaRa special token (not a SentencePiece control piece)."""
-    return self._base <= int(token_id) < self.vocab_size
+  def _base_piece(self, token_id: int) -> str:
+    return self._tk.id_to_token(token_id)
 
-  def id_to_piece(self, token_id: int) -> str:
-    """The piece string of any id: SentencePiece's piece, or the special token's string."""
-    token_id = self._check_id(token_id)
-    if token_id < self._base:
-      return self._sp.id_to_piece(token_id)
-    return self._special_strings[token_id - self._base]
 
-  def _check_id(self, token_id: int) -> int:
-    token_id = int(token_id)
-    if not 0 <= token_id < self.vocab_size:
-      raise IndexError(f"token id {token_id} out of range [0, {self.vocab_size})")
-    return token_id
-
-  # --- encoding / decoding ------------------------------------------------------------------
-
-  def _split_special(self, text: str) -> list[str | int]:
-    """Splits text into plain segments (str, non-empty) and special token ids (int)."""
-    parts: list[str | int] = []
-    plain_start = 0
-    for match in _SPECIAL_CANDIDATE_RE.finditer(text):
-      token_id = self._special_to_id.get(match.group())
-      if token_id is None:
-        continue  # e.g. <MEM99> with fewer memory tokens: plain text
-      if match.start() > plain_start:
-        parts.append(text[plain_start:match.start()])
-      parts.append(token_id)
-      plain_start = match.end()
-    if plain_start < len(text):
-      parts.append(text[plain_start:])
-    return parts
-
-  def encode(
-      self, text: str, add_bos: bool = False, add_eos: bool = False, *,
-      parse_special: bool = True) -> list[int]:
-    """Encodes text to ids; special token strings in it become their ids.
-
-    Args:
-      text: the text.
-      add_bos: prepend the bos id.
-      add_eos: append the eos id.
-      parse_special: if False, special token strings are encoded as plain text (for
-        untrusted text such as retrieved documents that might contain "<SEP>").
-    """
-    ids: list[int] = [self.bos_id] if add_bos else []
-    parts: list[str | int] = self._split_special(text) if parse_special else [text]
-    for k, part in enumerate(parts):
-      if isinstance(part, int):
-        ids.append(part)
-      elif part:
-        # Only text at the very start gets SentencePiece's dummy "▁" prefix.
-        ids.extend((self._sp if k == 0 else self._sp_inner).encode(part))
-    if add_eos:
-      ids.append(self.eos_id)
-    return ids
-
-  def encode_batch(
-      self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, *,
-      parse_special: bool = True) -> list[list[int]]:
-    """`encode` on each text (no padding)."""
-    return [self.encode(t, add_bos, add_eos, parse_special=parse_special) for t in texts]
-
-  def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
-    """Decodes ids (any iterable of ints, e.g. a 1-D numpy array) to text.
-
-    bos/eos/pad are SentencePiece control pieces and decode to "", except that a model
-    without a pad piece (Mistral) pads with unk, which decodes to " ⁇ ": strip padding first.
-
-    Args:
-      ids: token ids, each in [0, vocab_size).
-      skip_special: drop the CLaRa special tokens instead of writing their strings.
-
-    Raises:
-      IndexError: an id is out of range.
-    """
-    out: list[str] = []
-    run: list[int] = []
-    seen_special = False
-
-    def flush() -> None:
-      if run:
-        # Mirrors `encode`: only the run before any special token had the dummy prefix.
-        out.append((self._sp_inner if seen_special else self._sp).decode(run))
-        run.clear()
-
-    for token_id in ids:
-      token_id = self._check_id(token_id)
-      if token_id < self._base:
-        run.append(token_id)
-        continue
-      flush()
-      seen_special = True
-      if not skip_special:
-        out.append(self._special_strings[token_id - self._base])
-    flush()
-    return "".join(out)
-
-  def decode_batch(
-      self, batch: Iterable[Iterable[int]], skip_special: bool = False) -> list[str]:
-    """`decode` on each sequence (rows of a 2-D array work too)."""
-    return [self.decode(ids, skip_special) for ids in batch]
-
-  def encode_chat(
-      self, user: str, system: str | None = None, answer: str | None = None,
-  ) -> tuple[list[int], list[int]]:
-    """Encodes a Mistral-Instruct turn: bos, "[INST] {content} [/INST]", then the answer.
-
-    The answer is encoded on its own (so it starts with SentencePiece's "▁" dummy prefix,
-    as in Mistral's reference tokenizer), followed by eos. Special token strings in
-    `user`/`system` (e.g. <MEM0> placeholders) become their ids.
-
-    Returns:
-      (ids, answer_mask): answer_mask[i] is 1 exactly on the answer tokens and the final
-      eos (the supervised positions), 0 elsewhere; all 0 when no answer is given.
-    """
-    ids = self.encode(build_chat_prompt(user, system), add_bos=True)
-    mask = [0] * len(ids)
-    if answer is not None:
-      answer_ids = self.encode(answer, add_eos=True)
-      ids += answer_ids
-      mask += [1] * len(answer_ids)
-    return ids, mask
-
-  def __repr__(self) -> str:
-    return (f"Tokenizer(base_vocab_size={self._base}, num_mem_tokens={self._num_mem_tokens}, "
-            f"vocab_size={self.vocab_size})")
+def load_tokenizer(path: str | os.PathLike[str], num_mem_tokens: int) -> ClaraTokenizer:
+  """The tokenizer at `path`: a SentencePiece `.model` file, a `tokenizer.json`, or a
+  directory (an export or a Hugging Face checkpoint) holding one of them
+  (`tokenizer.model` first)."""
+  path = os.fspath(path)
+  if os.path.isdir(path):
+    for backend in (Tokenizer, BPETokenizer):
+      if os.path.exists(os.path.join(path, backend.FILENAME)):
+        return backend.load(path, num_mem_tokens)
+    raise FileNotFoundError(f"{path}: holds neither {Tokenizer.FILENAME} nor "
+                            f"{BPETokenizer.FILENAME}")
+  if path.endswith(".json"):
+    return BPETokenizer.load(path, num_mem_tokens)
+  return Tokenizer.load(path, num_mem_tokens)

@@ -56,10 +56,10 @@ def load_reasoners(workdir: str) -> Dict[str, Any]:
 def base_model(export_dir: str):
   """The base of an export (config, params, tokenizer), for the probe: no adapter and
   no CLaRa lengths needed."""
-  from clara_jax.data.tokenizer import Tokenizer
+  from clara_jax.data.tokenizer import load_tokenizer
   from clara_jax.weights.export import load_params
   cfg, params = load_params(export_dir)
-  tok = Tokenizer.load(os.path.join(export_dir, "tokenizer.model"), cfg.num_extra_tokens - 3)
+  tok = load_tokenizer(export_dir, cfg.num_extra_tokens - 3)
   return types.SimpleNamespace(cfg=cfg, params=params, tok=tok)
 
 

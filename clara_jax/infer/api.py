@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from clara_jax.data import packing, templates
-from clara_jax.data.tokenizer import Tokenizer, build_chat_prompt
+from clara_jax.data.tokenizer import ClaraTokenizer, build_chat_prompt, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate
 from clara_jax.model import clara
 from clara_jax.model.config import DecoderConfig
@@ -49,7 +49,7 @@ class Truncations:
 class ClaraModel:
   """Compressor, reasoner and generator of one exported checkpoint."""
 
-  def __init__(self, cfg: DecoderConfig, params, tokenizer: Tokenizer, doc_max_length: int,
+  def __init__(self, cfg: DecoderConfig, params, tokenizer: ClaraTokenizer, doc_max_length: int,
                compr_rate: int, question_max_length: int = 64, doc_batch: int = 32,
                prompt_style: str = "reference"):
     self.cfg, self.params, self.tok = cfg, params, tokenizer
@@ -89,9 +89,9 @@ class ClaraModel:
       if key in recorded:
         kw.setdefault(key, recorded[key])
     cfg, params = load_params(export_dir)
-    tok_path = os.path.join(export_dir, "tokenizer.model")
+    tok_path = export_dir  # its tokenizer.model or tokenizer.json
     n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
-    tok = Tokenizer.load(tok_path, cfg.num_extra_tokens - 3)
+    tok = load_tokenizer(tok_path, cfg.num_extra_tokens - 3)
     if tok.num_mem_tokens < n_mem:
       raise ValueError(
           f"{export_dir}: doc_max_length {doc_max_length} / compr_rate {compr_rate} need "

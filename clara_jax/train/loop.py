@@ -29,7 +29,8 @@ from clara_jax.bench.flops import forward_flops, matmul_peak_flops
 from clara_jax.data import formats, tfds_builders
 from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
-from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.data import tokenizer as tokenizer_lib
+from clara_jax.data.tokenizer import ClaraTokenizer, Tokenizer
 from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import DecoderConfig, config_from_dict
@@ -238,17 +239,21 @@ def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
   return dict(files, **{config.data.train_split: path})
 
 
-def load_tokenizer(config, workdir: str, files: Dict[str, str], prev: Optional[str]) -> Tokenizer:
-  """The tokenizer: configured path, else the previous stage's, else trained on the text
-  of the training data (and saved in the export)."""
+def load_tokenizer(config, workdir: str, files: Dict[str, str],
+                   prev: Optional[str]) -> ClaraTokenizer:
+  """The tokenizer: configured path (a SentencePiece model, a tokenizer.json or a
+  directory with one), else the previous stage's, else trained on the text of the
+  training data (and saved in the export)."""
   n = config.tokenizer.num_mem_tokens
   if config.tokenizer.path:
-    return Tokenizer.load(config.tokenizer.path, n)
+    return tokenizer_lib.load_tokenizer(config.tokenizer.path, n)
   if prev is not None:
-    return Tokenizer.load(os.path.join(prev, TOKENIZER_FILE), n)
-  own = os.path.join(workdir, "export", TOKENIZER_FILE)
-  if os.path.exists(own):
-    return Tokenizer.load(own, n)
+    return tokenizer_lib.load_tokenizer(prev, n)
+  export = os.path.join(workdir, "export")
+  if any(os.path.exists(os.path.join(export, backend.FILENAME))
+         for backend in (Tokenizer, tokenizer_lib.BPETokenizer)):
+    return tokenizer_lib.load_tokenizer(export, n)
+  own = os.path.join(export, TOKENIZER_FILE)
   texts = list(_training_texts(files["train"], config.data.format))
   symbols = ()
   if config.data.synth_names == "pool":  # the generated names stay single pieces
@@ -278,7 +283,7 @@ def _text_source(path: str):
     return [{"text": line.rstrip("\n")} for line in f if line.strip()]
 
 
-def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
+def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str],
                    cclara: ClaraConfig) -> InputPipeline:
   fmt, d = config.data.format, config.data
   num_docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
@@ -315,7 +320,7 @@ def build_pipeline(config, workdir: str, tok: Tokenizer, files: Dict[str, str],
                        decode=decode)
 
 
-def initial_params(config, tok: Tokenizer, prev: Optional[str],
+def initial_params(config, tok: ClaraTokenizer, prev: Optional[str],
                    overlay_from: Optional[str] = None):
   """(DecoderConfig, params): the previous stage's export, or a fresh init; then the
   parameters of the checkpoint in `overlay_from` where path and shape match; then the
@@ -547,7 +552,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   writer.close()
   save_params(os.path.join(workdir, "export"), cfg, final.params())
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, "export", TOKENIZER_FILE))
+    tok.save(os.path.join(workdir, "export", tok.FILENAME))
     with open(os.path.join(workdir, "export", CLARA_FILE), "w") as f:
       json.dump({"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
                  "k": cclara.k, "question_max_length": config.data.question_max_length,

@@ -111,6 +111,8 @@ class GGUFCheckpoint:
                        f"have: {unknown[:10]}")
     self.config = hf_config_from_gguf(self.metadata, self.path,
                                       tied="lm_head.weight" not in self._tensors)
+    if self.config["vocab_size"] is None and "model.embed_tokens.weight" in self._tensors:
+      self.config["vocab_size"] = self.info("model.embed_tokens.weight").shape[0]
 
   def __enter__(self):
     return self
@@ -182,10 +184,7 @@ def hf_config_from_gguf(meta: Dict[str, Any], where: str, tied: bool) -> Dict[st
   if scaling not in ("none", None):
     raise ValueError(f"{where}: {arch}.rope.scaling.type is {scaling!r}; RoPE scaling is "
                      f"not supported")
-  vocab = get("vocab_size")
-  if vocab is None:
-    tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else None
+  vocab = get("vocab_size")  # None: the embedding's rows (GGUFCheckpoint)
   return {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
       "vocab_size": int(vocab) if vocab is not None else None,
@@ -215,8 +214,6 @@ def import_gguf(path: str, num_extra_tokens: int, *,
   a safetensors checkpoint (same arguments, same extra rows and adapters)."""
   from clara_jax.weights import hf_import
   with GGUFCheckpoint(path) as ckpt:
-    if ckpt.config["vocab_size"] is None:
-      ckpt.config["vocab_size"] = ckpt.info("model.embed_tokens.weight").shape[0]
     return hf_import.import_tensors(ckpt, ckpt.config, path, num_extra_tokens, lora=lora,
                                     dtype=dtype, param_dtype=param_dtype, rng=rng,
                                     shardings=shardings)
