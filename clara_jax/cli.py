@@ -441,26 +441,21 @@ def plan_main(argv: Sequence[str]) -> int:
   return 0
 
 
-def non_negative_int(text: str) -> int:
-  """argparse type: an integer of at least 0 (a count that may be zero)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-  return value
+def _int_at_least(minimum: int):
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+      raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+    return value
+  return parse
 
 
-def positive_int(text: str) -> int:
-  """argparse type: an integer of at least 1 (a count of rows, documents or steps)."""
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-  return value
+# argparse types: a count that may be zero; a count of rows, documents or steps.
+non_negative_int = _int_at_least(0)
+positive_int = _int_at_least(1)
 
 
 class UsageError(Exception):
@@ -514,7 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
   sy.add_argument("--out", required=True, help="output directory (or file with --stream)")
   sy.add_argument("--seed", type=int, default=0)
   sy.add_argument("--size", default="tiny", choices=["tiny", "small", "base"])
-  sy.add_argument("--candidates", type=positive_int, default=20, help="stage2 documents per question")
+  sy.add_argument("--candidates", type=positive_int, default=20,
+                  help="stage2 documents per question")
   sy.add_argument("--k", type=positive_int, default=5, help="stage1_2 documents per question")
   sy.add_argument("--max_facts", type=positive_int, default=None,
                   help="facts per document (shorter)")

@@ -22,6 +22,13 @@ jax.config.update("jax_disable_most_optimizations", True)
 
 
 @pytest.fixture(scope="session")
+def lm_text_file(tmp_path_factory):
+  """The lm stage's training text for tests that run `clara-jax train` (train_cli)."""
+  from train_cli import write_text_file
+  return write_text_file(tmp_path_factory.mktemp("lm") / "lm.txt")
+
+
+@pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
   """`demo.run(quick=True)` once per session (per xdist worker): (workdir, summary, logged
   lines). Shared by test_demo and test_colab, whose notebook resumes from it instead of

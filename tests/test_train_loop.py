@@ -11,18 +11,13 @@ import numpy as np
 import pytest
 
 from clara_jax.train.metrics import read_metrics
-from train_cli import final_params, run_train, train_args, write_text_file
+from train_cli import final_params, run_train, train_args
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-  return write_text_file(tmp_path_factory.mktemp("lm") / "lm.txt")
-
-
-@pytest.fixture(scope="module")
-def reference_run(text_file, tmp_path_factory):
+def reference_run(lm_text_file, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("ref"))
-  proc = run_train(train_args(text_file, workdir, steps=12, every=2))
+  proc = run_train(train_args(lm_text_file, workdir, steps=12, every=2))
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out.decode()[-3000:]
   return workdir
@@ -40,9 +35,9 @@ def test_lm_stage_trains_and_reports(reference_run):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT])  # SIGTERM: tests/faults/test_resume.py
-def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(text_file, tmp_path, signum):
+def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(lm_text_file, tmp_path, signum):
   workdir = str(tmp_path / "preempted")
-  proc = run_train(train_args(text_file, workdir, steps=400, every=100))
+  proc = run_train(train_args(lm_text_file, workdir, steps=400, every=100))
   deadline = time.time() + 240
   ckpt = os.path.join(workdir, "checkpoints")
   while time.time() < deadline and proc.poll() is None:
@@ -66,18 +61,18 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(text_file, tmp_path
   assert not os.path.exists(os.path.join(workdir, "LOCK.json"))  # released on the way out
 
 
-def test_a_second_writer_is_refused(text_file, tmp_path):
+def test_a_second_writer_is_refused(lm_text_file, tmp_path):
   from clara_jax import cli
   from clara_jax.train.workdir_lock import WorkdirLock
   workdir = str(tmp_path / "busy")
   os.makedirs(workdir)
   with WorkdirLock(workdir):
     before = sorted(os.listdir(workdir))
-    assert cli.main(train_args(text_file, workdir)) == 2
+    assert cli.main(train_args(lm_text_file, workdir)) == 2
     assert sorted(os.listdir(workdir)) == before  # nothing written beside the holder
 
 
-def test_corrupt_newest_checkpoint_falls_back(reference_run, text_file, tmp_path, caplog):
+def test_corrupt_newest_checkpoint_falls_back(reference_run, lm_text_file, tmp_path, caplog):
   import shutil
   import jax
   from clara_jax.train.checkpoint import Checkpointer
@@ -105,7 +100,7 @@ def test_corrupt_newest_checkpoint_falls_back(reference_run, text_file, tmp_path
   assert os.path.isdir(os.path.join(workdir, "checkpoints", "12.unreadable"))
   ckpt.close()
   # The CLI resumes from the good step and writes step 12 anew.
-  proc = run_train(train_args(text_file, workdir, steps=12, every=2))
+  proc = run_train(train_args(lm_text_file, workdir, steps=12, every=2))
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out.decode()[-3000:]
   assert f"resumed from step {steps[-2]}" in out.decode()
@@ -122,13 +117,13 @@ def _tree_bytes(root):
   return out
 
 
-def test_a_changed_config_is_refused_and_the_run_left_intact(text_file, reference_run,
+def test_a_changed_config_is_refused_and_the_run_left_intact(lm_text_file, reference_run,
                                                              tmp_path):
   import shutil
   workdir = str(tmp_path / "changed")
   shutil.copytree(reference_run, workdir)
   before = _tree_bytes(workdir)
-  proc = run_train(train_args(text_file, workdir, steps=12, every=2,
+  proc = run_train(train_args(lm_text_file, workdir, steps=12, every=2,
                     extra=["--config.optimizer.lr=0.01", "--config.model.num_layers=3"]))
   out, _ = proc.communicate(timeout=300)
   text = out.decode()
@@ -138,14 +133,14 @@ def test_a_changed_config_is_refused_and_the_run_left_intact(text_file, referenc
   assert f"--config.init.from_checkpoint={workdir}" in text
   assert _tree_bytes(workdir) == before
   # Logging and saving may change on a resume.
-  proc = run_train(train_args(text_file, workdir, steps=12, every=3))
+  proc = run_train(train_args(lm_text_file, workdir, steps=12, every=3))
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out.decode()[-3000:]
   # The opt-in: a new workdir starts the changed model from the overlapping parameters
   # (2 layers of 3, embeddings, head), leaving the old run as it was.
   after = _tree_bytes(workdir)
   grown = str(tmp_path / "grown")
-  proc = run_train(train_args(text_file, grown, steps=4, every=2,
+  proc = run_train(train_args(lm_text_file, grown, steps=4, every=2,
                               extra=["--config.model.num_layers=3",
                                      f"--config.init.from_checkpoint={workdir}"]))
   out, _ = proc.communicate(timeout=300)
@@ -179,9 +174,9 @@ def test_overlay_takes_what_matches_in_path_and_shape(reference_run):
     overlay_parameters(params, "src", {"x/w": np.ones(1)})
 
 
-def test_repeated_nonfinite_updates_stop_the_run(text_file, tmp_path):
+def test_repeated_nonfinite_updates_stop_the_run(lm_text_file, tmp_path):
   workdir = str(tmp_path / "nan")
-  proc = run_train(train_args(text_file, workdir, steps=30, every=2,
+  proc = run_train(train_args(lm_text_file, workdir, steps=30, every=2,
                     extra=["--config.optimizer.lr=1e30", "--config.optimizer.warmup_ratio=0",
                            "--config.train.max_consecutive_nonfinite=3"]))
   out, _ = proc.communicate(timeout=300)
@@ -191,11 +186,11 @@ def test_repeated_nonfinite_updates_stop_the_run(text_file, tmp_path):
   assert os.path.isdir(os.path.join(workdir, "checkpoints"))
 
 
-def test_resume_onto_a_different_mesh(text_file, reference_run, tmp_path):
+def test_resume_onto_a_different_mesh(lm_text_file, reference_run, tmp_path):
   import shutil
   workdir = str(tmp_path / "remesh")
   shutil.copytree(reference_run, workdir)
-  proc = run_train(train_args(text_file, workdir, steps=16, every=2,
+  proc = run_train(train_args(lm_text_file, workdir, steps=16, every=2,
                     extra=["--config.mesh.shape=(1,2,4)"]))
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out.decode()[-3000:]
@@ -205,9 +200,9 @@ def test_resume_onto_a_different_mesh(text_file, reference_run, tmp_path):
   assert np.isfinite(rows[-1]["loss"]) and rows[-1]["loss"] < rows[0]["loss"]
 
 
-def test_batch_must_divide_the_data_parallel_size(text_file, tmp_path, capsys):
+def test_batch_must_divide_the_data_parallel_size(lm_text_file, tmp_path, capsys):
   from clara_jax import cli
-  argv = train_args(text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"])
+  argv = train_args(lm_text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"])
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
   assert err.startswith("clara-jax train: config: train.global_batch / grad_accum_steps")

@@ -298,7 +298,8 @@ class ClaraTokenizer:
     return ids, mask
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(base_vocab_size={self._base}, num_mem_tokens={self._num_mem_tokens}, "
+    return (f"{type(self).__name__}(base_vocab_size={self._base}, "
+            f"num_mem_tokens={self._num_mem_tokens}, "
             f"vocab_size={self.vocab_size})")
 
 

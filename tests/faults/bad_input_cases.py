@@ -145,7 +145,7 @@ def _export_of(name: str) -> Callable[[str, Any], None]:
   return make
 
 
-def _remove_config(export: str) -> None:
+def _remove_config(export: str) -> None:  # an export or a HF checkpoint
   os.remove(os.path.join(export, "config.json"))
 
 
@@ -184,10 +184,6 @@ def _hf_tensor(name: str, value: float, index: int = 0) -> Callable[[str], None]
     tensors[name].reshape(-1)[index] = value
     st.write_safetensors(file, tensors, {"format": "pt"})
   return edit
-
-
-def _hf_remove_config(path: str) -> None:
-  os.remove(os.path.join(path, "config.json"))
 
 
 def _hf_corrupt_config(path: str) -> None:
@@ -503,7 +499,7 @@ CASES = [
 
     # import-hf: a local HF checkpoint; nothing may be written to --out.
     Case("import-hf-missing-config", "the checkpoint has no config.json", IMPORT_HF, 2,
-         ("hf/config.json: missing",), {"hf": _hf_with(_hf_remove_config)}),
+         ("hf/config.json: missing",), {"hf": _hf_with(_remove_config)}),
     Case("import-hf-corrupt-config", "config.json is cut short", IMPORT_HF, 2,
          ("hf/config.json: not valid JSON",), {"hf": _hf_with(_hf_corrupt_config)}),
     Case("import-hf-dir-is-file", "`--hf_dir` is a file", IMPORT_HF, 2,

@@ -17,28 +17,22 @@ import numpy as np
 import pytest
 
 from clara_jax.train.metrics import read_metrics
-from train_cli import (assert_same_params, free_port, run_train, train_args, wait_for_step,
-                       write_text_file)
+from train_cli import assert_same_params, free_port, run_train, train_args, wait_for_step
 
 STEPS = 24  # log every step, checkpoint every 2
 SEED = int(os.environ.get("CLARA_FAULT_SEED", time.time_ns() % 100_000))
 
 
-def _args(text_file, workdir, extra=()):
-  return train_args(text_file, workdir, steps=STEPS, every=2,
+def _args(lm_text_file, workdir, extra=()):
+  return train_args(lm_text_file, workdir, steps=STEPS, every=2,
                     extra=["--config.train.log_every=1", *extra])
 
 
 @pytest.fixture(scope="module")
-def text_file(tmp_path_factory):
-  return write_text_file(tmp_path_factory.mktemp("lm") / "lm.txt")
-
-
-@pytest.fixture(scope="module")
-def reference(text_file, tmp_path_factory):
+def reference(lm_text_file, tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("uninterrupted"))
   log = os.path.join(workdir, "..", "uninterrupted.log")
-  proc = run_train(_args(text_file, workdir), log=log)
+  proc = run_train(_args(lm_text_file, workdir), log=log)
   assert proc.wait(timeout=400) == 0, open(log).read()[-3000:]
   return workdir
 
@@ -57,7 +51,7 @@ def _assert_same_metrics(workdir, reference):
       assert row[key] == want[key], (row["step"], key)
 
 
-def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(text_file, reference,
+def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(lm_text_file, reference,
                                                                    tmp_path):
   rng = random.Random(SEED)
   where = f"(CLARA_FAULT_SEED={SEED})"
@@ -69,7 +63,7 @@ def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(text_file, re
   events = []
   for i, target in enumerate(targets):
     log = str(tmp_path / f"part{i}.log")
-    proc = run_train(_args(text_file, workdir), log=log)
+    proc = run_train(_args(lm_text_file, workdir), log=log)
     reached = wait_for_step(workdir, log, target, [proc])
     time.sleep(rng.uniform(0.0, 0.6))
     sig = signal.SIGKILL if i < 3 else signal.SIGTERM
@@ -86,13 +80,13 @@ def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(text_file, re
       saved = int(text.split("SIGTERM at step ")[1].split(":")[0])
       assert saved == max(_checkpoint_steps(workdir)), (where, events)
   log = str(tmp_path / "last.log")
-  proc = run_train(_args(text_file, workdir), log=log)
+  proc = run_train(_args(lm_text_file, workdir), log=log)
   assert proc.wait(timeout=400) == 0, (where, events, open(log).read()[-3000:])
   assert_same_params(workdir, reference)
   _assert_same_metrics(workdir, reference)
 
 
-def test_sigterm_on_one_host_stops_every_host_at_one_step(text_file, reference, tmp_path):
+def test_sigterm_on_one_host_stops_every_host_at_one_step(lm_text_file, reference, tmp_path):
   """Two processes x 4 CPU devices (gloo): SIGTERM reaches process 1 only; JAX's
   preemption sync picks one step for both, both save it and exit 143, and the resumed
   job ends equal (to float tolerance: another device layout) to the one-process run."""
@@ -105,7 +99,7 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(text_file, reference, 
     for pid in range(2):
       logs.append(str(tmp_path / f"{part}_host{pid}.log"))
       procs.append(run_train(
-          _args(text_file, workdir) + [f"--coordinator_address=127.0.0.1:{port}",
+          _args(lm_text_file, workdir) + [f"--coordinator_address=127.0.0.1:{port}",
                                        "--num_processes=2", f"--process_id={pid}"],
           devices=4, log=logs[-1], env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}))
     return procs, logs
