@@ -155,11 +155,31 @@ def _cmd_import_hf(args) -> int:
   from clara_jax.weights.export import save_params
   from clara_jax.weights.hf_import import import_hf_checkpoint
   check_output_dir(args.out)
+  tok = _checkpoint_tokenizer(args.hf_dir, args.num_extra_tokens)
   cfg, params = import_hf_checkpoint(args.hf_dir, args.num_extra_tokens,
                                      param_dtype=args.param_dtype, dtype=args.dtype)
+  if tok is not None and tok.base_vocab_size != cfg.base_vocab_size:
+    raise ValueError(f"{args.hf_dir}: the tokenizer has {tok.base_vocab_size} tokens, the "
+                     f"embedding {cfg.base_vocab_size} rows")
   save_params(args.out, cfg, params)
-  print(json.dumps({"out": args.out, "num_params": cfg.num_params()}))
+  if tok is not None:
+    import os
+    tok.save(os.path.join(args.out, tok.FILENAME))
+  print(json.dumps({"out": args.out, "num_params": cfg.num_params(),
+                    "tokenizer": None if tok is None else repr(tok)}))
   return 0
+
+
+def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int):
+  """The checkpoint's own tokenizer (tokenizer.model, else tokenizer.json) with
+  `num_extra_tokens - 3` memory tokens, to write beside the imported weights; None when
+  it has neither file or fewer than the 3 fixed CLaRa tokens are added."""
+  import os
+  from clara_jax.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+  if num_extra_tokens < 3 or not os.path.isdir(hf_dir) or not any(
+      os.path.exists(os.path.join(hf_dir, b.FILENAME)) for b in (Tokenizer, BPETokenizer)):
+    return None
+  return load_tokenizer(hf_dir, num_extra_tokens - 3)
 
 
 def _cmd_import_gguf(args) -> int:

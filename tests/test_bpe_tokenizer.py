@@ -133,3 +133,28 @@ def test_an_export_with_a_bpe_tokenizer_serves_the_inference_api(hf_dir, tmp_pat
   assert model.compress_documents(["the river stone", "the mayor"]).shape == (2, 4, 64)
   answers = model.generate_from_documents(["Who?"], [["the river stone"]], max_new_tokens=3)
   assert len(answers) == 1 and isinstance(answers[0], str)
+
+
+def test_import_hf_writes_the_checkpoints_tokenizer(hf_dir, tmp_path, capsys):
+  """A Hugging Face checkpoint with tokenizer.json: `import-hf` writes it into the export,
+  where `load_tokenizer` finds it; with fewer than 3 extra tokens it writes none."""
+  import shutil
+  transformers = pytest.importorskip("transformers")
+  from clara_jax import cli
+  base = load_tokenizer(hf_dir, 0).base_vocab_size
+  ckpt = tmp_path / "hf"
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(
+      vocab_size=base, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+      num_attention_heads=2, num_key_value_heads=1)).save_pretrained(ckpt)
+  for name in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(os.path.join(hf_dir, name), ckpt / name)
+  out = str(tmp_path / "export")
+  assert cli.main(["import-hf", "--hf_dir", str(ckpt), "--out", out,
+                   "--num_extra_tokens", "5", "--param_dtype", "float32"]) == 0
+  assert "BPETokenizer" in capsys.readouterr().out
+  tok = load_tokenizer(out, 2)
+  assert tok.vocab_size == base + 5 and tok.encode(CORPUS[1]) == load_tokenizer(
+      hf_dir, 2).encode(CORPUS[1])
+  assert cli.main(["import-hf", "--hf_dir", str(ckpt), "--out", str(tmp_path / "bare"),
+                   "--num_extra_tokens", "0"]) == 0
+  assert not os.path.exists(tmp_path / "bare" / "tokenizer.json")
