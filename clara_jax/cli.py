@@ -65,7 +65,8 @@ def _cmd_real_data(args) -> int:
   logging.set_verbosity(logging.WARNING)  # the run prints its own progress
   from clara_jax import demo, real_data
   try:
-    summary = real_data.run(args.workdir, args.data_dir, quick=args.quick, seed=args.seed)
+    summary = real_data.run(args.workdir, args.data_dir, quick=args.quick, seed=args.seed,
+                            base=args.base)
   except demo.StageStopped as e:
     print(f"clara-jax real-data: {e}", file=sys.stderr)
     return e.exit_code
@@ -521,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "clara_pretrain_1k.jsonl")
   real.add_argument("--workdir", default="workdir_real_data")
   real.add_argument("--quick", action="store_true", help="a few-minute version for tests")
+  real.add_argument("--base", default=None,
+                    help="start from a pretrained base: 'smollm2' (SmolLM2-135M-Instruct, "
+                    "fetched once) or a llama-architecture GGUF file; default: the tiny "
+                    "model trained from scratch")
   real.add_argument("--seed", type=int, default=0, help="split, shuffle, init and data-order "
                     "seed")
   real.set_defaults(fn=_cmd_real_data)

@@ -510,6 +510,9 @@ def write_report(workdir: str, recipe: Recipe, stage_metrics: Dict[str, Dict],
   if "comparisons" in results:  # the generated world's hidden-reasoning evaluation
     from clara_jax.eval import hidden
     table = hidden.claims(results, recipe.min_memory_gain)
+  elif "lens_matched" in results:  # real questions on a pretrained base
+    from clara_jax.eval import real
+    table = real.claims(results, recipe.min_memory_gain)
   else:
     table = claims(results, recipe.min_memory_gain)
   if not recipe.judged:

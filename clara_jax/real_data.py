@@ -54,6 +54,11 @@ QA_SETS = {"hotpotqa": ("hotpotqa_ircot", HOTPOTQA_FILE, "multi"),
            "nq": ("nq", NQ_FILE, "single")}
 
 
+# Pretrained bases `--base` names: fetched once (`clara_jax.weights.fetch`) -> the
+# model size of their shapes. Any other `--base` value is a path to a GGUF file.
+BASES = {"smollm2": "smollm2_135m"}
+
+
 @dataclasses.dataclass(frozen=True)
 class DataPlan:
   """What is converted and held out.
@@ -62,20 +67,28 @@ class DataPlan:
   the distractor pool is then those rows' passages); test: held-out questions per QA
   set; candidates, k: documents per stage2 / stage1_2 row; qa_per_row: QA pairs per
   stage1 row (a pair is ~50 tokens under the 4096-piece tokenizer, the answer region
-  64); seed: converter shuffle and train/test split seed.
+  64); nq_stage1: stage1 also reads the NQ training questions' gold passages with their
+  question and answer; seed: converter shuffle and train/test split seed.
   """
   limits: Dict[str, Optional[int]]
   test: Dict[str, int]
   candidates: int = 20
   k: int = 3
   qa_per_row: int = 1
+  nq_stage1: bool = False
   seed: int = 0
 
 
-def data_plan(quick: bool = False, seed: int = 0) -> DataPlan:
+def data_plan(quick: bool = False, seed: int = 0, pretrained: bool = False) -> DataPlan:
+  """The plan of the from-scratch run, or (`pretrained`) of a pretrained base's: fewer
+  training questions (a 135M-parameter step costs ~50x the `tiny` model's), stage1 with
+  the NQ gold passages, 100 held-out questions of each set."""
   if quick:
     return DataPlan(limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
-                    test={"hotpotqa": 8, "nq": 8}, k=2, seed=seed)
+                    test={"hotpotqa": 8, "nq": 8}, k=2, nq_stage1=pretrained, seed=seed)
+  if pretrained:
+    return DataPlan(limits={"hotpotqa": 300, "nq": 1200, "pretrain": None},
+                    test={"hotpotqa": 100, "nq": 100}, k=2, nq_stage1=True, seed=seed)
   return DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
                   test={"hotpotqa": 100, "nq": 200}, k=2, seed=seed)
 
@@ -116,6 +129,43 @@ def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recip
       stages[stage]["train.global_batch"] = 8
   return demo.Recipe(model="tiny", shared=shared, stages=stages,
                      eval_questions=16 if quick else 200, min_memory_gain=1.0,
+                     judged=not quick)
+
+
+def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str,
+                      memory_cache: str) -> demo.Recipe:
+  """The recipe on a pretrained base (the paper's setting): the base stays frozen and
+  only the LoRA adapters (and, in stage1, the CLaRa tokens' embedding rows) train;
+  documents of 128 tokens compressed 8x (16 memory tokens), the reference's English
+  prompts in the base's chat format; stage2 trains reasoner and generator (the reasoner
+  at twice the rate, as in the demo) and reads the stage1_2 compressor's memories from
+  `memory_cache`. No `lm` stage: the base is imported (`import_base`). Sized for about
+  1.5 h on two CPU cores (a stage1 step of 8 rows takes ~11 s at this size, a cached
+  stage2 step ~9 s); evaluation of the 200 held-out questions adds ~15 min."""
+  doc_len = 64 if quick else 128
+  shared = {
+      "data.prompt_style": "reference", "clara.doc_max_length": doc_len,
+      "clara.compr_rate": 8, "clara.k": plan.k, "tokenizer.num_mem_tokens": doc_len // 8,
+      "data.candidates": plan.candidates, "data.question_max_length": 32,
+      "data.answer_length": 24, "train.global_batch": 8,
+      "train.log_every": 2 if quick else 10, "train.checkpoint_every": 4 if quick else 20,
+      "mesh.shape": (-1, 1, 1),
+  }
+  stages = {
+      "stage1": {"train.num_steps": 150, "optimizer.lr": 1e-3, "data.source": dirs["stage1"],
+                 "data.answer_length": 48},
+      "stage1_2": {"train.num_steps": 60, "optimizer.lr": 5e-4,
+                   "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
+      "stage2": {"train.num_steps": 100, "optimizer.lr": 5e-4,
+                 "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
+                 "clara.train_generator": True, "data.source": dirs["stage2"],
+                 "data.memory_cache": memory_cache},
+  }
+  if quick:
+    for stage, steps in zip(demo.PAPER_STAGES[1:], (6, 4, 4)):
+      stages[stage]["train.num_steps"] = steps
+  return demo.Recipe(model=model, shared=shared, stages=stages,
+                     eval_questions=8 if quick else None, min_memory_gain=1.0,
                      judged=not quick)
 
 
@@ -164,6 +214,13 @@ def regroup_qa(rows: Sequence[Dict], per_row: int) -> List[Dict]:
       out.append({"data_type": "qa", "question": [q for q, _ in chunk],
                   "answers": [a for _, a in chunk], "docs": row["docs"]})
   return out
+
+
+def gold_passage_rows(rows: Sequence[Dict]) -> List[Dict]:
+  """stage1 QA rows of stage2 rows' first gold passage with their question and answer
+  (rows without a gold passage are left out)."""
+  return [{"data_type": "qa", "question": [r["question"]], "answers": [r["answers"][0]],
+           "docs": [r["docs"][r["pos_index"][0]]]} for r in rows if r["pos_index"]]
 
 
 def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
@@ -263,6 +320,10 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
   train, heldout, counts = split_qa_sets(dirs["converted"], plan)
   pretrain = read_jsonl(os.path.join(dirs["converted"], "pretrain_stage1.jsonl"))
   stage1 = regroup_qa(pretrain, plan.qa_per_row)
+  if plan.nq_stage1:
+    nq_ids = {r["id"] for r in read_jsonl(os.path.join(dirs["converted"], "nq_stage2.jsonl"))}
+    nq_train = [r for r in train["stage2"] if r["id"] in nq_ids]
+    stage1 += gold_passage_rows(nq_train)
   qa_all = [read_jsonl(os.path.join(dirs["converted"], f"{name}_stage2.jsonl"))
             for name in QA_SETS]
   text = passages([pretrain, *qa_all])
@@ -289,8 +350,7 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
 
 def prompt_tokens(tok, user: str, system: str) -> int:
   """Length of a generator prompt as the featurizer encodes it (bos included)."""
-  from clara_jax.data.tokenizer import build_chat_prompt
-  return len(tok.encode(build_chat_prompt(user, system), add_bos=True))
+  return len(tok.encode_prompt(user, system))
 
 
 def fitted_prompt_lengths(tok, questions: Sequence[str], n_mem: int, k: int, style: str,
@@ -330,27 +390,102 @@ def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
                              stages=stages)
 
 
+def import_base(base: str, workdir: str, num_mem_tokens: int,
+                log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The pretrained base as the `lm` stage's export (what stage1 starts from): `base` is
+  a `BASES` name (fetched once) or a GGUF file, imported with its own tokenizer plus
+  CLaRa's tokens and `num_mem_tokens` memory tokens. Skipped when done before; returns
+  the stage's record metrics."""
+  stage_dir = os.path.join(workdir, "lm")
+  done = os.path.join(stage_dir, demo.DONE_FILE)
+  if os.path.exists(done):
+    log("[      lm] imported before: skipped")
+    with open(done) as f:
+      return json.load(f)["metrics"]
+  from clara_jax.data.formats import write_json_atomic
+  from clara_jax.data.tokenizer import BPETokenizer
+  from clara_jax.weights.export import save_params
+  from clara_jax.weights.gguf_import import import_gguf
+  start = time.perf_counter()
+  if base in BASES:
+    from clara_jax.weights.fetch import fetch_base
+    path = fetch_base(base)
+  elif os.path.isfile(base):
+    path = base
+  else:
+    raise FileNotFoundError(f"--base {base!r}: neither a known base ({sorted(BASES)}) nor "
+                            f"a GGUF file")
+  tok = BPETokenizer.from_gguf(path, num_mem_tokens)
+  cfg, params = import_gguf(path, tok.num_special)
+  export = os.path.join(stage_dir, "export")
+  save_params(export, cfg, params)
+  tok.save(os.path.join(export, tok.FILENAME))
+  metrics = {"imported": os.path.abspath(path), "num_params": cfg.num_params()}
+  write_json_atomic(done, {"metrics": metrics, "seconds": time.perf_counter() - start})
+  log(f"[      lm] {os.path.basename(path)} imported: {cfg.num_params() / 1e6:.0f}M "
+      f"parameters, {cfg.num_layers} layers, chat format {tok.chat_format}")
+  return metrics
+
+
+def build_memory_cache(workdir: str, dirs: Dict[str, str],
+                       log: Callable[[str], None] = print) -> str:
+  """The stage1_2 compressor's memories of every stage2 candidate, training and
+  held-out (`clara_jax.train.memory_cache`), in `workdir/memories`; resumes an
+  interrupted build, skips a finished one. Returns the directory."""
+  from clara_jax.infer.api import ClaraModel
+  from clara_jax.train import memory_cache
+  out = os.path.join(workdir, "memories")
+  if os.path.exists(os.path.join(out, memory_cache.CACHE_FILE)):
+    log("[  memory] cached before: kept")
+    return out
+  model = ClaraModel.load(os.path.join(workdir, "stage1_2", "export"))
+  texts = [d for path in (os.path.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
+           for row in read_jsonl(path) for d in row["docs"]]
+  start = time.perf_counter()
+  record = memory_cache.build_cache(
+      model, texts, out, progress=lambda done, total: log(f"[  memory] shard {done}/{total}"))
+  log(f"[  memory] {record['num_docs']} documents compressed in "
+      f"{demo._duration(time.perf_counter() - start)}")
+  return out
+
+
 def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
-  """The real-data run; returns (and writes) the summary, as `demo.run`."""
+        base: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """The real-data run; returns (and writes) the summary, as `demo.run`. `base`: None
+  trains the `tiny` model from scratch (`real_recipe`); a `BASES` name or a GGUF file
+  starts from that pretrained model (`pretrained_recipe`) and is evaluated by
+  `clara_jax.eval.real`."""
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   start = time.perf_counter()
-  plan = data_plan(quick, seed)
+  plan = data_plan(quick, seed, pretrained=base is not None)
   data = prepare_data(os.path.abspath(data_dir), workdir, plan, log)
   dirs = data_dirs(workdir)
-  recipe = real_recipe(quick, plan, dirs)
-  stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
+  cache_dir = os.path.join(workdir, "memories")
+  if base is None:
+    recipe = real_recipe(quick, plan, dirs)
+    stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
+  else:
+    recipe = pretrained_recipe(quick, plan, dirs, BASES.get(base, "tiny"), cache_dir)
+    num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
+    stage_metrics = {"lm": import_base(base, workdir, num_mem, log)}
   recipe = fit_recipe(recipe, workdir, dirs, log)
   for stage in demo.PAPER_STAGES[1:]:
+    if stage == "stage2" and base is not None:
+      build_memory_cache(workdir, dirs, log)
     stage_metrics[stage] = demo.run_stage(stage, workdir, recipe, seed, log)
   rows = demo.held_out_rows(dirs["heldout"], recipe.eval_questions)
-  # clues=None: the lens's hidden words are the gold document's words absent from the
-  # question (and from the control candidate): no clue manifest exists for real data.
   k = demo.stage_config("stage2", recipe, seed).clara.k
-  results = demo.evaluate_checkpoints(workdir, rows, k, clues=None, log=log)
+  if base is None:
+    # clues=None: the lens's hidden words are the gold document's words absent from the
+    # question (and from the control candidate): no clue manifest exists for real data.
+    results = demo.evaluate_checkpoints(workdir, rows, k, clues=None, log=log)
+  else:
+    from clara_jax.eval import real
+    results = real.evaluate_run(workdir, rows, k, cache_dir, seed, log)
   return demo.write_report(workdir, recipe, stage_metrics, results,
                            time.perf_counter() - start, log,
-                           extra={"data": {"dir": os.path.abspath(data_dir), **data}})
+                           extra={"data": {"dir": os.path.abspath(data_dir), **data},
+                                  "base": base})

@@ -74,6 +74,9 @@ def get_base_config(stage, arg=None):
   c.data.answer_length = 32  # generator answer region incl. eos (right-padded)
   c.data.lm_length = 128  # sequence length of LM pretraining
   c.data.prompt_style = "reference"  # generator prompts: 'reference' or 'short' (tiny models)
+  # stage2 / stage2_retrieval: a directory of the frozen compressor's memories of every
+  # candidate (`clara_jax.train.memory_cache`), read instead of compressing them each step.
+  c.data.memory_cache = ""
 
   c.tokenizer = ml_collections.ConfigDict()
   c.tokenizer.path = ""  # a SentencePiece .model; empty: previous stage's or trained
@@ -201,6 +204,10 @@ def validate(c):
   if c.data.synth_world not in WORLDS:
     raise ValueError(f"config: data.synth_world must be one of {sorted(WORLDS)}, "
                      f"got {c.data.synth_world!r}")
+  if c.data.memory_cache and (c.stage not in ("stage2", "stage2_retrieval")
+                              or c.clara.train_compressor):
+    raise ValueError("config: data.memory_cache holds a frozen compressor's memories: only "
+                     "stage2 and stage2_retrieval with clara.train_compressor=False read it")
   if c.data.on_error not in ("raise", "skip"):
     raise ValueError(f"config: data.on_error must be 'raise' or 'skip', got {c.data.on_error!r}")
   return c

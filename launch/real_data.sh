@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs clara_jax into .venv and runs the demo's pipeline on the real QA files
 # (HotpotQA, NQ, CLaRa pretraining sample; CLARA_DATA: the directory holding them).
-# Extra arguments go to `clara-jax real-data` (e.g. --quick, --workdir DIR).
+# Extra arguments go to `clara-jax real-data` (e.g. --quick, --workdir DIR, --base smollm2
+# to start from the pretrained SmolLM2-135M-Instruct instead of a from-scratch model).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
 install_clara_jax

@@ -158,3 +158,35 @@ def test_import_hf_writes_the_checkpoints_tokenizer(hf_dir, tmp_path, capsys):
   assert cli.main(["import-hf", "--hf_dir", str(ckpt), "--out", str(tmp_path / "bare"),
                    "--num_extra_tokens", "0"]) == 0
   assert not os.path.exists(tmp_path / "bare" / "tokenizer.json")
+
+
+def test_chatml_models_get_chatml_prompts_without_an_extra_bos(tmp_path):
+  """A vocabulary with ChatML's turn tokens (SmolLM2, Qwen) prompts in ChatML; its turns
+  open with <|im_start|>, so no bos goes before them. Others keep the Mistral layout."""
+  from gguf_fixtures import write_tiny_gguf
+  chatml = BPETokenizer.from_gguf(write_tiny_gguf(str(tmp_path / "t.gguf")), 2)
+  assert chatml.chat_format == "chatml"
+  ids = chatml.encode_prompt(f"Q? {mem_token(0)}{mem_token(1)}", "Be brief.")
+  assert chatml.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+                                "Q? <MEM0><MEM1><|im_end|>\n<|im_start|>assistant\n")
+  assert ids.count(chatml.bos_id) == 3 and ids[0] == chatml.bos_id  # one per turn
+  assert chatml.mem_ids[0] in ids and chatml.mem_ids[1] in ids
+  ids, mask = chatml.encode_chat("Q?", answer="A.")
+  assert ids[-1] == chatml.eos_id and sum(mask) == len(chatml.encode("A.")) + 1
+  plain = BPETokenizer(_backend(), 2, bos_id=0, eos_id=0)  # no <|im_end|>
+  assert plain.chat_format == "inst"
+  assert plain.decode(plain.encode_prompt("Q?")) == "<|endoftext|>[INST] Q? [/INST]"
+
+
+def test_the_lens_reads_byte_level_pieces(tmp_path):
+  """Byte-level BPE marks a leading space with "Ġ": the lens's word of " river" is
+  "river", as SentencePiece's "▁river" is."""
+  from clara_jax.eval import lens
+  tok = BPETokenizer(_backend(), 2, bos_id=0, eos_id=0)
+  river = tok.encode(" river", parse_special=False)
+  assert len(river) == 1 and tok.id_to_piece(river[0]) == "\u0120river"
+  assert lens.token_word(tok, river[0]) == "river"
+  assert lens.words("the river stone") == {"river", "stone"}
+  assert {lens.token_word(tok, i) for i in lens.content_pieces(
+      tok, tok.encode("the river stone city", parse_special=False))} == {
+          "river", "stone", "city"}

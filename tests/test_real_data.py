@@ -141,6 +141,23 @@ def test_missing_source_file_names_it(tmp_path):
 
 
 @pytest.mark.parametrize("quick", [True, False])
+def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
+  from configs.base import validate
+  plan = real_data.data_plan(quick, pretrained=True)
+  assert plan.nq_stage1 and plan.test == ({"hotpotqa": 8, "nq": 8} if quick
+                                          else {"hotpotqa": 100, "nq": 100})
+  dirs = real_data.data_dirs(str(tmp_path))
+  recipe = real_data.pretrained_recipe(quick, plan, dirs, "smollm2_135m", "/m")
+  assert "lm" not in recipe.stages  # the base is imported, not trained
+  for stage in demo.PAPER_STAGES[1:]:
+    config = validate(demo.stage_config(stage, recipe))
+    assert config.data.source == dirs[stage]
+    assert not config.clara.train_base and config.clara.k == plan.k
+    assert config.data.memory_cache == ("/m" if stage == "stage2" else "")
+    assert config.data.prompt_style == "reference"
+
+
+@pytest.mark.parametrize("quick", [True, False])
 def test_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
   plan = real_data.data_plan(quick)
@@ -155,11 +172,15 @@ def test_recipe_gives_valid_stage_configs(tmp_path, quick):
 
 def test_cli_hands_flags_to_run(monkeypatch, tmp_path):
   calls = []
-  monkeypatch.setattr(real_data, "run", lambda workdir, data_dir, quick, seed: calls.append(
-      (workdir, data_dir, quick, seed)) or {"claims": [{"claim": "x"}]})
+  monkeypatch.setattr(real_data, "run", lambda workdir, data_dir, quick, seed, base:
+                      calls.append((workdir, data_dir, quick, seed, base))
+                      or {"claims": [{"claim": "x"}]})
   assert cli.main(["real-data", "--quick", "--workdir", str(tmp_path), "--data_dir",
                    "d"]) == 0
-  assert calls == [(str(tmp_path), "d", True, 0)]
+  assert cli.main(["real-data", "--workdir", str(tmp_path), "--data_dir", "d", "--base",
+                   "smollm2"]) == 0
+  assert calls == [(str(tmp_path), "d", True, 0, None),
+                   (str(tmp_path), "d", False, 0, "smollm2")]
 
 
 def test_a_stage_stopped_early_is_not_marked_done(monkeypatch, tmp_path):
@@ -223,3 +244,94 @@ def test_quick_real_data_rerun_resumes(quick_run):
   assert "[    data] prepared before: kept" in lines
   assert sum("finished before" in line for line in lines) == len(demo.PAPER_STAGES)
   assert again["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
+
+
+# ---------------------------------------------------------------------------------------
+# The pretrained-base pipeline, quick, on a tiny random GGUF base and hand-written files
+# (fast: always run).
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  from gguf_fixtures import write_tiny_gguf
+  root = tmp_path_factory.mktemp("pretrained")
+  data = root / "shared"
+  data.mkdir()
+  _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(20))
+  _write(data / real_data.NQ_FILE, _nq_rows(24))
+  _write(data / real_data.PRETRAIN_FILE, _pretrain_rows(4))
+  base = write_tiny_gguf(str(root / "base.gguf"))
+  workdir = str(root / "work")
+  lines = []
+  summary = real_data.run(workdir, str(data), quick=True, base=base, log=lines.append)
+  return workdir, str(data), base, summary, lines
+
+
+REAL_CLAIMS = ("a. memory gain vs a wrong candidate", "a. memory gain vs no memories",
+               "a. EM closed book / retrieved / gold memories", "a. F1 gold memories - closed",
+               "b. all R@5 stage2 - init reasoner", "b. all R@1 stage2 - BM25",
+               "b. single R@5 stage2 - random", "b. multi R@1 stage2 - init reasoner",
+               "c. lens AUC stage2 - permutation null", "c. lens AUC stage2 - init reasoner")
+
+
+def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
+  workdir, _, base, summary, lines = pretrained_run
+  claims = [c["claim"] for c in summary["claims"]]
+  for prefix in REAL_CLAIMS:
+    assert any(c.startswith(prefix) for c in claims), prefix
+  assert summary["base"] == base and summary["stages"]["lm"]["imported"] == base
+  assert any("base.gguf imported" in line and "chat format chatml" in line for line in lines)
+  # The imported base is stage1's start; its tokenizer is the GGUF's plus CLaRa's tokens.
+  from clara_jax.data.tokenizer import load_tokenizer
+  tok = load_tokenizer(os.path.join(workdir, "stage2", "export"), 8)
+  assert tok.chat_format == "chatml" and tok.base_vocab_size == 269
+  with open(os.path.join(workdir, "stage1", "run_config.json")) as f:
+    assert "../lm" in f.read()
+  # Held out: 8 + 8 questions, never in a training file (stage1 included).
+  dirs = real_data.data_dirs(workdir)
+  heldout = _read(dirs["heldout"])
+  questions = {r["question"] for r in heldout}
+  assert len(heldout) == 16 and summary["results"]["questions"] == 8  # 4 per set
+  for stage in ("stage1", "stage1_2", "stage2"):
+    for row in _read(os.path.join(dirs[stage], "train.jsonl")):
+      asked = row["question"] if isinstance(row["question"], list) else [row["question"]]
+      assert not questions & set(asked), stage
+  # stage1 reads the NQ training questions' gold passages beside the pretraining rows.
+  stage1 = _read(os.path.join(dirs["stage1"], "train.jsonl"))
+  assert sum(r["docs"][0].endswith("at dawn.") for r in stage1) == 24 - 8
+  # stage2 read every candidate's memory from the cache of the stage1_2 compressor.
+  from clara_jax.train.memory_cache import CACHE_FILE
+  with open(os.path.join(workdir, "memories", CACHE_FILE)) as f:
+    cache = json.load(f)
+  docs = {d for path in (os.path.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
+          for r in _read(path) for d in r["docs"]}
+  assert cache["num_docs"] == len(docs) and cache["n_mem"] == 8
+  with open(os.path.join(workdir, "stage2", "run_config.json")) as f:
+    assert os.path.join(workdir, "memories") in f.read()
+  with open(os.path.join(workdir, "examples.md")) as f:
+    assert f.read().count("\n## ") >= 8
+  for name in ("stage2.jsonl", "stage1_2_init.jsonl", "lens_stage2.jsonl", "real.json"):
+    assert os.path.exists(os.path.join(workdir, "eval", name)), name
+  stage2 = _read(os.path.join(workdir, "eval", "stage2.jsonl"))
+  assert all("prediction_closed_book" in r and "em_closed_book" in r for r in stage2)
+
+
+def test_a_pretrained_run_resumes_and_refuses_a_stale_cache(pretrained_run):
+  workdir, data_dir, base, summary, _ = pretrained_run
+  lines = []
+  again = real_data.run(workdir, data_dir, quick=True, base=base, log=lines.append)
+  assert "[      lm] imported before: skipped" in lines
+  assert "[  memory] cached before: kept" in lines
+  assert sum("finished before" in line for line in lines) == 3
+  assert again["results"]["paired"] == summary["results"]["paired"]
+  from clara_jax.infer.api import ClaraModel
+  from clara_jax.train.memory_cache import MemoryCache, StaleMemoryCache
+  cache = MemoryCache(os.path.join(workdir, "memories"))
+  ClaraModel.load(os.path.join(workdir, "stage2", "export")).use_memory_cache(cache)
+  with pytest.raises(StaleMemoryCache, match="another compressor"):
+    ClaraModel.load(os.path.join(workdir, "stage1", "export")).use_memory_cache(cache)
+
+
+def test_an_unknown_base_is_named(tmp_path):
+  with pytest.raises(FileNotFoundError, match="--base 'llama9': neither a known base"):
+    real_data.import_base("llama9", str(tmp_path), 8, log=lambda _: None)

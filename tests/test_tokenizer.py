@@ -173,6 +173,13 @@ def test_build_chat_prompt():
   assert build_chat_prompt("What is 2+2?") == "[INST] What is 2+2? [/INST]"
   assert build_chat_prompt("Q?", system="Be brief.") == "[INST] Be brief.\n\nQ? [/INST]"
   assert build_chat_prompt("Q?", system="") == "[INST] Q? [/INST]"
+  assert build_chat_prompt("Q?", "Be brief.", "chatml") == (
+      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+      "<|im_start|>assistant\n")
+  assert build_chat_prompt("Q?", "", "chatml") == (
+      "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
+  with pytest.raises(ValueError, match="unknown chat format 'llama3'"):
+    build_chat_prompt("Q?", None, "llama3")
 
 
 def test_encode_chat_answer_mask(tok):

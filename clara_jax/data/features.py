@@ -11,7 +11,7 @@ from typing import Dict, List, Sequence
 import numpy as np
 
 from clara_jax.data import packing, templates
-from clara_jax.data.tokenizer import Tokenizer, build_chat_prompt
+from clara_jax.data.tokenizer import Tokenizer
 
 Example = Dict[str, np.ndarray]
 
@@ -62,7 +62,7 @@ class Featurizer:
     return tokens, mask, truncated
 
   def _generator(self, system: str, user: str, answer: str, k: int):
-    prompt = self.tok.encode(build_chat_prompt(user, system), add_bos=True)
+    prompt = self.tok.encode_prompt(user, system)
     answer_ids = self.tok.encode(answer, parse_special=False)
     arrays, truncated = packing.pack_generator([prompt], [answer_ids], self.cfg.prompt_length,
                                                self.cfg.answer_length, self.mem_ids, k,

@@ -2,8 +2,9 @@
 
 The generator never sees document text: each document is a placeholder slot
 `<MEM0>..<MEM{n-1}><SEP>` whose embeddings are replaced by the document's memories.
-Prompts are rendered in Mistral-Instruct form by the tokenizer, with the system text
-merged into the user turn.
+Prompts are rendered in the base model's chat format by the tokenizer
+(`ClaraTokenizer.encode_prompt`: Mistral-Instruct with the system text merged into the
+user turn, or ChatML).
 """
 
 from __future__ import annotations

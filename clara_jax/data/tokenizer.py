@@ -58,16 +58,25 @@ def mem_token(i: int) -> str:
   return f"<MEM{i}>"
 
 
-def build_chat_prompt(user: str, system: str | None = None) -> str:
-  """The Mistral-Instruct prompt text for one user turn, without bos.
+# Prompt layouts of one user turn: "inst" is Mistral-Instruct's, "chatml" the
+# <|im_start|>role ... <|im_end|> turns of SmolLM2, Qwen and others.
+CHAT_FORMATS = ("inst", "chatml")
 
-  Mistral-Instruct has no system role, so a system text is merged into the user turn as
-  "{system}\\n\\n{user}" (what its Hugging Face chat template does). An empty system text
-  counts as none.
 
-  Returns:
-    "[INST] {content} [/INST]"; the caller adds bos before it (see `Tokenizer.encode_chat`).
+def build_chat_prompt(user: str, system: str | None = None, chat_format: str = "inst") -> str:
+  """The prompt text of one user turn, up to where the answer starts, without bos.
+
+  "inst": Mistral-Instruct has no system role, so a system text is merged into the user
+  turn as "{system}\n\n{user}" (what its Hugging Face chat template does):
+  "[INST] {content} [/INST]". "chatml": "<|im_start|>system\n{system}<|im_end|>\n"
+  (when there is a system text), "<|im_start|>user\n{user}<|im_end|>\n", then
+  "<|im_start|>assistant\n". An empty system text counts as none.
   """
+  if chat_format == "chatml":
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+  if chat_format != "inst":
+    raise ValueError(f"unknown chat format {chat_format!r}; known: {CHAT_FORMATS}")
   content = f"{system}\n\n{user}" if system else user
   return f"[INST] {content} [/INST]"
 
@@ -276,10 +285,22 @@ class ClaraTokenizer:
     """`decode` on each sequence (rows of a 2-D array work too)."""
     return [self.decode(ids, skip_special) for ids in batch]
 
+  @property
+  def chat_format(self) -> str:
+    """The prompt layout (`CHAT_FORMATS`) of the base model this tokenizer belongs to."""
+    return "inst"
+
+  def encode_prompt(self, user: str, system: str | None = None) -> list[int]:
+    """The ids of a generator prompt in this tokenizer's chat format, up to where the
+    answer starts: bos first for "inst" (ChatML turns open with their own control
+    token). Special token strings in the text (<MEM0> slots) become their ids."""
+    return self.encode(build_chat_prompt(user, system, self.chat_format),
+                       add_bos=self.chat_format == "inst")
+
   def encode_chat(
       self, user: str, system: str | None = None, answer: str | None = None,
   ) -> tuple[list[int], list[int]]:
-    """Encodes a Mistral-Instruct turn: bos, "[INST] {content} [/INST]", then the answer.
+    """Encodes a chat turn: the prompt (`encode_prompt`), then the answer.
 
     The answer is encoded on its own (so it starts with SentencePiece's "▁" dummy prefix,
     as in Mistral's reference tokenizer), followed by eos. Special token strings in
@@ -289,7 +310,7 @@ class ClaraTokenizer:
       (ids, answer_mask): answer_mask[i] is 1 exactly on the answer tokens and the final
       eos (the supervised positions), 0 elsewhere; all 0 when no answer is given.
     """
-    ids = self.encode(build_chat_prompt(user, system), add_bos=True)
+    ids = self.encode_prompt(user, system)
     mask = [0] * len(ids)
     if answer is not None:
       answer_ids = self.encode(answer, add_eos=True)
@@ -604,6 +625,12 @@ class BPETokenizer(ClaraTokenizer):
   def pad_id(self) -> int:
     """The model's pad id, else eos (many BPE models pad with it)."""
     return self._ids["pad"] if self._ids["pad"] is not None else self._ids["eos"]
+
+  @property
+  def chat_format(self) -> str:
+    """"chatml" when the vocabulary has ChatML's turn tokens, else "inst"."""
+    turns = ("<|im_start|>", "<|im_end|>")
+    return "chatml" if all(self._tk.token_to_id(t) is not None for t in turns) else "inst"
 
   def _encode_plain(self, text: str, at_start: bool) -> list[int]:
     return self._tk.encode(text, add_special_tokens=False).ids

@@ -54,13 +54,16 @@ def _gold_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
 def evaluate_records(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
                      max_new_tokens: int = 64, seed: int = 0,
                      gold_counts: Optional[Dict[str, int]] = None,
-                     progress: Optional[Callable[[int, int], None]] = None) -> List[Dict]:
+                     progress: Optional[Callable[[int, int], None]] = None,
+                     closed_book: bool = False) -> List[Dict]:
   """Per-question records: predictions and answer scores in each setting, the
   reasoner's Recall@k, every baseline's (`baselines.recalls`, same candidates), memory
   gain, and the row's `id`, `kind`, `template`, `seen`.
 
   Settings: `normal` (the reasoner's top-k), `oracle` (gold first, then the reasoner's
-  choice) and `control` (k random non-gold candidates: no answer in the memories).
+  choice), `control` (k random non-gold candidates: no answer in the memories) and, with
+  `closed_book`, `closed_book` (a prompt without memory slots: what the generator
+  answers from its weights alone).
   Memory gain (rows with gold candidates): answer NLL with k random non-gold memories
   minus answer NLL with the gold memories (then random ones) in the slots, in nats per
   answer token; positive means the generator reads its memories. `memory_gain_vs_none`:
@@ -91,12 +94,16 @@ def evaluate_records(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int
                          ("control", control_sel)):
       if sel is not None:
         answers[setting] = model.generate_turns(turns, take(sel), k, max_new_tokens)
+    no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style)
+                for q in questions]
+    if closed_book:
+      settings.append("closed_book")
+      answers["closed_book"] = model.generate_turns(no_slots, doc_mem[:, :0], 0,
+                                                    max_new_tokens)
     if has_gold:
       targets = [r["answer"] for r in chunk]
       nll_gold = model.answer_nll(turns, targets, take(gold_sel), k)
       nll_control = model.answer_nll(turns, targets, take(control_sel), k)
-      no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style)
-                  for q in questions]
       nll_none = model.answer_nll(no_slots, targets, doc_mem[:, :0], 0)
     for i, row in enumerate(chunk):
       record = {"question": row["question"], "answers": row["answers"],
@@ -167,12 +174,13 @@ def _vs_baselines(records: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]
 
 def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
              max_new_tokens: int = 64, out_path: Optional[str] = None, seed: int = 0,
-             gold_counts: Optional[Dict[str, int]] = None, progress=None) -> Dict:
+             gold_counts: Optional[Dict[str, int]] = None, progress=None,
+             closed_book: bool = False) -> Dict:
   """`evaluate_records` and `summarize_records`; writes `out_path` (summary) and
   `out_path`.jsonl (per question) when given. Returns the summary."""
   timings_before = dict(vars(model.timings))
   per_question = evaluate_records(model, rows, k, batch, max_new_tokens, seed, gold_counts,
-                                  progress)
+                                  progress, closed_book)
   spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
   summary = summarize_records(per_question, min(k, len(rows[0]["docs"])) if rows else k,
                               spent)

@@ -55,7 +55,8 @@ def token_word(tok: Tokenizer, token_id: int) -> Optional[str]:
   """The word a vocabulary entry stands for, or None for special/punctuation/stopwords."""
   if tok.is_special(token_id) or token_id in (tok.bos_id, tok.eos_id, tok.pad_id):
     return None
-  piece = tok.id_to_piece(token_id).replace("\u2581", "").strip()
+  # SentencePiece marks a leading space with "\u2581", byte-level BPE with "\u0120" (Ġ).
+  piece = tok.id_to_piece(token_id).replace("\u2581", "").replace("\u0120", "").strip()
   if not _WORD.fullmatch(piece):
     return None
   word = piece.lower()

@@ -23,7 +23,7 @@ import numpy as np
 from absl import logging
 
 from clara_jax.data import packing, templates
-from clara_jax.data.tokenizer import ClaraTokenizer, build_chat_prompt, load_tokenizer
+from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate
 from clara_jax.model import clara
 from clara_jax.model.config import DecoderConfig
@@ -59,6 +59,7 @@ class ClaraModel:
     self.doc_batch = doc_batch
     self.timings = Timings()
     self.truncations = Truncations()
+    self.memory_cache = None  # see `use_memory_cache`
     model = Decoder(cfg)
     n_mem = self.n_mem
     self._compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem,
@@ -127,8 +128,29 @@ class ClaraModel:
       out.append(np.asarray(fn(self.params, t, m))[:size - pad])
     return np.concatenate(out) if out else np.zeros((0, self.n_mem, self.cfg.hidden_size))
 
+  def use_memory_cache(self, cache) -> "ClaraModel":
+    """Reads documents' memories from `cache` (a `clara_jax.train.memory_cache.MemoryCache`
+    built by this model's compressor: checked here) and compresses only the documents it
+    lacks. Returns self."""
+    cache.check(self.params, self.n_mem, self.doc_max_length, "this model")
+    self.memory_cache = cache
+    return self
+
   def compress_documents(self, texts: Sequence[str]) -> np.ndarray:
-    """Documents -> memories [N, n_mem, H] (compressor adapter)."""
+    """Documents -> memories [N, n_mem, H] (compressor adapter, or the memory cache)."""
+    if self.memory_cache is not None:
+      cached = [self.memory_cache.row.get(self.memory_cache.key(t)) for t in texts]
+      missing = [i for i, row in enumerate(cached) if row is None]
+      if len(missing) < len(texts):
+        out = np.empty((len(texts),) + self.memory_cache.memories.shape[1:], np.float32)
+        hits = [i for i, row in enumerate(cached) if row is not None]
+        out[hits] = self.memory_cache.memories[[cached[i] for i in hits]]
+        if missing:
+          out[missing] = self._compress_texts([texts[i] for i in missing])
+        return out
+    return self._compress_texts(texts)
+
+  def _compress_texts(self, texts: Sequence[str]) -> np.ndarray:
     start = time.perf_counter()
     tokens, mask = self._encode_texts(texts, self.doc_max_length, "documents")
     mem = self._batched(self._compress, tokens, mask)
@@ -148,7 +170,7 @@ class ClaraModel:
                 max_new_tokens: int) -> List[str]:
     """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
     start = time.perf_counter()
-    prompts = [self.tok.encode(build_chat_prompt(user, system), add_bos=True)
+    prompts = [self.tok.encode_prompt(user, system)
                for system, user in turns]
     length = bucket_length(max(len(p) for p in prompts))
     arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), length, 1,
@@ -176,7 +198,7 @@ class ClaraModel:
                  memories: np.ndarray, k: int) -> np.ndarray:
     """Teacher-forced answer loss: mean NLL (nats) per answer token (incl. eos) of each
     answer [B], given memories [B, k, n_mem, H] in the turns' k slots."""
-    prompts = [self.tok.encode(build_chat_prompt(user, system), add_bos=True)
+    prompts = [self.tok.encode_prompt(user, system)
                for system, user in turns]
     answer_ids = [self.tok.encode(a, parse_special=False) for a in answers]
     length = bucket_length(max(len(p) for p in prompts))

@@ -70,6 +70,21 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
   return meta
 
 
+def read_shards(out_dir: str) -> Tuple[List[str], np.ndarray]:
+  """(ids, memories [N, n_mem, H] as stored) of a finished build in `out_dir`."""
+  path = os.path.join(out_dir, INDEX_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{path}: missing; the index build did not finish")
+  with open(path) as f:
+    meta = json.load(f)
+  ids, mems = [], []
+  for i in range(meta["num_shards"]):
+    with np.load(_shard_path(out_dir, i)) as shard:
+      ids.extend(str(x) for x in shard["ids"])
+      mems.append(shard["memories"])
+  return ids, np.concatenate(mems)
+
+
 class MemoryIndex:
   """The loaded index: ids and a normalised [N, n_mem * H] matrix sharded over devices."""
 
@@ -89,17 +104,7 @@ class MemoryIndex:
 
   @classmethod
   def load(cls, out_dir: str, mesh: Optional[Mesh] = None) -> "MemoryIndex":
-    path = os.path.join(out_dir, INDEX_FILE)
-    if not os.path.exists(path):
-      raise FileNotFoundError(f"{path}: missing; the index build did not finish")
-    with open(path) as f:
-      meta = json.load(f)
-    ids, mems = [], []
-    for i in range(meta["num_shards"]):
-      with np.load(_shard_path(out_dir, i)) as shard:
-        ids.extend(str(x) for x in shard["ids"])
-        mems.append(shard["memories"])
-    return cls(ids, np.concatenate(mems), mesh)
+    return cls(*read_shards(out_dir), mesh)
 
   def search(self, query_mem_bmh: np.ndarray, top_n: int) -> Tuple[np.ndarray, np.ndarray]:
     """Cosine top-n for query memories [B, n_mem, H]: (doc indices [B, n], scores)."""

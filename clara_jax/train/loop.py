@@ -284,7 +284,9 @@ def _text_source(path: str):
 
 
 def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str],
-                   cclara: ClaraConfig) -> InputPipeline:
+                   cclara: ClaraConfig, cache=None) -> InputPipeline:
+  """The stage's input pipeline; `cache` (a `memory_cache.MemoryCache`): stage2 examples
+  carry the candidates' cached memories instead of their tokens."""
   fmt, d = config.data.format, config.data
   num_docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
   feat_cfg = FeatureConfig(stage=config.stage, n_mem=cclara.n_mem,
@@ -311,6 +313,9 @@ def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, s
       if report.rows_skipped:
         logging.warning("data %s: %s", split, report.summary())
   featurize = Featurizer(tok, feat_cfg, seed=config.seed)
+  if cache is not None:
+    from clara_jax.train.memory_cache import CachedMemoryFeaturizer
+    featurize = CachedMemoryFeaturizer(featurize, cache)
   if "replay" in files:
     from clara_jax.data.features import ReplayFeaturizer
     lm_cfg = dataclasses.replace(feat_cfg, stage="lm")
@@ -376,8 +381,21 @@ def overlay_parameters(params, origin: str, saved: Dict[str, np.ndarray]):
   return lora.unflatten(flat)
 
 
-def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig) -> float:
-  """Model FLOPs of one train step (forward + backward of the trained roles)."""
+def _memory_cache(config, params, cclara: ClaraConfig):
+  """The stage's `data.memory_cache`, loaded and checked against the initial parameters'
+  compressor (None when not configured)."""
+  if not config.data.memory_cache:
+    return None
+  from clara_jax.train import memory_cache
+  cache = memory_cache.MemoryCache(config.data.memory_cache)
+  cache.check(params, cclara.n_mem, cclara.doc_max_length, f"stage {config.stage}")
+  return cache
+
+
+def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig,
+                cached: bool = False) -> float:
+  """Model FLOPs of one train step (forward + backward of the trained roles); `cached`:
+  stage2 reads its candidates' memories instead of compressing them."""
   d, b = config.data, config.train.global_batch
   rank = cfg.lora.rank if cfg.lora else 0
   n_doc_tokens = cclara.doc_max_length + 3 + cclara.n_mem
@@ -389,7 +407,8 @@ def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig) -> float:
     docs = 1 if config.stage == "stage1" else cclara.k
     return gen + 3 * forward_flops(cfg, b * docs, n_doc_tokens, rank, head_tokens=0)
   q = 3 * forward_flops(cfg, b, d.question_max_length + 3 + cclara.n_mem, rank, head_tokens=0)
-  docs = forward_flops(cfg, b * d.candidates, n_doc_tokens, rank, head_tokens=0)
+  docs = 0.0 if cached else forward_flops(cfg, b * d.candidates, n_doc_tokens, rank,
+                                          head_tokens=0)
   return q + docs + (gen if config.stage == "stage2" else 0)
 
 
@@ -455,12 +474,13 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
                      f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})")
   rules = tuple(tuple(r) for r in config.mesh.rules)
   params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
+  cache = _memory_cache(config, params, cclara)
   state = create_state(params, mask, tx, config.seed)
   del params
   state_sh = state_shardings(jax.eval_shape(lambda: state), params_sh, tx, mesh)
   state = jax.device_put(state, state_sh)
 
-  pipeline = build_pipeline(config, workdir, tok, files, cclara)
+  pipeline = build_pipeline(config, workdir, tok, files, cclara, cache)
   checkpointer = Checkpointer(ckpt_dir, config.train.checkpoint_every,
                               config.train.keep_checkpoints)
   restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state),
@@ -482,8 +502,8 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   logging.info("%s", parameter_overview(state.trainable, state.frozen, params_sh))
 
   peak = config.train.peak_flops or matmul_peak_flops()
-  flops = _step_flops(config, cfg, cclara)
-  tokens_per_step = _tokens_per_step(config, cclara)
+  flops = _step_flops(config, cfg, cclara, cached=cache is not None)
+  tokens_per_step = _tokens_per_step(config, cclara, cached=cache is not None)
   report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                            writer=None, every_steps=config.train.log_every)
   profile = (periodic_actions.Profile(first_profile=config.train.profile_steps[0],
@@ -582,12 +602,12 @@ def _flat_hparams(config) -> Dict:
   return out
 
 
-def _tokens_per_step(config, cclara: ClaraConfig) -> int:
+def _tokens_per_step(config, cclara: ClaraConfig, cached: bool = False) -> int:
   d, b = config.data, config.train.global_batch
   if config.stage == "lm":
     return b * d.lm_length
   doc = cclara.doc_max_length + 3 + cclara.n_mem
-  docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
+  docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, 0 if cached else d.candidates)
   q = d.question_max_length + 3 + cclara.n_mem if config.stage.startswith("stage2") else 0
   return b * (docs * doc + q + d.prompt_length + d.answer_length)
 
