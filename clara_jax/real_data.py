@@ -11,18 +11,25 @@ copied into the repository):
 * `clara_pretrain_1k.jsonl`: stage1 rows (converter passthrough), their QA pairs
   regrouped (one per row by default) so every pair fits the answer region.
 
-Each QA set is split into train and held-out questions (seeded, by question). Every
-distinct passage (all questions', held-out included: they are the corpus, not the
-answers) becomes one line of plain text, on which the tokenizer and the base LM (`lm`)
-are trained from scratch, since no pretrained weights can be downloaded. Then stage1
-(pretrain rows), stage1_2 and stage2 (HotpotQA + NQ train questions) run as in the demo
-(`demo.run_stage`, each from the previous stage's export), and the held-out questions
-are evaluated (EM, F1, Recall@1/5 of stage2 vs the stage1_2-initialised reasoner and vs
-BM25; `kind` multi = HotpotQA, single = NQ) with the logit lens. There is no manifest of
-clue words for real data: the lens counts the gold document's words absent from the
-question, only those absent from the control candidate too, against the control's own
-discriminative words, with every non-gold candidate as a control (`clara_jax.eval.lens`). The demo's claims table is printed and
-written to `summary.json`.
+Each QA set is split into train and held-out questions (seeded, by question); no
+held-out question appears in any stage's training file. Two bases:
+
+* from scratch (default): every distinct passage (all questions', held-out included:
+  they are the corpus, not the answers) becomes one line of plain text, on which the
+  tokenizer and the `tiny` base LM (`lm`) are trained; then stage1 (pretraining rows),
+  stage1_2 and stage2 (HotpotQA + NQ training questions) as in the demo
+  (`demo.run_stage`, each from the previous stage's export), evaluated with the demo's
+  evaluation and lens (`demo.evaluate_checkpoints`);
+* pretrained (`--base smollm2` or a GGUF file): the base and its tokenizer are imported
+  as the `lm` stage's export and stay frozen (`pretrained_recipe`); stage1 also reads the
+  NQ training questions' gold passages; the stage1_2 compressor's memories of every
+  stage2 candidate are cached once (`memories/`) for stage2 and the evaluation
+  (`clara_jax.eval.real`: memory gain, EM/F1 closed book vs with memories, Recall@1/5
+  against the initial reasoner, BM25 and random with paired intervals, the lens against
+  a permutation null, `examples.md`).
+
+`kind` multi = HotpotQA, single = NQ. The claims table is printed and written to
+`summary.json`; the command exits 1 when a claim with a target misses.
 
 Workdir layout (besides the demo's stage directories, `eval/`, `lens.*`, `losses.png`):
 
@@ -31,6 +38,7 @@ Workdir layout (besides the demo's stage directories, `eval/`, `lens.*`, `losses
     data/{stage1,stage1_2,stage2}/train.jsonl
     data/heldout.jsonl           held-out stage2 rows with `kind`
     data/DONE.json               the data plan and the conversion reports
+    memories/                    the cached memories (pretrained base)
 
 Re-running resumes: the data is kept when its plan is unchanged, and finished stages are
 skipped.
@@ -140,8 +148,9 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
   prompts in the base's chat format; stage2 trains reasoner and generator (the reasoner
   at twice the rate, as in the demo) and reads the stage1_2 compressor's memories from
   `memory_cache`. No `lm` stage: the base is imported (`import_base`). Sized for about
-  1.5 h on two CPU cores (a stage1 step of 8 rows takes ~11 s at this size, a cached
-  stage2 step ~9 s); evaluation of the 200 held-out questions adds ~15 min."""
+  1 h on two CPU cores with SmolLM2-135M (steps of 8 rows: stage1 7.2 s, stage1_2 13.7 s,
+  stage2 over cached memories 5.5 s; the evaluation of 200 held-out questions 8 min).
+  `model` names the configs' size; the imported export's own config is what trains."""
   doc_len = 64 if quick else 128
   shared = {
       "data.prompt_style": "reference", "clara.doc_max_length": doc_len,

@@ -2,10 +2,6 @@
 is what the compressor computes, it is refused for another compressor, and a stage2 loss
 over cached memories equals the loss over the candidates' tokens."""
 
-import dataclasses
-import json
-import os
-
 import jax
 import numpy as np
 import pytest
@@ -95,7 +91,7 @@ def test_stage2_loss_over_cached_memories_equals_the_loss_over_tokens(model, tmp
                            question_max_length=16, k=2, num_docs=len(DOCS),
                            prompt_length=96, answer_length=8)
   featurize = Featurizer(model.tok, feat_cfg)
-  cached = memory_cache.CachedMemoryFeaturizer(featurize, cache)
+  cached = Featurizer(model.tok, feat_cfg, doc_memories=cache.lookup)
   rows = [{"question": f"What does the animal {i} eat?", "answer": "fish",
            "docs": DOCS[i:] + DOCS[:i], "pos_index": [0]} for i in range(2)]
   stack = lambda f: {k: np.stack([f(r, i)[k] for i, r in enumerate(rows)])
@@ -126,4 +122,4 @@ def test_the_cache_serves_stage2_only(model, tmp_path):
   with pytest.raises(ValueError, match="only stage2 and stage2_retrieval"):
     validate(config)
   with pytest.raises(ValueError, match="not 'stage1'"):
-    memory_cache.CachedMemoryFeaturizer(Featurizer(model.tok, FeatureConfig("stage1")), None)
+    Featurizer(model.tok, FeatureConfig("stage1"), doc_memories=lambda texts: None)

@@ -6,7 +6,7 @@ how much text the configured lengths cut.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -45,13 +45,23 @@ class FeatureConfig:
 
 
 class Featurizer:
-  """Callable row -> example (numpy arrays), deterministic given (row, index, seed)."""
+  """Callable row -> example (numpy arrays), deterministic given (row, index, seed).
 
-  def __init__(self, tokenizer: Tokenizer, cfg: FeatureConfig, seed: int = 0):
+  `doc_memories` (stage2, stage2_retrieval): texts -> their precomputed memories
+  [N, n_mem, H] (e.g. `clara_jax.train.memory_cache.MemoryCache.lookup`); the examples
+  then carry `doc_mem` instead of the documents' tokens, and the step skips the
+  compressor."""
+
+  def __init__(self, tokenizer: Tokenizer, cfg: FeatureConfig, seed: int = 0,
+               doc_memories: Optional[Callable[[Sequence[str]], np.ndarray]] = None):
     if cfg.n_mem > tokenizer.num_mem_tokens:
       raise ValueError(f"n_mem={cfg.n_mem} but the tokenizer has only "
                        f"{tokenizer.num_mem_tokens} memory tokens")
+    if doc_memories is not None and cfg.stage not in ("stage2", "stage2_retrieval"):
+      raise ValueError(f"precomputed document memories serve stage2 and stage2_retrieval, "
+                       f"not {cfg.stage!r}")
     self.tok, self.cfg, self.seed = tokenizer, cfg, seed
+    self.doc_memories = doc_memories
     self.mem_ids = tokenizer.mem_ids[:cfg.n_mem]
 
   def _encoder(self, texts: Sequence[str], max_len: int):
@@ -72,6 +82,9 @@ class Featurizer:
   def _docs(self, docs: List[str], example: Example) -> None:
     if len(docs) != self.cfg.num_docs:
       raise ValueError(f"expected {self.cfg.num_docs} documents, found {len(docs)}")
+    if self.doc_memories is not None:
+      example["doc_mem"] = np.asarray(self.doc_memories(docs), np.float32)
+      return
     tokens, mask, truncated = self._encoder(docs, self.cfg.doc_max_length)
     example.update(doc_tokens=tokens, doc_mask=mask,
                    truncated_docs=np.int32(truncated))

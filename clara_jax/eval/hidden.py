@@ -127,8 +127,8 @@ def lens_v2_summaries(models: Dict[str, Any], rows: Sequence[Dict], world_dir: s
   out = {}
   for name, model in models.items():
     recs, _ = lens_records(model, multi, matched, seed)
-    out[name] = {"all": _lens_summary(recs),
-                 "unseen": _lens_summary([r for r in recs if not r["seen"]])}
+    out[name] = {"all": lens_summary(recs),
+                 "unseen": lens_summary([r for r in recs if not r["seen"]])}
   return out
 
 
@@ -191,8 +191,8 @@ def assemble(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]], probe:
   for name, recs in records.items():
     results[name] = summarize_records(recs, k)
   results["lens_v2"] = {
-      name: {"all": _lens_summary(recs),
-             "unseen": _lens_summary([r for r in recs if not r["seen"]])}
+      name: {"all": lens_summary(recs),
+             "unseen": lens_summary([r for r in recs if not r["seen"]])}
       for name, recs in lens.items()}
   results["probe"] = {stage: {key: p[key] for key in ("links", "known_share", "chance")}
                       for stage, p in probe.items()}
@@ -208,7 +208,7 @@ def assemble(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]], probe:
   return results
 
 
-def _lens_summary(recs: Sequence[Dict]) -> Dict:
+def lens_summary(recs: Sequence[Dict]) -> Dict:
   """`lens.summarize_matched` of lens records, the null from their per-question values."""
   null = {}
   for m in lens_lib.MEASURES:

@@ -154,7 +154,7 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
     hidden.write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
   results = {"questions": len(rows), "k": k,
              "stage2": summarize_records(records["stage2"], k),
-             "lens_matched": {name: hidden._lens_summary(recs) for name, recs in lens.items()},
+             "lens_matched": {name: hidden.lens_summary(recs) for name, recs in lens.items()},
              "paired": paired(records, lens)}
   write_json_atomic(os.path.join(workdir, "eval", "real.json"), results, indent=1)
   log(f"[    eval] {len(rows)} held-out questions in {_minutes(start)}")

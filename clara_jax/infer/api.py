@@ -139,7 +139,7 @@ class ClaraModel:
   def compress_documents(self, texts: Sequence[str]) -> np.ndarray:
     """Documents -> memories [N, n_mem, H] (compressor adapter, or the memory cache)."""
     if self.memory_cache is not None:
-      cached = [self.memory_cache.row.get(self.memory_cache.key(t)) for t in texts]
+      cached = self.memory_cache.rows(texts)
       missing = [i for i, row in enumerate(cached) if row is None]
       if len(missing) < len(texts):
         out = np.empty((len(texts),) + self.memory_cache.memories.shape[1:], np.float32)

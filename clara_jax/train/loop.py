@@ -312,10 +312,8 @@ def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, s
     for split, report in builder.reports.items():
       if report.rows_skipped:
         logging.warning("data %s: %s", split, report.summary())
-  featurize = Featurizer(tok, feat_cfg, seed=config.seed)
-  if cache is not None:
-    from clara_jax.train.memory_cache import CachedMemoryFeaturizer
-    featurize = CachedMemoryFeaturizer(featurize, cache)
+  featurize = Featurizer(tok, feat_cfg, seed=config.seed,
+                         doc_memories=None if cache is None else cache.lookup)
   if "replay" in files:
     from clara_jax.data.features import ReplayFeaturizer
     lm_cfg = dataclasses.replace(feat_cfg, stage="lm")

@@ -90,8 +90,6 @@ class MemoryCache:
     self.memories = memories.astype(np.float32)  # [D, M, H]
     self.row = {key: i for i, key in enumerate(ids)}
 
-  key = staticmethod(doc_key)
-
   @property
   def n_mem(self) -> int:
     return self.record["n_mem"]
@@ -108,33 +106,15 @@ class MemoryCache:
                              f"{who}'s (its base, compressor adapter or extra embeddings "
                              f"differ)")
 
+  def rows(self, texts: Sequence[str]) -> List[Optional[int]]:
+    """Each text's row in `memories`, None where the cache lacks it."""
+    return [self.row.get(doc_key(text)) for text in texts]
+
   def lookup(self, texts: Sequence[str]) -> np.ndarray:
-    rows: List[int] = []
-    for text in texts:
-      row = self.row.get(doc_key(text))
+    """Memories [len(texts), M, H]; KeyError naming a document the cache lacks."""
+    rows = self.rows(texts)
+    for text, row in zip(texts, rows):
       if row is None:
         raise KeyError(f"{self.directory}: no memory for the document "
                        f"{text[:60]!r}...; build the cache from the rows it serves")
-      rows.append(row)
     return self.memories[rows]
-
-
-class CachedMemoryFeaturizer:
-  """A stage2 featurizer whose examples carry the candidates' cached memories
-  (`doc_mem [N, M, H]`) in place of their tokens: the step then skips the compressor
-  (`stages.candidate_memories`)."""
-
-  def __init__(self, inner, cache: MemoryCache):
-    if inner.cfg.stage not in ("stage2", "stage2_retrieval"):
-      raise ValueError(f"cached memories serve stage2 and stage2_retrieval, not "
-                       f"{inner.cfg.stage!r}")
-    if inner.cfg.n_mem != cache.n_mem:
-      raise StaleMemoryCache(f"{cache.directory}: {cache.n_mem} memory tokens per "
-                             f"document, the stage {inner.cfg.n_mem}")
-    self.inner, self.cache, self.cfg = inner, cache, inner.cfg
-
-  def __call__(self, row: Dict, index: int = 0) -> Dict[str, np.ndarray]:
-    example = self.inner(row, index)
-    del example["doc_tokens"], example["doc_mask"]
-    example["doc_mem"] = self.cache.lookup(row["docs"])
-    return example
