@@ -250,7 +250,8 @@ def initial_reasoner(model):
   from clara_jax.model import lora
   params = lora.copy_adapter(model.params, "compressor", "reasoner")
   return ClaraModel(model.cfg, params, model.tok, model.doc_max_length,
-                    model.doc_max_length // model.n_mem, model.question_max_length)
+                    model.doc_max_length // model.n_mem, model.question_max_length,
+                    prompt_style=model.prompt_style, memory_scale=model.memory_scale)
 
 
 def claims(results: Dict[str, Any], min_gain: float

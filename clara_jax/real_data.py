@@ -245,7 +245,7 @@ def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
   return list(seen)
 
 
-def _write_jsonl(path: str, rows: Sequence[Dict]) -> None:
+def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
   from clara_jax.data.formats import write_jsonl_atomic
   write_jsonl_atomic(path, rows)
 
@@ -337,10 +337,10 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
             for name in QA_SETS]
   text = passages([pretrain, *qa_all])
   _write_lines(dirs["lm"], text)
-  _write_jsonl(os.path.join(dirs["stage1"], "train.jsonl"), stage1)
+  write_jsonl(os.path.join(dirs["stage1"], "train.jsonl"), stage1)
   for stage in ("stage1_2", "stage2"):
-    _write_jsonl(os.path.join(dirs[stage], "train.jsonl"), train[stage])
-  _write_jsonl(dirs["heldout"], heldout)
+    write_jsonl(os.path.join(dirs[stage], "train.jsonl"), train[stage])
+  write_jsonl(dirs["heldout"], heldout)
   counts.update(passages=len(text), stage1=len(stage1), stage1_2=len(train["stage1_2"]),
                 stage2=len(train["stage2"]), heldout=len(heldout))
   record = {"plan": plan_dict, "reports": reports, "counts": counts,

@@ -48,6 +48,9 @@ def get_base_config(stage, arg=None):
   c.clara.train_generator = True  # stage2: also train the generator (paper: yes)
   c.clara.train_base = False  # stages 1, 1_2: also train the base weights (paper: no)
   c.clara.retrieval_temperature = 0.02  # InfoNCE tau of stage2_retrieval
+  # How memories enter the generator: 'none' (the compressor's final-normed states, as in
+  # the reference) or 'embedding' (each vector rescaled to the token embeddings' RMS).
+  c.clara.memory_scale = "none"
   c.clara.replay_weight = 1.0  # weight of the replay text's LM loss (data.replay_text)
   c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
 
@@ -208,6 +211,10 @@ def validate(c):
                               or c.clara.train_compressor):
     raise ValueError("config: data.memory_cache holds a frozen compressor's memories: only "
                      "stage2 and stage2_retrieval with clara.train_compressor=False read it")
+  from clara_jax.model.clara import MEMORY_SCALES
+  if c.clara.memory_scale not in MEMORY_SCALES:
+    raise ValueError(f"config: clara.memory_scale must be one of {MEMORY_SCALES}, "
+                     f"got {c.clara.memory_scale!r}")
   if c.data.on_error not in ("raise", "skip"):
     raise ValueError(f"config: data.on_error must be 'raise' or 'skip', got {c.data.on_error!r}")
   return c

@@ -149,6 +149,36 @@ def test_generator_loss_matches_full_logits(params):
   assert int(count) == len(nll)
 
 
+def test_memories_enter_the_generator_at_the_embedding_scale(params):
+  """memory_scale="embedding": each memory vector is rescaled to the RMS of the token
+  embedding table before the generator reads it, and the loss equals the unscaled one on
+  memories scaled so by hand; the unscaled loss differs once memories are oversized."""
+  world = KVWorld(10)
+  batch = world.stage1_batch(np.random.default_rng(0), 3, CLARA)
+  model = Decoder(MODEL)
+  mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"], CLARA.n_mem)
+  mem = 40.0 * mem.reshape(3, 1, CLARA.n_mem, -1)
+  table = np.asarray(lora.flatten(params)["embedder/base_embedding"], np.float64)
+  target = np.sqrt(np.mean(table ** 2))
+  np.testing.assert_allclose(model.apply({"params": params}, method=Decoder.embedding_rms),
+                             target, rtol=1e-5)
+  scaled = clara.rescale_memories(mem, target)
+  rms = np.sqrt(np.mean(np.square(np.asarray(scaled, np.float64)), -1))
+  np.testing.assert_allclose(rms, target, rtol=1e-5)
+  cos = np.sum(np.asarray(scaled) * np.asarray(mem), -1) / (
+      np.linalg.norm(scaled, axis=-1) * np.linalg.norm(mem, axis=-1))
+  np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
+  args = (batch["gen_tokens"], batch["gen_mask"], batch["slot_positions"])
+  ce_scaled, _ = clara.generator_loss(model, params, *args, mem, batch["answer_mask"],
+                                      memory_scale="embedding")
+  ce_by_hand, _ = clara.generator_loss(model, params, *args, scaled, batch["answer_mask"])
+  ce_raw, _ = clara.generator_loss(model, params, *args, mem, batch["answer_mask"])
+  np.testing.assert_allclose(ce_scaled, ce_by_hand, rtol=1e-5)
+  assert abs(float(ce_raw) - float(ce_scaled)) > 1e-3
+  with pytest.raises(ValueError, match="memory_scale must be one of"):
+    clara.ClaraConfig(memory_scale="layer_norm")
+
+
 def test_stage2_cached_memories_equal_recomputed(params):
   world = KVWorld(12)
   batch = world.stage2_batch(np.random.default_rng(0), 4, 5, CLARA)
@@ -248,7 +278,19 @@ def test_each_stage_trains_only_its_parameters(params, stage):
   if stage == "stage2":
     assert {"ce", "recall@1", "recall@2", "selected_score", "selection_entropy"} <= set(metrics)
   if stage in ("stage1", "stage1_2"):
-    assert {"ce", "mse"} <= set(metrics)
+    assert {"ce", "mse", "memory_cosine"} <= set(metrics)
+
+
+def test_memory_cosine_is_one_for_a_collapsed_compressor():
+  rng = np.random.default_rng(0)
+  same = np.tile(rng.normal(size=(1, 12)), (4, 1))
+  np.testing.assert_allclose(stages.memory_cosine(jnp.asarray(same * [[1], [2], [3], [4]])),
+                             1.0, rtol=1e-6)
+  distinct = rng.normal(size=(3, 12))
+  unit = distinct / np.linalg.norm(distinct, axis=1, keepdims=True)
+  gram = unit @ unit.T
+  np.testing.assert_allclose(stages.memory_cosine(jnp.asarray(distinct)),
+                             (gram.sum() - 3) / 6, rtol=1e-5)
 
 
 def test_memory_gain_reports_both_losses(params):

@@ -113,3 +113,16 @@ def test_replay_text_is_checked_where_it_is_set(tmp_path):
       "train": "t", "replay": str(tmp_path / "text.txt")}
   c.data.replay_text = ""
   assert loop._with_replay_text(c, "run", {"train": "t"}) == {"train": "t"}
+
+
+def test_a_record_without_a_later_added_field_reads_as_its_old_value():
+  """A run recorded before `clara.memory_scale` existed resumes under the default, and
+  is refused under another value (naming the field)."""
+  from clara_jax.train import run_config
+  current = run_config.flat_config(importlib.import_module("configs.stage1").get_config(
+      "model=tiny"))
+  recorded = {k: v for k, v in current.items() if k not in run_config.ADDED_FIELDS}
+  assert run_config.differences(recorded, current) == {}
+  changed = dict(current, **{"clara.memory_scale": "embedding"})
+  assert run_config.differences(recorded, changed) == {
+      "clara.memory_scale": ("none", "embedding")}

@@ -66,6 +66,19 @@ def test_cache_generation_equals_recomputation(setup):
   np.testing.assert_array_equal(lengths, [6, 6, 6])
 
 
+def test_generation_reads_memories_at_the_embedding_scale(setup):
+  """memory_scale="embedding" generates what unscaled generation does from memories
+  rescaled by hand to the embedding table's RMS (and not what it does from raw ones)."""
+  p, tokens, mask, slots, memories = setup
+  memories = 30.0 * memories
+  target = Decoder(MODEL).apply({"params": p}, method=Decoder.embedding_rms)
+  scaled, _ = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
+                       eos_id=-1, memory_scale="embedding")
+  by_hand, _ = generate(p, MODEL, tokens, mask, slots,
+                        clara.rescale_memories(memories, target), max_new_tokens=6, eos_id=-1)
+  np.testing.assert_array_equal(np.asarray(scaled), np.asarray(by_hand))
+
+
 def test_eos_stops_and_pads(setup):
   p, tokens, mask, slots, memories = setup
   free, _ = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1)

@@ -335,3 +335,42 @@ def test_a_pretrained_run_resumes_and_refuses_a_stale_cache(pretrained_run):
 def test_an_unknown_base_is_named(tmp_path):
   with pytest.raises(FileNotFoundError, match="--base 'llama9': neither a known base"):
     real_data.import_base("llama9", str(tmp_path), 8, log=lambda _: None)
+
+
+def test_the_stage1_study_trains_without_its_dev_rows_and_measures_them(tmp_path):
+  """`clara_jax.eval.stage1_study` on the tiny GGUF base: stage1 trains on the pool minus
+  the dev rows, and the dev rows' memory gain and spread are measured and written."""
+  from gguf_fixtures import write_tiny_gguf
+  from clara_jax.eval import stage1_study
+  data = tmp_path / "shared"
+  data.mkdir()
+  _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(12))
+  _write(data / real_data.NQ_FILE, _nq_rows(24))
+  _write(data / real_data.PRETRAIN_FILE, _pretrain_rows(4))
+  base = write_tiny_gguf(str(tmp_path / "base.gguf"))
+  workdir = str(tmp_path / "study")
+  lines = []
+  record = stage1_study.run(str(data), workdir, "scaled", steps=2, base=base, dev_rows=6,
+                            quick=True, log=lines.append)
+  pool = _read(os.path.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
+  trained = _read(os.path.join(workdir, "study_data", "train.jsonl"))
+  _, dev_idx = stage1_study.split_pool([r["docs"][0] for r in pool], 6)
+  dev_docs = {pool[i]["docs"][0] for i in dev_idx}
+  assert len(dev_docs) == 6 and len(trained) == record["train_rows"]
+  assert not dev_docs & {r["docs"][0] for r in trained}
+  assert len(trained) == sum(r["docs"][0] not in dev_docs for r in pool)
+  dev = record["dev"]
+  assert dev["rows"] == 6 and dev["memory_gain"]["n"] == 6
+  assert dev["memory_gain"]["mean"] == pytest.approx(dev["ce_other"] - dev["ce_own"], abs=1e-5)
+  assert 0.0 < dev["memory_cosine"] <= 1.0 and 0.0 < dev["variance_off_mean"] < 1.0
+  with open(os.path.join(workdir, "stage1", "export", "clara.json")) as f:
+    assert json.load(f)["memory_scale"] == "embedding"
+  from clara_jax.infer.api import ClaraModel
+  assert ClaraModel.load(os.path.join(workdir, "stage1", "export")).memory_scale == "embedding"
+  with open(os.path.join(workdir, "study.json")) as f:
+    assert json.load(f)["variant"] == "scaled"
+  assert any(line.startswith("[   study] scaled at 2 steps: memory gain") for line in lines)
+  with pytest.raises(ValueError, match="dev_rows must be in"):
+    stage1_study.split_pool(["a", "b", "a"], 2)
+  with pytest.raises(ValueError, match="unknown variant 'bigger'"):
+    stage1_study.run(str(data), workdir, "bigger", steps=2, base=base)

@@ -51,9 +51,10 @@ class ClaraModel:
 
   def __init__(self, cfg: DecoderConfig, params, tokenizer: ClaraTokenizer, doc_max_length: int,
                compr_rate: int, question_max_length: int = 64, doc_batch: int = 32,
-               prompt_style: str = "reference"):
+               prompt_style: str = "reference", memory_scale: str = "none"):
+    clara.check_memory_scale(memory_scale)
     self.cfg, self.params, self.tok = cfg, params, tokenizer
-    self.prompt_style = prompt_style
+    self.prompt_style, self.memory_scale = prompt_style, memory_scale
     self.n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
     self.doc_max_length, self.question_max_length = doc_max_length, question_max_length
     self.doc_batch = doc_batch
@@ -68,7 +69,8 @@ class ClaraModel:
 
     def nll_per_example(p, tokens, mask, slots, memories, answer_mask):
       one = lambda t, m, s, mem, a: clara.generator_loss(
-          model, p, t[None], m[None], s[None], mem[None], a[None])[0]
+          model, p, t[None], m[None], s[None], mem[None], a[None],
+          memory_scale=memory_scale)[0]
       return jax.vmap(one)(tokens, mask, slots, memories, answer_mask)
 
     self._answer_nll = jax.jit(nll_per_example)
@@ -86,7 +88,7 @@ class ClaraModel:
     compr_rate = compr_rate or recorded.get("compr_rate")
     if doc_max_length is None or compr_rate is None:
       raise ValueError(f"{export_dir}: no clara.json; pass doc_max_length and compr_rate")
-    for key in ("question_max_length", "prompt_style"):
+    for key in ("question_max_length", "prompt_style", "memory_scale"):
       if key in recorded:
         kw.setdefault(key, recorded[key])
     cfg, params = load_params(export_dir)
@@ -183,7 +185,7 @@ class ClaraModel:
     tokens, _ = generate(self.params, self.cfg, pad(arrays["gen_tokens"][:, :length]),
                          pad(arrays["gen_mask"][:, :length]), pad(arrays["slot_positions"]),
                          pad(np.asarray(memories)), max_new_tokens=max_new_tokens,
-                         eos_id=self.tok.eos_id)
+                         eos_id=self.tok.eos_id, memory_scale=self.memory_scale)
     tokens = np.asarray(tokens)[:b]
     out = []
     for row in tokens:

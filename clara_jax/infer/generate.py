@@ -58,17 +58,18 @@ def _sample(logits_bv: Array, key: Array, temperature: float, top_p: float) -> A
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id",
-                                              "temperature", "top_p"))
+                                              "temperature", "top_p", "memory_scale"))
 def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
              slot_positions_bs: Array, memories_bkmh: Array, *, max_new_tokens: int,
              eos_id: int, temperature: float = 0.0, top_p: float = 1.0,
-             rng: Optional[Array] = None):
+             rng: Optional[Array] = None, memory_scale: str = "none"):
   """Generates up to `max_new_tokens` per row after the prompt.
 
   Args:
     tokens_bt, mask_bt: left-padded generator prompts [B, P] (placeholders included).
     slot_positions_bs: [B, k * n_mem] placeholder positions in that layout.
     memories_bkmh: [B, k, n_mem, H] memories to write into the slots.
+    memory_scale: how they enter the generator (`clara.MEMORY_SCALES`).
 
   Returns:
     (new tokens [B, max_new_tokens] (after eos: eos), lengths [B] including the eos).
@@ -76,9 +77,9 @@ def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
   model = Decoder(cfg)
   b = tokens_bt.shape[0]
   tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
-  embeddings = model.apply({"params": params}, tokens, method=Decoder.embed)
-  embeddings = clara.splice(embeddings, slots,
-                            memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]))
+  embeddings = clara.generator_inputs(model, params, tokens, slots,
+                                      memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
+                                      memory_scale)
   cache = init_cache(cfg, b, tokens.shape[1] + max_new_tokens)
   out = model.apply({"params": params}, embeddings=embeddings, adapter=clara.GENERATOR,
                     cache=cache, cache_index=jnp.zeros(b, jnp.int32))

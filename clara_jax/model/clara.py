@@ -32,6 +32,10 @@ Array = jax.Array
 
 COMPRESSOR, REASONER, GENERATOR = "compressor", "reasoner", "generator"
 MAX_COMPRESSION_RATE = 256
+# How memories enter the generator: "none" as the compressor read them out (final-normed
+# states, as in the reference); "embedding": each vector rescaled to the token embeddings'
+# RMS (`rescale_memories`).
+MEMORY_SCALES = ("none", "embedding")
 
 
 def num_memory_tokens(doc_max_length: int, compr_rate: int) -> int:
@@ -60,6 +64,7 @@ class ClaraConfig:
     train_base: stages 1 and 1_2: also train the shared base weights (the paper freezes
       them; a small from-scratch base may lack the capacity to learn reading otherwise).
     retrieval_temperature: InfoNCE temperature of the supervised baseline.
+    memory_scale: how memories enter the generator (`MEMORY_SCALES`).
     check_nans: checkify NaN checks on retrieval scores (debug mode).
   """
 
@@ -72,6 +77,7 @@ class ClaraConfig:
   train_generator: bool = True
   train_base: bool = False
   retrieval_temperature: float = 0.02
+  memory_scale: str = "none"
   check_nans: bool = False
 
   @property
@@ -84,6 +90,12 @@ class ClaraConfig:
       raise ValueError(f"ClaraConfig.k must be >= 1, got {self.k}")
     if self.temperature <= 0:
       raise ValueError(f"ClaraConfig.temperature must be positive, got {self.temperature}")
+    check_memory_scale(self.memory_scale)
+
+
+def check_memory_scale(memory_scale: str) -> None:
+  if memory_scale not in MEMORY_SCALES:
+    raise ValueError(f"memory_scale must be one of {MEMORY_SCALES}, got {memory_scale!r}")
 
 
 def positions_from_mask(mask_bt: Array) -> Array:
@@ -164,24 +176,50 @@ def splice(embeddings_bth: Array, slot_positions_bs: Array, memories_bsh: Array)
       memories_bsh.astype(embeddings_bth.dtype))
 
 
+def rescale_memories(memories_bsh: Array, target_rms: Array) -> Array:
+  """Each memory vector [..., H] rescaled to root mean square `target_rms` (float32).
+
+  The compressor reads out final-normed states, whose scale is the final norm's (for
+  SmolLM2-135M an RMS about 15x that of its token embeddings); a pre-norm generator adds
+  its layers' updates to that input, so an oversized input keeps the memory positions'
+  states close to the memories themselves."""
+  mem = memories_bsh.astype(jnp.float32)
+  rms = jnp.sqrt(jnp.mean(jnp.square(mem), axis=-1, keepdims=True))
+  return mem * (target_rms / jnp.maximum(rms, 1e-12))
+
+
+def generator_inputs(model: Decoder, params, tokens_bt: Array, slot_positions_bs: Array,
+                     memories_bsh: Array, memory_scale: str = "none") -> Array:
+  """Input embeddings [B, T, H] of generator prompts `tokens_bt` with the memories
+  [B, S, H] written into `slot_positions_bs` [B, S], scaled per `memory_scale`."""
+  check_memory_scale(memory_scale)
+  embeddings = model.apply({"params": params}, tokens_bt, method=Decoder.embed)
+  if memory_scale == "embedding":
+    target = jax.lax.stop_gradient(
+        model.apply({"params": params}, method=Decoder.embedding_rms))
+    memories_bsh = rescale_memories(memories_bsh, target)
+  return splice(embeddings, slot_positions_bs, memories_bsh)
+
+
 def generator_loss(model: Decoder, params, tokens_bt: Array, mask_bt: Array,
                    slot_positions_bs: Array, memories_bkmh: Array, answer_mask_ba: Array,
-                   deterministic: bool = True, rng: Optional[Array] = None
-                   ) -> Tuple[Array, Array]:
+                   deterministic: bool = True, rng: Optional[Array] = None,
+                   memory_scale: str = "none") -> Tuple[Array, Array]:
   """Masked next-token CE of the answer, given memories for the prompt's slots.
 
   Args:
     memories_bkmh: [B, k, n_mem, H], written slot by slot into `slot_positions_bs`
       [B, k * n_mem].
+    memory_scale: how they enter the generator (`MEMORY_SCALES`).
 
   Returns:
     (mean CE over supervised answer tokens, number of those tokens).
   """
   b, t = tokens_bt.shape
   a = answer_mask_ba.shape[1]
-  embeddings = model.apply({"params": params}, tokens_bt, method=Decoder.embed)
   memories = memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1])
-  embeddings = splice(embeddings, slot_positions_bs, memories)
+  embeddings = generator_inputs(model, params, tokens_bt, slot_positions_bs, memories,
+                                memory_scale)
   rngs = {"dropout": rng} if rng is not None else {}
   # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1);
   # the last layer runs only there.

@@ -271,6 +271,12 @@ class Decoder(nn.Module):
     """Token ids [batch, length] -> input embeddings [batch, length, hidden]."""
     return self.embedder(tokens_bt)
 
+  def embedding_rms(self) -> Array:
+    """float32 scalar: the root mean square of the pretrained token embedding table's
+    entries (the scale at which the first layer is used to reading its inputs)."""
+    table = self.embedder.base_embedding.astype(jnp.float32)
+    return jnp.sqrt(jnp.mean(jnp.square(table)))
+
   def logits(self, hidden: Array) -> Array:
     """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab]."""
     return self.embedder.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)

@@ -84,9 +84,25 @@ def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.Clar
   mem = mem.reshape(b, n_docs, clara_cfg.n_mem, -1)
   ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
                                    batch["slot_positions"], mem, batch["answer_mask"],
-                                   deterministic=rng is None, rng=gen_rng)
+                                   deterministic=rng is None, rng=gen_rng,
+                                   memory_scale=clara_cfg.memory_scale)
   loss = ce + clara_cfg.mse_weight * mse
-  return loss, {"ce": ce, "mse": mse, "tokens": count}
+  metrics = {"ce": ce, "mse": mse, "tokens": count}
+  if b * n_docs > 1:
+    metrics["memory_cosine"] = memory_cosine(jax.lax.stop_gradient(mem).reshape(
+        b * n_docs, -1))
+  return loss, metrics
+
+
+def memory_cosine(memories_mf: Array) -> Array:
+  """Mean cosine similarity between the memories of different documents (each flattened
+  to one vector of M rows [M, n_mem * H], M >= 2): near 1 when the compressor writes the
+  same memory for every document (a collapse that no loss shows directly)."""
+  flat = memories_mf.astype(jnp.float32)
+  unit = flat / jnp.maximum(jnp.linalg.norm(flat, axis=-1, keepdims=True), 1e-12)
+  gram = unit @ unit.T
+  m = flat.shape[0]
+  return (jnp.sum(gram) - jnp.trace(gram)) / (m * (m - 1))
 
 
 def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
@@ -170,7 +186,8 @@ def end_to_end_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.Clara
   selected = clara.select(weights, doc_mem)
   ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
                                    batch["slot_positions"], selected, batch["answer_mask"],
-                                   deterministic=rng is None, rng=gen_rng)
+                                   deterministic=rng is None, rng=gen_rng,
+                                   memory_scale=clara_cfg.memory_scale)
   soft = jax.lax.stop_gradient(soft_topk(scores, jax.lax.stop_gradient(weights),
                                          clara_cfg.temperature))
   entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, 1e-30)), -1)
@@ -253,7 +270,7 @@ def memory_gain(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConf
     weights = jax.nn.one_hot(indices_bk, n, dtype=jnp.float32)
     ce, _ = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
                                  batch["slot_positions"], clara.select(weights, doc_mem),
-                                 batch["answer_mask"])
+                                 batch["answer_mask"], memory_scale=clara_cfg.memory_scale)
     return ce
 
   gold_rng, control_rng = jax.random.split(rng)

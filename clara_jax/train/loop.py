@@ -136,7 +136,8 @@ def clara_config(config) -> ClaraConfig:
                      temperature=c.temperature, mse_weight=c.mse_weight,
                      train_compressor=c.train_compressor,
                      train_generator=c.train_generator, train_base=c.train_base,
-                     retrieval_temperature=c.retrieval_temperature, check_nans=c.check_nans)
+                     retrieval_temperature=c.retrieval_temperature,
+                     memory_scale=c.memory_scale, check_nans=c.check_nans)
 
 
 def _previous_export(config, workdir: str) -> Optional[str]:
@@ -575,7 +576,8 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
       json.dump({"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
                  "k": cclara.k, "question_max_length": config.data.question_max_length,
                  "temperature": cclara.temperature, "stage": config.stage,
-                 "prompt_style": config.data.prompt_style}, f, indent=2)
+                 "prompt_style": config.data.prompt_style,
+                 "memory_scale": cclara.memory_scale}, f, indent=2)
   return last
 
 

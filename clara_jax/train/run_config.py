@@ -25,6 +25,10 @@ RUN_CONTROL = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoi
                "train.profile_steps", "train.peak_flops", "train.max_consecutive_nonfinite",
                "train.num_steps", "train.parallelism", "train.grad_accum_steps",
                "mesh.shape", "mesh.rules")
+# Fields added to the configs after runs were recorded without them, with the value
+# those runs had implicitly: a record that lacks one reads as that value, so a newer
+# clara_jax resumes an older run.
+ADDED_FIELDS = {"clara.memory_scale": "none"}
 
 
 class ConfigChanged(ValueError):
@@ -49,8 +53,9 @@ def flat_config(config) -> Dict[str, Any]:
 
 def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict[str, tuple]:
   """{field: (recorded, current)} of the fields that differ, run-control fields aside
-  (a field one side lacks reads as `<absent>`)."""
+  (a field one side lacks reads as `<absent>`, or as its `ADDED_FIELDS` value)."""
   absent = "<absent>"
+  recorded = {**ADDED_FIELDS, **recorded}
   return {key: (recorded.get(key, absent), current.get(key, absent))
           for key in sorted(set(recorded) | set(current))
           if key not in RUN_CONTROL and recorded.get(key, absent) != current.get(key, absent)}

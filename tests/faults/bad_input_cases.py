@@ -492,6 +492,10 @@ CASES = [
     Case("train-k-over-candidates", "stage2 `clara.k` larger than `data.candidates`",
          ("train", "--config={repo}/configs/stage2.py", "--workdir=run",
           "--config.clara.k=50"), 2, ("config: clara.k = 50 exceeds data.candidates = 20",)),
+    Case("train-unknown-memory-scale", "an unknown `clara.memory_scale`",
+         TRAIN + ("--config.clara.memory_scale=layer_norm",), 2,
+         ("config: clara.memory_scale must be one of ('none', 'embedding'), got "
+          "'layer_norm'",)),
     Case("train-workdir-is-file", "`--workdir` is a file", TRAIN, 2,
          ("run: --workdir is a file; expected a run directory",), {"run": "not a directory\n"}),
     Case("train-no-workdir", "no `--workdir`", TRAIN[:2], 2,

@@ -1,0 +1,197 @@
+"""Stage1 on a pretrained base, studied on training documents only: does the compressor
+keep documents apart, and does the generator read what it wrote?
+
+The rows are the real-data plan's stage1 pool (`real_data.prepare_data`); `dev_rows` of
+its documents, drawn with a seeded permutation, are set aside (no row of theirs is
+trained on), so a recipe is chosen here without touching the held-out questions. Each variant trains stage1 from
+the imported base with its overrides of `real_data.pretrained_recipe`, then on the dev
+rows:
+
+* memory gain: the CE of the stage1 answer (the row's QA pairs or its paraphrase) from
+  the memories of another dev document minus that from the row's own document's
+  memories, per row, with a bootstrap interval (nats per answer token);
+* memory cosine: the mean cosine between different documents' flattened memories (1
+  when the compressor writes one memory for every document);
+* the share of the memories' variance off their mean.
+
+Usage:
+  python -m clara_jax.eval.stage1_study --data_dir DIR --workdir DIR \\
+      --variant scaled_lr3e-3 --steps 80
+Writes `WORKDIR/study.json` (and trains in `WORKDIR/stage1`, resumable).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Callable, Dict, List, Sequence, Tuple
+
+import numpy as np
+
+# Overrides of the pretrained recipe's stage1, by name.
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "recipe": {},
+    "scaled": {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding"},
+    "scaled_lr3e-3": {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding",
+                      "optimizer.lr": 3e-3},
+    "no_mse_lr3e-3": {"clara.mse_weight": 0.0, "optimizer.lr": 3e-3},
+}
+DEV_ROWS = 96
+
+
+def split_pool(docs: Sequence[str], dev_rows: int, seed: int = 0
+               ) -> Tuple[List[int], List[int]]:
+  """(training row indices in file order, dev row indices) of rows whose documents are
+  `docs` [R]: `dev_rows` distinct documents drawn with a seeded permutation, one row each
+  (its first); no row of a dev document is trained on (a document may recur in rows with
+  other questions)."""
+  unique = list(dict.fromkeys(docs))
+  if not 0 < dev_rows < len(unique):
+    raise ValueError(f"dev_rows must be in [1, {len(unique) - 1}] for a pool of "
+                     f"{len(unique)} distinct documents, got {dev_rows}")
+  order = np.random.default_rng(seed).permutation(len(unique))
+  held = [unique[i] for i in order[-dev_rows:]]
+  first = {}
+  for i, doc in enumerate(docs):
+    first.setdefault(doc, i)
+  held_set = set(held)
+  return [i for i, doc in enumerate(docs) if doc not in held_set], [first[d] for d in held]
+
+
+def memory_spread(memories_mnh: np.ndarray) -> Dict[str, float]:
+  """{"memory_cosine", "variance_off_mean"} of memories [M, n_mem, H], M >= 2."""
+  flat = memories_mnh.reshape(len(memories_mnh), -1).astype(np.float64)
+  unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+  m = len(flat)
+  cosine = ((unit @ unit.T).sum() - m) / (m * (m - 1))
+  off_mean = ((flat - flat.mean(0)) ** 2).sum() / (flat ** 2).sum()
+  return {"memory_cosine": float(cosine), "variance_off_mean": float(off_mean)}
+
+
+def dev_losses(export_dir: str, examples: Dict[str, np.ndarray], n_mem: int,
+               memory_scale: str, batch: int = 8) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(CE per row from its own document's memories [R], from the next row's document's
+  [R], the memories [R, n_mem, H]) of stage1 examples (`Featurizer` arrays, R rows)."""
+  import jax
+  import jax.numpy as jnp
+
+  from clara_jax.model import clara
+  from clara_jax.model.decoder import Decoder
+  from clara_jax.weights.export import load_params
+  cfg, params = load_params(export_dir)
+  model = Decoder(cfg)
+  compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem, clara.COMPRESSOR))
+
+  @jax.jit
+  def per_row(p, tokens, mask, slots, mem, answer_mask):
+    one = lambda t, m, s, mm, a: clara.generator_loss(
+        model, p, t[None], m[None], s[None], mm[None, None], a[None],
+        memory_scale=memory_scale)[0]
+    return jax.vmap(one)(tokens, mask, slots, mem, answer_mask)
+
+  rows = len(examples["gen_tokens"])
+  spans = [slice(i, min(i + batch, rows)) for i in range(0, rows, batch)]
+  mem = np.concatenate([np.asarray(compress(params, examples["doc_tokens"][s],
+                                            examples["doc_mask"][s])) for s in spans])
+  other = np.roll(mem, -1, axis=0)
+
+  def losses(memories):
+    return np.concatenate([np.asarray(per_row(
+        params, examples["gen_tokens"][s], examples["gen_mask"][s],
+        examples["slot_positions"][s], jnp.asarray(memories[s]), examples["answer_mask"][s]))
+        for s in spans])
+
+  return losses(mem), losses(other), mem
+
+
+def summarize(own: np.ndarray, other: np.ndarray, memories: np.ndarray,
+              is_qa: np.ndarray, seed: int = 0) -> Dict[str, Any]:
+  from clara_jax.eval import stats
+  gain = other - own
+  out = {"rows": len(own), "ce_own": float(own.mean()), "ce_other": float(other.mean()),
+         "memory_gain": stats.bootstrap_ci(gain.tolist(), seed=seed),
+         **memory_spread(memories)}
+  for name, pick in (("qa", is_qa), ("paraphrase", ~is_qa)):
+    if pick.any():
+      out[f"memory_gain_{name}"] = float(gain[pick].mean())
+  return out
+
+
+def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smollm2",
+        dev_rows: int = DEV_ROWS, seed: int = 0, quick: bool = False,
+        log: Callable[[str], None] = print) -> Dict[str, Any]:
+  """Prepares the data and base (as `real-data --base` does), trains the variant's stage1
+  on the pool minus the dev rows, measures it on them; returns and writes the record."""
+  from clara_jax import demo, real_data
+  from clara_jax.data.features import FeatureConfig, Featurizer
+  from clara_jax.data.formats import write_json_atomic
+  from clara_jax.data.tokenizer import load_tokenizer
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
+  workdir = os.path.abspath(workdir)
+  plan = real_data.data_plan(quick, seed, pretrained=True)
+  real_data.prepare_data(os.path.abspath(data_dir), workdir, plan, log)
+  dirs = real_data.data_dirs(workdir)
+  recipe = real_data.pretrained_recipe(quick, plan, dirs, real_data.BASES.get(base, "tiny"),
+                                       os.path.join(workdir, "memories"))
+  num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
+  real_data.import_base(base, workdir, num_mem, log)
+  recipe = real_data.fit_recipe(recipe, workdir, dirs, log)
+
+  rows = real_data.read_jsonl(os.path.join(dirs["stage1"], "train.jsonl"))
+  train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
+  source = os.path.join(workdir, "study_data")
+  if not os.path.exists(os.path.join(source, "train.jsonl")):
+    real_data.write_jsonl(os.path.join(source, "train.jsonl"), [rows[i] for i in train_idx])
+  overrides = {"train.num_steps": steps, "data.source": source, **VARIANTS[variant]}
+  stages = {name: dict(o) for name, o in recipe.stages.items()}
+  stages["stage1"].update(overrides)
+  recipe = dataclasses.replace(recipe, stages={"stage1": stages["stage1"]})
+  metrics = demo.run_stage("stage1", workdir, recipe, seed, log)
+
+  config = demo.stage_config("stage1", recipe, seed)
+  n_mem = config.clara.doc_max_length // config.clara.compr_rate
+  export = os.path.join(workdir, "stage1", "export")
+  tok = load_tokenizer(export, config.tokenizer.num_mem_tokens)
+  featurize = Featurizer(tok, FeatureConfig(
+      stage="stage1", n_mem=n_mem, doc_max_length=config.clara.doc_max_length,
+      prompt_length=config.data.prompt_length, answer_length=config.data.answer_length,
+      prompt_style=config.data.prompt_style), seed=seed)
+  examples = [featurize(rows[i], i) for i in dev_idx]
+  arrays = {k: np.stack([e[k] for e in examples]) for k in
+            ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions",
+             "answer_mask")}
+  arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
+  own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
+  is_qa = np.array([rows[i].get("data_type") == "qa" for i in dev_idx])
+  record = {"variant": variant, "overrides": VARIANTS[variant], "steps": steps,
+            "seed": seed, "base": base, "train_rows": len(train_idx),
+            "dev": summarize(own, other, memories, is_qa, seed), "last_train_metrics": metrics}
+  write_json_atomic(os.path.join(workdir, "study.json"), record)
+  gain = record["dev"]["memory_gain"]
+  log(f"[   study] {variant} at {steps} steps: memory gain {gain['mean']:+.3f} "
+      f"[{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on {len(dev_idx)} dev rows; "
+      f"memory cosine {record['dev']['memory_cosine']:.4f}")
+  return record
+
+
+def main(argv: Sequence[str] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--data_dir", required=True)
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--variant", required=True, choices=sorted(VARIANTS))
+  parser.add_argument("--steps", type=int, required=True)
+  parser.add_argument("--base", default="smollm2")
+  parser.add_argument("--dev_rows", type=int, default=DEV_ROWS)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  run(args.data_dir, args.workdir, args.variant, args.steps, args.base, args.dev_rows,
+      args.seed)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
