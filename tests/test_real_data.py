@@ -1,6 +1,6 @@
 """`clara-jax real-data`: conversion, held-out split and LM text on small hand-written
 files in the shared files' layouts (fast, always run) and on the real files (skipped when
-../shared/data is absent); the quick pipeline end to end on the real files (slow)."""
+the data directory is absent); the quick pipeline end to end on the real files (slow)."""
 
 import gzip
 import json
@@ -251,16 +251,21 @@ def test_quick_real_data_rerun_resumes(quick_run):
 # (fast: always run).
 
 
-@pytest.fixture(scope="module")
-def pretrained_run(tmp_path_factory):
+def _pretrained_inputs(root, hotpot):
+  """(data directory of hand-written source files, tiny random GGUF base) under root."""
   from gguf_fixtures import write_tiny_gguf
-  root = tmp_path_factory.mktemp("pretrained")
   data = root / "shared"
   data.mkdir()
-  _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(20))
+  _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(hotpot))
   _write(data / real_data.NQ_FILE, _nq_rows(24))
   _write(data / real_data.PRETRAIN_FILE, _pretrain_rows(4))
-  base = write_tiny_gguf(str(root / "base.gguf"))
+  return data, write_tiny_gguf(str(root / "base.gguf"))
+
+
+@pytest.fixture(scope="module")
+def pretrained_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("pretrained")
+  data, base = _pretrained_inputs(root, hotpot=20)
   workdir = str(root / "work")
   lines = []
   summary = real_data.run(workdir, str(data), quick=True, base=base, log=lines.append)
@@ -340,14 +345,8 @@ def test_an_unknown_base_is_named(tmp_path):
 def test_the_stage1_study_trains_without_its_dev_rows_and_measures_them(tmp_path):
   """`clara_jax.eval.stage1_study` on the tiny GGUF base: stage1 trains on the pool minus
   the dev rows, and the dev rows' memory gain and spread are measured and written."""
-  from gguf_fixtures import write_tiny_gguf
   from clara_jax.eval import stage1_study
-  data = tmp_path / "shared"
-  data.mkdir()
-  _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(12))
-  _write(data / real_data.NQ_FILE, _nq_rows(24))
-  _write(data / real_data.PRETRAIN_FILE, _pretrain_rows(4))
-  base = write_tiny_gguf(str(tmp_path / "base.gguf"))
+  data, base = _pretrained_inputs(tmp_path, hotpot=12)
   workdir = str(tmp_path / "study")
   lines = []
   record = stage1_study.run(str(data), workdir, "scaled", steps=2, base=base, dev_rows=6,
