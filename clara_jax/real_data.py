@@ -232,6 +232,16 @@ def gold_passage_rows(rows: Sequence[Dict]) -> List[Dict]:
            "docs": [r["docs"][r["pos_index"][0]]]} for r in rows if r["pos_index"]]
 
 
+def restatement_rows(rows: Sequence[Dict]) -> List[Dict]:
+  """stage1 paraphrase rows whose target is the document itself, one per distinct
+  document of `rows` (first-seen order): the pool has no generated paraphrases, and a
+  restatement asks the memories for the whole document, not the few facts its QA pairs
+  name. The generator reads the answer region's first tokens of it."""
+  docs = dict.fromkeys(row["docs"][0] for row in rows)
+  return [{"data_type": "paraphrase", "question": [], "answers": [doc], "docs": [doc]}
+          for doc in docs]
+
+
 def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
   """Distinct documents of all rows in first-seen order, each on one line (newlines,
   e.g. the converter's "title\\nparagraph", become spaces)."""

@@ -51,6 +51,9 @@ def get_base_config(stage, arg=None):
   # How memories enter the generator: 'none' (the compressor's final-normed states, as in
   # the reference) or 'embedding' (each vector rescaled to the token embeddings' RMS).
   c.clara.memory_scale = "none"
+  # Weight of the memories' bag-of-tokens loss (stages 1, 1_2): the LM head reading a
+  # document's memories should predict its tokens (0: off, as in the paper).
+  c.clara.lexical_weight = 0.0
   c.clara.replay_weight = 1.0  # weight of the replay text's LM loss (data.replay_text)
   c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
 
@@ -154,6 +157,7 @@ FLOAT_RANGES = (("optimizer.lr", 0.0, float("inf"), False, False),
                 ("clara.temperature", 0.0, float("inf"), False, False),
                 ("clara.retrieval_temperature", 0.0, float("inf"), False, False),
                 ("clara.mse_weight", 0.0, float("inf"), True, False),
+                ("clara.lexical_weight", 0.0, float("inf"), True, False),
                 ("clara.replay_weight", 0.0, float("inf"), True, False))
 
 

@@ -325,3 +325,40 @@ def test_replay_adds_the_base_lm_loss_of_the_replay_text(params):
   base_grads = jax.grad(lambda p: inner(p, batch, None)[0])(params)
   path = "layers_0/mlp/up_proj/kernel"
   assert not np.allclose(lora.flatten(grads)[path], lora.flatten(base_grads)[path])
+
+
+def test_lexical_loss_is_the_mixture_nll_of_each_distinct_document_token(params):
+  model = Decoder(MODEL)
+  rng = np.random.default_rng(0)
+  n_mem, length = CLARA.n_mem, 7
+  tokens = rng.integers(4, 20, size=(3, length + n_mem)).astype(np.int32)
+  tokens[0, :3] = 9  # a repeated id counts once
+  tokens[:, length:] = mem_ids(n_mem)
+  mask = np.ones_like(tokens)
+  mask[1, :2] = 0  # left padding is no target
+  memories = jnp.asarray(rng.normal(size=(3, n_mem, MODEL.hidden_size)), jnp.float32)
+  got = clara.lexical_loss(model, params, memories, jnp.asarray(tokens), jnp.asarray(mask))
+
+  logits = np.asarray(model.apply({"params": params}, memories, method=Decoder.logits),
+                      np.float64)
+  log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  mix = np.log(np.exp(log_p).mean(1))  # [3, V]
+  want = []
+  for d in range(3):
+    ids = {int(t) for t, m in zip(tokens[d, :length], mask[d, :length]) if m}
+    want.append(-np.mean([mix[d, i] for i in ids]))
+  np.testing.assert_allclose(float(got), np.mean(want), rtol=1e-5)
+
+
+def test_compression_loss_adds_the_weighted_lexical_loss(params):
+  import dataclasses
+  batch = STAGE_BATCHES["stage1"](KVWorld(12), np.random.default_rng(0))
+  model = Decoder(MODEL)
+  off, metrics_off = stages.compression_loss(model, params, batch, CLARA)
+  on, metrics = stages.compression_loss(model, params, batch,
+                                        dataclasses.replace(CLARA, lexical_weight=0.5))
+  assert "lexical" not in metrics_off and float(metrics["lexical"]) > 0
+  np.testing.assert_allclose(float(on), float(off) + 0.5 * float(metrics["lexical"]),
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="lexical_weight"):
+    dataclasses.replace(CLARA, lexical_weight=-1.0)

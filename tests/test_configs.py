@@ -116,8 +116,8 @@ def test_replay_text_is_checked_where_it_is_set(tmp_path):
 
 
 def test_a_record_without_a_later_added_field_reads_as_its_old_value():
-  """A run recorded before `clara.memory_scale` existed resumes under the default, and
-  is refused under another value (naming the field)."""
+  """A run recorded before `clara.memory_scale` or `clara.lexical_weight` existed resumes
+  under the default, and is refused under another value (naming the field)."""
   from clara_jax.train import run_config
   current = run_config.flat_config(importlib.import_module("configs.stage1").get_config(
       "model=tiny"))
@@ -126,3 +126,5 @@ def test_a_record_without_a_later_added_field_reads_as_its_old_value():
   changed = dict(current, **{"clara.memory_scale": "embedding"})
   assert run_config.differences(recorded, changed) == {
       "clara.memory_scale": ("none", "embedding")}
+  changed = dict(current, **{"clara.lexical_weight": 0.5})
+  assert run_config.differences(recorded, changed) == {"clara.lexical_weight": (0.0, 0.5)}

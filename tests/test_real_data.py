@@ -349,26 +349,33 @@ def test_the_stage1_study_trains_without_its_dev_rows_and_measures_them(tmp_path
   data, base = _pretrained_inputs(tmp_path, hotpot=12)
   workdir = str(tmp_path / "study")
   lines = []
-  record = stage1_study.run(str(data), workdir, "scaled", steps=2, base=base, dev_rows=6,
-                            quick=True, log=lines.append)
+  record = stage1_study.run(str(data), workdir, "restate_lexical", steps=2, base=base,
+                            dev_rows=6, quick=True, log=lines.append)
   pool = _read(os.path.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
-  trained = _read(os.path.join(workdir, "study_data", "train.jsonl"))
+  trained = _read(os.path.join(workdir, "study_data_restate", "train.jsonl"))
   _, dev_idx = stage1_study.split_pool([r["docs"][0] for r in pool], 6)
   dev_docs = {pool[i]["docs"][0] for i in dev_idx}
   assert len(dev_docs) == 6 and len(trained) == record["train_rows"]
   assert not dev_docs & {r["docs"][0] for r in trained}
-  assert len(trained) == sum(r["docs"][0] not in dev_docs for r in pool)
+  qa = [r for r in trained if r["data_type"] == "qa"]
+  restated = [r for r in trained if r["data_type"] == "paraphrase"]
+  assert len(qa) == sum(r["docs"][0] not in dev_docs for r in pool)
+  assert sorted(r["answers"][0] for r in restated) == sorted({r["docs"][0] for r in qa})
+  assert all(r["answers"] == r["docs"] for r in restated)
   dev = record["dev"]
   assert dev["rows"] == 6 and dev["memory_gain"]["n"] == 6
+  assert dev["memory_gain_restate"]["n"] == 6
   assert dev["memory_gain"]["mean"] == pytest.approx(dev["ce_other"] - dev["ce_own"], abs=1e-5)
+  assert "lexical" in record["last_train_metrics"]
   assert 0.0 < dev["memory_cosine"] <= 1.0 and 0.0 < dev["variance_off_mean"] < 1.0
   with open(os.path.join(workdir, "stage1", "export", "clara.json")) as f:
     assert json.load(f)["memory_scale"] == "embedding"
   from clara_jax.infer.api import ClaraModel
   assert ClaraModel.load(os.path.join(workdir, "stage1", "export")).memory_scale == "embedding"
   with open(os.path.join(workdir, "study.json")) as f:
-    assert json.load(f)["variant"] == "scaled"
-  assert any(line.startswith("[   study] scaled at 2 steps: memory gain") for line in lines)
+    assert json.load(f)["variant"] == "restate_lexical"
+  assert any(line.startswith("[   study] restate_lexical at 2 steps, 6 dev documents: memory "
+                             "gain") for line in lines)
   with pytest.raises(ValueError, match="dev_rows must be in"):
     stage1_study.split_pool(["a", "b", "a"], 2)
   with pytest.raises(ValueError, match="unknown variant 'bigger'"):

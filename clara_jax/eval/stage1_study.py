@@ -3,13 +3,14 @@ keep documents apart, and does the generator read what it wrote?
 
 The rows are the real-data plan's stage1 pool (`real_data.prepare_data`); `dev_rows` of
 its documents, drawn with a seeded permutation, are set aside (no row of theirs is
-trained on), so a recipe is chosen here without touching the held-out questions. Each variant trains stage1 from
-the imported base with its overrides of `real_data.pretrained_recipe`, then on the dev
-rows:
+trained on), so a recipe is chosen here without touching the held-out questions. Each
+variant trains stage1 from the imported base with its overrides of
+`real_data.pretrained_recipe`, then on the dev rows:
 
-* memory gain: the CE of the stage1 answer (the row's QA pairs or its paraphrase) from
-  the memories of another dev document minus that from the row's own document's
-  memories, per row, with a bootstrap interval (nats per answer token);
+* memory gain: the CE of the stage1 answer (the row's QA pairs) from the memories of
+  another dev document minus that from the row's own document's memories, per row, with
+  a bootstrap interval (nats per answer token); the same for a restatement of each dev
+  document (`real_data.restatement_rows`: the target is the document's first tokens);
 * memory cosine: the mean cosine between different documents' flattened memories (1
   when the compressor writes one memory for every document);
 * the share of the memories' variance off their mean.
@@ -31,13 +32,25 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
-# Overrides of the pretrained recipe's stage1, by name.
-VARIANTS: Dict[str, Dict[str, Any]] = {
-    "recipe": {},
-    "scaled": {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding"},
-    "scaled_lr3e-3": {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding",
-                      "optimizer.lr": 3e-3},
-    "no_mse_lr3e-3": {"clara.mse_weight": 0.0, "optimizer.lr": 3e-3},
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """A stage1 variant: overrides of the pretrained recipe's stage1 config, and whether the
+  training rows gain one restatement row per document (`real_data.restatement_rows`)."""
+  overrides: Dict[str, Any]
+  restate: bool = False
+
+
+_SCALED = {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding"}
+VARIANTS: Dict[str, Variant] = {
+    "recipe": Variant({}),
+    "scaled": Variant(_SCALED),
+    "scaled_lr3e-3": Variant({**_SCALED, "optimizer.lr": 3e-3}),
+    "no_mse_lr3e-3": Variant({"clara.mse_weight": 0.0, "optimizer.lr": 3e-3}),
+    "restate": Variant({**_SCALED, "optimizer.lr": 3e-3}, restate=True),
+    "lexical": Variant({**_SCALED, "optimizer.lr": 3e-3, "clara.lexical_weight": 1.0}),
+    "restate_lexical": Variant({**_SCALED, "optimizer.lr": 3e-3,
+                                "clara.lexical_weight": 1.0}, restate=True),
 }
 DEV_ROWS = 96
 
@@ -109,14 +122,18 @@ def dev_losses(export_dir: str, examples: Dict[str, np.ndarray], n_mem: int,
 
 def summarize(own: np.ndarray, other: np.ndarray, memories: np.ndarray,
               is_qa: np.ndarray, seed: int = 0) -> Dict[str, Any]:
+  """The dev record of per-row CEs [R] from own / another document's memories and the
+  memories [R, n_mem, H]: the QA rows' memory gain (the headline, with its bootstrap
+  interval), the restatement rows' (`memory_gain_restate`), and the spread of the QA
+  rows' memories (one row per dev document)."""
   from clara_jax.eval import stats
   gain = other - own
-  out = {"rows": len(own), "ce_own": float(own.mean()), "ce_other": float(other.mean()),
-         "memory_gain": stats.bootstrap_ci(gain.tolist(), seed=seed),
-         **memory_spread(memories)}
-  for name, pick in (("qa", is_qa), ("paraphrase", ~is_qa)):
-    if pick.any():
-      out[f"memory_gain_{name}"] = float(gain[pick].mean())
+  out = {"rows": int(is_qa.sum()), "ce_own": float(own[is_qa].mean()),
+         "ce_other": float(other[is_qa].mean()),
+         "memory_gain": stats.bootstrap_ci(gain[is_qa].tolist(), seed=seed),
+         **memory_spread(memories[is_qa])}
+  if (~is_qa).any():
+    out["memory_gain_restate"] = stats.bootstrap_ci(gain[~is_qa].tolist(), seed=seed)
   return out
 
 
@@ -143,10 +160,14 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
 
   rows = real_data.read_jsonl(os.path.join(dirs["stage1"], "train.jsonl"))
   train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
-  source = os.path.join(workdir, "study_data")
+  spec = VARIANTS[variant]
+  source = os.path.join(workdir, "study_data_restate" if spec.restate else "study_data")
   if not os.path.exists(os.path.join(source, "train.jsonl")):
-    real_data.write_jsonl(os.path.join(source, "train.jsonl"), [rows[i] for i in train_idx])
-  overrides = {"train.num_steps": steps, "data.source": source, **VARIANTS[variant]}
+    train_rows = [rows[i] for i in train_idx]
+    if spec.restate:
+      train_rows += real_data.restatement_rows(train_rows)
+    real_data.write_jsonl(os.path.join(source, "train.jsonl"), train_rows)
+  overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
   stages = {name: dict(o) for name, o in recipe.stages.items()}
   stages["stage1"].update(overrides)
   recipe = dataclasses.replace(recipe, stages={"stage1": stages["stage1"]})
@@ -160,21 +181,28 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
       stage="stage1", n_mem=n_mem, doc_max_length=config.clara.doc_max_length,
       prompt_length=config.data.prompt_length, answer_length=config.data.answer_length,
       prompt_style=config.data.prompt_style), seed=seed)
-  examples = [featurize(rows[i], i) for i in dev_idx]
+  # Each dev document is read twice: its QA row, and a restatement of it (is the
+  # document itself in the memories, whatever its questions ask?).
+  dev_rows = [rows[i] for i in dev_idx]
+  dev_rows += real_data.restatement_rows(dev_rows)
+  examples = [featurize(row, i) for i, row in enumerate(dev_rows)]
   arrays = {k: np.stack([e[k] for e in examples]) for k in
             ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions",
              "answer_mask")}
   arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
   own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
-  is_qa = np.array([rows[i].get("data_type") == "qa" for i in dev_idx])
-  record = {"variant": variant, "overrides": VARIANTS[variant], "steps": steps,
-            "seed": seed, "base": base, "train_rows": len(train_idx),
+  is_qa = np.array([row["data_type"] == "qa" for row in dev_rows])
+  record = {"variant": variant, "overrides": spec.overrides, "restate": spec.restate,
+            "steps": steps, "seed": seed, "base": base,
+            "train_rows": len(real_data.read_jsonl(os.path.join(source, "train.jsonl"))),
             "dev": summarize(own, other, memories, is_qa, seed), "last_train_metrics": metrics}
   write_json_atomic(os.path.join(workdir, "study.json"), record)
   gain = record["dev"]["memory_gain"]
-  log(f"[   study] {variant} at {steps} steps: memory gain {gain['mean']:+.3f} "
-      f"[{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on {len(dev_idx)} dev rows; "
-      f"memory cosine {record['dev']['memory_cosine']:.4f}")
+  restate = record["dev"]["memory_gain_restate"]
+  log(f"[   study] {variant} at {steps} steps, {len(dev_idx)} dev documents: memory gain "
+      f"{gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on their QA "
+      f"rows, {restate['mean']:+.3f} [{restate['lo']:+.3f}, {restate['hi']:+.3f}] on "
+      f"restating them; memory cosine {record['dev']['memory_cosine']:.4f}")
   return record
 
 

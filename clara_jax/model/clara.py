@@ -65,6 +65,8 @@ class ClaraConfig:
       them; a small from-scratch base may lack the capacity to learn reading otherwise).
     retrieval_temperature: InfoNCE temperature of the supervised baseline.
     memory_scale: how memories enter the generator (`MEMORY_SCALES`).
+    lexical_weight: weight of the memories' bag-of-tokens loss in stages 1 and 1_2
+      (`lexical_loss`; 0: off, as in the paper).
     check_nans: checkify NaN checks on retrieval scores (debug mode).
   """
 
@@ -78,6 +80,7 @@ class ClaraConfig:
   train_base: bool = False
   retrieval_temperature: float = 0.02
   memory_scale: str = "none"
+  lexical_weight: float = 0.0
   check_nans: bool = False
 
   @property
@@ -91,6 +94,8 @@ class ClaraConfig:
     if self.temperature <= 0:
       raise ValueError(f"ClaraConfig.temperature must be positive, got {self.temperature}")
     check_memory_scale(self.memory_scale)
+    if self.lexical_weight < 0:
+      raise ValueError(f"ClaraConfig.lexical_weight must be >= 0, got {self.lexical_weight}")
 
 
 def check_memory_scale(memory_scale: str) -> None:
@@ -147,6 +152,36 @@ def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: 
   mem, hidden = encode(model, params, tokens, mask, n_mem, adapter, deterministic, rng)
   mse = losses.mse_alignment_loss(mem, hidden[:, :-n_mem], mask[:, :-n_mem])
   return mem, mse
+
+
+def lexical_loss(model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Array,
+                 doc_mask_ml: Array) -> Array:
+  """Mean NLL of each document's distinct tokens under its memories read by the LM head.
+
+  The memories [M, n_mem, H] are final states, so `Decoder.logits` reads them as the
+  base reads its own last layer; a document's tokens are modelled as a uniform mixture
+  of its memory slots' next-token distributions. Pulling memories towards the LM head
+  rows of the document's tokens (with tied embeddings, its token embeddings) gives the
+  compressor a signal from the first step that depends on its own document, where the
+  answer loss reaches it only once the generator reads memories.
+
+  Args:
+    doc_tokens_ml, doc_mask_ml: the encoder inputs [M, L + n_mem] (memory tokens last);
+      only the document positions (the first L) are targets, each distinct id once.
+  """
+  n_mem = memories_mnh.shape[1]
+  tokens = doc_tokens_ml[:, :-n_mem]
+  mask = doc_mask_ml[:, :-n_mem].astype(bool)
+  logits = model.apply({"params": params}, memories_mnh, method=Decoder.logits)
+  log_mix = jax.nn.logsumexp(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
+                             axis=1) - jnp.log(n_mem)  # [M, V]
+  target_lp = jnp.take_along_axis(log_mix, tokens, axis=-1)  # [M, L]
+  # A repeated id counts once: keep a position only if no earlier real position holds it.
+  same = (tokens[:, :, None] == tokens[:, None, :]) & mask[:, None, :]
+  earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
+  first = mask & ~jnp.any(same & earlier, axis=-1)
+  per_doc = -jnp.sum(jnp.where(first, target_lp, 0.0), -1) / jnp.maximum(first.sum(-1), 1)
+  return jnp.mean(per_doc)
 
 
 def reason(model: Decoder, params, q_tokens: Array, q_mask: Array, n_mem: int,

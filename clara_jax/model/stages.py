@@ -76,7 +76,8 @@ def lm_loss(model: Decoder, params, batch: Batch, rng: Optional[Array] = None):
 
 def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
                      rng: Optional[Array] = None):
-  """stage1 / stage1_2: CE of the answer from the documents' memories + w * MSE."""
+  """stage1 / stage1_2: CE of the answer from the documents' memories + w * MSE
+  (+ the memories' bag-of-tokens loss when `lexical_weight` > 0)."""
   comp_rng, gen_rng = _split(rng, 2)
   b, n_docs = batch["doc_tokens"].shape[:2]
   mem, mse = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
@@ -88,6 +89,12 @@ def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.Clar
                                    memory_scale=clara_cfg.memory_scale)
   loss = ce + clara_cfg.mse_weight * mse
   metrics = {"ce": ce, "mse": mse, "tokens": count}
+  if clara_cfg.lexical_weight > 0:
+    lexical = clara.lexical_loss(model, params, mem.reshape(b * n_docs, clara_cfg.n_mem, -1),
+                                 batch["doc_tokens"].reshape(b * n_docs, -1),
+                                 batch["doc_mask"].reshape(b * n_docs, -1))
+    loss = loss + clara_cfg.lexical_weight * lexical
+    metrics["lexical"] = lexical
   if b * n_docs > 1:
     metrics["memory_cosine"] = memory_cosine(jax.lax.stop_gradient(mem).reshape(
         b * n_docs, -1))

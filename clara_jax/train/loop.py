@@ -137,7 +137,8 @@ def clara_config(config) -> ClaraConfig:
                      train_compressor=c.train_compressor,
                      train_generator=c.train_generator, train_base=c.train_base,
                      retrieval_temperature=c.retrieval_temperature,
-                     memory_scale=c.memory_scale, check_nans=c.check_nans)
+                     memory_scale=c.memory_scale, lexical_weight=c.lexical_weight,
+                     check_nans=c.check_nans)
 
 
 def _previous_export(config, workdir: str) -> Optional[str]:
