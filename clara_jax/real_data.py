@@ -76,7 +76,9 @@ class DataPlan:
   set; candidates, k: documents per stage2 / stage1_2 row; qa_per_row: QA pairs per
   stage1 row (a pair is ~50 tokens under the 4096-piece tokenizer, the answer region
   64); nq_stage1: stage1 also reads the NQ training questions' gold passages with their
-  question and answer; seed: converter shuffle and train/test split seed.
+  question and answer; restate_stage1: stage1 also reads one restatement row per
+  document of its pool (`restatement_rows`); seed: converter shuffle and train/test
+  split seed.
   """
   limits: Dict[str, Optional[int]]
   test: Dict[str, int]
@@ -84,19 +86,23 @@ class DataPlan:
   k: int = 3
   qa_per_row: int = 1
   nq_stage1: bool = False
+  restate_stage1: bool = False
   seed: int = 0
 
 
 def data_plan(quick: bool = False, seed: int = 0, pretrained: bool = False) -> DataPlan:
   """The plan of the from-scratch run, or (`pretrained`) of a pretrained base's: fewer
   training questions (a 135M-parameter step costs ~50x the `tiny` model's), stage1 with
-  the NQ gold passages, 100 held-out questions of each set."""
+  the NQ gold passages and a restatement of each of its documents (chosen with
+  `clara_jax.eval.stage1_study`), 100 held-out questions of each set."""
   if quick:
     return DataPlan(limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
-                    test={"hotpotqa": 8, "nq": 8}, k=2, nq_stage1=pretrained, seed=seed)
+                    test={"hotpotqa": 8, "nq": 8}, k=2, nq_stage1=pretrained,
+                    restate_stage1=pretrained, seed=seed)
   if pretrained:
     return DataPlan(limits={"hotpotqa": 300, "nq": 1200, "pretrain": None},
-                    test={"hotpotqa": 100, "nq": 100}, k=2, nq_stage1=True, seed=seed)
+                    test={"hotpotqa": 100, "nq": 100}, k=2, nq_stage1=True,
+                    restate_stage1=True, seed=seed)
   return DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
                   test={"hotpotqa": 100, "nq": 200}, k=2, seed=seed)
 
@@ -140,6 +146,15 @@ def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recip
                      judged=not quick)
 
 
+# How a pretrained base's compressor trains (stages 1 and 1_2; the memory scale holds in
+# every stage, as the generator must read memories as they were trained): memories
+# rescaled to the token embeddings' RMS, no MSE alignment, the memories' bag-of-tokens
+# loss (`clara.lexical_loss`), stage1 at lr 3e-3. Chosen on the stage1 study's dev
+# documents (docs/real_smollm2.md), not on held-out questions.
+STAGE1_SETTINGS = {"clara.memory_scale": "embedding", "clara.mse_weight": 0.0,
+                   "clara.lexical_weight": 1.0, "optimizer.lr": 3e-3}
+
+
 def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str,
                       memory_cache: str) -> demo.Recipe:
   """The recipe on a pretrained base (the paper's setting): the base stays frozen and
@@ -147,10 +162,14 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
   documents of 128 tokens compressed 8x (16 memory tokens), the reference's English
   prompts in the base's chat format; stage2 trains reasoner and generator (the reasoner
   at twice the rate, as in the demo) and reads the stage1_2 compressor's memories from
-  `memory_cache`. No `lm` stage: the base is imported (`import_base`). Sized for about
-  1 h on two CPU cores with SmolLM2-135M (steps of 8 rows: stage1 7.2 s, stage1_2 13.7 s,
-  stage2 over cached memories 5.5 s; the evaluation of 200 held-out questions 8 min).
-  `model` names the configs' size; the imported export's own config is what trains."""
+  `memory_cache`. No `lm` stage: the base is imported (`import_base`).
+
+  Stages 1 and 1_2 compress with `STAGE1_SETTINGS`, chosen with
+  `clara_jax.eval.stage1_study` on training documents set aside (the paper's settings
+  wrote one memory for every document on this base). Sized for about 1 h on two CPU
+  cores with SmolLM2-135M (steps of 8 rows: stage1 7.2 s, stage1_2 13.7 s, stage2 over
+  cached memories 5.5 s; the evaluation of 200 held-out questions 8 min). `model` names
+  the configs' size; the imported export's own config is what trains."""
   doc_len = 64 if quick else 128
   shared = {
       "data.prompt_style": "reference", "clara.doc_max_length": doc_len,
@@ -159,10 +178,11 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
       "data.answer_length": 24, "train.global_batch": 8,
       "train.log_every": 2 if quick else 10, "train.checkpoint_every": 4 if quick else 20,
       "mesh.shape": (-1, 1, 1),
+      **{key: value for key, value in STAGE1_SETTINGS.items() if key != "optimizer.lr"},
   }
   stages = {
-      "stage1": {"train.num_steps": 150, "optimizer.lr": 1e-3, "data.source": dirs["stage1"],
-                 "data.answer_length": 48},
+      "stage1": {"train.num_steps": 150, "optimizer.lr": STAGE1_SETTINGS["optimizer.lr"],
+                 "data.source": dirs["stage1"], "data.answer_length": 48},
       "stage1_2": {"train.num_steps": 60, "optimizer.lr": 5e-4,
                    "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
       "stage2": {"train.num_steps": 100, "optimizer.lr": 5e-4,
@@ -343,6 +363,8 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
     nq_ids = {r["id"] for r in read_jsonl(os.path.join(dirs["converted"], "nq_stage2.jsonl"))}
     nq_train = [r for r in train["stage2"] if r["id"] in nq_ids]
     stage1 += gold_passage_rows(nq_train)
+  if plan.restate_stage1:
+    stage1 += restatement_rows(stage1)
   qa_all = [read_jsonl(os.path.join(dirs["converted"], f"{name}_stage2.jsonl"))
             for name in QA_SETS]
   text = passages([pretrain, *qa_all])

@@ -94,6 +94,19 @@ def test_prepare_data_converts_splits_and_writes_text(small_data):
   assert any("converted nq" in line for line in lines)
 
 
+def test_prepare_data_restates_each_stage1_document_once(small_data):
+  import dataclasses
+  data_dir, workdir, plan = small_data
+  real_data.prepare_data(data_dir, workdir, dataclasses.replace(plan, restate_stage1=True),
+                         log=lambda _: None)
+  stage1 = _read(os.path.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
+  qa = [r for r in stage1 if r["data_type"] == "qa"]
+  restated = [r for r in stage1 if r["data_type"] == "paraphrase"]
+  assert len(qa) == 4 * 3 and len(restated) == 4  # 4 documents, 3 QA rows each
+  assert [r["docs"][0] for r in restated] == list(dict.fromkeys(r["docs"][0] for r in qa))
+  assert all(r["answers"] == r["docs"] and r["question"] == [] for r in restated)
+
+
 def test_prepare_data_resumes_and_refuses_another_plan(small_data):
   data_dir, workdir, plan = small_data
   first = real_data.prepare_data(data_dir, workdir, plan, log=lambda _: None)
@@ -144,7 +157,7 @@ def test_missing_source_file_names_it(tmp_path):
 def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
   plan = real_data.data_plan(quick, pretrained=True)
-  assert plan.nq_stage1 and plan.test == ({"hotpotqa": 8, "nq": 8} if quick
+  assert plan.nq_stage1 and plan.restate_stage1 and plan.test == ({"hotpotqa": 8, "nq": 8} if quick
                                           else {"hotpotqa": 100, "nq": 100})
   dirs = real_data.data_dirs(str(tmp_path))
   recipe = real_data.pretrained_recipe(quick, plan, dirs, "smollm2_135m", "/m")
@@ -155,6 +168,10 @@ def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
     assert not config.clara.train_base and config.clara.k == plan.k
     assert config.data.memory_cache == ("/m" if stage == "stage2" else "")
     assert config.data.prompt_style == "reference"
+    # The generator reads memories in every stage as stage1 trained them.
+    assert config.clara.memory_scale == "embedding"
+    assert (config.clara.lexical_weight, config.clara.mse_weight) == (1.0, 0.0)
+  assert demo.stage_config("stage1", recipe).optimizer.lr == 3e-3
 
 
 @pytest.mark.parametrize("quick", [True, False])
@@ -301,9 +318,13 @@ def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
     for row in _read(os.path.join(dirs[stage], "train.jsonl")):
       asked = row["question"] if isinstance(row["question"], list) else [row["question"]]
       assert not questions & set(asked), stage
-  # stage1 reads the NQ training questions' gold passages beside the pretraining rows.
+  # stage1 reads the NQ training questions' gold passages beside the pretraining rows,
+  # and a restatement of each document.
   stage1 = _read(os.path.join(dirs["stage1"], "train.jsonl"))
-  assert sum(r["docs"][0].endswith("at dawn.") for r in stage1) == 24 - 8
+  qa = [r for r in stage1 if r["data_type"] == "qa"]
+  assert sum(r["docs"][0].endswith("at dawn.") for r in qa) == 24 - 8
+  assert sorted(r["docs"][0] for r in stage1 if r["data_type"] == "paraphrase") == sorted(
+      {r["docs"][0] for r in qa})
   # stage2 read every candidate's memory from the cache of the stage1_2 compressor.
   from clara_jax.train.memory_cache import CACHE_FILE
   with open(os.path.join(workdir, "memories", CACHE_FILE)) as f:

@@ -28,7 +28,7 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,21 +36,28 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """A stage1 variant: overrides of the pretrained recipe's stage1 config, and whether the
-  training rows gain one restatement row per document (`real_data.restatement_rows`)."""
+  training rows gain one restatement row per document (`real_data.restatement_rows`;
+  None: as the recipe's data plan has it)."""
   overrides: Dict[str, Any]
-  restate: bool = False
+  restate: Optional[bool] = False
 
 
-_SCALED = {"clara.mse_weight": 0.0, "clara.memory_scale": "embedding"}
+# Every variant but `recipe` names all of its compression settings, so that it keeps its
+# meaning when the recipe's own (`real_data.STAGE1_SETTINGS`) change; `paper` is the
+# paper's: final states as memories, MSE alignment 0.1.
+_PAPER = {"clara.memory_scale": "none", "clara.mse_weight": 0.1,
+          "clara.lexical_weight": 0.0, "optimizer.lr": 1e-3}
+_SCALED = {**_PAPER, "clara.memory_scale": "embedding", "clara.mse_weight": 0.0}
+_LEXICAL = {**_SCALED, "optimizer.lr": 3e-3, "clara.lexical_weight": 1.0}
 VARIANTS: Dict[str, Variant] = {
-    "recipe": Variant({}),
+    "recipe": Variant({}, restate=None),
+    "paper": Variant(_PAPER),
     "scaled": Variant(_SCALED),
     "scaled_lr3e-3": Variant({**_SCALED, "optimizer.lr": 3e-3}),
-    "no_mse_lr3e-3": Variant({"clara.mse_weight": 0.0, "optimizer.lr": 3e-3}),
+    "no_mse_lr3e-3": Variant({**_PAPER, "clara.mse_weight": 0.0, "optimizer.lr": 3e-3}),
     "restate": Variant({**_SCALED, "optimizer.lr": 3e-3}, restate=True),
-    "lexical": Variant({**_SCALED, "optimizer.lr": 3e-3, "clara.lexical_weight": 1.0}),
-    "restate_lexical": Variant({**_SCALED, "optimizer.lr": 3e-3,
-                                "clara.lexical_weight": 1.0}, restate=True),
+    "lexical": Variant(_LEXICAL),
+    "restate_lexical": Variant(_LEXICAL, restate=True),
 }
 DEV_ROWS = 96
 
@@ -149,7 +156,9 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
   workdir = os.path.abspath(workdir)
-  plan = real_data.data_plan(quick, seed, pretrained=True)
+  recipe_plan = real_data.data_plan(quick, seed, pretrained=True)
+  # The pool is the plan's stage1 rows without restatements: each variant says its own.
+  plan = dataclasses.replace(recipe_plan, restate_stage1=False)
   real_data.prepare_data(os.path.abspath(data_dir), workdir, plan, log)
   dirs = real_data.data_dirs(workdir)
   recipe = real_data.pretrained_recipe(quick, plan, dirs, real_data.BASES.get(base, "tiny"),
@@ -161,10 +170,11 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   rows = real_data.read_jsonl(os.path.join(dirs["stage1"], "train.jsonl"))
   train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
   spec = VARIANTS[variant]
-  source = os.path.join(workdir, "study_data_restate" if spec.restate else "study_data")
+  restate = recipe_plan.restate_stage1 if spec.restate is None else spec.restate
+  source = os.path.join(workdir, "study_data_restate" if restate else "study_data")
   if not os.path.exists(os.path.join(source, "train.jsonl")):
     train_rows = [rows[i] for i in train_idx]
-    if spec.restate:
+    if restate:
       train_rows += real_data.restatement_rows(train_rows)
     real_data.write_jsonl(os.path.join(source, "train.jsonl"), train_rows)
   overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
@@ -192,7 +202,7 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
   own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
   is_qa = np.array([row["data_type"] == "qa" for row in dev_rows])
-  record = {"variant": variant, "overrides": spec.overrides, "restate": spec.restate,
+  record = {"variant": variant, "overrides": spec.overrides, "restate": restate,
             "steps": steps, "seed": seed, "base": base,
             "train_rows": len(real_data.read_jsonl(os.path.join(source, "train.jsonl"))),
             "dev": summarize(own, other, memories, is_qa, seed), "last_train_metrics": metrics}
