@@ -275,3 +275,27 @@ def test_deterministic_under_a_seed(tok):
   subsamples = {str(lens.matched_sets(*args[:1], *args[2:], rng=np.random.default_rng(s)))
                 for s in range(10)}
   assert len(subsamples) > 1  # the subsample does depend on the rng
+
+
+def test_question_forms_are_candidate_pieces_sharing_a_stem_with_a_question_word(tok):
+  assert lens.same_stem("championship", "champions") and lens.same_stem("bid", "bids")
+  assert not lens.same_stem("census", "censor") and not lens.same_stem("co", "coach")
+  question = "the red falcon"  # pieces "▁red", "▁falcon"
+  doc = "bluered falls near the lake"  # "▁blue" "red" "▁fal" "l" "s" ...
+  pieces = {tok.id_to_piece(t): t for t in tok.encode(doc, parse_special=False)}
+  assert "red" in pieces and pieces["red"] != _id(tok, "red")  # the same word, another id
+  forms = lens.question_form_pieces(tok, question, [doc, "stone"])
+  assert forms == {pieces["red"], pieces["\u2581fal"]}
+
+
+def test_real_lens_sets_leave_question_forms_out_of_both_sides(tok):
+  from clara_jax.eval import real
+  docs = ["bluered falls near the lake hawk wolf", "kiwi stone bear falls mayor",
+          "coach south bluered green river"]
+  row = {"question": "the red falcon", "docs": docs, "pos_index": [0]}
+  forms = lens.question_form_pieces(tok, row["question"], docs)
+  assert forms
+  # Stopword-only documents keep every candidate piece under the template share.
+  sets = real.matched_lens_sets(tok, [row], docs + ["the in was which"] * 10)[0]
+  scored = {t for g, c in sets["doc_pairs"] for t in g + c}
+  assert scored and not scored & forms

@@ -105,6 +105,26 @@ def _text_pieces(tok: Tokenizer, text: str) -> Set[int]:
   return content_pieces(tok, tok.encode(text, parse_special=False))
 
 
+def same_stem(a: str, b: str, prefix: int = 5) -> bool:
+  """Whether two lower-cased words count as forms of one word: equal, or sharing their
+  first min(len(a), len(b), `prefix`) letters when that is at least 3 (`bid` / `bids`,
+  `championship` / `champions`). It also joins some unrelated words, which only leaves
+  the lens fewer pieces to score."""
+  n = min(len(a), len(b), prefix)
+  return a == b or (n >= 3 and a[:n] == b[:n])
+
+
+def question_form_pieces(tok: Tokenizer, question: str, texts: Sequence[str]) -> Set[int]:
+  """The content pieces of `texts` whose word is a form (`same_stem`) of a word of the
+  question's pieces. A question word reappears under other ids (a sentence-initial
+  `Argentine` against the question's ` Argentine`, `champions` against
+  `Championship`); left in, a lens that merely repeats the question would score them as
+  words the question never said."""
+  question_words = {token_word(tok, t) for t in _text_pieces(tok, question)}
+  return {t for text in texts for t in _text_pieces(tok, text)
+          if any(same_stem(token_word(tok, t), w) for w in question_words)}
+
+
 # The paper keeps the top-50 tokens of Mistral's 32k vocabulary per vector; a smaller
 # vocabulary keeps the same share, so that top-T stays as selective (and unsaturated).
 PAPER_TOP_T, PAPER_VOCAB = 50, 32000

@@ -11,7 +11,8 @@ held-out NQ and HotpotQA questions, never trained on.
   LM head. Per question and non-gold candidate c, the rank AUC of the gold document's
   content pieces absent from the question and from c against c's pieces absent from the
   question and from the gold, sizes matched; pieces in more than 30% of the corpus's
-  documents are left out as template words. Against a permutation null (each question
+  documents are left out as template words, and so are the question's words in any
+  other form or spelling (`lens.question_form_pieces`). Against a permutation null (each question
   scored with the lens of another question of its set) and against the initial reasoner.
 * Examples (`examples.md`): per question, the top lens words of the reasoner's memories,
   marked when they are in the gold document and not in the question.
@@ -57,23 +58,25 @@ def retrieval_records(model, rows: Sequence[Dict], batch: int = 8) -> List[Dict]
 def matched_lens_sets(tok, rows: Sequence[Dict], corpus: Sequence[str], seed: int = 0
                       ) -> List[Dict]:
   """Each row's `lens.matched_sets` of its first gold document against every non-gold
-  candidate, template pieces (`TEMPLATE_SHARE` of `corpus`) left out; built once, so
-  every model is scored on the same sets."""
-  excluded = lens_lib.template_pieces(tok, {"all": list(corpus)}, TEMPLATE_SHARE)
+  candidate, template pieces (`TEMPLATE_SHARE` of `corpus`) and the pieces of its
+  candidates that are forms of its question's words (`lens.question_form_pieces`) left
+  out; built once, so every model is scored on the same sets."""
+  excluded = set(lens_lib.template_pieces(tok, {"all": list(corpus)}, TEMPLATE_SHARE))
   rng = np.random.default_rng(seed)
   out = []
   for row in rows:
     gold = row["pos_index"][0]
     controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]
+    forms = lens_lib.question_form_pieces(tok, row["question"], row["docs"])
     out.append(lens_lib.matched_sets(tok, row["question"], row["docs"][gold], controls,
-                                     excluded, rng=rng))
+                                     excluded | forms, rng=rng))
   return out
 
 
 def lens_examples(model, rows: Sequence[Dict], top_words: int = 12) -> List[Dict]:
   """Per row: the question, answer, gold document, and the reasoner memories' top lens
-  words (best log-probability over the memory slots), each marked `in_gold` (in the gold
-  document's words and not the question's)."""
+  words (best log-probability over the memory slots), each marked `in_question` (a form
+  of a question word, `lens.same_stem`) or `in_gold` (else in the gold document)."""
   from clara_jax.model.decoder import Decoder
   q_mem = model.reason([r["question"] for r in rows])
   top_ids, scores = lens_lib.lens_decode(model.params, Decoder(model.cfg), q_mem, top_t=1)
@@ -87,9 +90,10 @@ def lens_examples(model, rows: Sequence[Dict], top_words: int = 12) -> List[Dict
       word = lens_lib.token_word(model.tok, int(token_id))
       if word is None or any(p["word"] == word for p in picked):
         continue
+      in_question = any(lens_lib.same_stem(word, q) for q in q_words)
       picked.append({"word": word, "log_prob": float(score_v[token_id]),
-                     "in_question": word in q_words,
-                     "in_gold": word in gold_words and word not in q_words})
+                     "in_question": in_question,
+                     "in_gold": word in gold_words and not in_question})
       if len(picked) == top_words:
         break
     out.append({"id": row.get("id"), "kind": row.get("kind"), "question": row["question"],
