@@ -12,8 +12,9 @@ held-out NQ and HotpotQA questions, never trained on.
   content pieces absent from the question and from c against c's pieces absent from the
   question and from the gold, sizes matched; pieces in more than 30% of the corpus's
   documents are left out as template words, and so are the question's words in any
-  other form or spelling (`lens.question_form_pieces`). Against a permutation null (each question
-  scored with the lens of another question of its set) and against the initial reasoner.
+  other form or spelling (`lens.question_form_pieces`). Against a permutation null
+  (each question scored with the lens of another question of its set) and against the
+  initial reasoner.
 * Examples (`examples.md`): per question, the top lens words of the reasoner's memories,
   marked when they are in the gold document and not in the question.
 
