@@ -435,30 +435,59 @@ def _config_flags(argv: Sequence[str], extra_defs=None):
 
 
 def plan_main(argv: Sequence[str]) -> int:
-  """`clara-jax plan --config=configs/stage2.py:model=mistral_7b --mesh=1,32,8`: AOT
-  compile the train step for that mesh on simulated devices; print per-device GiB."""
+  """`clara-jax plan --config=configs/stage2.py:model=mistral_7b --topology=v5e-256
+  [--mesh=1,32,8 | --search]`: compile the train step ahead of time with the TPU compiler
+  for that slice and print per-device memory, the compiler's cost analysis and a roofline
+  estimate. Without --topology: the same on simulated CPU devices (--mesh required)."""
   import math
   import os
   from absl import flags
-  mesh_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--mesh=")), None)
-  if mesh_arg is None:
-    print("clara-jax plan: --mesh=DATA,FSDP,TENSOR is required", file=sys.stderr)
+  value = lambda name: next((a.split("=", 1)[1] for a in argv
+                             if a.startswith(f"--{name}=")), None)
+  mesh_arg, topology = value("mesh"), value("topology")
+  search = "--search" in argv
+  if topology is None and (mesh_arg is None or search):
+    print("clara-jax plan: --mesh=DATA,FSDP,TENSOR is required without --topology "
+          "(--search needs --topology)", file=sys.stderr)
     return 2
-  shape = tuple(int(x) for x in mesh_arg.split(","))
-  devices = math.prod(shape)
-  flag = f"--xla_force_host_platform_device_count={devices}"
-  if flag not in os.environ.get("XLA_FLAGS", ""):
-    # The device count is fixed when jax starts: run again with the simulated devices.
-    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
-               JAX_PLATFORMS="cpu")
-    import subprocess
-    return subprocess.call([sys.executable, "-m", "clara_jax.cli", "plan", *argv], env=env)
-  fv = _config_flags(argv, lambda fv: flags.DEFINE_string("mesh", None, "d,f,t",
-                                                          flag_values=fv))
+  try:
+    shape = tuple(int(x) for x in (mesh_arg or "1,-1,1").split(","))
+    if len(shape) != 3:
+      raise ValueError
+  except ValueError:
+    print(f"clara-jax plan: --mesh={mesh_arg}: expected three integers DATA,FSDP,TENSOR",
+          file=sys.stderr)
+    return 2
+  if topology is None:
+    flag = f"--xla_force_host_platform_device_count={math.prod(shape)}"
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+      # The device count is fixed when jax starts: run again with the simulated devices.
+      env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(),
+                 JAX_PLATFORMS="cpu")
+      import subprocess
+      return subprocess.call([sys.executable, "-m", "clara_jax.cli", "plan", *argv],
+                             env=env)
+
+  def define(fv):
+    flags.DEFINE_string("mesh", None, "d,f,t", flag_values=fv)
+    flags.DEFINE_string("topology", None, "a TPU slice, e.g. v5e-256", flag_values=fv)
+    flags.DEFINE_bool("search", False, "try meshes, remat policies and micro-batches",
+                      flag_values=fv)
+
+  fv = _config_flags(argv, define)
   config = fv.config
   config.mesh.shape = shape
-  from clara_jax.bench.plan import memory_plan
-  print(json.dumps(memory_plan(config)))
+  from clara_jax.bench import plan
+  try:
+    if search:
+      fits = plan.search(config, topology, log=lambda line: print(line, file=sys.stderr,
+                                                                   flush=True))
+      print(json.dumps(fits))
+      return 0 if fits else 1
+    print(json.dumps(plan.memory_plan(config, topology)))
+  except (ImportError, ValueError) as e:
+    print(f"clara-jax plan: {e}", file=sys.stderr)
+    return 2
   return 0
 
 
@@ -496,7 +525,8 @@ def build_parser() -> argparse.ArgumentParser:
   sub = parser.add_subparsers(dest="command", required=True)
   sub.add_parser("train", help="train a stage: --config=configs/STAGE.py[:variant] "
                  "--workdir=DIR [--config.FIELD=VALUE ...]")
-  sub.add_parser("plan", help="AOT memory plan: --config=... --mesh=DATA,FSDP,TENSOR")
+  sub.add_parser("plan", help="AOT memory and roofline plan: --config=... "
+                 "(--topology=v5e-256 [--mesh=D,F,T | --search] | --mesh=D,F,T)")
 
   demo = sub.add_parser("demo", help="the whole CLaRa pipeline on the generated world")
   demo.add_argument("--workdir", default="workdir_demo")

@@ -1,111 +1,170 @@
-"""Memory plan before paying for a pod: compile a stage's real train step ahead of time
-for a named mesh of simulated devices and read XLA's per-device memory analysis.
+"""Memory and speed plan before paying for a pod: compile a stage's real train step ahead
+of time and read the compiler's memory and cost analyses.
 
 Nothing is allocated: parameters, optimizer state and the batch are ShapeDtypeStructs
-with the run's shardings, and `jit(...).lower(...).compile()` does the SPMD partitioning
-exactly as on the pod (maxtext's train_compile idea). The host must expose the mesh's
-device count, e.g. `XLA_FLAGS=--xla_force_host_platform_device_count=256` (the CLI
-re-launches itself with it).
+with the run's shardings, and the step goes through `train.setup.setup_train_step`, the
+same set-up `train` runs (maxtext's train_compile idea). Two targets:
+
+* a TPU slice (`topology="v5e-256"`): the TPU compiler (libtpu, the `tpu` extra) builds
+  the program for that slice's devices on this host; figures are what the TPU compiler
+  allocates, and a roofline from the chip's public specs bounds the step time.
+* simulated CPU devices (no topology): XLA:CPU's figures for the same partitioned
+  program, a fallback where libtpu is absent (labelled `"compiler": "cpu"`); the host
+  must expose the mesh's device count (`--xla_force_host_platform_device_count`).
+
+Per-device figures; letters as in `clara_jax.model.flops`.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from typing import Dict
+import time
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from clara_jax import partitioning
-from clara_jax.model import lora, stages
-from clara_jax.model.config import config_from_dict
+from clara_jax.bench import tpu
+from clara_jax.model.config import REMAT_POLICIES, config_from_dict
 from clara_jax.model.decoder import abstract_params
-from clara_jax.train import optimizer
-from clara_jax.train.state import TrainState, create_state
-from clara_jax.train.step import jit_train_step, make_train_step, state_shardings
+from clara_jax.train.setup import abstract_batch, setup_train_step, step_flops
 
 GIB = 1024**3
 
 
-def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
-  """The shapes of one global batch of the stage (int32 tokens and masks)."""
-  d, b, c = config.data, config.train.global_batch, config.clara
-  doc = c.doc_max_length + 3 + n_mem
-  i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
-  if config.stage == "lm":
-    return {"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)}
-  gen_len = d.prompt_length + d.answer_length
-  docs = {"stage1": 1, "stage1_2": c.k}.get(config.stage, d.candidates)
-  k = 1 if config.stage == "stage1" else c.k
-  batch = {"doc_tokens": i32(b, docs, doc), "doc_mask": i32(b, docs, doc),
-           "gen_tokens": i32(b, gen_len), "gen_mask": i32(b, gen_len),
-           "slot_positions": i32(b, k * n_mem), "answer_mask": i32(b, d.answer_length)}
-  if config.stage in ("stage2", "stage2_retrieval"):
-    q = d.question_max_length + 3 + n_mem
-    batch.update(q_tokens=i32(b, q), q_mask=i32(b, q), positives=i32(b, docs))
-  return batch
-
-
 def _per_device_bytes(tree, shardings) -> float:
   total = 0.0
-  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
-    shards = 1
-    spec = getattr(sharding, "spec", ())
-    for axes in spec:
-      if axes is None:
-        continue
-      for name in (axes if isinstance(axes, tuple) else (axes,)):
-        shards *= sharding.mesh.shape[name]
-    total += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize / shards
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree),
+                            jax.tree_util.tree_leaves(shardings)):
+    shard_shape = sharding.shard_shape(leaf.shape)
+    total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
   return total
 
 
-def memory_plan(config) -> Dict:
-  """Compiles the stage's train step for `config.mesh.shape` on the visible devices."""
-  from clara_jax.train.loop import clara_config
-  cclara = clara_config(config)
+def _cost(compiled) -> Dict[str, float]:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {"flops": float(cost.get("flops", 0.0)),
+          "bytes": float(cost.get("bytes accessed", 0.0))}
+
+
+def memory_plan(config, topology: Optional[str] = None) -> Dict:
+  """Compiles the stage's train step for `config.mesh.shape` over the TPU slice
+  `topology`'s devices, or over the visible devices when None; returns per-device
+  bytes, the compiler's cost analysis and, on a TPU slice, a roofline estimate."""
+  slice_ = tpu.parse_slice(topology) if topology else None
+  devices = tpu.topology_devices(slice_) if slice_ else jax.devices()
   model_fields = config.model.to_dict()
   model_fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
   cfg = config_from_dict(model_fields)
-  mesh = partitioning.make_mesh(config.mesh.shape)
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  boxed = abstract_params(cfg)
-  params_sh = lora.flatten(partitioning.logical_shardings(boxed, mesh, rules))
-  schedule = optimizer.learning_rate_schedule(config.optimizer.lr, config.train.num_steps,
-                                              config.optimizer.schedule,
-                                              config.optimizer.warmup_ratio)
-  tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,
-                                config.optimizer.weight_decay, config.optimizer.clip_norm,
-                                lr_multipliers=config.optimizer.lr_multipliers)
-  abstract = nn.meta.unbox(boxed)
-  mask = stages.trainable_mask(config.stage, abstract, cclara)
-  state_shape = jax.eval_shape(lambda p: create_state(p, mask, tx, config.seed), abstract)
-  state_sh = state_shardings(state_shape, params_sh, tx, mesh)
-  batch = abstract_batch(config, cclara.n_mem)
-  batch_sh = {k: partitioning.batch_sharding(mesh, len(v.shape), rules)
-              for k, v in batch.items()}
-  step = make_train_step(stages.stage_loss(config.stage, cfg, cclara), tx, schedule,
-                         config.train.grad_accum_steps)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    compiled = jit_train_step(step, mesh, state_sh, batch_sh).lower(
-        jax.tree_util.tree_map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                               state_shape, state_sh),
-        {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh[k])
-         for k, v in batch.items()}).compile()
+  abstract = nn.meta.unbox(abstract_params(cfg))
+  setup = setup_train_step(config, cfg, abstract, devices=devices)
+  state_shape = setup.abstract_state(abstract)
+  state_sh = setup.state_shardings(state_shape)
+  batch = abstract_batch(config, setup.cclara.n_mem)
+  start = time.perf_counter()
+  compiled = setup.lower(state_shape, state_sh, batch).compile()
+  compile_s = time.perf_counter() - start
   analysis = compiled.memory_analysis()
-  params_b = _per_device_bytes(state_shape.trainable, state_sh.trainable) + _per_device_bytes(
-      state_shape.frozen, state_sh.frozen)
+  params_b = (_per_device_bytes(state_shape.trainable, state_sh.trainable)
+              + _per_device_bytes(state_shape.frozen, state_sh.frozen))
   opt_b = _per_device_bytes(state_shape.opt_state, state_sh.opt_state)
   temp = float(analysis.temp_size_in_bytes)
   args = float(analysis.argument_size_in_bytes)
   out = float(analysis.output_size_in_bytes) - float(analysis.alias_size_in_bytes)
-  total = args + temp + max(out, 0.0) + float(analysis.generated_code_size_in_bytes)
-  return {"stage": config.stage, "model": config.model_size, "devices": jax.device_count(),
-          "mesh": dict(mesh.shape), "global_batch": config.train.global_batch,
-          "num_params": cfg.num_params(),
+  code = float(analysis.generated_code_size_in_bytes)
+  total = args + temp + max(out, 0.0) + code
+  n = len(devices)
+  cost = _cost(compiled)
+  model_flops = step_flops(config, cfg, setup.cclara)
+  plan = {"stage": config.stage, "model": config.model_size,
+          "compiler": "tpu" if slice_ else "cpu",
+          "topology": slice_.name if slice_ else None,
+          "devices": n, "mesh": dict(setup.mesh.shape),
+          "global_batch": config.train.global_batch,
+          "grad_accum_steps": config.train.grad_accum_steps,
+          "remat_policy": cfg.remat_policy, "num_params": cfg.num_params(),
+          "compile_s": round(compile_s, 1),
           "params_gib_per_device": params_b / GIB, "optimizer_gib_per_device": opt_b / GIB,
           "batch_gib_per_device": (args - params_b - opt_b) / GIB,
-          "activations_temp_gib_per_device": temp / GIB,
-          "total_gib_per_device": total / GIB}
+          "argument_gib_per_device": args / GIB,
+          "output_gib_per_device": max(out, 0.0) / GIB,
+          "temp_gib_per_device": temp / GIB,
+          "generated_code_gib_per_device": code / GIB,
+          "total_gib_per_device": total / GIB,
+          "xla_flops_per_device": cost["flops"], "xla_bytes_per_device": cost["bytes"],
+          "model_flops_per_device": model_flops / n}
+  if slice_:
+    plan.update(roofline(slice_, n, cost, model_flops / n, total))
+  return plan
+
+
+def roofline(slice_: tpu.TpuSlice, devices: int, cost: Dict[str, float],
+             model_flops_per_device: float, total_bytes: float) -> Dict:
+  """Lower bound of the step time from the chip's peak FLOP/s and HBM bandwidth (the
+  compiler's FLOPs and bytes accessed per device; collectives and overheads not counted),
+  and the MFU that bound implies for the step's model FLOPs.
+
+  XLA's cost analysis counts a loop body once (gradient accumulation, chunked
+  compression), so the compute term takes the larger of its FLOPs and the model's."""
+  share = slice_.chips / devices  # chips per device: 1, or 1/2 for v4's two cores
+  peak = slice_.chip.bf16_flops * share
+  bandwidth = slice_.chip.hbm_bandwidth * share
+  hbm = slice_.chip.hbm_bytes * share
+  compute_s = max(cost["flops"], model_flops_per_device) / peak
+  memory_s = cost["bytes"] / bandwidth
+  step_s = max(compute_s, memory_s)
+  return {"chip": slice_.chip.name, "hbm_gib_per_device": hbm / GIB,
+          "fits": total_bytes <= hbm,
+          "roofline_compute_s": compute_s, "roofline_memory_s": memory_s,
+          "roofline_step_s": step_s,
+          "roofline_mfu": model_flops_per_device / peak / step_s if step_s else None,
+          "chip_source": slice_.chip.source}
+
+
+def mesh_shapes(devices: int) -> Iterator[Tuple[int, int, int]]:
+  """Every (data, fsdp, tensor) with data * fsdp * tensor == devices (powers of two)."""
+  powers = [2**i for i in range(int(math.log2(devices)) + 1)]
+  for data, tensor in itertools.product(powers, powers):
+    if devices % (data * tensor) == 0:
+      yield data, devices // (data * tensor), tensor
+
+
+def search(config, topology: str, remat_policies: Sequence[str] = ("none", "full"),
+           accum_steps: Sequence[int] = (1, 2, 4), max_tensor: int = 8,
+           log=print) -> List[Dict]:
+  """Plans for the (data, fsdp, tensor) factorisations of the slice, remat policies and
+  gradient-accumulation counts whose micro-batch divides the data-parallel size; returns
+  those that fit, best roofline MFU first (each compile is logged as it finishes)."""
+  slice_ = tpu.parse_slice(topology)
+  devices = len(tpu.topology_devices(slice_))
+  fits = []
+  for remat in remat_policies:
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"remat policy {remat!r} not in {REMAT_POLICIES}")
+    for shape in mesh_shapes(devices):
+      if shape[2] > max_tensor:
+        continue
+      for accum in accum_steps:
+        micro = config.train.global_batch // accum
+        if config.train.global_batch % accum or micro % (shape[0] * shape[1]):
+          continue
+        trial = config.copy_and_resolve_references()
+        trial.mesh.shape = shape
+        trial.model.remat_policy = remat
+        trial.train.grad_accum_steps = accum
+        try:
+          plan = memory_plan(trial, topology)
+        except Exception as e:  # noqa: BLE001 (a shape the compiler rejects is skipped)
+          log(f"mesh {shape} remat {remat} accum {accum}: {type(e).__name__}: "
+              f"{str(e).splitlines()[0][:200]}")
+          continue
+        log(f"mesh {shape} remat {remat} accum {accum}: "
+            f"{plan['total_gib_per_device']:.2f} GiB of {plan['hbm_gib_per_device']:.0f}, "
+            f"roofline MFU {plan['roofline_mfu']:.2f}")
+        if plan["fits"]:
+          fits.append(plan)
+  fits.sort(key=lambda p: -(p["roofline_mfu"] or 0.0))
+  return fits

@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Dict, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.bench.flops import forward_flops, matmul_peak_flops, time_fn
+from clara_jax.bench.flops import matmul_peak_flops, time_fn
+from clara_jax.model.flops import StepShapes, train_step_flops
 from clara_jax.data import packing
 from clara_jax.model import clara, stages
 from clara_jax.model.config import model_config
@@ -59,28 +61,6 @@ def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch
   return out
 
 
-def step_flops(stage: str, cfg_m, clara_cfg: clara.ClaraConfig, batch: int, docs: int,
-               doc_len: int, question_len: int, prompt_len: int, answer_len: int,
-               cached: bool) -> float:
-  """Model FLOPs of one step: 3x forward for what trains, 1x for what is frozen.
-
-  lm: the full decoder at every position. stage1/1_2: compressor and generator adapters
-  train. stage2: the compressor is frozen (1x, or nothing with cached memories); the
-  reasoner and generator train."""
-  rank = cfg_m.lora.rank if cfg_m.lora else 0
-  if stage == "lm":
-    return 3 * forward_flops(cfg_m, batch, prompt_len + answer_len)
-  n_mem = clara_cfg.n_mem
-  gen = 3 * forward_flops(cfg_m, batch, prompt_len + answer_len, rank,
-                          head_tokens=batch * answer_len)
-  doc_mult = 1 if stage == "stage2" else 3
-  docs_f = 0.0 if cached else doc_mult * forward_flops(cfg_m, batch * docs, doc_len + n_mem,
-                                                       rank, head_tokens=0)
-  query = 3 * forward_flops(cfg_m, batch, question_len + n_mem, rank, head_tokens=0) \
-      if stage == "stage2" else 0.0
-  return gen + docs_f + query
-
-
 def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
                     candidates: int = 20, doc_len: int = 128, compr_rate: int = 16,
                     k: int = 5, question_len: int = 32, prompt_len: int = 169,
@@ -115,9 +95,12 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
   state = create_state(params, stages.trainable_mask(stage, params, cfg_c), tx)
   seconds = time_fn(lambda: step(state, data), iters=iters)
   docs = documents_per_question(stage, candidates, k)
-  flops = step_flops(stage, cfg_m, cfg_c, batch, docs, doc_len, question_len, prompt_len,
-                     answer_len, cached)
-  peak = matmul_peak_flops()
+  shapes = StepShapes(batch=batch, doc_tokens=doc_len + cfg_c.n_mem, n_mem=cfg_c.n_mem,
+                      candidates=candidates, k=k, question_tokens=question_len + cfg_c.n_mem,
+                      gen_tokens=prompt_len + answer_len, answer_tokens=answer_len,
+                      lm_tokens=prompt_len + answer_len)
+  flops = train_step_flops(stage, cfg_m, shapes, cached=cached)
+  peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   tokens = batch * (prompt_len + answer_len)
   if stage != "lm" and not cached:
     tokens += batch * docs * doc_len

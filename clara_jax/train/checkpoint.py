@@ -45,6 +45,10 @@ class Checkpointer:
     return self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
 
+  def should_save(self, step: int) -> bool:
+    """Whether `save(step)` would save without `force` (the interval policy)."""
+    return self.manager.should_save(step)
+
   def wait(self) -> None:
     self.manager.wait_until_finished()
 

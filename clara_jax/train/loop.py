@@ -18,39 +18,34 @@ import signal
 import time
 from typing import Callable, Dict, Optional
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 
-from clara_jax import partitioning
-from clara_jax.bench.flops import forward_flops, matmul_peak_flops
+from clara_jax.bench.flops import matmul_peak_flops
 from clara_jax.data import formats, tfds_builders
 from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
 from clara_jax.data import tokenizer as tokenizer_lib
 from clara_jax.data.tokenizer import ClaraTokenizer, Tokenizer
-from clara_jax.model import lora, stages
+from clara_jax.model import lora
 from clara_jax.model.clara import ClaraConfig
-from clara_jax.model.config import DecoderConfig, config_from_dict
-from clara_jax.model.decoder import abstract_params, init_params
-from clara_jax.train import optimizer, run_config
+from clara_jax.model.config import config_from_dict
+from clara_jax.model.decoder import init_params
+from clara_jax.train import run_config
 from clara_jax.train.checkpoint import (Checkpointer, abstract_with_shardings,
                                         newest_parameters)
 from clara_jax.train.metrics import MetricsWriter, parameter_overview
+from clara_jax.train.nonfinite import NonFiniteError, NonFiniteStreak
 from clara_jax.train.state import create_state
 from clara_jax.train.workdir_lock import WorkdirLock
-from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_step,
-                                  replicate, state_shardings, unreplicate)
+from clara_jax.train.setup import clara_config, setup_train_step, step_flops
+from clara_jax.train.step import pmap_train_step, replicate, unreplicate
 from clara_jax.weights.export import load_params, save_params
 
 TOKENIZER_FILE = "tokenizer.model"
 CLARA_FILE = "clara.json"  # the CLaRa lengths an export was trained with
-
-
-class NonFiniteError(RuntimeError):
-  """Too many consecutive non-finite updates: the run stops, checkpoints intact."""
 
 
 class Preempted(RuntimeError):
@@ -128,17 +123,6 @@ def _preemption_service_running() -> bool:
                     "reaches")
     return False
   return True
-
-
-def clara_config(config) -> ClaraConfig:
-  c = config.clara
-  return ClaraConfig(doc_max_length=c.doc_max_length, compr_rate=c.compr_rate, k=c.k,
-                     temperature=c.temperature, mse_weight=c.mse_weight,
-                     train_compressor=c.train_compressor,
-                     train_generator=c.train_generator, train_base=c.train_base,
-                     retrieval_temperature=c.retrieval_temperature,
-                     memory_scale=c.memory_scale, lexical_weight=c.lexical_weight,
-                     check_nans=c.check_nans)
 
 
 def _previous_export(config, workdir: str) -> Optional[str]:
@@ -392,26 +376,6 @@ def _memory_cache(config, params, cclara: ClaraConfig):
   return cache
 
 
-def _step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig,
-                cached: bool = False) -> float:
-  """Model FLOPs of one train step (forward + backward of the trained roles); `cached`:
-  stage2 reads its candidates' memories instead of compressing them."""
-  d, b = config.data, config.train.global_batch
-  rank = cfg.lora.rank if cfg.lora else 0
-  n_doc_tokens = cclara.doc_max_length + 3 + cclara.n_mem
-  gen = 3 * forward_flops(cfg, b, d.prompt_length + d.answer_length, rank,
-                          head_tokens=b * d.answer_length)
-  if config.stage == "lm":
-    return 3 * forward_flops(cfg, b, d.lm_length, 0)
-  if config.stage in ("stage1", "stage1_2"):
-    docs = 1 if config.stage == "stage1" else cclara.k
-    return gen + 3 * forward_flops(cfg, b * docs, n_doc_tokens, rank, head_tokens=0)
-  q = 3 * forward_flops(cfg, b, d.question_max_length + 3 + cclara.n_mem, rank, head_tokens=0)
-  docs = 0.0 if cached else forward_flops(cfg, b * d.candidates, n_doc_tokens, rank,
-                                          head_tokens=0)
-  return q + docs + (gen if config.stage == "stage2" else 0)
-
-
 def train(config, workdir: str,
           progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
           ) -> Dict[str, float]:
@@ -445,39 +409,14 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   overlay_from = (os.path.join(workdir, config.init.from_checkpoint)
                   if config.init.from_checkpoint and not saved_steps else None)
   cfg, params = initial_params(config, tok, prev, overlay_from)
-  mask = stages.trainable_mask(config.stage, params, cclara)
-  if config.optimizer.frozen:
-    mask = optimizer.freeze_by_path(mask, config.optimizer.frozen)
-  schedule = optimizer.learning_rate_schedule(
-      config.optimizer.lr, config.train.num_steps, config.optimizer.schedule,
-      config.optimizer.warmup_ratio, config.optimizer.final_ratio)
-  lr_multipliers = config.optimizer.lr_multipliers
-  optimizer.check_lr_multipliers(lr_multipliers,
-                                 [path for path, on in lora.flatten(mask).items() if on])
-  tx = optimizer.make_optimizer(schedule, config.optimizer.b1, config.optimizer.b2,
-                                config.optimizer.weight_decay, config.optimizer.clip_norm,
-                                lr_multipliers=lr_multipliers)
-  loss_fn = stages.stage_loss(config.stage, cfg, cclara)
-  if "replay" in files:
-    loss_fn = stages.with_replay(loss_fn, cfg, config.clara.replay_weight)
   pmap = config.train.parallelism == "pmap"
-  step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
-                            axis_name="batch" if pmap else None)
-
-  mesh = partitioning.make_mesh(config.mesh.shape)
-  data_parallel = (jax.device_count() if pmap
-                   else mesh.shape["data"] * mesh.shape["fsdp"])
-  micro_batch = config.train.global_batch // config.train.grad_accum_steps
-  if micro_batch % data_parallel:
-    raise ValueError(f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
-                     f"divisible by the data-parallel size {data_parallel} "
-                     f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})")
-  rules = tuple(tuple(r) for r in config.mesh.rules)
-  params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
+  setup = setup_train_step(config, cfg, params, replay="replay" in files,
+                           axis_name="batch" if pmap else None)
+  mesh, rules, state_sh = setup.mesh, setup.rules, None
   cache = _memory_cache(config, params, cclara)
-  state = create_state(params, mask, tx, config.seed)
+  state = create_state(params, setup.mask, setup.tx, config.seed)
   del params
-  state_sh = state_shardings(jax.eval_shape(lambda: state), params_sh, tx, mesh)
+  state_sh = setup.state_shardings(jax.eval_shape(lambda: state))
   state = jax.device_put(state, state_sh)
 
   pipeline = build_pipeline(config, workdir, tok, files, cclara, cache)
@@ -499,10 +438,10 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   logging.info("training steps %d to %d", step0 + 1, config.train.num_steps)
   if step0 == 0:
     writer.write_hparams(_flat_hparams(config))
-  logging.info("%s", parameter_overview(state.trainable, state.frozen, params_sh))
+  logging.info("%s", parameter_overview(state.trainable, state.frozen, setup.params_sh))
 
-  peak = config.train.peak_flops or matmul_peak_flops()
-  flops = _step_flops(config, cfg, cclara, cached=cache is not None)
+  peak = config.train.peak_flops or matmul_peak_flops(dtype=jnp.dtype(cfg.dtype))
+  flops = step_flops(config, cfg, cclara, cached=cache is not None)
   tokens_per_step = _tokens_per_step(config, cclara, cached=cache is not None)
   report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
                                            writer=None, every_steps=config.train.log_every)
@@ -515,43 +454,50 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
 
   mesh_ctx = contextlib.ExitStack()
   if pmap:
-    run_step = pmap_train_step(step_fn)
+    run_step = pmap_train_step(setup.step_fn)
     state = replicate(jax.device_get(state))
   else:
-    mesh_ctx.enter_context(jax.set_mesh(mesh))
-    mesh_ctx.enter_context(nn.logical_axis_rules(rules))
+    mesh_ctx.enter_context(setup.context())
     batch_sh = None
     run_step = None
 
   last: Dict[str, float] = {}
   window, window_start = [], time.perf_counter()
-  bad_in_a_row = 0
+  streak = NonFiniteStreak(config.train.max_consecutive_nonfinite)
   with mesh_ctx, _Preemption() as preemption:
     for step in range(step0, config.train.num_steps):
       local = next(pipeline)
-      if pmap:
-        n = jax.local_device_count()
-        batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
-        state, metrics = run_step(state, batch)
-        metrics = unreplicate(metrics)
-      else:
-        batch = to_global_arrays(local, mesh, rules)
-        if run_step is None:
-          batch_sh = {k: v.sharding for k, v in batch.items()}
-          run_step = jit_train_step(step_fn, mesh, state_sh, batch_sh)
-        state, metrics = run_step(state, batch)
-      window.append(metrics)
-      bad_in_a_row = bad_in_a_row + 1 if int(metrics["nonfinite"]) else 0
-      if bad_in_a_row >= config.train.max_consecutive_nonfinite:
-        checkpointer.close()
-        raise NonFiniteError(
-            f"{bad_in_a_row} consecutive steps had a non-finite loss or gradient (step "
-            f"{step + 1}); the last good checkpoint in {checkpointer.directory} is intact")
+      # Between the steps where the host reads metrics, nothing comes back from the
+      # device (a read would make the host wait for each step before dispatching the
+      # next); on an accelerator, a read that creeps in here is logged.
+      with jax.transfer_guard_device_to_host("log"):
+        if pmap:
+          n = jax.local_device_count()
+          batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:])
+                   for k, v in local.items()}
+          state, metrics = run_step(state, batch)
+          metrics = unreplicate(metrics)
+        else:
+          batch = to_global_arrays(local, mesh, rules)
+          if run_step is None:
+            batch_sh = {k: v.sharding for k, v in batch.items()}
+            run_step = setup.jit(state_sh, batch_sh)
+          state, metrics = run_step(state, batch)
+        window.append(metrics)
+        streak.update(metrics["nonfinite"], step + 1)
       done = step + 1
       report(done)
       if profile is not None:
         profile(done)
-      if done % config.train.log_every == 0 or done == config.train.num_steps:
+      logging_step = done % config.train.log_every == 0 or done == config.train.num_steps
+      if (logging_step or checkpointer.should_save(done)
+          or done == config.train.num_steps):
+        try:
+          streak.check(done, checkpointer.directory)
+        except NonFiniteError:
+          checkpointer.close()
+          raise
+      if logging_step:
         seconds = time.perf_counter() - window_start
         last = _summarize(window, seconds, tokens_per_step, flops, peak)
         writer.write_scalars(done, last)
