@@ -44,6 +44,9 @@ EXTRAS_REQUIRE = {
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",
+        # The TPU compiler, for the plan test that compiles a step for a TPU slice (no
+        # TPU needed: ahead-of-time only); the version jax[tpu]==0.10.2 pins.
+        "libtpu==0.0.42.1",
     ],
     # Reading official CLaRa checkpoints (.pth files) needs torch.
     "import": ["torch==2.13.0"],

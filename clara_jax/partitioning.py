@@ -41,6 +41,7 @@ DEFAULT_RULES: LogicalRules = (
     ("lora_rank", None),
     ("extra_vocab", None),
     ("norm", None),
+    ("layers", None),  # the stacked axis of scanned blocks: every device holds all layers
 )
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from clara_jax.train.metrics import read_metrics
-from train_cli import final_params, run_train, train_args
+from train_cli import assert_same_params, final_params, run_train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -221,3 +221,20 @@ def test_checkpoints_only_on_the_interval_or_forced(tmp_path):
   # No save at step 1: a resume must land on a logging boundary.
   assert saved == [False, True, False, True, False, True]
   assert ckpt.all_steps() == [2, 4, 5]
+
+
+def test_scanned_blocks_train_as_the_unrolled_ones(lm_text_file, reference_run, tmp_path):
+  """Both continue the reference run's export for 4 steps; the scanned run's export
+  (written unrolled) holds the same parameters."""
+  runs = {}
+  for name, scan in (("unrolled", False), ("scanned", True)):
+    workdir = str(tmp_path / name)
+    proc = run_train(train_args(lm_text_file, workdir, steps=4, every=2, extra=[
+        f"--config.init.from_workdir={reference_run}", f"--config.model.scan_layers={scan}"]))
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out.decode()[-3000:]
+    runs[name] = workdir
+  assert_same_params(runs["scanned"], runs["unrolled"], atol=2e-5)
+  rows = {name: read_metrics(w) for name, w in runs.items()}
+  np.testing.assert_allclose([r["loss"] for r in rows["scanned"]],
+                             [r["loss"] for r in rows["unrolled"]], rtol=1e-5)

@@ -51,9 +51,9 @@ def run_train(args, devices=8, log=None, env=None):
 
 def final_params(workdir):
   from clara_jax.weights.export import load_params
-  from clara_jax.model import lora
+  from clara_jax.model import layout, lora
   _, params = load_params(os.path.join(workdir, "export"))
-  return lora.flatten(params)
+  return lora.flatten(layout.to_unrolled(params))
 
 
 def assert_same_params(workdir, reference, atol=None):

@@ -70,6 +70,12 @@ class DecoderConfig:
     dtype: compute dtype of matmuls ("bfloat16" on TPU, "float32" on CPU).
     param_dtype: storage dtype of parameters.
     remat_policy: one of REMAT_POLICIES, applied per block.
+    scan_layers: run the blocks as one `lax.scan` over parameters stacked on a leading
+      "layers" axis (`layers/...` [num_layers, ...]) instead of an unrolled loop
+      (`layers_{i}/...`): one block is compiled instead of num_layers, so compile time
+      stops growing with depth. Exports are written unrolled either way
+      (`clara_jax.model.layout`). With a `readout`, the last layer then computes every
+      position.
     attention_layout: "grouped" (one einsum over all heads; shards over the "tensor"
       mesh axis) or "per_kv_head" (a loop of batched 3-D matmuls, one per KV head: XLA
       fuses scores/softmax/values better on CPU, but the loop slices the head axis, so
@@ -94,6 +100,7 @@ class DecoderConfig:
   dtype: str = "float32"
   param_dtype: str = "float32"
   remat_policy: str = "none"
+  scan_layers: bool = False
   attention_layout: str = "grouped"
   tie_embeddings: bool = False
   lora: Optional[LoraConfig] = LoraConfig()

@@ -15,7 +15,7 @@ placeholder slots.
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -26,8 +26,9 @@ from clara_jax.model.layers import (LoraLinear, RMSNorm, apply_rope, attention_b
                                     constrain, default_kernel_init, matmul, rope_tables)
 
 Array = jax.Array
-# One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}.
-KVCache = List[dict]
+# One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}; with
+# scanned layers one dict of both stacked: {"k": [layers, batch, max_len, ...], "v": ...}.
+KVCache = Union[List[dict], dict]
 
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
@@ -262,7 +263,10 @@ class Decoder(nn.Module):
       block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[cfg.remat_policy],
                        prevent_cse=True, static_argnums=(6, 7, 8))
     self.embedder = Embedder(cfg)
-    self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+    if cfg.scan_layers:  # one block whose parameters carry a leading [num_layers] axis
+      self.layers = block(cfg, name="layers")
+    else:
+      self.layers = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
     self.final_norm = RMSNorm(cfg.rms_norm_eps, _dtype(cfg.dtype), _dtype(cfg.param_dtype))
     if not cfg.tie_embeddings:
       self.lm_head = LmHead(cfg)
@@ -328,10 +332,11 @@ class Decoder(nn.Module):
         raise ValueError("attention_mask is not used with a KV cache; right-pad prompts")
       if cache_index is None:
         raise ValueError("cache_index [batch] is required with a cache")
-      if len(cache) != self.cfg.num_layers:
-        raise ValueError(f"cache has {len(cache)} layers, model has {self.cfg.num_layers}")
+      cached_layers = cache["k"].shape[0] if self.cfg.scan_layers else len(cache)
+      if cached_layers != self.cfg.num_layers:
+        raise ValueError(f"cache has {cached_layers} layers, model has {self.cfg.num_layers}")
       q_slot = cache_index.astype(jnp.int32)[:, None] + steps
-      k_slot = jnp.arange(cache[0]["k"].shape[1], dtype=jnp.int32)[None]
+      k_slot = jnp.arange(cache_length(cache), dtype=jnp.int32)[None]
       mask = k_slot[:, None, :] <= q_slot[:, :, None]
     if self.cfg.sliding_window is not None:
       mask = mask & (q_slot[:, :, None] - k_slot[:, None, :] < self.cfg.sliding_window)
@@ -348,6 +353,12 @@ class Decoder(nn.Module):
       query_slice = (start, stop)
 
     rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    if self.cfg.scan_layers:
+      x, new_cache = self._scan_layers(x, rope, bias, cache, cache_index, adapter,
+                                       deterministic)
+      if query_slice is not None:
+        x = x[:, query_slice[0]:query_slice[1]]
+      return DecoderOutput(self.final_norm(x), new_cache)
     new_cache = [] if cache is not None else None
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
@@ -357,6 +368,19 @@ class Decoder(nn.Module):
       if cache is not None:
         new_cache.append(layer_cache)
     return DecoderOutput(self.final_norm(x), new_cache)
+
+  def _scan_layers(self, x, rope, bias, cache, cache_index, adapter, deterministic):
+    """The blocks as one scan: the hidden states are the carry; each step reads its
+    layer's slice of the stacked parameters (and of a stacked cache)."""
+    def body(block, x_btd, layer_cache):
+      return block(x_btd, rope, bias, layer_cache, cache_index, adapter, deterministic,
+                   None)
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
+                                                                  "dropout": True},
+                   in_axes=0, out_axes=0, length=self.cfg.num_layers,
+                   metadata_params={nn.PARTITION_NAME: "layers"})
+    return scan(self.layers, x, cache)
 
   def init_all(self, tokens_bt: Array) -> Array:
     """Touches every parameter (all adapters, head) so `init` creates them all."""
@@ -368,11 +392,20 @@ class Decoder(nn.Module):
 
 def init_cache(cfg: DecoderConfig, batch: int, max_length: int,
                dtype: Optional[str] = None) -> KVCache:
-  """Zeroed KV cache: per layer k, v of [batch, max_length, kv_heads, head_dim]."""
+  """Zeroed KV cache: per layer k, v of [batch, max_length, kv_heads, head_dim]; with
+  `scan_layers`, one dict of k, v stacked as [num_layers, batch, max_length, ...]."""
   shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
   dt = _dtype(dtype or cfg.dtype)
+  if cfg.scan_layers:
+    stacked = (cfg.num_layers,) + shape
+    return {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
   return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
           for _ in range(cfg.num_layers)]
+
+
+def cache_length(cache: KVCache) -> int:
+  """Positions a cache holds (either layout)."""
+  return cache["k"].shape[-3] if isinstance(cache, dict) else cache[0]["k"].shape[1]
 
 
 def init_params(cfg: DecoderConfig, rng: Array, boxed: bool = False):

@@ -107,7 +107,10 @@ def fold_adapter(params: Params, adapter: str, lora: LoraConfig) -> Dict:
       layer = path[: -len(f"/{prefix}/a")]
       a, b = flat[path], flat[f"{layer}/{prefix}/b"]
       kernel = flat[f"{layer}/kernel"]
-      delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+      fold = lambda a, b: jnp.tensordot(a, b, axes=1)
+      if path.startswith("layers/"):  # scanned blocks: one product per stacked layer
+        fold = jax.vmap(fold)
+      delta = fold(a.astype(jnp.float32), b.astype(jnp.float32))
       flat[f"{layer}/kernel"] = (kernel.astype(jnp.float32) + lora.scale * delta).astype(
           kernel.dtype)
       folded += 1

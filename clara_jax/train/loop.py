@@ -29,7 +29,7 @@ from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
 from clara_jax.data import tokenizer as tokenizer_lib
 from clara_jax.data.tokenizer import ClaraTokenizer, Tokenizer
-from clara_jax.model import lora
+from clara_jax.model import layout, lora
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import config_from_dict
 from clara_jax.model.decoder import init_params
@@ -317,6 +317,10 @@ def initial_params(config, tok: ClaraTokenizer, prev: Optional[str],
   compressor)."""
   if prev is not None:
     cfg, params = load_params(prev)
+    # How the blocks run is this stage's choice; the weights are the previous stage's.
+    cfg = cfg.replace(scan_layers=config.model.scan_layers,
+                      remat_policy=config.model.remat_policy)
+    params = layout.for_config(params, cfg)
   else:
     model = config.model.to_dict()
     model["num_extra_tokens"] = tok.num_special
@@ -344,6 +348,8 @@ def overlay_parameters(params, origin: str, saved: Dict[str, np.ndarray]):
   saved value (cast to the model's dtype). What does not match keeps its value and is
   logged; no match at all is an error (the wrong workdir, most likely)."""
   flat = lora.flatten(params)
+  # The checkpoint may hold the other block layout (scanned vs unrolled).
+  saved = lora.flatten(layout.like(lora.unflatten(saved), params))
   taken, reshaped = [], []
   for path, value in flat.items():
     if path not in saved:

@@ -22,6 +22,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from clara_jax.model import layout
 from clara_jax.model import clara, lora
 
 CACHE_FILE = "memory_cache.json"
@@ -34,10 +35,11 @@ def doc_key(text: str) -> str:
 
 def compressor_fingerprint(params) -> str:
   """SHA-256 over every parameter a document's memory depends on (paths sorted, values
-  as float32 bytes): all but the reasoner's and the generator's adapters."""
+  as float32 bytes): all but the reasoner's and the generator's adapters. Read in the
+  unrolled layout, so scanned and unrolled models of the same weights agree."""
   skip = tuple(f"/lora_{name}/" for name in (clara.REASONER, clara.GENERATOR))
   digest = hashlib.sha256()
-  for path, value in sorted(lora.flatten(params).items()):
+  for path, value in sorted(lora.flatten(layout.to_unrolled(params)).items()):
     if any(part in f"/{path}/" for part in skip):
       continue
     digest.update(path.encode())

@@ -28,7 +28,8 @@ RUN_CONTROL = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoi
 # Fields added to the configs after runs were recorded without them, with the value
 # those runs had implicitly: a record that lacks one reads as that value, so a newer
 # clara_jax resumes an older run.
-ADDED_FIELDS = {"clara.memory_scale": "none", "clara.lexical_weight": 0.0}
+ADDED_FIELDS = {"clara.memory_scale": "none", "clara.lexical_weight": 0.0,
+                "model.scan_layers": False}
 
 
 class ConfigChanged(ValueError):

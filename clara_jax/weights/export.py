@@ -14,6 +14,7 @@ import orbax.checkpoint as ocp
 from flax import traverse_util
 
 from clara_jax.data.formats import check_output_dir, write_json_atomic
+from clara_jax.model import layout
 from clara_jax.model.config import DecoderConfig, config_from_dict, config_to_dict
 
 CONFIG_FILE = "config.json"
@@ -57,7 +58,9 @@ def check_finite(items, where: str) -> None:
 
 def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
   """Writes `out_dir/config.json` and `out_dir/params` (an orbax checkpoint); call it
-  from every process of a multi-host job."""
+  from every process of a multi-host job. The blocks are written unrolled whatever the
+  model's layout (`clara_jax.model.layout`), so exports read the same either way."""
+  params = layout.to_unrolled(params)
   out_dir = os.path.abspath(out_dir)
   check_output_dir(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -74,8 +77,9 @@ def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
 def load_params(in_dir: str, shardings=None):
   """Reads what `save_params` wrote: returns (DecoderConfig, params).
 
-  `shardings` (a tree of jax.sharding.Sharding matching the params) places the restored
-  arrays, e.g. on another mesh than the one they were saved from.
+  `shardings` (a tree of jax.sharding.Sharding matching the unrolled params) places the
+  restored arrays, e.g. on another mesh than the one they were saved from. The params
+  come back in the layout of the config (stacked when `scan_layers`).
   """
   in_dir = os.path.abspath(in_dir)
   cfg_path = os.path.join(in_dir, CONFIG_FILE)
@@ -91,7 +95,7 @@ def load_params(in_dir: str, shardings=None):
   _check_params_files(in_dir, params_dir)
   from clara_jax.model.decoder import abstract_params
   import flax.linen as nn
-  abstract = nn.meta.unbox(abstract_params(cfg))
+  abstract = nn.meta.unbox(abstract_params(cfg.replace(scan_layers=False)))
   if shardings is None:
     # Orbax needs a target on a topology other than the writer's; default: one device.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -106,7 +110,7 @@ def load_params(in_dir: str, shardings=None):
     raise ValueError(f"{params_dir}: cannot restore the parameters (corrupt or from "
                      f"another config?): {type(e).__name__}: {first}") from None
   check_finite(traverse_util.flatten_dict(params, sep="/").items(), params_dir)
-  return cfg, params
+  return cfg, layout.for_config(params, cfg)
 
 
 def _check_params_files(in_dir: str, params_dir: str) -> None:
