@@ -55,7 +55,10 @@ def get_base_config(stage, arg=None):
   # document's memories should predict its tokens (0: off, as in the paper).
   c.clara.lexical_weight = 0.0
   c.clara.replay_weight = 1.0  # weight of the replay text's LM loss (data.replay_text)
-  c.clara.check_nans = False  # checkify NaN checks on retrieval scores (debug)
+  c.clara.check_nans = False
+  # stage2: candidates per pass of the frozen compressor (a loop over chunks of this
+  # many; ~10 keeps a CPU's working set in cache, a TPU may take all at once).
+  c.clara.compress_chunk = 10  # checkify NaN checks on retrieval scores (debug)
 
   c.data = ml_collections.ConfigDict()
   c.data.source = args.get("data", "synth")  # 'synth' or a directory of {split}.jsonl
@@ -140,7 +143,8 @@ def get_base_config(stage, arg=None):
 
 
 # Fields that count something: each must be at least 1.
-POSITIVE_INTS = ("clara.doc_max_length", "clara.compr_rate", "clara.k", "data.candidates",
+POSITIVE_INTS = ("clara.doc_max_length", "clara.compr_rate", "clara.k",
+                 "clara.compress_chunk", "data.candidates",
                  "data.question_max_length", "data.prompt_length", "data.answer_length",
                  "data.lm_length", "tokenizer.vocab_size", "tokenizer.num_mem_tokens",
                  "train.global_batch", "train.grad_accum_steps", "train.num_steps",

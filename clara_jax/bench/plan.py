@@ -50,15 +50,15 @@ def _cost(compiled) -> Dict[str, float]:
           "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def memory_plan(config, topology: Optional[str] = None) -> Dict:
-  """Compiles the stage's train step for `config.mesh.shape` over the TPU slice
-  `topology`'s devices, or over the visible devices when None; returns per-device
-  bytes, the compiler's cost analysis and, on a TPU slice, a roofline estimate."""
-  slice_ = tpu.parse_slice(topology) if topology else None
-  devices = tpu.topology_devices(slice_) if slice_ else jax.devices()
-  model_fields = config.model.to_dict()
-  model_fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
-  cfg = config_from_dict(model_fields)
+def _decoder_config(config):
+  fields = config.model.to_dict()
+  fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
+  return config_from_dict(fields)
+
+
+def _compile(config, devices):
+  """(setup, abstract state, its shardings, compiled step, compile seconds)."""
+  cfg = _decoder_config(config)
   abstract = nn.meta.unbox(abstract_params(cfg))
   setup = setup_train_step(config, cfg, abstract, devices=devices)
   state_shape = setup.abstract_state(abstract)
@@ -66,7 +66,44 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
   batch = abstract_batch(config, setup.cclara.n_mem)
   start = time.perf_counter()
   compiled = setup.lower(state_shape, state_sh, batch).compile()
-  compile_s = time.perf_counter() - start
+  return setup, state_shape, state_sh, compiled, time.perf_counter() - start
+
+
+def step_cost(config, devices) -> Dict[str, float]:
+  """The compiler's FLOPs and bytes accessed per device for the whole depth.
+
+  XLA's cost analysis counts a loop body once, so a scanned decoder reads as one layer.
+  The cost is therefore taken from unrolled compiles of depth 1 and 2 (quick at any
+  width) and extrapolated linearly to the model's depth. In them stage2 compresses all
+  candidates in one chunk and gradient accumulation becomes one full-batch step (the
+  same FLOPs; the weights read once instead of once per chunk or micro-batch, so the
+  bytes are a lower bound)."""
+  layers = config.model.num_layers
+  loops = (config.model.scan_layers or config.train.grad_accum_steps > 1
+           or (config.stage.startswith("stage2")
+               and config.data.candidates > config.clara.compress_chunk))
+  if layers <= 2 and not loops:
+    return _cost(_compile(config, devices)[3])
+  costs = []
+  for depth in (1, 2):
+    probe = config.copy_and_resolve_references()
+    probe.model.num_layers = depth
+    probe.model.scan_layers = False
+    probe.train.grad_accum_steps = 1  # the micro-batch loop would count once, too
+    probe.clara.compress_chunk = max(probe.data.candidates, 1)  # and the chunk loop
+    costs.append(_cost(_compile(probe, devices)[3]))
+  return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key])
+          for key in costs[0]}
+
+
+def memory_plan(config, topology: Optional[str] = None) -> Dict:
+  """Compiles the stage's train step for `config.mesh.shape` over the TPU slice
+  `topology`'s devices, or over the visible devices when None; returns per-device
+  bytes, the compiler's cost analysis and, on a TPU slice, a roofline estimate."""
+  slice_ = tpu.parse_slice(topology) if topology else None
+  devices = tpu.topology_devices(slice_) if slice_ else jax.devices()
+  setup, state_shape, state_sh, compiled, compile_s = _compile(config, devices)
+  cfg = setup.cfg
   analysis = compiled.memory_analysis()
   params_b = (_per_device_bytes(state_shape.trainable, state_sh.trainable)
               + _per_device_bytes(state_shape.frozen, state_sh.frozen))
@@ -77,7 +114,7 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
   code = float(analysis.generated_code_size_in_bytes)
   total = args + temp + max(out, 0.0) + code
   n = len(devices)
-  cost = _cost(compiled)
+  cost = step_cost(config, devices) if slice_ else _cost(compiled)
   model_flops = step_flops(config, cfg, setup.cclara)
   plan = {"stage": config.stage, "model": config.model_size,
           "compiler": "tpu" if slice_ else "cpu",
@@ -85,8 +122,8 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
           "devices": n, "mesh": dict(setup.mesh.shape),
           "global_batch": config.train.global_batch,
           "grad_accum_steps": config.train.grad_accum_steps,
-          "remat_policy": cfg.remat_policy, "num_params": cfg.num_params(),
-          "compile_s": round(compile_s, 1),
+          "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers,
+          "num_params": cfg.num_params(), "compile_s": round(compile_s, 1),
           "params_gib_per_device": params_b / GIB, "optimizer_gib_per_device": opt_b / GIB,
           "batch_gib_per_device": (args - params_b - opt_b) / GIB,
           "argument_gib_per_device": args / GIB,
@@ -107,8 +144,8 @@ def roofline(slice_: tpu.TpuSlice, devices: int, cost: Dict[str, float],
   compiler's FLOPs and bytes accessed per device; collectives and overheads not counted),
   and the MFU that bound implies for the step's model FLOPs.
 
-  XLA's cost analysis counts a loop body once (gradient accumulation, chunked
-  compression), so the compute term takes the larger of its FLOPs and the model's."""
+  The compute term takes the larger of the compiler's FLOPs and the model's (the
+  compiler counts a loop body once: gradient accumulation, chunked compression)."""
   share = slice_.chips / devices  # chips per device: 1, or 1/2 for v4's two cores
   peak = slice_.chip.bf16_flops * share
   bandwidth = slice_.chip.hbm_bandwidth * share

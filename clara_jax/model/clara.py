@@ -68,6 +68,8 @@ class ClaraConfig:
     lexical_weight: weight of the memories' bag-of-tokens loss in stages 1 and 1_2
       (`lexical_loss`; 0: off, as in the paper).
     check_nans: checkify NaN checks on retrieval scores (debug mode).
+    compress_chunk: stage 2's frozen compressor reads each question's candidates in
+      chunks of this many (a loop: the activations of one chunk at a time).
   """
 
   doc_max_length: int = 64
@@ -82,6 +84,7 @@ class ClaraConfig:
   memory_scale: str = "none"
   lexical_weight: float = 0.0
   check_nans: bool = False
+  compress_chunk: int = 10
 
   @property
   def n_mem(self) -> int:
@@ -94,6 +97,8 @@ class ClaraConfig:
     if self.temperature <= 0:
       raise ValueError(f"ClaraConfig.temperature must be positive, got {self.temperature}")
     check_memory_scale(self.memory_scale)
+    if self.compress_chunk < 1:
+      raise ValueError(f"ClaraConfig.compress_chunk must be >= 1, got {self.compress_chunk}")
     if self.lexical_weight < 0:
       raise ValueError(f"ClaraConfig.lexical_weight must be >= 0, got {self.lexical_weight}")
 

@@ -120,7 +120,7 @@ def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.Cl
     return jax.lax.stop_gradient(batch["doc_mem"])
   if not clara_cfg.train_compressor:
     return frozen_compress(model, params, batch["doc_tokens"], batch["doc_mask"],
-                           clara_cfg.n_mem)
+                           clara_cfg.n_mem, clara_cfg.compress_chunk)
   b, n = batch["doc_tokens"].shape[:2]
   train = rng is not None
   mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],

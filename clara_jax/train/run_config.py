@@ -29,7 +29,7 @@ RUN_CONTROL = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoi
 # those runs had implicitly: a record that lacks one reads as that value, so a newer
 # clara_jax resumes an older run.
 ADDED_FIELDS = {"clara.memory_scale": "none", "clara.lexical_weight": 0.0,
-                "model.scan_layers": False}
+                "model.scan_layers": False, "clara.compress_chunk": 10}
 
 
 class ConfigChanged(ValueError):

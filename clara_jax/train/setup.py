@@ -41,7 +41,7 @@ def clara_config(config) -> ClaraConfig:
                      train_generator=c.train_generator, train_base=c.train_base,
                      retrieval_temperature=c.retrieval_temperature,
                      memory_scale=c.memory_scale, lexical_weight=c.lexical_weight,
-                     check_nans=c.check_nans)
+                     check_nans=c.check_nans, compress_chunk=c.compress_chunk)
 
 
 @dataclasses.dataclass(frozen=True)
