@@ -362,3 +362,17 @@ def test_compression_loss_adds_the_weighted_lexical_loss(params):
                              rtol=1e-5)
   with pytest.raises(ValueError, match="lexical_weight"):
     dataclasses.replace(CLARA, lexical_weight=-1.0)
+
+
+def test_without_the_mse_only_the_memories_are_computed(params):
+  import dataclasses
+  batch = STAGE_BATCHES["stage1_2"](KVWorld(12), np.random.default_rng(0))
+  model = Decoder(MODEL)
+  with_mse, metrics = stages.compression_loss(model, params, batch, CLARA)
+  without, metrics_off = stages.compression_loss(model, params, batch,
+                                                 dataclasses.replace(CLARA, mse_weight=0.0))
+  assert "mse" in metrics and "mse" not in metrics_off
+  np.testing.assert_allclose(float(metrics_off["ce"]), float(metrics["ce"]), rtol=1e-5)
+  np.testing.assert_allclose(float(without), float(metrics["ce"]), rtol=1e-5)
+  np.testing.assert_allclose(float(with_mse), float(metrics["ce"])
+                             + CLARA.mse_weight * float(metrics["mse"]), rtol=1e-5)

@@ -28,7 +28,8 @@ def _config(stage, **overrides):
   return c
 
 
-CASES = [("lm", {}), ("stage1", {}), ("stage1", {"clara.lexical_weight": 1.0}),
+CASES = [("lm", {}), ("stage1", {}),
+         ("stage1", {"clara.lexical_weight": 1.0, "clara.mse_weight": 0.0}),
          ("stage1_2", {}), ("stage2", {}),
          ("stage2", {"clara.train_compressor": True}), ("stage2_retrieval", {})]
 

@@ -121,7 +121,7 @@ class StepShapes:
 def train_step_flops(stage: str, cfg: DecoderConfig, s: StepShapes, *,
                      cached: bool = False, train_base: bool = False,
                      train_generator: bool = True, train_compressor: bool = False,
-                     lexical: bool = False) -> float:
+                     lexical: bool = False, mse: bool = True) -> float:
   """FLOPs one train step of `stage` executes (see the module docstring)."""
   b = s.batch
   if stage == "lm":
@@ -133,8 +133,9 @@ def train_step_flops(stage: str, cfg: DecoderConfig, s: StepShapes, *,
                           grad=trained if train_generator or stage != "stage2" else INPUT_GRAD)
   if stage in ("stage1", "stage1_2"):
     docs = b * (1 if stage == "stage1" else s.k)
-    compressor = DecoderPass(docs, s.doc_tokens, grad=trained,
-                             input_grad=stage == "stage1" or train_base)
+    # The alignment MSE reads every final state; without it only the memories are read.
+    compressor = DecoderPass(docs, s.doc_tokens, readout=None if mse else s.n_mem,
+                             grad=trained, input_grad=stage == "stage1" or train_base)
     total = pass_flops(cfg, compressor) + pass_flops(cfg, generator)
     if lexical:  # the memories read by the (frozen) LM head, gradient back to them
       total += 2 * 2.0 * cfg.hidden_size * cfg.vocab_size * docs * s.n_mem
@@ -144,8 +145,9 @@ def train_step_flops(stage: str, cfg: DecoderConfig, s: StepShapes, *,
   docs = b * s.candidates
   if cached:
     total = 0.0
-  elif train_compressor:  # `clara.compress`: every position's final state
-    total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, grad=ADAPTER_GRAD))
+  elif train_compressor:
+    total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, readout=s.n_mem,
+                                        grad=ADAPTER_GRAD))
   else:
     total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, readout=s.n_mem, adapter=False))
   total += pass_flops(cfg, DecoderPass(b, s.question_tokens, readout=s.n_mem,

@@ -80,15 +80,22 @@ def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.Clar
   (+ the memories' bag-of-tokens loss when `lexical_weight` > 0)."""
   comp_rng, gen_rng = _split(rng, 2)
   b, n_docs = batch["doc_tokens"].shape[:2]
-  mem, mse = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
-                            clara_cfg.n_mem, deterministic=rng is None, rng=comp_rng)
+  if clara_cfg.mse_weight > 0:
+    mem, mse = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
+                              clara_cfg.n_mem, deterministic=rng is None, rng=comp_rng)
+  else:  # no alignment loss: the last layer runs at the memory positions only
+    mem, mse = clara.memories(model, params, batch["doc_tokens"], batch["doc_mask"],
+                              clara_cfg.n_mem, clara.COMPRESSOR, deterministic=rng is None,
+                              rng=comp_rng), None
   mem = mem.reshape(b, n_docs, clara_cfg.n_mem, -1)
   ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
                                    batch["slot_positions"], mem, batch["answer_mask"],
                                    deterministic=rng is None, rng=gen_rng,
                                    memory_scale=clara_cfg.memory_scale)
-  loss = ce + clara_cfg.mse_weight * mse
-  metrics = {"ce": ce, "mse": mse, "tokens": count}
+  loss, metrics = ce, {"ce": ce, "tokens": count}
+  if mse is not None:
+    loss = loss + clara_cfg.mse_weight * mse
+    metrics["mse"] = mse
   if clara_cfg.lexical_weight > 0:
     lexical = clara.lexical_loss(model, params, mem.reshape(b * n_docs, clara_cfg.n_mem, -1),
                                  batch["doc_tokens"].reshape(b * n_docs, -1),
@@ -123,9 +130,9 @@ def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.Cl
                            clara_cfg.n_mem, clara_cfg.compress_chunk)
   b, n = batch["doc_tokens"].shape[:2]
   train = rng is not None
-  mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
-                          clara_cfg.n_mem, deterministic=not train,
-                          rng=rng if train else None)
+  mem = clara.memories(model, params, batch["doc_tokens"], batch["doc_mask"],
+                       clara_cfg.n_mem, clara.COMPRESSOR, deterministic=not train,
+                       rng=rng if train else None)
   return mem.reshape(b, n, clara_cfg.n_mem, -1)
 
 

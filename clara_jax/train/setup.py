@@ -171,4 +171,4 @@ def step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig, cached: bool = F
                           cached=cached, train_base=cclara.train_base,
                           train_generator=cclara.train_generator,
                           train_compressor=cclara.train_compressor,
-                          lexical=cclara.lexical_weight > 0)
+                          lexical=cclara.lexical_weight > 0, mse=cclara.mse_weight > 0)
