@@ -140,12 +140,14 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
 
 def roofline(slice_: tpu.TpuSlice, devices: int, cost: Dict[str, float],
              model_flops_per_device: float, total_bytes: float) -> Dict:
-  """Lower bound of the step time from the chip's peak FLOP/s and HBM bandwidth (the
-  compiler's FLOPs and bytes accessed per device; collectives and overheads not counted),
-  and the MFU that bound implies for the step's model FLOPs.
+  """Lower bound of the step time from the chip's peak FLOP/s and HBM bandwidth, and
+  the MFU that bound implies for the step's model FLOPs (an upper bound on the MFU).
 
-  The compute term takes the larger of the compiler's FLOPs and the model's (the
-  compiler counts a loop body once: gradient accumulation, chunked compression)."""
+  The compute term takes the larger of the compiler's FLOPs and the model's; the memory
+  term reads the compiler's bytes accessed. Both compiler counts are lower bounds: XLA
+  counts a loop body once, and on large meshes the TPU partitioner turns all-gathers
+  into looped (windowed) matmuls, whose bodies are counted once too. Collectives and
+  other overheads are not in the bound."""
   share = slice_.chips / devices  # chips per device: 1, or 1/2 for v4's two cores
   peak = slice_.chip.bf16_flops * share
   bandwidth = slice_.chip.hbm_bandwidth * share
