@@ -56,11 +56,11 @@ class TpuSlice:
 
 
 def _torus_shape(chips: int, dims: int) -> Tuple[int, ...]:
-  """The most even power-of-two torus of `chips` chips (smallest axes first)."""
+  """The most even power-of-two torus of `chips` chips."""
   shape = [1] * dims
   for _ in range(int(math.log2(chips))):
     shape[shape.index(min(shape))] *= 2
-  return tuple(sorted(shape, reverse=dims == 3)) if dims == 3 else tuple(sorted(shape))
+  return tuple(sorted(shape, reverse=dims == 3))  # as Cloud writes them: 16x16, 4x4x2
 
 
 def parse_slice(name: str) -> TpuSlice:
