@@ -43,7 +43,8 @@ def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch
   enc, sep = base_vocab, base_vocab + 1
   docs = documents_per_question(stage, candidates, clara_cfg.k)
   slots_k = 1 if stage == "stage1" else clara_cfg.k
-  doc_t, doc_m, _ = packing.pack_encoder(texts(batch * docs, doc_len - 3), doc_len, mem,
+  # Rows as the data pipeline packs them: `<ENC><s> text </s>` in doc_len + 3, memories.
+  doc_t, doc_m, _ = packing.pack_encoder(texts(batch * docs, doc_len), doc_len + 3, mem,
                                          enc, 1, 2, 0)
   slots = packing.slot_ids(n_mem, slots_k, mem, sep)
   fill = prompt_len - len(slots) - 1
@@ -53,7 +54,7 @@ def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch
   out = {"doc_tokens": doc_t.reshape(batch, docs, -1),
          "doc_mask": doc_m.reshape(batch, docs, -1), **gen}
   if stage == "stage2":
-    q_t, q_m, _ = packing.pack_encoder(texts(batch, question_len - 3), question_len, mem,
+    q_t, q_m, _ = packing.pack_encoder(texts(batch, question_len), question_len + 3, mem,
                                        enc, 1, 2, 0)
     positives = np.zeros((batch, candidates), np.int32)
     positives[:, 0] = 1
@@ -95,17 +96,18 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
   state = create_state(params, stages.trainable_mask(stage, params, cfg_c), tx)
   seconds = time_fn(lambda: step(state, data), iters=iters)
   docs = documents_per_question(stage, candidates, k)
-  shapes = StepShapes(batch=batch, doc_tokens=doc_len + cfg_c.n_mem, n_mem=cfg_c.n_mem,
-                      candidates=candidates, k=k, question_tokens=question_len + cfg_c.n_mem,
+  shapes = StepShapes(batch=batch, doc_tokens=doc_len + 3 + cfg_c.n_mem, n_mem=cfg_c.n_mem,
+                      candidates=candidates, k=k,
+                      question_tokens=question_len + 3 + cfg_c.n_mem,
                       gen_tokens=prompt_len + answer_len, answer_tokens=answer_len,
                       lm_tokens=prompt_len + answer_len)
   flops = train_step_flops(stage, cfg_m, shapes, cached=cached)
   peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   tokens = batch * (prompt_len + answer_len)
   if stage != "lm" and not cached:
-    tokens += batch * docs * doc_len
+    tokens += batch * docs * (doc_len + 3 + cfg_c.n_mem)
   if stage == "stage2":
-    tokens += batch * question_len
+    tokens += batch * (question_len + 3 + cfg_c.n_mem)
   return {"benchmark": f"{stage}_step", "model": model, "dtype": cfg_m.dtype,
           "attention_layout": cfg_m.attention_layout,
           "cached_memories": cached, "batch": batch, "documents_per_question": docs,
