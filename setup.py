@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "array-record==0.8.6",
     "grain==0.2.18",
     "importlib_resources==7.1.0",  # needed by tfds' etils.epath, not declared by it
+    "etils[epath]==1.15.0",  # one path API for local and gs:// workdirs (clara_jax.paths)
     # Metrics: clu's TensorBoard writer needs tensorflow (the CPU build) and tensorboard.
     "clu==0.0.12",
     "tensorflow-cpu==2.21.0",
@@ -47,6 +48,10 @@ EXTRAS_REQUIRE = {
         # The TPU compiler, for the plan test that compiles a step for a TPU slice (no
         # TPU needed: ahead-of-time only); the version jax[tpu]==0.10.2 pins.
         "libtpu==0.0.42.1",
+        # tests/test_cloud_workdir.py: a run on gs:// against a local GCS emulator (epath
+        # through gcsfs, orbax through TensorStore's GCS driver; no network).
+        "gcp-storage-emulator==2026.7.19",
+        "gcsfs==2026.8.2",
     ],
     # Reading official CLaRa checkpoints (.pth files) needs torch.
     "import": ["torch==2.13.0"],

@@ -41,16 +41,15 @@ def _cmd_demo(args) -> int:
 def _cmd_edit(args) -> int:
   from absl import logging
   logging.set_verbosity(logging.WARNING)
-  import os
-  from clara_jax import demo
+  from clara_jax import demo, paths
   from clara_jax.eval import edit
-  if not os.path.exists(os.path.join(args.workdir, "stage2", demo.DONE_FILE)):
+  if not paths.exists(paths.join(args.workdir, "stage2", demo.DONE_FILE)):
     print(f"clara-jax edit: {args.workdir} has no finished stage2 (run `clara-jax demo "
           f"--workdir {args.workdir}` first)", file=sys.stderr)
     return 2
   recipe = demo.default_recipe(args.quick)
   try:
-    rows = edit.claims(demo.run_edit(os.path.abspath(args.workdir), recipe, args.seed))
+    rows = edit.claims(demo.run_edit(str(paths.path(args.workdir)), recipe, args.seed))
   except demo.StageStopped as e:
     print(f"clara-jax edit: {e}", file=sys.stderr)
     return e.exit_code
@@ -164,8 +163,8 @@ def _cmd_import_hf(args) -> int:
                      f"embedding {cfg.base_vocab_size} rows")
   save_params(args.out, cfg, params)
   if tok is not None:
-    import os
-    tok.save(os.path.join(args.out, tok.FILENAME))
+    from clara_jax import paths
+    tok.save(paths.join(args.out, tok.FILENAME))
   print(json.dumps({"out": args.out, "num_params": cfg.num_params(),
                     "tokenizer": None if tok is None else repr(tok)}))
   return 0
@@ -175,10 +174,10 @@ def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int):
   """The checkpoint's own tokenizer (tokenizer.model, else tokenizer.json) with
   `num_extra_tokens - 3` memory tokens, to write beside the imported weights; None when
   it has neither file or fewer than the 3 fixed CLaRa tokens are added."""
-  import os
+  from clara_jax import paths
   from clara_jax.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
-  if num_extra_tokens < 3 or not os.path.isdir(hf_dir) or not any(
-      os.path.exists(os.path.join(hf_dir, b.FILENAME)) for b in (Tokenizer, BPETokenizer)):
+  if num_extra_tokens < 3 or not paths.isdir(hf_dir) or not any(
+      paths.exists(paths.join(hf_dir, b.FILENAME)) for b in (Tokenizer, BPETokenizer)):
     return None
   return load_tokenizer(hf_dir, num_extra_tokens - 3)
 
@@ -189,24 +188,25 @@ def _cmd_import_gguf(args) -> int:
   from clara_jax.weights.export import save_params
   from clara_jax.weights.gguf_import import GGUFCheckpoint, import_gguf
   check_output_dir(args.out)
-  with GGUFCheckpoint(args.gguf) as ckpt:  # read the header first: bad files fail fast
-    name = ckpt.metadata.get("general.name")
-    quantizations = Counter(ckpt.info(n).quantization for n in ckpt.keys())
-    has_tokenizer = "tokenizer.ggml.model" in ckpt.reader.fields
-  tok = None
-  # <ENC>, <SEP>, <AE>, then the memory tokens: the tokenizer needs at least the three.
-  if has_tokenizer and args.num_extra_tokens >= 3:
-    from clara_jax.data.tokenizer import BPETokenizer
-    tok = BPETokenizer.from_gguf(args.gguf, args.num_extra_tokens - 3)
-    if tok.base_vocab_size != ckpt.config["vocab_size"]:
-      raise ValueError(f"{args.gguf}: the tokenizer has {tok.base_vocab_size} tokens, the "
-                       f"embedding {ckpt.config['vocab_size']} rows")
-  cfg, params = import_gguf(args.gguf, args.num_extra_tokens, param_dtype=args.param_dtype,
-                            dtype=args.dtype)
+  from clara_jax import paths
+  with paths.local_file(args.gguf) as gguf:  # the GGUF reader maps a local file
+    with GGUFCheckpoint(gguf) as ckpt:  # read the header first: bad files fail fast
+      name = ckpt.metadata.get("general.name")
+      quantizations = Counter(ckpt.info(n).quantization for n in ckpt.keys())
+      has_tokenizer = "tokenizer.ggml.model" in ckpt.reader.fields
+    tok = None
+    # <ENC>, <SEP>, <AE>, then the memory tokens: the tokenizer needs at least the three.
+    if has_tokenizer and args.num_extra_tokens >= 3:
+      from clara_jax.data.tokenizer import BPETokenizer
+      tok = BPETokenizer.from_gguf(gguf, args.num_extra_tokens - 3)
+      if tok.base_vocab_size != ckpt.config["vocab_size"]:
+        raise ValueError(f"{args.gguf}: the tokenizer has {tok.base_vocab_size} tokens, "
+                         f"the embedding {ckpt.config['vocab_size']} rows")
+    cfg, params = import_gguf(gguf, args.num_extra_tokens, param_dtype=args.param_dtype,
+                              dtype=args.dtype)
   save_params(args.out, cfg, params)
   if tok is not None:
-    import os
-    tok.save(os.path.join(args.out, tok.FILENAME))
+    tok.save(paths.join(args.out, tok.FILENAME))
   print(json.dumps({"out": args.out, "name": name, "num_params": cfg.num_params(),
                     "tensors_by_type": dict(sorted(quantizations.items())),
                     "tokenizer": None if tok is None else repr(tok)}))
@@ -277,14 +277,14 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def _load_model(workdir: str):
-  import os
+  from clara_jax import paths
   from clara_jax.infer.api import ClaraModel
-  if not os.path.isdir(workdir):
-    if os.path.exists(workdir):
+  if not paths.isdir(workdir):
+    if paths.exists(workdir):
       raise NotADirectoryError(f"{workdir}: is a file; expected a trained stage's workdir")
     raise FileNotFoundError(f"{workdir}: no such workdir")
-  export = os.path.join(workdir, "export")
-  if not os.path.isdir(export):
+  export = paths.join(workdir, "export")
+  if not paths.isdir(export):
     raise FileNotFoundError(f"{export}: missing; expected a trained stage's workdir "
                             "(its export/ is written when training finishes)")
   return ClaraModel.load(export)
@@ -293,8 +293,8 @@ def _load_model(workdir: str):
 def _check_out_file(path: str) -> None:
   """A summary file named by --out: refused now if it is a directory, not after the
   whole run."""
-  import os
-  if os.path.isdir(path):
+  from clara_jax import paths
+  if paths.isdir(path):
     raise IsADirectoryError(f"{path}: is a directory; expected a file to write")
 
 
@@ -327,22 +327,20 @@ def _cmd_lens(args) -> int:
   summary = run_lens(models, rows, args.out, top_t=args.top, clues=clues,
                      progress=lambda name: Progress(f"lens {name}", "question"))
   if args.manifest:  # the generated world: lens v2 (matched controls, null) beside
-    import os
+    from clara_jax import paths
     from clara_jax.eval.hidden import lens_v2_summaries
-    v2 = lens_v2_summaries(models, rows, os.path.dirname(os.path.abspath(args.manifest)))
+    v2 = lens_v2_summaries(models, rows, paths.parent(args.manifest))
     if v2:
       summary = {name: dict(s, lens_v2=v2[name]) for name, s in summary.items()}
-      with open(args.out) as f:
-        written = json.load(f)
+      written = paths.read_json(args.out)
       written["lens_v2"] = v2
-      from clara_jax.data.formats import write_json_atomic
-      write_json_atomic(args.out, written, indent=2)
+      paths.write_json(args.out, written, indent=2)
   print(json.dumps(summary))
   return 0
 
 
 def _cmd_index(args) -> int:
-  import os
+  from clara_jax import paths
   from clara_jax.data.formats import check_output_dir, read_corpus
   from clara_jax.infer.index import MemoryIndex, build_index
   # The corpus and --out are checked before the model loads: bad input fails at once.
@@ -350,7 +348,7 @@ def _cmd_index(args) -> int:
   docs = read_corpus(args.corpus)
   model = _load_model(args.workdir)
   from clara_jax.data import fingerprint
-  inputs = {"export": fingerprint.dir_fingerprint(os.path.join(args.workdir, "export")),
+  inputs = {"export": fingerprint.dir_fingerprint(paths.join(args.workdir, "export")),
             "corpus": fingerprint.file_fingerprint(args.corpus)}
   meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size,
                      inputs=inputs, progress=Progress("index", "shard"))
@@ -368,7 +366,7 @@ def _cmd_index(args) -> int:
 
 
 def _cmd_import_clara(args) -> int:
-  import os
+  from clara_jax import paths
   from clara_jax.data.formats import check_output_dir
   from clara_jax.data.tokenizer import Tokenizer
   from clara_jax.weights.clara_import import import_official_clara
@@ -376,15 +374,15 @@ def _cmd_import_clara(args) -> int:
   check_output_dir(args.out)
   cfg, params, info = import_official_clara(args.ckpt_dir, args.hf_dir,
                                             param_dtype=args.param_dtype, dtype=args.dtype)
-  tok_path = os.path.join(args.hf_dir, "tokenizer.model")
+  tok_path = paths.join(args.hf_dir, "tokenizer.model")
   tok = Tokenizer.load(tok_path, info["n_mem"])
   if tok.base_vocab_size != cfg.base_vocab_size:
     raise ValueError(f"{tok_path}: {tok.base_vocab_size} pieces, but the checkpoint's "
                      f"embedding has {cfg.base_vocab_size} base rows")
   save_params(args.out, cfg, params)
-  tok.save(os.path.join(args.out, "tokenizer.model"))
-  with open(os.path.join(args.out, "clara.json"), "w") as f:
-    json.dump({k: info[k] for k in ("doc_max_length", "compr_rate")}, f)
+  tok.save(paths.join(args.out, "tokenizer.model"))
+  paths.write_json(paths.join(args.out, "clara.json"),
+                   {k: info[k] for k in ("doc_max_length", "compr_rate")}, indent=None)
   print(json.dumps({"out": args.out, **info}))
   return 0
 

@@ -38,6 +38,8 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from clara_jax import paths
+
 PAPER_STAGES = ("lm", "stage1", "stage1_2", "stage2")
 STAGES = PAPER_STAGES
 # Trained beside stage2 from the same stage1_2 export, for the claims' comparisons: the
@@ -193,12 +195,11 @@ def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
               extra: Optional[Dict[str, Any]] = None) -> Dict[str, float]:
   """Trains one stage unless it finished before; returns its last metrics."""
   from clara_jax.train.loop import train
-  stage_dir = os.path.join(workdir, stage)
-  done = os.path.join(stage_dir, DONE_FILE)
-  if os.path.exists(done):
-    with open(done) as f:
-      log(f"[{stage:>8}] finished before: skipped")
-      return json.load(f)["metrics"]
+  stage_dir = paths.join(workdir, stage)
+  done = paths.join(stage_dir, DONE_FILE)
+  if paths.exists(done):
+    log(f"[{stage:>8}] finished before: skipped")
+    return paths.read_json(done)["metrics"]
   from clara_jax.train.loop import Preempted
   start = time.perf_counter()
   try:
@@ -207,13 +208,11 @@ def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
   except Preempted as e:
     raise StageStopped(f"[{stage:>8}] {e}", e.exit_code) from e
   seconds = time.perf_counter() - start
-  if not os.path.exists(os.path.join(stage_dir, "export", "config.json")):
+  if not paths.exists(paths.join(stage_dir, "export", "config.json")):
     # train() returns early, checkpoint saved, on SIGTERM: not finished, so not skipped.
     raise StageStopped(f"[{stage:>8}] stopped before its last step (SIGTERM?); run the "
                        f"same command again to resume from {stage_dir}/checkpoints")
-  with open(done + ".tmp", "w") as f:
-    json.dump({"metrics": metrics, "seconds": seconds}, f)
-  os.replace(done + ".tmp", done)
+  paths.write_json(done, {"metrics": metrics, "seconds": seconds}, indent=None)
   log(f"[{stage:>8}] done in {_duration(seconds)}")
   return metrics
 
@@ -221,7 +220,7 @@ def run_stage(stage: str, workdir: str, recipe: Recipe, seed: int = 0,
 def world_dir(workdir: str, recipe: Recipe, seed: int = 0) -> str:
   from clara_jax.train.loop import synth_dir
   config = stage_config("stage2", recipe, seed)
-  return synth_dir(config, os.path.join(workdir, "stage2"))
+  return synth_dir(config, paths.join(workdir, "stage2"))
 
 
 def held_out_rows(path: str, limit: Optional[int]) -> List[Dict]:
@@ -331,13 +330,14 @@ def plot_losses(workdir: str, path: str) -> None:
   from clara_jax.train.metrics import read_metrics
   fig, axes = plt.subplots(1, len(STAGES), figsize=(4 * len(STAGES), 3))
   for ax, stage in zip(axes, STAGES):
-    rows = read_metrics(os.path.join(workdir, stage))
+    rows = read_metrics(paths.join(workdir, stage))
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows])
     ax.set_title(stage)
     ax.set_xlabel("step")
   axes[0].set_ylabel("loss")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  from clara_jax.eval.lens import save_figure
+  save_figure(fig, path)
   plt.close(fig)
 
 
@@ -347,7 +347,7 @@ def evaluate_pipeline(workdir: str, recipe: Recipe, seed: int = 0,
   every reasoner, baseline, lens control and probe the claims compare."""
   from clara_jax.eval import hidden
   world = world_dir(workdir, recipe, seed)
-  rows = held_out_rows(os.path.join(world, "stage2_test.jsonl"), recipe.eval_questions)
+  rows = held_out_rows(paths.join(world, "stage2_test.jsonl"), recipe.eval_questions)
   k = stage_config("stage2", recipe, seed).clara.k
   start = time.perf_counter()
   results = hidden.evaluate_world(workdir, world, rows, k, log, seed)
@@ -364,35 +364,33 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
   stage2, sham and edit on the same questions. Writes `eval/edit_<model>.jsonl` and
   `edit.json`; returns `edit.summarize`'s summary plus the edits."""
   from clara_jax.data import synth
-  from clara_jax.data.formats import write_json_atomic
   from clara_jax.eval import edit, hidden
   from clara_jax.eval.evaluate import load_rows
   from clara_jax.infer.api import ClaraModel
   world = world_dir(workdir, recipe, seed)
-  with open(os.path.join(world, "manifest.json")) as f:
-    manifest = json.load(f)
-  rows = load_rows(os.path.join(world, "stage2_test.jsonl"))
+  manifest = paths.read_json(paths.join(world, "manifest.json"))
+  rows = load_rows(paths.join(world, "stage2_test.jsonl"))
   edits, control = edit.plan_edits(manifest, rows, seed)
   unchanged, edited = edit.edited_lines(manifest, edits)
-  with open(os.path.join(world, synth.LM_WORLD_FILE), encoding="utf-8") as f:
+  with paths.path(paths.join(world, synth.LM_WORLD_FILE)).open() as f:  # UTF-8
     if [line.rstrip("\n") for line in f if line.strip()] != unchanged:
       raise ValueError(f"{world}/{synth.LM_WORLD_FILE} differs from the world's rebuilt "
                        f"text: the sham would not be the text the base learned")
   for stage, lines in (("lm_edit", edited), ("lm_sham", unchanged)):
-    path = os.path.join(workdir, "edit", EDIT_TEXT[stage])
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    path = paths.join(workdir, "edit", EDIT_TEXT[stage])
+    paths.makedirs(paths.parent(path))
     synth.write_text(path, lines)
     run_stage(stage, workdir, recipe, seed, log, extra={"data.source": path})
   per_model, probes = {}, {}
   for name, stage in zip(edit.MODELS, ("stage2",) + tuple(EDIT_STAGES[::-1])):
-    export = os.path.join(workdir, stage, "export")
+    export = paths.join(workdir, stage, "export")
     per_model[name] = edit.records(ClaraModel.load(export), rows, manifest, edits, control)
-    hidden.write_records(os.path.join(workdir, "eval", f"edit_{name}.jsonl"),
+    hidden.write_records(paths.join(workdir, "eval", f"edit_{name}.jsonl"),
                          per_model[name])
     probes[name] = edit.probe(hidden.base_model(export), manifest, edits)
   summary = edit.summarize(per_model, probes)
   summary["edits"] = [dataclasses.asdict(e) for e in edits]
-  write_json_atomic(os.path.join(workdir, "edit.json"), summary)
+  paths.write_json(paths.join(workdir, "edit.json"), summary)
   log(f"[    edit] {len(edits)} links edited, {summary['questions']} questions; "
       f"{summary['control_questions']} control questions")
   return summary
@@ -405,17 +403,17 @@ def evaluate_checkpoints(workdir: str, rows: List[Dict], k: int, clues=None,
   of `claims`. `clues`: per row, words the lens looks for (None: none known)."""
   from clara_jax.eval.evaluate import evaluate, run_lens
   from clara_jax.infer.api import ClaraModel
-  final = ClaraModel.load(os.path.join(workdir, "stage2", "export"))
-  init = initial_reasoner(ClaraModel.load(os.path.join(workdir, "stage1_2", "export")))
+  final = ClaraModel.load(paths.join(workdir, "stage2", "export"))
+  init = initial_reasoner(ClaraModel.load(paths.join(workdir, "stage1_2", "export")))
   start = time.perf_counter()
   results = {
       "stage2": evaluate(final, rows, k=k, max_new_tokens=12,
-                         out_path=os.path.join(workdir, "eval", "stage2.json")),
+                         out_path=paths.join(workdir, "eval", "stage2.json")),
       "stage1_2_init": evaluate(init, rows, k=k, max_new_tokens=12,
-                                out_path=os.path.join(workdir, "eval", "stage1_2_init.json")),
+                                out_path=paths.join(workdir, "eval", "stage1_2_init.json")),
   }
   results["lens"] = run_lens({"stage2": final, "stage1_2_init": init}, rows,
-                             os.path.join(workdir, "lens.json"), clues=clues)
+                             paths.join(workdir, "lens.json"), clues=clues)
   log(f"[    eval] {len(rows)} held-out questions in "
       f"{_duration(time.perf_counter() - start)}")
   return results
@@ -426,8 +424,8 @@ def run(workdir: str, quick: bool = False, seed: int = 0,
   """The demo; returns (and writes) the summary."""
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()  # one progress line per logging step is ours
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(paths.path(workdir))
+  paths.makedirs(workdir)
   recipe = default_recipe(quick)
   start = time.perf_counter()
   stage_metrics = {stage: run_stage(stage, workdir, recipe, seed, log)
@@ -445,7 +443,7 @@ def run_seeds(workdir: str, seeds: List[int], quick: bool = False,
   `workdir/seeds_summary.json`. The table of a protocol's fresh seeds."""
   from clara_jax.eval import hidden
   recipe = default_recipe(quick)
-  dirs = {seed: os.path.join(os.path.abspath(workdir), f"seed{seed}") for seed in seeds}
+  dirs = {seed: paths.join(workdir, f"seed{seed}") for seed in seeds}
   per_seed = {seed: run(dirs[seed], quick, seed, log) for seed in seeds}
   k = stage_config("stage2", recipe, seeds[0]).clara.k
   pooled = hidden.claims(hidden.pool_seeds(dirs, k), recipe.min_memory_gain)
@@ -459,8 +457,8 @@ def run_seeds(workdir: str, seeds: List[int], quick: bool = False,
                         for row in pooled],
              "per_seed": {str(seed): s["claims"] for seed, s in per_seed.items()},
              "provenance": provenance()}
-  with open(os.path.join(workdir, "seeds_summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=str)
+  paths.write_text(paths.join(workdir, "seeds_summary.json"),
+                   json.dumps(summary, indent=1, default=str))
   log("\n" + table)
   return summary
 
@@ -519,13 +517,13 @@ def write_report(workdir: str, recipe: Recipe, stage_metrics: Dict[str, Dict],
   if not recipe.judged:
     table = [(claim, measured, f"{target} (not judged)", None)
              for claim, measured, target, _ in table]
-  plot_losses(workdir, os.path.join(workdir, "losses.png"))
+  plot_losses(workdir, paths.join(workdir, "losses.png"))
   summary = {"recipe": dataclasses.asdict(recipe), "stages": stage_metrics,
              "results": results, "claims": [dict(zip(("claim", "measured", "target",
                                                       "passed"), row)) for row in table],
              "seconds": seconds, "provenance": provenance(), **(extra or {})}
-  with open(os.path.join(workdir, "summary.json"), "w") as f:
-    json.dump(summary, f, indent=1, default=str)
+  paths.write_text(paths.join(workdir, "summary.json"),
+                   json.dumps(summary, indent=1, default=str))
   log("\n" + format_table(table))
   log(f"\nartefacts in {workdir}: summary.json, lens.png, losses.png, */tensorboard")
   return summary

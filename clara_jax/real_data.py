@@ -48,11 +48,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from clara_jax import demo
+from clara_jax import demo, paths
 
 HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
 NQ_FILE = "nq_open_oracle.jsonl.gz"
@@ -203,15 +202,15 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
 
 
 def source_path(data_dir: str, name: str) -> str:
-  path = os.path.join(data_dir, name)
-  if not os.path.exists(path):
+  path = paths.join(data_dir, name)
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: missing; --data_dir must hold the files listed in "
                             f"its SOURCES.md ({HOTPOTQA_FILE}, {NQ_FILE}, {PRETRAIN_FILE})")
   return path
 
 
 def read_jsonl(path: str) -> List[Dict]:
-  with open(path, encoding="utf-8") as f:
+  with paths.path(path).open() as f:  # UTF-8
     return [json.loads(line) for line in f if line.strip()]
 
 
@@ -276,26 +275,23 @@ def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
 
 
 def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
-  from clara_jax.data.formats import write_jsonl_atomic
-  write_jsonl_atomic(path, rows)
+  """The rows as JSONL (the lines of `formats.write_jsonl_atomic`), all or nothing."""
+  paths.write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def _write_lines(path: str, lines: Sequence[str]) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.writelines(line + "\n" for line in lines)
-  os.replace(path + ".tmp", path)
+  paths.write_atomic(path, (line + "\n" for line in lines))
 
 
 def data_dirs(workdir: str) -> Dict[str, str]:
   """Where `prepare_data` writes: the `lm` text file, each stage's directory of
   `train.jsonl`, the held-out file, the converted files."""
-  root = os.path.join(workdir, "data")
-  return {"root": root, "converted": os.path.join(root, "converted"),
-          "lm": os.path.join(root, "lm", "train.txt"),
-          "stage1": os.path.join(root, "stage1"), "stage1_2": os.path.join(root, "stage1_2"),
-          "stage2": os.path.join(root, "stage2"),
-          "heldout": os.path.join(root, "heldout.jsonl")}
+  root = paths.join(workdir, "data")
+  return {"root": root, "converted": paths.join(root, "converted"),
+          "lm": paths.join(root, "lm", "train.txt"),
+          "stage1": paths.join(root, "stage1"), "stage1_2": paths.join(root, "stage1_2"),
+          "stage2": paths.join(root, "stage2"),
+          "heldout": paths.join(root, "heldout.jsonl")}
 
 
 def convert_sources(data_dir: str, out_dir: str, plan: DataPlan,
@@ -307,13 +303,13 @@ def convert_sources(data_dir: str, out_dir: str, plan: DataPlan,
   for name, (fmt, filename, _) in QA_SETS.items():
     for stage in ("stage2", "stage1_2"):
       report = convert(fmt, source_path(data_dir, filename),
-                       os.path.join(out_dir, f"{name}_{stage}.jsonl"),
+                       paths.join(out_dir, f"{name}_{stage}.jsonl"),
                        candidates=plan.candidates, k=plan.k, seed=plan.seed, stage=stage,
                        limit=plan.limits.get(name))
       reports[f"{name}_{stage}"] = report.to_dict()
       log(f"[    data] {report.summary()}")
   report = convert("stage1", source_path(data_dir, PRETRAIN_FILE),
-                   os.path.join(out_dir, "pretrain_stage1.jsonl"),
+                   paths.join(out_dir, "pretrain_stage1.jsonl"),
                    limit=plan.limits.get("pretrain"))
   reports["pretrain_stage1"] = report.to_dict()
   log(f"[    data] {report.summary()}")
@@ -328,8 +324,8 @@ def split_qa_sets(converted: str, plan: DataPlan
   train: Dict[str, List[Dict]] = {"stage2": [], "stage1_2": []}
   heldout, counts = [], {}
   for name, (_, _, kind) in QA_SETS.items():
-    stage2 = read_jsonl(os.path.join(converted, f"{name}_stage2.jsonl"))
-    stage1_2 = read_jsonl(os.path.join(converted, f"{name}_stage1_2.jsonl"))
+    stage2 = read_jsonl(paths.join(converted, f"{name}_stage2.jsonl"))
+    stage1_2 = read_jsonl(paths.join(converted, f"{name}_stage1_2.jsonl"))
     test_ids = split_ids(stage2, plan.test[name], plan.seed)
     train["stage2"] += [r for r in stage2 if r["id"] not in test_ids]
     train["stage1_2"] += [r for r in stage1_2 if r["id"] not in test_ids]
@@ -344,11 +340,10 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
   when `data/DONE.json` records the same plan. Returns that record: {"plan", "reports",
   "counts", "seconds"}."""
   dirs = data_dirs(workdir)
-  done = os.path.join(dirs["root"], demo.DONE_FILE)
+  done = paths.join(dirs["root"], demo.DONE_FILE)
   plan_dict = json.loads(json.dumps(dataclasses.asdict(plan)))
-  if os.path.exists(done):
-    with open(done) as f:
-      record = json.load(f)
+  if paths.exists(done):
+    record = paths.read_json(done)
     if record["plan"] == plan_dict:
       log("[    data] prepared before: kept")
       return record
@@ -357,28 +352,27 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
   start = time.perf_counter()
   reports = convert_sources(data_dir, dirs["converted"], plan, log)
   train, heldout, counts = split_qa_sets(dirs["converted"], plan)
-  pretrain = read_jsonl(os.path.join(dirs["converted"], "pretrain_stage1.jsonl"))
+  pretrain = read_jsonl(paths.join(dirs["converted"], "pretrain_stage1.jsonl"))
   stage1 = regroup_qa(pretrain, plan.qa_per_row)
   if plan.nq_stage1:
-    nq_ids = {r["id"] for r in read_jsonl(os.path.join(dirs["converted"], "nq_stage2.jsonl"))}
+    nq_ids = {r["id"] for r in read_jsonl(paths.join(dirs["converted"], "nq_stage2.jsonl"))}
     nq_train = [r for r in train["stage2"] if r["id"] in nq_ids]
     stage1 += gold_passage_rows(nq_train)
   if plan.restate_stage1:
     stage1 += restatement_rows(stage1)
-  qa_all = [read_jsonl(os.path.join(dirs["converted"], f"{name}_stage2.jsonl"))
+  qa_all = [read_jsonl(paths.join(dirs["converted"], f"{name}_stage2.jsonl"))
             for name in QA_SETS]
   text = passages([pretrain, *qa_all])
   _write_lines(dirs["lm"], text)
-  write_jsonl(os.path.join(dirs["stage1"], "train.jsonl"), stage1)
+  write_jsonl(paths.join(dirs["stage1"], "train.jsonl"), stage1)
   for stage in ("stage1_2", "stage2"):
-    write_jsonl(os.path.join(dirs[stage], "train.jsonl"), train[stage])
+    write_jsonl(paths.join(dirs[stage], "train.jsonl"), train[stage])
   write_jsonl(dirs["heldout"], heldout)
   counts.update(passages=len(text), stage1=len(stage1), stage1_2=len(train["stage1_2"]),
                 stage2=len(train["stage2"]), heldout=len(heldout))
   record = {"plan": plan_dict, "reports": reports, "counts": counts,
             "seconds": time.perf_counter() - start}
-  with open(done, "w") as f:
-    json.dump(record, f, indent=1)
+  paths.write_json(done, record, indent=1)
   log(f"[    data] {counts['passages']} passages, stage1 {len(stage1)}, stage1_2 "
       f"{len(train['stage1_2'])}, stage2 {len(train['stage2'])} train rows, "
       f"{len(heldout)} held out")
@@ -415,9 +409,9 @@ def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
   `lm` stage's tokenizer (see `fitted_prompt_lengths`)."""
   from clara_jax.data.tokenizer import load_tokenizer
   config = demo.stage_config("stage2", recipe)
-  tok = load_tokenizer(os.path.join(workdir, "lm", "export"), config.tokenizer.num_mem_tokens)
+  tok = load_tokenizer(paths.join(workdir, "lm", "export"), config.tokenizer.num_mem_tokens)
   questions = [r["question"] for stage in ("stage1_2", "stage2")
-               for r in read_jsonl(os.path.join(dirs[stage], "train.jsonl"))]
+               for r in read_jsonl(paths.join(dirs[stage], "train.jsonl"))]
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   # One prompt length serves stage1_2 and stage2, so it fits the larger of their k.
   k = max(demo.stage_config(stage, recipe).clara.k for stage in ("stage1_2", "stage2"))
@@ -437,13 +431,11 @@ def import_base(base: str, workdir: str, num_mem_tokens: int,
   a `BASES` name (fetched once) or a GGUF file, imported with its own tokenizer plus
   CLaRa's tokens and `num_mem_tokens` memory tokens. Skipped when done before; returns
   the stage's record metrics."""
-  stage_dir = os.path.join(workdir, "lm")
-  done = os.path.join(stage_dir, demo.DONE_FILE)
-  if os.path.exists(done):
+  stage_dir = paths.join(workdir, "lm")
+  done = paths.join(stage_dir, demo.DONE_FILE)
+  if paths.exists(done):
     log("[      lm] imported before: skipped")
-    with open(done) as f:
-      return json.load(f)["metrics"]
-  from clara_jax.data.formats import write_json_atomic
+    return paths.read_json(done)["metrics"]
   from clara_jax.data.tokenizer import BPETokenizer
   from clara_jax.weights.export import save_params
   from clara_jax.weights.gguf_import import import_gguf
@@ -451,19 +443,20 @@ def import_base(base: str, workdir: str, num_mem_tokens: int,
   if base in BASES:
     from clara_jax.weights.fetch import fetch_base
     path = fetch_base(base)
-  elif os.path.isfile(base):
+  elif paths.isfile(base):
     path = base
   else:
     raise FileNotFoundError(f"--base {base!r}: neither a known base ({sorted(BASES)}) nor "
                             f"a GGUF file")
-  tok = BPETokenizer.from_gguf(path, num_mem_tokens)
-  cfg, params = import_gguf(path, tok.num_special)
-  export = os.path.join(stage_dir, "export")
+  with paths.local_file(path) as local:  # the GGUF reader maps a local file
+    tok = BPETokenizer.from_gguf(local, num_mem_tokens)
+    cfg, params = import_gguf(local, tok.num_special)
+  export = paths.join(stage_dir, "export")
   save_params(export, cfg, params)
-  tok.save(os.path.join(export, tok.FILENAME))
-  metrics = {"imported": os.path.abspath(path), "num_params": cfg.num_params()}
-  write_json_atomic(done, {"metrics": metrics, "seconds": time.perf_counter() - start})
-  log(f"[      lm] {os.path.basename(path)} imported: {cfg.num_params() / 1e6:.0f}M "
+  tok.save(paths.join(export, tok.FILENAME))
+  metrics = {"imported": str(paths.path(path)), "num_params": cfg.num_params()}
+  paths.write_json(done, {"metrics": metrics, "seconds": time.perf_counter() - start})
+  log(f"[      lm] {paths.path(path).name} imported: {cfg.num_params() / 1e6:.0f}M "
       f"parameters, {cfg.num_layers} layers, chat format {tok.chat_format}")
   return metrics
 
@@ -475,12 +468,12 @@ def build_memory_cache(workdir: str, dirs: Dict[str, str],
   interrupted build, skips a finished one. Returns the directory."""
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train import memory_cache
-  out = os.path.join(workdir, "memories")
-  if os.path.exists(os.path.join(out, memory_cache.CACHE_FILE)):
+  out = paths.join(workdir, "memories")
+  if paths.exists(paths.join(out, memory_cache.CACHE_FILE)):
     log("[  memory] cached before: kept")
     return out
-  model = ClaraModel.load(os.path.join(workdir, "stage1_2", "export"))
-  texts = [d for path in (os.path.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
+  model = ClaraModel.load(paths.join(workdir, "stage1_2", "export"))
+  texts = [d for path in (paths.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
            for row in read_jsonl(path) for d in row["docs"]]
   start = time.perf_counter()
   record = memory_cache.build_cache(
@@ -498,13 +491,13 @@ def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
   `clara_jax.eval.real`."""
   import tensorflow_datasets as tfds
   tfds.disable_progress_bar()
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  workdir = str(paths.path(workdir))
+  paths.makedirs(workdir)
   start = time.perf_counter()
   plan = data_plan(quick, seed, pretrained=base is not None)
-  data = prepare_data(os.path.abspath(data_dir), workdir, plan, log)
+  data = prepare_data(str(paths.path(data_dir)), workdir, plan, log)
   dirs = data_dirs(workdir)
-  cache_dir = os.path.join(workdir, "memories")
+  cache_dir = paths.join(workdir, "memories")
   if base is None:
     recipe = real_recipe(quick, plan, dirs)
     stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
@@ -528,5 +521,5 @@ def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
     results = real.evaluate_run(workdir, rows, k, cache_dir, seed, log)
   return demo.write_report(workdir, recipe, stage_metrics, results,
                            time.perf_counter() - start, log,
-                           extra={"data": {"dir": os.path.abspath(data_dir), **data},
+                           extra={"data": {"dir": str(paths.path(data_dir)), **data},
                                   "base": base})

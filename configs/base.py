@@ -123,6 +123,7 @@ def get_base_config(stage, arg=None):
   c.train.grad_accum_steps = 1  # micro-batches per step
   c.train.num_steps = 200  # optimizer steps
   c.train.log_every = 10  # steps between metric writes
+  c.train.tensorboard = True  # also write TensorBoard event files (WORKDIR/tensorboard)
   c.train.checkpoint_every = 50  # steps between (async) checkpoints
   c.train.keep_checkpoints = 3  # checkpoints kept
   c.train.max_consecutive_nonfinite = 5  # stop after this many skipped updates in a row

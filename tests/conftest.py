@@ -14,6 +14,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests reach gs:// only through the local GCS emulator (`gcs` below), which epath can use
+# through gcsfs but not through TensorFlow's GCS client. epath decides once per process.
+os.environ["EPATH_USE_TF"] = "false"
 
 import jax  # noqa: E402
 
@@ -38,3 +41,14 @@ def quick_demo(tmp_path_factory):
   lines = []
   summary = demo.run(workdir, quick=True, log=lines.append)
   return workdir, summary, lines
+
+
+@pytest.fixture(scope="session")
+def gcs(tmp_path_factory):
+  """A GCS emulator on 127.0.0.1 (tests/gcs_emulator.py), once per session (per xdist
+  worker: gcsfs keeps one client per process), with this process's clients pointed at it;
+  yields its URL (`client_env(url)` points subprocesses at it)."""
+  from gcs_emulator import client_env, emulator
+  with emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log")) as url:
+    os.environ.update(client_env(url))
+    yield url

@@ -51,7 +51,6 @@ Conventions, the same for every source:
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import itertools
 import json
 import os
@@ -60,6 +59,7 @@ import re
 import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from clara_jax import paths as paths_lib
 from clara_jax.data.formats import _text as formats_text
 from clara_jax.data.formats import (ON_ERROR, STAGE1, STAGE1_2, STAGE2, DataError, FieldError,
                                     ReadReport, check_input_file, iter_json_lines, no_rows,
@@ -142,7 +142,7 @@ class ConvertReport:
 
 
 def _open_text(path: str) -> str:
-  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+  with paths_lib.open_binary(path) as f:
     data = f.read()
   try:
     return data.decode("utf-8")
@@ -152,7 +152,7 @@ def _open_text(path: str) -> str:
 
 
 def _is_json_array(path: str) -> bool:
-  with (gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")) as f:
+  with paths_lib.open_binary(path) as f:
     head = f.read(4096).lstrip()
   return head.startswith(b"[")
 
@@ -408,9 +408,9 @@ def _read(source_format: str, paths: Sequence[str], on_error: str,
   parse = PARSERS[source_format]
   first_seen: Dict[str, str] = {}  # id -> where it was first read
   for path in paths:
+    name = paths_lib.path(path).name
     for line, item, value in iter_records(path, on_error, report):
-      where = f"{os.path.basename(path)}:{line}" if item is None else \
-          f"{os.path.basename(path)}#{item}"
+      where = f"{name}:{line}" if item is None else f"{name}#{item}"
       try:
         example = parse(value, where)
       except FieldError as e:
@@ -606,6 +606,15 @@ def _counted(rows: Iterable[Dict], total: Optional[int], progress) -> Iterator[D
     progress(done, done)
 
 
+def _same_file(a: str, b: str) -> bool:
+  """Whether two existing paths name one file (locally also through links)."""
+  if not (paths_lib.exists(a) and paths_lib.exists(b)):
+    return False
+  if paths_lib.is_remote(a) or paths_lib.is_remote(b):
+    return os.fspath(paths_lib.path(a)) == os.fspath(paths_lib.path(b))
+  return os.path.samefile(a, b)  # local only: links and hard links name one file
+
+
 def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
             candidates: int = 20, k: int = 5, seed: int = 0, on_error: str = "raise",
             stage: str = STAGE2, limit: Optional[int] = None,
@@ -631,7 +640,7 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
     raise ValueError(f"limit must be >= 0, got {limit}")
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
   for path in inputs:
-    if os.path.exists(path) and os.path.exists(out_path) and os.path.samefile(path, out_path):
+    if _same_file(path, out_path):
       raise DataError(out_path, 0, None, "the output is also an input; writing it would "
                       "replace the data it is converted from (choose another --out)")
   if source_format == STAGE1:

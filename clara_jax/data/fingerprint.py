@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Dict, Mapping
 
+from clara_jax import paths
+
 HASH_LIMIT = 1 << 30  # bytes: larger files are known by size and mtime
 FINGERPRINT_SUFFIX = ".fingerprint.json"
 
@@ -23,27 +25,39 @@ class StaleArtefact(ValueError):
 
 
 def file_fingerprint(path: str) -> Dict[str, Any]:
-  stat = os.stat(path)
-  out: Dict[str, Any] = {"path": os.path.abspath(path), "bytes": stat.st_size}
-  if stat.st_size <= HASH_LIMIT:
+  """Local files or object-store ones (`gs://...`)."""
+  p = paths.path(path)
+  stat = p.stat()
+  size = int(stat.length)
+  out: Dict[str, Any] = {"path": os.fspath(p), "bytes": size}
+  if size <= HASH_LIMIT:
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with p.open("rb") as f:
       for block in iter(lambda: f.read(1 << 20), b""):
         digest.update(block)
     out["sha256"] = digest.hexdigest()
-  else:
-    out["mtime_ns"] = stat.st_mtime_ns
+  elif paths.is_remote(p):  # an object store gives whole seconds
+    out["mtime_ns"] = int(stat.mtime) * 1_000_000_000
+  else:  # epath's stat rounds to seconds; records have always held nanoseconds
+    out["mtime_ns"] = os.stat(os.fspath(p)).st_mtime_ns
   return out
 
 
 def dir_fingerprint(directory: str) -> Dict[str, Any]:
   """{relative file name: file_fingerprint} of every file under `directory`."""
+  top = paths.path(directory)
   out = {}
-  for root, _, names in os.walk(directory):
-    for name in sorted(names):
-      path = os.path.join(root, name)
-      out[os.path.relpath(path, directory)] = file_fingerprint(path)
-  return {"path": os.path.abspath(directory), "files": out}
+
+  def visit(folder, prefix: str) -> None:
+    # iterdir, not epath's walk: walk's fsspec backend drops the `gs://` of the roots.
+    for child in sorted(folder.iterdir(), key=lambda c: c.name):
+      if child.is_dir():
+        visit(child, f"{prefix}{child.name}/")
+      else:
+        out[prefix + child.name] = file_fingerprint(os.fspath(child))
+
+  visit(top, "")
+  return {"path": os.fspath(top), "files": out}
 
 
 def _comparable(value: Any) -> Any:
@@ -70,9 +84,8 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict
 def check_or_record(record_path: str, current: Mapping[str, Any], what: str) -> None:
   """Writes `current` to `record_path` the first time; afterwards raises `StaleArtefact`
   naming each differing input when `current` is not what was recorded."""
-  if os.path.exists(record_path):
-    with open(record_path) as f:
-      recorded = json.load(f)
+  if paths.exists(record_path):
+    recorded = paths.read_json(record_path)
     changed = differences(recorded, current)
     if changed:
       shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}"
@@ -82,8 +95,7 @@ def check_or_record(record_path: str, current: Mapping[str, Any], what: str) -> 
                           f"{more}. Remove it to rebuild, or use another output")
     return
   from clara_jax.data.formats import write_json_atomic
-  os.makedirs(os.path.dirname(record_path) or ".", exist_ok=True)
-  write_json_atomic(record_path, current)
+  write_json_atomic(record_path, current)  # makes the directory
 
 
 def _short(value: Any) -> str:

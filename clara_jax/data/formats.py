@@ -20,11 +20,14 @@ optional extras (`id`, `kind`, `doc_ids`, ...; see EVAL_EXTRAS) checked row by r
 from __future__ import annotations
 
 import dataclasses
-import gzip
+import io
 import json
 import os
-import tempfile
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
+
+from etils import epath
+
+from clara_jax import paths
 
 STAGE1, STAGE1_2, STAGE2 = "stage1", "stage1_2", "stage2"
 FORMATS = (STAGE1, STAGE1_2, STAGE2)
@@ -194,10 +197,6 @@ def validate_row(row: Any, fmt: str, num_docs: Optional[int] = None) -> Dict[str
   return out
 
 
-def _open_binary(path: str):
-  return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
-
-
 # A JSONL row longer than this is refused: no CLaRa row comes near it (a stage2 row with
 # 20 candidates is tens of kilobytes), and reading an unbounded line (a JSON array or a
 # binary file given by mistake, a file without newlines) would hold all of it in memory.
@@ -207,16 +206,52 @@ _LINE_CHUNK = 1 << 20
 
 def check_input_file(path: str) -> None:
   """A missing input or a directory given for a file, named before anything is read."""
-  if os.path.isdir(path):
+  if paths.isdir(path):
     raise IsADirectoryError(f"{path}: is a directory; expected a file")
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: no such file")
 
 
 def check_output_dir(path: str) -> None:
   """An output directory must not be an existing file; checked before any work."""
-  if os.path.exists(path) and not os.path.isdir(path):
+  if paths.isfile(path):
     raise NotADirectoryError(f"{path}: is a file; expected a directory to write into")
+
+
+def join_path(path: Union[str, os.PathLike], *parts: str) -> str:
+  """`path/parts...` with `path` kept as the user gave it (a relative local path stays
+  relative, so messages name what was typed; `gs://` URIs stay intact). Every `paths`
+  function accepts the result; `paths.join` would make a local path absolute."""
+  return os.fspath(epath.Path(os.fspath(path)).joinpath(*parts))
+
+
+class _Reader(io.RawIOBase):
+  """`readinto` over a stream that only has `read(n)`: object-store files (TensorFlow's
+  GFile, fsspec's) have a `readline()` without the size limit `_lines` needs, so they are
+  read through an `io.BufferedReader` on this."""
+
+  def __init__(self, f):
+    super().__init__()
+    self._f = f
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._f.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._f.close()
+    super().close()
+
+
+def _open_lines(path: str):
+  """`paths.open_binary(path)` with a `readline(size)` whatever the store."""
+  f = paths.open_binary(path)
+  return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_Reader(f), _LINE_CHUNK)
 
 
 def _lines(f) -> Iterator[Tuple[int, Optional[bytes], int]]:
@@ -249,7 +284,7 @@ def iter_json_lines(path: str, on_error: str = "raise",
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
   check_input_file(path)
   report = report if report is not None else ReadReport()
-  with _open_binary(path) as f:
+  with _open_lines(path) as f:
     for line_no, raw, length in _lines(f):
       if raw is not None and not raw.strip():
         continue
@@ -484,76 +519,20 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
   return rows
 
 
-def _write_all(fd: int, data: bytes) -> None:
-  """Every byte of `data` to `fd` (os.write may write fewer). The one low-level write of
-  the atomic writers, so a full disk surfaces here, as OSError(ENOSPC)."""
-  view = memoryview(data)
-  while view:
-    view = view[os.write(fd, view):]
-
-
-_WRITE_BUFFER = 1 << 20
-
-
-def _write_atomic(path: str, chunks: Iterable[str]) -> None:
-  """Writes the text `chunks` to a temporary file beside `path`, then renames it into
-  place: a failure (bad input raised by `chunks`, a full disk, no permission) never
-  leaves a partial file, never leaves the temporary one and never touches an existing
-  `path`. Write errors name `path`, not the temporary file the user never asked for."""
-  if os.path.isdir(path):
-    raise IsADirectoryError(f"{path}: is a directory; expected a file to write")
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=f".{os.path.basename(path)}",
-                               dir=directory)
-  except OSError as e:
-    raise type(e)(e.errno, f"cannot write {path}: {e.strerror} (creating a file in "
-                  f"{directory})") from None
-
-  def write(data: bytes) -> None:
-    try:
-      _write_all(fd, data)
-    except OSError as e:
-      raise type(e)(e.errno, f"{e.strerror}: writing {path}") from None
-
-  try:
-    try:
-      buffered, size = [], 0
-      for chunk in chunks:
-        data = chunk.encode("utf-8")
-        buffered.append(data)
-        size += len(data)
-        if size >= _WRITE_BUFFER:
-          write(b"".join(buffered))
-          buffered, size = [], 0
-      write(b"".join(buffered))
-      os.fchmod(fd, default_file_mode())  # mkstemp's 0600 would hide it from the team
-    finally:
-      os.close(fd)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+def write_atomic(path: Union[str, os.PathLike], chunks: Iterable[Union[str, bytes]]) -> None:
+  """All or nothing, local or `gs://` (`paths.write_atomic`)."""
+  paths.write_atomic(path, chunks)
 
 
 def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
-  """One JSON document through a temporary file renamed into place (never half written)."""
-  _write_atomic(path, [json.dumps(obj, indent=indent, sort_keys=False)])
-
-
-def default_file_mode() -> int:
-  """The mode `open(path, "w")` would give a new file: 0666 less the process umask."""
-  mask = os.umask(0)
-  os.umask(mask)
-  return 0o666 & ~mask
+  """One JSON document, written all or nothing (`paths.write_atomic`)."""
+  write_atomic(path, [json.dumps(obj, indent=indent, sort_keys=False)])
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
-  """Writes rows as JSONL through a temporary file renamed into place, so a failure
-  (including bad input raised by the `rows` iterator) never leaves a partial file and
-  never touches an existing one. Returns the number of rows written."""
+  """Writes rows as JSONL all or nothing (`paths.write_atomic`), so a failure (including
+  bad input raised by the `rows` iterator) never leaves a partial file and never touches
+  an existing one. Returns the number of rows written."""
   count = 0
 
   def lines():
@@ -562,5 +541,5 @@ def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
       yield json.dumps(row, ensure_ascii=False) + "\n"
       count += 1
 
-  _write_atomic(path, lines())
+  write_atomic(path, lines())
   return count

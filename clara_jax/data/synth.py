@@ -34,13 +34,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import os
 import random
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
-from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, validate_row,
-                                    write_jsonl_atomic)
+from clara_jax import paths
+from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, join_path,
+                                    validate_row, write_atomic, write_jsonl_atomic)
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
            "t", "th", "v", "z", "h", "j", "sh", "tr", "gr", "c", "w")
@@ -732,25 +732,25 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
   manifest. The manifest is written last, so its presence means the world is complete."""
   check_output_dir(directory)
   the_world = make_world(seed, size, max_facts=max_facts, names=names, world=world)
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   counts = {}
   for split in ("train", "test"):
     for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
       name = f"{fmt}_{split}.jsonl"
-      counts[name] = write_jsonl_atomic(os.path.join(directory, name), rows)
+      counts[name] = write_jsonl_atomic(join_path(directory, name), rows)
   lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
-  write_text(os.path.join(directory, "lm.txt"), lines)
+  write_text(join_path(directory, "lm.txt"), lines)
   counts["lm.txt"] = len(lines)
   world_lines = world_lm_lines(the_world, lm_wordings)
-  write_text(os.path.join(directory, LM_WORLD_FILE), world_lines)
+  write_text(join_path(directory, LM_WORLD_FILE), world_lines)
   counts[LM_WORLD_FILE] = len(world_lines)
   counts["corpus.jsonl"] = write_jsonl_atomic(
-      os.path.join(directory, "corpus.jsonl"),
+      join_path(directory, "corpus.jsonl"),
       ({"id": e.id, "text": e.text} for e in the_world.docs()))
   if fresh_rows:
     for fmt in (STAGE1, STAGE1_2):
       name = f"{fmt}_fresh.jsonl"
-      counts[name] = write_fresh(os.path.join(directory, name), seed, fresh_rows, fmt, size,
+      counts[name] = write_fresh(join_path(directory, name), seed, fresh_rows, fmt, size,
                                  k, max_facts, names, world=the_world.options)
   manifest = {
       "seed": seed, "size": size if isinstance(size, str) else dataclasses.asdict(size),
@@ -764,26 +764,19 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
                            "bridge_clues": q.bridge_clues, "split": q.split,
                            "seen": q.seen} for q in the_world.questions},
   }
-  tmp = os.path.join(directory, ".manifest.json.tmp")
-  with open(tmp, "w") as f:
-    json.dump(manifest, f, indent=1)
-  os.replace(tmp, os.path.join(directory, "manifest.json"))
+  write_atomic(join_path(directory, "manifest.json"), [json.dumps(manifest, indent=1)])
   return manifest
 
 
 def write_text(path: str, lines: Sequence[str]) -> None:
-  """Lines of text, one per line, written atomically (temporary file, then rename)."""
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write("\n".join(lines) + "\n")
-  os.replace(tmp, path)
+  """Lines of text, one per line, written all or nothing (`paths.write_atomic`)."""
+  write_atomic(path, ["\n".join(lines) + "\n"])
 
 
 def clues_for(manifest_path: str, questions: Sequence[str]) -> List[List[str]]:
   """Clue words per question text (empty for questions the manifest does not know)."""
   try:
-    with open(manifest_path) as f:
-      manifest = json.load(f)
+    manifest = paths.read_json(manifest_path)
     by_text = {q["question"]: q["clues"] for q in manifest["questions"].values()}
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, wrong shape
     raise ValueError(f"{manifest_path}: not the manifest.json of a generated world "

@@ -1,4 +1,4 @@
-"""TFDS datasets for the three CLaRa formats, built from local JSONL files only.
+"""TFDS datasets for the three CLaRa formats, built from JSONL files (local or `gs://`).
 
     builder = prepare("stage2", "converted/", data_dir="tfds/")
     source = builder.as_data_source(split="train")   # random access, no tensorflow
@@ -12,7 +12,6 @@ reads back without tensorflow.
 
 from __future__ import annotations
 
-import glob
 import logging
 import os
 from typing import Dict, Iterator, Optional, Tuple
@@ -20,6 +19,7 @@ from typing import Dict, Iterator, Optional, Tuple
 import numpy as np
 import tensorflow_datasets as tfds
 
+from clara_jax import paths
 from clara_jax.data import fingerprint, formats
 
 _TEXT = tfds.features.Text
@@ -39,12 +39,14 @@ FEATURES = {
 def split_files(source_dir: str) -> Dict[str, str]:
   """{split: path} for every `{split}.jsonl[.gz]` in `source_dir`."""
   files = {}
-  for path in sorted(glob.glob(os.path.join(source_dir, "*.jsonl"))
-                     + glob.glob(os.path.join(source_dir, "*.jsonl.gz"))):
-    split = os.path.basename(path).split(".jsonl")[0]
+  directory = paths.path(source_dir)
+  names = sorted(p.name for pattern in ("*.jsonl", "*.jsonl.gz")
+                 for p in directory.glob(pattern))
+  for name in names:
+    split = name.split(".jsonl")[0]
     if split in files:
       raise ValueError(f"{source_dir}: split {split!r} has both .jsonl and .jsonl.gz files")
-    files[split] = path
+    files[split] = formats.join_path(source_dir, name)
   if not files:
     raise FileNotFoundError(f"{source_dir}: no {{split}}.jsonl files found")
   return files
@@ -115,9 +117,10 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
   """
   if fmt not in BUILDERS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(BUILDERS)}")
-  files = split_files(source) if isinstance(source, str) else dict(source)
+  files = (split_files(source) if isinstance(source, (str, os.PathLike))
+           else dict(source))
   for split, path in files.items():
-    if not os.path.exists(path):
+    if not paths.exists(path):
       raise FileNotFoundError(f"{path}: no such file (split {split!r})")
   builder = BUILDERS[fmt](files=files, on_error=on_error, num_docs=num_docs,
                           data_dir=data_dir, file_format="array_record")
@@ -126,8 +129,8 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
   inputs = {"format": fmt, "on_error": on_error, "num_docs": num_docs,
             "files": {split: fingerprint.file_fingerprint(path)
                       for split, path in sorted(files.items())}}
-  record = os.path.join(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX)
-  if os.path.exists(record):
+  record = formats.join_path(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX)
+  if paths.exists(record):
     fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")
   builder.download_and_prepare()
   fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")

@@ -37,8 +37,12 @@ import re
 from typing import Iterable, Sequence
 
 import sentencepiece as spm
+from etils import epath
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
+
+from clara_jax import paths
+from clara_jax.data.formats import join_path, write_atomic
 
 ENC_TOKEN = "<ENC>"
 SEP_TOKEN = "<SEP>"
@@ -372,13 +376,11 @@ class Tokenizer(ClaraTokenizer):
       ValueError: the file is not a SentencePiece model.
     """
     path = os.fspath(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, _DEFAULT_MODEL_FILENAME)
-    if not os.path.isfile(path):
+    if paths.isdir(path):
+      path = join_path(path, _DEFAULT_MODEL_FILENAME)
+    if not paths.isfile(path):
       raise FileNotFoundError(f"SentencePiece model file not found: {path}")
-    with open(path, "rb") as f:
-      proto = f.read()
-    return cls(proto, num_mem_tokens, source=path)
+    return cls(paths.read_bytes(path), num_mem_tokens, source=path)
 
   @classmethod
   def train(
@@ -452,13 +454,9 @@ class Tokenizer(ClaraTokenizer):
     return tokenizer
 
   def save(self, path: str | os.PathLike[str]) -> None:
-    """Writes the SentencePiece `.model` file (the special tokens are not part of it)."""
-    path = os.fspath(path)
-    parent = os.path.dirname(path)
-    if parent:
-      os.makedirs(parent, exist_ok=True)
-    with open(path, "wb") as f:
-      f.write(self._proto)
+    """Writes the SentencePiece `.model` file (the special tokens are not part of it), all
+    or nothing."""
+    write_atomic(path, [self._proto])
 
   def serialized_model_proto(self) -> bytes:
     """The SentencePiece model as the bytes of a `.model` file."""
@@ -529,22 +527,22 @@ class BPETokenizer(ClaraTokenizer):
     import json
     import tokenizers
     path = os.fspath(path)
-    if os.path.isdir(path):
-      path = os.path.join(path, cls.FILENAME)
-    if not os.path.isfile(path):
+    if paths.isdir(path):
+      path = join_path(path, cls.FILENAME)
+    if not paths.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
-      backend = tokenizers.Tokenizer.from_file(path)
+      with paths.local_file(path) as local:
+        backend = tokenizers.Tokenizer.from_file(local)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
       raise ValueError(f"{path} is not a tokenizers model: {e}") from None
-    config_path = os.path.join(os.path.dirname(path), cls.CONFIG_FILENAME)
+    config_path = join_path(epath.Path(path).parent, cls.CONFIG_FILENAME)
     roles = {}
-    if os.path.exists(config_path):
-      with open(config_path, encoding="utf-8") as f:
-        try:
-          config = json.load(f)
-        except ValueError as e:
-          raise ValueError(f"{config_path}: not valid JSON ({e})") from None
+    if paths.exists(config_path):
+      try:
+        config = json.loads(paths.read_text(config_path))
+      except ValueError as e:  # UnicodeDecodeError included
+        raise ValueError(f"{config_path}: not valid JSON ({e})") from None
       for role in cls._ROLES:
         token = config.get(f"{role}_token")
         if isinstance(token, dict):  # {"content": "<s>", ...} in newer checkpoints
@@ -567,7 +565,8 @@ class BPETokenizer(ClaraTokenizer):
     import gguf
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
-    reader = gguf.GGUFReader(path)
+    with paths.local_file(path) as local:  # the reader maps a local file
+      reader = gguf.GGUFReader(local)
 
     def field(name, required=True):
       if name not in reader.fields:
@@ -597,17 +596,15 @@ class BPETokenizer(ClaraTokenizer):
     return cls(backend, num_mem_tokens, source=path, **ids)
 
   def save(self, path: str | os.PathLike[str]) -> None:
-    """Writes `path` (tokenizer.json) and the tokenizer_config.json beside it."""
+    """Writes `path` (tokenizer.json) and the tokenizer_config.json beside it, each all or
+    nothing."""
     import json
     path = os.fspath(path)
-    directory = os.path.dirname(path)
-    if directory:
-      os.makedirs(directory, exist_ok=True)
-    self._tk.save(path)
+    write_atomic(path, [self._tk.to_str(pretty=True)])
     config = {f"{role}_token": self._tk.id_to_token(token_id)
               for role, token_id in self._ids.items() if token_id is not None}
-    with open(os.path.join(directory, self.CONFIG_FILENAME), "w", encoding="utf-8") as f:
-      json.dump(config, f, indent=2)
+    write_atomic(join_path(epath.Path(path).parent, self.CONFIG_FILENAME),
+                 [json.dumps(config, indent=2)])
 
   @property
   def unk_id(self) -> int:
@@ -647,9 +644,9 @@ def load_tokenizer(path: str | os.PathLike[str], num_mem_tokens: int) -> ClaraTo
   directory (an export or a Hugging Face checkpoint) holding one of them
   (`tokenizer.model` first)."""
   path = os.fspath(path)
-  if os.path.isdir(path):
+  if paths.isdir(path):
     for backend in (Tokenizer, BPETokenizer):
-      if os.path.exists(os.path.join(path, backend.FILENAME)):
+      if paths.exists(join_path(path, backend.FILENAME)):
         return backend.load(path, num_mem_tokens)
     raise FileNotFoundError(f"{path}: holds neither {Tokenizer.FILENAME} nor "
                             f"{BPETokenizer.FILENAME}")

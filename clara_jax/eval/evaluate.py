@@ -12,11 +12,11 @@ lens: the logit lens of `clara_jax.eval.lens` over every question's reasoner mem
 
 from __future__ import annotations
 
-import os
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.data import formats, templates
 from clara_jax.eval import baselines, stats
 from clara_jax.eval import lens as lens_lib
@@ -186,7 +186,8 @@ def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
                               spent)
   if out_path:
     _write_json(out_path, summary)
-    formats.write_jsonl_atomic(os.path.splitext(out_path)[0] + ".jsonl", per_question)
+    from clara_jax.eval.hidden import write_records
+    write_records(_beside(out_path, ".jsonl"), per_question)
   return summary
 
 
@@ -248,11 +249,15 @@ def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str
                                                for n, r in results.items()},
                          "questions": {n: r["reasoner"] for n, r in results.items()}})
   first = next(iter(results.values()))
-  lens_lib.plot(first["reasoner"], summary, os.path.splitext(out_path)[0] + ".png")
+  lens_lib.plot(first["reasoner"], summary, _beside(out_path, ".png"))
   return {name: dict(r["summary"], gold_memories=r["documents_summary"])
           for name, r in results.items()}
 
 
 def _write_json(path: str, obj) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  formats.write_json_atomic(path, obj, indent=2)
+  paths.write_json(path, obj, indent=2)
+
+
+def _beside(path: str, suffix: str) -> str:
+  """`path` with its extension replaced by `suffix` (a `gs://` URI kept one)."""
+  return str(paths.path(path).with_suffix(suffix))

@@ -18,12 +18,12 @@ A claim passes only when its interval says so; `claims` marks every row that mis
 from __future__ import annotations
 
 import json
-import os
 import types
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.eval import baselines, stats
 from clara_jax.eval import lens as lens_lib
 
@@ -43,12 +43,12 @@ def load_reasoners(workdir: str) -> Dict[str, Any]:
   """{name: ClaraModel} of the REASONERS whose export exists."""
   from clara_jax.demo import initial_reasoner
   from clara_jax.infer.api import ClaraModel
-  exists = lambda stage: os.path.exists(os.path.join(workdir, stage, "export", "config.json"))
+  exists = lambda stage: paths.exists(paths.join(workdir, stage, "export", "config.json"))
   models = {}
   for name in REASONERS:
     source = next((s for s in INIT_SOURCES if exists(s)), None) if name == "init" else name
     if source is not None and exists(source):
-      model = ClaraModel.load(os.path.join(workdir, source, "export"))
+      model = ClaraModel.load(paths.join(workdir, source, "export"))
       models[name] = initial_reasoner(model) if name == "init" else model
   return models
 
@@ -65,13 +65,11 @@ def base_model(export_dir: str):
 
 def excluded_pieces(tok, world_dir: str) -> set:
   """Template pieces of the world's documents (`lens.template_pieces`, per kind)."""
-  with open(os.path.join(world_dir, "manifest.json")) as f:
-    kinds = {i: d["kind"] for i, d in json.load(f)["documents"].items()}
+  manifest = paths.read_json(paths.join(world_dir, "manifest.json"))
+  kinds = {i: d["kind"] for i, d in manifest["documents"].items()}
   by_kind: Dict[str, List[str]] = {}
-  with open(os.path.join(world_dir, "corpus.jsonl")) as f:
-    for line in f:
-      doc = json.loads(line)
-      by_kind.setdefault(kinds[doc["id"]], []).append(doc["text"])
+  for doc in read_records(paths.join(world_dir, "corpus.jsonl")):
+    by_kind.setdefault(kinds[doc["id"]], []).append(doc["text"])
   return lens_lib.template_pieces(tok, by_kind, TEMPLATE_SHARE)
 
 
@@ -137,8 +135,8 @@ def knowledge(workdir: str, manifest: Dict, question_ids: Sequence[str]) -> Dict
   from clara_jax.eval.probe import knowledge_report
   out = {}
   for stage in PROBED_STAGES:
-    export = os.path.join(workdir, stage, "export")
-    if os.path.exists(os.path.join(export, "config.json")):
+    export = paths.join(workdir, stage, "export")
+    if paths.exists(paths.join(export, "config.json")):
       out[stage] = knowledge_report(base_model(export), manifest, question_ids)
   return out
 
@@ -150,16 +148,15 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   answers) and `workdir/eval/lens_<model>.jsonl` (lens v2), the probe to
   `workdir/eval/probe.json`: `pool_seeds` reads them back."""
   from clara_jax.eval.evaluate import evaluate_records, load_rows
-  with open(os.path.join(world_dir, "manifest.json")) as f:
-    manifest = json.load(f)
-  gold_counts = baselines.gold_counts_of(load_rows(os.path.join(world_dir,
-                                                                "stage2_train.jsonl")))
+  manifest = paths.read_json(paths.join(world_dir, "manifest.json"))
+  gold_counts = baselines.gold_counts_of(load_rows(paths.join(world_dir,
+                                                              "stage2_train.jsonl")))
   models = load_reasoners(workdir)
   records, lens = {}, {}
   for name, model in models.items():
     records[name] = evaluate_records(model, rows, k, max_new_tokens=12, seed=seed,
                                      gold_counts=gold_counts)
-    write_records(os.path.join(workdir, "eval", f"{name}.jsonl"), records[name])
+    write_records(paths.join(workdir, "eval", f"{name}.jsonl"), records[name])
     log(f"[    eval] {name}: {len(rows)} questions")
   multi = [r for r in rows if r.get("kind") in MULTI_HOP]
   tok = models["stage2"].tok
@@ -168,16 +165,15 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name in LENS_MODELS:
     if name in models:
       lens[name], null_summary[name] = lens_records(models[name], multi, matched, seed)
-      write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
+      write_records(paths.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
   probe = knowledge(workdir, manifest, [r["id"] for r in multi])
-  with open(os.path.join(workdir, "eval", "probe.json"), "w") as f:
-    json.dump(probe, f)
+  paths.write_json(paths.join(workdir, "eval", "probe.json"), probe, indent=None)
   results = assemble(records, lens, probe, k)
   for name, null in null_summary.items():  # the permutation's own quantile, one world
     results["lens_v2"][name]["null"] = null
-  plot_lens(results["lens_v2"], os.path.join(workdir, "lens.png"))
-  with open(os.path.join(workdir, "lens.json"), "w") as f:
-    json.dump({"summary": results["lens_v2"], "questions": lens}, f, indent=1)
+  plot_lens(results["lens_v2"], paths.join(workdir, "lens.png"))
+  paths.write_json(paths.join(workdir, "lens.json"),
+                   {"summary": results["lens_v2"], "questions": lens}, indent=1)
   return results
 
 
@@ -229,22 +225,21 @@ def pool_seeds(workdirs: Dict[int, str], k: int) -> Dict[str, Any]:
   for seed, workdir in workdirs.items():
     tag = lambda r: dict(r, id=f"s{seed}:{r.get('id')}")
     for name in REASONERS + tuple(f"lens_{n}" for n in LENS_MODELS):
-      path = os.path.join(workdir, "eval", f"{name}.jsonl")
-      if not os.path.exists(path):
+      path = paths.join(workdir, "eval", f"{name}.jsonl")
+      if not paths.exists(path):
         continue
-      with open(path) as f:
-        recs = [tag(json.loads(line)) for line in f]
+      recs = [tag(r) for r in read_records(path)]
       target = lens if name.startswith("lens_") else records
       target.setdefault(name[len("lens_"):] if name.startswith("lens_") else name,
                         []).extend(recs)
-    with open(os.path.join(workdir, "eval", "probe.json")) as f:
-      for stage, p in json.load(f).items():
-        pooled = probe.setdefault(stage, {"links": 0, "known": 0.0, "chance_sum": 0.0,
-                                          "questions": {}})
-        pooled["links"] += p["links"]
-        pooled["known"] += (p["known_share"] or 0.0) * p["links"]
-        pooled["chance_sum"] += (p["chance"] or 0.0) * p["links"]
-        pooled["questions"].update({f"s{seed}:{q}": v for q, v in p["questions"].items()})
+    probe_path = paths.join(workdir, "eval", "probe.json")
+    for stage, p in paths.read_json(probe_path).items():
+      pooled = probe.setdefault(stage, {"links": 0, "known": 0.0, "chance_sum": 0.0,
+                                        "questions": {}})
+      pooled["links"] += p["links"]
+      pooled["known"] += (p["known_share"] or 0.0) * p["links"]
+      pooled["chance_sum"] += (p["chance"] or 0.0) * p["links"]
+      pooled["questions"].update({f"s{seed}:{q}": v for q, v in p["questions"].items()})
   for p in probe.values():
     links = max(p["links"], 1)
     p["known_share"], p["chance"] = p.pop("known") / links, p.pop("chance_sum") / links
@@ -262,21 +257,19 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
   per_model: Dict[str, List[Dict]] = {}
   probes: Dict[str, Dict[str, float]] = {}
   for seed, workdir in workdirs.items():
-    summary_path = os.path.join(workdir, "edit.json")
-    if not os.path.exists(summary_path):
+    summary_path = paths.join(workdir, "edit.json")
+    if not paths.exists(summary_path):
       continue
     for name in edit_lib.MODELS:
-      with open(os.path.join(workdir, "eval", f"edit_{name}.jsonl")) as f:
-        per_model.setdefault(name, []).extend(
-            dict(r, id=f"s{seed}:{r['id']}", link=f"s{seed}:{r['link']}")
-            for r in map(json.loads, f))
-    with open(summary_path) as f:
-      for name, p in json.load(f)["probe"].items():
-        pooled = probes.setdefault(name, {"links": 0, "sums": {}})
-        pooled["links"] += p["links"]
-        for key, value in p.items():
-          if key.endswith("_known"):
-            pooled["sums"][key] = pooled["sums"].get(key, 0.0) + (value or 0.0) * p["links"]
+      per_model.setdefault(name, []).extend(
+          dict(r, id=f"s{seed}:{r['id']}", link=f"s{seed}:{r['link']}")
+          for r in read_records(paths.join(workdir, "eval", f"edit_{name}.jsonl")))
+    for name, p in paths.read_json(summary_path)["probe"].items():
+      pooled = probes.setdefault(name, {"links": 0, "sums": {}})
+      pooled["links"] += p["links"]
+      for key, value in p.items():
+        if key.endswith("_known"):
+          pooled["sums"][key] = pooled["sums"].get(key, 0.0) + (value or 0.0) * p["links"]
   if not per_model:
     return None
   for p in probes.values():
@@ -287,9 +280,15 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
 
 
 def write_records(path: str, records: Sequence[Dict]) -> None:
-  """Per-question records, one JSON object per line (atomic)."""
-  from clara_jax.data.formats import write_jsonl_atomic
-  write_jsonl_atomic(path, records)
+  """Per-question records, one JSON object per line, written all or nothing (any path
+  `clara_jax.paths` writes; the lines of `formats.write_jsonl_atomic`)."""
+  paths.write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_records(path: str) -> List[Dict]:
+  """The JSON object of each line of `path` (any path `clara_jax.paths` reads)."""
+  with paths.path(path).open() as f:
+    return [json.loads(line) for line in f]
 
 
 def plot_lens(lens: Dict, path: str) -> None:
@@ -317,7 +316,7 @@ def plot_lens(lens: Dict, path: str) -> None:
     ax.set_title(f"lens {measure.replace('_', ' ')}, unseen multi-hop", fontsize=9)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  lens_lib.save_figure(fig, path)
   plt.close(fig)
 
 

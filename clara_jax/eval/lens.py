@@ -22,6 +22,7 @@ outscores a discriminative control piece (ties count half; 0.5 = no preference).
 
 from __future__ import annotations
 
+import io
 import re
 from collections import Counter
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.eval.stats import bootstrap_ci, paired_difference
 from clara_jax.model.decoder import Decoder
@@ -273,8 +275,16 @@ def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
       bars.text(i, 0.95, f"rank AUC {summaries[n]['rank_auc']:.2f}", ha="center", fontsize=7)
   bars.legend(fontsize=8, loc="center right")
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  save_figure(fig, path)
   plt.close(fig)
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+  """`fig.savefig(path)` for any path `clara_jax.paths` writes (a `gs://` URI too), all
+  or nothing; the format from the file's extension, as matplotlib picks it."""
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format=paths.path(path).suffix[1:] or None, dpi=dpi)
+  paths.write_atomic(path, [buffer.getvalue()])
 
 
 # ---------------------------------------------------------------------------------------

@@ -24,12 +24,12 @@ neither the compressor nor the base, so they are the memories it trained on.
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, Dict, List, Sequence
 
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.eval import hidden, stats
 from clara_jax.eval import lens as lens_lib
 from clara_jax.eval.answer_metrics import recall_at_k
@@ -118,10 +118,7 @@ def write_examples(path: str, examples: Sequence[Dict], title: str) -> None:
               f"- set: {ex['kind']}; answer: {ex['answer']}",
               f"- gold document: {gold[:400]}{' ...' if len(gold) > 400 else ''}",
               f"- lens: {shown}", ""]
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    f.write("\n".join(lines))
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, "\n".join(lines))
 
 
 def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: int = 0,
@@ -129,15 +126,14 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
   """The evaluation of the run in `workdir` on held-out `rows` (stage2 rows with
   `kind`); writes `eval/*.jsonl`, `eval/*.json`, `lens.json`, `examples.md`. Returns the
   results `claims` reads (the key "lens_matched" marks them)."""
-  from clara_jax.data.formats import write_json_atomic
   from clara_jax.demo import initial_reasoner
   from clara_jax.eval.evaluate import evaluate_records, summarize_records
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train.memory_cache import MemoryCache
   start = time.perf_counter()
   cache = MemoryCache(cache_dir)
-  final = ClaraModel.load(os.path.join(workdir, "stage2", "export")).use_memory_cache(cache)
-  init = initial_reasoner(ClaraModel.load(os.path.join(workdir, "stage1_2", "export")))
+  final = ClaraModel.load(paths.join(workdir, "stage2", "export")).use_memory_cache(cache)
+  init = initial_reasoner(ClaraModel.load(paths.join(workdir, "stage1_2", "export")))
   init.use_memory_cache(cache)
   rows = [r for r in rows if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
   # The permutation null draws another question of the same set (`template`).
@@ -151,17 +147,17 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
   lens = {name: hidden.lens_records(model, rows, matched, seed)[0]
           for name, model in (("stage2", final), ("stage1_2_init", init))}
   examples = lens_examples(final, rows[:: max(1, len(rows) // 12)][:12])
-  write_examples(os.path.join(workdir, "examples.md"), examples,
+  write_examples(paths.join(workdir, "examples.md"), examples,
                  "The reasoner's memories through the logit lens, held-out questions")
   for name, recs in records.items():
-    hidden.write_records(os.path.join(workdir, "eval", f"{name}.jsonl"), recs)
+    hidden.write_records(paths.join(workdir, "eval", f"{name}.jsonl"), recs)
   for name, recs in lens.items():
-    hidden.write_records(os.path.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
+    hidden.write_records(paths.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
   results = {"questions": len(rows), "k": k,
              "stage2": summarize_records(records["stage2"], k),
              "lens_matched": {name: hidden.lens_summary(recs) for name, recs in lens.items()},
              "paired": paired(records, lens)}
-  write_json_atomic(os.path.join(workdir, "eval", "real.json"), results, indent=1)
+  paths.write_json(paths.join(workdir, "eval", "real.json"), results, indent=1)
   log(f"[    eval] {len(rows)} held-out questions in {_minutes(start)}")
   return results
 

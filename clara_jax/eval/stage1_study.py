@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import sys
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -150,32 +149,32 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   on the pool minus the dev rows, measures it on them; returns and writes the record."""
   from clara_jax import demo, real_data
   from clara_jax.data.features import FeatureConfig, Featurizer
-  from clara_jax.data.formats import write_json_atomic
+  from clara_jax import paths
   from clara_jax.data.tokenizer import load_tokenizer
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
-  workdir = os.path.abspath(workdir)
+  workdir = str(paths.path(workdir))
   recipe_plan = real_data.data_plan(quick, seed, pretrained=True)
   # The pool is the plan's stage1 rows without restatements: each variant says its own.
   plan = dataclasses.replace(recipe_plan, restate_stage1=False)
-  real_data.prepare_data(os.path.abspath(data_dir), workdir, plan, log)
+  real_data.prepare_data(str(paths.path(data_dir)), workdir, plan, log)
   dirs = real_data.data_dirs(workdir)
   recipe = real_data.pretrained_recipe(quick, plan, dirs, real_data.BASES.get(base, "tiny"),
-                                       os.path.join(workdir, "memories"))
+                                       paths.join(workdir, "memories"))
   num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
   real_data.import_base(base, workdir, num_mem, log)
   recipe = real_data.fit_recipe(recipe, workdir, dirs, log)
 
-  rows = real_data.read_jsonl(os.path.join(dirs["stage1"], "train.jsonl"))
+  rows = real_data.read_jsonl(paths.join(dirs["stage1"], "train.jsonl"))
   train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
   spec = VARIANTS[variant]
   restate = recipe_plan.restate_stage1 if spec.restate is None else spec.restate
-  source = os.path.join(workdir, "study_data_restate" if restate else "study_data")
-  if not os.path.exists(os.path.join(source, "train.jsonl")):
+  source = paths.join(workdir, "study_data_restate" if restate else "study_data")
+  if not paths.exists(paths.join(source, "train.jsonl")):
     train_rows = [rows[i] for i in train_idx]
     if restate:
       train_rows += real_data.restatement_rows(train_rows)
-    real_data.write_jsonl(os.path.join(source, "train.jsonl"), train_rows)
+    real_data.write_jsonl(paths.join(source, "train.jsonl"), train_rows)
   overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
   stages = {name: dict(o) for name, o in recipe.stages.items()}
   stages["stage1"].update(overrides)
@@ -184,7 +183,7 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
 
   config = demo.stage_config("stage1", recipe, seed)
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
-  export = os.path.join(workdir, "stage1", "export")
+  export = paths.join(workdir, "stage1", "export")
   tok = load_tokenizer(export, config.tokenizer.num_mem_tokens)
   featurize = Featurizer(tok, FeatureConfig(
       stage="stage1", n_mem=n_mem, doc_max_length=config.clara.doc_max_length,
@@ -203,9 +202,9 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   is_qa = np.array([row["data_type"] == "qa" for row in dev_rows])
   record = {"variant": variant, "overrides": spec.overrides, "restate": restate,
             "steps": steps, "seed": seed, "base": base,
-            "train_rows": len(real_data.read_jsonl(os.path.join(source, "train.jsonl"))),
+            "train_rows": len(real_data.read_jsonl(paths.join(source, "train.jsonl"))),
             "dev": summarize(own, other, memories, is_qa, seed), "last_train_metrics": metrics}
-  write_json_atomic(os.path.join(workdir, "study.json"), record)
+  paths.write_json(paths.join(workdir, "study.json"), record)
   gain = record["dev"]["memory_gain"]
   restate = record["dev"]["memory_gain_restate"]
   log(f"[   study] {variant} at {steps} steps, {len(dev_idx)} dev documents: memory gain "

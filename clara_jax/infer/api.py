@@ -12,8 +12,6 @@ Every call pads to shape buckets so repeated calls reuse compiled programs.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from typing import List, Optional, Sequence, Tuple
 
@@ -22,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from clara_jax import paths
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate
@@ -80,10 +79,9 @@ class ClaraModel:
            compr_rate: Optional[int] = None, **kw) -> "ClaraModel":
     """Loads an export; lengths default to those recorded by training (clara.json)."""
     recorded = {}
-    clara_json = os.path.join(export_dir, "clara.json")
-    if os.path.exists(clara_json):
-      with open(clara_json) as f:
-        recorded = json.load(f)
+    clara_json = paths.join(export_dir, "clara.json")
+    if paths.exists(clara_json):
+      recorded = paths.read_json(clara_json)
     doc_max_length = doc_max_length or recorded.get("doc_max_length")
     compr_rate = compr_rate or recorded.get("compr_rate")
     if doc_max_length is None or compr_rate is None:

@@ -11,8 +11,8 @@ document axis, so a corpus need not fit on one device.
 from __future__ import annotations
 
 import functools
+import io
 import json
-import os
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
@@ -20,11 +20,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from clara_jax import paths
+
 INDEX_FILE = "index.json"
 
 
 def _shard_path(out_dir: str, i: int) -> str:
-  return os.path.join(out_dir, f"shard_{i:05d}.npz")
+  return paths.join(out_dir, f"shard_{i:05d}.npz")
+
+
+def _read_npz(path: str):
+  """A shard's arrays (`np.load` of its bytes: any store `paths` reads)."""
+  return np.load(io.BytesIO(paths.read_bytes(path)))
 
 
 def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[Dict],
@@ -43,43 +50,41 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
     raise ValueError("no documents to index")  # an index of nothing cannot be loaded
   from clara_jax.data.formats import check_output_dir
   check_output_dir(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   if inputs is not None:
     from clara_jax.data import fingerprint
     fingerprint.check_or_record(
-        os.path.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
+        paths.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
         dict(inputs, shard_size=shard_size, dtype=dtype), f"the index in {out_dir}")
   num_shards = -(-len(docs) // shard_size)
   for i in range(num_shards):
     path = _shard_path(out_dir, i)
     chunk = docs[i * shard_size:(i + 1) * shard_size]
-    if os.path.exists(path):
-      with np.load(path) as done:
+    if paths.exists(path):
+      with _read_npz(path) as done:
         if list(done["ids"]) == [str(d["id"]) for d in chunk]:
           continue
     memories = np.asarray(compress([d["text"] for d in chunk])).astype(dtype)
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, ids=np.asarray([str(d["id"]) for d in chunk]), memories=memories)
-    os.replace(tmp, path)  # a shard is there whole or not at all
+    buffer = io.BytesIO()
+    np.savez(buffer, ids=np.asarray([str(d["id"]) for d in chunk]), memories=memories)
+    paths.write_atomic(path, [buffer.getvalue()])  # a shard is there whole or not at all
     if progress is not None:
       progress(i + 1, num_shards)
   meta = {"num_docs": len(docs), "num_shards": num_shards, "shard_size": shard_size,
           "dtype": dtype}
-  with open(os.path.join(out_dir, INDEX_FILE), "w") as f:
-    json.dump(meta, f)
+  paths.write_text(paths.join(out_dir, INDEX_FILE), json.dumps(meta))
   return meta
 
 
 def read_shards(out_dir: str) -> Tuple[List[str], np.ndarray]:
   """(ids, memories [N, n_mem, H] as stored) of a finished build in `out_dir`."""
-  path = os.path.join(out_dir, INDEX_FILE)
-  if not os.path.exists(path):
+  path = paths.join(out_dir, INDEX_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: missing; the index build did not finish")
-  with open(path) as f:
-    meta = json.load(f)
+  meta = paths.read_json(path)
   ids, mems = [], []
   for i in range(meta["num_shards"]):
-    with np.load(_shard_path(out_dir, i)) as shard:
+    with _read_npz(_shard_path(out_dir, i)) as shard:
       ids.extend(str(x) for x in shard["ids"])
       mems.append(shard["memories"])
   return ids, np.concatenate(mems)

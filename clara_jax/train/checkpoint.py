@@ -18,6 +18,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from clara_jax import paths
 from clara_jax.train.state import TrainState
 
 
@@ -26,7 +27,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, save_every: int = 100, keep: int = 3,
                async_save: bool = True):
-    self.directory = os.path.abspath(directory)
+    # Orbax wants an absolute local path or a URI (gs://...): paths.path gives either.
+    self.directory = os.fspath(paths.path(directory))
     # Only interval steps (and forced saves: the end, preemption). Orbax's default policy
     # also saves the first step, which would let a resume land between two logging
     # steps and change the next logged window mean.
@@ -83,12 +85,12 @@ class Checkpointer:
     if not unreadable or jax.process_index() != 0:
       return
     for step in unreadable:
-      src = os.path.join(self.directory, str(step))
+      src = paths.join(self.directory, str(step))
       dst = f"{src}.unreadable"
       n = 1
-      while os.path.exists(dst):
+      while paths.exists(dst):
         dst, n = f"{src}.unreadable{n}", n + 1
-      os.rename(src, dst)
+      paths.path(src).rename(dst)
       logging.warning("checkpoint %s set aside as %s", src, dst)
     self.manager.reload()
 
@@ -108,17 +110,17 @@ def newest_parameters(directory: str) -> Tuple[str, Dict[str, np.ndarray]]:
   `directory` (a workdir or its `checkpoints/`), read in its own structure: what
   `init.from_checkpoint` starts another run from. Each array is read whole onto this
   host."""
-  ckpt_dir = os.path.join(directory, "checkpoints")
-  ckpt_dir = ckpt_dir if os.path.isdir(ckpt_dir) else directory
-  if not os.path.isdir(ckpt_dir):
+  ckpt_dir = paths.join(directory, "checkpoints")
+  ckpt_dir = ckpt_dir if paths.isdir(ckpt_dir) else os.fspath(directory)
+  if not paths.isdir(ckpt_dir):
     raise FileNotFoundError(f"{directory}: no such workdir or checkpoint directory")
-  steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()), reverse=True)
+  steps = sorted((int(d) for d in paths.listdir(ckpt_dir) if d.isdigit()), reverse=True)
   if not steps:
     raise FileNotFoundError(f"{ckpt_dir}: no finished checkpoint")
   checkpointer = ocp.StandardCheckpointer()
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   for step in steps:
-    path = os.path.join(ckpt_dir, str(step), "state")
+    path = paths.join(ckpt_dir, str(step), "state")
     try:
       saved = checkpointer.metadata(path).item_metadata
       abstract = jax.tree_util.tree_map(

@@ -11,18 +11,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
+import hashlib
+import io
 from absl import logging
 import os
+import posixpath
 import signal
+import tempfile
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from clu import periodic_actions
 
+from clara_jax import paths
 from clara_jax.bench.flops import matmul_peak_flops
 from clara_jax.data import formats, tfds_builders
 from clara_jax.data.features import FeatureConfig, Featurizer
@@ -125,11 +129,28 @@ def _preemption_service_running() -> bool:
   return True
 
 
+def resolve(base: str, *parts: str) -> str:
+  """`base/parts...` with `.` and `..` resolved, for local paths and URIs alike: a part
+  that is a URI or an absolute path starts over from itself (as os.path.join), and a
+  URI's `scheme://bucket` stays intact and is never climbed above (os.path.normpath
+  would turn `gs://b` into `gs:/b`). Local results are absolute."""
+  out = os.fspath(base)
+  for part in parts:
+    out = part if paths.is_remote(part) else paths.join(out, part)
+  out = paths.join(out)  # a lone local base made absolute too
+  if not paths.is_remote(out):
+    return posixpath.normpath(out)
+  scheme, rest = out.split("://", 1)
+  bucket, _, key = rest.partition("/")
+  key = posixpath.normpath("/" + key).lstrip("/")
+  return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
+
+
 def _previous_export(config, workdir: str) -> Optional[str]:
   if not config.init.from_workdir:
     return None
-  prev = os.path.normpath(os.path.join(workdir, config.init.from_workdir, "export"))
-  if not os.path.exists(os.path.join(prev, "config.json")):
+  prev = resolve(workdir, config.init.from_workdir, "export")
+  if not paths.exists(paths.join(prev, "config.json")):
     raise FileNotFoundError(f"{prev}: the previous stage's export is missing "
                             f"(config init.from_workdir={config.init.from_workdir!r})")
   return prev
@@ -146,7 +167,7 @@ def synth_dir(config, workdir: str) -> str:
     name += f"_{d.synth_names}"
   if d.synth_world != "classic":
     name += f"_{d.synth_world}"
-  return os.path.normpath(os.path.join(workdir, "..", "data", name))
+  return resolve(workdir, "..", "data", name)
 
 
 def _fresh_rows_needed(config) -> int:
@@ -161,7 +182,7 @@ def data_files(config, workdir: str) -> Dict[str, str]:
     from clara_jax.data import synth
     directory = synth_dir(config, workdir)
     max_facts = d.synth_max_facts or None
-    if not os.path.exists(os.path.join(directory, "manifest.json")):
+    if not paths.exists(paths.join(directory, "manifest.json")):
       if jax.process_index() == 0:
         synth.write_world(directory, seed=d.synth_seed, size=d.synth_size,
                           candidates=d.candidates, k=config.clara.k, max_facts=max_facts,
@@ -171,14 +192,14 @@ def data_files(config, workdir: str) -> Dict[str, str]:
       raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
                        f"stage1, stage1_2 and stage2 do (this stage reads {fmt!r} rows)")
     if fmt == "text":
-      return {"train": os.path.join(directory, synth.LM_WORLD_FILE if d.lm_text == "world"
-                                    else "lm.txt")}
-    files = {split: os.path.join(directory, f"{fmt}_{split}.jsonl")
+      return {"train": paths.join(directory, synth.LM_WORLD_FILE if d.lm_text == "world"
+                                  else "lm.txt")}
+    files = {split: paths.join(directory, f"{fmt}_{split}.jsonl")
              for split in ("train", "test")}
     if d.synth_fresh:
       rows = _fresh_rows_needed(config)
-      path = os.path.join(directory, f"{fmt}_fresh{rows}.jsonl")
-      if not os.path.exists(path) and jax.process_index() == 0:
+      path = paths.join(directory, f"{fmt}_fresh{rows}.jsonl")
+      if not paths.exists(path) and jax.process_index() == 0:
         synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
                           max_facts, d.synth_names, candidates=d.candidates,
                           world=d.synth_world)
@@ -204,8 +225,8 @@ def _with_replay_text(config, workdir: str, files: Dict[str, str]) -> Dict[str, 
     if config.data.source != "synth":
       raise ValueError("config: data.replay_text='world' needs data.source='synth'")
     from clara_jax.data import synth
-    replay = os.path.join(synth_dir(config, workdir), synth.LM_WORLD_FILE)
-  if not os.path.isfile(replay):
+    replay = paths.join(synth_dir(config, workdir), synth.LM_WORLD_FILE)
+  if not paths.isfile(replay):
     raise FileNotFoundError(f"{replay}: no such replay text file (config data.replay_text)")
   return dict(files, replay=replay)
 
@@ -218,8 +239,9 @@ def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
     return files
   from clara_jax.data import synth
   source = files[config.data.train_split]
-  path = os.path.splitext(source)[0] + f"_shuffled_answers_seed{config.seed}.jsonl"
-  if not os.path.exists(path) and jax.process_index() == 0:
+  # posixpath: string surgery on the name only, right for local paths and URIs alike
+  path = posixpath.splitext(source)[0] + f"_shuffled_answers_seed{config.seed}.jsonl"
+  if not paths.exists(path) and jax.process_index() == 0:
     synth.write_shuffled_answers(source, path, seed=config.seed)
   _barrier("shuffled answers written")
   return dict(files, **{config.data.train_split: path})
@@ -235,11 +257,11 @@ def load_tokenizer(config, workdir: str, files: Dict[str, str],
     return tokenizer_lib.load_tokenizer(config.tokenizer.path, n)
   if prev is not None:
     return tokenizer_lib.load_tokenizer(prev, n)
-  export = os.path.join(workdir, "export")
-  if any(os.path.exists(os.path.join(export, backend.FILENAME))
+  export = paths.join(workdir, "export")
+  if any(paths.exists(paths.join(export, backend.FILENAME))
          for backend in (Tokenizer, tokenizer_lib.BPETokenizer)):
     return tokenizer_lib.load_tokenizer(export, n)
-  own = os.path.join(export, TOKENIZER_FILE)
+  own = paths.join(export, TOKENIZER_FILE)
   texts = list(_training_texts(files["train"], config.data.format))
   symbols = ()
   if config.data.synth_names == "pool":  # the generated names stay single pieces
@@ -248,14 +270,19 @@ def load_tokenizer(config, workdir: str, files: Dict[str, str],
   tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed,
                         user_symbols=symbols)
   if jax.process_index() == 0:  # training is deterministic: every process has the same
-    os.makedirs(os.path.dirname(own), exist_ok=True)
+    paths.makedirs(paths.parent(own))
     tok.save(own)
   return tok
 
 
+def _open_text(path: str):
+  """A text file (local or a URI; `.gz` decompressed) read line by line."""
+  return io.TextIOWrapper(paths.open_binary(path), encoding="utf-8")
+
+
 def _training_texts(path: str, fmt: str):
   if fmt == "text":
-    with open(path, encoding="utf-8") as f:
+    with _open_text(path) as f:
       yield from (line.rstrip("\n") for line in f if line.strip())
     return
   for row in formats.read_rows(path, fmt, on_error="skip"):
@@ -265,8 +292,20 @@ def _training_texts(path: str, fmt: str):
 
 
 def _text_source(path: str):
-  with open(path, encoding="utf-8") as f:
+  with _open_text(path) as f:
     return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+
+
+def prepared_data_dir(workdir: str) -> Tuple[str, bool]:
+  """Where the prepared (TFDS ArrayRecord) dataset lives, and whether all processes share
+  it. ArrayRecord reads and writes local files only, so a workdir on an object store keeps
+  its prepared data on each host's local disk, in the temporary directory under a name
+  derived from the workdir (a resume on the same host finds it; elsewhere it is prepared
+  again, identically); a local workdir keeps it in WORKDIR/tfds."""
+  if not paths.is_remote(workdir):
+    return paths.join(workdir, "tfds"), True
+  key = hashlib.sha256(os.fspath(workdir).encode()).hexdigest()[:16]
+  return os.path.join(tempfile.gettempdir(), "clara_jax_tfds", key), False
 
 
 def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str],
@@ -285,14 +324,16 @@ def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, s
     source, decode = _text_source(files[d.train_split]), (lambda row: row)
   else:
     splits = {split: path for split, path in files.items() if split != "replay"}
+    data_dir, shared = prepared_data_dir(workdir)
     prepare = lambda: tfds_builders.prepare(
-        fmt, splits, os.path.join(workdir, "tfds"), on_error=d.on_error,
+        fmt, splits, data_dir, on_error=d.on_error,
         num_docs=num_docs if config.stage == "stage1_2" else None)
-    # Process 0 writes the dataset; the others open it once it is complete.
-    if jax.process_index() == 0:
+    # On a shared directory process 0 writes the dataset and the others open it once it
+    # is complete; on local copies every process prepares its own.
+    if jax.process_index() == 0 or not shared:
       builder = prepare()
     _barrier("tfds prepared")
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 and shared:
       builder = prepare()
     source, decode = builder.as_data_source(split=d.train_split), tfds_builders.decode_row
     for split, report in builder.reports.items():
@@ -392,19 +433,18 @@ def train(config, workdir: str,
   after saving a checkpoint when SIGTERM or SIGINT arrives."""
   from configs.base import validate
   validate(config)
-  workdir = os.path.abspath(workdir)
-  if os.path.exists(workdir) and not os.path.isdir(workdir):
+  workdir = os.fspath(paths.path(workdir))  # absolute when local; a URI as given
+  if paths.exists(workdir) and not paths.isdir(workdir):
     raise NotADirectoryError(f"{workdir}: --workdir is a file; expected a run directory")
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   lock = WorkdirLock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
   with lock:
     return _train(config, workdir, progress)
 
 
 def _train(config, workdir: str, progress) -> Dict[str, float]:
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  saved_steps = (sorted(int(d) for d in os.listdir(ckpt_dir) if d.isdigit())
-                 if os.path.isdir(ckpt_dir) else [])
+  ckpt_dir = paths.join(workdir, "checkpoints")
+  saved_steps = sorted(int(d) for d in paths.listdir(ckpt_dir) if d.isdigit())
   run_config.check_or_record(workdir, config, bool(saved_steps),
                              write=jax.process_index() == 0)
   cclara = clara_config(config)
@@ -412,7 +452,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   files = _with_replay_text(config, workdir, data_files(config, workdir))
   tok = load_tokenizer(config, workdir, files, prev)
   # init.from_checkpoint seeds a first start only: a resume restores its own checkpoint.
-  overlay_from = (os.path.join(workdir, config.init.from_checkpoint)
+  overlay_from = (resolve(workdir, config.init.from_checkpoint)
                   if config.init.from_checkpoint and not saved_steps else None)
   cfg, params = initial_params(config, tok, prev, overlay_from)
   pmap = config.train.parallelism == "pmap"
@@ -440,7 +480,8 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
     logging.info("resumed from step %d", step0)
   else:
     step0 = 0
-  writer = MetricsWriter(workdir, resume_step=step0)
+  # train.tensorboard False: metrics.jsonl only (for stores TensorFlow cannot reach).
+  writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, resume_step=step0)
   logging.info("training steps %d to %d", step0 + 1, config.train.num_steps)
   if step0 == 0:
     writer.write_hparams(_flat_hparams(config))
@@ -455,7 +496,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
                                       profile_duration_ms=None,
                                       num_profile_steps=config.train.profile_steps[1]
                                       - config.train.profile_steps[0],
-                                      logdir=os.path.join(workdir, "profile"))
+                                      logdir=paths.join(workdir, "profile"))
              if config.train.profile_steps else None)
 
   mesh_ctx = contextlib.ExitStack()
@@ -522,15 +563,15 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   final = unreplicate(state) if pmap else state
   checkpointer.close()
   writer.close()
-  save_params(os.path.join(workdir, "export"), cfg, final.params())
+  save_params(paths.join(workdir, "export"), cfg, final.params())
   if jax.process_index() == 0:
-    tok.save(os.path.join(workdir, "export", tok.FILENAME))
-    with open(os.path.join(workdir, "export", CLARA_FILE), "w") as f:
-      json.dump({"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
-                 "k": cclara.k, "question_max_length": config.data.question_max_length,
-                 "temperature": cclara.temperature, "stage": config.stage,
-                 "prompt_style": config.data.prompt_style,
-                 "memory_scale": cclara.memory_scale}, f, indent=2)
+    tok.save(paths.join(workdir, "export", tok.FILENAME))
+    paths.write_json(paths.join(workdir, "export", CLARA_FILE),
+                     {"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
+                      "k": cclara.k, "question_max_length": config.data.question_max_length,
+                      "temperature": cclara.temperature, "stage": config.stage,
+                      "prompt_style": config.data.prompt_style,
+                      "memory_scale": cclara.memory_scale}, indent=2)
   return last
 
 

@@ -16,12 +16,11 @@ Shapes: D documents in the cache, N candidates per question, M = n_mem, H hidden
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.model import layout
 from clara_jax.model import clara, lora
 
@@ -60,10 +59,9 @@ def build_cache(model, texts: Iterable[str], out_dir: str, shard_size: int = 512
   docs = {doc_key(t): t for t in texts}
   record = {"compressor": compressor_fingerprint(model.params), "n_mem": model.n_mem,
             "doc_max_length": model.doc_max_length, "num_docs": len(docs)}
-  path = os.path.join(out_dir, CACHE_FILE)
-  if os.path.exists(path):
-    with open(path) as f:
-      previous = json.load(f)
+  path = paths.join(out_dir, CACHE_FILE)
+  if paths.exists(path):
+    previous = paths.read_json(path)
     if previous != record:
       raise StaleMemoryCache(f"{out_dir}: a memory cache of other documents or another "
                              f"compressor is there; use another directory")
@@ -71,8 +69,7 @@ def build_cache(model, texts: Iterable[str], out_dir: str, shard_size: int = 512
   build_index(model.compress_documents, [{"id": k, "text": t} for k, t in docs.items()],
               out_dir, shard_size=shard_size, dtype=dtype, progress=progress,
               inputs={k: v for k, v in record.items() if k != "num_docs"})
-  from clara_jax.data.formats import write_json_atomic
-  write_json_atomic(path, record)
+  paths.write_json(path, record)
   return record
 
 
@@ -81,12 +78,11 @@ class MemoryCache:
 
   def __init__(self, directory: str):
     from clara_jax.infer.index import read_shards
-    path = os.path.join(directory, CACHE_FILE)
-    if not os.path.exists(path):
+    path = paths.join(directory, CACHE_FILE)
+    if not paths.exists(path):
       raise FileNotFoundError(f"{path}: missing; the memory cache in {directory} was not "
                               f"built, or its build did not finish")
-    with open(path) as f:
-      self.record = json.load(f)
+    self.record = paths.read_json(path)
     ids, memories = read_shards(directory)
     self.directory = directory
     self.memories = memories.astype(np.float32)  # [D, M, H]

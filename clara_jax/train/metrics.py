@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import json
 from absl import logging
-import os
 from typing import Any, Dict, Mapping
 
 import jax
 import numpy as np
+
+from clara_jax import paths
 
 
 class MetricsWriter:
@@ -19,15 +20,15 @@ class MetricsWriter:
     """`resume_step`: the step training restarts from; rows a killed run logged after
     it are dropped, since the resumed run logs those steps again."""
     self.enabled = jax.process_index() == 0
-    self.path = os.path.join(workdir, "metrics.jsonl")
+    self.path = paths.join(workdir, "metrics.jsonl")
     self._writer = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
+      paths.makedirs(workdir)
       self._drop_rows_after(resume_step)
       if tensorboard:
         from clu import metric_writers  # imports tensorflow: only where it is used
         self._writer = metric_writers.create_default_writer(
-            os.path.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
+            paths.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -35,14 +36,13 @@ class MetricsWriter:
     clean = {k: float(np.asarray(v)) for k, v in scalars.items()}
     if self._writer is not None:
       self._writer.write_scalars(step, clean)
-    with open(self.path, "a") as f:
+    with paths.open_append(self.path) as f:
       f.write(json.dumps({"step": int(step), **clean}) + "\n")
 
   def _drop_rows_after(self, step: int) -> None:
-    if not os.path.exists(self.path):
+    if not paths.exists(self.path):
       return
-    with open(self.path) as f:
-      lines = f.readlines()
+    lines = paths.read_text(self.path).splitlines(keepends=True)
     keep = []
     for line in lines:
       try:
@@ -52,10 +52,7 @@ class MetricsWriter:
       if row.get("step", 0) <= step:
         keep.append(json.dumps(row) + "\n")
     if len(keep) != len(lines):
-      tmp = self.path + ".tmp"
-      with open(tmp, "w") as f:
-        f.writelines(keep)
-      os.replace(tmp, self.path)
+      paths.write_atomic(self.path, keep)
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     if self.enabled and self._writer is not None:
@@ -73,11 +70,10 @@ class MetricsWriter:
 
 def read_metrics(workdir: str):
   """The rows of `WORKDIR/metrics.jsonl` (for scripts and tests)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
+  path = paths.join(workdir, "metrics.jsonl")
+  if not paths.exists(path):
     return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def parameter_overview(trainable: Dict[str, Any], frozen: Dict[str, Any],

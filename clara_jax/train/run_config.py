@@ -11,20 +11,21 @@ that only steer logging and saving (`RUN_CONTROL`) may change between resumes.
 from __future__ import annotations
 
 import json
-import os
 from typing import Any, Dict, Mapping
 
 from absl import logging
 
+from clara_jax import paths
+
 RUN_CONFIG_FILE = "run_config.json"
-# Fields a resumed run may change: when to log, save, profile or stop on NaNs; how the
-# same step is laid out on the devices (mesh, pmap or jit, micro-batches of the same
-# global batch); and how long to train (`train.num_steps`: extending a run, whose
-# schedule then follows the new length).
-RUN_CONTROL = ("train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-               "train.profile_steps", "train.peak_flops", "train.max_consecutive_nonfinite",
-               "train.num_steps", "train.parallelism", "train.grad_accum_steps",
-               "mesh.shape", "mesh.rules")
+# Fields a resumed run may change: when and where to log (`train.tensorboard`), save,
+# profile or stop on NaNs; how the same step is laid out on the devices (mesh, pmap or
+# jit, micro-batches of the same global batch); and how long to train (`train.num_steps`:
+# extending a run, whose schedule then follows the new length).
+RUN_CONTROL = ("train.log_every", "train.tensorboard", "train.checkpoint_every",
+               "train.keep_checkpoints", "train.profile_steps", "train.peak_flops",
+               "train.max_consecutive_nonfinite", "train.num_steps", "train.parallelism",
+               "train.grad_accum_steps", "mesh.shape", "mesh.rules")
 # Fields added to the configs after runs were recorded without them, with the value
 # those runs had implicitly: a record that lacks one reads as that value, so a newer
 # clara_jax resumes an older run.
@@ -66,15 +67,14 @@ def check_or_record(workdir: str, config, has_checkpoints: bool, write: bool = T
   """Records the config in `workdir/run_config.json` on a first start; on a resume,
   raises `ConfigChanged` naming every differing field. `write`: False on processes
   other than 0 (they check, process 0 writes)."""
-  path = os.path.join(workdir, RUN_CONFIG_FILE)
+  path = paths.join(workdir, RUN_CONFIG_FILE)
   current = flat_config(config)
-  if os.path.exists(path):
-    with open(path) as f:
-      try:
-        recorded = json.load(f)
-      except ValueError as e:
-        raise ConfigChanged(f"{path}: unreadable ({e}); it records the config of the "
-                            f"checkpoints in {workdir}") from None
+  if paths.exists(path):
+    try:
+      recorded = paths.read_json(path)
+    except ValueError as e:
+      raise ConfigChanged(f"{path}: unreadable ({e}); it records the config of the "
+                          f"checkpoints in {workdir}") from None
     changed = differences(recorded, current)
     if changed and has_checkpoints:
       fields = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
@@ -89,5 +89,4 @@ def check_or_record(workdir: str, config, has_checkpoints: bool, write: bool = T
     logging.warning("%s: checkpoints without a recorded config (an older run): not "
                     "checked; recording the current one", workdir)
   if write:
-    from clara_jax.data.formats import write_json_atomic
-    write_json_atomic(path, current)
+    paths.write_json(path, current)

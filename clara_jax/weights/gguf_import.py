@@ -38,6 +38,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import jax
 import numpy as np
 
+from clara_jax import paths
 from clara_jax.model.config import DecoderConfig, LoraConfig
 
 SUPPORTED_ARCHITECTURES = ("llama",)  # llama.cpp also files Mistral models under "llama"
@@ -86,15 +87,18 @@ class GGUFCheckpoint:
   def __init__(self, path: str):
     import gguf
     self.path = os.fspath(path)
-    if not os.path.exists(self.path):
+    if not paths.exists(self.path):
       raise FileNotFoundError(f"{self.path}: no such GGUF file")
-    if os.path.isdir(self.path):
+    if paths.isdir(self.path):
       raise IsADirectoryError(f"{self.path}: is a directory; expected a .gguf file")
-    try:
-      self.reader = gguf.GGUFReader(self.path)
-    except (ValueError, OSError, KeyError, IndexError) as e:
-      raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: "
-                       f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    # The reader maps a local file: an object-store one (`gs://...`) is copied to a
+    # temporary file, removed on exit; the map stays valid after removal (POSIX).
+    with paths.local_file(self.path) as local:
+      try:
+        self.reader = gguf.GGUFReader(local)
+      except (ValueError, OSError, KeyError, IndexError) as e:
+        raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
     self.ckpt_dir, self.files = self.path, [self.path]
     self.metadata = {name: _field_value(field) for name, field in self.reader.fields.items()
                      if not name.startswith("tokenizer.ggml.")}

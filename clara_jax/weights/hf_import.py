@@ -1,4 +1,5 @@
-"""Importing a local Hugging Face Mistral/Llama checkpoint (config.json + safetensors).
+"""Importing a Hugging Face Mistral/Llama checkpoint (config.json + safetensors), from a
+local directory or an object store (`gs://...`).
 
     cfg, params = import_hf_checkpoint("/ckpts/Mistral-7B-Instruct-v0.2",
                                        num_extra_tokens=tokenizer.num_special,
@@ -37,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from clara_jax import paths as paths_lib
+from clara_jax.data.formats import join_path
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.model.decoder import abstract_params, init_params
 from clara_jax.weights.export import check_finite
@@ -64,16 +67,15 @@ _FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 
 def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
   """Reads `ckpt_dir/config.json` (FileNotFoundError naming the path if absent)."""
-  if os.path.exists(ckpt_dir) and not os.path.isdir(ckpt_dir):
+  if paths_lib.isfile(ckpt_dir):
     raise NotADirectoryError(f"{ckpt_dir}: is a file; expected a checkpoint directory")
-  path = os.path.join(os.fspath(ckpt_dir), CONFIG_FILE)
-  if not os.path.exists(path):
+  path = join_path(ckpt_dir, CONFIG_FILE)
+  if not paths_lib.exists(path):
     raise FileNotFoundError(
         f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
         f"checkpoint (architectures {sorted(SUPPORTED_ARCHITECTURES)})")
   try:
-    with open(path, encoding="utf-8") as f:
-      config = json.load(f)
+    config = json.loads(paths_lib.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON: {e}") from None
   if not isinstance(config, dict):
@@ -235,7 +237,7 @@ def _validate(ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfi
     if entry.hf_name not in ckpt:
       raise ValueError(
           f"{ckpt.ckpt_dir}: missing tensor {entry.hf_name!r} (expected shape "
-          f"{entry.hf_shape}) in {[os.path.basename(p) for p in ckpt.files]}")
+          f"{entry.hf_shape}) in {[paths_lib.path(p).name for p in ckpt.files]}")
     info = ckpt.info(entry.hf_name)
     if info.shape != entry.hf_shape:
       raise ValueError(
@@ -339,7 +341,7 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
   ckpt_dir = os.fspath(ckpt_dir)
   hf = load_hf_config(ckpt_dir)
   with SafetensorsCheckpoint(ckpt_dir) as ckpt:
-    return import_tensors(ckpt, hf, os.path.join(ckpt_dir, CONFIG_FILE), num_extra_tokens,
+    return import_tensors(ckpt, hf, join_path(ckpt_dir, CONFIG_FILE), num_extra_tokens,
                           lora=lora, dtype=dtype, param_dtype=param_dtype, rng=rng,
                           shardings=shardings)
 

@@ -14,19 +14,25 @@ checkpoint is read from disk only as each tensor is touched (and converted).
 
 Sharded checkpoints (`model.safetensors.index.json`, whose `weight_map` names each
 tensor's shard) and single-file ones (`model.safetensors`) are both opened by
-`SafetensorsCheckpoint`.
+`SafetensorsCheckpoint`. Paths may name an object store (`gs://...`): headers are read
+from it directly, and a file's data is copied to a local temporary file to be mapped.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import struct
+import weakref
 from typing import Dict, Iterator, List, Mapping, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
+
+from clara_jax import paths
+from clara_jax.data.formats import join_path, write_atomic
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -119,8 +125,8 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
       or tensor offsets outside the file or overlapping.
   """
   path = os.fspath(path)
-  file_size = os.path.getsize(path)
-  with open(path, "rb") as f:
+  file_size = paths.size(path)
+  with paths.path(path).open("rb") as f:
     prefix = f.read(8)
     if len(prefix) < 8:
       raise ValueError(f"{path}: truncated safetensors file ({file_size} bytes; the 8-byte "
@@ -169,9 +175,14 @@ class SafetensorsFile:
   def __init__(self, path: str):
     self.path = os.fspath(path)
     data_start, self._infos, self.metadata = read_header(self.path)
-    data_len = os.path.getsize(self.path) - data_start
+    data_len = paths.size(self.path) - data_start
+    # A local file is mapped in place; an object-store one through a local copy, removed
+    # on `close` (or when this object goes), which leaves a live map valid on POSIX.
+    self._local = contextlib.ExitStack()
+    self._release = weakref.finalize(self, self._local.close)
     if data_len > 0:
-      self._data = np.memmap(self.path, dtype=np.uint8, mode="r", offset=data_start,
+      local = self._local.enter_context(paths.local_file(self.path))
+      self._data = np.memmap(local, dtype=np.uint8, mode="r", offset=data_start,
                              shape=(data_len,))
     else:  # mmap refuses empty ranges
       self._data = np.zeros((0,), np.uint8)
@@ -204,6 +215,7 @@ class SafetensorsFile:
     """Drops the map (views already returned stay valid: they hold their own reference)."""
     self._data = np.zeros((0,), np.uint8)
     self._infos = {}
+    self._release()
 
   def __enter__(self) -> "SafetensorsFile":
     return self
@@ -223,8 +235,8 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
   """Writes `tensors` (name -> numpy array) as one safetensors file.
 
   The header is space-padded to a multiple of 8 bytes (as the reference writer does) so
-  that every tensor of an 8-byte dtype starts aligned in a memory map. Written to a
-  temporary name and renamed, so a crash never leaves a half-written file behind.
+  that every tensor of an 8-byte dtype starts aligned in a memory map. Written all or
+  nothing (`paths.write_atomic`), so a crash never leaves a half-written file behind.
   """
   path = os.fspath(path)
   arrays = {}
@@ -244,13 +256,14 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     offset += arr.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)
-  tmp = path + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
+
+  def chunks() -> Iterator[bytes]:
+    yield struct.pack("<Q", len(raw))
+    yield raw
     for name in sorted(arrays):
-      f.write(arrays[name].tobytes())
-  os.replace(tmp, path)
+      yield arrays[name].tobytes()
+
+  write_atomic(path, chunks())
 
 
 class SafetensorsCheckpoint:
@@ -260,18 +273,18 @@ class SafetensorsCheckpoint:
 
   def __init__(self, ckpt_dir: str):
     self.ckpt_dir = os.fspath(ckpt_dir)
-    index_path = os.path.join(self.ckpt_dir, INDEX_FILE)
-    single_path = os.path.join(self.ckpt_dir, SINGLE_FILE)
+    index_path = join_path(self.ckpt_dir, INDEX_FILE)
+    single_path = join_path(self.ckpt_dir, SINGLE_FILE)
     self._files: Dict[str, SafetensorsFile] = {}
     self._file_of: Dict[str, str] = {}
-    if os.path.exists(index_path):
+    if paths.exists(index_path):
       self._open_sharded(index_path)
-    elif os.path.exists(single_path):
+    elif paths.exists(single_path):
       f = SafetensorsFile(single_path)
       self._files[single_path] = f
       self._file_of = {name: single_path for name in f.keys()}
     else:
-      found = sorted(os.listdir(self.ckpt_dir)) if os.path.isdir(self.ckpt_dir) else None
+      found = paths.listdir(self.ckpt_dir) if paths.isdir(self.ckpt_dir) else None
       hint = ""
       if found and any(n.endswith((".bin", ".pt", ".pth")) for n in found):
         hint = ("; PyTorch pickle checkpoints are not read here: re-save the model with "
@@ -282,8 +295,7 @@ class SafetensorsCheckpoint:
 
   def _open_sharded(self, index_path: str) -> None:
     try:
-      with open(index_path, encoding="utf-8") as f:
-        index = json.load(f)
+      index = json.loads(paths.read_text(index_path))
     except json.JSONDecodeError as e:
       raise ValueError(f"{index_path}: not valid JSON: {e}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
@@ -292,9 +304,9 @@ class SafetensorsCheckpoint:
       raise ValueError(f"{index_path}: expected a 'weight_map' object mapping tensor names "
                        "to shard file names")
     for name, shard in weight_map.items():
-      shard_path = os.path.join(self.ckpt_dir, shard)
+      shard_path = join_path(self.ckpt_dir, shard)
       if shard_path not in self._files:
-        if not os.path.exists(shard_path):
+        if not paths.exists(shard_path):
           raise FileNotFoundError(f"{shard_path}: missing; {index_path} lists it as the "
                                   f"shard of {name!r}")
         self._files[shard_path] = SafetensorsFile(shard_path)

@@ -153,14 +153,14 @@ def _run_unprivileged(argv, directory):
 
 def _full_disk(monkeypatch):
   """The atomic writers' low-level write writes half its bytes, then the disk is full."""
-  from clara_jax.data import formats
-  real = formats._write_all
+  from clara_jax import paths
+  real = paths._write_all
 
   def write_all(fd, data):
     real(fd, data[:len(data) // 2])
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-  monkeypatch.setattr(formats, "_write_all", write_all)
+  monkeypatch.setattr(paths, "_write_all", write_all)
 
 
 @pytest.fixture
