@@ -363,7 +363,7 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
   fine-tunes the stage2 export's base on each (`lm_edit`, `lm_sham`), and measures
   stage2, sham and edit on the same questions. Writes `eval/edit_<model>.jsonl` and
   `edit.json`; returns `edit.summarize`'s summary plus the edits."""
-  from clara_jax.data import synth
+  from clara_jax.data import formats, synth
   from clara_jax.eval import edit, hidden
   from clara_jax.eval.evaluate import load_rows
   from clara_jax.infer.api import ClaraModel
@@ -385,8 +385,8 @@ def run_edit(workdir: str, recipe: Recipe, seed: int = 0,
   for name, stage in zip(edit.MODELS, ("stage2",) + tuple(EDIT_STAGES[::-1])):
     export = paths.join(workdir, stage, "export")
     per_model[name] = edit.records(ClaraModel.load(export), rows, manifest, edits, control)
-    hidden.write_records(paths.join(workdir, "eval", f"edit_{name}.jsonl"),
-                         per_model[name])
+    formats.write_jsonl_atomic(paths.join(workdir, "eval", f"edit_{name}.jsonl"),
+                               per_model[name])
     probes[name] = edit.probe(hidden.base_model(export), manifest, edits)
   summary = edit.summarize(per_model, probes)
   summary["edits"] = [dataclasses.asdict(e) for e in edits]

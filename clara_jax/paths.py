@@ -6,7 +6,8 @@ Workdirs, checkpoints, metrics, exports, data, tokenizers and indexes all go thr
 stores themselves (checkpoints of a `gs://` workdir go through TensorStore's GCS driver).
 
 Local paths are made absolute once, where they enter (`path`), so a later change of the
-working directory cannot move them; URIs are kept as given.
+working directory cannot move them; URIs are kept as given. (`join(..., absolute=False)`
+keeps a local path as the user typed it, for paths that end up in messages.)
 
 Atomic writes: a local file is written to a temporary file beside it and renamed into
 place; an object store has no rename, but an object upload is all or nothing, so the
@@ -22,6 +23,7 @@ import gzip
 import io
 import json
 import os
+import posixpath
 import tempfile
 from typing import Any, BinaryIO, Iterable, Iterator, Union
 
@@ -29,6 +31,7 @@ from etils import epath
 
 PathLike = Union[str, os.PathLike]
 _WRITE_BUFFER = 1 << 20
+_READ_BUFFER = 1 << 20
 
 
 def is_remote(p: PathLike) -> bool:
@@ -44,12 +47,32 @@ def path(p: PathLike) -> epath.Path:
   return epath.Path(s if is_remote(s) else os.path.abspath(s))
 
 
-def join(p: PathLike, *parts: str) -> str:
-  """`p / parts...` as a string (for APIs that take strings), URIs kept intact."""
-  out = path(p)
+def join(p: PathLike, *parts: str, absolute: bool = True) -> str:
+  """`p / parts...` as a string (for APIs that take strings), URIs kept intact.
+
+  A local `p` is made absolute (`path`), unless `absolute=False`: then it is kept as the
+  user gave it (a relative path stays relative), so messages name what was typed. Every
+  function here accepts either result.
+  """
+  out = path(p) if absolute else epath.Path(os.fspath(p))
+  return os.fspath(out.joinpath(*parts))
+
+
+def resolve(base: PathLike, *parts: str) -> str:
+  """`base/parts...` with `.` and `..` resolved, for local paths and URIs alike: a part
+  that is a URI or an absolute path starts over from itself (as os.path.join), and a
+  URI's `scheme://bucket` stays intact and is never climbed above (os.path.normpath
+  would turn `gs://b` into `gs:/b`). Local results are absolute."""
+  out = os.fspath(base)
   for part in parts:
-    out = out / part
-  return os.fspath(out)
+    out = part if is_remote(part) else join(out, part)
+  out = join(out)  # a lone local base made absolute too
+  if not is_remote(out):
+    return posixpath.normpath(out)
+  scheme, rest = out.split("://", 1)
+  bucket, _, key = rest.partition("/")
+  key = posixpath.normpath("/" + key).lstrip("/")
+  return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
 
 
 def parent(p: PathLike) -> str:
@@ -120,10 +143,38 @@ class _GzipReader(gzip.GzipFile):
       self._raw.close()
 
 
-def open_binary(p: PathLike) -> BinaryIO:
-  """Opens `p` for reading bytes; `.gz` files decompressed."""
+class _RawReader(io.RawIOBase):
+  """`readinto` over a stream that only has `read(n)`, so that an `io.BufferedReader` can
+  be put on it."""
+
+  def __init__(self, f):
+    super().__init__()
+    self._f = f
+
+  def readable(self) -> bool:
+    return True
+
+  def readinto(self, buffer) -> int:
+    data = self._f.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def close(self) -> None:
+    if not self.closed:
+      self._f.close()
+    super().close()
+
+
+def open_binary(p: PathLike) -> io.BufferedIOBase:
+  """Opens `p` for reading bytes (`.gz` files decompressed) as a buffered stream whose
+  `readline(size)` honours `size` whatever the store: object-store files (fsspec's,
+  TensorFlow's GFile) have a `readline()` without that limit, so they are read through
+  an `io.BufferedReader` of _READ_BUFFER bytes."""
   f = path(p).open("rb")
-  return _GzipReader(f) if os.fspath(p).endswith(".gz") else f
+  if os.fspath(p).endswith(".gz"):
+    return _GzipReader(f)
+  return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_RawReader(f),
+                                                                      _READ_BUFFER)
 
 
 def open_append(p: PathLike):

@@ -52,6 +52,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from clara_jax import demo, paths
+from clara_jax.data import formats
 
 HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
 NQ_FILE = "nq_open_oracle.jsonl.gz"
@@ -274,11 +275,6 @@ def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
   return list(seen)
 
 
-def write_jsonl(path: str, rows: Sequence[Dict]) -> None:
-  """The rows as JSONL (the lines of `formats.write_jsonl_atomic`), all or nothing."""
-  paths.write_atomic(path, (json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
-
-
 def _write_lines(path: str, lines: Sequence[str]) -> None:
   paths.write_atomic(path, (line + "\n" for line in lines))
 
@@ -364,10 +360,10 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
             for name in QA_SETS]
   text = passages([pretrain, *qa_all])
   _write_lines(dirs["lm"], text)
-  write_jsonl(paths.join(dirs["stage1"], "train.jsonl"), stage1)
+  formats.write_jsonl_atomic(paths.join(dirs["stage1"], "train.jsonl"), stage1)
   for stage in ("stage1_2", "stage2"):
-    write_jsonl(paths.join(dirs[stage], "train.jsonl"), train[stage])
-  write_jsonl(dirs["heldout"], heldout)
+    formats.write_jsonl_atomic(paths.join(dirs[stage], "train.jsonl"), train[stage])
+  formats.write_jsonl_atomic(dirs["heldout"], heldout)
   counts.update(passages=len(text), stage1=len(stage1), stage1_2=len(train["stage1_2"]),
                 stage2=len(train["stage2"]), heldout=len(heldout))
   record = {"plan": plan_dict, "reports": reports, "counts": counts,

@@ -20,12 +20,8 @@ optional extras (`id`, `kind`, `doc_ids`, ...; see EVAL_EXTRAS) checked row by r
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
-import os
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple, Union
-
-from etils import epath
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 from clara_jax import paths
 
@@ -201,7 +197,7 @@ def validate_row(row: Any, fmt: str, num_docs: Optional[int] = None) -> Dict[str
 # 20 candidates is tens of kilobytes), and reading an unbounded line (a JSON array or a
 # binary file given by mistake, a file without newlines) would hold all of it in memory.
 MAX_LINE_BYTES = 16 << 20
-_LINE_CHUNK = 1 << 20
+_LINE_CHUNK = 1 << 20  # the piece of an overlong line read at a time while skipping it
 
 
 def check_input_file(path: str) -> None:
@@ -218,45 +214,10 @@ def check_output_dir(path: str) -> None:
     raise NotADirectoryError(f"{path}: is a file; expected a directory to write into")
 
 
-def join_path(path: Union[str, os.PathLike], *parts: str) -> str:
-  """`path/parts...` with `path` kept as the user gave it (a relative local path stays
-  relative, so messages name what was typed; `gs://` URIs stay intact). Every `paths`
-  function accepts the result; `paths.join` would make a local path absolute."""
-  return os.fspath(epath.Path(os.fspath(path)).joinpath(*parts))
-
-
-class _Reader(io.RawIOBase):
-  """`readinto` over a stream that only has `read(n)`: object-store files (TensorFlow's
-  GFile, fsspec's) have a `readline()` without the size limit `_lines` needs, so they are
-  read through an `io.BufferedReader` on this."""
-
-  def __init__(self, f):
-    super().__init__()
-    self._f = f
-
-  def readable(self) -> bool:
-    return True
-
-  def readinto(self, buffer) -> int:
-    data = self._f.read(len(buffer))
-    buffer[:len(data)] = data
-    return len(data)
-
-  def close(self) -> None:
-    if not self.closed:
-      self._f.close()
-    super().close()
-
-
-def _open_lines(path: str):
-  """`paths.open_binary(path)` with a `readline(size)` whatever the store."""
-  f = paths.open_binary(path)
-  return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_Reader(f), _LINE_CHUNK)
-
-
 def _lines(f) -> Iterator[Tuple[int, Optional[bytes], int]]:
-  """(line number, bytes, length) of each line of a binary file; bytes is None for a
-  line over MAX_LINE_BYTES, which is read past in chunks, never held whole."""
+  """(line number, bytes, length) of each line of a binary stream with `readline(size)`
+  (`paths.open_binary`); bytes is None for a line over MAX_LINE_BYTES, which is read past
+  in chunks, never held whole."""
   line_no = 0
   while True:
     raw = f.readline(MAX_LINE_BYTES + 1)
@@ -284,7 +245,7 @@ def iter_json_lines(path: str, on_error: str = "raise",
     raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
   check_input_file(path)
   report = report if report is not None else ReadReport()
-  with _open_lines(path) as f:
+  with paths.open_binary(path) as f:
     for line_no, raw, length in _lines(f):
       if raw is not None and not raw.strip():
         continue
@@ -519,14 +480,9 @@ def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise"
   return rows
 
 
-def write_atomic(path: Union[str, os.PathLike], chunks: Iterable[Union[str, bytes]]) -> None:
-  """All or nothing, local or `gs://` (`paths.write_atomic`)."""
-  paths.write_atomic(path, chunks)
-
-
 def write_json_atomic(path: str, obj: Any, indent: int = 1) -> None:
   """One JSON document, written all or nothing (`paths.write_atomic`)."""
-  write_atomic(path, [json.dumps(obj, indent=indent, sort_keys=False)])
+  paths.write_atomic(path, [json.dumps(obj, indent=indent, sort_keys=False)])
 
 
 def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
@@ -541,5 +497,5 @@ def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
       yield json.dumps(row, ensure_ascii=False) + "\n"
       count += 1
 
-  write_atomic(path, lines())
+  paths.write_atomic(path, lines())
   return count

@@ -39,8 +39,8 @@ import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from clara_jax import paths
-from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, join_path,
-                                    validate_row, write_atomic, write_jsonl_atomic)
+from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, validate_row,
+                                    write_jsonl_atomic)
 
 _ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
            "t", "th", "v", "z", "h", "j", "sh", "tr", "gr", "c", "w")
@@ -737,21 +737,23 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
   for split in ("train", "test"):
     for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
       name = f"{fmt}_{split}.jsonl"
-      counts[name] = write_jsonl_atomic(join_path(directory, name), rows)
+      counts[name] = write_jsonl_atomic(paths.join(directory, name, absolute=False),
+                                        rows)
   lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
-  write_text(join_path(directory, "lm.txt"), lines)
+  write_text(paths.join(directory, "lm.txt", absolute=False), lines)
   counts["lm.txt"] = len(lines)
   world_lines = world_lm_lines(the_world, lm_wordings)
-  write_text(join_path(directory, LM_WORLD_FILE), world_lines)
+  write_text(paths.join(directory, LM_WORLD_FILE, absolute=False), world_lines)
   counts[LM_WORLD_FILE] = len(world_lines)
   counts["corpus.jsonl"] = write_jsonl_atomic(
-      join_path(directory, "corpus.jsonl"),
+      paths.join(directory, "corpus.jsonl", absolute=False),
       ({"id": e.id, "text": e.text} for e in the_world.docs()))
   if fresh_rows:
     for fmt in (STAGE1, STAGE1_2):
       name = f"{fmt}_fresh.jsonl"
-      counts[name] = write_fresh(join_path(directory, name), seed, fresh_rows, fmt, size,
-                                 k, max_facts, names, world=the_world.options)
+      counts[name] = write_fresh(paths.join(directory, name, absolute=False), seed,
+                                 fresh_rows, fmt, size, k, max_facts, names,
+                                 world=the_world.options)
   manifest = {
       "seed": seed, "size": size if isinstance(size, str) else dataclasses.asdict(size),
       "candidates": candidates, "k": k, "max_facts": max_facts, "names": names,
@@ -764,13 +766,14 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
                            "bridge_clues": q.bridge_clues, "split": q.split,
                            "seen": q.seen} for q in the_world.questions},
   }
-  write_atomic(join_path(directory, "manifest.json"), [json.dumps(manifest, indent=1)])
+  paths.write_atomic(paths.join(directory, "manifest.json", absolute=False),
+                     [json.dumps(manifest, indent=1)])
   return manifest
 
 
 def write_text(path: str, lines: Sequence[str]) -> None:
   """Lines of text, one per line, written all or nothing (`paths.write_atomic`)."""
-  write_atomic(path, ["\n".join(lines) + "\n"])
+  paths.write_atomic(path, ["\n".join(lines) + "\n"])
 
 
 def clues_for(manifest_path: str, questions: Sequence[str]) -> List[List[str]]:

@@ -46,7 +46,7 @@ def split_files(source_dir: str) -> Dict[str, str]:
     split = name.split(".jsonl")[0]
     if split in files:
       raise ValueError(f"{source_dir}: split {split!r} has both .jsonl and .jsonl.gz files")
-    files[split] = formats.join_path(source_dir, name)
+    files[split] = paths.join(source_dir, name, absolute=False)
   if not files:
     raise FileNotFoundError(f"{source_dir}: no {{split}}.jsonl files found")
   return files
@@ -129,7 +129,8 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
   inputs = {"format": fmt, "on_error": on_error, "num_docs": num_docs,
             "files": {split: fingerprint.file_fingerprint(path)
                       for split, path in sorted(files.items())}}
-  record = formats.join_path(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX)
+  record = paths.join(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX,
+                      absolute=False)
   if paths.exists(record):
     fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")
   builder.download_and_prepare()

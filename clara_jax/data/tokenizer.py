@@ -42,7 +42,6 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2
 
 from clara_jax import paths
-from clara_jax.data.formats import join_path, write_atomic
 
 ENC_TOKEN = "<ENC>"
 SEP_TOKEN = "<SEP>"
@@ -377,7 +376,7 @@ class Tokenizer(ClaraTokenizer):
     """
     path = os.fspath(path)
     if paths.isdir(path):
-      path = join_path(path, _DEFAULT_MODEL_FILENAME)
+      path = paths.join(path, _DEFAULT_MODEL_FILENAME, absolute=False)
     if not paths.isfile(path):
       raise FileNotFoundError(f"SentencePiece model file not found: {path}")
     return cls(paths.read_bytes(path), num_mem_tokens, source=path)
@@ -456,7 +455,7 @@ class Tokenizer(ClaraTokenizer):
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes the SentencePiece `.model` file (the special tokens are not part of it), all
     or nothing."""
-    write_atomic(path, [self._proto])
+    paths.write_atomic(path, [self._proto])
 
   def serialized_model_proto(self) -> bytes:
     """The SentencePiece model as the bytes of a `.model` file."""
@@ -528,7 +527,7 @@ class BPETokenizer(ClaraTokenizer):
     import tokenizers
     path = os.fspath(path)
     if paths.isdir(path):
-      path = join_path(path, cls.FILENAME)
+      path = paths.join(path, cls.FILENAME, absolute=False)
     if not paths.isfile(path):
       raise FileNotFoundError(f"tokenizer file not found: {path}")
     try:
@@ -536,7 +535,7 @@ class BPETokenizer(ClaraTokenizer):
         backend = tokenizers.Tokenizer.from_file(local)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception
       raise ValueError(f"{path} is not a tokenizers model: {e}") from None
-    config_path = join_path(epath.Path(path).parent, cls.CONFIG_FILENAME)
+    config_path = paths.join(epath.Path(path).parent, cls.CONFIG_FILENAME, absolute=False)
     roles = {}
     if paths.exists(config_path):
       try:
@@ -600,11 +599,11 @@ class BPETokenizer(ClaraTokenizer):
     nothing."""
     import json
     path = os.fspath(path)
-    write_atomic(path, [self._tk.to_str(pretty=True)])
+    paths.write_atomic(path, [self._tk.to_str(pretty=True)])
     config = {f"{role}_token": self._tk.id_to_token(token_id)
               for role, token_id in self._ids.items() if token_id is not None}
-    write_atomic(join_path(epath.Path(path).parent, self.CONFIG_FILENAME),
-                 [json.dumps(config, indent=2)])
+    paths.write_atomic(paths.join(epath.Path(path).parent, self.CONFIG_FILENAME,
+                                  absolute=False), [json.dumps(config, indent=2)])
 
   @property
   def unk_id(self) -> int:
@@ -646,7 +645,7 @@ def load_tokenizer(path: str | os.PathLike[str], num_mem_tokens: int) -> ClaraTo
   path = os.fspath(path)
   if paths.isdir(path):
     for backend in (Tokenizer, BPETokenizer):
-      if paths.exists(join_path(path, backend.FILENAME)):
+      if paths.exists(paths.join(path, backend.FILENAME, absolute=False)):
         return backend.load(path, num_mem_tokens)
     raise FileNotFoundError(f"{path}: holds neither {Tokenizer.FILENAME} nor "
                             f"{BPETokenizer.FILENAME}")

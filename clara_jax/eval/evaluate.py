@@ -186,8 +186,7 @@ def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
                               spent)
   if out_path:
     _write_json(out_path, summary)
-    from clara_jax.eval.hidden import write_records
-    write_records(_beside(out_path, ".jsonl"), per_question)
+    formats.write_jsonl_atomic(_beside(out_path, ".jsonl"), per_question)
   return summary
 
 

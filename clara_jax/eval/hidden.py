@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from clara_jax import paths
+from clara_jax.data import formats
 from clara_jax.eval import baselines, stats
 from clara_jax.eval import lens as lens_lib
 
@@ -156,7 +157,7 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name, model in models.items():
     records[name] = evaluate_records(model, rows, k, max_new_tokens=12, seed=seed,
                                      gold_counts=gold_counts)
-    write_records(paths.join(workdir, "eval", f"{name}.jsonl"), records[name])
+    formats.write_jsonl_atomic(paths.join(workdir, "eval", f"{name}.jsonl"), records[name])
     log(f"[    eval] {name}: {len(rows)} questions")
   multi = [r for r in rows if r.get("kind") in MULTI_HOP]
   tok = models["stage2"].tok
@@ -165,7 +166,8 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name in LENS_MODELS:
     if name in models:
       lens[name], null_summary[name] = lens_records(models[name], multi, matched, seed)
-      write_records(paths.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
+      formats.write_jsonl_atomic(paths.join(workdir, "eval", f"lens_{name}.jsonl"),
+                                 lens[name])
   probe = knowledge(workdir, manifest, [r["id"] for r in multi])
   paths.write_json(paths.join(workdir, "eval", "probe.json"), probe, indent=None)
   results = assemble(records, lens, probe, k)
@@ -277,12 +279,6 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
     p.update({key: total / links if links else None
               for key, total in p.pop("sums").items()})
   return edit_lib.summarize(per_model, probes)
-
-
-def write_records(path: str, records: Sequence[Dict]) -> None:
-  """Per-question records, one JSON object per line, written all or nothing (any path
-  `clara_jax.paths` writes; the lines of `formats.write_jsonl_atomic`)."""
-  paths.write_atomic(path, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def read_records(path: str) -> List[Dict]:

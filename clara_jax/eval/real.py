@@ -30,6 +30,7 @@ from typing import Any, Callable, Dict, List, Sequence
 import numpy as np
 
 from clara_jax import paths
+from clara_jax.data import formats
 from clara_jax.eval import hidden, stats
 from clara_jax.eval import lens as lens_lib
 from clara_jax.eval.answer_metrics import recall_at_k
@@ -150,9 +151,9 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
   write_examples(paths.join(workdir, "examples.md"), examples,
                  "The reasoner's memories through the logit lens, held-out questions")
   for name, recs in records.items():
-    hidden.write_records(paths.join(workdir, "eval", f"{name}.jsonl"), recs)
+    formats.write_jsonl_atomic(paths.join(workdir, "eval", f"{name}.jsonl"), recs)
   for name, recs in lens.items():
-    hidden.write_records(paths.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
+    formats.write_jsonl_atomic(paths.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
   results = {"questions": len(rows), "k": k,
              "stage2": summarize_records(records["stage2"], k),
              "lens_matched": {name: hidden.lens_summary(recs) for name, recs in lens.items()},

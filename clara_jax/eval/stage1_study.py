@@ -148,6 +148,7 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   """Prepares the data and base (as `real-data --base` does), trains the variant's stage1
   on the pool minus the dev rows, measures it on them; returns and writes the record."""
   from clara_jax import demo, real_data
+  from clara_jax.data import formats
   from clara_jax.data.features import FeatureConfig, Featurizer
   from clara_jax import paths
   from clara_jax.data.tokenizer import load_tokenizer
@@ -174,7 +175,7 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
     train_rows = [rows[i] for i in train_idx]
     if restate:
       train_rows += real_data.restatement_rows(train_rows)
-    real_data.write_jsonl(paths.join(source, "train.jsonl"), train_rows)
+    formats.write_jsonl_atomic(paths.join(source, "train.jsonl"), train_rows)
   overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
   stages = {name: dict(o) for name, o in recipe.stages.items()}
   stages["stage1"].update(overrides)

@@ -129,27 +129,10 @@ def _preemption_service_running() -> bool:
   return True
 
 
-def resolve(base: str, *parts: str) -> str:
-  """`base/parts...` with `.` and `..` resolved, for local paths and URIs alike: a part
-  that is a URI or an absolute path starts over from itself (as os.path.join), and a
-  URI's `scheme://bucket` stays intact and is never climbed above (os.path.normpath
-  would turn `gs://b` into `gs:/b`). Local results are absolute."""
-  out = os.fspath(base)
-  for part in parts:
-    out = part if paths.is_remote(part) else paths.join(out, part)
-  out = paths.join(out)  # a lone local base made absolute too
-  if not paths.is_remote(out):
-    return posixpath.normpath(out)
-  scheme, rest = out.split("://", 1)
-  bucket, _, key = rest.partition("/")
-  key = posixpath.normpath("/" + key).lstrip("/")
-  return f"{scheme}://{bucket}/{key}" if key else f"{scheme}://{bucket}"
-
-
 def _previous_export(config, workdir: str) -> Optional[str]:
   if not config.init.from_workdir:
     return None
-  prev = resolve(workdir, config.init.from_workdir, "export")
+  prev = paths.resolve(workdir, config.init.from_workdir, "export")
   if not paths.exists(paths.join(prev, "config.json")):
     raise FileNotFoundError(f"{prev}: the previous stage's export is missing "
                             f"(config init.from_workdir={config.init.from_workdir!r})")
@@ -167,7 +150,7 @@ def synth_dir(config, workdir: str) -> str:
     name += f"_{d.synth_names}"
   if d.synth_world != "classic":
     name += f"_{d.synth_world}"
-  return resolve(workdir, "..", "data", name)
+  return paths.resolve(workdir, "..", "data", name)
 
 
 def _fresh_rows_needed(config) -> int:
@@ -452,7 +435,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   files = _with_replay_text(config, workdir, data_files(config, workdir))
   tok = load_tokenizer(config, workdir, files, prev)
   # init.from_checkpoint seeds a first start only: a resume restores its own checkpoint.
-  overlay_from = (resolve(workdir, config.init.from_checkpoint)
+  overlay_from = (paths.resolve(workdir, config.init.from_checkpoint)
                   if config.init.from_checkpoint and not saved_steps else None)
   cfg, params = initial_params(config, tok, prev, overlay_from)
   pmap = config.train.parallelism == "pmap"
@@ -543,6 +526,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
           streak.check(done, checkpointer.directory)
         except NonFiniteError:
           checkpointer.close()
+          writer.close()  # the rows up to the divergence, buffered ones included
           raise
       if logging_step:
         seconds = time.perf_counter() - window_start
@@ -552,14 +536,16 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
           progress(done, config.train.num_steps, last)
         window, window_start = [], time.perf_counter()
       host_state = unreplicate(state) if pmap else state
-      if preemption.reached(done):
+      preempted, last_step = preemption.reached(done), done == config.train.num_steps
+      if preempted or last_step or checkpointer.should_save(done):
+        writer.flush()  # rows stored before the checkpoint that covers them
+      if preempted:
         checkpointer.save(done, host_state, pipeline.get_state(), force=True)
         checkpointer.close()
         writer.close()
         logging.warning("preempted at step %d: checkpoint saved", done)
         raise Preempted(done, preemption.signum, workdir)
-      checkpointer.save(done, host_state, pipeline.get_state(),
-                        force=done == config.train.num_steps)
+      checkpointer.save(done, host_state, pipeline.get_state(), force=last_step)
   final = unreplicate(state) if pmap else state
   checkpointer.close()
   writer.close()

@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax import paths
-from clara_jax.data.formats import join_path
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.weights.export import check_finite
@@ -84,7 +83,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   The clara_jax tokenizer for the result has `num_mem_tokens = n_mem`; token ids of the
   added rows follow clara_jax's order (see `_extra_rows`).
   """
-  conf_path = join_path(ckpt_dir, "config.json")
+  conf_path = paths.join(ckpt_dir, "config.json", absolute=False)
   if not paths.exists(conf_path):
     raise FileNotFoundError(f"{conf_path}: missing; expected the CLaRa config.json")
   try:
@@ -107,7 +106,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   flat = lora_lib.flatten(params)
   v0, rows = cfg.base_vocab_size, _extra_rows(cfg.base_vocab_size, n_mem)
 
-  first_last_path = join_path(ckpt_dir, "decoder_first_last_layers.pth")
+  first_last_path = paths.join(ckpt_dir, "decoder_first_last_layers.pth", absolute=False)
   first_last = _torch_load(first_last_path)
   for suffix, base_key, extra_key, transpose in (
       ("embed_tokens.weight", "embedder/base_embedding", "embedder/extra_embedding", False),
@@ -124,7 +123,7 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
     flat[base_key] = jnp.asarray(base.T if transpose else base, param_dtype)
     flat[extra_key] = jnp.asarray(extra.T if transpose else extra, param_dtype)
 
-  adapters_path = join_path(ckpt_dir, "adapters.pth")
+  adapters_path = paths.join(ckpt_dir, "adapters.pth", absolute=False)
   adapters = _torch_load(adapters_path)
   for ref_name, state in adapters.items():
     if ref_name not in ADAPTER_NAMES:

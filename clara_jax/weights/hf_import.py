@@ -39,7 +39,6 @@ import numpy as np
 from flax import traverse_util
 
 from clara_jax import paths as paths_lib
-from clara_jax.data.formats import join_path
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.model.decoder import abstract_params, init_params
 from clara_jax.weights.export import check_finite
@@ -69,7 +68,7 @@ def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
   """Reads `ckpt_dir/config.json` (FileNotFoundError naming the path if absent)."""
   if paths_lib.isfile(ckpt_dir):
     raise NotADirectoryError(f"{ckpt_dir}: is a file; expected a checkpoint directory")
-  path = join_path(ckpt_dir, CONFIG_FILE)
+  path = paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False)
   if not paths_lib.exists(path):
     raise FileNotFoundError(
         f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
@@ -341,9 +340,9 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
   ckpt_dir = os.fspath(ckpt_dir)
   hf = load_hf_config(ckpt_dir)
   with SafetensorsCheckpoint(ckpt_dir) as ckpt:
-    return import_tensors(ckpt, hf, join_path(ckpt_dir, CONFIG_FILE), num_extra_tokens,
-                          lora=lora, dtype=dtype, param_dtype=param_dtype, rng=rng,
-                          shardings=shardings)
+    return import_tensors(ckpt, hf, paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False),
+                          num_extra_tokens, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                          rng=rng, shardings=shardings)
 
 
 def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_tokens: int, *,

@@ -32,7 +32,6 @@ import ml_dtypes
 import numpy as np
 
 from clara_jax import paths
-from clara_jax.data.formats import join_path, write_atomic
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -263,7 +262,7 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     for name in sorted(arrays):
       yield arrays[name].tobytes()
 
-  write_atomic(path, chunks())
+  paths.write_atomic(path, chunks())
 
 
 class SafetensorsCheckpoint:
@@ -273,8 +272,8 @@ class SafetensorsCheckpoint:
 
   def __init__(self, ckpt_dir: str):
     self.ckpt_dir = os.fspath(ckpt_dir)
-    index_path = join_path(self.ckpt_dir, INDEX_FILE)
-    single_path = join_path(self.ckpt_dir, SINGLE_FILE)
+    index_path = paths.join(self.ckpt_dir, INDEX_FILE, absolute=False)
+    single_path = paths.join(self.ckpt_dir, SINGLE_FILE, absolute=False)
     self._files: Dict[str, SafetensorsFile] = {}
     self._file_of: Dict[str, str] = {}
     if paths.exists(index_path):
@@ -304,7 +303,7 @@ class SafetensorsCheckpoint:
       raise ValueError(f"{index_path}: expected a 'weight_map' object mapping tensor names "
                        "to shard file names")
     for name, shard in weight_map.items():
-      shard_path = join_path(self.ckpt_dir, shard)
+      shard_path = paths.join(self.ckpt_dir, shard, absolute=False)
       if shard_path not in self._files:
         if not paths.exists(shard_path):
           raise FileNotFoundError(f"{shard_path}: missing; {index_path} lists it as the "
