@@ -5,6 +5,7 @@ The environment must be set before jax is imported anywhere, hence at module top
 
 import os
 import sys
+import tempfile
 
 import pytest
 
@@ -22,6 +23,30 @@ import jax  # noqa: E402
 
 # Tests compile many small programs once each; optimisation passes cost more than they save.
 jax.config.update("jax_disable_most_optimizations", True)
+
+# One XLA compilation cache for the `clara-jax` subprocesses of the whole run (both xdist
+# workers inherit the controller's environment): many tests train the same tiny steps in
+# fresh processes, where compiling is half of a short run's time. The cache key covers the
+# program, the compile options and the jax/XLA versions, so a reused directory never serves
+# a stale executable. Off in the test processes themselves: "compiles once per shape" tests
+# count backend compiles (tests/compile_count.py), which a cache hit would hide.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"clara_jax_tests_xla_{os.getuid()}"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+jax.config.update("jax_enable_compilation_cache", False)
+
+
+# Test files that share a session fixture too costly to build twice run on one xdist worker
+# (`--dist loadgroup`, pytest.ini): the notebook resumes the quick demo's workdir.
+_SAME_WORKER = {"test_colab": "test_demo"}
+
+
+def pytest_collection_modifyitems(items):
+  """Groups tests by file, as `--dist loadfile` would, merging the files of _SAME_WORKER."""
+  for item in items:
+    name = item.module.__name__ if item.module else item.nodeid.split("::")[0]
+    item.add_marker(pytest.mark.xdist_group(_SAME_WORKER.get(name, name)))
 
 
 @pytest.fixture(scope="session")
