@@ -82,3 +82,36 @@ def test_lengths_needing_more_memory_tokens_name_the_cause(model, tmp_path):
   with pytest.raises(ValueError, match="doc_max_length 64 / compr_rate 4 need 16 memory "
                                        "tokens, but the export's tokenizer has 4"):
     ClaraModel.load(out, doc_max_length=64, compr_rate=4)
+
+
+def test_documents_compress_through_the_folded_compressor(tmp_path):
+  """Answering and indexing fold the frozen compressor into the base (the stage2 step's
+  path): the memories equal the adapter run unfolded, for a non-zero adapter, and a
+  bfloat16 load computes the same memories to bf16 precision."""
+  from clara_jax.model import lora
+  from clara_jax.model.decoder import Decoder
+  rng = np.random.default_rng(1)
+  tok = Tokenizer.train([" ".join(rng.choice(WORDS, 10)) for _ in range(200)],
+                        vocab_size=300, num_mem_tokens=4)
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
+                     num_extra_tokens=tok.num_special)
+  flat = lora.flatten(init_params(cfg, jax.random.key(0)))
+  prefix = lora.lora_prefix(clara.COMPRESSOR)
+  for path in [p for p in flat if p.endswith(f"/{prefix}/b")]:
+    flat[path] = 0.05 * rng.standard_normal(flat[path].shape).astype(np.float32)
+  params = lora.unflatten(flat)
+  save_params(str(tmp_path), cfg, params)
+  tok.save(str(tmp_path / "tokenizer.model"))
+  model = ClaraModel.load(str(tmp_path), doc_max_length=16, compr_rate=4, doc_batch=4)
+  docs = ["red river city", "blue stone team", "green north coach", "south mayor", "red"]
+  got = model.compress_documents(docs)
+  tokens, mask = model._encode_texts(docs, 16, "documents")
+  want = clara.memories(Decoder(cfg), params, tokens, mask, 4, clara.COMPRESSOR)
+  unadapted = clara.memories(Decoder(cfg), params, tokens, mask, 4, None)
+  assert np.abs(np.asarray(want) - np.asarray(unadapted)).max() > 1e-2  # the adapter acts
+  np.testing.assert_allclose(got, np.asarray(want), atol=2e-5, rtol=1e-4)
+  bf16 = ClaraModel.load(str(tmp_path), doc_max_length=16, compr_rate=4, doc_batch=4,
+                         dtype="bfloat16")
+  assert bf16.cfg.dtype == "bfloat16"
+  rel = np.linalg.norm(bf16.compress_documents(docs) - got) / np.linalg.norm(got)
+  assert rel < 0.05, rel

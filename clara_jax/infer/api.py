@@ -24,7 +24,7 @@ from clara_jax import paths
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate
-from clara_jax.model import clara
+from clara_jax.model import clara, stages
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder
 from clara_jax.weights.export import load_params
@@ -62,8 +62,9 @@ class ClaraModel:
     self.memory_cache = None  # see `use_memory_cache`
     model = Decoder(cfg)
     n_mem = self.n_mem
-    self._compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem,
-                                                             clara.COMPRESSOR))
+    # The compressor is frozen here: its adapter is folded into the base kernels (the
+    # stage2 step's path), one matmul per projection instead of three.
+    self._compress = jax.jit(lambda p, t, m: stages.frozen_memories(model, p, t, m, n_mem))
     self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
 
     def nll_per_example(p, tokens, mask, slots, memories, answer_mask):
@@ -76,8 +77,10 @@ class ClaraModel:
 
   @classmethod
   def load(cls, export_dir: str, doc_max_length: Optional[int] = None,
-           compr_rate: Optional[int] = None, **kw) -> "ClaraModel":
-    """Loads an export; lengths default to those recorded by training (clara.json)."""
+           compr_rate: Optional[int] = None, dtype: Optional[str] = None,
+           **kw) -> "ClaraModel":
+    """Loads an export; lengths default to those recorded by training (clara.json).
+    `dtype` ("bfloat16", "float32") sets the compute dtype; parameters keep theirs."""
     recorded = {}
     clara_json = paths.join(export_dir, "clara.json")
     if paths.exists(clara_json):
@@ -90,6 +93,8 @@ class ClaraModel:
       if key in recorded:
         kw.setdefault(key, recorded[key])
     cfg, params = load_params(export_dir)
+    if dtype is not None:
+      cfg = dataclasses.replace(cfg, dtype=dtype)
     tok_path = export_dir  # its tokenizer.model or tokenizer.json
     n_mem = clara.num_memory_tokens(doc_max_length, compr_rate)
     tok = load_tokenizer(tok_path, cfg.num_extra_tokens - 3)

@@ -141,6 +141,24 @@ def _chunk(n: int, target: int) -> int:
   return max(c for c in range(1, min(n, target) + 1) if n % c == 0)
 
 
+def fold_compressor(model: Decoder, params):
+  """Parameters whose base kernels hold the frozen compressor adapter (`lora.fold_adapter`),
+  without gradients: run them with adapter=None for the compressor's memories at the
+  base model's cost. Inside a jitted function the folded kernels are temporaries."""
+  params = jax.lax.stop_gradient(params)
+  if model.cfg.lora is not None:
+    params = lora.fold_adapter(params, clara.COMPRESSOR, model.cfg.lora)
+  return params
+
+
+def frozen_memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array,
+                    n_mem: int) -> Array:
+  """Memories [M, n_mem, H] of a frozen compressor for encoder rows [M, L + n_mem]: what
+  answering and indexing compute, through the same folded path as stage 2's step."""
+  return clara.memories(model, fold_compressor(model, params), tokens_mt, mask_mt, n_mem,
+                        adapter=None)
+
+
 def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl: Array,
                     n_mem: int, chunk: int = COMPRESS_CHUNK) -> Array:
   """Memories [B, N, n_mem, H] of a frozen compressor, without gradients.
@@ -150,9 +168,7 @@ def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl:
   working set of each pass stays in cache); the batch axis stays whole in every chunk, so
   its sharding is untouched.
   """
-  params = jax.lax.stop_gradient(params)
-  if model.cfg.lora is not None:
-    params = lora.fold_adapter(params, clara.COMPRESSOR, model.cfg.lora)
+  params = fold_compressor(model, params)
   b, n, length = doc_tokens_bnl.shape
   c = _chunk(n, chunk)
   to_chunks = lambda x: x.reshape(b, n // c, c, length).swapaxes(0, 1)
