@@ -128,6 +128,8 @@ def _cmd_bench(args) -> int:
   from clara_jax.bench.generation import generation_latency
   from clara_jax.bench.stage_step import STAGES, stage_step_time
   shapes = _bench_shapes(args)
+  if args.what == "reference":
+    return _bench_reference(args)
   if args.what == "forward":
     from clara_jax.bench.forward import forward_throughput
     results = [forward_throughput(args.model, args.batch or 8, args.length, iters=args.iters)]
@@ -148,6 +150,29 @@ def _cmd_bench(args) -> int:
   if args.what == "suite":
     print(json.dumps({"benchmark": "suite", "model": args.model, "results": results}))
   return 0
+
+
+def _bench_reference(args) -> int:
+  """Both sides at the reference's shapes; the table; exit 1 if a judged goal is missed."""
+  from clara_jax.bench import reference
+  if not args.harness or not args.python:
+    raise SystemExit("bench reference needs --harness (the PyTorch harness bench_ref.py) "
+                     "and --python (a Python with its torch installed)")
+  result = reference.compare(args.harness, args.python, dtypes=args.dtypes.split(","),
+                             iters=args.iters, warmup=args.ref_warmup, runs=args.ref_runs,
+                             repo=args.repo,
+                             log=lambda line: print(line, file=sys.stderr, flush=True))
+  if args.out:
+    from clara_jax import paths
+    paths.write_json(args.out, result)
+  cpu = result["cpu"]
+  print(f"CPU: {cpu['model']}, {cpu['cores']} cores, bf16 matrix instructions: "
+        f"{', '.join(cpu['bf16_matmul_instructions']) or 'none'}; goals judged on "
+        f"{result['judged_dtype']}")
+  print(result["table"])
+  print(json.dumps({"benchmark": "reference", "passed": result["passed"],
+                    "rows": result["rows"]}))
+  return 0 if result["passed"] else 1
 
 
 def _cmd_import_hf(args) -> int:
@@ -587,7 +612,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   bench = sub.add_parser("bench", help="step time, tokens/s, MFU and generation latency "
                          "(JSON lines; `suite` runs them all)")
-  bench.add_argument("what", choices=["forward", "step", "stage2", "generate", "suite"])
+  bench.add_argument("what", choices=["forward", "step", "stage2", "generate", "suite",
+                                      "reference"])
   bench.add_argument("--model", default="small", help="a named size (e.g. ref_tiny)")
   bench.add_argument("--stage", default="stage2", choices=["lm", "stage1", "stage1_2",
                                                            "stage2"], help="for `step`")
@@ -606,6 +632,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attention layout (default: the model size's)")
   bench.add_argument("--cached", action="store_true",
                      help="stage2: read precomputed document memories")
+  bench.add_argument("--harness", default=None,
+                     help="reference: the PyTorch CLaRa harness script (bench_ref.py)")
+  bench.add_argument("--python", default=None,
+                     help="reference: the Python interpreter with the harness's torch")
+  bench.add_argument("--repo", default=None,
+                     help="reference: the apple/ml-clara snapshot (default: the harness's "
+                          "$CLARA_REF_REPO)")
+  bench.add_argument("--dtypes", default="bf16,fp32", help="reference: dtypes to run")
+  bench.add_argument("--ref_warmup", type=positive_int, default=2)
+  bench.add_argument("--ref_runs", type=positive_int, default=5)
+  bench.add_argument("--out", default=None, help="reference: write the result JSON here")
   bench.set_defaults(fn=_cmd_bench)
 
   ev = sub.add_parser("evaluate", help="EM/F1/Cover EM, Recall@k vs BM25, latency")
