@@ -19,22 +19,22 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # through gcsfs but not through TensorFlow's GCS client. epath decides once per process.
 os.environ["EPATH_USE_TF"] = "false"
 
-import jax  # noqa: E402
-
-# Tests compile many small programs once each; optimisation passes cost more than they save.
-jax.config.update("jax_disable_most_optimizations", True)
-
-# One XLA compilation cache for the `clara-jax` subprocesses of the whole run (both xdist
-# workers inherit the controller's environment): many tests train the same tiny steps in
-# fresh processes, where compiling is half of a short run's time. The cache key covers the
-# program, the compile options and the jax/XLA versions, so a reused directory never serves
-# a stale executable. Off in the test processes themselves: "compiles once per shape" tests
-# count backend compiles (tests/compile_count.py), which a cache hit would hide.
+# One XLA compilation cache for the whole run: both xdist workers (they inherit the
+# controller's environment), every `clara-jax` subprocess and notebook kernel. Tests build
+# the same tiny programs again and again in fresh jitted closures and fresh processes;
+# compiling is half of a short subprocess run's time. The cache key covers the program,
+# the compile options and the jax/XLA versions, so a reused directory never serves a stale
+# executable. (A cache hit still counts as a backend compile in tests/compile_count.py:
+# jax reports the lookup under the same event.)
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), f"clara_jax_tests_xla_{os.getuid()}"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-jax.config.update("jax_enable_compilation_cache", False)
+
+import jax  # noqa: E402
+
+# Tests compile many small programs once each; optimisation passes cost more than they save.
+jax.config.update("jax_disable_most_optimizations", True)
 
 
 # Test files that share a session fixture too costly to build twice run on one xdist worker
