@@ -41,7 +41,7 @@ EXTRAS_REQUIRE = {
         "transformers==5.23.0",
         "safetensors==0.8.0",
         "peft==0.21.2",
-        # tests/test_colab.py executes colab/clara_jax_demo.ipynb in a python3 kernel.
+        # tests/test_demo.py executes colab/clara_jax_demo.ipynb in a python3 kernel.
         "nbclient==0.11.0",
         "nbformat==5.11.1",
         "ipykernel==7.4.0",

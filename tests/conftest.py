@@ -37,18 +37,6 @@ import jax  # noqa: E402
 jax.config.update("jax_disable_most_optimizations", True)
 
 
-# Test files that share a session fixture too costly to build twice run on one xdist worker
-# (`--dist loadgroup`, pytest.ini): the notebook resumes the quick demo's workdir.
-_SAME_WORKER = {"test_colab": "test_demo"}
-
-
-def pytest_collection_modifyitems(items):
-  """Groups tests by file, as `--dist loadfile` would, merging the files of _SAME_WORKER."""
-  for item in items:
-    name = item.module.__name__ if item.module else item.nodeid.split("::")[0]
-    item.add_marker(pytest.mark.xdist_group(_SAME_WORKER.get(name, name)))
-
-
 @pytest.fixture(scope="session")
 def lm_text_file(tmp_path_factory):
   """The lm stage's training text for tests that run `clara-jax train` (train_cli)."""
@@ -59,8 +47,8 @@ def lm_text_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
   """`demo.run(quick=True)` once per session (per xdist worker): (workdir, summary, logged
-  lines). Shared by test_demo and test_colab, whose notebook resumes from it instead of
-  training again."""
+  lines). Shared by the tests of test_demo.py (one file, so one worker under
+  `--dist loadfile`), whose notebook test resumes from it instead of training again."""
   from clara_jax import demo
   workdir = str(tmp_path_factory.mktemp("demo"))
   lines = []
