@@ -138,13 +138,15 @@ def _cmd_bench(args) -> int:
     results = [stage_step_time(stage, args.model, cached=args.cached, **_step_options(args),
                                **shapes)]
   elif args.what == "generate":
-    results = [generation_latency(args.model, **shapes)]
+    results = [generation_latency(args.model, head_len=args.head_len, dtype=args.dtype,
+                                  **shapes)]
   else:  # suite: every stage's step, stage2 with cached memories, generation
     results = [stage_step_time(stage, args.model, **_step_options(args), **shapes)
                for stage in STAGES]
     results.append(stage_step_time("stage2", args.model, cached=True, **_step_options(args),
                                    **shapes))
-    results.append(generation_latency(args.model, **shapes))
+    results.append(generation_latency(args.model, head_len=args.head_len, dtype=args.dtype,
+                                      **shapes))
   for result in results:
     print(json.dumps(result), flush=True)
   if args.what == "suite":
@@ -632,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="attention layout (default: the model size's)")
   bench.add_argument("--cached", action="store_true",
                      help="stage2: read precomputed document memories")
+  bench.add_argument("--head_len", type=int, default=0,
+                     help="generate: prompt tokens every question shares (their keys and "
+                          "values are built once)")
   bench.add_argument("--harness", default=None,
                      help="reference: the PyTorch CLaRa harness script (bench_ref.py)")
   bench.add_argument("--python", default=None,

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.infer import api
 from clara_jax.infer.api import ClaraModel
+from clara_jax.infer.generate import prefix_cache
 from clara_jax.model import clara
 from clara_jax.model.config import model_config
 from clara_jax.model.decoder import init_params
@@ -59,6 +61,34 @@ def test_repeated_calls_do_not_recompile(model):
     model.generate_from_documents(["another question?"], [["green", "stone"]],
                                   max_new_tokens=4)
   assert compiled == [], compiled
+
+
+def test_prompt_heads_are_built_once_and_answer_as_whole_prompts(model, monkeypatch):
+  """Answers decoded from the cached prompt head plus each prompt's rest equal those of
+  whole prompts (stage1 and stage2 prompts, two batches); each head is built once."""
+  docs = ["red river city", "blue stone team", "green north coach", "south mayor"]
+  questions = [["red city?", "coach?"], ["which team is blue?", "north?"]]
+
+  def answers():
+    out = [model.generate_from_paraphrase(docs[:3], max_new_tokens=6)]
+    for qs in questions:
+      out.append(model.generate_from_questions(qs, [docs, docs[::-1]], k=2,
+                                               max_new_tokens=6)[0])
+    return out
+
+  built = []
+  def counting(params, cfg, head):
+    built.append(tuple(np.asarray(head).tolist()))
+    return prefix_cache(params, cfg, head)
+  monkeypatch.setattr(api, "prefix_cache", counting)
+  model.reuse_prefix, model._prefixes = False, {}
+  whole = answers()
+  assert built == []
+  model.reuse_prefix = True
+  assert answers() == whole
+  assert len(built) == 2 and len(set(built)) == 2  # the paraphrase and the answer head
+  assert answers() == whole
+  assert len(built) == 2
 
 
 def test_cut_texts_are_counted_and_logged(model, caplog):

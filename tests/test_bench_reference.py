@@ -52,14 +52,21 @@ def test_the_harness_last_line_is_read_and_its_failure_named(tmp_path):
 def test_ratios_are_judged_on_one_dtype_only():
   ref = {d: {"benchmarks": {"stage2": {"median_s": s}, "generate": {"median_s": s}}}
          for d, s in (("bf16", 40.0), ("fp32", 4.0))}
-  ours = {d: {"stage2": {"seconds": 0.5}, "generate": {"seconds": 0.5}}
+  ours = {d: {"stage2": {"seconds": 0.5, "mfu": 0.25}, "generate": {"seconds": 0.5},
+              "stage2_q32": {"seconds": 0.1, "mfu": 0.5}}
           for d in ("bf16", "fp32")}
   rows = {(r["benchmark"], r["dtype"]): r for r in reference.ratio_rows(ref, ours, "fp32")}
   assert rows["stage2", "bf16"]["ratio"] == 80.0 and rows["stage2", "bf16"]["met"] is None
   assert rows["stage2", "fp32"]["ratio"] == 8.0 and rows["stage2", "fp32"]["met"] is False
   assert rows["generate", "fp32"]["met"] is True  # 8x against a 5x goal
-  assert "| stage2 | fp32 | 4.000 | 0.500 | 8.0x | 10x | MISS |" in (
-      reference.format_table(list(rows.values())))
+  # At 100% MFU the step would take 0.25 * 0.5 s: 4 / 0.125 = 32x at most.
+  assert rows["stage2", "fp32"]["bound"] == 32.0 and rows["generate", "fp32"]["bound"] is None
+  # The unjudged rows have no goal, whatever their ratio.
+  assert rows["stage2_q32", "fp32"]["goal"] is None and rows["stage2_q32", "fp32"]["met"] is None
+  table = reference.format_table(list(rows.values()))
+  assert "| stage2 | fp32 | 4.000 | 0.500 | 8.0x | 0.25 | 32.0x | 10x | MISS |" in table
+  assert "| generate | fp32 | 4.000 | 0.500 | 8.0x | - | - | 5x | yes |" in table
+  assert "| stage2_q32 | fp32 | 4.000 | 0.100 | 40.0x | 0.50 | 80.0x | - | - |" in table
 
 
 def test_the_command_prints_the_table_and_exits_1_on_a_miss(tmp_path, monkeypatch, capsys):
@@ -81,9 +88,10 @@ def test_the_command_prints_the_table_and_exits_1_on_a_miss(tmp_path, monkeypatc
   printed = capsys.readouterr().out
   assert code == 1
   assert "bf16 matrix instructions: none; goals judged on fp32" in printed
-  assert "| stage2_cached | fp32 | 4.000 | 0.200 | 20.0x | 25x | MISS |" in printed
-  assert "| stage2 | fp32 | 4.000 | 0.200 | 20.0x | 10x | yes |" in printed
-  assert timed == [("bf16", tuple(reference.GOALS)), ("fp32", tuple(reference.GOALS))]
+  assert "| stage2_cached | fp32 | 4.000 | 0.200 | 20.0x | - | - | 25x | MISS |" in printed
+  assert "| stage2 | fp32 | 4.000 | 0.200 | 20.0x | - | - | 10x | yes |" in printed
+  assert "| stage2_cached_q32 | fp32 | 4.000 | 0.200 | 20.0x | - | - | - | - |" in printed
+  assert timed == [("bf16", reference.ROWS), ("fp32", reference.ROWS)]
   saved = json.loads(out.read_text())
   assert saved["passed"] is False and saved["judged_dtype"] == "fp32"
   assert json.loads(printed.strip().splitlines()[-1])["passed"] is False

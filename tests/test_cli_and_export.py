@@ -74,13 +74,25 @@ SHAPES = dict(batch=2, candidates=4, doc_len=16, compr_rate=4, k=2, iters=1)
 
 
 def test_bench_generation_latency():
+  """Every phase and the one-call total are timed, with and without a shared prompt head
+  (whose rows then hold prompt_len - head_len tokens each)."""
   from clara_jax.bench.generation import generation_latency
-  result = generation_latency("tiny", question_len=8, prompt_len=24, new_tokens=3, **SHAPES)
-  phases = [result[f"{p}_ms_per_question"] for p in ("compress", "reason", "select", "decode")]
-  assert all(ms > 0 for ms in phases)
-  assert result["total_ms_per_question"] == pytest.approx(sum(phases), rel=1e-2)
+  for head_len in (0, 9):
+    result = generation_latency("tiny", question_len=8, prompt_len=24, head_len=head_len,
+                                new_tokens=3, **SHAPES)
+    phases = [result[f"{p}_ms_per_question"]
+              for p in ("compress", "reason", "select", "decode")]
+    assert all(ms > 0 for ms in phases) and result["total_ms_per_question"] > 0
+    assert result["head_len"] == head_len and (result["head_ms"] > 0) == (head_len > 0)
+  with pytest.raises(ValueError, match="cannot hold a head of 20 tokens"):
+    generation_latency("tiny", question_len=8, prompt_len=24, head_len=20, new_tokens=3,
+                       **SHAPES)
 
 
+# A benchmark run (compiles and times every stage's step): slow-marked. The default run
+# keeps `bench` covered by test_bench_forward_prints_figures (the CLI's JSON line) and
+# test_bench_generation_latency (the generation phases).
+@pytest.mark.slow
 def test_bench_cli_suite_prints_a_final_json_line(capsys):
   assert cli.main(["bench", "suite", "--model", "tiny", "--batch", "1", "--candidates", "3",
                    "--doc_len", "16", "--compr_rate", "4", "--k", "2", "--iters", "1"]) == 0

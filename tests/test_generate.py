@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from clara_jax.data import packing
-from clara_jax.infer.generate import bucket_length, generate, left_to_right_padding
+from clara_jax.infer.generate import (bucket_length, generate, left_to_right_padding,
+                                      prefix_cache)
 from clara_jax.model import clara, lora
 from clara_jax.model.decoder import Decoder, init_params
 from clara_synth import BOS, EOS, INST, PAD, SEP, mem_ids, model_cfg
@@ -36,6 +37,41 @@ def setup():
   mask = arrays["gen_mask"][:, :16]
   memories = jax.random.normal(jax.random.key(2), (3, K, N_MEM, MODEL.hidden_size))
   return p, tokens, mask, arrays["slot_positions"], memories
+
+
+def _pack(prompts, length):
+  arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), prompt_len=length,
+                                     answer_len=1, mem_ids=mem_ids(N_MEM), n_slots=K,
+                                     eos_id=EOS, pad_id=PAD)
+  return arrays["gen_tokens"][:, :length], arrays["gen_mask"][:, :length], arrays["slot_positions"]
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_a_shared_prefix_built_once_generates_what_whole_prompts_do(scan_layers):
+  """Prompts that share their first tokens: greedy tokens from the shared part's KV cache
+  (built once, batch 1) plus each row's rest equal those from the whole prompts, with
+  sampling too, in both layer layouts; the rows' rests have different lengths."""
+  cfg = model_cfg(N_MEM, scan_layers=scan_layers)
+  p = init_params(cfg, jax.random.key(3))
+  p = jax.tree_util.tree_map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(4), x.shape), p)
+  shared = [BOS, INST, 9, 9, 5, 11]
+  slots = packing.slot_ids(N_MEM, K, mem_ids(N_MEM), SEP)
+  rests = [slots + [5, 6, INST], slots + [INST], slots + [7, 8, 9, 10, INST]]
+  memories = jax.random.normal(jax.random.key(2), (3, K, N_MEM, cfg.hidden_size))
+  whole = _pack([shared + r for r in rests], 24)
+  rest = _pack(rests, 16)
+  prefix = prefix_cache(p, cfg, jnp.asarray(shared, jnp.int32))
+  greedy = None
+  for kw in (dict(), dict(temperature=1.3, top_p=0.95, rng=jax.random.key(7))):
+    want, want_len = generate(p, cfg, *whole, memories, max_new_tokens=7, eos_id=-1, **kw)
+    got, got_len = generate(p, cfg, *rest, memories, max_new_tokens=7, eos_id=-1,
+                            prefix=prefix, **kw)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    np.testing.assert_array_equal(got_len, want_len)
+    greedy = want if greedy is None else greedy
+  # The prefix is read: without it the same rests generate something else.
+  alone, _ = generate(p, cfg, *rest, memories, max_new_tokens=7, eos_id=-1)
+  assert not np.array_equal(np.asarray(alone), np.asarray(greedy))
 
 
 def _greedy_without_cache(p, tokens, mask, slots, memories, steps):

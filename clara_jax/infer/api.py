@@ -23,7 +23,7 @@ from absl import logging
 from clara_jax import paths
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
-from clara_jax.infer.generate import bucket_length, generate
+from clara_jax.infer.generate import bucket_length, generate, prefix_cache
 from clara_jax.model import clara, stages
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder
@@ -60,6 +60,10 @@ class ClaraModel:
     self.timings = Timings()
     self.truncations = Truncations()
     self.memory_cache = None  # see `use_memory_cache`
+    # Keys and values of prompt heads (the tokens before the first memory slot, the same
+    # for every question of a prompt style), each built once: {head tokens: KV cache}.
+    self.reuse_prefix = True
+    self._prefixes = {}
     model = Decoder(cfg)
     n_mem = self.n_mem
     # The compressor is frozen here: its adapter is folded into the base kernels (the
@@ -171,12 +175,29 @@ class ClaraModel:
     return mem
 
   # --- generation -----------------------------------------------------------------
+  def _split_head(self, prompts: List[List[int]]):
+    """(the KV cache of the tokens before the first memory slot, prompts without them)
+    when every prompt has the same such tokens; else (None, prompts)."""
+    first_slot = self.tok.mem_ids[0]
+    if not self.reuse_prefix or first_slot not in prompts[0]:
+      return None, prompts
+    cut = prompts[0].index(first_slot)
+    head = tuple(prompts[0][:cut])
+    if cut == 0 or any(tuple(p[:cut]) != head for p in prompts):
+      return None, prompts
+    if head not in self._prefixes:
+      if len(self._prefixes) >= 8:  # a few prompt styles in use; drop old ones
+        self._prefixes.clear()
+      self._prefixes[head] = prefix_cache(self.params, self.cfg, np.asarray(head, np.int32))
+    return self._prefixes[head], [p[cut:] for p in prompts]
+
   def generate_turns(self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int,
                 max_new_tokens: int) -> List[str]:
     """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
     start = time.perf_counter()
     prompts = [self.tok.encode_prompt(user, system)
                for system, user in turns]
+    prefix, prompts = self._split_head(prompts)
     length = bucket_length(max(len(p) for p in prompts))
     arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), length, 1,
                                        self.tok.mem_ids[:self.n_mem], k, self.tok.eos_id,
@@ -188,7 +209,8 @@ class ClaraModel:
     tokens, _ = generate(self.params, self.cfg, pad(arrays["gen_tokens"][:, :length]),
                          pad(arrays["gen_mask"][:, :length]), pad(arrays["slot_positions"]),
                          pad(np.asarray(memories)), max_new_tokens=max_new_tokens,
-                         eos_id=self.tok.eos_id, memory_scale=self.memory_scale)
+                         eos_id=self.tok.eos_id, memory_scale=self.memory_scale,
+                         prefix=prefix)
     tokens = np.asarray(tokens)[:b]
     out = []
     for row in tokens:

@@ -5,6 +5,11 @@ document memories: greedy, or temperature / top-p sampling (seeded).
 callers pad prompts to a few bucket lengths (`bucket_length`) and never recompile per
 question. Prompts arrive in the training layout (left-padded); they are shifted to the
 right-padded layout the cache path needs (causality then hides the padding).
+
+Every answering prompt starts with the same tokens (the chat header and system text,
+up to the first memory slot). `prefix_cache` runs them once into a batch-1 KV cache;
+`generate(..., prefix=that cache)` then reads only the rest of each prompt and copies
+the prefix's keys and values into every row.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import jax.numpy as jnp
 
 from clara_jax.model import clara
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.decoder import Decoder, init_cache
+from clara_jax.model.decoder import Decoder, KVCache, cache_length, init_cache
 
 Array = jax.Array
 
@@ -57,19 +62,43 @@ def _sample(logits_bv: Array, key: Array, temperature: float, top_p: float) -> A
   return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def prefix_cache(params, cfg: DecoderConfig, prefix_tokens_p: Array) -> KVCache:
+  """The generator's keys and values of prompt tokens [P0] every row shares: a KV cache
+  of batch 1 and length P0 for `generate(..., prefix=)`."""
+  model = Decoder(cfg)
+  cache = init_cache(cfg, 1, prefix_tokens_p.shape[0])
+  out = model.apply({"params": params}, prefix_tokens_p[None], adapter=clara.GENERATOR,
+                    cache=cache, cache_index=jnp.zeros(1, jnp.int32))
+  return out.cache
+
+
+def _with_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
+  """`cache` [..., B, T, kv, d] with positions [0, P0) of every row set to the batch-1
+  `prefix` [..., 1, P0, kv, d] (either cache layout)."""
+  def put(c, p):
+    return jax.lax.dynamic_update_slice_in_dim(
+        c, jnp.broadcast_to(p, c.shape[:-3] + p.shape[-3:]).astype(c.dtype), 0, c.ndim - 3)
+  return jax.tree_util.tree_map(put, cache, prefix)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id",
                                               "temperature", "top_p", "memory_scale"))
 def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
              slot_positions_bs: Array, memories_bkmh: Array, *, max_new_tokens: int,
              eos_id: int, temperature: float = 0.0, top_p: float = 1.0,
-             rng: Optional[Array] = None, memory_scale: str = "none"):
+             rng: Optional[Array] = None, memory_scale: str = "none",
+             prefix: Optional[KVCache] = None):
   """Generates up to `max_new_tokens` per row after the prompt.
 
   Args:
-    tokens_bt, mask_bt: left-padded generator prompts [B, P] (placeholders included).
+    tokens_bt, mask_bt: left-padded generator prompts [B, P] (placeholders included);
+      with `prefix`, the part of each prompt after it.
     slot_positions_bs: [B, k * n_mem] placeholder positions in that layout.
     memories_bkmh: [B, k, n_mem, H] memories to write into the slots.
     memory_scale: how they enter the generator (`clara.MEMORY_SCALES`).
+    prefix: `prefix_cache` of the P0 tokens that precede every row's prompt (it holds
+      no slot), or None.
 
   Returns:
     (new tokens [B, max_new_tokens] (after eos: eos), lengths [B] including the eos).
@@ -80,10 +109,14 @@ def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
   embeddings = clara.generator_inputs(model, params, tokens, slots,
                                       memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
                                       memory_scale)
-  cache = init_cache(cfg, b, tokens.shape[1] + max_new_tokens)
+  p0 = 0 if prefix is None else cache_length(prefix)
+  cache = init_cache(cfg, b, p0 + tokens.shape[1] + max_new_tokens)
+  if prefix is not None:
+    cache = _with_prefix(cache, prefix)
   out = model.apply({"params": params}, embeddings=embeddings, adapter=clara.GENERATOR,
-                    cache=cache, cache_index=jnp.zeros(b, jnp.int32))
+                    cache=cache, cache_index=jnp.full(b, p0, jnp.int32))
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  filled = p0 + lengths  # valid cache entries of each row after its prompt
   rng = jax.random.key(0) if rng is None else rng
 
   def logits_of(hidden_bh):
@@ -100,7 +133,7 @@ def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
   def body(carry):
     step, cache, generated, token, done = carry
     out = model.apply({"params": params}, token[:, None], adapter=clara.GENERATOR,
-                      cache=cache, cache_index=lengths + step - 1)
+                      cache=cache, cache_index=filled + step - 1)
     nxt = _sample(logits_of(out.hidden[:, 0]), jax.random.fold_in(rng, step), temperature,
                   top_p)
     nxt = jnp.where(done, eos_id, nxt)
