@@ -108,6 +108,10 @@ def test_demo_exit_code_follows_the_claims():
   assert not demo.claims_met({"claims": []})
 
 
+# The same resume runs in the default test run through the notebook's demo cell
+# (test_notebook_runs_the_quick_demo: every stage skipped, the same recall@1 and memory
+# gain), so this in-process copy of it is slow-marked.
+@pytest.mark.slow
 def test_rerun_resumes_instead_of_starting_over(quick_demo):
   workdir, summary, _ = quick_demo
   lines = []
@@ -240,6 +244,8 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
     written = json.load(f)
   assert written["results"]["stage2"]["questions"] == summary["results"]["stage2"]["questions"]
   assert written["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
+  assert written["results"]["stage2"]["memory_gain"] == pytest.approx(
+      summary["results"]["stage2"]["memory_gain"], abs=1e-5)
   rows = [(c["claim"], c["measured"], c["target"], c["passed"]) for c in written["claims"]]
   assert demo.format_table(rows) in log
   assert _stream(table) == demo.format_table(rows) + "\n"

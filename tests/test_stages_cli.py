@@ -29,8 +29,8 @@ def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
     workdir = runs / stage
     args = ["train", f"--config={ROOT}/configs/{stage}.py:model=tiny,data=synth",
             f"--workdir={workdir}", "--config.data.synth_max_facts=2",
-            "--config.tokenizer.vocab_size=512", "--config.train.num_steps=24",
-            "--config.train.log_every=8", "--config.train.checkpoint_every=24",
+            "--config.tokenizer.vocab_size=512", "--config.train.num_steps=9",
+            "--config.train.log_every=3", "--config.train.checkpoint_every=9",
             "--config.train.global_batch=8", "--config.train.peak_flops=1e11",
             "--config.clara.doc_max_length=16", "--config.clara.compr_rate=4",
             "--config.data.question_max_length=12", "--config.data.prompt_length=96",

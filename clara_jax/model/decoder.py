@@ -119,24 +119,64 @@ def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array
   return out.reshape(b, t, h, hd)
 
 
+def _head_probs(q_bqd: Array, k_bsd: Array, bias_bts: Array) -> Array:
+  """Softmax probabilities [b, g * t, s] (dtype of v's compute) of one KV head whose g
+  query heads are stacked along the query axis."""
+  b, q_len, hd = q_bqd.shape
+  t, s = bias_bts.shape[1:]
+  scores = jnp.einsum("bqd,bsd->bqs", q_bqd, k_bsd, preferred_element_type=jnp.float32)
+  scores = scores.reshape(b, q_len // t, t, s) * (hd ** -0.5) + bias_bts[:, None]
+  return jax.nn.softmax(scores, axis=-1).reshape(b, q_len, s)
+
+
+@jax.custom_vjp
+def _head_attention(q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array) -> Array:
+  """float32 attention output [b, g * t, d] of one KV head.
+
+  Its own backward pass: the probabilities are kept from the forward pass (in v's dtype)
+  and the softmax gradient is p * (dp - rowsum(p * dp)). Under plain autodiff XLA's CPU
+  backend fuses the score matmul and exponential into each consumer of the
+  probabilities and so recomputes them three more times in the backward pass, which at
+  1035-token queries was most of the stage2 step."""
+  return _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts)[0]
+
+
+def _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts):
+  probs = _head_probs(q_bqd, k_bsd, bias_bts).astype(v_bsd.dtype)
+  out = jnp.einsum("bqs,bsd->bqd", probs, v_bsd, preferred_element_type=jnp.float32)
+  return out, (q_bqd, k_bsd, v_bsd, probs)
+
+
+def _head_attention_bwd(residuals, d_out_bqd):
+  q, k, v, probs = residuals
+  d_out = d_out_bqd.astype(v.dtype)
+  f32 = jnp.float32
+  d_v = jnp.einsum("bqs,bqd->bsd", probs, d_out, preferred_element_type=f32)
+  d_probs = jnp.einsum("bqd,bsd->bqs", d_out, v, preferred_element_type=f32)
+  p = probs.astype(f32)
+  d_scores = p * (d_probs - jnp.sum(p * d_probs, axis=-1, keepdims=True))
+  d_scores = (d_scores * q.shape[-1] ** -0.5).astype(q.dtype)
+  d_q = jnp.einsum("bqs,bsd->bqd", d_scores, k, preferred_element_type=f32)
+  d_k = jnp.einsum("bqs,bqd->bsd", d_scores, q, preferred_element_type=f32)
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
+
+
 def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array
                         ) -> Array:
   """The same attention as a loop over KV heads: the query heads of one group are stacked
   along the query axis, so each head is two batched 3-D matmuls (one batch dimension),
   which XLA's CPU backend fuses with the softmax far better than the 5-D einsum."""
   b, t, h, hd = q_bthd.shape
-  s, kv = k_bskd.shape[1], k_bskd.shape[2]
+  kv = k_bskd.shape[2]
   groups = h // kv
   q = q_bthd.reshape(b, t, kv, groups, hd)
   outs = []
   for j in range(kv):
     q_bqd = q[:, :, j].transpose(0, 2, 1, 3).reshape(b, groups * t, hd)
-    scores = jnp.einsum("bqd,bsd->bqs", q_bqd, k_bskd[:, :, j],
-                        preferred_element_type=jnp.float32)
-    scores = scores.reshape(b, groups, t, s) * (hd ** -0.5) + bias_bts[:, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype).reshape(b, groups * t, s)
-    out = jnp.einsum("bqs,bsd->bqd", probs, v_bskd[:, :, j],
-                     preferred_element_type=jnp.float32)
+    out = _head_attention(q_bqd, k_bskd[:, :, j], v_bskd[:, :, j], bias_bts)
     outs.append(out.reshape(b, groups, t, hd))
   # [b, kv, groups, t, d] -> [b, t, kv * groups, d]: query head kv_j * groups + g.
   return jnp.stack(outs, 1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
