@@ -50,3 +50,37 @@ def test_step_flops_match_the_compiled_step(stage, overrides):
   xla = (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
   ours = step_flops(c, cfg, setup.cclara)
   assert abs(ours / xla - 1) < 0.10, (ours, xla)
+
+
+def test_answering_flops_match_the_compiled_phases():
+  """`bench generate`'s FLOP count of compress + reason + prefill (one new token: no
+  decode step) against XLA's cost analysis of each phase compiled alone."""
+  import jax.numpy as jnp
+  from clara_jax.bench.generation import answer_flops
+  from clara_jax.model import clara, stages
+  from clara_jax.model.config import model_config
+  from clara_jax.model.decoder import Decoder
+  n_mem, b, n, doc, query, prompt = 4, 2, 10, 52, 20, 40
+  cfg = model_config("tiny", hidden_size=256, intermediate_size=768, num_heads=4,
+                     num_kv_heads=2, head_dim=64, base_vocab_size=1024,
+                     num_extra_tokens=3 + n_mem)
+  model = Decoder(cfg)
+  params = nn.meta.unbox(abstract_params(cfg))
+  ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
+
+  def flops(fn, *args):
+    cost = jax.jit(fn).lower(params, *args).compile().cost_analysis()
+    return (cost[0] if isinstance(cost, (list, tuple)) else cost)["flops"]
+
+  compress = flops(lambda p, t, m: stages.frozen_memories(model, p, t, m, n_mem),
+                   ints(b * n, doc), ints(b * n, doc))
+  reason = flops(lambda p, t, m: clara.reason(model, p, t, m, n_mem),
+                 ints(b, query), ints(b, query))
+
+  def prefill(p, tokens):
+    hidden = model.apply({"params": p}, tokens, adapter=clara.GENERATOR).hidden
+    return model.apply({"params": p}, hidden[:, -1], method=Decoder.logits)
+
+  xla = compress + reason + flops(prefill, ints(b, prompt))
+  ours = answer_flops(cfg, b, n, doc, query, prompt, 1, n_mem)
+  assert abs(ours / xla - 1) < 0.10, (ours, xla)

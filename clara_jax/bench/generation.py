@@ -10,12 +10,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.bench.flops import time_fn
+from clara_jax.bench.flops import matmul_peak_flops, time_fn
 from clara_jax.bench.stage_step import synthetic_batch
 from clara_jax.data import packing
 from clara_jax.infer.generate import generate, prefix_cache
 from clara_jax.model import clara, stages
-from clara_jax.model.config import model_config
+from clara_jax.model.config import DecoderConfig, model_config
+from clara_jax.model.flops import DecoderPass, pass_flops
 from clara_jax.model.decoder import Decoder, init_params
 
 
@@ -37,6 +38,21 @@ def _prompts_after_head(rng: np.random.Generator, batch: int, vocab: int, head_l
   arrays, _ = packing.pack_generator(rests, [[]] * batch, rest_len, 1, mem, k, 2, 0)
   return (np.asarray(head, np.int32), arrays["gen_tokens"][:, :rest_len],
           arrays["gen_mask"][:, :rest_len], arrays["slot_positions"])
+
+
+def answer_flops(cfg: DecoderConfig, batch: int, candidates: int, doc_tokens: int,
+                 question_tokens: int, rest_len: int, new_tokens: int, n_mem: int) -> float:
+  """Model FLOPs of answering `batch` questions: the folded compressor over every
+  candidate and the reasoner (memory positions read out), the prompts' rests, and
+  `new_tokens - 1` one-token decode steps through the LM head. Attention to the cache
+  is counted only within each pass (not the prefix or earlier tokens), so this is a
+  lower bound."""
+  compress = pass_flops(cfg, DecoderPass(batch * candidates, doc_tokens, readout=n_mem,
+                                         adapter=False))
+  reason = pass_flops(cfg, DecoderPass(batch, question_tokens, readout=n_mem))
+  prefill = pass_flops(cfg, DecoderPass(batch, rest_len, head_tokens=batch))
+  step = pass_flops(cfg, DecoderPass(batch, 1, head_tokens=batch))
+  return compress + reason + prefill + (new_tokens - 1) * step
 
 
 def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20,
@@ -90,9 +106,13 @@ def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20
       "decode": time_fn(decode, picked, iters=iters),
   }
   total = time_fn(answer, iters=iters)
+  flops = answer_flops(cfg_m, batch, candidates, doc_t.shape[-1], q_t.shape[-1],
+                       prompt_t.shape[1], new_tokens, n_mem)
+  peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   per_q = {f"{name}_ms_per_question": round(1e3 * s / batch, 3) for name, s in phases.items()}
   return {"benchmark": "generation", "model": model, "dtype": cfg_m.dtype, "batch": batch,
           "candidates": candidates, "k": k, "doc_len": doc_len, "new_tokens": new_tokens,
           "prompt_len": prompt_len, "head_len": head_len, "head_ms": round(1e3 * head_s, 1),
           **per_q, "total_ms_per_question": round(1e3 * total / batch, 3),
-          "decode_tokens_per_s": round(batch * new_tokens / phases["decode"], 1)}
+          "decode_tokens_per_s": round(batch * new_tokens / phases["decode"], 1),
+          "mfu": round(flops / total / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
