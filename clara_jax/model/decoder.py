@@ -134,10 +134,9 @@ def _head_attention(q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array) -
   """float32 attention output [b, g * t, d] of one KV head.
 
   Its own backward pass: the probabilities are kept from the forward pass (in v's dtype)
-  and the softmax gradient is p * (dp - rowsum(p * dp)). Under plain autodiff XLA's CPU
-  backend fuses the score matmul and exponential into each consumer of the
-  probabilities and so recomputes them three more times in the backward pass, which at
-  1035-token queries was most of the stage2 step."""
+  and the softmax gradient is p * (dp - rowsum(p * dp)). Under plain autodiff the
+  softmax's CPU fusions (with the score matmul and exponential fused in) cost more than
+  twice as much, most of the stage2 step at 1035-token queries."""
   return _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts)[0]
 
 
