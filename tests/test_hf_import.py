@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from clara_jax import partitioning
-from clara_jax.model.config import LoraConfig
+from clara_jax.model.config import LoraConfig, RopeScaling, config_from_dict, config_to_dict
 from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
 from clara_jax.weights import safetensors_io as st
 from clara_jax.weights.hf_import import (decoder_config_from_hf, import_hf_checkpoint,
@@ -399,11 +399,65 @@ def test_config_defaults_and_old_style_rope_theta():
   assert llama.sliding_window is None  # Llama has no local attention
 
 
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory):
+  """A tiny random Llama-3 with its RoPE scaling, the original context (16) shorter than
+  the test sequences so that the scaled frequencies matter."""
+  config = transformers.LlamaConfig(**{**SMALL, "max_position_embeddings": 128},
+                                    rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE})
+  model = _build(transformers.LlamaForCausalLM, config, seed=2)
+  path = tmp_path_factory.mktemp("llama3")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def test_llama3_rope_scaling_matches_transformers_with_and_without_a_cache(llama3):
+  """Logits of a padded batch against transformers (<= 1e-4), greedy decoding through
+  the KV cache equal to transformers' own, and the scaling is read (without it the
+  logits move by far more than the tolerance)."""
+  model, path = llama3
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert cfg.rope_theta == 5e5 and cfg.rope_scaling == RopeScaling(8.0, 1.0, 4.0, 16)
+  lengths = (40, 23, 9)
+  ids, mask = _batch(4, lengths)
+  ref = _hf_logits(model, ids, mask)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, lengths)
+  unscaled = _max_real_diff(_forward(params, ids, mask, cfg.replace(rope_scaling=None))[1],
+                            ref, lengths)
+  print(f"llama3 max abs logit diff: {diff:.3g} (without the scaling: {unscaled:.3g})")
+  assert diff < TOL and unscaled > 100 * TOL
+  prompt, steps = ids[0, :30], 6
+  cache = init_cache(cfg, 1, len(prompt) + steps)
+  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
+  tokens, position = [], len(prompt)
+  for _ in range(steps):
+    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
+    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
+                               jnp.asarray([position], jnp.int32), cfg)
+    position += 1
+  assert tokens == _hf_greedy(model, prompt, steps)[0]
+
+
+def test_rope_scaling_survives_the_config_round_trip():
+  cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
+                                "model_type": "llama",
+                                "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}, 0)
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
 @pytest.mark.parametrize("change, pattern", [
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}},
-     r"'rope_parameters\.rope_type': expected 'default', found 'llama3'"),
+    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 8.0}},
+     r"'rope_parameters\.rope_type': expected 'default' or 'llama3', found 'yarn'"),
     ({"rope_scaling": {"type": "linear", "factor": 2.0}},
-     r"'rope_scaling\.rope_type': expected 'default', found 'linear'"),
+     r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'linear'"),
+    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+     r"'rope_parameters': rope_type 'llama3' needs \['low_freq_factor'"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+     r"'rope_scaling': RopeScaling: need 0 < low_freq_factor < high_freq_factor"),
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),

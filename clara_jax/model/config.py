@@ -52,6 +52,28 @@ class LoraConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3's frequency-dependent RoPE scaling (`rope_type: "llama3"` in HF configs).
+
+  Rotary frequencies whose wavelength exceeds `original_max_position /
+  low_freq_factor` are divided by `factor`, those shorter than `original_max_position /
+  high_freq_factor` are kept, and those between are interpolated linearly in
+  `original_max_position / wavelength` (the Llama 3 report's context extension)."""
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position: int
+
+  def __post_init__(self):
+    if self.factor <= 0 or self.original_max_position <= 0:
+      raise ValueError(f"RopeScaling: factor and original_max_position must be positive, "
+                       f"got {self.factor}, {self.original_max_position}")
+    if not 0 < self.low_freq_factor < self.high_freq_factor:
+      raise ValueError(f"RopeScaling: need 0 < low_freq_factor < high_freq_factor, got "
+                       f"{self.low_freq_factor}, {self.high_freq_factor}")
+
+
+@dataclasses.dataclass(frozen=True)
 class DecoderConfig:
   """A Mistral/Llama-style decoder.
 
@@ -65,6 +87,7 @@ class DecoderConfig:
     num_heads: query heads; num_kv_heads: key/value heads (grouped-query attention).
     head_dim: per-head width (Mistral: hidden_size // num_heads).
     rope_theta: rotary embedding base.
+    rope_scaling: Llama-3 frequency scaling of the rotary embedding, or None.
     rms_norm_eps: epsilon of every RMSNorm.
     sliding_window: Mistral v0.1 style local attention span; None attends to all keys.
     dtype: compute dtype of matmuls ("bfloat16" on TPU, "float32" on CPU).
@@ -95,6 +118,7 @@ class DecoderConfig:
   head_dim: int
   num_extra_tokens: int = 0
   rope_theta: float = 10000.0
+  rope_scaling: Optional[RopeScaling] = None
   rms_norm_eps: float = 1e-5
   sliding_window: Optional[int] = None
   dtype: str = "float32"
@@ -169,6 +193,16 @@ MODEL_SIZES = {
                          num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
                          rope_theta=1e5, rms_norm_eps=1e-5,
                          lora=LoraConfig(rank=16, alpha=32.0)),
+    # Llama-3.1-8B and Llama-3.2-1B (tied embeddings): the HF configs' shapes and their
+    # Llama-3 RoPE scaling (factor 8 and 32 of an 8192-token original context).
+    "llama3_1_8b": dict(base_vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+                        rope_theta=5e5, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+                        dtype="bfloat16", param_dtype="bfloat16"),
+    "llama3_2_1b": dict(base_vocab_size=128256, hidden_size=2048, intermediate_size=8192,
+                        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+                        rope_theta=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+                        tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),
@@ -198,4 +232,6 @@ def config_from_dict(d: dict) -> DecoderConfig:
     lora = dict(d["lora"])
     lora["adapters"] = tuple(lora.get("adapters", CLARA_ADAPTERS))
     d["lora"] = LoraConfig(**lora)
+  if d.get("rope_scaling") is not None:
+    d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
   return DecoderConfig(**d)

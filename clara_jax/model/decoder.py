@@ -391,7 +391,8 @@ class Decoder(nn.Module):
         raise ValueError(f"readout {readout} selects no position of length {t}")
       query_slice = (start, stop)
 
-    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta)
+    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta,
+                       self.cfg.rope_scaling)
     if self.cfg.scan_layers:
       x, new_cache = self._scan_layers(x, rope, bias, cache, cache_index, adapter,
                                        deterministic)

@@ -13,6 +13,7 @@ from typing import Optional, Sequence, Tuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from clara_jax.model.config import LoraConfig
 
@@ -44,13 +45,31 @@ class RMSNorm(nn.Module):
     return (x32.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
-def rope_tables(positions_bt: Array, head_dim: int, theta: float) -> Tuple[Array, Array]:
+def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+  """The rotary frequencies [head_dim / 2] (radians per position), float32; `scaling` a
+  `config.RopeScaling` or None."""
+  # float32 throughout, as the HF implementations compute them.
+  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
+                                          / np.float32(head_dim)))
+  if scaling is not None:
+    wavelength = 2 * np.pi / inv_freq
+    context = scaling.original_max_position
+    # 0 for wavelengths beyond context / low_freq_factor (fully scaled), 1 below
+    # context / high_freq_factor (kept), linear in context / wavelength between.
+    smooth = np.clip((context / wavelength - scaling.low_freq_factor)
+                     / (scaling.high_freq_factor - scaling.low_freq_factor), 0.0, 1.0)
+    inv_freq = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+  return inv_freq.astype(np.float32)
+
+
+def rope_tables(positions_bt: Array, head_dim: int, theta: float,
+                scaling=None) -> Tuple[Array, Array]:
   """(cos, sin) [batch, length, head_dim / 2] float32 tables of the rotary angles.
 
   The decoder builds them once per call, and every layer's queries and keys share them:
   fused into each rotation, sin/cos were evaluated per head and per element, which made
   RoPE ~9x slower on the CPU (a fifth of a document-encoding pass)."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  inv_freq = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
   angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
   return materialized(jnp.cos(angles_btf)), materialized(jnp.sin(angles_btf))
 

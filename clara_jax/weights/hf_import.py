@@ -39,7 +39,7 @@ import numpy as np
 from flax import traverse_util
 
 from clara_jax import paths as paths_lib
-from clara_jax.model.config import DecoderConfig, LoraConfig
+from clara_jax.model.config import DecoderConfig, LoraConfig, RopeScaling
 from clara_jax.model.decoder import abstract_params, init_params
 from clara_jax.weights.export import check_finite
 from clara_jax.weights.safetensors_io import SafetensorsCheckpoint
@@ -120,8 +120,9 @@ def _check_architecture(hf: Dict[str, Any]) -> str:
   return model_type
 
 
-def _rope_theta(hf: Dict[str, Any]) -> float:
-  """The RoPE base, from transformers-5 `rope_parameters` or the older top level."""
+def _rope(hf: Dict[str, Any]) -> Tuple[float, Optional[RopeScaling]]:
+  """(the RoPE base, its Llama-3 scaling or None), from transformers-5 `rope_parameters`
+  or the older top-level `rope_theta` and `rope_scaling`."""
   params = _field(hf, "rope_parameters")
   if params is not None and not isinstance(params, dict):
     raise ValueError(f"HF config field 'rope_parameters': expected an object, found "
@@ -132,14 +133,33 @@ def _rope_theta(hf: Dict[str, Any]) -> float:
   if not isinstance(scaling, dict):
     raise ValueError(f"HF config field 'rope_scaling': expected an object or null, found "
                      f"{scaling!r}")
+  llama3 = None
   for field, source in (("rope_parameters", params), ("rope_scaling", scaling)):
     rope_type = source.get("rope_type", source.get("type", "default"))
-    _expect(f"{field}.rope_type", "default", rope_type)
+    if rope_type == "llama3":
+      llama3 = _llama3_scaling(field, source)
+    elif rope_type != "default":
+      raise ValueError(f"HF config field '{field}.rope_type': expected 'default' or "
+                       f"'llama3', found {rope_type!r} (not reproduced by this decoder)")
   factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
   if factor is not None:
     _expect("partial_rotary_factor", 1.0, factor)
   theta = params.get("rope_theta", _field(hf, "rope_theta", DEFAULT_ROPE_THETA))
-  return float(theta)
+  return float(theta), llama3
+
+
+def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
+  names = ("factor", "low_freq_factor", "high_freq_factor",
+           "original_max_position_embeddings")
+  missing = [n for n in names if source.get(n) is None]
+  if missing:
+    raise ValueError(f"HF config field '{field}': rope_type 'llama3' needs {missing}")
+  try:
+    return RopeScaling(float(source["factor"]), float(source["low_freq_factor"]),
+                       float(source["high_freq_factor"]),
+                       int(source["original_max_position_embeddings"]))
+  except (TypeError, ValueError) as e:
+    raise ValueError(f"HF config field '{field}': {e}") from None
 
 
 def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
@@ -149,7 +169,8 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
 
   Raises:
     ValueError naming the field, the expected and the found value, for anything this
-    decoder would not reproduce exactly (RoPE scaling, biases, another activation,
+    decoder would not reproduce exactly (RoPE scaling other than Llama-3's, biases,
+    another activation,
     quantized weights), or naming the architecture found and those supported.
   """
   hf = hf_config
@@ -164,6 +185,7 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
     raise ValueError(f"HF config: hidden_size {hidden} is not a multiple of "
                      f"num_attention_heads {heads} and no head_dim is given")
   sliding_window = _field(hf, "sliding_window") if model_type == "mistral" else None
+  rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
       base_vocab_size=int(_field(hf, "vocab_size", required=True)),
       num_extra_tokens=int(num_extra_tokens),
@@ -173,7 +195,8 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
       num_heads=heads,
       num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
       head_dim=int(_field(hf, "head_dim", hidden // heads)),
-      rope_theta=_rope_theta(hf),
+      rope_theta=rope_theta,
+      rope_scaling=rope_scaling,
       rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
       sliding_window=None if sliding_window is None else int(sliding_window),
       dtype=dtype,
