@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from clara_jax import partitioning
+from clara_jax.model import layout as param_layout
 from clara_jax.model.config import LoraConfig, RopeScaling, config_from_dict, config_to_dict
 from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
 from clara_jax.weights import safetensors_io as st
@@ -442,6 +443,53 @@ def test_llama3_rope_scaling_matches_transformers_with_and_without_a_cache(llama
   assert tokens == _hf_greedy(model, prompt, steps)[0]
 
 
+@pytest.fixture(scope="module")
+def qwen2(tmp_path_factory):
+  """A tiny random Qwen2 (query/key/value biases, tied embeddings as in its small sizes),
+  biases drawn non-zero so that a dropped bias would show."""
+  config = transformers.Qwen2Config(**SMALL, tie_word_embeddings=True, rope_theta=1e6)
+  model = _build(transformers.Qwen2ForCausalLM, config, seed=3)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if name.endswith("proj.bias"):
+        p.copy_(0.5 * torch.randn_like(p))
+  path = tmp_path_factory.mktemp("qwen2")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def test_qwen2_biases_match_transformers_with_and_without_a_cache(qwen2):
+  model, path = qwen2
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert cfg.qkv_bias and cfg.rope_theta == 1e6 and cfg.sliding_window is None
+  assert params["layers_0"]["attn"]["k_proj"]["bias"].shape == (2, 16)
+  biases = sum(np.asarray(x).size for path, x in jax.tree_util.tree_leaves_with_path(params)
+               if "bias" in jax.tree_util.keystr(path))
+  assert biases == 2 * (4 + 2 + 2) * 16 == (cfg.num_params(False)
+                                            - cfg.replace(qkv_bias=False).num_params(False))
+  ids, mask = _batch(5)
+  ref = _hf_logits(model, ids, mask)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
+  no_bias = jax.tree_util.tree_map_with_path(
+      lambda path, x: x * 0 if "bias" in jax.tree_util.keystr(path) else x, params)
+  without = _max_real_diff(_forward(no_bias, ids, mask, cfg)[1], ref, LENGTHS)
+  print(f"qwen2 max abs logit diff: {diff:.3g} (biases zeroed: {without:.3g})")
+  assert diff < TOL and without > 100 * TOL
+  scanned = cfg.replace(scan_layers=True)
+  logits = _forward(param_layout.for_config(params, scanned), ids, mask, scanned)[1]
+  assert _max_real_diff(logits, ref, LENGTHS) < TOL
+  prompt, steps = ids[0, :10], 5
+  cache = init_cache(cfg, 1, len(prompt) + steps)
+  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
+  tokens, position = [], len(prompt)
+  for _ in range(steps):
+    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
+    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
+                               jnp.asarray([position], jnp.int32), cfg)
+    position += 1
+  assert tokens == _hf_greedy(model, prompt, steps)[0]
+
+
 def test_rope_scaling_survives_the_config_round_trip():
   cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
                                 "model_type": "llama",
@@ -461,8 +509,10 @@ def test_rope_scaling_survives_the_config_round_trip():
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
-    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2"},
-     r"found architectures \['Qwen2ForCausalLM'\].*supported"),
+    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
+     r"found architectures \['Phi3ForCausalLM'\].*supported"),
+    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
+      "use_sliding_window": True}, r"'use_sliding_window': expected False, found True"),
     ({"architectures": None, "model_type": "phi"}, r"found model_type 'phi'.*supported"),
     ({"hidden_size": None}, r"required field 'hidden_size'"),
 ])

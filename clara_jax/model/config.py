@@ -106,6 +106,7 @@ class DecoderConfig:
     tie_embeddings: the output head is the transposed embedding table (Gemma, Phi-4-mini,
       Llama-3.2-1B style): no `lm_head` parameters; the logit lens then decodes a memory
       through the same rows that embed the generator's input (docs/demo_log.md, "tied embeddings").
+    qkv_bias: the query, key and value projections have biases (Qwen2).
     lora: the adapters; None builds a plain decoder.
   """
 
@@ -127,6 +128,7 @@ class DecoderConfig:
   scan_layers: bool = False
   attention_layout: str = "grouped"
   tie_embeddings: bool = False
+  qkv_bias: bool = False
   lora: Optional[LoraConfig] = LoraConfig()
 
   @property
@@ -167,6 +169,8 @@ class DecoderConfig:
                        self.num_kv_heads, self.head_dim)
     linears = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f), (d, f), (f, d)]
     per_layer = sum(i * o for i, o in linears) + 2 * d
+    if self.qkv_bias:
+      per_layer += (h + 2 * kv) * hd
     if include_lora and self.lora is not None:
       per_layer += len(self.lora.adapters) * sum(self.lora.rank * (i + o) for i, o in linears)
     tables = 1 if self.tie_embeddings else 2
@@ -203,6 +207,11 @@ MODEL_SIZES = {
                         num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
                         rope_theta=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
                         tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
+    # Qwen2.5-0.5B: query/key/value biases, tied embeddings.
+    "qwen2_5_0_5b": dict(base_vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
+                         rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
+                         tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

@@ -188,11 +188,12 @@ class Attention(nn.Module):
   adapter: Optional[str] = None
   deterministic: bool = True
 
-  def _linear(self, features, axes, name, n_in=1):
+  def _linear(self, features, axes, name, n_in=1, use_bias=False):
     cfg = self.cfg
     return LoraLinear(features=features, kernel_axes=axes, n_in=n_in, lora=cfg.lora,
                       active_adapter=self.adapter, deterministic=self.deterministic,
-                      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype), name=name)
+                      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
+                      use_bias=use_bias, name=name)
 
   @nn.compact
   def __call__(self, x_btd: Array, rope_btf: Tuple[Array, Array], bias_bqk: Array,
@@ -209,9 +210,12 @@ class Attention(nn.Module):
       x_q = x_btd[:, start:stop]
       rope_q = tuple(table[:, start:stop] for table in rope_btf)
       bias_bqk = bias_bqk[:, start:stop]
-    q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj")(x_q)
-    k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj")(x_btd)
-    v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj")(x_btd)
+    bias = cfg.qkv_bias
+    q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj", use_bias=bias)(x_q)
+    k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj",
+                     use_bias=bias)(x_btd)
+    v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj",
+                     use_bias=bias)(x_btd)
     q = apply_rope(q, rope_q)
     k = apply_rope(k, rope_btf)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))

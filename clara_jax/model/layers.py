@@ -218,7 +218,8 @@ _mixed_dot.defvjp(_mixed_dot_fwd, _mixed_dot_bwd)
 
 
 class LoraLinear(nn.Module):
-  """A bias-free linear layer over the last `n_in` axes with any number of named adapters.
+  """A linear layer over the last `n_in` axes (a bias when `use_bias`) with any number of
+  named adapters.
 
   Every adapter in `lora.adapters` owns a `lora_<name>` subtree; only `active_adapter`
   (None: none) is applied. The active adapter is a static module attribute chosen by the
@@ -233,6 +234,7 @@ class LoraLinear(nn.Module):
   deterministic: bool = True
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -243,6 +245,10 @@ class LoraLinear(nn.Module):
                         nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
                         in_shape + tuple(self.features), self.param_dtype)
     y = matmul(x, kernel, self.n_in, self.dtype)
+    if self.use_bias:
+      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+                        tuple(self.features), self.param_dtype)
+      y = y + bias.astype(y.dtype)
     if self.lora is None:
       if self.active_adapter is not None:
         raise ValueError(f"adapter {self.active_adapter!r} requested but the model has no LoRA")

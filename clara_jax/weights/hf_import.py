@@ -50,6 +50,7 @@ CONFIG_FILE = "config.json"
 SUPPORTED_ARCHITECTURES: Dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
 }
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -165,7 +166,7 @@ def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
 def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
                            lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
                            param_dtype: str = "float32") -> DecoderConfig:
-  """The DecoderConfig equivalent to a HF Mistral/Llama config.json dict.
+  """The DecoderConfig equivalent to a HF Mistral, Llama or Qwen2 config.json dict.
 
   Raises:
     ValueError naming the field, the expected and the found value, for anything this
@@ -176,7 +177,13 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   hf = hf_config
   model_type = _check_architecture(hf)
   _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
-  _expect("attention_bias", False, _field(hf, "attention_bias", False))
+  # Qwen2 always has query/key/value biases (its config has no field for them); Llama's
+  # `attention_bias` would also put one on the output projection, which this decoder lacks.
+  qkv_bias = model_type == "qwen2"
+  if qkv_bias:
+    _expect("use_sliding_window", False, _field(hf, "use_sliding_window", False))
+  else:
+    _expect("attention_bias", False, _field(hf, "attention_bias", False))
   _expect("mlp_bias", False, _field(hf, "mlp_bias", False))
   _expect("quantization_config", None, hf.get("quantization_config"))
   hidden = int(_field(hf, "hidden_size", required=True))
@@ -197,6 +204,7 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
       head_dim=int(_field(hf, "head_dim", hidden // heads)),
       rope_theta=rope_theta,
       rope_scaling=rope_scaling,
+      qkv_bias=qkv_bias,
       rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
       sliding_window=None if sliding_window is None else int(sliding_window),
       dtype=dtype,
@@ -224,6 +232,15 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool) -> List[_Entry]:
   plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", same)]
   for i in range(cfg.num_layers):
     src, dst = f"model.layers.{i}.", f"layers_{i}/"
+    if cfg.qkv_bias:
+      plan += [
+          _Entry(src + "self_attn.q_proj.bias", (h * hd,), dst + "attn/q_proj/bias",
+                 lambda w: w.reshape(h, hd)),
+          _Entry(src + "self_attn.k_proj.bias", (k * hd,), dst + "attn/k_proj/bias",
+                 lambda w: w.reshape(k, hd)),
+          _Entry(src + "self_attn.v_proj.bias", (k * hd,), dst + "attn/v_proj/bias",
+                 lambda w: w.reshape(k, hd)),
+      ]
     plan += [
         _Entry(src + "self_attn.q_proj.weight", (h * hd, d), dst + "attn/q_proj/kernel",
                lambda w: w.T.reshape(d, h, hd)),
