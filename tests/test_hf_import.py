@@ -490,6 +490,43 @@ def test_qwen2_biases_match_transformers_with_and_without_a_cache(qwen2):
   assert tokens == _hf_greedy(model, prompt, steps)[0]
 
 
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+  """A tiny random Phi-3: fused qkv_proj and gate_up_proj, a sliding window of 6."""
+  config = transformers.Phi3Config(**SMALL, sliding_window=6, pad_token_id=0,
+                                   tie_word_embeddings=False)
+  model = _build(transformers.Phi3ForCausalLM, config, seed=4)
+  path = tmp_path_factory.mktemp("phi3")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def test_phi3_fused_projections_match_transformers_with_and_without_a_cache(phi3):
+  model, path = phi3
+  assert "model.layers.0.self_attn.qkv_proj.weight" in st.SafetensorsCheckpoint(path)
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert cfg.sliding_window == 6 and not cfg.qkv_bias
+  ids, mask = _batch(6)
+  ref = _hf_logits(model, ids, mask)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
+  attn = params["layers_0"]["attn"]
+  swapped = {**params, "layers_0": {**params["layers_0"], "attn": {
+      **attn, "k_proj": attn["v_proj"], "v_proj": attn["k_proj"]}}}
+  wrong = _max_real_diff(_forward(swapped, ids, mask, cfg)[1], ref, LENGTHS)
+  print(f"phi3 max abs logit diff: {diff:.3g} (k and v swapped: {wrong:.3g})")
+  assert diff < TOL and wrong > 100 * TOL
+  prompt, steps = ids[0, :10], 5
+  cache = init_cache(cfg, 1, len(prompt) + steps)
+  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
+  tokens, position = [], len(prompt)
+  for _ in range(steps):
+    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
+    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
+                               jnp.asarray([position], jnp.int32), cfg)
+    position += 1
+  assert tokens == _hf_greedy(model, prompt, steps)[0]
+
+
 def test_rope_scaling_survives_the_config_round_trip():
   cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
                                 "model_type": "llama",
@@ -509,8 +546,11 @@ def test_rope_scaling_survives_the_config_round_trip():
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
-    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3"},
-     r"found architectures \['Phi3ForCausalLM'\].*supported"),
+    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"},
+     r"found architectures \['GemmaForCausalLM'\].*supported"),
+    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
+      "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
+     r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'longrope'"),
     ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
       "use_sliding_window": True}, r"'use_sliding_window': expected False, found True"),
     ({"architectures": None, "model_type": "phi"}, r"found model_type 'phi'.*supported"),

@@ -179,8 +179,7 @@ class DecoderConfig:
 
 # Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,
 # `ref_tiny` matches the shapes at which the official PyTorch code runs on a CPU, and
-# `smollm2_135m` and `mistral_7b` have the real SmolLM2-135M and Mistral-7B-Instruct-v0.2
-# shapes. The CPU sizes attend per KV head (faster there); the real ones keep the grouped
+# the others have the real shapes of the base models they are named after. The CPU sizes attend per KV head (faster there); the real ones keep the grouped
 # einsum that shards over "tensor".
 MODEL_SIZES = {
     "tiny": dict(base_vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
@@ -212,6 +211,10 @@ MODEL_SIZES = {
                          num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
                          rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
                          tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
+    # Phi-3-mini-4k: fused projections in its checkpoints, a 2047-token sliding window.
+    "phi3_mini_4k": dict(base_vocab_size=32064, hidden_size=3072, intermediate_size=8192,
+                         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=96,
+                         sliding_window=2047, dtype="bfloat16", param_dtype="bfloat16"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

@@ -30,7 +30,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import flax.linen as nn
 import jax
@@ -51,6 +51,7 @@ SUPPORTED_ARCHITECTURES: Dict[str, str] = {
     "MistralForCausalLM": "mistral",
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
+    "Phi3ForCausalLM": "phi3",
 }
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -166,7 +167,7 @@ def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
 def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
                            lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
                            param_dtype: str = "float32") -> DecoderConfig:
-  """The DecoderConfig equivalent to a HF Mistral, Llama or Qwen2 config.json dict.
+  """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2 or Phi-3 config.json dict.
 
   Raises:
     ValueError naming the field, the expected and the found value, for anything this
@@ -191,7 +192,8 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   if hidden % heads and _field(hf, "head_dim") is None:
     raise ValueError(f"HF config: hidden_size {hidden} is not a multiple of "
                      f"num_attention_heads {heads} and no head_dim is given")
-  sliding_window = _field(hf, "sliding_window") if model_type == "mistral" else None
+  sliding_window = (_field(hf, "sliding_window") if model_type in ("mistral", "phi3")
+                    else None)
   rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
       base_vocab_size=int(_field(hf, "vocab_size", required=True)),
@@ -219,11 +221,38 @@ class _Entry:
 
   hf_name: str
   hf_shape: Tuple[int, ...]
-  path: str  # '/'-joined clara_jax parameter path
-  convert: Callable[[np.ndarray], np.ndarray]
+  # '/'-joined clara_jax parameter path; a tuple of them for a fused tensor (Phi-3's
+  # qkv_proj, gate_up_proj), whose `convert` then returns one array per path.
+  path: Union[str, Tuple[str, ...]]
+  convert: Callable[[np.ndarray], Any]
+
+  @property
+  def parts(self) -> Tuple[str, ...]:
+    return self.path if isinstance(self.path, tuple) else (self.path,)
+
+  def arrays(self, tensor: np.ndarray) -> Tuple[np.ndarray, ...]:
+    out = self.convert(tensor)
+    return tuple(out) if isinstance(self.path, tuple) else (out,)
 
 
-def _tensor_plan(cfg: DecoderConfig, tied: bool) -> List[_Entry]:
+def _fused_layer(cfg: DecoderConfig, src: str, dst: str) -> List[_Entry]:
+  """Phi-3's projections: one qkv_proj [(h + 2k) hd, d] and one gate_up_proj [2f, d]."""
+  d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
+                    cfg.head_dim)
+  q_rows, kv_rows = h * hd, k * hd
+  return [
+      _Entry(src + "self_attn.qkv_proj.weight", (q_rows + 2 * kv_rows, d),
+             tuple(dst + f"attn/{n}_proj/kernel" for n in "qkv"),
+             lambda w: (w[:q_rows].T.reshape(d, h, hd),
+                        w[q_rows:q_rows + kv_rows].T.reshape(d, k, hd),
+                        w[q_rows + kv_rows:].T.reshape(d, k, hd))),
+      _Entry(src + "mlp.gate_up_proj.weight", (2 * f, d),
+             (dst + "mlp/gate_proj/kernel", dst + "mlp/up_proj/kernel"),
+             lambda w: (w[:f].T, w[f:].T)),
+  ]
+
+
+def _tensor_plan(cfg: DecoderConfig, tied: bool, fused: bool = False) -> List[_Entry]:
   d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                     cfg.head_dim)
   v = cfg.base_vocab_size
@@ -241,17 +270,22 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool) -> List[_Entry]:
           _Entry(src + "self_attn.v_proj.bias", (k * hd,), dst + "attn/v_proj/bias",
                  lambda w: w.reshape(k, hd)),
       ]
+    if fused:
+      plan += _fused_layer(cfg, src, dst)
+    else:
+      plan += [
+          _Entry(src + "self_attn.q_proj.weight", (h * hd, d), dst + "attn/q_proj/kernel",
+                 lambda w: w.T.reshape(d, h, hd)),
+          _Entry(src + "self_attn.k_proj.weight", (k * hd, d), dst + "attn/k_proj/kernel",
+                 lambda w: w.T.reshape(d, k, hd)),
+          _Entry(src + "self_attn.v_proj.weight", (k * hd, d), dst + "attn/v_proj/kernel",
+                 lambda w: w.T.reshape(d, k, hd)),
+          _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
+          _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
+      ]
     plan += [
-        _Entry(src + "self_attn.q_proj.weight", (h * hd, d), dst + "attn/q_proj/kernel",
-               lambda w: w.T.reshape(d, h, hd)),
-        _Entry(src + "self_attn.k_proj.weight", (k * hd, d), dst + "attn/k_proj/kernel",
-               lambda w: w.T.reshape(d, k, hd)),
-        _Entry(src + "self_attn.v_proj.weight", (k * hd, d), dst + "attn/v_proj/kernel",
-               lambda w: w.T.reshape(d, k, hd)),
         _Entry(src + "self_attn.o_proj.weight", (d, h * hd), dst + "attn/o_proj/kernel",
                lambda w: w.T.reshape(h, hd, d)),
-        _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
-        _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
         _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
         _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", same),
         _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", same),
@@ -293,7 +327,7 @@ def _validate(ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfi
   if unused:
     shown = unused[:20] + ([f"... ({len(unused) - 20} more)"] if len(unused) > 20 else [])
     raise ValueError(f"{ckpt.ckpt_dir}: {len(unused)} checkpoint tensor(s) not used by a "
-                     f"{'tied' if tied else 'untied'} Mistral/Llama decoder: {shown}")
+                     f"{'tied' if tied else 'untied'} decoder of this architecture: {shown}")
 
 
 def _row_moments(rows_vd: np.ndarray, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
@@ -411,13 +445,14 @@ def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_token
     host = np.array(value, dtype=pdt, order="C", copy=True)
     return jax.device_put(host, flat_shardings.get(path))
 
-  plan = _tensor_plan(cfg, tied)
+  plan = _tensor_plan(cfg, tied, fused=_field(hf, "model_type") == "phi3")
   flat: Dict[str, jax.Array] = {}
   _validate(ckpt, plan, cfg, tied)
   for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
     tensor = ckpt.get(entry.hf_name)
     check_finite([(repr(entry.hf_name), tensor)], ckpt.file_of(entry.hf_name))
-    flat[entry.path] = place(entry.path, entry.convert(tensor))
+    for path, value in zip(entry.parts, entry.arrays(tensor)):
+      flat[path] = place(path, value)
   embed_vd = ckpt.get("model.embed_tokens.weight")
   if tied:
     flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
