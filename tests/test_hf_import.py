@@ -527,6 +527,43 @@ def test_phi3_fused_projections_match_transformers_with_and_without_a_cache(phi3
   assert tokens == _hf_greedy(model, prompt, steps)[0]
 
 
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+  """A tiny random Gemma: GeGLU, embeddings scaled by sqrt(hidden) on input only (tied
+  head), (1 + w) RMSNorm weights."""
+  config = transformers.GemmaConfig(**{**SMALL, "head_dim": 16})
+  model = _build(transformers.GemmaForCausalLM, config, seed=5)
+  path = tmp_path_factory.mktemp("gemma")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def test_gemma_matches_transformers_with_and_without_a_cache(gemma):
+  model, path = gemma
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert cfg.hidden_act == "gelu_tanh"
+  ids, mask = _batch(7)
+  ref = _hf_logits(model, ids, mask)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
+  silu = _max_real_diff(_forward(params, ids, mask, cfg.replace(hidden_act="silu"))[1], ref,
+                        LENGTHS)
+  print(f"gemma max abs logit diff: {diff:.3g} (SiLU instead of GELU: {silu:.3g})")
+  assert diff < TOL and silu > 100 * TOL
+  # The input rows are scaled, the (tied) output head is not.
+  np.testing.assert_allclose(np.asarray(params["embedder"]["base_embedding"]),
+                             8.0 * np.asarray(params["lm_head"]["base_head"]).T, rtol=1e-6)
+  prompt, steps = ids[0, :10], 5
+  cache = init_cache(cfg, 1, len(prompt) + steps)
+  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
+  tokens, position = [], len(prompt)
+  for _ in range(steps):
+    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
+    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
+                               jnp.asarray([position], jnp.int32), cfg)
+    position += 1
+  assert tokens == _hf_greedy(model, prompt, steps)[0]
+
+
 def test_rope_scaling_survives_the_config_round_trip():
   cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
                                 "model_type": "llama",
@@ -546,8 +583,10 @@ def test_rope_scaling_survives_the_config_round_trip():
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
-    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma"},
-     r"found architectures \['GemmaForCausalLM'\].*supported"),
+    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"},
+     r"found architectures \['Gemma2ForCausalLM'\].*supported"),
+    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu"},
+     r"'hidden_act': expected 'gelu_pytorch_tanh', found 'gelu'"),
     ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
       "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
      r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'longrope'"),

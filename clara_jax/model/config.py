@@ -15,6 +15,7 @@ CLARA_ADAPTERS: Tuple[str, ...] = ("compressor", "reasoner", "generator")
 # Policies for `jax.checkpoint` on each decoder block ("none" keeps every activation).
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_LAYOUTS = ("grouped", "per_kv_head")
+HIDDEN_ACTS = ("silu", "gelu_tanh")  # SwiGLU (Mistral, Llama, Qwen2, Phi-3), GeGLU (Gemma)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +108,7 @@ class DecoderConfig:
       Llama-3.2-1B style): no `lm_head` parameters; the logit lens then decodes a memory
       through the same rows that embed the generator's input (docs/demo_log.md, "tied embeddings").
     qkv_bias: the query, key and value projections have biases (Qwen2).
+    hidden_act: the gated MLP's activation, one of HIDDEN_ACTS.
     lora: the adapters; None builds a plain decoder.
   """
 
@@ -129,6 +131,7 @@ class DecoderConfig:
   attention_layout: str = "grouped"
   tie_embeddings: bool = False
   qkv_bias: bool = False
+  hidden_act: str = "silu"
   lora: Optional[LoraConfig] = LoraConfig()
 
   @property
@@ -153,6 +156,8 @@ class DecoderConfig:
     if self.remat_policy not in REMAT_POLICIES:
       raise ValueError(
           f"DecoderConfig.remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+    if self.hidden_act not in HIDDEN_ACTS:
+      raise ValueError(f"DecoderConfig.hidden_act {self.hidden_act!r} not in {HIDDEN_ACTS}")
     if self.attention_layout not in ATTENTION_LAYOUTS:
       raise ValueError(f"DecoderConfig.attention_layout {self.attention_layout!r} not in "
                        f"{ATTENTION_LAYOUTS}")
@@ -215,6 +220,12 @@ MODEL_SIZES = {
     "phi3_mini_4k": dict(base_vocab_size=32064, hidden_size=3072, intermediate_size=8192,
                          num_layers=32, num_heads=32, num_kv_heads=32, head_dim=96,
                          sliding_window=2047, dtype="bfloat16", param_dtype="bfloat16"),
+    # Gemma-2B as `import-hf` loads it: GeGLU, the sqrt(hidden) input scale and (1 + w)
+    # norms folded into the weights, the tied head imported as its own copy.
+    "gemma_2b": dict(base_vocab_size=256000, hidden_size=2048, intermediate_size=16384,
+                     num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
+                     rms_norm_eps=1e-6, hidden_act="gelu_tanh", dtype="bfloat16",
+                     param_dtype="bfloat16"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

@@ -238,7 +238,8 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """SwiGLU: down(silu(gate(x)) * up(x))."""
+  """Gated MLP: down(act(gate(x)) * up(x)); act is SiLU (SwiGLU) or tanh-approximated
+  GELU (GeGLU, Gemma), per `cfg.hidden_act`."""
 
   cfg: DecoderConfig
   adapter: Optional[str] = None
@@ -252,7 +253,10 @@ class Mlp(nn.Module):
     gate = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
     up = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x_btd)
     # In float32: XLA's CPU backend evaluates a bf16 logistic about twice as slowly.
-    hidden = (jax.nn.silu(gate.astype(jnp.float32)) * up.astype(jnp.float32)).astype(gate.dtype)
+    gate32 = gate.astype(jnp.float32)
+    act = (jax.nn.silu(gate32) if cfg.hidden_act == "silu"
+           else jax.nn.gelu(gate32, approximate=True))
+    hidden = (act * up.astype(jnp.float32)).astype(gate.dtype)
     hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return LoraLinear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(hidden)
 

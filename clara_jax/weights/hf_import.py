@@ -52,6 +52,7 @@ SUPPORTED_ARCHITECTURES: Dict[str, str] = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
 }
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -167,7 +168,8 @@ def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
 def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
                            lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
                            param_dtype: str = "float32") -> DecoderConfig:
-  """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2 or Phi-3 config.json dict.
+  """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2, Phi-3 or Gemma config.json
+  dict.
 
   Raises:
     ValueError naming the field, the expected and the found value, for anything this
@@ -177,7 +179,13 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   """
   hf = hf_config
   model_type = _check_architecture(hf)
-  _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
+  if model_type == "gemma":  # GeGLU with the tanh-approximated GELU
+    act = _field(hf, "hidden_activation") or _field(hf, "hidden_act", "gelu_pytorch_tanh")
+    _expect("hidden_act", "gelu_pytorch_tanh", act)
+    hidden_act = "gelu_tanh"
+  else:
+    _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
+    hidden_act = "silu"
   # Qwen2 always has query/key/value biases (its config has no field for them); Llama's
   # `attention_bias` would also put one on the output projection, which this decoder lacks.
   qkv_bias = model_type == "qwen2"
@@ -207,6 +215,7 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
       rope_theta=rope_theta,
       rope_scaling=rope_scaling,
       qkv_bias=qkv_bias,
+      hidden_act=hidden_act,
       rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
       sliding_window=None if sliding_window is None else int(sliding_window),
       dtype=dtype,
@@ -252,13 +261,24 @@ def _fused_layer(cfg: DecoderConfig, src: str, dst: str) -> List[_Entry]:
   ]
 
 
-def _tensor_plan(cfg: DecoderConfig, tied: bool, fused: bool = False) -> List[_Entry]:
+def embedding_scale(model_type: str, cfg: DecoderConfig) -> float:
+  """Gemma multiplies its input embeddings by sqrt(hidden_size) (not its tied output
+  head); the import folds that into the embedding table."""
+  return float(np.float32(cfg.hidden_size ** 0.5)) if model_type == "gemma" else 1.0
+
+
+def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str) -> List[_Entry]:
   d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                     cfg.head_dim)
   v = cfg.base_vocab_size
+  fused = model_type == "phi3"
   same = lambda w: w
   t = lambda w: w.T
-  plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", same)]
+  scale = embedding_scale(model_type, cfg)
+  embed = same if scale == 1.0 else (lambda w: w.astype(np.float32) * np.float32(scale))
+  # Gemma's RMSNorm multiplies by (1 + weight).
+  norm = (lambda w: w.astype(np.float32) + 1.0) if model_type == "gemma" else same
+  plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", embed)]
   for i in range(cfg.num_layers):
     src, dst = f"model.layers.{i}.", f"layers_{i}/"
     if cfg.qkv_bias:
@@ -287,10 +307,10 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool, fused: bool = False) -> List[_E
         _Entry(src + "self_attn.o_proj.weight", (d, h * hd), dst + "attn/o_proj/kernel",
                lambda w: w.T.reshape(h, hd, d)),
         _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
-        _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", same),
-        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", same),
+        _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", norm),
+        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
     ]
-  plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", same))
+  plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", norm))
   if not tied:
     plan.append(_Entry("lm_head.weight", (v, d), "lm_head/base_head", t))
   return plan
@@ -445,7 +465,8 @@ def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_token
     host = np.array(value, dtype=pdt, order="C", copy=True)
     return jax.device_put(host, flat_shardings.get(path))
 
-  plan = _tensor_plan(cfg, tied, fused=_field(hf, "model_type") == "phi3")
+  model_type = _check_architecture(hf)
+  plan = _tensor_plan(cfg, tied, model_type)
   flat: Dict[str, jax.Array] = {}
   _validate(ckpt, plan, cfg, tied)
   for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
@@ -461,7 +482,9 @@ def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_token
     extra_embedding = _extra_rows(embed_vd, cfg.num_extra_tokens, embed_key)
     extra_head = (extra_embedding if tied else
                   _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key))
-    flat["embedder/extra_embedding"] = place("embedder/extra_embedding", extra_embedding)
+    flat["embedder/extra_embedding"] = place(
+        "embedder/extra_embedding",
+        extra_embedding * np.float32(embedding_scale(model_type, cfg)))
     flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
   del embed_vd
 
