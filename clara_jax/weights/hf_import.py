@@ -267,7 +267,8 @@ def embedding_scale(model_type: str, cfg: DecoderConfig) -> float:
   return float(np.float32(cfg.hidden_size ** 0.5)) if model_type == "gemma" else 1.0
 
 
-def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str) -> List[_Entry]:
+def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
+                 ) -> List[_Entry]:
   d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
                     cfg.head_dim)
   v = cfg.base_vocab_size
