@@ -235,6 +235,19 @@ def _hf_greedy(model, prompt, steps):
   return tokens, step_logits
 
 
+def _cache_greedy(params, cfg, prompt, steps):
+  """Greedy tokens decoded one at a time through the KV cache after prefilling `prompt`."""
+  cache = init_cache(cfg, 1, len(prompt) + steps)
+  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
+  tokens, position = [], len(prompt)
+  for _ in range(steps):
+    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
+    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
+                               jnp.asarray([position], jnp.int32), cfg)
+    position += 1
+  return tokens
+
+
 def test_kv_cache_decoding_matches_recomputation_and_transformers(mistral, mistral_imported):
   model, _, _ = mistral
   cfg, params = mistral_imported
@@ -431,16 +444,8 @@ def test_llama3_rope_scaling_matches_transformers_with_and_without_a_cache(llama
                             ref, lengths)
   print(f"llama3 max abs logit diff: {diff:.3g} (without the scaling: {unscaled:.3g})")
   assert diff < TOL and unscaled > 100 * TOL
-  prompt, steps = ids[0, :30], 6
-  cache = init_cache(cfg, 1, len(prompt) + steps)
-  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
-  tokens, position = [], len(prompt)
-  for _ in range(steps):
-    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
-    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
-                               jnp.asarray([position], jnp.int32), cfg)
-    position += 1
-  assert tokens == _hf_greedy(model, prompt, steps)[0]
+  assert _cache_greedy(params, cfg, ids[0, :30], 6) == _hf_greedy(
+      model, ids[0, :30], 6)[0]
 
 
 @pytest.fixture(scope="module")
@@ -478,16 +483,8 @@ def test_qwen2_biases_match_transformers_with_and_without_a_cache(qwen2):
   scanned = cfg.replace(scan_layers=True)
   logits = _forward(param_layout.for_config(params, scanned), ids, mask, scanned)[1]
   assert _max_real_diff(logits, ref, LENGTHS) < TOL
-  prompt, steps = ids[0, :10], 5
-  cache = init_cache(cfg, 1, len(prompt) + steps)
-  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
-  tokens, position = [], len(prompt)
-  for _ in range(steps):
-    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
-    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
-                               jnp.asarray([position], jnp.int32), cfg)
-    position += 1
-  assert tokens == _hf_greedy(model, prompt, steps)[0]
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
+      model, ids[0, :10], 5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -515,16 +512,8 @@ def test_phi3_fused_projections_match_transformers_with_and_without_a_cache(phi3
   wrong = _max_real_diff(_forward(swapped, ids, mask, cfg)[1], ref, LENGTHS)
   print(f"phi3 max abs logit diff: {diff:.3g} (k and v swapped: {wrong:.3g})")
   assert diff < TOL and wrong > 100 * TOL
-  prompt, steps = ids[0, :10], 5
-  cache = init_cache(cfg, 1, len(prompt) + steps)
-  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
-  tokens, position = [], len(prompt)
-  for _ in range(steps):
-    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
-    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
-                               jnp.asarray([position], jnp.int32), cfg)
-    position += 1
-  assert tokens == _hf_greedy(model, prompt, steps)[0]
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
+      model, ids[0, :10], 5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -552,16 +541,8 @@ def test_gemma_matches_transformers_with_and_without_a_cache(gemma):
   # The input rows are scaled, the (tied) output head is not.
   np.testing.assert_allclose(np.asarray(params["embedder"]["base_embedding"]),
                              8.0 * np.asarray(params["lm_head"]["base_head"]).T, rtol=1e-6)
-  prompt, steps = ids[0, :10], 5
-  cache = init_cache(cfg, 1, len(prompt) + steps)
-  _, logits, cache = _cached(params, prompt[None], cache, jnp.zeros((1,), jnp.int32), cfg)
-  tokens, position = [], len(prompt)
-  for _ in range(steps):
-    tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
-    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
-                               jnp.asarray([position], jnp.int32), cfg)
-    position += 1
-  assert tokens == _hf_greedy(model, prompt, steps)[0]
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
+      model, ids[0, :10], 5)[0]
 
 
 def test_rope_scaling_survives_the_config_round_trip():
