@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from clara_jax.bench.flops import matmul_peak_flops, time_fn
+from clara_jax.train.peak import matmul_peak_flops, time_fn
 from clara_jax.model.flops import forward_flops
 from clara_jax.model.config import model_config
 from clara_jax.model.decoder import Decoder, init_params

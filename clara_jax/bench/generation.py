@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.bench.flops import matmul_peak_flops, time_fn
+from clara_jax.train.peak import matmul_peak_flops, time_fn
 from clara_jax.bench.stage_step import synthetic_batch
 from clara_jax.data import packing
 from clara_jax.infer.generate import generate, prefix_cache

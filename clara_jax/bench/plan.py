@@ -27,9 +27,10 @@ import jax
 import jax.numpy as jnp
 
 from clara_jax.bench import tpu
-from clara_jax.model.config import REMAT_POLICIES, config_from_dict
+from clara_jax.model.config import REMAT_POLICIES
 from clara_jax.model.decoder import abstract_params
-from clara_jax.train.setup import abstract_batch, setup_train_step, step_flops
+from clara_jax.train.setup import (abstract_batch, setup_train_step, stage_decoder_config,
+                                   step_flops)
 
 GIB = 1024**3
 
@@ -50,22 +51,22 @@ def _cost(compiled) -> Dict[str, float]:
           "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def _decoder_config(config):
-  fields = config.model.to_dict()
-  fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
-  return config_from_dict(fields)
-
-
-def _compile(config, devices):
-  """(setup, abstract state, its shardings, compiled step, compile seconds)."""
-  cfg = _decoder_config(config)
+def lower_step(config, devices):
+  """(setup, abstract state, its shardings, the step lowered for abstract inputs)."""
+  cfg = stage_decoder_config(config)
   abstract = nn.meta.unbox(abstract_params(cfg))
   setup = setup_train_step(config, cfg, abstract, devices=devices)
   state_shape = setup.abstract_state(abstract)
   state_sh = setup.state_shardings(state_shape)
   batch = abstract_batch(config, setup.cclara.n_mem)
+  return setup, state_shape, state_sh, setup.lower(state_shape, state_sh, batch)
+
+
+def _compile(config, devices):
+  """(setup, abstract state, its shardings, compiled step, compile seconds)."""
+  setup, state_shape, state_sh, lowered = lower_step(config, devices)
   start = time.perf_counter()
-  compiled = setup.lower(state_shape, state_sh, batch).compile()
+  compiled = lowered.compile()
   return setup, state_shape, state_sh, compiled, time.perf_counter() - start
 
 

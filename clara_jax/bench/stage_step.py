@@ -1,5 +1,8 @@
 """Time of one compiled training step (loss + gradients + Adam update) per stage, on
-random token ids laid out like a real batch, with tokens/s and MFU."""
+random token ids laid out like a real batch, with tokens/s and MFU.
+
+The step is the one `train` runs: the stage's config file at the benchmark's shapes,
+set up by `train.setup.setup_train_step` (also what `plan` compiles)."""
 
 from __future__ import annotations
 
@@ -9,15 +12,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.bench.flops import matmul_peak_flops, time_fn
-from clara_jax.model.flops import StepShapes, train_step_flops
-from clara_jax.data import packing
-from clara_jax.model import clara, stages
-from clara_jax.model.config import model_config
+from clara_jax.data import features, packing
+from clara_jax.model import clara
 from clara_jax.model.decoder import Decoder, init_params
-from clara_jax.train import optimizer
+from clara_jax.train.peak import matmul_peak_flops, time_fn
+from clara_jax.train.setup import stage_decoder_config, setup_train_step, step_flops
 from clara_jax.train.state import create_state
-from clara_jax.train.step import make_train_step
 
 STAGES = ("lm", "stage1", "stage1_2", "stage2")
 
@@ -62,6 +62,65 @@ def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch
   return out
 
 
+def stage_config(stage: str = "stage2", model: str = "tiny", batch: int = 4,
+                 candidates: int = 20, doc_len: int = 128, compr_rate: int = 16, k: int = 5,
+                 question_len: int = 32, prompt_len: int = 169, answer_len: int = 20,
+                 dtype: Optional[str] = None, attention_layout: Optional[str] = None):
+  """The stage's config file (`configs/STAGE.py`) at the benchmark's shapes, on one
+  device: what `train` would run for these lengths."""
+  import importlib
+  if stage not in STAGES:
+    raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
+  config = importlib.import_module(f"configs.{stage}").get_config(f"model={model}")
+  config.train.global_batch = batch
+  config.clara.doc_max_length, config.clara.compr_rate, config.clara.k = doc_len, compr_rate, k
+  config.data.candidates = candidates
+  config.data.question_max_length = question_len
+  config.data.prompt_length, config.data.answer_length = prompt_len, answer_len
+  config.data.lm_length = prompt_len + answer_len
+  # Special-token rows for exactly this n_mem, as a tokenizer built for it would have.
+  config.tokenizer.num_mem_tokens = doc_len // compr_rate
+  if dtype:
+    config.model.dtype = dtype
+  if attention_layout:
+    config.model.attention_layout = attention_layout
+  config.mesh.shape = (1, 1, 1)
+  config.optimizer.schedule, config.optimizer.warmup_ratio = "constant", 0.0
+  return config
+
+
+def build_stage_step(config, cached: bool = False, devices=None):
+  """(setup, jitted step, its initial state, a batch) of `config`'s stage on `devices`
+  (default: all, shaped by `config.mesh.shape`), set up by
+  `train.setup.setup_train_step` as `train` and `plan` do; the state is donated, so
+  each call takes the state the previous one returned."""
+  if cached and config.stage != "stage2":
+    raise ValueError("cached document memories are a stage2 option")
+  cfg_m = stage_decoder_config(config)
+  params = init_params(cfg_m, jax.random.key(config.seed))
+  setup = setup_train_step(config, cfg_m, params, devices=devices)
+  cfg_c = setup.cclara
+  d = config.data
+  data = synthetic_batch(config.stage, np.random.default_rng(0), cfg_m.base_vocab_size,
+                         config.train.global_batch, d.candidates, cfg_c.doc_max_length,
+                         d.question_max_length, d.prompt_length, d.answer_length, cfg_c)
+  if cached:
+    mem = jax.jit(lambda p, t, m: clara.memories(Decoder(cfg_m), p, t, m, cfg_c.n_mem,
+                                                 clara.COMPRESSOR))(
+        params, data.pop("doc_tokens"), data.pop("doc_mask"))
+    data["doc_mem"] = mem.reshape(config.train.global_batch, d.candidates, cfg_c.n_mem, -1)
+  for name in features.truncation_counters(config.stage, cached):  # nothing truncated
+    data[name] = np.zeros(config.train.global_batch, np.int32)
+  state = create_state(params, setup.mask, setup.tx, config.seed)
+  state_sh = setup.state_shardings(jax.eval_shape(lambda: state))
+  batch_sh = setup.batch_shardings(data)
+  with setup.context():
+    step = setup.jit(state_sh, batch_sh)
+  state = jax.device_put(state, state_sh)
+  data = {key: jax.device_put(value, batch_sh[key]) for key, value in data.items()}
+  return setup, step, state, data
+
+
 def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
                     candidates: int = 20, doc_len: int = 128, compr_rate: int = 16,
                     k: int = 5, question_len: int = 32, prompt_len: int = 169,
@@ -70,38 +129,20 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
                     attention_layout: Optional[str] = None) -> dict:
   """Seconds per train step of `stage` (stage2: document memories recomputed, as the
   reference does, or `cached`), tokens/s and MFU against this process's matmul peak."""
-  if stage not in STAGES:
-    raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
-  if cached and stage != "stage2":
-    raise ValueError("cached document memories are a stage2 option")
-  cfg_c = clara.ClaraConfig(doc_max_length=doc_len, compr_rate=compr_rate, k=k)
-  overrides = {"num_extra_tokens": 3 + cfg_c.n_mem}
-  if dtype:
-    overrides["dtype"] = dtype
-  if attention_layout:
-    overrides["attention_layout"] = attention_layout
-  cfg_m = model_config(model, **overrides)
-  params = init_params(cfg_m, jax.random.key(0))
-  data = synthetic_batch(stage, np.random.default_rng(0), cfg_m.base_vocab_size, batch,
-                         candidates, doc_len, question_len, prompt_len, answer_len, cfg_c)
-  if cached:
-    mem = jax.jit(lambda p, t, m: clara.memories(Decoder(cfg_m), p, t, m, cfg_c.n_mem,
-                                                 clara.COMPRESSOR))(
-        params, data.pop("doc_tokens"), data.pop("doc_mask"))
-    data["doc_mem"] = mem.reshape(batch, candidates, cfg_c.n_mem, -1)
-  # The real train step: gradients of the trainable subset only, clip + AdamW.
-  schedule = optimizer.learning_rate_schedule(1e-4, 100, "constant", warmup_ratio=0.0)
-  tx = optimizer.make_optimizer(schedule)
-  step = jax.jit(make_train_step(stages.stage_loss(stage, cfg_m, cfg_c), tx, schedule))
-  state = create_state(params, stages.trainable_mask(stage, params, cfg_c), tx)
-  seconds = time_fn(lambda: step(state, data), iters=iters)
+  config = stage_config(stage, model, batch, candidates, doc_len, compr_rate, k,
+                        question_len, prompt_len, answer_len, dtype, attention_layout)
+  setup, step, state, data = build_stage_step(config, cached, jax.devices()[:1])
+  cfg_m, cfg_c = setup.cfg, setup.cclara
+  holder = [state]
+
+  def run():
+    with setup.context():
+      holder[0], metrics = step(holder[0], data)
+    return metrics
+
+  seconds = time_fn(run, iters=iters)
   docs = documents_per_question(stage, candidates, k)
-  shapes = StepShapes(batch=batch, doc_tokens=doc_len + 3 + cfg_c.n_mem, n_mem=cfg_c.n_mem,
-                      candidates=candidates, k=k,
-                      question_tokens=question_len + 3 + cfg_c.n_mem,
-                      gen_tokens=prompt_len + answer_len, answer_tokens=answer_len,
-                      lm_tokens=prompt_len + answer_len)
-  flops = train_step_flops(stage, cfg_m, shapes, cached=cached)
+  flops = step_flops(config, cfg_m, cfg_c, cached=cached)
   peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   tokens = batch * (prompt_len + answer_len)
   if stage != "lm" and not cached:
@@ -114,4 +155,3 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
           "k": k, "doc_len": doc_len, "compr_rate": compr_rate,
           "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
           "mfu": round(flops / seconds / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
-

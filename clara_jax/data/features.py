@@ -6,7 +6,7 @@ how much text the configured lengths cut.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -119,6 +119,18 @@ class Featurizer:
       example.update(q_tokens=q_tokens[0], q_mask=q_mask[0], positives=positives,
                      truncated_question=np.int32(q_truncated))
     return example
+
+
+def truncation_counters(stage: str, cached: bool = False) -> Tuple[str, ...]:
+  """The `truncated_*` counters (int32 per example) a stage's examples carry; `cached`:
+  the documents come as memories from a cache (no document tokens to truncate)."""
+  if stage == "lm":
+    return ("truncated_lm",)
+  names = () if cached else ("truncated_docs",)
+  names += ("truncated_gen",)
+  if stage in ("stage2", "stage2_retrieval"):
+    names += ("truncated_question",)
+  return names
 
 
 def truncation_counts(batch: Example) -> Dict[str, int]:

@@ -27,7 +27,7 @@ import numpy as np
 from clu import periodic_actions
 
 from clara_jax import paths
-from clara_jax.bench.flops import matmul_peak_flops
+from clara_jax.train.peak import matmul_peak_flops
 from clara_jax.data import formats, tfds_builders
 from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays

@@ -22,9 +22,10 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from clara_jax import partitioning
+from clara_jax.data import features
 from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
-from clara_jax.model.config import DecoderConfig
+from clara_jax.model.config import DecoderConfig, config_from_dict
 from clara_jax.model.decoder import abstract_params
 from clara_jax.model.flops import StepShapes, train_step_flops
 from clara_jax.train import optimizer
@@ -94,6 +95,15 @@ class TrainStepSetup:
           {k: with_sharding(v, batch_sh[k]) for k, v in batch.items()})
 
 
+def stage_decoder_config(config) -> DecoderConfig:
+  """The decoder of `config`'s model fields, with rows for its tokenizer's special
+  tokens (<ENC>, <SEP>, <AE> and the memory tokens); `train` takes the count from the
+  tokenizer it loads, which has the same."""
+  fields = config.model.to_dict()
+  fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
+  return config_from_dict(fields)
+
+
 def setup_train_step(config, cfg: DecoderConfig, params, *, replay: bool = False,
                      devices: Optional[Sequence] = None,
                      axis_name: Optional[str] = None) -> TrainStepSetup:
@@ -140,7 +150,8 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
   doc = c.doc_max_length + 3 + n_mem
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   if config.stage == "lm":
-    return {"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)}
+    return _with_counters({"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)},
+                          "lm", b)
   gen_len = d.prompt_length + d.answer_length
   docs = {"stage1": 1, "stage1_2": c.k}.get(config.stage, d.candidates)
   k = 1 if config.stage == "stage1" else c.k
@@ -150,7 +161,14 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
   if config.stage in ("stage2", "stage2_retrieval"):
     q = d.question_max_length + 3 + n_mem
     batch.update(q_tokens=i32(b, q), q_mask=i32(b, q), positives=i32(b, docs))
-  return batch
+  return _with_counters(batch, config.stage, b)
+
+
+def _with_counters(batch, stage: str, b: int):
+  """`batch` and the truncation counters the input pipeline adds to every example (the
+  step sums them into its metrics, so they are part of the compiled program)."""
+  return {**batch, **{name: jax.ShapeDtypeStruct((b,), jnp.int32)
+                      for name in features.truncation_counters(stage)}}
 
 
 def step_shapes(config, n_mem: int) -> StepShapes:

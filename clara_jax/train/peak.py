@@ -1,4 +1,5 @@
-"""Timing, and the measured matmul peak that MFU divides by.
+"""Timing, and the measured matmul peak that MFU divides by (used by `train` for its
+logged MFU and by the benchmarks).
 
 MFU is a step's FLOPs (`clara_jax.model.flops`) per second over the peak of a jitted
 2048^3 matmul in the step's compute dtype, measured once in the same process.
