@@ -115,6 +115,26 @@ def test_replay_text_is_checked_where_it_is_set(tmp_path):
   assert loop._with_replay_text(c, "run", {"train": "t"}) == {"train": "t"}
 
 
+# The model fields a run recorded before the imported families' options existed.
+RECORDED_MODEL_FIELDS = (
+    "attention_layout", "base_vocab_size", "dtype", "head_dim", "hidden_size",
+    "intermediate_size", "lora.adapters", "lora.alpha", "lora.dropout", "lora.rank",
+    "num_extra_tokens", "num_heads", "num_kv_heads", "num_layers", "param_dtype",
+    "remat_policy", "rms_norm_eps", "rope_theta", "scan_layers", "sliding_window",
+    "tie_embeddings")
+
+
+def test_every_model_field_added_since_is_read_as_its_old_value():
+  """A tiny run recorded with only the older model fields resumes today (each newer
+  field has its old value in ADDED_FIELDS, equal to today's default)."""
+  from clara_jax.train import run_config
+  current = run_config.flat_config(importlib.import_module("configs.stage1").get_config(
+      "model=tiny"))
+  recorded = {k: v for k, v in current.items()
+              if not k.startswith("model.") or k[len("model."):] in RECORDED_MODEL_FIELDS}
+  assert run_config.differences(recorded, current) == {}
+
+
 def test_a_record_without_a_later_added_field_reads_as_its_old_value():
   """A run recorded before `clara.memory_scale` or `clara.lexical_weight` existed resumes
   under the default, and is refused under another value (naming the field)."""

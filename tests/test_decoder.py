@@ -228,6 +228,41 @@ def test_per_kv_head_attention_backward_tracks_autodiff_in_bfloat16(params):
     assert float(jnp.max(jnp.abs(got - ref))) / scale < 0.05
 
 
+def test_gemma2_blocks_params_and_soft_capped_attention_gradients():
+  """Gemma-2's features: the post-norms add exactly the parameters `num_params` counts,
+  and with scores pushed into the soft cap (queries scaled up), the per-KV-head layout's
+  own backward pass matches the grouped layout's autodiff, where the cap moves the
+  gradients by far more than the tolerance."""
+  cfg = CFG.replace(sliding_window=3, sliding_layer_pattern=(True, False),
+                    attn_logit_softcapping=1.0, final_logit_softcapping=5.0,
+                    query_pre_attn_scalar=24.0, post_norms=True)
+  p = init_params(cfg, jax.random.key(0))
+  assert sorted(p["layers_1"]) == ["attn", "attn_norm", "attn_post_norm", "mlp", "mlp_norm",
+                                   "mlp_post_norm"]
+  assert sum(x.size for x in jax.tree_util.tree_leaves(p)) == cfg.num_params()
+  assert cfg.num_params() - CFG.num_params() == 2 * cfg.num_layers * cfg.hidden_size
+  p = _randomize_adapter(p, "generator")
+  for layer in ("layers_0", "layers_1"):
+    q_proj = p[layer]["attn"]["q_proj"]
+    p[layer]["attn"]["q_proj"] = {**q_proj, "kernel": 8.0 * q_proj["kernel"]}
+  toks = _tokens((2, 9))
+  mask = jnp.ones((2, 9), jnp.int32).at[1, :3].set(0)
+
+  def grads(cfg):
+    def loss(p):
+      model = Decoder(cfg)
+      h = model.apply({"params": p}, tokens=toks, attention_mask=mask,
+                      adapter="generator").hidden
+      return jnp.mean(jnp.sin(model.apply({"params": p}, h, method=Decoder.logits)))
+    return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(p))
+
+  want = grads(cfg.replace(attention_layout="grouped"))
+  got = grads(cfg.replace(attention_layout="per_kv_head"))
+  uncapped = grads(cfg.replace(attention_layout="per_kv_head", attn_logit_softcapping=None))
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(got, want)) < 1e-6
+  assert max(float(jnp.abs(a - b).max()) for a, b in zip(uncapped, want)) > 1e-4
+
+
 def test_readout_computes_only_the_requested_positions(params):
   p = _randomize_adapter(params, "compressor")
   toks = _tokens((2, 10))
@@ -270,6 +305,14 @@ def test_config_validation_names_the_field():
     model_config("tiny", remat_policy="sometimes")
   with pytest.raises(ValueError, match="attention_layout"):
     model_config("tiny", attention_layout="diagonal")
+  with pytest.raises(ValueError, match="attn_logit_softcapping must be None or a positive"):
+    model_config("tiny", attn_logit_softcapping=0.0)
+  with pytest.raises(ValueError, match="sliding_layer_pattern needs a sliding_window"):
+    model_config("tiny", sliding_layer_pattern=(True, False))
+  with pytest.raises(ValueError, match="sliding_layer_pattern must be a non-empty tuple"):
+    model_config("tiny", sliding_window=4, sliding_layer_pattern=())
+  assert model_config("tiny", sliding_window=4, sliding_layer_pattern=[False, True]
+                      ).windowed_layers == (False, True)
   with pytest.raises(ValueError, match="unknown model size"):
     model_config("huge")
   with pytest.raises(ValueError, match="rank"):

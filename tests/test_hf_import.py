@@ -18,7 +18,8 @@ import pytest
 
 from clara_jax import partitioning
 from clara_jax.model import layout as param_layout
-from clara_jax.model.config import LoraConfig, RopeScaling, config_from_dict, config_to_dict
+from clara_jax.model.config import (LoraConfig, RopeScaling, config_from_dict, config_to_dict,
+                                    model_config)
 from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
 from clara_jax.weights import safetensors_io as st
 from clara_jax.weights.hf_import import (decoder_config_from_hf, import_hf_checkpoint,
@@ -545,11 +546,85 @@ def test_gemma_matches_transformers_with_and_without_a_cache(gemma):
       model, ids[0, :10], 5)[0]
 
 
+@pytest.fixture(scope="module")
+def gemma2(tmp_path_factory):
+  """A tiny random Gemma-2: local (window 6) and global layers alternating over 4 layers,
+  soft caps low enough to bend the attention scores and the logits, a query scale off
+  1 / sqrt(head_dim), and norms after attention and MLP as well as before."""
+  config = transformers.Gemma2Config(**{**SMALL, "head_dim": 16, "num_hidden_layers": 4},
+                                     sliding_window=6, attn_logit_softcapping=5.0,
+                                     final_logit_softcapping=3.0, query_pre_attn_scalar=24)
+  model = _build(transformers.Gemma2ForCausalLM, config, seed=8)
+  path = tmp_path_factory.mktemp("gemma2")
+  model.save_pretrained(path, safe_serialization=True)
+  return model, str(path)
+
+
+def test_gemma2_matches_transformers_with_and_without_a_cache(gemma2):
+  """Logits of a padded batch longer than the window against transformers (<= 1e-4),
+  unrolled and scanned; greedy decoding through the KV cache (either layout) equal to
+  transformers' own; and every Gemma-2 feature is read: without it the logits move by
+  far more than the tolerance."""
+  model, path = gemma2
+  cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
+  assert (cfg.sliding_window, cfg.sliding_layer_pattern, cfg.attn_logit_softcapping,
+          cfg.final_logit_softcapping, cfg.query_pre_attn_scalar, cfg.post_norms) == (
+              6, (True, False), 5.0, 3.0, 24.0, True)
+  assert cfg.windowed_layers == (True, False, True, False)
+  assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == cfg.num_params()
+  lengths = (20, 13, 5)
+  ids, mask = _batch(8, lengths)
+  ref = _hf_logits(model, ids, mask)
+  hidden, logits = _forward(params, ids, mask, cfg)
+  diff = _max_real_diff(logits, ref, lengths)
+  scanned = cfg.replace(scan_layers=True)
+  scanned_params = param_layout.for_config(params, scanned)
+  scanned_diff = _max_real_diff(_forward(scanned_params, ids, mask, scanned)[1], ref, lengths)
+
+  no_post_norms = {name: ({k: v for k, v in tree.items() if not k.endswith("post_norm")}
+                          if name.startswith("layers_") else tree)
+                   for name, tree in params.items()}
+  controls = {
+      "attention uncapped": (params, cfg.replace(attn_logit_softcapping=None)),
+      "every layer local": (params, cfg.replace(sliding_layer_pattern=None)),
+      "every layer global": (params, cfg.replace(sliding_window=None,
+                                                 sliding_layer_pattern=None)),
+      "scaled by head_dim": (params, cfg.replace(query_pre_attn_scalar=None)),
+      "no post-norms": (no_post_norms, cfg.replace(post_norms=False)),
+  }
+  moved = {name: _max_real_diff(_forward(p, ids, mask, c)[1], ref, lengths)
+           for name, (p, c) in controls.items()}
+  # The head without its cap needs no other compiled program.
+  uncapped = np.asarray(hidden) @ np.asarray(params["lm_head"]["base_head"])
+  moved["logits uncapped"] = _max_real_diff(uncapped, ref, lengths)
+  print(f"gemma2 max abs logit diff: {diff:.3g} (scanned: {scanned_diff:.3g}); without "
+        + ", ".join(f"{name}: {d:.3g}" for name, d in moved.items()))
+  assert diff < TOL and scanned_diff < TOL
+  assert all(d > 100 * TOL for d in moved.values()), moved
+  # Past the window of 6: a prompt of 10, and (scanned) 12 steps after a one-token
+  # prompt, whose prefill and steps share one compiled program.
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(model, ids[0, :10], 5)[0]
+  assert _cache_greedy(scanned_params, scanned, ids[0, :1], 12) == _hf_greedy(
+      model, ids[0, :1], 12)[0]
+
+
+def test_gemma2_2b_is_transformers_default_gemma2_config():
+  """The named size is what `import-hf` makes of Gemma2Config's defaults (the 2B model),
+  and survives the JSON round trip (its layer pattern comes back a tuple)."""
+  hf = transformers.Gemma2Config().to_dict()
+  cfg = decoder_config_from_hf(hf, 0, dtype="bfloat16", param_dtype="bfloat16")
+  assert cfg == model_config("gemma2_2b")
+  assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
 def test_rope_scaling_survives_the_config_round_trip():
   cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
                                 "model_type": "llama",
                                 "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}, 0)
   assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}
 
 
 @pytest.mark.parametrize("change, pattern", [
@@ -564,10 +639,19 @@ def test_rope_scaling_survives_the_config_round_trip():
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
-    ({"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"},
-     r"found architectures \['Gemma2ForCausalLM'\].*supported"),
+    ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+     r"found architectures \['Gemma3ForCausalLM'\].*supported"),
     ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu"},
      r"'hidden_act': expected 'gelu_pytorch_tanh', found 'gelu'"),
+    ({**GEMMA2, "hidden_activation": "gelu"},
+     r"'hidden_activation': expected 'gelu_pytorch_tanh', found 'gelu'"),
+    ({**GEMMA2, "layer_types": ["sliding_attention", "chunked_attention"]},
+     r"'layer_types': expected 2 entries .*found \['sliding_attention', 'chunked"),
+    ({**GEMMA2, "sliding_window": None}, r"'sliding_window': expected a number, found None"),
+    ({**GEMMA2, "final_logit_softcapping": "30"},
+     r"'final_logit_softcapping': expected a number or null, found '30'"),
+    ({**GEMMA2, "use_bidirectional_attention": True},
+     r"'use_bidirectional_attention': expected False, found True"),
     ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
       "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
      r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'longrope'"),

@@ -90,7 +90,12 @@ class DecoderConfig:
     rope_theta: rotary embedding base.
     rope_scaling: Llama-3 frequency scaling of the rotary embedding, or None.
     rms_norm_eps: epsilon of every RMSNorm.
-    sliding_window: Mistral v0.1 style local attention span; None attends to all keys.
+    sliding_window: Mistral v0.1 style local attention span: a query at position q sees
+      the keys at q - sliding_window < k <= q; None attends to all keys.
+    sliding_layer_pattern: which layers use `sliding_window`, cycled over the layers
+      (layer i is local iff pattern[i % len(pattern)]); None: every layer. Gemma-2
+      alternates local and global layers, local first: (True, False). A tuple (not a
+      per-layer array) so that the config stays hashable and a depth override keeps it.
     dtype: compute dtype of matmuls ("bfloat16" on TPU, "float32" on CPU).
     param_dtype: storage dtype of parameters.
     remat_policy: one of REMAT_POLICIES, applied per block.
@@ -109,6 +114,14 @@ class DecoderConfig:
       through the same rows that embed the generator's input (docs/demo_log.md, "tied embeddings").
     qkv_bias: the query, key and value projections have biases (Qwen2).
     hidden_act: the gated MLP's activation, one of HIDDEN_ACTS.
+    attn_logit_softcapping: Gemma-2's attention score cap: scaled scores become
+      cap * tanh(scores / cap) before masking; None: uncapped.
+    final_logit_softcapping: the same cap on the LM head's logits (`Decoder.logits`).
+    query_pre_attn_scalar: attention scores are scaled by query_pre_attn_scalar ** -0.5
+      (Gemma-2); None: head_dim ** -0.5.
+    post_norms: an RMSNorm on the attention output and one on the MLP output before each
+      residual add (Gemma-2's post_attention/post_feedforward norms: `attn_post_norm`,
+      `mlp_post_norm`); False adds no parameters.
     lora: the adapters; None builds a plain decoder.
   """
 
@@ -132,6 +145,11 @@ class DecoderConfig:
   tie_embeddings: bool = False
   qkv_bias: bool = False
   hidden_act: str = "silu"
+  sliding_layer_pattern: Optional[Tuple[bool, ...]] = None
+  attn_logit_softcapping: Optional[float] = None
+  final_logit_softcapping: Optional[float] = None
+  query_pre_attn_scalar: Optional[float] = None
+  post_norms: bool = False
   lora: Optional[LoraConfig] = LoraConfig()
 
   @property
@@ -141,6 +159,20 @@ class DecoderConfig:
   @property
   def adapters(self) -> Tuple[str, ...]:
     return self.lora.adapters if self.lora is not None else ()
+
+  @property
+  def windowed_layers(self) -> Tuple[bool, ...]:
+    """Per layer, whether it attends through `sliding_window`."""
+    if self.sliding_window is None:
+      return (False,) * self.num_layers
+    pattern = self.sliding_layer_pattern or (True,)
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
+
+  @property
+  def query_scale(self) -> float:
+    """The factor on the attention scores."""
+    scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
+    return scalar ** -0.5
 
   def __post_init__(self):
     for field in ("base_vocab_size", "hidden_size", "intermediate_size", "num_layers",
@@ -164,6 +196,22 @@ class DecoderConfig:
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"DecoderConfig.{field} {getattr(self, field)!r} is not a float dtype")
+    for field in ("attn_logit_softcapping", "final_logit_softcapping",
+                  "query_pre_attn_scalar"):
+      value = getattr(self, field)
+      if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
+        raise ValueError(f"DecoderConfig.{field} must be None or a positive number, got "
+                         f"{value!r}")
+    pattern = self.sliding_layer_pattern
+    if pattern is not None:
+      # JSON and ml_collections hand back lists; a list would make the config unhashable.
+      object.__setattr__(self, "sliding_layer_pattern", tuple(pattern))
+      pattern = self.sliding_layer_pattern
+      if not pattern or not all(isinstance(x, bool) for x in pattern):
+        raise ValueError(f"DecoderConfig.sliding_layer_pattern must be a non-empty tuple of "
+                         f"bools, got {pattern!r}")
+      if self.sliding_window is None:
+        raise ValueError("DecoderConfig.sliding_layer_pattern needs a sliding_window")
 
   def replace(self, **changes) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
@@ -173,7 +221,7 @@ class DecoderConfig:
     d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
                        self.num_kv_heads, self.head_dim)
     linears = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f), (d, f), (f, d)]
-    per_layer = sum(i * o for i, o in linears) + 2 * d
+    per_layer = sum(i * o for i, o in linears) + (4 if self.post_norms else 2) * d
     if self.qkv_bias:
       per_layer += (h + 2 * kv) * hd
     if include_lora and self.lora is not None:
@@ -226,6 +274,14 @@ MODEL_SIZES = {
                      num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
                      rms_norm_eps=1e-6, hidden_act="gelu_tanh", dtype="bfloat16",
                      param_dtype="bfloat16"),
+    # Gemma-2-2B likewise: local (4096-token window) and global layers alternating, soft-
+    # capped attention scores and logits, norms before and after attention and MLP.
+    "gemma2_2b": dict(base_vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                      num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256,
+                      rms_norm_eps=1e-6, hidden_act="gelu_tanh", sliding_window=4096,
+                      sliding_layer_pattern=(True, False), attn_logit_softcapping=50.0,
+                      final_logit_softcapping=30.0, query_pre_attn_scalar=256.0,
+                      post_norms=True, dtype="bfloat16", param_dtype="bfloat16"),
     "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
                        rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),

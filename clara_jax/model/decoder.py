@@ -15,6 +15,7 @@ placeholder slots.
 
 from __future__ import annotations
 
+import functools
 from typing import List, NamedTuple, Optional, Tuple, Union
 
 import flax.linen as nn
@@ -107,46 +108,55 @@ class LmHead(nn.Module):
     return _vocab_logits(hidden, base, extra, dt)
 
 
-def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array) -> Array:
-  """Grouped-query attention as one einsum pair over [batch, kv, group] -> [b, t, h, d]."""
+def _soft_cap(x: Array, cap: Optional[float]) -> Array:
+  """Gemma-2's soft cap, cap * tanh(x / cap): smooth, and the identity near 0 (None: x)."""
+  return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array,
+                    scale: float, softcap: Optional[float]) -> Array:
+  """Grouped-query attention as one einsum pair over [batch, kv, group] -> [b, t, h, d];
+  scores are scaled by `scale` and soft-capped at `softcap` (None: not) before the bias."""
   b, t, h, hd = q_bthd.shape
   kv = k_bskd.shape[2]
   q = q_bthd.reshape(b, t, kv, h // kv, hd)
   scores = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32)
-  scores = scores * (hd ** -0.5) + bias_bts[:, None, None]
+  scores = _soft_cap(scores * scale, softcap) + bias_bts[:, None, None]
   probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
   out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd, preferred_element_type=jnp.float32)
   return out.reshape(b, t, h, hd)
 
 
-def _head_probs(q_bqd: Array, k_bsd: Array, bias_bts: Array) -> Array:
+def _head_probs(q_bqd: Array, k_bsd: Array, bias_bts: Array, scale: float,
+                softcap: Optional[float]) -> Array:
   """Softmax probabilities [b, g * t, s] (dtype of v's compute) of one KV head whose g
   query heads are stacked along the query axis."""
-  b, q_len, hd = q_bqd.shape
+  b, q_len, _ = q_bqd.shape
   t, s = bias_bts.shape[1:]
   scores = jnp.einsum("bqd,bsd->bqs", q_bqd, k_bsd, preferred_element_type=jnp.float32)
-  scores = scores.reshape(b, q_len // t, t, s) * (hd ** -0.5) + bias_bts[:, None]
+  scores = _soft_cap(scores.reshape(b, q_len // t, t, s) * scale, softcap) + bias_bts[:, None]
   return jax.nn.softmax(scores, axis=-1).reshape(b, q_len, s)
 
 
-@jax.custom_vjp
-def _head_attention(q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array) -> Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _head_attention(q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array,
+                    scale: float, softcap: Optional[float]) -> Array:
   """float32 attention output [b, g * t, d] of one KV head.
 
   Its own backward pass: the probabilities are kept from the forward pass (in v's dtype)
   and the softmax gradient is p * (dp - rowsum(p * dp)). Under plain autodiff the
   softmax's CPU fusions (with the score matmul and exponential fused in) cost more than
   twice as much, most of the stage2 step at 1035-token queries."""
-  return _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts)[0]
+  return _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts, scale, softcap)[0]
 
 
-def _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts):
-  probs = _head_probs(q_bqd, k_bsd, bias_bts).astype(v_bsd.dtype)
+def _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts, scale, softcap):
+  probs = _head_probs(q_bqd, k_bsd, bias_bts, scale, softcap).astype(v_bsd.dtype)
   out = jnp.einsum("bqs,bsd->bqd", probs, v_bsd, preferred_element_type=jnp.float32)
   return out, (q_bqd, k_bsd, v_bsd, probs)
 
 
-def _head_attention_bwd(residuals, d_out_bqd):
+def _head_attention_bwd(scale, softcap, residuals, d_out_bqd):
   q, k, v, probs = residuals
   d_out = d_out_bqd.astype(v.dtype)
   f32 = jnp.float32
@@ -154,7 +164,12 @@ def _head_attention_bwd(residuals, d_out_bqd):
   d_probs = jnp.einsum("bqd,bsd->bqs", d_out, v, preferred_element_type=f32)
   p = probs.astype(f32)
   d_scores = p * (d_probs - jnp.sum(p * d_probs, axis=-1, keepdims=True))
-  d_scores = (d_scores * q.shape[-1] ** -0.5).astype(q.dtype)
+  if softcap is not None:
+    # The cap's derivative, 1 - tanh^2, from the scores recomputed (one more matmul)
+    # rather than another [b, q, s] residual kept from the forward pass.
+    scores = jnp.einsum("bqd,bsd->bqs", q, k, preferred_element_type=f32) * scale
+    d_scores = d_scores * (1.0 - jnp.square(jnp.tanh(scores / softcap)))
+  d_scores = (d_scores * scale).astype(q.dtype)
   d_q = jnp.einsum("bqs,bsd->bqd", d_scores, k, preferred_element_type=f32)
   d_k = jnp.einsum("bqs,bqd->bsd", d_scores, q, preferred_element_type=f32)
   return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
@@ -163,8 +178,8 @@ def _head_attention_bwd(residuals, d_out_bqd):
 _head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
 
 
-def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array
-                        ) -> Array:
+def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array,
+                        scale: float, softcap: Optional[float]) -> Array:
   """The same attention as a loop over KV heads: the query heads of one group are stacked
   along the query axis, so each head is two batched 3-D matmuls (one batch dimension),
   which XLA's CPU backend fuses with the softmax far better than the 5-D einsum."""
@@ -175,7 +190,7 @@ def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: A
   outs = []
   for j in range(kv):
     q_bqd = q[:, :, j].transpose(0, 2, 1, 3).reshape(b, groups * t, hd)
-    out = _head_attention(q_bqd, k_bskd[:, :, j], v_bskd[:, :, j], bias_bts)
+    out = _head_attention(q_bqd, k_bskd[:, :, j], v_bskd[:, :, j], bias_bts, scale, softcap)
     outs.append(out.reshape(b, groups, t, hd))
   # [b, kv, groups, t, d] -> [b, t, kv * groups, d]: query head kv_j * groups + g.
   return jnp.stack(outs, 1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
@@ -227,10 +242,8 @@ class Attention(nn.Module):
                    "v": write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)}
       k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
 
-    if cfg.attention_layout == "per_kv_head":
-      out = _attend_per_kv_head(q, k, v, bias_bqk)
-    else:
-      out = _attend_grouped(q, k, v, bias_bqk)
+    attend = _attend_per_kv_head if cfg.attention_layout == "per_kv_head" else _attend_grouped
+    out = attend(q, k, v, bias_bqk, cfg.query_scale, cfg.attn_logit_softcapping)
     out = out.astype(_dtype(cfg.dtype))
     out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
                        n_in=2)(out)
@@ -262,7 +275,8 @@ class Mlp(nn.Module):
 
 
 class DecoderBlock(nn.Module):
-  """Pre-norm transformer block; activations constrained at its boundaries."""
+  """Pre-norm transformer block (with `cfg.post_norms`, the attention and MLP outputs are
+  normed too before their residual adds); activations constrained at its boundaries."""
 
   cfg: DecoderConfig
 
@@ -276,11 +290,16 @@ class DecoderBlock(nn.Module):
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
     h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
         h, rope_btf, bias_bqk, cache, cache_index_b, query_slice)
+    if cfg.post_norms:
+      h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_post_norm")(h)
     if query_slice is not None:
       x_btd = x_btd[:, query_slice[0]:query_slice[1]]
     x_btd = x_btd + h
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x_btd)
-    x_btd = x_btd + Mlp(cfg, adapter, deterministic, name="mlp")(h)
+    h = Mlp(cfg, adapter, deterministic, name="mlp")(h)
+    if cfg.post_norms:
+      h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_post_norm")(h)
+    x_btd = x_btd + h
     return constrain(x_btd, BATCH_LENGTH_EMBED), new_cache
 
 
@@ -329,8 +348,10 @@ class Decoder(nn.Module):
     return jnp.sqrt(jnp.mean(jnp.square(table)))
 
   def logits(self, hidden: Array) -> Array:
-    """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab]."""
-    return self.embedder.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+    """Final-normed hidden states [..., hidden] -> float32 logits [..., vocab] (soft-capped
+    with `cfg.final_logit_softcapping`)."""
+    logits = self.embedder.attend(hidden) if self.cfg.tie_embeddings else self.lm_head(hidden)
+    return _soft_cap(logits, self.cfg.final_logit_softcapping)
 
   def lens_logits(self, states: Array) -> Array:
     """The logit lens: any states [..., hidden] through final norm + LM head."""
@@ -385,11 +406,14 @@ class Decoder(nn.Module):
       q_slot = cache_index.astype(jnp.int32)[:, None] + steps
       k_slot = jnp.arange(cache_length(cache), dtype=jnp.int32)[None]
       mask = k_slot[:, None, :] <= q_slot[:, :, None]
-    if self.cfg.sliding_window is not None:
-      mask = mask & (q_slot[:, :, None] - k_slot[:, None, :] < self.cfg.sliding_window)
+    windowed = self.cfg.windowed_layers
+    local_mask = None
+    if any(windowed):
+      local_mask = mask & (q_slot[:, :, None] - k_slot[:, None, :] < self.cfg.sliding_window)
+    # One bias per kind of layer present: {True: through the sliding window, False: global}.
+    bias = {w: attention_bias(local_mask if w else mask) for w in sorted(set(windowed))}
     if positions is None:
       positions = q_slot
-    bias = attention_bias(mask)
     query_slice = None
     if readout is not None:
       if cache is not None:
@@ -410,7 +434,7 @@ class Decoder(nn.Module):
     new_cache = [] if cache is not None else None
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, rope, bias, None if cache is None else cache[i],
+      x, layer_cache = layer(x, rope, bias[windowed[i]], None if cache is None else cache[i],
                              cache_index, adapter, deterministic,
                              query_slice if i == last else None)
       if cache is not None:
@@ -419,16 +443,25 @@ class Decoder(nn.Module):
 
   def _scan_layers(self, x, rope, bias, cache, cache_index, adapter, deterministic):
     """The blocks as one scan: the hidden states are the carry; each step reads its
-    layer's slice of the stacked parameters (and of a stacked cache)."""
-    def body(block, x_btd, layer_cache):
-      return block(x_btd, rope, bias, layer_cache, cache_index, adapter, deterministic,
+    layer's slice of the stacked parameters (and of a stacked cache). `bias`: one per kind
+    of layer, {windowed: bias}; with both kinds, each step selects its own by a scanned
+    per-layer flag, as the compiled block is shared."""
+    windowed = jnp.asarray(self.cfg.windowed_layers) if len(bias) > 1 else None
+
+    def body(block, x_btd, xs):
+      layer_cache, is_windowed = xs
+      if is_windowed is None:
+        layer_bias, = bias.values()
+      else:
+        layer_bias = jnp.where(is_windowed, bias[True], bias[False])
+      return block(x_btd, rope, layer_bias, layer_cache, cache_index, adapter, deterministic,
                    None)
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
                                                                   "dropout": True},
                    in_axes=0, out_axes=0, length=self.cfg.num_layers,
                    metadata_params={nn.PARTITION_NAME: "layers"})
-    return scan(self.layers, x, cache)
+    return scan(self.layers, x, (cache, windowed))
 
   def init_all(self, tokens_bt: Array) -> Array:
     """Touches every parameter (all adapters, head) so `init` creates them all."""

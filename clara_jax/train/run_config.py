@@ -30,7 +30,13 @@ RUN_CONTROL = ("train.log_every", "train.tensorboard", "train.checkpoint_every",
 # those runs had implicitly: a record that lacks one reads as that value, so a newer
 # clara_jax resumes an older run.
 ADDED_FIELDS = {"clara.memory_scale": "none", "clara.lexical_weight": 0.0,
-                "model.scan_layers": False, "clara.compress_chunk": 10}
+                "model.scan_layers": False, "clara.compress_chunk": 10,
+                # The decoder options of the imported families (Llama-3, Qwen2, Gemma,
+                # Gemma-2): off in every run recorded before them.
+                "model.rope_scaling": None, "model.qkv_bias": False,
+                "model.hidden_act": "silu", "model.attn_logit_softcapping": None,
+                "model.final_logit_softcapping": None, "model.query_pre_attn_scalar": None,
+                "model.post_norms": False, "model.sliding_layer_pattern": None}
 
 
 class ConfigChanged(ValueError):

@@ -20,6 +20,14 @@ The HF names map onto the clara_jax tree as follows (torch Linear weights are
     model.norm.weight [D]                            final_norm/scale
     lm_head.weight [V, D] (or the embedding if tied) lm_head/base_head [D, V]
 
+Gemma-2 norms both the input and the output of attention and of the MLP, and names them
+differently (`DecoderConfig.post_norms`):
+
+    model.layers.{i}.input_layernorm.weight [D]             layers_{i}/attn_norm/scale
+    model.layers.{i}.post_attention_layernorm.weight [D]    layers_{i}/attn_post_norm/scale
+    model.layers.{i}.pre_feedforward_layernorm.weight [D]   layers_{i}/mlp_norm/scale
+    model.layers.{i}.post_feedforward_layernorm.weight [D]  layers_{i}/mlp_post_norm/scale
+
 HF checkpoints already store q/k in the "rotate half" RoPE layout that
 `clara_jax.model.layers.apply_rope` uses, so no head-dim permutation is needed.
 """
@@ -53,6 +61,7 @@ SUPPORTED_ARCHITECTURES: Dict[str, str] = {
     "Qwen2ForCausalLM": "qwen2",
     "Phi3ForCausalLM": "phi3",
     "GemmaForCausalLM": "gemma",
+    "Gemma2ForCausalLM": "gemma2",
 }
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -165,11 +174,59 @@ def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
     raise ValueError(f"HF config field '{field}': {e}") from None
 
 
+# Gemma2Config's defaults (those of the 2B model), for fields a config.json leaves out.
+# An explicit null is not a default: it turns a soft cap off.
+_GEMMA2_DEFAULTS = {"sliding_window": 4096, "attn_logit_softcapping": 50.0,
+                    "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
+_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _gemma2_number(hf: Dict[str, Any], name: str, nullable: bool) -> Optional[float]:
+  value = hf.get(name, _GEMMA2_DEFAULTS[name])
+  if value is None and nullable:
+    return None
+  if isinstance(value, bool) or not isinstance(value, (int, float)):
+    raise ValueError(f"HF config field {name!r}: expected a number"
+                     f"{' or null' if nullable else ''}, found {value!r}")
+  return float(value)
+
+
+def _shortest_cycle(flags: Tuple[bool, ...]) -> Tuple[bool, ...]:
+  """The shortest prefix whose repetition is `flags` (`sliding_layer_pattern` cycles)."""
+  for n in range(1, len(flags)):
+    if all(flags[i] == flags[i % n] for i in range(len(flags))):
+      return flags[:n]
+  return flags
+
+
+def _gemma2_fields(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
+  """Gemma-2's DecoderConfig fields: local/global layers (`layer_types`, by default local
+  first, alternating), soft caps, the query scale and the post-norms."""
+  _expect("use_bidirectional_attention", False,
+          _field(hf, "use_bidirectional_attention", False))
+  alternating = [_LAYER_TYPES[i % 2] for i in range(num_layers)]
+  types = _field(hf, "layer_types", alternating)
+  if (not isinstance(types, list) or len(types) != num_layers
+      or any(t not in _LAYER_TYPES for t in types)):
+    raise ValueError(f"HF config field 'layer_types': expected {num_layers} entries "
+                     f"(num_hidden_layers), each one of {list(_LAYER_TYPES)}, found {types!r}")
+  local = tuple(t == "sliding_attention" for t in types)
+  window = _gemma2_number(hf, "sliding_window", nullable=not any(local))
+  return dict(
+      # HF masks keys at or before q - sliding_window, as `DecoderConfig.sliding_window`.
+      sliding_window=int(window) if any(local) else None,
+      sliding_layer_pattern=_shortest_cycle(local) if 0 < sum(local) < num_layers else None,
+      attn_logit_softcapping=_gemma2_number(hf, "attn_logit_softcapping", nullable=True),
+      final_logit_softcapping=_gemma2_number(hf, "final_logit_softcapping", nullable=True),
+      query_pre_attn_scalar=_gemma2_number(hf, "query_pre_attn_scalar", nullable=False),
+      post_norms=True)
+
+
 def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
                            lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
                            param_dtype: str = "float32") -> DecoderConfig:
-  """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2, Phi-3 or Gemma config.json
-  dict.
+  """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2, Phi-3, Gemma or Gemma-2
+  config.json dict.
 
   Raises:
     ValueError naming the field, the expected and the found value, for anything this
@@ -182,6 +239,10 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   if model_type == "gemma":  # GeGLU with the tanh-approximated GELU
     act = _field(hf, "hidden_activation") or _field(hf, "hidden_act", "gelu_pytorch_tanh")
     _expect("hidden_act", "gelu_pytorch_tanh", act)
+    hidden_act = "gelu_tanh"
+  elif model_type == "gemma2":  # its MLP reads `hidden_activation` only
+    _expect("hidden_activation", "gelu_pytorch_tanh",
+            _field(hf, "hidden_activation", "gelu_pytorch_tanh"))
     hidden_act = "gelu_tanh"
   else:
     _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
@@ -200,15 +261,19 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   if hidden % heads and _field(hf, "head_dim") is None:
     raise ValueError(f"HF config: hidden_size {hidden} is not a multiple of "
                      f"num_attention_heads {heads} and no head_dim is given")
+  num_layers = int(_field(hf, "num_hidden_layers", required=True))
   sliding_window = (_field(hf, "sliding_window") if model_type in ("mistral", "phi3")
                     else None)
+  gemma2 = _gemma2_fields(hf, num_layers) if model_type == "gemma2" else {}
+  if gemma2:
+    sliding_window = gemma2.pop("sliding_window")
   rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
       base_vocab_size=int(_field(hf, "vocab_size", required=True)),
       num_extra_tokens=int(num_extra_tokens),
       hidden_size=hidden,
       intermediate_size=int(_field(hf, "intermediate_size", required=True)),
-      num_layers=int(_field(hf, "num_hidden_layers", required=True)),
+      num_layers=num_layers,
       num_heads=heads,
       num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
       head_dim=int(_field(hf, "head_dim", hidden // heads)),
@@ -221,6 +286,7 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
       dtype=dtype,
       param_dtype=param_dtype,
       lora=lora,
+      **gemma2,
   )
 
 
@@ -261,10 +327,13 @@ def _fused_layer(cfg: DecoderConfig, src: str, dst: str) -> List[_Entry]:
   ]
 
 
+_GEMMAS = ("gemma", "gemma2")
+
+
 def embedding_scale(model_type: str, cfg: DecoderConfig) -> float:
-  """Gemma multiplies its input embeddings by sqrt(hidden_size) (not its tied output
-  head); the import folds that into the embedding table."""
-  return float(np.float32(cfg.hidden_size ** 0.5)) if model_type == "gemma" else 1.0
+  """Gemma and Gemma-2 multiply their input embeddings by sqrt(hidden_size) (not their tied
+  output head); the import folds that into the embedding table."""
+  return float(np.float32(cfg.hidden_size ** 0.5)) if model_type in _GEMMAS else 1.0
 
 
 def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
@@ -278,7 +347,7 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
   scale = embedding_scale(model_type, cfg)
   embed = same if scale == 1.0 else (lambda w: w.astype(np.float32) * np.float32(scale))
   # Gemma's RMSNorm multiplies by (1 + weight).
-  norm = (lambda w: w.astype(np.float32) + 1.0) if model_type == "gemma" else same
+  norm = (lambda w: w.astype(np.float32) + 1.0) if model_type in _GEMMAS else same
   plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", embed)]
   for i in range(cfg.num_layers):
     src, dst = f"model.layers.{i}.", f"layers_{i}/"
@@ -309,8 +378,18 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
                lambda w: w.T.reshape(h, hd, d)),
         _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
         _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", norm),
-        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
     ]
+    if cfg.post_norms:  # Gemma-2: "post attention" is the attention output's norm
+      plan += [
+          _Entry(src + "post_attention_layernorm.weight", (d,), dst + "attn_post_norm/scale",
+                 norm),
+          _Entry(src + "pre_feedforward_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
+          _Entry(src + "post_feedforward_layernorm.weight", (d,), dst + "mlp_post_norm/scale",
+                 norm),
+      ]
+    else:
+      plan.append(_Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale",
+                         norm))
   plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", norm))
   if not tied:
     plan.append(_Entry("lm_head.weight", (v, d), "lm_head/base_head", t))
