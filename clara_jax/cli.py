@@ -414,6 +414,19 @@ def _cmd_import_clara(args) -> int:
   return 0
 
 
+def _cmd_export_clara(args) -> int:
+  from clara_jax.weights.clara_export import export_official_clara
+  print(json.dumps(export_official_clara(args.workdir, args.out, base_model=args.base_model)))
+  return 0
+
+
+def _cmd_export_hf(args) -> int:
+  from clara_jax.weights.hf_export import export_hf
+  print(json.dumps(export_hf(args.workdir, args.role, args.out,
+                             base_config=args.base_config, dtype=args.dtype)))
+  return 0
+
+
 def _config_flags(argv: Sequence[str], extra_defs=None):
   """Parses `--config=FILE[:variant]` (+ `--config.*` overrides) with absl flags."""
   import os
@@ -691,6 +704,23 @@ def build_parser() -> argparse.ArgumentParser:
   ic.add_argument("--param_dtype", default="bfloat16")
   ic.add_argument("--dtype", default="bfloat16")
   ic.set_defaults(fn=_cmd_import_clara)
+  ec = sub.add_parser("export-clara", help="write a trained run in the official CLaRa "
+                      "(PyTorch) format: adapters.pth, decoder_first_last_layers.pth, "
+                      "config.json")
+  ec.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
+  ec.add_argument("--out", required=True, help="a new or empty directory")
+  ec.add_argument("--base_model", default="mistralai/Mistral-7B-Instruct-v0.2",
+                  help="the frozen base's HF name or path (config decoder_model_name)")
+  ec.set_defaults(fn=_cmd_export_clara)
+  eh = sub.add_parser("export-hf", help="one role's adapter merged into the base, as a "
+                      "Hugging Face checkpoint (config.json + model.safetensors)")
+  eh.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
+  eh.add_argument("--role", required=True, choices=["compressor", "reasoner", "generator"])
+  eh.add_argument("--out", required=True, help="a new or empty directory")
+  eh.add_argument("--base_config", default=None, help="the base checkpoint's config.json "
+                  "(or its directory): its fields are kept")
+  eh.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+  eh.set_defaults(fn=_cmd_export_hf)
 
   cv = sub.add_parser("convert", help="a QA dataset (or stage1 rows) to CLaRa JSONL, with "
                       "BM25 distractors and seeded shuffling")
