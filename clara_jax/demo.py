@@ -77,9 +77,9 @@ class Recipe:
 
 
 def default_recipe(quick: bool = False) -> Recipe:
-  """The recipe; docs/demo_log.md records what was tried and measured.
+  """The recipe; docs/results.md records what was measured.
 
-  What makes reading learnable at this size (docs/demo_log.md, "single-token names"): names drawn from a
+  What makes reading learnable at this size (docs/results.md, "Single-token names vs syllable names"): names drawn from a
   fixed pool of single tokens (`data.synth_names=pool`; a name is one piece to copy, not
   a string of syllables), documents of two facts, compression rate 2, fresh worlds in
   stage1 and stage1_2 (only reading lowers the loss), and the base weights training with
@@ -97,7 +97,7 @@ def default_recipe(quick: bool = False) -> Recipe:
       # One table embeds tokens and decodes states, so the lens reads the memories with
       # the rows the generator reads them as: through an untied head, the gold
       # documents' own memories decoded to their words at rank AUC 0.58, tied 0.71-0.77
-      # (docs/demo_log.md, "tied embeddings").
+      # (docs/results.md, "Tied vs untied embeddings").
       "model.tie_embeddings": True,
   }
   stages = {
@@ -106,7 +106,7 @@ def default_recipe(quick: bool = False) -> Recipe:
       # base trains too, and keeps learning the world's own text beside it (replay): at
       # seed 0, stage1 without replay left the base knowing 0.04 of the held-out chains'
       # links (0.70 after `lm`, chance 0.06) and stage1_2 reading them at 0.12 nats; with
-      # replay 0.84 and 1.78 nats (docs/demo_log.md, "a world where only knowledge can retrieve").
+      # replay 0.84 and 1.78 nats (docs/results.md, "Does the base keep the world's knowledge through stage1? Refresh vs replay").
       "stage1": {"train.num_steps": 2500, "optimizer.lr": 3e-3, "data.synth_fresh": True,
                  "clara.train_base": True, "data.prompt_length": 32,
                  "data.answer_length": 40, "data.replay_text": "world"},
@@ -118,12 +118,12 @@ def default_recipe(quick: bool = False) -> Recipe:
       # Reasoner and generator train together, as in the paper. With the generator
       # frozen, stage2 beat its initial reasoner on both Recall@1 and Recall@5 in two whole
       # runs of six; training both did at each of the three seeds tried
-      # (docs/demo_log.md). One selected document (k = 1): the answer then depends on the
+      # (docs/results.md, "Frozen vs trainable generator in stage2"). One selected document (k = 1): the answer then depends on the
       # top-1 choice alone, which is what Recall@1 measures (with k = 2, Recall@2 rose and
       # Recall@1 stayed flat).
       # The reasoner at twice the generator's learning rate: at one rate it stayed at its
       # initial lens AUC at seed 1 and missed Recall@5 there; at 2x every recall and AUC
-      # row passed at seeds 0-2, at 3x seed 0 lost Recall@5 (docs/demo_log.md, "the reasoner at twice the generator's learning rate").
+      # row passed at seeds 0-2, at 3x seed 0 lost Recall@5 (docs/results.md, "Reasoner learning rate in stage2").
       "stage2": {"train.num_steps": 1200, "train.global_batch": 16, "optimizer.lr": 1e-3,
                  "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
                  "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,

@@ -202,7 +202,8 @@ class _Names:
 # hundred words, which the tokenizer keeps as single pieces (`pool_symbols`). A world
 # binds them to new facts, so nothing carries over between worlds except the skill of
 # reading, and reading a name is copying one token instead of a string of syllable
-# pieces (which a small model learns far too slowly; docs/demo_log.md).
+# pieces (which a small model learns far too slowly; docs/results.md, "Single-token names vs
+# syllable names").
 _POOL_SIZES = {"first": 64, "last": 64, "place": 72, "brand": 72}
 
 

@@ -111,7 +111,7 @@ class DecoderConfig:
       it is for unsharded heads).
     tie_embeddings: the output head is the transposed embedding table (Gemma, Phi-4-mini,
       Llama-3.2-1B style): no `lm_head` parameters; the logit lens then decodes a memory
-      through the same rows that embed the generator's input (docs/demo_log.md, "tied embeddings").
+      through the same rows that embed the generator's input (docs/results.md, "Tied vs untied embeddings").
     qkv_bias: the query, key and value projections have biases (Qwen2).
     hidden_act: the gated MLP's activation, one of HIDDEN_ACTS.
     attn_logit_softcapping: Gemma-2's attention score cap: scaled scores become
