@@ -125,6 +125,8 @@ def _step_options(args) -> dict:
 
 def _cmd_bench(args) -> int:
   """Prints one JSON line per benchmark; `suite` ends with a line holding them all."""
+  if args.what == "index":  # before anything starts jax: it sets the simulated devices
+    return _bench_index(args)
   from clara_jax.bench.generation import generation_latency
   from clara_jax.bench.stage_step import STAGES, stage_step_time
   shapes = _bench_shapes(args)
@@ -175,6 +177,25 @@ def _bench_reference(args) -> int:
   print(json.dumps({"benchmark": "reference", "passed": result["passed"],
                     "rows": result["rows"]}))
   return 0 if result["passed"] else 1
+
+
+def _bench_index(args) -> int:
+  """The index's build, storage, search and int8 recall, then the goals; exit 1 if one
+  is missed."""
+  from clara_jax.bench import index as bench_index
+  bench_index.ensure_cpu_devices(args.devices)
+  dtypes = [d.strip() for d in args.index_dtypes.split(",") if d.strip()]
+  result = bench_index.run(
+      num_docs=args.docs, num_queries=args.queries, batch=args.batch or 32, k=args.k,
+      dtypes=dtypes, repeats=args.repeats, seed=args.seed,
+      noise=bench_index.NOISE if args.noise is None else args.noise,
+      log=lambda line: print(line, file=sys.stderr, flush=True))
+  if args.out:
+    from clara_jax import paths
+    paths.write_json(args.out, result)
+  print(bench_index.table(result))
+  print(json.dumps(result))
+  return 0 if result["passed"] is not False else 1
 
 
 def _cmd_import_hf(args) -> int:
@@ -378,17 +399,44 @@ def _cmd_index(args) -> int:
   inputs = {"export": fingerprint.dir_fingerprint(paths.join(args.workdir, "export")),
             "corpus": fingerprint.file_fingerprint(args.corpus)}
   meta = build_index(model.compress_documents, docs, args.out, shard_size=args.shard_size,
-                     inputs=inputs, progress=Progress("index", "shard"))
+                     dtype=args.dtype, inputs=inputs, progress=Progress("index", "shard"))
   result = {"index": args.out, **meta}
   if args.query:
-    from clara_jax.infer.index import answer_from_index
+    from clara_jax.infer.index import answer_rows
     index = MemoryIndex.load(args.out)
-    ids, scores = index.search(model.reason(args.query), args.top_n)
+    answers, ids, scores = answer_rows(model, index, args.query, k=args.top_n)
     result["results"] = [[{"id": index.ids[j], "score": float(s)} for j, s in zip(row, srow)]
                          for row, srow in zip(ids, scores)]
-    answers, _ = answer_from_index(model, index, args.query, k=min(args.top_n, len(index.ids)))
     result["answers"] = answers
   print(json.dumps(result))
+  return 0
+
+
+def _cmd_answer(args) -> int:
+  """Answers every question of --questions from the index, --batch at a time, into the
+  JSONL file --out (written whole at the end, or not at all)."""
+  from clara_jax import paths
+  from clara_jax.data.formats import read_questions, write_jsonl_atomic
+  from clara_jax.infer.index import MemoryIndex, iter_answers, read_meta
+  # Inputs are checked before the model and the index load: bad input fails at once.
+  _check_out_file(args.out)
+  if paths.exists(args.out):
+    raise FileExistsError(f"{args.out}: exists; answers are never written over (remove it "
+                          "or choose another --out)")
+  rows = read_questions(args.questions)
+  meta = read_meta(args.index)
+  model = _load_model(args.workdir)
+  if (model.n_mem, model.cfg.hidden_size) != (meta["n_mem"], meta["hidden"]):
+    raise ValueError(f"{args.index}: memories of {meta['n_mem']} x {meta['hidden']}, but "
+                     f"the model in {args.workdir} makes {model.n_mem} x "
+                     f"{model.cfg.hidden_size}; index the corpus with this model")
+  index = MemoryIndex.load(args.index)
+  count = write_jsonl_atomic(args.out, iter_answers(
+      model, index, rows, k=args.k, batch=args.batch, max_new_tokens=args.max_new_tokens,
+      approx=args.approx, progress=Progress("answer", "question")))
+  print(json.dumps({"out": args.out, "questions": count, "index": args.index,
+                    "docs": index.num_docs, "dtype": index.dtype,
+                    "k": min(args.k, index.num_docs), "approx": args.approx}))
   return 0
 
 
@@ -476,10 +524,13 @@ def plan_main(argv: Sequence[str]) -> int:
   """`clara-jax plan --config=configs/stage2.py:model=mistral_7b --topology=v5e-256
   [--mesh=1,32,8 | --search]`: compile the train step ahead of time with the TPU compiler
   for that slice and print per-device memory, the compiler's cost analysis and a roofline
-  estimate. Without --topology: the same on simulated CPU devices (--mesh required)."""
+  estimate. Without --topology: the same on simulated CPU devices (--mesh required).
+  `--index_docs=N`: the per-chip memory of an N-document index instead (`_plan_index`)."""
   import math
   import os
   from absl import flags
+  if any(a.split("=", 1)[0] == "--index_docs" for a in argv):
+    return _plan_index(argv)
   value = lambda name: next((a.split("=", 1)[1] for a in argv
                              if a.startswith(f"--{name}=")), None)
   mesh_arg, topology = value("mesh"), value("topology")
@@ -526,6 +577,30 @@ def plan_main(argv: Sequence[str]) -> int:
   except (ImportError, ValueError) as e:
     print(f"clara-jax plan: {e}", file=sys.stderr)
     return 2
+  return 0
+
+
+def _plan_index(argv: Sequence[str]) -> int:
+  """`clara-jax plan --index_docs=33e6 [--topology=v5e-256] [--hidden=4096]
+  [--doc_max_length=256] [--rates=16,128]`: bytes per chip of a document-memory index
+  sharded by documents over the slice, per compression rate and storage dtype."""
+  from clara_jax.bench import index as bench_index
+  parser = _ArgumentParser(prog="clara-jax plan")
+  parser.add_argument("--index_docs", type=float, required=True)
+  parser.add_argument("--topology", default=bench_index.PLAN_TOPOLOGY)
+  parser.add_argument("--hidden", type=positive_int, default=bench_index.PLAN_HIDDEN)
+  parser.add_argument("--doc_max_length", type=positive_int,
+                      default=bench_index.PLAN_DOC_MAX_LENGTH)
+  parser.add_argument("--rates", default=",".join(map(str, bench_index.PLAN_RATES)))
+  args = parser.parse_args(argv)
+  try:
+    rates = [int(r) for r in args.rates.split(",") if r.strip()]
+  except ValueError:
+    raise UsageError(f"--rates={args.rates}: expected comma-separated integers") from None
+  rows = bench_index.index_plan(args.index_docs, args.hidden, args.doc_max_length, rates,
+                                args.topology)
+  print(bench_index.plan_table(rows), file=sys.stderr)
+  print(json.dumps(rows))
   return 0
 
 
@@ -628,7 +703,7 @@ def build_parser() -> argparse.ArgumentParser:
   bench = sub.add_parser("bench", help="step time, tokens/s, MFU and generation latency "
                          "(JSON lines; `suite` runs them all)")
   bench.add_argument("what", choices=["forward", "step", "stage2", "generate", "suite",
-                                      "reference"])
+                                      "reference", "index"])
   bench.add_argument("--model", default="small", help="a named size (e.g. ref_tiny)")
   bench.add_argument("--stage", default="stage2", choices=["lm", "stage1", "stage1_2",
                                                            "stage2"], help="for `step`")
@@ -660,7 +735,22 @@ def build_parser() -> argparse.ArgumentParser:
   bench.add_argument("--dtypes", default="bf16,fp32", help="reference: dtypes to run")
   bench.add_argument("--ref_warmup", type=positive_int, default=2)
   bench.add_argument("--ref_runs", type=positive_int, default=5)
-  bench.add_argument("--out", default=None, help="reference: write the result JSON here")
+  bench.add_argument("--out", default=None, help="reference, index: write the result "
+                     "JSON here")
+  bench.add_argument("--docs", type=positive_int, default=100_000,
+                     help="index: synthetic documents")
+  bench.add_argument("--queries", type=positive_int, default=4096,
+                     help="index: queries of the recall comparison")
+  bench.add_argument("--index_dtypes", default="float32,float16,bfloat16,int8",
+                     help="index: storage dtypes to build and search")
+  bench.add_argument("--repeats", type=positive_int, default=20,
+                     help="index: timed searches per dtype and mode (median)")
+  bench.add_argument("--devices", type=positive_int, default=8,
+                     help="index: simulated CPU devices the index is sharded over")
+  bench.add_argument("--seed", type=int, default=1, help="index: data seed (the noise "
+                     "was picked on seed 0)")
+  bench.add_argument("--noise", type=float, default=None,
+                     help="index: query noise (default: the frozen one)")
   bench.set_defaults(fn=_cmd_bench)
 
   ev = sub.add_parser("evaluate", help="EM/F1/Cover EM, Recall@k vs BM25, latency")
@@ -694,7 +784,26 @@ def build_parser() -> argparse.ArgumentParser:
   ix.add_argument("--shard_size", type=positive_int, default=1024)
   ix.add_argument("--query", action="append", help="questions to answer from the index")
   ix.add_argument("--top_n", type=positive_int, default=5)
+  ix.add_argument("--dtype", default="float16",
+                  choices=["float16", "bfloat16", "float32", "int8"],
+                  help="storage of the memories (int8: one float32 scale per vector)")
   ix.set_defaults(fn=_cmd_index)
+
+  an = sub.add_parser("answer", help="answer a JSONL file of questions from an index, in "
+                      "batches: retrieve with the reasoner, generate from the memories")
+  an.add_argument("--index", required=True, help="a `clara-jax index` directory")
+  an.add_argument("--workdir", required=True, help="the trained stage's workdir (export/) "
+                  "whose compressor built the index")
+  an.add_argument("--questions", required=True,
+                  help='JSONL of {"question"} (and an optional "id")')
+  an.add_argument("--out", required=True, help="answers JSONL (a new file): {id, question, "
+                  "answer, doc_ids, scores} per question")
+  an.add_argument("--k", type=positive_int, default=5, help="documents per question")
+  an.add_argument("--batch", type=positive_int, default=32, help="questions at a time")
+  an.add_argument("--approx", action="store_true",
+                  help="approximate per-device top-k (lax.approx_max_k; fast on TPU)")
+  an.add_argument("--max_new_tokens", type=positive_int, default=64)
+  an.set_defaults(fn=_cmd_answer)
 
   ic = sub.add_parser("import-clara", help="convert an official CLaRa (PyTorch) checkpoint")
   ic.add_argument("--ckpt_dir", required=True, help="adapters.pth, decoder_first_last_layers.pth")

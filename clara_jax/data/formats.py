@@ -430,6 +430,35 @@ def read_corpus(path: str) -> List[Dict[str, str]]:
   return docs
 
 
+def read_questions(path: str) -> List[Dict[str, str]]:
+  """The questions of a JSONL file, one {"question", "id"} object per line (`id`
+  defaults to the row's position), checked row by row: `question` a non-empty string,
+  ids unique, since they name the answers. Other keys are ignored. A file without rows
+  is an error."""
+  id_lines: Dict[str, int] = {}
+
+  def check(value: Any, line_no: int) -> Dict[str, str]:
+    if not isinstance(value, dict):
+      raise FieldError(None, f"expected a JSON object, found {type(value).__name__}")
+    if "question" not in value:
+      raise FieldError("question", "missing")
+    question = _text(value["question"], "question")
+    row_id = value.get("id", str(len(id_lines)))
+    if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
+      raise FieldError("id", f"expected a string or integer, found {type(row_id).__name__}")
+    row_id = _text(str(row_id), "id")
+    if row_id in id_lines:
+      raise FieldError("id", f"duplicate {row_id!r}; first used on line {id_lines[row_id]}")
+    id_lines[row_id] = line_no
+    return {"id": row_id, "question": question}
+
+  report = ReadReport()
+  rows = list(_checked_rows(path, "raise", report, check))
+  if not rows:
+    raise no_rows(path, report)
+  return rows
+
+
 def _check_limit(limit: Optional[int]) -> None:
   """`limit=0` would silently evaluate nothing, so only positive limits are allowed."""
   if limit is None:
