@@ -25,23 +25,23 @@ LogicalRules = Tuple[Tuple[str, Optional[object]], ...]
 # dimensions over tensor (Megatron style). Small axes (LoRA rank, norms, the handful of
 # special-token rows) stay replicated.
 DEFAULT_RULES: LogicalRules = (
-    ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
-    ("activation_embed", None),
-    ("activation_heads", "tensor"),
-    ("activation_kv_heads", "tensor"),
-    ("activation_mlp", "tensor"),
-    ("activation_vocab", "tensor"),
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("head_dim", None),
-    ("mlp", "tensor"),
-    ("lora_rank", None),
-    ("extra_vocab", None),
-    ("norm", None),
-    ("layers", None),  # the stacked axis of scanned blocks: every device holds all layers
+  ("activation_batch", ("data", "fsdp")),
+  ("activation_length", None),
+  ("activation_embed", None),
+  ("activation_heads", "tensor"),
+  ("activation_kv_heads", "tensor"),
+  ("activation_mlp", "tensor"),
+  ("activation_vocab", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv_heads", "tensor"),
+  ("head_dim", None),
+  ("mlp", "tensor"),
+  ("lora_rank", None),
+  ("extra_vocab", None),
+  ("norm", None),
+  ("layers", None),  # the stacked axis of scanned blocks: every device holds all layers
 )
 
 
@@ -82,8 +82,9 @@ def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where
     names = axes if isinstance(axes, tuple) else (axes,)
     size = math.prod(mesh.shape[a] for a in names)
     if dim % size:
-      logging.info("%s: dimension %d not divisible by mesh axes %s (%d); replicated",
-                   where, dim, names, size)
+      logging.info(
+        "%s: dimension %d not divisible by mesh axes %s (%d); replicated", where, dim, names, size
+      )
       fixed.append(None)
     else:
       fixed.append(axes)

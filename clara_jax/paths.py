@@ -156,7 +156,7 @@ class _RawReader(io.RawIOBase):
 
   def readinto(self, buffer) -> int:
     data = self._f.read(len(buffer))
-    buffer[:len(data)] = data
+    buffer[: len(data)] = data
     return len(data)
 
   def close(self) -> None:
@@ -173,8 +173,7 @@ def open_binary(p: PathLike) -> io.BufferedIOBase:
   f = path(p).open("rb")
   if os.fspath(p).endswith(".gz"):
     return _GzipReader(f)
-  return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_RawReader(f),
-                                                                      _READ_BUFFER)
+  return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_RawReader(f), _READ_BUFFER)
 
 
 def open_append(p: PathLike):
@@ -189,7 +188,6 @@ def open_append(p: PathLike):
 
 
 class _RewriteOnClose(io.StringIO):
-
   def __init__(self, p: epath.Path):
     super().__init__(p.read_text(encoding="utf-8") if p.exists() else "")
     self.seek(0, io.SEEK_END)
@@ -213,7 +211,7 @@ def _write_all(fd: int, data: bytes) -> None:
   the atomic writers, so a full disk surfaces here, as OSError(ENOSPC)."""
   view = memoryview(data)
   while view:
-    view = view[os.write(fd, view):]
+    view = view[os.write(fd, view) :]
 
 
 def _write_local_temp(target: str, directory: str, chunks: Iterable[Union[str, bytes]]) -> str:
@@ -221,11 +219,11 @@ def _write_local_temp(target: str, directory: str, chunks: Iterable[Union[str, b
   not the temporary file the user never asked for; the temporary file is removed on any
   failure."""
   try:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=f".{os.path.basename(target)}",
-                               dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=f".{os.path.basename(target)}", dir=directory)
   except OSError as e:
-    raise type(e)(e.errno, f"cannot write {target}: {e.strerror} (creating a file in "
-                  f"{directory})") from None
+    raise type(e)(
+      e.errno, f"cannot write {target}: {e.strerror} (creating a file in {directory})"
+    ) from None
 
   def write(data: bytes) -> None:
     try:

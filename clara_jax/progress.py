@@ -31,8 +31,9 @@ class Progress:
     if not self.enabled():
       return
     if self._bar is None:
-      self._bar = tqdm(total=total, desc=self.description, unit=self.unit, file=sys.stderr,
-                       dynamic_ncols=True)
+      self._bar = tqdm(
+        total=total, desc=self.description, unit=self.unit, file=sys.stderr, dynamic_ncols=True
+      )
     self._bar.total = total
     self._bar.update(done - self._bar.n)
     if total is not None and done >= total:

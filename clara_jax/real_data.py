@@ -58,8 +58,7 @@ HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
 NQ_FILE = "nq_open_oracle.jsonl.gz"
 PRETRAIN_FILE = "clara_pretrain_1k.jsonl"
 # QA set -> (converter format, file, `kind` of its held-out rows)
-QA_SETS = {"hotpotqa": ("hotpotqa_ircot", HOTPOTQA_FILE, "multi"),
-           "nq": ("nq", NQ_FILE, "single")}
+QA_SETS = {"hotpotqa": ("hotpotqa_ircot", HOTPOTQA_FILE, "multi"), "nq": ("nq", NQ_FILE, "single")}
 
 
 # Pretrained bases `--base` names: fetched once (`clara_jax.weights.fetch`) -> the
@@ -80,6 +79,7 @@ class DataPlan:
   document of its pool (`restatement_rows`); seed: converter shuffle and train/test
   split seed.
   """
+
   limits: Dict[str, Optional[int]]
   test: Dict[str, int]
   candidates: int = 20
@@ -96,15 +96,29 @@ def data_plan(quick: bool = False, seed: int = 0, pretrained: bool = False) -> D
   the NQ gold passages and a restatement of each of its documents (chosen with
   `clara_jax.eval.stage1_study`), 100 held-out questions of each set."""
   if quick:
-    return DataPlan(limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
-                    test={"hotpotqa": 8, "nq": 8}, k=2, nq_stage1=pretrained,
-                    restate_stage1=pretrained, seed=seed)
+    return DataPlan(
+      limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
+      test={"hotpotqa": 8, "nq": 8},
+      k=2,
+      nq_stage1=pretrained,
+      restate_stage1=pretrained,
+      seed=seed,
+    )
   if pretrained:
-    return DataPlan(limits={"hotpotqa": 300, "nq": 1200, "pretrain": None},
-                    test={"hotpotqa": 100, "nq": 100}, k=2, nq_stage1=True,
-                    restate_stage1=True, seed=seed)
-  return DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
-                  test={"hotpotqa": 100, "nq": 200}, k=2, seed=seed)
+    return DataPlan(
+      limits={"hotpotqa": 300, "nq": 1200, "pretrain": None},
+      test={"hotpotqa": 100, "nq": 100},
+      k=2,
+      nq_stage1=True,
+      restate_stage1=True,
+      seed=seed,
+    )
+  return DataPlan(
+    limits={"hotpotqa": None, "nq": None, "pretrain": None},
+    test={"hotpotqa": 100, "nq": 200},
+    k=2,
+    seed=seed,
+  )
 
 
 def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recipe:
@@ -117,33 +131,65 @@ def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recip
   lengths are set after the `lm` stage (`fit_recipe`)."""
   doc_len = 64 if quick else 128
   shared = {
-      "tokenizer.vocab_size": 1024 if quick else 4096, "data.prompt_style": "short",
-      "clara.doc_max_length": doc_len, "clara.compr_rate": 4, "clara.k": plan.k,
-      "tokenizer.num_mem_tokens": doc_len // 4,
-      "data.candidates": plan.candidates, "data.question_max_length": 32,
-      "data.answer_length": 16, "data.lm_length": doc_len,
-      "train.global_batch": 8 if quick else 16, "train.log_every": 10 if quick else 50,
-      "train.checkpoint_every": 20 if quick else 250, "mesh.shape": (-1, 1, 1),
+    "tokenizer.vocab_size": 1024 if quick else 4096,
+    "data.prompt_style": "short",
+    "clara.doc_max_length": doc_len,
+    "clara.compr_rate": 4,
+    "clara.k": plan.k,
+    "tokenizer.num_mem_tokens": doc_len // 4,
+    "data.candidates": plan.candidates,
+    "data.question_max_length": 32,
+    "data.answer_length": 16,
+    "data.lm_length": doc_len,
+    "train.global_batch": 8 if quick else 16,
+    "train.log_every": 10 if quick else 50,
+    "train.checkpoint_every": 20 if quick else 250,
+    "mesh.shape": (-1, 1, 1),
   }
   stages = {
-      "lm": {"train.num_steps": 1500, "optimizer.lr": 3e-3, "data.source": dirs["lm"],
-             "train.global_batch": 32},
-      "stage1": {"train.num_steps": 1500, "optimizer.lr": 3e-3, "data.source": dirs["stage1"],
-                 "data.answer_length": 64, "clara.train_base": True},
-      "stage1_2": {"train.num_steps": 400, "optimizer.lr": 1e-3, "clara.train_base": True,
-                   "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
-      "stage2": {"train.num_steps": 400, "train.global_batch": 8, "optimizer.lr": 1e-3,
-                 "optimizer.schedule": "cosine", "optimizer.warmup_ratio": 0.03,
-                 "clara.train_generator": False, "clara.k": 1,
-                 "data.source": dirs["stage2"]},
+    "lm": {
+      "train.num_steps": 1500,
+      "optimizer.lr": 3e-3,
+      "data.source": dirs["lm"],
+      "train.global_batch": 32,
+    },
+    "stage1": {
+      "train.num_steps": 1500,
+      "optimizer.lr": 3e-3,
+      "data.source": dirs["stage1"],
+      "data.answer_length": 64,
+      "clara.train_base": True,
+    },
+    "stage1_2": {
+      "train.num_steps": 400,
+      "optimizer.lr": 1e-3,
+      "clara.train_base": True,
+      "data.source": dirs["stage1_2"],
+      "init.reset_adapters": (),
+    },
+    "stage2": {
+      "train.num_steps": 400,
+      "train.global_batch": 8,
+      "optimizer.lr": 1e-3,
+      "optimizer.schedule": "cosine",
+      "optimizer.warmup_ratio": 0.03,
+      "clara.train_generator": False,
+      "clara.k": 1,
+      "data.source": dirs["stage2"],
+    },
   }
   if quick:
     for stage, steps in zip(demo.PAPER_STAGES, (40, 20, 20, 20)):
       stages[stage]["train.num_steps"] = steps
       stages[stage]["train.global_batch"] = 8
-  return demo.Recipe(model="tiny", shared=shared, stages=stages,
-                     eval_questions=16 if quick else 200, min_memory_gain=1.0,
-                     judged=not quick)
+  return demo.Recipe(
+    model="tiny",
+    shared=shared,
+    stages=stages,
+    eval_questions=16 if quick else 200,
+    min_memory_gain=1.0,
+    judged=not quick,
+  )
 
 
 # How a pretrained base's compressor trains (stages 1 and 1_2; the memory scale holds in
@@ -151,12 +197,17 @@ def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recip
 # rescaled to the token embeddings' RMS, no MSE alignment, the memories' bag-of-tokens
 # loss (`clara.lexical_loss`), stage1 at lr 3e-3. Chosen on the stage1 study's dev
 # documents (docs/real_smollm2.md), not on held-out questions.
-STAGE1_SETTINGS = {"clara.memory_scale": "embedding", "clara.mse_weight": 0.0,
-                   "clara.lexical_weight": 1.0, "optimizer.lr": 3e-3}
+STAGE1_SETTINGS = {
+  "clara.memory_scale": "embedding",
+  "clara.mse_weight": 0.0,
+  "clara.lexical_weight": 1.0,
+  "optimizer.lr": 3e-3,
+}
 
 
-def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str,
-                      memory_cache: str) -> demo.Recipe:
+def pretrained_recipe(
+  quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str, memory_cache: str
+) -> demo.Recipe:
   """The recipe on a pretrained base (the paper's setting): the base stays frozen and
   only the LoRA adapters (and, in stage1, the CLaRa tokens' embedding rows) train;
   documents of 128 tokens compressed 8x (16 memory tokens), the reference's English
@@ -172,30 +223,53 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
   the configs' size; the imported export's own config is what trains."""
   doc_len = 64 if quick else 128
   shared = {
-      "data.prompt_style": "reference", "clara.doc_max_length": doc_len,
-      "clara.compr_rate": 8, "clara.k": plan.k, "tokenizer.num_mem_tokens": doc_len // 8,
-      "data.candidates": plan.candidates, "data.question_max_length": 32,
-      "data.answer_length": 24, "train.global_batch": 8,
-      "train.log_every": 2 if quick else 10, "train.checkpoint_every": 4 if quick else 20,
-      "mesh.shape": (-1, 1, 1),
-      **{key: value for key, value in STAGE1_SETTINGS.items() if key != "optimizer.lr"},
+    "data.prompt_style": "reference",
+    "clara.doc_max_length": doc_len,
+    "clara.compr_rate": 8,
+    "clara.k": plan.k,
+    "tokenizer.num_mem_tokens": doc_len // 8,
+    "data.candidates": plan.candidates,
+    "data.question_max_length": 32,
+    "data.answer_length": 24,
+    "train.global_batch": 8,
+    "train.log_every": 2 if quick else 10,
+    "train.checkpoint_every": 4 if quick else 20,
+    "mesh.shape": (-1, 1, 1),
+    **{key: value for key, value in STAGE1_SETTINGS.items() if key != "optimizer.lr"},
   }
   stages = {
-      "stage1": {"train.num_steps": 150, "optimizer.lr": STAGE1_SETTINGS["optimizer.lr"],
-                 "data.source": dirs["stage1"], "data.answer_length": 48},
-      "stage1_2": {"train.num_steps": 60, "optimizer.lr": 5e-4,
-                   "data.source": dirs["stage1_2"], "init.reset_adapters": ()},
-      "stage2": {"train.num_steps": 100, "optimizer.lr": 5e-4,
-                 "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
-                 "clara.train_generator": True, "data.source": dirs["stage2"],
-                 "data.memory_cache": memory_cache},
+    "stage1": {
+      "train.num_steps": 150,
+      "optimizer.lr": STAGE1_SETTINGS["optimizer.lr"],
+      "data.source": dirs["stage1"],
+      "data.answer_length": 48,
+    },
+    "stage1_2": {
+      "train.num_steps": 60,
+      "optimizer.lr": 5e-4,
+      "data.source": dirs["stage1_2"],
+      "init.reset_adapters": (),
+    },
+    "stage2": {
+      "train.num_steps": 100,
+      "optimizer.lr": 5e-4,
+      "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
+      "clara.train_generator": True,
+      "data.source": dirs["stage2"],
+      "data.memory_cache": memory_cache,
+    },
   }
   if quick:
     for stage, steps in zip(demo.PAPER_STAGES[1:], (6, 4, 4)):
       stages[stage]["train.num_steps"] = steps
-  return demo.Recipe(model=model, shared=shared, stages=stages,
-                     eval_questions=8 if quick else None, min_memory_gain=1.0,
-                     judged=not quick)
+  return demo.Recipe(
+    model=model,
+    shared=shared,
+    stages=stages,
+    eval_questions=8 if quick else None,
+    min_memory_gain=1.0,
+    judged=not quick,
+  )
 
 
 # ---------------------------------------------------------------------------------------
@@ -205,8 +279,10 @@ def pretrained_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str], model: 
 def source_path(data_dir: str, name: str) -> str:
   path = paths.join(data_dir, name)
   if not paths.exists(path):
-    raise FileNotFoundError(f"{path}: missing; --data_dir must hold the files listed in "
-                            f"its SOURCES.md ({HOTPOTQA_FILE}, {NQ_FILE}, {PRETRAIN_FILE})")
+    raise FileNotFoundError(
+      f"{path}: missing; --data_dir must hold the files listed in "
+      f"its SOURCES.md ({HOTPOTQA_FILE}, {NQ_FILE}, {PRETRAIN_FILE})"
+    )
   return path
 
 
@@ -218,9 +294,9 @@ def read_jsonl(path: str) -> List[Dict]:
 def split_ids(rows: Sequence[Dict], num_test: int, seed: int) -> set:
   """The ids of `num_test` rows drawn at random (seeded): the held-out questions."""
   import numpy as np
+
   if not 0 < num_test < len(rows):
-    raise ValueError(f"cannot hold out {num_test} of {len(rows)} questions: need "
-                     "0 < test < rows")
+    raise ValueError(f"cannot hold out {num_test} of {len(rows)} questions: need 0 < test < rows")
   ids = [r["id"] for r in rows]
   if len(set(ids)) != len(ids):
     raise ValueError("converted rows have duplicate ids: the split would leak questions")
@@ -239,17 +315,31 @@ def regroup_qa(rows: Sequence[Dict], per_row: int) -> List[Dict]:
       continue
     pairs = list(zip(row["question"], row["answers"]))
     for start in range(0, len(pairs), per_row):
-      chunk = pairs[start:start + per_row]
-      out.append({"data_type": "qa", "question": [q for q, _ in chunk],
-                  "answers": [a for _, a in chunk], "docs": row["docs"]})
+      chunk = pairs[start : start + per_row]
+      out.append(
+        {
+          "data_type": "qa",
+          "question": [q for q, _ in chunk],
+          "answers": [a for _, a in chunk],
+          "docs": row["docs"],
+        }
+      )
   return out
 
 
 def gold_passage_rows(rows: Sequence[Dict]) -> List[Dict]:
   """stage1 QA rows of stage2 rows' first gold passage with their question and answer
   (rows without a gold passage are left out)."""
-  return [{"data_type": "qa", "question": [r["question"]], "answers": [r["answers"][0]],
-           "docs": [r["docs"][r["pos_index"][0]]]} for r in rows if r["pos_index"]]
+  return [
+    {
+      "data_type": "qa",
+      "question": [r["question"]],
+      "answers": [r["answers"][0]],
+      "docs": [r["docs"][r["pos_index"][0]]],
+    }
+    for r in rows
+    if r["pos_index"]
+  ]
 
 
 def restatement_rows(rows: Sequence[Dict]) -> List[Dict]:
@@ -258,8 +348,9 @@ def restatement_rows(rows: Sequence[Dict]) -> List[Dict]:
   restatement asks the memories for the whole document, not the few facts its QA pairs
   name. The generator reads the answer region's first tokens of it."""
   docs = dict.fromkeys(row["docs"][0] for row in rows)
-  return [{"data_type": "paraphrase", "question": [], "answers": [doc], "docs": [doc]}
-          for doc in docs]
+  return [
+    {"data_type": "paraphrase", "question": [], "answers": [doc], "docs": [doc]} for doc in docs
+  ]
 
 
 def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
@@ -283,37 +374,53 @@ def data_dirs(workdir: str) -> Dict[str, str]:
   """Where `prepare_data` writes: the `lm` text file, each stage's directory of
   `train.jsonl`, the held-out file, the converted files."""
   root = paths.join(workdir, "data")
-  return {"root": root, "converted": paths.join(root, "converted"),
-          "lm": paths.join(root, "lm", "train.txt"),
-          "stage1": paths.join(root, "stage1"), "stage1_2": paths.join(root, "stage1_2"),
-          "stage2": paths.join(root, "stage2"),
-          "heldout": paths.join(root, "heldout.jsonl")}
+  return {
+    "root": root,
+    "converted": paths.join(root, "converted"),
+    "lm": paths.join(root, "lm", "train.txt"),
+    "stage1": paths.join(root, "stage1"),
+    "stage1_2": paths.join(root, "stage1_2"),
+    "stage2": paths.join(root, "stage2"),
+    "heldout": paths.join(root, "heldout.jsonl"),
+  }
 
 
-def convert_sources(data_dir: str, out_dir: str, plan: DataPlan,
-                    log: Callable[[str], None] = print) -> Dict[str, Dict]:
+def convert_sources(
+  data_dir: str, out_dir: str, plan: DataPlan, log: Callable[[str], None] = print
+) -> Dict[str, Dict]:
   """Runs the converter on every source: {name: report dict}; files in `out_dir` as
   `{hotpotqa,nq}_{stage2,stage1_2}.jsonl` and `pretrain_stage1.jsonl`."""
   from clara_jax.data.convert import convert
+
   reports = {}
   for name, (fmt, filename, _) in QA_SETS.items():
     for stage in ("stage2", "stage1_2"):
-      report = convert(fmt, source_path(data_dir, filename),
-                       paths.join(out_dir, f"{name}_{stage}.jsonl"),
-                       candidates=plan.candidates, k=plan.k, seed=plan.seed, stage=stage,
-                       limit=plan.limits.get(name))
+      report = convert(
+        fmt,
+        source_path(data_dir, filename),
+        paths.join(out_dir, f"{name}_{stage}.jsonl"),
+        candidates=plan.candidates,
+        k=plan.k,
+        seed=plan.seed,
+        stage=stage,
+        limit=plan.limits.get(name),
+      )
       reports[f"{name}_{stage}"] = report.to_dict()
       log(f"[    data] {report.summary()}")
-  report = convert("stage1", source_path(data_dir, PRETRAIN_FILE),
-                   paths.join(out_dir, "pretrain_stage1.jsonl"),
-                   limit=plan.limits.get("pretrain"))
+  report = convert(
+    "stage1",
+    source_path(data_dir, PRETRAIN_FILE),
+    paths.join(out_dir, "pretrain_stage1.jsonl"),
+    limit=plan.limits.get("pretrain"),
+  )
   reports["pretrain_stage1"] = report.to_dict()
   log(f"[    data] {report.summary()}")
   return reports
 
 
-def split_qa_sets(converted: str, plan: DataPlan
-                  ) -> Tuple[Dict[str, List[Dict]], List[Dict], Dict[str, Dict]]:
+def split_qa_sets(
+  converted: str, plan: DataPlan
+) -> Tuple[Dict[str, List[Dict]], List[Dict], Dict[str, Dict]]:
   """({"stage2": train rows, "stage1_2": train rows}, held-out stage2 rows with `kind`,
   {set: counts}) of the converted QA sets; a question is in train or held out for both
   stages."""
@@ -330,8 +437,9 @@ def split_qa_sets(converted: str, plan: DataPlan
   return train, heldout, counts
 
 
-def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
-                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+def prepare_data(
+  data_dir: str, workdir: str, plan: DataPlan, log: Callable[[str], None] = print
+) -> Dict[str, Any]:
   """Converts, splits and writes every stage's data (see the module docstring); kept
   when `data/DONE.json` records the same plan. Returns that record: {"plan", "reports",
   "counts", "seconds"}."""
@@ -343,8 +451,10 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
     if record["plan"] == plan_dict:
       log("[    data] prepared before: kept")
       return record
-    raise ValueError(f"{done}: the data there was prepared with another plan "
-                     f"({record['plan']}, now {plan_dict}); use another --workdir")
+    raise ValueError(
+      f"{done}: the data there was prepared with another plan "
+      f"({record['plan']}, now {plan_dict}); use another --workdir"
+    )
   start = time.perf_counter()
   reports = convert_sources(data_dir, dirs["converted"], plan, log)
   train, heldout, counts = split_qa_sets(dirs["converted"], plan)
@@ -356,22 +466,32 @@ def prepare_data(data_dir: str, workdir: str, plan: DataPlan,
     stage1 += gold_passage_rows(nq_train)
   if plan.restate_stage1:
     stage1 += restatement_rows(stage1)
-  qa_all = [read_jsonl(paths.join(dirs["converted"], f"{name}_stage2.jsonl"))
-            for name in QA_SETS]
+  qa_all = [read_jsonl(paths.join(dirs["converted"], f"{name}_stage2.jsonl")) for name in QA_SETS]
   text = passages([pretrain, *qa_all])
   _write_lines(dirs["lm"], text)
   formats.write_jsonl_atomic(paths.join(dirs["stage1"], "train.jsonl"), stage1)
   for stage in ("stage1_2", "stage2"):
     formats.write_jsonl_atomic(paths.join(dirs[stage], "train.jsonl"), train[stage])
   formats.write_jsonl_atomic(dirs["heldout"], heldout)
-  counts.update(passages=len(text), stage1=len(stage1), stage1_2=len(train["stage1_2"]),
-                stage2=len(train["stage2"]), heldout=len(heldout))
-  record = {"plan": plan_dict, "reports": reports, "counts": counts,
-            "seconds": time.perf_counter() - start}
+  counts.update(
+    passages=len(text),
+    stage1=len(stage1),
+    stage1_2=len(train["stage1_2"]),
+    stage2=len(train["stage2"]),
+    heldout=len(heldout),
+  )
+  record = {
+    "plan": plan_dict,
+    "reports": reports,
+    "counts": counts,
+    "seconds": time.perf_counter() - start,
+  }
   paths.write_json(done, record, indent=1)
-  log(f"[    data] {counts['passages']} passages, stage1 {len(stage1)}, stage1_2 "
-      f"{len(train['stage1_2'])}, stage2 {len(train['stage2'])} train rows, "
-      f"{len(heldout)} held out")
+  log(
+    f"[    data] {counts['passages']} passages, stage1 {len(stage1)}, stage1_2 "
+    f"{len(train['stage1_2'])}, stage2 {len(train['stage2'])} train rows, "
+    f"{len(heldout)} held out"
+  )
   return record
 
 
@@ -384,45 +504,56 @@ def prompt_tokens(tok, user: str, system: str) -> int:
   return len(tok.encode_prompt(user, system))
 
 
-def fitted_prompt_lengths(tok, questions: Sequence[str], n_mem: int, k: int, style: str,
-                          multiple: int = 8) -> Dict[str, int]:
+def fitted_prompt_lengths(
+  tok, questions: Sequence[str], n_mem: int, k: int, style: str, multiple: int = 8
+) -> Dict[str, int]:
   """Generator prompt lengths, rounded up to `multiple`, that fit every row:
   {"stage1": the memory-slot prompt of stage1, "answer": the longest question's prompt
   with k slots (stage1_2, stage2)}. Real questions are long and the packer never cuts a
   memory slot, so the length comes from the data once the tokenizer exists."""
   from clara_jax.data import templates
+
   round_up = lambda n: -(-n // multiple) * multiple
   row = {"data_type": "qa", "question": ["?"], "answers": ["."], "docs": ["."]}
   system, user, _ = templates.stage1_turn(row, n_mem, None, style)
-  longest = max(prompt_tokens(tok, *reversed(templates.answer_turn(q, n_mem, k, style)))
-                for q in questions)
+  longest = max(
+    prompt_tokens(tok, *reversed(templates.answer_turn(q, n_mem, k, style))) for q in questions
+  )
   return {"stage1": round_up(prompt_tokens(tok, user, system)), "answer": round_up(longest)}
 
 
-def fit_recipe(recipe: demo.Recipe, workdir: str, dirs: Dict[str, str],
-               log: Callable[[str], None] = print) -> demo.Recipe:
+def fit_recipe(
+  recipe: demo.Recipe, workdir: str, dirs: Dict[str, str], log: Callable[[str], None] = print
+) -> demo.Recipe:
   """The recipe with `data.prompt_length` fitted to the training questions under the
   `lm` stage's tokenizer (see `fitted_prompt_lengths`)."""
   from clara_jax.data.tokenizer import load_tokenizer
+
   config = demo.stage_config("stage2", recipe)
   tok = load_tokenizer(paths.join(workdir, "lm", "export"), config.tokenizer.num_mem_tokens)
-  questions = [r["question"] for stage in ("stage1_2", "stage2")
-               for r in read_jsonl(paths.join(dirs[stage], "train.jsonl"))]
+  questions = [
+    r["question"]
+    for stage in ("stage1_2", "stage2")
+    for r in read_jsonl(paths.join(dirs[stage], "train.jsonl"))
+  ]
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   # One prompt length serves stage1_2 and stage2, so it fits the larger of their k.
   k = max(demo.stage_config(stage, recipe).clara.k for stage in ("stage1_2", "stage2"))
   lengths = fitted_prompt_lengths(tok, questions, n_mem, k, config.data.prompt_style)
-  log(f"[    data] generator prompts: {lengths['stage1']} tokens (stage1), "
-      f"{lengths['answer']} (longest question, stage1_2 and stage2)")
+  log(
+    f"[    data] generator prompts: {lengths['stage1']} tokens (stage1), "
+    f"{lengths['answer']} (longest question, stage1_2 and stage2)"
+  )
   stages = {name: dict(overrides) for name, overrides in recipe.stages.items()}
   stages["stage1"]["data.prompt_length"] = lengths["stage1"]
-  return dataclasses.replace(recipe, shared={**recipe.shared,
-                                             "data.prompt_length": lengths["answer"]},
-                             stages=stages)
+  return dataclasses.replace(
+    recipe, shared={**recipe.shared, "data.prompt_length": lengths["answer"]}, stages=stages
+  )
 
 
-def import_base(base: str, workdir: str, num_mem_tokens: int,
-                log: Callable[[str], None] = print) -> Dict[str, Any]:
+def import_base(
+  base: str, workdir: str, num_mem_tokens: int, log: Callable[[str], None] = print
+) -> Dict[str, Any]:
   """The pretrained base as the `lm` stage's export (what stage1 starts from): `base` is
   a `BASES` name (fetched once) or a GGUF file, imported with its own tokenizer plus
   CLaRa's tokens and `num_mem_tokens` memory tokens. Skipped when done before; returns
@@ -435,15 +566,18 @@ def import_base(base: str, workdir: str, num_mem_tokens: int,
   from clara_jax.data.tokenizer import BPETokenizer
   from clara_jax.weights.export import save_params
   from clara_jax.weights.gguf_import import import_gguf
+
   start = time.perf_counter()
   if base in BASES:
     from clara_jax.weights.fetch import fetch_base
+
     path = fetch_base(base)
   elif paths.isfile(base):
     path = base
   else:
-    raise FileNotFoundError(f"--base {base!r}: neither a known base ({sorted(BASES)}) nor "
-                            f"a GGUF file")
+    raise FileNotFoundError(
+      f"--base {base!r}: neither a known base ({sorted(BASES)}) nor a GGUF file"
+    )
   with paths.local_file(path) as local:  # the GGUF reader maps a local file
     tok = BPETokenizer.from_gguf(local, num_mem_tokens)
     cfg, params = import_gguf(local, tok.num_special)
@@ -452,40 +586,58 @@ def import_base(base: str, workdir: str, num_mem_tokens: int,
   tok.save(paths.join(export, tok.FILENAME))
   metrics = {"imported": str(paths.path(path)), "num_params": cfg.num_params()}
   paths.write_json(done, {"metrics": metrics, "seconds": time.perf_counter() - start})
-  log(f"[      lm] {paths.path(path).name} imported: {cfg.num_params() / 1e6:.0f}M "
-      f"parameters, {cfg.num_layers} layers, chat format {tok.chat_format}")
+  log(
+    f"[      lm] {paths.path(path).name} imported: {cfg.num_params() / 1e6:.0f}M "
+    f"parameters, {cfg.num_layers} layers, chat format {tok.chat_format}"
+  )
   return metrics
 
 
-def build_memory_cache(workdir: str, dirs: Dict[str, str],
-                       log: Callable[[str], None] = print) -> str:
+def build_memory_cache(
+  workdir: str, dirs: Dict[str, str], log: Callable[[str], None] = print
+) -> str:
   """The stage1_2 compressor's memories of every stage2 candidate, training and
   held-out (`clara_jax.train.memory_cache`), in `workdir/memories`; resumes an
   interrupted build, skips a finished one. Returns the directory."""
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train import memory_cache
+
   out = paths.join(workdir, "memories")
   if paths.exists(paths.join(out, memory_cache.CACHE_FILE)):
     log("[  memory] cached before: kept")
     return out
   model = ClaraModel.load(paths.join(workdir, "stage1_2", "export"))
-  texts = [d for path in (paths.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
-           for row in read_jsonl(path) for d in row["docs"]]
+  texts = [
+    d
+    for path in (paths.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
+    for row in read_jsonl(path)
+    for d in row["docs"]
+  ]
   start = time.perf_counter()
   record = memory_cache.build_cache(
-      model, texts, out, progress=lambda done, total: log(f"[  memory] shard {done}/{total}"))
-  log(f"[  memory] {record['num_docs']} documents compressed in "
-      f"{demo._duration(time.perf_counter() - start)}")
+    model, texts, out, progress=lambda done, total: log(f"[  memory] shard {done}/{total}")
+  )
+  log(
+    f"[  memory] {record['num_docs']} documents compressed in "
+    f"{demo._duration(time.perf_counter() - start)}"
+  )
   return out
 
 
-def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
-        base: Optional[str] = None, log: Callable[[str], None] = print) -> Dict[str, Any]:
+def run(
+  workdir: str,
+  data_dir: str,
+  quick: bool = False,
+  seed: int = 0,
+  base: Optional[str] = None,
+  log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
   """The real-data run; returns (and writes) the summary, as `demo.run`. `base`: None
   trains the `tiny` model from scratch (`real_recipe`); a `BASES` name or a GGUF file
   starts from that pretrained model (`pretrained_recipe`) and is evaluated by
   `clara_jax.eval.real`."""
   import tensorflow_datasets as tfds
+
   tfds.disable_progress_bar()
   workdir = str(paths.path(workdir))
   paths.makedirs(workdir)
@@ -514,8 +666,14 @@ def run(workdir: str, data_dir: str, quick: bool = False, seed: int = 0,
     results = demo.evaluate_checkpoints(workdir, rows, k, clues=None, log=log)
   else:
     from clara_jax.eval import real
+
     results = real.evaluate_run(workdir, rows, k, cache_dir, seed, log)
-  return demo.write_report(workdir, recipe, stage_metrics, results,
-                           time.perf_counter() - start, log,
-                           extra={"data": {"dir": str(paths.path(data_dir)), **data},
-                                  "base": base})
+  return demo.write_report(
+    workdir,
+    recipe,
+    stage_metrics,
+    results,
+    time.perf_counter() - start,
+    log,
+    extra={"data": {"dir": str(paths.path(data_dir)), **data}, "base": base},
+  )

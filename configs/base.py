@@ -11,8 +11,13 @@ import ml_collections
 from clara_jax import partitioning
 from configs.common import model_config_dict
 
-STAGE_FORMATS = {"lm": "text", "stage1": "stage1", "stage1_2": "stage1_2",
-                 "stage2": "stage2", "stage2_retrieval": "stage2"}
+STAGE_FORMATS = {
+  "lm": "text",
+  "stage1": "stage1",
+  "stage1_2": "stage1_2",
+  "stage2": "stage2",
+  "stage2_retrieval": "stage2",
+}
 
 
 def parse_arg(arg):
@@ -23,8 +28,9 @@ def parse_arg(arg):
     out[key.strip()] = value.strip() if value else True
   unknown = set(out) - {"model", "data", "runlocal", "synth_size"}
   if unknown:
-    raise ValueError(f"unknown config variant(s) {sorted(unknown)}; "
-                     "known: model=, data=, synth_size=, runlocal")
+    raise ValueError(
+      f"unknown config variant(s) {sorted(unknown)}; known: model=, data=, synth_size=, runlocal"
+    )
   return out
 
 
@@ -144,26 +150,41 @@ def get_base_config(stage, arg=None):
 
 
 # Fields that count something: each must be at least 1.
-POSITIVE_INTS = ("clara.doc_max_length", "clara.compr_rate", "clara.k",
-                 "clara.compress_chunk", "data.candidates",
-                 "data.question_max_length", "data.prompt_length", "data.answer_length",
-                 "data.lm_length", "tokenizer.vocab_size", "tokenizer.num_mem_tokens",
-                 "train.global_batch", "train.grad_accum_steps", "train.num_steps",
-                 "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-                 "train.max_consecutive_nonfinite")
+POSITIVE_INTS = (
+  "clara.doc_max_length",
+  "clara.compr_rate",
+  "clara.k",
+  "clara.compress_chunk",
+  "data.candidates",
+  "data.question_max_length",
+  "data.prompt_length",
+  "data.answer_length",
+  "data.lm_length",
+  "tokenizer.vocab_size",
+  "tokenizer.num_mem_tokens",
+  "train.global_batch",
+  "train.grad_accum_steps",
+  "train.num_steps",
+  "train.log_every",
+  "train.checkpoint_every",
+  "train.keep_checkpoints",
+  "train.max_consecutive_nonfinite",
+)
 # (field, low, high, low included, high included)
-FLOAT_RANGES = (("optimizer.lr", 0.0, float("inf"), False, False),
-                ("optimizer.warmup_ratio", 0.0, 1.0, True, False),
-                ("optimizer.final_ratio", 0.0, 1.0, True, True),
-                ("optimizer.b1", 0.0, 1.0, True, False),
-                ("optimizer.b2", 0.0, 1.0, True, False),
-                ("optimizer.weight_decay", 0.0, float("inf"), True, False),
-                ("optimizer.clip_norm", 0.0, float("inf"), True, False),
-                ("clara.temperature", 0.0, float("inf"), False, False),
-                ("clara.retrieval_temperature", 0.0, float("inf"), False, False),
-                ("clara.mse_weight", 0.0, float("inf"), True, False),
-                ("clara.lexical_weight", 0.0, float("inf"), True, False),
-                ("clara.replay_weight", 0.0, float("inf"), True, False))
+FLOAT_RANGES = (
+  ("optimizer.lr", 0.0, float("inf"), False, False),
+  ("optimizer.warmup_ratio", 0.0, 1.0, True, False),
+  ("optimizer.final_ratio", 0.0, 1.0, True, True),
+  ("optimizer.b1", 0.0, 1.0, True, False),
+  ("optimizer.b2", 0.0, 1.0, True, False),
+  ("optimizer.weight_decay", 0.0, float("inf"), True, False),
+  ("optimizer.clip_norm", 0.0, float("inf"), True, False),
+  ("clara.temperature", 0.0, float("inf"), False, False),
+  ("clara.retrieval_temperature", 0.0, float("inf"), False, False),
+  ("clara.mse_weight", 0.0, float("inf"), True, False),
+  ("clara.lexical_weight", 0.0, float("inf"), True, False),
+  ("clara.replay_weight", 0.0, float("inf"), True, False),
+)
 
 
 def _get(c, dotted: str):
@@ -175,21 +196,27 @@ def _get(c, dotted: str):
 
 def _check_values(c) -> None:
   import math
+
   for field in POSITIVE_INTS:
     value = _get(c, field)
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
       raise ValueError(f"config: {field} must be a positive integer, got {value!r}")
   for field, lo, hi, lo_in, hi_in in FLOAT_RANGES:
     value = _get(c, field)
-    ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
-          and not math.isnan(value) and (lo <= value if lo_in else lo < value)
-          and (value <= hi if hi_in else value < hi))
+    ok = (
+      isinstance(value, (int, float))
+      and not isinstance(value, bool)
+      and not math.isnan(value)
+      and (lo <= value if lo_in else lo < value)
+      and (value <= hi if hi_in else value < hi)
+    )
     if not ok:
       interval = f"{'[' if lo_in else '('}{lo:g}, {hi:g}{']' if hi_in else ')'}"
       raise ValueError(f"config: {field} must be a number in {interval}, got {value!r}")
   if c.optimizer.schedule not in ("cosine", "constant"):
-    raise ValueError(f"config: optimizer.schedule must be 'cosine' or 'constant', got "
-                     f"{c.optimizer.schedule!r}")
+    raise ValueError(
+      f"config: optimizer.schedule must be 'cosine' or 'constant', got {c.optimizer.schedule!r}"
+    )
 
 
 def validate(c):
@@ -197,33 +224,45 @@ def validate(c):
   work together; returns the config."""
   _check_values(c)
   from clara_jax.model.clara import num_memory_tokens
+
   n_mem = num_memory_tokens(c.clara.doc_max_length, c.clara.compr_rate)
   if n_mem > c.tokenizer.num_mem_tokens:
-    raise ValueError(f"config: n_mem = doc_max_length // compr_rate = {n_mem} exceeds "
-                     f"tokenizer.num_mem_tokens = {c.tokenizer.num_mem_tokens}")
+    raise ValueError(
+      f"config: n_mem = doc_max_length // compr_rate = {n_mem} exceeds "
+      f"tokenizer.num_mem_tokens = {c.tokenizer.num_mem_tokens}"
+    )
   if c.stage in ("stage2", "stage2_retrieval") and c.clara.k > c.data.candidates:
-    raise ValueError(f"config: clara.k = {c.clara.k} exceeds data.candidates = "
-                     f"{c.data.candidates}")
+    raise ValueError(f"config: clara.k = {c.clara.k} exceeds data.candidates = {c.data.candidates}")
   if c.train.global_batch % c.train.grad_accum_steps:
-    raise ValueError(f"config: train.global_batch = {c.train.global_batch} is not divisible "
-                     f"by train.grad_accum_steps = {c.train.grad_accum_steps}")
+    raise ValueError(
+      f"config: train.global_batch = {c.train.global_batch} is not divisible "
+      f"by train.grad_accum_steps = {c.train.grad_accum_steps}"
+    )
   if c.train.parallelism not in ("jit", "pmap"):
-    raise ValueError(f"config: train.parallelism must be 'jit' or 'pmap', "
-                     f"got {c.train.parallelism!r}")
+    raise ValueError(
+      f"config: train.parallelism must be 'jit' or 'pmap', got {c.train.parallelism!r}"
+    )
   if c.data.lm_text not in ("all", "world"):
     raise ValueError(f"config: data.lm_text must be 'all' or 'world', got {c.data.lm_text!r}")
   from clara_jax.data.synth import WORLDS
+
   if c.data.synth_world not in WORLDS:
-    raise ValueError(f"config: data.synth_world must be one of {sorted(WORLDS)}, "
-                     f"got {c.data.synth_world!r}")
-  if c.data.memory_cache and (c.stage not in ("stage2", "stage2_retrieval")
-                              or c.clara.train_compressor):
-    raise ValueError("config: data.memory_cache holds a frozen compressor's memories: only "
-                     "stage2 and stage2_retrieval with clara.train_compressor=False read it")
+    raise ValueError(
+      f"config: data.synth_world must be one of {sorted(WORLDS)}, got {c.data.synth_world!r}"
+    )
+  if c.data.memory_cache and (
+    c.stage not in ("stage2", "stage2_retrieval") or c.clara.train_compressor
+  ):
+    raise ValueError(
+      "config: data.memory_cache holds a frozen compressor's memories: only "
+      "stage2 and stage2_retrieval with clara.train_compressor=False read it"
+    )
   from clara_jax.model.clara import MEMORY_SCALES
+
   if c.clara.memory_scale not in MEMORY_SCALES:
-    raise ValueError(f"config: clara.memory_scale must be one of {MEMORY_SCALES}, "
-                     f"got {c.clara.memory_scale!r}")
+    raise ValueError(
+      f"config: clara.memory_scale must be one of {MEMORY_SCALES}, got {c.clara.memory_scale!r}"
+    )
   if c.data.on_error not in ("raise", "skip"):
     raise ValueError(f"config: data.on_error must be 'raise' or 'skip', got {c.data.on_error!r}")
   return c

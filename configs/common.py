@@ -6,8 +6,7 @@ turns the ConfigDict back into a frozen `DecoderConfig` once, at the edge.
 
 import ml_collections
 
-from clara_jax.model.config import (DecoderConfig, config_from_dict, config_to_dict,
-                                    model_config)
+from clara_jax.model.config import DecoderConfig, config_from_dict, config_to_dict, model_config
 
 
 def model_config_dict(name: str, **overrides) -> ml_collections.ConfigDict:
@@ -22,4 +21,3 @@ def model_config_dict(name: str, **overrides) -> ml_collections.ConfigDict:
 def decoder_config(cfg: ml_collections.ConfigDict) -> DecoderConfig:
   """ConfigDict (possibly edited by flags) -> validated DecoderConfig."""
   return config_from_dict(cfg.to_dict())
-

@@ -43,8 +43,7 @@ def _ssh(args: argparse.Namespace, command: str, worker: str = "all") -> List[st
 
 
 def create(args) -> List[List[str]]:
-  cmd = _gcloud(args, "create") + [f"--accelerator-type={args.type}",
-                                    f"--version={args.runtime}"]
+  cmd = _gcloud(args, "create") + [f"--accelerator-type={args.type}", f"--version={args.runtime}"]
   if args.spot:
     cmd.append("--spot")
   return [cmd]
@@ -52,9 +51,18 @@ def create(args) -> List[List[str]]:
 
 def setup(args) -> List[List[str]]:
   # scp takes SRC then NAME:DEST, so it does not fit _gcloud's NAME-first shape.
-  copy = ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse", ROOT,
-          f"{args.name}:~/{REMOTE_DIR}", "--worker=all", f"--zone={args.zone}"] + (
-              [f"--project={args.project}"] if args.project else [])
+  copy = [
+    "gcloud",
+    "compute",
+    "tpus",
+    "tpu-vm",
+    "scp",
+    "--recurse",
+    ROOT,
+    f"{args.name}:~/{REMOTE_DIR}",
+    "--worker=all",
+    f"--zone={args.zone}",
+  ] + ([f"--project={args.project}"] if args.project else [])
   install = _ssh(args, f"cd ~/{REMOTE_DIR} && CLARA_EXTRA=tpu bash launch/install.sh")
   return [copy, install]
 
@@ -63,8 +71,10 @@ def _train_command(config: str, workdir: str, overrides: Dict[str, object], run:
   flags = [f"--config={config}", f"--workdir={workdir}", "--distributed"]
   flags += [f"--config.{k}={v}" for k, v in overrides.items()]
   log = f"logs/{run}/host_$(hostname).log"
-  return (f"cd ~/{REMOTE_DIR} && mkdir -p logs/{run} && source .venv/bin/activate && "
-          f"clara-jax train {' '.join(shlex.quote(f) for f in flags)} > {log} 2>&1")
+  return (
+    f"cd ~/{REMOTE_DIR} && mkdir -p logs/{run} && source .venv/bin/activate && "
+    f"clara-jax train {' '.join(shlex.quote(f) for f in flags)} > {log} 2>&1"
+  )
 
 
 def train(args) -> List[List[str]]:
@@ -97,9 +107,20 @@ def sweep(args) -> List[List[str]]:
 
 
 def logs(args) -> List[List[str]]:
-  return [["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse",
-           f"{args.name}:~/{REMOTE_DIR}/logs/{args.run}", f"logs_{args.run}", "--worker=all",
-           f"--zone={args.zone}"]]
+  return [
+    [
+      "gcloud",
+      "compute",
+      "tpus",
+      "tpu-vm",
+      "scp",
+      "--recurse",
+      f"{args.name}:~/{REMOTE_DIR}/logs/{args.run}",
+      f"logs_{args.run}",
+      "--worker=all",
+      f"--zone={args.zone}",
+    ]
+  ]
 
 
 def delete(args) -> List[List[str]]:
@@ -107,8 +128,9 @@ def delete(args) -> List[List[str]]:
 
 
 def main(argv=None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser = argparse.ArgumentParser(
+    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+  )
   parser.add_argument("action", choices=["create", "setup", "train", "sweep", "logs", "delete"])
   parser.add_argument("--name", required=True, help="TPU VM name")
   parser.add_argument("--zone", required=True)
@@ -119,12 +141,22 @@ def main(argv=None) -> int:
   parser.add_argument("--config", default="configs/stage2.py:model=mistral_7b")
   parser.add_argument("--workdir", default="gs://YOUR_BUCKET/clara_jax/run")
   parser.add_argument("--run", default="run", help="log folder name")
-  parser.add_argument("--override", action="append", default=[],
-                      help="FIELD=VALUE config override, e.g. optimizer.lr=1e-4")
+  parser.add_argument(
+    "--override",
+    action="append",
+    default=[],
+    help="FIELD=VALUE config override, e.g. optimizer.lr=1e-4",
+  )
   parser.add_argument("--dry_run", action="store_true", help="print, do not run")
   args = parser.parse_args(argv)
-  commands = {"create": create, "setup": setup, "train": train, "sweep": sweep, "logs": logs,
-              "delete": delete}[args.action](args)
+  commands = {
+    "create": create,
+    "setup": setup,
+    "train": train,
+    "sweep": sweep,
+    "logs": logs,
+    "delete": delete,
+  }[args.action](args)
   for cmd in commands:
     print(shlex.join(cmd), flush=True)
     if not args.dry_run:

@@ -9,7 +9,6 @@ answer can only come from reading the right document. Values are re-drawn for ev
 import numpy as np
 
 from clara_jax.data import packing
-from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import model_config
 
 BASE_VOCAB = 128
@@ -39,18 +38,27 @@ class KVWorld:
 
   def docs(self, ids, clara_cfg):
     texts = [[KEYS + i, int(self.values[i])] for i in ids]
-    tokens, mask, _ = packing.pack_encoder(texts, clara_cfg.doc_max_length,
-                                           mem_ids(clara_cfg.n_mem), ENC, BOS, EOS, PAD)
+    tokens, mask, _ = packing.pack_encoder(
+      texts, clara_cfg.doc_max_length, mem_ids(clara_cfg.n_mem), ENC, BOS, EOS, PAD
+    )
     return tokens, mask
 
   def gen(self, answers, n_slots, clara_cfg, question=None):
     slots = packing.slot_ids(clara_cfg.n_mem, n_slots, mem_ids(clara_cfg.n_mem), SEP)
-    prompts = [[BOS, INST] + slots + ([] if question is None else [QUERIES + question[i]])
-               + [INST] for i in range(len(answers))]
-    arrays, _ = packing.pack_generator(prompts, [[int(a)] for a in answers],
-                                       prompt_len=len(prompts[0]), answer_len=2,
-                                       mem_ids=mem_ids(clara_cfg.n_mem), n_slots=n_slots,
-                                       eos_id=EOS, pad_id=PAD)
+    prompts = [
+      [BOS, INST] + slots + ([] if question is None else [QUERIES + question[i]]) + [INST]
+      for i in range(len(answers))
+    ]
+    arrays, _ = packing.pack_generator(
+      prompts,
+      [[int(a)] for a in answers],
+      prompt_len=len(prompts[0]),
+      answer_len=2,
+      mem_ids=mem_ids(clara_cfg.n_mem),
+      n_slots=n_slots,
+      eos_id=EOS,
+      pad_id=PAD,
+    )
     return arrays
 
   def stage1_batch(self, rng, batch, clara_cfg):
@@ -68,12 +76,19 @@ class KVWorld:
     gold = cands[np.arange(batch), gold_slot]
     tokens, mask = self.docs(cands.reshape(-1), clara_cfg)
     qtexts = [[QUERIES + int(g)] for g in gold]
-    q_tokens, q_mask, _ = packing.pack_encoder(qtexts, 4, mem_ids(clara_cfg.n_mem),
-                                               ENC, BOS, EOS, PAD)
-    out = {"doc_tokens": tokens.reshape(batch, n_cand, -1),
-           "doc_mask": mask.reshape(batch, n_cand, -1),
-           "q_tokens": q_tokens, "q_mask": q_mask,
-           "positives": (np.arange(n_cand)[None] == gold_slot[:, None]).astype(np.int32)}
-    out.update(self.gen(self.values[gold], clara_cfg.k, clara_cfg,
-                        question=gold if question_in_prompt else None))
+    q_tokens, q_mask, _ = packing.pack_encoder(
+      qtexts, 4, mem_ids(clara_cfg.n_mem), ENC, BOS, EOS, PAD
+    )
+    out = {
+      "doc_tokens": tokens.reshape(batch, n_cand, -1),
+      "doc_mask": mask.reshape(batch, n_cand, -1),
+      "q_tokens": q_tokens,
+      "q_mask": q_mask,
+      "positives": (np.arange(n_cand)[None] == gold_slot[:, None]).astype(np.int32),
+    }
+    out.update(
+      self.gen(
+        self.values[gold], clara_cfg.k, clara_cfg, question=gold if question_in_prompt else None
+      )
+    )
     return out

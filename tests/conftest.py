@@ -13,7 +13,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 os.environ["XLA_FLAGS"] = " ".join(
-    [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]).strip()
+  [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"]
+).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Tests reach gs:// only through the local GCS emulator (`gcs` below), which epath can use
 # through gcsfs but not through TensorFlow's GCS client. epath decides once per process.
@@ -26,8 +27,10 @@ os.environ["EPATH_USE_TF"] = "false"
 # the compile options and the jax/XLA versions, so a reused directory never serves a stale
 # executable. (A cache hit still counts as a backend compile in tests/compile_count.py:
 # jax reports the lookup under the same event.)
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"clara_jax_tests_xla_{os.getuid()}"))
+os.environ.setdefault(
+  "JAX_COMPILATION_CACHE_DIR",
+  os.path.join(tempfile.gettempdir(), f"clara_jax_tests_xla_{os.getuid()}"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
@@ -41,6 +44,7 @@ jax.config.update("jax_disable_most_optimizations", True)
 def lm_text_file(tmp_path_factory):
   """The lm stage's training text for tests that run `clara-jax train` (train_cli)."""
   from train_cli import write_text_file
+
   return write_text_file(tmp_path_factory.mktemp("lm") / "lm.txt")
 
 
@@ -50,6 +54,7 @@ def quick_demo(tmp_path_factory):
   lines). Shared by the tests of test_demo.py (one file, so one worker under
   `--dist loadfile`), whose notebook test resumes from it instead of training again."""
   from clara_jax import demo
+
   workdir = str(tmp_path_factory.mktemp("demo"))
   lines = []
   summary = demo.run(workdir, quick=True, log=lines.append)
@@ -62,6 +67,7 @@ def gcs(tmp_path_factory):
   worker: gcsfs keeps one client per process), with this process's clients pointed at it;
   yields its URL (`client_env(url)` points subprocesses at it)."""
   from gcs_emulator import client_env, emulator
+
   with emulator(str(tmp_path_factory.mktemp("gcs") / "emulator.log")) as url:
     os.environ.update(client_env(url))
     yield url

@@ -33,10 +33,14 @@ def _free_port() -> int:
 
 def client_env(url: str) -> Dict[str, str]:
   """The environment that sends epath, gcsfs and TensorStore to the emulator at `url`."""
-  return {"STORAGE_EMULATOR_HOST": url, "EPATH_USE_TF": "false",
-          "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
-          # gcsfs would otherwise look for credentials on a metadata server.
-          "GOOGLE_CLOUD_PROJECT": "clara-test"}
+  return {
+    "STORAGE_EMULATOR_HOST": url,
+    "EPATH_USE_TF": "false",
+    "TENSORSTORE_GCS_HTTP_URL": url,
+    "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+    # gcsfs would otherwise look for credentials on a metadata server.
+    "GOOGLE_CLOUD_PROJECT": "clara-test",
+  }
 
 
 @contextlib.contextmanager
@@ -45,8 +49,9 @@ def emulator(log_path: str) -> Iterator[str]:
   port = _free_port()
   url = f"http://127.0.0.1:{port}"
   with open(log_path, "w") as log:
-    proc = subprocess.Popen([sys.executable, __file__, str(port)], stdout=log,
-                            stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+      [sys.executable, __file__, str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
   try:
     deadline = time.time() + 60
     while True:
@@ -55,7 +60,7 @@ def emulator(log_path: str) -> Iterator[str]:
         break
       except OSError:
         if proc.poll() is not None or time.time() > deadline:
-          raise RuntimeError(f"the GCS emulator did not start; see {log_path}")
+          raise RuntimeError(f"the GCS emulator did not start; see {log_path}") from None
         time.sleep(0.2)
     yield url
   finally:
@@ -75,18 +80,20 @@ def _serve(port: int) -> None:
   def with_generation(handler):
     def handle(request, response, storage, *args, **kwargs):
       try:
-        obj = storage.get_file_obj(request.params["bucket_name"],
-                                   request.params["object_id"])
+        obj = storage.get_file_obj(request.params["bucket_name"], request.params["object_id"])
         response["x-goog-generation"] = str(obj["generation"])
         response["x-goog-metageneration"] = str(obj.get("metageneration", "1"))
       except NotFound:
         pass
       return handler(request, response, storage, *args, **kwargs)
+
     return handle
 
   # Media reads: the download endpoint and the JSON API's `?alt=media` (objects.get).
-  patched = {objects.download: with_generation(objects.download),
-             objects.get: with_generation(objects.get)}
+  patched = {
+    objects.download: with_generation(objects.download),
+    objects.get: with_generation(objects.get),
+  }
   for _, methods in server.HANDLERS:
     for method, handler in list(methods.items()):
       if handler in patched:

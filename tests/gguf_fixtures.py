@@ -11,11 +11,19 @@ MERGES = ("Ġ t", "Ġ a", "h e", "i n", "r e", "o n", "Ġt he", "e r", "Ġ s", "
 
 def _byte_alphabet():
   from tokenizers import pre_tokenizers
+
   return sorted(pre_tokenizers.ByteLevel.alphabet())
 
 
-def write_tiny_gguf(path: str, seed: int = 0, layers: int = 2, hidden: int = 64,
-                    heads: int = 4, kv_heads: int = 2, ffn: int = 128) -> str:
+def write_tiny_gguf(
+  path: str,
+  seed: int = 0,
+  layers: int = 2,
+  hidden: int = 64,
+  heads: int = 4,
+  kv_heads: int = 2,
+  ffn: int = 128,
+) -> str:
   """Writes the file (F32 tensors, untied output head) and returns `path`."""
   tokens = list(SPECIALS) + _byte_alphabet()
   tokens += ["".join(m.split(" ")) for m in MERGES]
@@ -40,20 +48,27 @@ def write_tiny_gguf(path: str, seed: int = 0, layers: int = 2, hidden: int = 64,
   writer.add_bos_token_id(1)
   writer.add_eos_token_id(2)
   head_dim = hidden // heads
-  shapes = {"token_embd.weight": (vocab, hidden), "output.weight": (vocab, hidden),
-            "output_norm.weight": (hidden,)}
+  shapes = {
+    "token_embd.weight": (vocab, hidden),
+    "output.weight": (vocab, hidden),
+    "output_norm.weight": (hidden,),
+  }
   for i in range(layers):
-    shapes.update({
+    shapes.update(
+      {
         f"blk.{i}.attn_q.weight": (heads * head_dim, hidden),
         f"blk.{i}.attn_k.weight": (kv_heads * head_dim, hidden),
         f"blk.{i}.attn_v.weight": (kv_heads * head_dim, hidden),
         f"blk.{i}.attn_output.weight": (hidden, heads * head_dim),
-        f"blk.{i}.ffn_gate.weight": (ffn, hidden), f"blk.{i}.ffn_up.weight": (ffn, hidden),
-        f"blk.{i}.ffn_down.weight": (hidden, ffn), f"blk.{i}.attn_norm.weight": (hidden,),
-        f"blk.{i}.ffn_norm.weight": (hidden,)})
+        f"blk.{i}.ffn_gate.weight": (ffn, hidden),
+        f"blk.{i}.ffn_up.weight": (ffn, hidden),
+        f"blk.{i}.ffn_down.weight": (hidden, ffn),
+        f"blk.{i}.attn_norm.weight": (hidden,),
+        f"blk.{i}.ffn_norm.weight": (hidden,),
+      }
+    )
   for name, shape in sorted(shapes.items()):
-    value = (np.ones(shape) if len(shape) == 1
-             else rng.normal(0.0, 0.05, shape)).astype(np.float32)
+    value = (np.ones(shape) if len(shape) == 1 else rng.normal(0.0, 0.05, shape)).astype(np.float32)
     writer.add_tensor(name, value)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()

@@ -3,11 +3,24 @@
 import json
 import os
 
-CLAIMS = ("a. memory gain", "a. EM gold", "b. Recall@1", "b. Recall@5", "b. multi-hop",
-          "c. lens hidden vs control words", "c. lens hidden vs control pieces")
+CLAIMS = (
+  "a. memory gain",
+  "a. EM gold",
+  "b. Recall@1",
+  "b. Recall@5",
+  "b. multi-hop",
+  "c. lens hidden vs control words",
+  "c. lens hidden vs control pieces",
+)
 # The generated world's hidden-reasoning table (clara_jax.eval.hidden.claims).
-HIDDEN_CLAIMS = ("a. memory gain", "a. EM gold", "b. one_link/unseen R@1",
-                 "b. two_link/unseen R@1", "c. lens clue AUC", "d. links of held-out chains")
+HIDDEN_CLAIMS = (
+  "a. memory gain",
+  "a. EM gold",
+  "b. one_link/unseen R@1",
+  "b. two_link/unseen R@1",
+  "c. lens clue AUC",
+  "d. links of held-out chains",
+)
 
 
 def check_report(workdir: str, lines, claims=CLAIMS, kinds=("single", "multi")) -> dict:

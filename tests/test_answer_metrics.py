@@ -2,8 +2,14 @@
 
 import pytest
 
-from clara_jax.eval.answer_metrics import (answer_scores, cover_exact_match, exact_match,
-                                           normalize_answer, recall_at_k, token_f1)
+from clara_jax.eval.answer_metrics import (
+  answer_scores,
+  cover_exact_match,
+  exact_match,
+  normalize_answer,
+  recall_at_k,
+  token_f1,
+)
 
 
 def test_normalization():

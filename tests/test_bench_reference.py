@@ -40,21 +40,30 @@ def test_cpu_info_reads_the_bf16_instructions(tmp_path):
 def test_the_harness_last_line_is_read_and_its_failure_named(tmp_path):
   harness = tmp_path / "bench_ref.py"
   harness.write_text(FAKE_HARNESS)
-  out = reference.run_reference(str(harness), sys.executable, "fp32", ["stage2"], 1, 1, 2,
-                                log=lambda _: None)
+  out = reference.run_reference(
+    str(harness), sys.executable, "fp32", ["stage2"], 1, 1, 2, log=lambda _: None
+  )
   assert out["benchmarks"] == {"stage2": {"median_s": 4.0}}
   harness.write_text("import sys; print('boom'); sys.exit(3)")
   with pytest.raises(RuntimeError, match="exited 3:\nboom"):
-    reference.run_reference(str(harness), sys.executable, "fp32", ["stage2"], 1, 1, 2,
-                            log=lambda _: None)
+    reference.run_reference(
+      str(harness), sys.executable, "fp32", ["stage2"], 1, 1, 2, log=lambda _: None
+    )
 
 
 def test_ratios_are_judged_on_one_dtype_only():
-  ref = {d: {"benchmarks": {"stage2": {"median_s": s}, "generate": {"median_s": s}}}
-         for d, s in (("bf16", 40.0), ("fp32", 4.0))}
-  ours = {d: {"stage2": {"seconds": 0.5, "mfu": 0.25}, "generate": {"seconds": 0.5},
-              "stage2_q32": {"seconds": 0.1, "mfu": 0.5}}
-          for d in ("bf16", "fp32")}
+  ref = {
+    d: {"benchmarks": {"stage2": {"median_s": s}, "generate": {"median_s": s}}}
+    for d, s in (("bf16", 40.0), ("fp32", 4.0))
+  }
+  ours = {
+    d: {
+      "stage2": {"seconds": 0.5, "mfu": 0.25},
+      "generate": {"seconds": 0.5},
+      "stage2_q32": {"seconds": 0.1, "mfu": 0.5},
+    }
+    for d in ("bf16", "fp32")
+  }
   rows = {(r["benchmark"], r["dtype"]): r for r in reference.ratio_rows(ref, ours, "fp32")}
   assert rows["stage2", "bf16"]["ratio"] == 80.0 and rows["stage2", "bf16"]["met"] is None
   assert rows["stage2", "fp32"]["ratio"] == 8.0 and rows["stage2", "fp32"]["met"] is False
@@ -79,12 +88,29 @@ def test_the_command_prints_the_table_and_exits_1_on_a_miss(tmp_path, monkeypatc
     return {name: {"seconds": 0.2} for name in names}  # fp32 ratio 20x: stage2_cached misses
 
   monkeypatch.setattr(reference, "run_ours", fake_ours)
-  monkeypatch.setattr(reference, "cpu_info", lambda: {
-      "model": "Test CPU", "cores": 2, "avx512f": False, "avx2": True,
-      "bf16_matmul_instructions": []})
+  monkeypatch.setattr(
+    reference,
+    "cpu_info",
+    lambda: {
+      "model": "Test CPU",
+      "cores": 2,
+      "avx512f": False,
+      "avx2": True,
+      "bf16_matmul_instructions": [],
+    },
+  )
   out = tmp_path / "result.json"
-  code = cli.main(["bench", "reference", f"--harness={harness}", f"--python={sys.executable}",
-                   "--iters=1", "--ref_runs=1", f"--out={out}"])
+  code = cli.main(
+    [
+      "bench",
+      "reference",
+      f"--harness={harness}",
+      f"--python={sys.executable}",
+      "--iters=1",
+      "--ref_runs=1",
+      f"--out={out}",
+    ]
+  )
   printed = capsys.readouterr().out
   assert code == 1
   assert "bf16 matrix instructions: none; goals judged on fp32" in printed

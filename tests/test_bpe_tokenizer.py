@@ -8,23 +8,30 @@ import os
 import numpy as np
 import pytest
 
-from clara_jax.data.tokenizer import (BPETokenizer, Tokenizer, load_tokenizer, mem_token)
+from clara_jax.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer, mem_token
 
 tokenizers = pytest.importorskip("tokenizers")
 gguf = pytest.importorskip("gguf")
 
-CORPUS = ["the river stone city", "Ivory Lee Brown played for the Marsh Hawks in 1998.",
-          "Who coached the team? The mayor did.", "naïve café, 北京 and emoji 🙂"] * 20
+CORPUS = [
+  "the river stone city",
+  "Ivory Lee Brown played for the Marsh Hawks in 1998.",
+  "Who coached the team? The mayor did.",
+  "naïve café, 北京 and emoji 🙂",
+] * 20
 
 
 def _backend():
   from tokenizers import decoders, models, pre_tokenizers, trainers
+
   tk = tokenizers.Tokenizer(models.BPE())
   tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tk.decoder = decoders.ByteLevel()
-  trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>",
-                                                                "<|im_start|>"],
-                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+  trainer = trainers.BpeTrainer(
+    vocab_size=400,
+    special_tokens=["<|endoftext|>", "<|im_start|>"],
+    initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+  )
   tk.train_from_iterator(CORPUS, trainer)
   return tk
 
@@ -34,8 +41,9 @@ def hf_dir(tmp_path_factory):
   """A Hugging Face style directory: tokenizer.json + tokenizer_config.json."""
   directory = tmp_path_factory.mktemp("bpe")
   _backend().save(str(directory / "tokenizer.json"))
-  (directory / "tokenizer_config.json").write_text(json.dumps(
-      {"bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"}}))
+  (directory / "tokenizer_config.json").write_text(
+    json.dumps({"bos_token": "<|im_start|>", "eos_token": {"content": "<|endoftext|>"}})
+  )
   return str(directory)
 
 
@@ -53,7 +61,7 @@ def test_ids_after_the_base_vocabulary_and_round_trips(hf_dir):
   text = f"<ENC> river{mem_token(0)}{mem_token(3)} stone <SEP>"
   ids = tok.encode(text)
   assert ids[0] == tok.enc_id and ids[-1] == tok.sep_id
-  assert tok.encode(" river") == ids[1:1 + len(tok.encode(" river"))]
+  assert tok.encode(" river") == ids[1 : 1 + len(tok.encode(" river"))]
   assert tok.decode(ids) == text
   assert tok.decode(ids, skip_special=True) == " river stone "
   assert tok.encode("<MEM9>") == tok.encode("<MEM9>", parse_special=False)  # out of range
@@ -69,8 +77,7 @@ def test_save_and_load_give_the_same_tokenizer(hf_dir, tmp_path):
   tok = load_tokenizer(hf_dir, 2)
   tok.save(str(tmp_path / "export" / BPETokenizer.FILENAME))
   again = load_tokenizer(str(tmp_path / "export"), 2)
-  assert (again.bos_id, again.eos_id, again.vocab_size) == (tok.bos_id, tok.eos_id,
-                                                            tok.vocab_size)
+  assert (again.bos_id, again.eos_id, again.vocab_size) == (tok.bos_id, tok.eos_id, tok.vocab_size)
   for text in CORPUS[:4]:
     assert again.encode(text, add_bos=True) == tok.encode(text, add_bos=True)
 
@@ -106,8 +113,7 @@ def test_the_loader_picks_the_backend_and_names_what_is_missing(hf_dir, tmp_path
   assert isinstance(load_tokenizer(str(tmp_path / "sp"), 1), Tokenizer)
   assert isinstance(load_tokenizer(os.path.join(hf_dir, "tokenizer.json"), 1), BPETokenizer)
   os.makedirs(tmp_path / "empty")
-  with pytest.raises(FileNotFoundError, match="holds neither tokenizer.model nor "
-                                              "tokenizer.json"):
+  with pytest.raises(FileNotFoundError, match="holds neither tokenizer.model nor tokenizer.json"):
     load_tokenizer(str(tmp_path / "empty"), 1)
   (tmp_path / "nobos").mkdir()
   _backend().save(str(tmp_path / "nobos" / "tokenizer.json"))
@@ -117,18 +123,18 @@ def test_the_loader_picks_the_backend_and_names_what_is_missing(hf_dir, tmp_path
 
 def test_an_export_with_a_bpe_tokenizer_serves_the_inference_api(hf_dir, tmp_path):
   import jax
+
   from clara_jax.infer.api import ClaraModel
   from clara_jax.model.config import model_config
   from clara_jax.model.decoder import init_params
   from clara_jax.weights.export import save_params
+
   tok = load_tokenizer(hf_dir, num_mem_tokens=4)
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
-                     num_extra_tokens=tok.num_special)
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
   out = str(tmp_path / "export")
   save_params(out, cfg, init_params(cfg, jax.random.key(0)))
   tok.save(os.path.join(out, tok.FILENAME))
-  model = ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8,
-                          doc_batch=2)
+  model = ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8, doc_batch=2)
   assert isinstance(model.tok, BPETokenizer)
   assert model.compress_documents(["the river stone", "the mayor"]).shape == (2, 4, 64)
   answers = model.generate_from_documents(["Who?"], [["the river stone"]], max_new_tokens=3)
@@ -139,24 +145,60 @@ def test_import_hf_writes_the_checkpoints_tokenizer(hf_dir, tmp_path, capsys):
   """A Hugging Face checkpoint with tokenizer.json: `import-hf` writes it into the export,
   where `load_tokenizer` finds it; with fewer than 3 extra tokens it writes none."""
   import shutil
+
   transformers = pytest.importorskip("transformers")
   from clara_jax import cli
+
   base = load_tokenizer(hf_dir, 0).base_vocab_size
   ckpt = tmp_path / "hf"
-  transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=base, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-      num_attention_heads=2, num_key_value_heads=1)).save_pretrained(ckpt)
+  transformers.LlamaForCausalLM(
+    transformers.LlamaConfig(
+      vocab_size=base,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=1,
+      num_attention_heads=2,
+      num_key_value_heads=1,
+    )
+  ).save_pretrained(ckpt)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(os.path.join(hf_dir, name), ckpt / name)
   out = str(tmp_path / "export")
-  assert cli.main(["import-hf", "--hf_dir", str(ckpt), "--out", out,
-                   "--num_extra_tokens", "5", "--param_dtype", "float32"]) == 0
+  assert (
+    cli.main(
+      [
+        "import-hf",
+        "--hf_dir",
+        str(ckpt),
+        "--out",
+        out,
+        "--num_extra_tokens",
+        "5",
+        "--param_dtype",
+        "float32",
+      ]
+    )
+    == 0
+  )
   assert "BPETokenizer" in capsys.readouterr().out
   tok = load_tokenizer(out, 2)
-  assert tok.vocab_size == base + 5 and tok.encode(CORPUS[1]) == load_tokenizer(
-      hf_dir, 2).encode(CORPUS[1])
-  assert cli.main(["import-hf", "--hf_dir", str(ckpt), "--out", str(tmp_path / "bare"),
-                   "--num_extra_tokens", "0"]) == 0
+  assert tok.vocab_size == base + 5 and tok.encode(CORPUS[1]) == load_tokenizer(hf_dir, 2).encode(
+    CORPUS[1]
+  )
+  assert (
+    cli.main(
+      [
+        "import-hf",
+        "--hf_dir",
+        str(ckpt),
+        "--out",
+        str(tmp_path / "bare"),
+        "--num_extra_tokens",
+        "0",
+      ]
+    )
+    == 0
+  )
   assert not os.path.exists(tmp_path / "bare" / "tokenizer.json")
 
 
@@ -164,11 +206,14 @@ def test_chatml_models_get_chatml_prompts_without_an_extra_bos(tmp_path):
   """A vocabulary with ChatML's turn tokens (SmolLM2, Qwen) prompts in ChatML; its turns
   open with <|im_start|>, so no bos goes before them. Others keep the Mistral layout."""
   from gguf_fixtures import write_tiny_gguf
+
   chatml = BPETokenizer.from_gguf(write_tiny_gguf(str(tmp_path / "t.gguf")), 2)
   assert chatml.chat_format == "chatml"
   ids = chatml.encode_prompt(f"Q? {mem_token(0)}{mem_token(1)}", "Be brief.")
-  assert chatml.decode(ids) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
-                                "Q? <MEM0><MEM1><|im_end|>\n<|im_start|>assistant\n")
+  assert chatml.decode(ids) == (
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+    "Q? <MEM0><MEM1><|im_end|>\n<|im_start|>assistant\n"
+  )
   assert ids.count(chatml.bos_id) == 3 and ids[0] == chatml.bos_id  # one per turn
   assert chatml.mem_ids[0] in ids and chatml.mem_ids[1] in ids
   ids, mask = chatml.encode_chat("Q?", answer="A.")
@@ -182,11 +227,13 @@ def test_the_lens_reads_byte_level_pieces(tmp_path):
   """Byte-level BPE marks a leading space with "Ġ": the lens's word of " river" is
   "river", as SentencePiece's "▁river" is."""
   from clara_jax.eval import lens
+
   tok = BPETokenizer(_backend(), 2, bos_id=0, eos_id=0)
   river = tok.encode(" river", parse_special=False)
   assert len(river) == 1 and tok.id_to_piece(river[0]) == "\u0120river"
   assert lens.token_word(tok, river[0]) == "river"
   assert lens.words("the river stone") == {"river", "stone"}
-  assert {lens.token_word(tok, i) for i in lens.content_pieces(
-      tok, tok.encode("the river stone city", parse_special=False))} == {
-          "river", "stone", "city"}
+  assert {
+    lens.token_word(tok, i)
+    for i in lens.content_pieces(tok, tok.encode("the river stone city", parse_special=False))
+  } == {"river", "stone", "city"}

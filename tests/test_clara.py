@@ -5,11 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from clara_synth import BOS, ENC, EOS, PAD, KVWorld, mem_ids, model_cfg
 
 from clara_jax.data import packing
 from clara_jax.model import clara, lora, stages
 from clara_jax.model.decoder import Decoder, init_params
-from clara_synth import BOS, ENC, EOS, PAD, KVWorld, mem_ids, model_cfg
 
 CLARA = clara.ClaraConfig(doc_max_length=6, compr_rate=3, k=2)
 MODEL = model_cfg(CLARA.n_mem)
@@ -76,24 +76,34 @@ def test_pack_encoder_truncates_and_counts():
 def test_pack_generator_layout_and_errors():
   mems = [200, 201]
   prompt = [BOS, 3, 200, 201, 9, 200, 201, 9, 4]
-  arrays, truncated = packing.pack_generator([prompt], [[7, 8]], prompt_len=10, answer_len=4,
-                                             mem_ids=mems, n_slots=2, eos_id=EOS, pad_id=PAD)
+  arrays, truncated = packing.pack_generator(
+    [prompt], [[7, 8]], prompt_len=10, answer_len=4, mem_ids=mems, n_slots=2, eos_id=EOS, pad_id=PAD
+  )
   assert truncated == 0
   np.testing.assert_array_equal(arrays["gen_tokens"][0], [PAD] + prompt + [7, 8, EOS, PAD])
   np.testing.assert_array_equal(arrays["slot_positions"][0], [3, 4, 6, 7])
   np.testing.assert_array_equal(arrays["answer_mask"][0], [1, 1, 1, 0])
   # Answers are cut keeping eos; prompts lose tokens on the left only.
-  arrays, truncated = packing.pack_generator([prompt], [[7, 8, 9, 10]], prompt_len=8,
-                                             answer_len=3, mem_ids=mems, n_slots=2,
-                                             eos_id=EOS, pad_id=PAD)
+  arrays, truncated = packing.pack_generator(
+    [prompt],
+    [[7, 8, 9, 10]],
+    prompt_len=8,
+    answer_len=3,
+    mem_ids=mems,
+    n_slots=2,
+    eos_id=EOS,
+    pad_id=PAD,
+  )
   assert truncated == 1
   np.testing.assert_array_equal(arrays["gen_tokens"][0, -3:], [7, 8, EOS])
   with pytest.raises(ValueError, match="without cutting a memory slot"):
-    packing.pack_generator([prompt], [[7]], prompt_len=6, answer_len=3, mem_ids=mems,
-                           n_slots=2, eos_id=EOS, pad_id=PAD)
+    packing.pack_generator(
+      [prompt], [[7]], prompt_len=6, answer_len=3, mem_ids=mems, n_slots=2, eos_id=EOS, pad_id=PAD
+    )
   with pytest.raises(ValueError, match="expected 3 slots"):
-    packing.pack_generator([prompt], [[7]], prompt_len=10, answer_len=3, mem_ids=mems,
-                           n_slots=3, eos_id=EOS, pad_id=PAD)
+    packing.pack_generator(
+      [prompt], [[7]], prompt_len=10, answer_len=3, mem_ids=mems, n_slots=3, eos_id=EOS, pad_id=PAD
+    )
 
 
 def test_score_select_splice():
@@ -106,7 +116,8 @@ def test_score_select_splice():
   flat_q = np.asarray(q[1]).ravel()
   flat_d = np.asarray(docs[1, 4]).ravel()
   np.testing.assert_allclose(
-      s[1, 4], flat_q @ flat_d / np.linalg.norm(flat_q) / np.linalg.norm(flat_d), rtol=1e-5)
+    s[1, 4], flat_q @ flat_d / np.linalg.norm(flat_q) / np.linalg.norm(flat_d), rtol=1e-5
+  )
   weights = jax.nn.one_hot(jnp.array([[2, 0], [4, 1]]), 5)
   sel = clara.select(weights, docs)
   np.testing.assert_array_equal(sel[0, 0], docs[0, 2])
@@ -128,15 +139,27 @@ def test_generator_loss_matches_full_logits(params):
   model = Decoder(MODEL)
   mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"], CLARA.n_mem)
   mem = mem.reshape(3, 1, CLARA.n_mem, -1)
-  ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
-                                   batch["slot_positions"], mem, batch["answer_mask"])
+  ce, count = clara.generator_loss(
+    model,
+    params,
+    batch["gen_tokens"],
+    batch["gen_mask"],
+    batch["slot_positions"],
+    mem,
+    batch["answer_mask"],
+  )
   # Reference: splice by hand, full logits, CE over the answer positions.
   emb = np.array(model.apply({"params": params}, batch["gen_tokens"], method=Decoder.embed))
   for b in range(3):
     emb[b, batch["slot_positions"][b]] = np.asarray(mem[b, 0])
   mask = batch["gen_mask"]
-  hidden = model.apply({"params": params}, embeddings=jnp.asarray(emb), attention_mask=mask,
-                       positions=clara.positions_from_mask(mask), adapter="generator").hidden
+  hidden = model.apply(
+    {"params": params},
+    embeddings=jnp.asarray(emb),
+    attention_mask=mask,
+    positions=clara.positions_from_mask(mask),
+    adapter="generator",
+  ).hidden
   logp = jax.nn.log_softmax(model.apply({"params": params}, hidden, method=Decoder.logits))
   a = batch["answer_mask"].shape[1]
   t = batch["gen_tokens"].shape[1]
@@ -159,18 +182,21 @@ def test_memories_enter_the_generator_at_the_embedding_scale(params):
   mem, _ = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"], CLARA.n_mem)
   mem = 40.0 * mem.reshape(3, 1, CLARA.n_mem, -1)
   table = np.asarray(lora.flatten(params)["embedder/base_embedding"], np.float64)
-  target = np.sqrt(np.mean(table ** 2))
-  np.testing.assert_allclose(model.apply({"params": params}, method=Decoder.embedding_rms),
-                             target, rtol=1e-5)
+  target = np.sqrt(np.mean(table**2))
+  np.testing.assert_allclose(
+    model.apply({"params": params}, method=Decoder.embedding_rms), target, rtol=1e-5
+  )
   scaled = clara.rescale_memories(mem, target)
   rms = np.sqrt(np.mean(np.square(np.asarray(scaled, np.float64)), -1))
   np.testing.assert_allclose(rms, target, rtol=1e-5)
   cos = np.sum(np.asarray(scaled) * np.asarray(mem), -1) / (
-      np.linalg.norm(scaled, axis=-1) * np.linalg.norm(mem, axis=-1))
+    np.linalg.norm(scaled, axis=-1) * np.linalg.norm(mem, axis=-1)
+  )
   np.testing.assert_allclose(cos, 1.0, rtol=1e-5)
   args = (batch["gen_tokens"], batch["gen_mask"], batch["slot_positions"])
-  ce_scaled, _ = clara.generator_loss(model, params, *args, mem, batch["answer_mask"],
-                                      memory_scale="embedding")
+  ce_scaled, _ = clara.generator_loss(
+    model, params, *args, mem, batch["answer_mask"], memory_scale="embedding"
+  )
   ce_by_hand, _ = clara.generator_loss(model, params, *args, scaled, batch["answer_mask"])
   ce_raw, _ = clara.generator_loss(model, params, *args, mem, batch["answer_mask"])
   np.testing.assert_allclose(ce_scaled, ce_by_hand, rtol=1e-5)
@@ -214,24 +240,27 @@ def test_retrieval_metrics_and_infonce():
   np.testing.assert_allclose(m["recall@1"], (0 + 0.5) / 2)
   np.testing.assert_allclose(m["recall@2"], (1 + 1) / 2)
   from clara_jax.ops import infonce_loss
+
   tau = 0.1
   logits = np.asarray(scores) / tau
   lse = lambda x: np.log(np.sum(np.exp(x)))
-  want = np.mean([lse(logits[0]) - logits[0, 2],
-                  lse(logits[1]) - lse(logits[1, [1, 2]])])
+  want = np.mean([lse(logits[0]) - logits[0, 2], lse(logits[1]) - lse(logits[1, [1, 2]])])
   np.testing.assert_allclose(infonce_loss(scores, pos, tau), want, rtol=1e-5)
   # Questions without positives are ignored rather than producing NaN.
-  np.testing.assert_allclose(infonce_loss(scores, pos.at[1].set(0), tau),
-                             lse(logits[0]) - logits[0, 2], rtol=1e-5)
+  np.testing.assert_allclose(
+    infonce_loss(scores, pos.at[1].set(0), tau), lse(logits[0]) - logits[0, 2], rtol=1e-5
+  )
 
 
 STAGE_BATCHES = {
-    "lm": lambda w, r: {"tokens": w.stage1_batch(r, 4, CLARA)["gen_tokens"],
-                        "mask": w.stage1_batch(r, 4, CLARA)["gen_mask"]},
-    "stage1": lambda w, r: w.stage1_batch(r, 4, CLARA),
-    "stage1_2": lambda w, r: w.stage1_batch(r, 4, CLARA),
-    "stage2": lambda w, r: w.stage2_batch(r, 4, 5, CLARA),
-    "stage2_retrieval": lambda w, r: w.stage2_batch(r, 4, 5, CLARA),
+  "lm": lambda w, r: {
+    "tokens": w.stage1_batch(r, 4, CLARA)["gen_tokens"],
+    "mask": w.stage1_batch(r, 4, CLARA)["gen_mask"],
+  },
+  "stage1": lambda w, r: w.stage1_batch(r, 4, CLARA),
+  "stage1_2": lambda w, r: w.stage1_batch(r, 4, CLARA),
+  "stage2": lambda w, r: w.stage2_batch(r, 4, 5, CLARA),
+  "stage2_retrieval": lambda w, r: w.stage2_batch(r, 4, 5, CLARA),
 }
 
 
@@ -241,9 +270,10 @@ def test_each_stage_trains_only_its_parameters(params, stage):
   rng = np.random.default_rng(0)
   loss_fn = stages.stage_loss(stage, MODEL, CLARA)
   mask = stages.trainable_mask(stage, params, CLARA)
-  tx = optax.chain(optax.masked(optax.adam(1e-2), mask),
-                   optax.masked(optax.set_to_zero(),
-                                jax.tree_util.tree_map(lambda m: not m, mask)))
+  tx = optax.chain(
+    optax.masked(optax.adam(1e-2), mask),
+    optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda m: not m, mask)),
+  )
 
   @jax.jit
   def step(p, s, batch, key):
@@ -262,12 +292,12 @@ def test_each_stage_trains_only_its_parameters(params, stage):
   before, after = lora.flatten(params), lora.flatten(p)
   trained = {path for path, m in lora.flatten(mask).items() if m}
   expected = {
-      "lm": lambda path: "lora_" not in path,
-      "stage1": lambda path: any(f"lora_{a}/" in path for a in ("compressor", "generator"))
-                             or path == "embedder/extra_embedding",
-      "stage1_2": lambda path: any(f"lora_{a}/" in path for a in ("compressor", "generator")),
-      "stage2": lambda path: any(f"lora_{a}/" in path for a in ("reasoner", "generator")),
-      "stage2_retrieval": lambda path: "lora_reasoner/" in path,
+    "lm": lambda path: "lora_" not in path,
+    "stage1": lambda path: any(f"lora_{a}/" in path for a in ("compressor", "generator"))
+    or path == "embedder/extra_embedding",
+    "stage1_2": lambda path: any(f"lora_{a}/" in path for a in ("compressor", "generator")),
+    "stage2": lambda path: any(f"lora_{a}/" in path for a in ("reasoner", "generator")),
+    "stage2_retrieval": lambda path: "lora_reasoner/" in path,
   }[stage]
   assert trained == {path for path in before if expected(path)}
   for path in before:
@@ -284,13 +314,15 @@ def test_each_stage_trains_only_its_parameters(params, stage):
 def test_memory_cosine_is_one_for_a_collapsed_compressor():
   rng = np.random.default_rng(0)
   same = np.tile(rng.normal(size=(1, 12)), (4, 1))
-  np.testing.assert_allclose(stages.memory_cosine(jnp.asarray(same * [[1], [2], [3], [4]])),
-                             1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+    stages.memory_cosine(jnp.asarray(same * [[1], [2], [3], [4]])), 1.0, rtol=1e-6
+  )
   distinct = rng.normal(size=(3, 12))
   unit = distinct / np.linalg.norm(distinct, axis=1, keepdims=True)
   gram = unit @ unit.T
-  np.testing.assert_allclose(stages.memory_cosine(jnp.asarray(distinct)),
-                             (gram.sum() - 3) / 6, rtol=1e-5)
+  np.testing.assert_allclose(
+    stages.memory_cosine(jnp.asarray(distinct)), (gram.sum() - 3) / 6, rtol=1e-5
+  )
 
 
 def test_memory_gain_reports_both_losses(params):
@@ -311,8 +343,9 @@ def test_replay_adds_the_base_lm_loss_of_the_replay_text(params):
   replay = {"replay_tokens": batch["gen_tokens"], "replay_mask": batch["gen_mask"]}
   inner = stages.stage_loss("stage1", MODEL, CLARA)
   replayed = stages.with_replay(inner, MODEL, 0.5)
-  lm_ce, _ = stages.lm_loss(Decoder(MODEL), params, {"tokens": replay["replay_tokens"],
-                                                    "mask": replay["replay_mask"]})
+  lm_ce, _ = stages.lm_loss(
+    Decoder(MODEL), params, {"tokens": replay["replay_tokens"], "mask": replay["replay_mask"]}
+  )
   loss, metrics = replayed(params, {**batch, **replay})
   base_loss, _ = inner(params, batch, None)
   np.testing.assert_allclose(loss, base_loss + 0.5 * lm_ce, rtol=1e-5)
@@ -339,8 +372,7 @@ def test_lexical_loss_is_the_mixture_nll_of_each_distinct_document_token(params)
   memories = jnp.asarray(rng.normal(size=(3, n_mem, MODEL.hidden_size)), jnp.float32)
   got = clara.lexical_loss(model, params, memories, jnp.asarray(tokens), jnp.asarray(mask))
 
-  logits = np.asarray(model.apply({"params": params}, memories, method=Decoder.logits),
-                      np.float64)
+  logits = np.asarray(model.apply({"params": params}, memories, method=Decoder.logits), np.float64)
   log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   mix = np.log(np.exp(log_p).mean(1))  # [3, V]
   want = []
@@ -352,27 +384,31 @@ def test_lexical_loss_is_the_mixture_nll_of_each_distinct_document_token(params)
 
 def test_compression_loss_adds_the_weighted_lexical_loss(params):
   import dataclasses
+
   batch = STAGE_BATCHES["stage1"](KVWorld(12), np.random.default_rng(0))
   model = Decoder(MODEL)
   off, metrics_off = stages.compression_loss(model, params, batch, CLARA)
-  on, metrics = stages.compression_loss(model, params, batch,
-                                        dataclasses.replace(CLARA, lexical_weight=0.5))
+  on, metrics = stages.compression_loss(
+    model, params, batch, dataclasses.replace(CLARA, lexical_weight=0.5)
+  )
   assert "lexical" not in metrics_off and float(metrics["lexical"]) > 0
-  np.testing.assert_allclose(float(on), float(off) + 0.5 * float(metrics["lexical"]),
-                             rtol=1e-5)
+  np.testing.assert_allclose(float(on), float(off) + 0.5 * float(metrics["lexical"]), rtol=1e-5)
   with pytest.raises(ValueError, match="lexical_weight"):
     dataclasses.replace(CLARA, lexical_weight=-1.0)
 
 
 def test_without_the_mse_only_the_memories_are_computed(params):
   import dataclasses
+
   batch = STAGE_BATCHES["stage1_2"](KVWorld(12), np.random.default_rng(0))
   model = Decoder(MODEL)
   with_mse, metrics = stages.compression_loss(model, params, batch, CLARA)
-  without, metrics_off = stages.compression_loss(model, params, batch,
-                                                 dataclasses.replace(CLARA, mse_weight=0.0))
+  without, metrics_off = stages.compression_loss(
+    model, params, batch, dataclasses.replace(CLARA, mse_weight=0.0)
+  )
   assert "mse" in metrics and "mse" not in metrics_off
   np.testing.assert_allclose(float(metrics_off["ce"]), float(metrics["ce"]), rtol=1e-5)
   np.testing.assert_allclose(float(without), float(metrics["ce"]), rtol=1e-5)
-  np.testing.assert_allclose(float(with_mse), float(metrics["ce"])
-                             + CLARA.mse_weight * float(metrics["mse"]), rtol=1e-5)
+  np.testing.assert_allclose(
+    float(with_mse), float(metrics["ce"]) + CLARA.mse_weight * float(metrics["mse"]), rtol=1e-5
+  )

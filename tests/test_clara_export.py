@@ -28,20 +28,47 @@ ROLES = dict(zip(OFFICIAL, ("compressor", "reasoner", "generator")))
 # Every field of the official CLaRaConfig (openrlhf/models/modeling_clara.py), plus
 # `pure_inference`, which its training script passes and from_pretrained reads.
 CLARA_CONFIG_FIELDS = {
-    "decoder_model_name", "doc_max_length", "quantization", "sep", "compr_model_name",
-    "compr_rate", "compr_n_layers", "compr_every_n_layer", "compr_base_model_name",
-    "compr_rms_norm", "compr_mlp_hidden_dim", "compr_use_mlp", "compr_linear_type", "lora",
-    "lora_compressor", "training_form", "training_stage", "generation_top_k", "lora_r",
-    "lora_r_compressor", "load_adapters", "kbtc_training", "optimize_mem_tokens",
-    "different_mem_tokens", "attn_implementation", "_attn_implementation_autoset",
-    "ae_mode", "max_new_tokens", "stage2_retrieval_top_n", "load_pretrained_checkpoint",
-    "device_map", "auto_map", "pure_inference"}
+  "decoder_model_name",
+  "doc_max_length",
+  "quantization",
+  "sep",
+  "compr_model_name",
+  "compr_rate",
+  "compr_n_layers",
+  "compr_every_n_layer",
+  "compr_base_model_name",
+  "compr_rms_norm",
+  "compr_mlp_hidden_dim",
+  "compr_use_mlp",
+  "compr_linear_type",
+  "lora",
+  "lora_compressor",
+  "training_form",
+  "training_stage",
+  "generation_top_k",
+  "lora_r",
+  "lora_r_compressor",
+  "load_adapters",
+  "kbtc_training",
+  "optimize_mem_tokens",
+  "different_mem_tokens",
+  "attn_implementation",
+  "_attn_implementation_autoset",
+  "ae_mode",
+  "max_new_tokens",
+  "stage2_retrieval_top_n",
+  "load_pretrained_checkpoint",
+  "device_map",
+  "auto_map",
+  "pure_inference",
+}
 
 
 def _official_peft_config():
   """The official `_get_peft_config(lora_r)`."""
-  return peft.LoraConfig(task_type="CAUSAL_LM", r=R, lora_alpha=2 * R,
-                         target_modules="all-linear", lora_dropout=0.1)
+  return peft.LoraConfig(
+    task_type="CAUSAL_LM", r=R, lora_alpha=2 * R, target_modules="all-linear", lora_dropout=0.1
+  )
 
 
 def _write_run(workdir, cfg, params, **clara):
@@ -69,10 +96,16 @@ def _randomized(params, seed, zero_reasoner=False):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   torch.manual_seed(0)
-  config = transformers.MistralConfig(vocab_size=V0, hidden_size=D, intermediate_size=F,
-                                      num_hidden_layers=LAYERS, num_attention_heads=4,
-                                      num_key_value_heads=2, rope_theta=1e4,
-                                      initializer_range=0.1)
+  config = transformers.MistralConfig(
+    vocab_size=V0,
+    hidden_size=D,
+    intermediate_size=F,
+    num_hidden_layers=LAYERS,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=1e4,
+    initializer_range=0.1,
+  )
   path = str(tmp_path_factory.mktemp("base"))
   transformers.MistralForCausalLM(config).eval().save_pretrained(path, safe_serialization=True)
   return path
@@ -96,8 +129,7 @@ def test_round_trip_through_the_cli(base, run, tmp_path, capsys):
   info = _export(workdir, out, capsys)
   assert info["adapters"] == list(OFFICIAL) and info["training_stage"] == "stage2"
   assert info["dropped_mem_rows"] == 0 and info["lora_b_rescaled_by"] == 1.0
-  assert sorted(os.listdir(out)) == ["adapters.pth", "config.json",
-                                     "decoder_first_last_layers.pth"]
+  assert sorted(os.listdir(out)) == ["adapters.pth", "config.json", "decoder_first_last_layers.pth"]
   cfg2, params2, got = import_official_clara(out, base)
   assert got == {"doc_max_length": 8, "compr_rate": 4, "n_mem": N_MEM}
   assert cfg2.num_extra_tokens == cfg.num_extra_tokens and cfg2.lora == cfg.lora
@@ -124,11 +156,17 @@ def test_official_names_shapes_and_pytorch_logits(base, run, tmp_path, capsys):
   out = str(tmp_path / "official")
   _export(workdir, out, capsys)
   adapters = torch.load(os.path.join(out, "adapters.pth"), weights_only=True)
-  first_last = torch.load(os.path.join(out, "decoder_first_last_layers.pth"),
-                          weights_only=True)
+  first_last = torch.load(os.path.join(out, "decoder_first_last_layers.pth"), weights_only=True)
   assert set(adapters) == set(OFFICIAL)
-  shapes = {"q": (D, D), "k": (D, D // 2), "v": (D, D // 2), "o": (D, D), "gate": (D, F),
-            "up": (D, F), "down": (F, D)}
+  shapes = {
+    "q": (D, D),
+    "k": (D, D // 2),
+    "v": (D, D // 2),
+    "o": (D, D),
+    "gate": (D, F),
+    "up": (D, F),
+    "down": (F, D),
+  }
   expected = {}
   for i in range(LAYERS):
     for proj, (n_in, n_out) in shapes.items():
@@ -143,7 +181,9 @@ def test_official_names_shapes_and_pytorch_logits(base, run, tmp_path, capsys):
     official = model.get_adapter_state_dict(name)
     assert {k: tuple(v.shape) for k, v in official.items()} == expected
   assert {k: tuple(v.shape) for k, v in first_last.items()} == {
-      "model.embed_tokens.weight": (V0 + N_MEM + 3, D), "lm_head.weight": (V0 + N_MEM + 3, D)}
+    "model.embed_tokens.weight": (V0 + N_MEM + 3, D),
+    "lm_head.weight": (V0 + N_MEM + 3, D),
+  }
 
   # The official from_pretrained: base, resize to the new tokenizer, the first/last
   # layers (strict=False), then each adapter through transformers' load_adapter.
@@ -152,8 +192,9 @@ def test_official_names_shapes_and_pytorch_logits(base, run, tmp_path, capsys):
   assert set(first_last) <= set(model.state_dict())
   model.load_state_dict(first_last, strict=False)
   for name, state in adapters.items():
-    model.load_adapter(peft_config=_official_peft_config(), adapter_name=name,
-                       adapter_state_dict=state)
+    model.load_adapter(
+      peft_config=_official_peft_config(), adapter_name=name, adapter_state_dict=state
+    )
   model.eval()
   ref_ids = np.array([[1, 5, V0, V0 + 1, 7, V0 + 2, V0 + 3, V0 + 4, 9]])
   rows = _extra_rows(V0, N_MEM)
@@ -185,8 +226,9 @@ def test_alpha_other_than_two_r_is_rescaled(base, run, tmp_path, capsys):
       a, b = adapters[name][f"{key}.lora_A.weight"], adapters[name][f"{key}.lora_B.weight"]
       official_delta = 2.0 * (b @ a).numpy()  # [out, in]
       src = f"layers_1/{module}/{proj}_proj/lora_{role}"
-      ours = cfg.lora.scale * (np.asarray(flat[f"{src}/a"]).reshape(-1, R)
-                               @ np.asarray(flat[f"{src}/b"]).reshape(R, -1))
+      ours = cfg.lora.scale * (
+        np.asarray(flat[f"{src}/a"]).reshape(-1, R) @ np.asarray(flat[f"{src}/b"]).reshape(R, -1)
+      )
       np.testing.assert_allclose(official_delta, ours.T, atol=1e-6)
 
 
@@ -198,7 +240,8 @@ def test_untrained_reasoner_and_unused_memory_rows(base, run, tmp_path, capsys):
   cfg = cfg.replace(num_extra_tokens=3 + N_MEM + 2)  # a tokenizer with 2 unused <MEM*>
   flat = lora_lib.flatten(params)
   flat["embedder/extra_embedding"] = jnp.concatenate(
-      [flat["embedder/extra_embedding"], jnp.ones((2, D))], 0)
+    [flat["embedder/extra_embedding"], jnp.ones((2, D))], 0
+  )
   flat["lm_head/extra_head"] = jnp.concatenate([flat["lm_head/extra_head"], jnp.ones((D, 2))], 1)
   params = _randomized(lora_lib.unflatten(flat), seed=2, zero_reasoner=True)
   workdir = _write_run(tmp_path / "run", cfg, params, stage="stage1")
@@ -212,7 +255,7 @@ def test_untrained_reasoner_and_unused_memory_rows(base, run, tmp_path, capsys):
   want, back = lora_lib.flatten(params), lora_lib.flatten(params2)
   for path in ("embedder/extra_embedding", "lm_head/extra_head"):
     kept = np.asarray(want[path])
-    kept = kept[:3 + N_MEM] if path.startswith("embedder") else kept[:, :3 + N_MEM]
+    kept = kept[: 3 + N_MEM] if path.startswith("embedder") else kept[:, : 3 + N_MEM]
     np.testing.assert_array_equal(np.asarray(back[path]), kept)
   for path in want:
     if "/lora_compressor/" in path or "/lora_generator/" in path:
@@ -239,8 +282,7 @@ def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(run, tmp_path, ca
 
   no_lengths = tmp_path / "no_lengths"
   save_params(str(no_lengths / "export"), cfg, params)
-  assert cli.main(["export-clara", f"--workdir={no_lengths}",
-                   f"--out={tmp_path / 'o2'}"]) == 2
+  assert cli.main(["export-clara", f"--workdir={no_lengths}", f"--out={tmp_path / 'o2'}"]) == 2
   assert f"{no_lengths}/export/clara.json: missing" in capsys.readouterr().err
 
   gemma = _write_run(tmp_path / "gemma", cfg.replace(hidden_act="gelu_tanh"), params)

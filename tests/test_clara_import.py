@@ -13,7 +13,11 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 from clara_jax.model.decoder import Decoder  # noqa: E402
-from clara_jax.weights.clara_import import ADAPTER_NAMES, _extra_rows, import_official_clara  # noqa: E402
+from clara_jax.weights.clara_import import (  # noqa: E402
+  ADAPTER_NAMES,
+  _extra_rows,
+  import_official_clara,
+)
 
 V0, N_MEM, R = 96, 2, 4
 
@@ -22,9 +26,15 @@ V0, N_MEM, R = 96, 2, 4
 def official(tmp_path_factory):
   torch.manual_seed(0)
   root = tmp_path_factory.mktemp("official")
-  cfg = transformers.MistralConfig(vocab_size=V0, hidden_size=32, intermediate_size=64,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, rope_theta=1e4)
+  cfg = transformers.MistralConfig(
+    vocab_size=V0,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    rope_theta=1e4,
+  )
   model = transformers.MistralForCausalLM(cfg).eval()
   base_dir = str(root / "base")
   model.save_pretrained(base_dir, safe_serialization=True)
@@ -41,12 +51,14 @@ def official(tmp_path_factory):
         p.copy_(torch.randn_like(p) * 0.2)
   ckpt = root / "clara"
   ckpt.mkdir()
-  torch.save({name: model.get_adapter_state_dict(name) for name in ADAPTER_NAMES},
-             ckpt / "adapters.pth")
-  torch.save({k: v for k, v in model.named_parameters()
-              if "embed_tokens" in k or "lm_head" in k}, ckpt / "decoder_first_last_layers.pth")
-  (ckpt / "config.json").write_text(json.dumps({"lora_r": R, "doc_max_length": 8,
-                                                "compr_rate": 4}))
+  torch.save(
+    {name: model.get_adapter_state_dict(name) for name in ADAPTER_NAMES}, ckpt / "adapters.pth"
+  )
+  torch.save(
+    {k: v for k, v in model.named_parameters() if "embed_tokens" in k or "lm_head" in k},
+    ckpt / "decoder_first_last_layers.pth",
+  )
+  (ckpt / "config.json").write_text(json.dumps({"lora_r": R, "doc_max_length": 8, "compr_rate": 4}))
   return model, str(ckpt), base_dir
 
 
@@ -74,6 +86,7 @@ def test_logits_match_pytorch_for_every_adapter(official):
 def test_bad_files_get_clear_errors(official, tmp_path):
   _, ckpt, base_dir = official
   import shutil
+
   bad = tmp_path / "bad"
   shutil.copytree(ckpt, bad)
   (bad / "adapters.pth").write_bytes(b"this is not a torch file")
@@ -83,6 +96,7 @@ def test_bad_files_get_clear_errors(official, tmp_path):
   class Evil:
     def __reduce__(self):
       return (os.system, ("echo pwned",))
+
   torch.save({"x": Evil()}, bad / "adapters.pth")
   with pytest.raises(ValueError, match="not a PyTorch weights file"):
     import_official_clara(str(bad), base_dir)
@@ -95,38 +109,66 @@ def test_bad_files_get_clear_errors(official, tmp_path):
 def test_cli_import_gives_a_loadable_clara_model(official, tmp_path, capsys):
   """`clara-jax import-clara` writes an export that the inference API serves."""
   import io
+
   import sentencepiece as spm
+
   from clara_jax import cli
   from clara_jax.infer.api import ClaraModel
+
   _, ckpt, base_dir = official
-  words = ("the river runs by the old town and the team plays in blue while a quick brown "
-           "fox jumps over lazy dogs").split()
+  words = (
+    "the river runs by the old town and the team plays in blue while a quick brown "
+    "fox jumps over lazy dogs"
+  ).split()
   rng = np.random.default_rng(0)
   lines = [" ".join(rng.choice(words, 12)) for _ in range(400)]
 
   def write_tokenizer(vocab_size):
     proto = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=proto,
-                                   vocab_size=vocab_size, model_type="bpe",
-                                   character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
-                                   pad_id=3, minloglevel=2)
+    spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(lines),
+      model_writer=proto,
+      vocab_size=vocab_size,
+      model_type="bpe",
+      character_coverage=1.0,
+      unk_id=0,
+      bos_id=1,
+      eos_id=2,
+      pad_id=3,
+      minloglevel=2,
+    )
     with open(os.path.join(base_dir, "tokenizer.model"), "wb") as f:
       f.write(proto.getvalue())
 
   out = str(tmp_path / "export")
   write_tokenizer(V0 - 8)  # a tokenizer that does not belong to these weights
-  assert cli.main(["import-clara", f"--ckpt_dir={ckpt}", f"--hf_dir={base_dir}",
-                   f"--out={out}"]) == 2
+  assert (
+    cli.main(["import-clara", f"--ckpt_dir={ckpt}", f"--hf_dir={base_dir}", f"--out={out}"]) == 2
+  )
   assert "88 pieces, but the checkpoint's embedding has 96" in capsys.readouterr().err
   assert not os.path.exists(out)
   write_tokenizer(V0)
-  assert cli.main(["import-clara", f"--ckpt_dir={ckpt}", f"--hf_dir={base_dir}",
-                   f"--out={out}", "--param_dtype=float32", "--dtype=float32"]) == 0
+  assert (
+    cli.main(
+      [
+        "import-clara",
+        f"--ckpt_dir={ckpt}",
+        f"--hf_dir={base_dir}",
+        f"--out={out}",
+        "--param_dtype=float32",
+        "--dtype=float32",
+      ]
+    )
+    == 0
+  )
   model = ClaraModel.load(out)
   assert model.n_mem == N_MEM
   mem = model.compress_documents(["the team plays in blue", "the old town"])
   assert mem.shape == (2, N_MEM, 32) and np.isfinite(mem).all()
-  answers, chosen = model.generate_from_questions(["where does the team play"],
-                                                  [["the team plays in blue", "the old town"]],
-                                                  k=1, max_new_tokens=4)
+  answers, chosen = model.generate_from_questions(
+    ["where does the team play"],
+    [["the team plays in blue", "the old town"]],
+    k=1,
+    max_new_tokens=4,
+  )
   assert len(answers) == 1 and chosen.shape == (1, 1)

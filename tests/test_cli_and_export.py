@@ -23,16 +23,25 @@ def test_info_reports_parameter_counts(capsys):
 def test_demo_command_runs_the_demo_pipeline(monkeypatch, tmp_path):
   """The CLI hands its flags to `clara_jax.demo.run` (tests/test_demo.py runs it)."""
   from clara_jax import demo
+
   calls = []
-  monkeypatch.setattr(demo, "run", lambda workdir, quick, seed: calls.append(
-      (workdir, quick, seed)) or {"claims": [{"claim": "x"}]})
+  monkeypatch.setattr(
+    demo,
+    "run",
+    lambda workdir, quick, seed: calls.append((workdir, quick, seed))
+    or {"claims": [{"claim": "x"}]},
+  )
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path), "--seed", "3"]) == 0
   assert calls == [(str(tmp_path), True, 3)]
 
 
 def test_bench_forward_prints_figures(capsys):
-  assert cli.main(["bench", "forward", "--model", "tiny", "--batch", "2", "--length", "16",
-                   "--iters", "2"]) == 0
+  assert (
+    cli.main(
+      ["bench", "forward", "--model", "tiny", "--batch", "2", "--length", "16", "--iters", "2"]
+    )
+    == 0
+  )
   result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert result["tokens_per_s"] > 0 and 0 < result["mfu"] < 1.5
   assert result["peak_gflops_per_s"] > 0
@@ -77,16 +86,16 @@ def test_bench_generation_latency():
   """Every phase and the one-call total are timed, with and without a shared prompt head
   (whose rows then hold prompt_len - head_len tokens each)."""
   from clara_jax.bench.generation import generation_latency
+
   for head_len in (0, 9):
-    result = generation_latency("tiny", question_len=8, prompt_len=24, head_len=head_len,
-                                new_tokens=3, **SHAPES)
-    phases = [result[f"{p}_ms_per_question"]
-              for p in ("compress", "reason", "select", "decode")]
+    result = generation_latency(
+      "tiny", question_len=8, prompt_len=24, head_len=head_len, new_tokens=3, **SHAPES
+    )
+    phases = [result[f"{p}_ms_per_question"] for p in ("compress", "reason", "select", "decode")]
     assert all(ms > 0 for ms in phases) and result["total_ms_per_question"] > 0
     assert result["head_len"] == head_len and (result["head_ms"] > 0) == (head_len > 0)
   with pytest.raises(ValueError, match="cannot hold a head of 20 tokens"):
-    generation_latency("tiny", question_len=8, prompt_len=24, head_len=20, new_tokens=3,
-                       **SHAPES)
+    generation_latency("tiny", question_len=8, prompt_len=24, head_len=20, new_tokens=3, **SHAPES)
 
 
 # A benchmark run (compiles and times every stage's step): slow-marked. The default run
@@ -94,20 +103,50 @@ def test_bench_generation_latency():
 # test_bench_generation_latency (the generation phases).
 @pytest.mark.slow
 def test_bench_cli_suite_prints_a_final_json_line(capsys):
-  assert cli.main(["bench", "suite", "--model", "tiny", "--batch", "1", "--candidates", "3",
-                   "--doc_len", "16", "--compr_rate", "4", "--k", "2", "--iters", "1"]) == 0
+  assert (
+    cli.main(
+      [
+        "bench",
+        "suite",
+        "--model",
+        "tiny",
+        "--batch",
+        "1",
+        "--candidates",
+        "3",
+        "--doc_len",
+        "16",
+        "--compr_rate",
+        "4",
+        "--k",
+        "2",
+        "--iters",
+        "1",
+      ]
+    )
+    == 0
+  )
   lines = capsys.readouterr().out.strip().splitlines()
   final = json.loads(lines[-1])
   names = [r["benchmark"] for r in final["results"]]
-  assert names == ["lm_step", "stage1_step", "stage1_2_step", "stage2_step", "stage2_step",
-                   "generation"]
+  assert names == [
+    "lm_step",
+    "stage1_step",
+    "stage1_2_step",
+    "stage2_step",
+    "stage2_step",
+    "generation",
+  ]
   assert [json.loads(line) for line in lines[:-1]] == final["results"]
   steps = final["results"][:5]
   assert [r["documents_per_question"] for r in steps] == [3, 1, 2, 3, 3]
   assert [r["cached_memories"] for r in steps] == [False] * 4 + [True]
   assert all(r["step_s"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1.5 for r in steps)
 
-@pytest.mark.parametrize("argv", [
+
+@pytest.mark.parametrize(
+  "argv",
+  [
     ["synth", "--out", "w", "--candidates", "0"],
     ["synth", "--out", "w", "--k", "-2"],
     ["evaluate", "--workdir", "w", "--data", "d.jsonl", "--limit", "0"],
@@ -115,9 +154,11 @@ def test_bench_cli_suite_prints_a_final_json_line(capsys):
     ["index", "--workdir", "w", "--corpus", "c.jsonl", "--out", "o", "--shard_size", "0"],
     ["convert", "hotpotqa_ircot", "--input", "i", "--out", "o", "--limit", "0"],
     ["convert", "hotpotqa_ircot", "--input", "i", "--out", "o", "--candidates", "x"],
-])
+  ],
+)
 def test_counts_below_one_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
   from clara_jax import cli
+
   monkeypatch.chdir(tmp_path)
   assert cli.main(argv) == 2  # one line like any bad input, not argparse's usage block
   err = capsys.readouterr().err
@@ -128,24 +169,28 @@ def test_counts_below_one_are_usage_errors(argv, capsys, tmp_path, monkeypatch):
 
 def test_errors_are_one_line_with_the_exit_code(tmp_path, capsys):
   from clara_jax import cli
+
   missing = str(tmp_path / "nowhere.jsonl")
   # Bad input: one line naming the command, exit 2; --debug shows the exception itself.
   out = str(tmp_path / "out.json")
-  assert cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out",
-                   out]) == 2
+  assert cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out", out]) == 2
   err = capsys.readouterr().err
   assert err.startswith("clara-jax evaluate: ") and len(err.strip().splitlines()) == 1
   with pytest.raises((FileNotFoundError, ValueError)):
-    cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out", out,
-              "--debug"])
+    cli.main(["evaluate", "--workdir", str(tmp_path), "--data", missing, "--out", out, "--debug"])
   assert cli.main(["train", "--workdir", str(tmp_path)]) == 2
   assert "--config=FILE[:variant] is required" in capsys.readouterr().err
 
   # An unknown config override is a usage error too (absl's flag error, one line).
-  config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "configs", "lm.py")
-  assert cli.main(["train", f"--config={config}", f"--workdir={tmp_path}",
-                   "--config.train.no_such_field=1"]) == 2
+  config = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "lm.py"
+  )
+  assert (
+    cli.main(
+      ["train", f"--config={config}", f"--workdir={tmp_path}", "--config.train.no_such_field=1"]
+    )
+    == 2
+  )
   err = capsys.readouterr().err
   assert err.startswith("clara-jax train: ") and "no_such_field" in err
   assert len(err.strip().splitlines()) == 1

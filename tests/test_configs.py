@@ -1,9 +1,12 @@
 """Model sizes through ml_collections, as the stage configs use them."""
 
+import importlib
+
 import pytest
 
-from configs.common import decoder_config, model_config_dict
 from clara_jax.model.config import MODEL_SIZES, model_config
+from configs.base import parse_arg, validate
+from configs.common import decoder_config, model_config_dict
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SIZES))
@@ -22,10 +25,6 @@ def test_overrides_are_validated():
   with pytest.raises(ValueError, match="num_kv_heads"):
     decoder_config(cd)
 
-
-import importlib
-
-from configs.base import parse_arg, validate
 
 STAGE_CONFIGS = ["lm", "stage1", "stage1_2", "stage2", "stage2_retrieval"]
 
@@ -52,6 +51,7 @@ def test_stage_configs_and_sweeps_validate(name):
 
 def test_config_errors_name_the_field():
   from configs import stage2
+
   c = stage2.get_config("model=tiny")
   c.clara.k = 30
   with pytest.raises(ValueError, match="clara.k = 30 exceeds data.candidates = 20"):
@@ -69,7 +69,9 @@ def test_config_errors_name_the_field():
   assert stage2.get_config("model=tiny").init.copy_adapters == (("compressor", "reasoner"),)
 
 
-@pytest.mark.parametrize("field,value,message", [
+@pytest.mark.parametrize(
+  "field,value,message",
+  [
     ("train.log_every", 0, "train.log_every must be a positive integer, got 0"),
     ("clara.compr_rate", 0, "clara.compr_rate must be a positive integer, got 0"),
     ("clara.k", -1, "clara.k must be a positive integer, got -1"),
@@ -82,9 +84,11 @@ def test_config_errors_name_the_field():
     ("optimizer.b2", -0.1, "optimizer.b2 must be a number"),
     ("clara.temperature", 0.0, "clara.temperature must be a number"),
     ("optimizer.schedule", "linear", "optimizer.schedule must be 'cosine' or 'constant'"),
-])
+  ],
+)
 def test_values_out_of_range_name_the_field(field, value, message):
   from configs import stage2
+
   c = stage2.get_config("model=tiny")
   *parents, leaf = field.split(".")
   node = c
@@ -99,6 +103,7 @@ def test_values_out_of_range_name_the_field(field, value, message):
 def test_replay_text_is_checked_where_it_is_set(tmp_path):
   from clara_jax.train import loop
   from configs import stage1, stage2
+
   c = stage2.get_config("model=tiny")
   c.data.replay_text = "world"
   with pytest.raises(ValueError, match="stage 'stage2' does not update it"):
@@ -110,28 +115,52 @@ def test_replay_text_is_checked_where_it_is_set(tmp_path):
   (tmp_path / "text.txt").write_text("one line\n")
   c.data.replay_text = str(tmp_path / "text.txt")
   assert loop._with_replay_text(c, "run", {"train": "t"}) == {
-      "train": "t", "replay": str(tmp_path / "text.txt")}
+    "train": "t",
+    "replay": str(tmp_path / "text.txt"),
+  }
   c.data.replay_text = ""
   assert loop._with_replay_text(c, "run", {"train": "t"}) == {"train": "t"}
 
 
 # The model fields a run recorded before the imported families' options existed.
 RECORDED_MODEL_FIELDS = (
-    "attention_layout", "base_vocab_size", "dtype", "head_dim", "hidden_size",
-    "intermediate_size", "lora.adapters", "lora.alpha", "lora.dropout", "lora.rank",
-    "num_extra_tokens", "num_heads", "num_kv_heads", "num_layers", "param_dtype",
-    "remat_policy", "rms_norm_eps", "rope_theta", "scan_layers", "sliding_window",
-    "tie_embeddings")
+  "attention_layout",
+  "base_vocab_size",
+  "dtype",
+  "head_dim",
+  "hidden_size",
+  "intermediate_size",
+  "lora.adapters",
+  "lora.alpha",
+  "lora.dropout",
+  "lora.rank",
+  "num_extra_tokens",
+  "num_heads",
+  "num_kv_heads",
+  "num_layers",
+  "param_dtype",
+  "remat_policy",
+  "rms_norm_eps",
+  "rope_theta",
+  "scan_layers",
+  "sliding_window",
+  "tie_embeddings",
+)
 
 
 def test_every_model_field_added_since_is_read_as_its_old_value():
   """A tiny run recorded with only the older model fields resumes today (each newer
   field has its old value in ADDED_FIELDS, equal to today's default)."""
   from clara_jax.train import run_config
-  current = run_config.flat_config(importlib.import_module("configs.stage1").get_config(
-      "model=tiny"))
-  recorded = {k: v for k, v in current.items()
-              if not k.startswith("model.") or k[len("model."):] in RECORDED_MODEL_FIELDS}
+
+  current = run_config.flat_config(
+    importlib.import_module("configs.stage1").get_config("model=tiny")
+  )
+  recorded = {
+    k: v
+    for k, v in current.items()
+    if not k.startswith("model.") or k[len("model.") :] in RECORDED_MODEL_FIELDS
+  }
   assert run_config.differences(recorded, current) == {}
 
 
@@ -139,12 +168,13 @@ def test_a_record_without_a_later_added_field_reads_as_its_old_value():
   """A run recorded before `clara.memory_scale` or `clara.lexical_weight` existed resumes
   under the default, and is refused under another value (naming the field)."""
   from clara_jax.train import run_config
-  current = run_config.flat_config(importlib.import_module("configs.stage1").get_config(
-      "model=tiny"))
+
+  current = run_config.flat_config(
+    importlib.import_module("configs.stage1").get_config("model=tiny")
+  )
   recorded = {k: v for k, v in current.items() if k not in run_config.ADDED_FIELDS}
   assert run_config.differences(recorded, current) == {}
   changed = dict(current, **{"clara.memory_scale": "embedding"})
-  assert run_config.differences(recorded, changed) == {
-      "clara.memory_scale": ("none", "embedding")}
+  assert run_config.differences(recorded, changed) == {"clara.memory_scale": ("none", "embedding")}
   changed = dict(current, **{"clara.lexical_weight": 0.5})
   assert run_config.differences(recorded, changed) == {"clara.lexical_weight": (0.0, 0.5)}

@@ -17,10 +17,34 @@ from clara_jax.data.formats import DataError, validate_row
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 
-ANIMALS = ["otter", "heron", "lynx", "badger", "marten", "ibis", "vole", "newt", "stoat",
-           "crane", "shrew", "gecko"]
-FOODS = ["clams", "frogs", "hares", "worms", "voles", "snails", "seeds", "slugs", "rabbits",
-         "grain", "beetles", "crickets"]
+ANIMALS = [
+  "otter",
+  "heron",
+  "lynx",
+  "badger",
+  "marten",
+  "ibis",
+  "vole",
+  "newt",
+  "stoat",
+  "crane",
+  "shrew",
+  "gecko",
+]
+FOODS = [
+  "clams",
+  "frogs",
+  "hares",
+  "worms",
+  "voles",
+  "snails",
+  "seeds",
+  "slugs",
+  "rabbits",
+  "grain",
+  "beetles",
+  "crickets",
+]
 
 
 def _world(n_questions, n_paras, n_gold):
@@ -28,41 +52,73 @@ def _world(n_questions, n_paras, n_gold):
   paragraph has its own title."""
   world = []
   for i in range(n_questions):
-    paras = [(f"{ANIMALS[i].title()} {j}",
-              f"The {ANIMALS[i]} lives in marsh {j}. It eats {FOODS[(i + j) % 12]} daily.",
-              j < n_gold) for j in range(n_paras)]
-    world.append({"id": f"q{i}", "question": f"What does the {ANIMALS[i]} eat in marsh 0?",
-                  "aliases": [FOODS[i], FOODS[i].upper()], "paras": paras})
+    paras = [
+      (
+        f"{ANIMALS[i].title()} {j}",
+        f"The {ANIMALS[i]} lives in marsh {j}. It eats {FOODS[(i + j) % 12]} daily.",
+        j < n_gold,
+      )
+      for j in range(n_paras)
+    ]
+    world.append(
+      {
+        "id": f"q{i}",
+        "question": f"What does the {ANIMALS[i]} eat in marsh 0?",
+        "aliases": [FOODS[i], FOODS[i].upper()],
+        "paras": paras,
+      }
+    )
   return world
 
 
 def _hotpot_row(q):
-  return {"_id": q["id"], "question": q["question"], "answer": q["aliases"][0],
-          "type": "bridge", "level": "easy",
-          "supporting_facts": [[t, 0] for t, _, g in q["paras"] if g],
-          "context": [[t, [s + "." for s in text.rstrip(".").split(". ")]]
-                      for t, text, _ in q["paras"]]}
+  return {
+    "_id": q["id"],
+    "question": q["question"],
+    "answer": q["aliases"][0],
+    "type": "bridge",
+    "level": "easy",
+    "supporting_facts": [[t, 0] for t, _, g in q["paras"] if g],
+    "context": [[t, [s + "." for s in text.rstrip(".").split(". ")]] for t, text, _ in q["paras"]],
+  }
 
 
 def _ircot_row(q):
-  return {"question_id": q["id"], "question_text": q["question"],
-          "answers_objects": [{"number": "", "date": {"day": "", "month": "", "year": ""},
-                               "spans": q["aliases"]}],
-          "contexts": [{"id": str(j), "title": t, "paragraph_text": text, "is_supporting": g}
-                       for j, (t, text, g) in enumerate(q["paras"])]}
+  return {
+    "question_id": q["id"],
+    "question_text": q["question"],
+    "answers_objects": [
+      {"number": "", "date": {"day": "", "month": "", "year": ""}, "spans": q["aliases"]}
+    ],
+    "contexts": [
+      {"id": str(j), "title": t, "paragraph_text": text, "is_supporting": g}
+      for j, (t, text, g) in enumerate(q["paras"])
+    ],
+  }
 
 
 def _musique_row(q):
-  return {"id": q["id"], "question": q["question"], "answer": q["aliases"][0],
-          "answer_aliases": q["aliases"][1:], "answerable": True,
-          "paragraphs": [{"idx": j, "title": t, "paragraph_text": text, "is_supporting": g}
-                         for j, (t, text, g) in enumerate(q["paras"])]}
+  return {
+    "id": q["id"],
+    "question": q["question"],
+    "answer": q["aliases"][0],
+    "answer_aliases": q["aliases"][1:],
+    "answerable": True,
+    "paragraphs": [
+      {"idx": j, "title": t, "paragraph_text": text, "is_supporting": g}
+      for j, (t, text, g) in enumerate(q["paras"])
+    ],
+  }
 
 
 def _nq_row(q):
-  return {"question": q["question"], "answers": q["aliases"],
-          "ctxs": [{"title": t, "text": text, "hasanswer": True, "isgold": g}
-                   for t, text, g in q["paras"]]}
+  return {
+    "question": q["question"],
+    "answers": q["aliases"],
+    "ctxs": [
+      {"title": t, "text": text, "hasanswer": True, "isgold": g} for t, text, g in q["paras"]
+    ],
+  }
 
 
 def _write_array(path, rows):
@@ -79,12 +135,12 @@ def _write_jsonl(path, rows):
 
 # format -> (row builder, writer, file name, world shape, stage2 candidates)
 SOURCES = {
-    "hotpotqa": (_hotpot_row, _write_array, "hotpot.json", (6, 4, 2), 8),
-    "hotpotqa_jsonl": (_hotpot_row, _write_jsonl, "hotpot.jsonl", (6, 4, 2), 8),
-    "hotpotqa_ircot": (_ircot_row, _write_jsonl, "ircot.jsonl", (6, 4, 2), 8),
-    "musique": (_musique_row, _write_jsonl, "musique.jsonl", (6, 4, 2), 8),
-    "2wiki": (_hotpot_row, _write_array, "2wiki.json", (6, 4, 2), 8),
-    "nq": (_nq_row, _write_jsonl, "nq.jsonl.gz", (12, 1, 1), 8),
+  "hotpotqa": (_hotpot_row, _write_array, "hotpot.json", (6, 4, 2), 8),
+  "hotpotqa_jsonl": (_hotpot_row, _write_jsonl, "hotpot.jsonl", (6, 4, 2), 8),
+  "hotpotqa_ircot": (_ircot_row, _write_jsonl, "ircot.jsonl", (6, 4, 2), 8),
+  "musique": (_musique_row, _write_jsonl, "musique.jsonl", (6, 4, 2), 8),
+  "2wiki": (_hotpot_row, _write_array, "2wiki.json", (6, 4, 2), 8),
+  "nq": (_nq_row, _write_jsonl, "nq.jsonl.gz", (12, 1, 1), 8),
 }
 
 
@@ -122,8 +178,14 @@ def test_each_source_to_stage2(tmp_path, name):
   fmt, path, world, candidates = _source(tmp_path, name)
   out = str(tmp_path / "out.jsonl")
   calls = []
-  report = convert(fmt, path, out, candidates=candidates, seed=3,
-                   progress=lambda done, total: calls.append((done, total)))
+  report = convert(
+    fmt,
+    path,
+    out,
+    candidates=candidates,
+    seed=3,
+    progress=lambda done, total: calls.append((done, total)),
+  )
   rows = _read(out)
   assert report.rows_in == report.rows_out == len(rows) == len(world)
   assert calls == [(len(rows), len(rows))]  # the last call closes the bar
@@ -147,13 +209,18 @@ def test_stage1_2_keeps_gold_and_best_distractors(tmp_path):
 
 def test_truncation_drops_the_lowest_bm25_non_gold(tmp_path):
   question = "Which river flows through Zorbia?"
-  paras = [("Zorbia", "Zorbia is a country.", True), ("Kell", "Kell river is long.", True),
-           ("Moss", "Moss grows on stones.", False),
-           ("Zorbia river", "The Zorbia river flows north.", False),
-           ("Clay", "Clay is used for pots.", False),
-           ("Flows", "Rivers flows through Zorbia valleys.", False)]
-  path = _write_jsonl(tmp_path / "m.jsonl", [_musique_row(
-      {"id": "m1", "question": question, "aliases": ["Kell"], "paras": paras})])
+  paras = [
+    ("Zorbia", "Zorbia is a country.", True),
+    ("Kell", "Kell river is long.", True),
+    ("Moss", "Moss grows on stones.", False),
+    ("Zorbia river", "The Zorbia river flows north.", False),
+    ("Clay", "Clay is used for pots.", False),
+    ("Flows", "Rivers flows through Zorbia valleys.", False),
+  ]
+  path = _write_jsonl(
+    tmp_path / "m.jsonl",
+    [_musique_row({"id": "m1", "question": question, "aliases": ["Kell"], "paras": paras})],
+  )
   out = str(tmp_path / "out.jsonl")
   report = convert("musique", path, out, candidates=4)
   (row,) = _read(out)
@@ -199,18 +266,17 @@ def test_bad_field_raises_with_file_line_field(tmp_path):
   path = _bad_ircot(tmp_path)
   with pytest.raises(DataError) as err:
     convert("hotpotqa_ircot", path, str(tmp_path / "out.jsonl"), candidates=8)
-  assert str(err.value) == (f"{path}:3: field 'contexts[2].title': expected a string, "
-                            "found int")
+  assert str(err.value) == (f"{path}:3: field 'contexts[2].title': expected a string, found int")
   assert (err.value.line, err.value.field) == (3, "contexts[2].title")
 
 
 def test_skip_counts_bad_rows(tmp_path):
   path = _bad_ircot(tmp_path)
-  report = convert("hotpotqa_ircot", path, str(tmp_path / "out.jsonl"), candidates=8,
-                   on_error="skip")
+  report = convert(
+    "hotpotqa_ircot", path, str(tmp_path / "out.jsonl"), candidates=8, on_error="skip"
+  )
   assert (report.rows_in, report.rows_out, report.skipped) == (6, 5, 1)
-  assert report.reasons == [f"{path}:3: field 'contexts[2].title': expected a string, "
-                            "found int"]
+  assert report.reasons == [f"{path}:3: field 'contexts[2].title': expected a string, found int"]
   assert len(_read(tmp_path / "out.jsonl")) == 5
 
 
@@ -218,14 +284,20 @@ def test_json_array_errors_name_the_item(tmp_path):
   rows = [_hotpot_row(q) for q in _world(6, 4, 2)]
   rows[1]["context"][1][0] = 7
   path = _write_array(tmp_path / "hotpot.json", rows)
-  with pytest.raises(DataError, match=r"hotpot\.json:3: field 'context\[1\]\[0\]': "
-                     r"expected a string, found int \(item 2\)"):
+  with pytest.raises(
+    DataError,
+    match=r"hotpot\.json:3: field 'context\[1\]\[0\]': "
+    r"expected a string, found int \(item 2\)",
+  ):
     convert("hotpotqa", path, str(tmp_path / "out.jsonl"), candidates=8)
   rows[1]["context"][1][0] = "Heron 1"
   rows[3]["supporting_facts"][0][0] = "Nowhere"
   path = _write_array(tmp_path / "hotpot.json", rows)
-  with pytest.raises(DataError, match=r":5: field 'supporting_facts\[0\]\[0\]': title "
-                     r"'Nowhere' is not among the context titles \(item 4\)"):
+  with pytest.raises(
+    DataError,
+    match=r":5: field 'supporting_facts\[0\]\[0\]': title "
+    r"'Nowhere' is not among the context titles \(item 4\)",
+  ):
     convert("hotpotqa", path, str(tmp_path / "out.jsonl"), candidates=8)
 
 
@@ -237,8 +309,7 @@ def test_malformed_json_line(tmp_path):
   path.write_bytes(b"\n".join(lines) + b"\n")
   with pytest.raises(DataError, match=r"m\.jsonl:2: invalid JSON"):
     convert("musique", str(path), str(tmp_path / "out.jsonl"), candidates=8)
-  report = convert("musique", str(path), str(tmp_path / "out.jsonl"), candidates=8,
-                   on_error="skip")
+  report = convert("musique", str(path), str(tmp_path / "out.jsonl"), candidates=8, on_error="skip")
   assert (report.rows_out, report.skipped) == (5, 1)
 
 
@@ -323,8 +394,11 @@ def test_real_hotpotqa_to_stage2(tmp_path):
   for row in rows:
     assert len(row["docs"]) == 20 and len(set(row["docs"])) == 20
     assert len(row["pos_index"]) == 2 and row["answer"].strip()
-    gold = {doc_text(c["title"], c["paragraph_text"])
-            for c in source[row["id"]]["contexts"] if c["is_supporting"]}
+    gold = {
+      doc_text(c["title"], c["paragraph_text"])
+      for c in source[row["id"]]["contexts"]
+      if c["is_supporting"]
+    }
     assert {row["docs"][p] for p in row["pos_index"]} == gold
 
 
@@ -360,15 +434,20 @@ def test_real_stage1_passthrough(tmp_path):
 
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run([sys.executable, "-m", "clara_jax.cli", "convert", *args],
-                        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-m", "clara_jax.cli", "convert", *args],
+    capture_output=True,
+    text=True,
+    env=env,
+    cwd=ROOT,
+    timeout=120,
+  )
 
 
 def test_cli_convert(tmp_path):
   _, path, world, _ = _source(tmp_path, "hotpotqa_ircot")
   out = str(tmp_path / "out.jsonl")
-  result = _cli("hotpotqa_ircot", "--input", path, "--out", out, "--candidates", "8",
-                "--seed", "2")
+  result = _cli("hotpotqa_ircot", "--input", path, "--out", out, "--candidates", "8", "--seed", "2")
   assert result.returncode == 0, result.stderr
   lines = result.stdout.strip().splitlines()
   assert len(lines) == 2 and lines[0].startswith("converted hotpotqa_ircot")
@@ -385,10 +464,18 @@ def test_cli_convert(tmp_path):
 
 def test_cli_convert_does_not_import_jax(tmp_path):
   _, path, _, _ = _source(tmp_path, "nq")
-  code = ("import sys; from clara_jax.cli import main; "
-          f"rc = main(['convert', 'nq', '--input', {path!r}, '--out', "
-          f"{str(tmp_path / 'o.jsonl')!r}, '--candidates', '5']); "
-          "print('jax' in sys.modules, rc)")
-  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT), cwd=ROOT, timeout=120)
+  code = (
+    "import sys; from clara_jax.cli import main; "
+    f"rc = main(['convert', 'nq', '--input', {path!r}, '--out', "
+    f"{str(tmp_path / 'o.jsonl')!r}, '--candidates', '5']); "
+    "print('jax' in sys.modules, rc)"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    cwd=ROOT,
+    timeout=120,
+  )
   assert result.stdout.strip().splitlines()[-1] == "False 0", result.stderr

@@ -45,8 +45,13 @@ def test_every_parameter_has_logical_axes():
   shapes = jax.tree_util.tree_map(lambda x: x.shape, nn.meta.unbox(boxed))
   assert shapes["embedder"]["extra_embedding"] == (7, CFG.hidden_size)
   assert shapes["lm_head"]["base_head"] == (CFG.hidden_size, CFG.base_vocab_size)
-  assert sum(int(np.prod(s)) for s in jax.tree_util.tree_leaves(
-      shapes, is_leaf=lambda x: isinstance(x, tuple))) == CFG.num_params()
+  assert (
+    sum(
+      int(np.prod(s))
+      for s in jax.tree_util.tree_leaves(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    )
+    == CFG.num_params()
+  )
 
 
 def test_tied_embeddings_decode_through_the_embedding_table():
@@ -61,12 +66,12 @@ def test_tied_embeddings_decode_through_the_embedding_table():
   np.testing.assert_allclose(logits, hidden @ table.T, atol=1e-5)
   # The lens is final norm + the same tied head.
   lens = Decoder(cfg).apply({"params": p}, hidden, method=Decoder.lens_logits)
-  normed = Decoder(cfg).apply({"params": p}, hidden,
-                              method=lambda m, x: m.final_norm(x))
+  normed = Decoder(cfg).apply({"params": p}, hidden, method=lambda m, x: m.final_norm(x))
   np.testing.assert_allclose(lens, normed @ table.T, atol=1e-5)
   # A loss on the logits trains the embedding rows, special rows included.
-  grads = jax.grad(lambda q: Decoder(cfg).apply({"params": q}, hidden,
-                                                method=Decoder.logits).sum())(p)
+  grads = jax.grad(
+    lambda q: Decoder(cfg).apply({"params": q}, hidden, method=Decoder.logits).sum()
+  )(p)
   assert float(jnp.abs(grads["embedder"]["extra_embedding"]).sum()) > 0
 
 
@@ -78,8 +83,10 @@ def test_tokens_and_embeddings_paths_agree(params):
   np.testing.assert_allclose(by_ids, by_emb, atol=1e-6)
   # Extra (special-token) rows come from their own table.
   special = jnp.full((1, 1), CFG.base_vocab_size + 3)
-  np.testing.assert_allclose(Decoder(CFG).apply({"params": params}, special, method=Decoder.embed)[0, 0],
-                             params["embedder"]["extra_embedding"][3])
+  np.testing.assert_allclose(
+    Decoder(CFG).apply({"params": params}, special, method=Decoder.embed)[0, 0],
+    params["embedder"]["extra_embedding"][3],
+  )
   logits = Decoder(CFG).apply({"params": params}, by_ids, method=Decoder.logits)
   assert logits.shape == (2, 9, CFG.vocab_size) and logits.dtype == jnp.float32
   with pytest.raises(ValueError, match="exactly one"):
@@ -112,18 +119,23 @@ def test_kv_cache_decoding_matches_full_recomputation(params):
   # Prefill right-padded prompts, then decode each example at its own length.
   prompt_len = int(lengths.max())
   cache = init_cache(CFG, 3, 16)
-  pre = _apply(p, tokens=toks[:, :prompt_len], adapter="generator", cache=cache,
-               cache_index=jnp.zeros(3, jnp.int32))
+  pre = _apply(
+    p,
+    tokens=toks[:, :prompt_len],
+    adapter="generator",
+    cache=cache,
+    cache_index=jnp.zeros(3, jnp.int32),
+  )
   cache, idx = pre.cache, lengths
   steps = []
-  for s in range(total - prompt_len):
+  for _ in range(total - prompt_len):
     nxt = jnp.take_along_axis(toks, (idx)[:, None], 1)
     out = _apply(p, tokens=nxt, adapter="generator", cache=cache, cache_index=idx)
     cache, idx = out.cache, idx + 1
     steps.append(out.hidden[:, 0])
   for b in range(3):
     n = int(lengths[b])
-    full = _apply(p, tokens=toks[b:b + 1, :n + len(steps)], adapter="generator").hidden[0]
+    full = _apply(p, tokens=toks[b : b + 1, : n + len(steps)], adapter="generator").hidden[0]
     np.testing.assert_allclose(pre.hidden[b, :n], full[:n], atol=2e-5)
     np.testing.assert_allclose(jnp.stack([st[b] for st in steps]), full[n:], atol=2e-5)
 
@@ -132,13 +144,11 @@ def test_active_adapter_selects_only_its_weights(params):
   toks = _tokens((2, 8))
   base = _apply(params, tokens=toks).hidden
   for name in CFG.adapters:  # B = 0: every fresh adapter is a no-op
-    np.testing.assert_allclose(_apply(params, tokens=toks, adapter=name).hidden, base,
-                               atol=1e-6)
+    np.testing.assert_allclose(_apply(params, tokens=toks, adapter=name).hidden, base, atol=1e-6)
   p = _randomize_adapter(params, "compressor")
   comp = _apply(p, tokens=toks, adapter="compressor").hidden
   assert np.abs(comp - base).max() > 1e-3
-  np.testing.assert_allclose(_apply(p, tokens=toks, adapter="generator").hidden, base,
-                             atol=1e-6)
+  np.testing.assert_allclose(_apply(p, tokens=toks, adapter="generator").hidden, base, atol=1e-6)
   with pytest.raises(ValueError, match="unknown adapter"):
     _apply(p, tokens=toks, adapter="nope")
 
@@ -146,8 +156,9 @@ def test_active_adapter_selects_only_its_weights(params):
 def test_lora_dropout_only_in_training(params):
   p = _randomize_adapter(params, "reasoner")
   toks = _tokens((2, 8))
-  run = lambda seed: _apply(p, tokens=toks, adapter="reasoner", deterministic=False,
-                            rngs={"dropout": jax.random.key(seed)}).hidden
+  run = lambda seed: _apply(
+    p, tokens=toks, adapter="reasoner", deterministic=False, rngs={"dropout": jax.random.key(seed)}
+  ).hidden
   np.testing.assert_allclose(run(0), run(0))
   assert np.abs(run(0) - run(1)).max() > 1e-4
   eval_out = _apply(p, tokens=toks, adapter="reasoner").hidden
@@ -162,10 +173,12 @@ def test_remat_keeps_values_and_gradients(params, policy):
   def loss(p, cfg):
     h = Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator").hidden
     # The last layer's read-out path is a static argument of the remat'd block too.
-    tail = Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator",
-                              readout=(-3, None)).hidden
-    return (jnp.mean(Decoder(cfg).apply({"params": p}, h, method=Decoder.logits) ** 2)
-            + jnp.mean(tail ** 2))
+    tail = (
+      Decoder(cfg).apply({"params": p}, tokens=toks, adapter="generator", readout=(-3, None)).hidden
+    )
+    return jnp.mean(Decoder(cfg).apply({"params": p}, h, method=Decoder.logits) ** 2) + jnp.mean(
+      tail**2
+    )
 
   ref_val, ref_grad = jax.jit(jax.value_and_grad(lambda p: loss(p, CFG)))(p)
   cfg = CFG.replace(remat_policy=policy)
@@ -193,8 +206,11 @@ def test_attention_layouts_agree_in_values_and_gradients(params, layout):
   mask = jnp.ones((2, 9), jnp.int32).at[1, :3].set(0)
 
   def loss(p, cfg):
-    h = Decoder(cfg).apply({"params": p}, tokens=toks, attention_mask=mask,
-                           adapter="generator").hidden
+    h = (
+      Decoder(cfg)
+      .apply({"params": p}, tokens=toks, attention_mask=mask, adapter="generator")
+      .hidden
+    )
     return jnp.mean(jnp.sin(h))
 
   other = {"grouped": "per_kv_head", "per_kv_head": "grouped"}[layout]
@@ -215,14 +231,17 @@ def test_per_kv_head_attention_backward_tracks_autodiff_in_bfloat16(params):
 
   def grads(layout, dtype):
     cfg = CFG.replace(attention_layout=layout, dtype=dtype)
-    loss = lambda p: jnp.mean(jnp.sin(Decoder(cfg).apply(
-        {"params": p}, tokens=toks, attention_mask=mask, adapter="generator").hidden
-        .astype(jnp.float32)))
+    loss = lambda p: jnp.mean(
+      jnp.sin(
+        Decoder(cfg)
+        .apply({"params": p}, tokens=toks, attention_mask=mask, adapter="generator")
+        .hidden.astype(jnp.float32)
+      )
+    )
     return jax.tree_util.tree_leaves(jax.grad(loss)(p))
 
   exact = grads("grouped", "float32")
-  for got, want, ref in zip(grads("per_kv_head", "bfloat16"), grads("grouped", "bfloat16"),
-                            exact):
+  for got, want, ref in zip(grads("per_kv_head", "bfloat16"), grads("grouped", "bfloat16"), exact):
     scale = float(jnp.max(jnp.abs(ref))) + 1e-12
     assert float(jnp.max(jnp.abs(got - want))) / scale < 0.05
     assert float(jnp.max(jnp.abs(got - ref))) / scale < 0.05
@@ -233,12 +252,23 @@ def test_gemma2_blocks_params_and_soft_capped_attention_gradients():
   and with scores pushed into the soft cap (queries scaled up), the per-KV-head layout's
   own backward pass matches the grouped layout's autodiff, where the cap moves the
   gradients by far more than the tolerance."""
-  cfg = CFG.replace(sliding_window=3, sliding_layer_pattern=(True, False),
-                    attn_logit_softcapping=1.0, final_logit_softcapping=5.0,
-                    query_pre_attn_scalar=24.0, post_norms=True)
+  cfg = CFG.replace(
+    sliding_window=3,
+    sliding_layer_pattern=(True, False),
+    attn_logit_softcapping=1.0,
+    final_logit_softcapping=5.0,
+    query_pre_attn_scalar=24.0,
+    post_norms=True,
+  )
   p = init_params(cfg, jax.random.key(0))
-  assert sorted(p["layers_1"]) == ["attn", "attn_norm", "attn_post_norm", "mlp", "mlp_norm",
-                                   "mlp_post_norm"]
+  assert sorted(p["layers_1"]) == [
+    "attn",
+    "attn_norm",
+    "attn_post_norm",
+    "mlp",
+    "mlp_norm",
+    "mlp_post_norm",
+  ]
   assert sum(x.size for x in jax.tree_util.tree_leaves(p)) == cfg.num_params()
   assert cfg.num_params() - CFG.num_params() == 2 * cfg.num_layers * cfg.hidden_size
   p = _randomize_adapter(p, "generator")
@@ -251,9 +281,9 @@ def test_gemma2_blocks_params_and_soft_capped_attention_gradients():
   def grads(cfg):
     def loss(p):
       model = Decoder(cfg)
-      h = model.apply({"params": p}, tokens=toks, attention_mask=mask,
-                      adapter="generator").hidden
+      h = model.apply({"params": p}, tokens=toks, attention_mask=mask, adapter="generator").hidden
       return jnp.mean(jnp.sin(model.apply({"params": p}, h, method=Decoder.logits)))
+
     return jax.tree_util.tree_leaves(jax.jit(jax.grad(loss))(p))
 
   want = grads(cfg.replace(attention_layout="grouped"))
@@ -269,20 +299,26 @@ def test_readout_computes_only_the_requested_positions(params):
   mask = jnp.ones((2, 10), jnp.int32).at[0, :4].set(0)
   full = _apply(p, tokens=toks, attention_mask=mask, adapter="compressor").hidden
   for readout, want in (((-3, None), full[:, -3:]), ((2, 5), full[:, 2:5])):
-    out = _apply(p, tokens=toks, attention_mask=mask, adapter="compressor",
-                 readout=readout).hidden
+    out = _apply(p, tokens=toks, attention_mask=mask, adapter="compressor", readout=readout).hidden
     assert out.shape == want.shape
     np.testing.assert_allclose(out, want, atol=1e-5)
   # The skipped positions still feed the last layer's keys and values.
   changed = toks.at[:, 0].set((toks[:, 0] + 1) % CFG.base_vocab_size)
   moved = _apply(p, tokens=changed, adapter="compressor", readout=(-3, None)).hidden
-  assert np.abs(moved - _apply(p, tokens=toks, adapter="compressor",
-                               readout=(-3, None)).hidden).max() > 1e-5
+  assert (
+    np.abs(moved - _apply(p, tokens=toks, adapter="compressor", readout=(-3, None)).hidden).max()
+    > 1e-5
+  )
   with pytest.raises(ValueError, match="no position"):
     _apply(p, tokens=toks, readout=(5, 5))
   with pytest.raises(ValueError, match="cache"):
-    _apply(p, tokens=toks[:, :1], cache=init_cache(CFG, 2, 4), cache_index=jnp.zeros(2, jnp.int32),
-           readout=(0, 1))
+    _apply(
+      p,
+      tokens=toks[:, :1],
+      cache=init_cache(CFG, 2, 4),
+      cache_index=jnp.zeros(2, jnp.int32),
+      readout=(0, 1),
+    )
 
 
 def test_sliding_window_limits_receptive_field():
@@ -290,8 +326,9 @@ def test_sliding_window_limits_receptive_field():
   p = init_params(cfg, jax.random.key(0))
   toks = _tokens((1, 12))
   changed = toks.at[0, 0].set((toks[0, 0] + 1) % CFG.base_vocab_size)
-  diff = np.abs(_apply(p, cfg=cfg, tokens=toks).hidden
-                - _apply(p, cfg=cfg, tokens=changed).hidden).max(-1)[0]
+  diff = np.abs(
+    _apply(p, cfg=cfg, tokens=toks).hidden - _apply(p, cfg=cfg, tokens=changed).hidden
+  ).max(-1)[0]
   # Two layers of window 3 reach back 2 * (3 - 1) = 4 positions.
   assert diff[:5].max() > 1e-4 and diff[5:].max() == 0.0
   full = np.abs(_apply(p, tokens=toks).hidden - _apply(p, tokens=changed).hidden).max(-1)[0]
@@ -311,8 +348,9 @@ def test_config_validation_names_the_field():
     model_config("tiny", sliding_layer_pattern=(True, False))
   with pytest.raises(ValueError, match="sliding_layer_pattern must be a non-empty tuple"):
     model_config("tiny", sliding_window=4, sliding_layer_pattern=())
-  assert model_config("tiny", sliding_window=4, sliding_layer_pattern=[False, True]
-                      ).windowed_layers == (False, True)
+  assert model_config(
+    "tiny", sliding_window=4, sliding_layer_pattern=[False, True]
+  ).windowed_layers == (False, True)
   with pytest.raises(ValueError, match="unknown model size"):
     model_config("huge")
   with pytest.raises(ValueError, match="rank"):
@@ -364,6 +402,7 @@ def _dot_operand_dtypes(fn, *args):
         found.append(tuple(v.aval.dtype for v in eqn.invars))
       for sub in jax.core.jaxprs_in_params(eqn.params):
         walk(sub)
+
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
 
@@ -383,12 +422,14 @@ def test_mixed_matmul_values_gradients_and_backward_dtype(n_in):
   assert out.dtype == jnp.bfloat16
   np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(bf(ref), np.float32))
   for out_dtype in (None, jnp.float32):
-    loss = lambda x, w: jnp.sum(layers.matmul(x, w, n_in, jnp.bfloat16, out_dtype)
-                                .astype(jnp.float32) * g)
+    loss = lambda x, w, out_dtype=out_dtype: jnp.sum(
+      layers.matmul(x, w, n_in, jnp.bfloat16, out_dtype).astype(jnp.float32) * g
+    )
     ref_loss = lambda x, w: jnp.sum(layers.matmul(x, w, n_in, jnp.float32) * g)
     grads = jax.grad(loss, argnums=(0, 1))(x, w)
-    ref_grads = jax.grad(ref_loss, argnums=(0, 1))(bf(x).astype(jnp.float32),
-                                                   bf(w).astype(jnp.float32))
+    ref_grads = jax.grad(ref_loss, argnums=(0, 1))(
+      bf(x).astype(jnp.float32), bf(w).astype(jnp.float32)
+    )
     for got, want, primal in zip(grads, ref_grads, (x, w)):
       assert got.dtype == primal.dtype  # the cast back to the float32 parameter
       scale = np.abs(np.asarray(want)).max()

@@ -15,15 +15,14 @@ import json
 import os
 
 import jax
-import pytest
-
 import nbformat
+import pytest
 from nbclient import NotebookClient
+from report_checks import HIDDEN_CLAIMS, check_report
 
 from clara_jax import demo
 from clara_jax.eval import baselines
 from clara_jax.eval.evaluate import load_rows
-from report_checks import HIDDEN_CLAIMS, check_report
 
 ALL_STAGES = demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
 
@@ -36,13 +35,25 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   written = check_report(workdir, lines, HIDDEN_CLAIMS, ("single", "one_link", "two_link"))
   # The report says what produced it: this checkout's commit.
   import subprocess
-  head = subprocess.run(["git", "-C", os.path.dirname(os.path.dirname(demo.__file__)),
-                         "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+
+  head = subprocess.run(
+    ["git", "-C", os.path.dirname(os.path.dirname(demo.__file__)), "rev-parse", "HEAD"],
+    capture_output=True,
+    text=True,
+  ).stdout.strip()
   assert written["provenance"]["commit"] == (head or None)
   final = written["results"]["stage2"]
   assert final["questions"] == summary["results"]["stage2"]["questions"] > 0
-  for key in ("memory_gain", "em_oracle", "em_control", "recall@1", "bm25_recall@1",
-              "kind_prior_recall@1", "bm25_two_hop_recall@1", "gold_prior_recall@1"):
+  for key in (
+    "memory_gain",
+    "em_oracle",
+    "em_control",
+    "recall@1",
+    "bm25_recall@1",
+    "kind_prior_recall@1",
+    "bm25_two_hop_recall@1",
+    "gold_prior_recall@1",
+  ):
     assert key in final, key
   for name in ("init", "stage2_shuffled", "stage2_retrieval"):
     assert written["results"][name]["questions"] == final["questions"]
@@ -56,22 +67,24 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   edit = written["results"]["edit"]
   assert edit["questions"] > 0 and edit["links"] == len(edit["edits"])
   for model in ("stage2", "sham", "edit"):  # the base and each adapted model, closed book
-    assert {"new_known", "reasoner_old_known", "generator_new_known"} <= set(
-        edit["probe"][model])
+    assert {"new_known", "reasoner_old_known", "generator_new_known"} <= set(edit["probe"][model])
   assert any(c["claim"].startswith("e. edit: top-1 on the new") for c in written["claims"])
   with open(os.path.join(workdir, demo.EDIT_STAGES[0], "export", "config.json")) as f:
     assert json.load(f)
   from clara_jax.model import lora
   from clara_jax.weights.export import load_params
+
   _, stage2 = load_params(os.path.join(workdir, "stage2", "export"))
   for stage in demo.EDIT_STAGES:
     _, tuned = load_params(os.path.join(workdir, stage, "export"))
-    (base2, adapters2), (base_t, adapters_t) = (lora.split_adapters(stage2),
-                                                lora.split_adapters(tuned))
-    assert all((a == b).all() for a, b in zip(jax.tree.leaves(adapters2),
-                                              jax.tree.leaves(adapters_t)))
-    assert any((a != b).any() for a, b in zip(jax.tree.leaves(base2),
-                                              jax.tree.leaves(base_t)))
+    (base2, adapters2), (base_t, adapters_t) = (
+      lora.split_adapters(stage2),
+      lora.split_adapters(tuned),
+    )
+    assert all(
+      (a == b).all() for a, b in zip(jax.tree.leaves(adapters2), jax.tree.leaves(adapters_t))
+    )
+    assert any((a != b).any() for a, b in zip(jax.tree.leaves(base2), jax.tree.leaves(base_t)))
   ids = {}
   for model in ("stage2", "sham", "edit"):
     with open(os.path.join(workdir, "eval", f"edit_{model}.jsonl")) as f:
@@ -101,8 +114,9 @@ def test_baselines_rank_the_same_candidates_as_the_reasoner(quick_demo):
 
 
 def test_demo_exit_code_follows_the_claims():
-  rows = lambda *verdicts: {"claims": [{"claim": str(i), "passed": v}
-                                       for i, v in enumerate(verdicts)]}
+  rows = lambda *verdicts: {
+    "claims": [{"claim": str(i), "passed": v} for i, v in enumerate(verdicts)]
+  }
   assert demo.claims_met(rows(True, None, True))
   assert not demo.claims_met(rows(True, False, None))
   assert not demo.claims_met({"claims": []})
@@ -121,19 +135,38 @@ def test_rerun_resumes_instead_of_starting_over(quick_demo):
   # Same checkpoints, same evaluation.
   assert again["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
   assert again["results"]["stage2"]["memory_gain"] == pytest.approx(
-      summary["results"]["stage2"]["memory_gain"], abs=1e-5)
+    summary["results"]["stage2"]["memory_gain"], abs=1e-5
+  )
 
 
 def _results(lift, ci, auc=0.56):
-  lens = {"hidden_hit_rate": 0.2 + lift, "control_hit_rate": 0.2, "lift": lift,
-          "lift_ci95": ci, "top_t": 2, "rank_auc": auc, "rank_auc_ci95": 0.03,
-          "gold_memories": {"rank_auc": 0.58, "rank_auc_ci95": 0.03, "piece_lift": 0.07,
-                            "piece_lift_ci95": 0.07}}
-  return {"stage2": {"memory_gain": 1.5, "em_oracle": 0.9, "em_control": 0.1,
-                     "recall@1": 0.5, "recall@5": 0.8,
-                     "by_kind": {"multi": {"recall@1": 0.2, "bm25_recall@1": 0.3}}},
-          "stage1_2_init": {"recall@1": 0.4, "recall@5": 0.8},
-          "lens": {"stage2": lens, "stage1_2_init": lens}}
+  lens = {
+    "hidden_hit_rate": 0.2 + lift,
+    "control_hit_rate": 0.2,
+    "lift": lift,
+    "lift_ci95": ci,
+    "top_t": 2,
+    "rank_auc": auc,
+    "rank_auc_ci95": 0.03,
+    "gold_memories": {
+      "rank_auc": 0.58,
+      "rank_auc_ci95": 0.03,
+      "piece_lift": 0.07,
+      "piece_lift_ci95": 0.07,
+    },
+  }
+  return {
+    "stage2": {
+      "memory_gain": 1.5,
+      "em_oracle": 0.9,
+      "em_control": 0.1,
+      "recall@1": 0.5,
+      "recall@5": 0.8,
+      "by_kind": {"multi": {"recall@1": 0.2, "bm25_recall@1": 0.3}},
+    },
+    "stage1_2_init": {"recall@1": 0.4, "recall@5": 0.8},
+    "lens": {"stage2": lens, "stage1_2_init": lens},
+  }
 
 
 def test_claims_table_applies_each_target():
@@ -159,6 +192,7 @@ def test_claims_table_applies_each_target():
 
 def test_pooling_seeds_reads_every_seeds_records(quick_demo):
   from clara_jax.eval import hidden
+
   workdir, summary, _ = quick_demo
   k = demo.stage_config("stage2", demo.default_recipe(quick=True)).clara.k
   pooled = hidden.pool_seeds({1: workdir, 2: workdir}, k)
@@ -172,7 +206,8 @@ def test_pooling_seeds_reads_every_seeds_records(quick_demo):
   assert edit["questions"] == 2 * one["questions"] and edit["links"] == 2 * one["links"]
   for model in ("stage2", "sham", "edit"):
     assert edit["edited"][model]["top1_new"]["mean"] == pytest.approx(
-        one["edited"][model]["top1_new"]["mean"])
+      one["edited"][model]["top1_new"]["mean"]
+    )
     assert edit["probe"][model]["links"] == 2 * one["probe"][model]["links"]
   rows = hidden.claims(pooled, 1.0)
   verdicts = {1: {rows[0][0]: True}, 2: {rows[0][0]: False}}
@@ -182,12 +217,14 @@ def test_pooling_seeds_reads_every_seeds_records(quick_demo):
 
 def test_demo_seeds_flag_is_checked(capsys):
   from clara_jax import cli
+
   assert cli.main(["demo", "--seeds", "1,x"]) == 2
   assert "comma-separated list of integers" in capsys.readouterr().err
 
 
 def test_edit_command_reruns_the_measurement_on_a_finished_run(quick_demo, capsys, tmp_path):
   from clara_jax import cli
+
   workdir, summary, _ = quick_demo
   assert cli.main(["edit", "--workdir", workdir, "--quick"]) == 0  # --quick: no verdicts
   out = capsys.readouterr().out
@@ -201,8 +238,9 @@ def test_edit_command_reruns_the_measurement_on_a_finished_run(quick_demo, capsy
 
 
 # --- the Colab notebook -------------------------------------------------------------
-NOTEBOOK = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                        "colab", "clara_jax_demo.ipynb")
+NOTEBOOK = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "colab", "clara_jax_demo.ipynb"
+)
 ARTEFACTS = ("summary.json", "lens.png", "losses.png")
 
 
@@ -228,8 +266,9 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
   before = {name: os.stat(os.path.join(workdir, name)).st_mtime_ns for name in ARTEFACTS}
 
   nb = nbformat.read(NOTEBOOK, as_version=4)
-  NotebookClient(nb, timeout=600, kernel_name="python3",
-                 resources={"metadata": {"path": str(tmp_path)}}).execute()
+  NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+  ).execute()
 
   for name in ARTEFACTS:
     assert os.stat(os.path.join(workdir, name)).st_mtime_ns > before[name], name
@@ -238,19 +277,24 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
   assert "clara_jax already installed" in _stream(install)
   assert "cpu" in _stream(devices)
   log = _stream(run)
-  assert log.count("finished before: skipped") == len(demo.STAGES + demo.BASELINE_STAGES
-                                                     + demo.EDIT_STAGES)
+  assert log.count("finished before: skipped") == len(
+    demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
+  )
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)
   assert written["results"]["stage2"]["questions"] == summary["results"]["stage2"]["questions"]
   assert written["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
   assert written["results"]["stage2"]["memory_gain"] == pytest.approx(
-      summary["results"]["stage2"]["memory_gain"], abs=1e-5)
+    summary["results"]["stage2"]["memory_gain"], abs=1e-5
+  )
   rows = [(c["claim"], c["measured"], c["target"], c["passed"]) for c in written["claims"]]
   assert demo.format_table(rows) in log
   assert _stream(table) == demo.format_table(rows) + "\n"
   for cell, name in zip(figures, ("lens.png", "losses.png")):
-    images = [o.data["image/png"] for o in cell.outputs
-              if o.output_type == "display_data" and "image/png" in o.data]
+    images = [
+      o.data["image/png"]
+      for o in cell.outputs
+      if o.output_type == "display_data" and "image/png" in o.data
+    ]
     with open(os.path.join(workdir, name), "rb") as f:
       assert [base64.b64decode(image) for image in images] == [f.read()], name

@@ -2,10 +2,8 @@
 text changes, the summary's intervals over links, and the claim's verdicts. The whole
 experiment (fine-tunes and measures) runs in the quick demo (tests/test_demo.py)."""
 
-import json
 import os
 
-import numpy as np
 import pytest
 
 from clara_jax.data import synth
@@ -16,8 +14,9 @@ from clara_jax.eval.evaluate import load_rows
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("edit_world"))
-  manifest = synth.write_world(directory, seed=3, size="small", candidates=10, k=2,
-                               max_facts=2, names="pool", world="hidden")
+  manifest = synth.write_world(
+    directory, seed=3, size="small", candidates=10, k=2, max_facts=2, names="pool", world="hidden"
+  )
   rows = load_rows(os.path.join(directory, "stage2_test.jsonl"))
   return directory, manifest, rows
 
@@ -80,22 +79,42 @@ def test_an_edit_that_contradicts_the_world_is_refused(world):
 
 def _records(top1_new, link_of, group="edited"):
   if group == "control":
-    return [{"id": f"c{i}", "group": group, "link": link_of(i), "top1_old": float(v),
-             "top1_new_elsewhere": None if i == 0 else float(1 - v)}
-            for i, v in enumerate(top1_new)]
-  return [{"id": f"q{i}", "group": group, "link": link_of(i), "top1_new": float(v),
-           "top1_old": float(1 - v), "margin": float(v) - 0.5, "lens_auc": 0.5 + 0.1 * v}
-          for i, v in enumerate(top1_new)]
+    return [
+      {
+        "id": f"c{i}",
+        "group": group,
+        "link": link_of(i),
+        "top1_old": float(v),
+        "top1_new_elsewhere": None if i == 0 else float(1 - v),
+      }
+      for i, v in enumerate(top1_new)
+    ]
+  return [
+    {
+      "id": f"q{i}",
+      "group": group,
+      "link": link_of(i),
+      "top1_new": float(v),
+      "top1_old": float(1 - v),
+      "margin": float(v) - 0.5,
+      "lens_auc": 0.5 + 0.1 * v,
+    }
+    for i, v in enumerate(top1_new)
+  ]
 
 
 def test_summary_pairs_models_and_resamples_links():
   link = lambda i: f"l{i // 2}"  # two questions per edited link
-  per_model = {"stage2": _records([0] * 20, link), "sham": _records([0, 0, 1, 0] * 5, link),
-               "edit": _records([1, 1, 1, 0] * 5, link)}
+  per_model = {
+    "stage2": _records([0] * 20, link),
+    "sham": _records([0, 0, 1, 0] * 5, link),
+    "edit": _records([1, 1, 1, 0] * 5, link),
+  }
   for name in per_model:
     per_model[name] += _records([1, 0] * 3, lambda i: f"c{i}", group="control")
-  summary = edit.summarize(per_model, {m: {"new_known": 0.5, "old_known": 0.5, "links": 10}
-                                       for m in per_model})
+  summary = edit.summarize(
+    per_model, {m: {"new_known": 0.5, "old_known": 0.5, "links": 10} for m in per_model}
+  )
   assert summary["questions"] == 20 and summary["links"] == 10
   assert summary["control_questions"] == 6
   assert summary["edited"]["edit"]["top1_new"]["mean"] == pytest.approx(0.75)

@@ -12,8 +12,14 @@ DOCS = ["alpha one", "beta two", "gamma three"]
 
 def _row(i, **extra):
   """A good stage2 row whose gold label differs per row (so a lost label is visible)."""
-  return {"id": f"q{i}", "question": f"Q{i}?", "docs": DOCS, "answer": f"a{i}",
-          "pos_index": [i % 3], **extra}
+  return {
+    "id": f"q{i}",
+    "question": f"Q{i}?",
+    "docs": DOCS,
+    "answer": f"a{i}",
+    "pos_index": [i % 3],
+    **extra,
+  }
 
 
 def _stage1_2(i, **extra):
@@ -73,14 +79,18 @@ def test_stage2_file_with_row_lacking_pos_index(tmp_path):
   path = _write(tmp_path / "mixed.jsonl", [_row(0), _row(1), _stage1_2(2)])
   with pytest.raises(DataError) as err:
     read_eval_rows(path)
-  assert str(err.value) == (f"{path}:3: field 'pos_index': missing; this file's rows are "
-                            "stage2 (detected from line 1)")
+  assert str(err.value) == (
+    f"{path}:3: field 'pos_index': missing; this file's rows are stage2 (detected from line 1)"
+  )
 
 
 def test_stage1_2_file_with_row_having_pos_index(tmp_path):
   path = _write(tmp_path / "mixed.jsonl", [_stage1_2(0), _row(1)])
-  with pytest.raises(DataError, match=r"mixed.jsonl:2: field 'pos_index': unexpected; "
-                                      r"this file's rows are stage1_2 \(detected from line 1"):
+  with pytest.raises(
+    DataError,
+    match=r"mixed.jsonl:2: field 'pos_index': unexpected; "
+    r"this file's rows are stage1_2 \(detected from line 1",
+  ):
     read_eval_rows(path)
 
 
@@ -91,45 +101,60 @@ def test_detection_skips_non_objects_and_declared_schema_wins(tmp_path):
   assert report.schema == "stage1_2" and len(rows) == 2
   assert report.reasons == [f"{path}:1: expected a JSON object, found list"]
   declared = _write(tmp_path / "d.jsonl", [_row(0), _stage1_2(1)])
-  with pytest.raises(DataError, match=r"d.jsonl:1: field 'pos_index': unexpected; this file's "
-                                      r"rows are stage1_2 \(declared by the caller\)"):
+  with pytest.raises(
+    DataError,
+    match=r"d.jsonl:1: field 'pos_index': unexpected; this file's "
+    r"rows are stage1_2 \(declared by the caller\)",
+  ):
     read_eval_rows(declared, fmt="stage1_2")
-  with pytest.raises(DataError, match=r"d.jsonl:2: field 'pos_index': missing; this file's "
-                                      r"rows are stage2 \(declared by the caller\)"):
+  with pytest.raises(
+    DataError,
+    match=r"d.jsonl:2: field 'pos_index': missing; this file's "
+    r"rows are stage2 \(declared by the caller\)",
+  ):
     read_eval_rows(declared, fmt="stage2")
   with pytest.raises(ValueError, match="fmt must be one of"):
     read_eval_rows(path, fmt="stage1")
 
 
 def test_good_extras_kept(tmp_path):
-  extras = {"kind": "multi", "template": "", "seen": False, "doc_ids": ["d0", "d1", "d2"],
-            "doc_kinds": ["person", "city", ""], "clues": [], "bridge_clues": ["b"],
-            "control_clues": [["x"], [], ["y", "z"]], "unknown_key": {"ignored": 1}}
+  extras = {
+    "kind": "multi",
+    "template": "",
+    "seen": False,
+    "doc_ids": ["d0", "d1", "d2"],
+    "doc_kinds": ["person", "city", ""],
+    "clues": [],
+    "bridge_clues": ["b"],
+    "control_clues": [["x"], [], ["y", "z"]],
+    "unknown_key": {"ignored": 1},
+  }
   path = _write(tmp_path / "s2.jsonl", [_row(0, **extras)])
   row = read_eval_rows(path)[0]
-  assert {k: row[k] for k in extras if k != "unknown_key"} == \
-      {k: v for k, v in extras.items() if k != "unknown_key"}
+  assert {k: row[k] for k in extras if k != "unknown_key"} == {
+    k: v for k, v in extras.items() if k != "unknown_key"
+  }
   assert "unknown_key" not in row
 
 
 BAD_EXTRAS = [
-    ({"id": ""}, "id", "is empty"),
-    ({"id": 3}, "id", "expected a string, found int"),
-    ({"kind": None}, "kind", "expected a string, found NoneType"),
-    ({"template": ["t"]}, "template", "expected a string, found list"),
-    ({"seen": "yes"}, "seen", "expected true or false, found str"),
-    ({"seen": 1}, "seen", "expected true or false, found int"),
-    ({"doc_ids": ["d0", "d1"]}, "doc_ids", "expected 3 entries (one per document), found 2"),
-    ({"doc_ids": ["d0", "", "d2"]}, "doc_ids[1]", "is empty"),
-    ({"doc_ids": "d0"}, "doc_ids", "expected a list of strings, found str"),
-    ({"doc_kinds": ["a", "b", "c", "d"]}, "doc_kinds", "expected 3 entries"),
-    ({"doc_kinds": ["a", 2, "c"]}, "doc_kinds[1]", "expected a string, found int"),
-    ({"clues": "c"}, "clues", "expected a list of strings, found str"),
-    ({"clues": [None]}, "clues[0]", "expected a string, found NoneType"),
-    ({"control_clues": [["x"], []]}, "control_clues", "expected 3 entries"),
-    ({"control_clues": ["x", [], []]}, "control_clues[0]", "expected a list of strings"),
-    ({"control_clues": {"a": 1}}, "control_clues", "expected a list of lists of strings"),
-    ({"bridge_clues": [1]}, "bridge_clues[0]", "expected a string, found int"),
+  ({"id": ""}, "id", "is empty"),
+  ({"id": 3}, "id", "expected a string, found int"),
+  ({"kind": None}, "kind", "expected a string, found NoneType"),
+  ({"template": ["t"]}, "template", "expected a string, found list"),
+  ({"seen": "yes"}, "seen", "expected true or false, found str"),
+  ({"seen": 1}, "seen", "expected true or false, found int"),
+  ({"doc_ids": ["d0", "d1"]}, "doc_ids", "expected 3 entries (one per document), found 2"),
+  ({"doc_ids": ["d0", "", "d2"]}, "doc_ids[1]", "is empty"),
+  ({"doc_ids": "d0"}, "doc_ids", "expected a list of strings, found str"),
+  ({"doc_kinds": ["a", "b", "c", "d"]}, "doc_kinds", "expected 3 entries"),
+  ({"doc_kinds": ["a", 2, "c"]}, "doc_kinds[1]", "expected a string, found int"),
+  ({"clues": "c"}, "clues", "expected a list of strings, found str"),
+  ({"clues": [None]}, "clues[0]", "expected a string, found NoneType"),
+  ({"control_clues": [["x"], []]}, "control_clues", "expected 3 entries"),
+  ({"control_clues": ["x", [], []]}, "control_clues[0]", "expected a list of strings"),
+  ({"control_clues": {"a": 1}}, "control_clues", "expected a list of lists of strings"),
+  ({"bridge_clues": [1]}, "bridge_clues[0]", "expected a string, found int"),
 ]
 
 
@@ -198,17 +223,22 @@ def test_limit_keeps_first_good_rows(tmp_path):
 
 
 def test_report_counts_every_reason_and_says_how_many_more(tmp_path):
-  rows = ([_row(0)] + [_stage1_2(i) for i in range(1, 5)]
-          + [{**_row(i), "seen": 0} for i in range(5, 8)] + [_row(8), "{oops"])
+  rows = (
+    [_row(0)]
+    + [_stage1_2(i) for i in range(1, 5)]
+    + [{**_row(i), "seen": 0} for i in range(5, 8)]
+    + [_row(8), "{oops"]
+  )
   path = _write(tmp_path / "s2.jsonl", rows)
   report = ReadReport()
   read_eval_rows(path, on_error="skip", report=report)
   assert (report.rows_read, report.rows_ok, report.rows_skipped) == (10, 2, 8)
   missing = "missing; this file's rows are stage2 (detected from line 1)"
   assert report.reason_counts == {
-      ("pos_index", missing): 4,
-      ("seen", "expected true or false, found int"): 3,
-      (None, "invalid JSON: Expecting property name enclosed in double quotes at column 2"): 1}
+    ("pos_index", missing): 4,
+    ("seen", "expected true or false, found int"): 3,
+    (None, "invalid JSON: Expecting property name enclosed in double quotes at column 2"): 1,
+  }
   summary = report.summary()
   assert summary.startswith("2 rows kept, 8 skipped of 10 read")
   assert f"4 x field 'pos_index': {missing} (first at {path}:2)" in summary

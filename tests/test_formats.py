@@ -13,20 +13,29 @@ GOOD2 = {"question": "Who?", "docs": ["a b", "c d", "e f"], "answer": "a", "pos_
 
 
 def _write(path, lines):
-  path.write_bytes(b"\n".join(l if isinstance(l, bytes) else json.dumps(l).encode()
-                              for l in lines) + b"\n")
+  path.write_bytes(
+    b"\n".join(x if isinstance(x, bytes) else json.dumps(x).encode() for x in lines) + b"\n"
+  )
   return str(path)
 
 
 def test_normalises_each_format(tmp_path):
-  s1 = _write(tmp_path / "s1.jsonl", [
+  s1 = _write(
+    tmp_path / "s1.jsonl",
+    [
       {"data_type": "qa", "question": ["q1", "q2"], "answers": ["a1", "a2"], "docs": ["d"]},
-      {"data_type": "paraphrase", "question": "", "answers": ["p"], "docs": ["d"]}])
+      {"data_type": "paraphrase", "question": "", "answers": ["p"], "docs": ["d"]},
+    ],
+  )
   rows = list(read_rows(s1, "stage1"))
   assert rows[1]["question"] == [] and rows[0]["answers"] == ["a1", "a2"]
-  s12 = _write(tmp_path / "s12.jsonl", [
+  s12 = _write(
+    tmp_path / "s12.jsonl",
+    [
       {"question": "q", "docs": ["d"] * 5, "golden_answers": ["x", "y"]},
-      {"question": "q", "context": ["d"] * 5, "answers": ["z"]}])
+      {"question": "q", "context": ["d"] * 5, "answers": ["z"]},
+    ],
+  )
   rows = list(read_rows(s12, "stage1_2", num_docs=5))
   assert rows[0]["answer"] == "x" and rows[0]["answers"] == ["x", "y"]
   assert rows[1]["docs"] == ["d"] * 5
@@ -36,14 +45,14 @@ def test_normalises_each_format(tmp_path):
 
 
 BAD = [
-    (b'{"question": "Who?", "docs": ["a"], "answer": "a"', None, "invalid JSON"),
-    (b'{"question": "caf\xe9", "docs": ["a"], "answer": "a"}', None, "not valid UTF-8"),
-    ({**GOOD2, "question": 3}, "question", "expected a string"),
-    ({k: v for k, v in GOOD2.items() if k != "answer"}, "answer", "missing"),
-    ({**GOOD2, "docs": ["a", "  "]}, "docs[1]", "is empty"),
-    ({**GOOD2, "pos_index": [3]}, "pos_index", "out of range for 3 documents"),
-    ({**GOOD2, "pos_index": ["0"]}, "pos_index", "list of integers"),
-    ([1, 2], None, "expected a JSON object"),
+  (b'{"question": "Who?", "docs": ["a"], "answer": "a"', None, "invalid JSON"),
+  (b'{"question": "caf\xe9", "docs": ["a"], "answer": "a"}', None, "not valid UTF-8"),
+  ({**GOOD2, "question": 3}, "question", "expected a string"),
+  ({k: v for k, v in GOOD2.items() if k != "answer"}, "answer", "missing"),
+  ({**GOOD2, "docs": ["a", "  "]}, "docs[1]", "is empty"),
+  ({**GOOD2, "pos_index": [3]}, "pos_index", "out of range for 3 documents"),
+  ({**GOOD2, "pos_index": ["0"]}, "pos_index", "list of integers"),
+  ([1, 2], None, "expected a JSON object"),
 ]
 
 
@@ -67,8 +76,10 @@ def test_wrong_number_of_documents(tmp_path):
   path = _write(tmp_path / "s12.jsonl", [{**GOOD2, "docs": ["a"] * 4}])
   with pytest.raises(DataError, match=r"s12.jsonl:1: field 'docs': expected 5 documents"):
     list(read_rows(path, "stage1_2", num_docs=5))
-  path = _write(tmp_path / "s1.jsonl", [
-      {"data_type": "qa", "question": ["q"], "answers": ["a", "b"], "docs": ["d"]}])
+  path = _write(
+    tmp_path / "s1.jsonl",
+    [{"data_type": "qa", "question": ["q"], "answers": ["a", "b"], "docs": ["d"]}],
+  )
   with pytest.raises(DataError, match="2 answers for 1 questions"):
     list(read_rows(path, "stage1"))
 
@@ -93,5 +104,8 @@ def test_atomic_write_keeps_existing_file_on_failure(tmp_path):
   assert out.read_text() == "previous\n"
   assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
   assert write_jsonl_atomic(str(out), [{"a": 1}, {"b": "é"}]) == 2
-  assert [json.loads(l) for l in out.read_text("utf-8").splitlines()] == [{"a": 1}, {"b": "é"}]
+  assert [json.loads(line) for line in out.read_text("utf-8").splitlines()] == [
+    {"a": 1},
+    {"b": "é"},
+  ]
   assert formats.validate_row(GOOD2, "stage2")["answers"] == ["a"]

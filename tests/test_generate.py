@@ -5,14 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from clara_jax.data import packing
-from clara_jax.infer.generate import (bucket_length, generate, left_to_right_padding,
-                                      prefix_cache)
-from clara_jax.model import clara, lora
-from clara_jax.model.decoder import Decoder, init_params
 from clara_synth import BOS, EOS, INST, PAD, SEP, mem_ids, model_cfg
 from compile_count import backend_compiles
+
+from clara_jax.data import packing
+from clara_jax.infer.generate import bucket_length, generate, left_to_right_padding, prefix_cache
+from clara_jax.model import clara, lora
+from clara_jax.model.decoder import Decoder, init_params
 
 N_MEM, K = 2, 2
 MODEL = model_cfg(N_MEM)
@@ -28,11 +27,21 @@ def setup():
       flat[path] = 0.3 * jax.random.normal(next(keys), flat[path].shape)
   p = lora.unflatten(flat)
   slots = packing.slot_ids(N_MEM, K, mem_ids(N_MEM), SEP)
-  prompts = [[BOS, INST] + slots + [5, 6, INST], [BOS] + slots + [INST],
-             [BOS, INST, 9, 9] + slots + [7, 8, 9, INST]]
-  arrays, _ = packing.pack_generator(prompts, [[]] * 3, prompt_len=16, answer_len=1,
-                                     mem_ids=mem_ids(N_MEM), n_slots=K, eos_id=EOS,
-                                     pad_id=PAD)
+  prompts = [
+    [BOS, INST] + slots + [5, 6, INST],
+    [BOS] + slots + [INST],
+    [BOS, INST, 9, 9] + slots + [7, 8, 9, INST],
+  ]
+  arrays, _ = packing.pack_generator(
+    prompts,
+    [[]] * 3,
+    prompt_len=16,
+    answer_len=1,
+    mem_ids=mem_ids(N_MEM),
+    n_slots=K,
+    eos_id=EOS,
+    pad_id=PAD,
+  )
   tokens = arrays["gen_tokens"][:, :16]
   mask = arrays["gen_mask"][:, :16]
   memories = jax.random.normal(jax.random.key(2), (3, K, N_MEM, MODEL.hidden_size))
@@ -40,9 +49,16 @@ def setup():
 
 
 def _pack(prompts, length):
-  arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), prompt_len=length,
-                                     answer_len=1, mem_ids=mem_ids(N_MEM), n_slots=K,
-                                     eos_id=EOS, pad_id=PAD)
+  arrays, _ = packing.pack_generator(
+    prompts,
+    [[]] * len(prompts),
+    prompt_len=length,
+    answer_len=1,
+    mem_ids=mem_ids(N_MEM),
+    n_slots=K,
+    eos_id=EOS,
+    pad_id=PAD,
+  )
   return arrays["gen_tokens"][:, :length], arrays["gen_mask"][:, :length], arrays["slot_positions"]
 
 
@@ -64,8 +80,9 @@ def test_a_shared_prefix_built_once_generates_what_whole_prompts_do(scan_layers)
   greedy = None
   for kw in (dict(), dict(temperature=1.3, top_p=0.95, rng=jax.random.key(7))):
     want, want_len = generate(p, cfg, *whole, memories, max_new_tokens=7, eos_id=-1, **kw)
-    got, got_len = generate(p, cfg, *rest, memories, max_new_tokens=7, eos_id=-1,
-                            prefix=prefix, **kw)
+    got, got_len = generate(
+      p, cfg, *rest, memories, max_new_tokens=7, eos_id=-1, prefix=prefix, **kw
+    )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     np.testing.assert_array_equal(got_len, want_len)
     greedy = want if greedy is None else greedy
@@ -85,7 +102,9 @@ def _greedy_without_cache(p, tokens, mask, slots, memories, steps):
     for _ in range(steps):
       ids = jnp.asarray([real + seq])
       emb = model.apply({"params": p}, ids, method=Decoder.embed)
-      emb = clara.splice(emb, jnp.asarray(pos)[None], memories[b].reshape(1, -1, memories.shape[-1]))
+      emb = clara.splice(
+        emb, jnp.asarray(pos)[None], memories[b].reshape(1, -1, memories.shape[-1])
+      )
       h = model.apply({"params": p}, embeddings=emb, adapter="generator").hidden
       logits = model.apply({"params": p}, h[:, -1], method=Decoder.logits)
       seq.append(int(jnp.argmax(logits[0])))
@@ -95,8 +114,7 @@ def _greedy_without_cache(p, tokens, mask, slots, memories, steps):
 
 def test_cache_generation_equals_recomputation(setup):
   p, tokens, mask, slots, memories = setup
-  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
-                          eos_id=-1)
+  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1)
   want = _greedy_without_cache(p, tokens, mask, slots, memories, 6)
   np.testing.assert_array_equal(np.asarray(got), want)
   np.testing.assert_array_equal(lengths, [6, 6, 6])
@@ -108,10 +126,19 @@ def test_generation_reads_memories_at_the_embedding_scale(setup):
   p, tokens, mask, slots, memories = setup
   memories = 30.0 * memories
   target = Decoder(MODEL).apply({"params": p}, method=Decoder.embedding_rms)
-  scaled, _ = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
-                       eos_id=-1, memory_scale="embedding")
-  by_hand, _ = generate(p, MODEL, tokens, mask, slots,
-                        clara.rescale_memories(memories, target), max_new_tokens=6, eos_id=-1)
+  scaled, _ = generate(
+    p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1, memory_scale="embedding"
+  )
+  by_hand, _ = generate(
+    p,
+    MODEL,
+    tokens,
+    mask,
+    slots,
+    clara.rescale_memories(memories, target),
+    max_new_tokens=6,
+    eos_id=-1,
+  )
   np.testing.assert_array_equal(np.asarray(scaled), np.asarray(by_hand))
 
 
@@ -119,29 +146,42 @@ def test_eos_stops_and_pads(setup):
   p, tokens, mask, slots, memories = setup
   free, _ = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=-1)
   eos = int(free[0, 2])  # make the third greedy token of row 0 the end of sequence
-  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6,
-                          eos_id=eos)
+  got, lengths = generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=6, eos_id=eos)
   got = np.asarray(got)
-  assert int(lengths[0]) <= 3 and np.all(got[0, int(lengths[0]) - 1:] == eos)
+  assert int(lengths[0]) <= 3 and np.all(got[0, int(lengths[0]) - 1 :] == eos)
 
 
 def test_sampling_is_seeded(setup):
   p, tokens, mask, slots, memories = setup
-  run = lambda seed, top_p=0.9: np.asarray(generate(
-      p, MODEL, tokens, mask, slots, memories, max_new_tokens=8, eos_id=-1,
-      temperature=1.5, top_p=top_p, rng=jax.random.key(seed))[0])
+  run = lambda seed, top_p=0.9: np.asarray(
+    generate(
+      p,
+      MODEL,
+      tokens,
+      mask,
+      slots,
+      memories,
+      max_new_tokens=8,
+      eos_id=-1,
+      temperature=1.5,
+      top_p=top_p,
+      rng=jax.random.key(seed),
+    )[0]
+  )
   np.testing.assert_array_equal(run(0), run(0))
   assert not np.array_equal(run(0, 1.0), run(1, 1.0))
   # top_p -> 0 keeps only the best token: greedy.
-  greedy = np.asarray(generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=8,
-                               eos_id=-1)[0])
+  greedy = np.asarray(
+    generate(p, MODEL, tokens, mask, slots, memories, max_new_tokens=8, eos_id=-1)[0]
+  )
   np.testing.assert_array_equal(run(3, 1e-6), greedy)
 
 
 def test_padding_shift_and_buckets(setup):
   _, tokens, mask, slots, _ = setup
-  shifted, lengths, new_slots = left_to_right_padding(jnp.asarray(tokens), jnp.asarray(mask),
-                                                      jnp.asarray(slots))
+  shifted, lengths, new_slots = left_to_right_padding(
+    jnp.asarray(tokens), jnp.asarray(mask), jnp.asarray(slots)
+  )
   for b in range(3):
     n = int(lengths[b])
     np.testing.assert_array_equal(shifted[b, :n], tokens[b][mask[b] == 1])
@@ -156,4 +196,7 @@ def test_padding_shift_and_buckets(setup):
     generate(p, MODEL, tokens, mask, slots, doubled, max_new_tokens=6, eos_id=-1)
   with backend_compiles() as new_length:
     generate(p, MODEL, tokens, mask, slots, doubled, max_new_tokens=5, eos_id=-1)
-  assert "jit(generate)" not in same_shape and "jit(generate)" in new_length, (same_shape, new_length)
+  assert "jit(generate)" not in same_shape and "jit(generate)" in new_length, (
+    same_shape,
+    new_length,
+  )

@@ -26,9 +26,16 @@ VOCAB, EXTRA = 96, 5
 LENGTHS = (11, 6, 3)  # right-padded batch
 TOL = 1e-4
 LORA = LoraConfig(rank=4, alpha=8.0)
-SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             initializer_range=0.15)
+SMALL = dict(
+  vocab_size=VOCAB,
+  hidden_size=32,
+  intermediate_size=64,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+  initializer_range=0.15,
+)
 
 
 def _hf_base(tmp_path_factory, name, model_cls, config, seed):
@@ -87,13 +94,15 @@ def _logits(params, tokens, mask, cfg, adapter):
 def _hf_logits(out, ids, mask):
   model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
   with torch.no_grad():
-    return model(input_ids=torch.from_numpy(ids).long(),
-                 attention_mask=torch.from_numpy(mask).long()).logits.numpy()
+    return model(
+      input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+    ).logits.numpy()
 
 
 def _max_diff(ours, ref):
-  return max(float(np.abs(np.asarray(ours)[i, :n] - ref[i, :n]).max())
-             for i, n in enumerate(LENGTHS))
+  return max(
+    float(np.abs(np.asarray(ours)[i, :n] - ref[i, :n]).max()) for i, n in enumerate(LENGTHS)
+  )
 
 
 def _export(capsys, *argv):
@@ -102,11 +111,13 @@ def _export(capsys, *argv):
 
 
 def test_transformers_logits_equal_the_role_and_import_gives_the_merged_weights(
-    mistral, tmp_path, capsys):
+  mistral, tmp_path, capsys
+):
   base, workdir, cfg, params = mistral
   out = str(tmp_path / "generator")
-  info = _export(capsys, f"--workdir={workdir}", "--role=generator", f"--out={out}",
-                 f"--base_config={base}")
+  info = _export(
+    capsys, f"--workdir={workdir}", "--role=generator", f"--out={out}", f"--base_config={base}"
+  )
   assert info["model_type"] == "mistral" and info["vocab_size"] == VOCAB + EXTRA
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
   conf = json.load(open(os.path.join(out, "config.json")))
@@ -127,16 +138,18 @@ def test_transformers_logits_equal_the_role_and_import_gives_the_merged_weights(
 
   cfg2, back = import_hf_checkpoint(out, 0, lora=None)
   assert cfg2.base_vocab_size == VOCAB + EXTRA and cfg2.sliding_window == 6
-  merged = lora_lib.flatten(lora_lib.split_adapters(
-      lora_lib.fold_adapter(params, "generator", cfg.lora))[0])
+  merged = lora_lib.flatten(
+    lora_lib.split_adapters(lora_lib.fold_adapter(params, "generator", cfg.lora))[0]
+  )
   back = lora_lib.flatten(back)
   np.testing.assert_array_equal(
-      back["embedder/base_embedding"],
-      np.concatenate([merged.pop("embedder/base_embedding"),
-                      merged.pop("embedder/extra_embedding")]))
+    back["embedder/base_embedding"],
+    np.concatenate([merged.pop("embedder/base_embedding"), merged.pop("embedder/extra_embedding")]),
+  )
   np.testing.assert_array_equal(
-      back["lm_head/base_head"],
-      np.concatenate([merged.pop("lm_head/base_head"), merged.pop("lm_head/extra_head")], 1))
+    back["lm_head/base_head"],
+    np.concatenate([merged.pop("lm_head/base_head"), merged.pop("lm_head/extra_head")], 1),
+  )
   assert set(merged) == set(back) - {"embedder/base_embedding", "lm_head/base_head"}
   for path, value in merged.items():
     np.testing.assert_array_equal(back[path], np.asarray(value), err_msg=path)
@@ -162,47 +175,74 @@ def test_config_built_from_the_run_with_qwen2_biases(tmp_path_factory, tmp_path,
 def test_bad_input_is_a_clear_error_and_nothing_is_overwritten(mistral, tmp_path, capsys):
   base, workdir, cfg, params = mistral
   out = tmp_path / "out"
-  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=retriever",
-                   f"--out={out}"]) == 2
+  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=retriever", f"--out={out}"]) == 2
   err = capsys.readouterr().err
   assert "argument --role: invalid choice: 'retriever'" in err
   assert len(err.strip().splitlines()) == 1
 
   empty = tmp_path / "empty_workdir"
   empty.mkdir()
-  assert cli.main(["export-hf", f"--workdir={empty}", "--role=generator",
-                   f"--out={out}"]) == 2
+  assert cli.main(["export-hf", f"--workdir={empty}", "--role=generator", f"--out={out}"]) == 2
   assert f"{empty}/export: missing" in capsys.readouterr().err
 
   out.mkdir()
   (out / "config.json").write_text("{}")
-  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=generator",
-                   f"--out={out}"]) == 2
+  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=generator", f"--out={out}"]) == 2
   assert f"{out}: not empty" in capsys.readouterr().err
   assert os.listdir(out) == ["config.json"] and (out / "config.json").read_text() == "{}"
 
   two = tmp_path / "two_adapters"
   base_params, adapters = lora_lib.split_adapters(params)
   del adapters["reasoner"]
-  save_params(str(two / "export"),
-              cfg.replace(lora=LoraConfig(adapters=("compressor", "generator"), rank=4,
-                                          alpha=8.0)),
-              lora_lib.merge_adapters(base_params, adapters))
-  assert cli.main(["export-hf", f"--workdir={two}", "--role=reasoner",
-                   f"--out={tmp_path / 'o2'}"]) == 2
+  save_params(
+    str(two / "export"),
+    cfg.replace(lora=LoraConfig(adapters=("compressor", "generator"), rank=4, alpha=8.0)),
+    lora_lib.merge_adapters(base_params, adapters),
+  )
+  assert (
+    cli.main(["export-hf", f"--workdir={two}", "--role=reasoner", f"--out={tmp_path / 'o2'}"]) == 2
+  )
   assert "no 'reasoner' adapter (role)" in capsys.readouterr().err
 
   gemma = tmp_path / "gemma.json"
-  gemma.write_text(json.dumps({**json.load(open(os.path.join(base, "config.json"))),
-                               "architectures": ["GemmaForCausalLM"], "model_type": "gemma"}))
-  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=generator",
-                   f"--out={tmp_path / 'o3'}", f"--base_config={gemma}"]) == 2
+  gemma.write_text(
+    json.dumps(
+      {
+        **json.load(open(os.path.join(base, "config.json"))),
+        "architectures": ["GemmaForCausalLM"],
+        "model_type": "gemma",
+      }
+    )
+  )
+  assert (
+    cli.main(
+      [
+        "export-hf",
+        f"--workdir={workdir}",
+        "--role=generator",
+        f"--out={tmp_path / 'o3'}",
+        f"--base_config={gemma}",
+      ]
+    )
+    == 2
+  )
   assert "'gemma' family is not exported" in capsys.readouterr().err
 
   other = tmp_path / "other.json"
-  other.write_text(json.dumps({**json.load(open(os.path.join(base, "config.json"))),
-                               "rms_norm_eps": 1e-3}))
-  assert cli.main(["export-hf", f"--workdir={workdir}", "--role=generator",
-                   f"--out={tmp_path / 'o4'}", f"--base_config={other}"]) == 2
+  other.write_text(
+    json.dumps({**json.load(open(os.path.join(base, "config.json"))), "rms_norm_eps": 1e-3})
+  )
+  assert (
+    cli.main(
+      [
+        "export-hf",
+        f"--workdir={workdir}",
+        "--role=generator",
+        f"--out={tmp_path / 'o4'}",
+        f"--base_config={other}",
+      ]
+    )
+    == 2
+  )
   assert "rms_norm_eps=0.001, but the run's model has 1e-06" in capsys.readouterr().err
   assert not any((tmp_path / o).exists() for o in ("o2", "o3", "o4"))

@@ -18,12 +18,16 @@ import pytest
 
 from clara_jax import partitioning
 from clara_jax.model import layout as param_layout
-from clara_jax.model.config import (LoraConfig, RopeScaling, config_from_dict, config_to_dict,
-                                    model_config)
+from clara_jax.model.config import (
+  LoraConfig,
+  RopeScaling,
+  config_from_dict,
+  config_to_dict,
+  model_config,
+)
 from clara_jax.model.decoder import Decoder, abstract_params, init_cache, init_params
 from clara_jax.weights import safetensors_io as st
-from clara_jax.weights.hf_import import (decoder_config_from_hf, import_hf_checkpoint,
-                                         load_hf_config)
+from clara_jax.weights.hf_import import decoder_config_from_hf, import_hf_checkpoint, load_hf_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -33,11 +37,18 @@ EXTRA = 5
 LENGTHS = (12, 7, 3)  # right-padded batch of different lengths
 TOL = 1e-4
 LORA = LoraConfig(rank=4, alpha=8.0)
-SMALL = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-             # Larger than HF's 0.02 so attention is sharp: with near-uniform attention a
-             # wrong RoPE or mask would barely move the logits.
-             initializer_range=0.15)
+SMALL = dict(
+  vocab_size=VOCAB,
+  hidden_size=64,
+  intermediate_size=128,
+  num_hidden_layers=2,
+  num_attention_heads=4,
+  num_key_value_heads=2,
+  max_position_embeddings=64,
+  # Larger than HF's 0.02 so attention is sharp: with near-uniform attention a
+  # wrong RoPE or mask would barely move the logits.
+  initializer_range=0.15,
+)
 
 
 def _build(model_cls, config, seed):
@@ -93,8 +104,9 @@ def _batch(seed, lengths=LENGTHS, length=None):
 
 def _hf_logits(model, ids, mask):
   with torch.no_grad():
-    out = model(input_ids=torch.from_numpy(ids).long(),
-                attention_mask=torch.from_numpy(mask).long())
+    out = model(
+      input_ids=torch.from_numpy(ids).long(), attention_mask=torch.from_numpy(mask).long()
+    )
   return out.logits.float().numpy()
 
 
@@ -116,8 +128,9 @@ def _cached(params, tokens, cache, cache_index, cfg):
 
 def _max_real_diff(ours, ref, lengths):
   """Max |ours - ref| over the real (unpadded) positions and the base vocabulary."""
-  return max(float(np.abs(np.asarray(ours)[i, :n, :VOCAB] - ref[i, :n]).max())
-             for i, n in enumerate(lengths))
+  return max(
+    float(np.abs(np.asarray(ours)[i, :n, :VOCAB] - ref[i, :n]).max()) for i, n in enumerate(lengths)
+  )
 
 
 @pytest.mark.parametrize("layout", ["single", "sharded"])
@@ -159,17 +172,19 @@ def test_imported_tree_layout_and_extra_rows(mistral, mistral_imported):
   model, _, _ = mistral
   cfg, params = mistral_imported
   reference = init_params(cfg, jax.random.key(3))
-  assert (jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference))
+  assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(reference)
   # Adapters are exactly init_params' (same rng), so B is zero.
   layer = params["layers_1"]["mlp"]["down_proj"]
-  np.testing.assert_array_equal(layer["lora_reasoner"]["a"],
-                                reference["layers_1"]["mlp"]["down_proj"]["lora_reasoner"]["a"])
+  np.testing.assert_array_equal(
+    layer["lora_reasoner"]["a"], reference["layers_1"]["mlp"]["down_proj"]["lora_reasoner"]["a"]
+  )
   assert not np.any(np.asarray(layer["lora_reasoner"]["b"]))
 
   state = model.state_dict()
   np.testing.assert_array_equal(
-      params["layers_1"]["attn"]["o_proj"]["kernel"],
-      state["model.layers.1.self_attn.o_proj.weight"].numpy().T.reshape(4, 16, 64))
+    params["layers_1"]["attn"]["o_proj"]["kernel"],
+    state["model.layers.1.self_attn.o_proj.weight"].numpy().T.reshape(4, 16, 64),
+  )
   embed = state["model.embed_tokens.weight"].numpy()
   head = state["lm_head.weight"].numpy()
   extra_emb = np.asarray(params["embedder"]["extra_embedding"])
@@ -187,10 +202,14 @@ def test_import_places_params_with_shardings(mistral, mistral_imported):
   cfg = decoder_config_from_hf(load_hf_config(single), EXTRA, lora=LORA)
   mesh = partitioning.make_mesh((1, 2, 4))
   shardings = partitioning.logical_shardings(abstract_params(cfg), mesh)
-  _, params = import_hf_checkpoint(single, EXTRA, lora=LORA, rng=jax.random.key(3),
-                                   shardings=shardings)
-  for path in (("layers_0", "mlp", "up_proj", "kernel"), ("lm_head", "base_head"),
-               ("layers_1", "attn", "q_proj", "lora_compressor", "a")):
+  _, params = import_hf_checkpoint(
+    single, EXTRA, lora=LORA, rng=jax.random.key(3), shardings=shardings
+  )
+  for path in (
+    ("layers_0", "mlp", "up_proj", "kernel"),
+    ("lm_head", "base_head"),
+    ("layers_1", "attn", "q_proj", "lora_compressor", "a"),
+  ):
     leaf, want = params, shardings
     for key in path:
       leaf, want = leaf[key], want[key]
@@ -200,8 +219,9 @@ def test_import_places_params_with_shardings(mistral, mistral_imported):
 
 def test_param_dtype_bfloat16(mistral):
   _, single, _ = mistral
-  cfg, params = import_hf_checkpoint(single, EXTRA, lora=LORA, param_dtype="bfloat16",
-                                     dtype="bfloat16")
+  cfg, params = import_hf_checkpoint(
+    single, EXTRA, lora=LORA, param_dtype="bfloat16", dtype="bfloat16"
+  )
   assert cfg.param_dtype == "bfloat16" and cfg.dtype == "bfloat16"
   assert {leaf.dtype for leaf in jax.tree_util.tree_leaves(params)} == {jnp.dtype(jnp.bfloat16)}
 
@@ -211,13 +231,14 @@ def test_llama_with_tied_embeddings_matches_transformers(llama):
   assert "lm_head.weight" not in st.SafetensorsCheckpoint(path)
   cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
   assert cfg.rope_theta == 10000.0 and cfg.sliding_window is None
-  np.testing.assert_array_equal(params["lm_head"]["base_head"],
-                                np.asarray(params["embedder"]["base_embedding"]).T)
-  np.testing.assert_array_equal(params["lm_head"]["extra_head"],
-                                np.asarray(params["embedder"]["extra_embedding"]).T)
+  np.testing.assert_array_equal(
+    params["lm_head"]["base_head"], np.asarray(params["embedder"]["base_embedding"]).T
+  )
+  np.testing.assert_array_equal(
+    params["lm_head"]["extra_head"], np.asarray(params["embedder"]["extra_embedding"]).T
+  )
   ids, mask = _batch(1)
-  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], _hf_logits(model, ids, mask),
-                        LENGTHS)
+  diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], _hf_logits(model, ids, mask), LENGTHS)
   print(f"llama (tied) max abs logit diff: {diff:.3g}")
   assert diff < TOL
 
@@ -243,8 +264,9 @@ def _cache_greedy(params, cfg, prompt, steps):
   tokens, position = [], len(prompt)
   for _ in range(steps):
     tokens.append(int(np.asarray(logits)[0, -1, :VOCAB].argmax()))
-    _, logits, cache = _cached(params, np.asarray([[tokens[-1]]], np.int32), cache,
-                               jnp.asarray([position], jnp.int32), cfg)
+    _, logits, cache = _cached(
+      params, np.asarray([[tokens[-1]]], np.int32), cache, jnp.asarray([position], jnp.int32), cfg
+    )
     position += 1
   return tokens
 
@@ -276,14 +298,17 @@ def test_kv_cache_decoding_matches_recomputation_and_transformers(mistral, mistr
       full_ids[i, lengths[i]] = next_tokens[i]
       full_mask[i, lengths[i]] = 1
     # Each example appends at its own length.
-    hidden, logits, cache = _cached(params, next_tokens[:, None].astype(np.int32), cache,
-                                    jnp.asarray(lengths, jnp.int32), cfg)
+    hidden, logits, cache = _cached(
+      params, next_tokens[:, None].astype(np.int32), cache, jnp.asarray(lengths, jnp.int32), cfg
+    )
     ref_hidden, ref_logits = _forward(params, full_ids, full_mask, cfg)
     rows = np.arange(batch)
-    np.testing.assert_allclose(hidden[:, 0], np.asarray(ref_hidden)[rows, lengths],
-                               atol=TOL, rtol=0)
-    np.testing.assert_allclose(logits[:, 0], np.asarray(ref_logits)[rows, lengths],
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+      hidden[:, 0], np.asarray(ref_hidden)[rows, lengths], atol=TOL, rtol=0
+    )
+    np.testing.assert_allclose(
+      logits[:, 0], np.asarray(ref_logits)[rows, lengths], atol=TOL, rtol=0
+    )
     worst = max(worst, float(np.abs(logits[:, 0] - np.asarray(ref_logits)[rows, lengths]).max()))
     lengths = lengths + 1
     last = np.asarray(logits)[:, 0]
@@ -368,9 +393,15 @@ def test_missing_and_unused_tensors(mistral, tmp_path):
     import_hf_checkpoint(ckpt, EXTRA)
 
   ckpt = _copy_checkpoint(single, tmp_path / "ckpt2")
-  _rewrite_tensors(ckpt, lambda t: t.update({
-      "model.layers.0.self_attn.q_proj.bias": np.zeros((64,), np.float32),
-      "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros((8,), np.float32)}))
+  _rewrite_tensors(
+    ckpt,
+    lambda t: t.update(
+      {
+        "model.layers.0.self_attn.q_proj.bias": np.zeros((64,), np.float32),
+        "model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros((8,), np.float32),
+      }
+    ),
+  )
   expected = r"1 checkpoint tensor\(s\) not used.*\['model\.layers\.0\.self_attn\.q_proj\.bias'\]"
   with pytest.raises(ValueError, match=expected):
     import_hf_checkpoint(ckpt, EXTRA)
@@ -382,8 +413,11 @@ def test_truncated_safetensors(mistral, tmp_path):
   path = os.path.join(ckpt, "model.safetensors")
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 100)
-  with pytest.raises(ValueError, match=r"model\.safetensors: tensor '.*' data_offsets .* "
-                                       r"outside .*truncated"):
+  with pytest.raises(
+    ValueError,
+    match=r"model\.safetensors: tensor '.*' data_offsets .* "
+    r"outside .*truncated",
+  ):
     import_hf_checkpoint(ckpt, EXTRA)
   with open(path, "r+b") as f:
     f.truncate(5)
@@ -393,37 +427,63 @@ def test_truncated_safetensors(mistral, tmp_path):
 
 # ------------------------------------------------------------------------ config parsing
 
-BASE_HF_CONFIG = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-                  "vocab_size": 96, "hidden_size": 64, "intermediate_size": 128,
-                  "num_hidden_layers": 2, "num_attention_heads": 4, "rms_norm_eps": 1e-5}
+BASE_HF_CONFIG = {
+  "architectures": ["MistralForCausalLM"],
+  "model_type": "mistral",
+  "vocab_size": 96,
+  "hidden_size": 64,
+  "intermediate_size": 128,
+  "num_hidden_layers": 2,
+  "num_attention_heads": 4,
+  "rms_norm_eps": 1e-5,
+}
 
 
 def test_config_defaults_and_old_style_rope_theta():
   cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "head_dim": None}, 3, lora=None)
   assert (cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.sliding_window) == (
-      4, 16, 10000.0, None)
+    4,
+    16,
+    10000.0,
+    None,
+  )
   assert cfg.vocab_size == 99 and cfg.lora is None
-  old = decoder_config_from_hf({**BASE_HF_CONFIG, "rope_theta": 5e5, "rope_scaling": None,
-                                "sliding_window": 32}, 0)
+  old = decoder_config_from_hf(
+    {**BASE_HF_CONFIG, "rope_theta": 5e5, "rope_scaling": None, "sliding_window": 32}, 0
+  )
   assert (old.rope_theta, old.sliding_window) == (5e5, 32)
   new = decoder_config_from_hf(
-      {**BASE_HF_CONFIG, "rope_parameters": {"rope_theta": 2e4, "rope_type": "default"}}, 0)
+    {**BASE_HF_CONFIG, "rope_parameters": {"rope_theta": 2e4, "rope_type": "default"}}, 0
+  )
   assert new.rope_theta == 2e4
-  llama = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
-                                  "model_type": "llama", "sliding_window": 8}, 0)
+  llama = decoder_config_from_hf(
+    {
+      **BASE_HF_CONFIG,
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "sliding_window": 8,
+    },
+    0,
+  )
   assert llama.sliding_window is None  # Llama has no local attention
 
 
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-               "high_freq_factor": 4.0, "original_max_position_embeddings": 16}
+LLAMA3_ROPE = {
+  "rope_type": "llama3",
+  "factor": 8.0,
+  "low_freq_factor": 1.0,
+  "high_freq_factor": 4.0,
+  "original_max_position_embeddings": 16,
+}
 
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory):
   """A tiny random Llama-3 with its RoPE scaling, the original context (16) shorter than
   the test sequences so that the scaled frequencies matter."""
-  config = transformers.LlamaConfig(**{**SMALL, "max_position_embeddings": 128},
-                                    rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE})
+  config = transformers.LlamaConfig(
+    **{**SMALL, "max_position_embeddings": 128}, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE}
+  )
   model = _build(transformers.LlamaForCausalLM, config, seed=2)
   path = tmp_path_factory.mktemp("llama3")
   model.save_pretrained(path, safe_serialization=True)
@@ -441,12 +501,12 @@ def test_llama3_rope_scaling_matches_transformers_with_and_without_a_cache(llama
   ids, mask = _batch(4, lengths)
   ref = _hf_logits(model, ids, mask)
   diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, lengths)
-  unscaled = _max_real_diff(_forward(params, ids, mask, cfg.replace(rope_scaling=None))[1],
-                            ref, lengths)
+  unscaled = _max_real_diff(
+    _forward(params, ids, mask, cfg.replace(rope_scaling=None))[1], ref, lengths
+  )
   print(f"llama3 max abs logit diff: {diff:.3g} (without the scaling: {unscaled:.3g})")
   assert diff < TOL and unscaled > 100 * TOL
-  assert _cache_greedy(params, cfg, ids[0, :30], 6) == _hf_greedy(
-      model, ids[0, :30], 6)[0]
+  assert _cache_greedy(params, cfg, ids[0, :30], 6) == _hf_greedy(model, ids[0, :30], 6)[0]
 
 
 @pytest.fixture(scope="module")
@@ -469,30 +529,37 @@ def test_qwen2_biases_match_transformers_with_and_without_a_cache(qwen2):
   cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
   assert cfg.qkv_bias and cfg.rope_theta == 1e6 and cfg.sliding_window is None
   assert params["layers_0"]["attn"]["k_proj"]["bias"].shape == (2, 16)
-  biases = sum(np.asarray(x).size for path, x in jax.tree_util.tree_leaves_with_path(params)
-               if "bias" in jax.tree_util.keystr(path))
-  assert biases == 2 * (4 + 2 + 2) * 16 == (cfg.num_params(False)
-                                            - cfg.replace(qkv_bias=False).num_params(False))
+  biases = sum(
+    np.asarray(x).size
+    for path, x in jax.tree_util.tree_leaves_with_path(params)
+    if "bias" in jax.tree_util.keystr(path)
+  )
+  assert (
+    biases
+    == 2 * (4 + 2 + 2) * 16
+    == (cfg.num_params(False) - cfg.replace(qkv_bias=False).num_params(False))
+  )
   ids, mask = _batch(5)
   ref = _hf_logits(model, ids, mask)
   diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
   no_bias = jax.tree_util.tree_map_with_path(
-      lambda path, x: x * 0 if "bias" in jax.tree_util.keystr(path) else x, params)
+    lambda path, x: x * 0 if "bias" in jax.tree_util.keystr(path) else x, params
+  )
   without = _max_real_diff(_forward(no_bias, ids, mask, cfg)[1], ref, LENGTHS)
   print(f"qwen2 max abs logit diff: {diff:.3g} (biases zeroed: {without:.3g})")
   assert diff < TOL and without > 100 * TOL
   scanned = cfg.replace(scan_layers=True)
   logits = _forward(param_layout.for_config(params, scanned), ids, mask, scanned)[1]
   assert _max_real_diff(logits, ref, LENGTHS) < TOL
-  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
-      model, ids[0, :10], 5)[0]
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(model, ids[0, :10], 5)[0]
 
 
 @pytest.fixture(scope="module")
 def phi3(tmp_path_factory):
   """A tiny random Phi-3: fused qkv_proj and gate_up_proj, a sliding window of 6."""
-  config = transformers.Phi3Config(**SMALL, sliding_window=6, pad_token_id=0,
-                                   tie_word_embeddings=False)
+  config = transformers.Phi3Config(
+    **SMALL, sliding_window=6, pad_token_id=0, tie_word_embeddings=False
+  )
   model = _build(transformers.Phi3ForCausalLM, config, seed=4)
   path = tmp_path_factory.mktemp("phi3")
   model.save_pretrained(path, safe_serialization=True)
@@ -508,13 +575,17 @@ def test_phi3_fused_projections_match_transformers_with_and_without_a_cache(phi3
   ref = _hf_logits(model, ids, mask)
   diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
   attn = params["layers_0"]["attn"]
-  swapped = {**params, "layers_0": {**params["layers_0"], "attn": {
-      **attn, "k_proj": attn["v_proj"], "v_proj": attn["k_proj"]}}}
+  swapped = {
+    **params,
+    "layers_0": {
+      **params["layers_0"],
+      "attn": {**attn, "k_proj": attn["v_proj"], "v_proj": attn["k_proj"]},
+    },
+  }
   wrong = _max_real_diff(_forward(swapped, ids, mask, cfg)[1], ref, LENGTHS)
   print(f"phi3 max abs logit diff: {diff:.3g} (k and v swapped: {wrong:.3g})")
   assert diff < TOL and wrong > 100 * TOL
-  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
-      model, ids[0, :10], 5)[0]
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(model, ids[0, :10], 5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -535,15 +606,18 @@ def test_gemma_matches_transformers_with_and_without_a_cache(gemma):
   ids, mask = _batch(7)
   ref = _hf_logits(model, ids, mask)
   diff = _max_real_diff(_forward(params, ids, mask, cfg)[1], ref, LENGTHS)
-  silu = _max_real_diff(_forward(params, ids, mask, cfg.replace(hidden_act="silu"))[1], ref,
-                        LENGTHS)
+  silu = _max_real_diff(
+    _forward(params, ids, mask, cfg.replace(hidden_act="silu"))[1], ref, LENGTHS
+  )
   print(f"gemma max abs logit diff: {diff:.3g} (SiLU instead of GELU: {silu:.3g})")
   assert diff < TOL and silu > 100 * TOL
   # The input rows are scaled, the (tied) output head is not.
-  np.testing.assert_allclose(np.asarray(params["embedder"]["base_embedding"]),
-                             8.0 * np.asarray(params["lm_head"]["base_head"]).T, rtol=1e-6)
-  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(
-      model, ids[0, :10], 5)[0]
+  np.testing.assert_allclose(
+    np.asarray(params["embedder"]["base_embedding"]),
+    8.0 * np.asarray(params["lm_head"]["base_head"]).T,
+    rtol=1e-6,
+  )
+  assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(model, ids[0, :10], 5)[0]
 
 
 @pytest.fixture(scope="module")
@@ -551,9 +625,13 @@ def gemma2(tmp_path_factory):
   """A tiny random Gemma-2: local (window 6) and global layers alternating over 4 layers,
   soft caps low enough to bend the attention scores and the logits, a query scale off
   1 / sqrt(head_dim), and norms after attention and MLP as well as before."""
-  config = transformers.Gemma2Config(**{**SMALL, "head_dim": 16, "num_hidden_layers": 4},
-                                     sliding_window=6, attn_logit_softcapping=5.0,
-                                     final_logit_softcapping=3.0, query_pre_attn_scalar=24)
+  config = transformers.Gemma2Config(
+    **{**SMALL, "head_dim": 16, "num_hidden_layers": 4},
+    sliding_window=6,
+    attn_logit_softcapping=5.0,
+    final_logit_softcapping=3.0,
+    query_pre_attn_scalar=24,
+  )
   model = _build(transformers.Gemma2ForCausalLM, config, seed=8)
   path = tmp_path_factory.mktemp("gemma2")
   model.save_pretrained(path, safe_serialization=True)
@@ -567,9 +645,14 @@ def test_gemma2_matches_transformers_with_and_without_a_cache(gemma2):
   far more than the tolerance."""
   model, path = gemma2
   cfg, params = import_hf_checkpoint(path, EXTRA, lora=LORA)
-  assert (cfg.sliding_window, cfg.sliding_layer_pattern, cfg.attn_logit_softcapping,
-          cfg.final_logit_softcapping, cfg.query_pre_attn_scalar, cfg.post_norms) == (
-              6, (True, False), 5.0, 3.0, 24.0, True)
+  assert (
+    cfg.sliding_window,
+    cfg.sliding_layer_pattern,
+    cfg.attn_logit_softcapping,
+    cfg.final_logit_softcapping,
+    cfg.query_pre_attn_scalar,
+    cfg.post_norms,
+  ) == (6, (True, False), 5.0, 3.0, 24.0, True)
   assert cfg.windowed_layers == (True, False, True, False)
   assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == cfg.num_params()
   lengths = (20, 13, 5)
@@ -581,31 +664,40 @@ def test_gemma2_matches_transformers_with_and_without_a_cache(gemma2):
   scanned_params = param_layout.for_config(params, scanned)
   scanned_diff = _max_real_diff(_forward(scanned_params, ids, mask, scanned)[1], ref, lengths)
 
-  no_post_norms = {name: ({k: v for k, v in tree.items() if not k.endswith("post_norm")}
-                          if name.startswith("layers_") else tree)
-                   for name, tree in params.items()}
-  controls = {
-      "attention uncapped": (params, cfg.replace(attn_logit_softcapping=None)),
-      "every layer local": (params, cfg.replace(sliding_layer_pattern=None)),
-      "every layer global": (params, cfg.replace(sliding_window=None,
-                                                 sliding_layer_pattern=None)),
-      "scaled by head_dim": (params, cfg.replace(query_pre_attn_scalar=None)),
-      "no post-norms": (no_post_norms, cfg.replace(post_norms=False)),
+  no_post_norms = {
+    name: (
+      {k: v for k, v in tree.items() if not k.endswith("post_norm")}
+      if name.startswith("layers_")
+      else tree
+    )
+    for name, tree in params.items()
   }
-  moved = {name: _max_real_diff(_forward(p, ids, mask, c)[1], ref, lengths)
-           for name, (p, c) in controls.items()}
+  controls = {
+    "attention uncapped": (params, cfg.replace(attn_logit_softcapping=None)),
+    "every layer local": (params, cfg.replace(sliding_layer_pattern=None)),
+    "every layer global": (params, cfg.replace(sliding_window=None, sliding_layer_pattern=None)),
+    "scaled by head_dim": (params, cfg.replace(query_pre_attn_scalar=None)),
+    "no post-norms": (no_post_norms, cfg.replace(post_norms=False)),
+  }
+  moved = {
+    name: _max_real_diff(_forward(p, ids, mask, c)[1], ref, lengths)
+    for name, (p, c) in controls.items()
+  }
   # The head without its cap needs no other compiled program.
   uncapped = np.asarray(hidden) @ np.asarray(params["lm_head"]["base_head"])
   moved["logits uncapped"] = _max_real_diff(uncapped, ref, lengths)
-  print(f"gemma2 max abs logit diff: {diff:.3g} (scanned: {scanned_diff:.3g}); without "
-        + ", ".join(f"{name}: {d:.3g}" for name, d in moved.items()))
+  print(
+    f"gemma2 max abs logit diff: {diff:.3g} (scanned: {scanned_diff:.3g}); without "
+    + ", ".join(f"{name}: {d:.3g}" for name, d in moved.items())
+  )
   assert diff < TOL and scanned_diff < TOL
   assert all(d > 100 * TOL for d in moved.values()), moved
   # Past the window of 6: a prompt of 10, and (scanned) 12 steps after a one-token
   # prompt, whose prefill and steps share one compiled program.
   assert _cache_greedy(params, cfg, ids[0, :10], 5) == _hf_greedy(model, ids[0, :10], 5)[0]
-  assert _cache_greedy(scanned_params, scanned, ids[0, :1], 12) == _hf_greedy(
-      model, ids[0, :1], 12)[0]
+  assert (
+    _cache_greedy(scanned_params, scanned, ids[0, :1], 12) == _hf_greedy(model, ids[0, :1], 12)[0]
+  )
 
 
 def test_gemma2_2b_is_transformers_default_gemma2_config():
@@ -618,48 +710,84 @@ def test_gemma2_2b_is_transformers_default_gemma2_config():
 
 
 def test_rope_scaling_survives_the_config_round_trip():
-  cfg = decoder_config_from_hf({**BASE_HF_CONFIG, "architectures": ["LlamaForCausalLM"],
-                                "model_type": "llama",
-                                "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"}}, 0)
+  cfg = decoder_config_from_hf(
+    {
+      **BASE_HF_CONFIG,
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "rope_scaling": {**LLAMA3_ROPE, "type": "llama3"},
+    },
+    0,
+  )
   assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
 
 
 GEMMA2 = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}
 
 
-@pytest.mark.parametrize("change, pattern", [
-    ({"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 8.0}},
-     r"'rope_parameters\.rope_type': expected 'default' or 'llama3', found 'yarn'"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}},
-     r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'linear'"),
-    ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
-     r"'rope_parameters': rope_type 'llama3' needs \['low_freq_factor'"),
-    ({"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
-     r"'rope_scaling': RopeScaling: need 0 < low_freq_factor < high_freq_factor"),
+@pytest.mark.parametrize(
+  "change, pattern",
+  [
+    (
+      {"rope_parameters": {"rope_theta": 5e5, "rope_type": "yarn", "factor": 8.0}},
+      r"'rope_parameters\.rope_type': expected 'default' or 'llama3', found 'yarn'",
+    ),
+    (
+      {"rope_scaling": {"type": "linear", "factor": 2.0}},
+      r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'linear'",
+    ),
+    (
+      {"rope_parameters": {"rope_type": "llama3", "factor": 8.0}},
+      r"'rope_parameters': rope_type 'llama3' needs \['low_freq_factor'",
+    ),
+    (
+      {"rope_scaling": {**LLAMA3_ROPE, "low_freq_factor": 4.0, "high_freq_factor": 1.0}},
+      r"'rope_scaling': RopeScaling: need 0 < low_freq_factor < high_freq_factor",
+    ),
     ({"attention_bias": True}, r"'attention_bias': expected False, found True"),
     ({"mlp_bias": True}, r"'mlp_bias': expected False, found True"),
     ({"hidden_act": "gelu"}, r"'hidden_act': expected 'silu', found 'gelu'"),
-    ({"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
-     r"found architectures \['Gemma3ForCausalLM'\].*supported"),
-    ({"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu"},
-     r"'hidden_act': expected 'gelu_pytorch_tanh', found 'gelu'"),
-    ({**GEMMA2, "hidden_activation": "gelu"},
-     r"'hidden_activation': expected 'gelu_pytorch_tanh', found 'gelu'"),
-    ({**GEMMA2, "layer_types": ["sliding_attention", "chunked_attention"]},
-     r"'layer_types': expected 2 entries .*found \['sliding_attention', 'chunked"),
+    (
+      {"architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text"},
+      r"found architectures \['Gemma3ForCausalLM'\].*supported",
+    ),
+    (
+      {"architectures": ["GemmaForCausalLM"], "model_type": "gemma", "hidden_act": "gelu"},
+      r"'hidden_act': expected 'gelu_pytorch_tanh', found 'gelu'",
+    ),
+    (
+      {**GEMMA2, "hidden_activation": "gelu"},
+      r"'hidden_activation': expected 'gelu_pytorch_tanh', found 'gelu'",
+    ),
+    (
+      {**GEMMA2, "layer_types": ["sliding_attention", "chunked_attention"]},
+      r"'layer_types': expected 2 entries .*found \['sliding_attention', 'chunked",
+    ),
     ({**GEMMA2, "sliding_window": None}, r"'sliding_window': expected a number, found None"),
-    ({**GEMMA2, "final_logit_softcapping": "30"},
-     r"'final_logit_softcapping': expected a number or null, found '30'"),
-    ({**GEMMA2, "use_bidirectional_attention": True},
-     r"'use_bidirectional_attention': expected False, found True"),
-    ({"architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-      "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}},
-     r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'longrope'"),
-    ({"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
-      "use_sliding_window": True}, r"'use_sliding_window': expected False, found True"),
+    (
+      {**GEMMA2, "final_logit_softcapping": "30"},
+      r"'final_logit_softcapping': expected a number or null, found '30'",
+    ),
+    (
+      {**GEMMA2, "use_bidirectional_attention": True},
+      r"'use_bidirectional_attention': expected False, found True",
+    ),
+    (
+      {
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0], "long_factor": [1.0]},
+      },
+      r"'rope_scaling\.rope_type': expected 'default' or 'llama3', found 'longrope'",
+    ),
+    (
+      {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "use_sliding_window": True},
+      r"'use_sliding_window': expected False, found True",
+    ),
     ({"architectures": None, "model_type": "phi"}, r"found model_type 'phi'.*supported"),
     ({"hidden_size": None}, r"required field 'hidden_size'"),
-])
+  ],
+)
 def test_unsupported_config_values(change, pattern):
   with pytest.raises(ValueError, match=pattern):
     decoder_config_from_hf({**BASE_HF_CONFIG, **change}, 0)
@@ -672,12 +800,12 @@ def test_safetensors_round_trip_with_the_reference_library(tmp_path):
   safetensors_numpy = pytest.importorskip("safetensors.numpy")
   safetensors_torch = pytest.importorskip("safetensors.torch")
   tensors = {
-      "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
-      "f16": np.array(3.5, np.float16),
-      "bf16": (np.arange(4) / 3).astype(ml_dtypes.bfloat16).reshape(4, 1),
-      "i64": np.arange(5, dtype=np.int64),
-      "i32": np.array([-1, 2], ">i4"),  # big-endian input is stored little-endian
-      "empty": np.zeros((0, 3), np.float32),
+    "f32": np.arange(6, dtype=np.float32).reshape(2, 3),
+    "f16": np.array(3.5, np.float16),
+    "bf16": (np.arange(4) / 3).astype(ml_dtypes.bfloat16).reshape(4, 1),
+    "i64": np.arange(5, dtype=np.int64),
+    "i32": np.array([-1, 2], ">i4"),  # big-endian input is stored little-endian
+    "empty": np.zeros((0, 3), np.float32),
   }
   ours = str(tmp_path / "ours.safetensors")
   st.write_safetensors(ours, tensors, {"format": "np"})
@@ -688,14 +816,17 @@ def test_safetensors_round_trip_with_the_reference_library(tmp_path):
     assert tuple(loaded[name].shape) == value.shape
 
   theirs = str(tmp_path / "theirs.safetensors")
-  safetensors_torch.save_file({"w": torch.arange(4, dtype=torch.bfloat16) / 3,
-                               "x": torch.ones(2, 3, dtype=torch.float16)}, theirs,
-                              metadata={"format": "pt"})
+  safetensors_torch.save_file(
+    {"w": torch.arange(4, dtype=torch.bfloat16) / 3, "x": torch.ones(2, 3, dtype=torch.float16)},
+    theirs,
+    metadata={"format": "pt"},
+  )
   f = st.SafetensorsFile(theirs)
   assert f.metadata == {"format": "pt"} and sorted(f.keys()) == ["w", "x"]
   assert f.get("w").dtype == ml_dtypes.bfloat16 and not f.get("w").flags.writeable
-  np.testing.assert_array_equal(f.get("w").astype(np.float32),
-                                (torch.arange(4, dtype=torch.bfloat16) / 3).float().numpy())
+  np.testing.assert_array_equal(
+    f.get("w").astype(np.float32), (torch.arange(4, dtype=torch.bfloat16) / 3).float().numpy()
+  )
   safetensors_numpy.save_file({"e": np.zeros((0,), np.float32)}, str(tmp_path / "e.st"))
   assert st.load_safetensors(str(tmp_path / "e.st"))["e"].shape == (0,)
 
@@ -710,18 +841,30 @@ def test_safetensors_header_errors(tmp_path):
   bad_json = _raw_file(tmp_path / "a.safetensors", b"{not json")
   with pytest.raises(ValueError, match=r"a\.safetensors: bad safetensors header"):
     st.SafetensorsFile(bad_json)
-  unknown = _raw_file(tmp_path / "b.safetensors", json.dumps(
-      {"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode(), b"\0" * 8)
+  unknown = _raw_file(
+    tmp_path / "b.safetensors",
+    json.dumps({"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode(),
+    b"\0" * 8,
+  )
   with pytest.raises(ValueError, match=r"b\.safetensors: tensor 't': unknown dtype 'C64'"):
     st.SafetensorsFile(unknown)
-  wrong_size = _raw_file(tmp_path / "c.safetensors", json.dumps(
-      {"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(), b"\0" * 8)
+  wrong_size = _raw_file(
+    tmp_path / "c.safetensors",
+    json.dumps({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(),
+    b"\0" * 8,
+  )
   with pytest.raises(ValueError, match=r"c\.safetensors: tensor 't'.*needs 12"):
     st.SafetensorsFile(wrong_size)
-  outside = _raw_file(tmp_path / "d.safetensors", json.dumps(
-      {"t": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(), b"\0" * 16)
-  with pytest.raises(ValueError, match=r"d\.safetensors: tensor 't' data_offsets \[8, 24\] "
-                                       r"lie outside"):
+  outside = _raw_file(
+    tmp_path / "d.safetensors",
+    json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(),
+    b"\0" * 16,
+  )
+  with pytest.raises(
+    ValueError,
+    match=r"d\.safetensors: tensor 't' data_offsets \[8, 24\] "
+    r"lie outside",
+  ):
     st.SafetensorsFile(outside)
   huge = _raw_file(tmp_path / "e.safetensors", b"{}")
   with open(huge, "r+b") as f:

@@ -23,8 +23,16 @@ def world():
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("hidden_world"))
-  synth.write_world(directory, seed=3, size="small", candidates=10, k=2, max_facts=2,
-                    names="pool", lm_fresh_worlds=1)
+  synth.write_world(
+    directory,
+    seed=3,
+    size="small",
+    candidates=10,
+    k=2,
+    max_facts=2,
+    names="pool",
+    lm_fresh_worlds=1,
+  )
   return directory
 
 
@@ -82,13 +90,16 @@ def test_held_out_chains_occur_in_no_training_row(world):
 def test_fresh_worlds_never_reuse_the_main_worlds_names(world):
   main = {w for e in world.docs() for w in e.name.split()}
   for i in range(3):
-    fresh = synth.make_world(synth._fresh_seed(3, i), "small", max_facts=2, names="pool",
-                             fresh=True)
-    brands = {w for e in fresh.docs() for w in e.name.split()} - set(synth._MASCOTS) \
-        - set(synth._FIRMS)
+    fresh = synth.make_world(
+      synth._fresh_seed(3, i), "small", max_facts=2, names="pool", fresh=True
+    )
+    brands = (
+      {w for e in fresh.docs() for w in e.name.split()} - set(synth._MASCOTS) - set(synth._FIRMS)
+    )
     assert not brands & main
-  classic = synth.make_world(synth._fresh_seed(3, 0), "small", max_facts=2, names="pool",
-                             world="classic", fresh=True)
+  classic = synth.make_world(
+    synth._fresh_seed(3, 0), "small", max_facts=2, names="pool", world="classic", fresh=True
+  )
   assert {w for e in classic.docs() for w in e.name.split()} & main  # the old rebinding
 
 
@@ -107,23 +118,32 @@ def test_manifest_and_rows_record_what_evaluation_needs(world_dir):
 
 
 def test_kind_prior_of_a_hand_made_case_is_exact():
-  row = {"question": "Which river flows through the hometown of Ama?",
-         "docs": ["a", "b", "c", "d", "e"], "pos_index": [3],
-         "doc_kinds": ["city", "team", "city", "city", "person"]}
+  row = {
+    "question": "Which river flows through the hometown of Ama?",
+    "docs": ["a", "b", "c", "d", "e"],
+    "pos_index": [3],
+    "doc_kinds": ["city", "team", "city", "city", "person"],
+  }
   got = baselines.recalls(row, (1, 2, 3, 5))
-  assert got["kind_prior"] == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0,
-                               5: 1.0}
+  assert got["kind_prior"] == {1: pytest.approx(1 / 3), 2: pytest.approx(2 / 3), 3: 1.0, 5: 1.0}
   assert got["random"] == {1: 0.2, 2: 0.4, 3: pytest.approx(0.6), 5: 1.0}
   two_golds = dict(row, pos_index=[3, 1])  # the team gold ranks after the city pool
   assert baselines.recalls(two_golds, (1,))["kind_prior"][1] == pytest.approx(0.5 / 3)
 
 
 def test_bm25_baselines_rank_the_rows_own_candidates():
-  row = {"question": "In which city is the team of Ama Lee based?",
-         "docs": ["The Foo Owls are based in Bar.", "The Baz Hawks wear red.",
-                  "Ama Lee plays for the Foo Owls.", "Qux lies on a river."],
-         "pos_index": [0], "doc_kinds": ["team", "team", "person", "city"],
-         "doc_ids": ["t0", "t1", "p0", "c0"]}
+  row = {
+    "question": "In which city is the team of Ama Lee based?",
+    "docs": [
+      "The Foo Owls are based in Bar.",
+      "The Baz Hawks wear red.",
+      "Ama Lee plays for the Foo Owls.",
+      "Qux lies on a river.",
+    ],
+    "pos_index": [0],
+    "doc_kinds": ["team", "team", "person", "city"],
+    "doc_ids": ["t0", "t1", "p0", "c0"],
+  }
   got = baselines.recalls(row, (1,), {"t1": 3, "t0": 1})
   assert got["bm25"][1] == 0.0  # the bridge, which names Ama Lee, ranks first
   assert got["bm25_two_hop"][1] == 1.0  # its text leads to the Foo Owls
@@ -160,25 +180,47 @@ def _ci(mean, lo, hi, n=40):
 
 
 def _results(stage2_r1=0.4, lens_lo=0.05):
-  r1 = {"stage2": _ci(stage2_r1, stage2_r1 - 0.1, stage2_r1 + 0.1),
-        "init": _ci(0.1, 0.05, 0.15), "stage2_shuffled": _ci(0.1, 0.05, 0.15),
-        "stage2_retrieval": _ci(0.6, 0.5, 0.7), "kind_prior": _ci(0.1, 0.1, 0.1),
-        "bm25_kind": _ci(0.1, 0.05, 0.15), "bm25_two_hop": _ci(0.1, 0.05, 0.15),
-        "bm25": _ci(0.1, 0.05, 0.15), "gold_prior": _ci(0.12, 0.05, 0.2)}
+  r1 = {
+    "stage2": _ci(stage2_r1, stage2_r1 - 0.1, stage2_r1 + 0.1),
+    "init": _ci(0.1, 0.05, 0.15),
+    "stage2_shuffled": _ci(0.1, 0.05, 0.15),
+    "stage2_retrieval": _ci(0.6, 0.5, 0.7),
+    "kind_prior": _ci(0.1, 0.1, 0.1),
+    "bm25_kind": _ci(0.1, 0.05, 0.15),
+    "bm25_two_hop": _ci(0.1, 0.05, 0.15),
+    "bm25": _ci(0.1, 0.05, 0.15),
+    "gold_prior": _ci(0.12, 0.05, 0.2),
+  }
   diff = _ci(stage2_r1 - 0.1, stage2_r1 - 0.2, stage2_r1)
-  group = {"questions": 40, "recall@1": r1, "stage2-kind_prior": diff,
-           "stage2-bm25_kind": diff, "stage2-bm25_two_hop": diff, "stage2-init": diff,
-           "stage2_shuffled-init": _ci(0.0, -0.1, 0.1)}
-  lens = {"unseen": {"clue_auc": _ci(0.7, 0.66, 0.74), "doc_auc": _ci(0.6, 0.55, 0.65),
-                     "clue_auc_null": {"mean": 0.5, "q95": 0.52},
-                     "clue_auc_vs_null": _ci(0.2, lens_lo, 0.3)}}
-  return {"stage2": {"memory_gain": 1.5, "em_oracle": 0.9, "em_control": 0.1},
-          "comparisons": {"one_link/unseen": group, "two_link/unseen": group,
-                          "clue_auc:stage2-init": _ci(0.1, 0.02, 0.2),
-                          "clue_auc:stage2-stage2_shuffled": _ci(0.1, 0.02, 0.2)},
-          "lens_v2": {"stage2": lens, "init": lens, "stage2_shuffled": lens},
-          "probe": {"lm": {"known_share": 0.9, "chance": 0.1}},
-          "recall_by_knowledge": {"known": _ci(0.4, 0.3, 0.5), "unknown": None}}
+  group = {
+    "questions": 40,
+    "recall@1": r1,
+    "stage2-kind_prior": diff,
+    "stage2-bm25_kind": diff,
+    "stage2-bm25_two_hop": diff,
+    "stage2-init": diff,
+    "stage2_shuffled-init": _ci(0.0, -0.1, 0.1),
+  }
+  lens = {
+    "unseen": {
+      "clue_auc": _ci(0.7, 0.66, 0.74),
+      "doc_auc": _ci(0.6, 0.55, 0.65),
+      "clue_auc_null": {"mean": 0.5, "q95": 0.52},
+      "clue_auc_vs_null": _ci(0.2, lens_lo, 0.3),
+    }
+  }
+  return {
+    "stage2": {"memory_gain": 1.5, "em_oracle": 0.9, "em_control": 0.1},
+    "comparisons": {
+      "one_link/unseen": group,
+      "two_link/unseen": group,
+      "clue_auc:stage2-init": _ci(0.1, 0.02, 0.2),
+      "clue_auc:stage2-stage2_shuffled": _ci(0.1, 0.02, 0.2),
+    },
+    "lens_v2": {"stage2": lens, "init": lens, "stage2_shuffled": lens},
+    "probe": {"lm": {"known_share": 0.9, "chance": 0.1}},
+    "recall_by_knowledge": {"known": _ci(0.4, 0.3, 0.5), "unknown": None},
+  }
 
 
 def test_claims_table_applies_each_target():
@@ -199,10 +241,13 @@ def test_claims_table_applies_each_target():
 
 def test_lens_controls_are_the_candidates_of_the_golds_kind(world):
   from clara_jax.data.tokenizer import Tokenizer
-  tok = Tokenizer.train(synth.world_lm_lines(world), 1024, 4,
-                        user_symbols=synth.pool_symbols())
-  row = next(r for r in synth.stage_rows(world, "test", candidates=10, k=2)["stage2"]
-             if r["kind"] == "two_link")
+
+  tok = Tokenizer.train(synth.world_lm_lines(world), 1024, 4, user_symbols=synth.pool_symbols())
+  row = next(
+    r
+    for r in synth.stage_rows(world, "test", candidates=10, k=2)["stage2"]
+    if r["kind"] == "two_link"
+  )
   # Mix the kinds: two candidates relabelled as another kind drop out of the controls.
   mixed = dict(row, doc_kinds=list(row["doc_kinds"]))
   others = [j for j in range(10) if j not in row["pos_index"]][:2]

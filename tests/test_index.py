@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 
 from clara_jax import cli
-from clara_jax.infer.index import (STORAGE_DTYPES, MemoryIndex, build_index, decode,
-                                   encode, read_shards)
+from clara_jax.infer.index import (
+  STORAGE_DTYPES,
+  MemoryIndex,
+  build_index,
+  decode,
+  encode,
+  read_shards,
+)
 
 
 def fake_compress(texts, calls=None):
@@ -63,21 +69,26 @@ def test_build_resume_and_search(tmp_path):
 
 def test_shards_of_other_inputs_are_never_reused(tmp_path):
   import os
+
   from clara_jax.data import fingerprint
+
   corpus, export = tmp_path / "corpus.jsonl", tmp_path / "export"
   corpus.write_text("one\n")
   export.mkdir()
   (export / "params.npz").write_bytes(b"weights v1")
-  inputs = lambda: {"export": fingerprint.dir_fingerprint(str(export)),
-                    "corpus": fingerprint.file_fingerprint(str(corpus))}
+  inputs = lambda: {
+    "export": fingerprint.dir_fingerprint(str(export)),
+    "corpus": fingerprint.file_fingerprint(str(corpus)),
+  }
   out = str(tmp_path / "idx")
   build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())
   contents = lambda: {n: open(os.path.join(out, n), "rb").read() for n in os.listdir(out)}
   before = contents()
   build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())  # same: reused
   (export / "params.npz").write_bytes(b"weights v2")  # a retrained export
-  with pytest.raises(fingerprint.StaleArtefact,
-                     match=r"export.files.params.npz.(bytes|sha256).*Remove it to rebuild"):
+  with pytest.raises(
+    fingerprint.StaleArtefact, match=r"export.files.params.npz.(bytes|sha256).*Remove it to rebuild"
+  ):
     build_index(fake_compress, DOCS, out, shard_size=10, inputs=inputs())
   (export / "params.npz").write_bytes(b"weights v1")
   with pytest.raises(fingerprint.StaleArtefact, match="shard_size: 10 -> 12"):
@@ -114,21 +125,26 @@ def test_int8_and_bfloat16_round_trips(tmp_path):
   assert np.all(back[7, 1] == 0.0)
   bf16 = encode(x, "bfloat16")
   assert bf16["memories"].dtype == np.uint16
-  np.testing.assert_array_equal(decode(bf16, "bfloat16").astype(np.float32),
-                                x.astype(ml_dtypes.bfloat16).astype(np.float32))
-  assert np.all(np.abs(decode(bf16, "bfloat16").astype(np.float32) - x)
-                <= np.abs(x) * 2.0**-8)
+  np.testing.assert_array_equal(
+    decode(bf16, "bfloat16").astype(np.float32), x.astype(ml_dtypes.bfloat16).astype(np.float32)
+  )
+  assert np.all(np.abs(decode(bf16, "bfloat16").astype(np.float32) - x) <= np.abs(x) * 2.0**-8)
   # Through the files and onto the devices: the same values.
   for dtype in ("int8", "bfloat16"):
     out = str(tmp_path / dtype)
-    meta = build_index(lambda t: x[[int(s) for s in t]],
-                       [{"id": f"d{i}", "text": str(i)} for i in range(50)], out,
-                       shard_size=16, dtype=dtype)
+    meta = build_index(
+      lambda t: x[[int(s) for s in t]],
+      [{"id": f"d{i}", "text": str(i)} for i in range(50)],
+      out,
+      shard_size=16,
+      dtype=dtype,
+    )
     assert meta["dtype"] == dtype and (meta["n_mem"], meta["hidden"]) == (3, 16)
     assert meta["bytes_per_doc"] == {"int8": 3 * 16 + 3 * 4, "bfloat16": 3 * 16 * 2}[dtype]
     ids, values = read_shards(out)
-    np.testing.assert_array_equal(values.astype(np.float32),
-                                  decode(encode(x, dtype), dtype).astype(np.float32))
+    np.testing.assert_array_equal(
+      values.astype(np.float32), decode(encode(x, dtype), dtype).astype(np.float32)
+    )
     index = MemoryIndex.load(out)
     assert index.matrix.dtype == {"int8": np.int8, "bfloat16": np.uint16}[dtype]
     assert index.bytes_per_doc == meta["bytes_per_doc"]
@@ -140,8 +156,9 @@ def test_sharded_search_is_brute_force_on_the_stored_values(tmp_path, dtype):
   rng = np.random.default_rng(1)
   x = rng.normal(size=(83, 2, 8)).astype(np.float32)
   docs = [{"id": f"d{i}", "text": str(i)} for i in range(83)]
-  build_index(lambda t: x[[int(s) for s in t]], docs, str(tmp_path / "idx"), shard_size=9,
-              dtype=dtype)
+  build_index(
+    lambda t: x[[int(s) for s in t]], docs, str(tmp_path / "idx"), shard_size=9, dtype=dtype
+  )
   # Blocks of 3 rows: 12 rows on each of the 8 devices, 4 blocks each, 13 rows padding.
   index = MemoryIndex.load(str(tmp_path / "idx"), block=3)
   assert index.spec.rows_per_device == 12 and index.matrix.shape == (96, 16)
@@ -209,8 +226,7 @@ def test_an_int8_build_resumes_and_another_dtype_is_not_mixed_in(tmp_path):
   np.testing.assert_array_equal(read_shards(out)[1], read_shards(whole)[1])
   # The same directory built as bfloat16 (no recorded inputs): every shard is redone.
   again = []
-  build_index(lambda t: fake_compress(t, again), DOCS, out, shard_size=10,
-              dtype="bfloat16")
+  build_index(lambda t: fake_compress(t, again), DOCS, out, shard_size=10, dtype="bfloat16")
   assert again == [10, 10, 10, 7]
   assert MemoryIndex.load(out).dtype == "bfloat16"
 
@@ -221,8 +237,7 @@ def test_an_index_written_before_the_dtype_choice_loads(tmp_path):
   meta_path = tmp_path / "idx" / "index.json"
   meta = json.loads(meta_path.read_text())
   assert meta["dtype"] == "float16"  # still the default
-  meta_path.write_text(json.dumps({k: meta[k] for k in ("num_docs", "num_shards",
-                                                        "shard_size")}))
+  meta_path.write_text(json.dumps({k: meta[k] for k in ("num_docs", "num_shards", "shard_size")}))
   index = MemoryIndex.load(out)
   assert (index.dtype, index.n_mem, index.hidden) == ("float16", 2, 8)
   assert index.matrix.dtype == np.float16
@@ -230,6 +245,7 @@ def test_an_index_written_before_the_dtype_choice_loads(tmp_path):
 
 def test_paired_difference_interval():
   from clara_jax.bench.index import paired_difference
+
   a = np.array([1] * 90 + [0] * 10, bool)
   same = paired_difference(a, a)
   assert same["difference"] == 0 and same["lower"] < 0 < same["upper"]
@@ -256,84 +272,120 @@ def test_plan_gives_the_bytes_per_chip_of_a_large_index(capsys):
 
 # ---------------------------------------------------------------- `clara-jax answer`
 
+
 @pytest.fixture(scope="module")
 def tiny_workdir(tmp_path_factory):
   """A workdir with the tiny model's export, random weights (as tests/faults builds it:
   nothing to train or compile for the weights)."""
-  import jax
   import flax.linen as nn
+  import jax
   from flax import traverse_util
+
   from clara_jax.data.tokenizer import Tokenizer
   from clara_jax.model.config import model_config
   from clara_jax.model.decoder import abstract_params
   from clara_jax.weights.export import save_params
+
   words = "red blue green river stone city team coach mayor north south marsh".split()
   rng = np.random.default_rng(0)
-  tok = Tokenizer.train([" ".join(rng.choice(words, 10)) for _ in range(200)],
-                        vocab_size=300, num_mem_tokens=4)
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
-                     num_extra_tokens=tok.num_special)
+  tok = Tokenizer.train(
+    [" ".join(rng.choice(words, 10)) for _ in range(200)], vocab_size=300, num_mem_tokens=4
+  )
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
   flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
   flat = {k: rng.normal(0, 0.02, a.shape).astype(a.dtype) for k, a in flat.items()}
   workdir = tmp_path_factory.mktemp("run")
   export = workdir / "export"
   save_params(str(export), cfg, jax.device_put(traverse_util.unflatten_dict(flat, sep="/")))
   tok.save(str(export / "tokenizer.model"))
-  (export / "clara.json").write_text(json.dumps(
-      {"doc_max_length": 16, "compr_rate": 4, "question_max_length": 8}))
+  (export / "clara.json").write_text(
+    json.dumps({"doc_max_length": 16, "compr_rate": 4, "question_max_length": 8})
+  )
   corpus = workdir / "corpus.jsonl"
-  corpus.write_text("".join(json.dumps({"id": f"doc{i}", "text": " ".join(
-      rng.choice(words, 6))}) + "\n" for i in range(12)))
+  corpus.write_text(
+    "".join(
+      json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(words, 6))}) + "\n"
+      for i in range(12)
+    )
+  )
   return workdir
 
 
 def test_answer_from_an_int8_index_end_to_end(tiny_workdir, tmp_path, capsys):
   index = str(tmp_path / "index")
-  assert cli.main(["index", f"--workdir={tiny_workdir}", f"--corpus={tiny_workdir}/corpus.jsonl",
-                   f"--out={index}", "--shard_size=5", "--dtype=int8", "--query=red river?",
-                   "--query=which coach?", "--top_n=3"]) == 0
+  assert (
+    cli.main(
+      [
+        "index",
+        f"--workdir={tiny_workdir}",
+        f"--corpus={tiny_workdir}/corpus.jsonl",
+        f"--out={index}",
+        "--shard_size=5",
+        "--dtype=int8",
+        "--query=red river?",
+        "--query=which coach?",
+        "--top_n=3",
+      ]
+    )
+    == 0
+  )
   meta = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert meta["dtype"] == "int8" and meta["num_docs"] == 12 and meta["n_mem"] == 4
   assert [len(r) for r in meta["results"]] == [3, 3] and len(meta["answers"]) == 2
   questions = tmp_path / "q.jsonl"
-  questions.write_text('{"question": "red river?", "id": "a"}\n\n'
-                       '{"question": "which coach?"}\n{"question": "north city?", "id": 7}\n'
-                       '{"question": "blue team?", "extra": 1}\n')
+  questions.write_text(
+    '{"question": "red river?", "id": "a"}\n\n'
+    '{"question": "which coach?"}\n{"question": "north city?", "id": 7}\n'
+    '{"question": "blue team?", "extra": 1}\n'
+  )
   out = tmp_path / "answers.jsonl"
-  argv = ["answer", f"--index={index}", f"--workdir={tiny_workdir}",
-          f"--questions={questions}", f"--out={out}", "--k=3", "--batch=2",
-          "--max_new_tokens=3"]
+  argv = [
+    "answer",
+    f"--index={index}",
+    f"--workdir={tiny_workdir}",
+    f"--questions={questions}",
+    f"--out={out}",
+    "--k=3",
+    "--batch=2",
+    "--max_new_tokens=3",
+  ]
   assert cli.main(argv) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary["questions"] == 4 and summary["dtype"] == "int8"
   rows = [json.loads(line) for line in out.read_text().splitlines()]
   assert [r["id"] for r in rows] == ["a", "1", "7", "3"]  # two batches of two
-  assert [r["question"] for r in rows] == ["red river?", "which coach?", "north city?",
-                                           "blue team?"]
+  assert [r["question"] for r in rows] == [
+    "red river?",
+    "which coach?",
+    "north city?",
+    "blue team?",
+  ]
   ids = {f"doc{i}" for i in range(12)}
   for row in rows:
     assert isinstance(row["answer"], str) and set(row["doc_ids"]) <= ids
-    assert len(set(row["doc_ids"])) == 3 and row["scores"] == sorted(row["scores"],
-                                                                      reverse=True)
+    assert len(set(row["doc_ids"])) == 3 and row["scores"] == sorted(row["scores"], reverse=True)
   # An existing --out is refused and kept.
   before = out.read_text()
   assert cli.main(argv) == 2
   assert "answers.jsonl: exists" in capsys.readouterr().err and out.read_text() == before
   # Bad questions: the file, the line and the field, before the model loads.
-  new = [a if not a.startswith("--out=") else f"--out={tmp_path / 'new.jsonl'}"
-         for a in argv]
-  for text, where in (('{"question": "ok?"}\n{"id": "b"}\n', "q.jsonl:2: field 'question': "
-                       "missing"),
-                      ('{"question": "ok?"}\n{"question": ""}\n',
-                       "q.jsonl:2: field 'question': is empty"),
-                      ('{"question": "ok?"}\n{"question": "x"\n', "q.jsonl:2: invalid JSON"),
-                      ('{"question": "a", "id": 1}\n{"question": "b", "id": "1"}\n',
-                       "q.jsonl:2: field 'id': duplicate '1'")):
+  new = [a if not a.startswith("--out=") else f"--out={tmp_path / 'new.jsonl'}" for a in argv]
+  for text, where in (
+    ('{"question": "ok?"}\n{"id": "b"}\n', "q.jsonl:2: field 'question': missing"),
+    ('{"question": "ok?"}\n{"question": ""}\n', "q.jsonl:2: field 'question': is empty"),
+    ('{"question": "ok?"}\n{"question": "x"\n', "q.jsonl:2: invalid JSON"),
+    (
+      '{"question": "a", "id": 1}\n{"question": "b", "id": "1"}\n',
+      "q.jsonl:2: field 'id': duplicate '1'",
+    ),
+  ):
     questions.write_text(text)
     assert cli.main(new) == 2
     assert where in capsys.readouterr().err
-  assert cli.main([a if not a.startswith("--questions=") else "--questions=missing.jsonl"
-                   for a in new]) == 2
+  assert (
+    cli.main([a if not a.startswith("--questions=") else "--questions=missing.jsonl" for a in new])
+    == 2
+  )
   assert "missing.jsonl: no such file" in capsys.readouterr().err
   assert not (tmp_path / "new.jsonl").exists()
 
@@ -346,8 +398,14 @@ def test_bench_index_reports_every_dtype_and_the_goals(capsys):
   assert set(result["dtypes"]) == set(STORAGE_DTYPES) and result["devices"] == 8
   assert (result["n_mem"], result["hidden"]) == (16, 64)  # the demo pipeline's memories
   for row in result["dtypes"].values():
-    assert {"bytes_per_doc", "build_docs_per_s", "load_s", "search_ms", "approx_search_ms",
-            "recall@5"} <= set(row)
+    assert {
+      "bytes_per_doc",
+      "build_docs_per_s",
+      "load_s",
+      "search_ms",
+      "approx_search_ms",
+      "recall@5",
+    } <= set(row)
   assert set(result["goals"]) == {"int8_recall", "int8_bytes", "search_latency"}
   assert {"difference", "lower", "upper", "top_k_overlap"} <= set(result["int8_vs_float32"])
   assert len(result["plan"]) == 8
@@ -357,6 +415,7 @@ def test_bench_index_reports_every_dtype_and_the_goals(capsys):
 
 def test_a_search_compiles_once_per_batch_bucket_and_top_n():
   from compile_count import backend_compiles
+
   rng = np.random.default_rng(4)
   x = rng.normal(size=(40, 2, 8)).astype(np.float32)
   index = MemoryIndex.from_memories([f"d{i}" for i in range(40)], x, "int8")

@@ -11,8 +11,9 @@ BASE = ["--name", "clara", "--zone", "us-east5-a", "--dry_run"]
 
 
 def _run(*args):
-  out = subprocess.run([sys.executable, SCRIPT, *args, *BASE], capture_output=True,
-                       text=True, timeout=60)
+  out = subprocess.run(
+    [sys.executable, SCRIPT, *args, *BASE], capture_output=True, text=True, timeout=60
+  )
   assert out.returncode == 0, out.stderr
   return [shlex.split(line) for line in out.stdout.strip().splitlines()]
 
@@ -30,8 +31,17 @@ def test_create_setup_delete():
 
 
 def test_train_runs_on_all_workers_with_per_host_logs():
-  (ssh,) = _run("train", "--config", "configs/stage2.py:model=mistral_7b",
-                "--workdir", "gs://b/run", "--run", "s2", "--override", "optimizer.lr=1e-4")
+  (ssh,) = _run(
+    "train",
+    "--config",
+    "configs/stage2.py:model=mistral_7b",
+    "--workdir",
+    "gs://b/run",
+    "--run",
+    "s2",
+    "--override",
+    "optimizer.lr=1e-4",
+  )
   assert ssh[4] == "ssh" and "--worker=all" in ssh
   command = ssh[-1]
   assert command.startswith("--command=cd ~/clara_jax")
@@ -41,10 +51,10 @@ def test_train_runs_on_all_workers_with_per_host_logs():
 
 
 def test_sweep_launches_one_job_per_point():
-  jobs = _run("sweep", "--config", "configs/stage2.py:model=mistral_7b",
-              "--workdir", "gs://b/sweep")
+  jobs = _run(
+    "sweep", "--config", "configs/stage2.py:model=mistral_7b", "--workdir", "gs://b/sweep"
+  )
   assert len(jobs) == 4  # configs/stage2.py: 2 learning rates x 2 temperatures
   commands = [job[-1] for job in jobs]
-  assert all("--config.optimizer.lr=" in c and "--config.clara.temperature=" in c
-             for c in commands)
+  assert all("--config.optimizer.lr=" in c and "--config.clara.temperature=" in c for c in commands)
   assert len({c.split("--workdir=")[1].split()[0] for c in commands}) == 4

@@ -22,8 +22,9 @@ WORDS = "red blue green river stone city team coach mayor north south kiwi falco
 @pytest.fixture(scope="module")
 def tok():
   rng = np.random.default_rng(0)
-  return Tokenizer.train([" ".join(rng.choice(WORDS, 10)) for _ in range(300)],
-                         vocab_size=420, num_mem_tokens=4)
+  return Tokenizer.train(
+    [" ".join(rng.choice(WORDS, 10)) for _ in range(300)], vocab_size=420, num_mem_tokens=4
+  )
 
 
 def _ids(tok, text):
@@ -42,10 +43,10 @@ def test_hidden_words_are_discriminative(tok):
   question = "Which team does the coach lead?"
   gold = ["The falcon team plays in the north city."]
   control = "The kiwi team plays in the south city."
-  slots = np.asarray([_ids(tok, "falcon kiwi city coach")[:4],
-                      _ids(tok, "north south red blue")[:4]])
-  rep = lens.question_report(tok, slots, question, gold, [control],
-                             clue_words=["falcon", "mascot"])
+  slots = np.asarray(
+    [_ids(tok, "falcon kiwi city coach")[:4], _ids(tok, "north south red blue")[:4]]
+  )
+  rep = lens.question_report(tok, slots, question, gold, [control], clue_words=["falcon", "mascot"])
   # city/team are in both documents (not discriminative); coach is in the question.
   assert rep["hidden"] == ["falcon", "north"]
   assert rep["control_hits"] == ["kiwi", "south"]
@@ -60,8 +61,11 @@ def test_every_control_counts_on_its_own(tok):
   are shares of controls."""
   question = "Which team does the coach lead?"
   gold = ["The falcon team plays in the north city."]
-  controls = ["The kiwi team plays in the south city.", "The falcon team plays in the red city.",
-              "The blue team plays in the stone city."]
+  controls = [
+    "The kiwi team plays in the south city.",
+    "The falcon team plays in the red city.",
+    "The blue team plays in the stone city.",
+  ]
   slots = np.asarray([_ids(tok, "falcon kiwi")])
   rep = lens.question_report(tok, slots, question, gold, controls)
   assert rep["hidden_rate"] == pytest.approx(2 / 3) and rep["hidden"] == ["falcon"]
@@ -84,8 +88,16 @@ def test_rank_auc_compares_every_discriminative_piece(tok):
   piece = lambda w: _ids(tok, w)[0]
   scores = np.full(tok.vocab_size, -10.0)
   # Shared (team, city) and question (coach) pieces score highest: they must not count.
-  for w, v in (("team", 0.0), ("city", 0.0), ("coach", 0.0), ("falcon", -1.0),
-               ("north", -3.0), ("kiwi", -2.0), ("south", -4.0), ("red", -5.0)):
+  for w, v in (
+    ("team", 0.0),
+    ("city", 0.0),
+    ("coach", 0.0),
+    ("falcon", -1.0),
+    ("north", -3.0),
+    ("kiwi", -2.0),
+    ("south", -4.0),
+    ("red", -5.0),
+  ):
     scores[piece(w)] = v
   slots = np.asarray([_ids(tok, "team city")])  # top-2 holds no discriminative word
   rep = lens.question_report(tok, slots, question, gold, controls, piece_scores_v=scores)
@@ -112,10 +124,10 @@ def test_pieces_catch_names_a_small_vocabulary_splits(tok):
   question = "Which team does the coach lead?"
   gold = [f"The {name} team plays in the north city."]
   control = "The kiwi team plays in the south city."
-  slots = np.asarray([name_ids[:2] + _ids(tok, "coach team")[:2],
-                      _ids(tok, "red blue green river")])
-  rep = lens.question_report(tok, slots, question, gold, [control],
-                             clue_words=[name.lower()])
+  slots = np.asarray(
+    [name_ids[:2] + _ids(tok, "coach team")[:2], _ids(tok, "red blue green river")]
+  )
+  rep = lens.question_report(tok, slots, question, gold, [control], clue_words=[name.lower()])
   assert rep["hidden"] == [] and rep["clues_found"] == []
   want = sorted(tok.id_to_piece(i) for i in name_ids[:2])
   assert want and rep["hidden_pieces"] == want
@@ -127,16 +139,21 @@ def test_pieces_catch_names_a_small_vocabulary_splits(tok):
 
 
 def test_lens_job_writes_json_and_png(tok, tmp_path):
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
-                     num_extra_tokens=tok.num_special)
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
   out = str(tmp_path / "export")
   save_params(out, cfg, init_params(cfg, jax.random.key(0)))
   tok.save(out + "/tokenizer.model")
-  model = ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8,
-                          doc_batch=8)
-  rows = [{"question": f"Which {w} team?", "docs": [f"{w} falcon north", "kiwi south red",
-                                                     "blue stone"], "answer": "x",
-           "answers": ["x"], "pos_index": [0]} for w in ("red", "blue", "green")]
+  model = ClaraModel.load(out, doc_max_length=16, compr_rate=4, question_max_length=8, doc_batch=8)
+  rows = [
+    {
+      "question": f"Which {w} team?",
+      "docs": [f"{w} falcon north", "kiwi south red", "blue stone"],
+      "answer": "x",
+      "answers": ["x"],
+      "pos_index": [0],
+    }
+    for w in ("red", "blue", "green")
+  ]
   summary = run_lens({"a": model, "b": model}, rows, str(tmp_path / "lens.json"), top_t=20)
   assert set(summary) == {"a", "b"} and summary["a"] == summary["b"]
   data = json.loads((tmp_path / "lens.json").read_text())

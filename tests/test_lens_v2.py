@@ -16,8 +16,9 @@ WORDS = NAMES + TEMPLATE + "the in was which".split()
 @pytest.fixture(scope="module")
 def tok():
   rng = np.random.default_rng(0)
-  return Tokenizer.train([" ".join(rng.choice(WORDS, 10)) for _ in range(400)],
-                         vocab_size=420, num_mem_tokens=4)
+  return Tokenizer.train(
+    [" ".join(rng.choice(WORDS, 10)) for _ in range(400)], vocab_size=420, num_mem_tokens=4
+  )
 
 
 def _id(tok, word):
@@ -35,8 +36,9 @@ def _scores(tok, values, base=-20.0):
 
 
 def _kinds():
-  team = ([f"the {n} team was founded in the {p} city" for n, p in zip(NAMES[:3], NAMES[6:9])]
-          + [f"the {n} team plays in the {p} city" for n, p in zip(NAMES[3:6], NAMES[9:12])])
+  team = [f"the {n} team was founded in the {p} city" for n, p in zip(NAMES[:3], NAMES[6:9])] + [
+    f"the {n} team plays in the {p} city" for n, p in zip(NAMES[3:6], NAMES[9:12])
+  ]
   river = [f"the {n} river flows near the {p} lake" for n, p in zip(NAMES[:6], NAMES[6:])]
   return {"team": team, "river": river}
 
@@ -52,8 +54,17 @@ def test_template_pieces_are_found_and_excluded(tok):
   # "founded" is in 3 of 6 team documents: a template word at 0.3, not at 0.6.
   assert _id(tok, "founded") not in lens.template_pieces(tok, kinds, max_share=0.6)
   gold, control = kinds["team"][0], kinds["team"][3]  # founded vs plays
-  scores = _scores(tok, {"founded": 0.0, NAMES[0]: -2.0, NAMES[6]: -2.0,
-                         NAMES[3]: -1.0, NAMES[9]: -1.0, "plays": -10.0})
+  scores = _scores(
+    tok,
+    {
+      "founded": 0.0,
+      NAMES[0]: -2.0,
+      NAMES[6]: -2.0,
+      NAMES[3]: -1.0,
+      NAMES[9]: -1.0,
+      "plays": -10.0,
+    },
+  )
   question = "which team"
   rep = lens.matched_report(tok, scores, question, gold, [control], template)
   assert rep["doc_auc"] == 0.0  # the control's names outscore the gold's
@@ -71,9 +82,16 @@ def test_matched_controls_equalise_set_sizes(tok):
   all_gold = {_id(tok, w) for w in "falcon red blue green stone".split()}
   kept = set()
   for seed in range(20):
-    sets = lens.matched_sets(tok, "which team", gold, [control, gold.replace("falcon", "bear")],
-                             set(), ["falcon", "red", "blue"], [["kiwi"], ["bear", "wolf"]],
-                             rng=np.random.default_rng(seed))
+    sets = lens.matched_sets(
+      tok,
+      "which team",
+      gold,
+      [control, gold.replace("falcon", "bear")],
+      set(),
+      ["falcon", "red", "blue"],
+      [["kiwi"], ["bear", "wolf"]],
+      rng=np.random.default_rng(seed),
+    )
     (g, c), (g2, c2) = sets["doc_pairs"]
     assert c == [_id(tok, "kiwi")] and len(g) == 1 and set(g) <= all_gold
     assert g2 == [_id(tok, "falcon")] and c2 == [_id(tok, "bear")]  # 1 vs 1: untouched
@@ -85,7 +103,7 @@ def test_matched_controls_equalise_set_sizes(tok):
   assert sets["num_gold_pieces"] == 5 and sets["num_clue_pieces"] == 3
   # The control side is subsampled when it is the larger one.
   sets = lens.matched_sets(tok, "which team", control, [gold], set())
-  (g, c), = sets["doc_pairs"]
+  ((g, c),) = sets["doc_pairs"]
   assert g == [_id(tok, "kiwi")] and len(c) == 1 and set(c) <= all_gold
   assert sets["clue_pairs"] == [] and sets["num_clue_pieces"] == 0
 
@@ -105,12 +123,17 @@ def test_clue_pieces_are_spelled_as_after_a_space(tok):
 def test_clue_auc_one_when_gold_clues_score_highest_zero_reversed(tok):
   question = "which team was founded near the lake"
   gold = "the falcon team was founded in the north city"
-  controls = ["the kiwi team was founded in the south city",
-              "the bear team was founded in the wolf city"]
+  controls = [
+    "the kiwi team was founded in the south city",
+    "the bear team was founded in the wolf city",
+  ]
   clue_words = ["falcon", "north"]  # the gold entity's name and the bridge entity's
   control_clues = [["kiwi"], ["bear"]]
-  scores = _scores(tok, {"falcon": 1.0, "north": 1.0, "kiwi": -1.0, "bear": -1.0,
-                         "south": 0.0, "wolf": 0.0}, base=0.5)
+  scores = _scores(
+    tok,
+    {"falcon": 1.0, "north": 1.0, "kiwi": -1.0, "bear": -1.0, "south": 0.0, "wolf": 0.0},
+    base=0.5,
+  )
   args = (question, gold, controls, set(), clue_words, control_clues)
   rep = lens.matched_report(tok, scores, *args)
   assert rep["clue_auc"] == 1.0 and rep["doc_auc"] == 1.0
@@ -121,12 +144,14 @@ def test_clue_auc_one_when_gold_clues_score_highest_zero_reversed(tok):
   # Counted, north would tie the sides: {falcon 1, north -5} vs {kiwi -1, south 0} is 0.5.
   low_north = scores.copy()
   low_north[_id(tok, "north")] = -5.0
-  shared = lens.matched_report(tok, low_north, *args[:4], clue_words,
-                               [["kiwi", "south", "north"]] * 2)
+  shared = lens.matched_report(
+    tok, low_north, *args[:4], clue_words, [["kiwi", "south", "north"]] * 2
+  )
   assert shared["clue_auc"] == 1.0
   # Clue pieces in the question or excluded do not count; none left: no clue AUC.
-  rep = lens.matched_report(tok, scores, "which falcon team", gold, controls,
-                            {_id(tok, "north")}, clue_words, control_clues)
+  rep = lens.matched_report(
+    tok, scores, "which falcon team", gold, controls, {_id(tok, "north")}, clue_words, control_clues
+  )
   assert rep["num_clue_pieces"] == 0 and rep["clue_auc"] is None
   # Left of the gold: founded and city, which every control shares: no doc AUC either.
   assert rep["num_gold_pieces"] == 2 and rep["doc_auc"] is None
@@ -147,15 +172,22 @@ def _world(tok, num_questions, favour_gold, seed):
     favoured = 0 if favour_gold else int(rng.integers(4))
     scores = rng.normal(size=tok.vocab_size)
     scores[_id(tok, names[favoured])] += 3.0
-    inputs.append(dict(question=f"which {kind}", gold_doc=docs[0], control_docs=docs[1:],
-                       gold_clue_words=[names[0]],
-                       control_clue_words=[[n] for n in names[1:]]))
+    inputs.append(
+      dict(
+        question=f"which {kind}",
+        gold_doc=docs[0],
+        control_docs=docs[1:],
+        gold_clue_words=[names[0]],
+        control_clue_words=[[n] for n in names[1:]],
+      )
+    )
     rows.append(scores)
     groups.append(kind)
-  excluded = lens.template_pieces(tok, {k: [t.format(n) for n in NAMES]
-                                        for k, t in kinds.items()})
-  matched = [lens.matched_sets(tok, excluded=excluded, rng=np.random.default_rng(q), **inp)
-             for q, inp in enumerate(inputs)]
+  excluded = lens.template_pieces(tok, {k: [t.format(n) for n in NAMES] for k, t in kinds.items()})
+  matched = [
+    lens.matched_sets(tok, excluded=excluded, rng=np.random.default_rng(q), **inp)
+    for q, inp in enumerate(inputs)
+  ]
   return matched, np.stack(rows), groups
 
 
@@ -213,8 +245,11 @@ def test_permutation_null_scores_with_another_question_of_the_same_group(tok):
   controls = ["the kiwi team", "the south team"]
   matched, rows = [], []
   for q, name in enumerate(names):
-    matched.append(lens.matched_sets(tok, "which team", f"the {name} team", controls, set(),
-                                     [name], [["kiwi"], ["south"]]))
+    matched.append(
+      lens.matched_sets(
+        tok, "which team", f"the {name} team", controls, set(), [name], [["kiwi"], ["south"]]
+      )
+    )
     values = {n: 5.0 for n, g in zip(names, groups) if g == groups[q]}
     values[name] = -5.0
     rows.append(_scores(tok, values, base=0.0))
@@ -233,20 +268,33 @@ def test_permutation_null_scores_with_another_question_of_the_same_group(tok):
 
 
 def test_summary_keys_and_paired_difference(tok):
-  reports = [{"clue_auc": 0.8, "doc_auc": 0.6}, {"clue_auc": 0.6, "doc_auc": None},
-             {"clue_auc": None, "doc_auc": 0.7}]
+  reports = [
+    {"clue_auc": 0.8, "doc_auc": 0.6},
+    {"clue_auc": 0.6, "doc_auc": None},
+    {"clue_auc": None, "doc_auc": 0.7},
+  ]
   s = lens.summarize_matched(reports)
   assert set(s) == {"questions", "clue_auc", "doc_auc"}
   assert s["clue_auc"]["mean"] == pytest.approx(0.7) and s["clue_auc"]["n"] == 2
   assert s["doc_auc"]["mean"] == pytest.approx(0.65) and s["doc_auc"]["lo"] >= 0.6
-  null = {m: {"mean": 0.5, "q95": 0.6, "per_question": [0.5, 0.5, None]}
-          for m in lens.MEASURES}
+  null = {m: {"mean": 0.5, "q95": 0.6, "per_question": [0.5, 0.5, None]} for m in lens.MEASURES}
   s = lens.summarize_matched(reports, null)
-  assert set(s) == {"questions", "clue_auc", "doc_auc", "clue_auc_null", "doc_auc_null",
-                    "clue_auc_vs_null", "doc_auc_vs_null"}
+  assert set(s) == {
+    "questions",
+    "clue_auc",
+    "doc_auc",
+    "clue_auc_null",
+    "doc_auc_null",
+    "clue_auc_vs_null",
+    "doc_auc_vs_null",
+  }
   assert s["clue_auc_vs_null"]["mean"] == pytest.approx(0.2)
-  assert s["doc_auc_vs_null"] == {"mean": pytest.approx(0.1), "lo": pytest.approx(0.1),
-                                  "hi": pytest.approx(0.1), "n": 1}
+  assert s["doc_auc_vs_null"] == {
+    "mean": pytest.approx(0.1),
+    "lo": pytest.approx(0.1),
+    "hi": pytest.approx(0.1),
+    "n": 1,
+  }
   assert lens.summarize_matched([])["clue_auc"] is None
 
 
@@ -264,16 +312,27 @@ def test_deterministic_under_a_seed(tok):
   assert a["clue_auc"]["per_question"] != first["clue_auc"]["per_question"]
   reports = [lens.score_matched(m, r) for m, r in zip(matched, rows)]
   assert lens.summarize_matched(reports, a, seed=3) == lens.summarize_matched(reports, a, seed=3)
-  assert (lens.summarize_matched(reports, seed=3)["clue_auc"]
-          != lens.summarize_matched(reports, seed=4)["clue_auc"])
+  assert (
+    lens.summarize_matched(reports, seed=3)["clue_auc"]
+    != lens.summarize_matched(reports, seed=4)["clue_auc"]
+  )
   kinds = _kinds()
-  args = (tok, rows[0], "which team", kinds["team"][0], kinds["team"][1:] + ["the kiwi team"],
-          set(), ["red", "green"], [[n] for n in NAMES[1:6]] + [["kiwi"]])
+  args = (
+    tok,
+    rows[0],
+    "which team",
+    kinds["team"][0],
+    kinds["team"][1:] + ["the kiwi team"],
+    set(),
+    ["red", "green"],
+    [[n] for n in NAMES[1:6]] + [["kiwi"]],
+  )
   one = lens.matched_report(*args, rng=np.random.default_rng(5))
   assert one == lens.matched_report(*args, rng=np.random.default_rng(5))
   assert lens.matched_report(*args) == lens.matched_report(*args, rng=np.random.default_rng(0))
-  subsamples = {str(lens.matched_sets(*args[:1], *args[2:], rng=np.random.default_rng(s)))
-                for s in range(10)}
+  subsamples = {
+    str(lens.matched_sets(*args[:1], *args[2:], rng=np.random.default_rng(s))) for s in range(10)
+  }
   assert len(subsamples) > 1  # the subsample does depend on the rng
 
 
@@ -290,8 +349,12 @@ def test_question_forms_are_candidate_pieces_sharing_a_stem_with_a_question_word
 
 def test_real_lens_sets_leave_question_forms_out_of_both_sides(tok):
   from clara_jax.eval import real
-  docs = ["bluered falls near the lake hawk wolf", "kiwi stone bear falls mayor",
-          "coach south bluered green river"]
+
+  docs = [
+    "bluered falls near the lake hawk wolf",
+    "kiwi stone bear falls mayor",
+    "coach south bluered green river",
+  ]
   row = {"question": "the red falcon", "docs": docs, "pos_index": [0]}
   forms = lens.question_form_pieces(tok, row["question"], docs)
   assert forms

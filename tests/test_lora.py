@@ -74,13 +74,17 @@ def test_trainable_mask_freezes_everything_else(params):
   trained = {p for p, m in flat.items() if m}
   assert "embedder/extra_embedding" in trained
   assert "embedder/base_embedding" not in trained
-  assert all(("lora_reasoner/" in p or "lora_generator/" in p) for p in trained
-             if p != "embedder/extra_embedding")
+  assert all(
+    ("lora_reasoner/" in p or "lora_generator/" in p)
+    for p in trained
+    if p != "embedder/extra_embedding"
+  )
   assert any("lora_reasoner/" in p for p in trained)
   # Several optimizer steps: only the masked-in leaves move.
-  tx = optax.chain(optax.masked(optax.adam(1e-2), mask),
-                   optax.masked(optax.set_to_zero(),
-                                jax.tree_util.tree_map(lambda m: not m, mask)))
+  tx = optax.chain(
+    optax.masked(optax.adam(1e-2), mask),
+    optax.masked(optax.set_to_zero(), jax.tree_util.tree_map(lambda m: not m, mask)),
+  )
   toks = jax.random.randint(jax.random.key(4), (2, 7), 0, CFG.vocab_size)
   toks = toks.at[:, 0].set(CFG.base_vocab_size + 1)
 

@@ -21,6 +21,7 @@ def test_streak_counts_on_device_and_stops_at_the_limit():
 
 def test_only_check_reads_the_device(monkeypatch):
   from clara_jax.train import nonfinite
+
   reads = []
   real_get = jax.device_get
   monkeypatch.setattr(nonfinite.jax, "device_get", lambda x: reads.append(1) or real_get(x))

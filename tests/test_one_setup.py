@@ -2,19 +2,28 @@
 `train.setup.setup_train_step`, and the programs they lower are the same text."""
 
 import jax
-import pytest
 
 from clara_jax.bench import plan
 from clara_jax.bench.stage_step import build_stage_step, stage_config
-from clara_jax.train import loop, setup as setup_lib
+from clara_jax.train import loop
+from clara_jax.train import setup as setup_lib
 from tests.train_cli import write_text_file
 
 VOCAB = 300  # what a SentencePiece model trained on the small text file reaches
 
 
 def _config(stage, workdir_text=None):
-  config = stage_config(stage, batch=8, candidates=4, doc_len=32, compr_rate=16, k=2,
-                        question_len=8, prompt_len=24, answer_len=8)
+  config = stage_config(
+    stage,
+    batch=8,
+    candidates=4,
+    doc_len=32,
+    compr_rate=16,
+    k=2,
+    question_len=8,
+    prompt_len=24,
+    answer_len=8,
+  )
   config.mesh.shape = (-1, 1, 1)  # all 8 test devices, as train lays them out
   config.model.base_vocab_size = VOCAB
   config.tokenizer.vocab_size = VOCAB
@@ -37,6 +46,7 @@ def _train_lowered(config, workdir, monkeypatch):
     def run(state, batch):
       seen.append(step.lower(state, batch).as_text())
       return step(state, batch)
+
     return run
 
   monkeypatch.setattr(setup_lib.TrainStepSetup, "jit", recording)

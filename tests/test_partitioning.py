@@ -49,9 +49,11 @@ def test_sharded_forward_equals_unsharded(mesh_shape):
   sharded_params = jax.device_put(params, shardings)
   assert len(sharded_params["layers_0"]["mlp"]["up_proj"]["kernel"].addressable_shards) == 8
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
-    step = jax.jit(lambda p, t, m: _forward(CFG, p, t, m),
-                   in_shardings=(shardings, data, data),
-                   out_shardings=partitioning.batch_sharding(mesh, 3))
+    step = jax.jit(
+      lambda p, t, m: _forward(CFG, p, t, m),
+      in_shardings=(shardings, data, data),
+      out_shardings=partitioning.batch_sharding(mesh, 3),
+    )
     args = (sharded_params, jax.device_put(toks, data), jax.device_put(mask, data))
     # The block-boundary activation constraints reach the compiled program.
     assert "sharding_constraint" in str(step.trace(*args).jaxpr)

@@ -6,9 +6,9 @@ import io
 
 import pytest
 from etils import epath
+from gcs_emulator import BUCKET
 
 from clara_jax import paths
-from gcs_emulator import BUCKET
 
 
 @pytest.fixture(params=["local", "gs"])
@@ -78,11 +78,9 @@ def test_join_keeps_a_path_as_given_when_not_absolute(tmp_path, monkeypatch):
   assert paths.join("run", absolute=False) == "run"
 
 
-def test_resolve_climbs_local_paths_and_uris_but_never_above_the_bucket(tmp_path,
-                                                                        monkeypatch):
+def test_resolve_climbs_local_paths_and_uris_but_never_above_the_bucket(tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
-  assert (paths.resolve("runs/stage2", "..", "data", "w")
-          == str(tmp_path / "runs" / "data" / "w"))
+  assert paths.resolve("runs/stage2", "..", "data", "w") == str(tmp_path / "runs" / "data" / "w")
   assert paths.resolve("run") == str(tmp_path / "run")  # a lone base made absolute
   assert paths.resolve("runs/stage2", "/abs/./x") == "/abs/x"  # an absolute part restarts
   assert paths.resolve("gs://b/runs/stage2", "..", "data", "w") == "gs://b/runs/data/w"
@@ -102,6 +100,7 @@ def test_open_binary_reads_lines_of_a_bounded_size_on_every_store(root):
 
 def test_metrics_rows_are_appended_at_once_locally_and_in_batches_remotely(root, monkeypatch):
   from clara_jax.train.metrics import MetricsWriter, read_metrics
+
   opened = []
   open_append = paths.open_append
   monkeypatch.setattr(paths, "open_append", lambda p: opened.append(p) or open_append(p))

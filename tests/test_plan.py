@@ -4,13 +4,14 @@ cost analysis and, for a TPU slice, a roofline estimate."""
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
-import os
 
 import pytest
 
-from clara_jax.bench import plan as plan_lib, tpu
+from clara_jax.bench import plan as plan_lib
+from clara_jax.bench import tpu
 from clara_jax.bench.plan import memory_plan
 from configs import stage2
 
@@ -42,10 +43,21 @@ def test_plan_reports_per_device_memory():
 
 def test_plan_cli_relaunches_with_simulated_devices():
   env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="")
-  out = subprocess.run([sys.executable, "-m", "clara_jax.cli", "plan",
-                        f"--config={ROOT}/configs/lm.py:model=tiny", "--mesh=1,4,4",
-                        "--config.data.lm_length=32"], env=env, capture_output=True,
-                       text=True, timeout=300)
+  out = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "clara_jax.cli",
+      "plan",
+      f"--config={ROOT}/configs/lm.py:model=tiny",
+      "--mesh=1,4,4",
+      "--config.data.lm_length=32",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert out.returncode == 0, out.stderr[-2000:]
   plan = json.loads(out.stdout.strip().splitlines()[-1])
   assert plan["devices"] == 16 and plan["mesh"]["tensor"] == 4
@@ -58,8 +70,11 @@ def test_tpu_slice_names():
   assert (v5p.chips, v5p.topology_name) == (64, "v5p:4x4x4")
   assert tpu.parse_slice("v4-64").topology_name == "v4:4x4x2"
   assert tpu.parse_slice("v6e-8").topology_name == "v6e:2x4"
-  for bad, message in [("v7-8", "GENERATION in"), ("v5e-12", "power-of-two"),
-                       ("v5p-3", "TensorCores, 2 per chip")]:
+  for bad, message in [
+    ("v7-8", "GENERATION in"),
+    ("v5e-12", "power-of-two"),
+    ("v5p-3", "TensorCores, 2 per chip"),
+  ]:
     with pytest.raises(ValueError, match=message):
       tpu.parse_slice(bad)
 
@@ -73,8 +88,11 @@ def test_mesh_shapes_cover_the_factorisations():
 LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
-@pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (pip install "
-                    "'clara_jax[tpu]'); the TPU compiler is what this test runs")
+@pytest.mark.skipif(
+  not LIBTPU,
+  reason="libtpu is not installed (pip install "
+  "'clara_jax[tpu]'); the TPU compiler is what this test runs",
+)
 def test_stage2_compiles_for_a_tpu_slice():
   c = _config((1, 4, 2))
   c.train.global_batch = 4
@@ -84,8 +102,7 @@ def test_stage2_compiles_for_a_tpu_slice():
   assert plan["fits"] and plan["hbm_gib_per_device"] == 16
   assert plan["total_gib_per_device"] >= plan["argument_gib_per_device"] > 0
   assert plan["xla_flops_per_device"] > 0 and plan["xla_bytes_per_device"] > 0
-  assert plan["roofline_step_s"] == max(plan["roofline_compute_s"],
-                                        plan["roofline_memory_s"]) > 0
+  assert plan["roofline_step_s"] == max(plan["roofline_compute_s"], plan["roofline_memory_s"]) > 0
   assert 0 < plan["roofline_mfu"] <= 1
 
 
@@ -95,19 +112,25 @@ def test_search_keeps_what_fits_best_first(monkeypatch):
   def fake_plan(config, topology):
     shape = tuple(config.mesh.shape)
     tried.append((shape, config.train.grad_accum_steps, config.model.remat_policy))
-    return {"fits": shape[2] == 1, "roofline_mfu": 0.1 * shape[0] + 0.01 * shape[1],
-            "total_gib_per_device": 1.0, "hbm_gib_per_device": 16.0}
+    return {
+      "fits": shape[2] == 1,
+      "roofline_mfu": 0.1 * shape[0] + 0.01 * shape[1],
+      "total_gib_per_device": 1.0,
+      "hbm_gib_per_device": 16.0,
+    }
 
   monkeypatch.setattr(plan_lib, "memory_plan", fake_plan)
   monkeypatch.setattr(tpu, "topology_devices", lambda slice_: [None] * 4)
   c = _config((1, 1, 1))
   c.train.global_batch = 4
-  fits = plan_lib.search(c, "v5e-4", remat_policies=("none",), accum_steps=(1, 2),
-                         log=lambda line: None)
+  fits = plan_lib.search(
+    c, "v5e-4", remat_policies=("none",), accum_steps=(1, 2), log=lambda line: None
+  )
   # accum 2 leaves micro-batches of 2: only meshes with data * fsdp <= 2 take it
   assert ((4, 1, 1), 2, "none") not in tried and ((2, 1, 2), 2, "none") in tried
-  assert [p["roofline_mfu"] for p in fits] == sorted((p["roofline_mfu"] for p in fits),
-                                                     reverse=True)
+  assert [p["roofline_mfu"] for p in fits] == sorted(
+    (p["roofline_mfu"] for p in fits), reverse=True
+  )
   # Only tensor = 1 fits here, and with it data * fsdp = 4 takes no micro-batch of 2.
   assert len(fits) == 3
 
@@ -115,6 +138,7 @@ def test_search_keeps_what_fits_best_first(monkeypatch):
 def test_step_cost_of_a_scanned_model_is_the_unrolled_cost():
   """XLA counts a loop body once; the plan's cost extrapolates unrolled depths 1 and 2."""
   import jax
+
   c = _config((1, 1, 1))
   c.train.global_batch = 2
   c.data.candidates = 2  # one compression chunk: no loop left in the unrolled program

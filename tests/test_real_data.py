@@ -7,38 +7,90 @@ import json
 import os
 
 import pytest
+from report_checks import check_report
 
 from clara_jax import cli, demo, real_data
 from clara_jax.data.formats import validate_row
-from report_checks import check_report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
-ANIMALS = ["otter", "heron", "lynx", "badger", "marten", "ibis", "vole", "newt", "stoat",
-           "crane", "shrew", "gecko", "egret", "mink", "kite", "wren", "finch", "hare",
-           "moth", "carp", "pike", "tern", "rook", "swift"]
+ANIMALS = [
+  "otter",
+  "heron",
+  "lynx",
+  "badger",
+  "marten",
+  "ibis",
+  "vole",
+  "newt",
+  "stoat",
+  "crane",
+  "shrew",
+  "gecko",
+  "egret",
+  "mink",
+  "kite",
+  "wren",
+  "finch",
+  "hare",
+  "moth",
+  "carp",
+  "pike",
+  "tern",
+  "rook",
+  "swift",
+]
 
 
 def _hotpot_rows(n):
   """IRCoT HotpotQA rows: 4 paragraphs each, the first two supporting."""
-  return [{"question_id": f"h{i}", "question_text": f"Which marsh does the {a} of lake {i} "
-           "visit?", "answers_objects": [{"spans": [f"marsh {i}"]}],
-           "contexts": [{"id": str(j), "title": f"{a.title()} {j}", "is_supporting": j < 2,
-                         "paragraph_text": f"The {a} visits marsh {i + j} in spring."}
-                        for j in range(4)]} for i, a in enumerate(ANIMALS[:n])]
+  return [
+    {
+      "question_id": f"h{i}",
+      "question_text": f"Which marsh does the {a} of lake {i} visit?",
+      "answers_objects": [{"spans": [f"marsh {i}"]}],
+      "contexts": [
+        {
+          "id": str(j),
+          "title": f"{a.title()} {j}",
+          "is_supporting": j < 2,
+          "paragraph_text": f"The {a} visits marsh {i + j} in spring.",
+        }
+        for j in range(4)
+      ],
+    }
+    for i, a in enumerate(ANIMALS[:n])
+  ]
 
 
 def _nq_rows(n):
-  return [{"question": f"what does the {a} eat", "answers": [f"food {i}", f"FOOD {i}"],
-           "ctxs": [{"title": a.title(), "text": f"The {a} eats food {i} at dawn.",
-                     "hasanswer": True, "isgold": True}]}
-          for i, a in enumerate(ANIMALS[:n])]
+  return [
+    {
+      "question": f"what does the {a} eat",
+      "answers": [f"food {i}", f"FOOD {i}"],
+      "ctxs": [
+        {
+          "title": a.title(),
+          "text": f"The {a} eats food {i} at dawn.",
+          "hasanswer": True,
+          "isgold": True,
+        }
+      ],
+    }
+    for i, a in enumerate(ANIMALS[:n])
+  ]
 
 
 def _pretrain_rows(n):
-  return [{"data_type": "qa", "question": [f"Q{i}.{j}?" for j in range(5)],
-           "answers": [f"A{i}.{j}" for j in range(5)],
-           "docs": [f"Document {i} about the {ANIMALS[i]}.\n It swims."]} for i in range(n)]
+  return [
+    {
+      "data_type": "qa",
+      "question": [f"Q{i}.{j}?" for j in range(5)],
+      "answers": [f"A{i}.{j}" for j in range(5)],
+      "docs": [f"Document {i} about the {ANIMALS[i]}.\n It swims."],
+    }
+    for i in range(n)
+  ]
 
 
 def _write(path, rows):
@@ -53,8 +105,13 @@ def small_data(tmp_path):
   _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(12))
   _write(data / real_data.NQ_FILE, _nq_rows(24))
   _write(data / real_data.PRETRAIN_FILE, _pretrain_rows(4))
-  plan = real_data.DataPlan(limits={"hotpotqa": None, "nq": None, "pretrain": None},
-                            test={"hotpotqa": 3, "nq": 5}, candidates=8, k=2, qa_per_row=2)
+  plan = real_data.DataPlan(
+    limits={"hotpotqa": None, "nq": None, "pretrain": None},
+    test={"hotpotqa": 3, "nq": 5},
+    candidates=8,
+    k=2,
+    qa_per_row=2,
+  )
   return str(data), str(tmp_path / "work"), plan
 
 
@@ -68,8 +125,7 @@ def test_prepare_data_converts_splits_and_writes_text(small_data):
   record = real_data.prepare_data(data_dir, workdir, plan, log=lines.append)
   dirs = real_data.data_dirs(workdir)
   heldout = _read(dirs["heldout"])
-  stage2, stage1_2 = (_read(os.path.join(dirs[s], "train.jsonl"))
-                      for s in ("stage2", "stage1_2"))
+  stage2, stage1_2 = (_read(os.path.join(dirs[s], "train.jsonl")) for s in ("stage2", "stage1_2"))
   # Held-out questions: the planned number per set, never trained on in either stage.
   assert sorted(r["kind"] for r in heldout) == ["multi"] * 3 + ["single"] * 5
   test_ids = {r["id"] for r in heldout}
@@ -82,8 +138,9 @@ def test_prepare_data_converts_splits_and_writes_text(small_data):
   # stage1: every QA pair kept, at most qa_per_row per row, the document unchanged.
   stage1 = _read(os.path.join(dirs["stage1"], "train.jsonl"))
   assert len(stage1) == 4 * 3 and all(len(r["question"]) <= 2 for r in stage1)
-  assert [q for r in stage1 for q in r["question"]] == [f"Q{i}.{j}?" for i in range(4)
-                                                         for j in range(5)]
+  assert [q for r in stage1 for q in r["question"]] == [
+    f"Q{i}.{j}?" for i in range(4) for j in range(5)
+  ]
   # LM text: every distinct passage (held-out questions' too), one per line.
   with open(dirs["lm"]) as f:
     text = f.read().splitlines()
@@ -96,9 +153,11 @@ def test_prepare_data_converts_splits_and_writes_text(small_data):
 
 def test_prepare_data_restates_each_stage1_document_once(small_data):
   import dataclasses
+
   data_dir, workdir, plan = small_data
-  real_data.prepare_data(data_dir, workdir, dataclasses.replace(plan, restate_stage1=True),
-                         log=lambda _: None)
+  real_data.prepare_data(
+    data_dir, workdir, dataclasses.replace(plan, restate_stage1=True), log=lambda _: None
+  )
   stage1 = _read(os.path.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
   qa = [r for r in stage1 if r["data_type"] == "qa"]
   restated = [r for r in stage1 if r["data_type"] == "paraphrase"]
@@ -121,6 +180,7 @@ def test_prepare_data_resumes_and_refuses_another_plan(small_data):
 def test_fitted_prompt_lengths_fit_every_question(small_data):
   from clara_jax.data.features import FeatureConfig, Featurizer
   from clara_jax.data.tokenizer import Tokenizer
+
   data_dir, workdir, plan = small_data
   real_data.prepare_data(data_dir, workdir, plan, log=lambda _: None)
   dirs = real_data.data_dirs(workdir)
@@ -129,13 +189,25 @@ def test_fitted_prompt_lengths_fit_every_question(small_data):
   rows = _read(os.path.join(dirs["stage2"], "train.jsonl"))
   lengths = real_data.fitted_prompt_lengths(tok, [r["question"] for r in rows], 4, 2, "short")
   assert lengths["answer"] % 8 == 0 and lengths["stage1"] < lengths["answer"]
-  stage2 = Featurizer(tok, FeatureConfig("stage2", n_mem=4, doc_max_length=16, k=2,
-                                         num_docs=8, prompt_length=lengths["answer"],
-                                         prompt_style="short"))
+  stage2 = Featurizer(
+    tok,
+    FeatureConfig(
+      "stage2",
+      n_mem=4,
+      doc_max_length=16,
+      k=2,
+      num_docs=8,
+      prompt_length=lengths["answer"],
+      prompt_style="short",
+    ),
+  )
   assert all(stage2(row)["truncated_gen"] == 0 for row in rows)
-  stage1 = Featurizer(tok, FeatureConfig("stage1", n_mem=4, doc_max_length=16,
-                                         prompt_length=lengths["stage1"],
-                                         prompt_style="short"))
+  stage1 = Featurizer(
+    tok,
+    FeatureConfig(
+      "stage1", n_mem=4, doc_max_length=16, prompt_length=lengths["stage1"], prompt_style="short"
+    ),
+  )
   row = _read(os.path.join(dirs["stage1"], "train.jsonl"))[0]
   assert stage1(row)["gen_tokens"].shape == (lengths["stage1"] + 32,)
 
@@ -156,9 +228,13 @@ def test_missing_source_file_names_it(tmp_path):
 @pytest.mark.parametrize("quick", [True, False])
 def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
+
   plan = real_data.data_plan(quick, pretrained=True)
-  assert plan.nq_stage1 and plan.restate_stage1 and plan.test == ({"hotpotqa": 8, "nq": 8} if quick
-                                          else {"hotpotqa": 100, "nq": 100})
+  assert (
+    plan.nq_stage1
+    and plan.restate_stage1
+    and plan.test == ({"hotpotqa": 8, "nq": 8} if quick else {"hotpotqa": 100, "nq": 100})
+  )
   dirs = real_data.data_dirs(str(tmp_path))
   recipe = real_data.pretrained_recipe(quick, plan, dirs, "smollm2_135m", "/m")
   assert "lm" not in recipe.stages  # the base is imported, not trained
@@ -177,6 +253,7 @@ def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
 @pytest.mark.parametrize("quick", [True, False])
 def test_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
+
   plan = real_data.data_plan(quick)
   dirs = real_data.data_dirs(str(tmp_path))
   recipe = real_data.real_recipe(quick, plan, dirs)
@@ -189,23 +266,29 @@ def test_recipe_gives_valid_stage_configs(tmp_path, quick):
 
 def test_cli_hands_flags_to_run(monkeypatch, tmp_path):
   calls = []
-  monkeypatch.setattr(real_data, "run", lambda workdir, data_dir, quick, seed, base:
-                      calls.append((workdir, data_dir, quick, seed, base))
-                      or {"claims": [{"claim": "x"}]})
-  assert cli.main(["real-data", "--quick", "--workdir", str(tmp_path), "--data_dir",
-                   "d"]) == 0
-  assert cli.main(["real-data", "--workdir", str(tmp_path), "--data_dir", "d", "--base",
-                   "smollm2"]) == 0
-  assert calls == [(str(tmp_path), "d", True, 0, None),
-                   (str(tmp_path), "d", False, 0, "smollm2")]
+  monkeypatch.setattr(
+    real_data,
+    "run",
+    lambda workdir, data_dir, quick, seed, base: calls.append(
+      (workdir, data_dir, quick, seed, base)
+    )
+    or {"claims": [{"claim": "x"}]},
+  )
+  assert cli.main(["real-data", "--quick", "--workdir", str(tmp_path), "--data_dir", "d"]) == 0
+  assert (
+    cli.main(["real-data", "--workdir", str(tmp_path), "--data_dir", "d", "--base", "smollm2"]) == 0
+  )
+  assert calls == [(str(tmp_path), "d", True, 0, None), (str(tmp_path), "d", False, 0, "smollm2")]
 
 
 def test_a_stage_stopped_early_is_not_marked_done(monkeypatch, tmp_path):
   """train() returns without an export on SIGTERM: the stage must resume, not be skipped."""
   from clara_jax.train import loop
+
   monkeypatch.setattr(loop, "train", lambda config, workdir, progress=None: {})
-  recipe = real_data.real_recipe(True, real_data.data_plan(True),
-                                 real_data.data_dirs(str(tmp_path)))
+  recipe = real_data.real_recipe(
+    True, real_data.data_plan(True), real_data.data_dirs(str(tmp_path))
+  )
   with pytest.raises(demo.StageStopped, match="run the same command again"):
     demo.run_stage("lm", str(tmp_path), recipe, log=lambda _: None)
   assert not os.path.exists(os.path.join(str(tmp_path), "lm", demo.DONE_FILE))
@@ -218,8 +301,9 @@ def _shared():
 
 
 def test_real_files_quick_plan(tmp_path):
-  record = real_data.prepare_data(_shared(), str(tmp_path), real_data.data_plan(True),
-                                  log=lambda _: None)
+  record = real_data.prepare_data(
+    _shared(), str(tmp_path), real_data.data_plan(True), log=lambda _: None
+  )
   counts = record["counts"]
   assert counts["hotpotqa"] == {"train": 32, "test": 8}
   assert counts["nq"] == {"train": 52, "test": 8}
@@ -247,8 +331,7 @@ def test_quick_real_data_run_writes_the_table(quick_run):
   written = check_report(workdir, lines)
   final = written["results"]["stage2"]
   assert final["questions"] == 16
-  for key in ("em_normal", "f1_normal", "recall@1", "recall@5", "bm25_recall@1",
-              "memory_gain"):
+  for key in ("em_normal", "f1_normal", "recall@1", "recall@5", "bm25_recall@1", "memory_gain"):
     assert key in final, key
   assert written["data"]["counts"]["heldout"] == 16
 
@@ -271,6 +354,7 @@ def test_quick_real_data_rerun_resumes(quick_run):
 def _pretrained_inputs(root, hotpot):
   """(data directory of hand-written source files, tiny random GGUF base) under root."""
   from gguf_fixtures import write_tiny_gguf
+
   data = root / "shared"
   data.mkdir()
   _write(data / real_data.HOTPOTQA_FILE, _hotpot_rows(hotpot))
@@ -289,11 +373,18 @@ def pretrained_run(tmp_path_factory):
   return workdir, str(data), base, summary, lines
 
 
-REAL_CLAIMS = ("a. memory gain vs a wrong candidate", "a. memory gain vs no memories",
-               "a. EM closed book / retrieved / gold memories", "a. F1 gold memories - closed",
-               "b. all R@5 stage2 - init reasoner", "b. all R@1 stage2 - BM25",
-               "b. single R@5 stage2 - random", "b. multi R@1 stage2 - init reasoner",
-               "c. lens AUC stage2 - permutation null", "c. lens AUC stage2 - init reasoner")
+REAL_CLAIMS = (
+  "a. memory gain vs a wrong candidate",
+  "a. memory gain vs no memories",
+  "a. EM closed book / retrieved / gold memories",
+  "a. F1 gold memories - closed",
+  "b. all R@5 stage2 - init reasoner",
+  "b. all R@1 stage2 - BM25",
+  "b. single R@5 stage2 - random",
+  "b. multi R@1 stage2 - init reasoner",
+  "c. lens AUC stage2 - permutation null",
+  "c. lens AUC stage2 - init reasoner",
+)
 
 
 def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
@@ -305,6 +396,7 @@ def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
   assert any("base.gguf imported" in line and "chat format chatml" in line for line in lines)
   # The imported base is stage1's start; its tokenizer is the GGUF's plus CLaRa's tokens.
   from clara_jax.data.tokenizer import load_tokenizer
+
   tok = load_tokenizer(os.path.join(workdir, "stage2", "export"), 8)
   assert tok.chat_format == "chatml" and tok.base_vocab_size == 269
   with open(os.path.join(workdir, "stage1", "run_config.json")) as f:
@@ -324,13 +416,19 @@ def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
   qa = [r for r in stage1 if r["data_type"] == "qa"]
   assert sum(r["docs"][0].endswith("at dawn.") for r in qa) == 24 - 8
   assert sorted(r["docs"][0] for r in stage1 if r["data_type"] == "paraphrase") == sorted(
-      {r["docs"][0] for r in qa})
+    {r["docs"][0] for r in qa}
+  )
   # stage2 read every candidate's memory from the cache of the stage1_2 compressor.
   from clara_jax.train.memory_cache import CACHE_FILE
+
   with open(os.path.join(workdir, "memories", CACHE_FILE)) as f:
     cache = json.load(f)
-  docs = {d for path in (os.path.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
-          for r in _read(path) for d in r["docs"]}
+  docs = {
+    d
+    for path in (os.path.join(dirs["stage2"], "train.jsonl"), dirs["heldout"])
+    for r in _read(path)
+    for d in r["docs"]
+  }
   assert cache["num_docs"] == len(docs) and cache["n_mem"] == 8
   with open(os.path.join(workdir, "stage2", "run_config.json")) as f:
     assert os.path.join(workdir, "memories") in f.read()
@@ -352,6 +450,7 @@ def test_a_pretrained_run_resumes_and_refuses_a_stale_cache(pretrained_run):
   assert again["results"]["paired"] == summary["results"]["paired"]
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train.memory_cache import MemoryCache, StaleMemoryCache
+
   cache = MemoryCache(os.path.join(workdir, "memories"))
   ClaraModel.load(os.path.join(workdir, "stage2", "export")).use_memory_cache(cache)
   with pytest.raises(StaleMemoryCache, match="another compressor"):
@@ -367,11 +466,20 @@ def test_the_stage1_study_trains_without_its_dev_rows_and_measures_them(tmp_path
   """`clara_jax.eval.stage1_study` on the tiny GGUF base: stage1 trains on the pool minus
   the dev rows, and the dev rows' memory gain and spread are measured and written."""
   from clara_jax.eval import stage1_study
+
   data, base = _pretrained_inputs(tmp_path, hotpot=12)
   workdir = str(tmp_path / "study")
   lines = []
-  record = stage1_study.run(str(data), workdir, "restate_lexical", steps=2, base=base,
-                            dev_rows=6, quick=True, log=lines.append)
+  record = stage1_study.run(
+    str(data),
+    workdir,
+    "restate_lexical",
+    steps=2,
+    base=base,
+    dev_rows=6,
+    quick=True,
+    log=lines.append,
+  )
   pool = _read(os.path.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
   trained = _read(os.path.join(workdir, "study_data_restate", "train.jsonl"))
   _, dev_idx = stage1_study.split_pool([r["docs"][0] for r in pool], 6)
@@ -392,11 +500,14 @@ def test_the_stage1_study_trains_without_its_dev_rows_and_measures_them(tmp_path
   with open(os.path.join(workdir, "stage1", "export", "clara.json")) as f:
     assert json.load(f)["memory_scale"] == "embedding"
   from clara_jax.infer.api import ClaraModel
+
   assert ClaraModel.load(os.path.join(workdir, "stage1", "export")).memory_scale == "embedding"
   with open(os.path.join(workdir, "study.json")) as f:
     assert json.load(f)["variant"] == "restate_lexical"
-  assert any(line.startswith("[   study] restate_lexical at 2 steps, 6 dev documents: memory "
-                             "gain") for line in lines)
+  assert any(
+    line.startswith("[   study] restate_lexical at 2 steps, 6 dev documents: memory gain")
+    for line in lines
+  )
   with pytest.raises(ValueError, match="dev_rows must be in"):
     stage1_study.split_pool(["a", "b", "a"], 2)
   with pytest.raises(ValueError, match="unknown variant 'bigger'"):

@@ -6,11 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clara_synth import model_cfg
 
 from clara_jax.infer.generate import generate
 from clara_jax.model import clara, layout, lora
 from clara_jax.model.decoder import Decoder, abstract_params, init_params
-from clara_synth import model_cfg
 
 N_MEM = 2
 UNROLLED = model_cfg(N_MEM).replace(num_layers=3)
@@ -59,8 +59,11 @@ def test_layouts_convert_both_ways(params):
 def test_forward_matches(params, adapter, readout):
   unrolled, scanned = params
   tokens, mask = _batch()
-  run = lambda cfg, p: Decoder(cfg).apply({"params": p}, tokens, attention_mask=mask,
-                                          adapter=adapter, readout=readout).hidden
+  run = (
+    lambda cfg, p: Decoder(cfg)
+    .apply({"params": p}, tokens, attention_mask=mask, adapter=adapter, readout=readout)
+    .hidden
+  )
   np.testing.assert_allclose(run(SCANNED, scanned), run(UNROLLED, unrolled), atol=2e-5)
 
 
@@ -70,8 +73,9 @@ def test_backward_matches(params, remat):
   tokens, mask = _batch()
 
   def loss(cfg, p):
-    hidden = Decoder(cfg).apply({"params": p}, tokens, attention_mask=mask,
-                                adapter=clara.GENERATOR).hidden
+    hidden = (
+      Decoder(cfg).apply({"params": p}, tokens, attention_mask=mask, adapter=clara.GENERATOR).hidden
+    )
     logits = Decoder(cfg).apply({"params": p}, hidden, method=Decoder.logits)
     return jnp.mean(jax.nn.log_softmax(logits)[..., 7])
 
@@ -89,8 +93,9 @@ def test_cached_decoding_matches(params):
   tokens, mask = _batch()
   slots = jnp.asarray([[2, 3], [2, 3]])
   memories = jax.random.normal(jax.random.key(4), (2, 1, N_MEM, UNROLLED.hidden_size))
-  run = lambda cfg, p: generate(p, cfg, tokens[:, :6], mask[:, :6], slots, memories,
-                                max_new_tokens=5, eos_id=-1)
+  run = lambda cfg, p: generate(
+    p, cfg, tokens[:, :6], mask[:, :6], slots, memories, max_new_tokens=5, eos_id=-1
+  )
   (got, got_len), (want, want_len) = run(SCANNED, scanned), run(UNROLLED, unrolled)
   np.testing.assert_array_equal(got, want)
   np.testing.assert_array_equal(got_len, want_len)
@@ -98,6 +103,7 @@ def test_cached_decoding_matches(params):
 
 def test_folding_and_fingerprints_agree(params):
   from clara_jax.train.memory_cache import compressor_fingerprint
+
   unrolled, scanned = params
   folded = layout.to_unrolled(lora.fold_adapter(scanned, clara.COMPRESSOR, SCANNED.lora))
   want = lora.fold_adapter(unrolled, clara.COMPRESSOR, UNROLLED.lora)
@@ -108,6 +114,7 @@ def test_folding_and_fingerprints_agree(params):
 
 def test_exports_are_unrolled_and_load_in_either_layout(params, tmp_path):
   from clara_jax.weights.export import load_params, save_params
+
   unrolled, scanned = params
   save_params(str(tmp_path / "scanned_run"), SCANNED, scanned)
   cfg, loaded = load_params(str(tmp_path / "scanned_run"))

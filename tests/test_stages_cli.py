@@ -5,7 +5,6 @@ goes down; then the inference jobs run on the trained checkpoints."""
 import json
 import os
 
-import numpy as np
 import pytest
 
 from clara_jax import cli
@@ -13,13 +12,14 @@ from clara_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STAGES = [
-    ("lm", []),
-    ("stage1", ["--config.optimizer.lr=1e-2"]),
-    ("stage1_2", ["--config.clara.k=3", "--config.optimizer.lr=1e-2"]),
-    ("stage2", ["--config.clara.k=2", "--config.data.candidates=6",
-                "--config.optimizer.lr=1e-2"]),
-    ("stage2_retrieval", ["--config.clara.k=2", "--config.data.candidates=6",
-                          "--config.optimizer.lr=3e-3"]),
+  ("lm", []),
+  ("stage1", ["--config.optimizer.lr=1e-2"]),
+  ("stage1_2", ["--config.clara.k=3", "--config.optimizer.lr=1e-2"]),
+  ("stage2", ["--config.clara.k=2", "--config.data.candidates=6", "--config.optimizer.lr=1e-2"]),
+  (
+    "stage2_retrieval",
+    ["--config.clara.k=2", "--config.data.candidates=6", "--config.optimizer.lr=3e-3"],
+  ),
 ]
 
 
@@ -27,16 +27,27 @@ def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
   runs = tmp_path / "runs"
   for stage, extra in STAGES:
     workdir = runs / stage
-    args = ["train", f"--config={ROOT}/configs/{stage}.py:model=tiny,data=synth",
-            f"--workdir={workdir}", "--config.data.synth_max_facts=2",
-            "--config.tokenizer.vocab_size=512", "--config.train.num_steps=9",
-            "--config.train.log_every=3", "--config.train.checkpoint_every=9",
-            "--config.train.global_batch=8", "--config.train.peak_flops=1e11",
-            "--config.clara.doc_max_length=16", "--config.clara.compr_rate=4",
-            "--config.data.question_max_length=12", "--config.data.prompt_length=96",
-            "--config.data.answer_length=12", "--config.data.lm_length=24", *extra]
+    args = [
+      "train",
+      f"--config={ROOT}/configs/{stage}.py:model=tiny,data=synth",
+      f"--workdir={workdir}",
+      "--config.data.synth_max_facts=2",
+      "--config.tokenizer.vocab_size=512",
+      "--config.train.num_steps=9",
+      "--config.train.log_every=3",
+      "--config.train.checkpoint_every=9",
+      "--config.train.global_batch=8",
+      "--config.train.peak_flops=1e11",
+      "--config.clara.doc_max_length=16",
+      "--config.clara.compr_rate=4",
+      "--config.data.question_max_length=12",
+      "--config.data.prompt_length=96",
+      "--config.data.answer_length=12",
+      "--config.data.lm_length=24",
+      *extra,
+    ]
     if stage == "stage2_retrieval":
-      args.append(f"--config.init.from_workdir=../stage1_2")
+      args.append("--config.init.from_workdir=../stage1_2")
     assert cli.main(args) == 0
     rows = read_metrics(str(workdir))
     assert len(rows) == 3, stage
@@ -51,16 +62,30 @@ def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
 
   world = runs / "data" / "synth_tiny_seed0_c6_k2_f2_hidden"
   assert sorted(os.listdir(runs / "data")) == [
-      "synth_tiny_seed0_c20_k3_f2_hidden", "synth_tiny_seed0_c20_k5_f2_hidden",
-      "synth_tiny_seed0_c6_k2_f2_hidden"]
+    "synth_tiny_seed0_c20_k3_f2_hidden",
+    "synth_tiny_seed0_c20_k5_f2_hidden",
+    "synth_tiny_seed0_c6_k2_f2_hidden",
+  ]
 
   # The trained stage2 checkpoint through the inference jobs, on held-out questions.
   data2 = str(world / "stage2_test.jsonl")
   monkeypatch.setenv("CLARA_PROGRESS", "1")  # the bars, as on a terminal
   capsys.readouterr()
-  assert cli.main(["lens", f"--workdir={runs / 'stage2'}", f"--compare={runs / 'stage1_2'}",
-                   f"--data={data2}", f"--out={tmp_path / 'lens.json'}", "--top=20",
-                   f"--manifest={world / 'manifest.json'}", "--limit=16"]) == 0
+  assert (
+    cli.main(
+      [
+        "lens",
+        f"--workdir={runs / 'stage2'}",
+        f"--compare={runs / 'stage1_2'}",
+        f"--data={data2}",
+        f"--out={tmp_path / 'lens.json'}",
+        "--top=20",
+        f"--manifest={world / 'manifest.json'}",
+        "--limit=16",
+      ]
+    )
+    == 0
+  )
   lens = json.loads((tmp_path / "lens.json").read_text())
   assert set(lens["summary"]) == {"main", "compare"}
   assert "clue_recall" in lens["summary"]["main"]
@@ -70,15 +95,36 @@ def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
   assert os.path.exists(tmp_path / "lens.png")
   err = capsys.readouterr().err
   assert "lens main" in err and "lens compare" in err and "question" in err
-  assert cli.main(["evaluate", f"--workdir={runs / 'stage2'}", f"--data={data2}",
-                   f"--out={tmp_path / 'results.json'}", "--k=2", "--limit=6",
-                   f"--train_data={world / 'stage2_train.jsonl'}",
-                   "--max_new_tokens=6"]) == 0
+  assert (
+    cli.main(
+      [
+        "evaluate",
+        f"--workdir={runs / 'stage2'}",
+        f"--data={data2}",
+        f"--out={tmp_path / 'results.json'}",
+        "--k=2",
+        "--limit=6",
+        f"--train_data={world / 'stage2_train.jsonl'}",
+        "--max_new_tokens=6",
+      ]
+    )
+    == 0
+  )
   summary = json.loads((tmp_path / "results.json").read_text())
   assert summary["questions"] == 6 and summary["k"] == 2
-  for key in ("em_normal", "f1_oracle", "cover_em_normal", "recall@1", "recall@5",
-              "bm25_recall@1", "kind_prior_recall@1", "bm25_two_hop_recall@1",
-              "gold_prior_recall@1", "compress_ms_per_question", "decode_ms_per_question"):
+  for key in (
+    "em_normal",
+    "f1_oracle",
+    "cover_em_normal",
+    "recall@1",
+    "recall@5",
+    "bm25_recall@1",
+    "kind_prior_recall@1",
+    "bm25_two_hop_recall@1",
+    "gold_prior_recall@1",
+    "compress_ms_per_question",
+    "decode_ms_per_question",
+  ):
     assert key in summary, key
   assert 0 <= summary["recall@5"] <= 1 and summary["decode_ms_per_question"] > 0
   assert "evaluate" in capsys.readouterr().err
@@ -86,9 +132,20 @@ def test_all_stages_train_in_sequence(tmp_path, capsys, monkeypatch):
   assert len(per_q) == 6 and "prediction_oracle" in json.loads(per_q[0])
   corpus = world / "corpus.jsonl"
   capsys.readouterr()
-  assert cli.main(["index", f"--workdir={runs / 'stage2'}", f"--corpus={corpus}",
-                   f"--out={tmp_path / 'index'}", "--shard_size=4", "--query=Where?",
-                   "--top_n=3"]) == 0
+  assert (
+    cli.main(
+      [
+        "index",
+        f"--workdir={runs / 'stage2'}",
+        f"--corpus={corpus}",
+        f"--out={tmp_path / 'index'}",
+        "--shard_size=4",
+        "--query=Where?",
+        "--top_n=3",
+      ]
+    )
+    == 0
+  )
   captured = capsys.readouterr()
   assert "index" in captured.err and "11/11" in captured.err  # 42 documents, 4 a shard
   result = json.loads(captured.out.strip().splitlines()[-1])
@@ -102,6 +159,7 @@ def test_fresh_worlds_replace_the_training_file(tmp_path):
   from clara_jax.data.formats import read_rows
   from clara_jax.train.loop import data_files
   from configs import lm, stage1, stage2
+
   config = stage1.get_config("model=tiny")
   config.data.synth_fresh = True
   config.train.num_steps, config.train.global_batch = 5, 4

@@ -21,8 +21,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.fixture(scope="module")
 def world_dir(tmp_path_factory):
   directory = str(tmp_path_factory.mktemp("world"))
-  synth.write_world(directory, seed=5, size="tiny", candidates=20, k=5, fresh_rows=30,
-                    world="classic")
+  synth.write_world(
+    directory, seed=5, size="tiny", candidates=20, k=5, fresh_rows=30, world="classic"
+  )
   return directory
 
 
@@ -45,16 +46,24 @@ def test_same_seed_same_bytes_other_seed_other_world(world_dir, tmp_path):
   """Byte-identical in other processes too, whatever their string-hash seed (set order)."""
   for hash_seed in ("1", "2"):
     again = str(tmp_path / f"again{hash_seed}")
-    code = ("from clara_jax.data import synth; synth.write_world("
-            f"{again!r}, seed=5, size='tiny', candidates=20, k=5, fresh_rows=30, "
-            "world='classic')")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=hash_seed),
-                          timeout=300)
+    code = (
+      "from clara_jax.data import synth; synth.write_world("
+      f"{again!r}, seed=5, size='tiny', candidates=20, k=5, fresh_rows=30, "
+      "world='classic')"
+    )
+    proc = subprocess.run(
+      [sys.executable, "-c", code],
+      capture_output=True,
+      text=True,
+      env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=hash_seed),
+      timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in sorted(os.listdir(world_dir)):
-      with open(os.path.join(world_dir, name), "rb") as a, \
-          open(os.path.join(again, name), "rb") as b:
+      with (
+        open(os.path.join(world_dir, name), "rb") as a,
+        open(os.path.join(again, name), "rb") as b,
+      ):
         assert a.read() == b.read(), (name, hash_seed)
   other = synth.make_world(6, "tiny")
   names = {e.name for e in synth.make_world(5, "tiny").docs()}
@@ -132,8 +141,10 @@ def test_test_questions_are_new_but_their_documents_are_not(world_dir):
   for q in test:
     assert q["question"] not in train_text
     assert q["gold"] in train_gold
-  stage1_train = " ".join(" ".join(r["question"]) for r in read_rows(
-      os.path.join(world_dir, "stage1_train.jsonl"), "stage1"))
+  stage1_train = " ".join(
+    " ".join(r["question"])
+    for r in read_rows(os.path.join(world_dir, "stage1_train.jsonl"), "stage1")
+  )
   for q in test:
     if q["kind"] == "single":
       assert q["question"] not in stage1_train
@@ -153,8 +164,9 @@ def test_fresh_worlds_stream_new_names_and_reproduce():
   a = list(itertools.islice(synth.iter_fresh_rows(0, "stage1"), 200))
   b = list(itertools.islice(synth.iter_fresh_rows(0, "stage1"), 200))
   assert a == b
-  worlds = [synth.make_world(synth._fresh_seed(0, 10_000 + i), "tiny", test_share=0.0)
-            for i in range(3)]
+  worlds = [
+    synth.make_world(synth._fresh_seed(0, 10_000 + i), "tiny", test_share=0.0) for i in range(3)
+  ]
   names = [{e.name for e in w.docs()} for w in worlds]
   assert not names[0] & names[1] and not names[1] & names[2]
   docs = [r["docs"][0] for r in a]
@@ -174,10 +186,13 @@ def test_fresh_stage2_rows_have_all_candidates_and_their_gold():
 
 def test_pool_names_are_single_pieces_rebound_by_every_world():
   from clara_jax.data.tokenizer import Tokenizer
+
   pool = {w for words in synth.name_pool().values() for w in words}
   assert len(pool) == sum(synth._POOL_SIZES.values())  # distinct words
-  worlds = [synth.make_world(synth._fresh_seed(0, 10_000 + i), "small", max_facts=2,
-                             names="pool") for i in range(2)]
+  worlds = [
+    synth.make_world(synth._fresh_seed(0, 10_000 + i), "small", max_facts=2, names="pool")
+    for i in range(2)
+  ]
   for world in worlds:
     for e in world.docs():
       words = e.name.split()
@@ -208,26 +223,60 @@ def test_too_many_candidates_is_a_clear_error():
 def test_clues_for_reads_the_manifest(world_dir):
   manifest = _manifest(world_dir)
   multi = next(q for q in manifest["questions"].values() if q["kind"] == "multi")
-  clues = synth.clues_for(os.path.join(world_dir, "manifest.json"),
-                          [multi["question"], "not a question of this world"])
+  clues = synth.clues_for(
+    os.path.join(world_dir, "manifest.json"), [multi["question"], "not a question of this world"]
+  )
   assert clues == [multi["clues"], []]
 
 
 def test_cli_writes_a_world_and_a_stream(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   out = tmp_path / "w"
-  proc = subprocess.run([sys.executable, "-m", "clara_jax.cli", "synth", "--out", str(out),
-                         "--seed", "2", "--size", "tiny", "--candidates", "10",
-                         "--names", "pool"],
-                        env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "clara_jax.cli",
+      "synth",
+      "--out",
+      str(out),
+      "--seed",
+      "2",
+      "--size",
+      "tiny",
+      "--candidates",
+      "10",
+      "--names",
+      "pool",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["files"]["stage2_test.jsonl"] > 0 and summary["names"] == "pool"
   rows = list(read_rows(str(out / "stage2_test.jsonl"), "stage2", num_docs=10))
   assert len(rows) == summary["files"]["stage2_test.jsonl"]
   stream = tmp_path / "fresh.jsonl"
-  proc = subprocess.run([sys.executable, "-m", "clara_jax.cli", "synth", "--out", str(stream),
-                         "--stream", "stage1_2", "--rows", "25"],
-                        env=env, capture_output=True, text=True, timeout=120)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "clara_jax.cli",
+      "synth",
+      "--out",
+      str(stream),
+      "--stream",
+      "stage1_2",
+      "--rows",
+      "25",
+    ],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.returncode == 0, proc.stderr
   assert len(list(read_rows(str(stream), "stage1_2"))) == 25

@@ -10,20 +10,51 @@ from clara_jax.data.tokenizer import Tokenizer, build_chat_prompt
 VOCAB_SIZE = 512
 NUM_MEM = 4
 
-_SUBJECTS = ["the cat", "a retriever", "the model", "Paris", "our compressor", "the river",
-             "every document", "a small dog", "the question", "Marie Curie"]
-_VERBS = ["reads", "compresses", "answers", "finds", "summarises", "remembers", "encodes",
-          "ignores", "retrieves", "visits"]
-_OBJECTS = ["the long passage", "three memory tokens", "a hard question", "the capital of France",
-            "42 documents", "the evidence", "an old book", "the final answer", "café menus",
-            "naïve baselines"]
+_SUBJECTS = [
+  "the cat",
+  "a retriever",
+  "the model",
+  "Paris",
+  "our compressor",
+  "the river",
+  "every document",
+  "a small dog",
+  "the question",
+  "Marie Curie",
+]
+_VERBS = [
+  "reads",
+  "compresses",
+  "answers",
+  "finds",
+  "summarises",
+  "remembers",
+  "encodes",
+  "ignores",
+  "retrieves",
+  "visits",
+]
+_OBJECTS = [
+  "the long passage",
+  "three memory tokens",
+  "a hard question",
+  "the capital of France",
+  "42 documents",
+  "the evidence",
+  "an old book",
+  "the final answer",
+  "café menus",
+  "naïve baselines",
+]
 _TAILS = [".", "?", "!", " in 1999.", " quickly.", ", then stops.", " twice, maybe."]
 
 
 def _corpus(seed: int = 0, n: int = 300) -> list[str]:
   rng = random.Random(seed)
-  return [f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}"
-          f"{rng.choice(_TAILS)}" for _ in range(n)]
+  return [
+    f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}{rng.choice(_TAILS)}"
+    for _ in range(n)
+  ]
 
 
 @pytest.fixture(scope="module")
@@ -46,8 +77,15 @@ def test_trained_model_layout(tok):
   assert 260 < tok.base_vocab_size <= VOCAB_SIZE
   assert tok.id_to_piece(tok.bos_id) == "<s>" and tok.id_to_piece(tok.eos_id) == "</s>"
   pieces = [tok.id_to_piece(i) for i in range(tok.vocab_size)]
-  assert pieces[tok.base_vocab_size:] == ["<ENC>", "<SEP>", "<AE>", "<MEM0>", "<MEM1>",
-                                          "<MEM2>", "<MEM3>"]
+  assert pieces[tok.base_vocab_size :] == [
+    "<ENC>",
+    "<SEP>",
+    "<AE>",
+    "<MEM0>",
+    "<MEM1>",
+    "<MEM2>",
+    "<MEM3>",
+  ]
   with pytest.raises(IndexError):
     tok.id_to_piece(tok.vocab_size)
   with pytest.raises(IndexError):
@@ -88,16 +126,16 @@ def test_special_ids_do_not_depend_on_num_mem_tokens(tok):
 
 
 ROUND_TRIP_TEXTS = [
-    "",
-    "the cat reads the long passage.",
-    " leading space",
-    "trailing space ",
-    "  two  spaces   three   ",
-    "line one\nline two\n\n\ttabbed",
-    "digits 1234567890 and 3.14",
-    "Ünïcödé: Größe, 東京, Ελληνικά, עברית",
-    "emoji 🙂🚀 and 👩‍👩‍👧 family",
-    "<not special> <MEM> <mem0> <MEM01>",
+  "",
+  "the cat reads the long passage.",
+  " leading space",
+  "trailing space ",
+  "  two  spaces   three   ",
+  "line one\nline two\n\n\ttabbed",
+  "digits 1234567890 and 3.14",
+  "Ünïcödé: Größe, 東京, Ελληνικά, עברית",
+  "emoji 🙂🚀 and 👩‍👩‍👧 family",
+  "<not special> <MEM> <mem0> <MEM01>",
 ]
 
 
@@ -116,13 +154,13 @@ def test_unseen_characters_use_byte_fallback(tok):
 
 
 SPECIAL_TEXTS = [
-    "the cat <MEM0> reads",
-    "<ENC>every document compresses the evidence<SEP> what?",
-    "a<MEM1><MEM2>b",
-    "  <AE>  ",
-    "<MEM3>",
-    "question: 東京 🙂 <SEP>\n<MEM0><MEM1><MEM2><MEM3> answer:",
-    "<MEM99> is out of range, <MEM2> is not",
+  "the cat <MEM0> reads",
+  "<ENC>every document compresses the evidence<SEP> what?",
+  "a<MEM1><MEM2>b",
+  "  <AE>  ",
+  "<MEM3>",
+  "question: 東京 🙂 <SEP>\n<MEM0><MEM1><MEM2><MEM3> answer:",
+  "<MEM99> is out of range, <MEM2> is not",
 ]
 
 
@@ -137,7 +175,7 @@ def test_round_trip_with_specials(tok, text):
 def test_special_tokens_add_no_spurious_space_pieces(tok):
   m0 = tok.mem_ids[0]
   ids = tok.encode("the cat <MEM0> reads")
-  after = ids[ids.index(m0) + 1:]
+  after = ids[ids.index(m0) + 1 :]
   # " reads" after a special must tokenize like "reads" at text start (one "▁", not two).
   assert after == tok.encode("reads")
   ids = tok.encode("<ENC>reads")
@@ -174,10 +212,12 @@ def test_build_chat_prompt():
   assert build_chat_prompt("Q?", system="Be brief.") == "[INST] Be brief.\n\nQ? [/INST]"
   assert build_chat_prompt("Q?", system="") == "[INST] Q? [/INST]"
   assert build_chat_prompt("Q?", "Be brief.", "chatml") == (
-      "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
-      "<|im_start|>assistant\n")
+    "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nQ?<|im_end|>\n"
+    "<|im_start|>assistant\n"
+  )
   assert build_chat_prompt("Q?", "", "chatml") == (
-      "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n")
+    "<|im_start|>user\nQ?<|im_end|>\n<|im_start|>assistant\n"
+  )
   with pytest.raises(ValueError, match="unknown chat format 'llama3'"):
     build_chat_prompt("Q?", None, "llama3")
 
@@ -212,8 +252,9 @@ def test_missing_file_error_names_path(tmp_path):
   assert str(path) in str(e.value)
 
 
-@pytest.mark.parametrize("content", [b"this is not a sentencepiece model\n", b"",
-                                     bytes(range(256)) * 4])
+@pytest.mark.parametrize(
+  "content", [b"this is not a sentencepiece model\n", b"", bytes(range(256)) * 4]
+)
 def test_not_a_model_error_names_path(tmp_path, content):
   path = tmp_path / "bad.model"
   path.write_bytes(content)

@@ -1,13 +1,12 @@
 """straight_through_topk: values, gradients against the plain formulation, transforms,
 edge cases (k = 1, k = N, ties, -inf, NaN)."""
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from clara_jax import partitioning
 from clara_jax.ops import checked, straight_through_topk
@@ -78,8 +77,7 @@ def test_ties_pick_lower_index_first():
 
 
 def test_minus_inf_candidates_are_masked():
-  scores = jnp.array([[0.3, -jnp.inf, 0.1, -jnp.inf, 0.2],
-                      [-jnp.inf] * 5])
+  scores = jnp.array([[0.3, -jnp.inf, 0.1, -jnp.inf, 0.2], [-jnp.inf] * 5])
   weights, idx = straight_through_topk(scores, 4)
   # Finite candidates first (best first), then masked ones in index order.
   np.testing.assert_array_equal(idx[0], [0, 4, 2, 1])
@@ -123,7 +121,10 @@ def test_vmap_pmap_and_sharded_jit_agree():
   mesh = partitioning.make_mesh((-1, 1, 1))
   flat = scores.reshape(16, 6)
   sh = NamedSharding(mesh, P(("data", "fsdp"), None))
-  g_sh = jax.jit(jax.grad(lambda s: _probe(straight_through_topk(s, 2, 0.1)[0])),
-                 in_shardings=sh, out_shardings=sh)(jax.device_put(flat, sh))
+  g_sh = jax.jit(
+    jax.grad(lambda s: _probe(straight_through_topk(s, 2, 0.1)[0])),
+    in_shardings=sh,
+    out_shardings=sh,
+  )(jax.device_put(flat, sh))
   g_ref = jax.grad(lambda s: _probe(straight_through_topk(s, 2, 0.1)[0]))(flat)
   np.testing.assert_allclose(g_sh, g_ref, rtol=1e-5, atol=1e-5)

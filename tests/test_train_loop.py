@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from train_cli import assert_same_params, final_params, run_train, train_args
 
 from clara_jax.train.metrics import read_metrics
-from train_cli import assert_same_params, final_params, run_train, train_args
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +64,7 @@ def test_a_signal_saves_a_checkpoint_and_exits_with_its_code(lm_text_file, tmp_p
 def test_a_second_writer_is_refused(lm_text_file, tmp_path):
   from clara_jax import cli
   from clara_jax.train.workdir_lock import WorkdirLock
+
   workdir = str(tmp_path / "busy")
   os.makedirs(workdir)
   with WorkdirLock(workdir):
@@ -74,8 +75,11 @@ def test_a_second_writer_is_refused(lm_text_file, tmp_path):
 
 def test_corrupt_newest_checkpoint_falls_back(reference_run, lm_text_file, tmp_path, caplog):
   import shutil
+
   import jax
+
   from clara_jax.train.checkpoint import Checkpointer
+
   workdir = str(tmp_path / "copy")
   shutil.copytree(reference_run, workdir)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"))
@@ -117,14 +121,21 @@ def _tree_bytes(root):
   return out
 
 
-def test_a_changed_config_is_refused_and_the_run_left_intact(lm_text_file, reference_run,
-                                                             tmp_path):
+def test_a_changed_config_is_refused_and_the_run_left_intact(lm_text_file, reference_run, tmp_path):
   import shutil
+
   workdir = str(tmp_path / "changed")
   shutil.copytree(reference_run, workdir)
   before = _tree_bytes(workdir)
-  proc = run_train(train_args(lm_text_file, workdir, steps=12, every=2,
-                    extra=["--config.optimizer.lr=0.01", "--config.model.num_layers=3"]))
+  proc = run_train(
+    train_args(
+      lm_text_file,
+      workdir,
+      steps=12,
+      every=2,
+      extra=["--config.optimizer.lr=0.01", "--config.model.num_layers=3"],
+    )
+  )
   out, _ = proc.communicate(timeout=300)
   text = out.decode()
   assert proc.returncode == 2, text[-3000:]
@@ -140,34 +151,47 @@ def test_a_changed_config_is_refused_and_the_run_left_intact(lm_text_file, refer
   # (2 layers of 3, embeddings, head), leaving the old run as it was.
   after = _tree_bytes(workdir)
   grown = str(tmp_path / "grown")
-  proc = run_train(train_args(lm_text_file, grown, steps=4, every=2,
-                              extra=["--config.model.num_layers=3",
-                                     f"--config.init.from_checkpoint={workdir}"]))
+  proc = run_train(
+    train_args(
+      lm_text_file,
+      grown,
+      steps=4,
+      every=2,
+      extra=["--config.model.num_layers=3", f"--config.init.from_checkpoint={workdir}"],
+    )
+  )
   out, _ = proc.communicate(timeout=300)
   text = out.decode()
   assert proc.returncode == 0, text[-3000:]
   layer = sum(1 for k in final_params(reference_run) if k.startswith("layers_0/"))
   total = len(final_params(grown))
-  assert (f"init.from_checkpoint: {total - layer} of {total} parameters from {workdir}"
-          in text), text[-3000:]
+  assert f"init.from_checkpoint: {total - layer} of {total} parameters from {workdir}" in text, (
+    text[-3000:]
+  )
   assert f"kept from the init: {layer} the checkpoint lacks, 0 of another shape" in text
   assert _tree_bytes(workdir) == after
 
 
 def test_overlay_takes_what_matches_in_path_and_shape(reference_run):
   import jax.numpy as jnp
+
   from clara_jax.train.checkpoint import newest_parameters
   from clara_jax.train.loop import overlay_parameters
+
   path, saved = newest_parameters(reference_run)
   assert path.endswith(os.path.join("checkpoints", "12", "state"))
   final = final_params(reference_run)  # the export is the last checkpoint's parameters
   assert set(saved) == set(final)
   for key in final:
     np.testing.assert_array_equal(saved[key], final[key], err_msg=key)
-  params = {"a": {"w": jnp.zeros((2, 3), jnp.bfloat16)}, "b": {"w": jnp.zeros((4,))},
-            "c": {"w": jnp.zeros((1,))}}
-  got = overlay_parameters(params, "src", {"a/w": np.ones((2, 3), np.float32),
-                                           "b/w": np.ones((5,)), "d/w": np.ones(1)})
+  params = {
+    "a": {"w": jnp.zeros((2, 3), jnp.bfloat16)},
+    "b": {"w": jnp.zeros((4,))},
+    "c": {"w": jnp.zeros((1,))},
+  }
+  got = overlay_parameters(
+    params, "src", {"a/w": np.ones((2, 3), np.float32), "b/w": np.ones((5,)), "d/w": np.ones(1)}
+  )
   assert got["a"]["w"].dtype == jnp.bfloat16 and float(got["a"]["w"].sum()) == 6
   assert float(got["b"]["w"].sum()) == 0 and float(got["c"]["w"].sum()) == 0
   with pytest.raises(ValueError, match="no parameter of src matches"):
@@ -176,9 +200,19 @@ def test_overlay_takes_what_matches_in_path_and_shape(reference_run):
 
 def test_repeated_nonfinite_updates_stop_the_run(lm_text_file, tmp_path):
   workdir = str(tmp_path / "nan")
-  proc = run_train(train_args(lm_text_file, workdir, steps=30, every=2,
-                    extra=["--config.optimizer.lr=1e30", "--config.optimizer.warmup_ratio=0",
-                           "--config.train.max_consecutive_nonfinite=3"]))
+  proc = run_train(
+    train_args(
+      lm_text_file,
+      workdir,
+      steps=30,
+      every=2,
+      extra=[
+        "--config.optimizer.lr=1e30",
+        "--config.optimizer.warmup_ratio=0",
+        "--config.train.max_consecutive_nonfinite=3",
+      ],
+    )
+  )
   out, _ = proc.communicate(timeout=300)
   text = out.decode()
   assert proc.returncode != 0
@@ -188,10 +222,12 @@ def test_repeated_nonfinite_updates_stop_the_run(lm_text_file, tmp_path):
 
 def test_resume_onto_a_different_mesh(lm_text_file, reference_run, tmp_path):
   import shutil
+
   workdir = str(tmp_path / "remesh")
   shutil.copytree(reference_run, workdir)
-  proc = run_train(train_args(lm_text_file, workdir, steps=16, every=2,
-                    extra=["--config.mesh.shape=(1,2,4)"]))
+  proc = run_train(
+    train_args(lm_text_file, workdir, steps=16, every=2, extra=["--config.mesh.shape=(1,2,4)"])
+  )
   out, _ = proc.communicate(timeout=300)
   assert proc.returncode == 0, out.decode()[-3000:]
   assert "resumed from step 12" in out.decode()
@@ -202,6 +238,7 @@ def test_resume_onto_a_different_mesh(lm_text_file, reference_run, tmp_path):
 
 def test_batch_must_divide_the_data_parallel_size(lm_text_file, tmp_path, capsys):
   from clara_jax import cli
+
   argv = train_args(lm_text_file, str(tmp_path / "w"), extra=["--config.train.global_batch=12"])
   assert cli.main(argv) == 2
   err = capsys.readouterr().err
@@ -213,7 +250,9 @@ def test_batch_must_divide_the_data_parallel_size(lm_text_file, tmp_path, capsys
 
 def test_checkpoints_only_on_the_interval_or_forced(tmp_path):
   import jax.numpy as jnp
+
   from clara_jax.train.checkpoint import Checkpointer
+
   ckpt = Checkpointer(str(tmp_path / "c"), save_every=2, keep=5)
   saved = [ckpt.save(step, {"w": jnp.full((2,), step)}, {"pos": step}) for step in range(1, 6)]
   saved.append(ckpt.save(5, {"w": jnp.zeros((2,))}, {"pos": 5}, force=True))
@@ -229,12 +268,20 @@ def test_scanned_blocks_train_as_the_unrolled_ones(lm_text_file, reference_run, 
   runs = {}
   for name, scan in (("unrolled", False), ("scanned", True)):
     workdir = str(tmp_path / name)
-    proc = run_train(train_args(lm_text_file, workdir, steps=4, every=2, extra=[
-        f"--config.init.from_workdir={reference_run}", f"--config.model.scan_layers={scan}"]))
+    proc = run_train(
+      train_args(
+        lm_text_file,
+        workdir,
+        steps=4,
+        every=2,
+        extra=[f"--config.init.from_workdir={reference_run}", f"--config.model.scan_layers={scan}"],
+      )
+    )
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, out.decode()[-3000:]
     runs[name] = workdir
   assert_same_params(runs["scanned"], runs["unrolled"], atol=2e-5)
   rows = {name: read_metrics(w) for name, w in runs.items()}
-  np.testing.assert_allclose([r["loss"] for r in rows["scanned"]],
-                             [r["loss"] for r in rows["unrolled"]], rtol=1e-5)
+  np.testing.assert_allclose(
+    [r["loss"] for r in rows["scanned"]], [r["loss"] for r in rows["unrolled"]], rtol=1e-5
+  )

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from clara_synth import KVWorld, model_cfg
 
 from clara_jax import partitioning
 from clara_jax.model import lora, stages
@@ -13,9 +14,13 @@ from clara_jax.model.config import LoraConfig
 from clara_jax.model.decoder import abstract_params, init_params
 from clara_jax.train import optimizer
 from clara_jax.train.state import create_state
-from clara_jax.train.step import (jit_train_step, make_train_step, pmap_train_step,
-                                  replicate, state_shardings)
-from clara_synth import KVWorld, model_cfg
+from clara_jax.train.step import (
+  jit_train_step,
+  make_train_step,
+  pmap_train_step,
+  replicate,
+  state_shardings,
+)
 
 CLARA = ClaraConfig(doc_max_length=6, compr_rate=3, k=2)
 # No LoRA dropout: jit and pmap draw dropout masks differently.
@@ -27,8 +32,13 @@ def _setup(stage="stage2", accum=1, lr=1e-2, axis_name=None, lr_multipliers=()):
   mask = stages.trainable_mask(stage, params, CLARA)
   schedule = optimizer.learning_rate_schedule(lr, 20, "cosine", warmup_ratio=0.1)
   tx = optimizer.make_optimizer(schedule, lr_multipliers=lr_multipliers)
-  step = make_train_step(stages.stage_loss(stage, MODEL, CLARA), tx, schedule,
-                         grad_accum_steps=accum, axis_name=axis_name)
+  step = make_train_step(
+    stages.stage_loss(stage, MODEL, CLARA),
+    tx,
+    schedule,
+    grad_accum_steps=accum,
+    axis_name=axis_name,
+  )
   return create_state(params, mask, tx), step, tx
 
 
@@ -78,12 +88,15 @@ def test_lr_multipliers_scale_the_matching_adapters_updates():
     np.testing.assert_array_equal(tripled[k], plain[k])
 
 
-@pytest.mark.parametrize("mults, message", [
+@pytest.mark.parametrize(
+  "mults, message",
+  [
     ((("lora_[", 2.0),), "is not a regex"),
     (((".*/lora_reasoner/.*", 0.0),), "must be a positive number"),
     (((".*/lora_reasonr/.*", 2.0),), "matches no trainable parameter"),
     (((".*/lora_reasoner/.*",),), "is not a \\(regex, multiplier\\) pair"),
-])
+  ],
+)
 def test_lr_multipliers_reject_what_cannot_apply(mults, message):
   paths = ["layers_0/attn/q_proj/lora_reasoner/a", "layers_0/attn/q_proj/lora_generator/a"]
   with pytest.raises(ValueError, match=message):
@@ -102,8 +115,11 @@ def test_frozen_regexes_take_parameters_out_of_the_trainable_set():
     frozen = "/attn/" in path or path.startswith("embedder/")
     assert on == (before[path] and not frozen), path
   assert flat["layers_0/mlp/up_proj/kernel"] and not flat["layers_0/attn/q_proj/kernel"]
-  with pytest.raises(ValueError, match=r"optimizer.frozen\[1\] pattern '.\*/lora_x/.\*' "
-                     "matches no trainable parameter"):
+  with pytest.raises(
+    ValueError,
+    match=r"optimizer.frozen\[1\] pattern '.\*/lora_x/.\*' "
+    "matches no trainable parameter",
+  ):
     optimizer.freeze_by_path(mask, (".*/attn/.*", ".*/lora_x/.*"))
   with pytest.raises(ValueError, match="is not a regex"):
     optimizer.freeze_by_path(mask, ("(",))
@@ -150,8 +166,9 @@ def test_nonfinite_update_is_skipped():
   assert int(metrics["nonfinite"]) == 1 and int(new_state.step) == 1
   for k in state.trainable:
     np.testing.assert_array_equal(new_state.trainable[k], state.trainable[k])
-  for a, b in zip(jax.tree_util.tree_leaves(new_state.opt_state),
-                  jax.tree_util.tree_leaves(state.opt_state)):
+  for a, b in zip(
+    jax.tree_util.tree_leaves(new_state.opt_state), jax.tree_util.tree_leaves(state.opt_state)
+  ):
     np.testing.assert_array_equal(a, b)
 
 
@@ -165,6 +182,7 @@ def test_sharded_jit_and_pmap_give_the_same_losses():
   st_sh = state_shardings(abstract, params_sh, tx, mesh)
   batch_sh = {k: partitioning.batch_sharding(mesh, np.ndim(v)) for k, v in batches[0].items()}
   import flax.linen as nn
+
   with jax.set_mesh(mesh), nn.logical_axis_rules(partitioning.DEFAULT_RULES):
     jstep = jit_train_step(step, mesh, st_sh, batch_sh)
     js = jax.device_put(state, st_sh)

@@ -11,6 +11,7 @@ reasoner trainable, from a reasoner that starts as a copy of the compressor (at 
 import jax
 import numpy as np
 import pytest
+from clara_synth import KVWorld, model_cfg
 
 from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
@@ -18,7 +19,6 @@ from clara_jax.model.decoder import Decoder, init_params
 from clara_jax.train import optimizer
 from clara_jax.train.state import create_state
 from clara_jax.train.step import make_train_step
-from clara_synth import KVWorld, model_cfg
 
 CLARA = ClaraConfig(doc_max_length=6, compr_rate=3, k=1, temperature=0.02)
 MODEL = model_cfg(CLARA.n_mem)
@@ -44,20 +44,29 @@ def reader():
   world = KVWorld(24, fresh=False)
   rng = np.random.default_rng(SEED)
   params = init_params(MODEL, jax.random.key(SEED))
-  mask = lora.trainable_mask(params, adapters=("compressor", "generator"),
-                             extra_embedding=True, base=True)
-  params = _train(params, stages.stage_loss("stage1", MODEL, CLARA), mask,
-                  lambda: world.stage1_batch(rng, 32, CLARA), steps=300, lr=3e-3)
+  mask = lora.trainable_mask(
+    params, adapters=("compressor", "generator"), extra_embedding=True, base=True
+  )
+  params = _train(
+    params,
+    stages.stage_loss("stage1", MODEL, CLARA),
+    mask,
+    lambda: world.stage1_batch(rng, 32, CLARA),
+    steps=300,
+    lr=3e-3,
+  )
   return world, lora.copy_adapter(params, "compressor", "reasoner")
 
 
 def _eval(world, params):
-  batch = world.stage2_batch(np.random.default_rng(99), 128, N_CANDIDATES, CLARA,
-                             question_in_prompt=False)
+  batch = world.stage2_batch(
+    np.random.default_rng(99), 128, N_CANDIDATES, CLARA, question_in_prompt=False
+  )
   loss_fn = stages.stage_loss("stage2", MODEL, CLARA)
   metrics = jax.jit(lambda p, b: loss_fn(p, b, None)[1])(params, batch)
-  gain = jax.jit(lambda p, b: stages.memory_gain(Decoder(MODEL), p, b, CLARA,
-                                                 jax.random.key(0)))(params, batch)
+  gain = jax.jit(lambda p, b: stages.memory_gain(Decoder(MODEL), p, b, CLARA, jax.random.key(0)))(
+    params, batch
+  )
   return float(metrics["recall@1"]), float(gain["memory_gain"])
 
 
@@ -69,16 +78,21 @@ def test_answer_loss_alone_trains_the_retriever(reader, cut):
   assert gain > 1.0, f"the generator does not read its memories (gain {gain:.3f} nats)"
   assert recall0 < chance + 0.1, f"reasoner not at chance at the start: {recall0:.3f}"
   model = Decoder(MODEL)
-  loss_fn = lambda p, b, r: stages.end_to_end_loss(model, p, b, CLARA, r,
-                                                   cut_topk_gradient=cut)
+  loss_fn = lambda p, b, r: stages.end_to_end_loss(model, p, b, CLARA, r, cut_topk_gradient=cut)
   rng = np.random.default_rng(SEED + 100)
-  trained = _train(params, loss_fn, lora.trainable_mask(params, adapters=("reasoner",)),
-                   lambda: world.stage2_batch(rng, 32, N_CANDIDATES, CLARA,
-                                              question_in_prompt=False),
-                   steps=100 if cut else 600, lr=3e-3)
+  trained = _train(
+    params,
+    loss_fn,
+    lora.trainable_mask(params, adapters=("reasoner",)),
+    lambda: world.stage2_batch(rng, 32, N_CANDIDATES, CLARA, question_in_prompt=False),
+    steps=100 if cut else 600,
+    lr=3e-3,
+  )
   recall1, _ = _eval(world, trained)
-  print(f"cut={cut}: Recall@1 {recall0:.3f} -> {recall1:.3f} (chance {chance:.3f}), "
-        f"memory gain {gain:.2f} nats")
+  print(
+    f"cut={cut}: Recall@1 {recall0:.3f} -> {recall1:.3f} (chance {chance:.3f}), "
+    f"memory gain {gain:.2f} nats"
+  )
   if cut:
     assert abs(recall1 - recall0) < 1e-6  # no gradient reaches the reasoner at all
   else:

@@ -13,8 +13,10 @@ import numpy as np
 from clara_jax.train.metrics import read_metrics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-WORDS = ("alpha beta gamma delta river stone city team blue red north west coach mayor "
-         "founded played born year club valley").split()
+WORDS = (
+  "alpha beta gamma delta river stone city team blue red north west coach mayor "
+  "founded played born year club valley"
+).split()
 
 
 def write_text_file(path) -> str:
@@ -27,31 +29,45 @@ def write_text_file(path) -> str:
 
 def train_args(text_file, workdir, steps=12, every=4, extra=()):
   """`clara-jax train` of the tiny lm stage: log and checkpoint every `every` steps."""
-  return ["train", "--config=" + os.path.join(ROOT, "configs", "lm.py") + ":model=tiny",
-          f"--workdir={workdir}", f"--config.data.source={text_file}",
-          "--config.tokenizer.vocab_size=300", "--config.data.lm_length=32",
-          f"--config.train.num_steps={steps}", f"--config.train.log_every={every}",
-          f"--config.train.checkpoint_every={every}", "--config.train.peak_flops=1e11",
-          *extra]
+  return [
+    "train",
+    "--config=" + os.path.join(ROOT, "configs", "lm.py") + ":model=tiny",
+    f"--workdir={workdir}",
+    f"--config.data.source={text_file}",
+    "--config.tokenizer.vocab_size=300",
+    "--config.data.lm_length=32",
+    f"--config.train.num_steps={steps}",
+    f"--config.train.log_every={every}",
+    f"--config.train.checkpoint_every={every}",
+    "--config.train.peak_flops=1e11",
+    *extra,
+  ]
 
 
 def run_train(args, devices=8, log=None, env=None):
   """Starts `python -m clara_jax.cli ARGS` on `devices` CPU devices. Output goes to the
   file `log` when given (a pipe nobody reads would stall a long run), else to a pipe."""
-  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **(env or {}))
+  env = dict(
+    os.environ,
+    PYTHONPATH=ROOT,
+    JAX_PLATFORMS="cpu",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    **(env or {}),
+  )
   out = open(log, "w") if log else subprocess.PIPE
   try:
-    return subprocess.Popen([sys.executable, "-m", "clara_jax.cli", *args], env=env,
-                            stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "-m", "clara_jax.cli", *args], env=env, stdout=out, stderr=subprocess.STDOUT
+    )
   finally:
     if log:
       out.close()
 
 
 def final_params(workdir):
-  from clara_jax.weights.export import load_params
   from clara_jax.model import layout, lora
+  from clara_jax.weights.export import load_params
+
   _, params = load_params(os.path.join(workdir, "export"))
   return lora.flatten(layout.to_unrolled(params))
 

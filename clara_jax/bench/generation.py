@@ -10,18 +10,25 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.train.peak import matmul_peak_flops, time_fn
 from clara_jax.bench.stage_step import synthetic_batch
 from clara_jax.data import packing
 from clara_jax.infer.generate import generate, prefix_cache
 from clara_jax.model import clara, stages
 from clara_jax.model.config import DecoderConfig, model_config
-from clara_jax.model.flops import DecoderPass, pass_flops
 from clara_jax.model.decoder import Decoder, init_params
+from clara_jax.model.flops import DecoderPass, pass_flops
+from clara_jax.train.peak import matmul_peak_flops, time_fn
 
 
-def _prompts_after_head(rng: np.random.Generator, batch: int, vocab: int, head_len: int,
-                        prompt_len: int, n_mem: int, k: int):
+def _prompts_after_head(
+  rng: np.random.Generator,
+  batch: int,
+  vocab: int,
+  head_len: int,
+  prompt_len: int,
+  n_mem: int,
+  k: int,
+):
   """Generator prompts of `prompt_len` tokens whose first `head_len` (the chat header and
   system text, shared by every question) are the same in every row: (head [head_len],
   the rows' rests as packed arrays (tokens, mask, slot positions) of prompt_len - head_len)."""
@@ -31,35 +38,60 @@ def _prompts_after_head(rng: np.random.Generator, batch: int, vocab: int, head_l
   rest_len = prompt_len - head_len
   fill = rest_len - len(slots) - (0 if head_len else 1)
   if fill < 0:
-    raise ValueError(f"prompt_len {prompt_len} cannot hold a head of {head_len} tokens and "
-                     f"{len(slots)} slot tokens")
-  rests = [([] if head_len else [1]) + slots + list(rng.integers(4, vocab, fill))
-           for _ in range(batch)]
+    raise ValueError(
+      f"prompt_len {prompt_len} cannot hold a head of {head_len} tokens and "
+      f"{len(slots)} slot tokens"
+    )
+  rests = [
+    ([] if head_len else [1]) + slots + list(rng.integers(4, vocab, fill)) for _ in range(batch)
+  ]
   arrays, _ = packing.pack_generator(rests, [[]] * batch, rest_len, 1, mem, k, 2, 0)
-  return (np.asarray(head, np.int32), arrays["gen_tokens"][:, :rest_len],
-          arrays["gen_mask"][:, :rest_len], arrays["slot_positions"])
+  return (
+    np.asarray(head, np.int32),
+    arrays["gen_tokens"][:, :rest_len],
+    arrays["gen_mask"][:, :rest_len],
+    arrays["slot_positions"],
+  )
 
 
-def answer_flops(cfg: DecoderConfig, batch: int, candidates: int, doc_tokens: int,
-                 question_tokens: int, rest_len: int, new_tokens: int, n_mem: int) -> float:
+def answer_flops(
+  cfg: DecoderConfig,
+  batch: int,
+  candidates: int,
+  doc_tokens: int,
+  question_tokens: int,
+  rest_len: int,
+  new_tokens: int,
+  n_mem: int,
+) -> float:
   """Model FLOPs of answering `batch` questions: the folded compressor over every
   candidate and the reasoner (memory positions read out), the prompts' rests, and
   `new_tokens - 1` one-token decode steps through the LM head. Attention to the cache
   is counted only within each pass (not the prefix or earlier tokens), so this is a
   lower bound."""
-  compress = pass_flops(cfg, DecoderPass(batch * candidates, doc_tokens, readout=n_mem,
-                                         adapter=False))
+  compress = pass_flops(
+    cfg, DecoderPass(batch * candidates, doc_tokens, readout=n_mem, adapter=False)
+  )
   reason = pass_flops(cfg, DecoderPass(batch, question_tokens, readout=n_mem))
   prefill = pass_flops(cfg, DecoderPass(batch, rest_len, head_tokens=batch))
   step = pass_flops(cfg, DecoderPass(batch, 1, head_tokens=batch))
   return compress + reason + prefill + (new_tokens - 1) * step
 
 
-def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20,
-                       doc_len: int = 128, compr_rate: int = 16, k: int = 5,
-                       question_len: int = 32, prompt_len: int = 169, head_len: int = 0,
-                       new_tokens: int = 20, iters: int = 3,
-                       dtype: Optional[str] = None) -> dict:
+def generation_latency(
+  model: str = "tiny",
+  batch: int = 4,
+  candidates: int = 20,
+  doc_len: int = 128,
+  compr_rate: int = 16,
+  k: int = 5,
+  question_len: int = 32,
+  prompt_len: int = 169,
+  head_len: int = 0,
+  new_tokens: int = 20,
+  iters: int = 3,
+  dtype: Optional[str] = None,
+) -> dict:
   """Milliseconds per question of each phase and of the four in one call, for `batch`
   questions at a time; the decoder runs all `new_tokens` steps (no eos id: every row
   decodes to the end). The first `head_len` prompt tokens are the same in every row;
@@ -70,10 +102,21 @@ def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20
   cfg_m = model_config(model, num_extra_tokens=3 + cfg_c.n_mem, **overrides)
   params = init_params(cfg_m, jax.random.key(0))
   rng = np.random.default_rng(0)
-  data = synthetic_batch("stage2", rng, cfg_m.base_vocab_size, batch, candidates, doc_len,
-                         question_len, prompt_len, 2, cfg_c)
+  data = synthetic_batch(
+    "stage2",
+    rng,
+    cfg_m.base_vocab_size,
+    batch,
+    candidates,
+    doc_len,
+    question_len,
+    prompt_len,
+    2,
+    cfg_c,
+  )
   head, prompt_t, prompt_m, slot_positions = _prompts_after_head(
-      rng, batch, cfg_m.base_vocab_size, head_len, prompt_len, cfg_c.n_mem, k)
+    rng, batch, cfg_m.base_vocab_size, head_len, prompt_len, cfg_c.n_mem, k
+  )
   decoder, n_mem = Decoder(cfg_m), cfg_c.n_mem
   # The frozen compressor's path of the stage2 step: adapter folded, candidates in chunks.
   compress = jax.jit(lambda p, t, m: stages.frozen_compress(decoder, p, t, m, n_mem))
@@ -89,8 +132,17 @@ def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20
   head_s = time.perf_counter() - start  # includes its compile: a once-per-model cost
   doc_t, doc_m = data["doc_tokens"], data["doc_mask"]  # [B, N, L + n_mem]
   q_t, q_m = data["q_tokens"], data["q_mask"]
-  decode = lambda picked: generate(params, cfg_m, prompt_t, prompt_m, slot_positions, picked,
-                                   max_new_tokens=new_tokens, eos_id=-1, prefix=prefix)
+  decode = lambda picked: generate(
+    params,
+    cfg_m,
+    prompt_t,
+    prompt_m,
+    slot_positions,
+    picked,
+    max_new_tokens=new_tokens,
+    eos_id=-1,
+    prefix=prefix,
+  )
 
   def answer():
     doc_mem = compress(params, doc_t, doc_m)
@@ -100,19 +152,32 @@ def generation_latency(model: str = "tiny", batch: int = 4, candidates: int = 20
   q_mem = reason(params, q_t, q_m)
   picked = select(q_mem, doc_mem)
   phases = {
-      "compress": time_fn(compress, params, doc_t, doc_m, iters=iters),
-      "reason": time_fn(reason, params, q_t, q_m, iters=iters),
-      "select": time_fn(select, q_mem, doc_mem, iters=iters),
-      "decode": time_fn(decode, picked, iters=iters),
+    "compress": time_fn(compress, params, doc_t, doc_m, iters=iters),
+    "reason": time_fn(reason, params, q_t, q_m, iters=iters),
+    "select": time_fn(select, q_mem, doc_mem, iters=iters),
+    "decode": time_fn(decode, picked, iters=iters),
   }
   total = time_fn(answer, iters=iters)
-  flops = answer_flops(cfg_m, batch, candidates, doc_t.shape[-1], q_t.shape[-1],
-                       prompt_t.shape[1], new_tokens, n_mem)
+  flops = answer_flops(
+    cfg_m, batch, candidates, doc_t.shape[-1], q_t.shape[-1], prompt_t.shape[1], new_tokens, n_mem
+  )
   peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   per_q = {f"{name}_ms_per_question": round(1e3 * s / batch, 3) for name, s in phases.items()}
-  return {"benchmark": "generation", "model": model, "dtype": cfg_m.dtype, "batch": batch,
-          "candidates": candidates, "k": k, "doc_len": doc_len, "new_tokens": new_tokens,
-          "prompt_len": prompt_len, "head_len": head_len, "head_ms": round(1e3 * head_s, 1),
-          **per_q, "total_ms_per_question": round(1e3 * total / batch, 3),
-          "decode_tokens_per_s": round(batch * new_tokens / phases["decode"], 1),
-          "mfu": round(flops / total / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
+  return {
+    "benchmark": "generation",
+    "model": model,
+    "dtype": cfg_m.dtype,
+    "batch": batch,
+    "candidates": candidates,
+    "k": k,
+    "doc_len": doc_len,
+    "new_tokens": new_tokens,
+    "prompt_len": prompt_len,
+    "head_len": head_len,
+    "head_ms": round(1e3 * head_s, 1),
+    **per_q,
+    "total_ms_per_question": round(1e3 * total / batch, 3),
+    "decode_tokens_per_s": round(batch * new_tokens / phases["decode"], 1),
+    "mfu": round(flops / total / peak, 4),
+    "peak_gflops_per_s": round(peak / 1e9, 1),
+  }

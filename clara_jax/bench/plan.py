@@ -29,16 +29,14 @@ import jax.numpy as jnp
 from clara_jax.bench import tpu
 from clara_jax.model.config import REMAT_POLICIES
 from clara_jax.model.decoder import abstract_params
-from clara_jax.train.setup import (abstract_batch, setup_train_step, stage_decoder_config,
-                                   step_flops)
+from clara_jax.train.setup import abstract_batch, setup_train_step, stage_decoder_config, step_flops
 
 GIB = 1024**3
 
 
 def _per_device_bytes(tree, shardings) -> float:
   total = 0.0
-  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree),
-                            jax.tree_util.tree_leaves(shardings)):
+  for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
     shard_shape = sharding.shard_shape(leaf.shape)
     total += math.prod(shard_shape) * jnp.dtype(leaf.dtype).itemsize
   return total
@@ -47,8 +45,7 @@ def _per_device_bytes(tree, shardings) -> float:
 def _cost(compiled) -> Dict[str, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {"flops": float(cost.get("flops", 0.0)),
-          "bytes": float(cost.get("bytes accessed", 0.0))}
+  return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
 def lower_step(config, devices):
@@ -80,9 +77,11 @@ def step_cost(config, devices) -> Dict[str, float]:
   same FLOPs; the weights read once instead of once per chunk or micro-batch, so the
   bytes are a lower bound)."""
   layers = config.model.num_layers
-  loops = (config.model.scan_layers or config.train.grad_accum_steps > 1
-           or (config.stage.startswith("stage2")
-               and config.data.candidates > config.clara.compress_chunk))
+  loops = (
+    config.model.scan_layers
+    or config.train.grad_accum_steps > 1
+    or (config.stage.startswith("stage2") and config.data.candidates > config.clara.compress_chunk)
+  )
   if layers <= 2 and not loops:
     return _cost(_compile(config, devices)[3])
   costs = []
@@ -93,8 +92,7 @@ def step_cost(config, devices) -> Dict[str, float]:
     probe.train.grad_accum_steps = 1  # the micro-batch loop would count once, too
     probe.clara.compress_chunk = max(probe.data.candidates, 1)  # and the chunk loop
     costs.append(_cost(_compile(probe, devices)[3]))
-  return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key])
-          for key in costs[0]}
+  return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key]) for key in costs[0]}
 
 
 def memory_plan(config, topology: Optional[str] = None) -> Dict:
@@ -106,8 +104,9 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
   setup, state_shape, state_sh, compiled, compile_s = _compile(config, devices)
   cfg = setup.cfg
   analysis = compiled.memory_analysis()
-  params_b = (_per_device_bytes(state_shape.trainable, state_sh.trainable)
-              + _per_device_bytes(state_shape.frozen, state_sh.frozen))
+  params_b = _per_device_bytes(state_shape.trainable, state_sh.trainable) + _per_device_bytes(
+    state_shape.frozen, state_sh.frozen
+  )
   opt_b = _per_device_bytes(state_shape.opt_state, state_sh.opt_state)
   temp = float(analysis.temp_size_in_bytes)
   args = float(analysis.argument_size_in_bytes)
@@ -117,30 +116,43 @@ def memory_plan(config, topology: Optional[str] = None) -> Dict:
   n = len(devices)
   cost = step_cost(config, devices) if slice_ else _cost(compiled)
   model_flops = step_flops(config, cfg, setup.cclara)
-  plan = {"stage": config.stage, "model": config.model_size,
-          "compiler": "tpu" if slice_ else "cpu",
-          "topology": slice_.name if slice_ else None,
-          "devices": n, "mesh": dict(setup.mesh.shape),
-          "global_batch": config.train.global_batch,
-          "grad_accum_steps": config.train.grad_accum_steps,
-          "remat_policy": cfg.remat_policy, "scan_layers": cfg.scan_layers,
-          "num_params": cfg.num_params(), "compile_s": round(compile_s, 1),
-          "params_gib_per_device": params_b / GIB, "optimizer_gib_per_device": opt_b / GIB,
-          "batch_gib_per_device": (args - params_b - opt_b) / GIB,
-          "argument_gib_per_device": args / GIB,
-          "output_gib_per_device": max(out, 0.0) / GIB,
-          "temp_gib_per_device": temp / GIB,
-          "generated_code_gib_per_device": code / GIB,
-          "total_gib_per_device": total / GIB,
-          "xla_flops_per_device": cost["flops"], "xla_bytes_per_device": cost["bytes"],
-          "model_flops_per_device": model_flops / n}
+  plan = {
+    "stage": config.stage,
+    "model": config.model_size,
+    "compiler": "tpu" if slice_ else "cpu",
+    "topology": slice_.name if slice_ else None,
+    "devices": n,
+    "mesh": dict(setup.mesh.shape),
+    "global_batch": config.train.global_batch,
+    "grad_accum_steps": config.train.grad_accum_steps,
+    "remat_policy": cfg.remat_policy,
+    "scan_layers": cfg.scan_layers,
+    "num_params": cfg.num_params(),
+    "compile_s": round(compile_s, 1),
+    "params_gib_per_device": params_b / GIB,
+    "optimizer_gib_per_device": opt_b / GIB,
+    "batch_gib_per_device": (args - params_b - opt_b) / GIB,
+    "argument_gib_per_device": args / GIB,
+    "output_gib_per_device": max(out, 0.0) / GIB,
+    "temp_gib_per_device": temp / GIB,
+    "generated_code_gib_per_device": code / GIB,
+    "total_gib_per_device": total / GIB,
+    "xla_flops_per_device": cost["flops"],
+    "xla_bytes_per_device": cost["bytes"],
+    "model_flops_per_device": model_flops / n,
+  }
   if slice_:
     plan.update(roofline(slice_, n, cost, model_flops / n, total))
   return plan
 
 
-def roofline(slice_: tpu.TpuSlice, devices: int, cost: Dict[str, float],
-             model_flops_per_device: float, total_bytes: float) -> Dict:
+def roofline(
+  slice_: tpu.TpuSlice,
+  devices: int,
+  cost: Dict[str, float],
+  model_flops_per_device: float,
+  total_bytes: float,
+) -> Dict:
   """Lower bound of the step time from the chip's peak FLOP/s and HBM bandwidth, and
   the MFU that bound implies for the step's model FLOPs (an upper bound on the MFU).
 
@@ -156,12 +168,16 @@ def roofline(slice_: tpu.TpuSlice, devices: int, cost: Dict[str, float],
   compute_s = max(cost["flops"], model_flops_per_device) / peak
   memory_s = cost["bytes"] / bandwidth
   step_s = max(compute_s, memory_s)
-  return {"chip": slice_.chip.name, "hbm_gib_per_device": hbm / GIB,
-          "fits": total_bytes <= hbm,
-          "roofline_compute_s": compute_s, "roofline_memory_s": memory_s,
-          "roofline_step_s": step_s,
-          "roofline_mfu": model_flops_per_device / peak / step_s if step_s else None,
-          "chip_source": slice_.chip.source}
+  return {
+    "chip": slice_.chip.name,
+    "hbm_gib_per_device": hbm / GIB,
+    "fits": total_bytes <= hbm,
+    "roofline_compute_s": compute_s,
+    "roofline_memory_s": memory_s,
+    "roofline_step_s": step_s,
+    "roofline_mfu": model_flops_per_device / peak / step_s if step_s else None,
+    "chip_source": slice_.chip.source,
+  }
 
 
 def mesh_shapes(devices: int) -> Iterator[Tuple[int, int, int]]:
@@ -172,9 +188,14 @@ def mesh_shapes(devices: int) -> Iterator[Tuple[int, int, int]]:
       yield data, devices // (data * tensor), tensor
 
 
-def search(config, topology: str, remat_policies: Sequence[str] = ("none", "full"),
-           accum_steps: Sequence[int] = (1, 2, 4), max_tensor: int = 8,
-           log=print) -> List[Dict]:
+def search(
+  config,
+  topology: str,
+  remat_policies: Sequence[str] = ("none", "full"),
+  accum_steps: Sequence[int] = (1, 2, 4),
+  max_tensor: int = 8,
+  log=print,
+) -> List[Dict]:
   """Plans for the (data, fsdp, tensor) factorisations of the slice, remat policies and
   gradient-accumulation counts whose micro-batch divides the data-parallel size; returns
   those that fit, best roofline MFU first (each compile is logged as it finishes)."""
@@ -198,12 +219,16 @@ def search(config, topology: str, remat_policies: Sequence[str] = ("none", "full
         try:
           plan = memory_plan(trial, topology)
         except Exception as e:  # noqa: BLE001 (a shape the compiler rejects is skipped)
-          log(f"mesh {shape} remat {remat} accum {accum}: {type(e).__name__}: "
-              f"{str(e).splitlines()[0][:200]}")
+          log(
+            f"mesh {shape} remat {remat} accum {accum}: {type(e).__name__}: "
+            f"{str(e).splitlines()[0][:200]}"
+          )
           continue
-        log(f"mesh {shape} remat {remat} accum {accum}: "
-            f"{plan['total_gib_per_device']:.2f} GiB of {plan['hbm_gib_per_device']:.0f}, "
-            f"roofline MFU {plan['roofline_mfu']:.2f}")
+        log(
+          f"mesh {shape} remat {remat} accum {accum}: "
+          f"{plan['total_gib_per_device']:.2f} GiB of {plan['hbm_gib_per_device']:.0f}, "
+          f"roofline MFU {plan['roofline_mfu']:.2f}"
+        )
         if plan["fits"]:
           fits.append(plan)
   fits.sort(key=lambda p: -(p["roofline_mfu"] or 0.0))

@@ -16,7 +16,7 @@ from clara_jax.data import features, packing
 from clara_jax.model import clara
 from clara_jax.model.decoder import Decoder, init_params
 from clara_jax.train.peak import matmul_peak_flops, time_fn
-from clara_jax.train.setup import stage_decoder_config, setup_train_step, step_flops
+from clara_jax.train.setup import setup_train_step, stage_decoder_config, step_flops
 from clara_jax.train.state import create_state
 
 STAGES = ("lm", "stage1", "stage1_2", "stage2")
@@ -28,47 +28,75 @@ def documents_per_question(stage: str, candidates: int, k: int) -> int:
   return {"stage1": 1, "stage1_2": k}.get(stage, candidates)
 
 
-def synthetic_batch(stage: str, rng: np.random.Generator, base_vocab: int, batch: int,
-                    candidates: int, doc_len: int, question_len: int, prompt_len: int,
-                    answer_len: int, clara_cfg: clara.ClaraConfig) -> Dict[str, np.ndarray]:
+def synthetic_batch(
+  stage: str,
+  rng: np.random.Generator,
+  base_vocab: int,
+  batch: int,
+  candidates: int,
+  doc_len: int,
+  question_len: int,
+  prompt_len: int,
+  answer_len: int,
+  clara_cfg: clara.ClaraConfig,
+) -> Dict[str, np.ndarray]:
   """A batch of random ids with the stage's real layouts (packing functions of the data
   pipeline); stage2's gold is candidate 0. `lm` reads `prompt_len + answer_len` tokens."""
   texts = lambda n, length: [list(rng.integers(4, base_vocab, length)) for _ in range(n)]
   if stage == "lm":
     length = prompt_len + answer_len
-    return {"tokens": rng.integers(4, base_vocab, (batch, length)).astype(np.int32),
-            "mask": np.ones((batch, length), np.int32)}
+    return {
+      "tokens": rng.integers(4, base_vocab, (batch, length)).astype(np.int32),
+      "mask": np.ones((batch, length), np.int32),
+    }
   n_mem = clara_cfg.n_mem
   mem = list(range(base_vocab + 3, base_vocab + 3 + n_mem))
   enc, sep = base_vocab, base_vocab + 1
   docs = documents_per_question(stage, candidates, clara_cfg.k)
   slots_k = 1 if stage == "stage1" else clara_cfg.k
   # Rows as the data pipeline packs them: `<ENC><s> text </s>` in doc_len + 3, memories.
-  doc_t, doc_m, _ = packing.pack_encoder(texts(batch * docs, doc_len), doc_len + 3, mem,
-                                         enc, 1, 2, 0)
+  doc_t, doc_m, _ = packing.pack_encoder(
+    texts(batch * docs, doc_len), doc_len + 3, mem, enc, 1, 2, 0
+  )
   slots = packing.slot_ids(n_mem, slots_k, mem, sep)
   fill = prompt_len - len(slots) - 1
   prompts = [[1] + slots + list(rng.integers(4, base_vocab, fill)) for _ in range(batch)]
-  gen, _ = packing.pack_generator(prompts, texts(batch, answer_len - 1), prompt_len,
-                                  answer_len, mem, slots_k, 2, 0)
-  out = {"doc_tokens": doc_t.reshape(batch, docs, -1),
-         "doc_mask": doc_m.reshape(batch, docs, -1), **gen}
+  gen, _ = packing.pack_generator(
+    prompts, texts(batch, answer_len - 1), prompt_len, answer_len, mem, slots_k, 2, 0
+  )
+  out = {
+    "doc_tokens": doc_t.reshape(batch, docs, -1),
+    "doc_mask": doc_m.reshape(batch, docs, -1),
+    **gen,
+  }
   if stage == "stage2":
-    q_t, q_m, _ = packing.pack_encoder(texts(batch, question_len), question_len + 3, mem,
-                                       enc, 1, 2, 0)
+    q_t, q_m, _ = packing.pack_encoder(
+      texts(batch, question_len), question_len + 3, mem, enc, 1, 2, 0
+    )
     positives = np.zeros((batch, candidates), np.int32)
     positives[:, 0] = 1
     out.update(q_tokens=q_t, q_mask=q_m, positives=positives)
   return out
 
 
-def stage_config(stage: str = "stage2", model: str = "tiny", batch: int = 4,
-                 candidates: int = 20, doc_len: int = 128, compr_rate: int = 16, k: int = 5,
-                 question_len: int = 32, prompt_len: int = 169, answer_len: int = 20,
-                 dtype: Optional[str] = None, attention_layout: Optional[str] = None):
+def stage_config(
+  stage: str = "stage2",
+  model: str = "tiny",
+  batch: int = 4,
+  candidates: int = 20,
+  doc_len: int = 128,
+  compr_rate: int = 16,
+  k: int = 5,
+  question_len: int = 32,
+  prompt_len: int = 169,
+  answer_len: int = 20,
+  dtype: Optional[str] = None,
+  attention_layout: Optional[str] = None,
+):
   """The stage's config file (`configs/STAGE.py`) at the benchmark's shapes, on one
   device: what `train` would run for these lengths."""
   import importlib
+
   if stage not in STAGES:
     raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
   config = importlib.import_module(f"configs.{stage}").get_config(f"model={model}")
@@ -101,13 +129,22 @@ def build_stage_step(config, cached: bool = False, devices=None):
   setup = setup_train_step(config, cfg_m, params, devices=devices)
   cfg_c = setup.cclara
   d = config.data
-  data = synthetic_batch(config.stage, np.random.default_rng(0), cfg_m.base_vocab_size,
-                         config.train.global_batch, d.candidates, cfg_c.doc_max_length,
-                         d.question_max_length, d.prompt_length, d.answer_length, cfg_c)
+  data = synthetic_batch(
+    config.stage,
+    np.random.default_rng(0),
+    cfg_m.base_vocab_size,
+    config.train.global_batch,
+    d.candidates,
+    cfg_c.doc_max_length,
+    d.question_max_length,
+    d.prompt_length,
+    d.answer_length,
+    cfg_c,
+  )
   if cached:
-    mem = jax.jit(lambda p, t, m: clara.memories(Decoder(cfg_m), p, t, m, cfg_c.n_mem,
-                                                 clara.COMPRESSOR))(
-        params, data.pop("doc_tokens"), data.pop("doc_mask"))
+    mem = jax.jit(
+      lambda p, t, m: clara.memories(Decoder(cfg_m), p, t, m, cfg_c.n_mem, clara.COMPRESSOR)
+    )(params, data.pop("doc_tokens"), data.pop("doc_mask"))
     data["doc_mem"] = mem.reshape(config.train.global_batch, d.candidates, cfg_c.n_mem, -1)
   for name in features.truncation_counters(config.stage, cached):  # nothing truncated
     data[name] = np.zeros(config.train.global_batch, np.int32)
@@ -121,16 +158,38 @@ def build_stage_step(config, cached: bool = False, devices=None):
   return setup, step, state, data
 
 
-def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
-                    candidates: int = 20, doc_len: int = 128, compr_rate: int = 16,
-                    k: int = 5, question_len: int = 32, prompt_len: int = 169,
-                    answer_len: int = 20, cached: bool = False, iters: int = 3,
-                    dtype: Optional[str] = None,
-                    attention_layout: Optional[str] = None) -> dict:
+def stage_step_time(
+  stage: str = "stage2",
+  model: str = "tiny",
+  batch: int = 4,
+  candidates: int = 20,
+  doc_len: int = 128,
+  compr_rate: int = 16,
+  k: int = 5,
+  question_len: int = 32,
+  prompt_len: int = 169,
+  answer_len: int = 20,
+  cached: bool = False,
+  iters: int = 3,
+  dtype: Optional[str] = None,
+  attention_layout: Optional[str] = None,
+) -> dict:
   """Seconds per train step of `stage` (stage2: document memories recomputed, as the
   reference does, or `cached`), tokens/s and MFU against this process's matmul peak."""
-  config = stage_config(stage, model, batch, candidates, doc_len, compr_rate, k,
-                        question_len, prompt_len, answer_len, dtype, attention_layout)
+  config = stage_config(
+    stage,
+    model,
+    batch,
+    candidates,
+    doc_len,
+    compr_rate,
+    k,
+    question_len,
+    prompt_len,
+    answer_len,
+    dtype,
+    attention_layout,
+  )
   setup, step, state, data = build_stage_step(config, cached, jax.devices()[:1])
   cfg_m, cfg_c = setup.cfg, setup.cclara
   holder = [state]
@@ -149,9 +208,19 @@ def stage_step_time(stage: str = "stage2", model: str = "tiny", batch: int = 4,
     tokens += batch * docs * (doc_len + 3 + cfg_c.n_mem)
   if stage == "stage2":
     tokens += batch * (question_len + 3 + cfg_c.n_mem)
-  return {"benchmark": f"{stage}_step", "model": model, "dtype": cfg_m.dtype,
-          "attention_layout": cfg_m.attention_layout,
-          "cached_memories": cached, "batch": batch, "documents_per_question": docs,
-          "k": k, "doc_len": doc_len, "compr_rate": compr_rate,
-          "step_s": round(seconds, 4), "tokens_per_s": round(tokens / seconds, 1),
-          "mfu": round(flops / seconds / peak, 4), "peak_gflops_per_s": round(peak / 1e9, 1)}
+  return {
+    "benchmark": f"{stage}_step",
+    "model": model,
+    "dtype": cfg_m.dtype,
+    "attention_layout": cfg_m.attention_layout,
+    "cached_memories": cached,
+    "batch": batch,
+    "documents_per_question": docs,
+    "k": k,
+    "doc_len": doc_len,
+    "compr_rate": compr_rate,
+    "step_s": round(seconds, 4),
+    "tokens_per_s": round(tokens / seconds, 1),
+    "mfu": round(flops / seconds / peak, 4),
+    "peak_gflops_per_s": round(peak / 1e9, 1),
+  }

@@ -32,14 +32,14 @@ class ChipSpec:
 GIB = 1024**3
 
 CHIPS = {
-    # https://cloud.google.com/tpu/docs/v4 (275 TFLOP/s bf16, 32 GiB HBM2, 1,200 GB/s)
-    "v4": ChipSpec("v4", 275e12, 32 * GIB, 1200e9, 3, 2, "cloud.google.com/tpu/docs/v4"),
-    # https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s)
-    "v5e": ChipSpec("v5e", 197e12, 16 * GIB, 819e9, 2, 1, "cloud.google.com/tpu/docs/v5e"),
-    # https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16, 95 GiB HBM2e, 2,765 GB/s)
-    "v5p": ChipSpec("v5p", 459e12, 95 * GIB, 2765e9, 3, 2, "cloud.google.com/tpu/docs/v5p"),
-    # https://cloud.google.com/tpu/docs/v6e (918 TFLOP/s bf16, 32 GiB HBM, 1,640 GB/s)
-    "v6e": ChipSpec("v6e", 918e12, 32 * GIB, 1640e9, 2, 1, "cloud.google.com/tpu/docs/v6e"),
+  # https://cloud.google.com/tpu/docs/v4 (275 TFLOP/s bf16, 32 GiB HBM2, 1,200 GB/s)
+  "v4": ChipSpec("v4", 275e12, 32 * GIB, 1200e9, 3, 2, "cloud.google.com/tpu/docs/v4"),
+  # https://cloud.google.com/tpu/docs/v5e (197 TFLOP/s bf16, 16 GiB HBM2, 819 GB/s)
+  "v5e": ChipSpec("v5e", 197e12, 16 * GIB, 819e9, 2, 1, "cloud.google.com/tpu/docs/v5e"),
+  # https://cloud.google.com/tpu/docs/v5p (459 TFLOP/s bf16, 95 GiB HBM2e, 2,765 GB/s)
+  "v5p": ChipSpec("v5p", 459e12, 95 * GIB, 2765e9, 3, 2, "cloud.google.com/tpu/docs/v5p"),
+  # https://cloud.google.com/tpu/docs/v6e (918 TFLOP/s bf16, 32 GiB HBM, 1,640 GB/s)
+  "v6e": ChipSpec("v6e", 918e12, 32 * GIB, 1640e9, 2, 1, "cloud.google.com/tpu/docs/v6e"),
 }
 
 
@@ -64,35 +64,43 @@ def _torus_shape(chips: int, dims: int) -> Tuple[int, ...]:
 
 
 def parse_slice(name: str) -> TpuSlice:
-  """"v5e-256" -> a TpuSlice; an unknown generation or a count that is not a power of
+  """ "v5e-256" -> a TpuSlice; an unknown generation or a count that is not a power of
   two (of at least one chip) is an error naming what is accepted."""
   m = re.fullmatch(r"(v\d+[a-z]*)-(\d+)", name.strip())
   if not m or m.group(1) not in CHIPS:
-    raise ValueError(f"--topology {name!r}: expected GENERATION-COUNT with GENERATION in "
-                     f"{sorted(CHIPS)}, e.g. v5e-256 or v5p-128")
+    raise ValueError(
+      f"--topology {name!r}: expected GENERATION-COUNT with GENERATION in "
+      f"{sorted(CHIPS)}, e.g. v5e-256 or v5p-128"
+    )
   chip, count = CHIPS[m.group(1)], int(m.group(2))
   chips = count // chip.cores_per_chip_in_name
   if chips < 1 or count % chip.cores_per_chip_in_name or chips & (chips - 1):
-    raise ValueError(f"--topology {name!r}: {count} is not a power-of-two slice of "
-                     f"{chip.name} ({'TensorCores, 2 per chip' if chip.cores_per_chip_in_name == 2 else 'chips'})")
-  return TpuSlice(name=name, chip=chip, chips=chips,
-                  shape=_torus_shape(chips, chip.dims))
+    raise ValueError(
+      f"--topology {name!r}: {count} is not a power-of-two slice of "
+      f"{chip.name} ({'TensorCores, 2 per chip' if chip.cores_per_chip_in_name == 2 else 'chips'})"
+    )
+  return TpuSlice(name=name, chip=chip, chips=chips, shape=_torus_shape(chips, chip.dims))
 
 
 def topology_devices(slice_: TpuSlice) -> List:
   """The slice's TPU devices for ahead-of-time compiles (`jax.jit(...).lower(...)
   .compile()`); nothing executes on them. Raises ImportError when libtpu is missing."""
   import importlib.util
+
   if importlib.util.find_spec("libtpu") is None:
-    raise ImportError("compiling for a TPU topology needs libtpu: pip install "
-                      "'clara_jax[tpu]' (or the pinned libtpu of requirements)")
+    raise ImportError(
+      "compiling for a TPU topology needs libtpu: pip install "
+      "'clara_jax[tpu]' (or the pinned libtpu of requirements)"
+    )
   import os
+
   # libtpu takes a lockfile for the machine's TPUs; there are none here, and a second
   # process planning at the same time (a test worker, a sweep) would otherwise fail.
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
   from jax.experimental import topologies
+
   host = (2, 2, 1) if slice_.chips >= 4 else (1, 1, 1)
   topology = topologies.get_topology_desc(
-      platform="tpu", topology_name=slice_.topology_name, chips_per_host_bounds=host,
-      num_slices=1)
+    platform="tpu", topology_name=slice_.topology_name, chips_per_host_bounds=host, num_slices=1
+  )
   return list(topology.devices)

@@ -14,8 +14,10 @@ import numpy as np
 import scipy.sparse as sp
 
 _WORD = re.compile(r"[a-z0-9]+")
-STOPWORDS = frozenset("""a an and are as at be by for from has he in is it its of on or that
-the to was were will with this which who what when where how did does do""".split())
+STOPWORDS = frozenset(
+  """a an and are as at be by for from has he in is it its of on or that
+the to was were will with this which who what when where how did does do""".split()
+)
 
 
 def tokenize(text: str) -> List[str]:
@@ -39,8 +41,9 @@ class BM25:
       cols.extend(counts)
       vals.extend(counts.values())
     n = len(docs)
-    tf = sp.csr_matrix((np.asarray(vals, np.float64), (rows, cols)),
-                       shape=(n, max(len(self.vocab), 1)))
+    tf = sp.csr_matrix(
+      (np.asarray(vals, np.float64), (rows, cols)), shape=(n, max(len(self.vocab), 1))
+    )
     lengths = np.asarray([len(d) for d in docs], np.float64)
     avg = lengths.mean() if n and lengths.mean() > 0 else 1.0
     df = np.bincount(tf.indices, minlength=tf.shape[1]).astype(np.float64)

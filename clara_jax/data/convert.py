@@ -60,10 +60,22 @@ import time
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 from clara_jax import paths as paths_lib
+from clara_jax.data.formats import (
+  ON_ERROR,
+  STAGE1,
+  STAGE1_2,
+  STAGE2,
+  DataError,
+  FieldError,
+  ReadReport,
+  check_input_file,
+  iter_json_lines,
+  no_rows,
+  read_rows,
+  validate_row,
+  write_jsonl_atomic,
+)
 from clara_jax.data.formats import _text as formats_text
-from clara_jax.data.formats import (ON_ERROR, STAGE1, STAGE1_2, STAGE2, DataError, FieldError,
-                                    ReadReport, check_input_file, iter_json_lines, no_rows,
-                                    read_rows, validate_row, write_jsonl_atomic)
 
 SOURCE_FORMATS = ("hotpotqa", "hotpotqa_ircot", "musique", "2wiki", "nq", "stage1")
 OUTPUT_STAGES = (STAGE2, STAGE1_2)
@@ -131,10 +143,12 @@ class ConvertReport:
 
   def summary(self) -> str:
     docs = f", {self.num_docs} docs" if self.num_docs else ""
-    return (f"converted {self.source_format} -> {self.out_path} ({self.stage}{docs}): "
-            f"{self.rows_in} rows in, {self.rows_out} out, {self.skipped} skipped, "
-            f"{self.distractors_added} distractors added, {self.truncated_candidates} "
-            f"candidates dropped, {self.seconds:.2f} s")
+    return (
+      f"converted {self.source_format} -> {self.out_path} ({self.stage}{docs}): "
+      f"{self.rows_in} rows in, {self.rows_out} out, {self.skipped} skipped, "
+      f"{self.distractors_added} distractors added, {self.truncated_candidates} "
+      f"candidates dropped, {self.seconds:.2f} s"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -174,8 +188,9 @@ def _iter_json_array(path: str, report: ReadReport) -> Iterator[Tuple[int, int, 
       try:
         value, end = decoder.raw_decode(text, pos)
       except json.JSONDecodeError as e:
-        raise DataError(path, e.lineno, None,
-                        f"invalid JSON in item {item}: {e.msg} at column {e.colno}") from None
+        raise DataError(
+          path, e.lineno, None, f"invalid JSON in item {item}: {e.msg} at column {e.colno}"
+        ) from None
       report.rows_read += 1
       yield line, item, value
       pos = _WHITESPACE.match(text, end).end()
@@ -185,15 +200,20 @@ def _iter_json_array(path: str, report: ReadReport) -> Iterator[Tuple[int, int, 
       if text.startswith("]", pos):
         pos += 1
         break
-      raise DataError(path, 1 + text.count("\n", 0, pos), None,
-                      f"invalid JSON after item {item}: expected ',' or ']'")
+      raise DataError(
+        path,
+        1 + text.count("\n", 0, pos),
+        None,
+        f"invalid JSON after item {item}: expected ',' or ']'",
+      )
   rest = _WHITESPACE.match(text, pos).end()
   if rest != len(text):
     raise DataError(path, 1 + text.count("\n", 0, rest), None, "extra data after the array")
 
 
-def iter_records(path: str, on_error: str = "raise",
-                 report: Optional[ReadReport] = None) -> Iterator[Tuple[int, Optional[int], Any]]:
+def iter_records(
+  path: str, on_error: str = "raise", report: Optional[ReadReport] = None
+) -> Iterator[Tuple[int, Optional[int], Any]]:
   """Yields (line, item, value) for every record of a JSONL or JSON-array file (either
   optionally gzipped); item is the 1-based array index, None for JSONL."""
   report = report if report is not None else ReadReport()
@@ -248,8 +268,13 @@ def _distinct(values: Iterable[str]) -> List[str]:
   return list(dict.fromkeys(values))
 
 
-def _example(id_: str, question: str, answers: List[str],
-             paragraphs: Sequence[Tuple[str, str, bool]], docs_field: str) -> Example:
+def _example(
+  id_: str,
+  question: str,
+  answers: List[str],
+  paragraphs: Sequence[Tuple[str, str, bool]],
+  docs_field: str,
+) -> Example:
   """Builds an Example from (title, paragraph, is_gold) triples, merging exact duplicate
   texts (gold if any copy is)."""
   index: Dict[str, int] = {}
@@ -265,8 +290,7 @@ def _example(id_: str, question: str, answers: List[str],
     docs.append(text)
     gold.append(is_gold)
     titles.append(title.strip())
-  return Example(id_, question.strip(), _distinct(a.strip() for a in answers), docs, gold,
-                 titles)
+  return Example(id_, question.strip(), _distinct(a.strip() for a in answers), docs, gold, titles)
 
 
 # ---------------------------------------------------------------------------------------
@@ -279,26 +303,28 @@ def _sentences_context(row: Dict[str, Any]) -> List[Tuple[str, str]]:
   for i, entry in enumerate(_list(_get(row, "context", "context"), "context")):
     entry = _list(entry, f"context[{i}]")
     if len(entry) != 2:
-      raise FieldError(f"context[{i}]", f"expected [title, sentences], found {len(entry)} "
-                       "items")
+      raise FieldError(f"context[{i}]", f"expected [title, sentences], found {len(entry)} items")
     title = _str(entry[0], f"context[{i}][0]", allow_empty=True)
     sentences = _list(entry[1], f"context[{i}][1]", allow_empty=True)
-    parts = [_str(s, f"context[{i}][1][{j}]", allow_empty=True).strip()
-             for j, s in enumerate(sentences)]
+    parts = [
+      _str(s, f"context[{i}][1][{j}]", allow_empty=True).strip() for j, s in enumerate(sentences)
+    ]
     pairs.append((title, " ".join(p for p in parts if p)))
   return pairs
 
 
 def _supporting_titles(row: Dict[str, Any], known: set) -> set:
   titles = set()
-  facts = _list(_get(row, "supporting_facts", "supporting_facts"), "supporting_facts",
-                allow_empty=True)
+  facts = _list(
+    _get(row, "supporting_facts", "supporting_facts"), "supporting_facts", allow_empty=True
+  )
   for i, fact in enumerate(facts):
     fact = _list(fact, f"supporting_facts[{i}]")
     title = _str(fact[0], f"supporting_facts[{i}][0]").strip()
     if title not in known:
-      raise FieldError(f"supporting_facts[{i}][0]",
-                       f"title {title!r} is not among the context titles")
+      raise FieldError(
+        f"supporting_facts[{i}][0]", f"title {title!r} is not among the context titles"
+      )
     titles.add(title)
   return titles
 
@@ -311,16 +337,18 @@ def parse_hotpotqa(row: Any, where: str = "") -> Example:
   answer = _str(_get(row, "answer", "answer"), "answer")
   pairs = _sentences_context(row)
   gold = _supporting_titles(row, {t.strip() for t, _ in pairs})
-  return _example(id_, question, [answer],
-                  [(t, p, t.strip() in gold) for t, p in pairs], "context")
+  return _example(id_, question, [answer], [(t, p, t.strip() in gold) for t, p in pairs], "context")
 
 
 def _spans(answers_objects: list) -> List[str]:
   aliases = []
   for i, obj in enumerate(answers_objects):
     obj = _dict(obj, f"answers_objects[{i}]")
-    spans = _list(_get(obj, "spans", f"answers_objects[{i}].spans"),
-                  f"answers_objects[{i}].spans", allow_empty=i > 0)
+    spans = _list(
+      _get(obj, "spans", f"answers_objects[{i}].spans"),
+      f"answers_objects[{i}].spans",
+      allow_empty=i > 0,
+    )
     for j, span in enumerate(spans):
       # IRCoT writes spans as strings; some releases nest them one list deeper.
       group = span if isinstance(span, list) else [span]
@@ -330,16 +358,23 @@ def _spans(answers_objects: list) -> List[str]:
   return aliases
 
 
-def _paragraph_list(row: Dict[str, Any], key: str, title_key: str, text_key: str,
-                    gold_key: str) -> List[Tuple[str, str, bool]]:
+def _paragraph_list(
+  row: Dict[str, Any], key: str, title_key: str, text_key: str, gold_key: str
+) -> List[Tuple[str, str, bool]]:
   out = []
   for i, p in enumerate(_list(_get(row, key, key), key)):
     p = _dict(p, f"{key}[{i}]")
-    out.append((_str(_get(p, title_key, f"{key}[{i}].{title_key}"), f"{key}[{i}].{title_key}",
-                     allow_empty=True),
-                _str(_get(p, text_key, f"{key}[{i}].{text_key}"), f"{key}[{i}].{text_key}",
-                     allow_empty=True),
-                _bool(_get(p, gold_key, f"{key}[{i}].{gold_key}"), f"{key}[{i}].{gold_key}")))
+    out.append(
+      (
+        _str(
+          _get(p, title_key, f"{key}[{i}].{title_key}"), f"{key}[{i}].{title_key}", allow_empty=True
+        ),
+        _str(
+          _get(p, text_key, f"{key}[{i}].{text_key}"), f"{key}[{i}].{text_key}", allow_empty=True
+        ),
+        _bool(_get(p, gold_key, f"{key}[{i}].{gold_key}"), f"{key}[{i}].{gold_key}"),
+      )
+    )
   return out
 
 
@@ -373,8 +408,10 @@ def parse_nq(row: Any, where: str = "") -> Example:
   row = _dict(row, None)
   id_ = _id(row["id"], "id") if "id" in row else where
   question = _str(_get(row, "question", "question"), "question")
-  answers = [_str(a, f"answers[{i}]")
-             for i, a in enumerate(_list(_get(row, "answers", "answers"), "answers"))]
+  answers = [
+    _str(a, f"answers[{i}]")
+    for i, a in enumerate(_list(_get(row, "answers", "answers"), "answers"))
+  ]
   paragraphs = _paragraph_list(row, "ctxs", "title", "text", "isgold")
   return _example(id_, question, answers, paragraphs, "ctxs")
 
@@ -382,11 +419,11 @@ def parse_nq(row: Any, where: str = "") -> Example:
 # Each takes (decoded row, "FILE:LINE" or "FILE#ITEM"); the location is the fallback id for
 # sources whose rows carry none (nq).
 PARSERS: Dict[str, Callable[[Any, str], Optional[Example]]] = {
-    "hotpotqa": parse_hotpotqa,
-    "hotpotqa_ircot": parse_hotpotqa_ircot,
-    "musique": parse_musique,
-    "2wiki": parse_hotpotqa,
-    "nq": parse_nq,
+  "hotpotqa": parse_hotpotqa,
+  "hotpotqa_ircot": parse_hotpotqa_ircot,
+  "musique": parse_musique,
+  "2wiki": parse_hotpotqa,
+  "nq": parse_nq,
 }
 
 
@@ -403,8 +440,9 @@ def _raise_or_skip(error: DataError, on_error: str, report: ReadReport) -> None:
   report.skip(error)
 
 
-def _read(source_format: str, paths: Sequence[str], on_error: str,
-          report: SourceReport) -> Iterator[Example]:
+def _read(
+  source_format: str, paths: Sequence[str], on_error: str, report: SourceReport
+) -> Iterator[Example]:
   parse = PARSERS[source_format]
   first_seen: Dict[str, str] = {}  # id -> where it was first read
   for path in paths:
@@ -423,17 +461,25 @@ def _read(source_format: str, paths: Sequence[str], on_error: str,
         continue
       example.path, example.line = path, line
       if example.id in first_seen:  # output ids key per-question results downstream
-        _raise_or_skip(DataError(path, line, "id", f"duplicate {example.id!r}; first used "
-                                 f"at {first_seen[example.id]}"), on_error, report)
+        _raise_or_skip(
+          DataError(
+            path, line, "id", f"duplicate {example.id!r}; first used at {first_seen[example.id]}"
+          ),
+          on_error,
+          report,
+        )
         continue
       first_seen[example.id] = f"{path}:{line}"
       report.rows_ok += 1
       yield example
 
 
-def read_source(source_format: str, paths: Sequence[str] | str, on_error: str = "raise",
-                report: Optional[SourceReport] = None
-                ) -> Tuple[Iterator[Example], SourceReport]:
+def read_source(
+  source_format: str,
+  paths: Sequence[str] | str,
+  on_error: str = "raise",
+  report: Optional[SourceReport] = None,
+) -> Tuple[Iterator[Example], SourceReport]:
   """Lazily parsed Examples of a source (not `stage1`) and the report they fill as they
   are read."""
   if source_format not in PARSERS:
@@ -502,6 +548,7 @@ class DistractorPool:
   def bm25(self):
     if self._bm25 is None:
       from clara_jax.data.bm25 import BM25
+
       self._bm25 = BM25(self.texts)
     return self._bm25
 
@@ -522,45 +569,59 @@ class DistractorPool:
     return [float(scores[self.index[t]]) for t in ex.docs]
 
 
-def select_candidates(ex: Example, num_docs: int, pool: DistractorPool
-                      ) -> Tuple[List[str], List[bool], int, int]:
+def select_candidates(
+  ex: Example, num_docs: int, pool: DistractorPool
+) -> Tuple[List[str], List[bool], int, int]:
   """Exactly `num_docs` candidates for `ex`, before shuffling: (texts, is_gold,
   distractors added, own documents dropped). Raises FieldError if impossible."""
   num_gold = sum(ex.gold)
   if num_gold > num_docs:
-    raise FieldError("pos_index", f"{num_gold} gold documents do not fit in {num_docs} "
-                     "candidates")
+    raise FieldError("pos_index", f"{num_gold} gold documents do not fit in {num_docs} candidates")
   if len(ex.docs) > num_docs:
     scores = pool.own_scores(ex)
     non_gold = [i for i, g in enumerate(ex.gold) if not g]
     # Stable sort: equal scores keep source order, so the choice is reproducible.
     ranked = sorted(non_gold, key=lambda i: -scores[i])
-    keep = {i for i, g in enumerate(ex.gold) if g} | set(ranked[:num_docs - num_gold])
+    keep = {i for i, g in enumerate(ex.gold) if g} | set(ranked[: num_docs - num_gold])
     kept = [i for i in range(len(ex.docs)) if i in keep]
-    return ([ex.docs[i] for i in kept], [ex.gold[i] for i in kept], 0,
-            len(ex.docs) - num_docs)
+    return ([ex.docs[i] for i in kept], [ex.gold[i] for i in kept], 0, len(ex.docs) - num_docs)
   need = num_docs - len(ex.docs)
   added = pool.retrieve(ex, need) if need else []
   if len(added) < need:
-    raise FieldError("docs", f"only {len(added)} distractors available from the other "
-                     f"questions' paragraphs; {need} needed for {num_docs} candidates")
+    raise FieldError(
+      "docs",
+      f"only {len(added)} distractors available from the other "
+      f"questions' paragraphs; {need} needed for {num_docs} candidates",
+    )
   return list(ex.docs) + added, list(ex.gold) + [False] * need, need, 0
 
 
-def shuffled_row(ex: Example, texts: List[str], gold: List[bool], seed: int
-                 ) -> Dict[str, Any]:
+def shuffled_row(ex: Example, texts: List[str], gold: List[bool], seed: int) -> Dict[str, Any]:
   """The output row: candidates shuffled by a per-row RNG, gold positions in pos_index."""
   order = list(range(len(texts)))
   random.Random(f"{seed}:{ex.id}").shuffle(order)
   docs = [texts[i] for i in order]
   pos_index = [p for p, i in enumerate(order) if gold[i]]
-  return {"question": ex.question, "docs": docs, "answer": ex.answers[0],
-          "answers": ex.answers, "pos_index": pos_index, "id": ex.id}
+  return {
+    "question": ex.question,
+    "docs": docs,
+    "answer": ex.answers[0],
+    "answers": ex.answers,
+    "pos_index": pos_index,
+    "id": ex.id,
+  }
 
 
-def build_rows(examples: Sequence[Example], stage: str, num_docs: int, seed: int,
-               on_error: str, read_report: ReadReport, report: ConvertReport,
-               pool: Optional[DistractorPool] = None) -> Iterator[Dict[str, Any]]:
+def build_rows(
+  examples: Sequence[Example],
+  stage: str,
+  num_docs: int,
+  seed: int,
+  on_error: str,
+  read_report: ReadReport,
+  report: ConvertReport,
+  pool: Optional[DistractorPool] = None,
+) -> Iterator[Dict[str, Any]]:
   """stage2 / stage1_2 rows of `examples`, each validated; problems raise DataError at
   the example's source line, or are skipped and counted."""
   pool = pool if pool is not None else DistractorPool(examples)
@@ -578,8 +639,9 @@ def build_rows(examples: Sequence[Example], stage: str, num_docs: int, seed: int
     yield row
 
 
-def _not_empty(rows: Iterable[Dict[str, Any]], inputs: Sequence[str],
-               report: ReadReport) -> Iterator[Dict[str, Any]]:
+def _not_empty(
+  rows: Iterable[Dict[str, Any]], inputs: Sequence[str], report: ReadReport
+) -> Iterator[Dict[str, Any]]:
   """`rows`, raising DataError at the end if there were none: an empty conversion (an
   empty input, or every row skipped) is an error, not an empty file that replaces the
   previous output."""
@@ -615,11 +677,19 @@ def _same_file(a: str, b: str) -> bool:
   return os.path.samefile(a, b)  # local only: links and hard links name one file
 
 
-def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
-            candidates: int = 20, k: int = 5, seed: int = 0, on_error: str = "raise",
-            stage: str = STAGE2, limit: Optional[int] = None,
-            progress: Optional[Callable[[int, Optional[int]], None]] = None
-            ) -> ConvertReport:
+def convert(
+  source_format: str,
+  inputs: Sequence[str] | str,
+  out_path: str,
+  *,
+  candidates: int = 20,
+  k: int = 5,
+  seed: int = 0,
+  on_error: str = "raise",
+  stage: str = STAGE2,
+  limit: Optional[int] = None,
+  progress: Optional[Callable[[int, Optional[int]], None]] = None,
+) -> ConvertReport:
   """Converts `inputs` (one path or several, pooled) of `source_format` to `stage` JSONL
   at `out_path`, written atomically.
 
@@ -641,13 +711,20 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
   for path in inputs:
     if _same_file(path, out_path):
-      raise DataError(out_path, 0, None, "the output is also an input; writing it would "
-                      "replace the data it is converted from (choose another --out)")
+      raise DataError(
+        out_path,
+        0,
+        None,
+        "the output is also an input; writing it would "
+        "replace the data it is converted from (choose another --out)",
+      )
   if source_format == STAGE1:
     report = ConvertReport(source_format, STAGE1, out_path)
     rows, read_report = read_stage1(inputs, on_error)
-    report.rows_out = write_jsonl_atomic(out_path, _counted(
-        _not_empty(itertools.islice(rows, limit), inputs, read_report), None, progress))
+    report.rows_out = write_jsonl_atomic(
+      out_path,
+      _counted(_not_empty(itertools.islice(rows, limit), inputs, read_report), None, progress),
+    )
   else:
     num_docs = candidates if stage == STAGE2 else k
     if num_docs < 1:
@@ -658,9 +735,18 @@ def convert(source_format: str, inputs: Sequence[str] | str, out_path: str, *,
     examples = list(itertools.islice(examples, limit))
     pool = DistractorPool(examples)
     report.pool_size = len(pool.texts)
-    report.rows_out = write_jsonl_atomic(out_path, _counted(
-        _not_empty(build_rows(examples, stage, num_docs, seed, on_error, read_report,
-                              report, pool), inputs, read_report), len(examples), progress))
+    report.rows_out = write_jsonl_atomic(
+      out_path,
+      _counted(
+        _not_empty(
+          build_rows(examples, stage, num_docs, seed, on_error, read_report, report, pool),
+          inputs,
+          read_report,
+        ),
+        len(examples),
+        progress,
+      ),
+    )
     report.unanswerable = read_report.unanswerable
   report.rows_in = read_report.rows_read
   report.skipped = read_report.rows_skipped

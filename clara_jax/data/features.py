@@ -52,31 +52,51 @@ class Featurizer:
   then carry `doc_mem` instead of the documents' tokens, and the step skips the
   compressor."""
 
-  def __init__(self, tokenizer: Tokenizer, cfg: FeatureConfig, seed: int = 0,
-               doc_memories: Optional[Callable[[Sequence[str]], np.ndarray]] = None):
+  def __init__(
+    self,
+    tokenizer: Tokenizer,
+    cfg: FeatureConfig,
+    seed: int = 0,
+    doc_memories: Optional[Callable[[Sequence[str]], np.ndarray]] = None,
+  ):
     if cfg.n_mem > tokenizer.num_mem_tokens:
-      raise ValueError(f"n_mem={cfg.n_mem} but the tokenizer has only "
-                       f"{tokenizer.num_mem_tokens} memory tokens")
+      raise ValueError(
+        f"n_mem={cfg.n_mem} but the tokenizer has only {tokenizer.num_mem_tokens} memory tokens"
+      )
     if doc_memories is not None and cfg.stage not in ("stage2", "stage2_retrieval"):
-      raise ValueError(f"precomputed document memories serve stage2 and stage2_retrieval, "
-                       f"not {cfg.stage!r}")
+      raise ValueError(
+        f"precomputed document memories serve stage2 and stage2_retrieval, not {cfg.stage!r}"
+      )
     self.tok, self.cfg, self.seed = tokenizer, cfg, seed
     self.doc_memories = doc_memories
-    self.mem_ids = tokenizer.mem_ids[:cfg.n_mem]
+    self.mem_ids = tokenizer.mem_ids[: cfg.n_mem]
 
   def _encoder(self, texts: Sequence[str], max_len: int):
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
-    tokens, mask, truncated = packing.pack_encoder(ids, max_len + 3, self.mem_ids,
-                                                   self.tok.enc_id, self.tok.bos_id,
-                                                   self.tok.eos_id, self.tok.pad_id)
+    tokens, mask, truncated = packing.pack_encoder(
+      ids,
+      max_len + 3,
+      self.mem_ids,
+      self.tok.enc_id,
+      self.tok.bos_id,
+      self.tok.eos_id,
+      self.tok.pad_id,
+    )
     return tokens, mask, truncated
 
   def _generator(self, system: str, user: str, answer: str, k: int):
     prompt = self.tok.encode_prompt(user, system)
     answer_ids = self.tok.encode(answer, parse_special=False)
-    arrays, truncated = packing.pack_generator([prompt], [answer_ids], self.cfg.prompt_length,
-                                               self.cfg.answer_length, self.mem_ids, k,
-                                               self.tok.eos_id, self.tok.pad_id)
+    arrays, truncated = packing.pack_generator(
+      [prompt],
+      [answer_ids],
+      self.cfg.prompt_length,
+      self.cfg.answer_length,
+      self.mem_ids,
+      k,
+      self.tok.eos_id,
+      self.tok.pad_id,
+    )
     return {key: value[0] for key, value in arrays.items()}, truncated
 
   def _docs(self, docs: List[str], example: Example) -> None:
@@ -86,8 +106,7 @@ class Featurizer:
       example["doc_mem"] = np.asarray(self.doc_memories(docs), np.float32)
       return
     tokens, mask, truncated = self._encoder(docs, self.cfg.doc_max_length)
-    example.update(doc_tokens=tokens, doc_mask=mask,
-                   truncated_docs=np.int32(truncated))
+    example.update(doc_tokens=tokens, doc_mask=mask, truncated_docs=np.int32(truncated))
 
   def __call__(self, row: Dict, index: int = 0) -> Example:
     cfg = self.cfg
@@ -95,10 +114,13 @@ class Featurizer:
       text = row["text"] if "text" in row else " ".join(row["docs"])
       ids = self.tok.encode(text, add_bos=True, add_eos=True, parse_special=False)
       tokens = np.full(cfg.lm_length, self.tok.pad_id, np.int32)
-      kept = ids[:cfg.lm_length]
-      tokens[:len(kept)] = kept
-      return {"tokens": tokens, "mask": (np.arange(cfg.lm_length) < len(kept)).astype(np.int32),
-              "truncated_lm": np.int32(len(ids) > cfg.lm_length)}
+      kept = ids[: cfg.lm_length]
+      tokens[: len(kept)] = kept
+      return {
+        "tokens": tokens,
+        "mask": (np.arange(cfg.lm_length) < len(kept)).astype(np.int32),
+        "truncated_lm": np.int32(len(ids) > cfg.lm_length),
+      }
     example: Example = {}
     if cfg.stage == "stage1":
       self._docs(row["docs"], example)
@@ -107,8 +129,7 @@ class Featurizer:
       gen, truncated = self._generator(system, user, answer, 1)
     else:
       self._docs(row["docs"], example)
-      system, user = templates.answer_turn(row["question"], cfg.n_mem, cfg.k,
-                                          cfg.prompt_style)
+      system, user = templates.answer_turn(row["question"], cfg.n_mem, cfg.k, cfg.prompt_style)
       gen, truncated = self._generator(system, user, row["answer"], cfg.k)
     example.update(gen)
     example["truncated_gen"] = np.int32(truncated)
@@ -116,8 +137,12 @@ class Featurizer:
       q_tokens, q_mask, q_truncated = self._encoder([row["question"]], cfg.question_max_length)
       positives = np.zeros(cfg.num_docs, np.int32)
       positives[list(row.get("pos_index", []))] = 1
-      example.update(q_tokens=q_tokens[0], q_mask=q_mask[0], positives=positives,
-                     truncated_question=np.int32(q_truncated))
+      example.update(
+        q_tokens=q_tokens[0],
+        q_mask=q_mask[0],
+        positives=positives,
+        truncated_question=np.int32(q_truncated),
+      )
     return example
 
 
@@ -135,8 +160,7 @@ def truncation_counters(stage: str, cached: bool = False) -> Tuple[str, ...]:
 
 def truncation_counts(batch: Example) -> Dict[str, int]:
   """Sums of a batch's `truncated_*` counters (what the loop reports)."""
-  return {key: int(np.sum(value)) for key, value in batch.items()
-          if key.startswith("truncated_")}
+  return {key: int(np.sum(value)) for key, value in batch.items() if key.startswith("truncated_")}
 
 
 class ReplayFeaturizer:

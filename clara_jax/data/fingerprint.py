@@ -88,13 +88,17 @@ def check_or_record(record_path: str, current: Mapping[str, Any], what: str) -> 
     recorded = paths.read_json(record_path)
     changed = differences(recorded, current)
     if changed:
-      shown = "; ".join(f"{k}: {_short(old)} -> {_short(new)}"
-                        for k, (old, new) in list(changed.items())[:5])
+      shown = "; ".join(
+        f"{k}: {_short(old)} -> {_short(new)}" for k, (old, new) in list(changed.items())[:5]
+      )
       more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
-      raise StaleArtefact(f"{what} was built from other inputs ({record_path}): {shown}"
-                          f"{more}. Remove it to rebuild, or use another output")
+      raise StaleArtefact(
+        f"{what} was built from other inputs ({record_path}): {shown}"
+        f"{more}. Remove it to rebuild, or use another output"
+      )
     return
   from clara_jax.data.formats import write_json_atomic
+
   write_json_atomic(record_path, current)  # makes the directory
 
 

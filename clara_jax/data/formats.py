@@ -181,8 +181,9 @@ def validate_row(row: Any, fmt: str, num_docs: Optional[int] = None) -> Dict[str
   out = {"question": question, "docs": docs, "answer": answers[0], "answers": answers}
   if fmt == STAGE2:
     pos = row.get("pos_index", [])
-    if not isinstance(pos, list) or not all(isinstance(p, int) and not isinstance(p, bool)
-                                            for p in pos):
+    if not isinstance(pos, list) or not all(
+      isinstance(p, int) and not isinstance(p, bool) for p in pos
+    ):
       raise FieldError("pos_index", f"expected a list of integers, found {pos!r}")
     for p in pos:
       if not 0 <= p < len(docs):
@@ -236,8 +237,9 @@ def _lines(f) -> Iterator[Tuple[int, Optional[bytes], int]]:
     yield line_no, None, length
 
 
-def iter_json_lines(path: str, on_error: str = "raise",
-                    report: Optional[ReadReport] = None) -> Iterator[tuple]:
+def iter_json_lines(
+  path: str, on_error: str = "raise", report: Optional[ReadReport] = None
+) -> Iterator[tuple]:
   """Yields (line number, decoded JSON value) for every non-blank line of a (gzipped)
   JSONL file; undecodable lines and lines over MAX_LINE_BYTES raise DataError or are
   skipped and counted."""
@@ -252,17 +254,25 @@ def iter_json_lines(path: str, on_error: str = "raise",
       report.rows_read += 1
       try:
         if raw is None:
-          raise DataError(path, line_no, None, f"line of {length} bytes is longer than "
-                          f"the {MAX_LINE_BYTES} allowed for one row (not JSONL?)")
+          raise DataError(
+            path,
+            line_no,
+            None,
+            f"line of {length} bytes is longer than "
+            f"the {MAX_LINE_BYTES} allowed for one row (not JSONL?)",
+          )
         try:
           text = raw.decode("utf-8").rstrip("\r\n")  # error columns on this line
         except UnicodeDecodeError as e:
-          raise DataError(path, line_no, None,
-                          f"not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})")
+          raise DataError(
+            path, line_no, None, f"not valid UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})"
+          ) from None
         try:
           value = json.loads(text)
         except json.JSONDecodeError as e:
-          raise DataError(path, line_no, None, f"invalid JSON: {e.msg} at column {e.colno}")
+          raise DataError(
+            path, line_no, None, f"invalid JSON: {e.msg} at column {e.colno}"
+          ) from None
       except DataError as error:
         if on_error == "raise":
           raise
@@ -271,20 +281,27 @@ def iter_json_lines(path: str, on_error: str = "raise",
       yield line_no, value
 
 
-def read_rows(path: str, fmt: str, on_error: str = "raise", num_docs: Optional[int] = None,
-              report: Optional[ReadReport] = None) -> Iterator[Dict[str, Any]]:
+def read_rows(
+  path: str,
+  fmt: str,
+  on_error: str = "raise",
+  num_docs: Optional[int] = None,
+  report: Optional[ReadReport] = None,
+) -> Iterator[Dict[str, Any]]:
   """Validated, normalised rows of a CLaRa JSONL file (see the module docstring).
 
   `on_error="raise"` stops at the first bad row with a DataError naming file, line and
   field; `"skip"` skips and counts it in `report`.
   """
   report = report if report is not None else ReadReport()
-  yield from _checked_rows(path, on_error, report,
-                           lambda value, _: validate_row(value, fmt, num_docs))
+  yield from _checked_rows(
+    path, on_error, report, lambda value, _: validate_row(value, fmt, num_docs)
+  )
 
 
-def _checked_rows(path: str, on_error: str, report: ReadReport,
-                  check: Callable[[Any, int], Dict[str, Any]]) -> Iterator[Dict[str, Any]]:
+def _checked_rows(
+  path: str, on_error: str, report: ReadReport, check: Callable[[Any, int], Dict[str, Any]]
+) -> Iterator[Dict[str, Any]]:
   """`check(value, line)` of every JSON line: its row, or a FieldError that becomes a
   DataError naming file and line (raised, or skipped and counted in `report`)."""
   for line_no, value in iter_json_lines(path, on_error, report):
@@ -317,8 +334,7 @@ def _plain_text_list(value: Any, field: str) -> List[str]:
 def _one_per_doc(values: List[Any], field: str, num_docs: int) -> List[Any]:
   """Per-document annotations must line up with `docs`, or they describe the wrong one."""
   if len(values) != num_docs:
-    raise FieldError(field, f"expected {num_docs} entries (one per document), "
-                            f"found {len(values)}")
+    raise FieldError(field, f"expected {num_docs} entries (one per document), found {len(values)}")
   return values
 
 
@@ -330,8 +346,9 @@ def _flag(value: Any, field: str) -> bool:
 
 def _control_clues(value: Any, num_docs: int) -> List[List[str]]:
   if not isinstance(value, list):
-    raise FieldError("control_clues",
-                     f"expected a list of lists of strings, found {type(value).__name__}")
+    raise FieldError(
+      "control_clues", f"expected a list of lists of strings, found {type(value).__name__}"
+    )
   clues = [_plain_text_list(v, f"control_clues[{i}]") for i, v in enumerate(value)]
   return _one_per_doc(clues, "control_clues", num_docs)
 
@@ -339,16 +356,17 @@ def _control_clues(value: Any, num_docs: int) -> List[List[str]]:
 # name -> check(value, number of documents) returning the value to keep. Identifiers
 # (`id`, `doc_ids`) must be non-empty; descriptive text may be empty.
 EVAL_EXTRAS: Dict[str, Callable[[Any, int], Any]] = {
-    "id": lambda v, n: _text(v, "id"),
-    "kind": lambda v, n: _text(v, "kind", allow_empty=True),
-    "template": lambda v, n: _text(v, "template", allow_empty=True),
-    "seen": lambda v, n: _flag(v, "seen"),
-    "doc_ids": lambda v, n: _one_per_doc(_text_list(v, "doc_ids", allow_empty_list=True),
-                                         "doc_ids", n),
-    "doc_kinds": lambda v, n: _one_per_doc(_plain_text_list(v, "doc_kinds"), "doc_kinds", n),
-    "clues": lambda v, n: _plain_text_list(v, "clues"),
-    "control_clues": _control_clues,
-    "bridge_clues": lambda v, n: _plain_text_list(v, "bridge_clues"),
+  "id": lambda v, n: _text(v, "id"),
+  "kind": lambda v, n: _text(v, "kind", allow_empty=True),
+  "template": lambda v, n: _text(v, "template", allow_empty=True),
+  "seen": lambda v, n: _flag(v, "seen"),
+  "doc_ids": lambda v, n: _one_per_doc(
+    _text_list(v, "doc_ids", allow_empty_list=True), "doc_ids", n
+  ),
+  "doc_kinds": lambda v, n: _one_per_doc(_plain_text_list(v, "doc_kinds"), "doc_kinds", n),
+  "clues": lambda v, n: _plain_text_list(v, "clues"),
+  "control_clues": _control_clues,
+  "bridge_clues": lambda v, n: _plain_text_list(v, "bridge_clues"),
 }
 
 
@@ -387,9 +405,10 @@ class _EvalRowChecker:
     if self.schema == STAGE2 and not has_gold:
       raise FieldError("pos_index", f"missing; this file's rows are stage2 ({self.origin})")
     if self.schema == STAGE1_2 and has_gold:
-      raise FieldError("pos_index",
-                       f"unexpected; this file's rows are stage1_2 ({self.origin}), "
-                       "which have no gold labels")
+      raise FieldError(
+        "pos_index",
+        f"unexpected; this file's rows are stage1_2 ({self.origin}), which have no gold labels",
+      )
 
   def _check_unique_id(self, row: Dict[str, Any], line_no: int) -> None:
     """Ids key per-question results; a repeated one would merge two questions."""
@@ -473,13 +492,18 @@ def no_rows(path: str, report: ReadReport) -> DataError:
   """An evaluation over no rows reports nothing meaningful, so it is an error."""
   if not report.rows_read:
     return DataError(path, 0, None, "no rows: the file is empty")
-  return DataError(path, 0, None, f"no rows: all {report.rows_skipped} rows were skipped; "
-                                  f"{report.summary()}")
+  return DataError(
+    path, 0, None, f"no rows: all {report.rows_skipped} rows were skipped; {report.summary()}"
+  )
 
 
-def read_eval_rows(path: str, fmt: Optional[str] = None, on_error: str = "raise",
-                   limit: Optional[int] = None,
-                   report: Optional[ReadReport] = None) -> List[Dict[str, Any]]:
+def read_eval_rows(
+  path: str,
+  fmt: Optional[str] = None,
+  on_error: str = "raise",
+  limit: Optional[int] = None,
+  report: Optional[ReadReport] = None,
+) -> List[Dict[str, Any]]:
   """Validated evaluation rows of a stage2 or stage1_2 JSONL file, read row by row.
 
   fmt: "stage2" or "stage1_2", or None to detect it from the first JSON object ("stage2"

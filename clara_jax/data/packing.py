@@ -15,9 +15,15 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 
 
-def pack_encoder(texts_ids: Sequence[Sequence[int]], body_len: int, mem_ids: Sequence[int],
-                 enc_id: int, bos_id: int, eos_id: int, pad_id: int
-                 ) -> Tuple[np.ndarray, np.ndarray, int]:
+def pack_encoder(
+  texts_ids: Sequence[Sequence[int]],
+  body_len: int,
+  mem_ids: Sequence[int],
+  enc_id: int,
+  bos_id: int,
+  eos_id: int,
+  pad_id: int,
+) -> Tuple[np.ndarray, np.ndarray, int]:
   """Encoder rows for documents or questions.
 
   Args:
@@ -41,8 +47,8 @@ def pack_encoder(texts_ids: Sequence[Sequence[int]], body_len: int, mem_ids: Seq
     if len(ids) > room:
       ids, truncated = ids[:room], truncated + 1
     block = [enc_id, bos_id] + ids + [eos_id]
-    tokens[row, body_len - len(block):body_len] = block
-    mask[row, body_len - len(block):body_len] = 1
+    tokens[row, body_len - len(block) : body_len] = block
+    mask[row, body_len - len(block) : body_len] = 1
   tokens[:, body_len:] = np.asarray(mem_ids, np.int32)
   mask[:, body_len:] = 1
   return tokens, mask, truncated
@@ -53,9 +59,16 @@ def slot_ids(n_mem: int, k: int, mem_ids: Sequence[int], sep_id: int) -> List[in
   return (list(mem_ids[:n_mem]) + [sep_id]) * k
 
 
-def pack_generator(prompts_ids: Sequence[Sequence[int]], answers_ids: Sequence[Sequence[int]],
-                   prompt_len: int, answer_len: int, mem_ids: Sequence[int], n_slots: int,
-                   eos_id: int, pad_id: int) -> Tuple[Dict[str, np.ndarray], int]:
+def pack_generator(
+  prompts_ids: Sequence[Sequence[int]],
+  answers_ids: Sequence[Sequence[int]],
+  prompt_len: int,
+  answer_len: int,
+  mem_ids: Sequence[int],
+  n_slots: int,
+  eos_id: int,
+  pad_id: int,
+) -> Tuple[Dict[str, np.ndarray], int]:
   """Generator rows.
 
   Args:
@@ -82,24 +95,30 @@ def pack_generator(prompts_ids: Sequence[Sequence[int]], answers_ids: Sequence[S
     prompt, answer = list(prompt), list(answer) + [eos_id]
     was_cut = False
     if len(prompt) > prompt_len:
-      cut = prompt[:len(prompt) - prompt_len]
+      cut = prompt[: len(prompt) - prompt_len]
       if any(t in mem_set for t in cut):
-        raise ValueError(f"row {row}: prompt of {len(prompt)} tokens does not fit "
-                         f"prompt_len={prompt_len} without cutting a memory slot")
-      prompt, was_cut = prompt[len(prompt) - prompt_len:], True
+        raise ValueError(
+          f"row {row}: prompt of {len(prompt)} tokens does not fit "
+          f"prompt_len={prompt_len} without cutting a memory slot"
+        )
+      prompt, was_cut = prompt[len(prompt) - prompt_len :], True
     if len(answer) > answer_len:
-      answer, was_cut = answer[:answer_len - 1] + [eos_id], True
+      answer, was_cut = answer[: answer_len - 1] + [eos_id], True
     truncated += was_cut
     start = prompt_len - len(prompt)
     tokens[row, start:prompt_len] = prompt
     mask[row, start:prompt_len] = 1
-    tokens[row, prompt_len:prompt_len + len(answer)] = answer
-    mask[row, prompt_len:prompt_len + len(answer)] = 1
-    answer_mask[row, :len(answer)] = 1
+    tokens[row, prompt_len : prompt_len + len(answer)] = answer
+    mask[row, prompt_len : prompt_len + len(answer)] = 1
+    answer_mask[row, : len(answer)] = 1
     positions = [start + i for i, t in enumerate(prompt) if t in mem_set]
     if len(positions) != n_slots * n_mem:
-      raise ValueError(f"row {row}: prompt has {len(positions)} memory placeholders, "
-                       f"expected {n_slots} slots x {n_mem} = {n_slots * n_mem}")
+      raise ValueError(
+        f"row {row}: prompt has {len(positions)} memory placeholders, "
+        f"expected {n_slots} slots x {n_mem} = {n_slots * n_mem}"
+      )
     slots[row] = positions
-  return ({"gen_tokens": tokens, "gen_mask": mask, "slot_positions": slots,
-           "answer_mask": answer_mask}, truncated)
+  return (
+    {"gen_tokens": tokens, "gen_mask": mask, "slot_positions": slots, "answer_mask": answer_mask},
+    truncated,
+  )

@@ -31,16 +31,24 @@ Example = Dict[str, np.ndarray]
 class InputPipeline:
   """Iterator of this process's batches; see the module docstring."""
 
-  def __init__(self, source: Sequence, featurize: Callable[[Dict, int], Example],
-               global_batch: int, seed: int = 0, shuffle: bool = True,
-               num_epochs: Optional[int] = None, process_index: Optional[int] = None,
-               process_count: Optional[int] = None,
-               decode: Callable[[Any], Dict] = decode_row):
+  def __init__(
+    self,
+    source: Sequence,
+    featurize: Callable[[Dict, int], Example],
+    global_batch: int,
+    seed: int = 0,
+    shuffle: bool = True,
+    num_epochs: Optional[int] = None,
+    process_index: Optional[int] = None,
+    process_count: Optional[int] = None,
+    decode: Callable[[Any], Dict] = decode_row,
+  ):
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if global_batch % process_count:
-      raise ValueError(f"global batch {global_batch} is not divisible by the "
-                       f"{process_count} processes")
+      raise ValueError(
+        f"global batch {global_batch} is not divisible by the {process_count} processes"
+      )
     if len(source) < global_batch:
       raise ValueError(f"{len(source)} rows are fewer than one global batch of {global_batch}")
     self.local_batch = lb = global_batch // process_count
@@ -54,7 +62,8 @@ class InputPipeline:
     to_global = lambda j: (j // lb) * global_batch + process_index * lb + j % lb
     num_local = (len(rows) // global_batch) * lb
     ds = grain.MapDataset.range(num_local).map(
-        lambda j: featurize(decode(rows[to_global(j)]), to_global(j)))
+      lambda j: featurize(decode(rows[to_global(j)]), to_global(j))
+    )
     self._dataset = ds.batch(lb, drop_remainder=True)
     self._iterator = iter(self._dataset.to_iter_dataset())
 
@@ -72,8 +81,9 @@ class InputPipeline:
     self._iterator.set_state(dict(state))
 
 
-def to_global_arrays(local_batch: Example, mesh: Mesh,
-                     rules=partitioning.DEFAULT_RULES) -> Dict[str, jax.Array]:
+def to_global_arrays(
+  local_batch: Example, mesh: Mesh, rules=partitioning.DEFAULT_RULES
+) -> Dict[str, jax.Array]:
   """Assembles every process's local batch into global arrays sharded over the batch
   axes of `mesh` (`jax.make_array_from_process_local_data`)."""
   out = {}

@@ -39,23 +39,115 @@ import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 from clara_jax import paths
-from clara_jax.data.formats import (STAGE1, STAGE1_2, STAGE2, check_output_dir, validate_row,
-                                    write_jsonl_atomic)
+from clara_jax.data.formats import (
+  STAGE1,
+  STAGE1_2,
+  STAGE2,
+  check_output_dir,
+  validate_row,
+  write_jsonl_atomic,
+)
 
-_ONSETS = ("b", "br", "d", "dr", "f", "g", "k", "kr", "l", "m", "n", "p", "r", "s", "st",
-           "t", "th", "v", "z", "h", "j", "sh", "tr", "gr", "c", "w")
+_ONSETS = (
+  "b",
+  "br",
+  "d",
+  "dr",
+  "f",
+  "g",
+  "k",
+  "kr",
+  "l",
+  "m",
+  "n",
+  "p",
+  "r",
+  "s",
+  "st",
+  "t",
+  "th",
+  "v",
+  "z",
+  "h",
+  "j",
+  "sh",
+  "tr",
+  "gr",
+  "c",
+  "w",
+)
 _VOWELS = ("a", "e", "i", "o", "u", "ae", "ia", "ou", "ei", "y")
 _CODAS = ("", "", "", "n", "r", "l", "s", "th", "m", "x", "nd", "rk", "sk", "v")
-_MASCOTS = ("Owls", "Foxes", "Herons", "Wolves", "Otters", "Ravens", "Hawks", "Lynxes",
-            "Badgers", "Falcons", "Stags", "Comets", "Pilots", "Rangers", "Mariners",
-            "Giants", "Rockets", "Wardens", "Lanterns", "Anchors")
-_FIRMS = ("Works", "Labs", "Foods", "Motors", "Textiles", "Press", "Systems", "Mills",
-          "Instruments", "Shipping")
-_PRODUCTS = ("bicycles", "lamps", "maps", "soap", "kites", "clocks", "tea", "boots",
-             "radios", "paper", "glass", "rope", "cheese", "pianos", "tents", "ink",
-             "bricks", "violins", "sails", "honey")
-_COLOURS = ("red", "blue", "green", "yellow", "purple", "orange", "white", "black",
-            "silver", "gold", "grey", "brown")
+_MASCOTS = (
+  "Owls",
+  "Foxes",
+  "Herons",
+  "Wolves",
+  "Otters",
+  "Ravens",
+  "Hawks",
+  "Lynxes",
+  "Badgers",
+  "Falcons",
+  "Stags",
+  "Comets",
+  "Pilots",
+  "Rangers",
+  "Mariners",
+  "Giants",
+  "Rockets",
+  "Wardens",
+  "Lanterns",
+  "Anchors",
+)
+_FIRMS = (
+  "Works",
+  "Labs",
+  "Foods",
+  "Motors",
+  "Textiles",
+  "Press",
+  "Systems",
+  "Mills",
+  "Instruments",
+  "Shipping",
+)
+_PRODUCTS = (
+  "bicycles",
+  "lamps",
+  "maps",
+  "soap",
+  "kites",
+  "clocks",
+  "tea",
+  "boots",
+  "radios",
+  "paper",
+  "glass",
+  "rope",
+  "cheese",
+  "pianos",
+  "tents",
+  "ink",
+  "bricks",
+  "violins",
+  "sails",
+  "honey",
+)
+_COLOURS = (
+  "red",
+  "blue",
+  "green",
+  "yellow",
+  "purple",
+  "orange",
+  "white",
+  "black",
+  "silver",
+  "gold",
+  "grey",
+  "brown",
+)
 _SPORTS = ("football", "hockey", "rugby", "basketball", "handball", "cricket")
 YEARS = (1820, 2010)
 
@@ -66,6 +158,7 @@ LM_WORLD_FILE = "lm_world.txt"  # the world's own LM text (its facts, no fresh w
 @dataclasses.dataclass(frozen=True)
 class WorldSize:
   """How many entities of each kind a world has."""
+
   people: int
   cities: int
   teams: int
@@ -73,9 +166,9 @@ class WorldSize:
 
 
 SIZES = {
-    "tiny": WorldSize(people=24, cities=6, teams=6, companies=6),
-    "small": WorldSize(people=96, cities=12, teams=12, companies=12),
-    "base": WorldSize(people=400, cities=30, teams=30, companies=30),
+  "tiny": WorldSize(people=24, cities=6, teams=6, companies=6),
+  "small": WorldSize(people=96, cities=12, teams=12, companies=12),
+  "base": WorldSize(people=400, cities=30, teams=30, companies=30),
 }
 
 
@@ -90,6 +183,7 @@ class WorldOptions:
   held-out persons' chains occur in no training row although their facts are in the LM
   text. The "classic" world keeps the bridge among the candidates, mixes kinds and has
   one-link chains only (BM25 finds its bridge, a kind prior gets Recall@5 1.0)."""
+
   hard_negatives: bool = True  # candidates of the gold's kind first (then other kinds)
   closed_bridge: bool = True  # bridge documents are never candidates
   two_link: bool = True  # X -> sibling -> linked entity questions beside one-link ones
@@ -97,12 +191,15 @@ class WorldOptions:
   own_names: bool = True  # pool names: this world's half, fresh worlds the other half
 
 
-WORLDS = {"hidden": WorldOptions(),
-          # The hidden world whose fresh worlds rebind its names (reading is then learned
-          # on the very names the world uses; knowledge of them is contradicted).
-          "hidden_shared_names": WorldOptions(own_names=False),
-          "classic": WorldOptions(hard_negatives=False, closed_bridge=False, two_link=False,
-                                  heldout_people=0.0, own_names=False)}
+WORLDS = {
+  "hidden": WorldOptions(),
+  # The hidden world whose fresh worlds rebind its names (reading is then learned
+  # on the very names the world uses; knowledge of them is contradicted).
+  "hidden_shared_names": WorldOptions(own_names=False),
+  "classic": WorldOptions(
+    hard_negatives=False, closed_bridge=False, two_link=False, heldout_people=0.0, own_names=False
+  ),
+}
 
 
 def world_options(world) -> WorldOptions:
@@ -118,6 +215,7 @@ def world_options(world) -> WorldOptions:
 class Entity:
   """One entity and its document. `facts`: attribute -> value text; `links`: attribute
   -> id of the linked entity (its name is also the fact's value)."""
+
   id: str
   kind: str
   name: str
@@ -136,6 +234,7 @@ class Question:
   contain; `bridge_clues`: name words of the chain's inner entities (two-link: the
   sibling), which the question never says; `seen`: a test question whose (named entity,
   gold) pair a training question also has."""
+
   id: str
   text: str
   answer: str
@@ -211,8 +310,10 @@ _POOL_SIZES = {"first": 64, "last": 64, "place": 72, "brand": 72}
 def name_pool() -> Dict[str, Tuple[str, ...]]:
   """{category: words} of the fixed pool (the same on every machine and call)."""
   names = _Names(random.Random("clara-name-pool"))
-  return {category: tuple(names.word((1, 2) if category == "first" else (2, 2))
-                          for _ in range(n)) for category, n in _POOL_SIZES.items()}
+  return {
+    category: tuple(names.word((1, 2) if category == "first" else (2, 2)) for _ in range(n))
+    for category, n in _POOL_SIZES.items()
+  }
 
 
 def pool_symbols() -> List[str]:
@@ -230,7 +331,7 @@ def pool_part(part: Optional[str]) -> Dict[str, Tuple[str, ...]]:
     return pool
   if part not in ("main", "fresh"):
     raise ValueError(f"unknown pool part {part!r}; known: main, fresh")
-  half = lambda words: words[:len(words) // 2] if part == "main" else words[len(words) // 2:]
+  half = lambda words: words[: len(words) // 2] if part == "main" else words[len(words) // 2 :]
   return {category: half(words) for category, words in pool.items()}
 
 
@@ -245,8 +346,9 @@ class _PoolNames:
 
   def _take(self, category: str) -> str:
     if not self.free[category]:
-      raise RuntimeError(f"the name pool has only {len(self.pool[category])} {category} "
-                         "names; use a smaller world")
+      raise RuntimeError(
+        f"the name pool has only {len(self.pool[category])} {category} names; use a smaller world"
+      )
     return self.free[category].pop()
 
   def city(self) -> str:
@@ -275,16 +377,22 @@ def _year(rng: random.Random) -> str:
   return str(rng.randint(*YEARS))
 
 
-def _make_entities(rng: random.Random, size: WorldSize, names: str,
-                   part: Optional[str] = None) -> Dict[str, Entity]:
+def _make_entities(
+  rng: random.Random, size: WorldSize, names: str, part: Optional[str] = None
+) -> Dict[str, Entity]:
   if names not in _NAMERS:
     raise ValueError(f"unknown names {names!r}; known: {sorted(_NAMERS)}")
   names = _PoolNames(rng, part) if names == "pool" else _Names(rng)
   ents: Dict[str, Entity] = {}
   cities = []
   for i in range(size.cities):
-    e = Entity(f"city{i}", "city", names.city(), {
-        "river": names.river(), "population": f"{rng.randint(12, 950)} thousand"}, {})
+    e = Entity(
+      f"city{i}",
+      "city",
+      names.city(),
+      {"river": names.river(), "population": f"{rng.randint(12, 950)} thousand"},
+      {},
+    )
     ents[e.id] = e
     cities.append(e)
   teams = []
@@ -292,17 +400,30 @@ def _make_entities(rng: random.Random, size: WorldSize, names: str,
   for i in range(size.teams):
     city = rng.choice(cities)
     mascot = mascots[i % len(mascots)]
-    e = Entity(f"team{i}", "team", f"{names.brand()} {mascot}", {
-        "city": city.name, "founded": _year(rng), "colour": rng.choice(_COLOURS),
-        "sport": rng.choice(_SPORTS)}, {"city": city.id})
+    e = Entity(
+      f"team{i}",
+      "team",
+      f"{names.brand()} {mascot}",
+      {
+        "city": city.name,
+        "founded": _year(rng),
+        "colour": rng.choice(_COLOURS),
+        "sport": rng.choice(_SPORTS),
+      },
+      {"city": city.id},
+    )
     ents[e.id] = e
     teams.append(e)
   companies = []
   for i in range(size.companies):
     city = rng.choice(cities)
-    e = Entity(f"company{i}", "company", f"{names.brand()} {rng.choice(_FIRMS)}", {
-        "city": city.name, "founded": _year(rng), "product": rng.choice(_PRODUCTS)},
-        {"city": city.id})
+    e = Entity(
+      f"company{i}",
+      "company",
+      f"{names.brand()} {rng.choice(_FIRMS)}",
+      {"city": city.name, "founded": _year(rng), "product": rng.choice(_PRODUCTS)},
+      {"city": city.id},
+    )
     ents[e.id] = e
     companies.append(e)
   people = []
@@ -316,8 +437,7 @@ def _make_entities(rng: random.Random, size: WorldSize, names: str,
     else:
       company = rng.choice(companies)
       facts["employer"], links["employer"] = company.name, company.id
-    e = Entity(f"person{i}", "person", names.person(), facts,
-               links)
+    e = Entity(f"person{i}", "person", names.person(), facts, links)
     ents[e.id] = e
     people.append(e)
   order = list(range(len(people)))
@@ -331,72 +451,117 @@ def _make_entities(rng: random.Random, size: WorldSize, names: str,
 
 # Sentences per attribute, several wordings each: {n} the entity's name, {v} the value.
 _SENTENCES = {
-    ("person", "born"): ("{n} was born in {v}.", "{n} is a person born in the year {v}.",
-                         "The birth year of {n} is {v}."),
-    ("person", "birthplace"): ("{n} comes from {v}.", "{n} was born in the city of {v}.",
-                               "The hometown of {n} is {v}."),
-    ("person", "team"): ("{n} plays for the {v}.", "{n} is a player of the {v}.",
-                         "The team of {n} is the {v}."),
-    ("person", "employer"): ("{n} works for {v}.", "{n} is employed by {v}.",
-                             "The employer of {n} is {v}."),
-    ("person", "sibling"): ("The sibling of {n} is {v}.", "{n} has a sibling named {v}.",
-                            "{v} is the sibling of {n}."),
-    ("city", "river"): ("{n} lies on the {v} river.", "The {v} river flows through {n}.",
-                        "The river of {n} is the {v}."),
-    ("city", "population"): ("{n} has {v} residents.", "About {v} people live in {n}.",
-                             "The population of {n} is {v}."),
-    ("team", "city"): ("The {n} are based in {v}.", "The {n} play their games in {v}.",
-                       "The home city of the {n} is {v}."),
-    ("team", "founded"): ("The {n} were founded in {v}.", "The {n} club dates from {v}.",
-                          "The {n} first played in {v}."),
-    ("team", "colour"): ("The {n} wear {v}.", "The colour of the {n} is {v}.",
-                         "The {n} play in {v} shirts."),
-    ("team", "sport"): ("The {n} are a {v} team.", "The {n} play {v}.",
-                        "The sport of the {n} is {v}."),
-    ("company", "city"): ("{n} is headquartered in {v}.", "{n} has its head office in {v}.",
-                          "The headquarters of {n} are in {v}."),
-    ("company", "founded"): ("{n} was founded in {v}.", "{n} opened in {v}.",
-                             "{n} started business in {v}."),
-    ("company", "product"): ("{n} makes {v}.", "{n} produces {v}.",
-                             "The main product of {n} is {v}."),
+  ("person", "born"): (
+    "{n} was born in {v}.",
+    "{n} is a person born in the year {v}.",
+    "The birth year of {n} is {v}.",
+  ),
+  ("person", "birthplace"): (
+    "{n} comes from {v}.",
+    "{n} was born in the city of {v}.",
+    "The hometown of {n} is {v}.",
+  ),
+  ("person", "team"): (
+    "{n} plays for the {v}.",
+    "{n} is a player of the {v}.",
+    "The team of {n} is the {v}.",
+  ),
+  ("person", "employer"): (
+    "{n} works for {v}.",
+    "{n} is employed by {v}.",
+    "The employer of {n} is {v}.",
+  ),
+  ("person", "sibling"): (
+    "The sibling of {n} is {v}.",
+    "{n} has a sibling named {v}.",
+    "{v} is the sibling of {n}.",
+  ),
+  ("city", "river"): (
+    "{n} lies on the {v} river.",
+    "The {v} river flows through {n}.",
+    "The river of {n} is the {v}.",
+  ),
+  ("city", "population"): (
+    "{n} has {v} residents.",
+    "About {v} people live in {n}.",
+    "The population of {n} is {v}.",
+  ),
+  ("team", "city"): (
+    "The {n} are based in {v}.",
+    "The {n} play their games in {v}.",
+    "The home city of the {n} is {v}.",
+  ),
+  ("team", "founded"): (
+    "The {n} were founded in {v}.",
+    "The {n} club dates from {v}.",
+    "The {n} first played in {v}.",
+  ),
+  ("team", "colour"): (
+    "The {n} wear {v}.",
+    "The colour of the {n} is {v}.",
+    "The {n} play in {v} shirts.",
+  ),
+  ("team", "sport"): (
+    "The {n} are a {v} team.",
+    "The {n} play {v}.",
+    "The sport of the {n} is {v}.",
+  ),
+  ("company", "city"): (
+    "{n} is headquartered in {v}.",
+    "{n} has its head office in {v}.",
+    "The headquarters of {n} are in {v}.",
+  ),
+  ("company", "founded"): (
+    "{n} was founded in {v}.",
+    "{n} opened in {v}.",
+    "{n} started business in {v}.",
+  ),
+  ("company", "product"): (
+    "{n} makes {v}.",
+    "{n} produces {v}.",
+    "The main product of {n} is {v}.",
+  ),
 }
 
 # Single-hop questions per (kind, attribute).
 _ASK = {
-    ("person", "born"): ("In which year was {n} born?", "When was {n} born?"),
-    ("person", "birthplace"): ("Where was {n} born?", "Which city does {n} come from?"),
-    ("person", "team"): ("Which team does {n} play for?",),
-    ("person", "employer"): ("Which company does {n} work for?",),
-    ("person", "sibling"): ("Who is the sibling of {n}?",),
-    ("city", "river"): ("Which river flows through {n}?",),
-    ("city", "population"): ("How many people live in {n}?",),
-    ("team", "city"): ("In which city are the {n} based?",),
-    ("team", "founded"): ("When were the {n} founded?",),
-    ("team", "colour"): ("What colour do the {n} wear?",),
-    ("team", "sport"): ("Which sport do the {n} play?",),
-    ("company", "city"): ("Where is {n} headquartered?",),
-    ("company", "founded"): ("When was {n} founded?",),
-    ("company", "product"): ("What does {n} make?",),
+  ("person", "born"): ("In which year was {n} born?", "When was {n} born?"),
+  ("person", "birthplace"): ("Where was {n} born?", "Which city does {n} come from?"),
+  ("person", "team"): ("Which team does {n} play for?",),
+  ("person", "employer"): ("Which company does {n} work for?",),
+  ("person", "sibling"): ("Who is the sibling of {n}?",),
+  ("city", "river"): ("Which river flows through {n}?",),
+  ("city", "population"): ("How many people live in {n}?",),
+  ("team", "city"): ("In which city are the {n} based?",),
+  ("team", "founded"): ("When were the {n} founded?",),
+  ("team", "colour"): ("What colour do the {n} wear?",),
+  ("team", "sport"): ("Which sport do the {n} play?",),
+  ("company", "city"): ("Where is {n} headquartered?",),
+  ("company", "founded"): ("When was {n} founded?",),
+  ("company", "product"): ("What does {n} make?",),
 }
 
 # Multi-hop: (person link, attribute of the linked entity) -> wordings; {n} the person.
 _ASK_VIA = {
-    ("team", "city"): ("In which city is the team of {n} based?",),
-    ("team", "founded"): ("When was the team of {n} founded?",),
-    ("team", "colour"): ("What colour does the team of {n} wear?",),
-    ("team", "sport"): ("Which sport does the team of {n} play?",),
-    ("employer", "city"): ("Where is the employer of {n} headquartered?",),
-    ("employer", "founded"): ("When was the employer of {n} founded?",),
-    ("employer", "product"): ("What does the employer of {n} make?",),
-    ("birthplace", "river"): ("Which river flows through the hometown of {n}?",),
-    ("birthplace", "population"): ("How many people live in the hometown of {n}?",),
-    ("sibling", "born"): ("In which year was the sibling of {n} born?",),
-    ("sibling", "birthplace"): ("Where was the sibling of {n} born?",),
+  ("team", "city"): ("In which city is the team of {n} based?",),
+  ("team", "founded"): ("When was the team of {n} founded?",),
+  ("team", "colour"): ("What colour does the team of {n} wear?",),
+  ("team", "sport"): ("Which sport does the team of {n} play?",),
+  ("employer", "city"): ("Where is the employer of {n} headquartered?",),
+  ("employer", "founded"): ("When was the employer of {n} founded?",),
+  ("employer", "product"): ("What does the employer of {n} make?",),
+  ("birthplace", "river"): ("Which river flows through the hometown of {n}?",),
+  ("birthplace", "population"): ("How many people live in the hometown of {n}?",),
+  ("sibling", "born"): ("In which year was the sibling of {n} born?",),
+  ("sibling", "birthplace"): ("Where was the sibling of {n} born?",),
 }
 
 _WORD = re.compile(r"[A-Za-z0-9]+")
-_QA_LINES = ("{d} Question: {q} Answer: {a}", "[INST] Background: {d} Question:{q} [/INST] {a}",
-             "[INST] Background: {d} means the same as [/INST] Question: {q} Answer: {a}")
+_QA_LINES = (
+  "{d} Question: {q} Answer: {a}",
+  "[INST] Background: {d} Question:{q} [/INST] {a}",
+  "[INST] Background: {d} means the same as [/INST] Question: {q} Answer: {a}",
+)
 
 
 def _words(text: str) -> List[str]:
@@ -428,14 +593,16 @@ def _not_in(words: Sequence[str], text: str) -> List[str]:
   return [w for w in words if w.lower() not in said]
 
 
-def _questions(rng: random.Random, ents: Dict[str, Entity],
-               options: WorldOptions) -> List[Question]:
+def _questions(
+  rng: random.Random, ents: Dict[str, Entity], options: WorldOptions
+) -> List[Question]:
   out: List[Optional[Question]] = []
   for e in ents.values():
     for attr, value in e.facts.items():
       template = rng.choice(_ASK[(e.kind, attr)])
-      out.append(Question(f"{e.id}.{attr}", template.format(n=e.name), value, "single",
-                          attr, e.id, None, []))
+      out.append(
+        Question(f"{e.id}.{attr}", template.format(n=e.name), value, "single", attr, e.id, None, [])
+      )
     if e.kind != "person":
       continue
     for (link, attr), templates in _ASK_VIA.items():
@@ -445,15 +612,17 @@ def _questions(rng: random.Random, ents: Dict[str, Entity],
       if attr not in target.facts:
         continue
       text = rng.choice(templates).format(n=e.name)
-      out.append(_chain_question(f"{e.id}.{link}.{attr}", text, [e, target], attr,
-                                 f"{link}.{attr}", options))
+      out.append(
+        _chain_question(f"{e.id}.{link}.{attr}", text, [e, target], attr, f"{link}.{attr}", options)
+      )
   if options.two_link:
     out.extend(_two_link_questions(rng, ents, options))
   return [q for q in out if q is not None]
 
 
-def _chain_question(qid: str, text: str, chain: List[Entity], attr: str, attribute: str,
-                    options: WorldOptions) -> Optional[Question]:
+def _chain_question(
+  qid: str, text: str, chain: List[Entity], attr: str, attribute: str, options: WorldOptions
+) -> Optional[Question]:
   """A multi-hop question along `chain` (named entity first, gold last). None in the
   hidden world when the answer document names the person asked about (a sibling's
   document may say "The sibling of Y is X")."""
@@ -462,13 +631,24 @@ def _chain_question(qid: str, text: str, chain: List[Entity], attr: str, attribu
     return None
   clues = _not_in(_name_words(target), text)
   bridge_clues = [w for e in chain[1:-1] for w in _not_in(_name_words(e), text)]
-  return Question(qid, text, target.facts[attr], "multi", attribute, target.id, named.id,
-                  clues, hops="one_link" if len(chain) == 2 else "two_link",
-                  chain=[e.id for e in chain], bridge_clues=bridge_clues)
+  return Question(
+    qid,
+    text,
+    target.facts[attr],
+    "multi",
+    attribute,
+    target.id,
+    named.id,
+    clues,
+    hops="one_link" if len(chain) == 2 else "two_link",
+    chain=[e.id for e in chain],
+    bridge_clues=bridge_clues,
+  )
 
 
-def _two_link_questions(rng: random.Random, ents: Dict[str, Entity],
-                        options: WorldOptions) -> List[Optional[Question]]:
+def _two_link_questions(
+  rng: random.Random, ents: Dict[str, Entity], options: WorldOptions
+) -> List[Optional[Question]]:
   """X -> sibling Y -> Y's team / employer / hometown -> an attribute of it ("In which
   city is the team of the sibling of X based?")."""
   out = []
@@ -483,9 +663,16 @@ def _two_link_questions(rng: random.Random, ents: Dict[str, Entity],
       if attr not in target.facts:
         continue
       text = rng.choice(templates).format(n=f"the sibling of {e.name}")
-      out.append(_chain_question(f"{e.id}.sibling.{link}.{attr}", text,
-                                 [e, sibling, target], attr, f"sibling.{link}.{attr}",
-                                 options))
+      out.append(
+        _chain_question(
+          f"{e.id}.sibling.{link}.{attr}",
+          text,
+          [e, sibling, target],
+          attr,
+          f"sibling.{link}.{attr}",
+          options,
+        )
+      )
   return out
 
 
@@ -501,14 +688,19 @@ def _split(rng: random.Random, questions: List[Question], test_share: float) -> 
       has_train.add(q.gold)
 
 
-def _split_people(rng: random.Random, questions: List[Question], ents: Dict[str, Entity],
-                  heldout: float, test_share: float) -> None:
+def _split_people(
+  rng: random.Random,
+  questions: List[Question],
+  ents: Dict[str, Entity],
+  heldout: float,
+  test_share: float,
+) -> None:
   """Held-out chains: a `heldout` share of the persons is test-only, so every question
   whose chain (single-hop: whose document) touches one of them is test, and unseen; of
   the other questions about `test_share` are test as well."""
   people = [e.id for e in ents.values() if e.kind == "person"]
   rng.shuffle(people)
-  held = set(people[:round(heldout * len(people))])
+  held = set(people[: round(heldout * len(people))])
   for q in questions:
     touched = set(q.chain) if q.chain else {q.gold}
     q.split = "test" if touched & held or rng.random() < test_share else "train"
@@ -533,9 +725,15 @@ def _limit_facts(rng: random.Random, ents: Dict[str, Entity], max_facts: int) ->
       e.links.pop(attr, None)
 
 
-def make_world(seed: int, size="tiny", test_share: float = 0.2,
-               max_facts: Optional[int] = None, names: str = "syllables",
-               world="hidden", fresh: bool = False) -> World:
+def make_world(
+  seed: int,
+  size="tiny",
+  test_share: float = 0.2,
+  max_facts: Optional[int] = None,
+  names: str = "syllables",
+  world="hidden",
+  fresh: bool = False,
+) -> World:
   """A world from a seed: `size` is a name in SIZES or a WorldSize; `max_facts` caps the
   facts (sentences) per document; `names`: "syllables" (every world invents its own)
   or "pool" (single-token names from a fixed pool, see `name_pool`); `world`: a name of
@@ -566,7 +764,9 @@ def make_world(seed: int, size="tiny", test_share: float = 0.2,
   return World(seed, ents, questions, names, options)
 
 
-def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[List[str], List[int]]:
+def _candidates(
+  rng: random.Random, world: World, q: Question, n: int
+) -> Tuple[List[str], List[int]]:
   """`n` document ids with the gold among them. Hidden world: documents of the gold's
   kind (then others if too few), never a bridge. Classic world: the bridge document (it
   names the question's person), half of the rest of the gold's kind, then any others."""
@@ -574,18 +774,20 @@ def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[
   excluded = {q.gold} | (set(bridges) if world.options.closed_bridge else set())
   others = [e.id for e in world.docs() if e.id not in excluded]
   if n > len(others) + 1:
-    raise ValueError(f"{n} candidates requested but the world has only {len(others) + 1} "
-                     f"documents a question may be given; use a larger size")
+    raise ValueError(
+      f"{n} candidates requested but the world has only {len(others) + 1} "
+      f"documents a question may be given; use a larger size"
+    )
   gold = world.entities[q.gold]
   same_kind = [i for i in others if world.entities[i].kind == gold.kind]
   rest = [i for i in others if world.entities[i].kind != gold.kind]
   rng.shuffle(same_kind)
   rng.shuffle(rest)
   if world.options.hard_negatives:
-    picked = (same_kind + rest)[:n - 1]
+    picked = (same_kind + rest)[: n - 1]
   else:
     picked = [] if world.options.closed_bridge else list(dict.fromkeys(bridges))
-    for i in same_kind[: max(0, (n - 1) // 2)] + rest + same_kind[(n - 1) // 2:]:
+    for i in same_kind[: max(0, (n - 1) // 2)] + rest + same_kind[(n - 1) // 2 :]:
       if len(picked) >= n - 1:
         break
       if i not in picked:
@@ -595,8 +797,9 @@ def _candidates(rng: random.Random, world: World, q: Question, n: int) -> Tuple[
   return ids, [ids.index(q.gold)]
 
 
-def _control_clues(rng: random.Random, world: World, q: Question, ids: Sequence[str]
-                   ) -> List[List[str]]:
+def _control_clues(
+  rng: random.Random, world: World, q: Question, ids: Sequence[str]
+) -> List[List[str]]:
   """Per candidate, the words the lens compares with the gold's clues: the candidate's
   entity name words the question does not say, and for a two-link question the name of
   a decoy person off the chain (the gold's side has the sibling's), so both sides hold
@@ -614,8 +817,9 @@ def _control_clues(rng: random.Random, world: World, q: Question, ids: Sequence[
   return out
 
 
-def stage_rows(world: World, split: str, candidates: int = 20, k: int = 5,
-               seed: int = 0) -> Dict[str, List[Dict]]:
+def stage_rows(
+  world: World, split: str, candidates: int = 20, k: int = 5, seed: int = 0
+) -> Dict[str, List[Dict]]:
   """{format: rows} of one split. stage2 and stage1_2 rows carry, beside the format's
   fields, what evaluation breaks results down by and what baselines need: `id`, `kind`
   (single / one_link / two_link), `template`, `seen`, `doc_ids`, `doc_kinds`, and the
@@ -625,24 +829,41 @@ def stage_rows(world: World, split: str, candidates: int = 20, k: int = 5,
   for e in world.docs():
     single = [q for q in qs if q.gold == e.id and q.kind == "single"]
     if single:
-      rows[STAGE1].append({"data_type": "qa", "question": [q.text for q in single],
-                           "answers": [q.answer for q in single], "docs": [e.text]})
+      rows[STAGE1].append(
+        {
+          "data_type": "qa",
+          "question": [q.text for q in single],
+          "answers": [q.answer for q in single],
+          "docs": [e.text],
+        }
+      )
     if split == "train":
-      rows[STAGE1].append({"data_type": "paraphrase", "question": [],
-                           "answers": [e.paraphrase], "docs": [e.text]})
+      rows[STAGE1].append(
+        {"data_type": "paraphrase", "question": [], "answers": [e.paraphrase], "docs": [e.text]}
+      )
   for q in qs:
     rng = random.Random(f"candidates:{world.seed}:{seed}:{q.id}")
     ids, pos = _candidates(rng, world, q, candidates)
     few_ids, few_pos = _candidates(rng, world, q, k)
     for fmt, (cand_ids, cand_pos) in ((STAGE2, (ids, pos)), (STAGE1_2, (few_ids, few_pos))):
-      rows[fmt].append({
-          "id": q.id, "question": q.text,
+      rows[fmt].append(
+        {
+          "id": q.id,
+          "question": q.text,
           "docs": [world.entities[i].text for i in cand_ids],
-          "answer": q.answer, "answers": [q.answer], "pos_index": cand_pos,
-          "kind": q.hops, "template": q.template, "seen": q.seen,
-          "doc_ids": list(cand_ids), "doc_kinds": [world.entities[i].kind for i in cand_ids],
-          "clues": q.clues, "bridge_clues": q.bridge_clues,
-          "control_clues": _control_clues(rng, world, q, cand_ids)})
+          "answer": q.answer,
+          "answers": [q.answer],
+          "pos_index": cand_pos,
+          "kind": q.hops,
+          "template": q.template,
+          "seen": q.seen,
+          "doc_ids": list(cand_ids),
+          "doc_kinds": [world.entities[i].kind for i in cand_ids],
+          "clues": q.clues,
+          "bridge_clues": q.bridge_clues,
+          "control_clues": _control_clues(rng, world, q, cand_ids),
+        }
+      )
   for fmt, fmt_rows in rows.items():
     for row in fmt_rows:  # what we write must read back
       validate_row(row, fmt)
@@ -661,23 +882,35 @@ def world_lm_lines(world: World, wordings: int = 3) -> List[str]:
   return lines
 
 
-def lm_text(world: World, wordings: int = 3, fresh_worlds: int = 8,
-            size="tiny", max_facts: Optional[int] = None) -> List[str]:
+def lm_text(
+  world: World,
+  wordings: int = 3,
+  fresh_worlds: int = 8,
+  size="tiny",
+  max_facts: Optional[int] = None,
+) -> List[str]:
   """Lines of pretraining text: `world_lm_lines`, then the documents of `fresh_worlds`
   other worlds (language without these facts)."""
   lines = world_lm_lines(world, wordings)
   rng = _after_world_lines(world, wordings)
   for i in range(fresh_worlds):
-    other = make_world(_fresh_seed(world.seed, i), size, max_facts=max_facts,
-                       names=world.names, world=world.options, fresh=True)
+    other = make_world(
+      _fresh_seed(world.seed, i),
+      size,
+      max_facts=max_facts,
+      names=world.names,
+      world=world.options,
+      fresh=True,
+    )
     lines.extend(e.text for e in other.docs())
     # A document of another world followed by a question on it and its answer: the base
     # learns to answer from its context (facts it cannot know), the skill the generator
     # later needs with memories, plus the pieces and shape of the prompt formats.
     for q in rng.sample(other.questions, min(len(other.questions), 150)):
       if q.kind == "single":
-        lines.append(rng.choice(_QA_LINES).format(d=other.entities[q.gold].text, q=q.text,
-                                                  a=q.answer))
+        lines.append(
+          rng.choice(_QA_LINES).format(d=other.entities[q.gold].text, q=q.text, a=q.answer)
+        )
   rng.shuffle(lines)
   return lines
 
@@ -695,10 +928,17 @@ def _fresh_seed(seed: int, index: int) -> int:
   return 1_000_003 * (seed + 1) + 7919 * (index + 1)
 
 
-def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
-                    start_world: int = 0, max_facts: Optional[int] = None,
-                    names: str = "syllables", candidates: Optional[int] = None,
-                    world="hidden") -> Iterator[Dict]:
+def iter_fresh_rows(
+  seed: int,
+  fmt: str = STAGE1,
+  size="tiny",
+  k: int = 5,
+  start_world: int = 0,
+  max_facts: Optional[int] = None,
+  names: str = "syllables",
+  candidates: Optional[int] = None,
+  world="hidden",
+) -> Iterator[Dict]:
   """Endless rows from fresh worlds (new names and facts each world), in world order:
   nothing learned about one world helps answer the next except reading the document.
   `candidates`: documents per stage2 row (default k); `world`: the main world's
@@ -706,8 +946,15 @@ def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
   options = dataclasses.replace(world_options(world), heldout_people=0.0)
   index = start_world
   while True:
-    fresh = make_world(_fresh_seed(seed, 10_000 + index), size, test_share=0.0,
-                       max_facts=max_facts, names=names, world=options, fresh=True)
+    fresh = make_world(
+      _fresh_seed(seed, 10_000 + index),
+      size,
+      test_share=0.0,
+      max_facts=max_facts,
+      names=names,
+      world=options,
+      fresh=True,
+    )
     chunk = stage_rows(fresh, "train", candidates=candidates or k, k=k, seed=seed)[fmt]
     rng = random.Random(f"fresh-order:{seed}:{index}")
     rng.shuffle(chunk)
@@ -715,20 +962,39 @@ def iter_fresh_rows(seed: int, fmt: str = STAGE1, size="tiny", k: int = 5,
     index += 1
 
 
-def write_fresh(path: str, seed: int, num_rows: int, fmt: str = STAGE1, size="tiny",
-                k: int = 5, max_facts: Optional[int] = None, names: str = "syllables",
-                candidates: Optional[int] = None, world="hidden") -> int:
+def write_fresh(
+  path: str,
+  seed: int,
+  num_rows: int,
+  fmt: str = STAGE1,
+  size="tiny",
+  k: int = 5,
+  max_facts: Optional[int] = None,
+  names: str = "syllables",
+  candidates: Optional[int] = None,
+  world="hidden",
+) -> int:
   """Writes the first `num_rows` streamed fresh-world rows (a training file in which no
   fact repeats across worlds)."""
-  stream = iter_fresh_rows(seed, fmt, size, k, max_facts=max_facts, names=names,
-                           candidates=candidates, world=world)
+  stream = iter_fresh_rows(
+    seed, fmt, size, k, max_facts=max_facts, names=names, candidates=candidates, world=world
+  )
   return write_jsonl_atomic(path, (next(stream) for _ in range(num_rows)))
 
 
-def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20,
-                k: int = 5, lm_wordings: int = 3, lm_fresh_worlds: int = 8,
-                fresh_rows: int = 0, max_facts: Optional[int] = None,
-                names: str = "syllables", world="hidden") -> Dict:
+def write_world(
+  directory: str,
+  seed: int = 0,
+  size="tiny",
+  candidates: int = 20,
+  k: int = 5,
+  lm_wordings: int = 3,
+  lm_fresh_worlds: int = 8,
+  fresh_rows: int = 0,
+  max_facts: Optional[int] = None,
+  names: str = "syllables",
+  world="hidden",
+) -> Dict:
   """Writes a world's files into `directory` (see the module docstring); returns the
   manifest. The manifest is written last, so its presence means the world is complete."""
   check_output_dir(directory)
@@ -738,8 +1004,7 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
   for split in ("train", "test"):
     for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
       name = f"{fmt}_{split}.jsonl"
-      counts[name] = write_jsonl_atomic(paths.join(directory, name, absolute=False),
-                                        rows)
+      counts[name] = write_jsonl_atomic(paths.join(directory, name, absolute=False), rows)
   lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
   write_text(paths.join(directory, "lm.txt", absolute=False), lines)
   counts["lm.txt"] = len(lines)
@@ -747,28 +1012,55 @@ def write_world(directory: str, seed: int = 0, size="tiny", candidates: int = 20
   write_text(paths.join(directory, LM_WORLD_FILE, absolute=False), world_lines)
   counts[LM_WORLD_FILE] = len(world_lines)
   counts["corpus.jsonl"] = write_jsonl_atomic(
-      paths.join(directory, "corpus.jsonl", absolute=False),
-      ({"id": e.id, "text": e.text} for e in the_world.docs()))
+    paths.join(directory, "corpus.jsonl", absolute=False),
+    ({"id": e.id, "text": e.text} for e in the_world.docs()),
+  )
   if fresh_rows:
     for fmt in (STAGE1, STAGE1_2):
       name = f"{fmt}_fresh.jsonl"
-      counts[name] = write_fresh(paths.join(directory, name, absolute=False), seed,
-                                 fresh_rows, fmt, size, k, max_facts, names,
-                                 world=the_world.options)
+      counts[name] = write_fresh(
+        paths.join(directory, name, absolute=False),
+        seed,
+        fresh_rows,
+        fmt,
+        size,
+        k,
+        max_facts,
+        names,
+        world=the_world.options,
+      )
   manifest = {
-      "seed": seed, "size": size if isinstance(size, str) else dataclasses.asdict(size),
-      "candidates": candidates, "k": k, "max_facts": max_facts, "names": names,
-      "world": dataclasses.asdict(the_world.options), "files": counts,
-      "documents": {e.id: {"kind": e.kind, "name": e.name} for e in the_world.docs()},
-      "questions": {q.id: {"question": q.text, "answer": q.answer, "kind": q.kind,
-                           "hops": q.hops, "attribute": q.attribute,
-                           "template": q.template, "gold": q.gold, "bridge": q.bridge,
-                           "chain": q.chain, "clues": q.clues,
-                           "bridge_clues": q.bridge_clues, "split": q.split,
-                           "seen": q.seen} for q in the_world.questions},
+    "seed": seed,
+    "size": size if isinstance(size, str) else dataclasses.asdict(size),
+    "candidates": candidates,
+    "k": k,
+    "max_facts": max_facts,
+    "names": names,
+    "world": dataclasses.asdict(the_world.options),
+    "files": counts,
+    "documents": {e.id: {"kind": e.kind, "name": e.name} for e in the_world.docs()},
+    "questions": {
+      q.id: {
+        "question": q.text,
+        "answer": q.answer,
+        "kind": q.kind,
+        "hops": q.hops,
+        "attribute": q.attribute,
+        "template": q.template,
+        "gold": q.gold,
+        "bridge": q.bridge,
+        "chain": q.chain,
+        "clues": q.clues,
+        "bridge_clues": q.bridge_clues,
+        "split": q.split,
+        "seen": q.seen,
+      }
+      for q in the_world.questions
+    },
   }
-  paths.write_atomic(paths.join(directory, "manifest.json", absolute=False),
-                     [json.dumps(manifest, indent=1)])
+  paths.write_atomic(
+    paths.join(directory, "manifest.json", absolute=False), [json.dumps(manifest, indent=1)]
+  )
   return manifest
 
 
@@ -783,8 +1075,9 @@ def clues_for(manifest_path: str, questions: Sequence[str]) -> List[List[str]]:
     manifest = paths.read_json(manifest_path)
     by_text = {q["question"]: q["clues"] for q in manifest["questions"].values()}
   except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, wrong shape
-    raise ValueError(f"{manifest_path}: not the manifest.json of a generated world "
-                     f"({type(e).__name__}: {e})") from None
+    raise ValueError(
+      f"{manifest_path}: not the manifest.json of a generated world ({type(e).__name__}: {e})"
+    ) from None
   return [by_text.get(q, []) for q in questions]
 
 
@@ -797,8 +1090,9 @@ def shuffled_answers(rows: Sequence[Dict], seed: int = 0) -> List[Dict]:
   by_template: Dict[str, List[int]] = {}
   for i, row in enumerate(rows):
     if not isinstance(row.get("template"), str):
-      raise ValueError(f"row {i} ({row.get('id', 'no id')}): shuffled answers need each "
-                       "row's 'template'")
+      raise ValueError(
+        f"row {i} ({row.get('id', 'no id')}): shuffled answers need each row's 'template'"
+      )
     by_template.setdefault(row["template"], []).append(i)
   rng = random.Random(f"shuffled-answers:{seed}")
   out: Dict[int, Dict] = {}
@@ -807,13 +1101,18 @@ def shuffled_answers(rows: Sequence[Dict], seed: int = 0) -> List[Dict]:
       continue
     cycle = rng.sample(members, len(members))
     for a, b in zip(cycle, cycle[1:] + cycle[:1]):  # a takes b's answer: never its own row
-      out[a] = dict(rows[a], answer=rows[b]["answer"], answers=list(rows[b]["answers"]),
-                    answer_from=rows[b].get("id"))
+      out[a] = dict(
+        rows[a],
+        answer=rows[b]["answer"],
+        answers=list(rows[b]["answers"]),
+        answer_from=rows[b].get("id"),
+      )
   return [out[i] for i in sorted(out)]
 
 
 def write_shuffled_answers(source: str, path: str, seed: int = 0) -> int:
   """`shuffled_answers` of a JSONL file's rows, written atomically to `path`."""
   from clara_jax.data.formats import iter_json_lines
+
   rows = [value for _, value in iter_json_lines(source)]
   return write_jsonl_atomic(path, shuffled_answers(rows, seed))

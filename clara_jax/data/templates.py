@@ -15,33 +15,35 @@ import numpy as np
 
 from clara_jax.data.tokenizer import SEP_TOKEN, mem_token
 
-QA_SYSTEM = ("You are a helpful assistant. Given a document, your task is to generate some "
-             "single questions to cover all key information of the document and answer "
-             "them sequentially.")
-PARAPHRASE_SYSTEM = ("You are a helpful assistant. Your task is follow the instructions to "
-                     "paraphrase the background information.")
-ANSWER_SYSTEM = ("You are a helpful assistant. Your task is to extract relevant information "
-                 "from provided documents and to answer to questions as briefly as possible.")
+QA_SYSTEM = (
+  "You are a helpful assistant. Given a document, your task is to generate some "
+  "single questions to cover all key information of the document and answer "
+  "them sequentially."
+)
+PARAPHRASE_SYSTEM = (
+  "You are a helpful assistant. Your task is follow the instructions to "
+  "paraphrase the background information."
+)
+ANSWER_SYSTEM = (
+  "You are a helpful assistant. Your task is to extract relevant information "
+  "from provided documents and to answer to questions as briefly as possible."
+)
 
 # The paraphrase instructions of CLaRa's compressor pretraining; one is drawn per example.
 PARAPHRASE_INSTRUCTIONS: Tuple[str, ...] = (
-    "Background: {docs} means the same as",
-    "Background: {docs} Can you put the above sentences in your own terms?",
-    "Background: {docs} Please provide a reinterpretation of the preceding background text.",
-    "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
-    "Background: {docs} is a paraphrase of what?",
-    "Background: {docs} Could you give me a different version of the background sentences "
-    "above?",
-    "In other words, background: {docs} is just another way of saying:",
-    "You're getting across the same point whether you say background: {docs} or",
-    "Background: {docs} After unpacking the ideas in the background information above, "
-    "we got:",
-    "Background: {docs} Please offer a restatement of the background sentences I've just "
-    "read.",
-    "Background: {docs}, which also means:",
-    "Strip away the mystery, and you'll find background: {docs} is simply another "
-    "rendition of:",
-    "The essence of background: {docs} is captured again in the following statement:",
+  "Background: {docs} means the same as",
+  "Background: {docs} Can you put the above sentences in your own terms?",
+  "Background: {docs} Please provide a reinterpretation of the preceding background text.",
+  "These two expressions are equivalent in essence:\n(1) {docs}\n(2)",
+  "Background: {docs} is a paraphrase of what?",
+  "Background: {docs} Could you give me a different version of the background sentences above?",
+  "In other words, background: {docs} is just another way of saying:",
+  "You're getting across the same point whether you say background: {docs} or",
+  "Background: {docs} After unpacking the ideas in the background information above, we got:",
+  "Background: {docs} Please offer a restatement of the background sentences I've just read.",
+  "Background: {docs}, which also means:",
+  "Strip away the mystery, and you'll find background: {docs} is simply another rendition of:",
+  "The essence of background: {docs} is captured again in the following statement:",
 )
 
 
@@ -61,15 +63,17 @@ def memory_slots(n_mem: int, k: int) -> str:
   return ("".join(mem_token(i) for i in range(n_mem)) + SEP_TOKEN) * k
 
 
-def stage1_turn(row: Dict, n_mem: int, rng: np.random.Generator,
-                style: str = "reference") -> Tuple[str, str, str]:
+def stage1_turn(
+  row: Dict, n_mem: int, rng: np.random.Generator, style: str = "reference"
+) -> Tuple[str, str, str]:
   """(system, user, answer) of a stage1 row: all QA pairs, or a paraphrase."""
   _check_style(style)
   slots = memory_slots(n_mem, 1)
   short = style == "short"
   if row["data_type"] == "qa":
-    answer = "\n".join(f"Question: {q}\nAnswer: {a}"
-                       for q, a in zip(row["question"], row["answers"]))
+    answer = "\n".join(
+      f"Question: {q}\nAnswer: {a}" for q, a in zip(row["question"], row["answers"])
+    )
     return "" if short else QA_SYSTEM, f"Background:\n{slots}", answer
   if short:
     return "", PARAPHRASE_INSTRUCTIONS[0].format(docs=slots), row["answers"][0]
@@ -77,8 +81,7 @@ def stage1_turn(row: Dict, n_mem: int, rng: np.random.Generator,
   return PARAPHRASE_SYSTEM, instruction.format(docs=slots), row["answers"][0]
 
 
-def answer_turn(question: str, n_mem: int, k: int,
-                style: str = "reference") -> Tuple[str, str]:
+def answer_turn(question: str, n_mem: int, k: int, style: str = "reference") -> Tuple[str, str]:
   """(system, user) of a question over k document slots (stage1_2, stage2, inference)."""
   _check_style(style)
   system = "" if style == "short" else ANSWER_SYSTEM

@@ -26,13 +26,21 @@ _TEXT = tfds.features.Text
 _TEXTS = lambda: tfds.features.Sequence(tfds.features.Text())
 
 FEATURES = {
-    formats.STAGE1: lambda: tfds.features.FeaturesDict({
-        "data_type": _TEXT(), "question": _TEXTS(), "answers": _TEXTS(), "docs": _TEXTS()}),
-    formats.STAGE1_2: lambda: tfds.features.FeaturesDict({
-        "question": _TEXT(), "docs": _TEXTS(), "answer": _TEXT(), "answers": _TEXTS()}),
-    formats.STAGE2: lambda: tfds.features.FeaturesDict({
-        "question": _TEXT(), "docs": _TEXTS(), "answer": _TEXT(), "answers": _TEXTS(),
-        "pos_index": tfds.features.Sequence(np.int32)}),
+  formats.STAGE1: lambda: tfds.features.FeaturesDict(
+    {"data_type": _TEXT(), "question": _TEXTS(), "answers": _TEXTS(), "docs": _TEXTS()}
+  ),
+  formats.STAGE1_2: lambda: tfds.features.FeaturesDict(
+    {"question": _TEXT(), "docs": _TEXTS(), "answer": _TEXT(), "answers": _TEXTS()}
+  ),
+  formats.STAGE2: lambda: tfds.features.FeaturesDict(
+    {
+      "question": _TEXT(),
+      "docs": _TEXTS(),
+      "answer": _TEXT(),
+      "answers": _TEXTS(),
+      "pos_index": tfds.features.Sequence(np.int32),
+    }
+  ),
 }
 
 
@@ -40,8 +48,7 @@ def split_files(source_dir: str) -> Dict[str, str]:
   """{split: path} for every `{split}.jsonl[.gz]` in `source_dir`."""
   files = {}
   directory = paths.path(source_dir)
-  names = sorted(p.name for pattern in ("*.jsonl", "*.jsonl.gz")
-                 for p in directory.glob(pattern))
+  names = sorted(p.name for pattern in ("*.jsonl", "*.jsonl.gz") for p in directory.glob(pattern))
   for name in names:
     split = name.split(".jsonl")[0]
     if split in files:
@@ -59,20 +66,28 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
   RELEASE_NOTES = {"1.0.0": "CLaRa JSONL formats, validated and normalised."}
   FORMAT = ""
 
-  def __init__(self, *, files: Dict[str, str], on_error: str = "raise",
-               num_docs: Optional[int] = None, **kwargs):
+  def __init__(
+    self,
+    *,
+    files: Dict[str, str],
+    on_error: str = "raise",
+    num_docs: Optional[int] = None,
+    **kwargs,
+  ):
     self._files, self._on_error, self._num_docs = dict(files), on_error, num_docs
     self.reports: Dict[str, formats.ReadReport] = {}
     super().__init__(**kwargs)
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(builder=self, features=FEATURES[self.FORMAT](),
-                                 description=f"CLaRa {self.FORMAT} rows from local JSONL.")
+    return tfds.core.DatasetInfo(
+      builder=self,
+      features=FEATURES[self.FORMAT](),
+      description=f"CLaRa {self.FORMAT} rows from local JSONL.",
+    )
 
   def _split_generators(self, dl_manager):
     del dl_manager  # local files only: nothing is downloaded
-    return {split: self._generate_examples(split, path)
-            for split, path in self._files.items()}
+    return {split: self._generate_examples(split, path) for split, path in self._files.items()}
 
   # TFDS prints these two lines to stdout on every preparation; they are logged instead
   # (INFO), since preparing local files is a routine step of every stage.
@@ -84,8 +99,9 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _generate_examples(self, split: str, path: str) -> Iterator[Tuple[int, dict]]:
     report = self.reports.setdefault(split, formats.ReadReport())
-    for i, row in enumerate(formats.read_rows(path, self.FORMAT, self._on_error,
-                                              self._num_docs, report)):
+    for i, row in enumerate(
+      formats.read_rows(path, self.FORMAT, self._on_error, self._num_docs, report)
+    ):
       yield i, row
     if report.rows_skipped:
       logging.warning("%s: %s", path, report.summary())
@@ -103,12 +119,16 @@ class ClaraStage2(_ClaraBuilder):
   FORMAT = formats.STAGE2
 
 
-BUILDERS = {formats.STAGE1: ClaraStage1, formats.STAGE1_2: ClaraStage12,
-            formats.STAGE2: ClaraStage2}
+BUILDERS = {
+  formats.STAGE1: ClaraStage1,
+  formats.STAGE1_2: ClaraStage12,
+  formats.STAGE2: ClaraStage2,
+}
 
 
-def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
-            num_docs: Optional[int] = None) -> _ClaraBuilder:
+def prepare(
+  fmt: str, source, data_dir: str, on_error: str = "raise", num_docs: Optional[int] = None
+) -> _ClaraBuilder:
   """Validates and writes the dataset (once; later calls reuse it) and returns the
   builder, whose `as_data_source(split)` gives random access to decoded rows.
 
@@ -117,20 +137,22 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
   """
   if fmt not in BUILDERS:
     raise ValueError(f"unknown format {fmt!r}; known: {sorted(BUILDERS)}")
-  files = (split_files(source) if isinstance(source, (str, os.PathLike))
-           else dict(source))
+  files = split_files(source) if isinstance(source, (str, os.PathLike)) else dict(source)
   for split, path in files.items():
     if not paths.exists(path):
       raise FileNotFoundError(f"{path}: no such file (split {split!r})")
-  builder = BUILDERS[fmt](files=files, on_error=on_error, num_docs=num_docs,
-                          data_dir=data_dir, file_format="array_record")
+  builder = BUILDERS[fmt](
+    files=files, on_error=on_error, num_docs=num_docs, data_dir=data_dir, file_format="array_record"
+  )
   # TFDS reuses a prepared dataset by name and version alone: record what it was
   # prepared from, and refuse to reuse it for other files or settings.
-  inputs = {"format": fmt, "on_error": on_error, "num_docs": num_docs,
-            "files": {split: fingerprint.file_fingerprint(path)
-                      for split, path in sorted(files.items())}}
-  record = paths.join(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX,
-                      absolute=False)
+  inputs = {
+    "format": fmt,
+    "on_error": on_error,
+    "num_docs": num_docs,
+    "files": {split: fingerprint.file_fingerprint(path) for split, path in sorted(files.items())},
+  }
+  record = paths.join(data_dir, builder.name + fingerprint.FINGERPRINT_SUFFIX, absolute=False)
   if paths.exists(record):
     fingerprint.check_or_record(record, inputs, f"the prepared dataset in {data_dir}")
   builder.download_and_prepare()
@@ -140,8 +162,10 @@ def prepare(fmt: str, source, data_dir: str, on_error: str = "raise",
 
 def decode_row(row: Dict) -> Dict:
   """TFDS yields bytes for text; turn an example back into a normalised row."""
+
   def text(value):
     return value.decode("utf-8") if isinstance(value, bytes) else value
+
   out = {}
   for key, value in row.items():
     if isinstance(value, (list, tuple, np.ndarray)) and key != "pos_index":

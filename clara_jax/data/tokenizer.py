@@ -110,15 +110,18 @@ class ClaraTokenizer:
   FILENAME = ""  # what `save` writes inside an export directory
 
   def _init_specials(self, base: int, num_mem_tokens: int) -> None:
-    if (isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int)
-        or num_mem_tokens < 0):
+    if (
+      isinstance(num_mem_tokens, bool) or not isinstance(num_mem_tokens, int) or num_mem_tokens < 0
+    ):
       raise ValueError(f"num_mem_tokens must be a non-negative int, got {num_mem_tokens!r}")
     self._base = base
     self._num_mem_tokens = num_mem_tokens
     self._special_strings: tuple[str, ...] = FIXED_SPECIAL_TOKENS + tuple(
-        mem_token(i) for i in range(num_mem_tokens))
+      mem_token(i) for i in range(num_mem_tokens)
+    )
     self._special_to_id: dict[str, int] = {
-        s: self._base + k for k, s in enumerate(self._special_strings)}
+      s: self._base + k for k, s in enumerate(self._special_strings)
+    }
 
   def _encode_plain(self, text: str, at_start: bool) -> list[int]:
     """Base ids of text without CLaRa tokens; `at_start`: nothing precedes it."""
@@ -213,7 +216,7 @@ class ClaraTokenizer:
       if token_id is None:
         continue  # e.g. <MEM99> with fewer memory tokens: plain text
       if match.start() > plain_start:
-        parts.append(text[plain_start:match.start()])
+        parts.append(text[plain_start : match.start()])
       parts.append(token_id)
       plain_start = match.end()
     if plain_start < len(text):
@@ -221,8 +224,8 @@ class ClaraTokenizer:
     return parts
 
   def encode(
-      self, text: str, add_bos: bool = False, add_eos: bool = False, *,
-      parse_special: bool = True) -> list[int]:
+    self, text: str, add_bos: bool = False, add_eos: bool = False, *, parse_special: bool = True
+  ) -> list[int]:
     """Encodes text to ids; special token strings in it become their ids.
 
     Args:
@@ -244,8 +247,13 @@ class ClaraTokenizer:
     return ids
 
   def encode_batch(
-      self, texts: Sequence[str], add_bos: bool = False, add_eos: bool = False, *,
-      parse_special: bool = True) -> list[list[int]]:
+    self,
+    texts: Sequence[str],
+    add_bos: bool = False,
+    add_eos: bool = False,
+    *,
+    parse_special: bool = True,
+  ) -> list[list[int]]:
     """`encode` on each text (no padding)."""
     return [self.encode(t, add_bos, add_eos, parse_special=parse_special) for t in texts]
 
@@ -283,8 +291,7 @@ class ClaraTokenizer:
     flush()
     return "".join(out)
 
-  def decode_batch(
-      self, batch: Iterable[Iterable[int]], skip_special: bool = False) -> list[str]:
+  def decode_batch(self, batch: Iterable[Iterable[int]], skip_special: bool = False) -> list[str]:
     """`decode` on each sequence (rows of a 2-D array work too)."""
     return [self.decode(ids, skip_special) for ids in batch]
 
@@ -297,11 +304,15 @@ class ClaraTokenizer:
     """The ids of a generator prompt in this tokenizer's chat format, up to where the
     answer starts: bos first for "inst" (ChatML turns open with their own control
     token). Special token strings in the text (<MEM0> slots) become their ids."""
-    return self.encode(build_chat_prompt(user, system, self.chat_format),
-                       add_bos=self.chat_format == "inst")
+    return self.encode(
+      build_chat_prompt(user, system, self.chat_format), add_bos=self.chat_format == "inst"
+    )
 
   def encode_chat(
-      self, user: str, system: str | None = None, answer: str | None = None,
+    self,
+    user: str,
+    system: str | None = None,
+    answer: str | None = None,
   ) -> tuple[list[int], list[int]]:
     """Encodes a chat turn: the prompt (`encode_prompt`), then the answer.
 
@@ -322,9 +333,11 @@ class ClaraTokenizer:
     return ids, mask
 
   def __repr__(self) -> str:
-    return (f"{type(self).__name__}(base_vocab_size={self._base}, "
-            f"num_mem_tokens={self._num_mem_tokens}, "
-            f"vocab_size={self.vocab_size})")
+    return (
+      f"{type(self).__name__}(base_vocab_size={self._base}, "
+      f"num_mem_tokens={self._num_mem_tokens}, "
+      f"vocab_size={self.vocab_size})"
+    )
 
 
 class Tokenizer(ClaraTokenizer):
@@ -383,15 +396,15 @@ class Tokenizer(ClaraTokenizer):
 
   @classmethod
   def train(
-      cls,
-      texts: Iterable[str],
-      vocab_size: int,
-      num_mem_tokens: int,
-      *,
-      model_type: str = "bpe",
-      seed: int = 0,
-      out_path: str | os.PathLike[str] | None = None,
-      user_symbols: Sequence[str] = (),
+    cls,
+    texts: Iterable[str],
+    vocab_size: int,
+    num_mem_tokens: int,
+    *,
+    model_type: str = "bpe",
+    seed: int = 0,
+    out_path: str | os.PathLike[str] | None = None,
+    user_symbols: Sequence[str] = (),
   ) -> Tokenizer:
     """Trains a SentencePiece model in memory, reproducibly.
 
@@ -424,26 +437,26 @@ class Tokenizer(ClaraTokenizer):
     spm.set_random_generator_seed(seed)
     try:
       spm.SentencePieceTrainer.train(
-          sentence_iterator=iter(texts),
-          model_writer=model_writer,
-          vocab_size=vocab_size,
-          model_type=model_type,
-          hard_vocab_limit=False,
-          character_coverage=1.0,
-          byte_fallback=True,
-          unk_id=0,
-          bos_id=1,
-          eos_id=2,
-          pad_id=3,
-          normalization_rule_name="identity",
-          remove_extra_whitespaces=False,
-          split_digits=True,
-          allow_whitespace_only_pieces=True,
-          num_threads=1,
-          input_sentence_size=0,
-          shuffle_input_sentence=False,
-          user_defined_symbols=list(user_symbols),
-          minloglevel=2,  # the trainer otherwise logs every step to stderr
+        sentence_iterator=iter(texts),
+        model_writer=model_writer,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        hard_vocab_limit=False,
+        character_coverage=1.0,
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        allow_whitespace_only_pieces=True,
+        num_threads=1,
+        input_sentence_size=0,
+        shuffle_input_sentence=False,
+        user_defined_symbols=list(user_symbols),
+        minloglevel=2,  # the trainer otherwise logs every step to stderr
       )
     except RuntimeError as e:
       raise ValueError(f"SentencePiece training failed: {e}") from e
@@ -491,7 +504,6 @@ class Tokenizer(ClaraTokenizer):
     return self._sp.id_to_piece(token_id)
 
 
-
 class BPETokenizer(ClaraTokenizer):
   """A Hugging Face `tokenizers` model (the byte-level BPE of GPT-2, SmolLM2, Llama 3,
   Qwen...) plus the CLaRa tokens after its vocabulary.
@@ -507,9 +519,17 @@ class BPETokenizer(ClaraTokenizer):
   CONFIG_FILENAME = "tokenizer_config.json"
   _ROLES = ("bos", "eos", "unk", "pad")
 
-  def __init__(self, backend, num_mem_tokens: int, *, bos_id: int, eos_id: int,
-               unk_id: int | None = None, pad_id: int | None = None,
-               source: str = "tokenizers model"):
+  def __init__(
+    self,
+    backend,
+    num_mem_tokens: int,
+    *,
+    bos_id: int,
+    eos_id: int,
+    unk_id: int | None = None,
+    pad_id: int | None = None,
+    source: str = "tokenizers model",
+  ):
     self._tk = backend
     base = backend.get_vocab_size(with_added_tokens=True)
     for role, value in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
@@ -524,7 +544,9 @@ class BPETokenizer(ClaraTokenizer):
     """A `tokenizer.json` file, or a directory holding one (and its tokenizer_config.json,
     whose bos/eos/unk/pad token strings give the ids)."""
     import json
+
     import tokenizers
+
     path = os.fspath(path)
     if paths.isdir(path):
       path = paths.join(path, cls.FILENAME, absolute=False)
@@ -552,8 +574,9 @@ class BPETokenizer(ClaraTokenizer):
             raise ValueError(f"{config_path}: {role}_token {token!r} is not in {path}")
           roles[f"{role}_id"] = token_id
     if "bos_id" not in roles or "eos_id" not in roles:
-      raise ValueError(f"{config_path}: needs bos_token and eos_token (the ids every "
-                       f"prompt and answer use)")
+      raise ValueError(
+        f"{config_path}: needs bos_token and eos_token (the ids every prompt and answer use)"
+      )
     return cls(backend, num_mem_tokens, source=path, **roles)
 
   @classmethod
@@ -564,6 +587,7 @@ class BPETokenizer(ClaraTokenizer):
     import gguf
     import tokenizers
     from tokenizers import decoders, models, pre_tokenizers
+
     with paths.local_file(path) as local:  # the reader maps a local file
       reader = gguf.GGUFReader(local)
 
@@ -576,34 +600,43 @@ class BPETokenizer(ClaraTokenizer):
 
     kind = field("tokenizer.ggml.model")
     if kind != "gpt2":
-      raise ValueError(f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level "
-                       f"BPE) is supported")
+      raise ValueError(
+        f"{path}: tokenizer.ggml.model is {kind!r}; only 'gpt2' (byte-level BPE) is supported"
+      )
     tokens = field("tokenizer.ggml.tokens")
     merges = [tuple(m.split(" ", 1)) for m in field("tokenizer.ggml.merges")]
     types = field("tokenizer.ggml.token_type", required=False) or [1] * len(tokens)
-    backend = tokenizers.Tokenizer(models.BPE(
-        vocab={token: i for i, token in enumerate(tokens)}, merges=merges))
+    backend = tokenizers.Tokenizer(
+      models.BPE(vocab={token: i for i, token in enumerate(tokens)}, merges=merges)
+    )
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     control = [token for token, kind in zip(tokens, types) if kind == 3]
-    backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
-                                for t in control])
-    ids = {f"{role}_id": field(f"tokenizer.ggml.{name}_token_id", required=role in
-                                ("bos", "eos"))
-           for role, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"),
-                              ("pad", "padding"))}
+    backend.add_special_tokens(
+      [tokenizers.AddedToken(t, special=True, normalized=False) for t in control]
+    )
+    ids = {
+      f"{role}_id": field(f"tokenizer.ggml.{name}_token_id", required=role in ("bos", "eos"))
+      for role, name in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding"))
+    }
     return cls(backend, num_mem_tokens, source=path, **ids)
 
   def save(self, path: str | os.PathLike[str]) -> None:
     """Writes `path` (tokenizer.json) and the tokenizer_config.json beside it, each all or
     nothing."""
     import json
+
     path = os.fspath(path)
     paths.write_atomic(path, [self._tk.to_str(pretty=True)])
-    config = {f"{role}_token": self._tk.id_to_token(token_id)
-              for role, token_id in self._ids.items() if token_id is not None}
-    paths.write_atomic(paths.join(epath.Path(path).parent, self.CONFIG_FILENAME,
-                                  absolute=False), [json.dumps(config, indent=2)])
+    config = {
+      f"{role}_token": self._tk.id_to_token(token_id)
+      for role, token_id in self._ids.items()
+      if token_id is not None
+    }
+    paths.write_atomic(
+      paths.join(epath.Path(path).parent, self.CONFIG_FILENAME, absolute=False),
+      [json.dumps(config, indent=2)],
+    )
 
   @property
   def unk_id(self) -> int:
@@ -624,7 +657,7 @@ class BPETokenizer(ClaraTokenizer):
 
   @property
   def chat_format(self) -> str:
-    """"chatml" when the vocabulary has ChatML's turn tokens, else "inst"."""
+    """ "chatml" when the vocabulary has ChatML's turn tokens, else "inst"."""
     turns = ("<|im_start|>", "<|im_end|>")
     return "chatml" if all(self._tk.token_to_id(t) is not None for t in turns) else "inst"
 
@@ -647,8 +680,9 @@ def load_tokenizer(path: str | os.PathLike[str], num_mem_tokens: int) -> ClaraTo
     for backend in (Tokenizer, BPETokenizer):
       if paths.exists(paths.join(path, backend.FILENAME, absolute=False)):
         return backend.load(path, num_mem_tokens)
-    raise FileNotFoundError(f"{path}: holds neither {Tokenizer.FILENAME} nor "
-                            f"{BPETokenizer.FILENAME}")
+    raise FileNotFoundError(
+      f"{path}: holds neither {Tokenizer.FILENAME} nor {BPETokenizer.FILENAME}"
+    )
   if path.endswith(".json"):
     return BPETokenizer.load(path, num_mem_tokens)
   return Tokenizer.load(path, num_mem_tokens)

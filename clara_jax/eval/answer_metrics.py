@@ -54,9 +54,11 @@ def answer_scores(prediction: str, golds: Sequence[str]) -> Dict[str, float]:
   """EM, F1 and Cover EM, each the best over the gold aliases."""
   if not golds:
     raise ValueError("no gold answer to score against")
-  return {"em": max(exact_match(prediction, g) for g in golds),
-          "f1": max(token_f1(prediction, g) for g in golds),
-          "cover_em": max(cover_exact_match(prediction, g) for g in golds)}
+  return {
+    "em": max(exact_match(prediction, g) for g in golds),
+    "f1": max(token_f1(prediction, g) for g in golds),
+    "cover_em": max(cover_exact_match(prediction, g) for g in golds),
+  }
 
 
 def recall_at_k(ranked: Sequence[int], positives: Iterable[int], k: int) -> float:

@@ -37,8 +37,7 @@ def bm25_ranking(question: str, docs: Sequence[str]) -> List[int]:
 
 def kind_first(ranking: Sequence[int], doc_kinds: Sequence[str], kind: str) -> List[int]:
   """`ranking` with the candidates of `kind` moved before the others, order kept."""
-  return ([i for i in ranking if doc_kinds[i] == kind]
-          + [i for i in ranking if doc_kinds[i] != kind])
+  return [i for i in ranking if doc_kinds[i] == kind] + [i for i in ranking if doc_kinds[i] != kind]
 
 
 def two_hop_ranking(question: str, docs: Sequence[str]) -> List[int]:
@@ -47,8 +46,7 @@ def two_hop_ranking(question: str, docs: Sequence[str]) -> List[int]:
   return [i for i in _rank(scores) if i != first] + [first]
 
 
-def _expected_uniform(num_pool: int, positives_in_pool: int, num_positives: int,
-                      at: int) -> float:
+def _expected_uniform(num_pool: int, positives_in_pool: int, num_positives: int, at: int) -> float:
   """Expected Recall@at of a uniform ranking of a pool that holds `positives_in_pool` of
   the question's `num_positives` golds, the pool ranked before everything else."""
   if num_positives == 0 or num_pool == 0:
@@ -56,17 +54,18 @@ def _expected_uniform(num_pool: int, positives_in_pool: int, num_positives: int,
   return positives_in_pool * min(1.0, at / num_pool) / num_positives
 
 
-def recalls(row: Mapping, at: Sequence[int],
-            gold_counts: Optional[Mapping[str, int]] = None) -> Dict[str, Dict[int, float]]:
+def recalls(
+  row: Mapping, at: Sequence[int], gold_counts: Optional[Mapping[str, int]] = None
+) -> Dict[str, Dict[int, float]]:
   """{baseline: {at: Recall@at}} for one row (stage2 fields; `doc_kinds` enables the
   kind baselines, `doc_ids` with `gold_counts` the gold prior)."""
   docs, pos = row["docs"], list(row["pos_index"])
   out: Dict[str, Dict[int, float]] = {
-      "random": {a: _expected_uniform(len(docs), len(pos), len(pos), a) for a in at}}
+    "random": {a: _expected_uniform(len(docs), len(pos), len(pos), a) for a in at}
+  }
   bm25 = bm25_ranking(row["question"], docs)
   out["bm25"] = {a: recall_at_k(bm25, pos, a) for a in at}
-  out["bm25_two_hop"] = {a: recall_at_k(two_hop_ranking(row["question"], docs), pos, a)
-                         for a in at}
+  out["bm25_two_hop"] = {a: recall_at_k(two_hop_ranking(row["question"], docs), pos, a) for a in at}
   kinds = row.get("doc_kinds")
   if kinds and pos:
     gold_kind = kinds[pos[0]]

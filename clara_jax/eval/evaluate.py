@@ -25,14 +25,25 @@ from clara_jax.infer.api import ClaraModel
 from clara_jax.model.decoder import Decoder
 
 RECALL_AT = (1, 3, 5)
-METRIC_PREFIXES = ("em_", "f1_", "cover_em_", "recall@", "nll_", "memory_gain",
-                   *(f"{name}_recall@" for name in baselines.BASELINES))
+METRIC_PREFIXES = (
+  "em_",
+  "f1_",
+  "cover_em_",
+  "recall@",
+  "nll_",
+  "memory_gain",
+  *(f"{name}_recall@" for name in baselines.BASELINES),
+)
 # Row labels kept in each record, for breakdowns and paired comparisons.
 ROW_LABELS = ("id", "kind", "template", "seen")
 
 
-def load_rows(path: str, on_error: str = "raise", limit: Optional[int] = None,
-              report: Optional[formats.ReadReport] = None) -> List[Dict]:
+def load_rows(
+  path: str,
+  on_error: str = "raise",
+  limit: Optional[int] = None,
+  report: Optional[formats.ReadReport] = None,
+) -> List[Dict]:
   """Evaluation rows, parsed row by row under one schema per file
   (`formats.read_eval_rows`): stage2 rows keep their gold `pos_index`, stage1_2 rows get
   an empty one, and a bad row is an error naming file, line and field (or, with
@@ -51,11 +62,17 @@ def _gold_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
   return (list(row["pos_index"]) + _control_selection(row, k, rng))[:k]
 
 
-def evaluate_records(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
-                     max_new_tokens: int = 64, seed: int = 0,
-                     gold_counts: Optional[Dict[str, int]] = None,
-                     progress: Optional[Callable[[int, int], None]] = None,
-                     closed_book: bool = False) -> List[Dict]:
+def evaluate_records(
+  model: ClaraModel,
+  rows: List[Dict],
+  k: int = 5,
+  batch: int = 8,
+  max_new_tokens: int = 64,
+  seed: int = 0,
+  gold_counts: Optional[Dict[str, int]] = None,
+  progress: Optional[Callable[[int, int], None]] = None,
+  closed_book: bool = False,
+) -> List[Dict]:
   """Per-question records: predictions and answer scores in each setting, the
   reasoner's Recall@k, every baseline's (`baselines.recalls`, same candidates), memory
   gain, and the row's `id`, `kind`, `template`, `seen`.
@@ -75,52 +92,62 @@ def evaluate_records(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int
   k = min(k, n_cands.pop())
   per_question = []
   for start in range(0, len(rows), batch):
-    chunk = rows[start:start + batch]
+    chunk = rows[start : start + batch]
     questions = [r["question"] for r in chunk]
     doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
     doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
     chosen, scores = model.retrieve(questions, doc_mem, doc_mem.shape[1])
     normal_sel = chosen[:, :k]
-    oracle_sel = np.stack([
+    oracle_sel = np.stack(
+      [
         (list(r["pos_index"]) + [int(i) for i in ranked if int(i) not in r["pos_index"]])[:k]
-        for r, ranked in zip(chunk, chosen)])
+        for r, ranked in zip(chunk, chosen)
+      ]
+    )
     has_gold = all(r["pos_index"] and len(r["pos_index"]) < len(r["docs"]) for r in chunk)
     control_sel = np.stack([_control_selection(r, k, rng) for r in chunk]) if has_gold else None
     gold_sel = np.stack([_gold_selection(r, k, rng) for r in chunk]) if has_gold else None
     turns = [templates.answer_turn(q, model.n_mem, k, model.prompt_style) for q in questions]
-    take = lambda sel: np.take_along_axis(doc_mem, sel[:, :, None, None], axis=1)
+    take = lambda sel, doc_mem=doc_mem: np.take_along_axis(doc_mem, sel[:, :, None, None], axis=1)
     answers, settings = {}, ["normal", "oracle"] + (["control"] if has_gold else [])
-    for setting, sel in (("normal", normal_sel), ("oracle", oracle_sel),
-                         ("control", control_sel)):
+    for setting, sel in (("normal", normal_sel), ("oracle", oracle_sel), ("control", control_sel)):
       if sel is not None:
         answers[setting] = model.generate_turns(turns, take(sel), k, max_new_tokens)
-    no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style)
-                for q in questions]
+    no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style) for q in questions]
     if closed_book:
       settings.append("closed_book")
-      answers["closed_book"] = model.generate_turns(no_slots, doc_mem[:, :0], 0,
-                                                    max_new_tokens)
+      answers["closed_book"] = model.generate_turns(no_slots, doc_mem[:, :0], 0, max_new_tokens)
     if has_gold:
       targets = [r["answer"] for r in chunk]
       nll_gold = model.answer_nll(turns, targets, take(gold_sel), k)
       nll_control = model.answer_nll(turns, targets, take(control_sel), k)
       nll_none = model.answer_nll(no_slots, targets, doc_mem[:, :0], 0)
     for i, row in enumerate(chunk):
-      record = {"question": row["question"], "answers": row["answers"],
-                "pos_index": row["pos_index"],
-                "retrieved": [int(x) for x in chosen[i][:max(RECALL_AT)]]}
+      record = {
+        "question": row["question"],
+        "answers": row["answers"],
+        "pos_index": row["pos_index"],
+        "retrieved": [int(x) for x in chosen[i][: max(RECALL_AT)]],
+      }
       for key in ROW_LABELS:
         if key in row:
           record[key] = row[key]
       if has_gold:
-        record.update(nll_gold=float(nll_gold[i]), nll_control=float(nll_control[i]),
-                      nll_none=float(nll_none[i]),
-                      memory_gain=float(nll_control[i] - nll_gold[i]),
-                      memory_gain_vs_none=float(nll_none[i] - nll_gold[i]))
+        record.update(
+          nll_gold=float(nll_gold[i]),
+          nll_control=float(nll_control[i]),
+          nll_none=float(nll_none[i]),
+          memory_gain=float(nll_control[i] - nll_gold[i]),
+          memory_gain_vs_none=float(nll_none[i] - nll_gold[i]),
+        )
       for setting in settings:
         record[f"prediction_{setting}"] = answers[setting][i]
-        record.update({f"{m}_{setting}": v for m, v in
-                       answer_scores(answers[setting][i], row["answers"]).items()})
+        record.update(
+          {
+            f"{m}_{setting}": v
+            for m, v in answer_scores(answers[setting][i], row["answers"]).items()
+          }
+        )
       for at in RECALL_AT:
         record[f"recall@{at}"] = recall_at_k(chosen[i], row["pos_index"], at)
       for name, by_at in baselines.recalls(row, RECALL_AT, gold_counts).items():
@@ -138,26 +165,36 @@ def group_of(record: Dict) -> Optional[str]:
   return f"{record['kind']}/{'seen' if record['seen'] else 'unseen'}"
 
 
-def summarize_records(per_question: List[Dict], k: int,
-                      timings: Optional[Dict[str, float]] = None) -> Dict:
+def summarize_records(
+  per_question: List[Dict], k: int, timings: Optional[Dict[str, float]] = None
+) -> Dict:
   """Means over questions, broken down by `kind`, by seen/unseen and by both; and for
   each baseline the paired-bootstrap interval of the reasoner's Recall@1 and @5 minus
   the baseline's (`vs_baselines`, also per breakdown)."""
   n = max(len(per_question), 1)
   metric_keys = sorted({k_ for r in per_question for k_ in r if k_.startswith(METRIC_PREFIXES)})
-  summary = {"questions": len(per_question), "k": k, **_means(per_question, metric_keys),
-             **{f"{key}_per_question": value / n for key, value in (timings or {}).items()},
-             "vs_baselines": _vs_baselines(per_question)}
-  for name, key_of in (("by_kind", lambda r: r.get("kind")), ("by_group", group_of),
-                       ("by_seen", lambda r: None if "seen" not in r else
-                        ("seen" if r["seen"] else "unseen"))):
+  summary = {
+    "questions": len(per_question),
+    "k": k,
+    **_means(per_question, metric_keys),
+    **{f"{key}_per_question": value / n for key, value in (timings or {}).items()},
+    "vs_baselines": _vs_baselines(per_question),
+  }
+  for name, key_of in (
+    ("by_kind", lambda r: r.get("kind")),
+    ("by_group", group_of),
+    ("by_seen", lambda r: None if "seen" not in r else ("seen" if r["seen"] else "unseen")),
+  ):
     groups = sorted({key_of(r) for r in per_question} - {None})
     if groups:
       summary[name] = {}
       for g in groups:
         members = [r for r in per_question if key_of(r) == g]
-        summary[name][g] = {"questions": len(members), **_means(members, metric_keys),
-                            "vs_baselines": _vs_baselines(members)}
+        summary[name][g] = {
+          "questions": len(members),
+          **_means(members, metric_keys),
+          "vs_baselines": _vs_baselines(members),
+        }
   return summary
 
 
@@ -168,22 +205,31 @@ def _vs_baselines(records: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]
       key = f"{name}_recall@{at}"
       if records and all(key in r for r in records):
         out.setdefault(name, {})[f"recall@{at}"] = stats.paired_difference(
-            [r[f"recall@{at}"] for r in records], [r[key] for r in records])
+          [r[f"recall@{at}"] for r in records], [r[key] for r in records]
+        )
   return out
 
 
-def evaluate(model: ClaraModel, rows: List[Dict], k: int = 5, batch: int = 8,
-             max_new_tokens: int = 64, out_path: Optional[str] = None, seed: int = 0,
-             gold_counts: Optional[Dict[str, int]] = None, progress=None,
-             closed_book: bool = False) -> Dict:
+def evaluate(
+  model: ClaraModel,
+  rows: List[Dict],
+  k: int = 5,
+  batch: int = 8,
+  max_new_tokens: int = 64,
+  out_path: Optional[str] = None,
+  seed: int = 0,
+  gold_counts: Optional[Dict[str, int]] = None,
+  progress=None,
+  closed_book: bool = False,
+) -> Dict:
   """`evaluate_records` and `summarize_records`; writes `out_path` (summary) and
   `out_path`.jsonl (per question) when given. Returns the summary."""
   timings_before = dict(vars(model.timings))
-  per_question = evaluate_records(model, rows, k, batch, max_new_tokens, seed, gold_counts,
-                                  progress, closed_book)
+  per_question = evaluate_records(
+    model, rows, k, batch, max_new_tokens, seed, gold_counts, progress, closed_book
+  )
   spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
-  summary = summarize_records(per_question, min(k, len(rows[0]["docs"])) if rows else k,
-                              spent)
+  summary = summarize_records(per_question, min(k, len(rows[0]["docs"])) if rows else k, spent)
   if out_path:
     _write_json(out_path, summary)
     formats.write_jsonl_atomic(_beside(out_path, ".jsonl"), per_question)
@@ -199,9 +245,13 @@ def _means(records: List[Dict], keys: Sequence[str]) -> Dict[str, float]:
   return out
 
 
-def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = None,
-                 clues: Optional[Sequence[Sequence[str]]] = None,
-                 progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+def lens_reports(
+  model: ClaraModel,
+  rows: List[Dict],
+  top_t: Optional[int] = None,
+  clues: Optional[Sequence[Sequence[str]]] = None,
+  progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict:
   """Lens over the reasoner memories of every question with a gold candidate, plus the
   gold documents' own memories as a reference point; every non-gold candidate is a
   control. `top_t` None: `lens.scaled_top_t` of the model's vocabulary."""
@@ -220,37 +270,58 @@ def lens_reports(model: ClaraModel, rows: List[Dict], top_t: Optional[int] = Non
     controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]
     golds = [row["docs"][j] for j in row["pos_index"]]
     clue = clues[i] if clues is not None else ()
-    reports.append(lens_lib.question_report(model.tok, q_ids[i], row["question"], golds,
-                                            controls, clue, q_scores[i]))
-    doc_reports.append(lens_lib.question_report(model.tok, d_ids[i], row["question"], golds,
-                                                controls, clue, d_scores[i]))
+    reports.append(
+      lens_lib.question_report(
+        model.tok, q_ids[i], row["question"], golds, controls, clue, q_scores[i]
+      )
+    )
+    doc_reports.append(
+      lens_lib.question_report(
+        model.tok, d_ids[i], row["question"], golds, controls, clue, d_scores[i]
+      )
+    )
     if progress is not None:
       progress(i + 1, len(rows))
   summary = dict(lens_lib.summarize(reports), top_t=top_t)
-  return {"reasoner": reports, "documents": doc_reports, "summary": summary,
-          "documents_summary": dict(lens_lib.summarize(doc_reports), top_t=top_t)}
+  return {
+    "reasoner": reports,
+    "documents": doc_reports,
+    "summary": summary,
+    "documents_summary": dict(lens_lib.summarize(doc_reports), top_t=top_t),
+  }
 
 
-def run_lens(checkpoints: Dict[str, ClaraModel], rows: List[Dict], out_path: str,
-             top_t: Optional[int] = None, clues=None,
-             progress: Optional[Callable[[str], Callable[[int, int], None]]] = None
-             ) -> Dict:
+def run_lens(
+  checkpoints: Dict[str, ClaraModel],
+  rows: List[Dict],
+  out_path: str,
+  top_t: Optional[int] = None,
+  clues=None,
+  progress: Optional[Callable[[str], Callable[[int, int], None]]] = None,
+) -> Dict:
   """Lens for one or more checkpoints side by side; writes JSON and a PNG figure.
 
   Returns each checkpoint's reasoner summary, with the summary of the gold documents'
   own memories under "gold_memories": the reference that the reasoner's lens is read
   against (the reasoner is trained to score near those memories)."""
-  results = {name: lens_reports(m, rows, top_t, clues, progress(name) if progress else None)
-             for name, m in checkpoints.items()}
+  results = {
+    name: lens_reports(m, rows, top_t, clues, progress(name) if progress else None)
+    for name, m in checkpoints.items()
+  }
   summary = {name: r["summary"] for name, r in results.items()}
-  _write_json(out_path, {"summary": summary,
-                         "documents_summary": {n: r["documents_summary"]
-                                               for n, r in results.items()},
-                         "questions": {n: r["reasoner"] for n, r in results.items()}})
+  _write_json(
+    out_path,
+    {
+      "summary": summary,
+      "documents_summary": {n: r["documents_summary"] for n, r in results.items()},
+      "questions": {n: r["reasoner"] for n, r in results.items()},
+    },
+  )
   first = next(iter(results.values()))
   lens_lib.plot(first["reasoner"], summary, _beside(out_path, ".png"))
-  return {name: dict(r["summary"], gold_memories=r["documents_summary"])
-          for name, r in results.items()}
+  return {
+    name: dict(r["summary"], gold_memories=r["documents_summary"]) for name, r in results.items()
+  }
 
 
 def _write_json(path: str, obj) -> None:

@@ -44,6 +44,7 @@ def load_reasoners(workdir: str) -> Dict[str, Any]:
   """{name: ClaraModel} of the REASONERS whose export exists."""
   from clara_jax.demo import initial_reasoner
   from clara_jax.infer.api import ClaraModel
+
   exists = lambda stage: paths.exists(paths.join(workdir, stage, "export", "config.json"))
   models = {}
   for name in REASONERS:
@@ -59,6 +60,7 @@ def base_model(export_dir: str):
   no CLaRa lengths needed."""
   from clara_jax.data.tokenizer import load_tokenizer
   from clara_jax.weights.export import load_params
+
   cfg, params = load_params(export_dir)
   tok = load_tokenizer(export_dir, cfg.num_extra_tokens - 3)
   return types.SimpleNamespace(cfg=cfg, params=params, tok=tok)
@@ -82,39 +84,57 @@ def lens_matched_sets(tok, rows: Sequence[Dict], excluded: set, seed: int = 0) -
   for row in rows:
     gold = row["pos_index"][0]
     kind = row["doc_kinds"][gold]
-    controls = [j for j, k in enumerate(row["doc_kinds"])
-                if k == kind and j not in row["pos_index"]]
-    out.append(lens_lib.matched_sets(
-        tok, row["question"], row["docs"][gold], [row["docs"][j] for j in controls],
-        excluded, list(row["clues"]) + list(row.get("bridge_clues", [])),
-        [row["control_clues"][j] for j in controls], rng))
+    controls = [
+      j for j, k in enumerate(row["doc_kinds"]) if k == kind and j not in row["pos_index"]
+    ]
+    out.append(
+      lens_lib.matched_sets(
+        tok,
+        row["question"],
+        row["docs"][gold],
+        [row["docs"][j] for j in controls],
+        excluded,
+        list(row["clues"]) + list(row.get("bridge_clues", [])),
+        [row["control_clues"][j] for j in controls],
+        rng,
+      )
+    )
   return out
 
 
-def lens_records(model, rows: Sequence[Dict], matched: Sequence[Dict], seed: int = 0,
-                 num_permutations: int = 200) -> Tuple[List[Dict], Dict]:
+def lens_records(
+  model, rows: Sequence[Dict], matched: Sequence[Dict], seed: int = 0, num_permutations: int = 200
+) -> Tuple[List[Dict], Dict]:
   """The reasoner's lens v2 on `rows`, one record per question: its `id`, `seen`,
   `template`, each measure (`lens.MEASURES`) and that measure's permutation null
   (`null_<measure>`: the mean over permutations of the question scored with another
   question's lens of its template). Also returns the null's summary ("mean", "q95")."""
   from clara_jax.model.decoder import Decoder
+
   q_mem = model.reason([r["question"] for r in rows])
   _, scores = lens_lib.lens_decode(model.params, Decoder(model.cfg), q_mem, top_t=1)
-  null = lens_lib.permutation_null(matched, scores, [r["template"] for r in rows],
-                                   num_permutations, seed)
+  null = lens_lib.permutation_null(
+    matched, scores, [r["template"] for r in rows], num_permutations, seed
+  )
   records = []
   for i, (row, sets) in enumerate(zip(rows, matched)):
     report = lens_lib.score_matched(sets, scores[i])
-    records.append({"id": row["id"], "kind": row["kind"], "seen": row["seen"],
-                    "template": row["template"],
-                    **{m: report[m] for m in lens_lib.MEASURES},
-                    **{f"null_{m}": null[m]["per_question"][i] for m in lens_lib.MEASURES}})
-  return records, {m: {"mean": null[m]["mean"], "q95": null[m]["q95"]}
-                   for m in lens_lib.MEASURES}
+    records.append(
+      {
+        "id": row["id"],
+        "kind": row["kind"],
+        "seen": row["seen"],
+        "template": row["template"],
+        **{m: report[m] for m in lens_lib.MEASURES},
+        **{f"null_{m}": null[m]["per_question"][i] for m in lens_lib.MEASURES},
+      }
+    )
+  return records, {m: {"mean": null[m]["mean"], "q95": null[m]["q95"]} for m in lens_lib.MEASURES}
 
 
-def lens_v2_summaries(models: Dict[str, Any], rows: Sequence[Dict], world_dir: str,
-                      seed: int = 0) -> Dict[str, Dict]:
+def lens_v2_summaries(
+  models: Dict[str, Any], rows: Sequence[Dict], world_dir: str, seed: int = 0
+) -> Dict[str, Dict]:
   """{model name: {"all", "unseen"} lens v2 summaries} on the multi-hop rows of the
   world in `world_dir` (rows carrying the generated world's `doc_kinds`, `clues`,
   `control_clues`, `template`, `seen`): the `clara-jax lens --manifest` rows."""
@@ -126,14 +146,17 @@ def lens_v2_summaries(models: Dict[str, Any], rows: Sequence[Dict], world_dir: s
   out = {}
   for name, model in models.items():
     recs, _ = lens_records(model, multi, matched, seed)
-    out[name] = {"all": lens_summary(recs),
-                 "unseen": lens_summary([r for r in recs if not r["seen"]])}
+    out[name] = {
+      "all": lens_summary(recs),
+      "unseen": lens_summary([r for r in recs if not r["seen"]]),
+    }
   return out
 
 
 def knowledge(workdir: str, manifest: Dict, question_ids: Sequence[str]) -> Dict:
   """{stage: probe report} for each PROBED_STAGES export that exists."""
   from clara_jax.eval.probe import knowledge_report
+
   out = {}
   for stage in PROBED_STAGES:
     export = paths.join(workdir, stage, "export")
@@ -142,21 +165,28 @@ def knowledge(workdir: str, manifest: Dict, question_ids: Sequence[str]) -> Dict
   return out
 
 
-def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
-                   log: Callable[[str], None] = print, seed: int = 0) -> Dict[str, Any]:
+def evaluate_world(
+  workdir: str,
+  world_dir: str,
+  rows: List[Dict],
+  k: int,
+  log: Callable[[str], None] = print,
+  seed: int = 0,
+) -> Dict[str, Any]:
   """Everything `claims` reads, for the pipeline in `workdir` on `rows` of the world in
   `world_dir`. Per-question records go to `workdir/eval/<model>.jsonl` (retrieval and
   answers) and `workdir/eval/lens_<model>.jsonl` (lens v2), the probe to
   `workdir/eval/probe.json`: `pool_seeds` reads them back."""
   from clara_jax.eval.evaluate import evaluate_records, load_rows
+
   manifest = paths.read_json(paths.join(world_dir, "manifest.json"))
-  gold_counts = baselines.gold_counts_of(load_rows(paths.join(world_dir,
-                                                              "stage2_train.jsonl")))
+  gold_counts = baselines.gold_counts_of(load_rows(paths.join(world_dir, "stage2_train.jsonl")))
   models = load_reasoners(workdir)
   records, lens = {}, {}
   for name, model in models.items():
-    records[name] = evaluate_records(model, rows, k, max_new_tokens=12, seed=seed,
-                                     gold_counts=gold_counts)
+    records[name] = evaluate_records(
+      model, rows, k, max_new_tokens=12, seed=seed, gold_counts=gold_counts
+    )
     formats.write_jsonl_atomic(paths.join(workdir, "eval", f"{name}.jsonl"), records[name])
     log(f"[    eval] {name}: {len(rows)} questions")
   multi = [r for r in rows if r.get("kind") in MULTI_HOP]
@@ -166,42 +196,50 @@ def evaluate_world(workdir: str, world_dir: str, rows: List[Dict], k: int,
   for name in LENS_MODELS:
     if name in models:
       lens[name], null_summary[name] = lens_records(models[name], multi, matched, seed)
-      formats.write_jsonl_atomic(paths.join(workdir, "eval", f"lens_{name}.jsonl"),
-                                 lens[name])
+      formats.write_jsonl_atomic(paths.join(workdir, "eval", f"lens_{name}.jsonl"), lens[name])
   probe = knowledge(workdir, manifest, [r["id"] for r in multi])
   paths.write_json(paths.join(workdir, "eval", "probe.json"), probe, indent=None)
   results = assemble(records, lens, probe, k)
   for name, null in null_summary.items():  # the permutation's own quantile, one world
     results["lens_v2"][name]["null"] = null
   plot_lens(results["lens_v2"], paths.join(workdir, "lens.png"))
-  paths.write_json(paths.join(workdir, "lens.json"),
-                   {"summary": results["lens_v2"], "questions": lens}, indent=1)
+  paths.write_json(
+    paths.join(workdir, "lens.json"), {"summary": results["lens_v2"], "questions": lens}, indent=1
+  )
   return results
 
 
-def assemble(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]], probe: Dict,
-             k: int) -> Dict[str, Any]:
+def assemble(
+  records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]], probe: Dict, k: int
+) -> Dict[str, Any]:
   """The results `claims` reads, from per-question records (one world's, or several
   worlds' pooled by `pool_seeds`): summaries per model, lens v2 summaries on all and on
   unseen multi-hop questions, the probe, recall by chain knowledge, and `comparisons`."""
   from clara_jax.eval.evaluate import summarize_records
+
   results: Dict[str, Any] = {"questions": len(records["stage2"])}
   for name, recs in records.items():
     results[name] = summarize_records(recs, k)
   results["lens_v2"] = {
-      name: {"all": lens_summary(recs),
-             "unseen": lens_summary([r for r in recs if not r["seen"]])}
-      for name, recs in lens.items()}
-  results["probe"] = {stage: {key: p[key] for key in ("links", "known_share", "chance")}
-                      for stage, p in probe.items()}
+    name: {"all": lens_summary(recs), "unseen": lens_summary([r for r in recs if not r["seen"]])}
+    for name, recs in lens.items()
+  }
+  results["probe"] = {
+    stage: {key: p[key] for key in ("links", "known_share", "chance")} for stage, p in probe.items()
+  }
   base = next((s for s in INIT_SOURCES if s in probe), None)
   known = probe[base]["questions"] if base else {}
   results["probe_base"] = base
   results["recall_by_knowledge"] = {
-      text: stats.bootstrap_ci([r["recall@1"] for r in records["stage2"]
-                                if r.get("id") in known and known[r["id"]] == flag
-                                and not r.get("seen")])
-      for flag, text in ((True, "known"), (False, "unknown"))}
+    text: stats.bootstrap_ci(
+      [
+        r["recall@1"]
+        for r in records["stage2"]
+        if r.get("id") in known and known[r["id"]] == flag and not r.get("seen")
+      ]
+    )
+    for flag, text in ((True, "known"), (False, "unknown"))
+  }
   results["comparisons"] = comparisons(records, lens)
   return results
 
@@ -212,8 +250,7 @@ def lens_summary(recs: Sequence[Dict]) -> Dict:
   for m in lens_lib.MEASURES:
     per_q = [r[f"null_{m}"] for r in recs]
     known = [v for v in per_q if v is not None]
-    null[m] = {"mean": float(np.mean(known)) if known else None, "q95": None,
-               "per_question": per_q}
+    null[m] = {"mean": float(np.mean(known)) if known else None, "q95": None, "per_question": per_q}
   return lens_lib.summarize_matched(list(recs), null)
 
 
@@ -225,19 +262,19 @@ def pool_seeds(workdirs: Dict[int, str], k: int) -> Dict[str, Any]:
   lens: Dict[str, List[Dict]] = {}
   probe: Dict[str, Dict] = {}
   for seed, workdir in workdirs.items():
-    tag = lambda r: dict(r, id=f"s{seed}:{r.get('id')}")
+    tag = lambda r, seed=seed: dict(r, id=f"s{seed}:{r.get('id')}")
     for name in REASONERS + tuple(f"lens_{n}" for n in LENS_MODELS):
       path = paths.join(workdir, "eval", f"{name}.jsonl")
       if not paths.exists(path):
         continue
       recs = [tag(r) for r in read_records(path)]
       target = lens if name.startswith("lens_") else records
-      target.setdefault(name[len("lens_"):] if name.startswith("lens_") else name,
-                        []).extend(recs)
+      target.setdefault(name[len("lens_") :] if name.startswith("lens_") else name, []).extend(recs)
     probe_path = paths.join(workdir, "eval", "probe.json")
     for stage, p in paths.read_json(probe_path).items():
-      pooled = probe.setdefault(stage, {"links": 0, "known": 0.0, "chance_sum": 0.0,
-                                        "questions": {}})
+      pooled = probe.setdefault(
+        stage, {"links": 0, "known": 0.0, "chance_sum": 0.0, "questions": {}}
+      )
       pooled["links"] += p["links"]
       pooled["known"] += (p["known_share"] or 0.0) * p["links"]
       pooled["chance_sum"] += (p["chance"] or 0.0) * p["links"]
@@ -256,6 +293,7 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
   """`edit.summarize` over the causal-edit records of several seeds' runs (ids and
   links prefixed with the seed); None when no run has them."""
   from clara_jax.eval import edit as edit_lib
+
   per_model: Dict[str, List[Dict]] = {}
   probes: Dict[str, Dict[str, float]] = {}
   for seed, workdir in workdirs.items():
@@ -264,8 +302,9 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
       continue
     for name in edit_lib.MODELS:
       per_model.setdefault(name, []).extend(
-          dict(r, id=f"s{seed}:{r['id']}", link=f"s{seed}:{r['link']}")
-          for r in read_records(paths.join(workdir, "eval", f"edit_{name}.jsonl")))
+        dict(r, id=f"s{seed}:{r['id']}", link=f"s{seed}:{r['link']}")
+        for r in read_records(paths.join(workdir, "eval", f"edit_{name}.jsonl"))
+      )
     for name, p in paths.read_json(summary_path)["probe"].items():
       pooled = probes.setdefault(name, {"links": 0, "sums": {}})
       pooled["links"] += p["links"]
@@ -276,8 +315,7 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
     return None
   for p in probes.values():
     links = p["links"]
-    p.update({key: total / links if links else None
-              for key, total in p.pop("sums").items()})
+    p.update({key: total / links if links else None for key, total in p.pop("sums").items()})
   return edit_lib.summarize(per_model, probes)
 
 
@@ -291,8 +329,10 @@ def plot_lens(lens: Dict, path: str) -> None:
   """Bars: each model's clue and doc-piece AUC on unseen multi-hop questions with their
   95% intervals, beside its permutation null; 0.5 is no preference."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   names = list(lens)
   fig, axes = plt.subplots(1, len(lens_lib.MEASURES), figsize=(5 * len(lens_lib.MEASURES), 3.5))
   for ax, measure in zip(np.atleast_1d(axes), lens_lib.MEASURES):
@@ -316,8 +356,7 @@ def plot_lens(lens: Dict, path: str) -> None:
   plt.close(fig)
 
 
-def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]
-                ) -> Dict[str, Any]:
+def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> Dict[str, Any]:
   """Paired intervals per unseen multi-hop group (records carry `kind` and `seen`):
   stage2's Recall@1 minus each baseline's and each other reasoner's; the ablation minus
   the initial reasoner; and on unseen multi-hop questions, the lens's clue AUC of
@@ -329,9 +368,13 @@ def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]
     idx = [i for i, r in enumerate(main) if r.get("kind") == kind and not r.get("seen")]
     if not idx:
       continue
-    pick = lambda recs, key: [recs[i][key] for i in idx if key in recs[i]]
-    entry = {"questions": len(idx), "recall@1": {
-        name: stats.bootstrap_ci(pick(recs, "recall@1")) for name, recs in records.items()}}
+    pick = lambda recs, key, idx=idx: [recs[i][key] for i in idx if key in recs[i]]
+    entry = {
+      "questions": len(idx),
+      "recall@1": {
+        name: stats.bootstrap_ci(pick(recs, "recall@1")) for name, recs in records.items()
+      },
+    }
     for name in baselines.BASELINES:
       values = pick(main, f"{name}_recall@1")
       if len(values) == len(idx):
@@ -339,18 +382,21 @@ def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]
         entry[f"stage2-{name}"] = stats.paired_difference(pick(main, "recall@1"), values)
     for name in records:
       if name != "stage2":
-        entry[f"stage2-{name}"] = stats.paired_difference(pick(main, "recall@1"),
-                                                          pick(records[name], "recall@1"))
+        entry[f"stage2-{name}"] = stats.paired_difference(
+          pick(main, "recall@1"), pick(records[name], "recall@1")
+        )
     if "stage2_shuffled" in records and "init" in records:
       entry["stage2_shuffled-init"] = stats.paired_difference(
-          pick(records["stage2_shuffled"], "recall@1"), pick(records["init"], "recall@1"))
+        pick(records["stage2_shuffled"], "recall@1"), pick(records["init"], "recall@1")
+      )
     out[group] = entry
   if "stage2" in lens:
     unseen = lambda recs: [r["clue_auc"] for r in recs if not r["seen"]]
     for name in lens:
       if name != "stage2":
-        out[f"clue_auc:stage2-{name}"] = stats.paired_difference(unseen(lens["stage2"]),
-                                                                 unseen(lens[name]))
+        out[f"clue_auc:stage2-{name}"] = stats.paired_difference(
+          unseen(lens["stage2"]), unseen(lens[name])
+        )
   return out
 
 
@@ -371,12 +417,20 @@ def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
   for rows reported without a target."""
   final = results["stage2"]
   rows: List[Row] = [
-      ("a. memory gain (nats/token)", f"{final['memory_gain']:.2f} vs a same-kind wrong "
-       f"document, {final.get('memory_gain_vs_none', float('nan')):.2f} vs no memories",
-       f">= {min_gain:g}", final["memory_gain"] >= min_gain),
-      ("a. EM gold memories vs same-kind wrong", f"{final['em_oracle']:.2f} vs "
-       f"{final['em_control']:.2f}", "gold >> wrong",
-       final["em_oracle"] >= final["em_control"] + 0.2)]
+    (
+      "a. memory gain (nats/token)",
+      f"{final['memory_gain']:.2f} vs a same-kind wrong "
+      f"document, {final.get('memory_gain_vs_none', float('nan')):.2f} vs no memories",
+      f">= {min_gain:g}",
+      final["memory_gain"] >= min_gain,
+    ),
+    (
+      "a. EM gold memories vs same-kind wrong",
+      f"{final['em_oracle']:.2f} vs {final['em_control']:.2f}",
+      "gold >> wrong",
+      final["em_oracle"] >= final["em_control"] + 0.2,
+    ),
+  ]
   comp = results["comparisons"]
   for group in UNSEEN_GROUPS:
     if group not in comp:
@@ -384,59 +438,114 @@ def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
     c, r1 = comp[group], comp[group]["recall@1"]
     label = f"b. {group} R@1"
     prior = r1["kind_prior"]["mean"]
-    rows.append((f"{label} stage2 vs kind prior",
-                 f"{_r(r1['stage2'])} vs {prior:.2f}, diff {_d(c['stage2-kind_prior'])}, "
-                 f"n={c['questions']}",
-                 ">= 2x prior, diff > 0",
-                 r1["stage2"]["mean"] >= 2 * prior and _above_zero(c["stage2-kind_prior"])))
-    for name, text in (("bm25_kind", "BM25 in kind"), ("bm25_two_hop", "two-hop BM25"),
-                       ("init", "init reasoner")):
+    rows.append(
+      (
+        f"{label} stage2 vs kind prior",
+        f"{_r(r1['stage2'])} vs {prior:.2f}, diff {_d(c['stage2-kind_prior'])}, n={c['questions']}",
+        ">= 2x prior, diff > 0",
+        r1["stage2"]["mean"] >= 2 * prior and _above_zero(c["stage2-kind_prior"]),
+      )
+    )
+    for name, text in (
+      ("bm25_kind", "BM25 in kind"),
+      ("bm25_two_hop", "two-hop BM25"),
+      ("init", "init reasoner"),
+    ):
       if f"stage2-{name}" in c:
-        rows.append((f"{label} stage2 - {text}",
-                     f"{_d(c[f'stage2-{name}'])} ({text} {_r(r1[name])})", "diff > 0",
-                     _above_zero(c[f"stage2-{name}"])))
+        rows.append(
+          (
+            f"{label} stage2 - {text}",
+            f"{_d(c[f'stage2-{name}'])} ({text} {_r(r1[name])})",
+            "diff > 0",
+            _above_zero(c[f"stage2-{name}"]),
+          )
+        )
     if "stage2_shuffled-init" in c:
       ablation = c["stage2_shuffled-init"]
-      rows.append((f"{label} shuffled-answer ablation - init",
-                   f"{_d(ablation)} (ablation {_r(r1['stage2_shuffled'])})", "not above 0",
-                   ablation["lo"] <= 0))
-    for name, text in (("stage2_shuffled", "ablation"), ("bm25", "BM25"),
-                       ("gold_prior", "gold-frequency prior"),
-                       ("stage2_retrieval", "supervised (ceiling)")):
+      rows.append(
+        (
+          f"{label} shuffled-answer ablation - init",
+          f"{_d(ablation)} (ablation {_r(r1['stage2_shuffled'])})",
+          "not above 0",
+          ablation["lo"] <= 0,
+        )
+      )
+    for name, text in (
+      ("stage2_shuffled", "ablation"),
+      ("bm25", "BM25"),
+      ("gold_prior", "gold-frequency prior"),
+      ("stage2_retrieval", "supervised (ceiling)"),
+    ):
       if name in r1:
         rows.append((f"{label} {text}", f"{_r(r1[name])}", "(reported)", None))
   lens = results.get("lens_v2", {})
   if "stage2" in lens:
     unseen = lens["stage2"]["unseen"]
     clue = unseen["clue_auc"]
-    rows.append(("c. lens clue AUC, unseen multi-hop (stage2)", _r(clue), ">= 0.65",
-                 None if clue is None else clue["mean"] >= 0.65))
-    rows.append(("c. lens clue AUC stage2 - permutation null",
-                 f"{_d(unseen.get('clue_auc_vs_null'))} (null "
-                 f"{_fmt(unseen.get('clue_auc_null', {}).get('mean'))})", "diff > 0",
-                 _above_zero(unseen.get("clue_auc_vs_null"))))
+    rows.append(
+      (
+        "c. lens clue AUC, unseen multi-hop (stage2)",
+        _r(clue),
+        ">= 0.65",
+        None if clue is None else clue["mean"] >= 0.65,
+      )
+    )
+    rows.append(
+      (
+        "c. lens clue AUC stage2 - permutation null",
+        f"{_d(unseen.get('clue_auc_vs_null'))} (null "
+        f"{_fmt(unseen.get('clue_auc_null', {}).get('mean'))})",
+        "diff > 0",
+        _above_zero(unseen.get("clue_auc_vs_null")),
+      )
+    )
     for name, text in (("init", "init reasoner"), ("stage2_shuffled", "ablation")):
       key = f"clue_auc:stage2-{name}"
       if key in comp:
-        rows.append((f"c. lens clue AUC stage2 - {text}",
-                     f"{_d(comp[key])} ({text} {_r(lens[name]['unseen']['clue_auc'])})",
-                     "diff > 0" if name == "init" else "(reported)",
-                     _above_zero(comp[key]) if name == "init" else None))
-    rows.append(("c. lens doc-piece AUC, unseen multi-hop (stage2)",
-                 _r(unseen["doc_auc"]), "(reported)", None))
+        rows.append(
+          (
+            f"c. lens clue AUC stage2 - {text}",
+            f"{_d(comp[key])} ({text} {_r(lens[name]['unseen']['clue_auc'])})",
+            "diff > 0" if name == "init" else "(reported)",
+            _above_zero(comp[key]) if name == "init" else None,
+          )
+        )
+    rows.append(
+      (
+        "c. lens doc-piece AUC, unseen multi-hop (stage2)",
+        _r(unseen["doc_auc"]),
+        "(reported)",
+        None,
+      )
+    )
   probe = results.get("probe", {})
   if probe:
     measured = ", ".join(f"{stage} {_fmt(p['known_share'])}" for stage, p in probe.items())
     chance = next(iter(probe.values()))["chance"]
-    rows.append(("d. links of held-out chains the base knows", f"{measured} (chance "
-                 f"{_fmt(chance)})", "(reported)", None))
+    rows.append(
+      (
+        "d. links of held-out chains the base knows",
+        f"{measured} (chance {_fmt(chance)})",
+        "(reported)",
+        None,
+      )
+    )
     split = results.get("recall_by_knowledge", {})
     if split:
-      rows.append(("d. unseen multi-hop R@1 stage2: chain known / not",
-                   " / ".join(f"{_r(split.get(t))} (n={(split.get(t) or {}).get('n', 0)})"
-                              for t in ("known", "unknown")), "(reported)", None))
+      rows.append(
+        (
+          "d. unseen multi-hop R@1 stage2: chain known / not",
+          " / ".join(
+            f"{_r(split.get(t))} (n={(split.get(t) or {}).get('n', 0)})"
+            for t in ("known", "unknown")
+          ),
+          "(reported)",
+          None,
+        )
+      )
   if "edit" in results:
     from clara_jax.eval import edit as edit_lib
+
     rows.extend(edit_lib.claims(results["edit"]))
   return rows
 

@@ -36,14 +36,16 @@ from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.eval.stats import bootstrap_ci, paired_difference
 from clara_jax.model.decoder import Decoder
 
-STOPWORDS = frozenset("""a about above after again against all am an and any are as at be
+STOPWORDS = frozenset(
+  """a about above after again against all am an and any are as at be
 because been before being below between both but by can could did do does doing down during
 each few for from further had has have having he her here hers herself him himself his how i
 if in into is it its itself just me more most my myself no nor not now of off on once only or
 other our ours ourselves out over own same she should so some such than that the their theirs
 them themselves then there these they this those through to too under until up very was we
 were what when where which while who whom why will with would you your yours yourself
-yourselves also was were is born""".split())
+yourselves also was were is born""".split()
+)
 
 _WORD = re.compile(r"[A-Za-z][A-Za-z0-9]+")
 
@@ -65,8 +67,9 @@ def token_word(tok: Tokenizer, token_id: int) -> Optional[str]:
   return None if word in STOPWORDS else word
 
 
-def lens_decode(params, model: Decoder, states: jax.Array, top_t: int
-                ) -> Tuple[np.ndarray, np.ndarray]:
+def lens_decode(
+  params, model: Decoder, states: jax.Array, top_t: int
+) -> Tuple[np.ndarray, np.ndarray]:
   """One pass of states [B, M, hidden] through the lens: the top-T token ids of every
   slot [B, M, top_t], and each token's best log-probability over the slots [B, vocab]
   (log-softmax per slot, then the max over slots)."""
@@ -99,8 +102,11 @@ def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
 def content_pieces(tok: Tokenizer, token_ids: Iterable[int]) -> Set[int]:
   """The ids among `token_ids` whose piece is alphabetic (2+ letters, not a stopword):
   the unit of the piece-level lens, for vocabularies that split names into pieces."""
-  return {int(t) for t in token_ids if token_word(tok, int(t)) is not None
-          and token_word(tok, int(t)).isalpha()}
+  return {
+    int(t)
+    for t in token_ids
+    if token_word(tok, int(t)) is not None and token_word(tok, int(t)).isalpha()
+  }
 
 
 def _text_pieces(tok: Tokenizer, text: str) -> Set[int]:
@@ -123,8 +129,12 @@ def question_form_pieces(tok: Tokenizer, question: str, texts: Sequence[str]) ->
   `Championship`); left in, a lens that merely repeats the question would score them as
   words the question never said."""
   question_words = {token_word(tok, t) for t in _text_pieces(tok, question)}
-  return {t for text in texts for t in _text_pieces(tok, text)
-          if any(same_stem(token_word(tok, t), w) for w in question_words)}
+  return {
+    t
+    for text in texts
+    for t in _text_pieces(tok, text)
+    if any(same_stem(token_word(tok, t), w) for w in question_words)
+  }
 
 
 # The paper keeps the top-50 tokens of Mistral's 32k vocabulary per vector; a smaller
@@ -137,10 +147,15 @@ def scaled_top_t(vocab_size: int) -> int:
   return max(1, round(PAPER_TOP_T * vocab_size / PAPER_VOCAB))
 
 
-def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
-                    gold_docs: Sequence[str], control_docs: Sequence[str],
-                    clue_words: Sequence[str] = (),
-                    piece_scores_v: Optional[np.ndarray] = None) -> Dict:
+def question_report(
+  tok: Tokenizer,
+  slot_token_ids: np.ndarray,
+  question: str,
+  gold_docs: Sequence[str],
+  control_docs: Sequence[str],
+  clue_words: Sequence[str] = (),
+  piece_scores_v: Optional[np.ndarray] = None,
+) -> Dict:
   """Per-question lens result from the top tokens of every memory slot [n_mem, T].
 
   Each control document (every non-gold candidate: one random control is a noisy
@@ -180,21 +195,31 @@ def question_report(tok: Tokenizer, slot_token_ids: np.ndarray, question: str,
   count = lambda sets: float(np.mean([len(x) for x in sets]))
   union = lambda sets: set().union(*sets)
   piece = lambda ids: sorted(tok.id_to_piece(i) for i in ids)
-  return {"question": question, "decoded": sorted(decoded),
-          "hidden": sorted(union(hits["hidden"])),
-          "control_hits": sorted(union(hits["control"])),
-          "hidden_rate": rate(hits["hidden"]), "control_rate": rate(hits["control"]),
-          "hidden_count": count(hits["hidden"]), "control_count": count(hits["control"]),
-          "clues_found": sorted(decoded & clues), "num_clues": len(clues),
-          "hidden_pieces": piece(union(hits["hidden_p"])),
-          "control_pieces": piece(union(hits["control_p"])),
-          "hidden_piece_rate": rate(hits["hidden_p"]),
-          "control_piece_rate": rate(hits["control_p"]),
-          "clue_pieces_found": piece(pieces & clue_p), "num_clue_pieces": len(clue_p),
-          "num_controls": len(control_docs),
-          "rank_auc": (float(np.mean([a for a in aucs if a is not None]))
-                       if any(a is not None for a in aucs) else None),
-          "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids]}
+  return {
+    "question": question,
+    "decoded": sorted(decoded),
+    "hidden": sorted(union(hits["hidden"])),
+    "control_hits": sorted(union(hits["control"])),
+    "hidden_rate": rate(hits["hidden"]),
+    "control_rate": rate(hits["control"]),
+    "hidden_count": count(hits["hidden"]),
+    "control_count": count(hits["control"]),
+    "clues_found": sorted(decoded & clues),
+    "num_clues": len(clues),
+    "hidden_pieces": piece(union(hits["hidden_p"])),
+    "control_pieces": piece(union(hits["control_p"])),
+    "hidden_piece_rate": rate(hits["hidden_p"]),
+    "control_piece_rate": rate(hits["control_p"]),
+    "clue_pieces_found": piece(pieces & clue_p),
+    "num_clue_pieces": len(clue_p),
+    "num_controls": len(control_docs),
+    "rank_auc": (
+      float(np.mean([a for a in aucs if a is not None]))
+      if any(a is not None for a in aucs)
+      else None
+    ),
+    "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids],
+  }
 
 
 def _ci95(differences: Sequence[float]) -> float:
@@ -212,18 +237,22 @@ def summarize(reports: List[Dict]) -> Dict[str, float]:
   recall where clues are known."""
   n = max(len(reports), 1)
   mean = lambda key: sum(r[key] for r in reports) / n
-  out = {"questions": len(reports), "hidden_hit_rate": mean("hidden_rate"),
-         "control_hit_rate": mean("control_rate"),
-         "hidden_per_question": mean("hidden_count"),
-         "control_per_question": mean("control_count")}
+  out = {
+    "questions": len(reports),
+    "hidden_hit_rate": mean("hidden_rate"),
+    "control_hit_rate": mean("control_rate"),
+    "hidden_per_question": mean("hidden_count"),
+    "control_per_question": mean("control_count"),
+  }
   out["lift"] = out["hidden_hit_rate"] - out["control_hit_rate"]
   out["lift_ci95"] = _ci95([r["hidden_rate"] - r["control_rate"] for r in reports])
   if reports:
     out["hidden_piece_hit_rate"] = mean("hidden_piece_rate")
     out["control_piece_hit_rate"] = mean("control_piece_rate")
     out["piece_lift"] = out["hidden_piece_hit_rate"] - out["control_piece_hit_rate"]
-    out["piece_lift_ci95"] = _ci95([r["hidden_piece_rate"] - r["control_piece_rate"]
-                                    for r in reports])
+    out["piece_lift_ci95"] = _ci95(
+      [r["hidden_piece_rate"] - r["control_piece_rate"] for r in reports]
+    )
   ranked = [r["rank_auc"] for r in reports if r.get("rank_auc") is not None]
   if ranked:
     out["rank_auc"] = float(np.mean(ranked))
@@ -231,30 +260,36 @@ def summarize(reports: List[Dict]) -> Dict[str, float]:
     out["rank_questions"] = len(ranked)
   with_clues = [r for r in reports if r["num_clues"]]
   if with_clues:
-    out["clue_recall"] = (sum(len(r["clues_found"]) for r in with_clues)
-                          / sum(r["num_clues"] for r in with_clues))
+    out["clue_recall"] = sum(len(r["clues_found"]) for r in with_clues) / sum(
+      r["num_clues"] for r in with_clues
+    )
     with_pieces = [r for r in with_clues if r.get("num_clue_pieces")]
     if with_pieces:
-      out["clue_piece_recall"] = (sum(len(r["clue_pieces_found"]) for r in with_pieces)
-                                  / sum(r["num_clue_pieces"] for r in with_pieces))
+      out["clue_piece_recall"] = sum(len(r["clue_pieces_found"]) for r in with_pieces) / sum(
+        r["num_clue_pieces"] for r in with_pieces
+      )
   return out
 
 
-def plot(reports: List[Dict], summaries: Dict[str, Dict], path: str,
-         num_questions: int = 3) -> None:
+def plot(
+  reports: List[Dict], summaries: Dict[str, Dict], path: str, num_questions: int = 3
+) -> None:
   """PNG: per-question slot x top-token tables (as heat-coloured text grids) and a bar
   chart of hidden vs control hit rates for each compared checkpoint."""
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+
   shown = reports[:num_questions]
   fig, axes = plt.subplots(1, len(shown) + 1, figsize=(5 * (len(shown) + 1), 4))
   axes = np.atleast_1d(axes)
   for ax, rep in zip(axes, shown):
     slots = rep["slots"]
     hidden = set(rep["hidden"])
-    grid = np.array([[1.0 if p.replace("\u2581", "").lower() in hidden else 0.2
-                      for p in row] for row in slots])
+    grid = np.array(
+      [[1.0 if p.replace("\u2581", "").lower() in hidden else 0.2 for p in row] for row in slots]
+    )
     ax.imshow(grid, cmap="Oranges", vmin=0, vmax=1, aspect="auto")
     for i, row in enumerate(slots):
       for j, piece in enumerate(row):
@@ -304,8 +339,9 @@ def save_figure(fig, path: str, dpi: int = 100) -> None:
 Pairs = List[Tuple[List[int], List[int]]]
 
 
-def template_pieces(tok: Tokenizer, docs_by_kind: Mapping[str, Sequence[str]],
-                    max_share: float = 0.3) -> Set[int]:
+def template_pieces(
+  tok: Tokenizer, docs_by_kind: Mapping[str, Sequence[str]], max_share: float = 0.3
+) -> Set[int]:
   """Content pieces in more than `max_share` of the documents of at least one kind: the
   template and type words ("based", "founded", "river") that any question of that kind
   could decode without knowing its documents. Shares are per kind, so a word common in
@@ -332,8 +368,7 @@ def word_pieces(tok: Tokenizer, names: Iterable[str]) -> Set[int]:
   return set().union(set(), *(_text_pieces(tok, w.strip()) for w in names if w.strip()))
 
 
-def _match_sizes(a: Set[int], b: Set[int], rng: np.random.Generator
-                 ) -> Tuple[List[int], List[int]]:
+def _match_sizes(a: Set[int], b: Set[int], rng: np.random.Generator) -> Tuple[List[int], List[int]]:
   """Both sets (sorted), the larger subsampled without replacement to the size of the
   smaller, so that neither side's AUC rests on more pieces; unchanged if either is empty
   (the AUC is then unavailable) or the sizes agree. Draws from `rng` only to subsample."""
@@ -345,10 +380,16 @@ def _match_sizes(a: Set[int], b: Set[int], rng: np.random.Generator
   return a, sorted(int(x) for x in rng.choice(b, len(a), replace=False))
 
 
-def matched_sets(tok: Tokenizer, question: str, gold_doc: str, control_docs: Sequence[str],
-                 excluded: Set[int], gold_clue_words: Sequence[str] = (),
-                 control_clue_words: Optional[Sequence[Sequence[str]]] = None,
-                 rng: Optional[np.random.Generator] = None) -> Dict:
+def matched_sets(
+  tok: Tokenizer,
+  question: str,
+  gold_doc: str,
+  control_docs: Sequence[str],
+  excluded: Set[int],
+  gold_clue_words: Sequence[str] = (),
+  control_clue_words: Optional[Sequence[Sequence[str]]] = None,
+  rng: Optional[np.random.Generator] = None,
+) -> Dict:
   """The matched piece sets of one question, before any scores: built once per question,
   they are scored by `score_matched` with the question's own lens and, unchanged, with
   the permutation null's (the null then differs from the real value only in the scores).
@@ -366,8 +407,10 @@ def matched_sets(tok: Tokenizer, question: str, gold_doc: str, control_docs: Seq
   |clue(gold) - Q - excluded|, "num_controls"}."""
   rng = np.random.default_rng(0) if rng is None else rng
   if control_clue_words is not None and len(control_clue_words) != len(control_docs):
-    raise ValueError(f"question {question!r}: {len(control_clue_words)} control clue lists "
-                     f"for {len(control_docs)} controls")
+    raise ValueError(
+      f"question {question!r}: {len(control_clue_words)} control clue lists "
+      f"for {len(control_docs)} controls"
+    )
   drop = _text_pieces(tok, question) | set(excluded)
   gold = _text_pieces(tok, gold_doc)
   gold_clue = word_pieces(tok, gold_clue_words)
@@ -378,11 +421,16 @@ def matched_sets(tok: Tokenizer, question: str, gold_doc: str, control_docs: Seq
     doc_pairs.append(_match_sizes(gold - control - drop, control - gold - drop, rng))
     if control_clue_words is not None:
       control_clue = word_pieces(tok, control_clue_words[c])
-      clue_pairs.append(_match_sizes(gold_clue - control_clue - drop,
-                                     control_clue - gold_clue - drop, rng))
-  return {"doc_pairs": doc_pairs, "clue_pairs": clue_pairs,
-          "num_gold_pieces": len(gold - drop), "num_clue_pieces": len(gold_clue - drop),
-          "num_controls": len(control_docs)}
+      clue_pairs.append(
+        _match_sizes(gold_clue - control_clue - drop, control_clue - gold_clue - drop, rng)
+      )
+  return {
+    "doc_pairs": doc_pairs,
+    "clue_pairs": clue_pairs,
+    "num_gold_pieces": len(gold - drop),
+    "num_clue_pieces": len(gold_clue - drop),
+    "num_controls": len(control_docs),
+  }
 
 
 def _mean_auc(scores_v: np.ndarray, pairs: Pairs) -> Optional[float]:
@@ -397,22 +445,32 @@ def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
   """The report of one question's `matched_sets` under a lens `piece_scores_v` [vocab]
   (`lens_decode`'s best log-probabilities): "doc_auc" and "clue_auc" (the headline),
   each a mean over controls or None, and the piece counts."""
-  return {"doc_auc": _mean_auc(piece_scores_v, sets["doc_pairs"]),
-          "clue_auc": _mean_auc(piece_scores_v, sets["clue_pairs"]),
-          "num_gold_pieces": sets["num_gold_pieces"],
-          "num_clue_pieces": sets["num_clue_pieces"], "num_controls": sets["num_controls"]}
+  return {
+    "doc_auc": _mean_auc(piece_scores_v, sets["doc_pairs"]),
+    "clue_auc": _mean_auc(piece_scores_v, sets["clue_pairs"]),
+    "num_gold_pieces": sets["num_gold_pieces"],
+    "num_clue_pieces": sets["num_clue_pieces"],
+    "num_controls": sets["num_controls"],
+  }
 
 
-def matched_report(tok: Tokenizer, piece_scores_v: np.ndarray, question: str, gold_doc: str,
-                   control_docs: Sequence[str], excluded: Set[int],
-                   gold_clue_words: Sequence[str] = (),
-                   control_clue_words: Optional[Sequence[Sequence[str]]] = None,
-                   rng: Optional[np.random.Generator] = None) -> Dict:
+def matched_report(
+  tok: Tokenizer,
+  piece_scores_v: np.ndarray,
+  question: str,
+  gold_doc: str,
+  control_docs: Sequence[str],
+  excluded: Set[int],
+  gold_clue_words: Sequence[str] = (),
+  control_clue_words: Optional[Sequence[Sequence[str]]] = None,
+  rng: Optional[np.random.Generator] = None,
+) -> Dict:
   """Per-question lens v2 against same-kind controls: `score_matched` of `matched_sets`
   (see there for the sets). Keys: "doc_auc", "clue_auc", "num_gold_pieces",
   "num_clue_pieces", "num_controls". Deterministic given `rng`."""
-  sets = matched_sets(tok, question, gold_doc, control_docs, excluded, gold_clue_words,
-                      control_clue_words, rng)
+  sets = matched_sets(
+    tok, question, gold_doc, control_docs, excluded, gold_clue_words, control_clue_words, rng
+  )
   return score_matched(sets, piece_scores_v)
 
 
@@ -440,8 +498,13 @@ def group_derangement(groups: Sequence[str], rng: np.random.Generator) -> np.nda
 MEASURES = ("clue_auc", "doc_auc")
 
 
-def permutation_null(matched: Sequence[Dict], score_rows: np.ndarray, groups: Sequence[str],
-                     num_permutations: int = 200, seed: int = 0) -> Dict:
+def permutation_null(
+  matched: Sequence[Dict],
+  score_rows: np.ndarray,
+  groups: Sequence[str],
+  num_permutations: int = 200,
+  seed: int = 0,
+) -> Dict:
   """The lens AUCs when each question is scored with another question's lens.
 
   `matched` [Q]: each question's `matched_sets`; `score_rows` [Q, vocab]: each
@@ -457,8 +520,10 @@ def permutation_null(matched: Sequence[Dict], score_rows: np.ndarray, groups: Se
   "num_permutations" and "num_questions" (questions with a null)."""
   score_rows = np.asarray(score_rows)
   if not len(matched) == len(score_rows) == len(groups):
-    raise ValueError(f"{len(matched)} matched sets, {len(score_rows)} score rows and "
-                     f"{len(groups)} groups: one each per question")
+    raise ValueError(
+      f"{len(matched)} matched sets, {len(score_rows)} score rows and "
+      f"{len(groups)} groups: one each per question"
+    )
   rng = np.random.default_rng(seed)
   values = {m: np.full((num_permutations, len(matched)), np.nan) for m in MEASURES}
   source = np.full(len(matched), -1)
@@ -469,8 +534,7 @@ def permutation_null(matched: Sequence[Dict], score_rows: np.ndarray, groups: Se
       for m in MEASURES:
         if report[m] is not None:
           values[m][k, q] = report[m]
-  out: Dict = {"num_permutations": num_permutations,
-               "num_questions": int(np.sum(source >= 0))}
+  out: Dict = {"num_permutations": num_permutations, "num_questions": int(np.sum(source >= 0))}
   for m in MEASURES:
     out[m] = _null_summary(values[m])
   return out
@@ -485,12 +549,14 @@ def _null_summary(values: np.ndarray) -> Dict:
     return {"mean": None, "q95": None, "per_question": [None] * values.shape[1]}
   per_perm = values[:, known].mean(axis=1)
   per_q = values.mean(axis=0)
-  return {"mean": float(per_perm.mean()), "q95": float(np.quantile(per_perm, 0.95)),
-          "per_question": [float(v) if k else None for v, k in zip(per_q, known)]}
+  return {
+    "mean": float(per_perm.mean()),
+    "q95": float(np.quantile(per_perm, 0.95)),
+    "per_question": [float(v) if k else None for v, k in zip(per_q, known)],
+  }
 
 
-def summarize_matched(reports: Sequence[Dict], null: Optional[Dict] = None,
-                      seed: int = 0) -> Dict:
+def summarize_matched(reports: Sequence[Dict], null: Optional[Dict] = None, seed: int = 0) -> Dict:
   """Lens v2 over questions: for each measure in MEASURES, its mean with the percentile
   bootstrap 95% interval over questions ({"mean", "lo", "hi", "n"}, None without
   values); with a `permutation_null` of the same questions (in the same order), the

@@ -23,8 +23,12 @@ from clara_jax.model import clara
 from clara_jax.model.decoder import Decoder
 
 # The first LM-text wording of each person link ({n} the person, {v} the linked name).
-LINK_SENTENCES = {"team": "{n} plays for the {v}.", "employer": "{n} works for {v}.",
-                  "birthplace": "{n} comes from {v}.", "sibling": "The sibling of {n} is {v}."}
+LINK_SENTENCES = {
+  "team": "{n} plays for the {v}.",
+  "employer": "{n} works for {v}.",
+  "birthplace": "{n} comes from {v}.",
+  "sibling": "The sibling of {n} is {v}.",
+}
 Link = Tuple[str, str, str]  # (person id, link, linked entity id)
 
 
@@ -33,12 +37,13 @@ def chain_links(question: Mapping) -> List[Link]:
   chain = question.get("chain") or []
   if len(chain) < 2:
     return []
-  link_names = question["attribute"].split(".")[:len(chain) - 1]
+  link_names = question["attribute"].split(".")[: len(chain) - 1]
   return [(chain[i], link_names[i], chain[i + 1]) for i in range(len(chain) - 1)]
 
 
-def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64,
-                             adapter: Optional[str] = None) -> np.ndarray:
+def sentence_log_likelihoods(
+  model, sentences: Sequence[str], batch: int = 64, adapter: Optional[str] = None
+) -> np.ndarray:
   """Sum of next-token log-probabilities of each sentence [S] under the base model
   (`adapter` None) or the model with that LoRA adapter active, after BOS."""
   tok = model.tok
@@ -47,13 +52,18 @@ def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64,
   tokens = np.full((len(ids), length), tok.pad_id, np.int32)
   mask = np.zeros((len(ids), length), np.int32)
   for row, seq in enumerate(ids):
-    tokens[row, :len(seq)], mask[row, :len(seq)] = seq, 1
+    tokens[row, : len(seq)], mask[row, : len(seq)] = seq, 1
   decoder = Decoder(model.cfg)
 
   @jax.jit
   def score(params, t, m):
-    hidden = decoder.apply({"params": params}, t, attention_mask=m,
-                           positions=clara.positions_from_mask(m), adapter=adapter).hidden
+    hidden = decoder.apply(
+      {"params": params},
+      t,
+      attention_mask=m,
+      positions=clara.positions_from_mask(m),
+      adapter=adapter,
+    ).hidden
     logits = decoder.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
@@ -61,17 +71,18 @@ def sentence_log_likelihoods(model, sentences: Sequence[str], batch: int = 64,
 
   out = []
   for start in range(0, len(ids), batch):  # fixed-size chunks: one compiled program
-    t, m = tokens[start:start + batch], mask[start:start + batch]
+    t, m = tokens[start : start + batch], mask[start : start + batch]
     pad = batch - len(t)
     if pad:
       t = np.concatenate([t, np.full((pad, length), tok.pad_id, np.int32)])
       m = np.concatenate([m, np.zeros((pad, length), np.int32)])
-    out.append(np.asarray(score(model.params, t, m))[:batch - pad])
+    out.append(np.asarray(score(model.params, t, m))[: batch - pad])
   return np.concatenate(out)
 
 
-def probe_links(model, manifest: Mapping, links: Sequence[Link],
-                adapter: Optional[str] = None) -> Dict[Link, bool]:
+def probe_links(
+  model, manifest: Mapping, links: Sequence[Link], adapter: Optional[str] = None
+) -> Dict[Link, bool]:
   """{link: known} for each distinct link: the true entity's sentence outscores the
   sentence with every other entity of its kind (under the base, or with `adapter`)."""
   docs = manifest["documents"]
@@ -81,14 +92,14 @@ def probe_links(model, manifest: Mapping, links: Sequence[Link],
     kind = docs[target]["kind"]
     options = [t for t in sorted(docs) if docs[t]["kind"] == kind and t != person]
     first = len(sentences)
-    sentences += [LINK_SENTENCES[link].format(n=docs[person]["name"], v=docs[t]["name"])
-                  for t in options]
+    sentences += [
+      LINK_SENTENCES[link].format(n=docs[person]["name"], v=docs[t]["name"]) for t in options
+    ]
     spans.append((first, options.index(target), len(options)))
-  scores = (sentence_log_likelihoods(model, sentences, adapter=adapter) if sentences
-            else np.zeros(0))
+  scores = sentence_log_likelihoods(model, sentences, adapter=adapter) if sentences else np.zeros(0)
   known = {}
   for link, (first, true_at, n) in zip(links, spans):
-    own = scores[first:first + n]
+    own = scores[first : first + n]
     known[link] = bool(own[true_at] > np.delete(own, true_at).max()) if n > 1 else True
   return known
 
@@ -102,10 +113,16 @@ def knowledge_report(model, manifest: Mapping, question_ids: Sequence[str]) -> D
   known = probe_links(model, manifest, all_links)
   docs = manifest["documents"]
   kinds = [docs[target]["kind"] for _, _, target in known]
-  chance = (float(np.mean([1.0 / sum(d["kind"] == k for d in docs.values()) for k in kinds]))
-            if kinds else None)
-  return {"links": len(known),
-          "known_share": float(np.mean(list(known.values()))) if known else None,
-          "chance": chance,
-          "questions": {qid: all(known[link] for link in links)
-                        for qid, links in per_question.items() if links}}
+  chance = (
+    float(np.mean([1.0 / sum(d["kind"] == k for d in docs.values()) for k in kinds]))
+    if kinds
+    else None
+  )
+  return {
+    "links": len(known),
+    "known_share": float(np.mean(list(known.values()))) if known else None,
+    "chance": chance,
+    "questions": {
+      qid: all(known[link] for link in links) for qid, links in per_question.items() if links
+    },
+  }

@@ -45,20 +45,25 @@ def retrieval_records(model, rows: Sequence[Dict], batch: int = 8) -> List[Dict]
   generation: what the initial reasoner is compared on)."""
   out = []
   for start in range(0, len(rows), batch):
-    chunk = rows[start:start + batch]
+    chunk = rows[start : start + batch]
     doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
     doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
     order, _ = model.retrieve([r["question"] for r in chunk], doc_mem, doc_mem.shape[1])
     for row, ranked in zip(chunk, order):
-      out.append({"id": row.get("id"), "kind": row.get("kind"),
-                  "retrieved": [int(i) for i in ranked[:max(RECALL_AT)]],
-                  **{f"recall@{at}": recall_at_k(ranked, row["pos_index"], at)
-                     for at in RECALL_AT}})
+      out.append(
+        {
+          "id": row.get("id"),
+          "kind": row.get("kind"),
+          "retrieved": [int(i) for i in ranked[: max(RECALL_AT)]],
+          **{f"recall@{at}": recall_at_k(ranked, row["pos_index"], at) for at in RECALL_AT},
+        }
+      )
   return out
 
 
-def matched_lens_sets(tok, rows: Sequence[Dict], corpus: Sequence[str], seed: int = 0
-                      ) -> List[Dict]:
+def matched_lens_sets(
+  tok, rows: Sequence[Dict], corpus: Sequence[str], seed: int = 0
+) -> List[Dict]:
   """Each row's `lens.matched_sets` of its first gold document against every non-gold
   candidate, template pieces (`TEMPLATE_SHARE` of `corpus`) and the pieces of its
   candidates that are forms of its question's words (`lens.question_form_pieces`) left
@@ -70,8 +75,11 @@ def matched_lens_sets(tok, rows: Sequence[Dict], corpus: Sequence[str], seed: in
     gold = row["pos_index"][0]
     controls = [d for j, d in enumerate(row["docs"]) if j not in row["pos_index"]]
     forms = lens_lib.question_form_pieces(tok, row["question"], row["docs"])
-    out.append(lens_lib.matched_sets(tok, row["question"], row["docs"][gold], controls,
-                                     excluded | forms, rng=rng))
+    out.append(
+      lens_lib.matched_sets(
+        tok, row["question"], row["docs"][gold], controls, excluded | forms, rng=rng
+      )
+    )
   return out
 
 
@@ -80,6 +88,7 @@ def lens_examples(model, rows: Sequence[Dict], top_words: int = 12) -> List[Dict
   words (best log-probability over the memory slots), each marked `in_question` (a form
   of a question word, `lens.same_stem`) or `in_gold` (else in the gold document)."""
   from clara_jax.model.decoder import Decoder
+
   q_mem = model.reason([r["question"] for r in rows])
   top_ids, scores = lens_lib.lens_decode(model.params, Decoder(model.cfg), q_mem, top_t=1)
   del top_ids
@@ -93,37 +102,65 @@ def lens_examples(model, rows: Sequence[Dict], top_words: int = 12) -> List[Dict
       if word is None or any(p["word"] == word for p in picked):
         continue
       in_question = any(lens_lib.same_stem(word, q) for q in q_words)
-      picked.append({"word": word, "log_prob": float(score_v[token_id]),
-                     "in_question": in_question,
-                     "in_gold": word in gold_words and not in_question})
+      picked.append(
+        {
+          "word": word,
+          "log_prob": float(score_v[token_id]),
+          "in_question": in_question,
+          "in_gold": word in gold_words and not in_question,
+        }
+      )
       if len(picked) == top_words:
         break
-    out.append({"id": row.get("id"), "kind": row.get("kind"), "question": row["question"],
-                "answer": row["answers"][0], "gold": gold, "words": picked})
+    out.append(
+      {
+        "id": row.get("id"),
+        "kind": row.get("kind"),
+        "question": row["question"],
+        "answer": row["answers"][0],
+        "gold": gold,
+        "words": picked,
+      }
+    )
   return out
 
 
 def write_examples(path: str, examples: Sequence[Dict], title: str) -> None:
   """A markdown page: per question, the gold document, then the lens words with those
   from the gold document (not the question) in bold."""
-  lines = [f"# {title}", "",
-           "Top words of the stage2 reasoner's query memories decoded through the LM head "
-           "(best log-probability over the memory slots). **Bold**: in the gold document "
-           "and not in the question; _italic_: in the question.", ""]
+  lines = [
+    f"# {title}",
+    "",
+    "Top words of the stage2 reasoner's query memories decoded through the LM head "
+    "(best log-probability over the memory slots). **Bold**: in the gold document "
+    "and not in the question; _italic_: in the question.",
+    "",
+  ]
   for ex in examples:
-    shown = " ".join(f"**{w['word']}**" if w["in_gold"] else
-                     (f"_{w['word']}_" if w["in_question"] else w["word"])
-                     for w in ex["words"])
+    shown = " ".join(
+      f"**{w['word']}**" if w["in_gold"] else (f"_{w['word']}_" if w["in_question"] else w["word"])
+      for w in ex["words"]
+    )
     gold = " ".join(ex["gold"].split())
-    lines += [f"## {ex['question']}", "",
-              f"- set: {ex['kind']}; answer: {ex['answer']}",
-              f"- gold document: {gold[:400]}{' ...' if len(gold) > 400 else ''}",
-              f"- lens: {shown}", ""]
+    lines += [
+      f"## {ex['question']}",
+      "",
+      f"- set: {ex['kind']}; answer: {ex['answer']}",
+      f"- gold document: {gold[:400]}{' ...' if len(gold) > 400 else ''}",
+      f"- lens: {shown}",
+      "",
+    ]
   paths.write_text(path, "\n".join(lines))
 
 
-def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: int = 0,
-                 log: Callable[[str], None] = print) -> Dict[str, Any]:
+def evaluate_run(
+  workdir: str,
+  rows: List[Dict],
+  k: int,
+  cache_dir: str,
+  seed: int = 0,
+  log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
   """The evaluation of the run in `workdir` on held-out `rows` (stage2 rows with
   `kind`); writes `eval/*.jsonl`, `eval/*.json`, `lens.json`, `examples.md`. Returns the
   results `claims` reads (the key "lens_matched" marks them)."""
@@ -131,6 +168,7 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
   from clara_jax.eval.evaluate import evaluate_records, summarize_records
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train.memory_cache import MemoryCache
+
   start = time.perf_counter()
   cache = MemoryCache(cache_dir)
   final = ClaraModel.load(paths.join(workdir, "stage2", "export")).use_memory_cache(cache)
@@ -139,25 +177,34 @@ def evaluate_run(workdir: str, rows: List[Dict], k: int, cache_dir: str, seed: i
   rows = [r for r in rows if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
   # The permutation null draws another question of the same set (`template`).
   rows = [dict(r, template=r.get("kind", "all"), seen=False) for r in rows]
-  records = {"stage2": evaluate_records(final, rows, k, max_new_tokens=16, seed=seed,
-                                        closed_book=True),
-             "stage1_2_init": retrieval_records(init, rows)}
+  records = {
+    "stage2": evaluate_records(final, rows, k, max_new_tokens=16, seed=seed, closed_book=True),
+    "stage1_2_init": retrieval_records(init, rows),
+  }
   log(f"[    eval] answers and retrieval in {_minutes(start)}")
   corpus = sorted({d for r in rows for d in r["docs"]})
   matched = matched_lens_sets(final.tok, rows, corpus, seed)
-  lens = {name: hidden.lens_records(model, rows, matched, seed)[0]
-          for name, model in (("stage2", final), ("stage1_2_init", init))}
+  lens = {
+    name: hidden.lens_records(model, rows, matched, seed)[0]
+    for name, model in (("stage2", final), ("stage1_2_init", init))
+  }
   examples = lens_examples(final, rows[:: max(1, len(rows) // 12)][:12])
-  write_examples(paths.join(workdir, "examples.md"), examples,
-                 "The reasoner's memories through the logit lens, held-out questions")
+  write_examples(
+    paths.join(workdir, "examples.md"),
+    examples,
+    "The reasoner's memories through the logit lens, held-out questions",
+  )
   for name, recs in records.items():
     formats.write_jsonl_atomic(paths.join(workdir, "eval", f"{name}.jsonl"), recs)
   for name, recs in lens.items():
     formats.write_jsonl_atomic(paths.join(workdir, "eval", f"lens_{name}.jsonl"), recs)
-  results = {"questions": len(rows), "k": k,
-             "stage2": summarize_records(records["stage2"], k),
-             "lens_matched": {name: hidden.lens_summary(recs) for name, recs in lens.items()},
-             "paired": paired(records, lens)}
+  results = {
+    "questions": len(rows),
+    "k": k,
+    "stage2": summarize_records(records["stage2"], k),
+    "lens_matched": {name: hidden.lens_summary(recs) for name, recs in lens.items()},
+    "paired": paired(records, lens),
+  }
   paths.write_json(paths.join(workdir, "eval", "real.json"), results, indent=1)
   log(f"[    eval] {len(rows)} held-out questions in {_minutes(start)}")
   return results
@@ -184,14 +231,15 @@ def paired(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> Dict[
     for at in RECALL_AT:
       key = f"recall@{at}"
       mine = [r[key] for r in f]
-      g[key] = {"stage2": stats.bootstrap_ci(mine),
-                "stage1_2_init": stats.bootstrap_ci([init[i][key] for i in idx]),
-                "bm25": stats.bootstrap_ci([r[f"bm25_{key}"] for r in f]),
-                "random": stats.bootstrap_ci([r[f"random_{key}"] for r in f])}
+      g[key] = {
+        "stage2": stats.bootstrap_ci(mine),
+        "stage1_2_init": stats.bootstrap_ci([init[i][key] for i in idx]),
+        "bm25": stats.bootstrap_ci([r[f"bm25_{key}"] for r in f]),
+        "random": stats.bootstrap_ci([r[f"random_{key}"] for r in f]),
+      }
       g[f"{key}:stage2-init"] = stats.paired_difference(mine, [init[i][key] for i in idx])
       for name in ("bm25", "random"):
-        g[f"{key}:stage2-{name}"] = stats.paired_difference(
-            mine, [r[f"{name}_{key}"] for r in f])
+        g[f"{key}:stage2-{name}"] = stats.paired_difference(mine, [r[f"{name}_{key}"] for r in f])
     for key in ("memory_gain", "memory_gain_vs_none"):
       g[key] = stats.bootstrap_ci([r.get(key) for r in f])
     for metric in ("em", "f1"):
@@ -199,16 +247,20 @@ def paired(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> Dict[
         g[f"{metric}_{setting}"] = stats.bootstrap_ci([r.get(f"{metric}_{setting}") for r in f])
       for setting in ("normal", "oracle"):
         g[f"{metric}:{setting}-closed_book"] = stats.paired_difference(
-            [r.get(f"{metric}_{setting}") for r in f],
-            [r.get(f"{metric}_closed_book") for r in f])
+          [r.get(f"{metric}_{setting}") for r in f], [r.get(f"{metric}_closed_book") for r in f]
+        )
     lf, li = [lens["stage2"][i] for i in idx], [lens["stage1_2_init"][i] for i in idx]
-    g["doc_auc"] = {"stage2": stats.bootstrap_ci([r["doc_auc"] for r in lf]),
-                    "stage1_2_init": stats.bootstrap_ci([r["doc_auc"] for r in li]),
-                    "null": stats.bootstrap_ci([r["null_doc_auc"] for r in lf])}
-    g["doc_auc:stage2-null"] = stats.paired_difference([r["doc_auc"] for r in lf],
-                                                       [r["null_doc_auc"] for r in lf])
-    g["doc_auc:stage2-init"] = stats.paired_difference([r["doc_auc"] for r in lf],
-                                                       [r["doc_auc"] for r in li])
+    g["doc_auc"] = {
+      "stage2": stats.bootstrap_ci([r["doc_auc"] for r in lf]),
+      "stage1_2_init": stats.bootstrap_ci([r["doc_auc"] for r in li]),
+      "null": stats.bootstrap_ci([r["null_doc_auc"] for r in lf]),
+    }
+    g["doc_auc:stage2-null"] = stats.paired_difference(
+      [r["doc_auc"] for r in lf], [r["null_doc_auc"] for r in lf]
+    )
+    g["doc_auc:stage2-init"] = stats.paired_difference(
+      [r["doc_auc"] for r in lf], [r["doc_auc"] for r in li]
+    )
     out[group] = g
   return out
 
@@ -234,36 +286,71 @@ def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
   a = p["all"]
   gain, none = a["memory_gain"], a["memory_gain_vs_none"]
   rows: List[Row] = [
-      ("a. memory gain vs a wrong candidate (nats/token)", _r(gain), f">= {min_gain:g}",
-       None if gain is None else gain["mean"] >= min_gain),
-      ("a. memory gain vs no memories (nats/token)", _r(none), "(reported)", None)]
+    (
+      "a. memory gain vs a wrong candidate (nats/token)",
+      _r(gain),
+      f">= {min_gain:g}",
+      None if gain is None else gain["mean"] >= min_gain,
+    ),
+    ("a. memory gain vs no memories (nats/token)", _r(none), "(reported)", None),
+  ]
   for metric in ("em", "f1"):
-    rows.append((f"a. {metric.upper()} closed book / retrieved / gold memories",
-                 f"{_r(a[f'{metric}_closed_book'])} / {_r(a[f'{metric}_normal'])} / "
-                 f"{_r(a[f'{metric}_oracle'])}", "(reported)", None))
-    rows.append((f"a. {metric.upper()} gold memories - closed book",
-                 _d(a[f"{metric}:oracle-closed_book"]), "(reported)", None))
+    rows.append(
+      (
+        f"a. {metric.upper()} closed book / retrieved / gold memories",
+        f"{_r(a[f'{metric}_closed_book'])} / {_r(a[f'{metric}_normal'])} / "
+        f"{_r(a[f'{metric}_oracle'])}",
+        "(reported)",
+        None,
+      )
+    )
+    rows.append(
+      (
+        f"a. {metric.upper()} gold memories - closed book",
+        _d(a[f"{metric}:oracle-closed_book"]),
+        "(reported)",
+        None,
+      )
+    )
   for group in p:
     label = "all" if group == "all" else group
     for at in RECALL_AT:
       key = f"recall@{at}"
       r = p[group][key]
       target = at == 5 and group == "all"
-      rows.append((f"b. {label} R@{at} stage2 - init reasoner",
-                   f"{_d(p[group][f'{key}:stage2-init'])} (stage2 {_r(r['stage2'])}, init "
-                   f"{_r(r['stage1_2_init'])}), n={p[group]['questions']}",
-                   "diff > 0" if target else "(reported)",
-                   _above_zero(p[group][f"{key}:stage2-init"]) if target else None))
+      rows.append(
+        (
+          f"b. {label} R@{at} stage2 - init reasoner",
+          f"{_d(p[group][f'{key}:stage2-init'])} (stage2 {_r(r['stage2'])}, init "
+          f"{_r(r['stage1_2_init'])}), n={p[group]['questions']}",
+          "diff > 0" if target else "(reported)",
+          _above_zero(p[group][f"{key}:stage2-init"]) if target else None,
+        )
+      )
       for name, text in (("bm25", "BM25"), ("random", "random")):
-        rows.append((f"b. {label} R@{at} stage2 - {text}",
-                     f"{_d(p[group][f'{key}:stage2-{name}'])} ({text} {_r(r[name])})",
-                     "(reported)", None))
-  rows.append(("c. lens doc-piece AUC (stage2)", _r(a["doc_auc"]["stage2"]), "(reported)",
-               None))
-  rows.append(("c. lens AUC stage2 - permutation null",
-               f"{_d(a['doc_auc:stage2-null'])} (null {_r(a['doc_auc']['null'])})",
-               "diff > 0", _above_zero(a["doc_auc:stage2-null"])))
-  rows.append(("c. lens AUC stage2 - init reasoner",
-               f"{_d(a['doc_auc:stage2-init'])} (init {_r(a['doc_auc']['stage1_2_init'])})",
-               "(reported)", None))
+        rows.append(
+          (
+            f"b. {label} R@{at} stage2 - {text}",
+            f"{_d(p[group][f'{key}:stage2-{name}'])} ({text} {_r(r[name])})",
+            "(reported)",
+            None,
+          )
+        )
+  rows.append(("c. lens doc-piece AUC (stage2)", _r(a["doc_auc"]["stage2"]), "(reported)", None))
+  rows.append(
+    (
+      "c. lens AUC stage2 - permutation null",
+      f"{_d(a['doc_auc:stage2-null'])} (null {_r(a['doc_auc']['null'])})",
+      "diff > 0",
+      _above_zero(a["doc_auc:stage2-null"]),
+    )
+  )
+  rows.append(
+    (
+      "c. lens AUC stage2 - init reasoner",
+      f"{_d(a['doc_auc:stage2-init'])} (init {_r(a['doc_auc']['stage1_2_init'])})",
+      "(reported)",
+      None,
+    )
+  )
   return rows

@@ -36,6 +36,7 @@ class Variant:
   """A stage1 variant: overrides of the pretrained recipe's stage1 config, and whether the
   training rows gain one restatement row per document (`real_data.restatement_rows`;
   None: as the recipe's data plan has it)."""
+
   overrides: Dict[str, Any]
   restate: Optional[bool] = False
 
@@ -43,33 +44,38 @@ class Variant:
 # Every variant but `recipe` names all of its compression settings, so that it keeps its
 # meaning when the recipe's own (`real_data.STAGE1_SETTINGS`) change; `paper` is the
 # paper's: final states as memories, MSE alignment 0.1.
-_PAPER = {"clara.memory_scale": "none", "clara.mse_weight": 0.1,
-          "clara.lexical_weight": 0.0, "optimizer.lr": 1e-3}
+_PAPER = {
+  "clara.memory_scale": "none",
+  "clara.mse_weight": 0.1,
+  "clara.lexical_weight": 0.0,
+  "optimizer.lr": 1e-3,
+}
 _SCALED = {**_PAPER, "clara.memory_scale": "embedding", "clara.mse_weight": 0.0}
 _LEXICAL = {**_SCALED, "optimizer.lr": 3e-3, "clara.lexical_weight": 1.0}
 VARIANTS: Dict[str, Variant] = {
-    "recipe": Variant({}, restate=None),
-    "paper": Variant(_PAPER),
-    "scaled": Variant(_SCALED),
-    "scaled_lr3e-3": Variant({**_SCALED, "optimizer.lr": 3e-3}),
-    "no_mse_lr3e-3": Variant({**_PAPER, "clara.mse_weight": 0.0, "optimizer.lr": 3e-3}),
-    "restate": Variant({**_SCALED, "optimizer.lr": 3e-3}, restate=True),
-    "lexical": Variant(_LEXICAL),
-    "restate_lexical": Variant(_LEXICAL, restate=True),
+  "recipe": Variant({}, restate=None),
+  "paper": Variant(_PAPER),
+  "scaled": Variant(_SCALED),
+  "scaled_lr3e-3": Variant({**_SCALED, "optimizer.lr": 3e-3}),
+  "no_mse_lr3e-3": Variant({**_PAPER, "clara.mse_weight": 0.0, "optimizer.lr": 3e-3}),
+  "restate": Variant({**_SCALED, "optimizer.lr": 3e-3}, restate=True),
+  "lexical": Variant(_LEXICAL),
+  "restate_lexical": Variant(_LEXICAL, restate=True),
 }
 DEV_ROWS = 96
 
 
-def split_pool(docs: Sequence[str], dev_rows: int, seed: int = 0
-               ) -> Tuple[List[int], List[int]]:
+def split_pool(docs: Sequence[str], dev_rows: int, seed: int = 0) -> Tuple[List[int], List[int]]:
   """(training row indices in file order, dev row indices) of rows whose documents are
   `docs` [R]: `dev_rows` distinct documents drawn with a seeded permutation, one row each
   (its first); no row of a dev document is trained on (a document may recur in rows with
   other questions)."""
   unique = list(dict.fromkeys(docs))
   if not 0 < dev_rows < len(unique):
-    raise ValueError(f"dev_rows must be in [1, {len(unique) - 1}] for a pool of "
-                     f"{len(unique)} distinct documents, got {dev_rows}")
+    raise ValueError(
+      f"dev_rows must be in [1, {len(unique) - 1}] for a pool of "
+      f"{len(unique)} distinct documents, got {dev_rows}"
+    )
   order = np.random.default_rng(seed).permutation(len(unique))
   held = [unique[i] for i in order[-dev_rows:]]
   first = {}
@@ -85,12 +91,13 @@ def memory_spread(memories_mnh: np.ndarray) -> Dict[str, float]:
   unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
   m = len(flat)
   cosine = ((unit @ unit.T).sum() - m) / (m * (m - 1))
-  off_mean = ((flat - flat.mean(0)) ** 2).sum() / (flat ** 2).sum()
+  off_mean = ((flat - flat.mean(0)) ** 2).sum() / (flat**2).sum()
   return {"memory_cosine": float(cosine), "variance_off_mean": float(off_mean)}
 
 
-def dev_losses(export_dir: str, examples: Dict[str, np.ndarray], n_mem: int,
-               memory_scale: str, batch: int = 8) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def dev_losses(
+  export_dir: str, examples: Dict[str, np.ndarray], n_mem: int, memory_scale: str, batch: int = 8
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(CE per row from its own document's memories [R], from the next row's document's
   [R], the memories [R, n_mem, H]) of stage1 examples (`Featurizer` arrays, R rows)."""
   import jax
@@ -99,6 +106,7 @@ def dev_losses(export_dir: str, examples: Dict[str, np.ndarray], n_mem: int,
   from clara_jax.model import clara
   from clara_jax.model.decoder import Decoder
   from clara_jax.weights.export import load_params
+
   cfg, params = load_params(export_dir)
   model = Decoder(cfg)
   compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem, clara.COMPRESSOR))
@@ -106,52 +114,80 @@ def dev_losses(export_dir: str, examples: Dict[str, np.ndarray], n_mem: int,
   @jax.jit
   def per_row(p, tokens, mask, slots, mem, answer_mask):
     one = lambda t, m, s, mm, a: clara.generator_loss(
-        model, p, t[None], m[None], s[None], mm[None, None], a[None],
-        memory_scale=memory_scale)[0]
+      model, p, t[None], m[None], s[None], mm[None, None], a[None], memory_scale=memory_scale
+    )[0]
     return jax.vmap(one)(tokens, mask, slots, mem, answer_mask)
 
   rows = len(examples["gen_tokens"])
   spans = [slice(i, min(i + batch, rows)) for i in range(0, rows, batch)]
-  mem = np.concatenate([np.asarray(compress(params, examples["doc_tokens"][s],
-                                            examples["doc_mask"][s])) for s in spans])
+  mem = np.concatenate(
+    [
+      np.asarray(compress(params, examples["doc_tokens"][s], examples["doc_mask"][s]))
+      for s in spans
+    ]
+  )
   other = np.roll(mem, -1, axis=0)
 
   def losses(memories):
-    return np.concatenate([np.asarray(per_row(
-        params, examples["gen_tokens"][s], examples["gen_mask"][s],
-        examples["slot_positions"][s], jnp.asarray(memories[s]), examples["answer_mask"][s]))
-        for s in spans])
+    return np.concatenate(
+      [
+        np.asarray(
+          per_row(
+            params,
+            examples["gen_tokens"][s],
+            examples["gen_mask"][s],
+            examples["slot_positions"][s],
+            jnp.asarray(memories[s]),
+            examples["answer_mask"][s],
+          )
+        )
+        for s in spans
+      ]
+    )
 
   return losses(mem), losses(other), mem
 
 
-def summarize(own: np.ndarray, other: np.ndarray, memories: np.ndarray,
-              is_qa: np.ndarray, seed: int = 0) -> Dict[str, Any]:
+def summarize(
+  own: np.ndarray, other: np.ndarray, memories: np.ndarray, is_qa: np.ndarray, seed: int = 0
+) -> Dict[str, Any]:
   """The dev record of per-row CEs [R] from own / another document's memories and the
   memories [R, n_mem, H]: the QA rows' memory gain (the headline, with its bootstrap
   interval), the restatement rows' (`memory_gain_restate`), and the spread of the QA
   rows' memories (one row per dev document)."""
   from clara_jax.eval import stats
+
   gain = other - own
-  out = {"rows": int(is_qa.sum()), "ce_own": float(own[is_qa].mean()),
-         "ce_other": float(other[is_qa].mean()),
-         "memory_gain": stats.bootstrap_ci(gain[is_qa].tolist(), seed=seed),
-         **memory_spread(memories[is_qa])}
+  out = {
+    "rows": int(is_qa.sum()),
+    "ce_own": float(own[is_qa].mean()),
+    "ce_other": float(other[is_qa].mean()),
+    "memory_gain": stats.bootstrap_ci(gain[is_qa].tolist(), seed=seed),
+    **memory_spread(memories[is_qa]),
+  }
   if (~is_qa).any():
     out["memory_gain_restate"] = stats.bootstrap_ci(gain[~is_qa].tolist(), seed=seed)
   return out
 
 
-def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smollm2",
-        dev_rows: int = DEV_ROWS, seed: int = 0, quick: bool = False,
-        log: Callable[[str], None] = print) -> Dict[str, Any]:
+def run(
+  data_dir: str,
+  workdir: str,
+  variant: str,
+  steps: int,
+  base: str = "smollm2",
+  dev_rows: int = DEV_ROWS,
+  seed: int = 0,
+  quick: bool = False,
+  log: Callable[[str], None] = print,
+) -> Dict[str, Any]:
   """Prepares the data and base (as `real-data --base` does), trains the variant's stage1
   on the pool minus the dev rows, measures it on them; returns and writes the record."""
-  from clara_jax import demo, real_data
+  from clara_jax import demo, paths, real_data
   from clara_jax.data import formats
   from clara_jax.data.features import FeatureConfig, Featurizer
-  from clara_jax import paths
   from clara_jax.data.tokenizer import load_tokenizer
+
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
   workdir = str(paths.path(workdir))
@@ -160,8 +196,9 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   plan = dataclasses.replace(recipe_plan, restate_stage1=False)
   real_data.prepare_data(str(paths.path(data_dir)), workdir, plan, log)
   dirs = real_data.data_dirs(workdir)
-  recipe = real_data.pretrained_recipe(quick, plan, dirs, real_data.BASES.get(base, "tiny"),
-                                       paths.join(workdir, "memories"))
+  recipe = real_data.pretrained_recipe(
+    quick, plan, dirs, real_data.BASES.get(base, "tiny"), paths.join(workdir, "memories")
+  )
   num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
   real_data.import_base(base, workdir, num_mem, log)
   recipe = real_data.fit_recipe(recipe, workdir, dirs, log)
@@ -186,32 +223,50 @@ def run(data_dir: str, workdir: str, variant: str, steps: int, base: str = "smol
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   export = paths.join(workdir, "stage1", "export")
   tok = load_tokenizer(export, config.tokenizer.num_mem_tokens)
-  featurize = Featurizer(tok, FeatureConfig(
-      stage="stage1", n_mem=n_mem, doc_max_length=config.clara.doc_max_length,
-      prompt_length=config.data.prompt_length, answer_length=config.data.answer_length,
-      prompt_style=config.data.prompt_style), seed=seed)
+  featurize = Featurizer(
+    tok,
+    FeatureConfig(
+      stage="stage1",
+      n_mem=n_mem,
+      doc_max_length=config.clara.doc_max_length,
+      prompt_length=config.data.prompt_length,
+      answer_length=config.data.answer_length,
+      prompt_style=config.data.prompt_style,
+    ),
+    seed=seed,
+  )
   # Each dev document is read twice: its QA row, and a restatement of it (is the
   # document itself in the memories, whatever its questions ask?).
   dev_rows = [rows[i] for i in dev_idx]
   dev_rows += real_data.restatement_rows(dev_rows)
   examples = [featurize(row, i) for i, row in enumerate(dev_rows)]
-  arrays = {k: np.stack([e[k] for e in examples]) for k in
-            ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions",
-             "answer_mask")}
+  arrays = {
+    k: np.stack([e[k] for e in examples])
+    for k in ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions", "answer_mask")
+  }
   arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
   own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
   is_qa = np.array([row["data_type"] == "qa" for row in dev_rows])
-  record = {"variant": variant, "overrides": spec.overrides, "restate": restate,
-            "steps": steps, "seed": seed, "base": base,
-            "train_rows": len(real_data.read_jsonl(paths.join(source, "train.jsonl"))),
-            "dev": summarize(own, other, memories, is_qa, seed), "last_train_metrics": metrics}
+  record = {
+    "variant": variant,
+    "overrides": spec.overrides,
+    "restate": restate,
+    "steps": steps,
+    "seed": seed,
+    "base": base,
+    "train_rows": len(real_data.read_jsonl(paths.join(source, "train.jsonl"))),
+    "dev": summarize(own, other, memories, is_qa, seed),
+    "last_train_metrics": metrics,
+  }
   paths.write_json(paths.join(workdir, "study.json"), record)
   gain = record["dev"]["memory_gain"]
   restate = record["dev"]["memory_gain_restate"]
-  log(f"[   study] {variant} at {steps} steps, {len(dev_idx)} dev documents: memory gain "
-      f"{gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on their QA "
-      f"rows, {restate['mean']:+.3f} [{restate['lo']:+.3f}, {restate['hi']:+.3f}] on "
-      f"restating them; memory cosine {record['dev']['memory_cosine']:.4f}")
+  log(
+    f"[   study] {variant} at {steps} steps, {len(dev_idx)} dev documents: memory gain "
+    f"{gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on their QA "
+    f"rows, {restate['mean']:+.3f} [{restate['lo']:+.3f}, {restate['hi']:+.3f}] on "
+    f"restating them; memory cosine {record['dev']['memory_cosine']:.4f}"
+  )
   return record
 
 
@@ -225,8 +280,7 @@ def main(argv: Sequence[str] = None) -> int:
   parser.add_argument("--dev_rows", type=int, default=DEV_ROWS)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
-  run(args.data_dir, args.workdir, args.variant, args.steps, args.base, args.dev_rows,
-      args.seed)
+  run(args.data_dir, args.workdir, args.variant, args.steps, args.base, args.dev_rows, args.seed)
   return 0
 
 

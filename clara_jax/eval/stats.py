@@ -15,9 +15,13 @@ import numpy as np
 NUM_RESAMPLES = 2000
 
 
-def bootstrap_ci(values: Sequence[float], seed: int = 0, num_resamples: int = NUM_RESAMPLES,
-                 level: float = 0.95, clusters: Optional[Sequence[Hashable]] = None
-                 ) -> Optional[Dict[str, float]]:
+def bootstrap_ci(
+  values: Sequence[float],
+  seed: int = 0,
+  num_resamples: int = NUM_RESAMPLES,
+  level: float = 0.95,
+  clusters: Optional[Sequence[Hashable]] = None,
+) -> Optional[Dict[str, float]]:
   """{"mean", "lo", "hi", "n"}: the mean of `values` [Q] and the percentile bootstrap
   interval of that mean at `level`; None for no values. One value gives lo = hi = it.
 
@@ -32,8 +36,7 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, num_resamples: int = NU
     means = x[rng.integers(0, x.size, (num_resamples, x.size))].mean(axis=1)
   else:
     if len(clusters) != len(values):
-      raise ValueError(f"clusters needs one label per value, got {len(clusters)} for "
-                       f"{len(values)}")
+      raise ValueError(f"clusters needs one label per value, got {len(clusters)} for {len(values)}")
     labels = {c: j for j, c in enumerate(dict.fromkeys(clusters[i] for i in keep))}
     of = np.asarray([labels[clusters[i]] for i in keep])
     sums = np.bincount(of, weights=x, minlength=len(labels))
@@ -45,10 +48,13 @@ def bootstrap_ci(values: Sequence[float], seed: int = 0, num_resamples: int = NU
   return {"mean": float(x.mean()), "lo": float(lo), "hi": float(hi), "n": int(x.size)}
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float], seed: int = 0,
-                      num_resamples: int = NUM_RESAMPLES,
-                      clusters: Optional[Sequence[Hashable]] = None
-                      ) -> Optional[Dict[str, float]]:
+def paired_difference(
+  a: Sequence[float],
+  b: Sequence[float],
+  seed: int = 0,
+  num_resamples: int = NUM_RESAMPLES,
+  clusters: Optional[Sequence[Hashable]] = None,
+) -> Optional[Dict[str, float]]:
   """Bootstrap interval of mean(a - b) over the questions where both are known; a and b
   [Q] are aligned per question (None marks a missing value); `clusters` as in
   `bootstrap_ci`."""

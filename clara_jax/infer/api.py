@@ -33,6 +33,7 @@ from clara_jax.weights.export import load_params
 @dataclasses.dataclass
 class Timings:
   """Accumulated milliseconds per phase (for per-question latency reports)."""
+
   compress_ms: float = 0.0
   query_ms: float = 0.0
   decode_ms: float = 0.0
@@ -41,6 +42,7 @@ class Timings:
 @dataclasses.dataclass
 class Truncations:
   """Texts cut to the encoder's length so far (each cut is also logged as it happens)."""
+
   documents: int = 0
   questions: int = 0
 
@@ -48,9 +50,18 @@ class Truncations:
 class ClaraModel:
   """Compressor, reasoner and generator of one exported checkpoint."""
 
-  def __init__(self, cfg: DecoderConfig, params, tokenizer: ClaraTokenizer, doc_max_length: int,
-               compr_rate: int, question_max_length: int = 64, doc_batch: int = 32,
-               prompt_style: str = "reference", memory_scale: str = "none"):
+  def __init__(
+    self,
+    cfg: DecoderConfig,
+    params,
+    tokenizer: ClaraTokenizer,
+    doc_max_length: int,
+    compr_rate: int,
+    question_max_length: int = 64,
+    doc_batch: int = 32,
+    prompt_style: str = "reference",
+    memory_scale: str = "none",
+  ):
     clara.check_memory_scale(memory_scale)
     self.cfg, self.params, self.tok = cfg, params, tokenizer
     self.prompt_style, self.memory_scale = prompt_style, memory_scale
@@ -73,16 +84,21 @@ class ClaraModel:
 
     def nll_per_example(p, tokens, mask, slots, memories, answer_mask):
       one = lambda t, m, s, mem, a: clara.generator_loss(
-          model, p, t[None], m[None], s[None], mem[None], a[None],
-          memory_scale=memory_scale)[0]
+        model, p, t[None], m[None], s[None], mem[None], a[None], memory_scale=memory_scale
+      )[0]
       return jax.vmap(one)(tokens, mask, slots, memories, answer_mask)
 
     self._answer_nll = jax.jit(nll_per_example)
 
   @classmethod
-  def load(cls, export_dir: str, doc_max_length: Optional[int] = None,
-           compr_rate: Optional[int] = None, dtype: Optional[str] = None,
-           **kw) -> "ClaraModel":
+  def load(
+    cls,
+    export_dir: str,
+    doc_max_length: Optional[int] = None,
+    compr_rate: Optional[int] = None,
+    dtype: Optional[str] = None,
+    **kw,
+  ) -> "ClaraModel":
     """Loads an export; lengths default to those recorded by training (clara.json).
     `dtype` ("bfloat16", "float32") sets the compute dtype; parameters keep theirs."""
     recorded = {}
@@ -104,37 +120,50 @@ class ClaraModel:
     tok = load_tokenizer(tok_path, cfg.num_extra_tokens - 3)
     if tok.num_mem_tokens < n_mem:
       raise ValueError(
-          f"{export_dir}: doc_max_length {doc_max_length} / compr_rate {compr_rate} need "
-          f"{n_mem} memory tokens, but the export's tokenizer has {tok.num_mem_tokens} "
-          f"(trained with doc_max_length {recorded.get('doc_max_length', '?')} / "
-          f"compr_rate {recorded.get('compr_rate', '?')}: pass lengths that give at most "
-          f"{tok.num_mem_tokens})")
+        f"{export_dir}: doc_max_length {doc_max_length} / compr_rate {compr_rate} need "
+        f"{n_mem} memory tokens, but the export's tokenizer has {tok.num_mem_tokens} "
+        f"(trained with doc_max_length {recorded.get('doc_max_length', '?')} / "
+        f"compr_rate {recorded.get('compr_rate', '?')}: pass lengths that give at most "
+        f"{tok.num_mem_tokens})"
+      )
     return cls(cfg, params, tok, doc_max_length, compr_rate, **kw)
 
   # --- encoders -------------------------------------------------------------------
   def _encode_texts(self, texts: Sequence[str], max_len: int, kind: str):
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
-    tokens, mask, cut = packing.pack_encoder(ids, max_len + 3, self.tok.mem_ids[:self.n_mem],
-                                             self.tok.enc_id, self.tok.bos_id,
-                                             self.tok.eos_id, self.tok.pad_id)
+    tokens, mask, cut = packing.pack_encoder(
+      ids,
+      max_len + 3,
+      self.tok.mem_ids[: self.n_mem],
+      self.tok.enc_id,
+      self.tok.bos_id,
+      self.tok.eos_id,
+      self.tok.pad_id,
+    )
     if cut:
       # What the compressor or reasoner never saw changes its memories: say so.
       setattr(self.truncations, kind, getattr(self.truncations, kind) + cut)
       longest = max(len(i) for i in ids)
-      logging.warning("%d of %d %s are longer than %d tokens (the longest: %d) and were "
-                      "cut to fit", cut, len(ids), kind, max_len, longest)
+      logging.warning(
+        "%d of %d %s are longer than %d tokens (the longest: %d) and were cut to fit",
+        cut,
+        len(ids),
+        kind,
+        max_len,
+        longest,
+      )
     return tokens, mask
 
   def _batched(self, fn, tokens, mask):
     """Runs fn over fixed-size chunks (padded) so one compiled program serves all."""
     out, n, size = [], len(tokens), self.doc_batch
     for start in range(0, n, size):
-      t, m = tokens[start:start + size], mask[start:start + size]
+      t, m = tokens[start : start + size], mask[start : start + size]
       pad = size - len(t)
       if pad:
         t = np.concatenate([t, np.repeat(t[-1:], pad, 0)])
         m = np.concatenate([m, np.repeat(m[-1:], pad, 0)])
-      out.append(np.asarray(fn(self.params, t, m))[:size - pad])
+      out.append(np.asarray(fn(self.params, t, m))[: size - pad])
     return np.concatenate(out) if out else np.zeros((0, self.n_mem, self.cfg.hidden_size))
 
   def use_memory_cache(self, cache) -> "ClaraModel":
@@ -191,73 +220,102 @@ class ClaraModel:
       self._prefixes[head] = prefix_cache(self.params, self.cfg, np.asarray(head, np.int32))
     return self._prefixes[head], [p[cut:] for p in prompts]
 
-  def generate_turns(self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int,
-                max_new_tokens: int) -> List[str]:
+  def generate_turns(
+    self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int, max_new_tokens: int
+  ) -> List[str]:
     """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
     start = time.perf_counter()
-    prompts = [self.tok.encode_prompt(user, system)
-               for system, user in turns]
+    prompts = [self.tok.encode_prompt(user, system) for system, user in turns]
     prefix, prompts = self._split_head(prompts)
     length = bucket_length(max(len(p) for p in prompts))
-    arrays, _ = packing.pack_generator(prompts, [[]] * len(prompts), length, 1,
-                                       self.tok.mem_ids[:self.n_mem], k, self.tok.eos_id,
-                                       self.tok.pad_id)
+    arrays, _ = packing.pack_generator(
+      prompts,
+      [[]] * len(prompts),
+      length,
+      1,
+      self.tok.mem_ids[: self.n_mem],
+      k,
+      self.tok.eos_id,
+      self.tok.pad_id,
+    )
     b = len(prompts)
     padded_b = bucket_length(b, (1, 2, 4, 8, 16, 32, 64))
+
     def pad(x):
       return np.concatenate([x, np.repeat(x[-1:], padded_b - b, 0)]) if padded_b > b else x
-    tokens, _ = generate(self.params, self.cfg, pad(arrays["gen_tokens"][:, :length]),
-                         pad(arrays["gen_mask"][:, :length]), pad(arrays["slot_positions"]),
-                         pad(np.asarray(memories)), max_new_tokens=max_new_tokens,
-                         eos_id=self.tok.eos_id, memory_scale=self.memory_scale,
-                         prefix=prefix)
+
+    tokens, _ = generate(
+      self.params,
+      self.cfg,
+      pad(arrays["gen_tokens"][:, :length]),
+      pad(arrays["gen_mask"][:, :length]),
+      pad(arrays["slot_positions"]),
+      pad(np.asarray(memories)),
+      max_new_tokens=max_new_tokens,
+      eos_id=self.tok.eos_id,
+      memory_scale=self.memory_scale,
+      prefix=prefix,
+    )
     tokens = np.asarray(tokens)[:b]
     out = []
     for row in tokens:
       row = row.tolist()
       if self.tok.eos_id in row:
-        row = row[:row.index(self.tok.eos_id)]
+        row = row[: row.index(self.tok.eos_id)]
       out.append(self.tok.decode(row, skip_special=True).strip())
     self.timings.decode_ms += 1e3 * (time.perf_counter() - start)
     return out
 
-  def answer_nll(self, turns: List[Tuple[str, str]], answers: Sequence[str],
-                 memories: np.ndarray, k: int) -> np.ndarray:
+  def answer_nll(
+    self, turns: List[Tuple[str, str]], answers: Sequence[str], memories: np.ndarray, k: int
+  ) -> np.ndarray:
     """Teacher-forced answer loss: mean NLL (nats) per answer token (incl. eos) of each
     answer [B], given memories [B, k, n_mem, H] in the turns' k slots."""
-    prompts = [self.tok.encode_prompt(user, system)
-               for system, user in turns]
+    prompts = [self.tok.encode_prompt(user, system) for system, user in turns]
     answer_ids = [self.tok.encode(a, parse_special=False) for a in answers]
     length = bucket_length(max(len(p) for p in prompts))
     answer_len = bucket_length(max(len(a) for a in answer_ids) + 1, (8, 16, 32, 64, 128))
-    arrays, _ = packing.pack_generator(prompts, answer_ids, length, answer_len,
-                                       self.tok.mem_ids[:self.n_mem], k, self.tok.eos_id,
-                                       self.tok.pad_id)
+    arrays, _ = packing.pack_generator(
+      prompts,
+      answer_ids,
+      length,
+      answer_len,
+      self.tok.mem_ids[: self.n_mem],
+      k,
+      self.tok.eos_id,
+      self.tok.pad_id,
+    )
     out = []
     for start in range(0, len(prompts), self.doc_batch):
-      part = {key: v[start:start + self.doc_batch] for key, v in arrays.items()}
+      part = {key: v[start : start + self.doc_batch] for key, v in arrays.items()}
       b = len(part["gen_tokens"])
-      pad = lambda x: (np.concatenate([x, np.repeat(x[-1:], self.doc_batch - b, 0)])
-                       if b < self.doc_batch else x)
-      nll = self._answer_nll(self.params, pad(part["gen_tokens"]), pad(part["gen_mask"]),
-                             pad(part["slot_positions"]),
-                             pad(np.asarray(memories[start:start + self.doc_batch])),
-                             pad(part["answer_mask"]))
+      pad = lambda x, b=b: (
+        np.concatenate([x, np.repeat(x[-1:], self.doc_batch - b, 0)]) if b < self.doc_batch else x
+      )
+      nll = self._answer_nll(
+        self.params,
+        pad(part["gen_tokens"]),
+        pad(part["gen_mask"]),
+        pad(part["slot_positions"]),
+        pad(np.asarray(memories[start : start + self.doc_batch])),
+        pad(part["answer_mask"]),
+      )
       out.append(np.asarray(nll)[:b])
     return np.concatenate(out)
 
-  def generate_from_paraphrase(self, docs: Sequence[str], max_new_tokens: int = 64,
-                               instruction: int = 0) -> List[str]:
+  def generate_from_paraphrase(
+    self, docs: Sequence[str], max_new_tokens: int = 64, instruction: int = 0
+  ) -> List[str]:
     """stage1: reconstruct each document from its memories."""
     mem = self.compress_documents(docs)[:, None]
     slots = templates.memory_slots(self.n_mem, 1)
     user = templates.PARAPHRASE_INSTRUCTIONS[instruction].format(docs=slots)
     system = "" if self.prompt_style == "short" else templates.PARAPHRASE_SYSTEM
-    return self.generate_turns([(system, user)] * len(docs), mem, 1,
-                          max_new_tokens)
+    return self.generate_turns([(system, user)] * len(docs), mem, 1, max_new_tokens)
 
-  def generate_from_documents(self, questions: Sequence[str], docs: Sequence[Sequence[str]],
-                              max_new_tokens: int = 64) -> List[str]:
+  def generate_from_documents(
+    self, questions: Sequence[str], docs: Sequence[Sequence[str]], max_new_tokens: int = 64
+  ) -> List[str]:
     """stage1_2: answer each question from its given documents' memories."""
     k = len(docs[0])
     if any(len(d) != k for d in docs):
@@ -267,17 +325,22 @@ class ClaraModel:
     turns = [templates.answer_turn(q, self.n_mem, k, self.prompt_style) for q in questions]
     return self.generate_turns(turns, mem, k, max_new_tokens)
 
-  def retrieve(self, questions: Sequence[str], doc_mem: np.ndarray, k: int
-               ) -> Tuple[np.ndarray, np.ndarray]:
+  def retrieve(
+    self, questions: Sequence[str], doc_mem: np.ndarray, k: int
+  ) -> Tuple[np.ndarray, np.ndarray]:
     """Reasoner top-k over candidate memories [B, N, n_mem, H]: (indices, scores)."""
     q_mem = self.reason(questions)
     scores = np.asarray(clara.score(jnp.asarray(q_mem), jnp.asarray(doc_mem)))
     order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
     return order, scores
 
-  def generate_from_questions(self, questions: Sequence[str],
-                              candidates: Sequence[Sequence[str]], k: int = 5,
-                              max_new_tokens: int = 64) -> Tuple[List[str], np.ndarray]:
+  def generate_from_questions(
+    self,
+    questions: Sequence[str],
+    candidates: Sequence[Sequence[str]],
+    k: int = 5,
+    max_new_tokens: int = 64,
+  ) -> Tuple[List[str], np.ndarray]:
     """stage2: compress the candidates, retrieve k with the reasoner, answer.
 
     Returns (answers, chosen candidate indices [B, k], best first).

@@ -27,8 +27,7 @@ from clara_jax.model.decoder import Decoder, KVCache, cache_length, init_cache
 Array = jax.Array
 
 
-def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)
-                  ) -> int:
+def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)) -> int:
   """The smallest bucket that holds `length` (a multiple of the largest beyond it)."""
   for b in buckets:
     if length <= b:
@@ -68,27 +67,48 @@ def prefix_cache(params, cfg: DecoderConfig, prefix_tokens_p: Array) -> KVCache:
   of batch 1 and length P0 for `generate(..., prefix=)`."""
   model = Decoder(cfg)
   cache = init_cache(cfg, 1, prefix_tokens_p.shape[0])
-  out = model.apply({"params": params}, prefix_tokens_p[None], adapter=clara.GENERATOR,
-                    cache=cache, cache_index=jnp.zeros(1, jnp.int32))
+  out = model.apply(
+    {"params": params},
+    prefix_tokens_p[None],
+    adapter=clara.GENERATOR,
+    cache=cache,
+    cache_index=jnp.zeros(1, jnp.int32),
+  )
   return out.cache
 
 
 def _with_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
   """`cache` [..., B, T, kv, d] with positions [0, P0) of every row set to the batch-1
   `prefix` [..., 1, P0, kv, d] (either cache layout)."""
+
   def put(c, p):
     return jax.lax.dynamic_update_slice_in_dim(
-        c, jnp.broadcast_to(p, c.shape[:-3] + p.shape[-3:]).astype(c.dtype), 0, c.ndim - 3)
+      c, jnp.broadcast_to(p, c.shape[:-3] + p.shape[-3:]).astype(c.dtype), 0, c.ndim - 3
+    )
+
   return jax.tree_util.tree_map(put, cache, prefix)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "max_new_tokens", "eos_id",
-                                              "temperature", "top_p", "memory_scale"))
-def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
-             slot_positions_bs: Array, memories_bkmh: Array, *, max_new_tokens: int,
-             eos_id: int, temperature: float = 0.0, top_p: float = 1.0,
-             rng: Optional[Array] = None, memory_scale: str = "none",
-             prefix: Optional[KVCache] = None):
+@functools.partial(
+  jax.jit,
+  static_argnames=("cfg", "max_new_tokens", "eos_id", "temperature", "top_p", "memory_scale"),
+)
+def generate(
+  params,
+  cfg: DecoderConfig,
+  tokens_bt: Array,
+  mask_bt: Array,
+  slot_positions_bs: Array,
+  memories_bkmh: Array,
+  *,
+  max_new_tokens: int,
+  eos_id: int,
+  temperature: float = 0.0,
+  top_p: float = 1.0,
+  rng: Optional[Array] = None,
+  memory_scale: str = "none",
+  prefix: Optional[KVCache] = None,
+):
   """Generates up to `max_new_tokens` per row after the prompt.
 
   Args:
@@ -106,15 +126,25 @@ def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
   model = Decoder(cfg)
   b = tokens_bt.shape[0]
   tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
-  embeddings = clara.generator_inputs(model, params, tokens, slots,
-                                      memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
-                                      memory_scale)
+  embeddings = clara.generator_inputs(
+    model,
+    params,
+    tokens,
+    slots,
+    memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
+    memory_scale,
+  )
   p0 = 0 if prefix is None else cache_length(prefix)
   cache = init_cache(cfg, b, p0 + tokens.shape[1] + max_new_tokens)
   if prefix is not None:
     cache = _with_prefix(cache, prefix)
-  out = model.apply({"params": params}, embeddings=embeddings, adapter=clara.GENERATOR,
-                    cache=cache, cache_index=jnp.full(b, p0, jnp.int32))
+  out = model.apply(
+    {"params": params},
+    embeddings=embeddings,
+    adapter=clara.GENERATOR,
+    cache=cache,
+    cache_index=jnp.full(b, p0, jnp.int32),
+  )
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   filled = p0 + lengths  # valid cache entries of each row after its prompt
   rng = jax.random.key(0) if rng is None else rng
@@ -132,16 +162,21 @@ def generate(params, cfg: DecoderConfig, tokens_bt: Array, mask_bt: Array,
 
   def body(carry):
     step, cache, generated, token, done = carry
-    out = model.apply({"params": params}, token[:, None], adapter=clara.GENERATOR,
-                      cache=cache, cache_index=filled + step - 1)
-    nxt = _sample(logits_of(out.hidden[:, 0]), jax.random.fold_in(rng, step), temperature,
-                  top_p)
+    out = model.apply(
+      {"params": params},
+      token[:, None],
+      adapter=clara.GENERATOR,
+      cache=cache,
+      cache_index=filled + step - 1,
+    )
+    nxt = _sample(logits_of(out.hidden[:, 0]), jax.random.fold_in(rng, step), temperature, top_p)
     nxt = jnp.where(done, eos_id, nxt)
     generated = generated.at[:, step].set(nxt)
     return step + 1, out.cache, generated, nxt, done | (nxt == eos_id)
 
   _, _, generated, _, _ = jax.lax.while_loop(
-      cond, body, (jnp.int32(1), out.cache, generated, first, done))
+    cond, body, (jnp.int32(1), out.cache, generated, first, done)
+  )
   is_eos = generated == eos_id
   lengths_out = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
   return generated, lengths_out

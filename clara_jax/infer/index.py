@@ -129,10 +129,15 @@ def _matches(shard, ids: List[str], dtype: str, shape: Tuple[int, ...]) -> bool:
   return ("scales" in shard.files) == (dtype == "int8")
 
 
-def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[Dict],
-                out_dir: str, shard_size: int = 1024, dtype: str = DEFAULT_DTYPE,
-                progress: Optional[Callable[[int, int], None]] = None,
-                inputs: Optional[Dict] = None) -> Dict:
+def build_index(
+  compress: Callable[[Sequence[str]], np.ndarray],
+  docs: Sequence[Dict],
+  out_dir: str,
+  shard_size: int = 1024,
+  dtype: str = DEFAULT_DTYPE,
+  progress: Optional[Callable[[int, int], None]] = None,
+  inputs: Optional[Dict] = None,
+) -> Dict:
   """Compresses `docs` ({"id", "text"}) shard by shard with `compress` (texts -> [n,
   M, H]) and stores them in `dtype` (STORAGE_DTYPES). Existing complete shards are
   reused, so an interrupted build resumes.
@@ -147,18 +152,22 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
   if not docs:
     raise ValueError("no documents to index")  # an index of nothing cannot be loaded
   from clara_jax.data.formats import check_output_dir
+
   check_output_dir(out_dir)
   paths.makedirs(out_dir)
   if inputs is not None:
     from clara_jax.data import fingerprint
+
     fingerprint.check_or_record(
-        paths.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
-        dict(inputs, shard_size=shard_size, dtype=dtype), f"the index in {out_dir}")
+      paths.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
+      dict(inputs, shard_size=shard_size, dtype=dtype),
+      f"the index in {out_dir}",
+    )
   num_shards = -(-len(docs) // shard_size)
   shape: Tuple[int, ...] = ()  # (M, H), from the first shard seen
   for i in range(num_shards):
     path = _shard_path(out_dir, i)
-    chunk = docs[i * shard_size:(i + 1) * shard_size]
+    chunk = docs[i * shard_size : (i + 1) * shard_size]
     ids = [str(d["id"]) for d in chunk]
     if paths.exists(path):
       with _read_npz(path) as done:
@@ -167,8 +176,10 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
           continue
     memories = np.asarray(compress([d["text"] for d in chunk]))
     if memories.ndim != 3 or len(memories) != len(chunk):
-      raise ValueError(f"compress returned shape {memories.shape} for {len(chunk)} "
-                       "documents; expected [n, n_mem, hidden]")
+      raise ValueError(
+        f"compress returned shape {memories.shape} for {len(chunk)} "
+        "documents; expected [n, n_mem, hidden]"
+      )
     shape = memories.shape[1:]
     buffer = io.BytesIO()
     np.savez(buffer, ids=np.asarray(ids), **encode(memories, dtype))
@@ -176,9 +187,15 @@ def build_index(compress: Callable[[Sequence[str]], np.ndarray], docs: Sequence[
     if progress is not None:
       progress(i + 1, num_shards)
   n_mem, hidden = (int(s) for s in shape)
-  meta = {"num_docs": len(docs), "num_shards": num_shards, "shard_size": shard_size,
-          "dtype": dtype, "n_mem": n_mem, "hidden": hidden,
-          "bytes_per_doc": bytes_per_doc(n_mem, hidden, dtype)}
+  meta = {
+    "num_docs": len(docs),
+    "num_shards": num_shards,
+    "shard_size": shard_size,
+    "dtype": dtype,
+    "n_mem": n_mem,
+    "hidden": hidden,
+    "bytes_per_doc": bytes_per_doc(n_mem, hidden, dtype),
+  }
   paths.write_text(paths.join(out_dir, INDEX_FILE), json.dumps(meta))
   return meta
 
@@ -189,8 +206,9 @@ def read_meta(out_dir: str) -> Dict:
   finish."""
   path = paths.join(out_dir, INDEX_FILE)
   if not paths.exists(path):
-    raise FileNotFoundError(f"{path}: missing; the index build did not finish (or "
-                            f"{out_dir} is not an index)")
+    raise FileNotFoundError(
+      f"{path}: missing; the index build did not finish (or {out_dir} is not an index)"
+    )
   meta = paths.read_json(path)
   if "n_mem" not in meta or "dtype" not in meta:
     with _read_npz(_shard_path(out_dir, 0)) as shard:
@@ -198,8 +216,7 @@ def read_meta(out_dir: str) -> Dict:
       meta.setdefault("dtype", str(memories.dtype))
       meta["n_mem"], meta["hidden"] = (int(s) for s in memories.shape[1:])
   check_dtype(meta["dtype"])
-  meta.setdefault("bytes_per_doc", bytes_per_doc(meta["n_mem"], meta["hidden"],
-                                                 meta["dtype"]))
+  meta.setdefault("bytes_per_doc", bytes_per_doc(meta["n_mem"], meta["hidden"], meta["dtype"]))
   return meta
 
 
@@ -227,6 +244,7 @@ def read_shards(out_dir: str) -> Tuple[List[str], np.ndarray]:
 @dataclasses.dataclass(frozen=True)
 class _Spec:
   """The static layout of a loaded index (hashable: a jit static argument)."""
+
   mesh: Mesh
   num_docs: int
   n_mem: int
@@ -262,8 +280,7 @@ class MemoryIndex:
   dequantized flattened memory; all sharded along rows. Rows past N are zero padding,
   never returned."""
 
-  def __init__(self, ids: List[str], spec: _Spec, matrix: jax.Array,
-               scales: Optional[jax.Array]):
+  def __init__(self, ids: List[str], spec: _Spec, matrix: jax.Array, scales: Optional[jax.Array]):
     self.ids = ids
     self.spec = spec
     self.n_mem, self.hidden, self.dtype = spec.n_mem, spec.hidden, spec.dtype
@@ -279,8 +296,9 @@ class MemoryIndex:
     return bytes_per_doc(self.n_mem, self.hidden, self.dtype)
 
   @classmethod
-  def load(cls, out_dir: str, mesh: Optional[Mesh] = None,
-           block: Optional[int] = None) -> "MemoryIndex":
+  def load(
+    cls, out_dir: str, mesh: Optional[Mesh] = None, block: Optional[int] = None
+  ) -> "MemoryIndex":
     """Places the index in `out_dir` on `mesh`'s devices (default: all devices), each
     device's rows read from the shards that hold them."""
     meta = read_meta(out_dir)
@@ -301,29 +319,45 @@ class MemoryIndex:
           ids[i] = [str(x) for x in npz["ids"]]
       return ids[i]
 
-    return cls._place(meta["num_docs"], meta["n_mem"], meta["hidden"], dtype, size,
-                      meta["num_shards"], shard, ids_of, mesh, block)
+    return cls._place(
+      meta["num_docs"],
+      meta["n_mem"],
+      meta["hidden"],
+      dtype,
+      size,
+      meta["num_shards"],
+      shard,
+      ids_of,
+      mesh,
+      block,
+    )
 
   @classmethod
-  def from_memories(cls, ids: Sequence[str], memories_nmh: np.ndarray,
-                    dtype: str = "float32", mesh: Optional[Mesh] = None,
-                    block: Optional[int] = None) -> "MemoryIndex":
+  def from_memories(
+    cls,
+    ids: Sequence[str],
+    memories_nmh: np.ndarray,
+    dtype: str = "float32",
+    mesh: Optional[Mesh] = None,
+    block: Optional[int] = None,
+  ) -> "MemoryIndex":
     """An index of host memories [N, M, H] stored in `dtype`, without files (tests,
     benchmarks)."""
     ids = [str(i) for i in ids]
     if memories_nmh.ndim != 3 or len(memories_nmh) != len(ids) or not ids:
-      raise ValueError(f"expected memories [N, M, H] for {len(ids)} ids, got shape "
-                       f"{memories_nmh.shape}")
+      raise ValueError(
+        f"expected memories [N, M, H] for {len(ids)} ids, got shape {memories_nmh.shape}"
+      )
     stored = encode(memories_nmh, dtype)
     values = stored["memories"].reshape(len(ids), -1)
     one = (ids, values, stored.get("scales"))
     n, n_mem, hidden = memories_nmh.shape
-    return cls._place(n, n_mem, hidden, dtype, n, 1, lambda i: one, lambda i: ids, mesh,
-                      block)
+    return cls._place(n, n_mem, hidden, dtype, n, 1, lambda i: one, lambda i: ids, mesh, block)
 
   @classmethod
-  def _place(cls, num_docs, n_mem, hidden, dtype, shard_size, num_shards, shard, ids_of,
-             mesh, block) -> "MemoryIndex":
+  def _place(
+    cls, num_docs, n_mem, hidden, dtype, shard_size, num_shards, shard, ids_of, mesh, block
+  ) -> "MemoryIndex":
     """Builds each local device's [R, D] rows from `shard(i)` = (ids, stored [n, D],
     scales [n, M] or None), the file shards of `shard_size` rows, in row order."""
     check_dtype(dtype)
@@ -335,8 +369,10 @@ class MemoryIndex:
     total = per * len(devices)
     stored_dtype = {"bfloat16": np.uint16}.get(dtype, dtype)
     rows_sharding = NamedSharding(mesh, PartitionSpec(AXIS, None))
-    placed = sorted((index[0].start or 0, device) for device, index in
-                    rows_sharding.addressable_devices_indices_map((total, dim)).items())
+    placed = sorted(
+      (index[0].start or 0, device)
+      for device, index in rows_sharding.addressable_devices_indices_map((total, dim)).items()
+    )
     values, scales = [], []
     for start, device in placed:
       buffer = np.zeros((per, dim), stored_dtype)
@@ -347,11 +383,12 @@ class MemoryIndex:
         lo, hi = max(start, i * shard_size), min(stop, (i + 1) * shard_size)
         take = slice(lo - i * shard_size, hi - i * shard_size)
         if rows.shape[1] != dim:
-          raise ValueError(f"shard {i} holds memories of {rows.shape[1]} values, the "
-                           f"index {n_mem} x {hidden}")
-        buffer[lo - start:hi - start] = rows[take]
+          raise ValueError(
+            f"shard {i} holds memories of {rows.shape[1]} values, the index {n_mem} x {hidden}"
+          )
+        buffer[lo - start : hi - start] = rows[take]
         if scale is not None:
-          scale[lo - start:hi - start] = row_scales[take]
+          scale[lo - start : hi - start] = row_scales[take]
       values.append(jax.device_put(buffer, device))
       if scale is not None:
         scales.append(jax.device_put(scale, device))
@@ -361,12 +398,12 @@ class MemoryIndex:
     matrix = jax.make_array_from_single_device_arrays((total, dim), rows_sharding, values)
     scale_array = None
     if dtype == "int8":
-      scale_array = jax.make_array_from_single_device_arrays((total, n_mem), rows_sharding,
-                                                             scales)
+      scale_array = jax.make_array_from_single_device_arrays((total, n_mem), rows_sharding, scales)
     return cls(ids, spec, matrix, scale_array)
 
-  def search(self, query_mem_bmh: np.ndarray, top_n: int, approx: bool = False,
-             recall_target: float = 0.95) -> Tuple[np.ndarray, np.ndarray]:
+  def search(
+    self, query_mem_bmh: np.ndarray, top_n: int, approx: bool = False, recall_target: float = 0.95
+  ) -> Tuple[np.ndarray, np.ndarray]:
     """Cosine top-n for query memories [B, M, H]: (doc indices [B, n], scores [B, n]),
     best first. `approx`: each device's top-n by `lax.approx_max_k` at `recall_target`
     (fast on TPU; elsewhere it is exact)."""
@@ -374,14 +411,22 @@ class MemoryIndex:
       raise ValueError(f"top_n must be at least 1, got {top_n}")
     q = np.asarray(query_mem_bmh, np.float32)
     if q.ndim != 3 or q.shape[1:] != (self.n_mem, self.hidden):
-      raise ValueError(f"query memories of shape {q.shape}; this index holds "
-                       f"[N, {self.n_mem}, {self.hidden}]")
+      raise ValueError(
+        f"query memories of shape {q.shape}; this index holds [N, {self.n_mem}, {self.hidden}]"
+      )
     b = len(q)
     padded = 1 << max(b - 1, 0).bit_length()  # one program per power-of-two batch
     q = np.concatenate([q, np.zeros((padded - b,) + q.shape[1:], np.float32)])
-    scores, idx = _search(self.matrix, self.scales, self.inv_norms, q, spec=self.spec,
-                          top_n=min(top_n, self.num_docs), approx=approx,
-                          recall_target=float(recall_target))
+    scores, idx = _search(
+      self.matrix,
+      self.scales,
+      self.inv_norms,
+      q,
+      spec=self.spec,
+      top_n=min(top_n, self.num_docs),
+      approx=approx,
+      recall_target=float(recall_target),
+    )
     return np.asarray(idx)[:b], np.asarray(scores)[:b]
 
   def memories(self, idx_bk: np.ndarray) -> np.ndarray:
@@ -407,8 +452,9 @@ def _dequantize(rows_rd, scales_rm, spec: _Spec):
     values = rows_rd.astype(jnp.float32)
   if spec.dtype == "int8":
     r = rows_rd.shape[0]
-    values = (values.reshape(r, spec.n_mem, spec.hidden) * scales_rm[:, :, None]
-              ).reshape(r, spec.dim)
+    values = (values.reshape(r, spec.n_mem, spec.hidden) * scales_rm[:, :, None]).reshape(
+      r, spec.dim
+    )
   return values
 
 
@@ -426,11 +472,9 @@ def _blocks(fn, matrix_rd, scales_rm, spec: _Spec):
     return fn(values)
 
   rows = matrix_rd.reshape(blocks, spec.block, spec.dim)
-  scales = (None if scales_rm is None
-            else scales_rm.reshape(blocks, spec.block, spec.n_mem))
+  scales = None if scales_rm is None else scales_rm.reshape(blocks, spec.block, spec.n_mem)
   if blocks == 1:
-    return jax.tree.map(lambda x: x[None], one((rows[0], None if scales is None
-                                                 else scales[0])))
+    return jax.tree.map(lambda x: x[None], one((rows[0], None if scales is None else scales[0])))
   return lax.map(one, (rows, scales))
 
 
@@ -445,13 +489,15 @@ def _inverse_norms(matrix, scales, spec: _Spec):
     sq = _blocks(lambda v: jnp.sum(v * v, axis=-1), m, s, spec).reshape(-1)
     return jnp.where(sq > 0, lax.rsqrt(jnp.maximum(sq, 1e-30)), 0.0)
 
-  return _shard_map(local, mesh=spec.mesh, in_specs=_row_specs(spec, scales),
-                    out_specs=PartitionSpec(AXIS))(matrix, scales)
+  return _shard_map(
+    local, mesh=spec.mesh, in_specs=_row_specs(spec, scales), out_specs=PartitionSpec(AXIS)
+  )(matrix, scales)
 
 
 @functools.partial(jax.jit, static_argnames=("spec", "top_n", "approx", "recall_target"))
-def _search(matrix, scales, inv_norms, query_bmh, spec: _Spec, top_n: int, approx: bool,
-            recall_target: float):
+def _search(
+  matrix, scales, inv_norms, query_bmh, spec: _Spec, top_n: int, approx: bool, recall_target: float
+):
   """(scores [B, top_n], global row indices [B, top_n]) of the exact cosine."""
   b = query_bmh.shape[0]
   q = query_bmh.reshape(b, -1)
@@ -471,10 +517,12 @@ def _search(matrix, scales, inv_norms, query_bmh, spec: _Spec, top_n: int, appro
     return top[None], (where + start)[None]
 
   rows, scale_spec = _row_specs(spec, scales)
-  top, where = _shard_map(local, mesh=spec.mesh,
-                          in_specs=(rows, scale_spec, PartitionSpec(AXIS), PartitionSpec()),
-                          out_specs=(PartitionSpec(AXIS), PartitionSpec(AXIS)))(
-                              matrix, scales, inv_norms, q)
+  top, where = _shard_map(
+    local,
+    mesh=spec.mesh,
+    in_specs=(rows, scale_spec, PartitionSpec(AXIS), PartitionSpec()),
+    out_specs=(PartitionSpec(AXIS), PartitionSpec(AXIS)),
+  )(matrix, scales, inv_norms, q)
   # [S, B, k] candidates -> the best top_n of all S * k.
   top = top.transpose(1, 0, 2).reshape(b, -1)
   where = where.transpose(1, 0, 2).reshape(b, -1)
@@ -486,6 +534,7 @@ def _search(matrix, scales, inv_norms, query_bmh, spec: _Spec, top_n: int, appro
 def _gather(matrix, scales, idx_bk, spec: _Spec):
   """Dequantized memories [B, K, M, H] of global rows [B, K]: each device contributes
   the rows it holds, zeros elsewhere, summed over the devices."""
+
   def local(m, s, idx):
     rel = idx - lax.axis_index(AXIS) * spec.rows_per_device
     held = (rel >= 0) & (rel < spec.rows_per_device)
@@ -495,20 +544,29 @@ def _gather(matrix, scales, idx_bk, spec: _Spec):
     return lax.psum(values.reshape(idx.shape + (spec.n_mem, spec.hidden)), AXIS)
 
   rows, scale_spec = _row_specs(spec, scales)
-  return _shard_map(local, mesh=spec.mesh, in_specs=(rows, scale_spec, PartitionSpec()),
-                    out_specs=PartitionSpec())(matrix, scales, idx_bk)
+  return _shard_map(
+    local, mesh=spec.mesh, in_specs=(rows, scale_spec, PartitionSpec()), out_specs=PartitionSpec()
+  )(matrix, scales, idx_bk)
 
 
-def answer_rows(model, index: MemoryIndex, questions: Sequence[str], k: int = 5,
-                max_new_tokens: int = 64, approx: bool = False
-                ) -> Tuple[List[str], np.ndarray, np.ndarray]:
+def answer_rows(
+  model,
+  index: MemoryIndex,
+  questions: Sequence[str],
+  k: int = 5,
+  max_new_tokens: int = 64,
+  approx: bool = False,
+) -> Tuple[List[str], np.ndarray, np.ndarray]:
   """Retrieves k documents per question from the index with the reasoner and answers
   from their stored memories: (answers, doc indices [B, k], scores [B, k])."""
   from clara_jax.data import templates
+
   if (model.n_mem, model.cfg.hidden_size) != (index.n_mem, index.hidden):
-    raise ValueError(f"the index holds memories of {index.n_mem} x {index.hidden}, the "
-                     f"model makes {model.n_mem} x {model.cfg.hidden_size}; build the "
-                     "index with this model")
+    raise ValueError(
+      f"the index holds memories of {index.n_mem} x {index.hidden}, the "
+      f"model makes {model.n_mem} x {model.cfg.hidden_size}; build the "
+      "index with this model"
+    )
   idx, scores = index.search(model.reason(questions), k, approx=approx)
   k = idx.shape[1]
   turns = [templates.answer_turn(q, model.n_mem, k, model.prompt_style) for q in questions]
@@ -516,27 +574,44 @@ def answer_rows(model, index: MemoryIndex, questions: Sequence[str], k: int = 5,
   return answers, idx, scores
 
 
-def answer_from_index(model, index: MemoryIndex, questions: Sequence[str], k: int = 5,
-                      max_new_tokens: int = 64, approx: bool = False):
+def answer_from_index(
+  model,
+  index: MemoryIndex,
+  questions: Sequence[str],
+  k: int = 5,
+  max_new_tokens: int = 64,
+  approx: bool = False,
+):
   """Retrieves k documents per question from the index with the reasoner and answers
   from their stored memories. Returns (answers, [[doc ids]])."""
   answers, idx, _ = answer_rows(model, index, questions, k, max_new_tokens, approx)
   return answers, [[index.ids[j] for j in row] for row in idx]
 
 
-def iter_answers(model, index: MemoryIndex, rows: Sequence[Dict], k: int = 5,
-                 batch: int = 32, max_new_tokens: int = 64, approx: bool = False,
-                 progress: Optional[Callable[[int, int], None]] = None
-                 ) -> Iterator[Dict]:
+def iter_answers(
+  model,
+  index: MemoryIndex,
+  rows: Sequence[Dict],
+  k: int = 5,
+  batch: int = 32,
+  max_new_tokens: int = 64,
+  approx: bool = False,
+  progress: Optional[Callable[[int, int], None]] = None,
+) -> Iterator[Dict]:
   """{id, question, answer, doc_ids, scores} for each row ({"id", "question"}), answered
   `batch` questions at a time."""
   for start in range(0, len(rows), batch):
-    part = rows[start:start + batch]
-    answers, idx, scores = answer_rows(model, index, [r["question"] for r in part], k,
-                                       max_new_tokens, approx)
+    part = rows[start : start + batch]
+    answers, idx, scores = answer_rows(
+      model, index, [r["question"] for r in part], k, max_new_tokens, approx
+    )
     for row, answer, ids, row_scores in zip(part, answers, idx, scores):
-      yield {"id": row["id"], "question": row["question"], "answer": answer,
-             "doc_ids": [index.ids[j] for j in ids],
-             "scores": [round(float(s), 6) for s in row_scores]}
+      yield {
+        "id": row["id"],
+        "question": row["question"],
+        "answer": answer,
+        "doc_ids": [index.ids[j] for j in ids],
+        "scores": [round(float(s), 6) for s in row_scores],
+      }
     if progress is not None:
       progress(start + len(part), len(rows))

@@ -43,8 +43,9 @@ def num_memory_tokens(doc_max_length: int, compr_rate: int) -> int:
   if not 1 <= compr_rate <= MAX_COMPRESSION_RATE:
     raise ValueError(f"compr_rate must be in [1, {MAX_COMPRESSION_RATE}], got {compr_rate}")
   if doc_max_length <= 0 or doc_max_length % compr_rate:
-    raise ValueError(f"doc_max_length ({doc_max_length}) must be a positive multiple of "
-                     f"compr_rate ({compr_rate})")
+    raise ValueError(
+      f"doc_max_length ({doc_max_length}) must be a positive multiple of compr_rate ({compr_rate})"
+    )
   return doc_max_length // compr_rate
 
 
@@ -113,40 +114,76 @@ def positions_from_mask(mask_bt: Array) -> Array:
   return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
-def encode(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
-           adapter: str, deterministic: bool = True, rng: Optional[Array] = None
-           ) -> Tuple[Array, Array]:
+def encode(
+  model: Decoder,
+  params,
+  tokens_mt: Array,
+  mask_mt: Array,
+  n_mem: int,
+  adapter: str,
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
+) -> Tuple[Array, Array]:
   """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
   states [M, L + n_mem, H])."""
   hidden = _run_encoder(model, params, tokens_mt, mask_mt, adapter, deterministic, rng)
   return hidden[:, -n_mem:], hidden
 
 
-def _run_encoder(model: Decoder, params, tokens_mt: Array, mask_mt: Array,
-                 adapter: Optional[str], deterministic: bool, rng: Optional[Array],
-                 readout: Optional[Tuple[int, Optional[int]]] = None) -> Array:
+def _run_encoder(
+  model: Decoder,
+  params,
+  tokens_mt: Array,
+  mask_mt: Array,
+  adapter: Optional[str],
+  deterministic: bool,
+  rng: Optional[Array],
+  readout: Optional[Tuple[int, Optional[int]]] = None,
+) -> Array:
   """Final states of an encoder-layout batch ([M, L + n_mem, H], or the read-out part)."""
   rngs = {"dropout": rng} if rng is not None else {}
-  return model.apply({"params": params}, tokens_mt, attention_mask=mask_mt,
-                     positions=positions_from_mask(mask_mt), adapter=adapter,
-                     deterministic=deterministic, rngs=rngs, readout=readout).hidden
+  return model.apply(
+    {"params": params},
+    tokens_mt,
+    attention_mask=mask_mt,
+    positions=positions_from_mask(mask_mt),
+    adapter=adapter,
+    deterministic=deterministic,
+    rngs=rngs,
+    readout=readout,
+  ).hidden
 
 
-def memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int,
-             adapter: Optional[str], deterministic: bool = True,
-             rng: Optional[Array] = None) -> Array:
+def memories(
+  model: Decoder,
+  params,
+  tokens_mt: Array,
+  mask_mt: Array,
+  n_mem: int,
+  adapter: Optional[str],
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
+) -> Array:
   """Memory states [M, n_mem, H] of an encoder-layout batch, the last layer run only at
   the memory positions (for callers that need no other final state). Extra leading axes
   (e.g. [B, N, L + n_mem]) are flattened to M rows, as in `compress`."""
   tokens_mt = tokens_mt.reshape(-1, tokens_mt.shape[-1])
   mask_mt = mask_mt.reshape(-1, mask_mt.shape[-1])
-  return _run_encoder(model, params, tokens_mt, mask_mt, adapter, deterministic, rng,
-                      readout=(-n_mem, None))
+  return _run_encoder(
+    model, params, tokens_mt, mask_mt, adapter, deterministic, rng, readout=(-n_mem, None)
+  )
 
 
-def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: int,
-             deterministic: bool = True, rng: Optional[Array] = None,
-             adapter: str = COMPRESSOR) -> Tuple[Array, Array]:
+def compress(
+  model: Decoder,
+  params,
+  doc_tokens: Array,
+  doc_mask: Array,
+  n_mem: int,
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
+  adapter: str = COMPRESSOR,
+) -> Tuple[Array, Array]:
   """Documents -> (memories [M, n_mem, H], MSE alignment loss).
 
   `doc_tokens`/`doc_mask` may carry extra leading axes (e.g. [B, N, L + n_mem]); they are
@@ -159,8 +196,9 @@ def compress(model: Decoder, params, doc_tokens: Array, doc_mask: Array, n_mem: 
   return mem, mse
 
 
-def lexical_loss(model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Array,
-                 doc_mask_ml: Array) -> Array:
+def lexical_loss(
+  model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Array, doc_mask_ml: Array
+) -> Array:
   """Mean NLL of each document's distinct tokens under its memories read by the LM head.
 
   The memories [M, n_mem, H] are final states, so `Decoder.logits` reads them as the
@@ -178,8 +216,9 @@ def lexical_loss(model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Arr
   tokens = doc_tokens_ml[:, :-n_mem]
   mask = doc_mask_ml[:, :-n_mem].astype(bool)
   logits = model.apply({"params": params}, memories_mnh, method=Decoder.logits)
-  log_mix = jax.nn.logsumexp(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1),
-                             axis=1) - jnp.log(n_mem)  # [M, V]
+  log_mix = jax.nn.logsumexp(
+    jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=1
+  ) - jnp.log(n_mem)  # [M, V]
   target_lp = jnp.take_along_axis(log_mix, tokens, axis=-1)  # [M, L]
   # A repeated id counts once: keep a position only if no earlier real position holds it.
   same = (tokens[:, :, None] == tokens[:, None, :]) & mask[:, None, :]
@@ -189,8 +228,15 @@ def lexical_loss(model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Arr
   return jnp.mean(per_doc)
 
 
-def reason(model: Decoder, params, q_tokens: Array, q_mask: Array, n_mem: int,
-           deterministic: bool = True, rng: Optional[Array] = None) -> Array:
+def reason(
+  model: Decoder,
+  params,
+  q_tokens: Array,
+  q_mask: Array,
+  n_mem: int,
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
+) -> Array:
   """Questions [B, Lq + n_mem] -> query memories [B, n_mem, H] (reasoner adapter)."""
   return memories(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng)
 
@@ -203,8 +249,9 @@ def score(query_mem_bmh: Array, doc_mem_bnmh: Array) -> Array:
 def select(weights_bkn: Array, doc_mem_bnmh: Array) -> Array:
   """Selected memories [B, k, n_mem, H]: the top-k weights applied to the candidates
   (an einsum, so the straight-through gradient reaches the scores)."""
-  out = jnp.einsum("bkn,bnmh->bkmh", weights_bkn.astype(jnp.float32),
-                   doc_mem_bnmh.astype(jnp.float32))
+  out = jnp.einsum(
+    "bkn,bnmh->bkmh", weights_bkn.astype(jnp.float32), doc_mem_bnmh.astype(jnp.float32)
+  )
   return out.astype(doc_mem_bnmh.dtype)
 
 
@@ -212,8 +259,7 @@ def splice(embeddings_bth: Array, slot_positions_bs: Array, memories_bsh: Array)
   """Writes memories [B, S, H] into the placeholder positions [B, S] of embeddings
   [B, T, H] (one vectorised scatter; gradients flow into the memories)."""
   batch = jnp.arange(embeddings_bth.shape[0])[:, None]
-  return embeddings_bth.at[batch, slot_positions_bs].set(
-      memories_bsh.astype(embeddings_bth.dtype))
+  return embeddings_bth.at[batch, slot_positions_bs].set(memories_bsh.astype(embeddings_bth.dtype))
 
 
 def rescale_memories(memories_bsh: Array, target_rms: Array) -> Array:
@@ -228,23 +274,36 @@ def rescale_memories(memories_bsh: Array, target_rms: Array) -> Array:
   return mem * (target_rms / jnp.maximum(rms, 1e-12))
 
 
-def generator_inputs(model: Decoder, params, tokens_bt: Array, slot_positions_bs: Array,
-                     memories_bsh: Array, memory_scale: str = "none") -> Array:
+def generator_inputs(
+  model: Decoder,
+  params,
+  tokens_bt: Array,
+  slot_positions_bs: Array,
+  memories_bsh: Array,
+  memory_scale: str = "none",
+) -> Array:
   """Input embeddings [B, T, H] of generator prompts `tokens_bt` with the memories
   [B, S, H] written into `slot_positions_bs` [B, S], scaled per `memory_scale`."""
   check_memory_scale(memory_scale)
   embeddings = model.apply({"params": params}, tokens_bt, method=Decoder.embed)
   if memory_scale == "embedding":
-    target = jax.lax.stop_gradient(
-        model.apply({"params": params}, method=Decoder.embedding_rms))
+    target = jax.lax.stop_gradient(model.apply({"params": params}, method=Decoder.embedding_rms))
     memories_bsh = rescale_memories(memories_bsh, target)
   return splice(embeddings, slot_positions_bs, memories_bsh)
 
 
-def generator_loss(model: Decoder, params, tokens_bt: Array, mask_bt: Array,
-                   slot_positions_bs: Array, memories_bkmh: Array, answer_mask_ba: Array,
-                   deterministic: bool = True, rng: Optional[Array] = None,
-                   memory_scale: str = "none") -> Tuple[Array, Array]:
+def generator_loss(
+  model: Decoder,
+  params,
+  tokens_bt: Array,
+  mask_bt: Array,
+  slot_positions_bs: Array,
+  memories_bkmh: Array,
+  answer_mask_ba: Array,
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
+  memory_scale: str = "none",
+) -> Tuple[Array, Array]:
   """Masked next-token CE of the answer, given memories for the prompt's slots.
 
   Args:
@@ -258,14 +317,19 @@ def generator_loss(model: Decoder, params, tokens_bt: Array, mask_bt: Array,
   b, t = tokens_bt.shape
   a = answer_mask_ba.shape[1]
   memories = memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1])
-  embeddings = generator_inputs(model, params, tokens_bt, slot_positions_bs, memories,
-                                memory_scale)
+  embeddings = generator_inputs(model, params, tokens_bt, slot_positions_bs, memories, memory_scale)
   rngs = {"dropout": rng} if rng is not None else {}
   # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1);
   # the last layer runs only there.
-  answer_hidden = model.apply({"params": params}, embeddings=embeddings,
-                              attention_mask=mask_bt, positions=positions_from_mask(mask_bt),
-                              adapter=GENERATOR, deterministic=deterministic, rngs=rngs,
-                              readout=(t - a - 1, t - 1)).hidden
+  answer_hidden = model.apply(
+    {"params": params},
+    embeddings=embeddings,
+    attention_mask=mask_bt,
+    positions=positions_from_mask(mask_bt),
+    adapter=GENERATOR,
+    deterministic=deterministic,
+    rngs=rngs,
+    readout=(t - a - 1, t - 1),
+  ).hidden
   logits = model.apply({"params": params}, answer_hidden, method=Decoder.logits)
-  return losses.masked_cross_entropy(logits, tokens_bt[:, t - a:], answer_mask_ba)
+  return losses.masked_cross_entropy(logits, tokens_bt[:, t - a :], answer_mask_ba)

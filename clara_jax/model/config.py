@@ -60,6 +60,7 @@ class RopeScaling:
   low_freq_factor` are divided by `factor`, those shorter than `original_max_position /
   high_freq_factor` are kept, and those between are interpolated linearly in
   `original_max_position / wavelength` (the Llama 3 report's context extension)."""
+
   factor: float
   low_freq_factor: float
   high_freq_factor: float
@@ -67,11 +68,15 @@ class RopeScaling:
 
   def __post_init__(self):
     if self.factor <= 0 or self.original_max_position <= 0:
-      raise ValueError(f"RopeScaling: factor and original_max_position must be positive, "
-                       f"got {self.factor}, {self.original_max_position}")
+      raise ValueError(
+        f"RopeScaling: factor and original_max_position must be positive, "
+        f"got {self.factor}, {self.original_max_position}"
+      )
     if not 0 < self.low_freq_factor < self.high_freq_factor:
-      raise ValueError(f"RopeScaling: need 0 < low_freq_factor < high_freq_factor, got "
-                       f"{self.low_freq_factor}, {self.high_freq_factor}")
+      raise ValueError(
+        f"RopeScaling: need 0 < low_freq_factor < high_freq_factor, got "
+        f"{self.low_freq_factor}, {self.high_freq_factor}"
+      )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,44 +177,51 @@ class DecoderConfig:
   def query_scale(self) -> float:
     """The factor on the attention scores."""
     scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
-    return scalar ** -0.5
+    return scalar**-0.5
 
   def __post_init__(self):
-    for field in ("base_vocab_size", "hidden_size", "intermediate_size", "num_layers",
-                  "num_heads", "num_kv_heads", "head_dim"):
+    for field in (
+      "base_vocab_size",
+      "hidden_size",
+      "intermediate_size",
+      "num_layers",
+      "num_heads",
+      "num_kv_heads",
+      "head_dim",
+    ):
       if getattr(self, field) <= 0:
         raise ValueError(f"DecoderConfig.{field} must be positive, got {getattr(self, field)}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
-          f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of "
-          f"num_kv_heads ({self.num_kv_heads})")
+        f"DecoderConfig.num_heads ({self.num_heads}) must be a multiple of "
+        f"num_kv_heads ({self.num_kv_heads})"
+      )
     if self.head_dim % 2:
       raise ValueError(f"DecoderConfig.head_dim must be even for RoPE, got {self.head_dim}")
     if self.remat_policy not in REMAT_POLICIES:
-      raise ValueError(
-          f"DecoderConfig.remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
+      raise ValueError(f"DecoderConfig.remat_policy {self.remat_policy!r} not in {REMAT_POLICIES}")
     if self.hidden_act not in HIDDEN_ACTS:
       raise ValueError(f"DecoderConfig.hidden_act {self.hidden_act!r} not in {HIDDEN_ACTS}")
     if self.attention_layout not in ATTENTION_LAYOUTS:
-      raise ValueError(f"DecoderConfig.attention_layout {self.attention_layout!r} not in "
-                       f"{ATTENTION_LAYOUTS}")
+      raise ValueError(
+        f"DecoderConfig.attention_layout {self.attention_layout!r} not in {ATTENTION_LAYOUTS}"
+      )
     for field in ("dtype", "param_dtype"):
       if getattr(self, field) not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"DecoderConfig.{field} {getattr(self, field)!r} is not a float dtype")
-    for field in ("attn_logit_softcapping", "final_logit_softcapping",
-                  "query_pre_attn_scalar"):
+    for field in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
       value = getattr(self, field)
       if value is not None and not (isinstance(value, (int, float)) and 0 < value < float("inf")):
-        raise ValueError(f"DecoderConfig.{field} must be None or a positive number, got "
-                         f"{value!r}")
+        raise ValueError(f"DecoderConfig.{field} must be None or a positive number, got {value!r}")
     pattern = self.sliding_layer_pattern
     if pattern is not None:
       # JSON and ml_collections hand back lists; a list would make the config unhashable.
       object.__setattr__(self, "sliding_layer_pattern", tuple(pattern))
       pattern = self.sliding_layer_pattern
       if not pattern or not all(isinstance(x, bool) for x in pattern):
-        raise ValueError(f"DecoderConfig.sliding_layer_pattern must be a non-empty tuple of "
-                         f"bools, got {pattern!r}")
+        raise ValueError(
+          f"DecoderConfig.sliding_layer_pattern must be a non-empty tuple of bools, got {pattern!r}"
+        )
       if self.sliding_window is None:
         raise ValueError("DecoderConfig.sliding_layer_pattern needs a sliding_window")
 
@@ -218,8 +230,13 @@ class DecoderConfig:
 
   def num_params(self, include_lora: bool = True) -> int:
     """Parameter count, computed from shapes (used by benchmarks and the plan)."""
-    d, f, h, kv, hd = (self.hidden_size, self.intermediate_size, self.num_heads,
-                       self.num_kv_heads, self.head_dim)
+    d, f, h, kv, hd = (
+      self.hidden_size,
+      self.intermediate_size,
+      self.num_heads,
+      self.num_kv_heads,
+      self.head_dim,
+    )
     linears = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f), (d, f), (f, d)]
     per_layer = sum(i * o for i, o in linears) + (4 if self.post_norms else 2) * d
     if self.qkv_bias:
@@ -235,56 +252,157 @@ class DecoderConfig:
 # the others have the real shapes of the base models they are named after. The CPU sizes attend per KV head (faster there); the real ones keep the grouped
 # einsum that shards over "tensor".
 MODEL_SIZES = {
-    "tiny": dict(base_vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
-                 num_heads=4, num_kv_heads=2, head_dim=16, lora=LoraConfig(rank=4, alpha=8.0),
-                 attention_layout="per_kv_head"),
-    "small": dict(base_vocab_size=2048, hidden_size=256, intermediate_size=768, num_layers=4,
-                  num_heads=8, num_kv_heads=4, head_dim=32, lora=LoraConfig(rank=16, alpha=32.0),
-                  attention_layout="per_kv_head"),
-    "ref_tiny": dict(base_vocab_size=8000, hidden_size=256, intermediate_size=768,
-                     num_layers=4, num_heads=8, num_kv_heads=4, head_dim=32,
-                     attention_layout="per_kv_head"),
-    # SmolLM2-135M(-Instruct)'s shapes (`clara-jax fetch-base smollm2`, `import-gguf`).
-    "smollm2_135m": dict(base_vocab_size=49152, hidden_size=576, intermediate_size=1536,
-                         num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
-                         rope_theta=1e5, rms_norm_eps=1e-5,
-                         lora=LoraConfig(rank=16, alpha=32.0)),
-    # Llama-3.1-8B and Llama-3.2-1B (tied embeddings): the HF configs' shapes and their
-    # Llama-3 RoPE scaling (factor 8 and 32 of an 8192-token original context).
-    "llama3_1_8b": dict(base_vocab_size=128256, hidden_size=4096, intermediate_size=14336,
-                        num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                        rope_theta=5e5, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-                        dtype="bfloat16", param_dtype="bfloat16"),
-    "llama3_2_1b": dict(base_vocab_size=128256, hidden_size=2048, intermediate_size=8192,
-                        num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
-                        rope_theta=5e5, rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-                        tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
-    # Qwen2.5-0.5B: query/key/value biases, tied embeddings.
-    "qwen2_5_0_5b": dict(base_vocab_size=151936, hidden_size=896, intermediate_size=4864,
-                         num_layers=24, num_heads=14, num_kv_heads=2, head_dim=64,
-                         rope_theta=1e6, rms_norm_eps=1e-6, qkv_bias=True,
-                         tie_embeddings=True, dtype="bfloat16", param_dtype="bfloat16"),
-    # Phi-3-mini-4k: fused projections in its checkpoints, a 2047-token sliding window.
-    "phi3_mini_4k": dict(base_vocab_size=32064, hidden_size=3072, intermediate_size=8192,
-                         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=96,
-                         sliding_window=2047, dtype="bfloat16", param_dtype="bfloat16"),
-    # Gemma-2B as `import-hf` loads it: GeGLU, the sqrt(hidden) input scale and (1 + w)
-    # norms folded into the weights, the tied head imported as its own copy.
-    "gemma_2b": dict(base_vocab_size=256000, hidden_size=2048, intermediate_size=16384,
-                     num_layers=18, num_heads=8, num_kv_heads=1, head_dim=256,
-                     rms_norm_eps=1e-6, hidden_act="gelu_tanh", dtype="bfloat16",
-                     param_dtype="bfloat16"),
-    # Gemma-2-2B likewise: local (4096-token window) and global layers alternating, soft-
-    # capped attention scores and logits, norms before and after attention and MLP.
-    "gemma2_2b": dict(base_vocab_size=256000, hidden_size=2304, intermediate_size=9216,
-                      num_layers=26, num_heads=8, num_kv_heads=4, head_dim=256,
-                      rms_norm_eps=1e-6, hidden_act="gelu_tanh", sliding_window=4096,
-                      sliding_layer_pattern=(True, False), attn_logit_softcapping=50.0,
-                      final_logit_softcapping=30.0, query_pre_attn_scalar=256.0,
-                      post_norms=True, dtype="bfloat16", param_dtype="bfloat16"),
-    "mistral_7b": dict(base_vocab_size=32000, hidden_size=4096, intermediate_size=14336,
-                       num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
-                       rope_theta=1e6, dtype="bfloat16", param_dtype="bfloat16"),
+  "tiny": dict(
+    base_vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    lora=LoraConfig(rank=4, alpha=8.0),
+    attention_layout="per_kv_head",
+  ),
+  "small": dict(
+    base_vocab_size=2048,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    lora=LoraConfig(rank=16, alpha=32.0),
+    attention_layout="per_kv_head",
+  ),
+  "ref_tiny": dict(
+    base_vocab_size=8000,
+    hidden_size=256,
+    intermediate_size=768,
+    num_layers=4,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=32,
+    attention_layout="per_kv_head",
+  ),
+  # SmolLM2-135M(-Instruct)'s shapes (`clara-jax fetch-base smollm2`, `import-gguf`).
+  "smollm2_135m": dict(
+    base_vocab_size=49152,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_layers=30,
+    num_heads=9,
+    num_kv_heads=3,
+    head_dim=64,
+    rope_theta=1e5,
+    rms_norm_eps=1e-5,
+    lora=LoraConfig(rank=16, alpha=32.0),
+  ),
+  # Llama-3.1-8B and Llama-3.2-1B (tied embeddings): the HF configs' shapes and their
+  # Llama-3 RoPE scaling (factor 8 and 32 of an 8192-token original context).
+  "llama3_1_8b": dict(
+    base_vocab_size=128256,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=5e5,
+    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  "llama3_2_1b": dict(
+    base_vocab_size=128256,
+    hidden_size=2048,
+    intermediate_size=8192,
+    num_layers=16,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=64,
+    rope_theta=5e5,
+    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
+    tie_embeddings=True,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  # Qwen2.5-0.5B: query/key/value biases, tied embeddings.
+  "qwen2_5_0_5b": dict(
+    base_vocab_size=151936,
+    hidden_size=896,
+    intermediate_size=4864,
+    num_layers=24,
+    num_heads=14,
+    num_kv_heads=2,
+    head_dim=64,
+    rope_theta=1e6,
+    rms_norm_eps=1e-6,
+    qkv_bias=True,
+    tie_embeddings=True,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  # Phi-3-mini-4k: fused projections in its checkpoints, a 2047-token sliding window.
+  "phi3_mini_4k": dict(
+    base_vocab_size=32064,
+    hidden_size=3072,
+    intermediate_size=8192,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=32,
+    head_dim=96,
+    sliding_window=2047,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  # Gemma-2B as `import-hf` loads it: GeGLU, the sqrt(hidden) input scale and (1 + w)
+  # norms folded into the weights, the tied head imported as its own copy.
+  "gemma_2b": dict(
+    base_vocab_size=256000,
+    hidden_size=2048,
+    intermediate_size=16384,
+    num_layers=18,
+    num_heads=8,
+    num_kv_heads=1,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    hidden_act="gelu_tanh",
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  # Gemma-2-2B likewise: local (4096-token window) and global layers alternating, soft-
+  # capped attention scores and logits, norms before and after attention and MLP.
+  "gemma2_2b": dict(
+    base_vocab_size=256000,
+    hidden_size=2304,
+    intermediate_size=9216,
+    num_layers=26,
+    num_heads=8,
+    num_kv_heads=4,
+    head_dim=256,
+    rms_norm_eps=1e-6,
+    hidden_act="gelu_tanh",
+    sliding_window=4096,
+    sliding_layer_pattern=(True, False),
+    attn_logit_softcapping=50.0,
+    final_logit_softcapping=30.0,
+    query_pre_attn_scalar=256.0,
+    post_norms=True,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
+  "mistral_7b": dict(
+    base_vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_layers=32,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    rope_theta=1e6,
+    dtype="bfloat16",
+    param_dtype="bfloat16",
+  ),
 }
 
 

@@ -23,8 +23,16 @@ import jax
 import jax.numpy as jnp
 
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.layers import (LoraLinear, RMSNorm, apply_rope, attention_bias,
-                                    constrain, default_kernel_init, matmul, rope_tables)
+from clara_jax.model.layers import (
+  LoraLinear,
+  RMSNorm,
+  apply_rope,
+  attention_bias,
+  constrain,
+  default_kernel_init,
+  matmul,
+  rope_tables,
+)
 
 Array = jax.Array
 # One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}; with
@@ -52,22 +60,29 @@ class Embedder(nn.Module):
     cfg = self.cfg
     pdt = _dtype(cfg.param_dtype)
     self.base_embedding = self.param(
-        "base_embedding", nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
-        (cfg.base_vocab_size, cfg.hidden_size), pdt)
+      "base_embedding",
+      nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
+      (cfg.base_vocab_size, cfg.hidden_size),
+      pdt,
+    )
     if cfg.num_extra_tokens:
       self.extra_embedding = self.param(
-          "extra_embedding",
-          nn.with_logical_partitioning(default_kernel_init, ("extra_vocab", "embed")),
-          (cfg.num_extra_tokens, cfg.hidden_size), pdt)
+        "extra_embedding",
+        nn.with_logical_partitioning(default_kernel_init, ("extra_vocab", "embed")),
+        (cfg.num_extra_tokens, cfg.hidden_size),
+        pdt,
+      )
 
   def __call__(self, tokens_bt: Array) -> Array:
     cfg = self.cfg
-    emb = jnp.take(self.base_embedding, jnp.clip(tokens_bt, 0, cfg.base_vocab_size - 1),
-                   axis=0)
+    emb = jnp.take(self.base_embedding, jnp.clip(tokens_bt, 0, cfg.base_vocab_size - 1), axis=0)
     if cfg.num_extra_tokens:
       extra_ids = jnp.clip(tokens_bt - cfg.base_vocab_size, 0, cfg.num_extra_tokens - 1)
-      emb = jnp.where((tokens_bt >= cfg.base_vocab_size)[..., None],
-                      jnp.take(self.extra_embedding, extra_ids, axis=0), emb)
+      emb = jnp.where(
+        (tokens_bt >= cfg.base_vocab_size)[..., None],
+        jnp.take(self.extra_embedding, extra_ids, axis=0),
+        emb,
+      )
     return emb.astype(_dtype(cfg.dtype))
 
   def attend(self, hidden: Array) -> Array:
@@ -96,15 +111,20 @@ class LmHead(nn.Module):
   def __call__(self, hidden: Array) -> Array:
     cfg = self.cfg
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    base = self.param("base_head",
-                      nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
-                      (cfg.hidden_size, cfg.base_vocab_size), pdt)
+    base = self.param(
+      "base_head",
+      nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
+      (cfg.hidden_size, cfg.base_vocab_size),
+      pdt,
+    )
     extra = None
     if cfg.num_extra_tokens:
-      extra = self.param("extra_head",
-                         nn.with_logical_partitioning(default_kernel_init,
-                                                      ("embed", "extra_vocab")),
-                         (cfg.hidden_size, cfg.num_extra_tokens), pdt)
+      extra = self.param(
+        "extra_head",
+        nn.with_logical_partitioning(default_kernel_init, ("embed", "extra_vocab")),
+        (cfg.hidden_size, cfg.num_extra_tokens),
+        pdt,
+      )
     return _vocab_logits(hidden, base, extra, dt)
 
 
@@ -113,8 +133,14 @@ def _soft_cap(x: Array, cap: Optional[float]) -> Array:
   return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array,
-                    scale: float, softcap: Optional[float]) -> Array:
+def _attend_grouped(
+  q_bthd: Array,
+  k_bskd: Array,
+  v_bskd: Array,
+  bias_bts: Array,
+  scale: float,
+  softcap: Optional[float],
+) -> Array:
   """Grouped-query attention as one einsum pair over [batch, kv, group] -> [b, t, h, d];
   scores are scaled by `scale` and soft-capped at `softcap` (None: not) before the bias."""
   b, t, h, hd = q_bthd.shape
@@ -127,8 +153,9 @@ def _attend_grouped(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array
   return out.reshape(b, t, h, hd)
 
 
-def _head_probs(q_bqd: Array, k_bsd: Array, bias_bts: Array, scale: float,
-                softcap: Optional[float]) -> Array:
+def _head_probs(
+  q_bqd: Array, k_bsd: Array, bias_bts: Array, scale: float, softcap: Optional[float]
+) -> Array:
   """Softmax probabilities [b, g * t, s] (dtype of v's compute) of one KV head whose g
   query heads are stacked along the query axis."""
   b, q_len, _ = q_bqd.shape
@@ -139,8 +166,9 @@ def _head_probs(q_bqd: Array, k_bsd: Array, bias_bts: Array, scale: float,
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _head_attention(q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array,
-                    scale: float, softcap: Optional[float]) -> Array:
+def _head_attention(
+  q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array, scale: float, softcap: Optional[float]
+) -> Array:
   """float32 attention output [b, g * t, d] of one KV head.
 
   Its own backward pass: the probabilities are kept from the forward pass (in v's dtype)
@@ -178,8 +206,14 @@ def _head_attention_bwd(scale, softcap, residuals, d_out_bqd):
 _head_attention.defvjp(_head_attention_fwd, _head_attention_bwd)
 
 
-def _attend_per_kv_head(q_bthd: Array, k_bskd: Array, v_bskd: Array, bias_bts: Array,
-                        scale: float, softcap: Optional[float]) -> Array:
+def _attend_per_kv_head(
+  q_bthd: Array,
+  k_bskd: Array,
+  v_bskd: Array,
+  bias_bts: Array,
+  scale: float,
+  softcap: Optional[float],
+) -> Array:
   """The same attention as a loop over KV heads: the query heads of one group are stacked
   along the query axis, so each head is two batched 3-D matmuls (one batch dimension),
   which XLA's CPU backend fuses with the softmax far better than the 5-D einsum."""
@@ -205,15 +239,29 @@ class Attention(nn.Module):
 
   def _linear(self, features, axes, name, n_in=1, use_bias=False):
     cfg = self.cfg
-    return LoraLinear(features=features, kernel_axes=axes, n_in=n_in, lora=cfg.lora,
-                      active_adapter=self.adapter, deterministic=self.deterministic,
-                      dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype),
-                      use_bias=use_bias, name=name)
+    return LoraLinear(
+      features=features,
+      kernel_axes=axes,
+      n_in=n_in,
+      lora=cfg.lora,
+      active_adapter=self.adapter,
+      deterministic=self.deterministic,
+      dtype=_dtype(cfg.dtype),
+      param_dtype=_dtype(cfg.param_dtype),
+      use_bias=use_bias,
+      name=name,
+    )
 
   @nn.compact
-  def __call__(self, x_btd: Array, rope_btf: Tuple[Array, Array], bias_bqk: Array,
-               cache: Optional[dict], cache_index_b: Optional[Array],
-               query_slice: Optional[Tuple[int, int]] = None):
+  def __call__(
+    self,
+    x_btd: Array,
+    rope_btf: Tuple[Array, Array],
+    bias_bqk: Array,
+    cache: Optional[dict],
+    cache_index_b: Optional[Array],
+    query_slice: Optional[Tuple[int, int]] = None,
+  ):
     """`rope_btf`: the positions' `rope_tables` (cos, sin). `query_slice` (start, stop):
     only those positions query (keys/values come from all); the output then has
     stop - start positions."""
@@ -227,10 +275,8 @@ class Attention(nn.Module):
       bias_bqk = bias_bqk[:, start:stop]
     bias = cfg.qkv_bias
     q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj", use_bias=bias)(x_q)
-    k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj",
-                     use_bias=bias)(x_btd)
-    v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj",
-                     use_bias=bias)(x_btd)
+    k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj", use_bias=bias)(x_btd)
+    v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj", use_bias=bias)(x_btd)
     q = apply_rope(q, rope_q)
     k = apply_rope(k, rope_btf)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
@@ -238,15 +284,16 @@ class Attention(nn.Module):
     new_cache = None
     if cache is not None:
       write = jax.vmap(lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (i, 0, 0)))
-      new_cache = {"k": write(cache["k"], k.astype(cache["k"].dtype), cache_index_b),
-                   "v": write(cache["v"], v.astype(cache["v"].dtype), cache_index_b)}
+      new_cache = {
+        "k": write(cache["k"], k.astype(cache["k"].dtype), cache_index_b),
+        "v": write(cache["v"], v.astype(cache["v"].dtype), cache_index_b),
+      }
       k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
 
     attend = _attend_per_kv_head if cfg.attention_layout == "per_kv_head" else _attend_grouped
     out = attend(q, k, v, bias_bqk, cfg.query_scale, cfg.attn_logit_softcapping)
     out = out.astype(_dtype(cfg.dtype))
-    out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj",
-                       n_in=2)(out)
+    out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", n_in=2)(out)
     return out, new_cache
 
 
@@ -261,14 +308,18 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_btd: Array) -> Array:
     cfg = self.cfg
-    kw = dict(lora=cfg.lora, active_adapter=self.adapter, deterministic=self.deterministic,
-              dtype=_dtype(cfg.dtype), param_dtype=_dtype(cfg.param_dtype))
+    kw = dict(
+      lora=cfg.lora,
+      active_adapter=self.adapter,
+      deterministic=self.deterministic,
+      dtype=_dtype(cfg.dtype),
+      param_dtype=_dtype(cfg.param_dtype),
+    )
     gate = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="gate_proj", **kw)(x_btd)
     up = LoraLinear((cfg.intermediate_size,), ("embed", "mlp"), name="up_proj", **kw)(x_btd)
     # In float32: XLA's CPU backend evaluates a bf16 logistic about twice as slowly.
     gate32 = gate.astype(jnp.float32)
-    act = (jax.nn.silu(gate32) if cfg.hidden_act == "silu"
-           else jax.nn.gelu(gate32, approximate=True))
+    act = jax.nn.silu(gate32) if cfg.hidden_act == "silu" else jax.nn.gelu(gate32, approximate=True)
     hidden = (act * up.astype(jnp.float32)).astype(gate.dtype)
     hidden = constrain(hidden, ("activation_batch", "activation_length", "activation_mlp"))
     return LoraLinear((cfg.hidden_size,), ("mlp", "embed"), name="down_proj", **kw)(hidden)
@@ -281,19 +332,28 @@ class DecoderBlock(nn.Module):
   cfg: DecoderConfig
 
   @nn.compact
-  def __call__(self, x_btd, rope_btf, bias_bqk, cache, cache_index_b,
-               adapter: Optional[str], deterministic: bool,
-               query_slice: Optional[Tuple[int, int]] = None):
+  def __call__(
+    self,
+    x_btd,
+    rope_btf,
+    bias_bqk,
+    cache,
+    cache_index_b,
+    adapter: Optional[str],
+    deterministic: bool,
+    query_slice: Optional[Tuple[int, int]] = None,
+  ):
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x_btd = constrain(x_btd, BATCH_LENGTH_EMBED)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
     h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
-        h, rope_btf, bias_bqk, cache, cache_index_b, query_slice)
+      h, rope_btf, bias_bqk, cache, cache_index_b, query_slice
+    )
     if cfg.post_norms:
       h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_post_norm")(h)
     if query_slice is not None:
-      x_btd = x_btd[:, query_slice[0]:query_slice[1]]
+      x_btd = x_btd[:, query_slice[0] : query_slice[1]]
     x_btd = x_btd + h
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="mlp_norm")(x_btd)
     h = Mlp(cfg, adapter, deterministic, name="mlp")(h)
@@ -304,10 +364,10 @@ class DecoderBlock(nn.Module):
 
 
 _REMAT_POLICIES = {
-    "full": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  "full": None,
+  "dots": jax.checkpoint_policies.checkpoint_dots,
+  "dots_with_no_batch_dims": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+  "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 
 
@@ -326,8 +386,12 @@ class Decoder(nn.Module):
     block = DecoderBlock
     if cfg.remat_policy != "none":
       # Arguments 6-8 (adapter, deterministic, query_slice; self is 0) pick code paths.
-      block = nn.remat(DecoderBlock, policy=_REMAT_POLICIES[cfg.remat_policy],
-                       prevent_cse=True, static_argnums=(6, 7, 8))
+      block = nn.remat(
+        DecoderBlock,
+        policy=_REMAT_POLICIES[cfg.remat_policy],
+        prevent_cse=True,
+        static_argnums=(6, 7, 8),
+      )
     self.embedder = Embedder(cfg)
     if cfg.scan_layers:  # one block whose parameters carry a leading [num_layers] axis
       self.layers = block(cfg, name="layers")
@@ -357,12 +421,19 @@ class Decoder(nn.Module):
     """The logit lens: any states [..., hidden] through final norm + LM head."""
     return self.logits(self.final_norm(states))
 
-  def __call__(self, tokens: Optional[Array] = None, *, embeddings: Optional[Array] = None,
-               positions: Optional[Array] = None, attention_mask: Optional[Array] = None,
-               adapter: Optional[str] = None, deterministic: bool = True,
-               cache: Optional[KVCache] = None,
-               cache_index: Optional[Array] = None,
-               readout: Optional[Tuple[int, int]] = None) -> DecoderOutput:
+  def __call__(
+    self,
+    tokens: Optional[Array] = None,
+    *,
+    embeddings: Optional[Array] = None,
+    positions: Optional[Array] = None,
+    attention_mask: Optional[Array] = None,
+    adapter: Optional[str] = None,
+    deterministic: bool = True,
+    cache: Optional[KVCache] = None,
+    cache_index: Optional[Array] = None,
+    readout: Optional[Tuple[int, int]] = None,
+  ) -> DecoderOutput:
     """Runs the decoder.
 
     Args:
@@ -423,20 +494,25 @@ class Decoder(nn.Module):
         raise ValueError(f"readout {readout} selects no position of length {t}")
       query_slice = (start, stop)
 
-    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta,
-                       self.cfg.rope_scaling)
+    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
     if self.cfg.scan_layers:
-      x, new_cache = self._scan_layers(x, rope, bias, cache, cache_index, adapter,
-                                       deterministic)
+      x, new_cache = self._scan_layers(x, rope, bias, cache, cache_index, adapter, deterministic)
       if query_slice is not None:
-        x = x[:, query_slice[0]:query_slice[1]]
+        x = x[:, query_slice[0] : query_slice[1]]
       return DecoderOutput(self.final_norm(x), new_cache)
     new_cache = [] if cache is not None else None
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(x, rope, bias[windowed[i]], None if cache is None else cache[i],
-                             cache_index, adapter, deterministic,
-                             query_slice if i == last else None)
+      x, layer_cache = layer(
+        x,
+        rope,
+        bias[windowed[i]],
+        None if cache is None else cache[i],
+        cache_index,
+        adapter,
+        deterministic,
+        query_slice if i == last else None,
+      )
       if cache is not None:
         new_cache.append(layer_cache)
     return DecoderOutput(self.final_norm(x), new_cache)
@@ -451,16 +527,20 @@ class Decoder(nn.Module):
     def body(block, x_btd, xs):
       layer_cache, is_windowed = xs
       if is_windowed is None:
-        layer_bias, = bias.values()
+        (layer_bias,) = bias.values()
       else:
         layer_bias = jnp.where(is_windowed, bias[True], bias[False])
-      return block(x_btd, rope, layer_bias, layer_cache, cache_index, adapter, deterministic,
-                   None)
+      return block(x_btd, rope, layer_bias, layer_cache, cache_index, adapter, deterministic, None)
 
-    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True,
-                                                                  "dropout": True},
-                   in_axes=0, out_axes=0, length=self.cfg.num_layers,
-                   metadata_params={nn.PARTITION_NAME: "layers"})
+    scan = nn.scan(
+      body,
+      variable_axes={"params": 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=0,
+      out_axes=0,
+      length=self.cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
     return scan(self.layers, x, (cache, windowed))
 
   def init_all(self, tokens_bt: Array) -> Array:
@@ -471,8 +551,9 @@ class Decoder(nn.Module):
     return self.logits(hidden)
 
 
-def init_cache(cfg: DecoderConfig, batch: int, max_length: int,
-               dtype: Optional[str] = None) -> KVCache:
+def init_cache(
+  cfg: DecoderConfig, batch: int, max_length: int, dtype: Optional[str] = None
+) -> KVCache:
   """Zeroed KV cache: per layer k, v of [batch, max_length, kv_heads, head_dim]; with
   `scan_layers`, one dict of k, v stacked as [num_layers, batch, max_length, ...]."""
   shape = (batch, max_length, cfg.num_kv_heads, cfg.head_dim)
@@ -480,8 +561,7 @@ def init_cache(cfg: DecoderConfig, batch: int, max_length: int,
   if cfg.scan_layers:
     stacked = (cfg.num_layers,) + shape
     return {"k": jnp.zeros(stacked, dt), "v": jnp.zeros(stacked, dt)}
-  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
-          for _ in range(cfg.num_layers)]
+  return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)} for _ in range(cfg.num_layers)]
 
 
 def cache_length(cache: KVCache) -> int:

@@ -34,6 +34,7 @@ GRADS = (NO_GRAD, INPUT_GRAD, ADAPTER_GRAD, ALL_GRAD)
 @dataclasses.dataclass(frozen=True)
 class DecoderPass:
   """One decoder pass over `rows` sequences of `length` tokens."""
+
   rows: int
   length: int
   readout: Optional[int] = None  # positions the last layer computes (None: all)
@@ -47,8 +48,15 @@ def _lora_io(cfg: DecoderConfig):
   """(in, out) of the adapted projections: q, k, v, o, gate, up, down."""
   d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   qo, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-  return {"q": (d, qo), "k": (d, kv), "v": (d, kv), "o": (qo, d), "gate": (d, f),
-          "up": (d, f), "down": (f, d)}
+  return {
+    "q": (d, qo),
+    "k": (d, kv),
+    "v": (d, kv),
+    "o": (qo, d),
+    "gate": (d, f),
+    "up": (d, f),
+    "down": (f, d),
+  }
 
 
 def linear_params(cfg: DecoderConfig) -> int:
@@ -56,12 +64,17 @@ def linear_params(cfg: DecoderConfig) -> int:
   return cfg.num_layers * sum(i * o for i, o in _lora_io(cfg).values())
 
 
-def forward_flops(cfg: DecoderConfig, batch: int, length: int, lora_rank: int = 0,
-                  head_tokens: Optional[int] = None) -> float:
+def forward_flops(
+  cfg: DecoderConfig, batch: int, length: int, lora_rank: int = 0, head_tokens: Optional[int] = None
+) -> float:
   """Forward FLOPs of `batch` full passes of `length` (all positions, attention over the
   full square as computed); `head_tokens` tokens go through the LM head (default: all)."""
-  p = DecoderPass(batch, length, head_tokens=batch * length if head_tokens is None
-                  else head_tokens, adapter=bool(lora_rank))
+  p = DecoderPass(
+    batch,
+    length,
+    head_tokens=batch * length if head_tokens is None else head_tokens,
+    adapter=bool(lora_rank),
+  )
   return pass_flops(cfg, p, lora_rank=lora_rank)
 
 
@@ -107,6 +120,7 @@ def pass_flops(cfg: DecoderConfig, p: DecoderPass, lora_rank: Optional[int] = No
 class StepShapes:
   """The lengths of one global batch (tokens per pass, as the input pipeline packs
   them)."""
+
   batch: int
   doc_tokens: int  # document + special + memory tokens
   n_mem: int
@@ -118,24 +132,44 @@ class StepShapes:
   lm_tokens: int
 
 
-def train_step_flops(stage: str, cfg: DecoderConfig, s: StepShapes, *,
-                     cached: bool = False, train_base: bool = False,
-                     train_generator: bool = True, train_compressor: bool = False,
-                     lexical: bool = False, mse: bool = True) -> float:
+def train_step_flops(
+  stage: str,
+  cfg: DecoderConfig,
+  s: StepShapes,
+  *,
+  cached: bool = False,
+  train_base: bool = False,
+  train_generator: bool = True,
+  train_compressor: bool = False,
+  lexical: bool = False,
+  mse: bool = True,
+) -> float:
   """FLOPs one train step of `stage` executes (see the module docstring)."""
   b = s.batch
   if stage == "lm":
-    return pass_flops(cfg, DecoderPass(b, s.lm_tokens, head_tokens=b * (s.lm_tokens - 1),
-                                       adapter=False, grad=ALL_GRAD))
+    return pass_flops(
+      cfg,
+      DecoderPass(b, s.lm_tokens, head_tokens=b * (s.lm_tokens - 1), adapter=False, grad=ALL_GRAD),
+    )
   trained = ALL_GRAD if train_base else ADAPTER_GRAD
-  generator = DecoderPass(b, s.gen_tokens, readout=s.answer_tokens,
-                          head_tokens=b * s.answer_tokens, input_grad=True,
-                          grad=trained if train_generator or stage != "stage2" else INPUT_GRAD)
+  generator = DecoderPass(
+    b,
+    s.gen_tokens,
+    readout=s.answer_tokens,
+    head_tokens=b * s.answer_tokens,
+    input_grad=True,
+    grad=trained if train_generator or stage != "stage2" else INPUT_GRAD,
+  )
   if stage in ("stage1", "stage1_2"):
     docs = b * (1 if stage == "stage1" else s.k)
     # The alignment MSE reads every final state; without it only the memories are read.
-    compressor = DecoderPass(docs, s.doc_tokens, readout=None if mse else s.n_mem,
-                             grad=trained, input_grad=stage == "stage1" or train_base)
+    compressor = DecoderPass(
+      docs,
+      s.doc_tokens,
+      readout=None if mse else s.n_mem,
+      grad=trained,
+      input_grad=stage == "stage1" or train_base,
+    )
     total = pass_flops(cfg, compressor) + pass_flops(cfg, generator)
     if lexical:  # the memories read by the (frozen) LM head, gradient back to them
       total += 2 * 2.0 * cfg.hidden_size * cfg.vocab_size * docs * s.n_mem
@@ -146,12 +180,10 @@ def train_step_flops(stage: str, cfg: DecoderConfig, s: StepShapes, *,
   if cached:
     total = 0.0
   elif train_compressor:
-    total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, readout=s.n_mem,
-                                        grad=ADAPTER_GRAD))
+    total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, readout=s.n_mem, grad=ADAPTER_GRAD))
   else:
     total = pass_flops(cfg, DecoderPass(docs, s.doc_tokens, readout=s.n_mem, adapter=False))
-  total += pass_flops(cfg, DecoderPass(b, s.question_tokens, readout=s.n_mem,
-                                       grad=ADAPTER_GRAD))
+  total += pass_flops(cfg, DecoderPass(b, s.question_tokens, readout=s.n_mem, grad=ADAPTER_GRAD))
   memory = s.n_mem * cfg.hidden_size
   total += 3 * 2.0 * docs * memory  # cosine scores, forward + gradient to the query
   if stage == "stage2":

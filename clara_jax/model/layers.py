@@ -37,8 +37,12 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-                       (x.shape[-1],), self.param_dtype)
+    scale = self.param(
+      "scale",
+      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+      (x.shape[-1],),
+      self.param_dtype,
+    )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # HF casts back to the input dtype before multiplying by the weight.
@@ -49,21 +53,27 @@ def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
   """The rotary frequencies [head_dim / 2] (radians per position), float32; `scaling` a
   `config.RopeScaling` or None."""
   # float32 throughout, as the HF implementations compute them.
-  inv_freq = 1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
-                                          / np.float32(head_dim)))
+  inv_freq = 1.0 / (
+    np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim))
+  )
   if scaling is not None:
     wavelength = 2 * np.pi / inv_freq
     context = scaling.original_max_position
     # 0 for wavelengths beyond context / low_freq_factor (fully scaled), 1 below
     # context / high_freq_factor (kept), linear in context / wavelength between.
-    smooth = np.clip((context / wavelength - scaling.low_freq_factor)
-                     / (scaling.high_freq_factor - scaling.low_freq_factor), 0.0, 1.0)
+    smooth = np.clip(
+      (context / wavelength - scaling.low_freq_factor)
+      / (scaling.high_freq_factor - scaling.low_freq_factor),
+      0.0,
+      1.0,
+    )
     inv_freq = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
   return inv_freq.astype(np.float32)
 
 
-def rope_tables(positions_bt: Array, head_dim: int, theta: float,
-                scaling=None) -> Tuple[Array, Array]:
+def rope_tables(
+  positions_bt: Array, head_dim: int, theta: float, scaling=None
+) -> Tuple[Array, Array]:
   """(cos, sin) [batch, length, head_dim / 2] float32 tables of the rotary angles.
 
   The decoder builds them once per call, and every layer's queries and keys share them:
@@ -120,11 +130,18 @@ class LoraFactors(nn.Module):
     def a_init(key, shape, dtype):
       return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    a = self.param("a", nn.with_logical_partitioning(a_init, self.in_axes + ("lora_rank",)),
-                   self.in_shape + (self.rank,), self.param_dtype)
-    b = self.param("b", nn.with_logical_partitioning(nn.initializers.zeros,
-                                                     ("lora_rank",) + self.out_axes),
-                   (self.rank,) + self.out_shape, self.param_dtype)
+    a = self.param(
+      "a",
+      nn.with_logical_partitioning(a_init, self.in_axes + ("lora_rank",)),
+      self.in_shape + (self.rank,),
+      self.param_dtype,
+    )
+    b = self.param(
+      "b",
+      nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.out_axes),
+      (self.rank,) + self.out_shape,
+      self.param_dtype,
+    )
     return a, b
 
 
@@ -149,11 +166,13 @@ def dropout(x: Array, rate: float, rng: Array) -> Array:
   d = x.shape[-1]
   words = jax.random.bits(rng, x.shape[:-1] + (-(-d // per_word),), jnp.uint32)
   byte_mask = jnp.uint32((1 << DROPOUT_BITS) - 1)
-  draws = jnp.concatenate([(words >> (DROPOUT_BITS * i)) & byte_mask
-                           for i in range(per_word)], axis=-1)[..., :d]
+  draws = jnp.concatenate(
+    [(words >> (DROPOUT_BITS * i)) & byte_mask for i in range(per_word)], axis=-1
+  )[..., :d]
   keep_prob = 1.0 - threshold / (1 << DROPOUT_BITS)
-  return jnp.where(draws >= threshold, x * jnp.asarray(1.0 / keep_prob, x.dtype),
-                   jnp.zeros((), x.dtype))
+  return jnp.where(
+    draws >= threshold, x * jnp.asarray(1.0 / keep_prob, x.dtype), jnp.zeros((), x.dtype)
+  )
 
 
 def _drop_threshold(rate: float) -> int:
@@ -179,8 +198,9 @@ def matmul(x: Array, w: Array, n_in: int, dtype, out_dtype=None) -> Array:
 
 def _dot_f32(x: Array, w: Array, n_in: int) -> Array:
   x_dims = tuple(range(x.ndim - n_in, x.ndim))
-  return jax.lax.dot_general(x, w, ((x_dims, tuple(range(n_in))), ((), ())),
-                             preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(
+    x, w, ((x_dims, tuple(range(n_in))), ((), ())), preferred_element_type=jnp.float32
+  )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -206,11 +226,15 @@ def _mixed_dot_bwd(n_in, out_dtype, residuals, g):
   g = g.astype(x.dtype)
   lead, n_out = x.ndim - n_in, w.ndim - n_in
   # dx[..., in] = g[..., out] . w[in, out]; dw[in, out] = x[..., in] . g[..., out].
-  dx = jax.lax.dot_general(g, w, ((tuple(range(lead, lead + n_out)),
-                                   tuple(range(n_in, w.ndim))), ((), ())),
-                           preferred_element_type=jnp.float32)
-  dw = jax.lax.dot_general(x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())),
-                           preferred_element_type=jnp.float32)
+  dx = jax.lax.dot_general(
+    g,
+    w,
+    ((tuple(range(lead, lead + n_out)), tuple(range(n_in, w.ndim))), ((), ())),
+    preferred_element_type=jnp.float32,
+  )
+  dw = jax.lax.dot_general(
+    x, g, ((tuple(range(lead)), tuple(range(lead))), ((), ())), preferred_element_type=jnp.float32
+  )
   return dx.astype(x.dtype), dw.astype(w.dtype)
 
 
@@ -238,16 +262,23 @@ class LoraLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    in_shape = tuple(x.shape[-self.n_in:])
-    in_axes = self.kernel_axes[:self.n_in]
-    out_axes = self.kernel_axes[self.n_in:]
-    kernel = self.param("kernel",
-                        nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
-                        in_shape + tuple(self.features), self.param_dtype)
+    in_shape = tuple(x.shape[-self.n_in :])
+    in_axes = self.kernel_axes[: self.n_in]
+    out_axes = self.kernel_axes[self.n_in :]
+    kernel = self.param(
+      "kernel",
+      nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
+      in_shape + tuple(self.features),
+      self.param_dtype,
+    )
     y = matmul(x, kernel, self.n_in, self.dtype)
     if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
-                        tuple(self.features), self.param_dtype)
+      bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+        tuple(self.features),
+        self.param_dtype,
+      )
       y = y + bias.astype(y.dtype)
     if self.lora is None:
       if self.active_adapter is not None:
@@ -255,11 +286,19 @@ class LoraLinear(nn.Module):
       return y
     if self.active_adapter is not None and self.active_adapter not in self.lora.adapters:
       raise ValueError(
-          f"unknown adapter {self.active_adapter!r}; the model has {self.lora.adapters}")
+        f"unknown adapter {self.active_adapter!r}; the model has {self.lora.adapters}"
+      )
     factors = {}
     for name in self.lora.adapters:  # all adapters exist so any subset can be trained
-      factors[name] = LoraFactors(in_shape, tuple(self.features), in_axes, out_axes,
-                                  self.lora.rank, self.param_dtype, name=lora_prefix(name))()
+      factors[name] = LoraFactors(
+        in_shape,
+        tuple(self.features),
+        in_axes,
+        out_axes,
+        self.lora.rank,
+        self.param_dtype,
+        name=lora_prefix(name),
+      )()
     if self.active_adapter is None:
       return y
     a, b = factors[self.active_adapter]

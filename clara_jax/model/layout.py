@@ -37,8 +37,7 @@ def to_scanned(params: Dict) -> Dict:
     return params
   indices = _unrolled_indices(params)
   if indices != list(range(len(indices))) or not indices:
-    raise ValueError(f"block parameters layers_0 .. layers_N expected, found layers "
-                     f"{indices}")
+    raise ValueError(f"block parameters layers_0 .. layers_N expected, found layers {indices}")
   blocks = [params[f"layers_{i}"] for i in indices]
   out = {k: v for k, v in params.items() if not _UNROLLED.match(k)}
   out[SCANNED] = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *blocks)

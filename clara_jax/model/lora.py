@@ -33,7 +33,7 @@ def unflatten(flat: Mapping[str, jax.Array]) -> Dict:
 def _adapter_of(path: str) -> str | None:
   for part in path.split("/"):
     if part.startswith("lora_"):
-      return part[len("lora_"):]
+      return part[len("lora_") :]
   return None
 
 
@@ -112,7 +112,8 @@ def fold_adapter(params: Params, adapter: str, lora: LoraConfig) -> Dict:
         fold = jax.vmap(fold)
       delta = fold(a.astype(jnp.float32), b.astype(jnp.float32))
       flat[f"{layer}/kernel"] = (kernel.astype(jnp.float32) + lora.scale * delta).astype(
-          kernel.dtype)
+        kernel.dtype
+      )
       folded += 1
   if not folded:
     raise ValueError(f"no parameters of adapter {adapter!r}; present: {adapter_names(params)}")
@@ -122,12 +123,12 @@ def fold_adapter(params: Params, adapter: str, lora: LoraConfig) -> Dict:
 def regex_mask(params: Params, patterns: Iterable[str]) -> Dict:
   """Boolean tree: True where a parameter's path fully matches one of `patterns`."""
   compiled = [re.compile(p) for p in patterns]
-  return unflatten({path: any(c.fullmatch(path) for c in compiled)
-                    for path in flatten(params)})
+  return unflatten({path: any(c.fullmatch(path) for c in compiled) for path in flatten(params)})
 
 
-def trainable_patterns(adapters: Sequence[str] = (), extra_embedding: bool = False,
-                       base: bool = False) -> Tuple[str, ...]:
+def trainable_patterns(
+  adapters: Sequence[str] = (), extra_embedding: bool = False, base: bool = False
+) -> Tuple[str, ...]:
   """Regexes of the trainable set: named adapters, the special-token embedding rows,
   or (for from-scratch LM pretraining) every non-adapter parameter."""
   patterns = [rf"(.*/)?{lora_prefix(name)}/.*" for name in adapters]
@@ -138,8 +139,9 @@ def trainable_patterns(adapters: Sequence[str] = (), extra_embedding: bool = Fal
   return tuple(patterns)
 
 
-def trainable_mask(params: Params, adapters: Sequence[str] = (), extra_embedding: bool = False,
-                   base: bool = False) -> Dict:
+def trainable_mask(
+  params: Params, adapters: Sequence[str] = (), extra_embedding: bool = False, base: bool = False
+) -> Dict:
   """Boolean tree for `optax.masked`/`multi_transform`; see `trainable_patterns`."""
   present = adapter_names(params)
   for name in adapters:

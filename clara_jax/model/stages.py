@@ -45,8 +45,12 @@ def trainable_mask(stage: str, params, clara_cfg: clara.ClaraConfig):
     return lora.trainable_mask(params, base=True)
   if stage in ("stage1", "stage1_2"):
     # As in the reference, the special-token embedding rows train in stage1 only.
-    return lora.trainable_mask(params, adapters=(clara.COMPRESSOR, clara.GENERATOR),
-                               extra_embedding=stage == "stage1", base=clara_cfg.train_base)
+    return lora.trainable_mask(
+      params,
+      adapters=(clara.COMPRESSOR, clara.GENERATOR),
+      extra_embedding=stage == "stage1",
+      base=clara_cfg.train_base,
+    )
   if stage == "stage2":
     adapters = (clara.REASONER,) + ((clara.GENERATOR,) if clara_cfg.train_generator else ())
     if clara_cfg.train_compressor:
@@ -65,46 +69,80 @@ def lm_loss(model: Decoder, params, batch: Batch, rng: Optional[Array] = None):
   """Next-token CE over every real token (from-scratch base pretraining, no adapter)."""
   tokens, mask = batch["tokens"], batch["mask"]
   rngs = {"dropout": rng} if rng is not None else {}
-  hidden = model.apply({"params": params}, tokens, attention_mask=mask,
-                       positions=clara.positions_from_mask(mask), deterministic=rng is None,
-                       rngs=rngs).hidden
+  hidden = model.apply(
+    {"params": params},
+    tokens,
+    attention_mask=mask,
+    positions=clara.positions_from_mask(mask),
+    deterministic=rng is None,
+    rngs=rngs,
+  ).hidden
   logits = model.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
   target_mask = mask[:, 1:] * mask[:, :-1]
   ce, count = losses.masked_cross_entropy(logits, tokens[:, 1:], target_mask)
   return ce, {"ce": ce, "tokens": count}
 
 
-def compression_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
-                     rng: Optional[Array] = None):
+def compression_loss(
+  model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig, rng: Optional[Array] = None
+):
   """stage1 / stage1_2: CE of the answer from the documents' memories + w * MSE
   (+ the memories' bag-of-tokens loss when `lexical_weight` > 0)."""
   comp_rng, gen_rng = _split(rng, 2)
   b, n_docs = batch["doc_tokens"].shape[:2]
   if clara_cfg.mse_weight > 0:
-    mem, mse = clara.compress(model, params, batch["doc_tokens"], batch["doc_mask"],
-                              clara_cfg.n_mem, deterministic=rng is None, rng=comp_rng)
+    mem, mse = clara.compress(
+      model,
+      params,
+      batch["doc_tokens"],
+      batch["doc_mask"],
+      clara_cfg.n_mem,
+      deterministic=rng is None,
+      rng=comp_rng,
+    )
   else:  # no alignment loss: the last layer runs at the memory positions only
-    mem, mse = clara.memories(model, params, batch["doc_tokens"], batch["doc_mask"],
-                              clara_cfg.n_mem, clara.COMPRESSOR, deterministic=rng is None,
-                              rng=comp_rng), None
+    mem, mse = (
+      clara.memories(
+        model,
+        params,
+        batch["doc_tokens"],
+        batch["doc_mask"],
+        clara_cfg.n_mem,
+        clara.COMPRESSOR,
+        deterministic=rng is None,
+        rng=comp_rng,
+      ),
+      None,
+    )
   mem = mem.reshape(b, n_docs, clara_cfg.n_mem, -1)
-  ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
-                                   batch["slot_positions"], mem, batch["answer_mask"],
-                                   deterministic=rng is None, rng=gen_rng,
-                                   memory_scale=clara_cfg.memory_scale)
+  ce, count = clara.generator_loss(
+    model,
+    params,
+    batch["gen_tokens"],
+    batch["gen_mask"],
+    batch["slot_positions"],
+    mem,
+    batch["answer_mask"],
+    deterministic=rng is None,
+    rng=gen_rng,
+    memory_scale=clara_cfg.memory_scale,
+  )
   loss, metrics = ce, {"ce": ce, "tokens": count}
   if mse is not None:
     loss = loss + clara_cfg.mse_weight * mse
     metrics["mse"] = mse
   if clara_cfg.lexical_weight > 0:
-    lexical = clara.lexical_loss(model, params, mem.reshape(b * n_docs, clara_cfg.n_mem, -1),
-                                 batch["doc_tokens"].reshape(b * n_docs, -1),
-                                 batch["doc_mask"].reshape(b * n_docs, -1))
+    lexical = clara.lexical_loss(
+      model,
+      params,
+      mem.reshape(b * n_docs, clara_cfg.n_mem, -1),
+      batch["doc_tokens"].reshape(b * n_docs, -1),
+      batch["doc_mask"].reshape(b * n_docs, -1),
+    )
     loss = loss + clara_cfg.lexical_weight * lexical
     metrics["lexical"] = lexical
   if b * n_docs > 1:
-    metrics["memory_cosine"] = memory_cosine(jax.lax.stop_gradient(mem).reshape(
-        b * n_docs, -1))
+    metrics["memory_cosine"] = memory_cosine(jax.lax.stop_gradient(mem).reshape(b * n_docs, -1))
   return loss, metrics
 
 
@@ -119,20 +157,34 @@ def memory_cosine(memories_mf: Array) -> Array:
   return (jnp.sum(gram) - jnp.trace(gram)) / (m * (m - 1))
 
 
-def candidate_memories(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
-                       rng: Optional[Array] = None) -> Array:
+def candidate_memories(
+  model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig, rng: Optional[Array] = None
+) -> Array:
   """Candidate memories [B, N, n_mem, H]: from the `doc_mem` cache when the batch has
   one, else recomputed by the compressor (frozen unless `train_compressor`)."""
   if "doc_mem" in batch:
     return jax.lax.stop_gradient(batch["doc_mem"])
   if not clara_cfg.train_compressor:
-    return frozen_compress(model, params, batch["doc_tokens"], batch["doc_mask"],
-                           clara_cfg.n_mem, clara_cfg.compress_chunk)
+    return frozen_compress(
+      model,
+      params,
+      batch["doc_tokens"],
+      batch["doc_mask"],
+      clara_cfg.n_mem,
+      clara_cfg.compress_chunk,
+    )
   b, n = batch["doc_tokens"].shape[:2]
   train = rng is not None
-  mem = clara.memories(model, params, batch["doc_tokens"], batch["doc_mask"],
-                       clara_cfg.n_mem, clara.COMPRESSOR, deterministic=not train,
-                       rng=rng if train else None)
+  mem = clara.memories(
+    model,
+    params,
+    batch["doc_tokens"],
+    batch["doc_mask"],
+    clara_cfg.n_mem,
+    clara.COMPRESSOR,
+    deterministic=not train,
+    rng=rng if train else None,
+  )
   return mem.reshape(b, n, clara_cfg.n_mem, -1)
 
 
@@ -151,16 +203,22 @@ def fold_compressor(model: Decoder, params):
   return params
 
 
-def frozen_memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array,
-                    n_mem: int) -> Array:
+def frozen_memories(model: Decoder, params, tokens_mt: Array, mask_mt: Array, n_mem: int) -> Array:
   """Memories [M, n_mem, H] of a frozen compressor for encoder rows [M, L + n_mem]: what
   answering and indexing compute, through the same folded path as stage 2's step."""
-  return clara.memories(model, fold_compressor(model, params), tokens_mt, mask_mt, n_mem,
-                        adapter=None)
+  return clara.memories(
+    model, fold_compressor(model, params), tokens_mt, mask_mt, n_mem, adapter=None
+  )
 
 
-def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl: Array,
-                    n_mem: int, chunk: int = COMPRESS_CHUNK) -> Array:
+def frozen_compress(
+  model: Decoder,
+  params,
+  doc_tokens_bnl: Array,
+  doc_mask_bnl: Array,
+  n_mem: int,
+  chunk: int = COMPRESS_CHUNK,
+) -> Array:
   """Memories [B, N, n_mem, H] of a frozen compressor, without gradients.
 
   The compressor adapter is folded into the base kernels (one matmul per layer instead of
@@ -181,8 +239,7 @@ def frozen_compress(model: Decoder, params, doc_tokens_bnl: Array, doc_mask_bnl:
   return mem.swapaxes(0, 1).reshape(b, n, n_mem, -1)
 
 
-def retrieval_metrics(scores_bn: Array, indices_bk: Array, positives_bn: Array
-                      ) -> Dict[str, Array]:
+def retrieval_metrics(scores_bn: Array, indices_bk: Array, positives_bn: Array) -> Dict[str, Array]:
   """Recall@1 and Recall@k (hits among positives / number of positives), averaged over
   questions that have positives."""
   pos = positives_bn.astype(jnp.float32)
@@ -197,8 +254,14 @@ def retrieval_metrics(scores_bn: Array, indices_bk: Array, positives_bn: Array
   return {"recall@1": recall(1), f"recall@{indices_bk.shape[1]}": recall(indices_bk.shape[1])}
 
 
-def end_to_end_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
-                    rng: Optional[Array] = None, cut_topk_gradient: bool = False):
+def end_to_end_loss(
+  model: Decoder,
+  params,
+  batch: Batch,
+  clara_cfg: clara.ClaraConfig,
+  rng: Optional[Array] = None,
+  cut_topk_gradient: bool = False,
+):
   """stage2: reasoner -> cosine scores -> straight-through top-k -> generator CE.
 
   `cut_topk_gradient` stops the gradient at the top-k weights (an ablation: the
@@ -206,36 +269,64 @@ def end_to_end_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.Clara
   """
   comp_rng, q_rng, gen_rng = _split(rng, 3)
   doc_mem = candidate_memories(model, params, batch, clara_cfg, comp_rng)
-  q_mem = clara.reason(model, params, batch["q_tokens"], batch["q_mask"], clara_cfg.n_mem,
-                       deterministic=rng is None, rng=q_rng)
+  q_mem = clara.reason(
+    model,
+    params,
+    batch["q_tokens"],
+    batch["q_mask"],
+    clara_cfg.n_mem,
+    deterministic=rng is None,
+    rng=q_rng,
+  )
   scores = clara.score(q_mem, doc_mem)
-  weights, indices = straight_through_topk(scores, clara_cfg.k, clara_cfg.temperature,
-                                           check_nans=clara_cfg.check_nans)
+  weights, indices = straight_through_topk(
+    scores, clara_cfg.k, clara_cfg.temperature, check_nans=clara_cfg.check_nans
+  )
   if cut_topk_gradient:
     weights = jax.lax.stop_gradient(weights)
   selected = clara.select(weights, doc_mem)
-  ce, count = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
-                                   batch["slot_positions"], selected, batch["answer_mask"],
-                                   deterministic=rng is None, rng=gen_rng,
-                                   memory_scale=clara_cfg.memory_scale)
-  soft = jax.lax.stop_gradient(soft_topk(scores, jax.lax.stop_gradient(weights),
-                                         clara_cfg.temperature))
+  ce, count = clara.generator_loss(
+    model,
+    params,
+    batch["gen_tokens"],
+    batch["gen_mask"],
+    batch["slot_positions"],
+    selected,
+    batch["answer_mask"],
+    deterministic=rng is None,
+    rng=gen_rng,
+    memory_scale=clara_cfg.memory_scale,
+  )
+  soft = jax.lax.stop_gradient(
+    soft_topk(scores, jax.lax.stop_gradient(weights), clara_cfg.temperature)
+  )
   entropy = -jnp.sum(soft * jnp.log(jnp.maximum(soft, 1e-30)), -1)
-  metrics = {"ce": ce, "tokens": count,
-             "selected_score": jnp.mean(jnp.take_along_axis(scores, indices, -1)),
-             "selection_entropy": jnp.mean(entropy)}
+  metrics = {
+    "ce": ce,
+    "tokens": count,
+    "selected_score": jnp.mean(jnp.take_along_axis(scores, indices, -1)),
+    "selection_entropy": jnp.mean(entropy),
+  }
   if "positives" in batch:
     metrics.update(retrieval_metrics(scores, indices, batch["positives"]))
   return ce, metrics
 
 
-def retrieval_loss(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
-                   rng: Optional[Array] = None):
+def retrieval_loss(
+  model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig, rng: Optional[Array] = None
+):
   """stage2_retrieval: supervised InfoNCE over the labelled positives."""
   comp_rng, q_rng = _split(rng, 2)
   doc_mem = candidate_memories(model, params, batch, clara_cfg, comp_rng)
-  q_mem = clara.reason(model, params, batch["q_tokens"], batch["q_mask"], clara_cfg.n_mem,
-                       deterministic=rng is None, rng=q_rng)
+  q_mem = clara.reason(
+    model,
+    params,
+    batch["q_tokens"],
+    batch["q_mask"],
+    clara_cfg.n_mem,
+    deterministic=rng is None,
+    rng=q_rng,
+  )
   scores = clara.score(q_mem, doc_mem)
   loss = losses.infonce_loss(scores, batch["positives"], clara_cfg.retrieval_temperature)
   _, indices = jax.lax.top_k(scores, min(clara_cfg.k, scores.shape[-1]))
@@ -246,11 +337,11 @@ def stage_loss(stage: str, model_cfg: DecoderConfig, clara_cfg: clara.ClaraConfi
   """`loss_fn(params, batch, rng)` of a stage; rng None means deterministic (eval)."""
   model = Decoder(model_cfg)
   fns = {
-      "lm": lambda p, b, r: lm_loss(model, p, b, r),
-      "stage1": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
-      "stage1_2": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
-      "stage2": lambda p, b, r: end_to_end_loss(model, p, b, clara_cfg, r),
-      "stage2_retrieval": lambda p, b, r: retrieval_loss(model, p, b, clara_cfg, r),
+    "lm": lambda p, b, r: lm_loss(model, p, b, r),
+    "stage1": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
+    "stage1_2": lambda p, b, r: compression_loss(model, p, b, clara_cfg, r),
+    "stage2": lambda p, b, r: end_to_end_loss(model, p, b, clara_cfg, r),
+    "stage2_retrieval": lambda p, b, r: retrieval_loss(model, p, b, clara_cfg, r),
   }
   if stage not in fns:
     raise ValueError(f"unknown stage {stage!r}; known: {STAGES}")
@@ -269,8 +360,9 @@ def with_replay(loss_fn: LossFn, model_cfg: DecoderConfig, weight: float) -> Los
     stage_rng, replay_rng = _split(rng, 2)
     inner = {k: v for k, v in batch.items() if not k.startswith("replay_")}
     loss, metrics = loss_fn(params, inner, stage_rng)
-    replay_ce, _ = lm_loss(model, params, {"tokens": batch["replay_tokens"],
-                                           "mask": batch["replay_mask"]}, replay_rng)
+    replay_ce, _ = lm_loss(
+      model, params, {"tokens": batch["replay_tokens"], "mask": batch["replay_mask"]}, replay_rng
+    )
     return loss + weight * replay_ce, {**metrics, "replay_ce": replay_ce}
 
   return fn
@@ -285,8 +377,9 @@ def fixed_selection(positives_bn: Array, k: int, rng: Array, gold: bool) -> Arra
   return jax.lax.top_k(priority, k)[1].astype(jnp.int32)
 
 
-def memory_gain(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig,
-                rng: Array) -> Dict[str, Array]:
+def memory_gain(
+  model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConfig, rng: Array
+) -> Dict[str, Array]:
   """Does the generator read its memories? Answer CE with k random non-gold candidates
   minus answer CE with the gold candidate(s) in the slots (positive: reading pays).
 
@@ -298,9 +391,16 @@ def memory_gain(model: Decoder, params, batch: Batch, clara_cfg: clara.ClaraConf
 
   def ce_for(indices_bk):
     weights = jax.nn.one_hot(indices_bk, n, dtype=jnp.float32)
-    ce, _ = clara.generator_loss(model, params, batch["gen_tokens"], batch["gen_mask"],
-                                 batch["slot_positions"], clara.select(weights, doc_mem),
-                                 batch["answer_mask"], memory_scale=clara_cfg.memory_scale)
+    ce, _ = clara.generator_loss(
+      model,
+      params,
+      batch["gen_tokens"],
+      batch["gen_mask"],
+      batch["slot_positions"],
+      clara.select(weights, doc_mem),
+      batch["answer_mask"],
+      memory_scale=clara_cfg.memory_scale,
+    )
     return ce
 
   gold_rng, control_rng = jax.random.split(rng)

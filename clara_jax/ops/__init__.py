@@ -1,8 +1,19 @@
 """Pure array operations of CLaRa that know no model: selection and losses."""
 
-from clara_jax.ops.topk import straight_through_topk, soft_topk, checked
-from clara_jax.ops.losses import (cosine_scores, infonce_loss, masked_cross_entropy,
-                                  mse_alignment_loss)
+from clara_jax.ops.losses import (
+  cosine_scores,
+  infonce_loss,
+  masked_cross_entropy,
+  mse_alignment_loss,
+)
+from clara_jax.ops.topk import checked, soft_topk, straight_through_topk
 
-__all__ = ["straight_through_topk", "soft_topk", "checked", "cosine_scores", "infonce_loss",
-           "masked_cross_entropy", "mse_alignment_loss"]
+__all__ = [
+  "straight_through_topk",
+  "soft_topk",
+  "checked",
+  "cosine_scores",
+  "infonce_loss",
+  "masked_cross_entropy",
+  "mse_alignment_loss",
+]

@@ -11,22 +11,23 @@ import optax
 Array = jax.Array
 
 
-def masked_cross_entropy(logits_btv: Array, targets_bt: Array, mask_bt: Array
-                         ) -> Tuple[Array, Array]:
+def masked_cross_entropy(
+  logits_btv: Array, targets_bt: Array, mask_bt: Array
+) -> Tuple[Array, Array]:
   """Token cross-entropy averaged over supervised positions.
 
   Returns (mean loss over all positions with mask 1 in the batch, number of those
   positions). An all-zero mask gives loss 0 rather than NaN.
   """
   losses = optax.softmax_cross_entropy_with_integer_labels(
-      logits_btv.astype(jnp.float32), targets_bt)
+    logits_btv.astype(jnp.float32), targets_bt
+  )
   mask = mask_bt.astype(jnp.float32)
   count = jnp.sum(mask)
   return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), count
 
 
-def mse_alignment_loss(mem_states_bmh: Array, doc_states_bth: Array, doc_mask_bt: Array
-                       ) -> Array:
+def mse_alignment_loss(mem_states_bmh: Array, doc_states_bth: Array, doc_mask_bt: Array) -> Array:
   """CLaRa's compressor alignment: MSE between the mean memory state and the mean of the
   document's attended (non-padding) states, averaged over hidden units and documents.
 
@@ -37,7 +38,8 @@ def mse_alignment_loss(mem_states_bmh: Array, doc_states_bth: Array, doc_mask_bt
   """
   mask = doc_mask_bt.astype(jnp.float32)[..., None]
   doc_mean = jnp.sum(doc_states_bth.astype(jnp.float32) * mask, axis=1) / jnp.maximum(
-      jnp.sum(mask, axis=1), 1.0)
+    jnp.sum(mask, axis=1), 1.0
+  )
   mem_mean = jnp.mean(mem_states_bmh.astype(jnp.float32), axis=1)
   return jnp.mean((mem_mean - doc_mean) ** 2)
 

@@ -73,8 +73,9 @@ def _st_topk_bwd(k, residuals, cotangents):
 _st_topk.defvjp(_st_topk_fwd, _st_topk_bwd)
 
 
-def straight_through_topk(scores_bn: Array, k: int, temperature=0.02, *,
-                          check_nans: bool = False) -> Tuple[Array, Array]:
+def straight_through_topk(
+  scores_bn: Array, k: int, temperature=0.02, *, check_nans: bool = False
+) -> Tuple[Array, Array]:
   """Selects the top-k candidates with straight-through gradients.
 
   Args:
@@ -93,9 +94,10 @@ def straight_through_topk(scores_bn: Array, k: int, temperature=0.02, *,
   if not 1 <= k <= n:
     raise ValueError(f"k={k} must be between 1 and the number of candidates {n}")
   if check_nans:
-    checkify.check(~jnp.any(jnp.isnan(scores_bn)),
-                   "straight_through_topk: NaN in retrieval scores (check the "
-                   "compressor/reasoner outputs)")
+    checkify.check(
+      ~jnp.any(jnp.isnan(scores_bn)),
+      "straight_through_topk: NaN in retrieval scores (check the compressor/reasoner outputs)",
+    )
   return _st_topk(scores_bn, k, temperature)
 
 

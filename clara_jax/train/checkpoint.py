@@ -10,13 +10,13 @@ target shardings as the abstract tree.
 
 from __future__ import annotations
 
-from absl import logging
 import os
 from typing import Any, Dict, Optional, Tuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 
 from clara_jax import paths
 from clara_jax.train.state import TrainState
@@ -25,27 +25,39 @@ from clara_jax.train.state import TrainState
 class Checkpointer:
   """`CheckpointManager` wrapper: save every N steps, keep K, resume the newest good."""
 
-  def __init__(self, directory: str, save_every: int = 100, keep: int = 3,
-               async_save: bool = True):
+  def __init__(self, directory: str, save_every: int = 100, keep: int = 3, async_save: bool = True):
     # Orbax wants an absolute local path or a URI (gs://...): paths.path gives either.
     self.directory = os.fspath(paths.path(directory))
     # Only interval steps (and forced saves: the end, preemption). Orbax's default policy
     # also saves the first step, which would let a resume land between two logging
     # steps and change the next logged window mean.
-    policy = ocp.checkpoint_managers.AnySavePolicy([
+    policy = ocp.checkpoint_managers.AnySavePolicy(
+      [
         ocp.checkpoint_managers.FixedIntervalPolicy(save_every),
-        ocp.checkpoint_managers.PreemptionCheckpointingPolicy()])
+        ocp.checkpoint_managers.PreemptionCheckpointingPolicy(),
+      ]
+    )
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-        save_decision_policy=policy)
-    self.manager = ocp.CheckpointManager(self.directory, options=options,
-                                         item_names=("state", "data"))
+      max_to_keep=keep,
+      create=True,
+      enable_async_checkpointing=async_save,
+      save_decision_policy=policy,
+    )
+    self.manager = ocp.CheckpointManager(
+      self.directory, options=options, item_names=("state", "data")
+    )
 
-  def save(self, step: int, state: TrainState, data_state: Dict[str, Any],
-           force: bool = False) -> bool:
+  def save(
+    self, step: int, state: TrainState, data_state: Dict[str, Any], force: bool = False
+  ) -> bool:
     """Saves if `step` is on the interval (or `force`); returns whether it saved."""
-    return self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+    return self.manager.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)
+      ),
+      force=force,
+    )
 
   def should_save(self, step: int) -> bool:
     """Whether `save(step)` would save without `force` (the interval policy)."""
@@ -57,22 +69,31 @@ class Checkpointer:
   def all_steps(self):
     return sorted(self.manager.all_steps())
 
-  def restore(self, abstract_state: TrainState, step: Optional[int] = None
-              ) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
+  def restore(
+    self, abstract_state: TrainState, step: Optional[int] = None
+  ) -> Optional[Tuple[int, TrainState, Dict[str, Any]]]:
     """Restores `step` (default: the newest readable one) into the structure, dtypes and
     shardings of `abstract_state` (ShapeDtypeStructs with `sharding` set). Returns None
     when no usable checkpoint exists."""
     steps = [step] if step is not None else sorted(self.manager.all_steps(), reverse=True)
     for candidate in steps:
       try:
-        restored = self.manager.restore(candidate, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
+        restored = self.manager.restore(
+          candidate,
+          args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()
+          ),
+        )
       except Exception as error:  # orbax raises many types for truncated/corrupt files
         if step is not None:
           raise
-        logging.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                        self.directory, candidate, type(error).__name__,
-                        str(error).splitlines()[0][:200])
+        logging.warning(
+          "checkpoint %s/%d is unreadable (%s: %s); trying an older one",
+          self.directory,
+          candidate,
+          type(error).__name__,
+          str(error).splitlines()[0][:200],
+        )
         continue
       self._set_aside([s for s in steps if s > candidate])
       return candidate, restored["state"], dict(restored["data"] or {})
@@ -102,7 +123,8 @@ class Checkpointer:
 def abstract_with_shardings(state_shape: TrainState, shardings: TrainState) -> TrainState:
   """ShapeDtypeStructs carrying the target shardings (what orbax restores onto)."""
   return jax.tree_util.tree_map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings)
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), state_shape, shardings
+  )
 
 
 def newest_parameters(directory: str) -> Tuple[str, Dict[str, np.ndarray]]:
@@ -124,12 +146,16 @@ def newest_parameters(directory: str) -> Tuple[str, Dict[str, np.ndarray]]:
     try:
       saved = checkpointer.metadata(path).item_metadata
       abstract = jax.tree_util.tree_map(
-          lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(saved))
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), dict(saved)
+      )
       state = checkpointer.restore(path, abstract)
     except Exception as error:  # orbax raises many types for truncated/corrupt files
-      logging.warning("checkpoint %s is unreadable (%s: %s); trying an older one", path,
-                      type(error).__name__, str(error).splitlines()[0][:200])
+      logging.warning(
+        "checkpoint %s is unreadable (%s: %s); trying an older one",
+        path,
+        type(error).__name__,
+        str(error).splitlines()[0][:200],
+      )
       continue
-    return path, {k: np.asarray(v) for k, v in {**state["frozen"],
-                                                 **state["trainable"]}.items()}
+    return path, {k: np.asarray(v) for k, v in {**state["frozen"], **state["trainable"]}.items()}
   raise ValueError(f"{ckpt_dir}: no checkpoint of steps {steps} is readable")

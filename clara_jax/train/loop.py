@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import hashlib
 import io
-from absl import logging
 import os
 import posixpath
 import signal
@@ -24,28 +23,28 @@ from typing import Callable, Dict, Optional, Tuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from clu import periodic_actions
 
 from clara_jax import paths
-from clara_jax.train.peak import matmul_peak_flops
 from clara_jax.data import formats, tfds_builders
+from clara_jax.data import tokenizer as tokenizer_lib
 from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
-from clara_jax.data import tokenizer as tokenizer_lib
 from clara_jax.data.tokenizer import ClaraTokenizer, Tokenizer
 from clara_jax.model import layout, lora
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import config_from_dict
 from clara_jax.model.decoder import init_params
 from clara_jax.train import run_config
-from clara_jax.train.checkpoint import (Checkpointer, abstract_with_shardings,
-                                        newest_parameters)
+from clara_jax.train.checkpoint import Checkpointer, abstract_with_shardings, newest_parameters
 from clara_jax.train.metrics import MetricsWriter, parameter_overview
 from clara_jax.train.nonfinite import NonFiniteError, NonFiniteStreak
-from clara_jax.train.state import create_state
-from clara_jax.train.workdir_lock import WorkdirLock
+from clara_jax.train.peak import matmul_peak_flops
 from clara_jax.train.setup import clara_config, setup_train_step, step_flops
+from clara_jax.train.state import create_state
 from clara_jax.train.step import pmap_train_step, replicate, unreplicate
+from clara_jax.train.workdir_lock import WorkdirLock
 from clara_jax.weights.export import load_params, save_params
 
 TOKENIZER_FILE = "tokenizer.model"
@@ -58,8 +57,10 @@ class Preempted(RuntimeError):
 
   def __init__(self, step: int, signum: int, workdir: str):
     name = signal.Signals(signum).name
-    super().__init__(f"{name} at step {step}: checkpoint saved in {workdir}/checkpoints; "
-                     f"run the same command again to resume")
+    super().__init__(
+      f"{name} at step {step}: checkpoint saved in {workdir}/checkpoints; "
+      f"run the same command again to resume"
+    )
     self.step, self.signum, self.exit_code = step, signum, 128 + signum
 
 
@@ -85,6 +86,7 @@ class _Preemption:
     if not self._synced:
       return self.signum is not None
     from jax.experimental import multihost_utils
+
     if multihost_utils.reached_preemption_sync_point(step):
       self.signum = self.signum or signal.SIGTERM  # a host that saw no signal itself
       return True
@@ -103,8 +105,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del frame
-    logging.warning("%s received: saving a checkpoint before exiting",
-                    signal.Signals(signum).name)
+    logging.warning("%s received: saving a checkpoint before exiting", signal.Signals(signum).name)
     self.signum = signum
     if self._synced:
       os.kill(os.getpid(), signal.SIGTERM)
@@ -121,10 +122,13 @@ def _preemption_service_running() -> bool:
   if jax.process_count() == 1:
     return False
   from jax._src import distributed
+
   if distributed.global_state.preemption_sync_manager is None:
-    logging.warning("multi-process run without the JAX preemption service "
-                    "(jax_enable_preemption_service): a signal stops only the host it "
-                    "reaches")
+    logging.warning(
+      "multi-process run without the JAX preemption service "
+      "(jax_enable_preemption_service): a signal stops only the host it "
+      "reaches"
+    )
     return False
   return True
 
@@ -134,8 +138,10 @@ def _previous_export(config, workdir: str) -> Optional[str]:
     return None
   prev = paths.resolve(workdir, config.init.from_workdir, "export")
   if not paths.exists(paths.join(prev, "config.json")):
-    raise FileNotFoundError(f"{prev}: the previous stage's export is missing "
-                            f"(config init.from_workdir={config.init.from_workdir!r})")
+    raise FileNotFoundError(
+      f"{prev}: the previous stage's export is missing "
+      f"(config init.from_workdir={config.init.from_workdir!r})"
+    )
   return prev
 
 
@@ -163,29 +169,48 @@ def data_files(config, workdir: str) -> Dict[str, str]:
   d = config.data
   if d.source == "synth":
     from clara_jax.data import synth
+
     directory = synth_dir(config, workdir)
     max_facts = d.synth_max_facts or None
     if not paths.exists(paths.join(directory, "manifest.json")):
       if jax.process_index() == 0:
-        synth.write_world(directory, seed=d.synth_seed, size=d.synth_size,
-                          candidates=d.candidates, k=config.clara.k, max_facts=max_facts,
-                          names=d.synth_names, world=d.synth_world)
+        synth.write_world(
+          directory,
+          seed=d.synth_seed,
+          size=d.synth_size,
+          candidates=d.candidates,
+          k=config.clara.k,
+          max_facts=max_facts,
+          names=d.synth_names,
+          world=d.synth_world,
+        )
       _barrier("synth world written")
     if d.synth_fresh and fmt not in ("stage1", "stage1_2", "stage2"):
-      raise ValueError(f"config: data.synth_fresh trains on fresh worlds, which only "
-                       f"stage1, stage1_2 and stage2 do (this stage reads {fmt!r} rows)")
+      raise ValueError(
+        f"config: data.synth_fresh trains on fresh worlds, which only "
+        f"stage1, stage1_2 and stage2 do (this stage reads {fmt!r} rows)"
+      )
     if fmt == "text":
-      return {"train": paths.join(directory, synth.LM_WORLD_FILE if d.lm_text == "world"
-                                  else "lm.txt")}
-    files = {split: paths.join(directory, f"{fmt}_{split}.jsonl")
-             for split in ("train", "test")}
+      return {
+        "train": paths.join(directory, synth.LM_WORLD_FILE if d.lm_text == "world" else "lm.txt")
+      }
+    files = {split: paths.join(directory, f"{fmt}_{split}.jsonl") for split in ("train", "test")}
     if d.synth_fresh:
       rows = _fresh_rows_needed(config)
       path = paths.join(directory, f"{fmt}_fresh{rows}.jsonl")
       if not paths.exists(path) and jax.process_index() == 0:
-        synth.write_fresh(path, d.synth_seed, rows, fmt, d.synth_size, config.clara.k,
-                          max_facts, d.synth_names, candidates=d.candidates,
-                          world=d.synth_world)
+        synth.write_fresh(
+          path,
+          d.synth_seed,
+          rows,
+          fmt,
+          d.synth_size,
+          config.clara.k,
+          max_facts,
+          d.synth_names,
+          candidates=d.candidates,
+          world=d.synth_world,
+        )
       _barrier("fresh rows written")
       files["train"] = path
     return _with_shuffled_answers(config, files)
@@ -202,12 +227,15 @@ def _with_replay_text(config, workdir: str, files: Dict[str, str]) -> Dict[str, 
   if not replay:
     return files
   if config.stage not in ("stage1", "stage1_2"):
-    raise ValueError(f"config: data.replay_text keeps a base that stage1 / stage1_2 update; "
-                     f"stage {config.stage!r} does not update it")
+    raise ValueError(
+      f"config: data.replay_text keeps a base that stage1 / stage1_2 update; "
+      f"stage {config.stage!r} does not update it"
+    )
   if replay == "world":
     if config.data.source != "synth":
       raise ValueError("config: data.replay_text='world' needs data.source='synth'")
     from clara_jax.data import synth
+
     replay = paths.join(synth_dir(config, workdir), synth.LM_WORLD_FILE)
   if not paths.isfile(replay):
     raise FileNotFoundError(f"{replay}: no such replay text file (config data.replay_text)")
@@ -221,6 +249,7 @@ def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
   if not config.data.shuffle_answers:
     return files
   from clara_jax.data import synth
+
   source = files[config.data.train_split]
   # posixpath: string surgery on the name only, right for local paths and URIs alike
   path = posixpath.splitext(source)[0] + f"_shuffled_answers_seed{config.seed}.jsonl"
@@ -230,8 +259,9 @@ def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
   return dict(files, **{config.data.train_split: path})
 
 
-def load_tokenizer(config, workdir: str, files: Dict[str, str],
-                   prev: Optional[str]) -> ClaraTokenizer:
+def load_tokenizer(
+  config, workdir: str, files: Dict[str, str], prev: Optional[str]
+) -> ClaraTokenizer:
   """The tokenizer: configured path (a SentencePiece model, a tokenizer.json or a
   directory with one), else the previous stage's, else trained on the text of the
   training data (and saved in the export)."""
@@ -241,17 +271,21 @@ def load_tokenizer(config, workdir: str, files: Dict[str, str],
   if prev is not None:
     return tokenizer_lib.load_tokenizer(prev, n)
   export = paths.join(workdir, "export")
-  if any(paths.exists(paths.join(export, backend.FILENAME))
-         for backend in (Tokenizer, tokenizer_lib.BPETokenizer)):
+  if any(
+    paths.exists(paths.join(export, backend.FILENAME))
+    for backend in (Tokenizer, tokenizer_lib.BPETokenizer)
+  ):
     return tokenizer_lib.load_tokenizer(export, n)
   own = paths.join(export, TOKENIZER_FILE)
   texts = list(_training_texts(files["train"], config.data.format))
   symbols = ()
   if config.data.synth_names == "pool":  # the generated names stay single pieces
     from clara_jax.data import synth
+
     symbols = synth.pool_symbols()
-  tok = Tokenizer.train(texts, config.tokenizer.vocab_size, n, seed=config.seed,
-                        user_symbols=symbols)
+  tok = Tokenizer.train(
+    texts, config.tokenizer.vocab_size, n, seed=config.seed, user_symbols=symbols
+  )
   if jax.process_index() == 0:  # training is deterministic: every process has the same
     paths.makedirs(paths.parent(own))
     tok.save(own)
@@ -291,26 +325,37 @@ def prepared_data_dir(workdir: str) -> Tuple[str, bool]:
   return os.path.join(tempfile.gettempdir(), "clara_jax_tfds", key), False
 
 
-def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str],
-                   cclara: ClaraConfig, cache=None) -> InputPipeline:
+def build_pipeline(
+  config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str], cclara: ClaraConfig, cache=None
+) -> InputPipeline:
   """The stage's input pipeline; `cache` (a `memory_cache.MemoryCache`): stage2 examples
   carry the candidates' cached memories instead of their tokens."""
   fmt, d = config.data.format, config.data
   num_docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, d.candidates)
-  feat_cfg = FeatureConfig(stage=config.stage, n_mem=cclara.n_mem,
-                           doc_max_length=cclara.doc_max_length,
-                           question_max_length=d.question_max_length, k=cclara.k,
-                           num_docs=num_docs, prompt_length=d.prompt_length,
-                           answer_length=d.answer_length, lm_length=d.lm_length,
-                           prompt_style=d.prompt_style)
+  feat_cfg = FeatureConfig(
+    stage=config.stage,
+    n_mem=cclara.n_mem,
+    doc_max_length=cclara.doc_max_length,
+    question_max_length=d.question_max_length,
+    k=cclara.k,
+    num_docs=num_docs,
+    prompt_length=d.prompt_length,
+    answer_length=d.answer_length,
+    lm_length=d.lm_length,
+    prompt_style=d.prompt_style,
+  )
   if fmt == "text":
     source, decode = _text_source(files[d.train_split]), (lambda row: row)
   else:
     splits = {split: path for split, path in files.items() if split != "replay"}
     data_dir, shared = prepared_data_dir(workdir)
     prepare = lambda: tfds_builders.prepare(
-        fmt, splits, data_dir, on_error=d.on_error,
-        num_docs=num_docs if config.stage == "stage1_2" else None)
+      fmt,
+      splits,
+      data_dir,
+      on_error=d.on_error,
+      num_docs=num_docs if config.stage == "stage1_2" else None,
+    )
     # On a shared directory process 0 writes the dataset and the others open it once it
     # is complete; on local copies every process prepares its own.
     if jax.process_index() == 0 or not shared:
@@ -322,19 +367,23 @@ def build_pipeline(config, workdir: str, tok: ClaraTokenizer, files: Dict[str, s
     for split, report in builder.reports.items():
       if report.rows_skipped:
         logging.warning("data %s: %s", split, report.summary())
-  featurize = Featurizer(tok, feat_cfg, seed=config.seed,
-                         doc_memories=None if cache is None else cache.lookup)
+  featurize = Featurizer(
+    tok, feat_cfg, seed=config.seed, doc_memories=None if cache is None else cache.lookup
+  )
   if "replay" in files:
     from clara_jax.data.features import ReplayFeaturizer
+
     lm_cfg = dataclasses.replace(feat_cfg, stage="lm")
     lines = [row["text"] for row in _text_source(files["replay"])]
     featurize = ReplayFeaturizer(featurize, lines, Featurizer(tok, lm_cfg, seed=config.seed))
-  return InputPipeline(source, featurize, config.train.global_batch, seed=config.seed,
-                       decode=decode)
+  return InputPipeline(
+    source, featurize, config.train.global_batch, seed=config.seed, decode=decode
+  )
 
 
-def initial_params(config, tok: ClaraTokenizer, prev: Optional[str],
-                   overlay_from: Optional[str] = None):
+def initial_params(
+  config, tok: ClaraTokenizer, prev: Optional[str], overlay_from: Optional[str] = None
+):
   """(DecoderConfig, params): the previous stage's export, or a fresh init; then the
   parameters of the checkpoint in `overlay_from` where path and shape match; then the
   configured adapter resets and copies (stage1_2: fresh generator; stage2: reasoner :=
@@ -342,8 +391,7 @@ def initial_params(config, tok: ClaraTokenizer, prev: Optional[str],
   if prev is not None:
     cfg, params = load_params(prev)
     # How the blocks run is this stage's choice; the weights are the previous stage's.
-    cfg = cfg.replace(scan_layers=config.model.scan_layers,
-                      remat_policy=config.model.remat_policy)
+    cfg = cfg.replace(scan_layers=config.model.scan_layers, remat_policy=config.model.remat_policy)
     params = layout.for_config(params, cfg)
   else:
     model = config.model.to_dict()
@@ -352,8 +400,7 @@ def initial_params(config, tok: ClaraTokenizer, prev: Optional[str],
     cfg = config_from_dict(model)
     params = init_params(cfg, jax.random.key(config.seed))
   if cfg.vocab_size != tok.vocab_size:
-    raise ValueError(f"model vocabulary {cfg.vocab_size} != tokenizer vocabulary "
-                     f"{tok.vocab_size}")
+    raise ValueError(f"model vocabulary {cfg.vocab_size} != tokenizer vocabulary {tok.vocab_size}")
   if overlay_from:
     params = overlay_parameters(params, *newest_parameters(overlay_from))
   if config.init.reset_adapters:
@@ -384,14 +431,22 @@ def overlay_parameters(params, origin: str, saved: Dict[str, np.ndarray]):
     flat[path] = jnp.asarray(saved[path], value.dtype)
     taken.append(path)
   if not taken:
-    raise ValueError(f"init.from_checkpoint: no parameter of {origin} matches this "
-                     f"model's (path and shape)")
+    raise ValueError(
+      f"init.from_checkpoint: no parameter of {origin} matches this model's (path and shape)"
+    )
   new = len(flat) - len(taken) - len(reshaped)
-  logging.warning("init.from_checkpoint: %d of %d parameters from %s; kept from the init: "
-                  "%d the checkpoint lacks, %d of another shape%s; %d checkpoint "
-                  "parameters unused", len(taken), len(flat), origin, new, len(reshaped),
-                  f" ({'; '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''})"
-                  if reshaped else "", len(set(saved) - set(flat)))
+  logging.warning(
+    "init.from_checkpoint: %d of %d parameters from %s; kept from the init: "
+    "%d the checkpoint lacks, %d of another shape%s; %d checkpoint "
+    "parameters unused",
+    len(taken),
+    len(flat),
+    origin,
+    new,
+    len(reshaped),
+    f" ({'; '.join(reshaped[:5])}{' ...' if len(reshaped) > 5 else ''})" if reshaped else "",
+    len(set(saved) - set(flat)),
+  )
   return lora.unflatten(flat)
 
 
@@ -401,20 +456,22 @@ def _memory_cache(config, params, cclara: ClaraConfig):
   if not config.data.memory_cache:
     return None
   from clara_jax.train import memory_cache
+
   cache = memory_cache.MemoryCache(config.data.memory_cache)
   cache.check(params, cclara.n_mem, cclara.doc_max_length, f"stage {config.stage}")
   return cache
 
 
-def train(config, workdir: str,
-          progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
-          ) -> Dict[str, float]:
+def train(
+  config, workdir: str, progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
+) -> Dict[str, float]:
   """Runs (or resumes) a stage; returns the last logged metrics. `progress(step,
   num_steps, metrics)` is called at every logging step (e.g. a progress bar).
 
   Holds the workdir's lock (`WorkdirLocked` if another run has it). Raises `Preempted`
   after saving a checkpoint when SIGTERM or SIGINT arrives."""
   from configs.base import validate
+
   validate(config)
   workdir = os.fspath(paths.path(workdir))  # absolute when local; a URI as given
   if paths.exists(workdir) and not paths.isdir(workdir):
@@ -428,19 +485,22 @@ def train(config, workdir: str,
 def _train(config, workdir: str, progress) -> Dict[str, float]:
   ckpt_dir = paths.join(workdir, "checkpoints")
   saved_steps = sorted(int(d) for d in paths.listdir(ckpt_dir) if d.isdigit())
-  run_config.check_or_record(workdir, config, bool(saved_steps),
-                             write=jax.process_index() == 0)
+  run_config.check_or_record(workdir, config, bool(saved_steps), write=jax.process_index() == 0)
   cclara = clara_config(config)
   prev = _previous_export(config, workdir)
   files = _with_replay_text(config, workdir, data_files(config, workdir))
   tok = load_tokenizer(config, workdir, files, prev)
   # init.from_checkpoint seeds a first start only: a resume restores its own checkpoint.
-  overlay_from = (paths.resolve(workdir, config.init.from_checkpoint)
-                  if config.init.from_checkpoint and not saved_steps else None)
+  overlay_from = (
+    paths.resolve(workdir, config.init.from_checkpoint)
+    if config.init.from_checkpoint and not saved_steps
+    else None
+  )
   cfg, params = initial_params(config, tok, prev, overlay_from)
   pmap = config.train.parallelism == "pmap"
-  setup = setup_train_step(config, cfg, params, replay="replay" in files,
-                           axis_name="batch" if pmap else None)
+  setup = setup_train_step(
+    config, cfg, params, replay="replay" in files, axis_name="batch" if pmap else None
+  )
   mesh, rules, state_sh = setup.mesh, setup.rules, None
   cache = _memory_cache(config, params, cclara)
   state = create_state(params, setup.mask, setup.tx, config.seed)
@@ -449,14 +509,16 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   state = jax.device_put(state, state_sh)
 
   pipeline = build_pipeline(config, workdir, tok, files, cclara, cache)
-  checkpointer = Checkpointer(ckpt_dir, config.train.checkpoint_every,
-                              config.train.keep_checkpoints)
-  restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state),
-                                                          state_sh))
+  checkpointer = Checkpointer(
+    ckpt_dir, config.train.checkpoint_every, config.train.keep_checkpoints
+  )
+  restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state), state_sh))
   if restored is None and saved_steps:
     checkpointer.close()
-    raise RuntimeError(f"{ckpt_dir}: checkpoints of steps {saved_steps} exist but none "
-                       f"restores (see the warnings above); refusing to start over them")
+    raise RuntimeError(
+      f"{ckpt_dir}: checkpoints of steps {saved_steps} exist but none "
+      f"restores (see the warnings above); refusing to start over them"
+    )
   if restored is not None:
     step0, state, data_state = restored
     pipeline.set_state(data_state)
@@ -473,14 +535,19 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   peak = config.train.peak_flops or matmul_peak_flops(dtype=jnp.dtype(cfg.dtype))
   flops = step_flops(config, cfg, cclara, cached=cache is not None)
   tokens_per_step = _tokens_per_step(config, cclara, cached=cache is not None)
-  report = periodic_actions.ReportProgress(num_train_steps=config.train.num_steps,
-                                           writer=None, every_steps=config.train.log_every)
-  profile = (periodic_actions.Profile(first_profile=config.train.profile_steps[0],
-                                      profile_duration_ms=None,
-                                      num_profile_steps=config.train.profile_steps[1]
-                                      - config.train.profile_steps[0],
-                                      logdir=paths.join(workdir, "profile"))
-             if config.train.profile_steps else None)
+  report = periodic_actions.ReportProgress(
+    num_train_steps=config.train.num_steps, writer=None, every_steps=config.train.log_every
+  )
+  profile = (
+    periodic_actions.Profile(
+      first_profile=config.train.profile_steps[0],
+      profile_duration_ms=None,
+      num_profile_steps=config.train.profile_steps[1] - config.train.profile_steps[0],
+      logdir=paths.join(workdir, "profile"),
+    )
+    if config.train.profile_steps
+    else None
+  )
 
   mesh_ctx = contextlib.ExitStack()
   if pmap:
@@ -503,8 +570,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
       with jax.transfer_guard_device_to_host("log"):
         if pmap:
           n = jax.local_device_count()
-          batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:])
-                   for k, v in local.items()}
+          batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
           state, metrics = run_step(state, batch)
           metrics = unreplicate(metrics)
         else:
@@ -520,8 +586,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
       if profile is not None:
         profile(done)
       logging_step = done % config.train.log_every == 0 or done == config.train.num_steps
-      if (logging_step or checkpointer.should_save(done)
-          or done == config.train.num_steps):
+      if logging_step or checkpointer.should_save(done) or done == config.train.num_steps:
         try:
           streak.check(done, checkpointer.directory)
         except NonFiniteError:
@@ -552,18 +617,27 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   save_params(paths.join(workdir, "export"), cfg, final.params())
   if jax.process_index() == 0:
     tok.save(paths.join(workdir, "export", tok.FILENAME))
-    paths.write_json(paths.join(workdir, "export", CLARA_FILE),
-                     {"doc_max_length": cclara.doc_max_length, "compr_rate": cclara.compr_rate,
-                      "k": cclara.k, "question_max_length": config.data.question_max_length,
-                      "temperature": cclara.temperature, "stage": config.stage,
-                      "prompt_style": config.data.prompt_style,
-                      "memory_scale": cclara.memory_scale}, indent=2)
+    paths.write_json(
+      paths.join(workdir, "export", CLARA_FILE),
+      {
+        "doc_max_length": cclara.doc_max_length,
+        "compr_rate": cclara.compr_rate,
+        "k": cclara.k,
+        "question_max_length": config.data.question_max_length,
+        "temperature": cclara.temperature,
+        "stage": config.stage,
+        "prompt_style": config.data.prompt_style,
+        "memory_scale": cclara.memory_scale,
+      },
+      indent=2,
+    )
   return last
 
 
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
+
     multihost_utils.sync_global_devices(name)
 
 
@@ -598,8 +672,7 @@ def _summarize(window, seconds: float, tokens_per_step: int, flops: float, peak:
   out = {}
   for key in host[0]:
     values = np.asarray([m[key] for m in host], np.float64)
-    out[key] = float(values.sum() if key.startswith(("truncated_", "nonfinite"))
-                     else values.mean())
+    out[key] = float(values.sum() if key.startswith(("truncated_", "nonfinite")) else values.mean())
   steps_per_s = len(window) / max(seconds, 1e-9)
   out["steps_per_s"] = steps_per_s
   out["tokens_per_s"] = steps_per_s * tokens_per_step

@@ -21,8 +21,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 import numpy as np
 
 from clara_jax import paths
-from clara_jax.model import layout
-from clara_jax.model import clara, lora
+from clara_jax.model import clara, layout, lora
 
 CACHE_FILE = "memory_cache.json"
 
@@ -50,25 +49,43 @@ class StaleMemoryCache(ValueError):
   """The cache was computed by another compressor or at other lengths."""
 
 
-def build_cache(model, texts: Iterable[str], out_dir: str, shard_size: int = 512,
-                dtype: str = "float32",
-                progress: Optional[Callable[[int, int], None]] = None) -> Dict:
+def build_cache(
+  model,
+  texts: Iterable[str],
+  out_dir: str,
+  shard_size: int = 512,
+  dtype: str = "float32",
+  progress: Optional[Callable[[int, int], None]] = None,
+) -> Dict:
   """Compresses every distinct text of `texts` with `model` (a `ClaraModel`) into
   `out_dir`; resumes an interrupted build. Returns the cache record."""
   from clara_jax.infer.index import build_index
+
   docs = {doc_key(t): t for t in texts}
-  record = {"compressor": compressor_fingerprint(model.params), "n_mem": model.n_mem,
-            "doc_max_length": model.doc_max_length, "num_docs": len(docs)}
+  record = {
+    "compressor": compressor_fingerprint(model.params),
+    "n_mem": model.n_mem,
+    "doc_max_length": model.doc_max_length,
+    "num_docs": len(docs),
+  }
   path = paths.join(out_dir, CACHE_FILE)
   if paths.exists(path):
     previous = paths.read_json(path)
     if previous != record:
-      raise StaleMemoryCache(f"{out_dir}: a memory cache of other documents or another "
-                             f"compressor is there; use another directory")
+      raise StaleMemoryCache(
+        f"{out_dir}: a memory cache of other documents or another "
+        f"compressor is there; use another directory"
+      )
     return record
-  build_index(model.compress_documents, [{"id": k, "text": t} for k, t in docs.items()],
-              out_dir, shard_size=shard_size, dtype=dtype, progress=progress,
-              inputs={k: v for k, v in record.items() if k != "num_docs"})
+  build_index(
+    model.compress_documents,
+    [{"id": k, "text": t} for k, t in docs.items()],
+    out_dir,
+    shard_size=shard_size,
+    dtype=dtype,
+    progress=progress,
+    inputs={k: v for k, v in record.items() if k != "num_docs"},
+  )
   paths.write_json(path, record)
   return record
 
@@ -78,10 +95,13 @@ class MemoryCache:
 
   def __init__(self, directory: str):
     from clara_jax.infer.index import read_shards
+
     path = paths.join(directory, CACHE_FILE)
     if not paths.exists(path):
-      raise FileNotFoundError(f"{path}: missing; the memory cache in {directory} was not "
-                              f"built, or its build did not finish")
+      raise FileNotFoundError(
+        f"{path}: missing; the memory cache in {directory} was not "
+        f"built, or its build did not finish"
+      )
     self.record = paths.read_json(path)
     ids, memories = read_shards(directory)
     self.directory = directory
@@ -97,12 +117,15 @@ class MemoryCache:
     lengths match."""
     if (n_mem, doc_max_length) != (self.record["n_mem"], self.record["doc_max_length"]):
       raise StaleMemoryCache(
-          f"{self.directory}: memories of {self.record['n_mem']} tokens from documents of "
-          f"{self.record['doc_max_length']}, but {who} uses {n_mem} from {doc_max_length}")
+        f"{self.directory}: memories of {self.record['n_mem']} tokens from documents of "
+        f"{self.record['doc_max_length']}, but {who} uses {n_mem} from {doc_max_length}"
+      )
     if compressor_fingerprint(params) != self.record["compressor"]:
-      raise StaleMemoryCache(f"{self.directory}: computed by another compressor than "
-                             f"{who}'s (its base, compressor adapter or extra embeddings "
-                             f"differ)")
+      raise StaleMemoryCache(
+        f"{self.directory}: computed by another compressor than "
+        f"{who}'s (its base, compressor adapter or extra embeddings "
+        f"differ)"
+      )
 
   def rows(self, texts: Sequence[str]) -> List[Optional[int]]:
     """Each text's row in `memories`, None where the cache lacks it."""
@@ -113,6 +136,8 @@ class MemoryCache:
     rows = self.rows(texts)
     for text, row in zip(texts, rows):
       if row is None:
-        raise KeyError(f"{self.directory}: no memory for the document "
-                       f"{text[:60]!r}...; build the cache from the rows it serves")
+        raise KeyError(
+          f"{self.directory}: no memory for the document "
+          f"{text[:60]!r}...; build the cache from the rows it serves"
+        )
     return self.memories[rows]

@@ -15,11 +15,11 @@ up to the last store.
 from __future__ import annotations
 
 import json
-from absl import logging
 from typing import Any, Dict, List, Mapping
 
 import jax
 import numpy as np
+from absl import logging
 
 from clara_jax import paths
 
@@ -31,8 +31,13 @@ class MetricsWriter:
   """Writes scalars to TensorBoard (clu) and appends them to `metrics.jsonl` (at once on
   a local disk, in batches on an object store: see the module docstring)."""
 
-  def __init__(self, workdir: str, tensorboard: bool = True, resume_step: int = 0,
-               remote_flush_rows: int = REMOTE_FLUSH_ROWS):
+  def __init__(
+    self,
+    workdir: str,
+    tensorboard: bool = True,
+    resume_step: int = 0,
+    remote_flush_rows: int = REMOTE_FLUSH_ROWS,
+  ):
     """`resume_step`: the step training restarts from; rows a killed run logged after
     it are dropped, since the resumed run logs those steps again. `remote_flush_rows`:
     the most rows held back before a remote `metrics.jsonl` is rewritten."""
@@ -46,8 +51,10 @@ class MetricsWriter:
       self._drop_rows_after(resume_step)
       if tensorboard:
         from clu import metric_writers  # imports tensorflow: only where it is used
+
         self._writer = metric_writers.create_default_writer(
-            paths.join(workdir, "tensorboard"), just_logging=False, asynchronous=True)
+          paths.join(workdir, "tensorboard"), just_logging=False, asynchronous=True
+        )
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -108,8 +115,9 @@ def read_metrics(workdir: str):
   return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
-def parameter_overview(trainable: Dict[str, Any], frozen: Dict[str, Any],
-                       shardings: Dict[str, Any] | None = None) -> str:
+def parameter_overview(
+  trainable: Dict[str, Any], frozen: Dict[str, Any], shardings: Dict[str, Any] | None = None
+) -> str:
   """A start-of-run table: counts per adapter / base, trainable or frozen, and the
   sharding of the largest parameters."""
   counts: Dict[str, list] = {}
@@ -130,4 +138,3 @@ def parameter_overview(trainable: Dict[str, Any], frozen: Dict[str, Any],
   text = "\n".join(lines)
   logging.info("parameters:\n%s", text)
   return text
-

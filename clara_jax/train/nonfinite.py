@@ -39,14 +39,14 @@ class NonFiniteStreak:
     self._carry = (jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
 
   def update(self, nonfinite: jax.Array, step: int) -> None:
-    self._carry = _advance(self._carry, nonfinite, jnp.int32(step),
-                           jnp.int32(self.limit))
+    self._carry = _advance(self._carry, nonfinite, jnp.int32(step), jnp.int32(self.limit))
 
   def check(self, step: int, where: str) -> None:
     """`where`: what the error tells the user is intact (e.g. the checkpoint directory)."""
     reached_at = int(jax.device_get(self._carry[1]))
     if reached_at:
       raise NonFiniteError(
-          f"{self.limit} consecutive steps had a non-finite loss or gradient (the streak "
-          f"reached {self.limit} at step {reached_at}, seen at step {step}); the updates "
-          f"were skipped, and the last good checkpoint in {where} is intact")
+        f"{self.limit} consecutive steps had a non-finite loss or gradient (the streak "
+        f"reached {self.limit} at step {reached_at}, seen at step {step}); the updates "
+        f"were skipped, and the last good checkpoint in {where} is intact"
+      )

@@ -36,19 +36,28 @@ from clara_jax.train.step import jit_train_step, make_train_step, state_sharding
 def clara_config(config) -> ClaraConfig:
   """The CLaRa lengths and loss settings of a config's `clara` block."""
   c = config.clara
-  return ClaraConfig(doc_max_length=c.doc_max_length, compr_rate=c.compr_rate, k=c.k,
-                     temperature=c.temperature, mse_weight=c.mse_weight,
-                     train_compressor=c.train_compressor,
-                     train_generator=c.train_generator, train_base=c.train_base,
-                     retrieval_temperature=c.retrieval_temperature,
-                     memory_scale=c.memory_scale, lexical_weight=c.lexical_weight,
-                     check_nans=c.check_nans, compress_chunk=c.compress_chunk)
+  return ClaraConfig(
+    doc_max_length=c.doc_max_length,
+    compr_rate=c.compr_rate,
+    k=c.k,
+    temperature=c.temperature,
+    mse_weight=c.mse_weight,
+    train_compressor=c.train_compressor,
+    train_generator=c.train_generator,
+    train_base=c.train_base,
+    retrieval_temperature=c.retrieval_temperature,
+    memory_scale=c.memory_scale,
+    lexical_weight=c.lexical_weight,
+    check_nans=c.check_nans,
+    compress_chunk=c.compress_chunk,
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainStepSetup:
   """What a stage's step is built from: the model, the optimizer, which parameters
   train, the mesh and the parameters' shardings on it."""
+
   config: object
   cfg: DecoderConfig
   cclara: ClaraConfig
@@ -62,16 +71,16 @@ class TrainStepSetup:
 
   def abstract_state(self, params) -> TrainState:
     """ShapeDtypeStructs of the train state `create_state(params, ...)` builds."""
-    return jax.eval_shape(lambda p: create_state(p, self.mask, self.tx, self.config.seed),
-                          params)
+    return jax.eval_shape(lambda p: create_state(p, self.mask, self.tx, self.config.seed), params)
 
   def state_shardings(self, state_shape: TrainState) -> TrainState:
     return state_shardings(state_shape, self.params_sh, self.tx, self.mesh)
 
   def batch_shardings(self, batch) -> Dict[str, NamedSharding]:
     """Each input split over the data-parallel axes on its leading (batch) dimension."""
-    return {k: partitioning.batch_sharding(self.mesh, len(v.shape), self.rules)
-            for k, v in batch.items()}
+    return {
+      k: partitioning.batch_sharding(self.mesh, len(v.shape), self.rules) for k, v in batch.items()
+    }
 
   def jit(self, state_sh: TrainState, batch_sh) -> Callable:
     """The jitted step (state donated); call it inside `self.context()`."""
@@ -80,6 +89,7 @@ class TrainStepSetup:
   def context(self):
     """The mesh and logical-axis rules the step is traced under."""
     import contextlib
+
     stack = contextlib.ExitStack()
     stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
@@ -91,8 +101,9 @@ class TrainStepSetup:
     with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
     with self.context():
       return self.jit(state_sh, batch_sh).lower(
-          jax.tree_util.tree_map(with_sharding, state_shape, state_sh),
-          {k: with_sharding(v, batch_sh[k]) for k, v in batch.items()})
+        jax.tree_util.tree_map(with_sharding, state_shape, state_sh),
+        {k: with_sharding(v, batch_sh[k]) for k, v in batch.items()},
+      )
 
 
 def stage_decoder_config(config) -> DecoderConfig:
@@ -104,9 +115,15 @@ def stage_decoder_config(config) -> DecoderConfig:
   return config_from_dict(fields)
 
 
-def setup_train_step(config, cfg: DecoderConfig, params, *, replay: bool = False,
-                     devices: Optional[Sequence] = None,
-                     axis_name: Optional[str] = None) -> TrainStepSetup:
+def setup_train_step(
+  config,
+  cfg: DecoderConfig,
+  params,
+  *,
+  replay: bool = False,
+  devices: Optional[Sequence] = None,
+  axis_name: Optional[str] = None,
+) -> TrainStepSetup:
   """The step of `config.stage` for model `cfg` whose parameters are `params` (real
   arrays or ShapeDtypeStructs: only their paths and shapes are read). `replay`: the
   stage also trains on replay text (`data.replay_text`). `devices`: the mesh's devices
@@ -117,30 +134,46 @@ def setup_train_step(config, cfg: DecoderConfig, params, *, replay: bool = False
   if config.optimizer.frozen:
     mask = optimizer.freeze_by_path(mask, config.optimizer.frozen)
   o = config.optimizer
-  schedule = optimizer.learning_rate_schedule(o.lr, config.train.num_steps, o.schedule,
-                                              o.warmup_ratio, o.final_ratio)
-  optimizer.check_lr_multipliers(o.lr_multipliers,
-                                 [path for path, on in lora.flatten(mask).items() if on])
-  tx = optimizer.make_optimizer(schedule, o.b1, o.b2, o.weight_decay, o.clip_norm,
-                                lr_multipliers=o.lr_multipliers)
+  schedule = optimizer.learning_rate_schedule(
+    o.lr, config.train.num_steps, o.schedule, o.warmup_ratio, o.final_ratio
+  )
+  optimizer.check_lr_multipliers(
+    o.lr_multipliers, [path for path, on in lora.flatten(mask).items() if on]
+  )
+  tx = optimizer.make_optimizer(
+    schedule, o.b1, o.b2, o.weight_decay, o.clip_norm, lr_multipliers=o.lr_multipliers
+  )
   loss_fn = stages.stage_loss(config.stage, cfg, cclara)
   if replay:
     loss_fn = stages.with_replay(loss_fn, cfg, config.clara.replay_weight)
-  step_fn = make_train_step(loss_fn, tx, schedule, config.train.grad_accum_steps,
-                            axis_name=axis_name)
+  step_fn = make_train_step(
+    loss_fn, tx, schedule, config.train.grad_accum_steps, axis_name=axis_name
+  )
   mesh = partitioning.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  data_parallel = (jax.device_count() if axis_name is not None
-                   else mesh.shape["data"] * mesh.shape["fsdp"])
+  data_parallel = (
+    jax.device_count() if axis_name is not None else mesh.shape["data"] * mesh.shape["fsdp"]
+  )
   micro_batch = config.train.global_batch // config.train.grad_accum_steps
   if micro_batch % data_parallel:
-    raise ValueError(f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
-                     f"divisible by the data-parallel size {data_parallel} "
-                     f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})")
+    raise ValueError(
+      f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
+      f"divisible by the data-parallel size {data_parallel} "
+      f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})"
+    )
   params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
-  return TrainStepSetup(config=config, cfg=cfg, cclara=cclara, mesh=mesh, rules=rules,
-                        schedule=schedule, tx=tx, mask=mask, step_fn=step_fn,
-                        params_sh=params_sh)
+  return TrainStepSetup(
+    config=config,
+    cfg=cfg,
+    cclara=cclara,
+    mesh=mesh,
+    rules=rules,
+    schedule=schedule,
+    tx=tx,
+    mask=mask,
+    step_fn=step_fn,
+    params_sh=params_sh,
+  )
 
 
 def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
@@ -150,14 +183,18 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
   doc = c.doc_max_length + 3 + n_mem
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   if config.stage == "lm":
-    return _with_counters({"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)},
-                          "lm", b)
+    return _with_counters({"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)}, "lm", b)
   gen_len = d.prompt_length + d.answer_length
   docs = {"stage1": 1, "stage1_2": c.k}.get(config.stage, d.candidates)
   k = 1 if config.stage == "stage1" else c.k
-  batch = {"doc_tokens": i32(b, docs, doc), "doc_mask": i32(b, docs, doc),
-           "gen_tokens": i32(b, gen_len), "gen_mask": i32(b, gen_len),
-           "slot_positions": i32(b, k * n_mem), "answer_mask": i32(b, d.answer_length)}
+  batch = {
+    "doc_tokens": i32(b, docs, doc),
+    "doc_mask": i32(b, docs, doc),
+    "gen_tokens": i32(b, gen_len),
+    "gen_mask": i32(b, gen_len),
+    "slot_positions": i32(b, k * n_mem),
+    "answer_mask": i32(b, d.answer_length),
+  }
   if config.stage in ("stage2", "stage2_retrieval"):
     q = d.question_max_length + 3 + n_mem
     batch.update(q_tokens=i32(b, q), q_mask=i32(b, q), positives=i32(b, docs))
@@ -167,26 +204,39 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
 def _with_counters(batch, stage: str, b: int):
   """`batch` and the truncation counters the input pipeline adds to every example (the
   step sums them into its metrics, so they are part of the compiled program)."""
-  return {**batch, **{name: jax.ShapeDtypeStruct((b,), jnp.int32)
-                      for name in features.truncation_counters(stage)}}
+  return {
+    **batch,
+    **{name: jax.ShapeDtypeStruct((b,), jnp.int32) for name in features.truncation_counters(stage)},
+  }
 
 
 def step_shapes(config, n_mem: int) -> StepShapes:
   """The token lengths of one global batch of `config`'s stage."""
   d, c = config.data, config.clara
-  return StepShapes(batch=config.train.global_batch, doc_tokens=c.doc_max_length + 3 + n_mem,
-                    n_mem=n_mem, candidates=d.candidates, k=c.k,
-                    question_tokens=d.question_max_length + 3 + n_mem,
-                    gen_tokens=d.prompt_length + d.answer_length,
-                    answer_tokens=d.answer_length, lm_tokens=d.lm_length)
+  return StepShapes(
+    batch=config.train.global_batch,
+    doc_tokens=c.doc_max_length + 3 + n_mem,
+    n_mem=n_mem,
+    candidates=d.candidates,
+    k=c.k,
+    question_tokens=d.question_max_length + 3 + n_mem,
+    gen_tokens=d.prompt_length + d.answer_length,
+    answer_tokens=d.answer_length,
+    lm_tokens=d.lm_length,
+  )
 
 
-def step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig, cached: bool = False
-               ) -> float:
+def step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig, cached: bool = False) -> float:
   """FLOPs one train step of `config` executes (`clara_jax.model.flops`); `cached`:
   stage2 reads its candidates' memories from a cache instead of compressing them."""
-  return train_step_flops(config.stage, cfg, step_shapes(config, cclara.n_mem),
-                          cached=cached, train_base=cclara.train_base,
-                          train_generator=cclara.train_generator,
-                          train_compressor=cclara.train_compressor,
-                          lexical=cclara.lexical_weight > 0, mse=cclara.mse_weight > 0)
+  return train_step_flops(
+    config.stage,
+    cfg,
+    step_shapes(config, cclara.n_mem),
+    cached=cached,
+    train_base=cclara.train_base,
+    train_generator=cclara.train_generator,
+    train_compressor=cclara.train_compressor,
+    lexical=cclara.lexical_weight > 0,
+    mse=cclara.mse_weight > 0,
+  )

@@ -32,8 +32,9 @@ def split_params(params, mask) -> Tuple[FlatParams, FlatParams]:
   """Nested params + boolean mask -> (trainable, frozen) flat dicts."""
   flat, flat_mask = lora.flatten(params), lora.flatten(mask)
   if set(flat) != set(flat_mask):
-    raise ValueError("the trainable mask does not match the parameters: "
-                     f"{sorted(set(flat) ^ set(flat_mask))[:5]}")
+    raise ValueError(
+      f"the trainable mask does not match the parameters: {sorted(set(flat) ^ set(flat_mask))[:5]}"
+    )
   trainable = {k: v for k, v in flat.items() if flat_mask[k]}
   if not trainable:
     raise ValueError("the trainable mask selects no parameter")
@@ -46,6 +47,10 @@ def merge_params(trainable: FlatParams, frozen: FlatParams) -> Dict:
 
 def create_state(params, mask, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
   trainable, frozen = split_params(params, mask)
-  return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, frozen=frozen,
-                    opt_state=tx.init(trainable),
-                    rng=jax.random.key_data(jax.random.key(seed)))
+  return TrainState(
+    step=jnp.zeros((), jnp.int32),
+    trainable=trainable,
+    frozen=frozen,
+    opt_state=tx.init(trainable),
+    rng=jax.random.key_data(jax.random.key(seed)),
+  )

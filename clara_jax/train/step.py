@@ -26,11 +26,13 @@ LossFn = Callable[[dict, Batch, Optional[jax.Array]], Tuple[jax.Array, Metrics]]
 def _split_micro(batch: Batch, accum: int) -> Batch:
   """[B, ...] -> [accum, B / accum, ...], keeping each device's rows on that device
   (micro-batch j takes rows j, j + accum, ... of every contiguous shard)."""
+
   def split(x):
     if x.shape[0] % accum:
       raise ValueError(f"batch of {x.shape[0]} does not split into {accum} micro-batches")
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+
   return jax.tree_util.tree_map(split, batch)
 
 
@@ -41,16 +43,19 @@ def _schedule_count(opt_state) -> Optional[jax.Array]:
   return found[0].count if found else None
 
 
-def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, grad_accum_steps: int = 1,
-                    axis_name: Optional[str] = None) -> Callable:
+def make_train_step(
+  loss_fn: LossFn,
+  tx: optax.GradientTransformation,
+  schedule: optax.Schedule,
+  grad_accum_steps: int = 1,
+  axis_name: Optional[str] = None,
+) -> Callable:
   """Builds `step(state, batch) -> (state, metrics)`.
 
   `axis_name` (pmap mode) averages gradients and metrics across devices with
   `lax.pmean`; under `jit` the mesh shardings make the batch reduction global.
   """
-  counters = lambda batch: {k: jnp.sum(v) for k, v in batch.items()
-                            if k.startswith("truncated_")}
+  counters = lambda batch: {k: jnp.sum(v) for k, v in batch.items() if k.startswith("truncated_")}
 
   def grads_and_metrics(trainable, frozen, batch, rng):
     def loss_of(tr, micro, key):
@@ -84,8 +89,7 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     if axis_name is not None:  # distinct dropout on every device
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     model_batch = {k: v for k, v in batch.items() if not k.startswith("truncated_")}
-    loss, metrics, grads = grads_and_metrics(state.trainable, state.frozen, model_batch,
-                                             step_rng)
+    loss, metrics, grads = grads_and_metrics(state.trainable, state.frozen, model_batch, step_rng)
     extra = counters(batch)
     if axis_name is not None:
       grads = jax.lax.pmean(grads, axis_name)
@@ -97,15 +101,22 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-    keep = lambda new, old: jax.tree_util.tree_map(
-        lambda n, o: jnp.where(finite, n, o), new, old)
+    keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     count = _schedule_count(state.opt_state)
-    new_state = state.replace(step=state.step + 1, trainable=keep(trainable, state.trainable),
-                              opt_state=keep(opt_state, state.opt_state),
-                              rng=jax.random.key_data(rng))
-    metrics = {**metrics, **extra, "loss": loss, "grad_norm": grad_norm,
-               "lr": schedule(count if count is not None else state.step),
-               "nonfinite": (~finite).astype(jnp.int32)}
+    new_state = state.replace(
+      step=state.step + 1,
+      trainable=keep(trainable, state.trainable),
+      opt_state=keep(opt_state, state.opt_state),
+      rng=jax.random.key_data(rng),
+    )
+    metrics = {
+      **metrics,
+      **extra,
+      "loss": loss,
+      "grad_norm": grad_norm,
+      "lr": schedule(count if count is not None else state.step),
+      "nonfinite": (~finite).astype(jnp.int32),
+    }
     return new_state, metrics
 
   return step
@@ -114,8 +125,12 @@ def make_train_step(loss_fn: LossFn, tx: optax.GradientTransformation,
 def jit_train_step(step: Callable, mesh: Mesh, state_shardings, batch_shardings) -> Callable:
   """`jax.jit` with explicit NamedShardings; the state is donated (updated in place)."""
   replicated = NamedSharding(mesh, PartitionSpec())
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, replicated), donate_argnums=(0,))
+  return jax.jit(
+    step,
+    in_shardings=(state_shardings, batch_shardings),
+    out_shardings=(state_shardings, replicated),
+    donate_argnums=(0,),
+  )
 
 
 def pmap_train_step(step: Callable, axis_name: str = "batch") -> Callable:
@@ -124,25 +139,33 @@ def pmap_train_step(step: Callable, axis_name: str = "batch") -> Callable:
   return jax.pmap(step, axis_name=axis_name, donate_argnums=(0,))
 
 
-def state_shardings(abstract_state: TrainState, param_shardings: Dict[str, NamedSharding],
-                    tx: optax.GradientTransformation, mesh: Mesh) -> TrainState:
+def state_shardings(
+  abstract_state: TrainState,
+  param_shardings: Dict[str, NamedSharding],
+  tx: optax.GradientTransformation,
+  mesh: Mesh,
+) -> TrainState:
   """Shardings of a TrainState: parameters (flat '/'-paths) as given, optimizer
   moments like their parameters, every other leaf replicated."""
   replicated = NamedSharding(mesh, PartitionSpec())
   trainable = {k: param_shardings[k] for k in abstract_state.trainable}
   frozen = {k: param_shardings[k] for k in abstract_state.frozen}
   opt = optax.tree_utils.tree_map_params(
-      tx, lambda _, sharding: sharding, abstract_state.opt_state, trainable,
-      transform_non_params=lambda _: replicated)
-  return TrainState(step=replicated, trainable=trainable, frozen=frozen, opt_state=opt,
-                    rng=replicated)
+    tx,
+    lambda _, sharding: sharding,
+    abstract_state.opt_state,
+    trainable,
+    transform_non_params=lambda _: replicated,
+  )
+  return TrainState(
+    step=replicated, trainable=trainable, frozen=frozen, opt_state=opt, rng=replicated
+  )
 
 
 def replicate(tree, devices=None):
   """A copy of `tree` per local device, stacked on a new leading axis (pmap inputs)."""
   n = len(jax.local_devices() if devices is None else devices)
-  return jax.tree_util.tree_map(
-      lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
+  return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
 
 def unreplicate(tree):

@@ -73,16 +73,16 @@ class WorkdirLock:
   def _stale(self, holder: Optional[Dict]) -> bool:
     if holder is None:
       return True  # no readable holder after a pause: a partial write of a dead run
-    return (holder.get("host") == self.me["host"]
-            and not _alive(int(holder.get("pid", -1))))
+    return holder.get("host") == self.me["host"] and not _alive(int(holder.get("pid", -1)))
 
   def _message(self, holder: Dict) -> str:
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(holder.get("started", 0)))
-    where = ("this host" if holder.get("host") == self.me["host"]
-             else f"host {holder.get('host')!r}")
-    return (f"{paths.parent(self.path)} is in use by pid {holder.get('pid')} on {where} "
-            f"(since {started}); two runs on one workdir would interleave checkpoints. "
-            f"If that run is gone, remove {self.path}")
+    where = "this host" if holder.get("host") == self.me["host"] else f"host {holder.get('host')!r}"
+    return (
+      f"{paths.parent(self.path)} is in use by pid {holder.get('pid')} on {where} "
+      f"(since {started}); two runs on one workdir would interleave checkpoints. "
+      f"If that run is gone, remove {self.path}"
+    )
 
   def release(self) -> None:
     if self._held and (_read(self.path) or {}).get("pid") == self.me["pid"]:

@@ -50,8 +50,7 @@ OFFICIAL_LORA_SCALE = 2.0
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
 # PEFT's target_modules="all-linear" on a Mistral/Llama block: (clara_jax module, torch
 # module, projections).
-_BLOCKS = (("attn", "self_attn", ("q", "k", "v", "o")),
-           ("mlp", "mlp", ("gate", "up", "down")))
+_BLOCKS = (("attn", "self_attn", ("q", "k", "v", "o")), ("mlp", "mlp", ("gate", "up", "down")))
 
 
 @dataclasses.dataclass
@@ -72,9 +71,11 @@ def check_new_output_dir(out: str) -> None:
   if paths.isdir(out):
     entries = paths.listdir(out)
     if entries:
-      raise FileExistsError(f"{out}: not empty ({len(entries)} entries, e.g. "
-                            f"{entries[0]!r}); give a new or empty directory (nothing in it "
-                            "is overwritten)")
+      raise FileExistsError(
+        f"{out}: not empty ({len(entries)} entries, e.g. "
+        f"{entries[0]!r}); give a new or empty directory (nothing in it "
+        "is overwritten)"
+      )
 
 
 def load_run(workdir: str) -> Run:
@@ -83,8 +84,10 @@ def load_run(workdir: str) -> Run:
     raise NotADirectoryError(f"{workdir}: is a file; expected a training workdir")
   export_dir = paths.join(workdir, EXPORT_DIR, absolute=False)
   if not paths.isdir(export_dir):
-    raise FileNotFoundError(f"{export_dir}: missing; expected the export/ directory a "
-                            "training run writes at its last step (config.json, params/)")
+    raise FileNotFoundError(
+      f"{export_dir}: missing; expected the export/ directory a "
+      "training run writes at its last step (config.json, params/)"
+    )
   cfg, params = load_params(export_dir)
   # The files name one tensor per block; a scanned run's stacked leaves are split here.
   params = layout.to_unrolled(jax.device_get(params))
@@ -97,8 +100,7 @@ def load_run(workdir: str) -> Run:
     except json.JSONDecodeError as e:
       raise ValueError(f"{clara_path}: not valid JSON: {e}") from None
     if not isinstance(recorded, dict):
-      raise ValueError(f"{clara_path}: expected a JSON object, found "
-                       f"{type(recorded).__name__}")
+      raise ValueError(f"{clara_path}: expected a JSON object, found {type(recorded).__name__}")
   return Run(export_dir, cfg.replace(scan_layers=False), flat, recorded)
 
 
@@ -107,8 +109,7 @@ def _positive_int(recorded: Dict[str, Any], field: str, where: str) -> int:
     raise ValueError(f"{where}: field '{field}' missing; the official config.json needs it")
   value = recorded[field]
   if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{where}: field '{field}': expected a positive integer, found "
-                     f"{value!r}")
+    raise ValueError(f"{where}: field '{field}': expected a positive integer, found {value!r}")
   return value
 
 
@@ -118,14 +119,17 @@ def _check_base_family(cfg: DecoderConfig, what: str) -> None:
   post_norms = getattr(cfg, "post_norms", False)
   if cfg.hidden_act == "gelu_tanh" or post_norms:
     family = "Gemma-2" if post_norms else "Gemma"
-    raise ValueError(f"{what}: the run's base is a {family} model (hidden_act "
-                     f"{cfg.hidden_act!r}{', post_norms' if post_norms else ''}), whose "
-                     "sqrt(hidden) embedding scale and (1 + w) norms are folded into its "
-                     f"weights and cannot be unfolded exactly; {family} runs are not exported")
+    raise ValueError(
+      f"{what}: the run's base is a {family} model (hidden_act "
+      f"{cfg.hidden_act!r}{', post_norms' if post_norms else ''}), whose "
+      "sqrt(hidden) embedding scale and (1 + w) norms are folded into its "
+      f"weights and cannot be unfolded exactly; {family} runs are not exported"
+    )
 
 
 def _to_torch(array: np.ndarray):
   import torch
+
   array = np.ascontiguousarray(array)
   if array.dtype.name == "bfloat16":  # numpy has no bfloat16: move the bits through int16
     return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
@@ -136,8 +140,9 @@ def _torch_save(path: str, obj: Dict) -> None:
   try:
     import torch
   except ImportError as e:
-    raise ImportError("writing official CLaRa checkpoints needs torch: "
-                      "pip install 'clara_jax[import]'") from e
+    raise ImportError(
+      "writing official CLaRa checkpoints needs torch: pip install 'clara_jax[import]'"
+    ) from e
   buffer = io.BytesIO()
   torch.save(obj, buffer)
   paths.write_atomic(path, [buffer.getvalue()])
@@ -145,10 +150,22 @@ def _torch_save(path: str, obj: Dict) -> None:
 
 def _linear_shapes(cfg: DecoderConfig) -> Dict[str, Tuple[int, int]]:
   """(in_features, out_features) of each torch Linear the adapters sit on."""
-  d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                    cfg.head_dim)
-  return {"q": (d, h * hd), "k": (d, k * hd), "v": (d, k * hd), "o": (h * hd, d),
-          "gate": (d, f), "up": (d, f), "down": (f, d)}
+  d, f, h, k, hd = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
+  return {
+    "q": (d, h * hd),
+    "k": (d, k * hd),
+    "v": (d, k * hd),
+    "o": (h * hd, d),
+    "gate": (d, f),
+    "up": (d, f),
+    "down": (f, d),
+  }
 
 
 def official_lora_keys(cfg: DecoderConfig, role: str) -> List[Tuple[str, str, Tuple[int, ...]]]:
@@ -176,8 +193,10 @@ def _adapter_state(run: Run, role: str, b_factor: float) -> Dict[str, Any]:
     r = run.cfg.lora.rank
     value = value.reshape(-1, r).T if path.endswith("/a") else value.reshape(r, -1).T
     if tuple(value.shape) != shape:
-      raise RuntimeError(f"{path}: {value.shape} does not give the official {key} {shape}; "
-                         "the mapping is out of date with the Decoder")
+      raise RuntimeError(
+        f"{path}: {value.shape} does not give the official {key} {shape}; "
+        "the mapping is out of date with the Decoder"
+      )
     if path.endswith("/b") and b_factor != 1.0:
       value = (value.astype(np.float32) * np.float32(b_factor)).astype(value.dtype)
     state[key] = _to_torch(value)
@@ -186,8 +205,11 @@ def _adapter_state(run: Run, role: str, b_factor: float) -> Dict[str, Any]:
 
 def _untrained(run: Run, role: str) -> bool:
   """Every B factor exactly zero: the adapter computes the base model (as initialised)."""
-  return all(not np.any(run.params[path]) for _, path, _ in official_lora_keys(run.cfg, role)
-             if path.endswith("/b"))
+  return all(
+    not np.any(run.params[path])
+    for _, path, _ in official_lora_keys(run.cfg, role)
+    if path.endswith("/b")
+  )
 
 
 def _first_last(run: Run, n_mem: int) -> Dict[str, Any]:
@@ -196,8 +218,7 @@ def _first_last(run: Run, n_mem: int) -> Dict[str, Any]:
   # The importer reads clara_jax extra row i from official row rows[i]; writing row k from
   # the extra row whose rows[i] is v0 + k is exactly its inverse.
   order = np.argsort(_extra_rows(v0, n_mem) - v0)
-  embed = np.concatenate([p["embedder/base_embedding"],
-                          p["embedder/extra_embedding"][order]], 0)
+  embed = np.concatenate([p["embedder/base_embedding"], p["embedder/extra_embedding"][order]], 0)
   if cfg.tie_embeddings:
     head = embed
   else:
@@ -205,54 +226,61 @@ def _first_last(run: Run, n_mem: int) -> Dict[str, Any]:
   return {"model.embed_tokens.weight": _to_torch(embed), "lm_head.weight": _to_torch(head)}
 
 
-def official_config(*, base_model: str, doc_max_length: int, compr_rate: int, lora_r: int,
-                    training_stage: str, generation_top_k: int) -> Dict[str, Any]:
+def official_config(
+  *,
+  base_model: str,
+  doc_max_length: int,
+  compr_rate: int,
+  lora_r: int,
+  training_stage: str,
+  generation_top_k: int,
+) -> Dict[str, Any]:
   """The official CLaRaConfig's fields, as its training script sets them (LoRA adapters on
   the decoder itself, one distinct <MEM{i}> token per memory slot, no BERT compressor)."""
   return {
-      "model_type": "CLaRa",
-      "architectures": ["CLaRa"],
-      "auto_map": {"AutoConfig": "modeling_clara.CLaRaConfig",
-                   "AutoModel": "modeling_clara.CLaRa"},
-      "decoder_model_name": base_model,
-      "compr_base_model_name": base_model,
-      "doc_max_length": doc_max_length,
-      "compr_rate": compr_rate,
-      "quantization": "no",
-      "sep": True,
-      "compr_model_name": None,
-      "compr_n_layers": 5,
-      "compr_every_n_layer": None,
-      "compr_rms_norm": False,
-      "compr_mlp_hidden_dim": 8096,
-      "compr_use_mlp": False,
-      "compr_linear_type": "concat",
-      "lora": True,
-      "lora_compressor": False,
-      "lora_r": lora_r,
-      "lora_r_compressor": lora_r,
-      "training_form": "both_separately",
-      "training_stage": training_stage,
-      "generation_top_k": generation_top_k,
-      "load_adapters": True,
-      "kbtc_training": False,
-      "optimize_mem_tokens": True,
-      "different_mem_tokens": True,
-      # None: transformers' default attention; the training script's flash_attention_2
-      # would need a GPU build just to load the checkpoint.
-      "attn_implementation": None,
-      "_attn_implementation_autoset": True,
-      "ae_mode": "token",
-      "max_new_tokens": 128,
-      "stage2_retrieval_top_n": 1,
-      "load_pretrained_checkpoint": False,
-      "device_map": None,
-      "pure_inference": False,
+    "model_type": "CLaRa",
+    "architectures": ["CLaRa"],
+    "auto_map": {"AutoConfig": "modeling_clara.CLaRaConfig", "AutoModel": "modeling_clara.CLaRa"},
+    "decoder_model_name": base_model,
+    "compr_base_model_name": base_model,
+    "doc_max_length": doc_max_length,
+    "compr_rate": compr_rate,
+    "quantization": "no",
+    "sep": True,
+    "compr_model_name": None,
+    "compr_n_layers": 5,
+    "compr_every_n_layer": None,
+    "compr_rms_norm": False,
+    "compr_mlp_hidden_dim": 8096,
+    "compr_use_mlp": False,
+    "compr_linear_type": "concat",
+    "lora": True,
+    "lora_compressor": False,
+    "lora_r": lora_r,
+    "lora_r_compressor": lora_r,
+    "training_form": "both_separately",
+    "training_stage": training_stage,
+    "generation_top_k": generation_top_k,
+    "load_adapters": True,
+    "kbtc_training": False,
+    "optimize_mem_tokens": True,
+    "different_mem_tokens": True,
+    # None: transformers' default attention; the training script's flash_attention_2
+    # would need a GPU build just to load the checkpoint.
+    "attn_implementation": None,
+    "_attn_implementation_autoset": True,
+    "ae_mode": "token",
+    "max_new_tokens": 128,
+    "stage2_retrieval_top_n": 1,
+    "load_pretrained_checkpoint": False,
+    "device_map": None,
+    "pure_inference": False,
   }
 
 
-def export_official_clara(workdir: str, out: str, *,
-                          base_model: str = DEFAULT_BASE_MODEL) -> Dict[str, Any]:
+def export_official_clara(
+  workdir: str, out: str, *, base_model: str = DEFAULT_BASE_MODEL
+) -> Dict[str, Any]:
   """Writes `workdir`'s exported model to `out` in the official CLaRa format.
 
   Args:
@@ -281,25 +309,34 @@ def export_official_clara(workdir: str, out: str, *,
   cfg = run.cfg
   clara_path = paths.join(run.export_dir, CLARA_FILE, absolute=False)
   if not paths.exists(clara_path):
-    raise FileNotFoundError(f"{clara_path}: missing; the official config.json needs the "
-                            "run's doc_max_length and compr_rate")
+    raise FileNotFoundError(
+      f"{clara_path}: missing; the official config.json needs the "
+      "run's doc_max_length and compr_rate"
+    )
   doc_max_length = _positive_int(run.recorded, "doc_max_length", clara_path)
   compr_rate = _positive_int(run.recorded, "compr_rate", clara_path)
   if run.recorded.get("stage") == "lm":
-    raise ValueError(f"{clara_path}: stage 'lm' trained the base from scratch; the official "
-                     "format holds adapters and embeddings over a published base only")
+    raise ValueError(
+      f"{clara_path}: stage 'lm' trained the base from scratch; the official "
+      "format holds adapters and embeddings over a published base only"
+    )
   if cfg.lora is None:
-    raise ValueError(f"{run.export_dir}: the model has no LoRA adapters (lora: null); the "
-                     "official format is adapters over a frozen base")
+    raise ValueError(
+      f"{run.export_dir}: the model has no LoRA adapters (lora: null); the "
+      "official format is adapters over a frozen base"
+    )
   _check_base_family(cfg, run.export_dir)
   n_mem = doc_max_length // compr_rate
   if n_mem < 1:
-    raise ValueError(f"{clara_path}: doc_max_length {doc_max_length} // compr_rate "
-                     f"{compr_rate} is 0 memory tokens")
+    raise ValueError(
+      f"{clara_path}: doc_max_length {doc_max_length} // compr_rate {compr_rate} is 0 memory tokens"
+    )
   if cfg.num_extra_tokens < 3 + n_mem:
-    raise ValueError(f"{run.export_dir}: the model has {cfg.num_extra_tokens} special-token "
-                     f"rows, but <ENC>, <SEP>, <AE> and {n_mem} memory tokens (doc_max_length"
-                     f" {doc_max_length} // compr_rate {compr_rate}) need {3 + n_mem}")
+    raise ValueError(
+      f"{run.export_dir}: the model has {cfg.num_extra_tokens} special-token "
+      f"rows, but <ENC>, <SEP>, <AE> and {n_mem} memory tokens (doc_max_length"
+      f" {doc_max_length} // compr_rate {compr_rate}) need {3 + n_mem}"
+    )
 
   b_factor = cfg.lora.scale / OFFICIAL_LORA_SCALE
   adapters, left_out = {}, {}
@@ -311,14 +348,20 @@ def export_official_clara(workdir: str, out: str, *,
     else:
       adapters[OFFICIAL_ADAPTER_NAMES[role]] = _adapter_state(run, role, b_factor)
   if not adapters:
-    raise ValueError(f"{run.export_dir}: none of the adapters {list(cfg.adapters)} has an "
-                     f"official counterpart ({sorted(OFFICIAL_ADAPTER_NAMES)})")
+    raise ValueError(
+      f"{run.export_dir}: none of the adapters {list(cfg.adapters)} has an "
+      f"official counterpart ({sorted(OFFICIAL_ADAPTER_NAMES)})"
+    )
   stage = "stage2" if "query_reasoner_adapter" in adapters else "stage1"
   top_k = run.recorded.get("k", 1)
   config = official_config(
-      base_model=base_model, doc_max_length=doc_max_length, compr_rate=compr_rate,
-      lora_r=cfg.lora.rank, training_stage=stage,
-      generation_top_k=top_k if isinstance(top_k, int) and top_k >= 1 else 1)
+    base_model=base_model,
+    doc_max_length=doc_max_length,
+    compr_rate=compr_rate,
+    lora_r=cfg.lora.rank,
+    training_stage=stage,
+    generation_top_k=top_k if isinstance(top_k, int) and top_k >= 1 else 1,
+  )
 
   first_last = _first_last(run, n_mem)
   paths.makedirs(out)
@@ -326,7 +369,12 @@ def export_official_clara(workdir: str, out: str, *,
   _torch_save(paths.join(out, FIRST_LAST_FILE, absolute=False), first_last)
   # Last: a directory without its config is visibly incomplete.
   paths.write_json(paths.join(out, CONFIG_FILE, absolute=False), config, indent=2)
-  return {"out": out, "adapters": list(adapters), "left_out": left_out,
-          "training_stage": stage, "n_mem": n_mem,
-          "dropped_mem_rows": cfg.num_extra_tokens - 3 - n_mem,
-          "lora_b_rescaled_by": b_factor}
+  return {
+    "out": out,
+    "adapters": list(adapters),
+    "left_out": left_out,
+    "training_stage": stage,
+    "n_mem": n_mem,
+    "dropped_mem_rows": cfg.num_extra_tokens - 3 - n_mem,
+    "lora_b_rescaled_by": b_factor,
+  }

@@ -29,11 +29,15 @@ from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.weights.export import check_finite
 from clara_jax.weights.hf_import import import_hf_checkpoint
 
-ADAPTER_NAMES = {"encoder_adapter": "compressor", "query_reasoner_adapter": "reasoner",
-                 "decoder_adapter": "generator"}
+ADAPTER_NAMES = {
+  "encoder_adapter": "compressor",
+  "query_reasoner_adapter": "reasoner",
+  "decoder_adapter": "generator",
+}
 _LORA_KEY = re.compile(
-    r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_([AB])"
-    r"(?:\.[A-Za-z_]\w*)?\.weight$")
+  r"(?:.*\.)?layers\.(\d+)\.(self_attn|mlp)\.(q|k|v|o|gate|up|down)_proj\.lora_([AB])"
+  r"(?:\.[A-Za-z_]\w*)?\.weight$"
+)
 
 
 def _torch_load(path: str) -> dict:
@@ -42,14 +46,17 @@ def _torch_load(path: str) -> dict:
   try:
     import torch
   except ImportError as e:
-    raise ImportError("importing official CLaRa checkpoints needs torch: "
-                      "pip install 'clara_jax[import]'") from e
+    raise ImportError(
+      "importing official CLaRa checkpoints needs torch: pip install 'clara_jax[import]'"
+    ) from e
   with paths.local_file(path) as local:  # torch reads a local file (or a whole stream)
     try:
       obj = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle, zip and unsafe-type errors all mean "not our file"
-      raise ValueError(f"{path}: not a PyTorch weights file of the expected kind "
-                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+      raise ValueError(
+        f"{path}: not a PyTorch weights file of the expected kind "
+        f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+      ) from None
   if not isinstance(obj, dict):
     raise ValueError(f"{path}: expected a dict of tensors, found {type(obj).__name__}")
   return obj
@@ -76,8 +83,9 @@ def _lora_factors(proj: str, part: str, w: np.ndarray, cfg: DecoderConfig) -> np
   return b.reshape((b.shape[0],) + out_shape) if out_shape else b
 
 
-def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32",
-                          param_dtype: str = "float32") -> Tuple[DecoderConfig, Dict, Dict]:
+def import_official_clara(
+  ckpt_dir: str, base_dir: str, *, dtype: str = "float32", param_dtype: str = "float32"
+) -> Tuple[DecoderConfig, Dict, Dict]:
   """Returns (DecoderConfig, params, {"doc_max_length", "compr_rate", "n_mem"}).
 
   The clara_jax tokenizer for the result has `num_mem_tokens = n_mem`; token ids of the
@@ -97,20 +105,23 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
       raise ValueError(f"{conf_path}: field '{field}' missing")
     value = conf[field]
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-      raise ValueError(f"{conf_path}: field '{field}': expected a positive integer, "
-                       f"found {value!r}")
+      raise ValueError(
+        f"{conf_path}: field '{field}': expected a positive integer, found {value!r}"
+      )
   r, n_mem = int(conf["lora_r"]), int(conf["doc_max_length"]) // int(conf["compr_rate"])
   lora = LoraConfig(rank=r, alpha=2.0 * r, dropout=0.1)
-  cfg, params = import_hf_checkpoint(base_dir, 3 + n_mem, lora=lora, dtype=dtype,
-                                     param_dtype=param_dtype)
+  cfg, params = import_hf_checkpoint(
+    base_dir, 3 + n_mem, lora=lora, dtype=dtype, param_dtype=param_dtype
+  )
   flat = lora_lib.flatten(params)
   v0, rows = cfg.base_vocab_size, _extra_rows(cfg.base_vocab_size, n_mem)
 
   first_last_path = paths.join(ckpt_dir, "decoder_first_last_layers.pth", absolute=False)
   first_last = _torch_load(first_last_path)
   for suffix, base_key, extra_key, transpose in (
-      ("embed_tokens.weight", "embedder/base_embedding", "embedder/extra_embedding", False),
-      ("lm_head.weight", "lm_head/base_head", "lm_head/extra_head", True)):
+    ("embed_tokens.weight", "embedder/base_embedding", "embedder/extra_embedding", False),
+    ("lm_head.weight", "lm_head/base_head", "lm_head/extra_head", True),
+  ):
     keys = [k for k in first_last if k.endswith(suffix)]
     if len(keys) != 1:
       raise ValueError(f"{first_last_path}: expected one '*{suffix}', found {keys}")
@@ -127,8 +138,9 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
   adapters = _torch_load(adapters_path)
   for ref_name, state in adapters.items():
     if ref_name not in ADAPTER_NAMES:
-      raise ValueError(f"{adapters_path}: unknown adapter {ref_name!r}; expected "
-                       f"{sorted(ADAPTER_NAMES)}")
+      raise ValueError(
+        f"{adapters_path}: unknown adapter {ref_name!r}; expected {sorted(ADAPTER_NAMES)}"
+      )
     ours = ADAPTER_NAMES[ref_name]
     seen = set()
     for key, tensor in state.items():
@@ -144,14 +156,20 @@ def import_official_clara(ckpt_dir: str, base_dir: str, *, dtype: str = "float32
       check_finite([(f"{ref_name}: {key!r}", array)], adapters_path)
       value = _lora_factors(proj, part, array, cfg)
       if value.shape != flat[path].shape:
-        raise ValueError(f"{adapters_path}: {ref_name}: {key!r} has shape {tuple(tensor.shape)}"
-                         f" (-> {value.shape}), expected {flat[path].shape}")
+        raise ValueError(
+          f"{adapters_path}: {ref_name}: {key!r} has shape {tuple(tensor.shape)}"
+          f" (-> {value.shape}), expected {flat[path].shape}"
+        )
       flat[path] = jnp.asarray(value, param_dtype)
       seen.add(path)
     missing = [p for p in flat if f"/lora_{ours}/" in p and p not in seen]
     if missing:
-      raise ValueError(f"{adapters_path}: {ref_name}: missing {len(missing)} LoRA tensors, "
-                       f"e.g. {missing[0]}")
-  info = {"doc_max_length": int(conf["doc_max_length"]), "compr_rate": int(conf["compr_rate"]),
-          "n_mem": n_mem}
+      raise ValueError(
+        f"{adapters_path}: {ref_name}: missing {len(missing)} LoRA tensors, e.g. {missing[0]}"
+      )
+  info = {
+    "doc_max_length": int(conf["doc_max_length"]),
+    "compr_rate": int(conf["compr_rate"]),
+    "n_mem": n_mem,
+  }
   return cfg, lora_lib.unflatten(flat), info

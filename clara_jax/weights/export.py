@@ -53,6 +53,7 @@ def check_finite(items, where: str) -> None:
   nothing downstream would say why. jax arrays are checked where they live, in one
   program (no copy to the host)."""
   import numpy as np
+
   items = list(items)
   on_host = [isinstance(v, np.ndarray) for _, v in items]
   flags = iter(jax.device_get(_all_finite([v for (_, v), h in zip(items, on_host) if not h])))
@@ -60,9 +61,11 @@ def check_finite(items, where: str) -> None:
     if bool(np.isfinite(value).all() if host else next(flags)):
       continue
     xp = np if host else jax.numpy
-    raise ValueError(f"{where}: parameter {path} has {int(xp.isnan(value).sum())} NaN and "
-                     f"{int(xp.isinf(value).sum())} infinite values; refusing non-finite "
-                     "weights")
+    raise ValueError(
+      f"{where}: parameter {path} has {int(xp.isnan(value).sum())} NaN and "
+      f"{int(xp.isinf(value).sum())} infinite values; refusing non-finite "
+      "weights"
+    )
 
 
 def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
@@ -78,8 +81,9 @@ def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(paths.join(out_dir, PARAMS_DIR), params, force=True)
   if jax.process_index() == 0:
-    paths.write_json(paths.join(out_dir, PARAMS_SIZES_FILE),
-                     _file_sizes(paths.join(out_dir, PARAMS_DIR)))
+    paths.write_json(
+      paths.join(out_dir, PARAMS_SIZES_FILE), _file_sizes(paths.join(out_dir, PARAMS_DIR))
+    )
     paths.write_json(paths.join(out_dir, CONFIG_FILE), config_to_dict(cfg), indent=2)
 
 
@@ -97,26 +101,32 @@ def load_params(in_dir: str, shardings=None):
   try:
     cfg = config_from_dict(paths.read_json(cfg_path))
   except (ValueError, TypeError, AttributeError) as e:  # JSON syntax, shape or fields
-    raise ValueError(f"{cfg_path}: not a decoder config written by save_params "
-                     f"({type(e).__name__}: {e})") from None
+    raise ValueError(
+      f"{cfg_path}: not a decoder config written by save_params ({type(e).__name__}: {e})"
+    ) from None
   params_dir = paths.join(in_dir, PARAMS_DIR)
   _check_params_files(in_dir, params_dir)
-  from clara_jax.model.decoder import abstract_params
   import flax.linen as nn
+
+  from clara_jax.model.decoder import abstract_params
+
   abstract = nn.meta.unbox(abstract_params(cfg.replace(scan_layers=False)))
   if shardings is None:
     # Orbax needs a target on a topology other than the writer's; default: one device.
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree_util.tree_map(lambda _: one, abstract)
   abstract = jax.tree_util.tree_map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
   try:
     with ocp.StandardCheckpointer() as ckptr:
       params = ckptr.restore(params_dir, abstract)
   except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise plain Exceptions
     first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-    raise ValueError(f"{params_dir}: cannot restore the parameters (corrupt or from "
-                     f"another config?): {type(e).__name__}: {first}") from None
+    raise ValueError(
+      f"{params_dir}: cannot restore the parameters (corrupt or from "
+      f"another config?): {type(e).__name__}: {first}"
+    ) from None
   check_finite(traverse_util.flatten_dict(params, sep="/").items(), params_dir)
   return cfg, layout.for_config(params, cfg)
 
@@ -125,8 +135,9 @@ def _check_params_files(in_dir: str, params_dir: str) -> None:
   """Every file the export recorded is there at its recorded size (exports written
   before the record existed are not checked)."""
   if not paths.isdir(params_dir):
-    raise FileNotFoundError(f"{params_dir}: missing; expected the parameters written by "
-                            "save_params")
+    raise FileNotFoundError(
+      f"{params_dir}: missing; expected the parameters written by save_params"
+    )
   sizes_path = paths.join(in_dir, PARAMS_SIZES_FILE)
   if not paths.exists(sizes_path):
     return
@@ -134,9 +145,9 @@ def _check_params_files(in_dir: str, params_dir: str) -> None:
   for name, size in sorted(recorded.items()):
     path = paths.join(params_dir, *name.split("/"))
     if not paths.exists(path):
-      raise FileNotFoundError(f"{path}: missing from the export (recorded in "
-                              f"{PARAMS_SIZES_FILE})")
+      raise FileNotFoundError(f"{path}: missing from the export (recorded in {PARAMS_SIZES_FILE})")
     found = paths.size(path)
     if found != size:
-      raise ValueError(f"{path}: {found} bytes, but the export recorded {size} "
-                       f"(truncated or partly copied)")
+      raise ValueError(
+        f"{path}: {found} bytes, but the export recorded {size} (truncated or partly copied)"
+      )

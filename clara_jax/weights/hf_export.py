@@ -30,8 +30,7 @@ from clara_jax.data.tokenizer import FIXED_SPECIAL_TOKENS, mem_token
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import CLARA_ADAPTERS, DecoderConfig
 from clara_jax.weights import hf_import
-from clara_jax.weights.clara_export import (Run, _check_base_family, check_new_output_dir,
-                                            load_run)
+from clara_jax.weights.clara_export import Run, _check_base_family, check_new_output_dir, load_run
 from clara_jax.weights.safetensors_io import SINGLE_FILE, write_safetensors
 
 CONFIG_FILE = "config.json"
@@ -39,21 +38,38 @@ OUT_DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURES = {t: a for a, t in hf_import.SUPPORTED_ARCHITECTURES.items()}
 
 # DecoderConfig fields an HF config must reproduce for its model to compute the run's.
-_COMPARED_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads",
-                    "num_kv_heads", "head_dim", "rope_theta", "rope_scaling", "rms_norm_eps",
-                    "sliding_window", "qkv_bias", "hidden_act")
+_COMPARED_FIELDS = (
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+  "rope_theta",
+  "rope_scaling",
+  "rms_norm_eps",
+  "sliding_window",
+  "qkv_bias",
+  "hidden_act",
+)
 # Fields of decoders this export cannot write (Gemma-2's), with their "off" values.
-_UNSUPPORTED_FIELDS = {"sliding_layer_pattern": None, "attn_logit_softcapping": None,
-                       "final_logit_softcapping": None, "query_pre_attn_scalar": None,
-                       "post_norms": False}
+_UNSUPPORTED_FIELDS = {
+  "sliding_layer_pattern": None,
+  "attn_logit_softcapping": None,
+  "final_logit_softcapping": None,
+  "query_pre_attn_scalar": None,
+  "post_norms": False,
+}
 
 
 def _family(cfg: DecoderConfig) -> str:
   """The HF model_type written when no base config is given."""
   if cfg.qkv_bias:
     if cfg.sliding_window is not None:
-      raise ValueError("the run's model has query/key/value biases (Qwen2) and a sliding "
-                       "window, which no supported Hugging Face family combines")
+      raise ValueError(
+        "the run's model has query/key/value biases (Qwen2) and a sliding "
+        "window, which no supported Hugging Face family combines"
+      )
     return "qwen2"
   if cfg.sliding_window is None and cfg.rope_scaling is not None:
     return "llama"
@@ -62,25 +78,28 @@ def _family(cfg: DecoderConfig) -> str:
 
 def _config_from_run(cfg: DecoderConfig, model_type: str) -> Dict[str, Any]:
   conf: Dict[str, Any] = {
-      "architectures": [ARCHITECTURES[model_type]],
-      "model_type": model_type,
-      "hidden_size": cfg.hidden_size,
-      "intermediate_size": cfg.intermediate_size,
-      "num_hidden_layers": cfg.num_layers,
-      "num_attention_heads": cfg.num_heads,
-      "num_key_value_heads": cfg.num_kv_heads,
-      "head_dim": cfg.head_dim,
-      "hidden_act": "silu",
-      "rms_norm_eps": cfg.rms_norm_eps,
-      # The pre-transformers-5 names, which transformers 5 still reads.
-      "rope_theta": cfg.rope_theta,
+    "architectures": [ARCHITECTURES[model_type]],
+    "model_type": model_type,
+    "hidden_size": cfg.hidden_size,
+    "intermediate_size": cfg.intermediate_size,
+    "num_hidden_layers": cfg.num_layers,
+    "num_attention_heads": cfg.num_heads,
+    "num_key_value_heads": cfg.num_kv_heads,
+    "head_dim": cfg.head_dim,
+    "hidden_act": "silu",
+    "rms_norm_eps": cfg.rms_norm_eps,
+    # The pre-transformers-5 names, which transformers 5 still reads.
+    "rope_theta": cfg.rope_theta,
   }
   if cfg.rope_scaling is not None:
     s = cfg.rope_scaling
-    conf["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor,
-                            "low_freq_factor": s.low_freq_factor,
-                            "high_freq_factor": s.high_freq_factor,
-                            "original_max_position_embeddings": s.original_max_position}
+    conf["rope_scaling"] = {
+      "rope_type": "llama3",
+      "factor": s.factor,
+      "low_freq_factor": s.low_freq_factor,
+      "high_freq_factor": s.high_freq_factor,
+      "original_max_position_embeddings": s.original_max_position,
+    }
   if model_type == "mistral":
     conf["sliding_window"] = cfg.sliding_window
   elif model_type == "qwen2":
@@ -94,8 +113,9 @@ def _read_base_config(base_config: str) -> Dict[str, Any]:
   if paths.isdir(base_config):
     return hf_import.load_hf_config(base_config)
   if not paths.exists(base_config):
-    raise FileNotFoundError(f"{base_config}: missing; expected the base checkpoint's "
-                            "config.json or its directory")
+    raise FileNotFoundError(
+      f"{base_config}: missing; expected the base checkpoint's config.json or its directory"
+    )
   try:
     conf = json.loads(paths.read_text(base_config))
   except json.JSONDecodeError as e:
@@ -112,17 +132,24 @@ def _check_matches(conf: Dict[str, Any], cfg: DecoderConfig, vocab: int, where: 
   except ValueError as e:
     raise ValueError(f"{where}: {e}") from None
   if theirs.base_vocab_size != vocab:
-    raise ValueError(f"{where}: vocab_size {theirs.base_vocab_size} does not match the run's "
-                     f"{vocab}")
+    raise ValueError(
+      f"{where}: vocab_size {theirs.base_vocab_size} does not match the run's {vocab}"
+    )
   for field in _COMPARED_FIELDS:
     if getattr(theirs, field) != getattr(cfg, field):
-      raise ValueError(f"{where}: gives {field}={getattr(theirs, field)!r}, but the run's "
-                       f"model has {getattr(cfg, field)!r}; not the base of this run")
+      raise ValueError(
+        f"{where}: gives {field}={getattr(theirs, field)!r}, but the run's "
+        f"model has {getattr(cfg, field)!r}; not the base of this run"
+      )
 
 
-def hf_config(cfg: DecoderConfig, *, base_config: Optional[str] = None,
-              token_ids: Optional[Dict[str, int]] = None,
-              dtype: str = "float32") -> Tuple[Dict[str, Any], str]:
+def hf_config(
+  cfg: DecoderConfig,
+  *,
+  base_config: Optional[str] = None,
+  token_ids: Optional[Dict[str, int]] = None,
+  dtype: str = "float32",
+) -> Tuple[Dict[str, Any], str]:
   """(config.json dict, model_type) of the merged model: `base_config`'s fields when
   given (checked against the run), else ones built from `cfg`; `vocab_size` counts the
   special-token rows."""
@@ -134,13 +161,17 @@ def hf_config(cfg: DecoderConfig, *, base_config: Optional[str] = None,
     except ValueError as e:
       raise ValueError(f"{base_config}: {e}") from None
     if model_type in ("gemma", "gemma2"):
-      raise ValueError(f"{base_config}: the {model_type!r} family is not exported: its "
-                       "sqrt(hidden) embedding scale and (1 + w) norms are folded into the "
-                       "run's weights and cannot be unfolded exactly")
+      raise ValueError(
+        f"{base_config}: the {model_type!r} family is not exported: its "
+        "sqrt(hidden) embedding scale and (1 + w) norms are folded into the "
+        "run's weights and cannot be unfolded exactly"
+      )
     if conf.get("vocab_size") != cfg.base_vocab_size:
-      raise ValueError(f"{base_config}: vocab_size {conf.get('vocab_size')!r}, but the run's "
-                       f"base vocabulary has {cfg.base_vocab_size} rows; not the base of "
-                       "this run")
+      raise ValueError(
+        f"{base_config}: vocab_size {conf.get('vocab_size')!r}, but the run's "
+        f"base vocabulary has {cfg.base_vocab_size} rows; not the base of "
+        "this run"
+      )
     conf["architectures"] = [ARCHITECTURES[model_type]]
     conf["model_type"] = model_type
   else:
@@ -171,24 +202,31 @@ def _inverse(entry, flat: Dict[str, np.ndarray], model_type: str) -> np.ndarray:
   for part, where in zip(entry.parts, placed):
     where = np.asarray(where)
     if where.dtype != np.int64:
-      raise ValueError(f"{entry.hf_name}: the {model_type!r} import changes this tensor's "
-                       "values (a folded scale), which cannot be undone exactly")
+      raise ValueError(
+        f"{entry.hf_name}: the {model_type!r} import changes this tensor's "
+        "values (a folded scale), which cannot be undone exactly"
+      )
     value = flat[part]
     if where.shape != value.shape:
-      raise RuntimeError(f"{part}: shape {value.shape}, but the import of {entry.hf_name} "
-                         f"gives {where.shape}; the mapping is out of date")
+      raise RuntimeError(
+        f"{part}: shape {value.shape}, but the import of {entry.hf_name} "
+        f"gives {where.shape}; the mapping is out of date"
+      )
     if out is None:
       out = np.empty(size, value.dtype)
     out[where.ravel()] = value.ravel()
     seen[where.ravel()] = True
   if not seen.all():
-    raise RuntimeError(f"{entry.hf_name}: {int((~seen).sum())} elements are not produced by "
-                       "the import's conversion; it cannot be inverted")
+    raise RuntimeError(
+      f"{entry.hf_name}: {int((~seen).sum())} elements are not produced by "
+      "the import's conversion; it cannot be inverted"
+    )
   return out.reshape(entry.hf_shape)
 
 
-def merged_tensors(run: Run, role: str, model_type: str, dtype: str = "float32"
-                   ) -> Dict[str, np.ndarray]:
+def merged_tensors(
+  run: Run, role: str, model_type: str, dtype: str = "float32"
+) -> Dict[str, np.ndarray]:
   """{HF name: array} of the base with `role`'s adapter folded in, in `dtype`."""
   cfg = run.cfg
   params = {k: v.astype(np.float32) for k, v in run.params.items()}
@@ -200,35 +238,40 @@ def merged_tensors(run: Run, role: str, model_type: str, dtype: str = "float32"
   extra = cfg.num_extra_tokens
   if extra:
     flat["embedder/base_embedding"] = np.concatenate(
-        [flat["embedder/base_embedding"], flat.pop("embedder/extra_embedding")], 0)
+      [flat["embedder/base_embedding"], flat.pop("embedder/extra_embedding")], 0
+    )
     if not cfg.tie_embeddings:
       flat["lm_head/base_head"] = np.concatenate(
-          [flat["lm_head/base_head"], flat.pop("lm_head/extra_head")], 1)
-  plan_cfg = cfg.replace(base_vocab_size=cfg.base_vocab_size + extra, num_extra_tokens=0,
-                         lora=None)
+        [flat["lm_head/base_head"], flat.pop("lm_head/extra_head")], 1
+      )
+  plan_cfg = cfg.replace(base_vocab_size=cfg.base_vocab_size + extra, num_extra_tokens=0, lora=None)
   plan = hf_import._tensor_plan(plan_cfg, bool(cfg.tie_embeddings), model_type)
   used = {p for entry in plan for p in entry.parts}
   if used != set(flat):
-    raise RuntimeError(f"the {model_type!r} tensor plan covers {sorted(used - set(flat))} "
-                       f"beyond the run's parameters and leaves out "
-                       f"{sorted(set(flat) - used)}")
+    raise RuntimeError(
+      f"the {model_type!r} tensor plan covers {sorted(used - set(flat))} "
+      f"beyond the run's parameters and leaves out "
+      f"{sorted(set(flat) - used)}"
+    )
   out_dtype = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
-  return {entry.hf_name: _inverse(entry, flat, model_type).astype(out_dtype)
-          for entry in plan}
+  return {entry.hf_name: _inverse(entry, flat, model_type).astype(out_dtype) for entry in plan}
 
 
 def _token_ids(export_dir: str, cfg: DecoderConfig) -> Dict[str, int]:
   """bos/eos ids of the run's tokenizer, when the export has one."""
   from clara_jax.data.tokenizer import BPETokenizer, Tokenizer, load_tokenizer
+
   if cfg.num_extra_tokens < 3 or not any(
-      paths.exists(paths.join(export_dir, b.FILENAME)) for b in (Tokenizer, BPETokenizer)):
+    paths.exists(paths.join(export_dir, b.FILENAME)) for b in (Tokenizer, BPETokenizer)
+  ):
     return {}
   tok = load_tokenizer(export_dir, cfg.num_extra_tokens - 3)
   return {"bos_token_id": int(tok.bos_id), "eos_token_id": int(tok.eos_id)}
 
 
-def export_hf(workdir: str, role: str, out: str, *, base_config: Optional[str] = None,
-              dtype: str = "float32") -> Dict[str, Any]:
+def export_hf(
+  workdir: str, role: str, out: str, *, base_config: Optional[str] = None, dtype: str = "float32"
+) -> Dict[str, Any]:
   """Writes `role`'s merged model of `workdir`'s export to `out` (config.json +
   model.safetensors).
 
@@ -254,27 +297,38 @@ def export_hf(workdir: str, role: str, out: str, *, base_config: Optional[str] =
   run = load_run(workdir)
   cfg = run.cfg
   if role not in cfg.adapters:
-    raise ValueError(f"{run.export_dir}: the model has no {role!r} adapter (role); it has "
-                     f"{list(cfg.adapters)}")
+    raise ValueError(
+      f"{run.export_dir}: the model has no {role!r} adapter (role); it has {list(cfg.adapters)}"
+    )
   _check_base_family(cfg, run.export_dir)
   for field, off in _UNSUPPORTED_FIELDS.items():
     if getattr(cfg, field, off) != off:
-      raise ValueError(f"{run.export_dir}: DecoderConfig.{field}={getattr(cfg, field)!r} is "
-                       "not written by this export")
-  conf, model_type = hf_config(cfg, base_config=base_config,
-                               token_ids=_token_ids(run.export_dir, cfg), dtype=dtype)
+      raise ValueError(
+        f"{run.export_dir}: DecoderConfig.{field}={getattr(cfg, field)!r} is "
+        "not written by this export"
+      )
+  conf, model_type = hf_config(
+    cfg, base_config=base_config, token_ids=_token_ids(run.export_dir, cfg), dtype=dtype
+  )
   conf["clara_jax"] = {
-      "role": role,
-      # Row base_vocab_size + i of the vocabulary is special token i.
-      "base_vocab_size": cfg.base_vocab_size,
-      "special_tokens": (list(FIXED_SPECIAL_TOKENS) + [
-          mem_token(i) for i in range(cfg.num_extra_tokens - 3)])[:cfg.num_extra_tokens],
+    "role": role,
+    # Row base_vocab_size + i of the vocabulary is special token i.
+    "base_vocab_size": cfg.base_vocab_size,
+    "special_tokens": (
+      list(FIXED_SPECIAL_TOKENS) + [mem_token(i) for i in range(cfg.num_extra_tokens - 3)]
+    )[: cfg.num_extra_tokens],
   }
   tensors = merged_tensors(run, role, model_type, dtype)
   paths.makedirs(out)
-  write_safetensors(paths.join(out, SINGLE_FILE, absolute=False), tensors,
-                    metadata={"format": "pt"})
+  write_safetensors(
+    paths.join(out, SINGLE_FILE, absolute=False), tensors, metadata={"format": "pt"}
+  )
   # Last: a directory without its config is visibly incomplete.
   paths.write_json(paths.join(out, CONFIG_FILE, absolute=False), conf, indent=2)
-  return {"out": out, "role": role, "model_type": model_type,
-          "vocab_size": conf["vocab_size"], "tensors": len(tensors)}
+  return {
+    "out": out,
+    "role": role,
+    "model_type": model_type,
+    "vocab_size": conf["vocab_size"],
+    "tensors": len(tensors),
+  }

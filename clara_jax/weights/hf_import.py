@@ -56,12 +56,12 @@ CONFIG_FILE = "config.json"
 
 # architectures[0] -> model_type, for the checkpoints this decoder reproduces exactly.
 SUPPORTED_ARCHITECTURES: Dict[str, str] = {
-    "MistralForCausalLM": "mistral",
-    "LlamaForCausalLM": "llama",
-    "Qwen2ForCausalLM": "qwen2",
-    "Phi3ForCausalLM": "phi3",
-    "GemmaForCausalLM": "gemma",
-    "Gemma2ForCausalLM": "gemma2",
+  "MistralForCausalLM": "mistral",
+  "LlamaForCausalLM": "llama",
+  "Qwen2ForCausalLM": "qwen2",
+  "Phi3ForCausalLM": "phi3",
+  "GemmaForCausalLM": "gemma",
+  "Gemma2ForCausalLM": "gemma2",
 }
 
 DEFAULT_ROPE_THETA = 10000.0
@@ -83,8 +83,9 @@ def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
   path = paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False)
   if not paths_lib.exists(path):
     raise FileNotFoundError(
-        f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
-        f"checkpoint (architectures {sorted(SUPPORTED_ARCHITECTURES)})")
+      f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
+      f"checkpoint (architectures {sorted(SUPPORTED_ARCHITECTURES)})"
+    )
   try:
     config = json.loads(paths_lib.read_text(path))
   except json.JSONDecodeError as e:
@@ -106,29 +107,37 @@ def _field(hf: Dict[str, Any], name: str, default: Any = None, required: bool = 
 
 def _expect(field: str, expected: Any, found: Any) -> None:
   if found != expected:
-    raise ValueError(f"HF config field {field!r}: expected {expected!r}, found {found!r} "
-                     "(not supported by the clara_jax decoder)")
+    raise ValueError(
+      f"HF config field {field!r}: expected {expected!r}, found {found!r} "
+      "(not supported by the clara_jax decoder)"
+    )
 
 
 def _check_architecture(hf: Dict[str, Any]) -> str:
   """Returns the model_type after checking it against `architectures`."""
-  supported = (f"supported: architectures {sorted(SUPPORTED_ARCHITECTURES)} "
-               f"(model_type {sorted(set(SUPPORTED_ARCHITECTURES.values()))})")
+  supported = (
+    f"supported: architectures {sorted(SUPPORTED_ARCHITECTURES)} "
+    f"(model_type {sorted(set(SUPPORTED_ARCHITECTURES.values()))})"
+  )
   archs = _field(hf, "architectures", [])
   model_type = _field(hf, "model_type")
   if archs:
-    if (not isinstance(archs, list) or len(archs) != 1
-        or archs[0] not in SUPPORTED_ARCHITECTURES):
-      raise ValueError(f"unsupported architecture: found architectures {archs!r} "
-                       f"(model_type {model_type!r}); {supported}")
+    if not isinstance(archs, list) or len(archs) != 1 or archs[0] not in SUPPORTED_ARCHITECTURES:
+      raise ValueError(
+        f"unsupported architecture: found architectures {archs!r} "
+        f"(model_type {model_type!r}); {supported}"
+      )
     expected_type = SUPPORTED_ARCHITECTURES[archs[0]]
     if model_type is not None and model_type != expected_type:
-      raise ValueError(f"HF config: architectures {archs!r} implies model_type "
-                       f"{expected_type!r}, found {model_type!r}")
+      raise ValueError(
+        f"HF config: architectures {archs!r} implies model_type "
+        f"{expected_type!r}, found {model_type!r}"
+      )
     return expected_type
   if model_type not in SUPPORTED_ARCHITECTURES.values():
-    raise ValueError(f"unsupported architecture: found model_type {model_type!r} and no "
-                     f"architectures; {supported}")
+    raise ValueError(
+      f"unsupported architecture: found model_type {model_type!r} and no architectures; {supported}"
+    )
   return model_type
 
 
@@ -137,22 +146,24 @@ def _rope(hf: Dict[str, Any]) -> Tuple[float, Optional[RopeScaling]]:
   or the older top-level `rope_theta` and `rope_scaling`."""
   params = _field(hf, "rope_parameters")
   if params is not None and not isinstance(params, dict):
-    raise ValueError(f"HF config field 'rope_parameters': expected an object, found "
-                     f"{params!r}")
+    raise ValueError(f"HF config field 'rope_parameters': expected an object, found {params!r}")
   params = params or {}
   # Older configs: rope_theta at the top level and scaling under `rope_scaling`.
   scaling = _field(hf, "rope_scaling") or {}
   if not isinstance(scaling, dict):
-    raise ValueError(f"HF config field 'rope_scaling': expected an object or null, found "
-                     f"{scaling!r}")
+    raise ValueError(
+      f"HF config field 'rope_scaling': expected an object or null, found {scaling!r}"
+    )
   llama3 = None
   for field, source in (("rope_parameters", params), ("rope_scaling", scaling)):
     rope_type = source.get("rope_type", source.get("type", "default"))
     if rope_type == "llama3":
       llama3 = _llama3_scaling(field, source)
     elif rope_type != "default":
-      raise ValueError(f"HF config field '{field}.rope_type': expected 'default' or "
-                       f"'llama3', found {rope_type!r} (not reproduced by this decoder)")
+      raise ValueError(
+        f"HF config field '{field}.rope_type': expected 'default' or "
+        f"'llama3', found {rope_type!r} (not reproduced by this decoder)"
+      )
   factor = params.get("partial_rotary_factor", hf.get("partial_rotary_factor"))
   if factor is not None:
     _expect("partial_rotary_factor", 1.0, factor)
@@ -161,23 +172,29 @@ def _rope(hf: Dict[str, Any]) -> Tuple[float, Optional[RopeScaling]]:
 
 
 def _llama3_scaling(field: str, source: Dict[str, Any]) -> RopeScaling:
-  names = ("factor", "low_freq_factor", "high_freq_factor",
-           "original_max_position_embeddings")
+  names = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
   missing = [n for n in names if source.get(n) is None]
   if missing:
     raise ValueError(f"HF config field '{field}': rope_type 'llama3' needs {missing}")
   try:
-    return RopeScaling(float(source["factor"]), float(source["low_freq_factor"]),
-                       float(source["high_freq_factor"]),
-                       int(source["original_max_position_embeddings"]))
+    return RopeScaling(
+      float(source["factor"]),
+      float(source["low_freq_factor"]),
+      float(source["high_freq_factor"]),
+      int(source["original_max_position_embeddings"]),
+    )
   except (TypeError, ValueError) as e:
     raise ValueError(f"HF config field '{field}': {e}") from None
 
 
 # Gemma2Config's defaults (those of the 2B model), for fields a config.json leaves out.
 # An explicit null is not a default: it turns a soft cap off.
-_GEMMA2_DEFAULTS = {"sliding_window": 4096, "attn_logit_softcapping": 50.0,
-                    "final_logit_softcapping": 30.0, "query_pre_attn_scalar": 256}
+_GEMMA2_DEFAULTS = {
+  "sliding_window": 4096,
+  "attn_logit_softcapping": 50.0,
+  "final_logit_softcapping": 30.0,
+  "query_pre_attn_scalar": 256,
+}
 _LAYER_TYPES = ("sliding_attention", "full_attention")
 
 
@@ -186,8 +203,10 @@ def _gemma2_number(hf: Dict[str, Any], name: str, nullable: bool) -> Optional[fl
   if value is None and nullable:
     return None
   if isinstance(value, bool) or not isinstance(value, (int, float)):
-    raise ValueError(f"HF config field {name!r}: expected a number"
-                     f"{' or null' if nullable else ''}, found {value!r}")
+    raise ValueError(
+      f"HF config field {name!r}: expected a number"
+      f"{' or null' if nullable else ''}, found {value!r}"
+    )
   return float(value)
 
 
@@ -202,29 +221,38 @@ def _shortest_cycle(flags: Tuple[bool, ...]) -> Tuple[bool, ...]:
 def _gemma2_fields(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
   """Gemma-2's DecoderConfig fields: local/global layers (`layer_types`, by default local
   first, alternating), soft caps, the query scale and the post-norms."""
-  _expect("use_bidirectional_attention", False,
-          _field(hf, "use_bidirectional_attention", False))
+  _expect("use_bidirectional_attention", False, _field(hf, "use_bidirectional_attention", False))
   alternating = [_LAYER_TYPES[i % 2] for i in range(num_layers)]
   types = _field(hf, "layer_types", alternating)
-  if (not isinstance(types, list) or len(types) != num_layers
-      or any(t not in _LAYER_TYPES for t in types)):
-    raise ValueError(f"HF config field 'layer_types': expected {num_layers} entries "
-                     f"(num_hidden_layers), each one of {list(_LAYER_TYPES)}, found {types!r}")
+  if (
+    not isinstance(types, list)
+    or len(types) != num_layers
+    or any(t not in _LAYER_TYPES for t in types)
+  ):
+    raise ValueError(
+      f"HF config field 'layer_types': expected {num_layers} entries "
+      f"(num_hidden_layers), each one of {list(_LAYER_TYPES)}, found {types!r}"
+    )
   local = tuple(t == "sliding_attention" for t in types)
   window = _gemma2_number(hf, "sliding_window", nullable=not any(local))
   return dict(
-      # HF masks keys at or before q - sliding_window, as `DecoderConfig.sliding_window`.
-      sliding_window=int(window) if any(local) else None,
-      sliding_layer_pattern=_shortest_cycle(local) if 0 < sum(local) < num_layers else None,
-      attn_logit_softcapping=_gemma2_number(hf, "attn_logit_softcapping", nullable=True),
-      final_logit_softcapping=_gemma2_number(hf, "final_logit_softcapping", nullable=True),
-      query_pre_attn_scalar=_gemma2_number(hf, "query_pre_attn_scalar", nullable=False),
-      post_norms=True)
+    # HF masks keys at or before q - sliding_window, as `DecoderConfig.sliding_window`.
+    sliding_window=int(window) if any(local) else None,
+    sliding_layer_pattern=_shortest_cycle(local) if 0 < sum(local) < num_layers else None,
+    attn_logit_softcapping=_gemma2_number(hf, "attn_logit_softcapping", nullable=True),
+    final_logit_softcapping=_gemma2_number(hf, "final_logit_softcapping", nullable=True),
+    query_pre_attn_scalar=_gemma2_number(hf, "query_pre_attn_scalar", nullable=False),
+    post_norms=True,
+  )
 
 
-def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
-                           lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
-                           param_dtype: str = "float32") -> DecoderConfig:
+def decoder_config_from_hf(
+  hf_config: Dict[str, Any],
+  num_extra_tokens: int,
+  lora: Optional[LoraConfig] = LoraConfig(),
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+) -> DecoderConfig:
   """The DecoderConfig equivalent to a HF Mistral, Llama, Qwen2, Phi-3, Gemma or Gemma-2
   config.json dict.
 
@@ -241,8 +269,9 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
     _expect("hidden_act", "gelu_pytorch_tanh", act)
     hidden_act = "gelu_tanh"
   elif model_type == "gemma2":  # its MLP reads `hidden_activation` only
-    _expect("hidden_activation", "gelu_pytorch_tanh",
-            _field(hf, "hidden_activation", "gelu_pytorch_tanh"))
+    _expect(
+      "hidden_activation", "gelu_pytorch_tanh", _field(hf, "hidden_activation", "gelu_pytorch_tanh")
+    )
     hidden_act = "gelu_tanh"
   else:
     _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
@@ -259,34 +288,35 @@ def decoder_config_from_hf(hf_config: Dict[str, Any], num_extra_tokens: int,
   hidden = int(_field(hf, "hidden_size", required=True))
   heads = int(_field(hf, "num_attention_heads", required=True))
   if hidden % heads and _field(hf, "head_dim") is None:
-    raise ValueError(f"HF config: hidden_size {hidden} is not a multiple of "
-                     f"num_attention_heads {heads} and no head_dim is given")
+    raise ValueError(
+      f"HF config: hidden_size {hidden} is not a multiple of "
+      f"num_attention_heads {heads} and no head_dim is given"
+    )
   num_layers = int(_field(hf, "num_hidden_layers", required=True))
-  sliding_window = (_field(hf, "sliding_window") if model_type in ("mistral", "phi3")
-                    else None)
+  sliding_window = _field(hf, "sliding_window") if model_type in ("mistral", "phi3") else None
   gemma2 = _gemma2_fields(hf, num_layers) if model_type == "gemma2" else {}
   if gemma2:
     sliding_window = gemma2.pop("sliding_window")
   rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
-      base_vocab_size=int(_field(hf, "vocab_size", required=True)),
-      num_extra_tokens=int(num_extra_tokens),
-      hidden_size=hidden,
-      intermediate_size=int(_field(hf, "intermediate_size", required=True)),
-      num_layers=num_layers,
-      num_heads=heads,
-      num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
-      head_dim=int(_field(hf, "head_dim", hidden // heads)),
-      rope_theta=rope_theta,
-      rope_scaling=rope_scaling,
-      qkv_bias=qkv_bias,
-      hidden_act=hidden_act,
-      rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
-      sliding_window=None if sliding_window is None else int(sliding_window),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      lora=lora,
-      **gemma2,
+    base_vocab_size=int(_field(hf, "vocab_size", required=True)),
+    num_extra_tokens=int(num_extra_tokens),
+    hidden_size=hidden,
+    intermediate_size=int(_field(hf, "intermediate_size", required=True)),
+    num_layers=num_layers,
+    num_heads=heads,
+    num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
+    head_dim=int(_field(hf, "head_dim", hidden // heads)),
+    rope_theta=rope_theta,
+    rope_scaling=rope_scaling,
+    qkv_bias=qkv_bias,
+    hidden_act=hidden_act,
+    rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
+    sliding_window=None if sliding_window is None else int(sliding_window),
+    dtype=dtype,
+    param_dtype=param_dtype,
+    lora=lora,
+    **gemma2,
   )
 
 
@@ -312,18 +342,31 @@ class _Entry:
 
 def _fused_layer(cfg: DecoderConfig, src: str, dst: str) -> List[_Entry]:
   """Phi-3's projections: one qkv_proj [(h + 2k) hd, d] and one gate_up_proj [2f, d]."""
-  d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                    cfg.head_dim)
+  d, f, h, k, hd = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
   q_rows, kv_rows = h * hd, k * hd
   return [
-      _Entry(src + "self_attn.qkv_proj.weight", (q_rows + 2 * kv_rows, d),
-             tuple(dst + f"attn/{n}_proj/kernel" for n in "qkv"),
-             lambda w: (w[:q_rows].T.reshape(d, h, hd),
-                        w[q_rows:q_rows + kv_rows].T.reshape(d, k, hd),
-                        w[q_rows + kv_rows:].T.reshape(d, k, hd))),
-      _Entry(src + "mlp.gate_up_proj.weight", (2 * f, d),
-             (dst + "mlp/gate_proj/kernel", dst + "mlp/up_proj/kernel"),
-             lambda w: (w[:f].T, w[f:].T)),
+    _Entry(
+      src + "self_attn.qkv_proj.weight",
+      (q_rows + 2 * kv_rows, d),
+      tuple(dst + f"attn/{n}_proj/kernel" for n in "qkv"),
+      lambda w: (
+        w[:q_rows].T.reshape(d, h, hd),
+        w[q_rows : q_rows + kv_rows].T.reshape(d, k, hd),
+        w[q_rows + kv_rows :].T.reshape(d, k, hd),
+      ),
+    ),
+    _Entry(
+      src + "mlp.gate_up_proj.weight",
+      (2 * f, d),
+      (dst + "mlp/gate_proj/kernel", dst + "mlp/up_proj/kernel"),
+      lambda w: (w[:f].T, w[f:].T),
+    ),
   ]
 
 
@@ -333,13 +376,17 @@ _GEMMAS = ("gemma", "gemma2")
 def embedding_scale(model_type: str, cfg: DecoderConfig) -> float:
   """Gemma and Gemma-2 multiply their input embeddings by sqrt(hidden_size) (not their tied
   output head); the import folds that into the embedding table."""
-  return float(np.float32(cfg.hidden_size ** 0.5)) if model_type in _GEMMAS else 1.0
+  return float(np.float32(cfg.hidden_size**0.5)) if model_type in _GEMMAS else 1.0
 
 
-def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
-                 ) -> List[_Entry]:
-  d, f, h, k, hd = (cfg.hidden_size, cfg.intermediate_size, cfg.num_heads, cfg.num_kv_heads,
-                    cfg.head_dim)
+def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral") -> List[_Entry]:
+  d, f, h, k, hd = (
+    cfg.hidden_size,
+    cfg.intermediate_size,
+    cfg.num_heads,
+    cfg.num_kv_heads,
+    cfg.head_dim,
+  )
   v = cfg.base_vocab_size
   fused = model_type == "phi3"
   same = lambda w: w
@@ -353,43 +400,70 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
     src, dst = f"model.layers.{i}.", f"layers_{i}/"
     if cfg.qkv_bias:
       plan += [
-          _Entry(src + "self_attn.q_proj.bias", (h * hd,), dst + "attn/q_proj/bias",
-                 lambda w: w.reshape(h, hd)),
-          _Entry(src + "self_attn.k_proj.bias", (k * hd,), dst + "attn/k_proj/bias",
-                 lambda w: w.reshape(k, hd)),
-          _Entry(src + "self_attn.v_proj.bias", (k * hd,), dst + "attn/v_proj/bias",
-                 lambda w: w.reshape(k, hd)),
+        _Entry(
+          src + "self_attn.q_proj.bias",
+          (h * hd,),
+          dst + "attn/q_proj/bias",
+          lambda w: w.reshape(h, hd),
+        ),
+        _Entry(
+          src + "self_attn.k_proj.bias",
+          (k * hd,),
+          dst + "attn/k_proj/bias",
+          lambda w: w.reshape(k, hd),
+        ),
+        _Entry(
+          src + "self_attn.v_proj.bias",
+          (k * hd,),
+          dst + "attn/v_proj/bias",
+          lambda w: w.reshape(k, hd),
+        ),
       ]
     if fused:
       plan += _fused_layer(cfg, src, dst)
     else:
       plan += [
-          _Entry(src + "self_attn.q_proj.weight", (h * hd, d), dst + "attn/q_proj/kernel",
-                 lambda w: w.T.reshape(d, h, hd)),
-          _Entry(src + "self_attn.k_proj.weight", (k * hd, d), dst + "attn/k_proj/kernel",
-                 lambda w: w.T.reshape(d, k, hd)),
-          _Entry(src + "self_attn.v_proj.weight", (k * hd, d), dst + "attn/v_proj/kernel",
-                 lambda w: w.T.reshape(d, k, hd)),
-          _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
-          _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
+        _Entry(
+          src + "self_attn.q_proj.weight",
+          (h * hd, d),
+          dst + "attn/q_proj/kernel",
+          lambda w: w.T.reshape(d, h, hd),
+        ),
+        _Entry(
+          src + "self_attn.k_proj.weight",
+          (k * hd, d),
+          dst + "attn/k_proj/kernel",
+          lambda w: w.T.reshape(d, k, hd),
+        ),
+        _Entry(
+          src + "self_attn.v_proj.weight",
+          (k * hd, d),
+          dst + "attn/v_proj/kernel",
+          lambda w: w.T.reshape(d, k, hd),
+        ),
+        _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
+        _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
       ]
     plan += [
-        _Entry(src + "self_attn.o_proj.weight", (d, h * hd), dst + "attn/o_proj/kernel",
-               lambda w: w.T.reshape(h, hd, d)),
-        _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
-        _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", norm),
+      _Entry(
+        src + "self_attn.o_proj.weight",
+        (d, h * hd),
+        dst + "attn/o_proj/kernel",
+        lambda w: w.T.reshape(h, hd, d),
+      ),
+      _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
+      _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", norm),
     ]
     if cfg.post_norms:  # Gemma-2: "post attention" is the attention output's norm
       plan += [
-          _Entry(src + "post_attention_layernorm.weight", (d,), dst + "attn_post_norm/scale",
-                 norm),
-          _Entry(src + "pre_feedforward_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
-          _Entry(src + "post_feedforward_layernorm.weight", (d,), dst + "mlp_post_norm/scale",
-                 norm),
+        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "attn_post_norm/scale", norm),
+        _Entry(src + "pre_feedforward_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
+        _Entry(src + "post_feedforward_layernorm.weight", (d,), dst + "mlp_post_norm/scale", norm),
       ]
     else:
-      plan.append(_Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale",
-                         norm))
+      plan.append(
+        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", norm)
+      )
   plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", norm))
   if not tied:
     plan.append(_Entry("lm_head.weight", (v, d), "lm_head/base_head", t))
@@ -397,28 +471,35 @@ def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral"
 
 
 def _config_summary(cfg: DecoderConfig) -> str:
-  return (f"vocab_size={cfg.base_vocab_size}, hidden_size={cfg.hidden_size}, "
-          f"intermediate_size={cfg.intermediate_size}, num_hidden_layers={cfg.num_layers}, "
-          f"num_attention_heads={cfg.num_heads}, num_key_value_heads={cfg.num_kv_heads}, "
-          f"head_dim={cfg.head_dim}")
+  return (
+    f"vocab_size={cfg.base_vocab_size}, hidden_size={cfg.hidden_size}, "
+    f"intermediate_size={cfg.intermediate_size}, num_hidden_layers={cfg.num_layers}, "
+    f"num_attention_heads={cfg.num_heads}, num_key_value_heads={cfg.num_kv_heads}, "
+    f"head_dim={cfg.head_dim}"
+  )
 
 
-def _validate(ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfig,
-              tied: bool) -> None:
+def _validate(
+  ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfig, tied: bool
+) -> None:
   """Checks names, shapes and dtypes from the headers alone, before any data is read."""
   for entry in plan:
     if entry.hf_name not in ckpt:
       raise ValueError(
-          f"{ckpt.ckpt_dir}: missing tensor {entry.hf_name!r} (expected shape "
-          f"{entry.hf_shape}) in {[paths_lib.path(p).name for p in ckpt.files]}")
+        f"{ckpt.ckpt_dir}: missing tensor {entry.hf_name!r} (expected shape "
+        f"{entry.hf_shape}) in {[paths_lib.path(p).name for p in ckpt.files]}"
+      )
     info = ckpt.info(entry.hf_name)
     if info.shape != entry.hf_shape:
       raise ValueError(
-          f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has shape "
-          f"{info.shape}, expected {entry.hf_shape} from config.json ({_config_summary(cfg)})")
+        f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has shape "
+        f"{info.shape}, expected {entry.hf_shape} from config.json ({_config_summary(cfg)})"
+      )
     if info.dtype not in _FLOAT_CODES:
-      raise ValueError(f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has dtype "
-                       f"{info.dtype}, expected one of {_FLOAT_CODES}")
+      raise ValueError(
+        f"{ckpt.file_of(entry.hf_name)}: tensor {entry.hf_name!r} has dtype "
+        f"{info.dtype}, expected one of {_FLOAT_CODES}"
+      )
   used = {entry.hf_name for entry in plan}
   if tied:
     # Some tied checkpoints also store the (identical) head; HF ties it to the embedding.
@@ -426,8 +507,10 @@ def _validate(ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfi
   unused = sorted(n for n in ckpt.keys() if n not in used and not _IGNORED_TENSORS.match(n))
   if unused:
     shown = unused[:20] + ([f"... ({len(unused) - 20} more)"] if len(unused) > 20 else [])
-    raise ValueError(f"{ckpt.ckpt_dir}: {len(unused)} checkpoint tensor(s) not used by a "
-                     f"{'tied' if tied else 'untied'} decoder of this architecture: {shown}")
+    raise ValueError(
+      f"{ckpt.ckpt_dir}: {len(unused)} checkpoint tensor(s) not used by a "
+      f"{'tied' if tied else 'untied'} decoder of this architecture: {shown}"
+    )
 
 
 def _row_moments(rows_vd: np.ndarray, chunk: int = 4096) -> Tuple[np.ndarray, np.ndarray]:
@@ -436,7 +519,7 @@ def _row_moments(rows_vd: np.ndarray, chunk: int = 4096) -> Tuple[np.ndarray, np
   n, width = rows_vd.shape
   total, total_sq = np.zeros(width), np.zeros(width)
   for start in range(0, n, chunk):
-    block = np.asarray(rows_vd[start:start + chunk], dtype=np.float64)
+    block = np.asarray(rows_vd[start : start + chunk], dtype=np.float64)
     total += block.sum(0)
     total_sq += np.square(block).sum(0)
   mean = total / n
@@ -465,8 +548,11 @@ def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
   Under jit, the base kernels' initialisers feed no output, so XLA drops them: a 7B
   import does not allocate a random 7B model just to read off its adapters.
   """
-  paths = [p for p in traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
-           if "/lora_" in f"/{p}"]
+  paths = [
+    p
+    for p in traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
+    if "/lora_" in f"/{p}"
+  ]
   if not paths:
     return {}
 
@@ -480,10 +566,16 @@ def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
   return jax.jit(init_lora, out_shardings=out_shardings)(rng)
 
 
-def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
-                         lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
-                         param_dtype: str = "float32", rng: Optional[jax.Array] = None,
-                         shardings: Any = None) -> Tuple[DecoderConfig, Dict]:
+def import_hf_checkpoint(
+  ckpt_dir: str,
+  num_extra_tokens: int,
+  *,
+  lora: Optional[LoraConfig] = LoraConfig(),
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  rng: Optional[jax.Array] = None,
+  shardings: Any = None,
+) -> Tuple[DecoderConfig, Dict]:
   """Converts a local HF Mistral/Llama checkpoint into a clara_jax config and params.
 
   Args:
@@ -514,15 +606,31 @@ def import_hf_checkpoint(ckpt_dir: str, num_extra_tokens: int, *,
   ckpt_dir = os.fspath(ckpt_dir)
   hf = load_hf_config(ckpt_dir)
   with SafetensorsCheckpoint(ckpt_dir) as ckpt:
-    return import_tensors(ckpt, hf, paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False),
-                          num_extra_tokens, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                          rng=rng, shardings=shardings)
+    return import_tensors(
+      ckpt,
+      hf,
+      paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False),
+      num_extra_tokens,
+      lora=lora,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rng=rng,
+      shardings=shardings,
+    )
 
 
-def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_tokens: int, *,
-                   lora: Optional[LoraConfig] = LoraConfig(), dtype: str = "float32",
-                   param_dtype: str = "float32", rng: Optional[jax.Array] = None,
-                   shardings: Any = None) -> Tuple[DecoderConfig, Dict]:
+def import_tensors(
+  ckpt,
+  hf: Dict[str, Any],
+  config_source: str,
+  num_extra_tokens: int,
+  *,
+  lora: Optional[LoraConfig] = LoraConfig(),
+  dtype: str = "float32",
+  param_dtype: str = "float32",
+  rng: Optional[jax.Array] = None,
+  shardings: Any = None,
+) -> Tuple[DecoderConfig, Dict]:
   """The conversion behind `import_hf_checkpoint`, from any checkpoint of HF-named
   tensors: `ckpt` has `keys()`, `in`, `info(name)` (.shape, .dtype), `get(name)` (numpy),
   `file_of(name)`, and `ckpt_dir` and `files` (named in errors); `hf` is its config.json
@@ -530,14 +638,14 @@ def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_token
   dequantized tensors."""
   rng = jax.random.key(0) if rng is None else rng
   try:
-    cfg = decoder_config_from_hf(hf, num_extra_tokens, lora=lora, dtype=dtype,
-                                 param_dtype=param_dtype)
+    cfg = decoder_config_from_hf(
+      hf, num_extra_tokens, lora=lora, dtype=dtype, param_dtype=param_dtype
+    )
   except ValueError as e:
     raise ValueError(f"{config_source}: {e}") from None
   tied = bool(_field(hf, "tie_word_embeddings", False))
   pdt = np.dtype(jnp.dtype(param_dtype))
-  flat_shardings = (traverse_util.flatten_dict(shardings, sep="/")
-                    if shardings is not None else {})
+  flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
 
   def place(path: str, value: np.ndarray) -> jax.Array:
     # A forced copy: device_put may alias host memory on CPU, and params must not stay
@@ -560,11 +668,14 @@ def import_tensors(ckpt, hf: Dict[str, Any], config_source: str, num_extra_token
   if cfg.num_extra_tokens:
     embed_key, head_key = jax.random.split(jax.random.fold_in(rng, 1))
     extra_embedding = _extra_rows(embed_vd, cfg.num_extra_tokens, embed_key)
-    extra_head = (extra_embedding if tied else
-                  _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key))
+    extra_head = (
+      extra_embedding
+      if tied
+      else _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key)
+    )
     flat["embedder/extra_embedding"] = place(
-        "embedder/extra_embedding",
-        extra_embedding * np.float32(embedding_scale(model_type, cfg)))
+      "embedder/extra_embedding", extra_embedding * np.float32(embedding_scale(model_type, cfg))
+    )
     flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
   del embed_vd
 
@@ -578,9 +689,12 @@ def _check_tree(cfg: DecoderConfig, flat: Dict[str, jax.Array]) -> None:
   expected = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
   if set(expected) != set(flat):
     raise RuntimeError(
-        f"HF import produced parameters {sorted(set(flat) - set(expected))} and lacks "
-        f"{sorted(set(expected) - set(flat))}; the mapping is out of date with the Decoder")
+      f"HF import produced parameters {sorted(set(flat) - set(expected))} and lacks "
+      f"{sorted(set(expected) - set(flat))}; the mapping is out of date with the Decoder"
+    )
   for path, spec in expected.items():
     if tuple(flat[path].shape) != tuple(spec.shape) or flat[path].dtype != spec.dtype:
-      raise RuntimeError(f"HF import: {path} is {flat[path].dtype}{list(flat[path].shape)}, "
-                         f"the Decoder expects {spec.dtype}{list(spec.shape)}")
+      raise RuntimeError(
+        f"HF import: {path} is {flat[path].dtype}{list(flat[path].shape)}, "
+        f"the Decoder expects {spec.dtype}{list(spec.shape)}"
+      )

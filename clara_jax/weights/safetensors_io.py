@@ -42,21 +42,21 @@ MAX_HEADER_BYTES = 100_000_000
 
 # safetensors dtype codes -> numpy dtypes (explicitly little-endian where it matters).
 DTYPES: Dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "U8": np.dtype("<u1"),
-    "I8": np.dtype("<i1"),
-    "U16": np.dtype("<u2"),
-    "I16": np.dtype("<i2"),
-    "U32": np.dtype("<u4"),
-    "I32": np.dtype("<i4"),
-    "U64": np.dtype("<u8"),
-    "I64": np.dtype("<i8"),
-    "F16": np.dtype("<f2"),
-    "F32": np.dtype("<f4"),
-    "F64": np.dtype("<f8"),
-    "BF16": np.dtype(ml_dtypes.bfloat16),
-    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
-    "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
+  "BOOL": np.dtype(np.bool_),
+  "U8": np.dtype("<u1"),
+  "I8": np.dtype("<i1"),
+  "U16": np.dtype("<u2"),
+  "I16": np.dtype("<i2"),
+  "U32": np.dtype("<u4"),
+  "I32": np.dtype("<i4"),
+  "U64": np.dtype("<u8"),
+  "I64": np.dtype("<i8"),
+  "F16": np.dtype("<f2"),
+  "F32": np.dtype("<f4"),
+  "F64": np.dtype("<f8"),
+  "BF16": np.dtype(ml_dtypes.bfloat16),
+  "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+  "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2),
 }
 
 
@@ -95,20 +95,28 @@ def _parse_entry(path: str, name: str, entry) -> TensorInfo:
   if code not in DTYPES:
     raise ValueError(f"{where}: unknown dtype {code!r}; supported: {sorted(DTYPES)}")
   shape = entry["shape"]
-  if not (isinstance(shape, list)
-          and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+  if not (
+    isinstance(shape, list)
+    and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+  ):
     raise ValueError(f"{where}: shape must be a list of non-negative ints, found {shape!r}")
   offsets = entry["data_offsets"]
-  if not (isinstance(offsets, list) and len(offsets) == 2
-          and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
-          and 0 <= offsets[0] <= offsets[1]):
-    raise ValueError(f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, "
-                     f"found {offsets!r}")
+  if not (
+    isinstance(offsets, list)
+    and len(offsets) == 2
+    and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)
+    and 0 <= offsets[0] <= offsets[1]
+  ):
+    raise ValueError(
+      f"{where}: data_offsets must be [begin, end] with 0 <= begin <= end, found {offsets!r}"
+    )
   info = TensorInfo(code, tuple(shape), (offsets[0], offsets[1]))
   expected = int(np.prod(info.shape, dtype=np.int64)) * DTYPES[code].itemsize
   if info.nbytes != expected:
-    raise ValueError(f"{where}: data_offsets {offsets} span {info.nbytes} bytes, but "
-                     f"{code}{list(shape)} needs {expected}")
+    raise ValueError(
+      f"{where}: data_offsets {offsets} span {info.nbytes} bytes, but "
+      f"{code}{list(shape)} needs {expected}"
+    )
   return info
 
 
@@ -128,27 +136,36 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
   with paths.path(path).open("rb") as f:
     prefix = f.read(8)
     if len(prefix) < 8:
-      raise ValueError(f"{path}: truncated safetensors file ({file_size} bytes; the 8-byte "
-                       "header length alone needs 8)")
+      raise ValueError(
+        f"{path}: truncated safetensors file ({file_size} bytes; the 8-byte "
+        "header length alone needs 8)"
+      )
     (header_len,) = struct.unpack("<Q", prefix)
     if header_len > MAX_HEADER_BYTES:
-      raise ValueError(f"{path}: bad safetensors header length {header_len} (limit "
-                       f"{MAX_HEADER_BYTES}); not a safetensors file?")
+      raise ValueError(
+        f"{path}: bad safetensors header length {header_len} (limit "
+        f"{MAX_HEADER_BYTES}); not a safetensors file?"
+      )
     if 8 + header_len > file_size:
-      raise ValueError(f"{path}: truncated safetensors file ({file_size} bytes) or bad "
-                       f"header: the header claims {header_len} bytes after the first 8")
+      raise ValueError(
+        f"{path}: truncated safetensors file ({file_size} bytes) or bad "
+        f"header: the header claims {header_len} bytes after the first 8"
+      )
     raw = f.read(header_len)
   try:
     header = json.loads(raw.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f"{path}: bad safetensors header (not UTF-8 JSON): {e}") from None
   if not isinstance(header, dict):
-    raise ValueError(f"{path}: bad safetensors header: expected a JSON object, found "
-                     f"{type(header).__name__}")
+    raise ValueError(
+      f"{path}: bad safetensors header: expected a JSON object, found {type(header).__name__}"
+    )
 
   metadata = header.pop("__metadata__", None) or {}
-  if not (isinstance(metadata, dict)
-          and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())):
+  if not (
+    isinstance(metadata, dict)
+    and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+  ):
     raise ValueError(f"{path}: bad safetensors header: __metadata__ must map str to str")
   infos = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
 
@@ -159,8 +176,9 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
     begin, end = info.data_offsets
     if end > data_len:
       raise ValueError(
-          f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie outside the file's "
-          f"{data_len}-byte data buffer (truncated file?)")
+        f"{path}: tensor {name!r} data_offsets [{begin}, {end}] lie outside the file's "
+        f"{data_len}-byte data buffer (truncated file?)"
+      )
     if info.nbytes:  # an empty tensor occupies no bytes, so it overlaps nothing
       if begin < previous_end:
         raise ValueError(f"{path}: tensors {previous_name!r} and {name!r} overlap")
@@ -181,8 +199,7 @@ class SafetensorsFile:
     self._release = weakref.finalize(self, self._local.close)
     if data_len > 0:
       local = self._local.enter_context(paths.local_file(self.path))
-      self._data = np.memmap(local, dtype=np.uint8, mode="r", offset=data_start,
-                             shape=(data_len,))
+      self._data = np.memmap(local, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
     else:  # mmap refuses empty ranges
       self._data = np.zeros((0,), np.uint8)
 
@@ -229,8 +246,9 @@ def load_safetensors(path: str) -> Dict[str, np.ndarray]:
   return {name: f.get(name) for name in f.keys()}
 
 
-def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
-                      metadata: Optional[Mapping[str, str]] = None) -> None:
+def write_safetensors(
+  path: str, tensors: Mapping[str, np.ndarray], metadata: Optional[Mapping[str, str]] = None
+) -> None:
   """Writes `tensors` (name -> numpy array) as one safetensors file.
 
   The header is space-padded to a multiple of 8 bytes (as the reference writer does) so
@@ -250,8 +268,11 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray],
     code = dtype_code(arr.dtype)
     arr = np.asarray(arr, dtype=DTYPES[code], order="C")  # (ascontiguousarray makes 0-d 1-d)
     arrays[name] = arr
-    header[name] = {"dtype": code, "shape": list(arr.shape),
-                    "data_offsets": [offset, offset + arr.nbytes]}
+    header[name] = {
+      "dtype": code,
+      "shape": list(arr.shape),
+      "data_offsets": [offset, offset + arr.nbytes],
+    }
     offset += arr.nbytes
   raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
   raw += b" " * (-len(raw) % 8)
@@ -286,11 +307,14 @@ class SafetensorsCheckpoint:
       found = paths.listdir(self.ckpt_dir) if paths.isdir(self.ckpt_dir) else None
       hint = ""
       if found and any(n.endswith((".bin", ".pt", ".pth")) for n in found):
-        hint = ("; PyTorch pickle checkpoints are not read here: re-save the model with "
-                "save_pretrained(..., safe_serialization=True)")
+        hint = (
+          "; PyTorch pickle checkpoints are not read here: re-save the model with "
+          "save_pretrained(..., safe_serialization=True)"
+        )
       raise FileNotFoundError(
-          f"{self.ckpt_dir}: expected {INDEX_FILE} (sharded) or {SINGLE_FILE}; "
-          f"found {found if found is not None else 'no such directory'}{hint}")
+        f"{self.ckpt_dir}: expected {INDEX_FILE} (sharded) or {SINGLE_FILE}; "
+        f"found {found if found is not None else 'no such directory'}{hint}"
+      )
 
   def _open_sharded(self, index_path: str) -> None:
     try:
@@ -298,20 +322,23 @@ class SafetensorsCheckpoint:
     except json.JSONDecodeError as e:
       raise ValueError(f"{index_path}: not valid JSON: {e}") from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    if not (isinstance(weight_map, dict)
-            and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())):
-      raise ValueError(f"{index_path}: expected a 'weight_map' object mapping tensor names "
-                       "to shard file names")
+    if not (
+      isinstance(weight_map, dict)
+      and all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items())
+    ):
+      raise ValueError(
+        f"{index_path}: expected a 'weight_map' object mapping tensor names to shard file names"
+      )
     for name, shard in weight_map.items():
       shard_path = paths.join(self.ckpt_dir, shard, absolute=False)
       if shard_path not in self._files:
         if not paths.exists(shard_path):
-          raise FileNotFoundError(f"{shard_path}: missing; {index_path} lists it as the "
-                                  f"shard of {name!r}")
+          raise FileNotFoundError(
+            f"{shard_path}: missing; {index_path} lists it as the shard of {name!r}"
+          )
         self._files[shard_path] = SafetensorsFile(shard_path)
       if name not in self._files[shard_path]:
-        raise ValueError(f"{shard_path}: has no tensor {name!r}, which {index_path} "
-                         "places there")
+        raise ValueError(f"{shard_path}: has no tensor {name!r}, which {index_path} places there")
       self._file_of[name] = shard_path
 
   @property

@@ -30,6 +30,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 class Fixtures:
   """Inputs made once per module: a tiny untrained export (and copies with a NaN and with
   infinite weights) and a tiny Hugging Face Mistral checkpoint."""
+
   export_dir: str
   nan_export_dir: str
   inf_export_dir: str
@@ -40,6 +41,7 @@ class Fixtures:
 
 def _make_export(out: str, params, cfg, tok) -> None:
   from clara_jax.weights.export import save_params
+
   save_params(out, cfg, params)
   tok.save(os.path.join(out, "tokenizer.model"))
   with open(os.path.join(out, "clara.json"), "w") as f:
@@ -51,55 +53,72 @@ def _tiny_hf(out: str, vocab: int, hidden: int) -> None:
   importer's own tensor plan (no torch needed)."""
   from clara_jax.weights import hf_import
   from clara_jax.weights import safetensors_io as st
-  config = {"architectures": ["MistralForCausalLM"], "model_type": "mistral",
-            "vocab_size": vocab, "hidden_size": hidden, "intermediate_size": 2 * hidden,
-            "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
-            "rms_norm_eps": 1e-5, "tie_word_embeddings": False}
+
+  config = {
+    "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "vocab_size": vocab,
+    "hidden_size": hidden,
+    "intermediate_size": 2 * hidden,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+  }
   os.makedirs(out)
   with open(os.path.join(out, "config.json"), "w") as f:
     json.dump(config, f)
   cfg = hf_import.decoder_config_from_hf(config, 0, lora=None)
   rng = np.random.default_rng(0)
-  tensors = {e.hf_name: rng.normal(0, 0.02, e.hf_shape).astype(np.float32)
-             for e in hf_import._tensor_plan(cfg, tied=False)}
+  tensors = {
+    e.hf_name: rng.normal(0, 0.02, e.hf_shape).astype(np.float32)
+    for e in hf_import._tensor_plan(cfg, tied=False)
+  }
   st.write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt"})
 
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
+  import flax.linen as nn
   import jax
   from flax import traverse_util
-  import flax.linen as nn
+
   from clara_jax.data.tokenizer import Tokenizer
   from clara_jax.model.config import model_config
   from clara_jax.model.decoder import abstract_params
+
   root = tmp_path_factory.mktemp("fault_fixtures")
   words = "red blue green river stone city team coach mayor north south marsh".split()
   rng = np.random.default_rng(0)
-  tok = Tokenizer.train([" ".join(rng.choice(words, 10)) for _ in range(200)],
-                        vocab_size=300, num_mem_tokens=4)
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size,
-                     num_extra_tokens=tok.num_special)
+  tok = Tokenizer.train(
+    [" ".join(rng.choice(words, 10)) for _ in range(200)], vocab_size=300, num_mem_tokens=4
+  )
+  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
   # Random weights straight from the shapes: an export to load, no init program to compile.
   flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
   flat = {k: (rng.normal(0, 0.02, a.shape)).astype(a.dtype) for k, a in flat.items()}
   exports = {}
-  for name, path, value, count in (("export_dir", None, None, 0),
-                                   ("nan_export_dir", "layers_0/mlp/up_proj/kernel", np.nan, 1),
-                                   ("inf_export_dir", "final_norm/scale", np.inf, 2)):
+  for name, path, value, count in (
+    ("export_dir", None, None, 0),
+    ("nan_export_dir", "layers_0/mlp/up_proj/kernel", np.nan, 1),
+    ("inf_export_dir", "final_norm/scale", np.inf, 2),
+  ):
     params = dict(flat)
     if path:
       params[path] = params[path].copy()
       params[path].reshape(-1)[:count] = value
     exports[name] = str(root / name)
-    _make_export(exports[name], jax.device_put(traverse_util.unflatten_dict(params, sep="/")),
-                 cfg, tok)
+    _make_export(
+      exports[name], jax.device_put(traverse_util.unflatten_dict(params, sep="/")), cfg, tok
+    )
   hf_dir = str(root / "hf")
   _tiny_hf(hf_dir, vocab=64, hidden=16)
   return Fixtures(hf_dir=hf_dir, hf_vocab=64, hf_hidden=16, **exports)
 
 
 # ------------------------------------------------------------------------------ running
+
 
 def _snapshot(directory: str) -> dict:
   """{relative path: sha256} of every file and {relative path: None} of every directory."""
@@ -137,15 +156,20 @@ def _run_unprivileged(argv, directory):
   if os.getuid() != 0:
     os.chmod(os.path.join(directory, "ro"), 0o555)
   else:  # the unprivileged user must reach the directory and read the inputs
-    for root, dirs, names in os.walk(directory):
+    for root, _dirs, names in os.walk(directory):
       os.chmod(root, 0o555 if os.path.basename(root) == "ro" else 0o755)
       for name in names:
         os.chmod(os.path.join(root, name), 0o644)
   env = dict(os.environ, PYTHONPATH=REPO)
   try:
-    done = subprocess.run([sys.executable, "-c", _UNPRIVILEGED_CHILD, json.dumps(argv)],
-                          cwd=directory, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+      [sys.executable, "-c", _UNPRIVILEGED_CHILD, json.dumps(argv)],
+      cwd=directory,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=120,
+    )
   finally:
     os.chmod(os.path.join(directory, "ro"), 0o755)
   return done.returncode, done.stdout, done.stderr
@@ -154,10 +178,11 @@ def _run_unprivileged(argv, directory):
 def _full_disk(monkeypatch):
   """The atomic writers' low-level write writes half its bytes, then the disk is full."""
   from clara_jax import paths
+
   real = paths._write_all
 
   def write_all(fd, data):
-    real(fd, data[:len(data) // 2])
+    real(fd, data[: len(data) // 2])
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
   monkeypatch.setattr(paths, "_write_all", write_all)
@@ -167,14 +192,14 @@ def _full_disk(monkeypatch):
 def restore_logging():
   """`clara-jax train` sets absl's verbosity to INFO; later cases must not inherit it."""
   from absl import logging
+
   level = logging.get_verbosity()
   yield
   logging.set_verbosity(level)
 
 
 @pytest.mark.parametrize("case", table.CASES, ids=[c.id for c in table.CASES])
-def test_bad_input(case, fixtures, tmp_path, monkeypatch, capfd, restore_logging,
-                   request):
+def test_bad_input(case, fixtures, tmp_path, monkeypatch, capfd, restore_logging, request):
   for module in case.needs:
     if importlib.util.find_spec(module) is None:
       pytest.skip(f"needs {module}")
@@ -229,8 +254,18 @@ def test_table_is_well_formed():
   assert len(ids) == len(set(ids)), "case ids must be unique"
   assert len(table.CASES) >= 38
   commands = {c.command for c in table.CASES}
-  assert {"convert", "evaluate", "lens", "index", "synth", "train", "import-hf",
-          "import-clara", "info", "bench"} <= commands
+  assert {
+    "convert",
+    "evaluate",
+    "lens",
+    "index",
+    "synth",
+    "train",
+    "import-hf",
+    "import-clara",
+    "info",
+    "bench",
+  } <= commands
   for case in table.CASES:
     assert case.code in (0, 1, 2) and case.expect and case.tried, case.id
     assert case.runner in (table.IN_PROCESS, table.UNPRIVILEGED, table.FULL_DISK), case.id
@@ -241,5 +276,6 @@ def test_docs_table_is_current():
   with open(path, encoding="utf-8") as f:
     written = f.read()
   assert written == table.markdown(), (
-      f"docs/faults.md is out of date with tests/faults/bad_input_cases.py; regenerate it "
-      f"from the repository root with: {table.REGENERATE}")
+    f"docs/faults.md is out of date with tests/faults/bad_input_cases.py; regenerate it "
+    f"from the repository root with: {table.REGENERATE}"
+  )

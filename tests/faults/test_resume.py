@@ -15,17 +15,18 @@ import time
 
 import numpy as np
 import pytest
+from train_cli import assert_same_params, free_port, run_train, train_args, wait_for_step
 
 from clara_jax.train.metrics import read_metrics
-from train_cli import assert_same_params, free_port, run_train, train_args, wait_for_step
 
 STEPS = 24  # log every step, checkpoint every 2
 SEED = int(os.environ.get("CLARA_FAULT_SEED", time.time_ns() % 100_000))
 
 
 def _args(lm_text_file, workdir, extra=()):
-  return train_args(lm_text_file, workdir, steps=STEPS, every=2,
-                    extra=["--config.train.log_every=1", *extra])
+  return train_args(
+    lm_text_file, workdir, steps=STEPS, every=2, extra=["--config.train.log_every=1", *extra]
+  )
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +52,9 @@ def _assert_same_metrics(workdir, reference):
       assert row[key] == want[key], (row["step"], key)
 
 
-def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(lm_text_file, reference,
-                                                                   tmp_path):
+def test_three_kills_and_a_sigterm_resume_to_the_uninterrupted_run(
+  lm_text_file, reference, tmp_path
+):
   rng = random.Random(SEED)
   where = f"(CLARA_FAULT_SEED={SEED})"
   workdir = str(tmp_path / "run")
@@ -98,10 +100,15 @@ def test_sigterm_on_one_host_stops_every_host_at_one_step(lm_text_file, referenc
     port, procs, logs = free_port(), [], []
     for pid in range(2):
       logs.append(str(tmp_path / f"{part}_host{pid}.log"))
-      procs.append(run_train(
-          _args(lm_text_file, workdir) + [f"--coordinator_address=127.0.0.1:{port}",
-                                       "--num_processes=2", f"--process_id={pid}"],
-          devices=4, log=logs[-1], env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"}))
+      procs.append(
+        run_train(
+          _args(lm_text_file, workdir)
+          + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={pid}"],
+          devices=4,
+          log=logs[-1],
+          env={"JAX_CPU_COLLECTIVES_IMPLEMENTATION": "gloo"},
+        )
+      )
     return procs, logs
 
   procs, logs = start("first")
