@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.bench.stage_step import synthetic_batch
-from clara_jax.data import packing
+from clara_jax.data import packing, tokenizer
 from clara_jax.infer.generate import generate, prefix_cache
 from clara_jax.model import clara, stages
 from clara_jax.model.config import DecoderConfig, model_config
@@ -32,7 +32,7 @@ def _prompts_after_head(
   """Generator prompts of `prompt_len` tokens whose first `head_len` (the chat header and
   system text, shared by every question) are the same in every row: (head [head_len],
   the rows' rests as packed arrays (tokens, mask, slot positions) of prompt_len - head_len)."""
-  mem = list(range(vocab + 3, vocab + 3 + n_mem))
+  mem = [tokenizer.mem_id(vocab, j) for j in range(n_mem)]
   slots = packing.slot_ids(n_mem, k, mem, vocab + 1)
   head = [1] + list(rng.integers(4, vocab, head_len - 1)) if head_len else []
   rest_len = prompt_len - head_len
@@ -99,7 +99,9 @@ def generation_latency(
   reported as `head_ms`, outside the per-question figures."""
   cfg_c = clara.ClaraConfig(doc_max_length=doc_len, compr_rate=compr_rate, k=k)
   overrides = {"dtype": dtype} if dtype else {}
-  cfg_m = model_config(model, num_extra_tokens=3 + cfg_c.n_mem, **overrides)
+  cfg_m = model_config(
+    model, num_extra_tokens=tokenizer.num_special_tokens(cfg_c.n_mem), **overrides
+  )
   params = init_params(cfg_m, jax.random.key(0))
   rng = np.random.default_rng(0)
   data = synthetic_batch(

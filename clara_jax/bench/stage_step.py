@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.data import features, packing
+from clara_jax.data import features, packing, tokenizer
 from clara_jax.model import clara
 from clara_jax.model.decoder import Decoder, init_params
 from clara_jax.train.peak import matmul_peak_flops, time_fn
@@ -50,13 +50,13 @@ def synthetic_batch(
       "mask": np.ones((batch, length), np.int32),
     }
   n_mem = clara_cfg.n_mem
-  mem = list(range(base_vocab + 3, base_vocab + 3 + n_mem))
+  mem = [tokenizer.mem_id(base_vocab, j) for j in range(n_mem)]
   enc, sep = base_vocab, base_vocab + 1
   docs = documents_per_question(stage, candidates, clara_cfg.k)
   slots_k = 1 if stage == "stage1" else clara_cfg.k
   # Rows as the data pipeline packs them: `<ENC><s> text </s>` in doc_len + 3, memories.
   doc_t, doc_m, _ = packing.pack_encoder(
-    texts(batch * docs, doc_len), doc_len + 3, mem, enc, 1, 2, 0
+    texts(batch * docs, doc_len), doc_len + packing.ENCODER_FRAME, mem, enc, 1, 2, 0
   )
   slots = packing.slot_ids(n_mem, slots_k, mem, sep)
   fill = prompt_len - len(slots) - 1
@@ -71,7 +71,7 @@ def synthetic_batch(
   }
   if stage == "stage2":
     q_t, q_m, _ = packing.pack_encoder(
-      texts(batch, question_len), question_len + 3, mem, enc, 1, 2, 0
+      texts(batch, question_len), question_len + packing.ENCODER_FRAME, mem, enc, 1, 2, 0
     )
     positives = np.zeros((batch, candidates), np.int32)
     positives[:, 0] = 1
@@ -205,9 +205,9 @@ def stage_step_time(
   peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
   tokens = batch * (prompt_len + answer_len)
   if stage != "lm" and not cached:
-    tokens += batch * docs * (doc_len + 3 + cfg_c.n_mem)
+    tokens += batch * docs * packing.encoder_length(doc_len, cfg_c.n_mem)
   if stage == "stage2":
-    tokens += batch * (question_len + 3 + cfg_c.n_mem)
+    tokens += batch * packing.encoder_length(question_len, cfg_c.n_mem)
   return {
     "benchmark": f"{stage}_step",
     "model": model,

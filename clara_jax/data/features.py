@@ -75,7 +75,7 @@ class Featurizer:
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
     tokens, mask, truncated = packing.pack_encoder(
       ids,
-      max_len + 3,
+      max_len + packing.ENCODER_FRAME,
       self.mem_ids,
       self.tok.enc_id,
       self.tok.bos_id,

@@ -14,6 +14,14 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
+# Tokens an encoder row wraps around its text: <ENC>, <s> and </s>.
+ENCODER_FRAME = 3
+
+
+def encoder_length(text_len: int, n_mem: int) -> int:
+  """Length of an encoder row for texts of up to `text_len` tokens and n_mem memories."""
+  return text_len + ENCODER_FRAME + n_mem
+
 
 def pack_encoder(
   texts_ids: Sequence[Sequence[int]],
@@ -41,7 +49,7 @@ def pack_encoder(
   tokens = np.full((len(texts_ids), body_len + n_mem), pad_id, np.int32)
   mask = np.zeros_like(tokens)
   truncated = 0
-  room = body_len - 3
+  room = body_len - ENCODER_FRAME
   for row, ids in enumerate(texts_ids):
     ids = list(ids)
     if len(ids) > room:

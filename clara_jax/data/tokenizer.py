@@ -47,6 +47,18 @@ ENC_TOKEN = "<ENC>"
 SEP_TOKEN = "<SEP>"
 AE_TOKEN = "<AE>"
 FIXED_SPECIAL_TOKENS: tuple[str, ...] = (ENC_TOKEN, SEP_TOKEN, AE_TOKEN)
+NUM_FIXED_SPECIAL = len(FIXED_SPECIAL_TOKENS)
+
+
+def num_special_tokens(num_mem_tokens: int) -> int:
+  """Rows a model adds after the base vocabulary for `num_mem_tokens` memory tokens."""
+  return NUM_FIXED_SPECIAL + num_mem_tokens
+
+
+def mem_id(base_vocab_size: int, i: int) -> int:
+  """The id of <MEM{i}> after a base vocabulary of `base_vocab_size` pieces."""
+  return base_vocab_size + NUM_FIXED_SPECIAL + i
+
 
 # Matches every string that could be a special token; those naming a memory token out of
 # range (or spelt with leading zeros) are not in the lookup table and stay plain text.

@@ -133,7 +133,7 @@ class ClaraModel:
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
     tokens, mask, cut = packing.pack_encoder(
       ids,
-      max_len + 3,
+      max_len + packing.ENCODER_FRAME,
       self.tok.mem_ids[: self.n_mem],
       self.tok.enc_id,
       self.tok.bos_id,

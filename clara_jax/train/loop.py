@@ -27,7 +27,7 @@ from absl import logging
 from clu import periodic_actions
 
 from clara_jax import paths
-from clara_jax.data import formats, tfds_builders
+from clara_jax.data import formats, packing, tfds_builders
 from clara_jax.data import tokenizer as tokenizer_lib
 from clara_jax.data.features import FeatureConfig, Featurizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
@@ -660,9 +660,13 @@ def _tokens_per_step(config, cclara: ClaraConfig, cached: bool = False) -> int:
   d, b = config.data, config.train.global_batch
   if config.stage == "lm":
     return b * d.lm_length
-  doc = cclara.doc_max_length + 3 + cclara.n_mem
+  doc = packing.encoder_length(cclara.doc_max_length, cclara.n_mem)
   docs = {"stage1": 1, "stage1_2": cclara.k}.get(config.stage, 0 if cached else d.candidates)
-  q = d.question_max_length + 3 + cclara.n_mem if config.stage.startswith("stage2") else 0
+  q = (
+    packing.encoder_length(d.question_max_length, cclara.n_mem)
+    if config.stage.startswith("stage2")
+    else 0
+  )
   return b * (docs * doc + q + d.prompt_length + d.answer_length)
 
 

@@ -22,7 +22,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 
 from clara_jax import partitioning
-from clara_jax.data import features
+from clara_jax.data import features, packing, tokenizer
 from clara_jax.model import lora, stages
 from clara_jax.model.clara import ClaraConfig
 from clara_jax.model.config import DecoderConfig, config_from_dict
@@ -111,7 +111,7 @@ def stage_decoder_config(config) -> DecoderConfig:
   tokens (<ENC>, <SEP>, <AE> and the memory tokens); `train` takes the count from the
   tokenizer it loads, which has the same."""
   fields = config.model.to_dict()
-  fields["num_extra_tokens"] = 3 + config.tokenizer.num_mem_tokens
+  fields["num_extra_tokens"] = tokenizer.num_special_tokens(config.tokenizer.num_mem_tokens)
   return config_from_dict(fields)
 
 
@@ -180,7 +180,7 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one global batch of the stage (int32 tokens and masks), as the input
   pipeline makes it."""
   d, b, c = config.data, config.train.global_batch, config.clara
-  doc = c.doc_max_length + 3 + n_mem
+  doc = packing.encoder_length(c.doc_max_length, n_mem)
   i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32)
   if config.stage == "lm":
     return _with_counters({"tokens": i32(b, d.lm_length), "mask": i32(b, d.lm_length)}, "lm", b)
@@ -196,7 +196,7 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
     "answer_mask": i32(b, d.answer_length),
   }
   if config.stage in ("stage2", "stage2_retrieval"):
-    q = d.question_max_length + 3 + n_mem
+    q = packing.encoder_length(d.question_max_length, n_mem)
     batch.update(q_tokens=i32(b, q), q_mask=i32(b, q), positives=i32(b, docs))
   return _with_counters(batch, config.stage, b)
 
@@ -215,11 +215,11 @@ def step_shapes(config, n_mem: int) -> StepShapes:
   d, c = config.data, config.clara
   return StepShapes(
     batch=config.train.global_batch,
-    doc_tokens=c.doc_max_length + 3 + n_mem,
+    doc_tokens=packing.encoder_length(c.doc_max_length, n_mem),
     n_mem=n_mem,
     candidates=d.candidates,
     k=c.k,
-    question_tokens=d.question_max_length + 3 + n_mem,
+    question_tokens=packing.encoder_length(d.question_max_length, n_mem),
     gen_tokens=d.prompt_length + d.answer_length,
     answer_tokens=d.answer_length,
     lm_tokens=d.lm_length,

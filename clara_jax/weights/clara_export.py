@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from clara_jax import paths
+from clara_jax.data.tokenizer import num_special_tokens
 from clara_jax.model import layout
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig
@@ -331,11 +332,11 @@ def export_official_clara(
     raise ValueError(
       f"{clara_path}: doc_max_length {doc_max_length} // compr_rate {compr_rate} is 0 memory tokens"
     )
-  if cfg.num_extra_tokens < 3 + n_mem:
+  if cfg.num_extra_tokens < num_special_tokens(n_mem):
     raise ValueError(
       f"{run.export_dir}: the model has {cfg.num_extra_tokens} special-token "
       f"rows, but <ENC>, <SEP>, <AE> and {n_mem} memory tokens (doc_max_length"
-      f" {doc_max_length} // compr_rate {compr_rate}) need {3 + n_mem}"
+      f" {doc_max_length} // compr_rate {compr_rate}) need {num_special_tokens(n_mem)}"
     )
 
   b_factor = cfg.lora.scale / OFFICIAL_LORA_SCALE

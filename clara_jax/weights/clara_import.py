@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax import paths
+from clara_jax.data.tokenizer import num_special_tokens
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig, LoraConfig
 from clara_jax.weights.export import check_finite
@@ -111,7 +112,7 @@ def import_official_clara(
   r, n_mem = int(conf["lora_r"]), int(conf["doc_max_length"]) // int(conf["compr_rate"])
   lora = LoraConfig(rank=r, alpha=2.0 * r, dropout=0.1)
   cfg, params = import_hf_checkpoint(
-    base_dir, 3 + n_mem, lora=lora, dtype=dtype, param_dtype=param_dtype
+    base_dir, num_special_tokens(n_mem), lora=lora, dtype=dtype, param_dtype=param_dtype
   )
   flat = lora_lib.flatten(params)
   v0, rows = cfg.base_vocab_size, _extra_rows(cfg.base_vocab_size, n_mem)
@@ -127,7 +128,7 @@ def import_official_clara(
       raise ValueError(f"{first_last_path}: expected one '*{suffix}', found {keys}")
     w = _np(first_last[keys[0]])
     check_finite([(repr(keys[0]), w)], first_last_path)
-    want = (v0 + n_mem + 3, cfg.hidden_size)
+    want = (v0 + num_special_tokens(n_mem), cfg.hidden_size)
     if w.shape != want:
       raise ValueError(f"{first_last_path}: '{keys[0]}' has shape {w.shape}, expected {want}")
     base, extra = w[:v0], w[rows]
