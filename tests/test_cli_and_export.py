@@ -194,3 +194,12 @@ def test_errors_are_one_line_with_the_exit_code(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("clara-jax train: ") and "no_such_field" in err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_subcommand_parsers_are_registered_in_order():
+  """Every group's subcommands, in `clara_jax.cli.COMMANDS` order (the help's order)."""
+  from clara_jax import cli
+
+  sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+  assert tuple(sub.choices) == cli.COMMANDS
+  assert all(sub.choices[name].prog == f"clara-jax {name}" for name in cli.COMMANDS)
