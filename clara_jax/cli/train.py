@@ -5,6 +5,7 @@ ahead of time for a TPU slice."""
 from __future__ import annotations
 
 import json
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -57,36 +58,26 @@ def train_main(argv: Sequence[str]) -> int:
 
 def _config_flags(argv: Sequence[str], extra_defs=None):
   """Parses `--config=FILE[:variant]` (+ `--config.*` overrides) with absl flags."""
-  import os
-
   from absl import flags
   from ml_collections import config_flags
 
   fv = flags.FlagValues()
+  # Left unlocked: an override of a field the file does not define is an error all the
+  # same, since ml_collections makes the override flags from the loaded config's fields.
   config_flags.DEFINE_config_file(
     "config", None, "stage config file[:variant]", flag_values=fv, lock_config=False
   )
   if extra_defs:
     extra_defs(fv)
-  # Config files import `configs.base`: make the directory holding `configs/` importable.
-  for arg in argv:
-    if arg.startswith("--config="):
-      path = arg.split("=", 1)[1].split(":")[0]
-      # ml_collections reports these as an OSError about "an earlier failure to load".
-      if os.path.isdir(path):
-        raise IsADirectoryError(f"--config={path}: is a directory; expected a config file")
-      if not os.path.exists(path):
-        raise FileNotFoundError(f"--config={path}: no such config file")
-      config_dir = os.path.dirname(os.path.abspath(path))
-      sys.path.insert(0, os.path.dirname(config_dir))
+  # ml_collections executes the file by its path; the `configs.base` it imports is the
+  # `configs` package installed beside clara_jax, so a config file may live anywhere.
+  _check_config_files(argv)
   # config_flags reads the config path from sys.argv to register --config.* overrides.
   saved_argv, sys.argv = sys.argv, ["clara-jax"] + list(argv)
   try:
     fv(sys.argv)
   except (AttributeError, KeyError) as e:  # ml_collections: an override's unknown field
-    name = str(e).strip("'\"")
-    bad = [a.split("=", 1)[0] for a in argv if a.startswith("--config.") and name in a]
-    raise ValueError(f"{bad[0] if bad else name}: no such config field") from None
+    raise _unknown_field(e, argv) from None
   except flags.Error as e:
     # A config file's get_config() raised: ml_collections puts the whole traceback in
     # the flag error; its last line is the message that says what is wrong.
@@ -101,6 +92,38 @@ def _config_flags(argv: Sequence[str], extra_defs=None):
   if fv.config is None:
     raise ValueError("--config=FILE[:variant] is required")
   return fv
+
+
+def _check_config_files(argv: Sequence[str]) -> None:
+  """Each `--config=FILE[:variant]` names a file; ml_collections would report a missing
+  one as an OSError about "an earlier failure to load"."""
+  import os
+
+  for arg in argv:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":")[0]
+      if os.path.isdir(path):
+        raise IsADirectoryError(f"--config={path}: is a directory; expected a config file")
+      if not os.path.exists(path):
+        raise FileNotFoundError(f"--config={path}: no such config file")
+
+
+def _unknown_field(error: Exception, argv: Sequence[str]) -> ValueError:
+  """The error of a `--config.*` override naming a field the config does not have: the
+  override, and the field ml_collections suggests instead when it has one."""
+  # ml_collections raises a KeyError (or an AttributeError holding one) whose text is
+  # the unknown name in quotes, then maybe a line `Did you mean "lr" instead of "lrr"?`.
+  key = error.args[0] if isinstance(error, AttributeError) and error.args else error
+  text = str(key.args[0]) if isinstance(key, KeyError) and key.args else str(key)
+  lines = text.splitlines() or [text]
+  name = lines[0].strip("'\"")
+  overrides = [a.split("=", 1)[0] for a in argv if a.startswith("--config.")]
+  bad = [o for o in overrides if name in o[len("--config.") :].split(".")]
+  message = f"{bad[0] if bad else name}: no such config field"
+  suggestion = re.search(r'Did you mean "([^"]+)"', text)
+  if suggestion:
+    message += f' (did you mean "{suggestion.group(1)}"?)'
+  return ValueError(message)
 
 
 def plan_main(argv: Sequence[str]) -> int:
