@@ -1,14 +1,16 @@
 """The shared base of every stage config; stage files change only what differs.
 
 `get_config(arg)` in each stage file takes a comma-separated variant string, e.g.
-`model=tiny,data=synth,runlocal` (big_vision style): `model=` picks a named size,
-`data=` is `synth` (the generated world) or a directory of `{split}.jsonl` files in the
-stage's format, `runlocal` shrinks steps and batch for a quick CPU run.
+`model=tiny,data=synth,runlocal` (big_vision style): `model=` picks a named size (a bare
+size name, as in `configs/stage2.py:tiny`, means the same), `data=` is `synth` (the
+generated world) or a directory of `{split}.jsonl` files in the stage's format,
+`runlocal` shrinks steps and batch for a quick CPU run.
 """
 
 import ml_collections
 
 from clara_jax import partitioning
+from clara_jax.model.config import MODEL_SIZES
 from configs.common import model_config_dict
 
 STAGE_FORMATS = {
@@ -21,15 +23,20 @@ STAGE_FORMATS = {
 
 
 def parse_arg(arg):
-  """'model=tiny,runlocal' -> {'model': 'tiny', 'runlocal': True}."""
+  """'model=tiny,runlocal' -> {'model': 'tiny', 'runlocal': True}; a bare model size
+  name stands for `model=NAME`: 'tiny,runlocal' is the same."""
   out = {}
   for part in filter(None, (arg or "").split(",")):
     key, _, value = part.partition("=")
-    out[key.strip()] = value.strip() if value else True
+    key = key.strip()
+    if not value and key in MODEL_SIZES:
+      key, value = "model", key
+    out[key] = value.strip() if value else True
   unknown = set(out) - {"model", "data", "runlocal", "synth_size"}
   if unknown:
     raise ValueError(
-      f"unknown config variant(s) {sorted(unknown)}; known: model=, data=, synth_size=, runlocal"
+      f"unknown config variant(s) {sorted(unknown)}; known: model=, data=, synth_size=, "
+      "runlocal, or a model size name"
     )
   return out
 

@@ -194,3 +194,33 @@ def test_errors_are_one_line_with_the_exit_code(tmp_path, capsys):
   err = capsys.readouterr().err
   assert err.startswith("clara-jax train: ") and "no_such_field" in err
   assert len(err.strip().splitlines()) == 1
+
+
+def test_an_unknown_override_field_is_named(tmp_path, capsys, monkeypatch):
+  """A misspelt `--config.*` field stops the run before anything is written, naming the
+  override and the field ml_collections suggests; the variant `tiny` is `model=tiny`."""
+  from clara_jax import cli
+
+  monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  workdir = tmp_path / "run"
+  argv = [
+    "train",
+    "--config=configs/stage2.py:tiny",
+    "--config.optimizer.lrr=1",
+    f"--workdir={workdir}",
+  ]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err == (
+    'clara-jax train: --config.optimizer.lrr: no such config field (did you mean "lr"?)\n'
+  )
+  assert not workdir.exists()
+
+
+def test_subcommand_parsers_are_registered_in_order():
+  """Every group's subcommands, in `clara_jax.cli.COMMANDS` order (the help's order)."""
+  from clara_jax import cli
+
+  sub = next(a for a in cli.build_parser()._actions if a.dest == "command")
+  assert tuple(sub.choices) == cli.COMMANDS
+  assert all(sub.choices[name].prog == f"clara-jax {name}" for name in cli.COMMANDS)

@@ -1,6 +1,9 @@
 """Model sizes through ml_collections, as the stage configs use them."""
 
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -178,3 +181,70 @@ def test_a_record_without_a_later_added_field_reads_as_its_old_value():
   assert run_config.differences(recorded, changed) == {"clara.memory_scale": ("none", "embedding")}
   changed = dict(current, **{"clara.lexical_weight": 0.5})
   assert run_config.differences(recorded, changed) == {"clara.lexical_weight": (0.0, 0.5)}
+
+
+def test_a_bare_model_size_is_the_model_variant():
+  from configs import stage2
+
+  assert parse_arg("tiny") == {"model": "tiny"}
+  assert parse_arg("mistral_7b,runlocal") == {"model": "mistral_7b", "runlocal": True}
+  assert parse_arg("runlocal") == {"runlocal": True}
+  assert stage2.get_config("small").model_size == "small"
+  assert stage2.get_config("small").model == stage2.get_config("model=small").model
+  with pytest.raises(ValueError, match=r"unknown config variant\(s\) \['huge'\]"):
+    parse_arg("huge")
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+USER_CONFIG = """
+from configs.base import get_base_config
+
+
+def get_config(arg=None):
+  c = get_base_config("stage2", arg)
+  c.train.num_steps = 7
+  return c
+"""
+
+
+def test_config_files_load_without_touching_sys_path(tmp_path, monkeypatch):
+  """The repo's configs by a relative path from the repo root and by an absolute one
+  from elsewhere, and a user's file that imports `configs.base`: sys.path stays as it
+  was."""
+  from clara_jax.cli.train import _config_flags
+
+  (tmp_path / "mine.py").write_text(USER_CONFIG)
+  before = list(sys.path)
+  monkeypatch.chdir(ROOT)
+  fv = _config_flags(["--config=configs/stage2.py:model=tiny"])
+  assert (fv.config.stage, fv.config.model_size) == ("stage2", "tiny")
+  monkeypatch.chdir(tmp_path)
+  fv = _config_flags([f"--config={ROOT}/configs/stage2.py:tiny", "--config.train.num_steps=3"])
+  assert (fv.config.model_size, fv.config.train.num_steps) == ("tiny", 3)
+  fv = _config_flags(["--config=mine.py:small"])
+  assert (fv.config.model_size, fv.config.train.num_steps) == ("small", 7)
+  assert sys.path == before
+
+
+def test_config_files_load_in_a_fresh_process(tmp_path):
+  """As above in a process whose `configs` is the package beside clara_jax (found by
+  PYTHONPATH here, installed by setup.py elsewhere), not yet imported, run from a
+  directory that holds no `configs`."""
+  (tmp_path / "mine.py").write_text(USER_CONFIG)
+  code = (
+    "import sys; from clara_jax.cli.train import _config_flags; before = list(sys.path); "
+    f"a = _config_flags(['--config={ROOT}/configs/stage2.py:tiny']).config; "
+    "b = _config_flags(['--config=mine.py:model=tiny']).config; "
+    "print(a.model_size, a.train.num_steps, b.model_size, b.train.num_steps, "
+    "sys.path == before)"
+  )
+  result = subprocess.run(
+    [sys.executable, "-c", code],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    cwd=tmp_path,
+    timeout=300,
+  )
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.split() == ["tiny", "200", "tiny", "7", "True"]
