@@ -39,6 +39,8 @@ EXTRAS_REQUIRE = {
     "pytest-xdist==3.8.0",
     # launch/test.sh lints and checks the formatting (ruff.toml) before the tests.
     "ruff==0.14.6",
+    # The type check: `mypy` with mypy.ini at the repository root.
+    "mypy==1.19.0",
     "torch==2.13.0",
     "transformers==5.23.0",
     "safetensors==0.8.0",

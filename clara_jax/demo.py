@@ -111,7 +111,7 @@ def default_recipe(quick: bool = False) -> Recipe:
     # (docs/results.md, "Tied vs untied embeddings").
     "model.tie_embeddings": True,
   }
-  stages = {
+  stages: Dict[str, Dict[str, Any]] = {
     "lm": {"train.num_steps": 1500, "optimizer.lr": 3e-3},
     # Fresh worlds: no fact repeats, so only reading the memories lowers the loss. The
     # base trains too, and keeps learning the world's own text beside it (replay): at
@@ -298,7 +298,7 @@ def held_out_rows(path: str, limit: Optional[int]) -> List[Dict]:
     by_kind.setdefault(row.get("kind", "all"), []).append(row)
   rng = np.random.default_rng(0)
   per_kind = max(1, limit // max(len(by_kind), 1))
-  picked = []
+  picked: List[Dict] = []
   for kind in sorted(by_kind):
     group = by_kind[kind]
     picked.extend(group[i] for i in sorted(rng.permutation(len(group))[:per_kind]))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -74,7 +74,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
 
 def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str):
   """Drops mesh axes from dimensions they do not divide (replicating those instead)."""
-  fixed = []
+  fixed: List[Any] = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
     if axes is None:
       fixed.append(None)

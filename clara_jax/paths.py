@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any, BinaryIO, Iterable, Iterator, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Optional, Union
 
 from etils import epath
 
@@ -284,7 +284,7 @@ def write_text(p: PathLike, text: str) -> None:
   write_atomic(p, [text])
 
 
-def write_json(p: PathLike, obj: Any, indent: int = 1) -> None:
+def write_json(p: PathLike, obj: Any, indent: Optional[int] = 1) -> None:
   """One JSON document, written all or nothing."""
   write_atomic(p, [json.dumps(obj, indent=indent, sort_keys=False)])
 

@@ -356,7 +356,7 @@ def restatement_rows(rows: Sequence[Dict]) -> List[Dict]:
 def passages(row_lists: Sequence[Sequence[Dict]]) -> List[str]:
   """Distinct documents of all rows in first-seen order, each on one line (newlines,
   e.g. the converter's "title\\nparagraph", become spaces)."""
-  seen = {}
+  seen: Dict[str, None] = {}  # an ordered set
   for rows in row_lists:
     for row in rows:
       for doc in row["docs"]:
@@ -425,7 +425,8 @@ def split_qa_sets(
   {set: counts}) of the converted QA sets; a question is in train or held out for both
   stages."""
   train: Dict[str, List[Dict]] = {"stage2": [], "stage1_2": []}
-  heldout, counts = [], {}
+  heldout: List[Dict] = []
+  counts: Dict[str, Dict] = {}
   for name, (_, _, kind) in QA_SETS.items():
     stage2 = read_jsonl(paths.join(converted, f"{name}_stage2.jsonl"))
     stage1_2 = read_jsonl(paths.join(converted, f"{name}_stage1_2.jsonl"))
@@ -457,7 +458,9 @@ def prepare_data(
     )
   start = time.perf_counter()
   reports = convert_sources(data_dir, dirs["converted"], plan, log)
-  train, heldout, counts = split_qa_sets(dirs["converted"], plan)
+  train, heldout, set_counts = split_qa_sets(dirs["converted"], plan)
+  # {set: {"train", "test"}}, then the written rows' counts too (the same dict).
+  counts: Dict[str, Any] = set_counts
   pretrain = read_jsonl(paths.join(dirs["converted"], "pretrain_stage1.jsonl"))
   stage1 = regroup_qa(pretrain, plan.qa_per_row)
   if plan.nq_stage1:

@@ -29,13 +29,14 @@ Shapes: N documents, Q queries, B batch, M = n_mem, H hidden, K top-k.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -306,16 +307,16 @@ def run(
       top = _top_k(index, queries, k, batch)
       found[dtype] = top
       one = queries[:batch]
-      row = {
+      row: Dict[str, Any] = {
         "dtype": dtype,
         "bytes_per_doc": index.bytes_per_doc,
         "disk_bytes_per_doc": disk / num_docs,
         "build_s": build_s,
         "load_s": load_s,
         "build_docs_per_s": num_docs / (build_s + load_s),
-        "search_ms": _median_ms(lambda index=index, one=one: index.search(one, k), repeats),
+        "search_ms": _median_ms(functools.partial(index.search, one, k), repeats),
         "approx_search_ms": _median_ms(
-          lambda index=index, one=one: index.search(one, k, approx=True), repeats
+          functools.partial(index.search, one, k, approx=True), repeats
         ),
         f"recall@{k}": float(np.mean(np.any(top == gold[:, None], axis=1))),
       }
@@ -330,7 +331,7 @@ def run(
       shutil.rmtree(out)
   finally:
     shutil.rmtree(root, ignore_errors=True)
-  result = {
+  result: Dict[str, Any] = {
     "benchmark": "index",
     "docs": num_docs,
     "queries": num_queries,

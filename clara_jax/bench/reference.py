@@ -43,7 +43,7 @@ import json
 import os
 import platform
 import subprocess
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set
 
 # Our benchmark -> (the harness's benchmark, keyword arguments of our timing function).
 # Decoder rows split as the reference's labels do (363 answer tokens of 609 in stage1;
@@ -75,7 +75,8 @@ BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def cpu_info(cpuinfo: str = "/proc/cpuinfo") -> dict:
   """The CPU's model name and whether it has bf16 matrix instructions."""
-  flags, model = set(), platform.processor() or platform.machine()
+  flags: Set[str] = set()
+  model = platform.processor() or platform.machine()
   if os.path.exists(cpuinfo):
     with open(cpuinfo) as f:
       for line in f:

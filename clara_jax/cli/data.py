@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Dict
 
 from clara_jax.cli.common import UsageError, non_negative_int, one_line, positive_int
 from clara_jax.progress import Progress
@@ -43,7 +44,7 @@ def _cmd_synth(args) -> int:
     names=args.names,
     world=args.world,
   )
-  kinds = {}
+  kinds: Dict[str, int] = {}
   for q in manifest["questions"].values():
     key = f"{q['split']}_{q['kind']}"
     kinds[key] = kinds.get(key, 0) + 1

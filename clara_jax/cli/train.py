@@ -211,6 +211,7 @@ def _run_plan(config, topology: Optional[str], search: bool) -> int:
 
   try:
     if search:
+      assert topology is not None  # _plan_mesh_shape refuses --search without --topology
       fits = plan.search(
         config, topology, log=lambda line: print(line, file=sys.stderr, flush=True)
       )

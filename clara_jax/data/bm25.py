@@ -8,7 +8,7 @@ the Lucene idf, log(1 + (N - df + 0.5) / (df + 0.5)), which is never negative.
 from __future__ import annotations
 
 import re
-from typing import Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 import scipy.sparse as sp
@@ -30,10 +30,12 @@ class BM25:
   def __init__(self, texts: Sequence[str], k1: float = 0.9, b: float = 0.4):
     self.k1, self.b = k1, b
     docs = [tokenize(t) for t in texts]
-    self.vocab = {}
-    rows, cols, vals = [], [], []
+    self.vocab: Dict[str, int] = {}
+    rows: List[int] = []
+    cols: List[int] = []
+    vals: List[int] = []
     for i, words in enumerate(docs):
-      counts = {}
+      counts: Dict[int, int] = {}
       for w in words:
         j = self.vocab.setdefault(w, len(self.vocab))
         counts[j] = counts.get(j, 0) + 1

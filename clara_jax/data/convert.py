@@ -171,12 +171,19 @@ def _is_json_array(path: str) -> bool:
   return head.startswith(b"[")
 
 
+def _skip_whitespace(text: str, pos: int) -> int:
+  """The position of the first non-whitespace character at or after pos."""
+  match = _WHITESPACE.match(text, pos)
+  assert match is not None  # the pattern matches the empty string
+  return match.end()
+
+
 def _iter_json_array(path: str, report: ReadReport) -> Iterator[Tuple[int, int, Any]]:
   """Yields (line the item starts on, 1-based item number, value) of a JSON array file,
   decoding one item at a time so each keeps its own location."""
   text = _open_text(path)
   decoder = json.JSONDecoder()
-  pos = _WHITESPACE.match(text, text.index("[") + 1).end()
+  pos = _skip_whitespace(text, text.index("[") + 1)
   line, counted = 1 + text.count("\n", 0, pos), pos
   item = 0
   if text.startswith("]", pos):
@@ -193,9 +200,9 @@ def _iter_json_array(path: str, report: ReadReport) -> Iterator[Tuple[int, int, 
         ) from None
       report.rows_read += 1
       yield line, item, value
-      pos = _WHITESPACE.match(text, end).end()
+      pos = _skip_whitespace(text, end)
       if text.startswith(",", pos):
-        pos = _WHITESPACE.match(text, pos + 1).end()
+        pos = _skip_whitespace(text, pos + 1)
         continue
       if text.startswith("]", pos):
         pos += 1
@@ -206,7 +213,7 @@ def _iter_json_array(path: str, report: ReadReport) -> Iterator[Tuple[int, int, 
         None,
         f"invalid JSON after item {item}: expected ',' or ']'",
       )
-  rest = _WHITESPACE.match(text, pos).end()
+  rest = _skip_whitespace(text, pos)
   if rest != len(text):
     raise DataError(path, 1 + text.count("\n", 0, rest), None, "extra data after the array")
 
@@ -278,7 +285,9 @@ def _example(
   """Builds an Example from (title, paragraph, is_gold) triples, merging exact duplicate
   texts (gold if any copy is)."""
   index: Dict[str, int] = {}
-  docs, gold, titles = [], [], []
+  docs: List[str] = []
+  gold: List[bool] = []
+  titles: List[str] = []
   for i, (title, paragraph, is_gold) in enumerate(paragraphs):
     text = doc_text(title, paragraph)
     if not text:
@@ -730,9 +739,9 @@ def convert(
     if num_docs < 1:
       raise ValueError(f"need at least one document per row, got {num_docs}")
     report = ConvertReport(source_format, stage, out_path, num_docs=num_docs)
-    examples, read_report = read_source(source_format, inputs, on_error)
+    example_iter, read_report = read_source(source_format, inputs, on_error)
     # The pool needs every question before the first row is built.
-    examples = list(itertools.islice(examples, limit))
+    examples = list(itertools.islice(example_iter, limit))
     pool = DistractorPool(examples)
     report.pool_size = len(pool.texts)
     report.rows_out = write_jsonl_atomic(

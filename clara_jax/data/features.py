@@ -11,7 +11,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from clara_jax.data import packing, templates
-from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.data.tokenizer import ClaraTokenizer
 
 Example = Dict[str, np.ndarray]
 
@@ -54,7 +54,7 @@ class Featurizer:
 
   def __init__(
     self,
-    tokenizer: Tokenizer,
+    tokenizer: ClaraTokenizer,
     cfg: FeatureConfig,
     seed: int = 0,
     doc_memories: Optional[Callable[[Sequence[str]], np.ndarray]] = None,
@@ -151,7 +151,7 @@ def truncation_counters(stage: str, cached: bool = False) -> Tuple[str, ...]:
   the documents come as memories from a cache (no document tokens to truncate)."""
   if stage == "lm":
     return ("truncated_lm",)
-  names = () if cached else ("truncated_docs",)
+  names: Tuple[str, ...] = () if cached else ("truncated_docs",)
   names += ("truncated_gen",)
   if stage in ("stage2", "stage2_retrieval"):
     names += ("truncated_question",)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Generator, Iterable, Iterator, List, Optional, Tuple
 
 from clara_jax import paths
 
@@ -301,7 +301,7 @@ def read_rows(
 
 def _checked_rows(
   path: str, on_error: str, report: ReadReport, check: Callable[[Any, int], Dict[str, Any]]
-) -> Iterator[Dict[str, Any]]:
+) -> Generator[Dict[str, Any], None, None]:
   """`check(value, line)` of every JSON line: its row, or a FieldError that becomes a
   DataError naming file and line (raised, or skipped and counted in `report`)."""
   for line_no, value in iter_json_lines(path, on_error, report):

@@ -36,7 +36,7 @@ import functools
 import json
 import random
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from clara_jax import paths
 from clara_jax.data.formats import (
@@ -271,7 +271,8 @@ class _Names:
   """Unique pronounceable fictional names from syllables: every world its own names."""
 
   def __init__(self, rng: random.Random):
-    self.rng, self.used = rng, set()
+    self.rng = rng
+    self.used: Set[str] = set()
 
   def word(self, syllables: Tuple[int, int] = (2, 3)) -> str:
     for _ in range(1000):
@@ -342,7 +343,7 @@ class _PoolNames:
     self.rng = rng
     self.pool = pool_part(part)
     self.free = {c: self.rng.sample(words, len(words)) for c, words in self.pool.items()}
-    self.people = set()
+    self.people: Set[str] = set()
 
   def _take(self, category: str) -> str:
     if not self.free[category]:
@@ -382,15 +383,15 @@ def _make_entities(
 ) -> Dict[str, Entity]:
   if names not in _NAMERS:
     raise ValueError(f"unknown names {names!r}; known: {sorted(_NAMERS)}")
-  names = _PoolNames(rng, part) if names == "pool" else _Names(rng)
+  namer: _PoolNames | _Names = _PoolNames(rng, part) if names == "pool" else _Names(rng)
   ents: Dict[str, Entity] = {}
   cities = []
   for i in range(size.cities):
     e = Entity(
       f"city{i}",
       "city",
-      names.city(),
-      {"river": names.river(), "population": f"{rng.randint(12, 950)} thousand"},
+      namer.city(),
+      {"river": namer.river(), "population": f"{rng.randint(12, 950)} thousand"},
       {},
     )
     ents[e.id] = e
@@ -403,7 +404,7 @@ def _make_entities(
     e = Entity(
       f"team{i}",
       "team",
-      f"{names.brand()} {mascot}",
+      f"{namer.brand()} {mascot}",
       {
         "city": city.name,
         "founded": _year(rng),
@@ -420,7 +421,7 @@ def _make_entities(
     e = Entity(
       f"company{i}",
       "company",
-      f"{names.brand()} {rng.choice(_FIRMS)}",
+      f"{namer.brand()} {rng.choice(_FIRMS)}",
       {"city": city.name, "founded": _year(rng), "product": rng.choice(_PRODUCTS)},
       {"city": city.id},
     )
@@ -437,7 +438,7 @@ def _make_entities(
     else:
       company = rng.choice(companies)
       facts["employer"], links["employer"] = company.name, company.id
-    e = Entity(f"person{i}", "person", names.person(), facts, links)
+    e = Entity(f"person{i}", "person", namer.person(), facts, links)
     ents[e.id] = e
     people.append(e)
   order = list(range(len(people)))
@@ -874,7 +875,7 @@ def world_lm_lines(world: World, wordings: int = 3) -> List[str]:
   """Every document of the world in `wordings` wordings: every fact, links included, as
   knowledge the base can learn (drawing order: the same on every machine)."""
   rng = random.Random(f"lm:{world.seed}")
-  lines = []
+  lines: List[str] = []
   for e in world.docs():
     # Distinct wordings in drawing order (a set's order would follow the process's
     # string-hash seed, and with it the pretraining text and every later result).

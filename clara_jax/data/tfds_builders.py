@@ -44,9 +44,9 @@ FEATURES = {
 }
 
 
-def split_files(source_dir: str) -> Dict[str, str]:
+def split_files(source_dir: paths.PathLike) -> Dict[str, str]:
   """{split: path} for every `{split}.jsonl[.gz]` in `source_dir`."""
-  files = {}
+  files: Dict[str, str] = {}
   directory = paths.path(source_dir)
   names = sorted(p.name for pattern in ("*.jsonl", "*.jsonl.gz") for p in directory.glob(pattern))
   for name in names:

@@ -145,6 +145,28 @@ class ClaraTokenizer:
   def _base_piece(self, token_id: int) -> str:
     raise NotImplementedError
 
+  def save(self, path: str | os.PathLike[str]) -> None:
+    """Writes the backend's model file(s) (`FILENAME`) to path, all or nothing."""
+    raise NotImplementedError
+
+  # --- base ids: every backend defines them -------------------------------------------------
+
+  @property
+  def unk_id(self) -> int:
+    raise NotImplementedError
+
+  @property
+  def bos_id(self) -> int:
+    raise NotImplementedError
+
+  @property
+  def eos_id(self) -> int:
+    raise NotImplementedError
+
+  @property
+  def pad_id(self) -> int:
+    raise NotImplementedError
+
   # --- vocabulary ---------------------------------------------------------------------------
 
   @property
@@ -547,7 +569,9 @@ class BPETokenizer(ClaraTokenizer):
     for role, value in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
       if value is not None and not 0 <= value < base:
         raise ValueError(f"{source}: {role} id {value} is outside the vocabulary of {base}")
-    self._ids = {"bos": bos_id, "eos": eos_id, "unk": unk_id, "pad": pad_id}
+    self._ids: dict[str, int | None] = {"bos": bos_id, "eos": eos_id, "unk": unk_id, "pad": pad_id}
+    self._bos_id = bos_id
+    self._eos_id = eos_id
     self._source = source
     self._init_specials(base, num_mem_tokens)
 
@@ -652,20 +676,22 @@ class BPETokenizer(ClaraTokenizer):
 
   @property
   def unk_id(self) -> int:
-    return self._ids["unk"] if self._ids["unk"] is not None else self._ids["eos"]
+    unk = self._ids["unk"]
+    return unk if unk is not None else self._eos_id
 
   @property
   def bos_id(self) -> int:
-    return self._ids["bos"]
+    return self._bos_id
 
   @property
   def eos_id(self) -> int:
-    return self._ids["eos"]
+    return self._eos_id
 
   @property
   def pad_id(self) -> int:
     """The model's pad id, else eos (many BPE models pad with it)."""
-    return self._ids["pad"] if self._ids["pad"] is not None else self._ids["eos"]
+    pad = self._ids["pad"]
+    return pad if pad is not None else self._eos_id
 
   @property
   def chat_format(self) -> str:

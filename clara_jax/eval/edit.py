@@ -84,7 +84,8 @@ def plan_edits(
   rng.shuffle(links)
   n_edit = int(round(share * len(links)))
   docs = manifest["documents"]
-  edits, control = [], []
+  edits: List[Edit] = []
+  control: List[str] = []
   for i, link in enumerate(links):
     group = by_link[link]
     if i >= n_edit:
@@ -193,10 +194,12 @@ def records(
       old = ids[row["pos_index"][0]]
       top = ids[int(order[i, 0])]
       edit = new_of.get(row["id"])
+      link = _link_of(manifest, row)
+      assert link is not None  # picked rows are planned ones: one link each (`plan_edits`)
       rec: Dict[str, Any] = {
         "id": row["id"],
         "group": "edited" if edit else "control",
-        "link": "/".join(_link_of(manifest, row)),
+        "link": "/".join(link),
         "top1": top,
         "old": old,
         "new": edit.new if edit else None,

@@ -12,7 +12,7 @@ lens: the logit lens of `clara_jax.eval.lens` over every question's reasoner mem
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -173,7 +173,7 @@ def summarize_records(
   the baseline's (`vs_baselines`, also per breakdown)."""
   n = max(len(per_question), 1)
   metric_keys = sorted({k_ for r in per_question for k_ in r if k_.startswith(METRIC_PREFIXES)})
-  summary = {
+  summary: Dict[str, Any] = {
     "questions": len(per_question),
     "k": k,
     **_means(per_question, metric_keys),
@@ -185,7 +185,7 @@ def summarize_records(
     ("by_group", group_of),
     ("by_seen", lambda r: None if "seen" not in r else ("seen" if r["seen"] else "unseen")),
   ):
-    groups = sorted({key_of(r) for r in per_question} - {None})
+    groups = sorted({g for r in per_question if (g := key_of(r)) is not None})
     if groups:
       summary[name] = {}
       for g in groups:
@@ -198,8 +198,8 @@ def summarize_records(
   return summary
 
 
-def _vs_baselines(records: List[Dict]) -> Dict[str, Dict[str, Dict[str, float]]]:
-  out = {}
+def _vs_baselines(records: List[Dict]) -> Dict[str, Dict[str, Optional[Dict[str, float]]]]:
+  out: Dict[str, Dict[str, Optional[Dict[str, float]]]] = {}
   for name in baselines.BASELINES:
     for at in (1, 5):
       key = f"{name}_recall@{at}"

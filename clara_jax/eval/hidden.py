@@ -295,7 +295,8 @@ def pool_edits(workdirs: Dict[int, str]) -> Optional[Dict[str, Any]]:
   from clara_jax.eval import edit as edit_lib
 
   per_model: Dict[str, List[Dict]] = {}
-  probes: Dict[str, Dict[str, float]] = {}
+  # {model: {"links": count, "sums": {measure: weighted sum}}}, then {measure: share}.
+  probes: Dict[str, Dict[str, Any]] = {}
   for seed, workdir in workdirs.items():
     summary_path = paths.join(workdir, "edit.json")
     if not paths.exists(summary_path):
@@ -338,7 +339,8 @@ def plot_lens(lens: Dict, path: str) -> None:
   for ax, measure in zip(np.atleast_1d(axes), lens_lib.MEASURES):
     x = np.arange(len(names))
     for offset, key, label in ((-0.2, measure, "reasoner"), (0.2, f"{measure}_null", "null")):
-      means, errs = [], [[], []]
+      means: List[float] = []
+      errs: List[List[float]] = [[], []]
       for name in names:
         ci = lens[name]["unseen"].get(key) or {}
         mean = ci.get("mean")
@@ -369,7 +371,7 @@ def comparisons(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> 
     if not idx:
       continue
     pick = lambda recs, key, idx=idx: [recs[i][key] for i in idx if key in recs[i]]
-    entry = {
+    entry: Dict[str, Any] = {
       "questions": len(idx),
       "recall@1": {
         name: stats.bootstrap_ci(pick(recs, "recall@1")) for name, recs in records.items()

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from clara_jax import paths
-from clara_jax.data.tokenizer import Tokenizer
+from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.eval.stats import bootstrap_ci, paired_difference
 from clara_jax.model.decoder import Decoder
 
@@ -55,7 +55,7 @@ def words(text: str) -> Set[str]:
   return {w.lower() for w in _WORD.findall(text)} - STOPWORDS
 
 
-def token_word(tok: Tokenizer, token_id: int) -> Optional[str]:
+def token_word(tok: ClaraTokenizer, token_id: int) -> Optional[str]:
   """The word a vocabulary entry stands for, or None for special/punctuation/stopwords."""
   if tok.is_special(token_id) or token_id in (tok.bos_id, tok.eos_id, tok.pad_id):
     return None
@@ -90,7 +90,7 @@ def rank_auc(scores_v: np.ndarray, better: Set[int], worse: Set[int]) -> Optiona
   return float(np.mean((b > w) + 0.5 * (b == w)))
 
 
-def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
+def decoded_words(tok: ClaraTokenizer, token_ids: Iterable[int]) -> Set[str]:
   out = set()
   for t in token_ids:
     w = token_word(tok, int(t))
@@ -99,17 +99,15 @@ def decoded_words(tok: Tokenizer, token_ids: Iterable[int]) -> Set[str]:
   return out
 
 
-def content_pieces(tok: Tokenizer, token_ids: Iterable[int]) -> Set[int]:
+def content_pieces(tok: ClaraTokenizer, token_ids: Iterable[int]) -> Set[int]:
   """The ids among `token_ids` whose piece is alphabetic (2+ letters, not a stopword):
   the unit of the piece-level lens, for vocabularies that split names into pieces."""
   return {
-    int(t)
-    for t in token_ids
-    if token_word(tok, int(t)) is not None and token_word(tok, int(t)).isalpha()
+    int(t) for t in token_ids if (word := token_word(tok, int(t))) is not None and word.isalpha()
   }
 
 
-def _text_pieces(tok: Tokenizer, text: str) -> Set[int]:
+def _text_pieces(tok: ClaraTokenizer, text: str) -> Set[int]:
   return content_pieces(tok, tok.encode(text, parse_special=False))
 
 
@@ -122,18 +120,19 @@ def same_stem(a: str, b: str, prefix: int = 5) -> bool:
   return a == b or (n >= 3 and a[:n] == b[:n])
 
 
-def question_form_pieces(tok: Tokenizer, question: str, texts: Sequence[str]) -> Set[int]:
+def question_form_pieces(tok: ClaraTokenizer, question: str, texts: Sequence[str]) -> Set[int]:
   """The content pieces of `texts` whose word is a form (`same_stem`) of a word of the
   question's pieces. A question word reappears under other ids (a sentence-initial
   `Argentine` against the question's ` Argentine`, `champions` against
   `Championship`); left in, a lens that merely repeats the question would score them as
   words the question never said."""
-  question_words = {token_word(tok, t) for t in _text_pieces(tok, question)}
+  # Content pieces always have a word (`content_pieces`): the None checks only narrow.
+  question_words = {w for t in _text_pieces(tok, question) if (w := token_word(tok, t)) is not None}
   return {
     t
     for text in texts
     for t in _text_pieces(tok, text)
-    if any(same_stem(token_word(tok, t), w) for w in question_words)
+    if (word := token_word(tok, t)) is not None and any(same_stem(word, w) for w in question_words)
   }
 
 
@@ -148,7 +147,7 @@ def scaled_top_t(vocab_size: int) -> int:
 
 
 def question_report(
-  tok: Tokenizer,
+  tok: ClaraTokenizer,
   slot_token_ids: np.ndarray,
   question: str,
   gold_docs: Sequence[str],
@@ -180,7 +179,7 @@ def question_report(
   # Clue words come lower-cased; their pieces are those of the gold text's spelling.
   spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
   clue_p = set().union(set(), *(_text_pieces(tok, w) for w in spelled)) - q_pieces
-  hits = {key: [] for key in ("hidden", "control", "hidden_p", "control_p")}
+  hits: Dict[str, List[set]] = {key: [] for key in ("hidden", "control", "hidden_p", "control_p")}
   aucs = []
   for doc in control_docs:
     control = words(doc) - q_words
@@ -340,7 +339,7 @@ Pairs = List[Tuple[List[int], List[int]]]
 
 
 def template_pieces(
-  tok: Tokenizer, docs_by_kind: Mapping[str, Sequence[str]], max_share: float = 0.3
+  tok: ClaraTokenizer, docs_by_kind: Mapping[str, Sequence[str]], max_share: float = 0.3
 ) -> Set[int]:
   """Content pieces in more than `max_share` of the documents of at least one kind: the
   template and type words ("based", "founded", "river") that any question of that kind
@@ -356,7 +355,7 @@ def template_pieces(
   return out
 
 
-def word_pieces(tok: Tokenizer, names: Iterable[str]) -> Set[int]:
+def word_pieces(tok: ClaraTokenizer, names: Iterable[str]) -> Set[int]:
   """Content pieces of each word as it is spelled after a space in running text.
 
   The tokenizer's dummy prefix makes `encode(word)` the after-space spelling ("\u2581"
@@ -372,16 +371,16 @@ def _match_sizes(a: Set[int], b: Set[int], rng: np.random.Generator) -> Tuple[Li
   """Both sets (sorted), the larger subsampled without replacement to the size of the
   smaller, so that neither side's AUC rests on more pieces; unchanged if either is empty
   (the AUC is then unavailable) or the sizes agree. Draws from `rng` only to subsample."""
-  a, b = sorted(a), sorted(b)
-  if not a or not b or len(a) == len(b):
-    return a, b
-  if len(a) > len(b):
-    return sorted(int(x) for x in rng.choice(a, len(b), replace=False)), b
-  return a, sorted(int(x) for x in rng.choice(b, len(a), replace=False))
+  sa, sb = sorted(a), sorted(b)
+  if not sa or not sb or len(sa) == len(sb):
+    return sa, sb
+  if len(sa) > len(sb):
+    return sorted(int(x) for x in rng.choice(sa, len(sb), replace=False)), sb
+  return sa, sorted(int(x) for x in rng.choice(sb, len(sa), replace=False))
 
 
 def matched_sets(
-  tok: Tokenizer,
+  tok: ClaraTokenizer,
   question: str,
   gold_doc: str,
   control_docs: Sequence[str],
@@ -455,7 +454,7 @@ def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
 
 
 def matched_report(
-  tok: Tokenizer,
+  tok: ClaraTokenizer,
   piece_scores_v: np.ndarray,
   question: str,
   gold_doc: str,

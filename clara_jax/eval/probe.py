@@ -87,7 +87,8 @@ def probe_links(
   sentence with every other entity of its kind (under the base, or with `adapter`)."""
   docs = manifest["documents"]
   links = list(dict.fromkeys(links))
-  sentences, spans = [], []
+  sentences: List[str] = []
+  spans: List[Tuple[int, int, int]] = []
   for person, link, target in links:
     kind = docs[target]["kind"]
     options = [t for t in sorted(docs) if docs[t]["kind"] == kind and t != person]
@@ -97,10 +98,10 @@ def probe_links(
     ]
     spans.append((first, options.index(target), len(options)))
   scores = sentence_log_likelihoods(model, sentences, adapter=adapter) if sentences else np.zeros(0)
-  known = {}
-  for link, (first, true_at, n) in zip(links, spans):
+  known: Dict[Link, bool] = {}
+  for triple, (first, true_at, n) in zip(links, spans):
     own = scores[first : first + n]
-    known[link] = bool(own[true_at] > np.delete(own, true_at).max()) if n > 1 else True
+    known[triple] = bool(own[true_at] > np.delete(own, true_at).max()) if n > 1 else True
   return known
 
 

@@ -222,7 +222,7 @@ def paired(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> Dict[
   if [r.get("id") for r in final] != [r.get("id") for r in init]:
     raise ValueError("stage2 and init records are not of the same questions")
   groups = {"all": list(range(len(final)))}
-  for kind in sorted({r.get("kind") for r in final} - {None}):
+  for kind in sorted({kind for r in final if (kind := r.get("kind")) is not None}):
     groups[kind] = [i for i, r in enumerate(final) if r.get("kind") == kind]
   out: Dict[str, Any] = {}
   for group, idx in groups.items():

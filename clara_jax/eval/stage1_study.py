@@ -78,7 +78,7 @@ def split_pool(docs: Sequence[str], dev_rows: int, seed: int = 0) -> Tuple[List[
     )
   order = np.random.default_rng(seed).permutation(len(unique))
   held = [unique[i] for i in order[-dev_rows:]]
-  first = {}
+  first: Dict[str, int] = {}
   for i, doc in enumerate(docs):
     first.setdefault(doc, i)
   held_set = set(held)
@@ -237,17 +237,17 @@ def run(
   )
   # Each dev document is read twice: its QA row, and a restatement of it (is the
   # document itself in the memories, whatever its questions ask?).
-  dev_rows = [rows[i] for i in dev_idx]
-  dev_rows += real_data.restatement_rows(dev_rows)
-  examples = [featurize(row, i) for i, row in enumerate(dev_rows)]
+  dev_data = [rows[i] for i in dev_idx]
+  dev_data += real_data.restatement_rows(dev_data)
+  examples = [featurize(row, i) for i, row in enumerate(dev_data)]
   arrays = {
     k: np.stack([e[k] for e in examples])
     for k in ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions", "answer_mask")
   }
   arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
   own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
-  is_qa = np.array([row["data_type"] == "qa" for row in dev_rows])
-  record = {
+  is_qa = np.array([row["data_type"] == "qa" for row in dev_data])
+  record: Dict[str, Any] = {
     "variant": variant,
     "overrides": spec.overrides,
     "restate": restate,
@@ -270,7 +270,7 @@ def run(
   return record
 
 
-def main(argv: Sequence[str] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--data_dir", required=True)
   parser.add_argument("--workdir", required=True)

@@ -16,13 +16,13 @@ NUM_RESAMPLES = 2000
 
 
 def bootstrap_ci(
-  values: Sequence[float],
+  values: Sequence[Optional[float]],
   seed: int = 0,
   num_resamples: int = NUM_RESAMPLES,
   level: float = 0.95,
   clusters: Optional[Sequence[Hashable]] = None,
 ) -> Optional[Dict[str, float]]:
-  """{"mean", "lo", "hi", "n"}: the mean of `values` [Q] and the percentile bootstrap
+  """{"mean", "lo", "hi", "n"}: the mean of `values` [Q] (None: unknown, left out) and the percentile bootstrap
   interval of that mean at `level`; None for no values. One value gives lo = hi = it.
 
   `clusters` [Q]: questions that share a cause (e.g. one edited fact) are resampled
@@ -49,8 +49,8 @@ def bootstrap_ci(
 
 
 def paired_difference(
-  a: Sequence[float],
-  b: Sequence[float],
+  a: Sequence[Optional[float]],
+  b: Sequence[Optional[float]],
   seed: int = 0,
   num_resamples: int = NUM_RESAMPLES,
   clusters: Optional[Sequence[Hashable]] = None,

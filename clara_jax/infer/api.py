@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate, prefix_cache
 from clara_jax.model import clara, stages
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.decoder import Decoder
+from clara_jax.model.decoder import Decoder, KVCache
 from clara_jax.weights.export import load_params
 
 
@@ -74,7 +74,7 @@ class ClaraModel:
     # Keys and values of prompt heads (the tokens before the first memory slot, the same
     # for every question of a prompt style), each built once: {head tokens: KV cache}.
     self.reuse_prefix = True
-    self._prefixes = {}
+    self._prefixes: Dict[Tuple[int, ...], KVCache] = {}
     model = Decoder(cfg)
     n_mem = self.n_mem
     # The compressor is frozen here: its adapter is folded into the base kernels (the

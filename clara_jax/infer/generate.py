@@ -15,7 +15,7 @@ the prefix's keys and values into every row.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Optional, Sequence, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +24,7 @@ from clara_jax.model import clara
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder, KVCache, cache_length, init_cache
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 
 def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024, 2048)) -> int:

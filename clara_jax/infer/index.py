@@ -233,7 +233,8 @@ def read_shards(out_dir: str) -> Tuple[List[str], np.ndarray]:
   """(ids, memories [N, M, H]) of a finished build in `out_dir`, on the host: values as
   `decode` gives them (int8 dequantized to float32)."""
   meta = read_meta(out_dir)
-  ids, mems = [], []
+  ids: List[str] = []
+  mems = []
   for i in range(meta["num_shards"]):
     with _read_npz(_shard_path(out_dir, i)) as shard:
       ids.extend(str(x) for x in shard["ids"])

@@ -20,7 +20,7 @@ generator's LM head runs only on the A positions that predict the answer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Optional, Tuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from clara_jax.model.decoder import Decoder
 from clara_jax.ops import losses
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 COMPRESSOR, REASONER, GENERATOR = "compressor", "reasoner", "generator"
 MAX_COMPRESSION_RATE = 256

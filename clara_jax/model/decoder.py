@@ -16,7 +16,7 @@ placeholder slots.
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple, TypeAlias, Union, cast
 
 import flax.linen as nn
 import jax
@@ -34,7 +34,7 @@ from clara_jax.model.layers import (
   rope_tables,
 )
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 # One dict per layer: {"k": [batch, max_len, kv_heads, head_dim], "v": same}; with
 # scanned layers one dict of both stacked: {"k": [layers, batch, max_len, ...], "v": ...}.
 KVCache = Union[List[dict], dict]
@@ -471,7 +471,8 @@ class Decoder(nn.Module):
         raise ValueError("attention_mask is not used with a KV cache; right-pad prompts")
       if cache_index is None:
         raise ValueError("cache_index [batch] is required with a cache")
-      cached_layers = cache["k"].shape[0] if self.cfg.scan_layers else len(cache)
+      # Scanned layers keep one stacked dict, else a list of per-layer dicts.
+      cached_layers = cast(dict, cache)["k"].shape[0] if self.cfg.scan_layers else len(cache)
       if cached_layers != self.cfg.num_layers:
         raise ValueError(f"cache has {cached_layers} layers, model has {self.cfg.num_layers}")
       q_slot = cache_index.astype(jnp.int32)[:, None] + steps
@@ -500,7 +501,7 @@ class Decoder(nn.Module):
       if query_slice is not None:
         x = x[:, query_slice[0] : query_slice[1]]
       return DecoderOutput(self.final_norm(x), new_cache)
-    new_cache = [] if cache is not None else None
+    layer_caches: List[dict] = []
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
       x, layer_cache = layer(
@@ -514,8 +515,8 @@ class Decoder(nn.Module):
         query_slice if i == last else None,
       )
       if cache is not None:
-        new_cache.append(layer_cache)
-    return DecoderOutput(self.final_norm(x), new_cache)
+        layer_caches.append(layer_cache)
+    return DecoderOutput(self.final_norm(x), layer_caches if cache is not None else None)
 
   def _scan_layers(self, x, rope, bias, cache, cache_index, adapter, deterministic):
     """The blocks as one scan: the hidden states are the carry; each step reads its

@@ -8,7 +8,7 @@ that a mesh plus logical-axis rules decide its sharding later (see
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, TypeAlias
 
 import flax.linen as nn
 import jax
@@ -17,7 +17,7 @@ import numpy as np
 
 from clara_jax.model.config import LoraConfig
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 # HF Mistral/Llama initialise every weight as N(0, 0.02); from-scratch runs do the same.
 default_kernel_init = nn.initializers.normal(stddev=0.02)

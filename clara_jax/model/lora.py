@@ -49,7 +49,8 @@ def adapter_names(params: Params) -> Tuple[str, ...]:
 
 def split_adapters(params: Params) -> Tuple[Dict, Dict[str, Dict]]:
   """params -> (base params, {adapter name: that adapter's params, same nesting})."""
-  base, adapters = {}, {}
+  base: Dict = {}
+  adapters: Dict[str, Dict] = {}
   for path, leaf in flatten(params).items():
     name = _adapter_of(path)
     if name is None:

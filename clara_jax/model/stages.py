@@ -17,7 +17,7 @@ gives the optimizer mask of the paper's trainable set. Batch keys:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ from clara_jax.model.decoder import Decoder
 from clara_jax.ops import losses
 from clara_jax.ops.topk import soft_topk, straight_through_topk
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 Batch = Dict[str, Array]
 LossFn = Callable[[dict, Batch, Optional[Array]], Tuple[Array, Dict[str, Array]]]
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 import optax
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 
 def masked_cross_entropy(

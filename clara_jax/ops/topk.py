@@ -21,13 +21,13 @@ gradient (the plain formula would give NaN there). NaN scores are an error when
 from __future__ import annotations
 
 import functools
-from typing import Tuple
+from typing import Tuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
-Array = jax.Array
+Array: TypeAlias = jax.Array
 
 
 def _hard_topk(scores_bn: Array, k: int) -> Tuple[Array, Array]:

@@ -18,7 +18,7 @@ import posixpath
 import signal
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -29,7 +29,7 @@ from clu import periodic_actions
 from clara_jax import paths
 from clara_jax.data import formats, packing, tfds_builders
 from clara_jax.data import tokenizer as tokenizer_lib
-from clara_jax.data.features import FeatureConfig, Featurizer
+from clara_jax.data.features import FeatureConfig, Featurizer, ReplayFeaturizer
 from clara_jax.data.pipeline import InputPipeline, to_global_arrays
 from clara_jax.data.tokenizer import ClaraTokenizer, Tokenizer
 from clara_jax.model import layout, lora
@@ -278,7 +278,7 @@ def load_tokenizer(
     return tokenizer_lib.load_tokenizer(export, n)
   own = paths.join(export, TOKENIZER_FILE)
   texts = list(_training_texts(files["train"], config.data.format))
-  symbols = ()
+  symbols: Sequence[str] = ()
   if config.data.synth_names == "pool":  # the generated names stay single pieces
     from clara_jax.data import synth
 
@@ -367,15 +367,14 @@ def build_pipeline(
     for split, report in builder.reports.items():
       if report.rows_skipped:
         logging.warning("data %s: %s", split, report.summary())
-  featurize = Featurizer(
+  stage_featurize = Featurizer(
     tok, feat_cfg, seed=config.seed, doc_memories=None if cache is None else cache.lookup
   )
+  featurize: Featurizer | ReplayFeaturizer = stage_featurize
   if "replay" in files:
-    from clara_jax.data.features import ReplayFeaturizer
-
     lm_cfg = dataclasses.replace(feat_cfg, stage="lm")
     lines = [row["text"] for row in _text_source(files["replay"])]
-    featurize = ReplayFeaturizer(featurize, lines, Featurizer(tok, lm_cfg, seed=config.seed))
+    featurize = ReplayFeaturizer(stage_featurize, lines, Featurizer(tok, lm_cfg, seed=config.seed))
   return InputPipeline(
     source, featurize, config.train.global_batch, seed=config.seed, decode=decode
   )
@@ -550,6 +549,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   )
 
   mesh_ctx = contextlib.ExitStack()
+  run_step: Optional[Callable]
   if pmap:
     run_step = pmap_train_step(setup.step_fn)
     state = replicate(jax.device_get(state))
@@ -571,6 +571,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
         if pmap:
           n = jax.local_device_count()
           batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
+          assert run_step is not None  # the pmapped step, set before the loop
           state, metrics = run_step(state, batch)
           metrics = unreplicate(metrics)
         else:

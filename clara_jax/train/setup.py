@@ -13,7 +13,7 @@ for a pod is the step `train` would run there (maxtext's `setup_train_loop` idea
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -58,7 +58,7 @@ class TrainStepSetup:
   """What a stage's step is built from: the model, the optimizer, which parameters
   train, the mesh and the parameters' shardings on it."""
 
-  config: object
+  config: Any  # the run's ml_collections ConfigDict (untyped)
   cfg: DecoderConfig
   cclara: ClaraConfig
   mesh: Mesh
@@ -82,7 +82,7 @@ class TrainStepSetup:
       k: partitioning.batch_sharding(self.mesh, len(v.shape), self.rules) for k, v in batch.items()
     }
 
-  def jit(self, state_sh: TrainState, batch_sh) -> Callable:
+  def jit(self, state_sh: TrainState, batch_sh) -> jax.stages.Wrapped:
     """The jitted step (state donated); call it inside `self.context()`."""
     return jit_train_step(self.step_fn, self.mesh, state_sh, batch_sh)
 

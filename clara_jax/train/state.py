@@ -47,7 +47,8 @@ def merge_params(trainable: FlatParams, frozen: FlatParams) -> Dict:
 
 def create_state(params, mask, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
   trainable, frozen = split_params(params, mask)
-  return TrainState(
+  # flax.struct.dataclass is untyped without flax's stubs: mypy sees no generated __init__.
+  return TrainState(  # type: ignore[call-arg]
     step=jnp.zeros((), jnp.int32),
     trainable=trainable,
     frozen=frozen,

@@ -103,7 +103,8 @@ def make_train_step(
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     keep = lambda new, old: jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
     count = _schedule_count(state.opt_state)
-    new_state = state.replace(
+    # `replace` is added by flax.struct.dataclass, which mypy cannot see (untyped decorator).
+    new_state = state.replace(  # type: ignore[attr-defined]
       step=state.step + 1,
       trainable=keep(trainable, state.trainable),
       opt_state=keep(opt_state, state.opt_state),
@@ -122,7 +123,9 @@ def make_train_step(
   return step
 
 
-def jit_train_step(step: Callable, mesh: Mesh, state_shardings, batch_shardings) -> Callable:
+def jit_train_step(
+  step: Callable, mesh: Mesh, state_shardings, batch_shardings
+) -> jax.stages.Wrapped:
   """`jax.jit` with explicit NamedShardings; the state is donated (updated in place)."""
   replicated = NamedSharding(mesh, PartitionSpec())
   return jax.jit(
@@ -157,7 +160,8 @@ def state_shardings(
     trainable,
     transform_non_params=lambda _: replicated,
   )
-  return TrainState(
+  # flax.struct.dataclass is untyped without flax's stubs: mypy sees no generated __init__.
+  return TrainState(  # type: ignore[call-arg]
     step=replicated, trainable=trainable, frozen=frozen, opt_state=opt, rng=replicated
   )
 

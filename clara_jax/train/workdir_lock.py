@@ -59,6 +59,7 @@ class WorkdirLock:
           time.sleep(0.2)
           holder = _read(self.path)
         if not self._stale(holder):
+          assert holder is not None  # _stale(None) is True
           raise WorkdirLocked(self._message(holder))
         logging.warning("%s: taking over a stale lock of %s", self.path, holder)
         try:

@@ -172,8 +172,9 @@ def _linear_shapes(cfg: DecoderConfig) -> Dict[str, Tuple[int, int]]:
 def official_lora_keys(cfg: DecoderConfig, role: str) -> List[Tuple[str, str, Tuple[int, ...]]]:
   """(official key, clara_jax path, torch shape) of every LoRA factor of `role`, in the
   official state dict's order (layer, then q, k, v, o, gate, up, down, then A, B)."""
+  assert cfg.lora is not None  # callers have checked that the model has adapters
   r, shapes, prefix = cfg.lora.rank, _linear_shapes(cfg), lora_prefix(role)
-  out = []
+  out: List[Tuple[str, str, Tuple[int, ...]]] = []
   for i in range(cfg.num_layers):
     for module, block, projections in _BLOCKS:
       for proj in projections:
@@ -188,10 +189,11 @@ def official_lora_keys(cfg: DecoderConfig, role: str) -> List[Tuple[str, str, Tu
 def _adapter_state(run: Run, role: str, b_factor: float) -> Dict[str, Any]:
   """The official state dict of one adapter: clara_jax a [in..., r] / b [r, out...] ->
   torch A [r, in] / B [out, r], B times `b_factor` (the alpha correction)."""
+  assert run.cfg.lora is not None  # as in `official_lora_keys`
+  r = run.cfg.lora.rank
   state = {}
   for key, path, shape in official_lora_keys(run.cfg, role):
     value = run.params[path]
-    r = run.cfg.lora.rank
     value = value.reshape(-1, r).T if path.endswith("/a") else value.reshape(r, -1).T
     if tuple(value.shape) != shape:
       raise RuntimeError(

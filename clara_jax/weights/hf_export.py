@@ -221,6 +221,7 @@ def _inverse(entry, flat: Dict[str, np.ndarray], model_type: str) -> np.ndarray:
       f"{entry.hf_name}: {int((~seen).sum())} elements are not produced by "
       "the import's conversion; it cannot be inverted"
     )
+  assert out is not None  # every element was seen, so some part was placed
   return out.reshape(entry.hf_shape)
 
 
@@ -232,6 +233,7 @@ def merged_tensors(
   params = {k: v.astype(np.float32) for k, v in run.params.items()}
   # fold_adapter adds scale * A @ B into each kernel: running the result without an
   # adapter is running the run's model with this one.
+  assert cfg.lora is not None  # `role` is one of cfg.adapters (checked by the caller)
   folded = lora_lib.fold_adapter(lora_lib.unflatten(params), role, cfg.lora)
   base, _ = lora_lib.split_adapters(folded)
   flat = {k: np.asarray(v, np.float32) for k, v in lora_lib.flatten(base).items()}

@@ -237,7 +237,8 @@ def _gemma2_fields(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
   window = _gemma2_number(hf, "sliding_window", nullable=not any(local))
   return dict(
     # HF masks keys at or before q - sliding_window, as `DecoderConfig.sliding_window`.
-    sliding_window=int(window) if any(local) else None,
+    # (`window` is None only when nullable, i.e. with no sliding layer.)
+    sliding_window=int(window) if any(local) and window is not None else None,
     sliding_layer_pattern=_shortest_cycle(local) if 0 < sum(local) < num_layers else None,
     attn_logit_softcapping=_gemma2_number(hf, "attn_logit_softcapping", nullable=True),
     final_logit_softcapping=_gemma2_number(hf, "final_logit_softcapping", nullable=True),
