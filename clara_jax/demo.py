@@ -305,25 +305,6 @@ def held_out_rows(path: str, limit: Optional[int]) -> List[Dict]:
   return picked
 
 
-def initial_reasoner(model):
-  """The stage1_2 checkpoint with the reasoner set as stage2 starts it (a copy of the
-  compressor): the baseline for claim (b)."""
-  from clara_jax.infer.api import ClaraModel
-  from clara_jax.model import lora
-
-  params = lora.copy_adapter(model.params, "compressor", "reasoner")
-  return ClaraModel(
-    model.cfg,
-    params,
-    model.tok,
-    model.doc_max_length,
-    model.doc_max_length // model.n_mem,
-    model.question_max_length,
-    prompt_style=model.prompt_style,
-    memory_scale=model.memory_scale,
-  )
-
-
 def claims(results: Dict[str, Any], min_gain: float) -> List[Tuple[str, str, str, Optional[bool]]]:
   """(claim, measured, target, passed) rows of the final table (passed None: reported
   without a target)."""
@@ -528,7 +509,7 @@ def evaluate_checkpoints(
   and the stage1_2-initialised reasoner: {"stage2", "stage1_2_init", "lens"}, the input
   of `claims`. `clues`: per row, words the lens looks for (None: none known)."""
   from clara_jax.eval.evaluate import evaluate, run_lens
-  from clara_jax.infer.api import ClaraModel
+  from clara_jax.infer.api import ClaraModel, initial_reasoner
 
   final = ClaraModel.load(paths.join(workdir, "stage2", "export"))
   init = initial_reasoner(ClaraModel.load(paths.join(workdir, "stage1_2", "export")))

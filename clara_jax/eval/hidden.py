@@ -42,8 +42,7 @@ Row = Tuple[str, str, str, Optional[bool]]
 
 def load_reasoners(workdir: str) -> Dict[str, Any]:
   """{name: ClaraModel} of the REASONERS whose export exists."""
-  from clara_jax.demo import initial_reasoner
-  from clara_jax.infer.api import ClaraModel
+  from clara_jax.infer.api import ClaraModel, initial_reasoner
 
   exists = lambda stage: paths.exists(paths.join(workdir, stage, "export", "config.json"))
   models = {}

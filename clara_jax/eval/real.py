@@ -164,9 +164,8 @@ def evaluate_run(
   """The evaluation of the run in `workdir` on held-out `rows` (stage2 rows with
   `kind`); writes `eval/*.jsonl`, `eval/*.json`, `lens.json`, `examples.md`. Returns the
   results `claims` reads (the key "lens_matched" marks them)."""
-  from clara_jax.demo import initial_reasoner
   from clara_jax.eval.evaluate import evaluate_records, summarize_records
-  from clara_jax.infer.api import ClaraModel
+  from clara_jax.infer.api import ClaraModel, initial_reasoner
   from clara_jax.train.memory_cache import MemoryCache
 
   start = time.perf_counter()

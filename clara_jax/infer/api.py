@@ -24,7 +24,7 @@ from clara_jax import paths
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import ClaraTokenizer, load_tokenizer
 from clara_jax.infer.generate import bucket_length, generate, prefix_cache
-from clara_jax.model import clara, stages
+from clara_jax.model import clara, lora, stages
 from clara_jax.model.config import DecoderConfig
 from clara_jax.model.decoder import Decoder, KVCache
 from clara_jax.weights.export import load_params
@@ -354,3 +354,19 @@ class ClaraModel:
     selected = np.take_along_axis(doc_mem, chosen[:, :, None, None], axis=1)
     turns = [templates.answer_turn(q, self.n_mem, k, self.prompt_style) for q in questions]
     return self.generate_turns(turns, selected, k, max_new_tokens), chosen
+
+
+def initial_reasoner(model: ClaraModel) -> ClaraModel:
+  """The stage1_2 checkpoint with the reasoner set as stage2 starts it (a copy of the
+  compressor): the baseline the evaluations compare the trained reasoner with."""
+  params = lora.copy_adapter(model.params, "compressor", "reasoner")
+  return ClaraModel(
+    model.cfg,
+    params,
+    model.tok,
+    model.doc_max_length,
+    model.doc_max_length // model.n_mem,
+    model.question_max_length,
+    prompt_style=model.prompt_style,
+    memory_scale=model.memory_scale,
+  )
