@@ -68,7 +68,9 @@ setup(
   description="CLaRa retrieval-augmented generation with continuous latent reasoning, in JAX",
   long_description=open("README.md", encoding="utf-8").read(),
   long_description_content_type="text/markdown",
-  packages=find_packages(include=["clara_jax", "clara_jax.*", "configs"]),
+  packages=find_packages(
+    include=["clara_jax", "clara_jax.*", "configs", "configs.recipes", "configs.recipes.*"]
+  ),
   python_requires=">=3.11,<3.12",
   install_requires=INSTALL_REQUIRES,
   extras_require=EXTRAS_REQUIRE,

@@ -31,7 +31,6 @@ stage's `tensorboard/` and `metrics.jsonl`, `edit.json` and `edit/` (the two tex
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from clara_jax import paths
+from configs.recipes.demo import recipe as demo_recipe
 
 PAPER_STAGES = ("lm", "stage1", "stage1_2", "stage2")
 STAGES = PAPER_STAGES
@@ -50,8 +50,7 @@ BASELINE_STAGES = ("stage2_shuffled", "stage2_retrieval")
 # export's base, on the world's text with held-out links edited and on it unchanged.
 EDIT_STAGES = ("lm_edit", "lm_sham")
 EDIT_TEXT = {"lm_edit": "lm_edited.txt", "lm_sham": "lm_unchanged.txt"}  # in workdir/edit
-CONFIG_OF = {"stage2_shuffled": "stage2", "lm_edit": "lm", "lm_sham": "lm"}  # workdir
-# name -> configs/ module, where they differ
+CONFIG_OF = demo_recipe.CONFIG_OF  # workdir name -> configs/ module, where they differ
 DONE_FILE = "DONE.json"
 
 
@@ -78,124 +77,15 @@ class Recipe:
 
 
 def default_recipe(quick: bool = False) -> Recipe:
-  """The recipe; docs/results.md records what was measured.
-
-  What makes reading learnable at this size (docs/results.md, "Single-token names vs syllable names"): names drawn from a
-  fixed pool of single tokens (`data.synth_names=pool`; a name is one piece to copy, not
-  a string of syllables), documents of two facts, compression rate 2, fresh worlds in
-  stage1 and stage1_2 (only reading lowers the loss), and the base weights training with
-  the adapters there (`clara.train_base`): the copy skill appears after ~700 stage1 steps
-  and the `tiny` model takes ~5 steps/s, so it gets thousands of steps in the budget.
-  """
-  shared = {
-    "data.synth_size": "small",
-    "data.synth_max_facts": 2,
-    "data.synth_names": "pool",
-    "tokenizer.vocab_size": 1024,
-    "data.prompt_style": "short",
-    "clara.doc_max_length": 32,
-    "clara.compr_rate": 2,
-    "clara.k": 2,
-    "data.candidates": 10,
-    "data.question_max_length": 24,
-    "data.prompt_length": 64,
-    "data.answer_length": 16,
-    "data.lm_length": 80,
-    "train.global_batch": 32,
-    "train.log_every": 100,
-    "train.checkpoint_every": 500,
-    "mesh.shape": (-1, 1, 1),
-    # One table embeds tokens and decodes states, so the lens reads the memories with
-    # the rows the generator reads them as: through an untied head, the gold
-    # documents' own memories decoded to their words at rank AUC 0.58, tied 0.71-0.77
-    # (docs/results.md, "Tied vs untied embeddings").
-    "model.tie_embeddings": True,
-  }
-  stages: Dict[str, Dict[str, Any]] = {
-    "lm": {"train.num_steps": 1500, "optimizer.lr": 3e-3},
-    # Fresh worlds: no fact repeats, so only reading the memories lowers the loss. The
-    # base trains too, and keeps learning the world's own text beside it (replay): at
-    # seed 0, stage1 without replay left the base knowing 0.04 of the held-out chains'
-    # links (0.70 after `lm`, chance 0.06) and stage1_2 reading them at 0.12 nats; with
-    # replay 0.84 and 1.78 nats (docs/results.md, "Does the base keep the world's knowledge through stage1? Refresh vs replay").
-    "stage1": {
-      "train.num_steps": 2500,
-      "optimizer.lr": 3e-3,
-      "data.synth_fresh": True,
-      "clara.train_base": True,
-      "data.prompt_length": 32,
-      "data.answer_length": 40,
-      "data.replay_text": "world",
-    },
-    # The answer format, still on fresh worlds (gold + a distractor), keeping the
-    # stage1 generator (the reference starts a fresh one).
-    "stage1_2": {
-      "train.num_steps": 1000,
-      "optimizer.lr": 1e-3,
-      "data.synth_fresh": True,
-      "clara.train_base": True,
-      "init.reset_adapters": (),
-      "data.replay_text": "world",
-    },
-    # Reasoner and generator train together, as in the paper. With the generator
-    # frozen, stage2 beat its initial reasoner on both Recall@1 and Recall@5 in two whole
-    # runs of six; training both did at each of the three seeds tried
-    # (docs/results.md, "Frozen vs trainable generator in stage2"). One selected document (k = 1): the answer then depends on the
-    # top-1 choice alone, which is what Recall@1 measures (with k = 2, Recall@2 rose and
-    # Recall@1 stayed flat).
-    # The reasoner at twice the generator's learning rate: at one rate it stayed at its
-    # initial lens AUC at seed 1 and missed Recall@5 there; at 2x every recall and AUC
-    # row passed at seeds 0-2, at 3x seed 0 lost Recall@5 (docs/results.md, "Reasoner learning rate in stage2").
-    "stage2": {
-      "train.num_steps": 1200,
-      "train.global_batch": 16,
-      "optimizer.lr": 1e-3,
-      "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
-      "optimizer.schedule": "cosine",
-      "optimizer.warmup_ratio": 0.03,
-      "clara.train_generator": True,
-      "clara.k": 1,
-    },
-  }
-  # The ablation is stage2 in every setting but its answers; the supervised retriever
-  # trains the reasoner alone for as many steps, at stage2's reasoner rate.
-  stages["stage2_shuffled"] = dict(stages["stage2"], **{"data.shuffle_answers": True})
-  stages["stage2_retrieval"] = {
-    "train.num_steps": 1200,
-    "train.global_batch": 16,
-    "optimizer.lr": 2e-3,
-    "optimizer.schedule": "cosine",
-    "optimizer.warmup_ratio": 0.03,
-    "clara.k": 1,
-  }
-  # The causal edit's fine-tunes (the text path is set at run time): the base only, from
-  # the stage2 export, adapters untouched; edit and sham differ in their text alone.
-  for stage in EDIT_STAGES:
-    stages[stage] = {
-      "train.num_steps": 100,
-      "optimizer.lr": 1e-3,
-      "init.from_workdir": "../stage2",
-      "data.source": "",
-    }
-  if quick:
-    shared.update(
-      {
-        "data.synth_size": "tiny",
-        "train.global_batch": 16,
-        "train.log_every": 10,
-        "train.checkpoint_every": 20,
-      }
-    )
-    for stage, steps in zip(
-      STAGES + BASELINE_STAGES + EDIT_STAGES, (60, 40, 30, 30, 30, 30, 10, 10)
-    ):
-      stages[stage]["train.num_steps"] = steps
+  """The recipe, read from configs/recipes/demo/recipe.py (which says why each value);
+  docs/results.md records what was measured. `quick`: a few steps per stage, unjudged."""
+  shared, stages = demo_recipe.overrides(quick)
   return Recipe(
-    model="tiny",
+    model=demo_recipe.MODEL,
     shared=shared,
     stages=stages,
-    eval_questions=24 if quick else None,
-    min_memory_gain=1.0,
+    eval_questions=demo_recipe.QUICK_EVAL_QUESTIONS if quick else demo_recipe.EVAL_QUESTIONS,
+    min_memory_gain=demo_recipe.MIN_MEMORY_GAIN,
     judged=not quick,
   )
 
@@ -203,17 +93,8 @@ def default_recipe(quick: bool = False) -> Recipe:
 def stage_config(stage: str, recipe: Recipe, seed: int = 0, extra: Optional[Dict[str, Any]] = None):
   """The stage's config file (`configs/STAGE.py`) with the recipe applied, then
   `extra` (dotted keys known only at run time, e.g. a path in the workdir)."""
-  module = importlib.import_module(f"configs.{CONFIG_OF.get(stage, stage)}")
-  config = module.get_config(f"model={recipe.model}")
-  config.seed = seed
-  config.data.synth_seed = seed
-  for key, value in {**recipe.shared, **recipe.stages.get(stage, {}), **(extra or {})}.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
+  values = {**recipe.shared, **recipe.stages.get(stage, {}), **(extra or {})}
+  return demo_recipe.build_config(stage, recipe.model, values, seed)
 
 
 class ProgressBar:

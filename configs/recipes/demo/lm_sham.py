@@ -1,0 +1,7 @@
+"""The demo's `lm_sham` (configs/recipes/demo/README.md); variants: `quick`, `seed=N`."""
+
+from configs.recipes.demo.recipe import recipe_config
+
+
+def get_config(arg=None):
+  return recipe_config("lm_sham", arg)

@@ -1,0 +1,7 @@
+"""The demo's `stage1_2` (configs/recipes/demo/README.md); variants: `quick`, `seed=N`."""
+
+from configs.recipes.demo.recipe import recipe_config
+
+
+def get_config(arg=None):
+  return recipe_config("stage1_2", arg)

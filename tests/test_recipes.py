@@ -1,0 +1,112 @@
+"""The demo's recipe as config files (configs/recipes/demo/): each stage file gives the
+config `clara-jax demo` trains that stage with, and loads through `clara-jax train`."""
+
+import importlib
+import os
+
+import pytest
+
+from clara_jax import demo
+from configs.base import validate
+from configs.recipes.demo import recipe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _stage_file(stage):
+  return importlib.import_module(f"configs.recipes.demo.{stage}")
+
+
+def test_every_pipeline_stage_has_a_file():
+  stages = demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
+  assert set(recipe.STAGES) == set(stages) == set(demo.default_recipe().stages)
+  for stage in recipe.STAGES:
+    assert os.path.exists(os.path.join(ROOT, "configs", "recipes", "demo", f"{stage}.py"))
+
+
+@pytest.mark.parametrize("quick", [False, True])
+@pytest.mark.parametrize("stage", recipe.STAGES)
+def test_stage_files_are_the_demos_configs(stage, quick):
+  """The file's config is the pipeline's (before run-time values), and it validates."""
+  config = _stage_file(stage).get_config("quick" if quick else None)
+  expected = demo.stage_config(stage, demo.default_recipe(quick))
+  assert config.to_dict() == expected.to_dict()
+  assert repr(config.to_dict()) == repr(expected.to_dict())  # tuples stay tuples
+  validate(config)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_pinned_recipe_values(quick):
+  """A few of the recipe's values, so the files cannot drift from it unnoticed."""
+  arg = "quick" if quick else ""
+  get = lambda stage: _stage_file(stage).get_config(arg)
+  assert get("stage1").train.num_steps == (40 if quick else 2500)
+  assert get("lm").train.num_steps == (60 if quick else 1500)
+  assert get("lm_edit").train.num_steps == (10 if quick else 100)
+  for stage in recipe.STAGES:
+    c = get(stage)
+    assert c.clara.compr_rate == 2 and c.model_size == "tiny" and c.model.tie_embeddings
+    assert c.data.synth_names == "pool" and c.data.synth_size == ("tiny" if quick else "small")
+    assert c.data.shuffle_answers == (stage == "stage2_shuffled")
+  for stage in ("stage2", "stage2_shuffled"):
+    c = get(stage)
+    assert c.stage == "stage2" and c.clara.k == 1 and c.optimizer.lr == 1e-3
+    assert c.optimizer.lr_multipliers == ((".*/lora_reasoner/.*", 2.0),)
+  assert get("stage1").data.replay_text == "world" and get("stage1").clara.train_base
+  assert get("lm_sham").init.from_workdir == "../stage2" and get("lm_sham").data.source == ""
+  r = demo.default_recipe(quick)
+  assert r.eval_questions == (24 if quick else None) and r.min_memory_gain == 1.0
+  assert r.judged is not quick
+
+
+def test_variants():
+  c = _stage_file("stage1").get_config("quick,seed=3")
+  assert c.seed == c.data.synth_seed == 3 and c.train.num_steps == 40
+  assert c.to_dict() == demo.stage_config("stage1", demo.default_recipe(True), seed=3).to_dict()
+  with pytest.raises(ValueError, match="unknown recipe variant 'runlocal'"):
+    _stage_file("stage1").get_config("runlocal")
+
+
+def test_default_recipe_returns_fresh_dicts():
+  """Callers build their own recipes from it (real_data, the stage1 study)."""
+  demo.default_recipe().stages["stage1"]["train.num_steps"] = 1
+  demo.default_recipe().shared["clara.k"] = 9
+  assert demo.default_recipe().stages["stage1"]["train.num_steps"] == 2500
+  assert demo.default_recipe().shared["clara.k"] == 2
+
+
+def test_sweep_points_validate():
+  points = []
+  _stage_file("stage2").sweep(lambda **overrides: points.append(overrides))
+  assert points
+  for overrides in points:
+    config = _stage_file("stage2").get_config()
+    for key, value in overrides.items():
+      *parents, leaf = key.split(".")
+      node = config
+      for part in parents:
+        node = node[part]
+      assert leaf in node, key
+      node[leaf] = value
+    validate(config)
+
+
+def test_recipe_files_load_through_the_cli(tmp_path, capsys, monkeypatch):
+  """`clara-jax train --config=configs/recipes/demo/stage1.py:quick` reads the file; a
+  misspelt override is named before anything is written."""
+  from clara_jax import cli
+
+  monkeypatch.chdir(ROOT)
+  workdir = tmp_path / "run"
+  argv = [
+    "train",
+    "--config=configs/recipes/demo/stage1.py:quick",
+    "--config.optimizer.lrr=1",
+    f"--workdir={workdir}",
+  ]
+  assert cli.main(argv) == 2
+  err = capsys.readouterr().err
+  assert err == (
+    'clara-jax train: --config.optimizer.lrr: no such config field (did you mean "lr"?)\n'
+  )
+  assert not workdir.exists()
