@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Sequence, Tuple, Union, cast
 
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES: Tuple[str, ...] = ("data", "fsdp", "tensor")
 
-LogicalRules = Tuple[Tuple[str, Optional[object]], ...]
+LogicalRules = Tuple[Tuple[str, Union[str, Tuple[str, ...], None]], ...]
 
 # Batch over data x fsdp; parameters' "embed" over fsdp (ZeRO-3 style) and head/MLP/vocab
 # dimensions over tensor (Megatron style). Small axes (LoRA rank, norms, the handful of
@@ -66,7 +67,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(shape, len(devices))
   try:
-    device_array = jax.experimental.mesh_utils.create_device_mesh(shape, devices)
+    # On TPU slices the device order follows the physical torus (neighbours along the
+    # tensor axis share links); shapes it cannot lay out fall back to plain order.
+    device_array = mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # CPU or unusual topologies: plain order is fine
     device_array = np.asarray(devices).reshape(shape)
   return Mesh(device_array, MESH_AXES)
@@ -112,7 +115,7 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULE
 def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -> NamedSharding:
   """Sharding of a [batch, ...] input: batch over the mesh axes of "activation_batch"."""
   spec = nn.logical_to_mesh_axes(("activation_batch",) + (None,) * (ndim - 1), rules)
-  return NamedSharding(mesh, spec)
+  return NamedSharding(mesh, cast(PartitionSpec, spec))
 
 
 def sharding_summary(shardings) -> Mapping[str, str]:

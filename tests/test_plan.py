@@ -151,3 +151,22 @@ def test_step_cost_of_a_scanned_model_is_the_unrolled_cost():
   got = plan_lib.step_cost(c, devices)
   assert abs(got["flops"] / unrolled["flops"] - 1) < 0.02
   assert abs(got["bytes"] / unrolled["bytes"] - 1) < 0.15
+
+
+@pytest.mark.skipif(not LIBTPU, reason="libtpu is not installed (the TPU topology's devices)")
+def test_tpu_meshes_follow_the_physical_torus():
+  """On a TPU slice the mesh takes mesh_utils' topology-aware order (it differs from the
+  plain order for a 4x4 torus laid out as fsdp 4 x tensor 4); CPU devices keep theirs."""
+  import jax
+  import numpy as np
+  from jax.experimental import mesh_utils
+
+  from clara_jax import partitioning
+  from clara_jax.bench import tpu
+
+  devices = tpu.topology_devices(tpu.parse_slice("v5e-16"))
+  mesh = partitioning.make_mesh((1, 4, 4), devices)
+  np.testing.assert_array_equal(mesh.devices, mesh_utils.create_device_mesh((1, 4, 4), devices))
+  assert (mesh.devices != np.asarray(devices).reshape(1, 4, 4)).any()
+  cpu = partitioning.make_mesh((2, 2, 2))
+  assert [d.id for d in cpu.devices.reshape(-1)] == [d.id for d in jax.devices()]

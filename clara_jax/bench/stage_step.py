@@ -6,7 +6,7 @@ set up by `train.setup.setup_train_step` (also what `plan` compiles)."""
 
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +42,10 @@ def synthetic_batch(
 ) -> Dict[str, np.ndarray]:
   """A batch of random ids with the stage's real layouts (packing functions of the data
   pipeline); stage2's gold is candidate 0. `lm` reads `prompt_len + answer_len` tokens."""
-  texts = lambda n, length: [list(rng.integers(4, base_vocab, length)) for _ in range(n)]
+
+  def texts(n: int, length: int) -> List[List[int]]:
+    return [list(rng.integers(4, base_vocab, length)) for _ in range(n)]
+
   if stage == "lm":
     length = prompt_len + answer_len
     return {

@@ -13,7 +13,7 @@ import numpy as np
 from clara_jax.data import packing, templates
 from clara_jax.data.tokenizer import ClaraTokenizer
 
-Example = Dict[str, np.ndarray]
+Example = Dict[str, np.ndarray | np.generic]
 
 
 @dataclasses.dataclass(frozen=True)

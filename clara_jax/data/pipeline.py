@@ -25,7 +25,7 @@ from jax.sharding import Mesh
 from clara_jax import partitioning
 from clara_jax.data.tfds_builders import decode_row
 
-Example = Dict[str, np.ndarray]
+Example = Dict[str, np.ndarray | np.generic]
 
 
 class InputPipeline:

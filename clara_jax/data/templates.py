@@ -9,7 +9,7 @@ user turn, or ChatML).
 
 from __future__ import annotations
 
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple, cast
 
 import numpy as np
 
@@ -64,9 +64,10 @@ def memory_slots(n_mem: int, k: int) -> str:
 
 
 def stage1_turn(
-  row: Dict, n_mem: int, rng: np.random.Generator, style: str = "reference"
+  row: Dict, n_mem: int, rng: Optional[np.random.Generator], style: str = "reference"
 ) -> Tuple[str, str, str]:
-  """(system, user, answer) of a stage1 row: all QA pairs, or a paraphrase."""
+  """(system, user, answer) of a stage1 row: all QA pairs, or a paraphrase. `rng`
+  (picking the paraphrase instruction) is used only for paraphrase rows in full style."""
   _check_style(style)
   slots = memory_slots(n_mem, 1)
   short = style == "short"
@@ -77,7 +78,9 @@ def stage1_turn(
     return "" if short else QA_SYSTEM, f"Background:\n{slots}", answer
   if short:
     return "", PARAPHRASE_INSTRUCTIONS[0].format(docs=slots), row["answers"][0]
-  instruction = PARAPHRASE_INSTRUCTIONS[int(rng.integers(len(PARAPHRASE_INSTRUCTIONS)))]
+  instruction = PARAPHRASE_INSTRUCTIONS[
+    int(cast(np.random.Generator, rng).integers(len(PARAPHRASE_INSTRUCTIONS)))
+  ]
   return PARAPHRASE_SYSTEM, instruction.format(docs=slots), row["answers"][0]
 
 

@@ -96,13 +96,14 @@ def build_chat_prompt(user: str, system: str | None = None, chat_format: str = "
   return f"[INST] {content} [/INST]"
 
 
-def _load_model_proto(proto: bytes, source: str) -> sentencepiece_model_pb2.ModelProto:
+# sentencepiece_model_pb2 is generated protobuf code without stubs: mypy sees no ModelProto.
+def _load_model_proto(proto: bytes, source: str) -> sentencepiece_model_pb2.ModelProto:  # type: ignore[name-defined]
   """Parses and sanity-checks a serialized SentencePiece ModelProto.
 
   SentencePieceProcessor accepts an empty proto without complaint (and then returns 0 for
   everything), so the pieces are checked here before a processor is built.
   """
-  model = sentencepiece_model_pb2.ModelProto()
+  model = sentencepiece_model_pb2.ModelProto()  # type: ignore[attr-defined]  # protobuf, no stubs
   try:
     model.ParseFromString(proto)
   except DecodeError as e:

@@ -27,7 +27,7 @@ from clara_jax.eval.answer_metrics import recall_at_k
 BASELINES = ("random", "kind_prior", "bm25", "bm25_kind", "bm25_two_hop", "gold_prior")
 
 
-def _rank(scores: Sequence[float]) -> List[int]:
+def _rank(scores: Sequence[float] | np.ndarray) -> List[int]:
   return [int(i) for i in np.argsort(-np.asarray(scores, np.float64), kind="stable")]
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,12 +68,14 @@ def token_word(tok: ClaraTokenizer, token_id: int) -> Optional[str]:
 
 
 def lens_decode(
-  params, model: Decoder, states: jax.Array, top_t: int
+  params, model: Decoder, states: jax.typing.ArrayLike, top_t: int
 ) -> Tuple[np.ndarray, np.ndarray]:
   """One pass of states [B, M, hidden] through the lens: the top-T token ids of every
   slot [B, M, top_t], and each token's best log-probability over the slots [B, vocab]
   (log-softmax per slot, then the max over slots)."""
-  logits = model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
+  logits = cast(
+    jax.Array, model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
+  )
   logits = logits.astype(jnp.float32)
   top_ids = jax.lax.top_k(logits, top_t)[1]
   best_log_probs = jnp.max(jax.nn.log_softmax(logits, axis=-1), axis=-2)
@@ -436,8 +438,8 @@ def _mean_auc(scores_v: np.ndarray, pairs: Pairs) -> Optional[float]:
   """Mean over controls of `rank_auc` of each (gold, control) pair under `scores_v`
   [vocab]; None if no control had both sides."""
   aucs = [rank_auc(scores_v, set(g), set(c)) for g, c in pairs]
-  aucs = [a for a in aucs if a is not None]
-  return float(np.mean(aucs)) if aucs else None
+  kept = [a for a in aucs if a is not None]
+  return float(np.mean(kept)) if kept else None
 
 
 def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
@@ -529,7 +531,7 @@ def permutation_null(
   for k in range(num_permutations):
     source = group_derangement(groups, rng)
     for q in np.flatnonzero(source >= 0):
-      report = score_matched(matched[q], score_rows[source[q]])
+      report = score_matched(matched[int(q)], score_rows[source[q]])
       for m in MEASURES:
         if report[m] is not None:
           values[m][k, q] = report[m]

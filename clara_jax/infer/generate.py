@@ -15,14 +15,14 @@ the prefix's keys and values into every row.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, TypeAlias
+from typing import Optional, Sequence, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 
 from clara_jax.model import clara
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.decoder import Decoder, KVCache, cache_length, init_cache
+from clara_jax.model.decoder import Decoder, DecoderOutput, KVCache, cache_length, init_cache
 
 Array: TypeAlias = jax.Array
 
@@ -67,14 +67,17 @@ def prefix_cache(params, cfg: DecoderConfig, prefix_tokens_p: Array) -> KVCache:
   of batch 1 and length P0 for `generate(..., prefix=)`."""
   model = Decoder(cfg)
   cache = init_cache(cfg, 1, prefix_tokens_p.shape[0])
-  out = model.apply(
-    {"params": params},
-    prefix_tokens_p[None],
-    adapter=clara.GENERATOR,
-    cache=cache,
-    cache_index=jnp.zeros(1, jnp.int32),
+  out = cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      prefix_tokens_p[None],
+      adapter=clara.GENERATOR,
+      cache=cache,
+      cache_index=jnp.zeros(1, jnp.int32),
+    ),
   )
-  return out.cache
+  return cast(KVCache, out.cache)
 
 
 def _with_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
@@ -138,12 +141,15 @@ def generate(
   cache = init_cache(cfg, b, p0 + tokens.shape[1] + max_new_tokens)
   if prefix is not None:
     cache = _with_prefix(cache, prefix)
-  out = model.apply(
-    {"params": params},
-    embeddings=embeddings,
-    adapter=clara.GENERATOR,
-    cache=cache,
-    cache_index=jnp.full(b, p0, jnp.int32),
+  out = cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      embeddings=embeddings,
+      adapter=clara.GENERATOR,
+      cache=cache,
+      cache_index=jnp.full(b, p0, jnp.int32),
+    ),
   )
   last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
   filled = p0 + lengths  # valid cache entries of each row after its prompt

@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import io
 import json
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,7 @@ from clara_jax import paths
 try:
   from jax import shard_map as _shard_map
 except ImportError:  # jax before shard_map left jax.experimental
-  from jax.experimental.shard_map import shard_map as _shard_map
+  from jax.experimental.shard_map import shard_map as _shard_map  # type: ignore[no-redef]
 
 INDEX_FILE = "index.json"
 STORAGE_DTYPES = ("float16", "bfloat16", "float32", "int8")
@@ -182,7 +182,8 @@ def build_index(
       )
     shape = memories.shape[1:]
     buffer = io.BytesIO()
-    np.savez(buffer, ids=np.asarray(ids), **encode(memories, dtype))
+    # numpy's stub types **kwds as possibly `allow_pickle: bool`.
+    np.savez(buffer, ids=np.asarray(ids), **encode(memories, dtype))  # type: ignore[arg-type]
     paths.write_atomic(path, [buffer.getvalue()])  # a shard is there whole or not at all
     if progress is not None:
       progress(i + 1, num_shards)
@@ -371,7 +372,7 @@ class MemoryIndex:
     stored_dtype = {"bfloat16": np.uint16}.get(dtype, dtype)
     rows_sharding = NamedSharding(mesh, PartitionSpec(AXIS, None))
     placed = sorted(
-      (index[0].start or 0, device)
+      (cast(Tuple[slice, ...], index)[0].start or 0, device)  # row-sharded: never None
       for device, index in rows_sharding.addressable_devices_indices_map((total, dim)).items()
     )
     values, scales = [], []

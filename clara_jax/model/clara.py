@@ -20,12 +20,12 @@ generator's LM head runs only on the A positions that predict the answer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, TypeAlias
+from typing import Optional, Tuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 
-from clara_jax.model.decoder import Decoder
+from clara_jax.model.decoder import Decoder, DecoderOutput
 from clara_jax.ops import losses
 
 Array: TypeAlias = jax.Array
@@ -142,15 +142,18 @@ def _run_encoder(
 ) -> Array:
   """Final states of an encoder-layout batch ([M, L + n_mem, H], or the read-out part)."""
   rngs = {"dropout": rng} if rng is not None else {}
-  return model.apply(
-    {"params": params},
-    tokens_mt,
-    attention_mask=mask_mt,
-    positions=positions_from_mask(mask_mt),
-    adapter=adapter,
-    deterministic=deterministic,
-    rngs=rngs,
-    readout=readout,
+  return cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      tokens_mt,
+      attention_mask=mask_mt,
+      positions=positions_from_mask(mask_mt),
+      adapter=adapter,
+      deterministic=deterministic,
+      rngs=rngs,
+      readout=readout,
+    ),
   ).hidden
 
 
@@ -215,7 +218,7 @@ def lexical_loss(
   n_mem = memories_mnh.shape[1]
   tokens = doc_tokens_ml[:, :-n_mem]
   mask = doc_mask_ml[:, :-n_mem].astype(bool)
-  logits = model.apply({"params": params}, memories_mnh, method=Decoder.logits)
+  logits = cast(Array, model.apply({"params": params}, memories_mnh, method=Decoder.logits))
   log_mix = jax.nn.logsumexp(
     jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=1
   ) - jnp.log(n_mem)  # [M, V]
@@ -285,9 +288,11 @@ def generator_inputs(
   """Input embeddings [B, T, H] of generator prompts `tokens_bt` with the memories
   [B, S, H] written into `slot_positions_bs` [B, S], scaled per `memory_scale`."""
   check_memory_scale(memory_scale)
-  embeddings = model.apply({"params": params}, tokens_bt, method=Decoder.embed)
+  embeddings = cast(Array, model.apply({"params": params}, tokens_bt, method=Decoder.embed))
   if memory_scale == "embedding":
-    target = jax.lax.stop_gradient(model.apply({"params": params}, method=Decoder.embedding_rms))
+    target = jax.lax.stop_gradient(
+      cast(Array, model.apply({"params": params}, method=Decoder.embedding_rms))
+    )
     memories_bsh = rescale_memories(memories_bsh, target)
   return splice(embeddings, slot_positions_bs, memories_bsh)
 
@@ -321,15 +326,18 @@ def generator_loss(
   rngs = {"dropout": rng} if rng is not None else {}
   # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1);
   # the last layer runs only there.
-  answer_hidden = model.apply(
-    {"params": params},
-    embeddings=embeddings,
-    attention_mask=mask_bt,
-    positions=positions_from_mask(mask_bt),
-    adapter=GENERATOR,
-    deterministic=deterministic,
-    rngs=rngs,
-    readout=(t - a - 1, t - 1),
+  answer_hidden = cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      embeddings=embeddings,
+      attention_mask=mask_bt,
+      positions=positions_from_mask(mask_bt),
+      adapter=GENERATOR,
+      deterministic=deterministic,
+      rngs=rngs,
+      readout=(t - a - 1, t - 1),
+    ),
   ).hidden
-  logits = model.apply({"params": params}, answer_hidden, method=Decoder.logits)
+  logits = cast(Array, model.apply({"params": params}, answer_hidden, method=Decoder.logits))
   return losses.masked_cross_entropy(logits, tokens_bt[:, t - a :], answer_mask_ba)

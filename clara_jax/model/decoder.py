@@ -111,19 +111,25 @@ class LmHead(nn.Module):
   def __call__(self, hidden: Array) -> Array:
     cfg = self.cfg
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    base = self.param(
-      "base_head",
-      nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
-      (cfg.hidden_size, cfg.base_vocab_size),
-      pdt,
+    base = cast(
+      Array,
+      self.param(
+        "base_head",
+        nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
+        (cfg.hidden_size, cfg.base_vocab_size),
+        pdt,
+      ),
     )
     extra = None
     if cfg.num_extra_tokens:
-      extra = self.param(
-        "extra_head",
-        nn.with_logical_partitioning(default_kernel_init, ("embed", "extra_vocab")),
-        (cfg.hidden_size, cfg.num_extra_tokens),
-        pdt,
+      extra = cast(
+        Array,
+        self.param(
+          "extra_head",
+          nn.with_logical_partitioning(default_kernel_init, ("embed", "extra_vocab")),
+          (cfg.hidden_size, cfg.num_extra_tokens),
+          pdt,
+        ),
       )
     return _vocab_logits(hidden, base, extra, dt)
 
@@ -271,7 +277,7 @@ class Attention(nn.Module):
     if query_slice is not None:
       start, stop = query_slice
       x_q = x_btd[:, start:stop]
-      rope_q = tuple(table[:, start:stop] for table in rope_btf)
+      rope_q = (rope_btf[0][:, start:stop], rope_btf[1][:, start:stop])
       bias_bqk = bias_bqk[:, start:stop]
     bias = cfg.qkv_bias
     q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj", use_bias=bias)(x_q)
@@ -456,7 +462,11 @@ class Decoder(nn.Module):
     """
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
-    x = self.embed(tokens) if embeddings is None else embeddings.astype(_dtype(self.cfg.dtype))
+    x = (
+      self.embed(cast(Array, tokens))
+      if embeddings is None
+      else embeddings.astype(_dtype(self.cfg.dtype))
+    )
     b, t = x.shape[:2]
     steps = jnp.arange(t, dtype=jnp.int32)
 
@@ -481,9 +491,13 @@ class Decoder(nn.Module):
     windowed = self.cfg.windowed_layers
     local_mask = None
     if any(windowed):
-      local_mask = mask & (q_slot[:, :, None] - k_slot[:, None, :] < self.cfg.sliding_window)
+      local_mask = mask & (
+        q_slot[:, :, None] - k_slot[:, None, :] < cast(int, self.cfg.sliding_window)
+      )
     # One bias per kind of layer present: {True: through the sliding window, False: global}.
-    bias = {w: attention_bias(local_mask if w else mask) for w in sorted(set(windowed))}
+    bias = {
+      w: attention_bias(cast(Array, local_mask) if w else mask) for w in sorted(set(windowed))
+    }
     if positions is None:
       positions = q_slot
     query_slice = None

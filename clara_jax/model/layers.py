@@ -8,7 +8,7 @@ that a mesh plus logical-axis rules decide its sharding later (see
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple, TypeAlias
+from typing import Optional, Sequence, Tuple, TypeAlias, cast
 
 import flax.linen as nn
 import jax
@@ -37,11 +37,14 @@ class RMSNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    scale = self.param(
-      "scale",
-      nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
-      (x.shape[-1],),
-      self.param_dtype,
+    scale = cast(
+      Array,
+      self.param(
+        "scale",
+        nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        (x.shape[-1],),
+        self.param_dtype,
+      ),
     )
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
@@ -130,17 +133,23 @@ class LoraFactors(nn.Module):
     def a_init(key, shape, dtype):
       return jax.random.uniform(key, shape, dtype, -bound, bound)
 
-    a = self.param(
-      "a",
-      nn.with_logical_partitioning(a_init, self.in_axes + ("lora_rank",)),
-      self.in_shape + (self.rank,),
-      self.param_dtype,
+    a = cast(
+      Array,
+      self.param(
+        "a",
+        nn.with_logical_partitioning(a_init, self.in_axes + ("lora_rank",)),
+        self.in_shape + (self.rank,),
+        self.param_dtype,
+      ),
     )
-    b = self.param(
-      "b",
-      nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.out_axes),
-      (self.rank,) + self.out_shape,
-      self.param_dtype,
+    b = cast(
+      Array,
+      self.param(
+        "b",
+        nn.with_logical_partitioning(nn.initializers.zeros, ("lora_rank",) + self.out_axes),
+        (self.rank,) + self.out_shape,
+        self.param_dtype,
+      ),
     )
     return a, b
 
@@ -265,19 +274,25 @@ class LoraLinear(nn.Module):
     in_shape = tuple(x.shape[-self.n_in :])
     in_axes = self.kernel_axes[: self.n_in]
     out_axes = self.kernel_axes[self.n_in :]
-    kernel = self.param(
-      "kernel",
-      nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
-      in_shape + tuple(self.features),
-      self.param_dtype,
+    kernel = cast(
+      Array,
+      self.param(
+        "kernel",
+        nn.with_logical_partitioning(default_kernel_init, self.kernel_axes),
+        in_shape + tuple(self.features),
+        self.param_dtype,
+      ),
     )
     y = matmul(x, kernel, self.n_in, self.dtype)
     if self.use_bias:
-      bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
-        tuple(self.features),
-        self.param_dtype,
+      bias = cast(
+        Array,
+        self.param(
+          "bias",
+          nn.with_logical_partitioning(nn.initializers.zeros, out_axes),
+          tuple(self.features),
+          self.param_dtype,
+        ),
       )
       y = y + bias.astype(y.dtype)
     if self.lora is None:

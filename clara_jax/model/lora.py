@@ -9,7 +9,7 @@ also be written as regular expressions (big_vision style).
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable, Mapping, Sequence, Tuple
+from typing import Any, Dict, Iterable, Mapping, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +26,7 @@ def flatten(params: Params) -> Dict[str, jax.Array]:
   return traverse_util.flatten_dict(params, sep="/")
 
 
-def unflatten(flat: Mapping[str, jax.Array]) -> Dict:
+def unflatten(flat: Mapping[str, Any]) -> Dict:
   return traverse_util.unflatten_dict(dict(flat), sep="/")
 
 

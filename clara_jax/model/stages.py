@@ -17,14 +17,14 @@ gives the optimizer mask of the paper's trainable set. Batch keys:
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple, TypeAlias
+from typing import Callable, Dict, Optional, Tuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
 
 from clara_jax.model import clara, lora
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.decoder import Decoder
+from clara_jax.model.decoder import Decoder, DecoderOutput
 from clara_jax.ops import losses
 from clara_jax.ops.topk import soft_topk, straight_through_topk
 
@@ -69,15 +69,18 @@ def lm_loss(model: Decoder, params, batch: Batch, rng: Optional[Array] = None):
   """Next-token CE over every real token (from-scratch base pretraining, no adapter)."""
   tokens, mask = batch["tokens"], batch["mask"]
   rngs = {"dropout": rng} if rng is not None else {}
-  hidden = model.apply(
-    {"params": params},
-    tokens,
-    attention_mask=mask,
-    positions=clara.positions_from_mask(mask),
-    deterministic=rng is None,
-    rngs=rngs,
+  hidden = cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      tokens,
+      attention_mask=mask,
+      positions=clara.positions_from_mask(mask),
+      deterministic=rng is None,
+      rngs=rngs,
+    ),
   ).hidden
-  logits = model.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
+  logits = cast(Array, model.apply({"params": params}, hidden[:, :-1], method=Decoder.logits))
   target_mask = mask[:, 1:] * mask[:, :-1]
   ce, count = losses.masked_cross_entropy(logits, tokens[:, 1:], target_mask)
   return ce, {"ce": ce, "tokens": count}

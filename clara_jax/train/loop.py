@@ -18,7 +18,7 @@ import posixpath
 import signal
 import tempfile
 import time
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -413,7 +413,7 @@ def initial_params(
   return cfg, params
 
 
-def overlay_parameters(params, origin: str, saved: Dict[str, np.ndarray]):
+def overlay_parameters(params, origin: str, saved: Mapping[str, np.ndarray | jax.Array]):
   """`params` with every parameter whose path and shape `saved` also has replaced by the
   saved value (cast to the model's dtype). What does not match keeps its value and is
   logged; no match at all is an error (the wrong workdir, most likely)."""
@@ -570,9 +570,11 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
       with jax.transfer_guard_device_to_host("log"):
         if pmap:
           n = jax.local_device_count()
-          batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
+          host_batch = {
+            k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()
+          }
           assert run_step is not None  # the pmapped step, set before the loop
-          state, metrics = run_step(state, batch)
+          state, metrics = run_step(state, host_batch)
           metrics = unreplicate(metrics)
         else:
           batch = to_global_arrays(local, mesh, rules)

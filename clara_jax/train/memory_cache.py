@@ -16,7 +16,7 @@ Shapes: D documents in the cache, N candidates per question, M = n_mem, H hidden
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, cast
 
 import numpy as np
 
@@ -140,4 +140,4 @@ class MemoryCache:
           f"{self.directory}: no memory for the document "
           f"{text[:60]!r}...; build the cache from the rows it serves"
         )
-    return self.memories[rows]
+    return self.memories[cast(List[int], rows)]  # no None left: checked above

@@ -13,7 +13,7 @@ for a pod is the step `train` would run there (maxtext's `setup_train_loop` idea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, cast
 
 import flax.linen as nn
 import jax
@@ -62,7 +62,7 @@ class TrainStepSetup:
   cfg: DecoderConfig
   cclara: ClaraConfig
   mesh: Mesh
-  rules: Tuple[Tuple[str, object], ...]
+  rules: partitioning.LogicalRules
   schedule: optax.Schedule
   tx: optax.GradientTransformation
   mask: dict
@@ -161,7 +161,10 @@ def setup_train_step(
       f"divisible by the data-parallel size {data_parallel} "
       f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})"
     )
-  params_sh = lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules))
+  params_sh = cast(
+    Dict[str, NamedSharding],
+    lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules)),
+  )
   return TrainStepSetup(
     config=config,
     cfg=cfg,

@@ -160,9 +160,13 @@ def state_shardings(
     trainable,
     transform_non_params=lambda _: replicated,
   )
-  # flax.struct.dataclass is untyped without flax's stubs: mypy sees no generated __init__.
-  return TrainState(  # type: ignore[call-arg]
-    step=replicated, trainable=trainable, frozen=frozen, opt_state=opt, rng=replicated
+  # A TrainState-shaped tree of shardings (for jit's out_shardings), not of arrays.
+  return TrainState(
+    step=replicated,  # type: ignore[arg-type]
+    trainable=trainable,  # type: ignore[arg-type]
+    frozen=frozen,  # type: ignore[arg-type]
+    opt_state=opt,
+    rng=replicated,  # type: ignore[arg-type]
   )
 
 

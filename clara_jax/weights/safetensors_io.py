@@ -199,7 +199,9 @@ class SafetensorsFile:
     self._release = weakref.finalize(self, self._local.close)
     if data_len > 0:
       local = self._local.enter_context(paths.local_file(self.path))
-      self._data = np.memmap(local, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,))
+      self._data: np.ndarray = np.memmap(
+        local, dtype=np.uint8, mode="r", offset=data_start, shape=(data_len,)
+      )
     else:  # mmap refuses empty ranges
       self._data = np.zeros((0,), np.uint8)
 

@@ -14,6 +14,7 @@ stage's config from them, as the stage files beside this one do for `clara-jax t
 
 import copy
 import importlib
+from typing import Any, Dict
 
 MODEL = "tiny"
 # The pipeline's stages in the order they train (README.md in this directory).
@@ -55,7 +56,7 @@ SHARED = {
   "model.tie_embeddings": True,
 }
 
-STAGE_OVERRIDES = {
+STAGE_OVERRIDES: Dict[str, Dict[str, Any]] = {
   "lm": {"train.num_steps": 1500, "optimizer.lr": 3e-3},
   # Fresh worlds: no fact repeats, so only reading the memories lowers the loss. The
   # base trains too, and keeps learning the world's own text beside it (replay): at
