@@ -196,16 +196,20 @@ def test_errors_are_one_line_with_the_exit_code(tmp_path, capsys):
   assert len(err.strip().splitlines()) == 1
 
 
-def test_an_unknown_override_field_is_named(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize(
+  "config", ["configs/stage2.py:tiny", "configs/recipes/demo/stage1.py:quick"]
+)
+def test_an_unknown_override_field_is_named(config, tmp_path, capsys, monkeypatch):
   """A misspelt `--config.*` field stops the run before anything is written, naming the
-  override and the field ml_collections suggests; the variant `tiny` is `model=tiny`."""
+  override and the field ml_collections suggests; the variant `tiny` is `model=tiny`,
+  and a recipe's stage file loads through the same flag."""
   from clara_jax import cli
 
   monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   workdir = tmp_path / "run"
   argv = [
     "train",
-    "--config=configs/stage2.py:tiny",
+    f"--config={config}",
     "--config.optimizer.lrr=1",
     f"--workdir={workdir}",
   ]

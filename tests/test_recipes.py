@@ -89,24 +89,3 @@ def test_sweep_points_validate():
       assert leaf in node, key
       node[leaf] = value
     validate(config)
-
-
-def test_recipe_files_load_through_the_cli(tmp_path, capsys, monkeypatch):
-  """`clara-jax train --config=configs/recipes/demo/stage1.py:quick` reads the file; a
-  misspelt override is named before anything is written."""
-  from clara_jax import cli
-
-  monkeypatch.chdir(ROOT)
-  workdir = tmp_path / "run"
-  argv = [
-    "train",
-    "--config=configs/recipes/demo/stage1.py:quick",
-    "--config.optimizer.lrr=1",
-    f"--workdir={workdir}",
-  ]
-  assert cli.main(argv) == 2
-  err = capsys.readouterr().err
-  assert err == (
-    'clara-jax train: --config.optimizer.lrr: no such config field (did you mean "lr"?)\n'
-  )
-  assert not workdir.exists()
