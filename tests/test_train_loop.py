@@ -285,3 +285,44 @@ def test_scanned_blocks_train_as_the_unrolled_ones(lm_text_file, reference_run, 
   np.testing.assert_allclose(
     [r["loss"] for r in rows["scanned"]], [r["loss"] for r in rows["unrolled"]], rtol=1e-5
   )
+
+
+def test_restore_refuses_checkpoints_that_do_not_restore_and_resumes_otherwise(monkeypatch):
+  """`_restore`: saved steps none of which restores stop the run (naming the directory,
+  the checkpointer closed); a restored checkpoint gives its step, state and data
+  position; nothing saved is a first start."""
+  from clara_jax.train import loop
+
+  class FakeCheckpointer:
+    directory = "/runs/x/checkpoints"
+
+    def __init__(self, restored):
+      self.restored, self.closed = restored, False
+
+    def restore(self, abstract):
+      return self.restored
+
+    def close(self):
+      self.closed = True
+
+  class FakePipeline:
+    state = None
+
+    def set_state(self, state):
+      self.state = state
+
+  monkeypatch.setattr(loop, "abstract_with_shardings", lambda abstract, shardings: abstract)
+  state = {"w": np.zeros(2, np.float32)}
+  broken = FakeCheckpointer(None)
+  with pytest.raises(RuntimeError, match=r"/runs/x/checkpoints: checkpoints of steps \[5\]"):
+    loop._restore(broken, state, None, FakePipeline(), [5])
+  assert broken.closed
+  pipeline = FakePipeline()
+  assert loop._restore(
+    FakeCheckpointer((7, "restored", {"pos": 3})), state, None, pipeline, [7]
+  ) == (
+    7,
+    "restored",
+  )
+  assert pipeline.state == {"pos": 3}
+  assert loop._restore(FakeCheckpointer(None), state, None, FakePipeline(), []) == (0, state)

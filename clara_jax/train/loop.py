@@ -18,7 +18,7 @@ import posixpath
 import signal
 import tempfile
 import time
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -511,19 +511,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   checkpointer = Checkpointer(
     ckpt_dir, config.train.checkpoint_every, config.train.keep_checkpoints
   )
-  restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state), state_sh))
-  if restored is None and saved_steps:
-    checkpointer.close()
-    raise RuntimeError(
-      f"{ckpt_dir}: checkpoints of steps {saved_steps} exist but none "
-      f"restores (see the warnings above); refusing to start over them"
-    )
-  if restored is not None:
-    step0, state, data_state = restored
-    pipeline.set_state(data_state)
-    logging.info("resumed from step %d", step0)
-  else:
-    step0 = 0
+  step0, state = _restore(checkpointer, state, state_sh, pipeline, saved_steps)
   # train.tensorboard False: metrics.jsonl only (for stores TensorFlow cannot reach).
   writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, resume_step=step0)
   logging.info("training steps %d to %d", step0 + 1, config.train.num_steps)
@@ -537,16 +525,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   report = periodic_actions.ReportProgress(
     num_train_steps=config.train.num_steps, writer=None, every_steps=config.train.log_every
   )
-  profile = (
-    periodic_actions.Profile(
-      first_profile=config.train.profile_steps[0],
-      profile_duration_ms=None,
-      num_profile_steps=config.train.profile_steps[1] - config.train.profile_steps[0],
-      logdir=paths.join(workdir, "profile"),
-    )
-    if config.train.profile_steps
-    else None
-  )
+  profile = _profiler(config, workdir)
 
   mesh_ctx = contextlib.ExitStack()
   run_step: Optional[Callable]
@@ -617,24 +596,64 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   final = unreplicate(state) if pmap else state
   checkpointer.close()
   writer.close()
-  save_params(paths.join(workdir, "export"), cfg, final.params())
-  if jax.process_index() == 0:
-    tok.save(paths.join(workdir, "export", tok.FILENAME))
-    paths.write_json(
-      paths.join(workdir, "export", CLARA_FILE),
-      {
-        "doc_max_length": cclara.doc_max_length,
-        "compr_rate": cclara.compr_rate,
-        "k": cclara.k,
-        "question_max_length": config.data.question_max_length,
-        "temperature": cclara.temperature,
-        "stage": config.stage,
-        "prompt_style": config.data.prompt_style,
-        "memory_scale": cclara.memory_scale,
-      },
-      indent=2,
-    )
+  _write_export(config, workdir, cfg, final.params(), tok)
   return last
+
+
+def _restore(checkpointer, state, state_sh, pipeline, saved_steps: List[int]):
+  """(first step, state): the newest checkpoint's, with the pipeline's position, or (0,
+  `state`) on a first start. Checkpoints that exist but none of which restores stop the
+  run rather than train over them."""
+  restored = checkpointer.restore(abstract_with_shardings(jax.eval_shape(lambda: state), state_sh))
+  if restored is None and saved_steps:
+    checkpointer.close()
+    raise RuntimeError(
+      f"{checkpointer.directory}: checkpoints of steps {saved_steps} exist but none "
+      f"restores (see the warnings above); refusing to start over them"
+    )
+  if restored is None:
+    return 0, state
+  step0, state, data_state = restored
+  pipeline.set_state(data_state)
+  logging.info("resumed from step %d", step0)
+  return step0, state
+
+
+def _profiler(config, workdir: str):
+  """The profiler trace of `train.profile_steps` (first, last), or None."""
+  if not config.train.profile_steps:
+    return None
+  first, last = config.train.profile_steps
+  return periodic_actions.Profile(
+    first_profile=first,
+    profile_duration_ms=None,
+    num_profile_steps=last - first,
+    logdir=paths.join(workdir, "profile"),
+  )
+
+
+def _write_export(config, workdir: str, cfg, params, tok) -> None:
+  """`export/`: the parameters, and (process 0) the tokenizer and the CLaRa lengths and
+  settings that `ClaraModel.load` reads."""
+  cclara = clara_config(config)
+  save_params(paths.join(workdir, "export"), cfg, params)
+  if jax.process_index() != 0:
+    return
+  tok.save(paths.join(workdir, "export", tok.FILENAME))
+  paths.write_json(
+    paths.join(workdir, "export", CLARA_FILE),
+    {
+      "doc_max_length": cclara.doc_max_length,
+      "compr_rate": cclara.compr_rate,
+      "k": cclara.k,
+      "question_max_length": config.data.question_max_length,
+      "temperature": cclara.temperature,
+      "stage": config.stage,
+      "prompt_style": config.data.prompt_style,
+      "memory_scale": cclara.memory_scale,
+    },
+    indent=2,
+  )
 
 
 def _barrier(name: str) -> None:
