@@ -162,37 +162,12 @@ def build_stage_step(config, cached: bool = False, devices=None):
 
 
 def stage_step_time(
-  stage: str = "stage2",
-  model: str = "tiny",
-  batch: int = 4,
-  candidates: int = 20,
-  doc_len: int = 128,
-  compr_rate: int = 16,
-  k: int = 5,
-  question_len: int = 32,
-  prompt_len: int = 169,
-  answer_len: int = 20,
-  cached: bool = False,
-  iters: int = 3,
-  dtype: Optional[str] = None,
-  attention_layout: Optional[str] = None,
+  stage: str = "stage2", model: str = "tiny", cached: bool = False, iters: int = 3, **options
 ) -> dict:
   """Seconds per train step of `stage` (stage2: document memories recomputed, as the
-  reference does, or `cached`), tokens/s and MFU against this process's matmul peak."""
-  config = stage_config(
-    stage,
-    model,
-    batch,
-    candidates,
-    doc_len,
-    compr_rate,
-    k,
-    question_len,
-    prompt_len,
-    answer_len,
-    dtype,
-    attention_layout,
-  )
+  reference does, or `cached`), tokens/s and MFU against this process's matmul peak.
+  `options`: `stage_config`'s shapes, `dtype` and `attention_layout`."""
+  config = stage_config(stage, model, **options)
   setup, step, state, data = build_stage_step(config, cached, jax.devices()[:1])
   cfg_m, cfg_c = setup.cfg, setup.cclara
   holder = [state]
@@ -203,14 +178,15 @@ def stage_step_time(
     return metrics
 
   seconds = time_fn(run, iters=iters)
-  docs = documents_per_question(stage, candidates, k)
+  d, batch = config.data, config.train.global_batch
+  docs = documents_per_question(stage, d.candidates, cfg_c.k)
   flops = step_flops(config, cfg_m, cfg_c, cached=cached)
   peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
-  tokens = batch * (prompt_len + answer_len)
+  tokens = batch * (d.prompt_length + d.answer_length)
   if stage != "lm" and not cached:
-    tokens += batch * docs * packing.encoder_length(doc_len, cfg_c.n_mem)
+    tokens += batch * docs * packing.encoder_length(cfg_c.doc_max_length, cfg_c.n_mem)
   if stage == "stage2":
-    tokens += batch * packing.encoder_length(question_len, cfg_c.n_mem)
+    tokens += batch * packing.encoder_length(d.question_max_length, cfg_c.n_mem)
   return {
     "benchmark": f"{stage}_step",
     "model": model,
@@ -219,9 +195,9 @@ def stage_step_time(
     "cached_memories": cached,
     "batch": batch,
     "documents_per_question": docs,
-    "k": k,
-    "doc_len": doc_len,
-    "compr_rate": compr_rate,
+    "k": cfg_c.k,
+    "doc_len": cfg_c.doc_max_length,
+    "compr_rate": cfg_c.compr_rate,
     "step_s": round(seconds, 4),
     "tokens_per_s": round(tokens / seconds, 1),
     "mfu": round(flops / seconds / peak, 4),
