@@ -53,6 +53,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from clara_jax import demo, paths
 from clara_jax.data import formats
+from configs.recipes.real_pretrained import recipe as real_pretrained
+from configs.recipes.real_tiny import recipe as real_tiny
 
 HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
 NQ_FILE = "nq_open_oracle.jsonl.gz"
@@ -122,152 +124,51 @@ def data_plan(quick: bool = False, seed: int = 0, pretrained: bool = False) -> D
 
 
 def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recipe:
-  """The stage overrides (`demo.Recipe`) for real text, with the demo's lessons (see
-  `demo.default_recipe`): the `tiny` model (it affords thousands of steps), the base
-  weights training with the adapters in stage1 and stage1_2, documents of 128 tokens
-  (64 quick) compressed 4x, short prompts, the stage1 generator kept into stage1_2, and
-  in stage2 the generator frozen and one selected document. stage1_2 prompts hold
-  `plan.k` documents. `dirs`: the data paths of `prepare_data`. The generator prompt
-  lengths are set after the `lm` stage (`fit_recipe`)."""
-  doc_len = 64 if quick else 128
-  shared = {
-    "tokenizer.vocab_size": 1024 if quick else 4096,
-    "data.prompt_style": "short",
-    "clara.doc_max_length": doc_len,
-    "clara.compr_rate": 4,
-    "clara.k": plan.k,
-    "tokenizer.num_mem_tokens": doc_len // 4,
-    "data.candidates": plan.candidates,
-    "data.question_max_length": 32,
-    "data.answer_length": 16,
-    "data.lm_length": doc_len,
-    "train.global_batch": 8 if quick else 16,
-    "train.log_every": 10 if quick else 50,
-    "train.checkpoint_every": 20 if quick else 250,
-    "mesh.shape": (-1, 1, 1),
-  }
-  stages = {
-    "lm": {
-      "train.num_steps": 1500,
-      "optimizer.lr": 3e-3,
-      "data.source": dirs["lm"],
-      "train.global_batch": 32,
-    },
-    "stage1": {
-      "train.num_steps": 1500,
-      "optimizer.lr": 3e-3,
-      "data.source": dirs["stage1"],
-      "data.answer_length": 64,
-      "clara.train_base": True,
-    },
-    "stage1_2": {
-      "train.num_steps": 400,
-      "optimizer.lr": 1e-3,
-      "clara.train_base": True,
-      "data.source": dirs["stage1_2"],
-      "init.reset_adapters": (),
-    },
-    "stage2": {
-      "train.num_steps": 400,
-      "train.global_batch": 8,
-      "optimizer.lr": 1e-3,
-      "optimizer.schedule": "cosine",
-      "optimizer.warmup_ratio": 0.03,
-      "clara.train_generator": False,
-      "clara.k": 1,
-      "data.source": dirs["stage2"],
-    },
-  }
-  if quick:
-    for stage, steps in zip(demo.PAPER_STAGES, (40, 20, 20, 20)):
-      stages[stage]["train.num_steps"] = steps
-      stages[stage]["train.global_batch"] = 8
+  """The stage overrides (`demo.Recipe`) for real text from scratch: the static ones of
+  configs/recipes/real_tiny/recipe.py (which says why each value), plus what only the
+  run knows: `plan.k` documents per stage1_2 prompt, `plan.candidates` per stage2 row,
+  and `dirs`, the data paths of `prepare_data`. The generator prompt lengths are set
+  after the `lm` stage (`fit_recipe`)."""
+  shared, stages = real_tiny.overrides(quick)
+  shared.update({"clara.k": plan.k, "data.candidates": plan.candidates})
+  for stage in stages:
+    stages[stage]["data.source"] = dirs[stage]
   return demo.Recipe(
-    model="tiny",
+    model=real_tiny.MODEL,
     shared=shared,
     stages=stages,
-    eval_questions=16 if quick else 200,
-    min_memory_gain=1.0,
+    eval_questions=real_tiny.QUICK_EVAL_QUESTIONS if quick else real_tiny.EVAL_QUESTIONS,
+    min_memory_gain=real_tiny.MIN_MEMORY_GAIN,
     judged=not quick,
   )
 
 
-# How a pretrained base's compressor trains (stages 1 and 1_2; the memory scale holds in
-# every stage, as the generator must read memories as they were trained): memories
-# rescaled to the token embeddings' RMS, no MSE alignment, the memories' bag-of-tokens
-# loss (`clara.lexical_loss`), stage1 at lr 3e-3. Chosen on the stage1 study's dev
-# documents (docs/real_smollm2.md), not on held-out questions.
-STAGE1_SETTINGS = {
-  "clara.memory_scale": "embedding",
-  "clara.mse_weight": 0.0,
-  "clara.lexical_weight": 1.0,
-  "optimizer.lr": 3e-3,
-}
+# How a pretrained base's compressor trains in stages 1 and 1_2; the recipe file says why.
+STAGE1_SETTINGS = real_pretrained.STAGE1_SETTINGS
 
 
 def pretrained_recipe(
   quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str, memory_cache: str
 ) -> demo.Recipe:
-  """The recipe on a pretrained base (the paper's setting): the base stays frozen and
-  only the LoRA adapters (and, in stage1, the CLaRa tokens' embedding rows) train;
-  documents of 128 tokens compressed 8x (16 memory tokens), the reference's English
-  prompts in the base's chat format; stage2 trains reasoner and generator (the reasoner
-  at twice the rate, as in the demo) and reads the stage1_2 compressor's memories from
-  `memory_cache`. No `lm` stage: the base is imported (`import_base`).
-
-  Stages 1 and 1_2 compress with `STAGE1_SETTINGS`, chosen with
-  `clara_jax.eval.stage1_study` on training documents set aside (the paper's settings
-  wrote one memory for every document on this base). Sized for about 1 h on two CPU
-  cores with SmolLM2-135M (steps of 8 rows: stage1 7.2 s, stage1_2 13.7 s, stage2 over
-  cached memories 5.5 s; the evaluation of 200 held-out questions 8 min). `model` names
-  the configs' size; the imported export's own config is what trains."""
-  doc_len = 64 if quick else 128
-  shared = {
-    "data.prompt_style": "reference",
-    "clara.doc_max_length": doc_len,
-    "clara.compr_rate": 8,
-    "clara.k": plan.k,
-    "tokenizer.num_mem_tokens": doc_len // 8,
-    "data.candidates": plan.candidates,
-    "data.question_max_length": 32,
-    "data.answer_length": 24,
-    "train.global_batch": 8,
-    "train.log_every": 2 if quick else 10,
-    "train.checkpoint_every": 4 if quick else 20,
-    "mesh.shape": (-1, 1, 1),
-    **{key: value for key, value in STAGE1_SETTINGS.items() if key != "optimizer.lr"},
-  }
-  stages = {
-    "stage1": {
-      "train.num_steps": 150,
-      "optimizer.lr": STAGE1_SETTINGS["optimizer.lr"],
-      "data.source": dirs["stage1"],
-      "data.answer_length": 48,
-    },
-    "stage1_2": {
-      "train.num_steps": 60,
-      "optimizer.lr": 5e-4,
-      "data.source": dirs["stage1_2"],
-      "init.reset_adapters": (),
-    },
-    "stage2": {
-      "train.num_steps": 100,
-      "optimizer.lr": 5e-4,
-      "optimizer.lr_multipliers": ((".*/lora_reasoner/.*", 2.0),),
-      "clara.train_generator": True,
-      "data.source": dirs["stage2"],
-      "data.memory_cache": memory_cache,
-    },
-  }
-  if quick:
-    for stage, steps in zip(demo.PAPER_STAGES[1:], (6, 4, 4)):
-      stages[stage]["train.num_steps"] = steps
+  """The recipe on a pretrained base (the paper's setting, the base frozen): the static
+  overrides of configs/recipes/real_pretrained/recipe.py (which says why each value),
+  plus what only the run knows: `model` (the configs' size; the imported export's own
+  config is what trains), `plan.k` and `plan.candidates`, `dirs` (the data paths of
+  `prepare_data`) and `memory_cache`, where stage2 reads the stage1_2 compressor's
+  memories. No `lm` stage: the base is imported (`import_base`)."""
+  shared, stages = real_pretrained.overrides(quick)
+  shared.update({"clara.k": plan.k, "data.candidates": plan.candidates})
+  for stage in stages:
+    stages[stage]["data.source"] = dirs[stage]
+  stages["stage2"]["data.memory_cache"] = memory_cache
   return demo.Recipe(
     model=model,
     shared=shared,
     stages=stages,
-    eval_questions=8 if quick else None,
-    min_memory_gain=1.0,
+    eval_questions=(
+      real_pretrained.QUICK_EVAL_QUESTIONS if quick else real_pretrained.EVAL_QUESTIONS
+    ),
+    min_memory_gain=real_pretrained.MIN_MEMORY_GAIN,
     judged=not quick,
   )
 
