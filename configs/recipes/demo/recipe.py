@@ -142,16 +142,23 @@ QUICK_EVAL_QUESTIONS = 24  # each kind sampled evenly
 VARIANTS = ("quick", "seed=N")
 
 
+def with_variant(shared, stage_overrides, quick, quick_shared, quick_steps, quick_stage=None):
+  """(shared, per-stage) override dicts of a recipe, or of its `quick` variant
+  (`quick_shared` on top of `shared`, each stage's steps from `quick_steps` and the
+  values `quick_stage` in every stage); fresh copies, so a caller may change them."""
+  shared = copy.deepcopy(shared)
+  stages = copy.deepcopy(stage_overrides)
+  if quick:
+    shared.update(quick_shared)
+    for stage, steps in quick_steps.items():
+      stages[stage].update({"train.num_steps": steps, **(quick_stage or {})})
+  return shared, stages
+
+
 def overrides(quick=False):
   """(shared, per-stage) override dicts of the recipe or its `quick` variant; fresh
   copies, so a caller may change them."""
-  shared = copy.deepcopy(SHARED)
-  stages = copy.deepcopy(STAGE_OVERRIDES)
-  if quick:
-    shared.update(QUICK_SHARED)
-    for stage, steps in QUICK_STEPS.items():
-      stages[stage]["train.num_steps"] = steps
-  return shared, stages
+  return with_variant(SHARED, STAGE_OVERRIDES, quick, QUICK_SHARED, QUICK_STEPS)
 
 
 def build_config(stage, model, values, seed=0):

@@ -21,10 +21,9 @@ the memory cache and the data plan's `clara.k` and `data.candidates` to these di
 SmolLM2-135M's shapes), as the stage files beside this one do for `clara-jax train`.
 """
 
-import copy
 from typing import Any, Dict
 
-from configs.recipes.demo.recipe import build_config, parse_variant
+from configs.recipes.demo.recipe import build_config, parse_variant, with_variant
 
 # The configs' size of the `--base smollm2` base (`clara_jax.real_data.BASES`); the
 # imported export's own config is what trains.
@@ -102,13 +101,7 @@ VARIANTS = ("quick", "seed=N")
 def overrides(quick=False):
   """(shared, per-stage) static override dicts of the recipe or its `quick` variant;
   fresh copies, so a caller may change them."""
-  shared = copy.deepcopy(SHARED)
-  stages = copy.deepcopy(STAGE_OVERRIDES)
-  if quick:
-    shared.update(QUICK_SHARED)
-    for stage, steps in QUICK_STEPS.items():
-      stages[stage]["train.num_steps"] = steps
-  return shared, stages
+  return with_variant(SHARED, STAGE_OVERRIDES, quick, QUICK_SHARED, QUICK_STEPS)
 
 
 def recipe_config(stage, arg=None):

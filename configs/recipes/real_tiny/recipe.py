@@ -14,10 +14,9 @@ adds the data paths and the data plan's `clara.k` and `data.candidates` to these
 stage files beside this one do for `clara-jax train`.
 """
 
-import copy
 from typing import Any, Dict
 
-from configs.recipes.demo.recipe import build_config, parse_variant
+from configs.recipes.demo.recipe import build_config, parse_variant, with_variant
 
 MODEL = "tiny"
 # The pipeline's stages in the order they train (README.md in this directory).
@@ -96,14 +95,9 @@ VARIANTS = ("quick", "seed=N")
 def overrides(quick=False):
   """(shared, per-stage) static override dicts of the recipe or its `quick` variant;
   fresh copies, so a caller may change them."""
-  shared = copy.deepcopy(SHARED)
-  stages = copy.deepcopy(STAGE_OVERRIDES)
-  if quick:
-    shared.update(QUICK_SHARED)
-    for stage, steps in QUICK_STEPS.items():
-      stages[stage]["train.num_steps"] = steps
-      stages[stage]["train.global_batch"] = QUICK_BATCH
-  return shared, stages
+  return with_variant(
+    SHARED, STAGE_OVERRIDES, quick, QUICK_SHARED, QUICK_STEPS, {"train.global_batch": QUICK_BATCH}
+  )
 
 
 def recipe_config(stage, arg=None):
