@@ -50,14 +50,14 @@ def lm_text_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def quick_demo(tmp_path_factory):
-  """`demo.run(quick=True)` once per session (per xdist worker): (workdir, summary, logged
+  """The demo recipe's quick pipeline (`clara-jax demo --quick`) once per session (per xdist worker): (workdir, summary, logged
   lines). Shared by the tests of test_demo.py (one file, so one worker under
   `--dist loadfile`), whose notebook test resumes from it instead of training again."""
-  from clara_jax import demo
+  from clara_jax.pipeline import run
 
   workdir = str(tmp_path_factory.mktemp("demo"))
   lines = []
-  summary = demo.run(workdir, quick=True, log=lines.append)
+  summary = run.run("demo", workdir, quick=True, log=lines.append)
   return workdir, summary, lines
 
 

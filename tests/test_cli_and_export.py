@@ -21,18 +21,23 @@ def test_info_reports_parameter_counts(capsys):
 
 
 def test_demo_command_runs_the_demo_pipeline(monkeypatch, tmp_path):
-  """The CLI hands its flags to `clara_jax.demo.run` (tests/test_demo.py runs it)."""
-  from clara_jax import demo
+  """The CLI hands its flags to the pipeline runner with the demo recipe
+  (tests/test_demo.py runs it); the exit code follows the claims."""
+  from clara_jax.pipeline import run
 
-  calls = []
+  calls, verdict = [], [None]
   monkeypatch.setattr(
-    demo,
+    run,
     "run",
-    lambda workdir, quick, seed: calls.append((workdir, quick, seed))
-    or {"claims": [{"claim": "x"}]},
+    lambda recipe, workdir, quick, seed, data_dir, base: calls.append(
+      (recipe, workdir, quick, seed, data_dir, base)
+    )
+    or {"claims": [{"claim": "x", "passed": verdict[0]}]},
   )
   assert cli.main(["demo", "--quick", "--workdir", str(tmp_path), "--seed", "3"]) == 0
-  assert calls == [(str(tmp_path), True, 3)]
+  assert calls == [("demo", str(tmp_path), True, 3, None, None)]
+  verdict[0] = False
+  assert cli.main(["pipeline", "--recipe", "demo", "--workdir", str(tmp_path)]) == 1
 
 
 def test_bench_forward_prints_figures(capsys):

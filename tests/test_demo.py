@@ -20,24 +20,26 @@ import pytest
 from nbclient import NotebookClient
 from report_checks import HIDDEN_CLAIMS, check_report
 
-from clara_jax import demo
 from clara_jax.eval import baselines
 from clara_jax.eval.evaluate import load_rows
+from clara_jax.pipeline import evaluation, report, run, stages, world
+from clara_jax.pipeline import recipe as recipe_lib
 
-ALL_STAGES = demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
+ALL_STAGES = recipe_lib.load("demo").train + world.EDIT_STAGES
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   workdir, summary, lines = quick_demo
   for stage in ALL_STAGES:
     assert os.listdir(os.path.join(workdir, stage, "tensorboard"))
-    assert os.path.exists(os.path.join(workdir, stage, demo.DONE_FILE))
+    assert os.path.exists(os.path.join(workdir, stage, stages.DONE_FILE))
   written = check_report(workdir, lines, HIDDEN_CLAIMS, ("single", "one_link", "two_link"))
   # The report says what produced it: this checkout's commit.
   import subprocess
 
   head = subprocess.run(
-    ["git", "-C", os.path.dirname(os.path.dirname(demo.__file__)), "rev-parse", "HEAD"],
+    ["git", "-C", ROOT, "rev-parse", "HEAD"],
     capture_output=True,
     text=True,
   ).stdout.strip()
@@ -58,7 +60,7 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   for name in ("init", "stage2_shuffled", "stage2_retrieval"):
     assert written["results"][name]["questions"] == final["questions"]
   # --quick trains too few steps for any claim: its rows carry no verdict.
-  assert all(c["passed"] is None for c in written["claims"]) and demo.claims_met(written)
+  assert all(c["passed"] is None for c in written["claims"]) and report.claims_met(written)
   probe = written["results"]["probe"]
   assert set(probe) == {"lm", "stage1", "stage1_2"}
   assert all(0 <= p["known_share"] <= 1 and p["links"] > 0 for p in probe.values())
@@ -69,13 +71,13 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
   for model in ("stage2", "sham", "edit"):  # the base and each adapted model, closed book
     assert {"new_known", "reasoner_old_known", "generator_new_known"} <= set(edit["probe"][model])
   assert any(c["claim"].startswith("e. edit: top-1 on the new") for c in written["claims"])
-  with open(os.path.join(workdir, demo.EDIT_STAGES[0], "export", "config.json")) as f:
+  with open(os.path.join(workdir, world.EDIT_STAGES[0], "export", "config.json")) as f:
     assert json.load(f)
   from clara_jax.model import lora
   from clara_jax.weights.export import load_params
 
   _, stage2 = load_params(os.path.join(workdir, "stage2", "export"))
-  for stage in demo.EDIT_STAGES:
+  for stage in world.EDIT_STAGES:
     _, tuned = load_params(os.path.join(workdir, stage, "export"))
     (base2, adapters2), (base_t, adapters_t) = (
       lora.split_adapters(stage2),
@@ -90,7 +92,7 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
     with open(os.path.join(workdir, "eval", f"edit_{model}.jsonl")) as f:
       ids[model] = [json.loads(line)["id"] for line in f]
   assert ids["stage2"] == ids["sham"] == ids["edit"] and ids["stage2"]
-  texts = [os.path.join(workdir, "edit", demo.EDIT_TEXT[s]) for s in demo.EDIT_STAGES]
+  texts = [os.path.join(workdir, "edit", world.EDIT_TEXT[s]) for s in world.EDIT_STAGES]
   edited, unchanged = ([line for line in open(t)] for t in texts)
   changed = [(a, b) for a, b in zip(unchanged, edited) if a != b]
   assert changed and len(edited) == len(unchanged)
@@ -98,9 +100,9 @@ def test_quick_demo_writes_the_table_and_artefacts(quick_demo):
 
 def test_baselines_rank_the_same_candidates_as_the_reasoner(quick_demo):
   workdir, _, _ = quick_demo
-  world = demo.world_dir(workdir, demo.default_recipe(quick=True))
-  rows = {r["id"]: r for r in load_rows(os.path.join(world, "stage2_test.jsonl"))}
-  counts = baselines.gold_counts_of(load_rows(os.path.join(world, "stage2_train.jsonl")))
+  world_dir = world.world_dir(workdir, recipe_lib.load("demo", quick=True))
+  rows = {r["id"]: r for r in load_rows(os.path.join(world_dir, "stage2_test.jsonl"))}
+  counts = baselines.gold_counts_of(load_rows(os.path.join(world_dir, "stage2_train.jsonl")))
   with open(os.path.join(workdir, "eval", "stage2.jsonl")) as f:
     records = [json.loads(line) for line in f]
   assert records
@@ -117,9 +119,9 @@ def test_demo_exit_code_follows_the_claims():
   rows = lambda *verdicts: {
     "claims": [{"claim": str(i), "passed": v} for i, v in enumerate(verdicts)]
   }
-  assert demo.claims_met(rows(True, None, True))
-  assert not demo.claims_met(rows(True, False, None))
-  assert not demo.claims_met({"claims": []})
+  assert report.claims_met(rows(True, None, True))
+  assert not report.claims_met(rows(True, False, None))
+  assert not report.claims_met({"claims": []})
 
 
 # The same resume runs in the default test run through the notebook's demo cell
@@ -129,7 +131,7 @@ def test_demo_exit_code_follows_the_claims():
 def test_rerun_resumes_instead_of_starting_over(quick_demo):
   workdir, summary, _ = quick_demo
   lines = []
-  again = demo.run(workdir, quick=True, log=lines.append)
+  again = run.run("demo", workdir, quick=True, log=lines.append)
   skipped = [line for line in lines if "finished before" in line]
   assert len(skipped) == len(ALL_STAGES)
   # Same checkpoints, same evaluation.
@@ -170,7 +172,7 @@ def _results(lift, ci, auc=0.56):
 
 
 def test_claims_table_applies_each_target():
-  rows = {r[0]: r for r in demo.claims(_results(0.10, 0.04), min_gain=1.0)}
+  rows = {r[0]: r for r in evaluation.checkpoint_claims(_results(0.10, 0.04), min_gain=1.0)}
   assert rows["a. memory gain (nats/token)"][3] and rows["a. EM gold memories vs random"][3]
   assert rows["b. Recall@1 stage2 vs init"][3]
   assert not rows["b. Recall@5 stage2 vs init"][3]  # equal is no win
@@ -182,11 +184,13 @@ def test_claims_table_applies_each_target():
   reference = rows["c. reference: gold memories' own lens"]
   assert reference[1] == "AUC 0.580 +- 0.030, lift +0.07 +- 0.07" and reference[3] is None
   # A lift inside its 95% interval is no evidence of hidden words.
-  rows = {r[0]: r for r in demo.claims(_results(0.03, 0.05, auc=0.52), min_gain=2.0)}
+  rows = {
+    r[0]: r for r in evaluation.checkpoint_claims(_results(0.03, 0.05, auc=0.52), min_gain=2.0)
+  }
   assert not rows["c. lens hidden vs control words (top-2)"][3]
   assert not rows["c. lens rank AUC gold vs control pieces"][3]  # 0.52 - 0.03 < 0.5
   assert not rows["a. memory gain (nats/token)"][3]
-  table = demo.format_table(list(rows.values()))
+  table = report.format_table(list(rows.values()))
   assert len(table.splitlines()) == len(rows) + 1 and "miss" in table
 
 
@@ -194,7 +198,7 @@ def test_pooling_seeds_reads_every_seeds_records(quick_demo):
   from clara_jax.eval import hidden
 
   workdir, summary, _ = quick_demo
-  k = demo.stage_config("stage2", demo.default_recipe(quick=True)).clara.k
+  k = recipe_lib.stage_config("stage2", recipe_lib.load("demo", quick=True)).clara.k
   pooled = hidden.pool_seeds({1: workdir, 2: workdir}, k)
   single = summary["results"]
   assert pooled["questions"] == 2 * single["questions"]
@@ -211,7 +215,7 @@ def test_pooling_seeds_reads_every_seeds_records(quick_demo):
     assert edit["probe"][model]["links"] == 2 * one["probe"][model]["links"]
   rows = hidden.claims(pooled, 1.0)
   verdicts = {1: {rows[0][0]: True}, 2: {rows[0][0]: False}}
-  table = demo.format_seeds_table(rows, verdicts).splitlines()
+  table = report.format_seeds_table(rows, verdicts).splitlines()
   assert len(table) == len(rows) + 1 and table[1].rstrip().endswith("PASS miss")
 
 
@@ -277,9 +281,7 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
   assert "clara_jax already installed" in _stream(install)
   assert "cpu" in _stream(devices)
   log = _stream(run)
-  assert log.count("finished before: skipped") == len(
-    demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
-  )
+  assert log.count("finished before: skipped") == len(ALL_STAGES)
   with open(os.path.join(workdir, "summary.json")) as f:
     written = json.load(f)
   assert written["results"]["stage2"]["questions"] == summary["results"]["stage2"]["questions"]
@@ -288,8 +290,8 @@ def test_notebook_runs_the_quick_demo(quick_demo, monkeypatch, tmp_path):
     summary["results"]["stage2"]["memory_gain"], abs=1e-5
   )
   rows = [(c["claim"], c["measured"], c["target"], c["passed"]) for c in written["claims"]]
-  assert demo.format_table(rows) in log
-  assert _stream(table) == demo.format_table(rows) + "\n"
+  assert report.format_table(rows) in log
+  assert _stream(table) == report.format_table(rows) + "\n"
   for cell, name in zip(figures, ("lens.png", "losses.png")):
     images = [
       o.data["image/png"]

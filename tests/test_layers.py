@@ -7,7 +7,7 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1] / "clara_jax"
 # Lowest first; a top-level module or subpackage of clara_jax (or one module in it,
 # which then sits apart from its package) -> its floor. The stage1 study runs the
-# real-data pipeline, so it sits with the pipeline runners.
+# real-data pipeline, so it sits with the pipeline runner.
 FLOORS = (
   ("paths", "progress", "partitioning"),
   ("model", "ops", "data"),
@@ -15,7 +15,7 @@ FLOORS = (
   ("infer",),
   ("train",),
   ("eval",),
-  ("demo", "real_data", "eval.stage1_study"),
+  ("pipeline", "eval.stage1_study"),
   ("bench",),
   ("cli",),
 )

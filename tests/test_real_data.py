@@ -2,6 +2,7 @@
 files in the shared files' layouts (fast, always run) and on the real files (skipped when
 the data directory is absent); the quick pipeline end to end on the real files (slow)."""
 
+import dataclasses
 import gzip
 import json
 import os
@@ -9,8 +10,10 @@ import os
 import pytest
 from report_checks import check_report
 
-from clara_jax import cli, demo, real_data
+from clara_jax import cli
 from clara_jax.data.formats import validate_row
+from clara_jax.pipeline import real_data, run, stages
+from clara_jax.pipeline import recipe as recipe_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -222,43 +225,50 @@ def test_split_is_seeded_and_checked():
 
 def test_missing_source_file_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match=r"hotpotqa_dev500\.jsonl: missing"):
-    real_data.prepare_data(str(tmp_path), str(tmp_path / "w"), real_data.data_plan(True))
+    real_data.prepare_data(
+      str(tmp_path), str(tmp_path / "w"), real_data.data_plan(recipe_lib.load("real_tiny", True))
+    )
 
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_pretrained_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
 
-  plan = real_data.data_plan(quick, pretrained=True)
+  plan = real_data.data_plan(recipe_lib.load("real_pretrained", quick))
   assert (
     plan.nq_stage1
     and plan.restate_stage1
     and plan.test == ({"hotpotqa": 8, "nq": 8} if quick else {"hotpotqa": 100, "nq": 100})
   )
   dirs = real_data.data_dirs(str(tmp_path))
-  recipe = real_data.pretrained_recipe(quick, plan, dirs, "smollm2_135m", "/m")
-  assert "lm" not in recipe.stages  # the base is imported, not trained
-  for stage in demo.PAPER_STAGES[1:]:
-    config = validate(demo.stage_config(stage, recipe))
+  recipe = real_data.with_run_values(
+    recipe_lib.load("real_pretrained", quick), plan, dirs, "smollm2"
+  )
+  assert "lm" not in recipe.stages and recipe.base == "import"  # imported, not trained
+  for stage in recipe.train:
+    config = validate(recipe_lib.stage_config(stage, recipe))
     assert config.data.source == dirs[stage]
     assert not config.clara.train_base and config.clara.k == plan.k
-    assert config.data.memory_cache == ("/m" if stage == "stage2" else "")
+    cache = real_data.memory_cache_dir(str(tmp_path))
+    assert config.data.memory_cache == (cache if stage == "stage2" else "")
     assert config.data.prompt_style == "reference"
     # The generator reads memories in every stage as stage1 trained them.
     assert config.clara.memory_scale == "embedding"
     assert (config.clara.lexical_weight, config.clara.mse_weight) == (1.0, 0.0)
-  assert demo.stage_config("stage1", recipe).optimizer.lr == 3e-3
+  assert recipe_lib.stage_config("stage1", recipe).optimizer.lr == 3e-3
 
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_recipe_gives_valid_stage_configs(tmp_path, quick):
   from configs.base import validate
 
-  plan = real_data.data_plan(quick)
+  recipe = recipe_lib.load("real_tiny", quick)
+  plan = real_data.data_plan(recipe)
   dirs = real_data.data_dirs(str(tmp_path))
-  recipe = real_data.real_recipe(quick, plan, dirs)
-  for stage in demo.PAPER_STAGES:
-    config = validate(demo.stage_config(stage, recipe))
+  recipe = real_data.with_run_values(recipe, plan, dirs)
+  assert recipe.train == ("lm", "stage1", "stage1_2", "stage2")
+  for stage in recipe.train:
+    config = validate(recipe_lib.stage_config(stage, recipe))
     assert config.data.source == dirs["lm" if stage == "lm" else stage]
     assert config.data.candidates == plan.candidates
     assert config.clara.k == (1 if stage == "stage2" else plan.k)
@@ -267,18 +277,60 @@ def test_recipe_gives_valid_stage_configs(tmp_path, quick):
 def test_cli_hands_flags_to_run(monkeypatch, tmp_path):
   calls = []
   monkeypatch.setattr(
-    real_data,
+    run,
     "run",
-    lambda workdir, data_dir, quick, seed, base: calls.append(
-      (workdir, data_dir, quick, seed, base)
+    lambda recipe, workdir, quick, seed, data_dir, base: calls.append(
+      (recipe, workdir, data_dir, quick, seed, base)
     )
     or {"claims": [{"claim": "x"}]},
   )
-  assert cli.main(["real-data", "--quick", "--workdir", str(tmp_path), "--data_dir", "d"]) == 0
-  assert (
-    cli.main(["real-data", "--workdir", str(tmp_path), "--data_dir", "d", "--base", "smollm2"]) == 0
-  )
-  assert calls == [(str(tmp_path), "d", True, 0, None), (str(tmp_path), "d", False, 0, "smollm2")]
+  w = str(tmp_path)
+  assert cli.main(["real-data", "--quick", "--workdir", w, "--data_dir", "d"]) == 0
+  assert cli.main(["real-data", "--workdir", w, "--data_dir", "d", "--base", "smollm2"]) == 0
+  assert cli.main(["demo", "--workdir", w, "--seed", "3"]) == 0
+  recipe_dir = os.path.join(ROOT, "configs", "recipes", "real_tiny")
+  assert cli.main(["pipeline", "--recipe", recipe_dir, "--workdir", w, "--data_dir", "d"]) == 0
+  assert calls == [
+    ("real_tiny", w, "d", True, 0, None),
+    ("real_pretrained", w, "d", False, 0, "smollm2"),
+    ("demo", w, None, False, 3, None),
+    (recipe_dir, w, "d", False, 0, None),
+  ]
+
+
+@pytest.mark.parametrize(
+  "argv,message",
+  [
+    (["--recipe", "real_tiny"], "recipe 'real_tiny' reads the real QA files: give --data_dir"),
+    (["--recipe", "real_pretrained", "--data_dir", "d"], "give --base"),
+    (["--recipe", "demo", "--base", "smollm2"], "trains its base (`lm`): --base is not used"),
+    (["--recipe", "demo", "--data_dir", "d"], "generates its world: --data_dir is not used"),
+    (["--recipe", "nope"], "recipe 'nope': neither a directory with a recipe.py nor one of"),
+    (["--recipe", "real_tiny", "--seeds", "1,2", "--data_dir", "d"], "generated world only"),
+  ],
+)
+def test_pipeline_refuses_flags_its_recipe_cannot_use(argv, message, tmp_path, capsys):
+  """Checked before anything is written: exit 2, one line naming the flag."""
+  workdir = tmp_path / "w"
+  assert cli.main(["pipeline", "--workdir", str(workdir), *argv]) == 2
+  err = capsys.readouterr().err
+  assert message in err and len(err.strip().splitlines()) == 1
+  assert not workdir.exists() or not any(workdir.iterdir())
+
+
+def test_a_recipe_directory_outside_the_package_runs_as_its_copy(tmp_path):
+  """A recipe is a directory: a copy of real_tiny's elsewhere loads as the same recipe,
+  and a declaration it gets wrong is an error naming the file."""
+  import shutil
+
+  copy = tmp_path / "my_recipe"
+  shutil.copytree(os.path.join(ROOT, "configs", "recipes", "real_tiny"), copy)
+  mine, theirs = recipe_lib.load(str(copy), quick=True), recipe_lib.load("real_tiny", quick=True)
+  assert mine == dataclasses.replace(theirs, name="my_recipe")
+  recipe_file = copy / "recipe.py"
+  recipe_file.write_text(recipe_file.read_text() + '\nEVALUATION = "vibes"\n')
+  with pytest.raises(ValueError, match=r"my_recipe/recipe.py: EVALUATION = 'vibes'"):
+    recipe_lib.load(str(copy))
 
 
 def test_a_stage_stopped_early_is_not_marked_done(monkeypatch, tmp_path):
@@ -286,12 +338,13 @@ def test_a_stage_stopped_early_is_not_marked_done(monkeypatch, tmp_path):
   from clara_jax.train import loop
 
   monkeypatch.setattr(loop, "train", lambda config, workdir, progress=None: {})
-  recipe = real_data.real_recipe(
-    True, real_data.data_plan(True), real_data.data_dirs(str(tmp_path))
+  recipe = recipe_lib.load("real_tiny", True)
+  recipe = real_data.with_run_values(
+    recipe, real_data.data_plan(recipe), real_data.data_dirs(str(tmp_path))
   )
-  with pytest.raises(demo.StageStopped, match="run the same command again"):
-    demo.run_stage("lm", str(tmp_path), recipe, log=lambda _: None)
-  assert not os.path.exists(os.path.join(str(tmp_path), "lm", demo.DONE_FILE))
+  with pytest.raises(stages.StageStopped, match="run the same command again"):
+    stages.run_stage("lm", str(tmp_path), recipe, log=lambda _: None)
+  assert not os.path.exists(os.path.join(str(tmp_path), "lm", stages.DONE_FILE))
 
 
 def _shared():
@@ -302,7 +355,10 @@ def _shared():
 
 def test_real_files_quick_plan(tmp_path):
   record = real_data.prepare_data(
-    _shared(), str(tmp_path), real_data.data_plan(True), log=lambda _: None
+    _shared(),
+    str(tmp_path),
+    real_data.data_plan(recipe_lib.load("real_tiny", True)),
+    log=lambda _: None,
   )
   counts = record["counts"]
   assert counts["hotpotqa"] == {"train": 32, "test": 8}
@@ -321,7 +377,7 @@ def quick_run(tmp_path_factory):
   data_dir = _shared()
   workdir = str(tmp_path_factory.mktemp("real_data"))
   lines = []
-  summary = real_data.run(workdir, data_dir, quick=True, log=lines.append)
+  summary = run.run("real_tiny", workdir, quick=True, data_dir=data_dir, log=lines.append)
   return workdir, data_dir, summary, lines
 
 
@@ -340,9 +396,9 @@ def test_quick_real_data_run_writes_the_table(quick_run):
 def test_quick_real_data_rerun_resumes(quick_run):
   workdir, data_dir, summary, _ = quick_run
   lines = []
-  again = real_data.run(workdir, data_dir, quick=True, log=lines.append)
+  again = run.run("real_tiny", workdir, quick=True, data_dir=data_dir, log=lines.append)
   assert "[    data] prepared before: kept" in lines
-  assert sum("finished before" in line for line in lines) == len(demo.PAPER_STAGES)
+  assert sum("finished before" in line for line in lines) == 4
   assert again["results"]["stage2"]["recall@1"] == summary["results"]["stage2"]["recall@1"]
 
 
@@ -369,7 +425,9 @@ def pretrained_run(tmp_path_factory):
   data, base = _pretrained_inputs(root, hotpot=20)
   workdir = str(root / "work")
   lines = []
-  summary = real_data.run(workdir, str(data), quick=True, base=base, log=lines.append)
+  summary = run.run(
+    "real_pretrained", workdir, quick=True, data_dir=str(data), base=base, log=lines.append
+  )
   return workdir, str(data), base, summary, lines
 
 
@@ -443,7 +501,9 @@ def test_a_pretrained_base_runs_every_stage_and_reports(pretrained_run):
 def test_a_pretrained_run_resumes_and_refuses_a_stale_cache(pretrained_run):
   workdir, data_dir, base, summary, _ = pretrained_run
   lines = []
-  again = real_data.run(workdir, data_dir, quick=True, base=base, log=lines.append)
+  again = run.run(
+    "real_pretrained", workdir, quick=True, data_dir=data_dir, base=base, log=lines.append
+  )
   assert "[      lm] imported before: skipped" in lines
   assert "[  memory] cached before: kept" in lines
   assert sum("finished before" in line for line in lines) == 3

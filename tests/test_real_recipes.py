@@ -6,7 +6,8 @@ import importlib
 
 import pytest
 
-from clara_jax import demo, real_data
+from clara_jax.pipeline import real_data
+from clara_jax.pipeline import recipe as recipe_lib
 from configs.base import validate
 from configs.recipes.real_pretrained import recipe as pretrained
 from configs.recipes.real_tiny import recipe as tiny
@@ -15,12 +16,11 @@ RECIPES = {"real_tiny": tiny, "real_pretrained": pretrained}
 CASES = [(name, stage) for name, module in RECIPES.items() for stage in module.STAGES]
 
 
-def _pipeline_recipe(name, quick, tmp_path):
-  plan = real_data.data_plan(quick, pretrained=name == "real_pretrained")
+def _pipeline_recipe(name, quick, tmp_path, plan=None):
+  recipe = recipe_lib.load(name, quick)
+  plan = plan or real_data.data_plan(recipe)
   dirs = real_data.data_dirs(str(tmp_path))
-  if name == "real_tiny":
-    return real_data.real_recipe(quick, plan, dirs)
-  return real_data.pretrained_recipe(quick, plan, dirs, pretrained.MODEL, "/m")
+  return real_data.with_run_values(recipe, plan, dirs, "smollm2")
 
 
 def _get(config, key):
@@ -39,7 +39,7 @@ def test_stage_files_are_the_pipelines_configs(name, stage, quick, tmp_path):
   """On every static key the file sets, its config is `real-data`'s; it validates."""
   config = _file_config(name, stage, "quick" if quick else None)
   validate(config)
-  expected = demo.stage_config(stage, _pipeline_recipe(name, quick, tmp_path))
+  expected = recipe_lib.stage_config(stage, _pipeline_recipe(name, quick, tmp_path))
   shared, stages = RECIPES[name].overrides(quick)
   for key in {**shared, **stages[stage]}:
     assert repr(_get(config, key)) == repr(_get(expected, key)), key  # tuples stay tuples
@@ -47,8 +47,8 @@ def test_stage_files_are_the_pipelines_configs(name, stage, quick, tmp_path):
 
 
 def test_every_pipeline_stage_has_a_file(tmp_path):
-  assert tiny.STAGES == demo.PAPER_STAGES
-  assert pretrained.STAGES == demo.PAPER_STAGES[1:]
+  assert tiny.STAGES == tiny.TRAIN == ("lm", "stage1", "stage1_2", "stage2")
+  assert pretrained.STAGES == pretrained.TRAIN == ("stage1", "stage1_2", "stage2")
   for name in RECIPES:
     assert tuple(_pipeline_recipe(name, False, tmp_path).stages) == RECIPES[name].STAGES
 
@@ -94,7 +94,6 @@ def test_pinned_real_pretrained_values(quick, tmp_path):
   c = _file_config("real_pretrained", "stage2", arg)
   assert c.optimizer.lr_multipliers == ((".*/lora_reasoner/.*", 2.0),)
   assert c.clara.train_generator
-  assert real_data.STAGE1_SETTINGS is pretrained.STAGE1_SETTINGS
   r = _pipeline_recipe("real_pretrained", quick, tmp_path)
   assert (r.eval_questions, r.min_memory_gain, r.judged) == (8 if quick else None, 1.0, not quick)
 
@@ -103,11 +102,13 @@ def test_run_time_values_come_from_the_run(tmp_path):
   """The plan, paths, memory cache and model reach the recipe; the files keep defaults."""
   plan = real_data.DataPlan(limits={}, test={}, candidates=7, k=5)
   dirs = real_data.data_dirs(str(tmp_path))
-  r = real_data.pretrained_recipe(False, plan, dirs, "tiny", "/cache")
+  r = real_data.with_run_values(recipe_lib.load("real_pretrained"), plan, dirs, "base.gguf")
   assert r.model == "tiny" and (r.shared["clara.k"], r.shared["data.candidates"]) == (5, 7)
-  assert r.stages["stage2"]["data.memory_cache"] == "/cache"
+  assert r.stages["stage2"]["data.memory_cache"] == str(tmp_path / "memories")
   assert all(r.stages[s]["data.source"] == dirs[s] for s in pretrained.STAGES)
-  r = real_data.real_recipe(False, plan, dirs)
+  r = real_data.with_run_values(recipe_lib.load("real_pretrained"), plan, dirs, "smollm2")
+  assert r.model == "smollm2_135m"
+  r = real_data.with_run_values(recipe_lib.load("real_tiny"), plan, dirs)
   assert (r.shared["clara.k"], r.shared["data.candidates"]) == (5, 7)
   assert all(r.stages[s]["data.source"] == dirs[s] for s in tiny.STAGES)
   for module in RECIPES.values():
@@ -121,7 +122,7 @@ def test_variants_and_fresh_dicts():
   assert c.seed == c.data.synth_seed == 3 and c.train.num_steps == 20
   with pytest.raises(ValueError, match="unknown recipe variant 'runlocal'"):
     _file_config("real_pretrained", "stage1", "runlocal")
-  with pytest.raises(ValueError, match="unknown real-data stage 'lm'"):
+  with pytest.raises(ValueError, match="unknown stage 'lm'"):
     pretrained.recipe_config("lm")
   tiny.overrides()[1]["stage1"]["train.num_steps"] = 1
   assert tiny.overrides()[1]["stage1"]["train.num_steps"] == 1500

@@ -1,12 +1,14 @@
 """The demo's recipe as config files (configs/recipes/demo/): each stage file gives the
-config `clara-jax demo` trains that stage with, and loads through `clara-jax train`."""
+config the pipeline (`clara-jax demo`) trains that stage with, and loads through
+`clara-jax train`."""
 
 import importlib
 import os
 
 import pytest
 
-from clara_jax import demo
+from clara_jax.pipeline import recipe as recipe_lib
+from clara_jax.pipeline import world
 from configs.base import validate
 from configs.recipes.demo import recipe
 
@@ -18,8 +20,8 @@ def _stage_file(stage):
 
 
 def test_every_pipeline_stage_has_a_file():
-  stages = demo.STAGES + demo.BASELINE_STAGES + demo.EDIT_STAGES
-  assert set(recipe.STAGES) == set(stages) == set(demo.default_recipe().stages)
+  stages = recipe_lib.load("demo").train + world.EDIT_STAGES
+  assert set(recipe.STAGES) == set(stages) == set(recipe_lib.load("demo").stages)
   for stage in recipe.STAGES:
     assert os.path.exists(os.path.join(ROOT, "configs", "recipes", "demo", f"{stage}.py"))
 
@@ -29,7 +31,7 @@ def test_every_pipeline_stage_has_a_file():
 def test_stage_files_are_the_demos_configs(stage, quick):
   """The file's config is the pipeline's (before run-time values), and it validates."""
   config = _stage_file(stage).get_config("quick" if quick else None)
-  expected = demo.stage_config(stage, demo.default_recipe(quick))
+  expected = recipe_lib.stage_config(stage, recipe_lib.load("demo", quick))
   assert config.to_dict() == expected.to_dict()
   assert repr(config.to_dict()) == repr(expected.to_dict())  # tuples stay tuples
   validate(config)
@@ -54,7 +56,7 @@ def test_pinned_recipe_values(quick):
     assert c.optimizer.lr_multipliers == ((".*/lora_reasoner/.*", 2.0),)
   assert get("stage1").data.replay_text == "world" and get("stage1").clara.train_base
   assert get("lm_sham").init.from_workdir == "../stage2" and get("lm_sham").data.source == ""
-  r = demo.default_recipe(quick)
+  r = recipe_lib.load("demo", quick)
   assert r.eval_questions == (24 if quick else None) and r.min_memory_gain == 1.0
   assert r.judged is not quick
 
@@ -62,17 +64,38 @@ def test_pinned_recipe_values(quick):
 def test_variants():
   c = _stage_file("stage1").get_config("quick,seed=3")
   assert c.seed == c.data.synth_seed == 3 and c.train.num_steps == 40
-  assert c.to_dict() == demo.stage_config("stage1", demo.default_recipe(True), seed=3).to_dict()
+  assert (
+    c.to_dict()
+    == recipe_lib.stage_config("stage1", recipe_lib.load("demo", True), seed=3).to_dict()
+  )
   with pytest.raises(ValueError, match="unknown recipe variant 'runlocal'"):
     _stage_file("stage1").get_config("runlocal")
 
 
-def test_default_recipe_returns_fresh_dicts():
-  """Callers build their own recipes from it (real_data, the stage1 study)."""
-  demo.default_recipe().stages["stage1"]["train.num_steps"] = 1
-  demo.default_recipe().shared["clara.k"] = 9
-  assert demo.default_recipe().stages["stage1"]["train.num_steps"] == 2500
-  assert demo.default_recipe().shared["clara.k"] == 2
+def test_a_loaded_recipe_has_fresh_dicts():
+  """Callers build their own recipes from it (the real-data runs, the stage1 study)."""
+  recipe_lib.load("demo").stages["stage1"]["train.num_steps"] = 1
+  recipe_lib.load("demo").shared["clara.k"] = 9
+  assert recipe_lib.load("demo").stages["stage1"]["train.num_steps"] == 2500
+  assert recipe_lib.load("demo").shared["clara.k"] == 2
+  # with_overrides copies too.
+  demo = recipe_lib.load("demo")
+  changed = recipe_lib.with_overrides(demo, {"clara.k": 3}, {"stage1": {"optimizer.lr": 1.0}})
+  assert changed.shared["clara.k"] == 3 and changed.stages["stage1"]["optimizer.lr"] == 1.0
+  assert demo == recipe_lib.load("demo")
+
+
+def test_the_pipeline_declarations():
+  demo = recipe_lib.load("demo")
+  assert (demo.data, demo.base, demo.evaluation, demo.memory_cache) == (
+    "world",
+    "lm",
+    "hidden_world",
+    False,
+  )
+  assert demo.train == ("lm", "stage1", "stage1_2", "stage2", "stage2_shuffled", "stage2_retrieval")
+  assert demo.data_plan is None and demo.config_of["lm_edit"] == "lm"
+  assert recipe_lib.known_recipes() == ("demo", "real_pretrained", "real_tiny")
 
 
 def test_sweep_points_validate():

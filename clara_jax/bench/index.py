@@ -58,11 +58,11 @@ PLAN_RATES, PLAN_TOPOLOGY = (16, 128), "v5e-256"
 def default_shape() -> Tuple[int, int]:
   """(M, H) of the default pipeline (`clara-jax demo`'s recipe): the memories its
   compressor writes per document."""
-  from clara_jax import demo
   from clara_jax.model.clara import num_memory_tokens
   from clara_jax.model.config import model_config
+  from clara_jax.pipeline.recipe import load
 
-  recipe = demo.default_recipe()
+  recipe = load("demo")
   n_mem = num_memory_tokens(
     recipe.shared["clara.doc_max_length"], recipe.shared["clara.compr_rate"]
   )

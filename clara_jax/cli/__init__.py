@@ -1,7 +1,7 @@
 """`clara-jax` command line: thin wrappers from flags to library calls.
 
 One module per group of subcommands, each with its commands and their parsers (`PARSERS`):
-`train` (train, plan), `demo` (demo, edit, real-data), `data` (synth, convert), `bench`,
+`train` (train, plan), `pipeline` (pipeline, demo, real-data, edit), `data` (synth, convert), `bench`,
 `infer` (evaluate, lens, index, answer) and `weights` (info, imports and exports);
 `common` holds what they share.
 """
@@ -12,7 +12,7 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-from clara_jax.cli import bench, data, demo, infer, train, weights
+from clara_jax.cli import bench, data, infer, pipeline, train, weights
 from clara_jax.cli.common import (
   ArgumentParser,
   UsageError,
@@ -41,6 +41,7 @@ DESCRIPTION = "`clara-jax` command line: thin wrappers from flags to library cal
 COMMANDS = (
   "train",
   "plan",
+  "pipeline",
   "demo",
   "edit",
   "real-data",
@@ -59,7 +60,7 @@ COMMANDS = (
   "import-gguf",
   "fetch-base",
 )
-_GROUPS = (train, demo, data, bench, infer, weights)
+_GROUPS = (train, pipeline, data, bench, infer, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:

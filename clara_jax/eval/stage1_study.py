@@ -1,11 +1,11 @@
 """Stage1 on a pretrained base, studied on training documents only: does the compressor
 keep documents apart, and does the generator read what it wrote?
 
-The rows are the real-data plan's stage1 pool (`real_data.prepare_data`); `dev_rows` of
-its documents, drawn with a seeded permutation, are set aside (no row of theirs is
+The rows are the real-data plan's stage1 pool
+(`clara_jax.pipeline.real_data.prepare_data`); `dev_rows` of its documents, drawn with a seeded permutation, are set aside (no row of theirs is
 trained on), so a recipe is chosen here without touching the held-out questions. Each
 variant trains stage1 from the imported base with its overrides of
-`real_data.pretrained_recipe`, then on the dev rows:
+configs/recipes/real_pretrained, then on the dev rows:
 
 * memory gain: the CE of the stage1 answer (the row's QA pairs) from the memories of
   another dev document minus that from the row's own document's memories, per row, with
@@ -42,7 +42,7 @@ class Variant:
 
 
 # Every variant but `recipe` names all of its compression settings, so that it keeps its
-# meaning when the recipe's own (`real_data.STAGE1_SETTINGS`) change; `paper` is the
+# meaning when the recipe's own (configs/recipes/real_pretrained's `STAGE1_SETTINGS`) change; `paper` is the
 # paper's: final states as memories, MSE alignment 0.1.
 _PAPER = {
   "clara.memory_scale": "none",
@@ -183,25 +183,24 @@ def run(
 ) -> Dict[str, Any]:
   """Prepares the data and base (as `real-data --base` does), trains the variant's stage1
   on the pool minus the dev rows, measures it on them; returns and writes the record."""
-  from clara_jax import demo, paths, real_data
+  from clara_jax import paths
   from clara_jax.data import formats
   from clara_jax.data.features import FeatureConfig, Featurizer
   from clara_jax.data.tokenizer import load_tokenizer
+  from clara_jax.pipeline import real_data
+  from clara_jax.pipeline import recipe as recipe_lib
+  from clara_jax.pipeline.run import prepare
+  from clara_jax.pipeline.stages import run_stage
 
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
   workdir = str(paths.path(workdir))
-  recipe_plan = real_data.data_plan(quick, seed, pretrained=True)
+  recipe = recipe_lib.load("real_pretrained", quick)
+  recipe_plan = real_data.data_plan(recipe, seed)
   # The pool is the plan's stage1 rows without restatements: each variant says its own.
   plan = dataclasses.replace(recipe_plan, restate_stage1=False)
-  real_data.prepare_data(str(paths.path(data_dir)), workdir, plan, log)
+  recipe = prepare(recipe, workdir, seed, data_dir, base, log, plan=plan).recipe
   dirs = real_data.data_dirs(workdir)
-  recipe = real_data.pretrained_recipe(
-    quick, plan, dirs, real_data.BASES.get(base, "tiny"), paths.join(workdir, "memories")
-  )
-  num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
-  real_data.import_base(base, workdir, num_mem, log)
-  recipe = real_data.fit_recipe(recipe, workdir, dirs, log)
 
   rows = real_data.read_jsonl(paths.join(dirs["stage1"], "train.jsonl"))
   train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
@@ -214,12 +213,10 @@ def run(
       train_rows += real_data.restatement_rows(train_rows)
     formats.write_jsonl_atomic(paths.join(source, "train.jsonl"), train_rows)
   overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
-  stages = {name: dict(o) for name, o in recipe.stages.items()}
-  stages["stage1"].update(overrides)
-  recipe = dataclasses.replace(recipe, stages={"stage1": stages["stage1"]})
-  metrics = demo.run_stage("stage1", workdir, recipe, seed, log)
+  recipe = recipe_lib.with_overrides(recipe, {}, {"stage1": overrides})
+  metrics = run_stage("stage1", workdir, recipe, seed, log)
 
-  config = demo.stage_config("stage1", recipe, seed)
+  config = recipe_lib.stage_config("stage1", recipe, seed)
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   export = paths.join(workdir, "stage1", "export")
   tok = load_tokenizer(export, config.tokenizer.num_mem_tokens)

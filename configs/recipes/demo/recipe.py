@@ -8,13 +8,18 @@ stage1 and stage1_2 (only reading lowers the loss), and the base weights trainin
 the adapters there (`clara.train_base`): the copy skill appears after ~700 stage1 steps
 and the `tiny` model takes ~5 steps/s, so it gets thousands of steps in the budget.
 
-`clara_jax.demo.default_recipe` reads these dicts; `recipe_config(stage, arg)` builds one
-stage's config from them, as the stage files beside this one do for `clara-jax train`.
+The pipeline runner (`clara_jax.pipeline`, `clara-jax demo`) reads this file: what it
+does with a recipe is declared below (`DATA`, `BASE`, `TRAIN`, `EVALUATION`,
+`MEMORY_CACHE`; configs/recipes/common.py says what each means); `recipe_config(stage,
+arg)` builds one stage's config, as the stage files beside this one do for
+`clara-jax train`.
 """
 
-import copy
-import importlib
+import sys
 from typing import Any, Dict
+
+from configs.recipes import common
+from configs.recipes.common import with_variant
 
 MODEL = "tiny"
 # The pipeline's stages in the order they train (README.md in this directory).
@@ -30,6 +35,18 @@ STAGES = (
 )
 # Stage (its workdir name) -> the configs/ module it starts from, where they differ.
 CONFIG_OF = {"stage2_shuffled": "stage2", "lm_edit": "lm", "lm_sham": "lm"}
+
+# The pipeline: the generated world, the base trained by `lm`, then the paper's stages
+# and beside stage2 the shuffled-answer ablation (stage2 whose answers carry no
+# question-document signal) and the supervised retriever (trained on the gold labels:
+# the ceiling), all from the same stage1_2 export; then the hidden-reasoning evaluation
+# and the causal edit, which trains `lm_edit` and `lm_sham` from the stage2 export's
+# base (`clara_jax.pipeline.world`).
+DATA = "world"
+BASE = "lm"
+TRAIN = ("lm", "stage1", "stage1_2", "stage2", "stage2_shuffled", "stage2_retrieval")
+EVALUATION = "hidden_world"
+MEMORY_CACHE = False
 
 SHARED = {
   "data.synth_size": "small",
@@ -139,21 +156,6 @@ QUICK_SHARED = {
 QUICK_STEPS = dict(zip(STAGES, (60, 40, 30, 30, 30, 30, 10, 10)))
 QUICK_EVAL_QUESTIONS = 24  # each kind sampled evenly
 
-VARIANTS = ("quick", "seed=N")
-
-
-def with_variant(shared, stage_overrides, quick, quick_shared, quick_steps, quick_stage=None):
-  """(shared, per-stage) override dicts of a recipe, or of its `quick` variant
-  (`quick_shared` on top of `shared`, each stage's steps from `quick_steps` and the
-  values `quick_stage` in every stage); fresh copies, so a caller may change them."""
-  shared = copy.deepcopy(shared)
-  stages = copy.deepcopy(stage_overrides)
-  if quick:
-    shared.update(quick_shared)
-    for stage, steps in quick_steps.items():
-      stages[stage].update({"train.num_steps": steps, **(quick_stage or {})})
-  return shared, stages
-
 
 def overrides(quick=False):
   """(shared, per-stage) override dicts of the recipe or its `quick` variant; fresh
@@ -161,44 +163,7 @@ def overrides(quick=False):
   return with_variant(SHARED, STAGE_OVERRIDES, quick, QUICK_SHARED, QUICK_STEPS)
 
 
-def build_config(stage, model, values, seed=0):
-  """`configs/<stage's module>.py` for `model`, seeded, with `values` (dotted keys)
-  applied in order."""
-  module = importlib.import_module(f"configs.{CONFIG_OF.get(stage, stage)}")
-  config = module.get_config(f"model={model}")
-  # One seed for the parameters and the generated world: a pipeline's stages share it.
-  config.seed = seed
-  config.data.synth_seed = seed
-  for key, value in values.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for part in parents:
-      node = node[part]
-    node[leaf] = value
-  return config
-
-
-def parse_variant(arg):
-  """'quick,seed=1' -> (True, 1). The recipe's own words: the stage config underneath
-  always gets `model=tiny`, so its variants (configs/base.py) do not apply here."""
-  quick, seed = False, 0
-  for part in filter(None, (arg or "").split(",")):
-    key, _, value = part.strip().partition("=")
-    if key == "quick" and not value:
-      quick = True
-    elif key == "seed" and value.strip().isdigit():
-      seed = int(value)
-    else:
-      raise ValueError(f"unknown recipe variant {part!r}; known: {', '.join(VARIANTS)}")
-  return quick, seed
-
-
 def recipe_config(stage, arg=None):
-  """The demo's config of `stage` (one of STAGES): its configs/ file with the shared and
-  the stage's overrides; `arg` is the variant string, e.g. 'quick,seed=1'. Run-time
-  values (paths in the workdir, the edit's text) stay as the pipeline's defaults."""
-  if stage not in STAGE_OVERRIDES:
-    raise ValueError(f"unknown demo stage {stage!r}; known: {', '.join(STAGES)}")
-  quick, seed = parse_variant(arg)
-  shared, stages = overrides(quick)
-  return build_config(stage, MODEL, {**shared, **stages[stage]}, seed)
+  """The demo's config of `stage` (one of STAGES); `arg` is the variant string, e.g.
+  'quick,seed=1' (`configs.recipes.common.recipe_config`)."""
+  return common.recipe_config(sys.modules[__name__], stage, arg)

@@ -6,7 +6,7 @@ the CLaRa tokens' embedding rows) train; documents of 128 tokens compressed 8x (
 tokens), the reference's English prompts in the base's chat format; stage2 trains
 reasoner and generator (the reasoner at twice the rate, as in the demo) and reads the
 stage1_2 compressor's memories from the memory cache. No `lm` stage: the base is
-imported (`clara_jax.real_data.import_base`).
+imported (`clara_jax.pipeline.real_data.import_base`).
 
 Stages 1 and 1_2 compress with `STAGE1_SETTINGS`, chosen with
 `clara_jax.eval.stage1_study` on training documents set aside (the paper's settings
@@ -15,21 +15,51 @@ cores with SmolLM2-135M (steps of 8 rows: stage1 7.2 s, stage1_2 13.7 s, stage2 
 cached memories 5.5 s; the evaluation of 200 held-out questions 8 min).
 
 Run-time values are not here (README.md in this directory):
-`clara_jax.real_data.pretrained_recipe` adds the model size of the base, the data paths,
+the pipeline (`clara_jax.pipeline.real_data.with_run_values`) adds the model size of the base, the data paths,
 the memory cache and the data plan's `clara.k` and `data.candidates` to these dicts;
 `recipe_config(stage, arg)` builds one stage's config from the static ones alone (for
 SmolLM2-135M's shapes), as the stage files beside this one do for `clara-jax train`.
 """
 
+import sys
 from typing import Any, Dict
 
-from configs.recipes.demo.recipe import build_config, parse_variant, with_variant
+from configs.recipes import common
+from configs.recipes.common import with_variant
 
-# The configs' size of the `--base smollm2` base (`clara_jax.real_data.BASES`); the
+# The configs' size of the `--base smollm2` base (`clara_jax.pipeline.real_data.BASES`); the
 # imported export's own config is what trains.
 MODEL = "smollm2_135m"
 # The pipeline's stages in the order they train (README.md in this directory).
 STAGES = ("stage1", "stage1_2", "stage2")
+
+# The pipeline (configs/recipes/common.py): the real QA files, the `--base` model
+# imported as the `lm` stage's export, the paper's stages (stage2 over the stage1_2
+# compressor's cached memories), then the real-question evaluation.
+DATA = "real"
+BASE = "import"
+TRAIN = STAGES
+EVALUATION = "real"
+MEMORY_CACHE = True
+
+# What is converted and held out (`clara_jax.pipeline.real_data.DataPlan`): fewer
+# training questions than from scratch (a 135M-parameter step costs ~50x the `tiny`
+# model's), stage1 also reading the NQ gold passages and a restatement of each of its
+# documents (chosen with `clara_jax.eval.stage1_study`), 100 held-out questions per set.
+DATA_PLAN = {
+  "limits": {"hotpotqa": 300, "nq": 1200, "pretrain": None},
+  "test": {"hotpotqa": 100, "nq": 100},
+  "k": 2,
+  "nq_stage1": True,
+  "restate_stage1": True,
+}
+QUICK_DATA_PLAN = {
+  "limits": {"hotpotqa": 40, "nq": 60, "pretrain": 60},
+  "test": {"hotpotqa": 8, "nq": 8},
+  "k": 2,
+  "nq_stage1": True,
+  "restate_stage1": True,
+}
 
 # How a pretrained base's compressor trains (stages 1 and 1_2; the memory scale holds in
 # every stage, as the generator must read memories as they were trained): memories
@@ -95,8 +125,6 @@ QUICK_SHARED = {
 QUICK_STEPS = dict(zip(STAGES, (6, 4, 4)))
 QUICK_EVAL_QUESTIONS = 8  # each kind sampled evenly
 
-VARIANTS = ("quick", "seed=N")
-
 
 def overrides(quick=False):
   """(shared, per-stage) static override dicts of the recipe or its `quick` variant;
@@ -105,13 +133,6 @@ def overrides(quick=False):
 
 
 def recipe_config(stage, arg=None):
-  """The pretrained-base real-data config of `stage` (one of STAGES) for `MODEL`: its
-  configs/ file with the shared and the stage's static overrides; `arg` is the variant
-  string, e.g. 'quick,seed=1'. Run-time values (the data paths, the memory cache,
-  `clara.k` and `data.candidates` of the data plan) stay as the stage config's
-  defaults."""
-  if stage not in STAGE_OVERRIDES:
-    raise ValueError(f"unknown real-data stage {stage!r}; known: {', '.join(STAGES)}")
-  quick, seed = parse_variant(arg)
-  shared, stages = overrides(quick)
-  return build_config(stage, MODEL, {**shared, **stages[stage]}, seed)
+  """The config of `stage` (one of STAGES) from the static overrides alone; `arg` is the
+  variant string, e.g. 'quick,seed=1' (`configs.recipes.common.recipe_config`)."""
+  return common.recipe_config(sys.modules[__name__], stage, arg)

@@ -6,21 +6,45 @@ The demo's lessons (see `configs/recipes/demo/recipe.py`) on real text: the `tin
 and stage1_2, documents of 128 tokens (64 quick) compressed 4x, short prompts, the stage1
 generator kept into stage1_2, and in stage2 the generator frozen and one selected
 document. stage1_2 prompts hold `plan.k` documents. The generator prompt lengths are set
-after the `lm` stage (`fit_recipe`).
+after the `lm` stage (`clara_jax.pipeline.real_data.fit_recipe`).
 
-Run-time values are not here (README.md in this directory): `clara_jax.real_data.real_recipe`
-adds the data paths and the data plan's `clara.k` and `data.candidates` to these dicts;
+Run-time values are not here (README.md in this directory): the pipeline
+(`clara_jax.pipeline.real_data.with_run_values`) adds the data paths and the data plan's `clara.k` and `data.candidates` to these dicts;
 `recipe_config(stage, arg)` builds one stage's config from the static ones alone, as the
 stage files beside this one do for `clara-jax train`.
 """
 
+import sys
 from typing import Any, Dict
 
-from configs.recipes.demo.recipe import build_config, parse_variant, with_variant
+from configs.recipes import common
+from configs.recipes.common import with_variant
 
 MODEL = "tiny"
 # The pipeline's stages in the order they train (README.md in this directory).
 STAGES = ("lm", "stage1", "stage1_2", "stage2")
+
+# The pipeline (configs/recipes/common.py): the real QA files, the base trained by `lm`
+# on their passages, the paper's stages, then stage2 against its initial reasoner.
+DATA = "real"
+BASE = "lm"
+TRAIN = STAGES
+EVALUATION = "checkpoints"
+MEMORY_CACHE = False
+
+# What is converted and held out (`clara_jax.pipeline.real_data.DataPlan`): every row
+# of each source, 100 HotpotQA and 200 NQ questions held out, 2 documents per stage1_2
+# row. Quick: the first rows of each source and 8 held-out questions per set.
+DATA_PLAN = {
+  "limits": {"hotpotqa": None, "nq": None, "pretrain": None},
+  "test": {"hotpotqa": 100, "nq": 200},
+  "k": 2,
+}
+QUICK_DATA_PLAN = {
+  "limits": {"hotpotqa": 40, "nq": 60, "pretrain": 60},
+  "test": {"hotpotqa": 8, "nq": 8},
+  "k": 2,
+}
 
 DOC_LENGTH = 128
 COMPR_RATE = 4
@@ -89,8 +113,6 @@ QUICK_STEPS = dict(zip(STAGES, (40, 20, 20, 20)))
 QUICK_BATCH = 8  # every stage's, `lm` and stage2 included
 QUICK_EVAL_QUESTIONS = 16
 
-VARIANTS = ("quick", "seed=N")
-
 
 def overrides(quick=False):
   """(shared, per-stage) static override dicts of the recipe or its `quick` variant;
@@ -101,12 +123,6 @@ def overrides(quick=False):
 
 
 def recipe_config(stage, arg=None):
-  """The from-scratch real-data config of `stage` (one of STAGES): its configs/ file with
-  the shared and the stage's static overrides; `arg` is the variant string, e.g.
-  'quick,seed=1'. Run-time values (the data paths, `clara.k` and `data.candidates` of
-  the data plan) stay as the stage config's defaults."""
-  if stage not in STAGE_OVERRIDES:
-    raise ValueError(f"unknown real-data stage {stage!r}; known: {', '.join(STAGES)}")
-  quick, seed = parse_variant(arg)
-  shared, stages = overrides(quick)
-  return build_config(stage, MODEL, {**shared, **stages[stage]}, seed)
+  """The config of `stage` (one of STAGES) from the static overrides alone; `arg` is the
+  variant string, e.g. 'quick,seed=1' (`configs.recipes.common.recipe_config`)."""
+  return common.recipe_config(sys.modules[__name__], stage, arg)

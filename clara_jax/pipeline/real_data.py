@@ -1,4 +1,6 @@
-"""`clara-jax real-data`: the demo's CLaRa pipeline on the real shared files.
+"""The real-data recipes' steps (`DATA = "real"`): the QA files converted, split and
+written for each stage, the generator prompts fitted, a pretrained base imported, the
+memory cache.
 
 The inputs are the files described in DATA_DIR/SOURCES.md (read in place; nothing is
 copied into the repository):
@@ -17,11 +19,11 @@ held-out question appears in any stage's training file. Two bases:
 * from scratch (default): every distinct passage (all questions', held-out included:
   they are the corpus, not the answers) becomes one line of plain text, on which the
   tokenizer and the `tiny` base LM (`lm`) are trained; then stage1 (pretraining rows),
-  stage1_2 and stage2 (HotpotQA + NQ training questions) as in the demo
-  (`demo.run_stage`, each from the previous stage's export), evaluated with the demo's
-  evaluation and lens (`demo.evaluate_checkpoints`);
+  stage1_2 and stage2 (HotpotQA + NQ training questions), each from the previous
+  stage's export, evaluated against the initial reasoner with the lens
+  (configs/recipes/real_tiny, `clara_jax.pipeline.evaluation`);
 * pretrained (`--base smollm2` or a GGUF file): the base and its tokenizer are imported
-  as the `lm` stage's export and stay frozen (`pretrained_recipe`); stage1 also reads the
+  as the `lm` stage's export and stay frozen (configs/recipes/real_pretrained); stage1 also reads the
   NQ training questions' gold passages; the stage1_2 compressor's memories of every
   stage2 candidate are cached once (`memories/`) for stage2 and the evaluation
   (`clara_jax.eval.real`: memory gain, EM/F1 closed book vs with memories, Recall@1/5
@@ -49,12 +51,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from clara_jax import demo, paths
+from clara_jax import paths
 from clara_jax.data import formats
-from configs.recipes.real_pretrained import recipe as real_pretrained
-from configs.recipes.real_tiny import recipe as real_tiny
+from clara_jax.pipeline import recipe as recipe_lib
+from clara_jax.pipeline.recipe import Recipe
+from clara_jax.pipeline.stages import DONE_FILE, duration, finished_metrics, mark_finished
+
+if TYPE_CHECKING:
+  from clara_jax.data.tokenizer import ClaraTokenizer
 
 HOTPOTQA_FILE = "hotpotqa_dev500.jsonl"
 NQ_FILE = "nq_open_oracle.jsonl.gz"
@@ -92,85 +98,35 @@ class DataPlan:
   seed: int = 0
 
 
-def data_plan(quick: bool = False, seed: int = 0, pretrained: bool = False) -> DataPlan:
-  """The plan of the from-scratch run, or (`pretrained`) of a pretrained base's: fewer
-  training questions (a 135M-parameter step costs ~50x the `tiny` model's), stage1 with
-  the NQ gold passages and a restatement of each of its documents (chosen with
-  `clara_jax.eval.stage1_study`), 100 held-out questions of each set."""
-  if quick:
-    return DataPlan(
-      limits={"hotpotqa": 40, "nq": 60, "pretrain": 60},
-      test={"hotpotqa": 8, "nq": 8},
-      k=2,
-      nq_stage1=pretrained,
-      restate_stage1=pretrained,
-      seed=seed,
-    )
-  if pretrained:
-    return DataPlan(
-      limits={"hotpotqa": 300, "nq": 1200, "pretrain": None},
-      test={"hotpotqa": 100, "nq": 100},
-      k=2,
-      nq_stage1=True,
-      restate_stage1=True,
-      seed=seed,
-    )
-  return DataPlan(
-    limits={"hotpotqa": None, "nq": None, "pretrain": None},
-    test={"hotpotqa": 100, "nq": 200},
-    k=2,
-    seed=seed,
-  )
+def data_plan(recipe: Recipe, seed: int = 0) -> DataPlan:
+  """The data plan a real-data recipe declares (`DATA_PLAN`, or `QUICK_DATA_PLAN` in its
+  quick variant), seeded."""
+  if recipe.data_plan is None:
+    raise ValueError(f"recipe {recipe.name!r} has no data plan (DATA = {recipe.data!r})")
+  return DataPlan(**recipe.data_plan, seed=seed)
 
 
-def real_recipe(quick: bool, plan: DataPlan, dirs: Dict[str, str]) -> demo.Recipe:
-  """The stage overrides (`demo.Recipe`) for real text from scratch: the static ones of
-  configs/recipes/real_tiny/recipe.py (which says why each value), plus what only the
-  run knows: `plan.k` documents per stage1_2 prompt, `plan.candidates` per stage2 row,
-  and `dirs`, the data paths of `prepare_data`. The generator prompt lengths are set
-  after the `lm` stage (`fit_recipe`)."""
-  shared, stages = real_tiny.overrides(quick)
-  shared.update({"clara.k": plan.k, "data.candidates": plan.candidates})
-  for stage in stages:
-    stages[stage]["data.source"] = dirs[stage]
-  return demo.Recipe(
-    model=real_tiny.MODEL,
-    shared=shared,
-    stages=stages,
-    eval_questions=real_tiny.QUICK_EVAL_QUESTIONS if quick else real_tiny.EVAL_QUESTIONS,
-    min_memory_gain=real_tiny.MIN_MEMORY_GAIN,
-    judged=not quick,
-  )
+def with_run_values(
+  recipe: Recipe, plan: DataPlan, dirs: Dict[str, str], base: Optional[str] = None
+) -> Recipe:
+  """The recipe with what only the run knows: `plan.k` documents per stage1_2 prompt,
+  `plan.candidates` per stage2 row, each stage's data directory of `prepare_data`
+  (`dirs`), and for a recipe that imports its base, the model size of its shapes (a
+  `BASES` name's; "tiny" for a GGUF file: the imported export's own config is what
+  trains) and, with `memory_cache`, the cache stage2 reads. The generator prompt
+  lengths are set once the base exists (`fit_recipe`)."""
+  stages = {stage: {"data.source": dirs[stage]} for stage in recipe.stages}
+  fields: Dict[str, Any] = {}
+  if recipe.memory_cache:
+    stages["stage2"]["data.memory_cache"] = memory_cache_dir(paths.parent(dirs["root"]))
+  if recipe.base == "import":
+    fields["model"] = BASES.get(base or "", "tiny")
+  shared = {"clara.k": plan.k, "data.candidates": plan.candidates}
+  return recipe_lib.with_overrides(recipe, shared, stages, **fields)
 
 
-# How a pretrained base's compressor trains in stages 1 and 1_2; the recipe file says why.
-STAGE1_SETTINGS = real_pretrained.STAGE1_SETTINGS
-
-
-def pretrained_recipe(
-  quick: bool, plan: DataPlan, dirs: Dict[str, str], model: str, memory_cache: str
-) -> demo.Recipe:
-  """The recipe on a pretrained base (the paper's setting, the base frozen): the static
-  overrides of configs/recipes/real_pretrained/recipe.py (which says why each value),
-  plus what only the run knows: `model` (the configs' size; the imported export's own
-  config is what trains), `plan.k` and `plan.candidates`, `dirs` (the data paths of
-  `prepare_data`) and `memory_cache`, where stage2 reads the stage1_2 compressor's
-  memories. No `lm` stage: the base is imported (`import_base`)."""
-  shared, stages = real_pretrained.overrides(quick)
-  shared.update({"clara.k": plan.k, "data.candidates": plan.candidates})
-  for stage in stages:
-    stages[stage]["data.source"] = dirs[stage]
-  stages["stage2"]["data.memory_cache"] = memory_cache
-  return demo.Recipe(
-    model=model,
-    shared=shared,
-    stages=stages,
-    eval_questions=(
-      real_pretrained.QUICK_EVAL_QUESTIONS if quick else real_pretrained.EVAL_QUESTIONS
-    ),
-    min_memory_gain=real_pretrained.MIN_MEMORY_GAIN,
-    judged=not quick,
-  )
+def memory_cache_dir(workdir: str) -> str:
+  return paths.join(workdir, "memories")
 
 
 # ---------------------------------------------------------------------------------------
@@ -346,7 +302,7 @@ def prepare_data(
   when `data/DONE.json` records the same plan. Returns that record: {"plan", "reports",
   "counts", "seconds"}."""
   dirs = data_dirs(workdir)
-  done = paths.join(dirs["root"], demo.DONE_FILE)
+  done = paths.join(dirs["root"], DONE_FILE)
   plan_dict = json.loads(json.dumps(dataclasses.asdict(plan)))
   if paths.exists(done):
     record = paths.read_json(done)
@@ -403,13 +359,13 @@ def prepare_data(
 # The pipeline.
 
 
-def prompt_tokens(tok, user: str, system: str) -> int:
+def prompt_tokens(tok: ClaraTokenizer, user: str, system: str) -> int:
   """Length of a generator prompt as the featurizer encodes it (bos included)."""
   return len(tok.encode_prompt(user, system))
 
 
 def fitted_prompt_lengths(
-  tok, questions: Sequence[str], n_mem: int, k: int, style: str, multiple: int = 8
+  tok: ClaraTokenizer, questions: Sequence[str], n_mem: int, k: int, style: str, multiple: int = 8
 ) -> Dict[str, int]:
   """Generator prompt lengths, rounded up to `multiple`, that fit every row:
   {"stage1": the memory-slot prompt of stage1, "answer": the longest question's prompt
@@ -427,13 +383,13 @@ def fitted_prompt_lengths(
 
 
 def fit_recipe(
-  recipe: demo.Recipe, workdir: str, dirs: Dict[str, str], log: Callable[[str], None] = print
-) -> demo.Recipe:
+  recipe: Recipe, workdir: str, dirs: Dict[str, str], log: Callable[[str], None] = print
+) -> Recipe:
   """The recipe with `data.prompt_length` fitted to the training questions under the
   `lm` stage's tokenizer (see `fitted_prompt_lengths`)."""
   from clara_jax.data.tokenizer import load_tokenizer
 
-  config = demo.stage_config("stage2", recipe)
+  config = recipe_lib.stage_config("stage2", recipe)
   tok = load_tokenizer(paths.join(workdir, "lm", "export"), config.tokenizer.num_mem_tokens)
   questions = [
     r["question"]
@@ -442,16 +398,16 @@ def fit_recipe(
   ]
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   # One prompt length serves stage1_2 and stage2, so it fits the larger of their k.
-  k = max(demo.stage_config(stage, recipe).clara.k for stage in ("stage1_2", "stage2"))
+  k = max(recipe_lib.stage_config(stage, recipe).clara.k for stage in ("stage1_2", "stage2"))
   lengths = fitted_prompt_lengths(tok, questions, n_mem, k, config.data.prompt_style)
   log(
     f"[    data] generator prompts: {lengths['stage1']} tokens (stage1), "
     f"{lengths['answer']} (longest question, stage1_2 and stage2)"
   )
-  stages = {name: dict(overrides) for name, overrides in recipe.stages.items()}
-  stages["stage1"]["data.prompt_length"] = lengths["stage1"]
-  return dataclasses.replace(
-    recipe, shared={**recipe.shared, "data.prompt_length": lengths["answer"]}, stages=stages
+  return recipe_lib.with_overrides(
+    recipe,
+    {"data.prompt_length": lengths["answer"]},
+    {"stage1": {"data.prompt_length": lengths["stage1"]}},
   )
 
 
@@ -463,10 +419,10 @@ def import_base(
   CLaRa's tokens and `num_mem_tokens` memory tokens. Skipped when done before; returns
   the stage's record metrics."""
   stage_dir = paths.join(workdir, "lm")
-  done = paths.join(stage_dir, demo.DONE_FILE)
-  if paths.exists(done):
+  done = finished_metrics(stage_dir)
+  if done is not None:
     log("[      lm] imported before: skipped")
-    return paths.read_json(done)["metrics"]
+    return done
   from clara_jax.data.tokenizer import BPETokenizer
   from clara_jax.weights.export import save_params
   from clara_jax.weights.gguf_import import import_gguf
@@ -489,7 +445,7 @@ def import_base(
   save_params(export, cfg, params)
   tok.save(paths.join(export, tok.FILENAME))
   metrics = {"imported": str(paths.path(path)), "num_params": cfg.num_params()}
-  paths.write_json(done, {"metrics": metrics, "seconds": time.perf_counter() - start})
+  mark_finished(stage_dir, metrics, time.perf_counter() - start)
   log(
     f"[      lm] {paths.path(path).name} imported: {cfg.num_params() / 1e6:.0f}M "
     f"parameters, {cfg.num_layers} layers, chat format {tok.chat_format}"
@@ -506,7 +462,7 @@ def build_memory_cache(
   from clara_jax.infer.api import ClaraModel
   from clara_jax.train import memory_cache
 
-  out = paths.join(workdir, "memories")
+  out = memory_cache_dir(workdir)
   if paths.exists(paths.join(out, memory_cache.CACHE_FILE)):
     log("[  memory] cached before: kept")
     return out
@@ -523,61 +479,6 @@ def build_memory_cache(
   )
   log(
     f"[  memory] {record['num_docs']} documents compressed in "
-    f"{demo._duration(time.perf_counter() - start)}"
+    f"{duration(time.perf_counter() - start)}"
   )
   return out
-
-
-def run(
-  workdir: str,
-  data_dir: str,
-  quick: bool = False,
-  seed: int = 0,
-  base: Optional[str] = None,
-  log: Callable[[str], None] = print,
-) -> Dict[str, Any]:
-  """The real-data run; returns (and writes) the summary, as `demo.run`. `base`: None
-  trains the `tiny` model from scratch (`real_recipe`); a `BASES` name or a GGUF file
-  starts from that pretrained model (`pretrained_recipe`) and is evaluated by
-  `clara_jax.eval.real`."""
-  import tensorflow_datasets as tfds
-
-  tfds.disable_progress_bar()
-  workdir = str(paths.path(workdir))
-  paths.makedirs(workdir)
-  start = time.perf_counter()
-  plan = data_plan(quick, seed, pretrained=base is not None)
-  data = prepare_data(str(paths.path(data_dir)), workdir, plan, log)
-  dirs = data_dirs(workdir)
-  cache_dir = paths.join(workdir, "memories")
-  if base is None:
-    recipe = real_recipe(quick, plan, dirs)
-    stage_metrics = {"lm": demo.run_stage("lm", workdir, recipe, seed, log)}
-  else:
-    recipe = pretrained_recipe(quick, plan, dirs, BASES.get(base, "tiny"), cache_dir)
-    num_mem = demo.stage_config("stage1", recipe).tokenizer.num_mem_tokens
-    stage_metrics = {"lm": import_base(base, workdir, num_mem, log)}
-  recipe = fit_recipe(recipe, workdir, dirs, log)
-  for stage in demo.PAPER_STAGES[1:]:
-    if stage == "stage2" and base is not None:
-      build_memory_cache(workdir, dirs, log)
-    stage_metrics[stage] = demo.run_stage(stage, workdir, recipe, seed, log)
-  rows = demo.held_out_rows(dirs["heldout"], recipe.eval_questions)
-  k = demo.stage_config("stage2", recipe, seed).clara.k
-  if base is None:
-    # clues=None: the lens's hidden words are the gold document's words absent from the
-    # question (and from the control candidate): no clue manifest exists for real data.
-    results = demo.evaluate_checkpoints(workdir, rows, k, clues=None, log=log)
-  else:
-    from clara_jax.eval import real
-
-    results = real.evaluate_run(workdir, rows, k, cache_dir, seed, log)
-  return demo.write_report(
-    workdir,
-    recipe,
-    stage_metrics,
-    results,
-    time.perf_counter() - start,
-    log,
-    extra={"data": {"dir": str(paths.path(data_dir)), **data}, "base": base},
-  )
