@@ -7,8 +7,8 @@ import os
 import jax
 import numpy as np
 import pytest
+from lens_fixtures import piece_ids, train_tokenizer
 
-from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.eval import lens
 from clara_jax.eval.evaluate import run_lens
 from clara_jax.infer.api import ClaraModel
@@ -21,16 +21,7 @@ WORDS = "red blue green river stone city team coach mayor north south kiwi falco
 
 @pytest.fixture(scope="module")
 def tok():
-  rng = np.random.default_rng(0)
-  return Tokenizer.train(
-    [" ".join(rng.choice(WORDS, 10)) for _ in range(300)], vocab_size=420, num_mem_tokens=4
-  )
-
-
-def _ids(tok, text):
-  """Vocabulary ids of whole-word pieces ("\u2581word") for each word of `text`."""
-  pieces = {tok.id_to_piece(i): i for i in range(tok.base_vocab_size)}
-  return [pieces["\u2581" + w] for w in text.split()]
+  return train_tokenizer(WORDS, 300)
 
 
 def test_words_and_token_filtering(tok):
@@ -44,7 +35,7 @@ def test_hidden_words_are_discriminative(tok):
   gold = ["The falcon team plays in the north city."]
   control = "The kiwi team plays in the south city."
   slots = np.asarray(
-    [_ids(tok, "falcon kiwi city coach")[:4], _ids(tok, "north south red blue")[:4]]
+    [piece_ids(tok, "falcon kiwi city coach")[:4], piece_ids(tok, "north south red blue")[:4]]
   )
   rep = lens.question_report(tok, slots, question, gold, [control], clue_words=["falcon", "mascot"])
   # city/team are in both documents (not discriminative); coach is in the question.
@@ -66,7 +57,7 @@ def test_every_control_counts_on_its_own(tok):
     "The falcon team plays in the red city.",
     "The blue team plays in the stone city.",
   ]
-  slots = np.asarray([_ids(tok, "falcon kiwi")])
+  slots = np.asarray([piece_ids(tok, "falcon kiwi")])
   rep = lens.question_report(tok, slots, question, gold, controls)
   assert rep["hidden_rate"] == pytest.approx(2 / 3) and rep["hidden"] == ["falcon"]
   assert rep["control_rate"] == pytest.approx(1 / 3) and rep["control_hits"] == ["kiwi"]
@@ -85,7 +76,7 @@ def test_rank_auc_compares_every_discriminative_piece(tok):
   question = "Which team does the coach lead?"
   gold = ["The falcon team plays in the north city."]
   controls = ["The kiwi team plays in the south city.", "The falcon team plays in the red city."]
-  piece = lambda w: _ids(tok, w)[0]
+  piece = lambda w: piece_ids(tok, w)[0]
   scores = np.full(tok.vocab_size, -10.0)
   # Shared (team, city) and question (coach) pieces score highest: they must not count.
   for w, v in (
@@ -99,7 +90,7 @@ def test_rank_auc_compares_every_discriminative_piece(tok):
     ("red", -5.0),
   ):
     scores[piece(w)] = v
-  slots = np.asarray([_ids(tok, "team city")])  # top-2 holds no discriminative word
+  slots = np.asarray([piece_ids(tok, "team city")])  # top-2 holds no discriminative word
   rep = lens.question_report(tok, slots, question, gold, controls, piece_scores_v=scores)
   # Control 1: gold {falcon -1, north -3} vs {kiwi -2, south -4}: 3 of 4 pairs.
   # Control 2 shares falcon: gold {north -3} vs {red -5}: 1 of 1.
@@ -125,7 +116,7 @@ def test_pieces_catch_names_a_small_vocabulary_splits(tok):
   gold = [f"The {name} team plays in the north city."]
   control = "The kiwi team plays in the south city."
   slots = np.asarray(
-    [name_ids[:2] + _ids(tok, "coach team")[:2], _ids(tok, "red blue green river")]
+    [name_ids[:2] + piece_ids(tok, "coach team")[:2], piece_ids(tok, "red blue green river")]
   )
   rep = lens.question_report(tok, slots, question, gold, [control], clue_words=[name.lower()])
   assert rep["hidden"] == [] and rep["clues_found"] == []

@@ -4,8 +4,8 @@ scores over the vocabulary of a small real tokenizer."""
 
 import numpy as np
 import pytest
+from lens_fixtures import piece_ids, train_tokenizer
 
-from clara_jax.data.tokenizer import Tokenizer
 from clara_jax.eval import lens
 
 NAMES = "red blue green stone falcon kiwi bear wolf hawk mayor coach south".split()
@@ -15,16 +15,16 @@ WORDS = NAMES + TEMPLATE + "the in was which".split()
 
 @pytest.fixture(scope="module")
 def tok():
-  rng = np.random.default_rng(0)
-  return Tokenizer.train(
-    [" ".join(rng.choice(WORDS, 10)) for _ in range(400)], vocab_size=420, num_mem_tokens=4
-  )
+  return train_tokenizer(WORDS, 400)
 
 
 def _id(tok, word):
-  """Vocabulary id of the whole-word piece "\u2581word"."""
-  pieces = {tok.id_to_piece(i): i for i in range(tok.base_vocab_size)}
-  return pieces["\u2581" + word]
+  return piece_ids(tok, word)[0]
+
+
+def _matched_report(tok, piece_scores_v, *args, **kwargs):
+  """`lens.score_matched` of `lens.matched_sets(tok, *args, **kwargs)`."""
+  return lens.score_matched(lens.matched_sets(tok, *args, **kwargs), piece_scores_v)
 
 
 def _scores(tok, values, base=-20.0):
@@ -66,11 +66,11 @@ def test_template_pieces_are_found_and_excluded(tok):
     },
   )
   question = "which team"
-  rep = lens.matched_report(tok, scores, question, gold, [control], template)
+  rep = _matched_report(tok, scores, question, gold, [control], template)
   assert rep["doc_auc"] == 0.0  # the control's names outscore the gold's
   assert rep["num_gold_pieces"] == 2 and rep["num_controls"] == 1
   # Without the exclusion "founded" counts for the gold side: 5 of 9 pairs.
-  unexcluded = lens.matched_report(tok, scores, question, gold, [control], set())
+  unexcluded = _matched_report(tok, scores, question, gold, [control], set())
   assert unexcluded["doc_auc"] == pytest.approx(5 / 9)
 
 
@@ -135,27 +135,25 @@ def test_clue_auc_one_when_gold_clues_score_highest_zero_reversed(tok):
     base=0.5,
   )
   args = (question, gold, controls, set(), clue_words, control_clues)
-  rep = lens.matched_report(tok, scores, *args)
+  rep = _matched_report(tok, scores, *args)
   assert rep["clue_auc"] == 1.0 and rep["doc_auc"] == 1.0
   assert rep["num_clue_pieces"] == 2 and rep["num_controls"] == 2
-  rev = lens.matched_report(tok, -scores, *args)
+  rev = _matched_report(tok, -scores, *args)
   assert rev["clue_auc"] == 0.0 and rev["doc_auc"] == 0.0
   # A piece both names share (north, scored lowest) is no clue on either side.
   # Counted, north would tie the sides: {falcon 1, north -5} vs {kiwi -1, south 0} is 0.5.
   low_north = scores.copy()
   low_north[_id(tok, "north")] = -5.0
-  shared = lens.matched_report(
-    tok, low_north, *args[:4], clue_words, [["kiwi", "south", "north"]] * 2
-  )
+  shared = _matched_report(tok, low_north, *args[:4], clue_words, [["kiwi", "south", "north"]] * 2)
   assert shared["clue_auc"] == 1.0
   # Clue pieces in the question or excluded do not count; none left: no clue AUC.
-  rep = lens.matched_report(
+  rep = _matched_report(
     tok, scores, "which falcon team", gold, controls, {_id(tok, "north")}, clue_words, control_clues
   )
   assert rep["num_clue_pieces"] == 0 and rep["clue_auc"] is None
   # Left of the gold: founded and city, which every control shares: no doc AUC either.
   assert rep["num_gold_pieces"] == 2 and rep["doc_auc"] is None
-  assert lens.matched_report(tok, scores, *args[:5])["clue_auc"] is None
+  assert _matched_report(tok, scores, *args[:5])["clue_auc"] is None
 
 
 def _world(tok, num_questions, favour_gold, seed):
@@ -327,9 +325,9 @@ def test_deterministic_under_a_seed(tok):
     ["red", "green"],
     [[n] for n in NAMES[1:6]] + [["kiwi"]],
   )
-  one = lens.matched_report(*args, rng=np.random.default_rng(5))
-  assert one == lens.matched_report(*args, rng=np.random.default_rng(5))
-  assert lens.matched_report(*args) == lens.matched_report(*args, rng=np.random.default_rng(0))
+  one = _matched_report(*args, rng=np.random.default_rng(5))
+  assert one == _matched_report(*args, rng=np.random.default_rng(5))
+  assert _matched_report(*args) == _matched_report(*args, rng=np.random.default_rng(0))
   subsamples = {
     str(lens.matched_sets(*args[:1], *args[2:], rng=np.random.default_rng(s))) for s in range(10)
   }

@@ -61,7 +61,7 @@ def answer_scores(prediction: str, golds: Sequence[str]) -> Dict[str, float]:
   }
 
 
-def recall_at_k(ranked: Sequence[int], positives: Iterable[int], k: int) -> float:
+def recall_at_k(ranked: Iterable[int], positives: Iterable[int], k: int) -> float:
   """Hits among the top-k / number of positives (0 for a question without positives,
   which still counts, as in the reference's evaluation)."""
   pos = set(positives)

@@ -39,6 +39,14 @@ import numpy as np
 
 from clara_jax.eval import stats
 from clara_jax.eval.probe import Link, chain_links, probe_links
+from clara_jax.eval.stats import (
+  ClaimRow,
+  above_zero,
+  format_ci,
+  format_difference,
+  format_value,
+  reported,
+)
 
 EDIT_SHARE = 0.5  # share of the held-out links edited; the rest is the locality control
 MODELS = ("stage2", "sham", "edit")  # stage2 as trained, then the two fine-tunes
@@ -172,7 +180,6 @@ def records(
   the new minus the old document) and `lens_auc` (rank AUC of the new target's name
   pieces over the old one's under the reasoner's lens; pieces both names share left
   out)."""
-  from clara_jax.eval.lens import lens_decode, rank_auc
   from clara_jax.model.decoder import Decoder
 
   new_of = {q: e for e in edits for q in e.questions}
@@ -183,43 +190,69 @@ def records(
   out = []
   for start in range(0, len(picked), batch):
     chunk = picked[start : start + batch]
-    doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
-    doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
-    order, scores = model.retrieve([r["question"] for r in chunk], doc_mem, 1)
-    _, lens_scores = lens_decode(
-      model.params, decoder, model.reason([r["question"] for r in chunk]), top_t=1
-    )
+    order, scores, lens_scores = _retrieval_and_lens(model, decoder, chunk)
     for i, row in enumerate(chunk):
-      ids = row["doc_ids"]
-      old = ids[row["pos_index"][0]]
-      top = ids[int(order[i, 0])]
+      top = row["doc_ids"][int(order[i, 0])]
       edit = new_of.get(row["id"])
-      link = _link_of(manifest, row)
-      assert link is not None  # picked rows are planned ones: one link each (`plan_edits`)
-      rec: Dict[str, Any] = {
-        "id": row["id"],
-        "group": "edited" if edit else "control",
-        "link": "/".join(link),
-        "top1": top,
-        "old": old,
-        "new": edit.new if edit else None,
-        "top1_old": float(top == old),
-      }
+      rec = _choice_record(manifest, row, top, edit)
       if edit is None:
         # Specificity: does the edit pull questions that are not about X toward the new
         # targets too (their documents' memories changed, or the names grew frequent)?
-        offered = new_targets & set(ids)
+        offered = new_targets & set(row["doc_ids"])
         rec["top1_new_elsewhere"] = float(top in offered) if offered else None
       else:
-        new_pieces = _name_pieces(model.tok, manifest, edit.new)
-        old_pieces = _name_pieces(model.tok, manifest, old)
         rec.update(
-          top1_new=float(top == edit.new),
-          margin=float(scores[i, ids.index(edit.new)] - scores[i, ids.index(old)]),
-          lens_auc=rank_auc(lens_scores[i], new_pieces - old_pieces, old_pieces - new_pieces),
+          _moved_measures(model.tok, manifest, rec, row["doc_ids"], scores[i], lens_scores[i])
         )
       out.append(rec)
   return out
+
+
+def _retrieval_and_lens(model, decoder, chunk: Sequence[Mapping]):
+  """(the reasoner's top-1 [B, 1], its scores of every candidate [B, D], the lens's best
+  log-probability of every vocabulary piece [B, vocab]) of a chunk of rows."""
+  from clara_jax.eval.evaluate import candidate_memories
+  from clara_jax.eval.lens import lens_decode
+
+  questions = [r["question"] for r in chunk]
+  order, scores = model.retrieve(questions, candidate_memories(model, chunk), 1)
+  _, lens_scores = lens_decode(model.params, decoder, model.reason(questions), top_t=1)
+  return order, scores, lens_scores
+
+
+def _choice_record(
+  manifest: Mapping, row: Mapping, top: str, edit: Optional[Edit]
+) -> Dict[str, Any]:
+  """The question's labels, its top-1 and its old and new targets (`top1_old`)."""
+  old = row["doc_ids"][row["pos_index"][0]]
+  link = _link_of(manifest, row)
+  assert link is not None  # picked rows are planned ones: one link each (`plan_edits`)
+  return {
+    "id": row["id"],
+    "group": "edited" if edit else "control",
+    "link": "/".join(link),
+    "top1": top,
+    "old": old,
+    "new": edit.new if edit else None,
+    "top1_old": float(top == old),
+  }
+
+
+def _moved_measures(
+  tok, manifest: Mapping, rec: Mapping, ids: Sequence[str], scores_d: np.ndarray, lens_v: np.ndarray
+) -> Dict[str, Any]:
+  """An edited question's `top1_new`, `margin` (from the scores [D] of its candidates
+  `ids`) and `lens_auc` (from the lens's scores [vocab]), given its `_choice_record`."""
+  from clara_jax.eval.lens import rank_auc
+
+  new, old = rec["new"], rec["old"]
+  new_pieces = _name_pieces(tok, manifest, new)
+  old_pieces = _name_pieces(tok, manifest, old)
+  return {
+    "top1_new": float(rec["top1"] == new),
+    "margin": float(scores_d[ids.index(new)] - scores_d[ids.index(old)]),
+    "lens_auc": rank_auc(lens_v, new_pieces - old_pieces, old_pieces - new_pieces),
+  }
 
 
 PROBED_ADAPTERS = ("reasoner", "generator")  # beside the base (no adapter)
@@ -292,73 +325,83 @@ def summarize(
   return out
 
 
-def claims(summary: Mapping[str, Any]) -> List[Tuple[str, str, str, Optional[bool]]]:
+def claims(summary: Mapping[str, Any]) -> List[ClaimRow]:
   """The causal rows of the claims table: the moved share (target), its difference from
   the sham, the lens, the old document kept, the locality control and the probe."""
-  fmt, sfmt = stats.format_ci, (lambda ci: stats.format_ci(ci, signed=True))
+  if "edit" not in summary["edited"] or not summary["questions"]:
+    return [reported("e. causal edit", "no edited questions")]
+  return (
+    _moved_claims(summary) + _locality_claims(summary) + _probe_claims(summary.get("probe", {}))
+  )
+
+
+def _moved_claims(summary: Mapping[str, Any]) -> List[ClaimRow]:
+  """The edited questions' rows: top-1 on the new document (the target: TARGET_MOVED,
+  and above the sham), then edit minus sham on each measure."""
   edited, diff = summary["edited"], summary.get("edit-sham", {})
-  if "edit" not in edited or not summary["questions"]:
-    return [("e. causal edit", "no edited questions", "(reported)", None)]
   moved, vs_sham = edited["edit"]["top1_new"], diff.get("top1_new")
   n = f"n={summary['questions']} on {summary['links']} links"
-  rows = [
+  return [
     (
       "e. edit: top-1 on the new target's document",
-      f"{fmt(moved)} (sham {fmt(edited['sham']['top1_new'])}, stage2 "
-      f"{fmt(edited['stage2']['top1_new'])}), {n}",
+      f"{format_ci(moved)} (sham {format_ci(edited['sham']['top1_new'])}, stage2 "
+      f"{format_ci(edited['stage2']['top1_new'])}), {n}",
       f">= {TARGET_MOVED:g}, > sham",
       moved["mean"] >= TARGET_MOVED and vs_sham is not None and vs_sham["lo"] > 0,
     ),
     (
       "e. edit - sham: top-1 on the new document",
-      sfmt(vs_sham),
+      format_difference(vs_sham),
       "diff > 0",
-      None if vs_sham is None else vs_sham["lo"] > 0,
+      above_zero(vs_sham),
     ),
-    ("e. edit - sham: top-1 on the old document", sfmt(diff.get("top1_old")), "(reported)", None),
-    ("e. edit - sham: score margin new - old", sfmt(diff.get("margin")), "(reported)", None),
-    ("e. edit - sham: lens AUC new vs old name", sfmt(diff.get("lens_auc")), "(reported)", None),
+    reported("e. edit - sham: top-1 on the old document", format_difference(diff.get("top1_old"))),
+    reported("e. edit - sham: score margin new - old", format_difference(diff.get("margin"))),
+    reported("e. edit - sham: lens AUC new vs old name", format_difference(diff.get("lens_auc"))),
   ]
+
+
+def _locality_claims(summary: Mapping[str, Any]) -> List[ClaimRow]:
+  """The unedited links' rows (reported): edit minus sham on their gold and on any
+  edit's new target; none without the edit's control records."""
   control, cdiff = summary["control"], summary.get("control:edit-sham", {})
-  if "edit" in control and control["edit"]["top1_old"] is not None:
+  if "edit" not in control or control["edit"]["top1_old"] is None:
+    return []
+  rows: List[ClaimRow] = [
+    reported(
+      "e. unedited links, edit - sham: top-1 on their gold",
+      f"{format_difference(cdiff.get('top1_old'))} (edit {format_ci(control['edit']['top1_old'])})"
+      f", n={summary['control_questions']}",
+    )
+  ]
+  elsewhere = cdiff.get("top1_new_elsewhere")
+  if elsewhere is not None:
     rows.append(
-      (
-        "e. unedited links, edit - sham: top-1 on their gold",
-        f"{sfmt(cdiff.get('top1_old'))} (edit {fmt(control['edit']['top1_old'])})"
-        f", n={summary['control_questions']}",
-        "(reported)",
-        None,
+      reported(
+        "e. unedited links, edit - sham: top-1 on an edit's new target",
+        f"{format_difference(elsewhere)} (edit "
+        f"{format_ci(control['edit']['top1_new_elsewhere'])}), n={elsewhere['n']}",
       )
     )
-    elsewhere = cdiff.get("top1_new_elsewhere")
-    if elsewhere is not None:
-      rows.append(
-        (
-          "e. unedited links, edit - sham: top-1 on an edit's new target",
-          f"{sfmt(elsewhere)} (edit "
-          f"{fmt(control['edit']['top1_new_elsewhere'])}), n={elsewhere['n']}",
-          "(reported)",
-          None,
-        )
+  return rows
+
+
+def _probe_claims(probes: Mapping[str, Mapping]) -> List[ClaimRow]:
+  """Closed-book rows (reported): the share of edited links whose new / old target the
+  edit and sham models know, for the base and each PROBED_ADAPTERS adapter probed."""
+  known = lambda model, key: format_value(probes.get(model, {}).get(key))
+  rows: List[ClaimRow] = []
+  for adapter in ("",) + PROBED_ADAPTERS:
+    prefix, who = (f"{adapter}_", f"with the {adapter}") if adapter else ("", "base")
+    if not any(f"{prefix}new_known" in p for p in probes.values()):
+      continue
+    rows.append(
+      reported(
+        f"e. closed book, {who}: new link / old link known",
+        f"edit {known('edit', prefix + 'new_known')} / "
+        f"{known('edit', prefix + 'old_known')}, sham "
+        f"{known('sham', prefix + 'new_known')} / "
+        f"{known('sham', prefix + 'old_known')}",
       )
-  probes = summary.get("probe", {})
-  known = lambda model, key: (
-    f"{probes[model][key]:.2f}" if probes.get(model, {}).get(key) is not None else "n/a"
-  )
-  if probes:
-    for adapter in ("",) + PROBED_ADAPTERS:
-      prefix, who = (f"{adapter}_", f"with the {adapter}") if adapter else ("", "base")
-      if not any(f"{prefix}new_known" in p for p in probes.values()):
-        continue
-      rows.append(
-        (
-          f"e. closed book, {who}: new link / old link known",
-          f"edit {known('edit', prefix + 'new_known')} / "
-          f"{known('edit', prefix + 'old_known')}, sham "
-          f"{known('sham', prefix + 'new_known')} / "
-          f"{known('sham', prefix + 'old_known')}",
-          "(reported)",
-          None,
-        )
-      )
+    )
   return rows

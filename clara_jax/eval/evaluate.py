@@ -12,7 +12,8 @@ lens: the logit lens of `clara_jax.eval.lens` over every question's reasoner mem
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -51,6 +52,37 @@ def load_rows(
   return formats.read_eval_rows(path, on_error=on_error, limit=limit, report=report)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  """How `evaluate_records` runs: `k` memory slots (at most the candidates), `batch`
+  questions a step, answers of up to `max_new_tokens`, the `seed` of the random
+  non-gold picks, `gold_counts` for the gold-frequency baseline
+  (`baselines.gold_counts_of`) and whether a `closed_book` answer is added."""
+
+  k: int = 5
+  batch: int = 8
+  max_new_tokens: int = 64
+  seed: int = 0
+  gold_counts: Optional[Dict[str, int]] = None
+  closed_book: bool = False
+
+
+# The settings whose answers come from k memories, each its own pick of candidates.
+MEMORY_SETTINGS = ("normal", "oracle", "control")
+
+
+def has_gold_and_control(row: Dict) -> bool:
+  """Whether a row has a gold candidate and a non-gold one (memory gain and the lens
+  compare the two)."""
+  return bool(row["pos_index"]) and len(row["pos_index"]) < len(row["docs"])
+
+
+def candidate_memories(model: ClaraModel, rows: Sequence[Mapping]) -> np.ndarray:
+  """The memories of every row's candidates [B, D, n_mem, H], compressed in one call."""
+  flat = model.compress_documents([d for r in rows for d in r["docs"]])
+  return flat.reshape(len(rows), -1, model.n_mem, flat.shape[-1])
+
+
 def _control_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
   """k non-gold candidates at random: the generator's input without the answer."""
   negatives = [i for i in range(len(row["docs"])) if i not in row["pos_index"]]
@@ -62,16 +94,16 @@ def _gold_selection(row: Dict, k: int, rng: np.random.Generator) -> List[int]:
   return (list(row["pos_index"]) + _control_selection(row, k, rng))[:k]
 
 
+def _oracle_selection(row: Dict, ranked: np.ndarray, k: int) -> List[int]:
+  """The gold candidates first, then the reasoner's choice among the others."""
+  return (list(row["pos_index"]) + [int(i) for i in ranked if int(i) not in row["pos_index"]])[:k]
+
+
 def evaluate_records(
   model: ClaraModel,
   rows: List[Dict],
-  k: int = 5,
-  batch: int = 8,
-  max_new_tokens: int = 64,
-  seed: int = 0,
-  gold_counts: Optional[Dict[str, int]] = None,
+  settings: EvalSettings = EvalSettings(),
   progress: Optional[Callable[[int, int], None]] = None,
-  closed_book: bool = False,
 ) -> List[Dict]:
   """Per-question records: predictions and answer scores in each setting, the
   reasoner's Recall@k, every baseline's (`baselines.recalls`, same candidates), memory
@@ -85,77 +117,149 @@ def evaluate_records(
   minus answer NLL with the gold memories (then random ones) in the slots, in nats per
   answer token; positive means the generator reads its memories. `memory_gain_vs_none`:
   the same against a prompt with no memory slots at all."""
-  rng = np.random.default_rng(seed)
-  n_cands = {len(r["docs"]) for r in rows}
-  if len(n_cands) != 1:
-    raise ValueError(f"every row needs the same number of documents, found {sorted(n_cands)}")
-  k = min(k, n_cands.pop())
-  per_question = []
-  for start in range(0, len(rows), batch):
-    chunk = rows[start : start + batch]
-    questions = [r["question"] for r in chunk]
-    doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
-    doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
-    chosen, scores = model.retrieve(questions, doc_mem, doc_mem.shape[1])
-    normal_sel = chosen[:, :k]
-    oracle_sel = np.stack(
-      [
-        (list(r["pos_index"]) + [int(i) for i in ranked if int(i) not in r["pos_index"]])[:k]
-        for r, ranked in zip(chunk, chosen)
-      ]
-    )
-    has_gold = all(r["pos_index"] and len(r["pos_index"]) < len(r["docs"]) for r in chunk)
-    control_sel = np.stack([_control_selection(r, k, rng) for r in chunk]) if has_gold else None
-    gold_sel = np.stack([_gold_selection(r, k, rng) for r in chunk]) if has_gold else None
-    turns = [templates.answer_turn(q, model.n_mem, k, model.prompt_style) for q in questions]
-    take = lambda sel, doc_mem=doc_mem: np.take_along_axis(doc_mem, sel[:, :, None, None], axis=1)
-    answers, settings = {}, ["normal", "oracle"] + (["control"] if has_gold else [])
-    for setting, sel in (("normal", normal_sel), ("oracle", oracle_sel), ("control", control_sel)):
-      if sel is not None:
-        answers[setting] = model.generate_turns(turns, take(sel), k, max_new_tokens)
-    no_slots = [templates.answer_turn(q, model.n_mem, 0, model.prompt_style) for q in questions]
-    if closed_book:
-      settings.append("closed_book")
-      answers["closed_book"] = model.generate_turns(no_slots, doc_mem[:, :0], 0, max_new_tokens)
-    if has_gold:
-      targets = [r["answer"] for r in chunk]
-      nll_gold = model.answer_nll(turns, targets, take(gold_sel), k)
-      nll_control = model.answer_nll(turns, targets, take(control_sel), k)
-      nll_none = model.answer_nll(no_slots, targets, doc_mem[:, :0], 0)
-    for i, row in enumerate(chunk):
-      record = {
-        "question": row["question"],
-        "answers": row["answers"],
-        "pos_index": row["pos_index"],
-        "retrieved": [int(x) for x in chosen[i][: max(RECALL_AT)]],
-      }
-      for key in ROW_LABELS:
-        if key in row:
-          record[key] = row[key]
-      if has_gold:
-        record.update(
-          nll_gold=float(nll_gold[i]),
-          nll_control=float(nll_control[i]),
-          nll_none=float(nll_none[i]),
-          memory_gain=float(nll_control[i] - nll_gold[i]),
-          memory_gain_vs_none=float(nll_none[i] - nll_gold[i]),
-        )
-      for setting in settings:
-        record[f"prediction_{setting}"] = answers[setting][i]
-        record.update(
-          {
-            f"{m}_{setting}": v
-            for m, v in answer_scores(answers[setting][i], row["answers"]).items()
-          }
-        )
-      for at in RECALL_AT:
-        record[f"recall@{at}"] = recall_at_k(chosen[i], row["pos_index"], at)
-      for name, by_at in baselines.recalls(row, RECALL_AT, gold_counts).items():
-        record.update({f"{name}_recall@{at}": value for at, value in by_at.items()})
-      per_question.append(record)
+  rng = np.random.default_rng(settings.seed)
+  k = _slot_count(rows, settings.k)
+  per_question: List[Dict] = []
+  for start in range(0, len(rows), settings.batch):
+    per_question += _chunk_records(model, rows[start : start + settings.batch], k, settings, rng)
     if progress is not None:
       progress(len(per_question), len(rows))
   return per_question
+
+
+def _slot_count(rows: Sequence[Dict], k: int) -> int:
+  """k, at most the candidates of a row; every row must have as many."""
+  n_cands = {len(r["docs"]) for r in rows}
+  if len(n_cands) != 1:
+    raise ValueError(f"every row needs the same number of documents, found {sorted(n_cands)}")
+  return min(k, n_cands.pop())
+
+
+def _chunk_records(
+  model: ClaraModel, chunk: List[Dict], k: int, settings: EvalSettings, rng: np.random.Generator
+) -> List[Dict]:
+  """`evaluate_records` of one batch of rows."""
+  questions = [r["question"] for r in chunk]
+  doc_mem = candidate_memories(model, chunk)
+  chosen, _ = model.retrieve(questions, doc_mem, doc_mem.shape[1])
+  selections = _selections(chunk, chosen, k, rng)
+  answers = _answers(model, questions, doc_mem, selections, k, settings)
+  gains = _memory_gains(model, chunk, doc_mem, selections, k) if "gold" in selections else None
+  return [
+    _question_record(
+      row,
+      chosen[i],
+      {setting: predictions[i] for setting, predictions in answers.items()},
+      gains[i] if gains is not None else {},
+      settings.gold_counts,
+    )
+    for i, row in enumerate(chunk)
+  ]
+
+
+def _selections(
+  chunk: List[Dict], chosen: np.ndarray, k: int, rng: np.random.Generator
+) -> Dict[str, np.ndarray]:
+  """Candidate indices [B, k] per setting from the reasoner's ranking `chosen` [B, D]:
+  `normal`, `oracle` and, when every row has gold and non-gold candidates, `control`
+  and `gold` (the memory gain's: gold first, then random non-gold)."""
+  out = {
+    "normal": chosen[:, :k],
+    "oracle": np.stack([_oracle_selection(r, ranked, k) for r, ranked in zip(chunk, chosen)]),
+  }
+  if all(has_gold_and_control(r) for r in chunk):
+    out["control"] = np.stack([_control_selection(r, k, rng) for r in chunk])
+    out["gold"] = np.stack([_gold_selection(r, k, rng) for r in chunk])
+  return out
+
+
+def _take(doc_mem: np.ndarray, selection: np.ndarray) -> np.ndarray:
+  """The selected candidates' memories [B, k, n_mem, H] of `doc_mem` [B, D, n_mem, H]."""
+  return np.take_along_axis(doc_mem, selection[:, :, None, None], axis=1)
+
+
+def _turns(model: ClaraModel, questions: Sequence[str], k: int) -> List[Tuple[str, str]]:
+  """The answer prompt of each question over k memory slots."""
+  return [templates.answer_turn(q, model.n_mem, k, model.prompt_style) for q in questions]
+
+
+def _answers(
+  model: ClaraModel,
+  questions: Sequence[str],
+  doc_mem: np.ndarray,
+  selections: Dict[str, np.ndarray],
+  k: int,
+  settings: EvalSettings,
+) -> Dict[str, List[str]]:
+  """{setting: the generator's answer per question}, in MEMORY_SETTINGS order (those
+  with a selection), then `closed_book` when asked for."""
+  turns = _turns(model, questions, k)
+  out = {
+    setting: model.generate_turns(
+      turns, _take(doc_mem, selections[setting]), k, settings.max_new_tokens
+    )
+    for setting in MEMORY_SETTINGS
+    if setting in selections
+  }
+  if settings.closed_book:
+    no_slots = _turns(model, questions, 0)
+    out["closed_book"] = model.generate_turns(no_slots, doc_mem[:, :0], 0, settings.max_new_tokens)
+  return out
+
+
+def _memory_gains(
+  model: ClaraModel,
+  chunk: List[Dict],
+  doc_mem: np.ndarray,
+  selections: Dict[str, np.ndarray],
+  k: int,
+) -> List[Dict[str, float]]:
+  """Per row: answer NLL with the gold, the control and no memories, and the memory
+  gains (control minus gold, none minus gold)."""
+  questions = [r["question"] for r in chunk]
+  turns, targets = _turns(model, questions, k), [r["answer"] for r in chunk]
+  nll_gold = model.answer_nll(turns, targets, _take(doc_mem, selections["gold"]), k)
+  nll_control = model.answer_nll(turns, targets, _take(doc_mem, selections["control"]), k)
+  nll_none = model.answer_nll(_turns(model, questions, 0), targets, doc_mem[:, :0], 0)
+  return [
+    {
+      "nll_gold": float(gold),
+      "nll_control": float(control),
+      "nll_none": float(none),
+      "memory_gain": float(control - gold),
+      "memory_gain_vs_none": float(none - gold),
+    }
+    for gold, control, none in zip(nll_gold, nll_control, nll_none)
+  ]
+
+
+def _question_record(
+  row: Dict,
+  ranked: np.ndarray,
+  answers: Dict[str, str],
+  gains: Dict[str, float],
+  gold_counts: Optional[Dict[str, int]],
+) -> Dict:
+  """One question's record from its candidates' ranking [D], its answer per setting and
+  its memory gains (empty: none measured)."""
+  record = {
+    "question": row["question"],
+    "answers": row["answers"],
+    "pos_index": row["pos_index"],
+    "retrieved": [int(x) for x in ranked[: max(RECALL_AT)]],
+    **{key: row[key] for key in ROW_LABELS if key in row},
+    **gains,
+  }
+  for setting, prediction in answers.items():
+    record[f"prediction_{setting}"] = prediction
+    record.update(
+      {f"{m}_{setting}": v for m, v in answer_scores(prediction, row["answers"]).items()}
+    )
+  for at in RECALL_AT:
+    record[f"recall@{at}"] = recall_at_k(ranked, row["pos_index"], at)
+  for name, by_at in baselines.recalls(row, RECALL_AT, gold_counts).items():
+    record.update({f"{name}_recall@{at}": value for at, value in by_at.items()})
+  return record
 
 
 def group_of(record: Dict) -> Optional[str]:
@@ -224,10 +328,9 @@ def evaluate(
 ) -> Dict:
   """`evaluate_records` and `summarize_records`; writes `out_path` (summary) and
   `out_path`.jsonl (per question) when given. Returns the summary."""
+  settings = EvalSettings(k, batch, max_new_tokens, seed, gold_counts, closed_book)
   timings_before = dict(vars(model.timings))
-  per_question = evaluate_records(
-    model, rows, k, batch, max_new_tokens, seed, gold_counts, progress, closed_book
-  )
+  per_question = evaluate_records(model, rows, settings, progress)
   spent = {key: vars(model.timings)[key] - timings_before[key] for key in timings_before}
   summary = summarize_records(per_question, min(k, len(rows[0]["docs"])) if rows else k, spent)
   if out_path:
@@ -257,7 +360,7 @@ def lens_reports(
   control. `top_t` None: `lens.scaled_top_t` of the model's vocabulary."""
   top_t = top_t or lens_lib.scaled_top_t(model.cfg.vocab_size)
   decoder = Decoder(model.cfg)
-  keep = [i for i, r in enumerate(rows) if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
+  keep = [i for i, r in enumerate(rows) if has_gold_and_control(r)]
   rows = [rows[i] for i in keep]
   clues = [clues[i] for i in keep] if clues is not None else None
   q_mem = model.reason([r["question"] for r in rows])

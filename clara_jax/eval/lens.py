@@ -25,7 +25,18 @@ from __future__ import annotations
 import io
 import re
 from collections import Counter
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Set, Tuple, cast
+from typing import (
+  Dict,
+  Iterable,
+  List,
+  Mapping,
+  NamedTuple,
+  Optional,
+  Sequence,
+  Set,
+  Tuple,
+  cast,
+)
 
 import jax
 import jax.numpy as jnp
@@ -148,6 +159,23 @@ def scaled_top_t(vocab_size: int) -> int:
   return max(1, round(PAPER_TOP_T * vocab_size / PAPER_VOCAB))
 
 
+class _Items(NamedTuple):
+  """Lens items of some text: lower-cased words (stopwords out) and content piece ids."""
+
+  words: Set[str]
+  pieces: Set[int]
+
+
+class _Sides(NamedTuple):
+  """The discriminative items of one gold-control comparison, question items left out:
+  words and content pieces of the gold side only and of the control side only."""
+
+  gold_words: Set[str]
+  control_words: Set[str]
+  gold_pieces: Set[int]
+  control_pieces: Set[int]
+
+
 def question_report(
   tok: ClaraTokenizer,
   slot_token_ids: np.ndarray,
@@ -171,56 +199,88 @@ def question_report(
   if not control_docs:
     raise ValueError(f"question {question!r}: the lens needs at least one control document")
   top = slot_token_ids.reshape(-1)
-  decoded = decoded_words(tok, top)
-  q_words = words(question)
-  gold = set().union(*(words(d) for d in gold_docs)) - q_words
-  clues = {c.lower() for c in clue_words} - q_words
-  pieces = content_pieces(tok, top)
-  q_pieces = _text_pieces(tok, question)
-  gold_p = set().union(*(_text_pieces(tok, d) for d in gold_docs)) - q_pieces
-  # Clue words come lower-cased; their pieces are those of the gold text's spelling.
-  spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
-  clue_p = set().union(set(), *(_text_pieces(tok, w) for w in spelled)) - q_pieces
-  hits: Dict[str, List[set]] = {key: [] for key in ("hidden", "control", "hidden_p", "control_p")}
-  aucs = []
-  for doc in control_docs:
-    control = words(doc) - q_words
-    control_p = _text_pieces(tok, doc) - q_pieces
-    if piece_scores_v is not None:
-      aucs.append(rank_auc(piece_scores_v, gold_p - control_p, control_p - gold_p))
-    hits["hidden"].append(decoded & (gold - control))
-    hits["control"].append(decoded & (control - gold))
-    hits["hidden_p"].append(pieces & (gold_p - control_p))
-    hits["control_p"].append(pieces & (control_p - gold_p))
-  rate = lambda sets: float(np.mean([bool(x) for x in sets]))
-  count = lambda sets: float(np.mean([len(x) for x in sets]))
-  union = lambda sets: set().union(*sets)
-  piece = lambda ids: sorted(tok.id_to_piece(i) for i in ids)
+  decoded, pieces = decoded_words(tok, top), content_pieces(tok, top)
+  q_items = _Items(words(question), _text_pieces(tok, question))
+  clues = {c.lower() for c in clue_words} - q_items.words
+  clue_p = _clue_pieces(tok, gold_docs, clues) - q_items.pieces
+  gold = _items(tok, gold_docs, q_items)
+  sides = [_sides(gold, _items(tok, [doc], q_items)) for doc in control_docs]
+  aucs = [] if piece_scores_v is None else [_side_auc(piece_scores_v, s) for s in sides]
+  hidden_p = [pieces & s.gold_pieces for s in sides]
+  control_p = [pieces & s.control_pieces for s in sides]
   return {
     "question": question,
     "decoded": sorted(decoded),
-    "hidden": sorted(union(hits["hidden"])),
-    "control_hits": sorted(union(hits["control"])),
-    "hidden_rate": rate(hits["hidden"]),
-    "control_rate": rate(hits["control"]),
-    "hidden_count": count(hits["hidden"]),
-    "control_count": count(hits["control"]),
+    **_word_hits(
+      [decoded & s.gold_words for s in sides], [decoded & s.control_words for s in sides]
+    ),
     "clues_found": sorted(decoded & clues),
     "num_clues": len(clues),
-    "hidden_pieces": piece(union(hits["hidden_p"])),
-    "control_pieces": piece(union(hits["control_p"])),
-    "hidden_piece_rate": rate(hits["hidden_p"]),
-    "control_piece_rate": rate(hits["control_p"]),
-    "clue_pieces_found": piece(pieces & clue_p),
+    "hidden_pieces": _piece_names(tok, set().union(*hidden_p)),
+    "control_pieces": _piece_names(tok, set().union(*control_p)),
+    "hidden_piece_rate": _hit_rate(hidden_p),
+    "control_piece_rate": _hit_rate(control_p),
+    "clue_pieces_found": _piece_names(tok, pieces & clue_p),
     "num_clue_pieces": len(clue_p),
     "num_controls": len(control_docs),
-    "rank_auc": (
-      float(np.mean([a for a in aucs if a is not None]))
-      if any(a is not None for a in aucs)
-      else None
-    ),
+    "rank_auc": _mean_known(aucs),
     "slots": [[tok.id_to_piece(int(t)) for t in row[:10]] for row in slot_token_ids],
   }
+
+
+def _items(tok: ClaraTokenizer, texts: Sequence[str], question: _Items) -> _Items:
+  """The items of `texts` that are not the question's."""
+  text_words = set().union(*(words(t) for t in texts))
+  text_pieces = set().union(*(_text_pieces(tok, t) for t in texts))
+  return _Items(text_words - question.words, text_pieces - question.pieces)
+
+
+def _sides(gold: _Items, control: _Items) -> _Sides:
+  return _Sides(
+    gold.words - control.words,
+    control.words - gold.words,
+    gold.pieces - control.pieces,
+    control.pieces - gold.pieces,
+  )
+
+
+def _side_auc(piece_scores_v: np.ndarray, sides: _Sides) -> Optional[float]:
+  return rank_auc(piece_scores_v, sides.gold_pieces, sides.control_pieces)
+
+
+def _clue_pieces(tok: ClaraTokenizer, gold_docs: Sequence[str], clues: Set[str]) -> Set[int]:
+  """The pieces of the clue words as the gold documents spell them (clues come
+  lower-cased)."""
+  spelled = {w for d in gold_docs for w in _WORD.findall(d) if w.lower() in clues}
+  return set().union(set(), *(_text_pieces(tok, w) for w in spelled))
+
+
+def _word_hits(hidden: List[Set[str]], control: List[Set[str]]) -> Dict:
+  """The word fields of `question_report` from each control's gold-side and
+  control-side hits."""
+  return {
+    "hidden": sorted(set().union(*hidden)),
+    "control_hits": sorted(set().union(*control)),
+    "hidden_rate": _hit_rate(hidden),
+    "control_rate": _hit_rate(control),
+    "hidden_count": float(np.mean([len(x) for x in hidden])),
+    "control_count": float(np.mean([len(x) for x in control])),
+  }
+
+
+def _hit_rate(hits: Sequence[Set]) -> float:
+  """The share of controls with at least one hit."""
+  return float(np.mean([bool(x) for x in hits]))
+
+
+def _piece_names(tok: ClaraTokenizer, ids: Iterable[int]) -> List[str]:
+  return sorted(tok.id_to_piece(i) for i in ids)
+
+
+def _mean_known(values: Sequence[Optional[float]]) -> Optional[float]:
+  """The mean of the values that are not None; None if none is."""
+  kept = [v for v in values if v is not None]
+  return float(np.mean(kept)) if kept else None
 
 
 def _ci95(differences: Sequence[float]) -> float:
@@ -437,9 +497,7 @@ def matched_sets(
 def _mean_auc(scores_v: np.ndarray, pairs: Pairs) -> Optional[float]:
   """Mean over controls of `rank_auc` of each (gold, control) pair under `scores_v`
   [vocab]; None if no control had both sides."""
-  aucs = [rank_auc(scores_v, set(g), set(c)) for g, c in pairs]
-  kept = [a for a in aucs if a is not None]
-  return float(np.mean(kept)) if kept else None
+  return _mean_known([rank_auc(scores_v, set(g), set(c)) for g, c in pairs])
 
 
 def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
@@ -453,26 +511,6 @@ def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
     "num_clue_pieces": sets["num_clue_pieces"],
     "num_controls": sets["num_controls"],
   }
-
-
-def matched_report(
-  tok: ClaraTokenizer,
-  piece_scores_v: np.ndarray,
-  question: str,
-  gold_doc: str,
-  control_docs: Sequence[str],
-  excluded: Set[int],
-  gold_clue_words: Sequence[str] = (),
-  control_clue_words: Optional[Sequence[Sequence[str]]] = None,
-  rng: Optional[np.random.Generator] = None,
-) -> Dict:
-  """Per-question lens v2 against same-kind controls: `score_matched` of `matched_sets`
-  (see there for the sets). Keys: "doc_auc", "clue_auc", "num_gold_pieces",
-  "num_clue_pieces", "num_controls". Deterministic given `rng`."""
-  sets = matched_sets(
-    tok, question, gold_doc, control_docs, excluded, gold_clue_words, control_clue_words, rng
-  )
-  return score_matched(sets, piece_scores_v)
 
 
 def group_derangement(groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:

@@ -34,20 +34,29 @@ from clara_jax.data import formats
 from clara_jax.eval import hidden, stats
 from clara_jax.eval import lens as lens_lib
 from clara_jax.eval.answer_metrics import recall_at_k
+from clara_jax.eval.stats import (
+  ClaimRow,
+  above_zero,
+  format_ci,
+  format_difference,
+  mean_at_least,
+  reported,
+)
 
 TEMPLATE_SHARE = 0.3  # pieces in more share of the documents are template words
 RECALL_AT = (1, 5)
-Row = tuple
+EXAMPLES = 12  # questions on the examples page, spread over the held-out rows
 
 
 def retrieval_records(model, rows: Sequence[Dict], batch: int = 8) -> List[Dict]:
   """Per question: the reasoner's ranking of its candidates and Recall@1/5 (no
   generation: what the initial reasoner is compared on)."""
+  from clara_jax.eval.evaluate import candidate_memories
+
   out = []
   for start in range(0, len(rows), batch):
     chunk = rows[start : start + batch]
-    doc_mem = model.compress_documents([d for r in chunk for d in r["docs"]])
-    doc_mem = doc_mem.reshape(len(chunk), -1, model.n_mem, doc_mem.shape[-1])
+    doc_mem = candidate_memories(model, chunk)
     order, _ = model.retrieve([r["question"] for r in chunk], doc_mem, doc_mem.shape[1])
     for row, ranked in zip(chunk, order):
       out.append(
@@ -164,20 +173,22 @@ def evaluate_run(
   """The evaluation of the run in `workdir` on held-out `rows` (stage2 rows with
   `kind`); writes `eval/*.jsonl`, `eval/*.json`, `lens.json`, `examples.md`. Returns the
   results `claims` reads (the key "lens_matched" marks them)."""
-  from clara_jax.eval.evaluate import evaluate_records, summarize_records
-  from clara_jax.infer.api import ClaraModel, initial_reasoner
-  from clara_jax.train.memory_cache import MemoryCache
+  from clara_jax.eval.evaluate import (
+    EvalSettings,
+    evaluate_records,
+    has_gold_and_control,
+    summarize_records,
+  )
 
   start = time.perf_counter()
-  cache = MemoryCache(cache_dir)
-  final = ClaraModel.load(paths.join(workdir, "stage2", "export")).use_memory_cache(cache)
-  init = initial_reasoner(ClaraModel.load(paths.join(workdir, "stage1_2", "export")))
-  init.use_memory_cache(cache)
-  rows = [r for r in rows if r["pos_index"] and len(r["pos_index"]) < len(r["docs"])]
+  final, init = _cached_models(workdir, cache_dir)
+  rows = [r for r in rows if has_gold_and_control(r)]
   # The permutation null draws another question of the same set (`template`).
   rows = [dict(r, template=r.get("kind", "all"), seen=False) for r in rows]
   records = {
-    "stage2": evaluate_records(final, rows, k, max_new_tokens=16, seed=seed, closed_book=True),
+    "stage2": evaluate_records(
+      final, rows, EvalSettings(k, max_new_tokens=16, seed=seed, closed_book=True)
+    ),
     "stage1_2_init": retrieval_records(init, rows),
   }
   log(f"[    eval] answers and retrieval in {_minutes(start)}")
@@ -187,10 +198,9 @@ def evaluate_run(
     name: hidden.lens_records(model, rows, matched, seed)[0]
     for name, model in (("stage2", final), ("stage1_2_init", init))
   }
-  examples = lens_examples(final, rows[:: max(1, len(rows) // 12)][:12])
   write_examples(
     paths.join(workdir, "examples.md"),
-    examples,
+    lens_examples(final, rows[:: max(1, len(rows) // EXAMPLES)][:EXAMPLES]),
     "The reasoner's memories through the logit lens, held-out questions",
   )
   for name, recs in records.items():
@@ -207,6 +217,19 @@ def evaluate_run(
   paths.write_json(paths.join(workdir, "eval", "real.json"), results, indent=1)
   log(f"[    eval] {len(rows)} held-out questions in {_minutes(start)}")
   return results
+
+
+def _cached_models(workdir: str, cache_dir: str):
+  """(the stage2 export, the stage1_2-initialised reasoner), both reading candidates'
+  memories from the memory cache in `cache_dir`."""
+  from clara_jax.infer.api import ClaraModel, initial_reasoner
+  from clara_jax.train.memory_cache import MemoryCache
+
+  cache = MemoryCache(cache_dir)
+  final = ClaraModel.load(paths.join(workdir, "stage2", "export")).use_memory_cache(cache)
+  init = initial_reasoner(ClaraModel.load(paths.join(workdir, "stage1_2", "export")))
+  init.use_memory_cache(cache)
+  return final, init
 
 
 def _minutes(start: float) -> str:
@@ -264,92 +287,94 @@ def paired(records: Dict[str, List[Dict]], lens: Dict[str, List[Dict]]) -> Dict[
   return out
 
 
-def _r(ci) -> str:
-  return stats.format_ci(ci)
+# b. what stage2's recall is compared with beside the initial reasoner: (key, text).
+RECALL_BASELINES = (("bm25", "BM25"), ("random", "random"))
 
 
-def _d(ci) -> str:
-  return stats.format_ci(ci, signed=True)
-
-
-def _above_zero(ci) -> Any:
-  return None if ci is None else ci["lo"] > 0
-
-
-def claims(results: Dict[str, Any], min_gain: float) -> List[Row]:
+def claims(results: Dict[str, Any], min_gain: float) -> List[ClaimRow]:
   """(claim, measured, target, passed) rows; passed None: reported without a target.
   The targets: memory gain >= `min_gain` nats/token against a wrong document; stage2
   Recall@5 above the initial reasoner's with the interval above zero; the lens AUC
   above the permutation null with the interval above zero."""
-  p = results["paired"]
-  a = p["all"]
-  gain, none = a["memory_gain"], a["memory_gain_vs_none"]
-  rows: List[Row] = [
+  paired = results["paired"]
+  rows = _reading_claims(paired["all"], min_gain)
+  for group, measures in paired.items():
+    rows += _retrieval_claims(group, measures)
+  return rows + _lens_claims(paired["all"])
+
+
+def _reading_claims(overall: Dict[str, Any], min_gain: float) -> List[ClaimRow]:
+  """a. rows: the memory gain (the target) against a wrong candidate and against none,
+  and EM / F1 closed book, with retrieved and with gold memories."""
+  gain = overall["memory_gain"]
+  rows: List[ClaimRow] = [
     (
       "a. memory gain vs a wrong candidate (nats/token)",
-      _r(gain),
+      format_ci(gain),
       f">= {min_gain:g}",
-      None if gain is None else gain["mean"] >= min_gain,
+      mean_at_least(gain, min_gain),
     ),
-    ("a. memory gain vs no memories (nats/token)", _r(none), "(reported)", None),
+    reported(
+      "a. memory gain vs no memories (nats/token)", format_ci(overall["memory_gain_vs_none"])
+    ),
   ]
   for metric in ("em", "f1"):
+    settings = [format_ci(overall[f"{metric}_{s}"]) for s in ("closed_book", "normal", "oracle")]
     rows.append(
-      (
-        f"a. {metric.upper()} closed book / retrieved / gold memories",
-        f"{_r(a[f'{metric}_closed_book'])} / {_r(a[f'{metric}_normal'])} / "
-        f"{_r(a[f'{metric}_oracle'])}",
-        "(reported)",
-        None,
-      )
+      reported(f"a. {metric.upper()} closed book / retrieved / gold memories", " / ".join(settings))
     )
     rows.append(
-      (
+      reported(
         f"a. {metric.upper()} gold memories - closed book",
-        _d(a[f"{metric}:oracle-closed_book"]),
-        "(reported)",
-        None,
+        format_difference(overall[f"{metric}:oracle-closed_book"]),
       )
     )
-  for group in p:
-    label = "all" if group == "all" else group
-    for at in RECALL_AT:
-      key = f"recall@{at}"
-      r = p[group][key]
-      target = at == 5 and group == "all"
+  return rows
+
+
+def _retrieval_claims(group: str, measures: Dict[str, Any]) -> List[ClaimRow]:
+  """b. rows of one question set (or "all"): stage2's Recall@1/5 minus the initial
+  reasoner's (the target: Recall@5 over all questions) and minus RECALL_BASELINES'."""
+  rows: List[ClaimRow] = []
+  for at in RECALL_AT:
+    key = f"recall@{at}"
+    recalls, vs_init = measures[key], measures[f"{key}:stage2-init"]
+    target = at == 5 and group == "all"
+    rows.append(
+      (
+        f"b. {group} R@{at} stage2 - init reasoner",
+        f"{format_difference(vs_init)} (stage2 {format_ci(recalls['stage2'])}, init "
+        f"{format_ci(recalls['stage1_2_init'])}), n={measures['questions']}",
+        "diff > 0" if target else "(reported)",
+        above_zero(vs_init) if target else None,
+      )
+    )
+    for name, text in RECALL_BASELINES:
       rows.append(
-        (
-          f"b. {label} R@{at} stage2 - init reasoner",
-          f"{_d(p[group][f'{key}:stage2-init'])} (stage2 {_r(r['stage2'])}, init "
-          f"{_r(r['stage1_2_init'])}), n={p[group]['questions']}",
-          "diff > 0" if target else "(reported)",
-          _above_zero(p[group][f"{key}:stage2-init"]) if target else None,
+        reported(
+          f"b. {group} R@{at} stage2 - {text}",
+          f"{format_difference(measures[f'{key}:stage2-{name}'])} ({text} "
+          f"{format_ci(recalls[name])})",
         )
       )
-      for name, text in (("bm25", "BM25"), ("random", "random")):
-        rows.append(
-          (
-            f"b. {label} R@{at} stage2 - {text}",
-            f"{_d(p[group][f'{key}:stage2-{name}'])} ({text} {_r(r[name])})",
-            "(reported)",
-            None,
-          )
-        )
-  rows.append(("c. lens doc-piece AUC (stage2)", _r(a["doc_auc"]["stage2"]), "(reported)", None))
-  rows.append(
+  return rows
+
+
+def _lens_claims(overall: Dict[str, Any]) -> List[ClaimRow]:
+  """c. rows: stage2's lens doc-piece AUC, against its permutation null (the target)
+  and against the initial reasoner."""
+  aucs = overall["doc_auc"]
+  return [
+    reported("c. lens doc-piece AUC (stage2)", format_ci(aucs["stage2"])),
     (
       "c. lens AUC stage2 - permutation null",
-      f"{_d(a['doc_auc:stage2-null'])} (null {_r(a['doc_auc']['null'])})",
+      f"{format_difference(overall['doc_auc:stage2-null'])} (null {format_ci(aucs['null'])})",
       "diff > 0",
-      _above_zero(a["doc_auc:stage2-null"]),
-    )
-  )
-  rows.append(
-    (
+      above_zero(overall["doc_auc:stage2-null"]),
+    ),
+    reported(
       "c. lens AUC stage2 - init reasoner",
-      f"{_d(a['doc_auc:stage2-init'])} (init {_r(a['doc_auc']['stage1_2_init'])})",
-      "(reported)",
-      None,
-    )
-  )
-  return rows
+      f"{format_difference(overall['doc_auc:stage2-init'])} "
+      f"(init {format_ci(aucs['stage1_2_init'])})",
+    ),
+  ]

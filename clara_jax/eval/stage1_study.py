@@ -1,8 +1,8 @@
 """Stage1 on a pretrained base, studied on training documents only: does the compressor
 keep documents apart, and does the generator read what it wrote?
 
-The rows are the real-data plan's stage1 pool
-(`clara_jax.pipeline.real_data.prepare_data`); `dev_rows` of its documents, drawn with a seeded permutation, are set aside (no row of theirs is
+The rows are the real-data plan's stage1 pool (`clara_jax.pipeline.real_data.prepare_data`); `dev_rows` of
+its documents, drawn with a seeded permutation, are set aside (no row of theirs is
 trained on), so a recipe is chosen here without touching the held-out questions. Each
 variant trains stage1 from the imported base with its overrides of
 configs/recipes/real_pretrained, then on the dev rows:
@@ -184,41 +184,103 @@ def run(
   """Prepares the data and base (as `real-data --base` does), trains the variant's stage1
   on the pool minus the dev rows, measures it on them; returns and writes the record."""
   from clara_jax import paths
-  from clara_jax.data import formats
-  from clara_jax.data.features import FeatureConfig, Featurizer
-  from clara_jax.data.tokenizer import load_tokenizer
   from clara_jax.pipeline import real_data
-  from clara_jax.pipeline import recipe as recipe_lib
-  from clara_jax.pipeline.run import prepare
   from clara_jax.pipeline.stages import run_stage
 
   if variant not in VARIANTS:
     raise ValueError(f"unknown variant {variant!r}; known: {sorted(VARIANTS)}")
   workdir = str(paths.path(workdir))
-  recipe = recipe_lib.load("real_pretrained", quick)
-  recipe_plan = real_data.data_plan(recipe, seed)
-  # The pool is the plan's stage1 rows without restatements: each variant says its own.
-  plan = dataclasses.replace(recipe_plan, restate_stage1=False)
-  recipe = prepare(recipe, workdir, seed, data_dir, base, log, plan=plan).recipe
-  dirs = real_data.data_dirs(workdir)
-
-  rows = real_data.read_jsonl(paths.join(dirs["stage1"], "train.jsonl"))
+  recipe, restate_stage1 = _prepared_recipe(data_dir, workdir, base, quick, seed, log)
+  rows = real_data.read_jsonl(paths.join(real_data.data_dirs(workdir)["stage1"], "train.jsonl"))
   train_idx, dev_idx = split_pool([r["docs"][0] for r in rows], dev_rows, seed)
   spec = VARIANTS[variant]
-  restate = recipe_plan.restate_stage1 if spec.restate is None else spec.restate
+  restate = restate_stage1 if spec.restate is None else spec.restate
+  source = _training_source(workdir, [rows[i] for i in train_idx], restate)
+  recipe = _variant_recipe(
+    recipe, {"train.num_steps": steps, "data.source": source, **spec.overrides}
+  )
+  metrics = run_stage("stage1", workdir, recipe, seed, log)
+  record: Dict[str, Any] = {
+    "variant": variant,
+    "overrides": spec.overrides,
+    "restate": restate,
+    "steps": steps,
+    "seed": seed,
+    "base": base,
+    "train_rows": len(real_data.read_jsonl(paths.join(source, "train.jsonl"))),
+    "dev": _dev_record(workdir, recipe, [rows[i] for i in dev_idx], seed),
+    "last_train_metrics": metrics,
+  }
+  paths.write_json(paths.join(workdir, "study.json"), record)
+  log(_summary_line(record, len(dev_idx)))
+  return record
+
+
+def _prepared_recipe(
+  data_dir: str, workdir: str, base: str, quick: bool, seed: int, log: Callable[[str], None]
+):
+  """(the pretrained recipe fitted to the prepared data and imported base, whether the
+  recipe's data plan restates stage1's documents): the pipeline's preparation of
+  configs/recipes/real_pretrained, on the plan's stage1 rows without restatements (each
+  variant says its own)."""
+  from clara_jax.pipeline import real_data
+  from clara_jax.pipeline import recipe as recipe_lib
+  from clara_jax.pipeline.run import prepare
+
+  recipe = recipe_lib.load("real_pretrained", quick)
+  recipe_plan = real_data.data_plan(recipe, seed)
+  plan = dataclasses.replace(recipe_plan, restate_stage1=False)
+  prepared = prepare(recipe, workdir, seed, data_dir, base, log, plan=plan)
+  return prepared.recipe, recipe_plan.restate_stage1
+
+
+def _training_source(workdir: str, train_rows: List[Dict], restate: bool) -> str:
+  """The folder of the variant's training rows (with a restatement per document when
+  `restate`), written once and reused by every variant that reads the same."""
+  from clara_jax import paths
+  from clara_jax.data import formats
+  from clara_jax.pipeline import real_data
+
   source = paths.join(workdir, "study_data_restate" if restate else "study_data")
   if not paths.exists(paths.join(source, "train.jsonl")):
-    train_rows = [rows[i] for i in train_idx]
     if restate:
-      train_rows += real_data.restatement_rows(train_rows)
+      train_rows = train_rows + real_data.restatement_rows(train_rows)
     formats.write_jsonl_atomic(paths.join(source, "train.jsonl"), train_rows)
-  overrides = {"train.num_steps": steps, "data.source": source, **spec.overrides}
-  recipe = recipe_lib.with_overrides(recipe, {}, {"stage1": overrides})
-  metrics = run_stage("stage1", workdir, recipe, seed, log)
+  return source
+
+
+def _variant_recipe(recipe, overrides: Dict[str, Any]):
+  """The recipe with stage1's config updated by `overrides`."""
+  from clara_jax.pipeline import recipe as recipe_lib
+
+  return recipe_lib.with_overrides(recipe, {}, {"stage1": overrides})
+
+
+def _dev_record(workdir: str, recipe, dev_rows: List[Dict], seed: int) -> Dict[str, Any]:
+  """`summarize` of the trained stage1 export on the dev rows and their restatements."""
+  from clara_jax import paths
+  from clara_jax.pipeline import real_data
+  from clara_jax.pipeline import recipe as recipe_lib
 
   config = recipe_lib.stage_config("stage1", recipe, seed)
   n_mem = config.clara.doc_max_length // config.clara.compr_rate
   export = paths.join(workdir, "stage1", "export")
+  # Each dev document is read twice: its QA row, and a restatement of it (is the
+  # document itself in the memories, whatever its questions ask?).
+  dev_data = dev_rows + real_data.restatement_rows(dev_rows)
+  arrays = _dev_arrays(config, export, n_mem, dev_data, seed)
+  own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
+  is_qa = np.array([row["data_type"] == "qa" for row in dev_data])
+  return summarize(own, other, memories, is_qa, seed)
+
+
+def _dev_arrays(
+  config, export: str, n_mem: int, dev_data: List[Dict], seed: int
+) -> Dict[str, np.ndarray]:
+  """The stage1 features of the dev rows, stacked (`dev_losses`' input)."""
+  from clara_jax.data.features import FeatureConfig, Featurizer
+  from clara_jax.data.tokenizer import load_tokenizer
+
   tok = load_tokenizer(export, config.tokenizer.num_mem_tokens)
   featurize = Featurizer(
     tok,
@@ -232,39 +294,23 @@ def run(
     ),
     seed=seed,
   )
-  # Each dev document is read twice: its QA row, and a restatement of it (is the
-  # document itself in the memories, whatever its questions ask?).
-  dev_data = [rows[i] for i in dev_idx]
-  dev_data += real_data.restatement_rows(dev_data)
   examples = [featurize(row, i) for i, row in enumerate(dev_data)]
   arrays = {
     k: np.stack([e[k] for e in examples])
     for k in ("doc_tokens", "doc_mask", "gen_tokens", "gen_mask", "slot_positions", "answer_mask")
   }
   arrays["doc_tokens"], arrays["doc_mask"] = arrays["doc_tokens"][:, 0], arrays["doc_mask"][:, 0]
-  own, other, memories = dev_losses(export, arrays, n_mem, config.clara.memory_scale)
-  is_qa = np.array([row["data_type"] == "qa" for row in dev_data])
-  record: Dict[str, Any] = {
-    "variant": variant,
-    "overrides": spec.overrides,
-    "restate": restate,
-    "steps": steps,
-    "seed": seed,
-    "base": base,
-    "train_rows": len(real_data.read_jsonl(paths.join(source, "train.jsonl"))),
-    "dev": summarize(own, other, memories, is_qa, seed),
-    "last_train_metrics": metrics,
-  }
-  paths.write_json(paths.join(workdir, "study.json"), record)
-  gain = record["dev"]["memory_gain"]
-  restate = record["dev"]["memory_gain_restate"]
-  log(
-    f"[   study] {variant} at {steps} steps, {len(dev_idx)} dev documents: memory gain "
-    f"{gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] nats/token on their QA "
-    f"rows, {restate['mean']:+.3f} [{restate['lo']:+.3f}, {restate['hi']:+.3f}] on "
-    f"restating them; memory cosine {record['dev']['memory_cosine']:.4f}"
+  return arrays
+
+
+def _summary_line(record: Dict[str, Any], dev_documents: int) -> str:
+  gain, restate = record["dev"]["memory_gain"], record["dev"]["memory_gain_restate"]
+  return (
+    f"[   study] {record['variant']} at {record['steps']} steps, {dev_documents} dev "
+    f"documents: memory gain {gain['mean']:+.3f} [{gain['lo']:+.3f}, {gain['hi']:+.3f}] "
+    f"nats/token on their QA rows, {restate['mean']:+.3f} [{restate['lo']:+.3f}, "
+    f"{restate['hi']:+.3f}] on restating them; memory cosine {record['dev']['memory_cosine']:.4f}"
   )
-  return record
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -8,11 +8,14 @@ give the same interval on every machine.
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, Optional, Sequence
+from typing import Dict, Hashable, Optional, Sequence, Tuple
 
 import numpy as np
 
 NUM_RESAMPLES = 2000
+# One row of a claims table: (claim, measured, target, passed); passed None for a row
+# reported without a target.
+ClaimRow = Tuple[str, str, str, Optional[bool]]
 
 
 def bootstrap_ci(
@@ -70,3 +73,28 @@ def format_ci(ci: Optional[Dict[str, float]], digits: int = 2, signed: bool = Fa
     return "n/a"
   f = f"{{:+.{digits}f}}" if signed else f"{{:.{digits}f}}"
   return f"{f.format(ci['mean'])} [{f.format(ci['lo'])}, {f.format(ci['hi'])}]"
+
+
+def format_difference(ci: Optional[Dict[str, float]]) -> str:
+  """`format_ci` of a paired difference: signed."""
+  return format_ci(ci, signed=True)
+
+
+def format_value(x: Optional[float]) -> str:
+  """'0.42'; 'n/a' for None."""
+  return "n/a" if x is None else f"{x:.2f}"
+
+
+def above_zero(ci: Optional[Dict[str, float]]) -> Optional[bool]:
+  """Whether a difference's interval lies above zero; None without an interval."""
+  return None if ci is None else ci["lo"] > 0
+
+
+def reported(claim: str, measured: str) -> ClaimRow:
+  """A claims-table row shown without a target."""
+  return (claim, measured, "(reported)", None)
+
+
+def mean_at_least(ci: Optional[Dict[str, float]], target: float) -> Optional[bool]:
+  """Whether an interval's mean reaches `target`; None without an interval."""
+  return None if ci is None else ci["mean"] >= target

@@ -18,10 +18,9 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from clara_jax import paths
+from clara_jax.eval.stats import ClaimRow, reported
 from clara_jax.pipeline.recipe import Recipe, stage_config
 from clara_jax.pipeline.stages import duration
-
-ClaimRow = Tuple[str, str, str, Optional[bool]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,21 +167,17 @@ def _lens_rank_rows(lens: Dict[str, Any], lens_init: Dict[str, Any]) -> List[Cla
   gold_mem = lens.get("gold_memories", {})
   if "rank_auc" in gold_mem:
     rows.append(
-      (
+      reported(
         "c. reference: gold memories' own lens",
         f"AUC {gold_mem['rank_auc']:.3f} +- {gold_mem['rank_auc_ci95']:.3f}, "
         f"lift {gold_mem['piece_lift']:+.2f} +- {gold_mem['piece_lift_ci95']:.2f}",
-        "(reported)",
-        None,
       )
     )
   if "clue_piece_recall" in lens:
     rows.append(
-      (
+      reported(
         "c. clue-piece recall stage2 vs init",
         f"{lens['clue_piece_recall']:.2f} vs {lens_init.get('clue_piece_recall', 0.0):.2f}",
-        "(reported)",
-        None,
       )
     )
   return rows
