@@ -1,0 +1,30 @@
+"""The decoder, its LoRA adapters, and CLaRa's roles and stage losses on top of it.
+
+Shape letters, one meaning each across `clara_jax.model` and `clara_jax.ops` (and the
+parameter shapes of `clara_jax.weights`):
+
+    B   batch: questions, or sequences of a plain pass
+    T   positions of a pass (its queries)
+    S   key positions an attention reads: T, or the length of a KV cache
+    V   vocabulary rows, base + X (X: CLaRa's special-token rows)
+    D   model (hidden) width
+    F   MLP inner width
+    L   decoder layers (the leading axis of scanned parameters)
+    H   query heads
+    K   key/value heads
+    G   query heads per key/value head, H / K
+    hd  head width
+    Q   the G * T queries of one key/value head stacked along one axis
+    R   rows of an encoder batch: documents or questions, any leading axes flattened
+    N   candidate documents per question
+    k   documents in one generator prompt (selected in stage 2; stage1: 1)
+    n_mem  memory tokens per encoder row
+    J   memory slots of one generator prompt, k * n_mem
+    Ld, Lq  text block of a document / question before its memory tokens (Lt: either)
+    P, A    prompt and answer regions of a generator row (T = P + A)
+
+A variable's suffix lists its axes in order with these letters in lower case: `x_btd` is
+[B, T, D], `doc_mem_bnmd` [B, N, n_mem, D] (m: the n_mem axis), `slot_positions_bj` [B, J].
+A `d` right after a head letter is the head width: `q_bthd` is [B, T, H, hd], `k_bskd`
+[B, S, K, hd]; in one KV head's attention, `q_bqd` is [B, Q, hd].
+"""

@@ -1,12 +1,15 @@
 """CLaRa's three roles on the shared decoder, as pure functions of (params, arrays).
 
+Shape letters as in `clara_jax.model` (R rows of an encoder batch, Lt their text block,
+n_mem memory tokens, J = k * n_mem memory slots of a prompt, D model width).
+
 Token layouts (built by `clara_jax.data.templates`; all lengths static):
 
 * encoder input (compressor on documents, reasoner on questions): the text block
   `<ENC><s> text </s>` LEFT-padded to its maximum length, then the `n_mem` memory tokens
   `<MEM0>..<MEM{n-1}>`. Left padding keeps the memory tokens right after the text with
   contiguous positions, and puts them at the static slice `[-n_mem:]`.
-  Arrays: `tokens [M, L + n_mem]`, `mask [M, L + n_mem]` (1 = real token).
+  Arrays: `tokens [R, Lt + n_mem]`, `mask [R, Lt + n_mem]` (1 = real token).
 * generator input: a prompt region of P tokens (left-padded) followed by an answer region
   of A tokens (right-padded). The prompt holds k placeholder slots
   `<MEM0>..<MEM{n-1}><SEP>`; `slot_positions [B, k * n_mem]` says where, slot by slot.
@@ -20,7 +23,7 @@ generator's LM head runs only on the A positions that predict the answer.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple, TypeAlias, cast
+from typing import Any, Optional, Tuple, TypeAlias, cast
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +32,8 @@ from clara_jax.model.decoder import Decoder, DecoderOutput
 from clara_jax.ops import losses
 
 Array: TypeAlias = jax.Array
+# A nested dict of parameter arrays.
+Params: TypeAlias = Any
 
 COMPRESSOR, REASONER, GENERATOR = "compressor", "reasoner", "generator"
 MAX_COMPRESSION_RATE = 256
@@ -91,7 +96,7 @@ class ClaraConfig:
   def n_mem(self) -> int:
     return num_memory_tokens(self.doc_max_length, self.compr_rate)
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     _ = self.n_mem  # validates
     if self.k < 1:
       raise ValueError(f"ClaraConfig.k must be >= 1, got {self.k}")
@@ -116,39 +121,45 @@ def positions_from_mask(mask_bt: Array) -> Array:
 
 def encode(
   model: Decoder,
-  params,
-  tokens_mt: Array,
-  mask_mt: Array,
+  params: Params,
+  tokens_rt: Array,
+  mask_rt: Array,
   n_mem: int,
   adapter: str,
   deterministic: bool = True,
   rng: Optional[Array] = None,
 ) -> Tuple[Array, Array]:
-  """Runs an encoder-layout batch; returns (memory states [M, n_mem, H], all final
-  states [M, L + n_mem, H])."""
-  hidden = _run_encoder(model, params, tokens_mt, mask_mt, adapter, deterministic, rng)
+  """Runs an encoder-layout batch; returns (memory states [R, n_mem, D], all final
+  states [R, Lt + n_mem, D])."""
+  hidden = final_states(model, params, mask_rt, adapter, deterministic, rng, tokens=tokens_rt)
   return hidden[:, -n_mem:], hidden
 
 
-def _run_encoder(
+def final_states(
   model: Decoder,
-  params,
-  tokens_mt: Array,
-  mask_mt: Array,
+  params: Params,
+  mask_bt: Array,
   adapter: Optional[str],
-  deterministic: bool,
-  rng: Optional[Array],
+  deterministic: bool = True,
+  rng: Optional[Array] = None,
   readout: Optional[Tuple[int, Optional[int]]] = None,
+  *,
+  tokens: Optional[Array] = None,
+  embeddings: Optional[Array] = None,
 ) -> Array:
-  """Final states of an encoder-layout batch ([M, L + n_mem, H], or the read-out part)."""
+  """Final-normed states [B, T, D] (with a `readout`, of its positions only) of `tokens`
+  [B, T] or input `embeddings` [B, T, D], at positions that skip the left padding of
+  `mask_bt`; LoRA dropout from `rng` when not `deterministic`. Encoder batches are
+  [R, Lt + n_mem] in the same way."""
   rngs = {"dropout": rng} if rng is not None else {}
   return cast(
     DecoderOutput,
     model.apply(
       {"params": params},
-      tokens_mt,
-      attention_mask=mask_mt,
-      positions=positions_from_mask(mask_mt),
+      tokens,
+      embeddings=embeddings,
+      attention_mask=mask_bt,
+      positions=positions_from_mask(mask_bt),
       adapter=adapter,
       deterministic=deterministic,
       rngs=rngs,
@@ -159,27 +170,27 @@ def _run_encoder(
 
 def memories(
   model: Decoder,
-  params,
-  tokens_mt: Array,
-  mask_mt: Array,
+  params: Params,
+  tokens_rt: Array,
+  mask_rt: Array,
   n_mem: int,
   adapter: Optional[str],
   deterministic: bool = True,
   rng: Optional[Array] = None,
 ) -> Array:
-  """Memory states [M, n_mem, H] of an encoder-layout batch, the last layer run only at
+  """Memory states [R, n_mem, D] of an encoder-layout batch, the last layer run only at
   the memory positions (for callers that need no other final state). Extra leading axes
-  (e.g. [B, N, L + n_mem]) are flattened to M rows, as in `compress`."""
-  tokens_mt = tokens_mt.reshape(-1, tokens_mt.shape[-1])
-  mask_mt = mask_mt.reshape(-1, mask_mt.shape[-1])
-  return _run_encoder(
-    model, params, tokens_mt, mask_mt, adapter, deterministic, rng, readout=(-n_mem, None)
+  (e.g. [B, N, Ld + n_mem]) are flattened to R rows, as in `compress`."""
+  tokens_rt = tokens_rt.reshape(-1, tokens_rt.shape[-1])
+  mask_rt = mask_rt.reshape(-1, mask_rt.shape[-1])
+  return final_states(
+    model, params, mask_rt, adapter, deterministic, rng, (-n_mem, None), tokens=tokens_rt
   )
 
 
 def compress(
   model: Decoder,
-  params,
+  params: Params,
   doc_tokens: Array,
   doc_mask: Array,
   n_mem: int,
@@ -187,10 +198,10 @@ def compress(
   rng: Optional[Array] = None,
   adapter: str = COMPRESSOR,
 ) -> Tuple[Array, Array]:
-  """Documents -> (memories [M, n_mem, H], MSE alignment loss).
+  """Documents -> (memories [R, n_mem, D], MSE alignment loss).
 
-  `doc_tokens`/`doc_mask` may carry extra leading axes (e.g. [B, N, L + n_mem]); they are
-  flattened to M documents and the memories come back as [M, n_mem, H].
+  `doc_tokens`/`doc_mask` may carry extra leading axes (e.g. [B, N, Ld + n_mem]); they are
+  flattened to R documents and the memories come back as [R, n_mem, D].
   """
   tokens = doc_tokens.reshape(-1, doc_tokens.shape[-1])
   mask = doc_mask.reshape(-1, doc_mask.shape[-1])
@@ -200,11 +211,11 @@ def compress(
 
 
 def lexical_loss(
-  model: Decoder, params, memories_mnh: Array, doc_tokens_ml: Array, doc_mask_ml: Array
+  model: Decoder, params: Params, memories_rmd: Array, doc_tokens_rt: Array, doc_mask_rt: Array
 ) -> Array:
   """Mean NLL of each document's distinct tokens under its memories read by the LM head.
 
-  The memories [M, n_mem, H] are final states, so `Decoder.logits` reads them as the
+  The memories [R, n_mem, D] are final states, so `Decoder.logits` reads them as the
   base reads its own last layer; a document's tokens are modelled as a uniform mixture
   of its memory slots' next-token distributions. Pulling memories towards the LM head
   rows of the document's tokens (with tied embeddings, its token embeddings) gives the
@@ -212,17 +223,17 @@ def lexical_loss(
   answer loss reaches it only once the generator reads memories.
 
   Args:
-    doc_tokens_ml, doc_mask_ml: the encoder inputs [M, L + n_mem] (memory tokens last);
-      only the document positions (the first L) are targets, each distinct id once.
+    doc_tokens_rt, doc_mask_rt: the encoder inputs [R, Lt + n_mem] (memory tokens last);
+      only the document positions (the first Ld) are targets, each distinct id once.
   """
-  n_mem = memories_mnh.shape[1]
-  tokens = doc_tokens_ml[:, :-n_mem]
-  mask = doc_mask_ml[:, :-n_mem].astype(bool)
-  logits = cast(Array, model.apply({"params": params}, memories_mnh, method=Decoder.logits))
+  n_mem = memories_rmd.shape[1]
+  tokens = doc_tokens_rt[:, :-n_mem]
+  mask = doc_mask_rt[:, :-n_mem].astype(bool)
+  logits = cast(Array, model.apply({"params": params}, memories_rmd, method=Decoder.logits))
   log_mix = jax.nn.logsumexp(
     jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), axis=1
-  ) - jnp.log(n_mem)  # [M, V]
-  target_lp = jnp.take_along_axis(log_mix, tokens, axis=-1)  # [M, L]
+  ) - jnp.log(n_mem)  # [R, V]
+  target_lp = jnp.take_along_axis(log_mix, tokens, axis=-1)  # [R, Ld]
   # A repeated id counts once: keep a position only if no earlier real position holds it.
   same = (tokens[:, :, None] == tokens[:, None, :]) & mask[:, None, :]
   earlier = jnp.tril(jnp.ones(same.shape[1:], bool), k=-1)
@@ -233,77 +244,77 @@ def lexical_loss(
 
 def reason(
   model: Decoder,
-  params,
+  params: Params,
   q_tokens: Array,
   q_mask: Array,
   n_mem: int,
   deterministic: bool = True,
   rng: Optional[Array] = None,
 ) -> Array:
-  """Questions [B, Lq + n_mem] -> query memories [B, n_mem, H] (reasoner adapter)."""
+  """Questions [B, Lq + n_mem] -> query memories [B, n_mem, D] (reasoner adapter)."""
   return memories(model, params, q_tokens, q_mask, n_mem, REASONER, deterministic, rng)
 
 
-def score(query_mem_bmh: Array, doc_mem_bnmh: Array) -> Array:
+def score(query_mem_bmd: Array, doc_mem_bnmd: Array) -> Array:
   """Cosine scores [B, N] (float32) over flattened, L2-normalised memories."""
-  return losses.cosine_scores(query_mem_bmh, doc_mem_bnmh)
+  return losses.cosine_scores(query_mem_bmd, doc_mem_bnmd)
 
 
-def select(weights_bkn: Array, doc_mem_bnmh: Array) -> Array:
-  """Selected memories [B, k, n_mem, H]: the top-k weights applied to the candidates
+def select(weights_bkn: Array, doc_mem_bnmd: Array) -> Array:
+  """Selected memories [B, k, n_mem, D]: the top-k weights applied to the candidates
   (an einsum, so the straight-through gradient reaches the scores)."""
   out = jnp.einsum(
-    "bkn,bnmh->bkmh", weights_bkn.astype(jnp.float32), doc_mem_bnmh.astype(jnp.float32)
+    "bkn,bnmd->bkmd", weights_bkn.astype(jnp.float32), doc_mem_bnmd.astype(jnp.float32)
   )
-  return out.astype(doc_mem_bnmh.dtype)
+  return out.astype(doc_mem_bnmd.dtype)
 
 
-def splice(embeddings_bth: Array, slot_positions_bs: Array, memories_bsh: Array) -> Array:
-  """Writes memories [B, S, H] into the placeholder positions [B, S] of embeddings
-  [B, T, H] (one vectorised scatter; gradients flow into the memories)."""
-  batch = jnp.arange(embeddings_bth.shape[0])[:, None]
-  return embeddings_bth.at[batch, slot_positions_bs].set(memories_bsh.astype(embeddings_bth.dtype))
+def splice(embeddings_btd: Array, slot_positions_bj: Array, memories_bjd: Array) -> Array:
+  """Writes memories [B, J, D] into the placeholder positions [B, J] of embeddings
+  [B, T, D] (one vectorised scatter; gradients flow into the memories)."""
+  batch = jnp.arange(embeddings_btd.shape[0])[:, None]
+  return embeddings_btd.at[batch, slot_positions_bj].set(memories_bjd.astype(embeddings_btd.dtype))
 
 
-def rescale_memories(memories_bsh: Array, target_rms: Array) -> Array:
-  """Each memory vector [..., H] rescaled to root mean square `target_rms` (float32).
+def rescale_memories(memories_bjd: Array, target_rms: Array) -> Array:
+  """Each memory vector [..., D] rescaled to root mean square `target_rms` (float32).
 
   The compressor reads out final-normed states, whose scale is the final norm's (for
   SmolLM2-135M an RMS about 15x that of its token embeddings); a pre-norm generator adds
   its layers' updates to that input, so an oversized input keeps the memory positions'
   states close to the memories themselves."""
-  mem = memories_bsh.astype(jnp.float32)
+  mem = memories_bjd.astype(jnp.float32)
   rms = jnp.sqrt(jnp.mean(jnp.square(mem), axis=-1, keepdims=True))
   return mem * (target_rms / jnp.maximum(rms, 1e-12))
 
 
 def generator_inputs(
   model: Decoder,
-  params,
+  params: Params,
   tokens_bt: Array,
-  slot_positions_bs: Array,
-  memories_bsh: Array,
+  slot_positions_bj: Array,
+  memories_bjd: Array,
   memory_scale: str = "none",
 ) -> Array:
-  """Input embeddings [B, T, H] of generator prompts `tokens_bt` with the memories
-  [B, S, H] written into `slot_positions_bs` [B, S], scaled per `memory_scale`."""
+  """Input embeddings [B, T, D] of generator prompts `tokens_bt` with the memories
+  [B, J, D] written into `slot_positions_bj` [B, J], scaled per `memory_scale`."""
   check_memory_scale(memory_scale)
   embeddings = cast(Array, model.apply({"params": params}, tokens_bt, method=Decoder.embed))
   if memory_scale == "embedding":
     target = jax.lax.stop_gradient(
       cast(Array, model.apply({"params": params}, method=Decoder.embedding_rms))
     )
-    memories_bsh = rescale_memories(memories_bsh, target)
-  return splice(embeddings, slot_positions_bs, memories_bsh)
+    memories_bjd = rescale_memories(memories_bjd, target)
+  return splice(embeddings, slot_positions_bj, memories_bjd)
 
 
 def generator_loss(
   model: Decoder,
-  params,
+  params: Params,
   tokens_bt: Array,
   mask_bt: Array,
-  slot_positions_bs: Array,
-  memories_bkmh: Array,
+  slot_positions_bj: Array,
+  memories_bkmd: Array,
   answer_mask_ba: Array,
   deterministic: bool = True,
   rng: Optional[Array] = None,
@@ -312,7 +323,7 @@ def generator_loss(
   """Masked next-token CE of the answer, given memories for the prompt's slots.
 
   Args:
-    memories_bkmh: [B, k, n_mem, H], written slot by slot into `slot_positions_bs`
+    memories_bkmd: [B, k, n_mem, D], written slot by slot into `slot_positions_bj`
       [B, k * n_mem].
     memory_scale: how they enter the generator (`MEMORY_SCALES`).
 
@@ -321,23 +332,19 @@ def generator_loss(
   """
   b, t = tokens_bt.shape
   a = answer_mask_ba.shape[1]
-  memories = memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1])
-  embeddings = generator_inputs(model, params, tokens_bt, slot_positions_bs, memories, memory_scale)
-  rngs = {"dropout": rng} if rng is not None else {}
+  memories = memories_bkmd.reshape(b, -1, memories_bkmd.shape[-1])
+  embeddings = generator_inputs(model, params, tokens_bt, slot_positions_bj, memories, memory_scale)
   # Position i predicts token i + 1, so the answer region [P, T) is read from [P-1, T-1);
   # the last layer runs only there.
-  answer_hidden = cast(
-    DecoderOutput,
-    model.apply(
-      {"params": params},
-      embeddings=embeddings,
-      attention_mask=mask_bt,
-      positions=positions_from_mask(mask_bt),
-      adapter=GENERATOR,
-      deterministic=deterministic,
-      rngs=rngs,
-      readout=(t - a - 1, t - 1),
-    ),
-  ).hidden
+  answer_hidden = final_states(
+    model,
+    params,
+    mask_bt,
+    GENERATOR,
+    deterministic,
+    rng,
+    readout=(t - a - 1, t - 1),
+    embeddings=embeddings,
+  )
   logits = cast(Array, model.apply({"params": params}, answer_hidden, method=Decoder.logits))
   return losses.masked_cross_entropy(logits, tokens_bt[:, t - a :], answer_mask_ba)

@@ -7,7 +7,7 @@ functions); `configs/` builds ml_collections on top of them for the command line
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 # The three CLaRa roles, each a LoRA adapter on the shared frozen decoder.
 CLARA_ADAPTERS: Tuple[str, ...] = ("compressor", "reasoner", "generator")
@@ -16,6 +16,17 @@ CLARA_ADAPTERS: Tuple[str, ...] = ("compressor", "reasoner", "generator")
 REMAT_POLICIES = ("none", "full", "dots", "dots_with_no_batch_dims", "minimal")
 ATTENTION_LAYOUTS = ("grouped", "per_kv_head")
 HIDDEN_ACTS = ("silu", "gelu_tanh")  # SwiGLU (Mistral, Llama, Qwen2, Phi-3), GeGLU (Gemma)
+# The DecoderConfig fields that size its tensors (V, D, F, L, H, K, hd in the shape
+# letters of `clara_jax.model`), each a positive int.
+SHAPE_FIELDS = (
+  "base_vocab_size",
+  "hidden_size",
+  "intermediate_size",
+  "num_layers",
+  "num_heads",
+  "num_kv_heads",
+  "head_dim",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +51,7 @@ class LoraConfig:
   def scale(self) -> float:
     return self.alpha / self.rank
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.rank <= 0:
       raise ValueError(f"LoraConfig.rank must be positive, got {self.rank}")
     if len(set(self.adapters)) != len(self.adapters):
@@ -66,7 +77,7 @@ class RopeScaling:
   high_freq_factor: float
   original_max_position: int
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     if self.factor <= 0 or self.original_max_position <= 0:
       raise ValueError(
         f"RopeScaling: factor and original_max_position must be positive, "
@@ -179,16 +190,8 @@ class DecoderConfig:
     scalar = self.head_dim if self.query_pre_attn_scalar is None else self.query_pre_attn_scalar
     return scalar**-0.5
 
-  def __post_init__(self):
-    for field in (
-      "base_vocab_size",
-      "hidden_size",
-      "intermediate_size",
-      "num_layers",
-      "num_heads",
-      "num_kv_heads",
-      "head_dim",
-    ):
+  def __post_init__(self) -> None:
+    for field in SHAPE_FIELDS:
       if getattr(self, field) <= 0:
         raise ValueError(f"DecoderConfig.{field} must be positive, got {getattr(self, field)}")
     if self.num_heads % self.num_kv_heads:
@@ -225,7 +228,7 @@ class DecoderConfig:
       if self.sliding_window is None:
         raise ValueError("DecoderConfig.sliding_layer_pattern needs a sliding_window")
 
-  def replace(self, **changes) -> "DecoderConfig":
+  def replace(self, **changes: Any) -> "DecoderConfig":
     return dataclasses.replace(self, **changes)
 
   def num_params(self, include_lora: bool = True) -> int:
@@ -247,178 +250,95 @@ class DecoderConfig:
     return self.num_layers * per_layer + tables * self.vocab_size * d + d
 
 
+def _shape(vocab: int, d: int, f: int, layers: int, h: int, kv: int, hd: int) -> Dict[str, int]:
+  """A size's SHAPE_FIELDS from its V, D, F, L, H, K, hd."""
+  return dict(zip(SHAPE_FIELDS, (vocab, d, f, layers, h, kv, hd)))
+
+
+_CPU: Dict[str, Any] = {"attention_layout": "per_kv_head"}
+_BF16: Dict[str, Any] = {"dtype": "bfloat16", "param_dtype": "bfloat16"}
+
 # Named sizes. `tiny` keeps CPU tests fast, `small` is the CPU demo/benchmark size,
 # `ref_tiny` matches the shapes at which the official PyTorch code runs on a CPU, and
-# the others have the real shapes of the base models they are named after. The CPU sizes attend per KV head (faster there); the real ones keep the grouped
-# einsum that shards over "tensor".
-MODEL_SIZES = {
-  "tiny": dict(
-    base_vocab_size=512,
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=16,
-    lora=LoraConfig(rank=4, alpha=8.0),
-    attention_layout="per_kv_head",
-  ),
-  "small": dict(
-    base_vocab_size=2048,
-    hidden_size=256,
-    intermediate_size=768,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=32,
-    lora=LoraConfig(rank=16, alpha=32.0),
-    attention_layout="per_kv_head",
-  ),
-  "ref_tiny": dict(
-    base_vocab_size=8000,
-    hidden_size=256,
-    intermediate_size=768,
-    num_layers=4,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=32,
-    attention_layout="per_kv_head",
-  ),
+# the others have the real shapes of the base models they are named after. The CPU sizes
+# attend per KV head (faster there); the real ones keep the grouped einsum that shards
+# over "tensor".
+MODEL_SIZES: Dict[str, Dict[str, Any]] = {
+  "tiny": {**_shape(512, 64, 128, 2, 4, 2, 16), "lora": LoraConfig(rank=4, alpha=8.0), **_CPU},
+  "small": {**_shape(2048, 256, 768, 4, 8, 4, 32), "lora": LoraConfig(rank=16, alpha=32.0), **_CPU},
+  "ref_tiny": {**_shape(8000, 256, 768, 4, 8, 4, 32), **_CPU},
   # SmolLM2-135M(-Instruct)'s shapes (`clara-jax fetch-base smollm2`, `import-gguf`).
-  "smollm2_135m": dict(
-    base_vocab_size=49152,
-    hidden_size=576,
-    intermediate_size=1536,
-    num_layers=30,
-    num_heads=9,
-    num_kv_heads=3,
-    head_dim=64,
-    rope_theta=1e5,
-    rms_norm_eps=1e-5,
-    lora=LoraConfig(rank=16, alpha=32.0),
-  ),
+  "smollm2_135m": {
+    **_shape(49152, 576, 1536, 30, 9, 3, 64),
+    "rope_theta": 1e5,
+    "rms_norm_eps": 1e-5,
+    "lora": LoraConfig(rank=16, alpha=32.0),
+  },
   # Llama-3.1-8B and Llama-3.2-1B (tied embeddings): the HF configs' shapes and their
   # Llama-3 RoPE scaling (factor 8 and 32 of an 8192-token original context).
-  "llama3_1_8b": dict(
-    base_vocab_size=128256,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_theta=5e5,
-    rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
-  "llama3_2_1b": dict(
-    base_vocab_size=128256,
-    hidden_size=2048,
-    intermediate_size=8192,
-    num_layers=16,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=64,
-    rope_theta=5e5,
-    rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192),
-    tie_embeddings=True,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
+  "llama3_1_8b": {
+    **_shape(128256, 4096, 14336, 32, 32, 8, 128),
+    "rope_theta": 5e5,
+    "rope_scaling": RopeScaling(8.0, 1.0, 4.0, 8192),
+    **_BF16,
+  },
+  "llama3_2_1b": {
+    **_shape(128256, 2048, 8192, 16, 32, 8, 64),
+    "rope_theta": 5e5,
+    "rope_scaling": RopeScaling(32.0, 1.0, 4.0, 8192),
+    "tie_embeddings": True,
+    **_BF16,
+  },
   # Qwen2.5-0.5B: query/key/value biases, tied embeddings.
-  "qwen2_5_0_5b": dict(
-    base_vocab_size=151936,
-    hidden_size=896,
-    intermediate_size=4864,
-    num_layers=24,
-    num_heads=14,
-    num_kv_heads=2,
-    head_dim=64,
-    rope_theta=1e6,
-    rms_norm_eps=1e-6,
-    qkv_bias=True,
-    tie_embeddings=True,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
+  "qwen2_5_0_5b": {
+    **_shape(151936, 896, 4864, 24, 14, 2, 64),
+    "rope_theta": 1e6,
+    "rms_norm_eps": 1e-6,
+    "qkv_bias": True,
+    "tie_embeddings": True,
+    **_BF16,
+  },
   # Phi-3-mini-4k: fused projections in its checkpoints, a 2047-token sliding window.
-  "phi3_mini_4k": dict(
-    base_vocab_size=32064,
-    hidden_size=3072,
-    intermediate_size=8192,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=32,
-    head_dim=96,
-    sliding_window=2047,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
+  "phi3_mini_4k": {**_shape(32064, 3072, 8192, 32, 32, 32, 96), "sliding_window": 2047, **_BF16},
   # Gemma-2B as `import-hf` loads it: GeGLU, the sqrt(hidden) input scale and (1 + w)
   # norms folded into the weights, the tied head imported as its own copy.
-  "gemma_2b": dict(
-    base_vocab_size=256000,
-    hidden_size=2048,
-    intermediate_size=16384,
-    num_layers=18,
-    num_heads=8,
-    num_kv_heads=1,
-    head_dim=256,
-    rms_norm_eps=1e-6,
-    hidden_act="gelu_tanh",
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
+  "gemma_2b": {
+    **_shape(256000, 2048, 16384, 18, 8, 1, 256),
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "gelu_tanh",
+    **_BF16,
+  },
   # Gemma-2-2B likewise: local (4096-token window) and global layers alternating, soft-
   # capped attention scores and logits, norms before and after attention and MLP.
-  "gemma2_2b": dict(
-    base_vocab_size=256000,
-    hidden_size=2304,
-    intermediate_size=9216,
-    num_layers=26,
-    num_heads=8,
-    num_kv_heads=4,
-    head_dim=256,
-    rms_norm_eps=1e-6,
-    hidden_act="gelu_tanh",
-    sliding_window=4096,
-    sliding_layer_pattern=(True, False),
-    attn_logit_softcapping=50.0,
-    final_logit_softcapping=30.0,
-    query_pre_attn_scalar=256.0,
-    post_norms=True,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
-  "mistral_7b": dict(
-    base_vocab_size=32000,
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_layers=32,
-    num_heads=32,
-    num_kv_heads=8,
-    head_dim=128,
-    rope_theta=1e6,
-    dtype="bfloat16",
-    param_dtype="bfloat16",
-  ),
+  "gemma2_2b": {
+    **_shape(256000, 2304, 9216, 26, 8, 4, 256),
+    "rms_norm_eps": 1e-6,
+    "hidden_act": "gelu_tanh",
+    "sliding_window": 4096,
+    "sliding_layer_pattern": (True, False),
+    "attn_logit_softcapping": 50.0,
+    "final_logit_softcapping": 30.0,
+    "query_pre_attn_scalar": 256.0,
+    "post_norms": True,
+    **_BF16,
+  },
+  "mistral_7b": {**_shape(32000, 4096, 14336, 32, 32, 8, 128), "rope_theta": 1e6, **_BF16},
 }
 
 
-def model_config(name: str, **overrides) -> DecoderConfig:
+def model_config(name: str, **overrides: Any) -> DecoderConfig:
   """Returns the named size, with fields overridden (e.g. `num_extra_tokens`)."""
   if name not in MODEL_SIZES:
     raise ValueError(f"unknown model size {name!r}; known: {sorted(MODEL_SIZES)}")
   return DecoderConfig(**{**MODEL_SIZES[name], **overrides})
 
 
-def config_to_dict(cfg: DecoderConfig) -> dict:
+def config_to_dict(cfg: DecoderConfig) -> Dict[str, Any]:
   """JSON-ready dict of a DecoderConfig (LoRA nested or None)."""
   return dataclasses.asdict(cfg)
 
 
-def config_from_dict(d: dict) -> DecoderConfig:
+def config_from_dict(d: Dict[str, Any]) -> DecoderConfig:
   """Inverse of `config_to_dict`; unknown fields are an error naming them."""
   known = {f.name for f in dataclasses.fields(DecoderConfig)}
   unknown = sorted(set(d) - known)

@@ -1,5 +1,8 @@
 """A Mistral/Llama-style decoder in Flax linen, with named LoRA adapters and a KV cache.
 
+Shape letters and suffixes as in `clara_jax.model` (D model width, H query heads, K
+key/value heads, G = H / K, hd head width: `q_bthd` is [B, T, H, hd]; S key positions).
+
 Pure functional use:
 
     model = Decoder(cfg)
@@ -16,7 +19,7 @@ placeholder slots.
 from __future__ import annotations
 
 import functools
-from typing import List, NamedTuple, Optional, Tuple, TypeAlias, Union, cast
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, TypeAlias, Union, cast
 
 import flax.linen as nn
 import jax
@@ -42,8 +45,17 @@ KVCache = Union[List[dict], dict]
 BATCH_LENGTH_EMBED = ("activation_batch", "activation_length", "activation_embed")
 
 
-def _dtype(name: str):
+def _dtype(name: str) -> Any:
   return jnp.dtype(name)
+
+
+def _table(
+  module: nn.Module, name: str, axes: Tuple[str, str], shape: Tuple[int, int], dtype: Any
+) -> Array:
+  """A vocabulary table parameter (embedding rows or head columns), N(0, 0.02)-initialised,
+  with logical axes `axes`."""
+  init = nn.with_logical_partitioning(default_kernel_init, axes)
+  return cast(Array, module.param(name, init, shape, dtype))
 
 
 class Embedder(nn.Module):
@@ -56,21 +68,15 @@ class Embedder(nn.Module):
 
   cfg: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     cfg = self.cfg
     pdt = _dtype(cfg.param_dtype)
-    self.base_embedding = self.param(
-      "base_embedding",
-      nn.with_logical_partitioning(default_kernel_init, ("vocab", "embed")),
-      (cfg.base_vocab_size, cfg.hidden_size),
-      pdt,
-    )
+    base_shape = (cfg.base_vocab_size, cfg.hidden_size)
+    self.base_embedding = _table(self, "base_embedding", ("vocab", "embed"), base_shape, pdt)
     if cfg.num_extra_tokens:
-      self.extra_embedding = self.param(
-        "extra_embedding",
-        nn.with_logical_partitioning(default_kernel_init, ("extra_vocab", "embed")),
-        (cfg.num_extra_tokens, cfg.hidden_size),
-        pdt,
+      extra_shape = (cfg.num_extra_tokens, cfg.hidden_size)
+      self.extra_embedding = _table(
+        self, "extra_embedding", ("extra_vocab", "embed"), extra_shape, pdt
       )
 
   def __call__(self, tokens_bt: Array) -> Array:
@@ -92,14 +98,14 @@ class Embedder(nn.Module):
     return _vocab_logits(hidden, self.base_embedding.T, extra, _dtype(self.cfg.dtype))
 
 
-def _vocab_logits(hidden: Array, base_hv: Array, extra_hx: Optional[Array], dtype) -> Array:
-  """float32 logits [..., base + extra vocab] of hidden [..., H] against the pretrained
-  columns [H, base] and the special-token columns [H, extra] (or None)."""
+def _vocab_logits(hidden: Array, base_dv: Array, extra_dx: Optional[Array], dtype: Any) -> Array:
+  """float32 logits [..., V] of hidden [..., D] against the pretrained columns [D, base]
+  and the special-token columns [D, X] (or None)."""
   x = hidden.astype(dtype)
-  logits = matmul(x, base_hv, 1, dtype, out_dtype=jnp.float32)
-  if extra_hx is None:
+  logits = matmul(x, base_dv, 1, dtype, out_dtype=jnp.float32)
+  if extra_dx is None:
     return logits
-  return jnp.concatenate([logits, matmul(x, extra_hx, 1, dtype, out_dtype=jnp.float32)], -1)
+  return jnp.concatenate([logits, matmul(x, extra_dx, 1, dtype, out_dtype=jnp.float32)], -1)
 
 
 class LmHead(nn.Module):
@@ -111,26 +117,13 @@ class LmHead(nn.Module):
   def __call__(self, hidden: Array) -> Array:
     cfg = self.cfg
     pdt, dt = _dtype(cfg.param_dtype), _dtype(cfg.dtype)
-    base = cast(
-      Array,
-      self.param(
-        "base_head",
-        nn.with_logical_partitioning(default_kernel_init, ("embed", "vocab")),
-        (cfg.hidden_size, cfg.base_vocab_size),
-        pdt,
-      ),
+    base = _table(
+      self, "base_head", ("embed", "vocab"), (cfg.hidden_size, cfg.base_vocab_size), pdt
     )
     extra = None
     if cfg.num_extra_tokens:
-      extra = cast(
-        Array,
-        self.param(
-          "extra_head",
-          nn.with_logical_partitioning(default_kernel_init, ("embed", "extra_vocab")),
-          (cfg.hidden_size, cfg.num_extra_tokens),
-          pdt,
-        ),
-      )
+      extra_shape = (cfg.hidden_size, cfg.num_extra_tokens)
+      extra = _table(self, "extra_head", ("embed", "extra_vocab"), extra_shape, pdt)
     return _vocab_logits(hidden, base, extra, dt)
 
 
@@ -147,7 +140,7 @@ def _attend_grouped(
   scale: float,
   softcap: Optional[float],
 ) -> Array:
-  """Grouped-query attention as one einsum pair over [batch, kv, group] -> [b, t, h, d];
+  """Grouped-query attention as one einsum pair over [B, K, G] -> [B, T, H, hd];
   scores are scaled by `scale` and soft-capped at `softcap` (None: not) before the bias."""
   b, t, h, hd = q_bthd.shape
   kv = k_bskd.shape[2]
@@ -162,8 +155,8 @@ def _attend_grouped(
 def _head_probs(
   q_bqd: Array, k_bsd: Array, bias_bts: Array, scale: float, softcap: Optional[float]
 ) -> Array:
-  """Softmax probabilities [b, g * t, s] (dtype of v's compute) of one KV head whose g
-  query heads are stacked along the query axis."""
+  """Softmax probabilities [B, Q, S] (Q = G * T; dtype of v's compute) of one KV head
+  whose G query heads are stacked along the query axis."""
   b, q_len, _ = q_bqd.shape
   t, s = bias_bts.shape[1:]
   scores = jnp.einsum("bqd,bsd->bqs", q_bqd, k_bsd, preferred_element_type=jnp.float32)
@@ -175,7 +168,7 @@ def _head_probs(
 def _head_attention(
   q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array, scale: float, softcap: Optional[float]
 ) -> Array:
-  """float32 attention output [b, g * t, d] of one KV head.
+  """float32 attention output [B, Q, hd] (Q = G * T) of one KV head.
 
   Its own backward pass: the probabilities are kept from the forward pass (in v's dtype)
   and the softmax gradient is p * (dp - rowsum(p * dp)). Under plain autodiff the
@@ -184,13 +177,20 @@ def _head_attention(
   return _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts, scale, softcap)[0]
 
 
-def _head_attention_fwd(q_bqd, k_bsd, v_bsd, bias_bts, scale, softcap):
+def _head_attention_fwd(
+  q_bqd: Array, k_bsd: Array, v_bsd: Array, bias_bts: Array, scale: float, softcap: Optional[float]
+) -> Tuple[Array, Tuple[Array, Array, Array, Array]]:
   probs = _head_probs(q_bqd, k_bsd, bias_bts, scale, softcap).astype(v_bsd.dtype)
   out = jnp.einsum("bqs,bsd->bqd", probs, v_bsd, preferred_element_type=jnp.float32)
   return out, (q_bqd, k_bsd, v_bsd, probs)
 
 
-def _head_attention_bwd(scale, softcap, residuals, d_out_bqd):
+def _head_attention_bwd(
+  scale: float,
+  softcap: Optional[float],
+  residuals: Tuple[Array, Array, Array, Array],
+  d_out_bqd: Array,
+) -> Tuple[Array, Array, Array, None]:
   q, k, v, probs = residuals
   d_out = d_out_bqd.astype(v.dtype)
   f32 = jnp.float32
@@ -200,7 +200,7 @@ def _head_attention_bwd(scale, softcap, residuals, d_out_bqd):
   d_scores = p * (d_probs - jnp.sum(p * d_probs, axis=-1, keepdims=True))
   if softcap is not None:
     # The cap's derivative, 1 - tanh^2, from the scores recomputed (one more matmul)
-    # rather than another [b, q, s] residual kept from the forward pass.
+    # rather than another [B, Q, S] residual kept from the forward pass.
     scores = jnp.einsum("bqd,bsd->bqs", q, k, preferred_element_type=f32) * scale
     d_scores = d_scores * (1.0 - jnp.square(jnp.tanh(scores / softcap)))
   d_scores = (d_scores * scale).astype(q.dtype)
@@ -232,7 +232,7 @@ def _attend_per_kv_head(
     q_bqd = q[:, :, j].transpose(0, 2, 1, 3).reshape(b, groups * t, hd)
     out = _head_attention(q_bqd, k_bskd[:, :, j], v_bskd[:, :, j], bias_bts, scale, softcap)
     outs.append(out.reshape(b, groups, t, hd))
-  # [b, kv, groups, t, d] -> [b, t, kv * groups, d]: query head kv_j * groups + g.
+  # [B, K, G, T, hd] -> [B, T, K * G, hd]: query head kv_j * groups + g.
   return jnp.stack(outs, 1).transpose(0, 3, 1, 2, 4).reshape(b, t, h, hd)
 
 
@@ -243,7 +243,14 @@ class Attention(nn.Module):
   adapter: Optional[str] = None
   deterministic: bool = True
 
-  def _linear(self, features, axes, name, n_in=1, use_bias=False):
+  def _linear(
+    self,
+    features: Tuple[int, ...],
+    axes: Tuple[str, ...],
+    name: str,
+    n_in: int = 1,
+    use_bias: bool = False,
+  ) -> LoraLinear:
     cfg = self.cfg
     return LoraLinear(
       features=features,
@@ -262,29 +269,29 @@ class Attention(nn.Module):
   def __call__(
     self,
     x_btd: Array,
-    rope_btf: Tuple[Array, Array],
-    bias_bqk: Array,
+    rope: Tuple[Array, Array],
+    bias_bts: Array,
     cache: Optional[dict],
     cache_index_b: Optional[Array],
     query_slice: Optional[Tuple[int, int]] = None,
-  ):
-    """`rope_btf`: the positions' `rope_tables` (cos, sin). `query_slice` (start, stop):
+  ) -> Tuple[Array, Optional[dict]]:
+    """`rope`: the positions' `rope_tables` (cos, sin). `query_slice` (start, stop):
     only those positions query (keys/values come from all); the output then has
     stop - start positions."""
     cfg = self.cfg
     h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    x_q, rope_q = x_btd, rope_btf
+    x_q, rope_q = x_btd, rope
     if query_slice is not None:
       start, stop = query_slice
       x_q = x_btd[:, start:stop]
-      rope_q = (rope_btf[0][:, start:stop], rope_btf[1][:, start:stop])
-      bias_bqk = bias_bqk[:, start:stop]
+      rope_q = (rope[0][:, start:stop], rope[1][:, start:stop])
+      bias_bts = bias_bts[:, start:stop]
     bias = cfg.qkv_bias
     q = self._linear((h, hd), ("embed", "heads", "head_dim"), "q_proj", use_bias=bias)(x_q)
     k = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "k_proj", use_bias=bias)(x_btd)
     v = self._linear((kv, hd), ("embed", "kv_heads", "head_dim"), "v_proj", use_bias=bias)(x_btd)
     q = apply_rope(q, rope_q)
-    k = apply_rope(k, rope_btf)
+    k = apply_rope(k, rope)
     q = constrain(q, ("activation_batch", "activation_length", "activation_heads", None))
 
     new_cache = None
@@ -297,7 +304,7 @@ class Attention(nn.Module):
       k, v = new_cache["k"].astype(q.dtype), new_cache["v"].astype(q.dtype)
 
     attend = _attend_per_kv_head if cfg.attention_layout == "per_kv_head" else _attend_grouped
-    out = attend(q, k, v, bias_bqk, cfg.query_scale, cfg.attn_logit_softcapping)
+    out = attend(q, k, v, bias_bts, cfg.query_scale, cfg.attn_logit_softcapping)
     out = out.astype(_dtype(cfg.dtype))
     out = self._linear((cfg.hidden_size,), ("heads", "head_dim", "embed"), "o_proj", n_in=2)(out)
     return out, new_cache
@@ -340,21 +347,21 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(
     self,
-    x_btd,
-    rope_btf,
-    bias_bqk,
-    cache,
-    cache_index_b,
+    x_btd: Array,
+    rope: Tuple[Array, Array],
+    bias_bts: Array,
+    cache: Optional[dict],
+    cache_index_b: Optional[Array],
     adapter: Optional[str],
     deterministic: bool,
     query_slice: Optional[Tuple[int, int]] = None,
-  ):
+  ) -> Tuple[Array, Optional[dict]]:
     cfg = self.cfg
     dt, pdt = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     x_btd = constrain(x_btd, BATCH_LENGTH_EMBED)
     h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_norm")(x_btd)
     h, new_cache = Attention(cfg, adapter, deterministic, name="attn")(
-      h, rope_btf, bias_bqk, cache, cache_index_b, query_slice
+      h, rope, bias_bts, cache, cache_index_b, query_slice
     )
     if cfg.post_norms:
       h = RMSNorm(cfg.rms_norm_eps, dt, pdt, name="attn_post_norm")(h)
@@ -382,14 +389,107 @@ class DecoderOutput(NamedTuple):
   cache: Optional[KVCache]  # updated cache, or None without one
 
 
+def _check_cache(
+  cfg: DecoderConfig,
+  cache: KVCache,
+  cache_index: Optional[Array],
+  attention_mask: Optional[Array],
+) -> None:
+  """Raises on a call that cannot run with a KV cache."""
+  if attention_mask is not None:
+    raise ValueError("attention_mask is not used with a KV cache; right-pad prompts")
+  if cache_index is None:
+    raise ValueError("cache_index [batch] is required with a cache")
+  # Scanned layers keep one stacked dict, else a list of per-layer dicts.
+  cached_layers = cast(dict, cache)["k"].shape[0] if cfg.scan_layers else len(cache)
+  if cached_layers != cfg.num_layers:
+    raise ValueError(f"cache has {cached_layers} layers, model has {cfg.num_layers}")
+
+
+def _slots(
+  b: int, t: int, cache: Optional[KVCache], cache_index: Optional[Array]
+) -> Tuple[Array, Array]:
+  """(query slots [B, T], key slots [B, S] or [1, S]): each position's index in the
+  sequence the keys come from (this call's, or the cache's after `cache_index`)."""
+  steps = jnp.arange(t, dtype=jnp.int32)
+  if cache is None:
+    q_slot_bt = jnp.broadcast_to(steps, (b, t))
+    return q_slot_bt, q_slot_bt
+  q_slot_bt = cast(Array, cache_index).astype(jnp.int32)[:, None] + steps
+  return q_slot_bt, jnp.arange(cache_length(cache), dtype=jnp.int32)[None]
+
+
+def _layer_biases(
+  cfg: DecoderConfig, q_slot_bt: Array, k_slot_bs: Array, attention_mask: Optional[Array]
+) -> Dict[bool, Array]:
+  """One attention bias [B, T, S] per kind of layer present: {True: through the sliding
+  window, False: global}; causal, without the keys `attention_mask` marks as padding."""
+  mask_bts = k_slot_bs[:, None, :] <= q_slot_bt[:, :, None]
+  if attention_mask is not None:
+    mask_bts = mask_bts & attention_mask.astype(bool)[:, None, :]
+  windowed = cfg.windowed_layers
+  local_mask_bts = None
+  if any(windowed):
+    local_mask_bts = mask_bts & (
+      q_slot_bt[:, :, None] - k_slot_bs[:, None, :] < cast(int, cfg.sliding_window)
+    )
+  return {
+    w: attention_bias(cast(Array, local_mask_bts) if w else mask_bts) for w in sorted(set(windowed))
+  }
+
+
+def _query_slice(
+  readout: Optional[Tuple[int, int]], t: int, cache: Optional[KVCache]
+) -> Optional[Tuple[int, int]]:
+  """`readout` as (start, stop) within the T positions (Python slice rules), or None."""
+  if readout is None:
+    return None
+  if cache is not None:
+    raise ValueError("readout is not supported with a KV cache")
+  start, stop, _ = slice(*readout).indices(t)
+  if stop <= start:
+    raise ValueError(f"readout {readout} selects no position of length {t}")
+  return start, stop
+
+
+class _BlockInputs(NamedTuple):
+  """What every block of one call reads besides its input states and its cache."""
+
+  rope: Tuple[Array, Array]  # `rope_tables` of the positions
+  bias: Dict[bool, Array]  # one per kind of layer present: {windowed: bias [B, T, S]}
+  cache_index: Optional[Array]  # [B] entries in the cache before this call
+  adapter: Optional[str]
+  deterministic: bool
+
+  def run(
+    self,
+    block: DecoderBlock,
+    x_btd: Array,
+    bias_bts: Array,
+    cache: Optional[dict],
+    query_slice: Optional[Tuple[int, int]],
+  ) -> Tuple[Array, Optional[dict]]:
+    """`block` on `x_btd` with these inputs, `bias_bts` its layer's bias."""
+    return block(
+      x_btd,
+      self.rope,
+      bias_bts,
+      cache,
+      self.cache_index,
+      self.adapter,
+      self.deterministic,
+      query_slice,
+    )
+
+
 class Decoder(nn.Module):
   """The shared CLaRa backbone. See the module docstring for the calling convention."""
 
   cfg: DecoderConfig
 
-  def setup(self):
+  def setup(self) -> None:
     cfg = self.cfg
-    block = DecoderBlock
+    block: Any = DecoderBlock
     if cfg.remat_policy != "none":
       # Arguments 6-8 (adapter, deterministic, query_slice; self is 0) pick code paths.
       block = nn.remat(
@@ -460,92 +560,74 @@ class Decoder(nn.Module):
     Returns:
       DecoderOutput(hidden [batch, length, hidden] after the final norm, cache).
     """
+    x_btd = self._input_states(tokens, embeddings)
+    b, t = x_btd.shape[:2]
+    if cache is not None:
+      _check_cache(self.cfg, cache, cache_index, attention_mask)
+    q_slot_bt, k_slot_bs = _slots(b, t, cache, cache_index)
+    bias = _layer_biases(self.cfg, q_slot_bt, k_slot_bs, attention_mask)
+    query_slice = _query_slice(readout, t, cache)
+    if positions is None:
+      positions = q_slot_bt
+    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+    inputs = _BlockInputs(rope, bias, cache_index, adapter, deterministic)
+    if self.cfg.scan_layers:
+      x_btd, new_cache = self._scan_layers(x_btd, inputs, cache)
+      if query_slice is not None:
+        x_btd = x_btd[:, query_slice[0] : query_slice[1]]
+    else:
+      x_btd, new_cache = self._unrolled_layers(x_btd, inputs, cache, query_slice)
+    return DecoderOutput(self.final_norm(x_btd), new_cache)
+
+  def _input_states(self, tokens: Optional[Array], embeddings: Optional[Array]) -> Array:
+    """The first layer's input [B, T, D]: the tokens' embeddings, or `embeddings` as given."""
     if (tokens is None) == (embeddings is None):
       raise ValueError("pass exactly one of tokens or embeddings")
-    x = (
-      self.embed(cast(Array, tokens))
-      if embeddings is None
-      else embeddings.astype(_dtype(self.cfg.dtype))
-    )
-    b, t = x.shape[:2]
-    steps = jnp.arange(t, dtype=jnp.int32)
+    if embeddings is None:
+      return self.embed(cast(Array, tokens))
+    return embeddings.astype(_dtype(self.cfg.dtype))
 
-    if cache is None:
-      q_slot = jnp.broadcast_to(steps, (b, t))
-      k_slot = q_slot
-      mask = k_slot[:, None, :] <= q_slot[:, :, None]
-      if attention_mask is not None:
-        mask = mask & attention_mask.astype(bool)[:, None, :]
-    else:
-      if attention_mask is not None:
-        raise ValueError("attention_mask is not used with a KV cache; right-pad prompts")
-      if cache_index is None:
-        raise ValueError("cache_index [batch] is required with a cache")
-      # Scanned layers keep one stacked dict, else a list of per-layer dicts.
-      cached_layers = cast(dict, cache)["k"].shape[0] if self.cfg.scan_layers else len(cache)
-      if cached_layers != self.cfg.num_layers:
-        raise ValueError(f"cache has {cached_layers} layers, model has {self.cfg.num_layers}")
-      q_slot = cache_index.astype(jnp.int32)[:, None] + steps
-      k_slot = jnp.arange(cache_length(cache), dtype=jnp.int32)[None]
-      mask = k_slot[:, None, :] <= q_slot[:, :, None]
+  def _unrolled_layers(
+    self,
+    x_btd: Array,
+    inputs: _BlockInputs,
+    cache: Optional[KVCache],
+    query_slice: Optional[Tuple[int, int]],
+  ) -> Tuple[Array, Optional[KVCache]]:
+    """The blocks one after another (only the last one reads out `query_slice`); returns
+    the last block's states and the per-layer caches (None without a cache)."""
     windowed = self.cfg.windowed_layers
-    local_mask = None
-    if any(windowed):
-      local_mask = mask & (
-        q_slot[:, :, None] - k_slot[:, None, :] < cast(int, self.cfg.sliding_window)
-      )
-    # One bias per kind of layer present: {True: through the sliding window, False: global}.
-    bias = {
-      w: attention_bias(cast(Array, local_mask) if w else mask) for w in sorted(set(windowed))
-    }
-    if positions is None:
-      positions = q_slot
-    query_slice = None
-    if readout is not None:
-      if cache is not None:
-        raise ValueError("readout is not supported with a KV cache")
-      start, stop, _ = slice(*readout).indices(t)
-      if stop <= start:
-        raise ValueError(f"readout {readout} selects no position of length {t}")
-      query_slice = (start, stop)
-
-    rope = rope_tables(positions, self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
-    if self.cfg.scan_layers:
-      x, new_cache = self._scan_layers(x, rope, bias, cache, cache_index, adapter, deterministic)
-      if query_slice is not None:
-        x = x[:, query_slice[0] : query_slice[1]]
-      return DecoderOutput(self.final_norm(x), new_cache)
     layer_caches: List[dict] = []
     last = len(self.layers) - 1
     for i, layer in enumerate(self.layers):
-      x, layer_cache = layer(
-        x,
-        rope,
-        bias[windowed[i]],
-        None if cache is None else cache[i],
-        cache_index,
-        adapter,
-        deterministic,
-        query_slice if i == last else None,
+      layer_cache = None if cache is None else cache[i]
+      layer_slice = query_slice if i == last else None
+      x_btd, layer_cache = inputs.run(
+        layer, x_btd, inputs.bias[windowed[i]], layer_cache, layer_slice
       )
-      if cache is not None:
-        layer_caches.append(layer_cache)
-    return DecoderOutput(self.final_norm(x), layer_caches if cache is not None else None)
+      if cache is not None:  # a block given its cache returns the updated one
+        layer_caches.append(cast(dict, layer_cache))
+    return x_btd, layer_caches if cache is not None else None
 
-  def _scan_layers(self, x, rope, bias, cache, cache_index, adapter, deterministic):
+  def _scan_layers(
+    self, x_btd: Array, inputs: _BlockInputs, cache: Optional[KVCache]
+  ) -> Tuple[Array, Optional[KVCache]]:
     """The blocks as one scan: the hidden states are the carry; each step reads its
     layer's slice of the stacked parameters (and of a stacked cache). `bias`: one per kind
     of layer, {windowed: bias}; with both kinds, each step selects its own by a scanned
     per-layer flag, as the compiled block is shared."""
+    bias = inputs.bias
     windowed = jnp.asarray(self.cfg.windowed_layers) if len(bias) > 1 else None
 
-    def body(block, x_btd, xs):
+    def body(
+      block: DecoderBlock, x_btd: Array, xs: Tuple[Optional[dict], Optional[Array]]
+    ) -> Tuple[Array, Optional[dict]]:
       layer_cache, is_windowed = xs
       if is_windowed is None:
         (layer_bias,) = bias.values()
       else:
         layer_bias = jnp.where(is_windowed, bias[True], bias[False])
-      return block(x_btd, rope, layer_bias, layer_cache, cache_index, adapter, deterministic, None)
+      return inputs.run(block, x_btd, layer_bias, layer_cache, None)
 
     scan = nn.scan(
       body,
@@ -556,7 +638,8 @@ class Decoder(nn.Module):
       length=self.cfg.num_layers,
       metadata_params={nn.PARTITION_NAME: "layers"},
     )
-    return scan(self.layers, x, (cache, windowed))
+    # Scanned layers keep their cache as one stacked dict (`init_cache`).
+    return scan(self.layers, x_btd, (cast(Optional[dict], cache), windowed))
 
   def init_all(self, tokens_bt: Array) -> Array:
     """Touches every parameter (all adapters, head) so `init` creates them all."""
@@ -584,7 +667,7 @@ def cache_length(cache: KVCache) -> int:
   return cache["k"].shape[-3] if isinstance(cache, dict) else cache[0]["k"].shape[1]
 
 
-def init_params(cfg: DecoderConfig, rng: Array, boxed: bool = False):
+def init_params(cfg: DecoderConfig, rng: Array, boxed: bool = False) -> Any:
   """Initial parameters (every adapter and both heads), as a plain nested dict.
 
   With `boxed=True` the leaves keep their `nn.LogicallyPartitioned` boxes (what
@@ -595,6 +678,6 @@ def init_params(cfg: DecoderConfig, rng: Array, boxed: bool = False):
   return params if boxed else nn.meta.unbox(params)
 
 
-def abstract_params(cfg: DecoderConfig):
+def abstract_params(cfg: DecoderConfig) -> Any:
   """Shapes/dtypes of the boxed parameters, without allocating them."""
   return jax.eval_shape(lambda: init_params(cfg, jax.random.key(0), boxed=True))

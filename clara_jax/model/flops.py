@@ -12,14 +12,13 @@ is not counted. The counts follow the code, not a 6N rule:
 `tests/test_flops.py` checks each stage against XLA's `cost_analysis()` of the compiled
 step.
 
-Letters: B batch, N candidates per question, K documents per stage1_2 example, L tokens
-of a pass, R read-out positions, H hidden size, V vocabulary.
+Shape letters as in `clara_jax.model`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional, Tuple
 
 from clara_jax.model.config import DecoderConfig
 
@@ -44,7 +43,7 @@ class DecoderPass:
   input_grad: bool = False  # the gradient reaches the input embeddings
 
 
-def _lora_io(cfg: DecoderConfig):
+def _lora_io(cfg: DecoderConfig) -> Dict[str, Tuple[int, int]]:
   """(in, out) of the adapted projections: q, k, v, o, gate, up, down."""
   d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
   qo, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd

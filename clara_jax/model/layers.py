@@ -8,14 +8,14 @@ that a mesh plus logical-axis rules decide its sharding later (see
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, Tuple, TypeAlias, cast
+from typing import Any, Optional, Sequence, Tuple, TypeAlias, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from clara_jax.model.config import LoraConfig
+from clara_jax.model.config import LoraConfig, RopeScaling
 
 Array: TypeAlias = jax.Array
 
@@ -52,7 +52,9 @@ class RMSNorm(nn.Module):
     return (x32.astype(self.dtype) * scale.astype(self.dtype)).astype(self.dtype)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
+def rope_frequencies(
+  head_dim: int, theta: float, scaling: Optional[RopeScaling] = None
+) -> np.ndarray:
   """The rotary frequencies [head_dim / 2] (radians per position), float32; `scaling` a
   `config.RopeScaling` or None."""
   # float32 throughout, as the HF implementations compute them.
@@ -75,7 +77,7 @@ def rope_frequencies(head_dim: int, theta: float, scaling=None) -> np.ndarray:
 
 
 def rope_tables(
-  positions_bt: Array, head_dim: int, theta: float, scaling=None
+  positions_bt: Array, head_dim: int, theta: float, scaling: Optional[RopeScaling] = None
 ) -> Tuple[Array, Array]:
   """(cos, sin) [batch, length, head_dim / 2] float32 tables of the rotary angles.
 
@@ -83,8 +85,8 @@ def rope_tables(
   fused into each rotation, sin/cos were evaluated per head and per element, which made
   RoPE ~9x slower on the CPU (a fifth of a document-encoding pass)."""
   inv_freq = jnp.asarray(rope_frequencies(head_dim, theta, scaling))
-  angles_btf = positions_bt.astype(jnp.float32)[..., None] * inv_freq
-  return materialized(jnp.cos(angles_btf)), materialized(jnp.sin(angles_btf))
+  angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq
+  return materialized(jnp.cos(angles)), materialized(jnp.sin(angles))
 
 
 def materialized(x: Array) -> Array:
@@ -130,7 +132,7 @@ class LoraFactors(nn.Module):
     bound = 1.0 / fan_in**0.5
 
     # PEFT's default: A uniform(+-1/sqrt(fan_in)), B zero, so a new adapter is a no-op.
-    def a_init(key, shape, dtype):
+    def a_init(key: Array, shape: Tuple[int, ...], dtype: Any) -> Array:
       return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     a = cast(
@@ -194,7 +196,7 @@ def effective_dropout_rate(rate: float) -> float:
   return _drop_threshold(rate) / (1 << DROPOUT_BITS)
 
 
-def matmul(x: Array, w: Array, n_in: int, dtype, out_dtype=None) -> Array:
+def matmul(x: Array, w: Array, n_in: int, dtype: Any, out_dtype: Any = None) -> Array:
   """x[..., in...] . w[in..., out...]: operands cast to `dtype`, float32 accumulation,
   result in `out_dtype` (default `dtype`). Below float32 it goes through `_mixed_dot`,
   whose backward matmuls keep the operands' dtype."""
@@ -213,7 +215,7 @@ def _dot_f32(x: Array, w: Array, n_in: int) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _mixed_dot(x: Array, w: Array, n_in: int, out_dtype) -> Array:
+def _mixed_dot(x: Array, w: Array, n_in: int, out_dtype: Any) -> Array:
   """A bf16 (or other low-precision) matmul with float32 accumulation, rounded once to
   `out_dtype`.
 
@@ -226,11 +228,15 @@ def _mixed_dot(x: Array, w: Array, n_in: int, out_dtype) -> Array:
   return _dot_f32(x, w, n_in).astype(out_dtype)
 
 
-def _mixed_dot_fwd(x, w, n_in, out_dtype):
+def _mixed_dot_fwd(
+  x: Array, w: Array, n_in: int, out_dtype: Any
+) -> Tuple[Array, Tuple[Array, Array]]:
   return _mixed_dot(x, w, n_in, out_dtype), (x, w)
 
 
-def _mixed_dot_bwd(n_in, out_dtype, residuals, g):
+def _mixed_dot_bwd(
+  n_in: int, out_dtype: Any, residuals: Tuple[Array, Array], g: Array
+) -> Tuple[Array, Array]:
   x, w = residuals
   g = g.astype(x.dtype)
   lead, n_out = x.ndim - n_in, w.ndim - n_in
@@ -324,12 +330,12 @@ class LoraLinear(nn.Module):
     return y + matmul(low_rank, b, 1, self.dtype) * jnp.asarray(self.lora.scale, self.dtype)
 
 
-def attention_bias(mask_bqk: Array) -> Array:
+def attention_bias(mask_bts: Array) -> Array:
   """Additive float32 bias from a boolean mask (True: attend).
 
   A large finite negative (not -inf) keeps fully-masked rows (padding queries) NaN-free.
   """
-  return jnp.where(mask_bqk, 0.0, jnp.finfo(jnp.float32).min / 2).astype(jnp.float32)
+  return jnp.where(mask_bts, 0.0, jnp.finfo(jnp.float32).min / 2).astype(jnp.float32)
 
 
 def constrain(x: Array, axes: Sequence[Optional[str]]) -> Array:

@@ -1,4 +1,5 @@
-"""The two layouts of the decoder's block parameters, and conversion between them.
+"""The two layouts of the decoder's block parameters, and conversion between them
+(shape letters as in `clara_jax.model`).
 
 * unrolled: one subtree per block, `layers_{i}/attn/q_proj/kernel` [D, H, hd];
 * scanned (`DecoderConfig.scan_layers`): one subtree, every leaf stacked on a leading
@@ -12,7 +13,7 @@ expects. Works on nested dicts of arrays (or ShapeDtypeStructs).
 from __future__ import annotations
 
 import re
-from typing import Dict
+from typing import Dict, List
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ def is_scanned(params: Dict) -> bool:
   return SCANNED in params
 
 
-def _unrolled_indices(params: Dict):
+def _unrolled_indices(params: Dict) -> List[int]:
   return sorted(int(m.group(1)) for m in map(_UNROLLED.match, params) if m)
 
 

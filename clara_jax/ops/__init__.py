@@ -1,4 +1,7 @@
-"""Pure array operations of CLaRa that know no model: selection and losses."""
+"""Pure array operations of CLaRa that know no model: selection and losses.
+
+Shape letters (B batch, N candidates, k selected, ...) as in `clara_jax.model`.
+"""
 
 from clara_jax.ops.losses import (
   cosine_scores,

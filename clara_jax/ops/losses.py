@@ -1,4 +1,5 @@
-"""CLaRa's losses and retrieval scores, as pure functions of arrays."""
+"""CLaRa's losses and retrieval scores, as pure functions of arrays (shape letters as in
+`clara_jax.model`)."""
 
 from __future__ import annotations
 
@@ -27,20 +28,20 @@ def masked_cross_entropy(
   return jnp.sum(losses * mask) / jnp.maximum(count, 1.0), count
 
 
-def mse_alignment_loss(mem_states_bmh: Array, doc_states_bth: Array, doc_mask_bt: Array) -> Array:
+def mse_alignment_loss(mem_states_rmd: Array, doc_states_rtd: Array, doc_mask_rt: Array) -> Array:
   """CLaRa's compressor alignment: MSE between the mean memory state and the mean of the
   document's attended (non-padding) states, averaged over hidden units and documents.
 
   Args:
-    mem_states_bmh: [docs, n_mem, hidden] final states at the memory positions.
-    doc_states_bth: [docs, doc_len, hidden] final states at the document positions.
-    doc_mask_bt: [docs, doc_len] 1 on attended document tokens.
+    mem_states_rmd: [R, n_mem, D] final states at the memory positions of R documents.
+    doc_states_rtd: [R, Ld, D] final states at the document positions.
+    doc_mask_rt: [R, Ld] 1 on attended document tokens.
   """
-  mask = doc_mask_bt.astype(jnp.float32)[..., None]
-  doc_mean = jnp.sum(doc_states_bth.astype(jnp.float32) * mask, axis=1) / jnp.maximum(
+  mask = doc_mask_rt.astype(jnp.float32)[..., None]
+  doc_mean = jnp.sum(doc_states_rtd.astype(jnp.float32) * mask, axis=1) / jnp.maximum(
     jnp.sum(mask, axis=1), 1.0
   )
-  mem_mean = jnp.mean(mem_states_bmh.astype(jnp.float32), axis=1)
+  mem_mean = jnp.mean(mem_states_rmd.astype(jnp.float32), axis=1)
   return jnp.mean((mem_mean - doc_mean) ** 2)
 
 
@@ -49,13 +50,12 @@ def l2_normalize(x: Array, axis: int = -1, eps: float = 1e-12) -> Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
-def cosine_scores(query_bmh: Array, docs_bnmh: Array) -> Array:
-  """Cosine similarity [batch, N] in float32 between the flattened (n_mem * hidden)
-  memories of each question [batch, n_mem, hidden] and its candidates
-  [batch, N, n_mem, hidden]."""
-  b, n = docs_bnmh.shape[:2]
-  q = l2_normalize(query_bmh.reshape(b, -1))
-  d = l2_normalize(docs_bnmh.reshape(b, n, -1))
+def cosine_scores(query_bmd: Array, docs_bnmd: Array) -> Array:
+  """Cosine similarity [B, N] in float32 between the flattened (n_mem * D) memories of
+  each question [B, n_mem, D] and its candidates [B, N, n_mem, D]."""
+  b, n = docs_bnmd.shape[:2]
+  q = l2_normalize(query_bmd.reshape(b, -1))
+  d = l2_normalize(docs_bnmd.reshape(b, n, -1))
   return jnp.einsum("bf,bnf->bn", q, d)
 
 

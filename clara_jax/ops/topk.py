@@ -5,9 +5,9 @@ them (descending score; ties go to the lower index). Backward: the VJP of the se
 masked softmax
 
     s' = s / max(tau, 1e-6)
-    P_j = softmax(s' + log(1 - taken_j + 1e-8)),  taken_j = sum_{i<j} H_i,
+    P_j = softmax(s' + log(1 - taken_j + 1e-8)),  taken_j = sum_{i<j} hard_i,
 
-i.e. exactly what `H + P - stop_gradient(P)` differentiates to. Because `taken_j` depends
+i.e. exactly what `hard + P - stop_gradient(P)` differentiates to. Because `taken_j` depends
 only on the (constant) hard selection, all k slots are computed at once, with no loop.
 
 Masked candidates: a score of -inf means "never prefer this candidate". Such candidates
@@ -21,13 +21,16 @@ gradient (the plain formula would give NaN there). NaN scores are an error when
 from __future__ import annotations
 
 import functools
-from typing import Tuple, TypeAlias
+from typing import Any, Callable, Tuple, TypeAlias, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import checkify
 
 Array: TypeAlias = jax.Array
+# A temperature: a Python float or a traced scalar.
+Temperature: TypeAlias = Any
+Fn = TypeVar("Fn", bound=Callable[..., Any])
 
 
 def _hard_topk(scores_bn: Array, k: int) -> Tuple[Array, Array]:
@@ -36,7 +39,7 @@ def _hard_topk(scores_bn: Array, k: int) -> Tuple[Array, Array]:
   return hard_bkn, indices_bk.astype(jnp.int32)
 
 
-def soft_topk(scores_bn: Array, hard_bkn: Array, temperature) -> Array:
+def soft_topk(scores_bn: Array, hard_bkn: Array, temperature: Temperature) -> Array:
   """The soft path P [batch, k, N] for a given hard selection (differentiable in scores)."""
   s = scores_bn.astype(jnp.float32) / jnp.maximum(jnp.asarray(temperature, jnp.float32), 1e-6)
   taken_bkn = jnp.cumsum(hard_bkn, axis=1) - hard_bkn  # slots chosen before slot j
@@ -52,16 +55,20 @@ def soft_topk(scores_bn: Array, hard_bkn: Array, temperature) -> Array:
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _st_topk(scores_bn: Array, k: int, temperature) -> Tuple[Array, Array]:
+def _st_topk(scores_bn: Array, k: int, temperature: Temperature) -> Tuple[Array, Array]:
   return _hard_topk(scores_bn, k)
 
 
-def _st_topk_fwd(scores_bn, k, temperature):
+def _st_topk_fwd(
+  scores_bn: Array, k: int, temperature: Temperature
+) -> Tuple[Tuple[Array, Array], Tuple[Array, Array, Temperature]]:
   hard_bkn, indices_bk = _hard_topk(scores_bn, k)
   return (hard_bkn, indices_bk), (scores_bn, hard_bkn, temperature)
 
 
-def _st_topk_bwd(k, residuals, cotangents):
+def _st_topk_bwd(
+  k: int, residuals: Tuple[Array, Array, Temperature], cotangents: Tuple[Array, Any]
+) -> Tuple[Array, Array]:
   scores_bn, hard_bkn, temperature = residuals
   g_weights_bkn, _ = cotangents  # indices are integers: no cotangent flows through them
   _, vjp = jax.vjp(lambda s: soft_topk(s, hard_bkn, temperature), scores_bn)
@@ -74,7 +81,7 @@ _st_topk.defvjp(_st_topk_fwd, _st_topk_bwd)
 
 
 def straight_through_topk(
-  scores_bn: Array, k: int, temperature=0.02, *, check_nans: bool = False
+  scores_bn: Array, k: int, temperature: Temperature = 0.02, *, check_nans: bool = False
 ) -> Tuple[Array, Array]:
   """Selects the top-k candidates with straight-through gradients.
 
@@ -101,14 +108,14 @@ def straight_through_topk(
   return _st_topk(scores_bn, k, temperature)
 
 
-def checked(fn):
+def checked(fn: Fn) -> Fn:
   """Wraps `fn` so that checkify checks inside it (e.g. `check_nans`) raise errors."""
   checked_fn = checkify.checkify(fn, errors=checkify.user_checks)
 
   @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
+  def wrapper(*args: Any, **kwargs: Any) -> Any:
     err, out = checked_fn(*args, **kwargs)
     err.throw()
     return out
 
-  return wrapper
+  return cast(Fn, wrapper)
