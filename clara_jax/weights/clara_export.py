@@ -13,6 +13,8 @@ writes, as the official `CLaRa.save_pretrained` does for a LoRA model:
 * `decoder_first_last_layers.pth`: `model.embed_tokens.weight` and `lm_head.weight`
   [V + n_mem + 3, D], the added rows in the order <MEM0>..<MEM{n-1}>, <AE>, <ENC>, <SEP>;
 * `config.json`: every field of the official `CLaRaConfig`.
+The key names, shapes and row order are those of `clara_jax.weights.layout`, which the
+import reads too.
 
 The frozen base is not written (the official model loads it from `decoder_model_name`),
 so the run's base must be that checkpoint unchanged. Tensors keep the run's parameter

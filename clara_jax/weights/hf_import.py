@@ -257,8 +257,9 @@ def _qkv_bias(hf: Dict[str, Any], model_type: str) -> bool:
   return qkv_bias
 
 
-def _shape_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
-  """The DecoderConfig sizes, the head dimension checked or derived."""
+def _hidden_and_heads(hf: Dict[str, Any]) -> Tuple[int, int]:
+  """(hidden_size, num_attention_heads); without a head_dim, the first divides by the
+  second."""
   hidden = int(_field(hf, "hidden_size", required=True))
   heads = int(_field(hf, "num_attention_heads", required=True))
   if hidden % heads and _field(hf, "head_dim") is None:
@@ -266,15 +267,7 @@ def _shape_fields(hf: Dict[str, Any]) -> Dict[str, Any]:
       f"HF config: hidden_size {hidden} is not a multiple of "
       f"num_attention_heads {heads} and no head_dim is given"
     )
-  return dict(
-    base_vocab_size=int(_field(hf, "vocab_size", required=True)),
-    hidden_size=hidden,
-    intermediate_size=int(_field(hf, "intermediate_size", required=True)),
-    num_layers=int(_field(hf, "num_hidden_layers", required=True)),
-    num_heads=heads,
-    num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
-    head_dim=int(_field(hf, "head_dim", hidden // heads)),
-  )
+  return hidden, heads
 
 
 def _attention_fields(hf: Dict[str, Any], model_type: str, num_layers: int) -> Dict[str, Any]:
@@ -306,11 +299,19 @@ def decoder_config_from_hf(
   model_type = _check_architecture(hf)
   hidden_act = _hidden_act(hf, model_type)
   qkv_bias = _qkv_bias(hf, model_type)
-  shapes = _shape_fields(hf)
-  attention = _attention_fields(hf, model_type, shapes["num_layers"])
+  hidden, heads = _hidden_and_heads(hf)
+  num_layers = int(_field(hf, "num_hidden_layers", required=True))
+  attention = _attention_fields(hf, model_type, num_layers)
   rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
+    base_vocab_size=int(_field(hf, "vocab_size", required=True)),
     num_extra_tokens=int(num_extra_tokens),
+    hidden_size=hidden,
+    intermediate_size=int(_field(hf, "intermediate_size", required=True)),
+    num_layers=num_layers,
+    num_heads=heads,
+    num_kv_heads=int(_field(hf, "num_key_value_heads", heads)),
+    head_dim=int(_field(hf, "head_dim", hidden // heads)),
     rope_theta=rope_theta,
     rope_scaling=rope_scaling,
     qkv_bias=qkv_bias,
@@ -319,7 +320,6 @@ def decoder_config_from_hf(
     dtype=dtype,
     param_dtype=param_dtype,
     lora=lora,
-    **shapes,
     **attention,
   )
 
