@@ -147,59 +147,32 @@ def test_import_hf_writes_the_checkpoints_tokenizer(hf_dir, tmp_path, capsys):
   import shutil
 
   transformers = pytest.importorskip("transformers")
-  from clara_jax import cli
+  from hf_fixtures import tiny_sizes
 
   base = load_tokenizer(hf_dir, 0).base_vocab_size
   ckpt = tmp_path / "hf"
-  transformers.LlamaForCausalLM(
-    transformers.LlamaConfig(
-      vocab_size=base,
-      hidden_size=32,
-      intermediate_size=64,
-      num_hidden_layers=1,
-      num_attention_heads=2,
-      num_key_value_heads=1,
-    )
-  ).save_pretrained(ckpt)
+  sizes = tiny_sizes(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(vocab_size=base, **sizes))
+  model.save_pretrained(ckpt)
   for name in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(os.path.join(hf_dir, name), ckpt / name)
   out = str(tmp_path / "export")
-  assert (
-    cli.main(
-      [
-        "import-hf",
-        "--hf_dir",
-        str(ckpt),
-        "--out",
-        out,
-        "--num_extra_tokens",
-        "5",
-        "--param_dtype",
-        "float32",
-      ]
-    )
-    == 0
-  )
+  assert _import_hf(ckpt, out, 5, "--param_dtype", "float32") == 0
   assert "BPETokenizer" in capsys.readouterr().out
   tok = load_tokenizer(out, 2)
   assert tok.vocab_size == base + 5 and tok.encode(CORPUS[1]) == load_tokenizer(hf_dir, 2).encode(
     CORPUS[1]
   )
-  assert (
-    cli.main(
-      [
-        "import-hf",
-        "--hf_dir",
-        str(ckpt),
-        "--out",
-        str(tmp_path / "bare"),
-        "--num_extra_tokens",
-        "0",
-      ]
-    )
-    == 0
-  )
+  assert _import_hf(ckpt, str(tmp_path / "bare"), 0) == 0
   assert not os.path.exists(tmp_path / "bare" / "tokenizer.json")
+
+
+def _import_hf(ckpt, out: str, num_extra_tokens: int, *flags: str) -> int:
+  """`clara-jax import-hf` of `ckpt` into `out`."""
+  from clara_jax import cli
+
+  args = ["import-hf", "--hf_dir", str(ckpt), "--out", out]
+  return cli.main(args + ["--num_extra_tokens", str(num_extra_tokens), *flags])
 
 
 def test_chatml_models_get_chatml_prompts_without_an_extra_bos(tmp_path):

@@ -18,9 +18,10 @@ from clara_jax import cli  # noqa: E402
 from clara_jax.model import lora as lora_lib  # noqa: E402
 from clara_jax.model.config import LoraConfig  # noqa: E402
 from clara_jax.model.decoder import Decoder  # noqa: E402
-from clara_jax.weights.clara_import import _extra_rows, import_official_clara  # noqa: E402
+from clara_jax.weights.clara_import import import_official_clara  # noqa: E402
 from clara_jax.weights.export import save_params  # noqa: E402
 from clara_jax.weights.hf_import import import_hf_checkpoint  # noqa: E402
+from clara_jax.weights.layout import official_rows  # noqa: E402
 
 V0, N_MEM, R, LAYERS, D, F = 96, 2, 4, 2, 32, 64
 OFFICIAL = ("encoder_adapter", "query_reasoner_adapter", "decoder_adapter")
@@ -197,7 +198,7 @@ def test_official_names_shapes_and_pytorch_logits(base, run, tmp_path, capsys):
     )
   model.eval()
   ref_ids = np.array([[1, 5, V0, V0 + 1, 7, V0 + 2, V0 + 3, V0 + 4, 9]])
-  rows = _extra_rows(V0, N_MEM)
+  rows = official_rows(V0, N_MEM)
   to_ours = {int(r): V0 + i for i, r in enumerate(rows)}
   our_ids = np.vectorize(lambda t: to_ours.get(int(t), int(t)))(ref_ids)
   decoder = Decoder(cfg)

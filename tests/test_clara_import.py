@@ -12,12 +12,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from hf_fixtures import tiny_sizes  # noqa: E402
+
 from clara_jax.model.decoder import Decoder  # noqa: E402
-from clara_jax.weights.clara_import import (  # noqa: E402
-  ADAPTER_NAMES,
-  _extra_rows,
-  import_official_clara,
-)
+from clara_jax.weights.clara_import import ADAPTER_NAMES, import_official_clara  # noqa: E402
+from clara_jax.weights.layout import official_rows  # noqa: E402
 
 V0, N_MEM, R = 96, 2, 4
 
@@ -26,15 +25,7 @@ V0, N_MEM, R = 96, 2, 4
 def official(tmp_path_factory):
   torch.manual_seed(0)
   root = tmp_path_factory.mktemp("official")
-  cfg = transformers.MistralConfig(
-    vocab_size=V0,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    rope_theta=1e4,
-  )
+  cfg = transformers.MistralConfig(vocab_size=V0, **tiny_sizes(), rope_theta=1e4)
   model = transformers.MistralForCausalLM(cfg).eval()
   base_dir = str(root / "base")
   model.save_pretrained(base_dir, safe_serialization=True)
@@ -68,7 +59,7 @@ def test_logits_match_pytorch_for_every_adapter(official):
   assert info == {"doc_max_length": 8, "compr_rate": 4, "n_mem": N_MEM}
   # Reference ids: words plus every added token (MEM0, MEM1, AE, ENC, SEP).
   ref_ids = np.array([[1, 5, V0, V0 + 1, 7, V0 + 2, V0 + 3, V0 + 4, 9]])
-  rows = _extra_rows(V0, N_MEM)
+  rows = official_rows(V0, N_MEM)
   to_ours = {int(r): V0 + i for i, r in enumerate(rows)}
   our_ids = np.vectorize(lambda t: to_ours.get(int(t), int(t)))(ref_ids)
   decoder = Decoder(cfg)

@@ -15,6 +15,8 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
+from hf_fixtures import parity_config  # noqa: E402
+
 from clara_jax import cli  # noqa: E402
 from clara_jax.model import lora as lora_lib  # noqa: E402
 from clara_jax.model.config import LoraConfig  # noqa: E402
@@ -26,16 +28,7 @@ VOCAB, EXTRA = 96, 5
 LENGTHS = (11, 6, 3)  # right-padded batch
 TOL = 1e-4
 LORA = LoraConfig(rank=4, alpha=8.0)
-SMALL = dict(
-  vocab_size=VOCAB,
-  hidden_size=32,
-  intermediate_size=64,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  initializer_range=0.15,
-)
+SMALL = parity_config(VOCAB, hidden_size=32)
 
 
 def _hf_base(tmp_path_factory, name, model_cls, config, seed):

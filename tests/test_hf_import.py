@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from hf_fixtures import parity_config
 
 from clara_jax import partitioning
 from clara_jax.model import layout as param_layout
@@ -37,18 +38,7 @@ EXTRA = 5
 LENGTHS = (12, 7, 3)  # right-padded batch of different lengths
 TOL = 1e-4
 LORA = LoraConfig(rank=4, alpha=8.0)
-SMALL = dict(
-  vocab_size=VOCAB,
-  hidden_size=64,
-  intermediate_size=128,
-  num_hidden_layers=2,
-  num_attention_heads=4,
-  num_key_value_heads=2,
-  max_position_embeddings=64,
-  # Larger than HF's 0.02 so attention is sharp: with near-uniform attention a
-  # wrong RoPE or mask would barely move the logits.
-  initializer_range=0.15,
-)
+SMALL = parity_config(VOCAB, hidden_size=64)
 
 
 def _build(model_cls, config, seed):
@@ -59,6 +49,13 @@ def _build(model_cls, config, seed):
       if name.endswith("norm.weight"):
         p.copy_(1.0 + 0.2 * torch.randn_like(p))
   return model
+
+
+def _saved(tmp_path_factory, name: str, model) -> str:
+  """The directory of `model` saved as a safetensors checkpoint."""
+  path = tmp_path_factory.mktemp(name)
+  model.save_pretrained(path, safe_serialization=True)
+  return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -85,9 +82,7 @@ def llama(tmp_path_factory):
   """A tiny random Llama with tied input/output embeddings."""
   config = transformers.LlamaConfig(**SMALL, tie_word_embeddings=True)
   model = _build(transformers.LlamaForCausalLM, config, seed=1)
-  path = tmp_path_factory.mktemp("llama_tied")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "llama_tied", model)
 
 
 def _batch(seed, lengths=LENGTHS, length=None):
@@ -330,19 +325,25 @@ def _copy_checkpoint(src, dst):
   return str(dst)
 
 
-def test_missing_config_json(mistral, tmp_path):
+@pytest.fixture
+def ckpt(mistral, tmp_path):
+  """A copy of the single-file Mistral checkpoint, free to damage."""
   _, single, _ = mistral
-  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
-  os.remove(os.path.join(ckpt, "config.json"))
-  with pytest.raises(FileNotFoundError, match=r"ckpt/config\.json: missing"):
-    import_hf_checkpoint(ckpt, EXTRA)
+  return _copy_checkpoint(single, tmp_path / "ckpt")
 
 
-def test_missing_safetensors(mistral, tmp_path):
-  _, single, _ = mistral
-  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
-  os.remove(os.path.join(ckpt, "model.safetensors"))
-  expected = r"ckpt: expected model\.safetensors\.index\.json .* or model\.safetensors"
+@pytest.mark.parametrize(
+  "removed, expected",
+  [
+    ("config.json", r"ckpt/config\.json: missing"),
+    (
+      "model.safetensors",
+      r"ckpt: expected model\.safetensors\.index\.json .* or model\.safetensors",
+    ),
+  ],
+)
+def test_missing_file(ckpt, removed, expected):
+  os.remove(os.path.join(ckpt, removed))
   with pytest.raises(FileNotFoundError, match=expected):
     import_hf_checkpoint(ckpt, EXTRA)
 
@@ -358,9 +359,7 @@ def test_missing_shard(mistral, tmp_path):
     import_hf_checkpoint(ckpt, EXTRA)
 
 
-def test_unknown_architecture(mistral, tmp_path):
-  _, single, _ = mistral
-  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+def test_unknown_architecture(ckpt):
   config = load_hf_config(ckpt)
   config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
   with open(os.path.join(ckpt, "config.json"), "w") as f:
@@ -376,9 +375,7 @@ def _rewrite_tensors(ckpt, edit):
   st.write_safetensors(path, tensors, {"format": "pt"})
 
 
-def test_wrong_shape_names_the_tensor(mistral, tmp_path):
-  _, single, _ = mistral
-  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+def test_wrong_shape_names_the_tensor(ckpt):
   name = "model.layers.1.mlp.up_proj.weight"
   _rewrite_tensors(ckpt, lambda t: t.update({name: np.zeros((130, 64), np.float32)}))
   with pytest.raises(ValueError, match=rf"'{name}' has shape \(130, 64\), expected \(128, 64\)"):
@@ -407,9 +404,7 @@ def test_missing_and_unused_tensors(mistral, tmp_path):
     import_hf_checkpoint(ckpt, EXTRA)
 
 
-def test_truncated_safetensors(mistral, tmp_path):
-  _, single, _ = mistral
-  ckpt = _copy_checkpoint(single, tmp_path / "ckpt")
+def test_truncated_safetensors(ckpt):
   path = os.path.join(ckpt, "model.safetensors")
   with open(path, "r+b") as f:
     f.truncate(os.path.getsize(path) - 100)
@@ -485,9 +480,7 @@ def llama3(tmp_path_factory):
     **{**SMALL, "max_position_embeddings": 128}, rope_parameters={"rope_theta": 5e5, **LLAMA3_ROPE}
   )
   model = _build(transformers.LlamaForCausalLM, config, seed=2)
-  path = tmp_path_factory.mktemp("llama3")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "llama3", model)
 
 
 def test_llama3_rope_scaling_matches_transformers_with_and_without_a_cache(llama3):
@@ -519,9 +512,7 @@ def qwen2(tmp_path_factory):
     for name, p in model.named_parameters():
       if name.endswith("proj.bias"):
         p.copy_(0.5 * torch.randn_like(p))
-  path = tmp_path_factory.mktemp("qwen2")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "qwen2", model)
 
 
 def test_qwen2_biases_match_transformers_with_and_without_a_cache(qwen2):
@@ -561,9 +552,7 @@ def phi3(tmp_path_factory):
     **SMALL, sliding_window=6, pad_token_id=0, tie_word_embeddings=False
   )
   model = _build(transformers.Phi3ForCausalLM, config, seed=4)
-  path = tmp_path_factory.mktemp("phi3")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "phi3", model)
 
 
 def test_phi3_fused_projections_match_transformers_with_and_without_a_cache(phi3):
@@ -594,9 +583,7 @@ def gemma(tmp_path_factory):
   head), (1 + w) RMSNorm weights."""
   config = transformers.GemmaConfig(**{**SMALL, "head_dim": 16})
   model = _build(transformers.GemmaForCausalLM, config, seed=5)
-  path = tmp_path_factory.mktemp("gemma")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "gemma", model)
 
 
 def test_gemma_matches_transformers_with_and_without_a_cache(gemma):
@@ -633,9 +620,7 @@ def gemma2(tmp_path_factory):
     query_pre_attn_scalar=24,
   )
   model = _build(transformers.Gemma2ForCausalLM, config, seed=8)
-  path = tmp_path_factory.mktemp("gemma2")
-  model.save_pretrained(path, safe_serialization=True)
-  return model, str(path)
+  return model, _saved(tmp_path_factory, "gemma2", model)
 
 
 def test_gemma2_matches_transformers_with_and_without_a_cache(gemma2):
@@ -837,29 +822,23 @@ def _raw_file(path, header: bytes, data: bytes = b""):
   return str(path)
 
 
+def _one_tensor_file(path, dtype: str, shape, data_offsets, data: bytes) -> str:
+  """A safetensors file of one tensor 't' with the given header fields."""
+  entry = {"dtype": dtype, "shape": shape, "data_offsets": data_offsets}
+  return _raw_file(path, json.dumps({"t": entry}).encode(), data)
+
+
 def test_safetensors_header_errors(tmp_path):
   bad_json = _raw_file(tmp_path / "a.safetensors", b"{not json")
   with pytest.raises(ValueError, match=r"a\.safetensors: bad safetensors header"):
     st.SafetensorsFile(bad_json)
-  unknown = _raw_file(
-    tmp_path / "b.safetensors",
-    json.dumps({"t": {"dtype": "C64", "shape": [1], "data_offsets": [0, 8]}}).encode(),
-    b"\0" * 8,
-  )
+  unknown = _one_tensor_file(tmp_path / "b.safetensors", "C64", [1], [0, 8], b"\0" * 8)
   with pytest.raises(ValueError, match=r"b\.safetensors: tensor 't': unknown dtype 'C64'"):
     st.SafetensorsFile(unknown)
-  wrong_size = _raw_file(
-    tmp_path / "c.safetensors",
-    json.dumps({"t": {"dtype": "F32", "shape": [3], "data_offsets": [0, 8]}}).encode(),
-    b"\0" * 8,
-  )
+  wrong_size = _one_tensor_file(tmp_path / "c.safetensors", "F32", [3], [0, 8], b"\0" * 8)
   with pytest.raises(ValueError, match=r"c\.safetensors: tensor 't'.*needs 12"):
     st.SafetensorsFile(wrong_size)
-  outside = _raw_file(
-    tmp_path / "d.safetensors",
-    json.dumps({"t": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]}}).encode(),
-    b"\0" * 16,
-  )
+  outside = _one_tensor_file(tmp_path / "d.safetensors", "F32", [4], [8, 24], b"\0" * 16)
   with pytest.raises(
     ValueError,
     match=r"d\.safetensors: tensor 't' data_offsets \[8, 24\] "

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any, Callable, Dict, Tuple
 
 from clara_jax.cli.common import non_negative_int
 
@@ -24,7 +26,6 @@ def _cmd_info(args) -> int:
 
 def _cmd_import_hf(args) -> int:
   from clara_jax.data.formats import check_output_dir
-  from clara_jax.weights.export import save_params
   from clara_jax.weights.hf_import import import_hf_checkpoint
 
   check_output_dir(args.out)
@@ -37,21 +38,20 @@ def _cmd_import_hf(args) -> int:
       f"{args.hf_dir}: the tokenizer has {tok.base_vocab_size} tokens, the "
       f"embedding {cfg.base_vocab_size} rows"
     )
-  save_params(args.out, cfg, params)
-  if tok is not None:
-    from clara_jax import paths
-
-    tok.save(paths.join(args.out, tok.FILENAME))
-  print(
-    json.dumps(
-      {
-        "out": args.out,
-        "num_params": cfg.num_params(),
-        "tokenizer": None if tok is None else repr(tok),
-      }
-    )
-  )
+  _write_import(args.out, cfg, params, tok, num_params=cfg.num_params())
   return 0
+
+
+def _write_import(out: str, cfg, params, tok, **fields: Any) -> None:
+  """Saves imported params, and the checkpoint's tokenizer (if any) beside them, then
+  prints the summary: `out`, `fields`, the tokenizer."""
+  from clara_jax import paths
+  from clara_jax.weights.export import save_params
+
+  save_params(out, cfg, params)
+  if tok is not None:
+    tok.save(paths.join(out, tok.FILENAME))
+  print(json.dumps({"out": out, **fields, "tokenizer": None if tok is None else repr(tok)}))
 
 
 def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int):
@@ -74,7 +74,6 @@ def _cmd_import_gguf(args) -> int:
   from collections import Counter
 
   from clara_jax.data.formats import check_output_dir
-  from clara_jax.weights.export import save_params
   from clara_jax.weights.gguf_import import GGUFCheckpoint, import_gguf
 
   check_output_dir(args.out)
@@ -99,19 +98,14 @@ def _cmd_import_gguf(args) -> int:
     cfg, params = import_gguf(
       gguf, args.num_extra_tokens, param_dtype=args.param_dtype, dtype=args.dtype
     )
-  save_params(args.out, cfg, params)
-  if tok is not None:
-    tok.save(paths.join(args.out, tok.FILENAME))
-  print(
-    json.dumps(
-      {
-        "out": args.out,
-        "name": name,
-        "num_params": cfg.num_params(),
-        "tensors_by_type": dict(sorted(quantizations.items())),
-        "tokenizer": None if tok is None else repr(tok),
-      }
-    )
+  _write_import(
+    args.out,
+    cfg,
+    params,
+    tok,
+    name=name,
+    num_params=cfg.num_params(),
+    tensors_by_type=dict(sorted(quantizations.items())),
   )
   return 0
 
@@ -189,15 +183,24 @@ def _add_import_clara(sub) -> None:
   ic.set_defaults(fn=_cmd_import_clara)
 
 
+def _add_export(sub, name: str, help_text: str, *args_before_out: Tuple[str, Dict[str, Any]]):
+  """An export subcommand's parser: a training workdir in, a new directory out."""
+  parser = sub.add_parser(name, help=help_text)
+  parser.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
+  for flag, options in args_before_out:
+    parser.add_argument(flag, **options)
+  parser.add_argument("--out", required=True, help="a new or empty directory")
+  return parser
+
+
 def _add_export_clara(sub) -> None:
-  ec = sub.add_parser(
+  ec = _add_export(
+    sub,
     "export-clara",
-    help="write a trained run in the official CLaRa "
+    "write a trained run in the official CLaRa "
     "(PyTorch) format: adapters.pth, decoder_first_last_layers.pth, "
     "config.json",
   )
-  ec.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
-  ec.add_argument("--out", required=True, help="a new or empty directory")
   ec.add_argument(
     "--base_model",
     default="mistralai/Mistral-7B-Instruct-v0.2",
@@ -207,14 +210,14 @@ def _add_export_clara(sub) -> None:
 
 
 def _add_export_hf(sub) -> None:
-  eh = sub.add_parser(
+  role = ("--role", dict(required=True, choices=["compressor", "reasoner", "generator"]))
+  eh = _add_export(
+    sub,
     "export-hf",
-    help="one role's adapter merged into the base, as a "
+    "one role's adapter merged into the base, as a "
     "Hugging Face checkpoint (config.json + model.safetensors)",
+    role,
   )
-  eh.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
-  eh.add_argument("--role", required=True, choices=["compressor", "reasoner", "generator"])
-  eh.add_argument("--out", required=True, help="a new or empty directory")
   eh.add_argument(
     "--base_config",
     default=None,
@@ -224,38 +227,37 @@ def _add_export_hf(sub) -> None:
   eh.set_defaults(fn=_cmd_export_hf)
 
 
-def _add_import_hf(sub) -> None:
-  imp = sub.add_parser("import-hf", help="convert a local HF Mistral/Llama checkpoint")
-  imp.add_argument("--hf_dir", required=True, help="directory with config.json + safetensors")
-  imp.add_argument("--out", required=True, help="output directory (params + config.json)")
-  imp.add_argument(
-    "--num_extra_tokens",
-    type=non_negative_int,
-    required=True,
-    help="rows to add for CLaRa's special tokens (Tokenizer.num_special)",
-  )
-  imp.add_argument("--param_dtype", default="bfloat16")
-  imp.add_argument("--dtype", default="bfloat16")
-  imp.set_defaults(fn=_cmd_import_hf)
-
-
-def _add_import_gguf(sub) -> None:
-  gg = sub.add_parser(
-    "import-gguf",
-    help="convert a llama-architecture GGUF file (llama.cpp, Ollama), dequantizing every tensor",
-  )
-  gg.add_argument("--gguf", required=True, help="the .gguf file")
-  gg.add_argument("--out", required=True, help="output directory (params + config.json)")
-  gg.add_argument(
-    "--num_extra_tokens",
-    type=non_negative_int,
-    required=True,
-    help="rows to add for CLaRa's special tokens: 3 + memory tokens (with 3 "
+# The import subcommands: (help, (source flag, its help), --num_extra_tokens help, default
+# dtypes, command).
+_IMPORTS: Dict[str, Tuple[str, Tuple[str, str], str, str, Callable[[Any], int]]] = {
+  "import-hf": (
+    "convert a local HF Mistral/Llama checkpoint",
+    ("--hf_dir", "directory with config.json + safetensors"),
+    "rows to add for CLaRa's special tokens (Tokenizer.num_special)",
+    "bfloat16",
+    _cmd_import_hf,
+  ),
+  "import-gguf": (
+    "convert a llama-architecture GGUF file (llama.cpp, Ollama), dequantizing every tensor",
+    ("--gguf", "the .gguf file"),
+    "rows to add for CLaRa's special tokens: 3 + memory tokens (with 3 "
     "or more, the GGUF's tokenizer is written beside the weights)",
-  )
-  gg.add_argument("--param_dtype", default="float32")
-  gg.add_argument("--dtype", default="float32")
-  gg.set_defaults(fn=_cmd_import_gguf)
+    "float32",
+    _cmd_import_gguf,
+  ),
+}
+
+
+def _add_import(sub, name: str) -> None:
+  """An import subcommand's parser: a checkpoint in, an export directory out."""
+  help_text, (source, source_help), tokens_help, dtype, fn = _IMPORTS[name]
+  parser = sub.add_parser(name, help=help_text)
+  parser.add_argument(source, required=True, help=source_help)
+  parser.add_argument("--out", required=True, help="output directory (params + config.json)")
+  parser.add_argument("--num_extra_tokens", type=non_negative_int, required=True, help=tokens_help)
+  parser.add_argument("--param_dtype", default=dtype)
+  parser.add_argument("--dtype", default=dtype)
+  parser.set_defaults(fn=fn)
 
 
 def _add_fetch_base(sub) -> None:
@@ -272,8 +274,8 @@ def _add_fetch_base(sub) -> None:
 # Each subcommand's parser, by name (`clara_jax.cli.COMMANDS` orders them).
 PARSERS = {
   "info": _add_info,
-  "import-hf": _add_import_hf,
-  "import-gguf": _add_import_gguf,
+  "import-hf": functools.partial(_add_import, name="import-hf"),
+  "import-gguf": functools.partial(_add_import, name="import-gguf"),
   "import-clara": _add_import_clara,
   "fetch-base": _add_fetch_base,
   "export-clara": _add_export_clara,

@@ -13,6 +13,8 @@ writes, as the official `CLaRa.save_pretrained` does for a LoRA model:
 * `decoder_first_last_layers.pth`: `model.embed_tokens.weight` and `lm_head.weight`
   [V + n_mem + 3, D], the added rows in the order <MEM0>..<MEM{n-1}>, <AE>, <ENC>, <SEP>;
 * `config.json`: every field of the official `CLaRaConfig`.
+The key names, shapes and row order are those of `clara_jax.weights.layout`, which the
+import reads too.
 
 The frozen base is not written (the official model loads it from `decoder_model_name`),
 so the run's base must be that checkpoint unchanged. Tensors keep the run's parameter
@@ -23,35 +25,28 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import json
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 import jax
 import numpy as np
 
 from clara_jax import paths
 from clara_jax.data.tokenizer import num_special_tokens
-from clara_jax.model import layout
+from clara_jax.model import layout as param_layout
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import DecoderConfig
-from clara_jax.model.layers import lora_prefix
-from clara_jax.weights.clara_import import ADAPTER_NAMES, _extra_rows
+from clara_jax.weights import layout
+from clara_jax.weights.clara_import import ADAPTERS_FILE, FIRST_LAST_FILE, positive_int
 from clara_jax.weights.export import load_params
+from clara_jax.weights.hf_import import CONFIG_FILE, path_in_directory, read_json_object
+from clara_jax.weights.layout import OFFICIAL_ADAPTER_NAMES, official_lora_keys
 
 EXPORT_DIR = "export"  # where training writes a run's final model
 CLARA_FILE = "clara.json"  # the CLaRa lengths a run was trained with
-ADAPTERS_FILE = "adapters.pth"
-FIRST_LAST_FILE = "decoder_first_last_layers.pth"
-CONFIG_FILE = "config.json"
-
-OFFICIAL_ADAPTER_NAMES: Dict[str, str] = {ours: ref for ref, ours in ADAPTER_NAMES.items()}
 # The official LoraConfig: r = lora_r, lora_alpha = 2 * r, so every adapter adds 2 * A B.
 OFFICIAL_LORA_SCALE = 2.0
 # The base the released CLaRa models were trained on (CLaRaConfig.compr_base_model_name).
 DEFAULT_BASE_MODEL = "mistralai/Mistral-7B-Instruct-v0.2"
-# PEFT's target_modules="all-linear" on a Mistral/Llama block: (clara_jax module, torch
-# module, projections).
-_BLOCKS = (("attn", "self_attn", ("q", "k", "v", "o")), ("mlp", "mlp", ("gate", "up", "down")))
 
 
 @dataclasses.dataclass
@@ -81,9 +76,7 @@ def check_new_output_dir(out: str) -> None:
 
 def load_run(workdir: str) -> Run:
   """Reads `workdir/export` (what training writes at its last step)."""
-  if paths.isfile(workdir):
-    raise NotADirectoryError(f"{workdir}: is a file; expected a training workdir")
-  export_dir = paths.join(workdir, EXPORT_DIR, absolute=False)
+  export_dir = path_in_directory(workdir, EXPORT_DIR, "a training workdir")
   if not paths.isdir(export_dir):
     raise FileNotFoundError(
       f"{export_dir}: missing; expected the export/ directory a "
@@ -91,27 +84,13 @@ def load_run(workdir: str) -> Run:
     )
   cfg, params = load_params(export_dir)
   # The files name one tensor per block; a scanned run's stacked leaves are split here.
-  params = layout.to_unrolled(jax.device_get(params))
+  params = param_layout.to_unrolled(jax.device_get(params))
   flat = {k: np.asarray(v) for k, v in lora_lib.flatten(params).items()}
   recorded: Dict[str, Any] = {}
   clara_path = paths.join(export_dir, CLARA_FILE, absolute=False)
   if paths.exists(clara_path):
-    try:
-      recorded = json.loads(paths.read_text(clara_path))
-    except json.JSONDecodeError as e:
-      raise ValueError(f"{clara_path}: not valid JSON: {e}") from None
-    if not isinstance(recorded, dict):
-      raise ValueError(f"{clara_path}: expected a JSON object, found {type(recorded).__name__}")
+    recorded = read_json_object(clara_path)
   return Run(export_dir, cfg.replace(scan_layers=False), flat, recorded)
-
-
-def _positive_int(recorded: Dict[str, Any], field: str, where: str) -> int:
-  if field not in recorded:
-    raise ValueError(f"{where}: field '{field}' missing; the official config.json needs it")
-  value = recorded[field]
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-    raise ValueError(f"{where}: field '{field}': expected a positive integer, found {value!r}")
-  return value
 
 
 def _check_base_family(cfg: DecoderConfig, what: str) -> None:
@@ -149,43 +128,6 @@ def _torch_save(path: str, obj: Dict) -> None:
   paths.write_atomic(path, [buffer.getvalue()])
 
 
-def _linear_shapes(cfg: DecoderConfig) -> Dict[str, Tuple[int, int]]:
-  """(in_features, out_features) of each torch Linear the adapters sit on."""
-  d, f, h, k, hd = (
-    cfg.hidden_size,
-    cfg.intermediate_size,
-    cfg.num_heads,
-    cfg.num_kv_heads,
-    cfg.head_dim,
-  )
-  return {
-    "q": (d, h * hd),
-    "k": (d, k * hd),
-    "v": (d, k * hd),
-    "o": (h * hd, d),
-    "gate": (d, f),
-    "up": (d, f),
-    "down": (f, d),
-  }
-
-
-def official_lora_keys(cfg: DecoderConfig, role: str) -> List[Tuple[str, str, Tuple[int, ...]]]:
-  """(official key, clara_jax path, torch shape) of every LoRA factor of `role`, in the
-  official state dict's order (layer, then q, k, v, o, gate, up, down, then A, B)."""
-  assert cfg.lora is not None  # callers have checked that the model has adapters
-  r, shapes, prefix = cfg.lora.rank, _linear_shapes(cfg), lora_prefix(role)
-  out: List[Tuple[str, str, Tuple[int, ...]]] = []
-  for i in range(cfg.num_layers):
-    for module, block, projections in _BLOCKS:
-      for proj in projections:
-        n_in, n_out = shapes[proj]
-        src = f"layers_{i}/{module}/{proj}_proj/{prefix}"
-        key = f"model.layers.{i}.{block}.{proj}_proj"
-        out.append((f"{key}.lora_A.weight", f"{src}/a", (r, n_in)))
-        out.append((f"{key}.lora_B.weight", f"{src}/b", (n_out, r)))
-  return out
-
-
 def _adapter_state(run: Run, role: str, b_factor: float) -> Dict[str, Any]:
   """The official state dict of one adapter: clara_jax a [in..., r] / b [r, out...] ->
   torch A [r, in] / B [out, r], B times `b_factor` (the alpha correction)."""
@@ -193,8 +135,7 @@ def _adapter_state(run: Run, role: str, b_factor: float) -> Dict[str, Any]:
   r = run.cfg.lora.rank
   state = {}
   for key, path, shape in official_lora_keys(run.cfg, role):
-    value = run.params[path]
-    value = value.reshape(-1, r).T if path.endswith("/a") else value.reshape(r, -1).T
+    value = layout.lora_to_official(path, run.params[path], r)
     if tuple(value.shape) != shape:
       raise RuntimeError(
         f"{path}: {value.shape} does not give the official {key} {shape}; "
@@ -220,13 +161,13 @@ def _first_last(run: Run, n_mem: int) -> Dict[str, Any]:
   v0 = cfg.base_vocab_size
   # The importer reads clara_jax extra row i from official row rows[i]; writing row k from
   # the extra row whose rows[i] is v0 + k is exactly its inverse.
-  order = np.argsort(_extra_rows(v0, n_mem) - v0)
+  order = np.argsort(layout.official_rows(v0, n_mem) - v0)
   embed = np.concatenate([p["embedder/base_embedding"], p["embedder/extra_embedding"][order]], 0)
   if cfg.tie_embeddings:
     head = embed
   else:
     head = np.concatenate([p["lm_head/base_head"].T, p["lm_head/extra_head"].T[order]], 0)
-  return {"model.embed_tokens.weight": _to_torch(embed), "lm_head.weight": _to_torch(head)}
+  return {layout.EMBEDDING: _to_torch(embed), layout.LM_HEAD: _to_torch(head)}
 
 
 def official_config(
@@ -310,14 +251,45 @@ def export_official_clara(
   check_new_output_dir(out)
   run = load_run(workdir)
   cfg = run.cfg
+  doc_max_length, compr_rate, n_mem = _clara_lengths(run)
+  assert cfg.lora is not None  # checked by `_clara_lengths`
+  b_factor = cfg.lora.scale / OFFICIAL_LORA_SCALE
+  adapters, left_out = _official_adapters(run, b_factor)
+  stage = "stage2" if "query_reasoner_adapter" in adapters else "stage1"
+  top_k = run.recorded.get("k", 1)
+  config = official_config(
+    base_model=base_model,
+    doc_max_length=doc_max_length,
+    compr_rate=compr_rate,
+    lora_r=cfg.lora.rank,
+    training_stage=stage,
+    generation_top_k=top_k if isinstance(top_k, int) and top_k >= 1 else 1,
+  )
+  _write_official(out, adapters, _first_last(run, n_mem), config)
+  return {
+    "out": out,
+    "adapters": list(adapters),
+    "left_out": left_out,
+    "training_stage": stage,
+    "n_mem": n_mem,
+    "dropped_mem_rows": cfg.num_extra_tokens - 3 - n_mem,
+    "lora_b_rescaled_by": b_factor,
+  }
+
+
+def _clara_lengths(run: Run) -> Tuple[int, int, int]:
+  """(doc_max_length, compr_rate, n_mem) of a run the official format can hold: adapters
+  over a published, non-Gemma base, with rows for every memory token."""
+  cfg = run.cfg
   clara_path = paths.join(run.export_dir, CLARA_FILE, absolute=False)
   if not paths.exists(clara_path):
     raise FileNotFoundError(
       f"{clara_path}: missing; the official config.json needs the "
       "run's doc_max_length and compr_rate"
     )
-  doc_max_length = _positive_int(run.recorded, "doc_max_length", clara_path)
-  compr_rate = _positive_int(run.recorded, "compr_rate", clara_path)
+  needed = "; the official config.json needs it"
+  doc_max_length = positive_int(run.recorded, "doc_max_length", clara_path, needed)
+  compr_rate = positive_int(run.recorded, "compr_rate", clara_path, needed)
   if run.recorded.get("stage") == "lm":
     raise ValueError(
       f"{clara_path}: stage 'lm' trained the base from scratch; the official "
@@ -340,10 +312,13 @@ def export_official_clara(
       f"rows, but <ENC>, <SEP>, <AE> and {n_mem} memory tokens (doc_max_length"
       f" {doc_max_length} // compr_rate {compr_rate}) need {num_special_tokens(n_mem)}"
     )
+  return doc_max_length, compr_rate, n_mem
 
-  b_factor = cfg.lora.scale / OFFICIAL_LORA_SCALE
+
+def _official_adapters(run: Run, b_factor: float) -> Tuple[Dict[str, Any], Dict[str, str]]:
+  """({official name: state dict} of the adapters written, {role: why} of those not)."""
   adapters, left_out = {}, {}
-  for role in cfg.adapters:
+  for role in run.cfg.adapters:
     if role not in OFFICIAL_ADAPTER_NAMES:
       left_out[role] = "no official counterpart"
     elif role == "reasoner" and _untrained(run, role):
@@ -352,32 +327,15 @@ def export_official_clara(
       adapters[OFFICIAL_ADAPTER_NAMES[role]] = _adapter_state(run, role, b_factor)
   if not adapters:
     raise ValueError(
-      f"{run.export_dir}: none of the adapters {list(cfg.adapters)} has an "
+      f"{run.export_dir}: none of the adapters {list(run.cfg.adapters)} has an "
       f"official counterpart ({sorted(OFFICIAL_ADAPTER_NAMES)})"
     )
-  stage = "stage2" if "query_reasoner_adapter" in adapters else "stage1"
-  top_k = run.recorded.get("k", 1)
-  config = official_config(
-    base_model=base_model,
-    doc_max_length=doc_max_length,
-    compr_rate=compr_rate,
-    lora_r=cfg.lora.rank,
-    training_stage=stage,
-    generation_top_k=top_k if isinstance(top_k, int) and top_k >= 1 else 1,
-  )
+  return adapters, left_out
 
-  first_last = _first_last(run, n_mem)
+
+def _write_official(out: str, adapters: Dict, first_last: Dict, config: Dict[str, Any]) -> None:
   paths.makedirs(out)
   _torch_save(paths.join(out, ADAPTERS_FILE, absolute=False), adapters)
   _torch_save(paths.join(out, FIRST_LAST_FILE, absolute=False), first_last)
   # Last: a directory without its config is visibly incomplete.
   paths.write_json(paths.join(out, CONFIG_FILE, absolute=False), config, indent=2)
-  return {
-    "out": out,
-    "adapters": list(adapters),
-    "left_out": left_out,
-    "training_stage": stage,
-    "n_mem": n_mem,
-    "dropped_mem_rows": cfg.num_extra_tokens - 3 - n_mem,
-    "lora_b_rescaled_by": b_factor,
-  }

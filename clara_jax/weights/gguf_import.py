@@ -9,19 +9,7 @@ is dequantized to float32 by the `gguf` package, renamed to its Hugging Face nam
 handed to the same conversion as a safetensors checkpoint (`hf_import`), so shapes,
 tied embeddings, CLaRa's extra rows and the adapters are handled in one place.
 
-GGUF -> HF names (ggml lists shapes innermost first; the arrays read back in torch's
-[out, in] order):
-
-    token_embd.weight          model.embed_tokens.weight
-    blk.{i}.attn_q.weight      model.layers.{i}.self_attn.q_proj.weight  (rows permuted)
-    blk.{i}.attn_k.weight      model.layers.{i}.self_attn.k_proj.weight  (rows permuted)
-    blk.{i}.attn_v.weight      model.layers.{i}.self_attn.v_proj.weight
-    blk.{i}.attn_output.weight model.layers.{i}.self_attn.o_proj.weight
-    blk.{i}.ffn_{gate,up,down}.weight  model.layers.{i}.mlp.{gate,up,down}_proj.weight
-    blk.{i}.attn_norm.weight   model.layers.{i}.input_layernorm.weight
-    blk.{i}.ffn_norm.weight    model.layers.{i}.post_attention_layernorm.weight
-    output_norm.weight         model.norm.weight
-    output.weight              lm_head.weight (absent: tied to the embedding)
+The GGUF -> HF name map is `clara_jax.weights.layout`'s (its docstring has the table).
 
 llama.cpp's converter reorders the rows of q and k within each head, from the "rotate
 half" RoPE layout of HF checkpoints (and of `clara_jax.model.layers.apply_rope`) to the
@@ -33,44 +21,18 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
-import jax
 import numpy as np
 
 from clara_jax import paths
-from clara_jax.model.config import DecoderConfig, LoraConfig
+from clara_jax.model.config import DecoderConfig
+from clara_jax.weights import layout
 
 SUPPORTED_ARCHITECTURES = ("llama",)  # llama.cpp also files Mistral models under "llama"
 
-_LAYER_NAMES = {
-  "attn_q": "self_attn.q_proj",
-  "attn_k": "self_attn.k_proj",
-  "attn_v": "self_attn.v_proj",
-  "attn_output": "self_attn.o_proj",
-  "ffn_gate": "mlp.gate_proj",
-  "ffn_up": "mlp.up_proj",
-  "ffn_down": "mlp.down_proj",
-  "attn_norm": "input_layernorm",
-  "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {
-  "token_embd.weight": "model.embed_tokens.weight",
-  "output_norm.weight": "model.norm.weight",
-  "output.weight": "lm_head.weight",
-}
 # Precomputed RoPE frequencies some converters add; recomputed from the metadata instead.
 _IGNORED = re.compile(r"^(rope_freqs\.weight|blk\.\d+\.attn_rot_embd)$")
-
-
-def hf_name(gguf_name: str) -> Optional[str]:
-  """The HF tensor name of a GGUF one (None: not a llama tensor)."""
-  if gguf_name in _GLOBAL_NAMES:
-    return _GLOBAL_NAMES[gguf_name]
-  match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-  if match and match.group(2) in _LAYER_NAMES:
-    return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}.weight"
-  return None
 
 
 def _unpermute(rows_w: np.ndarray, num_heads: int) -> np.ndarray:
@@ -122,7 +84,7 @@ class GGUFCheckpoint:
     self._tensors = {}
     unknown = []
     for tensor in self.reader.tensors:
-      name = hf_name(tensor.name)
+      name = layout.hf_name_of_gguf(tensor.name)
       if name is not None:
         self._tensors[name] = tensor
       elif not _IGNORED.match(tensor.name):
@@ -132,10 +94,10 @@ class GGUFCheckpoint:
         f"{self.path}: {len(unknown)} tensor(s) that a llama decoder does not have: {unknown[:10]}"
       )
     self.config = hf_config_from_gguf(
-      self.metadata, self.path, tied="lm_head.weight" not in self._tensors
+      self.metadata, self.path, tied=layout.LM_HEAD not in self._tensors
     )
-    if self.config["vocab_size"] is None and "model.embed_tokens.weight" in self._tensors:
-      self.config["vocab_size"] = self.info("model.embed_tokens.weight").shape[0]
+    if self.config["vocab_size"] is None and layout.EMBEDDING in self._tensors:
+      self.config["vocab_size"] = self.info(layout.EMBEDDING).shape[0]
 
   def __enter__(self):
     return self
@@ -236,29 +198,13 @@ def _float32_value(value) -> float:
   return float(str(np.float32(value)))
 
 
-def import_gguf(
-  path: str,
-  num_extra_tokens: int,
-  *,
-  lora: Optional[LoraConfig] = LoraConfig(),
-  dtype: str = "float32",
-  param_dtype: str = "float32",
-  rng: Optional[jax.Array] = None,
-  shardings: Any = None,
-) -> Tuple[DecoderConfig, Dict]:
+def import_gguf(path: str, num_extra_tokens: int, **options: Any) -> Tuple[DecoderConfig, Dict]:
   """A GGUF file -> (DecoderConfig, params), as `hf_import.import_hf_checkpoint` does for
-  a safetensors checkpoint (same arguments, same extra rows and adapters)."""
+  a safetensors checkpoint (same keyword arguments, the fields of
+  `hf_import.ImportOptions`; same extra rows and adapters)."""
   from clara_jax.weights import hf_import
 
   with GGUFCheckpoint(path) as ckpt:
     return hf_import.import_tensors(
-      ckpt,
-      ckpt.config,
-      path,
-      num_extra_tokens,
-      lora=lora,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rng=rng,
-      shardings=shardings,
+      ckpt, ckpt.config, path, num_extra_tokens, hf_import.ImportOptions(**options)
     )

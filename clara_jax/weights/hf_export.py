@@ -6,7 +6,8 @@ to the vocabulary.
 
 writes `config.json` + `model.safetensors` that `transformers.AutoModelForCausalLM`
 loads; its logits are clara_jax's with that adapter active. The tensors are the inverse
-of `hf_import`'s tensor plan (the same name table, read backwards), so `import-hf` of the
+of the tensor plan of `clara_jax.weights.layout` that `hf_import` reads (the same name
+table, read backwards), so `import-hf` of the
 result gives back the merged weights. The vocabulary is the run's: base rows, then the
 special tokens in clara_jax's id order (<ENC>, <SEP>, <AE>, <MEM0>, ...), which is also
 the order of the run's tokenizer.
@@ -19,7 +20,6 @@ fields (token ids, context length, architecture, ...) are then kept.
 
 from __future__ import annotations
 
-import json
 from typing import Any, Dict, Optional, Tuple
 
 import ml_dtypes
@@ -29,29 +29,20 @@ from clara_jax import paths
 from clara_jax.data.tokenizer import FIXED_SPECIAL_TOKENS, mem_token
 from clara_jax.model import lora as lora_lib
 from clara_jax.model.config import CLARA_ADAPTERS, DecoderConfig
-from clara_jax.weights import hf_import
+from clara_jax.weights import hf_import, layout
 from clara_jax.weights.clara_export import Run, _check_base_family, check_new_output_dir, load_run
 from clara_jax.weights.safetensors_io import SINGLE_FILE, write_safetensors
 
 CONFIG_FILE = "config.json"
 OUT_DTYPES = ("float32", "bfloat16", "float16")
-ARCHITECTURES = {t: a for a, t in hf_import.SUPPORTED_ARCHITECTURES.items()}
+ARCHITECTURES = {t: a for a, t in layout.SUPPORTED_ARCHITECTURES.items()}
 
-# DecoderConfig fields an HF config must reproduce for its model to compute the run's.
-_COMPARED_FIELDS = (
-  "hidden_size",
-  "intermediate_size",
-  "num_layers",
-  "num_heads",
-  "num_kv_heads",
-  "head_dim",
-  "rope_theta",
-  "rope_scaling",
-  "rms_norm_eps",
-  "sliding_window",
-  "qkv_bias",
-  "hidden_act",
-)
+# DecoderConfig fields an HF config must reproduce for its model to compute the run's:
+# its sizes, its heads and its attention, norms and activation.
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "num_layers")
+_HEAD_FIELDS = ("num_heads", "num_kv_heads", "head_dim")
+_COMPUTE_FIELDS = ("rope_theta", "rope_scaling", "rms_norm_eps", "sliding_window", "qkv_bias")
+_COMPARED_FIELDS = _SIZE_FIELDS + _HEAD_FIELDS + _COMPUTE_FIELDS + ("hidden_act",)
 # Fields of decoders this export cannot write (Gemma-2's), with their "off" values.
 _UNSUPPORTED_FIELDS = {
   "sliding_layer_pattern": None,
@@ -116,13 +107,7 @@ def _read_base_config(base_config: str) -> Dict[str, Any]:
     raise FileNotFoundError(
       f"{base_config}: missing; expected the base checkpoint's config.json or its directory"
     )
-  try:
-    conf = json.loads(paths.read_text(base_config))
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{base_config}: not valid JSON: {e}") from None
-  if not isinstance(conf, dict):
-    raise ValueError(f"{base_config}: expected a JSON object, found {type(conf).__name__}")
-  return conf
+  return hf_import.read_json_object(base_config)
 
 
 def _check_matches(conf: Dict[str, Any], cfg: DecoderConfig, vocab: int, where: str) -> None:
@@ -160,7 +145,7 @@ def hf_config(
       model_type = hf_import._check_architecture(conf)
     except ValueError as e:
       raise ValueError(f"{base_config}: {e}") from None
-    if model_type in ("gemma", "gemma2"):
+    if model_type in layout.GEMMA_FAMILIES:
       raise ValueError(
         f"{base_config}: the {model_type!r} family is not exported: its "
         "sqrt(hidden) embedding scale and (1 + w) norms are folded into the "
@@ -247,7 +232,7 @@ def merged_tensors(
         [flat["lm_head/base_head"], flat.pop("lm_head/extra_head")], 1
       )
   plan_cfg = cfg.replace(base_vocab_size=cfg.base_vocab_size + extra, num_extra_tokens=0, lora=None)
-  plan = hf_import._tensor_plan(plan_cfg, bool(cfg.tie_embeddings), model_type)
+  plan = layout.tensor_plan(plan_cfg, bool(cfg.tie_embeddings), model_type)
   used = {p for entry in plan for p in entry.parts}
   if used != set(flat):
     raise RuntimeError(
@@ -291,12 +276,35 @@ def export_hf(
     ValueError: an unknown role or one the run lacks, a Gemma-family run or base config,
       a base config that does not describe the run's model.
   """
+  _check_arguments(role, dtype)
+  check_new_output_dir(out)
+  run = load_run(workdir)
+  cfg = run.cfg
+  _check_exportable(run, role)
+  conf, model_type = hf_config(
+    cfg, base_config=base_config, token_ids=_token_ids(run.export_dir, cfg), dtype=dtype
+  )
+  conf["clara_jax"] = _clara_fields(cfg, role)
+  tensors = merged_tensors(run, role, model_type, dtype)
+  _write_checkpoint(out, tensors, conf)
+  return {
+    "out": out,
+    "role": role,
+    "model_type": model_type,
+    "vocab_size": conf["vocab_size"],
+    "tensors": len(tensors),
+  }
+
+
+def _check_arguments(role: str, dtype: str) -> None:
   if role not in CLARA_ADAPTERS:
     raise ValueError(f"role {role!r}: expected one of {list(CLARA_ADAPTERS)}")
   if dtype not in OUT_DTYPES:
     raise ValueError(f"dtype {dtype!r}: expected one of {list(OUT_DTYPES)}")
-  check_new_output_dir(out)
-  run = load_run(workdir)
+
+
+def _check_exportable(run: Run, role: str) -> None:
+  """The run has `role`'s adapter and a decoder a Hugging Face family computes."""
   cfg = run.cfg
   if role not in cfg.adapters:
     raise ValueError(
@@ -309,10 +317,11 @@ def export_hf(
         f"{run.export_dir}: DecoderConfig.{field}={getattr(cfg, field)!r} is "
         "not written by this export"
       )
-  conf, model_type = hf_config(
-    cfg, base_config=base_config, token_ids=_token_ids(run.export_dir, cfg), dtype=dtype
-  )
-  conf["clara_jax"] = {
+
+
+def _clara_fields(cfg: DecoderConfig, role: str) -> Dict[str, Any]:
+  """The config's `clara_jax` record: the role and where the special tokens' rows are."""
+  return {
     "role": role,
     # Row base_vocab_size + i of the vocabulary is special token i.
     "base_vocab_size": cfg.base_vocab_size,
@@ -320,17 +329,12 @@ def export_hf(
       list(FIXED_SPECIAL_TOKENS) + [mem_token(i) for i in range(cfg.num_extra_tokens - 3)]
     )[: cfg.num_extra_tokens],
   }
-  tensors = merged_tensors(run, role, model_type, dtype)
+
+
+def _write_checkpoint(out: str, tensors: Dict[str, np.ndarray], conf: Dict[str, Any]) -> None:
   paths.makedirs(out)
   write_safetensors(
     paths.join(out, SINGLE_FILE, absolute=False), tensors, metadata={"format": "pt"}
   )
   # Last: a directory without its config is visibly incomplete.
   paths.write_json(paths.join(out, CONFIG_FILE, absolute=False), conf, indent=2)
-  return {
-    "out": out,
-    "role": role,
-    "model_type": model_type,
-    "vocab_size": conf["vocab_size"],
-    "tensors": len(tensors),
-  }

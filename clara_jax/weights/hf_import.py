@@ -5,31 +5,8 @@ local directory or an object store (`gs://...`).
                                        num_extra_tokens=tokenizer.num_special,
                                        param_dtype="bfloat16", dtype="bfloat16")
 
-The HF names map onto the clara_jax tree as follows (torch Linear weights are
-[out, in]; clara_jax kernels are [in..., out...]):
-
-    model.embed_tokens.weight [V, D]                 embedder/base_embedding [V, D]
-    model.layers.{i}.self_attn.q_proj.weight [H*hd, D] layers_{i}/attn/q_proj/kernel [D, H, hd]
-    model.layers.{i}.self_attn.k_proj.weight [K*hd, D] layers_{i}/attn/k_proj/kernel [D, K, hd]
-    model.layers.{i}.self_attn.v_proj.weight [K*hd, D] layers_{i}/attn/v_proj/kernel [D, K, hd]
-    model.layers.{i}.self_attn.o_proj.weight [D, H*hd] layers_{i}/attn/o_proj/kernel [H, hd, D]
-    model.layers.{i}.mlp.{gate,up}_proj.weight [F, D]  layers_{i}/mlp/{gate,up}_proj/kernel [D, F]
-    model.layers.{i}.mlp.down_proj.weight [D, F]       layers_{i}/mlp/down_proj/kernel [F, D]
-    model.layers.{i}.input_layernorm.weight [D]        layers_{i}/attn_norm/scale
-    model.layers.{i}.post_attention_layernorm.weight   layers_{i}/mlp_norm/scale
-    model.norm.weight [D]                            final_norm/scale
-    lm_head.weight [V, D] (or the embedding if tied) lm_head/base_head [D, V]
-
-Gemma-2 norms both the input and the output of attention and of the MLP, and names them
-differently (`DecoderConfig.post_norms`):
-
-    model.layers.{i}.input_layernorm.weight [D]             layers_{i}/attn_norm/scale
-    model.layers.{i}.post_attention_layernorm.weight [D]    layers_{i}/attn_post_norm/scale
-    model.layers.{i}.pre_feedforward_layernorm.weight [D]   layers_{i}/mlp_norm/scale
-    model.layers.{i}.post_feedforward_layernorm.weight [D]  layers_{i}/mlp_post_norm/scale
-
-HF checkpoints already store q/k in the "rotate half" RoPE layout that
-`clara_jax.model.layers.apply_rope` uses, so no head-dim permutation is needed.
+The names and the conversion of every tensor are `clara_jax.weights.layout`'s tensor plan
+(its docstring has the table), which `hf_export` reads backwards.
 """
 
 from __future__ import annotations
@@ -38,7 +15,7 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import flax.linen as nn
 import jax
@@ -49,20 +26,12 @@ from flax import traverse_util
 from clara_jax import paths as paths_lib
 from clara_jax.model.config import DecoderConfig, LoraConfig, RopeScaling
 from clara_jax.model.decoder import abstract_params, init_params
+from clara_jax.weights import layout
 from clara_jax.weights.export import check_finite
+from clara_jax.weights.layout import SUPPORTED_ARCHITECTURES
 from clara_jax.weights.safetensors_io import SafetensorsCheckpoint
 
 CONFIG_FILE = "config.json"
-
-# architectures[0] -> model_type, for the checkpoints this decoder reproduces exactly.
-SUPPORTED_ARCHITECTURES: Dict[str, str] = {
-  "MistralForCausalLM": "mistral",
-  "LlamaForCausalLM": "llama",
-  "Qwen2ForCausalLM": "qwen2",
-  "Phi3ForCausalLM": "phi3",
-  "GemmaForCausalLM": "gemma",
-  "Gemma2ForCausalLM": "gemma2",
-}
 
 DEFAULT_ROPE_THETA = 10000.0
 
@@ -78,21 +47,32 @@ _FLOAT_CODES = ("F32", "F16", "BF16", "F64")
 
 def load_hf_config(ckpt_dir: str) -> Dict[str, Any]:
   """Reads `ckpt_dir/config.json` (FileNotFoundError naming the path if absent)."""
-  if paths_lib.isfile(ckpt_dir):
-    raise NotADirectoryError(f"{ckpt_dir}: is a file; expected a checkpoint directory")
-  path = paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False)
+  path = path_in_directory(ckpt_dir, CONFIG_FILE, "a checkpoint directory")
   if not paths_lib.exists(path):
     raise FileNotFoundError(
       f"{path}: missing; expected the Hugging Face config.json of a Mistral/Llama "
       f"checkpoint (architectures {sorted(SUPPORTED_ARCHITECTURES)})"
     )
+  return read_json_object(path)
+
+
+def path_in_directory(directory: str, name: str, kind: str) -> str:
+  """`directory/name`; NotADirectoryError when `directory` is a file (`kind`: what it
+  should be)."""
+  if paths_lib.isfile(directory):
+    raise NotADirectoryError(f"{directory}: is a file; expected {kind}")
+  return paths_lib.join(directory, name, absolute=False)
+
+
+def read_json_object(path: str) -> Dict[str, Any]:
+  """A JSON file holding an object (ValueError naming the path otherwise)."""
   try:
-    config = json.loads(paths_lib.read_text(path))
+    value = json.loads(paths_lib.read_text(path))
   except json.JSONDecodeError as e:
     raise ValueError(f"{path}: not valid JSON: {e}") from None
-  if not isinstance(config, dict):
-    raise ValueError(f"{path}: expected a JSON object, found {type(config).__name__}")
-  return config
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+  return value
 
 
 def _field(hf: Dict[str, Any], name: str, default: Any = None, required: bool = False):
@@ -247,6 +227,58 @@ def _gemma2_fields(hf: Dict[str, Any], num_layers: int) -> Dict[str, Any]:
   )
 
 
+def _hidden_act(hf: Dict[str, Any], model_type: str) -> str:
+  """The MLP's activation, checked against the one each family's config names."""
+  if model_type == "gemma":  # GeGLU with the tanh-approximated GELU
+    act = _field(hf, "hidden_activation") or _field(hf, "hidden_act", "gelu_pytorch_tanh")
+    _expect("hidden_act", "gelu_pytorch_tanh", act)
+    return "gelu_tanh"
+  if model_type == "gemma2":  # its MLP reads `hidden_activation` only
+    _expect(
+      "hidden_activation", "gelu_pytorch_tanh", _field(hf, "hidden_activation", "gelu_pytorch_tanh")
+    )
+    return "gelu_tanh"
+  _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
+  return "silu"
+
+
+def _qkv_bias(hf: Dict[str, Any], model_type: str) -> bool:
+  """Whether the family has query/key/value biases; refuses biases this decoder lacks and
+  quantized weights."""
+  # Qwen2 always has query/key/value biases (its config has no field for them); Llama's
+  # `attention_bias` would also put one on the output projection, which this decoder lacks.
+  qkv_bias = model_type == "qwen2"
+  if qkv_bias:
+    _expect("use_sliding_window", False, _field(hf, "use_sliding_window", False))
+  else:
+    _expect("attention_bias", False, _field(hf, "attention_bias", False))
+  _expect("mlp_bias", False, _field(hf, "mlp_bias", False))
+  _expect("quantization_config", None, hf.get("quantization_config"))
+  return qkv_bias
+
+
+def _hidden_and_heads(hf: Dict[str, Any]) -> Tuple[int, int]:
+  """(hidden_size, num_attention_heads); without a head_dim, the first divides by the
+  second."""
+  hidden = int(_field(hf, "hidden_size", required=True))
+  heads = int(_field(hf, "num_attention_heads", required=True))
+  if hidden % heads and _field(hf, "head_dim") is None:
+    raise ValueError(
+      f"HF config: hidden_size {hidden} is not a multiple of "
+      f"num_attention_heads {heads} and no head_dim is given"
+    )
+  return hidden, heads
+
+
+def _attention_fields(hf: Dict[str, Any], model_type: str, num_layers: int) -> Dict[str, Any]:
+  """The sliding window, and Gemma-2's local/global layers, soft caps and post norms."""
+  sliding_window = _field(hf, "sliding_window") if model_type in ("mistral", "phi3") else None
+  gemma2 = _gemma2_fields(hf, num_layers) if model_type == "gemma2" else {}
+  if gemma2:
+    sliding_window = gemma2.pop("sliding_window")
+  return dict(sliding_window=None if sliding_window is None else int(sliding_window), **gemma2)
+
+
 def decoder_config_from_hf(
   hf_config: Dict[str, Any],
   num_extra_tokens: int,
@@ -265,39 +297,11 @@ def decoder_config_from_hf(
   """
   hf = hf_config
   model_type = _check_architecture(hf)
-  if model_type == "gemma":  # GeGLU with the tanh-approximated GELU
-    act = _field(hf, "hidden_activation") or _field(hf, "hidden_act", "gelu_pytorch_tanh")
-    _expect("hidden_act", "gelu_pytorch_tanh", act)
-    hidden_act = "gelu_tanh"
-  elif model_type == "gemma2":  # its MLP reads `hidden_activation` only
-    _expect(
-      "hidden_activation", "gelu_pytorch_tanh", _field(hf, "hidden_activation", "gelu_pytorch_tanh")
-    )
-    hidden_act = "gelu_tanh"
-  else:
-    _expect("hidden_act", "silu", _field(hf, "hidden_act", "silu"))
-    hidden_act = "silu"
-  # Qwen2 always has query/key/value biases (its config has no field for them); Llama's
-  # `attention_bias` would also put one on the output projection, which this decoder lacks.
-  qkv_bias = model_type == "qwen2"
-  if qkv_bias:
-    _expect("use_sliding_window", False, _field(hf, "use_sliding_window", False))
-  else:
-    _expect("attention_bias", False, _field(hf, "attention_bias", False))
-  _expect("mlp_bias", False, _field(hf, "mlp_bias", False))
-  _expect("quantization_config", None, hf.get("quantization_config"))
-  hidden = int(_field(hf, "hidden_size", required=True))
-  heads = int(_field(hf, "num_attention_heads", required=True))
-  if hidden % heads and _field(hf, "head_dim") is None:
-    raise ValueError(
-      f"HF config: hidden_size {hidden} is not a multiple of "
-      f"num_attention_heads {heads} and no head_dim is given"
-    )
+  hidden_act = _hidden_act(hf, model_type)
+  qkv_bias = _qkv_bias(hf, model_type)
+  hidden, heads = _hidden_and_heads(hf)
   num_layers = int(_field(hf, "num_hidden_layers", required=True))
-  sliding_window = _field(hf, "sliding_window") if model_type in ("mistral", "phi3") else None
-  gemma2 = _gemma2_fields(hf, num_layers) if model_type == "gemma2" else {}
-  if gemma2:
-    sliding_window = gemma2.pop("sliding_window")
+  attention = _attention_fields(hf, model_type, num_layers)
   rope_theta, rope_scaling = _rope(hf)
   return DecoderConfig(
     base_vocab_size=int(_field(hf, "vocab_size", required=True)),
@@ -313,162 +317,11 @@ def decoder_config_from_hf(
     qkv_bias=qkv_bias,
     hidden_act=hidden_act,
     rms_norm_eps=float(_field(hf, "rms_norm_eps", 1e-6)),
-    sliding_window=None if sliding_window is None else int(sliding_window),
     dtype=dtype,
     param_dtype=param_dtype,
     lora=lora,
-    **gemma2,
+    **attention,
   )
-
-
-@dataclasses.dataclass(frozen=True)
-class _Entry:
-  """One checkpoint tensor: its HF name and shape, and where/how it lands in clara_jax."""
-
-  hf_name: str
-  hf_shape: Tuple[int, ...]
-  # '/'-joined clara_jax parameter path; a tuple of them for a fused tensor (Phi-3's
-  # qkv_proj, gate_up_proj), whose `convert` then returns one array per path.
-  path: Union[str, Tuple[str, ...]]
-  convert: Callable[[np.ndarray], Any]
-
-  @property
-  def parts(self) -> Tuple[str, ...]:
-    return self.path if isinstance(self.path, tuple) else (self.path,)
-
-  def arrays(self, tensor: np.ndarray) -> Tuple[np.ndarray, ...]:
-    out = self.convert(tensor)
-    return tuple(out) if isinstance(self.path, tuple) else (out,)
-
-
-def _fused_layer(cfg: DecoderConfig, src: str, dst: str) -> List[_Entry]:
-  """Phi-3's projections: one qkv_proj [(h + 2k) hd, d] and one gate_up_proj [2f, d]."""
-  d, f, h, k, hd = (
-    cfg.hidden_size,
-    cfg.intermediate_size,
-    cfg.num_heads,
-    cfg.num_kv_heads,
-    cfg.head_dim,
-  )
-  q_rows, kv_rows = h * hd, k * hd
-  return [
-    _Entry(
-      src + "self_attn.qkv_proj.weight",
-      (q_rows + 2 * kv_rows, d),
-      tuple(dst + f"attn/{n}_proj/kernel" for n in "qkv"),
-      lambda w: (
-        w[:q_rows].T.reshape(d, h, hd),
-        w[q_rows : q_rows + kv_rows].T.reshape(d, k, hd),
-        w[q_rows + kv_rows :].T.reshape(d, k, hd),
-      ),
-    ),
-    _Entry(
-      src + "mlp.gate_up_proj.weight",
-      (2 * f, d),
-      (dst + "mlp/gate_proj/kernel", dst + "mlp/up_proj/kernel"),
-      lambda w: (w[:f].T, w[f:].T),
-    ),
-  ]
-
-
-_GEMMAS = ("gemma", "gemma2")
-
-
-def embedding_scale(model_type: str, cfg: DecoderConfig) -> float:
-  """Gemma and Gemma-2 multiply their input embeddings by sqrt(hidden_size) (not their tied
-  output head); the import folds that into the embedding table."""
-  return float(np.float32(cfg.hidden_size**0.5)) if model_type in _GEMMAS else 1.0
-
-
-def _tensor_plan(cfg: DecoderConfig, tied: bool, model_type: str = "mistral") -> List[_Entry]:
-  d, f, h, k, hd = (
-    cfg.hidden_size,
-    cfg.intermediate_size,
-    cfg.num_heads,
-    cfg.num_kv_heads,
-    cfg.head_dim,
-  )
-  v = cfg.base_vocab_size
-  fused = model_type == "phi3"
-  same = lambda w: w
-  t = lambda w: w.T
-  scale = embedding_scale(model_type, cfg)
-  embed = same if scale == 1.0 else (lambda w: w.astype(np.float32) * np.float32(scale))
-  # Gemma's RMSNorm multiplies by (1 + weight).
-  norm = (lambda w: w.astype(np.float32) + 1.0) if model_type in _GEMMAS else same
-  plan = [_Entry("model.embed_tokens.weight", (v, d), "embedder/base_embedding", embed)]
-  for i in range(cfg.num_layers):
-    src, dst = f"model.layers.{i}.", f"layers_{i}/"
-    if cfg.qkv_bias:
-      plan += [
-        _Entry(
-          src + "self_attn.q_proj.bias",
-          (h * hd,),
-          dst + "attn/q_proj/bias",
-          lambda w: w.reshape(h, hd),
-        ),
-        _Entry(
-          src + "self_attn.k_proj.bias",
-          (k * hd,),
-          dst + "attn/k_proj/bias",
-          lambda w: w.reshape(k, hd),
-        ),
-        _Entry(
-          src + "self_attn.v_proj.bias",
-          (k * hd,),
-          dst + "attn/v_proj/bias",
-          lambda w: w.reshape(k, hd),
-        ),
-      ]
-    if fused:
-      plan += _fused_layer(cfg, src, dst)
-    else:
-      plan += [
-        _Entry(
-          src + "self_attn.q_proj.weight",
-          (h * hd, d),
-          dst + "attn/q_proj/kernel",
-          lambda w: w.T.reshape(d, h, hd),
-        ),
-        _Entry(
-          src + "self_attn.k_proj.weight",
-          (k * hd, d),
-          dst + "attn/k_proj/kernel",
-          lambda w: w.T.reshape(d, k, hd),
-        ),
-        _Entry(
-          src + "self_attn.v_proj.weight",
-          (k * hd, d),
-          dst + "attn/v_proj/kernel",
-          lambda w: w.T.reshape(d, k, hd),
-        ),
-        _Entry(src + "mlp.gate_proj.weight", (f, d), dst + "mlp/gate_proj/kernel", t),
-        _Entry(src + "mlp.up_proj.weight", (f, d), dst + "mlp/up_proj/kernel", t),
-      ]
-    plan += [
-      _Entry(
-        src + "self_attn.o_proj.weight",
-        (d, h * hd),
-        dst + "attn/o_proj/kernel",
-        lambda w: w.T.reshape(h, hd, d),
-      ),
-      _Entry(src + "mlp.down_proj.weight", (d, f), dst + "mlp/down_proj/kernel", t),
-      _Entry(src + "input_layernorm.weight", (d,), dst + "attn_norm/scale", norm),
-    ]
-    if cfg.post_norms:  # Gemma-2: "post attention" is the attention output's norm
-      plan += [
-        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "attn_post_norm/scale", norm),
-        _Entry(src + "pre_feedforward_layernorm.weight", (d,), dst + "mlp_norm/scale", norm),
-        _Entry(src + "post_feedforward_layernorm.weight", (d,), dst + "mlp_post_norm/scale", norm),
-      ]
-    else:
-      plan.append(
-        _Entry(src + "post_attention_layernorm.weight", (d,), dst + "mlp_norm/scale", norm)
-      )
-  plan.append(_Entry("model.norm.weight", (d,), "final_norm/scale", norm))
-  if not tied:
-    plan.append(_Entry("lm_head.weight", (v, d), "lm_head/base_head", t))
-  return plan
 
 
 def _config_summary(cfg: DecoderConfig) -> str:
@@ -481,7 +334,7 @@ def _config_summary(cfg: DecoderConfig) -> str:
 
 
 def _validate(
-  ckpt: SafetensorsCheckpoint, plan: List[_Entry], cfg: DecoderConfig, tied: bool
+  ckpt: SafetensorsCheckpoint, plan: List[layout.Entry], cfg: DecoderConfig, tied: bool
 ) -> None:
   """Checks names, shapes and dtypes from the headers alone, before any data is read."""
   for entry in plan:
@@ -567,6 +420,17 @@ def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
   return jax.jit(init_lora, out_shardings=out_shardings)(rng)
 
 
+@dataclasses.dataclass(frozen=True)
+class ImportOptions:
+  """How an import builds the model (the keyword arguments of `import_hf_checkpoint`)."""
+
+  lora: Optional[LoraConfig] = LoraConfig()
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  rng: Optional[jax.Array] = None
+  shardings: Any = None
+
+
 def import_hf_checkpoint(
   ckpt_dir: str,
   num_extra_tokens: int,
@@ -606,18 +470,10 @@ def import_hf_checkpoint(
   """
   ckpt_dir = os.fspath(ckpt_dir)
   hf = load_hf_config(ckpt_dir)
+  options = ImportOptions(lora, dtype, param_dtype, rng, shardings)
   with SafetensorsCheckpoint(ckpt_dir) as ckpt:
-    return import_tensors(
-      ckpt,
-      hf,
-      paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False),
-      num_extra_tokens,
-      lora=lora,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rng=rng,
-      shardings=shardings,
-    )
+    config_source = paths_lib.join(ckpt_dir, CONFIG_FILE, absolute=False)
+    return import_tensors(ckpt, hf, config_source, num_extra_tokens, options)
 
 
 def import_tensors(
@@ -625,28 +481,51 @@ def import_tensors(
   hf: Dict[str, Any],
   config_source: str,
   num_extra_tokens: int,
-  *,
-  lora: Optional[LoraConfig] = LoraConfig(),
-  dtype: str = "float32",
-  param_dtype: str = "float32",
-  rng: Optional[jax.Array] = None,
-  shardings: Any = None,
+  options: ImportOptions = ImportOptions(),
 ) -> Tuple[DecoderConfig, Dict]:
   """The conversion behind `import_hf_checkpoint`, from any checkpoint of HF-named
   tensors: `ckpt` has `keys()`, `in`, `info(name)` (.shape, .dtype), `get(name)` (numpy),
   `file_of(name)`, and `ckpt_dir` and `files` (named in errors); `hf` is its config.json
   dict, read from `config_source` (named in errors). The GGUF importer feeds it
   dequantized tensors."""
-  rng = jax.random.key(0) if rng is None else rng
+  rng = jax.random.key(0) if options.rng is None else options.rng
+  cfg = _config_of(hf, config_source, num_extra_tokens, options)
+  tied = bool(_field(hf, "tie_word_embeddings", False))
+  flat_shardings = (
+    traverse_util.flatten_dict(options.shardings, sep="/") if options.shardings is not None else {}
+  )
+  place = _placer(options.param_dtype, flat_shardings)
+  model_type = _check_architecture(hf)
+  plan = layout.tensor_plan(cfg, tied, model_type)
+  _validate(ckpt, plan, cfg, tied)
+  flat = _convert_plan(ckpt, plan, place)
+  flat.update(_vocabulary_rows(ckpt, cfg, tied, model_type, rng, place))
+  flat.update(_lora_leaves(cfg, rng, flat_shardings))
+  _check_tree(cfg, flat)
+  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+
+
+Place = Callable[[str, np.ndarray], jax.Array]
+
+
+def _config_of(
+  hf: Dict[str, Any], config_source: str, num_extra_tokens: int, options: ImportOptions
+) -> DecoderConfig:
   try:
-    cfg = decoder_config_from_hf(
-      hf, num_extra_tokens, lora=lora, dtype=dtype, param_dtype=param_dtype
+    return decoder_config_from_hf(
+      hf,
+      num_extra_tokens,
+      lora=options.lora,
+      dtype=options.dtype,
+      param_dtype=options.param_dtype,
     )
   except ValueError as e:
     raise ValueError(f"{config_source}: {e}") from None
-  tied = bool(_field(hf, "tie_word_embeddings", False))
+
+
+def _placer(param_dtype: str, flat_shardings: Dict[str, Any]) -> Place:
+  """Casts a converted tensor to the parameter dtype and puts it on its devices."""
   pdt = np.dtype(jnp.dtype(param_dtype))
-  flat_shardings = traverse_util.flatten_dict(shardings, sep="/") if shardings is not None else {}
 
   def place(path: str, value: np.ndarray) -> jax.Array:
     # A forced copy: device_put may alias host memory on CPU, and params must not stay
@@ -654,16 +533,26 @@ def import_tensors(
     host = np.array(value, dtype=pdt, order="C", copy=True)
     return jax.device_put(host, flat_shardings.get(path))
 
-  model_type = _check_architecture(hf)
-  plan = _tensor_plan(cfg, tied, model_type)
+  return place
+
+
+def _convert_plan(ckpt, plan: List[layout.Entry], place: Place) -> Dict[str, jax.Array]:
+  """One tensor at a time: read (memmap), check, rearrange, cast, place."""
   flat: Dict[str, jax.Array] = {}
-  _validate(ckpt, plan, cfg, tied)
-  for entry in plan:  # one tensor at a time: read (memmap), check, rearrange, cast, place
+  for entry in plan:
     tensor = ckpt.get(entry.hf_name)
     check_finite([(repr(entry.hf_name), tensor)], ckpt.file_of(entry.hf_name))
     for path, value in zip(entry.parts, entry.arrays(tensor)):
       flat[path] = place(path, value)
-  embed_vd = ckpt.get("model.embed_tokens.weight")
+  return flat
+
+
+def _vocabulary_rows(
+  ckpt, cfg: DecoderConfig, tied: bool, model_type: str, rng: jax.Array, place: Place
+) -> Dict[str, jax.Array]:
+  """The tied output head, and the special tokens' embedding and head rows."""
+  flat: Dict[str, jax.Array] = {}
+  embed_vd = ckpt.get(layout.EMBEDDING)
   if tied:
     flat["lm_head/base_head"] = place("lm_head/base_head", embed_vd.T)
   if cfg.num_extra_tokens:
@@ -672,17 +561,12 @@ def import_tensors(
     extra_head = (
       extra_embedding
       if tied
-      else _extra_rows(ckpt.get("lm_head.weight"), cfg.num_extra_tokens, head_key)
+      else _extra_rows(ckpt.get(layout.LM_HEAD), cfg.num_extra_tokens, head_key)
     )
-    flat["embedder/extra_embedding"] = place(
-      "embedder/extra_embedding", extra_embedding * np.float32(embedding_scale(model_type, cfg))
-    )
+    scale = np.float32(layout.embedding_scale(model_type, cfg))
+    flat["embedder/extra_embedding"] = place("embedder/extra_embedding", extra_embedding * scale)
     flat["lm_head/extra_head"] = place("lm_head/extra_head", extra_head.T)
-  del embed_vd
-
-  flat.update(_lora_leaves(cfg, rng, flat_shardings))
-  _check_tree(cfg, flat)
-  return cfg, traverse_util.unflatten_dict(flat, sep="/")
+  return flat
 
 
 def _check_tree(cfg: DecoderConfig, flat: Dict[str, jax.Array]) -> None:

@@ -26,7 +26,7 @@ import json
 import os
 import struct
 import weakref
-from typing import Dict, Iterator, List, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 import ml_dtypes
 import numpy as np
@@ -133,6 +133,17 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
   """
   path = os.fspath(path)
   file_size = paths.size(path)
+  header_len, raw = _read_header_bytes(path, file_size)
+  header = _header_object(path, raw)
+  metadata = _header_metadata(path, header)
+  infos = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+  data_start = 8 + header_len
+  _check_offsets(path, infos, file_size - data_start)
+  return data_start, infos, metadata
+
+
+def _read_header_bytes(path: str, file_size: int) -> Tuple[int, bytes]:
+  """(its length, the JSON header), after checking its 8-byte length against the file's size."""
   with paths.path(path).open("rb") as f:
     prefix = f.read(8)
     if len(prefix) < 8:
@@ -151,7 +162,10 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
         f"{path}: truncated safetensors file ({file_size} bytes) or bad "
         f"header: the header claims {header_len} bytes after the first 8"
       )
-    raw = f.read(header_len)
+    return header_len, f.read(header_len)
+
+
+def _header_object(path: str, raw: bytes) -> Dict[str, Any]:
   try:
     header = json.loads(raw.decode("utf-8"))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -160,17 +174,22 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
     raise ValueError(
       f"{path}: bad safetensors header: expected a JSON object, found {type(header).__name__}"
     )
+  return header
 
+
+def _header_metadata(path: str, header: Dict[str, Any]) -> Dict[str, str]:
+  """Pops and checks the header's `__metadata__` (str -> str; absent: {})."""
   metadata = header.pop("__metadata__", None) or {}
   if not (
     isinstance(metadata, dict)
     and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
   ):
     raise ValueError(f"{path}: bad safetensors header: __metadata__ must map str to str")
-  infos = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+  return metadata
 
-  data_start = 8 + header_len
-  data_len = file_size - data_start
+
+def _check_offsets(path: str, infos: Dict[str, TensorInfo], data_len: int) -> None:
+  """Every tensor lies inside the data buffer and no two overlap."""
   previous_end, previous_name = 0, None
   for name, info in sorted(infos.items(), key=lambda kv: kv[1].data_offsets):
     begin, end = info.data_offsets
@@ -183,10 +202,26 @@ def read_header(path: str) -> Tuple[int, Dict[str, TensorInfo], Dict[str, str]]:
       if begin < previous_end:
         raise ValueError(f"{path}: tensors {previous_name!r} and {name!r} overlap")
       previous_end, previous_name = end, name
-  return data_start, infos, metadata
 
 
-class SafetensorsFile:
+class _NamedTensors:
+  """`keys()`, `in` and `len()` over the tensor names that `_names` is keyed by."""
+
+  @property
+  def _names(self) -> Dict[str, Any]:
+    raise NotImplementedError
+
+  def keys(self) -> List[str]:
+    return list(self._names)
+
+  def __contains__(self, name: str) -> bool:
+    return name in self._names
+
+  def __len__(self) -> int:
+    return len(self._names)
+
+
+class SafetensorsFile(_NamedTensors):
   """One safetensors file, memory-mapped; `get(name)` returns a read-only numpy view."""
 
   def __init__(self, path: str):
@@ -205,14 +240,9 @@ class SafetensorsFile:
     else:  # mmap refuses empty ranges
       self._data = np.zeros((0,), np.uint8)
 
-  def keys(self) -> List[str]:
-    return list(self._infos)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._infos
-
-  def __len__(self) -> int:
-    return len(self._infos)
+  @property
+  def _names(self) -> Dict[str, TensorInfo]:
+    return self._infos
 
   def __iter__(self) -> Iterator[str]:
     return iter(self._infos)
@@ -288,7 +318,7 @@ def write_safetensors(
   paths.write_atomic(path, chunks())
 
 
-class SafetensorsCheckpoint:
+class SafetensorsCheckpoint(_NamedTensors):
   """The tensors of a checkpoint directory: sharded (`model.safetensors.index.json`) or a
   single `model.safetensors`. Only headers are read on opening; data is memory-mapped.
   """
@@ -348,14 +378,9 @@ class SafetensorsCheckpoint:
     """Paths of the files read (one, or every shard)."""
     return list(self._files)
 
-  def keys(self) -> List[str]:
-    return list(self._file_of)
-
-  def __contains__(self, name: str) -> bool:
-    return name in self._file_of
-
-  def __len__(self) -> int:
-    return len(self._file_of)
+  @property
+  def _names(self) -> Dict[str, str]:
+    return self._file_of
 
   def file_of(self, name: str) -> str:
     """The path of the file holding `name`."""

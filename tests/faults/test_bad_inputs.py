@@ -51,7 +51,7 @@ def _make_export(out: str, params, cfg, tok) -> None:
 def _tiny_hf(out: str, vocab: int, hidden: int) -> None:
   """config.json + model.safetensors of a 1-layer Mistral, random, built from the
   importer's own tensor plan (no torch needed)."""
-  from clara_jax.weights import hf_import
+  from clara_jax.weights import hf_import, layout
   from clara_jax.weights import safetensors_io as st
 
   config = {
@@ -73,7 +73,7 @@ def _tiny_hf(out: str, vocab: int, hidden: int) -> None:
   rng = np.random.default_rng(0)
   tensors = {
     e.hf_name: rng.normal(0, 0.02, e.hf_shape).astype(np.float32)
-    for e in hf_import._tensor_plan(cfg, tied=False)
+    for e in layout.tensor_plan(cfg, tied=False)
   }
   st.write_safetensors(os.path.join(out, "model.safetensors"), tensors, {"format": "pt"})
 
