@@ -53,23 +53,25 @@ def test_every_pipeline_stage_has_a_file(tmp_path):
     assert tuple(_pipeline_recipe(name, False, tmp_path).stages) == RECIPES[name].STAGES
 
 
+def _configs(name, quick):
+  """{stage: the stage file's config} of a recipe, or of its quick variant."""
+  arg = "quick" if quick else ""
+  return {stage: _file_config(name, stage, arg) for stage in RECIPES[name].STAGES}
+
+
 @pytest.mark.parametrize("quick", [False, True])
 def test_pinned_real_tiny_values(quick, tmp_path):
-  arg = "quick" if quick else ""
-  for stage in tiny.STAGES:
-    c = _file_config("real_tiny", stage, arg)
+  configs = _configs("real_tiny", quick)
+  steps = (40, 20, 20, 20) if quick else (1500, 1500, 400, 400)
+  batches = (8, 8, 8, 8) if quick else (32, 16, 16, 8)
+  for c, n, batch in zip(configs.values(), steps, batches):
     assert c.clara.compr_rate == 4 and c.data.prompt_style == "short"
     assert c.clara.doc_max_length == (64 if quick else 128)
     assert c.tokenizer.num_mem_tokens == (16 if quick else 32)
     assert c.tokenizer.vocab_size == (1024 if quick else 4096)
-  steps = (40, 20, 20, 20) if quick else (1500, 1500, 400, 400)
-  batches = (8, 8, 8, 8) if quick else (32, 16, 16, 8)
-  for stage, n, batch in zip(tiny.STAGES, steps, batches):
-    c = _file_config("real_tiny", stage, arg)
     assert (c.train.num_steps, c.train.global_batch) == (n, batch)
-  assert _file_config("real_tiny", "stage1", arg).data.answer_length == 64
-  assert _file_config("real_tiny", "stage1_2", arg).clara.train_base
-  c = _file_config("real_tiny", "stage2", arg)
+  assert configs["stage1"].data.answer_length == 64 and configs["stage1_2"].clara.train_base
+  c = configs["stage2"]
   assert c.clara.k == 1 and not c.clara.train_generator and c.optimizer.schedule == "cosine"
   r = _pipeline_recipe("real_tiny", quick, tmp_path)
   assert (r.model, r.eval_questions, r.min_memory_gain) == ("tiny", 16 if quick else 200, 1.0)
@@ -78,22 +80,16 @@ def test_pinned_real_tiny_values(quick, tmp_path):
 
 @pytest.mark.parametrize("quick", [False, True])
 def test_pinned_real_pretrained_values(quick, tmp_path):
-  arg = "quick" if quick else ""
-  for stage in pretrained.STAGES:
-    c = _file_config("real_pretrained", stage, arg)
+  configs = _configs("real_pretrained", quick)
+  steps = (6, 4, 4) if quick else (150, 60, 100)
+  for c, n, lr in zip(configs.values(), steps, (3e-3, 5e-4, 5e-4)):
     assert c.clara.compr_rate == 8 and c.data.prompt_style == "reference"
     assert c.tokenizer.num_mem_tokens == (8 if quick else 16)
     assert c.clara.memory_scale == "embedding" and not c.clara.train_base
     assert (c.clara.lexical_weight, c.clara.mse_weight) == (1.0, 0.0)
-    assert c.train.global_batch == 8
-  steps = (6, 4, 4) if quick else (150, 60, 100)
-  lrs = (3e-3, 5e-4, 5e-4)
-  for stage, n, lr in zip(pretrained.STAGES, steps, lrs):
-    c = _file_config("real_pretrained", stage, arg)
-    assert (c.train.num_steps, c.optimizer.lr) == (n, lr)
-  c = _file_config("real_pretrained", "stage2", arg)
-  assert c.optimizer.lr_multipliers == ((".*/lora_reasoner/.*", 2.0),)
-  assert c.clara.train_generator
+    assert c.train.global_batch == 8 and (c.train.num_steps, c.optimizer.lr) == (n, lr)
+  assert configs["stage2"].optimizer.lr_multipliers == ((".*/lora_reasoner/.*", 2.0),)
+  assert configs["stage2"].clara.train_generator
   r = _pipeline_recipe("real_pretrained", quick, tmp_path)
   assert (r.eval_questions, r.min_memory_gain, r.judged) == (8 if quick else None, 1.0, not quick)
 
