@@ -49,20 +49,16 @@ def create(args) -> List[List[str]]:
   return [cmd]
 
 
+def _scp(args: argparse.Namespace, source: str, dest: str) -> List[str]:
+  """Copies `source` to `dest` (directories recursively) on every worker; scp takes SRC
+  then NAME:DEST, so it does not fit _gcloud's NAME-first shape."""
+  scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"]
+  return scp + [source, dest, "--worker=all", f"--zone={args.zone}"]
+
+
 def setup(args) -> List[List[str]]:
-  # scp takes SRC then NAME:DEST, so it does not fit _gcloud's NAME-first shape.
-  copy = [
-    "gcloud",
-    "compute",
-    "tpus",
-    "tpu-vm",
-    "scp",
-    "--recurse",
-    ROOT,
-    f"{args.name}:~/{REMOTE_DIR}",
-    "--worker=all",
-    f"--zone={args.zone}",
-  ] + ([f"--project={args.project}"] if args.project else [])
+  copy = _scp(args, ROOT, f"{args.name}:~/{REMOTE_DIR}")
+  copy += [f"--project={args.project}"] if args.project else []
   install = _ssh(args, f"cd ~/{REMOTE_DIR} && CLARA_EXTRA=tpu bash launch/install.sh")
   return [copy, install]
 
@@ -107,20 +103,7 @@ def sweep(args) -> List[List[str]]:
 
 
 def logs(args) -> List[List[str]]:
-  return [
-    [
-      "gcloud",
-      "compute",
-      "tpus",
-      "tpu-vm",
-      "scp",
-      "--recurse",
-      f"{args.name}:~/{REMOTE_DIR}/logs/{args.run}",
-      f"logs_{args.run}",
-      "--worker=all",
-      f"--zone={args.zone}",
-    ]
-  ]
+  return [_scp(args, f"{args.name}:~/{REMOTE_DIR}/logs/{args.run}", f"logs_{args.run}")]
 
 
 def delete(args) -> List[List[str]]:

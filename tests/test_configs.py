@@ -2,7 +2,6 @@
 
 import importlib
 import os
-import subprocess
 import sys
 
 import pytest
@@ -10,6 +9,7 @@ import pytest
 from clara_jax.model.config import MODEL_SIZES, model_config
 from configs.base import parse_arg, validate
 from configs.common import decoder_config, model_config_dict
+from tests.python_process import run_python
 
 
 @pytest.mark.parametrize("name", sorted(MODEL_SIZES))
@@ -238,13 +238,6 @@ def test_config_files_load_in_a_fresh_process(tmp_path):
     "print(a.model_size, a.train.num_steps, b.model_size, b.train.num_steps, "
     "sys.path == before)"
   )
-  result = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-    cwd=tmp_path,
-    timeout=300,
-  )
+  result = run_python("-c", code, cwd=tmp_path, timeout=300)
   assert result.returncode == 0, result.stderr
   assert result.stdout.split() == ["tiny", "200", "tiny", "7", "True"]

@@ -6,13 +6,12 @@ and the `clara-jax convert` command."""
 import gzip
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 
 from clara_jax.data.convert import convert, doc_text
 from clara_jax.data.formats import DataError, validate_row
+from tests.python_process import run_python
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(ROOT, "..", "shared", "data")
@@ -433,15 +432,7 @@ def test_real_stage1_passthrough(tmp_path):
 
 
 def _cli(*args):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  return subprocess.run(
-    [sys.executable, "-m", "clara_jax.cli", "convert", *args],
-    capture_output=True,
-    text=True,
-    env=env,
-    cwd=ROOT,
-    timeout=120,
-  )
+  return run_python("-m", "clara_jax.cli", "convert", *args, cwd=ROOT)
 
 
 def test_cli_convert(tmp_path):
@@ -470,12 +461,5 @@ def test_cli_convert_does_not_import_jax(tmp_path):
     f"{str(tmp_path / 'o.jsonl')!r}, '--candidates', '5']); "
     "print('jax' in sys.modules, rc)"
   )
-  result = subprocess.run(
-    [sys.executable, "-c", code],
-    capture_output=True,
-    text=True,
-    env=dict(os.environ, PYTHONPATH=ROOT),
-    cwd=ROOT,
-    timeout=120,
-  )
+  result = run_python("-c", code, cwd=ROOT)
   assert result.stdout.strip().splitlines()[-1] == "False 0", result.stderr

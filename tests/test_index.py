@@ -17,6 +17,7 @@ from clara_jax.infer.index import (
   encode,
   read_shards,
 )
+from tests.random_export import WORDS, tiny_random_model, write_export
 
 
 def fake_compress(texts, calls=None):
@@ -33,8 +34,9 @@ def fake_compress(texts, calls=None):
 DOCS = [{"id": f"d{i}", "text": f"document number {i}"} for i in range(37)]
 
 
-def test_build_resume_and_search(tmp_path):
-  out = str(tmp_path / "idx")
+def _interrupt_at_third_shard(out: str, **build_args) -> None:
+  """A build of DOCS in shards of 10 that stops (KeyboardInterrupt) while compressing
+  the third shard: two finished shards stay in `out`."""
   calls = []
 
   def failing(texts):
@@ -43,7 +45,12 @@ def test_build_resume_and_search(tmp_path):
     return fake_compress(texts, calls)
 
   with pytest.raises(KeyboardInterrupt):
-    build_index(failing, DOCS, out, shard_size=10)
+    build_index(failing, DOCS, out, shard_size=10, **build_args)
+
+
+def test_build_resume_and_search(tmp_path):
+  out = str(tmp_path / "idx")
+  _interrupt_at_third_shard(out)
   with pytest.raises(FileNotFoundError, match="did not finish"):
     MemoryIndex.load(out)
   resumed = []
@@ -209,15 +216,7 @@ def test_approximate_search_returns_valid_indices():
 
 def test_an_int8_build_resumes_and_another_dtype_is_not_mixed_in(tmp_path):
   out = str(tmp_path / "idx")
-  calls = []
-
-  def failing(texts):
-    if len(calls) == 2:
-      raise KeyboardInterrupt("interrupted")
-    return fake_compress(texts, calls)
-
-  with pytest.raises(KeyboardInterrupt):
-    build_index(failing, DOCS, out, shard_size=10, dtype="int8")
+  _interrupt_at_third_shard(out, dtype="int8")
   resumed = []
   build_index(lambda t: fake_compress(t, resumed), DOCS, out, shard_size=10, dtype="int8")
   assert resumed == [10, 7]
@@ -277,34 +276,14 @@ def test_plan_gives_the_bytes_per_chip_of_a_large_index(capsys):
 def tiny_workdir(tmp_path_factory):
   """A workdir with the tiny model's export, random weights (as tests/faults builds it:
   nothing to train or compile for the weights)."""
-  import flax.linen as nn
-  import jax
-  from flax import traverse_util
-
-  from clara_jax.data.tokenizer import Tokenizer
-  from clara_jax.model.config import model_config
-  from clara_jax.model.decoder import abstract_params
-  from clara_jax.weights.export import save_params
-
-  words = "red blue green river stone city team coach mayor north south marsh".split()
   rng = np.random.default_rng(0)
-  tok = Tokenizer.train(
-    [" ".join(rng.choice(words, 10)) for _ in range(200)], vocab_size=300, num_mem_tokens=4
-  )
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
-  flat = {k: rng.normal(0, 0.02, a.shape).astype(a.dtype) for k, a in flat.items()}
+  tok, cfg, flat = tiny_random_model(rng)
   workdir = tmp_path_factory.mktemp("run")
-  export = workdir / "export"
-  save_params(str(export), cfg, jax.device_put(traverse_util.unflatten_dict(flat, sep="/")))
-  tok.save(str(export / "tokenizer.model"))
-  (export / "clara.json").write_text(
-    json.dumps({"doc_max_length": 16, "compr_rate": 4, "question_max_length": 8})
-  )
+  write_export(str(workdir / "export"), cfg, flat, tok)
   corpus = workdir / "corpus.jsonl"
   corpus.write_text(
     "".join(
-      json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(words, 6))}) + "\n"
+      json.dumps({"id": f"doc{i}", "text": " ".join(rng.choice(WORDS, 6))}) + "\n"
       for i in range(12)
     )
   )

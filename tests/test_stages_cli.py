@@ -160,23 +160,21 @@ def test_fresh_worlds_replace_the_training_file(tmp_path):
   from clara_jax.train.loop import data_files
   from configs import lm, stage1, stage2
 
-  config = stage1.get_config("model=tiny")
-  config.data.synth_fresh = True
-  config.train.num_steps, config.train.global_batch = 5, 4
-  files = data_files(config, str(tmp_path / "runs" / "stage1"))
+  def fresh_files(stage, num_steps):
+    config = stage.get_config("model=tiny")
+    config.data.synth_fresh = True
+    config.train.num_steps, config.train.global_batch = num_steps, 4
+    return config, data_files(config, str(tmp_path / "runs" / config.stage))
+
+  _, files = fresh_files(stage1, 5)
   assert files["train"].endswith("stage1_fresh20.jsonl")
   fresh = list(read_rows(files["train"], "stage1"))
   fixed = list(read_rows(files["test"], "stage1"))
   assert len(fresh) == 20
   assert not {r["docs"][0] for r in fresh} & {r["docs"][0] for r in fixed}
-  config = stage2.get_config("model=tiny")
-  config.data.synth_fresh = True
-  config.train.num_steps, config.train.global_batch = 3, 4
-  files = data_files(config, str(tmp_path / "runs" / "stage2"))
+  config, files = fresh_files(stage2, 3)
   assert files["train"].endswith("stage2_fresh12.jsonl")
   rows = list(read_rows(files["train"], "stage2"))
   assert len(rows) == 12 and all(len(r["docs"]) == config.data.candidates for r in rows)
-  config = lm.get_config("model=tiny")
-  config.data.synth_fresh = True
   with pytest.raises(ValueError, match="synth_fresh"):
-    data_files(config, str(tmp_path / "runs" / "lm"))
+    fresh_files(lm, 3)

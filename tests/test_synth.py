@@ -5,8 +5,6 @@ held-out questions on known documents, and fresh worlds that never repeat a fact
 import itertools
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -14,8 +12,7 @@ import pytest
 from clara_jax.data import synth
 from clara_jax.data.bm25 import BM25
 from clara_jax.data.formats import read_rows
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.python_process import run_python
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +48,7 @@ def test_same_seed_same_bytes_other_seed_other_world(world_dir, tmp_path):
       f"{again!r}, seed=5, size='tiny', candidates=20, k=5, fresh_rows=30, "
       "world='classic')"
     )
-    proc = subprocess.run(
-      [sys.executable, "-c", code],
-      capture_output=True,
-      text=True,
-      env=dict(os.environ, PYTHONPATH=ROOT, PYTHONHASHSEED=hash_seed),
-      timeout=300,
-    )
+    proc = run_python("-c", code, timeout=300, PYTHONHASHSEED=hash_seed)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for name in sorted(os.listdir(world_dir)):
       with (
@@ -229,54 +220,22 @@ def test_clues_for_reads_the_manifest(world_dir):
   assert clues == [multi["clues"], []]
 
 
-def test_cli_writes_a_world_and_a_stream(tmp_path):
-  env = dict(os.environ, PYTHONPATH=ROOT)
-  out = tmp_path / "w"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "clara_jax.cli",
-      "synth",
-      "--out",
-      str(out),
-      "--seed",
-      "2",
-      "--size",
-      "tiny",
-      "--candidates",
-      "10",
-      "--names",
-      "pool",
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
+def _synth_cli(*args: str) -> str:
+  """Runs `clara-jax synth ARGS` in a fresh process; its stdout (it must succeed)."""
+  proc = run_python("-m", "clara_jax.cli", "synth", *args)
   assert proc.returncode == 0, proc.stderr
-  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  return proc.stdout
+
+
+def test_cli_writes_a_world_and_a_stream(tmp_path):
+  out = tmp_path / "w"
+  stdout = _synth_cli(
+    "--out", str(out), "--seed", "2", "--size", "tiny", "--candidates", "10", "--names", "pool"
+  )
+  summary = json.loads(stdout.strip().splitlines()[-1])
   assert summary["files"]["stage2_test.jsonl"] > 0 and summary["names"] == "pool"
   rows = list(read_rows(str(out / "stage2_test.jsonl"), "stage2", num_docs=10))
   assert len(rows) == summary["files"]["stage2_test.jsonl"]
   stream = tmp_path / "fresh.jsonl"
-  proc = subprocess.run(
-    [
-      sys.executable,
-      "-m",
-      "clara_jax.cli",
-      "synth",
-      "--out",
-      str(stream),
-      "--stream",
-      "stage1_2",
-      "--rows",
-      "25",
-    ],
-    env=env,
-    capture_output=True,
-    text=True,
-    timeout=120,
-  )
-  assert proc.returncode == 0, proc.stderr
+  _synth_cli("--out", str(stream), "--stream", "stage1_2", "--rows", "25")
   assert len(list(read_rows(str(stream), "stage1_2"))) == 25

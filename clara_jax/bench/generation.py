@@ -104,22 +104,41 @@ def generation_latency(
   )
   params = init_params(cfg_m, jax.random.key(0))
   rng = np.random.default_rng(0)
+  text_lengths = (doc_len, question_len, prompt_len)
   data = synthetic_batch(
-    "stage2",
-    rng,
-    cfg_m.base_vocab_size,
-    batch,
-    candidates,
-    doc_len,
-    question_len,
-    prompt_len,
-    2,
-    cfg_c,
+    "stage2", rng, cfg_m.base_vocab_size, batch, candidates, *text_lengths, 2, cfg_c
   )
-  head, prompt_t, prompt_m, slot_positions = _prompts_after_head(
+  head, *prompts = _prompts_after_head(
     rng, batch, cfg_m.base_vocab_size, head_len, prompt_len, cfg_c.n_mem, k
   )
-  decoder, n_mem = Decoder(cfg_m), cfg_c.n_mem
+  compress, reason, select = _retrieval_phases(Decoder(cfg_m), cfg_c.n_mem, k)
+  start = time.perf_counter()
+  prefix = jax.block_until_ready(prefix_cache(params, cfg_m, head)) if head_len else None
+  head_s = time.perf_counter() - start  # includes its compile: a once-per-model cost
+  decode = lambda picked: generate(
+    params, cfg_m, *prompts, picked, max_new_tokens=new_tokens, eos_id=-1, prefix=prefix
+  )
+  phases, total = _time_phases(params, data, compress, reason, select, decode, iters)
+  packed_lengths = (data["doc_tokens"].shape[-1], data["q_tokens"].shape[-1], prompts[0].shape[1])
+  flops = answer_flops(cfg_m, batch, candidates, *packed_lengths, new_tokens, cfg_c.n_mem)
+  return {
+    "benchmark": "generation",
+    "model": model,
+    "dtype": cfg_m.dtype,
+    "batch": batch,
+    "candidates": candidates,
+    "k": k,
+    "doc_len": doc_len,
+    "new_tokens": new_tokens,
+    "prompt_len": prompt_len,
+    "head_len": head_len,
+    "head_ms": round(1e3 * head_s, 1),
+    **_latencies(phases, total, batch, new_tokens, flops, jnp.dtype(cfg_m.dtype)),
+  }
+
+
+def _retrieval_phases(decoder: Decoder, n_mem: int, k: int):
+  """The jitted phases before decoding: (compress, reason, select)."""
   # The frozen compressor's path of the stage2 step: adapter folded, candidates in chunks.
   compress = jax.jit(lambda p, t, m: stages.frozen_compress(decoder, p, t, m, n_mem))
   reason = jax.jit(lambda p, t, m: clara.reason(decoder, p, t, m, n_mem))
@@ -129,22 +148,13 @@ def generation_latency(
     _, indices = jax.lax.top_k(clara.score(q_mem, doc_mem), k)
     return jnp.take_along_axis(doc_mem, indices[:, :, None, None], axis=1)
 
-  start = time.perf_counter()
-  prefix = jax.block_until_ready(prefix_cache(params, cfg_m, head)) if head_len else None
-  head_s = time.perf_counter() - start  # includes its compile: a once-per-model cost
+  return compress, reason, select
+
+
+def _time_phases(params, data, compress, reason, select, decode, iters: int):
+  """(seconds of each phase, seconds of the four in one call) on the batch `data`."""
   doc_t, doc_m = data["doc_tokens"], data["doc_mask"]  # [B, N, L + n_mem]
   q_t, q_m = data["q_tokens"], data["q_mask"]
-  decode = lambda picked: generate(
-    params,
-    cfg_m,
-    prompt_t,
-    prompt_m,
-    slot_positions,
-    picked,
-    max_new_tokens=new_tokens,
-    eos_id=-1,
-    prefix=prefix,
-  )
 
   def answer():
     doc_mem = compress(params, doc_t, doc_m)
@@ -159,24 +169,14 @@ def generation_latency(
     "select": time_fn(select, q_mem, doc_mem, iters=iters),
     "decode": time_fn(decode, picked, iters=iters),
   }
-  total = time_fn(answer, iters=iters)
-  flops = answer_flops(
-    cfg_m, batch, candidates, doc_t.shape[-1], q_t.shape[-1], prompt_t.shape[1], new_tokens, n_mem
-  )
-  peak = matmul_peak_flops(dtype=jnp.dtype(cfg_m.dtype))
+  return phases, time_fn(answer, iters=iters)
+
+
+def _latencies(phases, total: float, batch: int, new_tokens: int, flops: float, dtype) -> dict:
+  """Per-question milliseconds, decode throughput and MFU of the timed phases."""
+  peak = matmul_peak_flops(dtype=dtype)
   per_q = {f"{name}_ms_per_question": round(1e3 * s / batch, 3) for name, s in phases.items()}
   return {
-    "benchmark": "generation",
-    "model": model,
-    "dtype": cfg_m.dtype,
-    "batch": batch,
-    "candidates": candidates,
-    "k": k,
-    "doc_len": doc_len,
-    "new_tokens": new_tokens,
-    "prompt_len": prompt_len,
-    "head_len": head_len,
-    "head_ms": round(1e3 * head_s, 1),
     **per_q,
     "total_ms_per_question": round(1e3 * total / batch, 3),
     "decode_tokens_per_s": round(batch * new_tokens / phases["decode"], 1),

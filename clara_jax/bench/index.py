@@ -278,7 +278,7 @@ def run(
   are about; every dtype's is reported."""
   import jax
 
-  from clara_jax.infer.index import MemoryIndex, build_index, check_dtype
+  from clara_jax.infer.index import check_dtype
 
   for dtype in dtypes:
     check_dtype(dtype)
@@ -289,48 +289,9 @@ def run(
     f"{jax.devices()[0].platform} devices, seed {seed}, noise {noise}"
   )
   memories, queries, gold = synthetic_corpus(num_docs, n_mem, hidden, num_queries, seed, noise)
-  docs = [{"id": str(i), "text": str(i)} for i in range(num_docs)]
-  compress = lambda texts: memories[[int(t) for t in texts]]
-  results, found = {}, {}
-  root = tempfile.mkdtemp(prefix="clara_bench_index_")
-  try:
-    for dtype in dtypes:
-      out = os.path.join(root, dtype)
-      start = time.perf_counter()
-      meta = build_index(compress, docs, out, shard_size=shard_size, dtype=dtype)
-      build_s = time.perf_counter() - start
-      start = time.perf_counter()
-      index = MemoryIndex.load(out)
-      jax.block_until_ready(index.inv_norms)
-      load_s = time.perf_counter() - start
-      disk = _directory_bytes(out)
-      top = _top_k(index, queries, k, batch)
-      found[dtype] = top
-      one = queries[:batch]
-      row: Dict[str, Any] = {
-        "dtype": dtype,
-        "bytes_per_doc": index.bytes_per_doc,
-        "disk_bytes_per_doc": disk / num_docs,
-        "build_s": build_s,
-        "load_s": load_s,
-        "build_docs_per_s": num_docs / (build_s + load_s),
-        "search_ms": _median_ms(functools.partial(index.search, one, k), repeats),
-        "approx_search_ms": _median_ms(
-          functools.partial(index.search, one, k, approx=True), repeats
-        ),
-        f"recall@{k}": float(np.mean(np.any(top == gold[:, None], axis=1))),
-      }
-      assert meta["bytes_per_doc"] == row["bytes_per_doc"]
-      results[dtype] = row
-      log(
-        f"{dtype}: {row['bytes_per_doc']:,} B/doc, build {row['build_docs_per_s']:,.0f} "
-        f"docs/s (load {load_s:.2f} s), search {row['search_ms']:.1f} ms / batch "
-        f"(approx {row['approx_search_ms']:.1f}), Recall@{k} {row[f'recall@{k}']:.4f}"
-      )
-      del index
-      shutil.rmtree(out)
-  finally:
-    shutil.rmtree(root, ignore_errors=True)
+  results, found = _measure_dtypes(
+    dtypes, memories, queries, gold, k, batch, repeats, shard_size, log
+  )
   result: Dict[str, Any] = {
     "benchmark": "index",
     "docs": num_docs,
@@ -350,6 +311,67 @@ def run(
   result["plan"] = index_plan()
   result["passed"] = all(g["passed"] for g in result["goals"].values()) if result["goals"] else None
   return result
+
+
+def _measure_dtypes(dtypes, memories, queries, gold, k, batch, repeats, shard_size, log):
+  """({dtype: its row of figures}, {dtype: its top-k ids of every query}), each index
+  built from the documents' `memories` in a temporary directory."""
+  docs = [{"id": str(i), "text": str(i)} for i in range(len(memories))]
+  compress = lambda texts: memories[[int(t) for t in texts]]
+  results, found = {}, {}
+  root = tempfile.mkdtemp(prefix="clara_bench_index_")
+  try:
+    for dtype in dtypes:
+      out = os.path.join(root, dtype)
+      results[dtype], found[dtype] = _measure(
+        out, dtype, compress, docs, queries, gold, k, batch, repeats, shard_size
+      )
+      log(_summary_line(results[dtype], k))
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  return results, found
+
+
+def _measure(out, dtype, compress, docs, queries, gold, k, batch, repeats, shard_size):
+  """(the dtype's row of figures, its top-k ids of every query): builds the index in
+  `out`, loads and searches it, then deletes it."""
+  import jax
+
+  from clara_jax.infer.index import MemoryIndex, build_index
+
+  start = time.perf_counter()
+  meta = build_index(compress, docs, out, shard_size=shard_size, dtype=dtype)
+  build_s = time.perf_counter() - start
+  start = time.perf_counter()
+  index = MemoryIndex.load(out)
+  jax.block_until_ready(index.inv_norms)
+  load_s = time.perf_counter() - start
+  disk = _directory_bytes(out)
+  top = _top_k(index, queries, k, batch)
+  one = queries[:batch]
+  row: Dict[str, Any] = {
+    "dtype": dtype,
+    "bytes_per_doc": index.bytes_per_doc,
+    "disk_bytes_per_doc": disk / len(docs),
+    "build_s": build_s,
+    "load_s": load_s,
+    "build_docs_per_s": len(docs) / (build_s + load_s),
+    "search_ms": _median_ms(functools.partial(index.search, one, k), repeats),
+    "approx_search_ms": _median_ms(functools.partial(index.search, one, k, approx=True), repeats),
+    f"recall@{k}": float(np.mean(np.any(top == gold[:, None], axis=1))),
+  }
+  assert meta["bytes_per_doc"] == row["bytes_per_doc"]
+  del index
+  shutil.rmtree(out)
+  return row, top
+
+
+def _summary_line(row: Dict[str, Any], k: int) -> str:
+  return (
+    f"{row['dtype']}: {row['bytes_per_doc']:,} B/doc, build {row['build_docs_per_s']:,.0f} "
+    f"docs/s (load {row['load_s']:.2f} s), search {row['search_ms']:.1f} ms / batch "
+    f"(approx {row['approx_search_ms']:.1f}), Recall@{k} {row[f'recall@{k}']:.4f}"
+  )
 
 
 def _judge(result: Dict, found: Dict[str, np.ndarray], gold: np.ndarray, k: int) -> None:

@@ -75,6 +75,7 @@ from clara_jax.data.formats import (
   validate_row,
   write_jsonl_atomic,
 )
+from clara_jax.data.formats import _flag as formats_flag
 from clara_jax.data.formats import _text as formats_text
 
 SOURCE_FORMATS = ("hotpotqa", "hotpotqa_ircot", "musique", "2wiki", "nq", "stage1")
@@ -259,12 +260,6 @@ def _dict(value: Any, field: Optional[str]) -> Dict[str, Any]:
   return value
 
 
-def _bool(value: Any, field: str) -> bool:
-  if not isinstance(value, bool):
-    raise FieldError(field, f"expected true or false, found {type(value).__name__}")
-  return value
-
-
 def _id(value: Any, field: str) -> str:
   if isinstance(value, bool) or not isinstance(value, (str, int)):
     raise FieldError(field, f"expected a string or integer id, found {type(value).__name__}")
@@ -381,7 +376,7 @@ def _paragraph_list(
         _str(
           _get(p, text_key, f"{key}[{i}].{text_key}"), f"{key}[{i}].{text_key}", allow_empty=True
         ),
-        _bool(_get(p, gold_key, f"{key}[{i}].{gold_key}"), f"{key}[{i}].{gold_key}"),
+        formats_flag(_get(p, gold_key, f"{key}[{i}].{gold_key}"), f"{key}[{i}].{gold_key}"),
       )
     )
   return out
@@ -400,7 +395,7 @@ def parse_hotpotqa_ircot(row: Any, where: str = "") -> Example:
 def parse_musique(row: Any, where: str = "") -> Optional[Example]:
   """MuSiQue: answer + answer_aliases; gold = is_supporting; unanswerable -> None."""
   row = _dict(row, None)
-  if _bool(row.get("answerable", True), "answerable") is False:
+  if formats_flag(row.get("answerable", True), "answerable") is False:
     return None
   id_ = _id(_get(row, "id", "id"), "id")
   question = _str(_get(row, "question", "question"), "question")
@@ -686,6 +681,51 @@ def _same_file(a: str, b: str) -> bool:
   return os.path.samefile(a, b)  # local only: links and hard links name one file
 
 
+def _check_arguments(source_format: str, stage: str, on_error: str, limit: Optional[int]):
+  if source_format not in SOURCE_FORMATS:
+    raise ValueError(f"unknown source format {source_format!r}; known: {SOURCE_FORMATS}")
+  if stage not in OUTPUT_STAGES:
+    raise ValueError(f"stage must be one of {OUTPUT_STAGES}, got {stage!r}")
+  if on_error not in ON_ERROR:
+    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
+  if limit is not None and limit < 0:
+    raise ValueError(f"limit must be >= 0, got {limit}")
+
+
+def _check_not_an_input(inputs: Sequence[str], out_path: str) -> None:
+  for path in inputs:
+    if _same_file(path, out_path):
+      raise DataError(
+        out_path,
+        0,
+        None,
+        "the output is also an input; writing it would "
+        "replace the data it is converted from (choose another --out)",
+      )
+
+
+def _write_candidate_rows(
+  report: ConvertReport, inputs: Sequence[str], *, seed, on_error, limit, progress
+) -> ReadReport:
+  """Writes the stage2 / stage1_2 rows of `report`'s source format and stage (each with
+  `report.num_docs` candidates) to `report.out_path`, counting into `report`; returns
+  the reading's report."""
+  example_iter, read_report = read_source(report.source_format, inputs, on_error)
+  # The pool needs every question before the first row is built.
+  examples = list(itertools.islice(example_iter, limit))
+  pool = DistractorPool(examples)
+  report.pool_size = len(pool.texts)
+  rows = build_rows(
+    examples, report.stage, report.num_docs, seed, on_error, read_report, report, pool
+  )
+  report.rows_out = write_jsonl_atomic(
+    report.out_path,
+    _counted(_not_empty(rows, inputs, read_report), len(examples), progress),
+  )
+  report.unanswerable = read_report.unanswerable
+  return read_report
+
+
 def convert(
   source_format: str,
   inputs: Sequence[str] | str,
@@ -709,24 +749,9 @@ def convert(
   written, total or None): called as rows are written.
   """
   start = time.perf_counter()
-  if source_format not in SOURCE_FORMATS:
-    raise ValueError(f"unknown source format {source_format!r}; known: {SOURCE_FORMATS}")
-  if stage not in OUTPUT_STAGES:
-    raise ValueError(f"stage must be one of {OUTPUT_STAGES}, got {stage!r}")
-  if on_error not in ON_ERROR:
-    raise ValueError(f"on_error must be one of {ON_ERROR}, got {on_error!r}")
-  if limit is not None and limit < 0:
-    raise ValueError(f"limit must be >= 0, got {limit}")
+  _check_arguments(source_format, stage, on_error, limit)
   inputs = [inputs] if isinstance(inputs, str) else list(inputs)
-  for path in inputs:
-    if _same_file(path, out_path):
-      raise DataError(
-        out_path,
-        0,
-        None,
-        "the output is also an input; writing it would "
-        "replace the data it is converted from (choose another --out)",
-      )
+  _check_not_an_input(inputs, out_path)
   if source_format == STAGE1:
     report = ConvertReport(source_format, STAGE1, out_path)
     rows, read_report = read_stage1(inputs, on_error)
@@ -739,24 +764,9 @@ def convert(
     if num_docs < 1:
       raise ValueError(f"need at least one document per row, got {num_docs}")
     report = ConvertReport(source_format, stage, out_path, num_docs=num_docs)
-    example_iter, read_report = read_source(source_format, inputs, on_error)
-    # The pool needs every question before the first row is built.
-    examples = list(itertools.islice(example_iter, limit))
-    pool = DistractorPool(examples)
-    report.pool_size = len(pool.texts)
-    report.rows_out = write_jsonl_atomic(
-      out_path,
-      _counted(
-        _not_empty(
-          build_rows(examples, stage, num_docs, seed, on_error, read_report, report, pool),
-          inputs,
-          read_report,
-        ),
-        len(examples),
-        progress,
-      ),
+    read_report = _write_candidate_rows(
+      report, inputs, seed=seed, on_error=on_error, limit=limit, progress=progress
     )
-    report.unanswerable = read_report.unanswerable
   report.rows_in = read_report.rows_read
   report.skipped = read_report.rows_skipped
   report.reasons = list(read_report.reasons)

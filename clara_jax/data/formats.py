@@ -425,28 +425,7 @@ def read_corpus(path: str) -> List[Dict[str, str]]:
   defaults to the row's position), checked row by row: `text` a non-empty string, ids
   unique, since they name the search results. Other keys are ignored. A file without
   rows is an error."""
-  id_lines: Dict[str, int] = {}
-
-  def check(value: Any, line_no: int) -> Dict[str, str]:
-    if not isinstance(value, dict):
-      raise FieldError(None, f"expected a JSON object, found {type(value).__name__}")
-    if "text" not in value:
-      raise FieldError("text", "missing")
-    text = _text(value["text"], "text")
-    doc_id = value.get("id", str(len(id_lines)))
-    if isinstance(doc_id, bool) or not isinstance(doc_id, (str, int)):
-      raise FieldError("id", f"expected a string or integer, found {type(doc_id).__name__}")
-    doc_id = _text(str(doc_id), "id")
-    if doc_id in id_lines:
-      raise FieldError("id", f"duplicate {doc_id!r}; first used on line {id_lines[doc_id]}")
-    id_lines[doc_id] = line_no
-    return {"id": doc_id, "text": text}
-
-  report = ReadReport()
-  docs = list(_checked_rows(path, "raise", report, check))
-  if not docs:
-    raise no_rows(path, report)
-  return docs
+  return _read_texts_with_ids(path, "text")
 
 
 def read_questions(path: str) -> List[Dict[str, str]]:
@@ -454,14 +433,20 @@ def read_questions(path: str) -> List[Dict[str, str]]:
   defaults to the row's position), checked row by row: `question` a non-empty string,
   ids unique, since they name the answers. Other keys are ignored. A file without rows
   is an error."""
+  return _read_texts_with_ids(path, "question")
+
+
+def _read_texts_with_ids(path: str, field: str) -> List[Dict[str, str]]:
+  """The rows of a JSONL file as {"id", `field`}: `field` a non-empty string, `id` a
+  string or integer (default: the row's position) unique in the file."""
   id_lines: Dict[str, int] = {}
 
   def check(value: Any, line_no: int) -> Dict[str, str]:
     if not isinstance(value, dict):
       raise FieldError(None, f"expected a JSON object, found {type(value).__name__}")
-    if "question" not in value:
-      raise FieldError("question", "missing")
-    question = _text(value["question"], "question")
+    if field not in value:
+      raise FieldError(field, "missing")
+    text = _text(value[field], field)
     row_id = value.get("id", str(len(id_lines)))
     if isinstance(row_id, bool) or not isinstance(row_id, (str, int)):
       raise FieldError("id", f"expected a string or integer, found {type(row_id).__name__}")
@@ -469,7 +454,7 @@ def read_questions(path: str) -> List[Dict[str, str]]:
     if row_id in id_lines:
       raise FieldError("id", f"duplicate {row_id!r}; first used on line {id_lines[row_id]}")
     id_lines[row_id] = line_no
-    return {"id": row_id, "question": question}
+    return {"id": row_id, field: text}
 
   report = ReadReport()
   rows = list(_checked_rows(path, "raise", report, check))

@@ -67,6 +67,24 @@ def slot_ids(n_mem: int, k: int, mem_ids: Sequence[int], sep_id: int) -> List[in
   return (list(mem_ids[:n_mem]) + [sep_id]) * k
 
 
+def _fit_row(row: int, prompt, answer, prompt_len: int, answer_len: int, mem_set, eos_id: int):
+  """(prompt, answer + eos, whether either was cut) cut to their regions: the prompt
+  from the left (never through a memory slot), the answer at the right (keeping eos)."""
+  prompt, answer = list(prompt), list(answer) + [eos_id]
+  was_cut = False
+  if len(prompt) > prompt_len:
+    cut = prompt[: len(prompt) - prompt_len]
+    if any(t in mem_set for t in cut):
+      raise ValueError(
+        f"row {row}: prompt of {len(prompt)} tokens does not fit "
+        f"prompt_len={prompt_len} without cutting a memory slot"
+      )
+    prompt, was_cut = prompt[len(prompt) - prompt_len :], True
+  if len(answer) > answer_len:
+    answer, was_cut = answer[: answer_len - 1] + [eos_id], True
+  return prompt, answer, was_cut
+
+
 def pack_generator(
   prompts_ids: Sequence[Sequence[int]],
   answers_ids: Sequence[Sequence[int]],
@@ -100,18 +118,7 @@ def pack_generator(
   slots = np.zeros((b, n_slots * n_mem), np.int32)
   truncated = 0
   for row, (prompt, answer) in enumerate(zip(prompts_ids, answers_ids)):
-    prompt, answer = list(prompt), list(answer) + [eos_id]
-    was_cut = False
-    if len(prompt) > prompt_len:
-      cut = prompt[: len(prompt) - prompt_len]
-      if any(t in mem_set for t in cut):
-        raise ValueError(
-          f"row {row}: prompt of {len(prompt)} tokens does not fit "
-          f"prompt_len={prompt_len} without cutting a memory slot"
-        )
-      prompt, was_cut = prompt[len(prompt) - prompt_len :], True
-    if len(answer) > answer_len:
-      answer, was_cut = answer[: answer_len - 1] + [eos_id], True
+    prompt, answer, was_cut = _fit_row(row, prompt, answer, prompt_len, answer_len, mem_set, eos_id)
     truncated += was_cut
     start = prompt_len - len(prompt)
     tokens[row, start:prompt_len] = prompt

@@ -36,7 +36,7 @@ import functools
 import json
 import random
 import re
-from typing import Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 from clara_jax import paths
 from clara_jax.data.formats import (
@@ -384,70 +384,81 @@ def _make_entities(
   if names not in _NAMERS:
     raise ValueError(f"unknown names {names!r}; known: {sorted(_NAMERS)}")
   namer: _PoolNames | _Names = _PoolNames(rng, part) if names == "pool" else _Names(rng)
-  ents: Dict[str, Entity] = {}
-  cities = []
-  for i in range(size.cities):
-    e = Entity(
+  cities = [
+    Entity(
       f"city{i}",
       "city",
       namer.city(),
       {"river": namer.river(), "population": f"{rng.randint(12, 950)} thousand"},
       {},
     )
-    ents[e.id] = e
-    cities.append(e)
-  teams = []
+    for i in range(size.cities)
+  ]
   mascots = rng.sample(_MASCOTS, min(len(_MASCOTS), size.teams))
-  for i in range(size.teams):
+  team = lambda i: (
+    f"{namer.brand()} {mascots[i % len(mascots)]}",
+    {"founded": _year(rng), "colour": rng.choice(_COLOURS), "sport": rng.choice(_SPORTS)},
+  )
+  teams = _in_cities("team", size.teams, cities, rng, team)
+  company = lambda i: (
+    f"{namer.brand()} {rng.choice(_FIRMS)}",
+    {"founded": _year(rng), "product": rng.choice(_PRODUCTS)},
+  )
+  companies = _in_cities("company", size.companies, cities, rng, company)
+  people = [_person(i, rng, namer, cities, teams, companies) for i in range(size.people)]
+  _pair_siblings(rng, people)
+  return {e.id: e for e in cities + teams + companies + people}
+
+
+def _in_cities(
+  kind: str,
+  count: int,
+  cities: List[Entity],
+  rng: random.Random,
+  name_and_facts: Callable[[int], Tuple[str, Dict[str, str]]],
+) -> List[Entity]:
+  """`count` entities of `kind`, each in a random city; `name_and_facts(i)` gives the
+  i-th one's name and its facts besides the city."""
+  entities = []
+  for i in range(count):
     city = rng.choice(cities)
-    mascot = mascots[i % len(mascots)]
-    e = Entity(
-      f"team{i}",
-      "team",
-      f"{namer.brand()} {mascot}",
-      {
-        "city": city.name,
-        "founded": _year(rng),
-        "colour": rng.choice(_COLOURS),
-        "sport": rng.choice(_SPORTS),
-      },
-      {"city": city.id},
+    name, facts = name_and_facts(i)
+    entities.append(
+      Entity(f"{kind}{i}", kind, name, {"city": city.name, **facts}, {"city": city.id})
     )
-    ents[e.id] = e
-    teams.append(e)
-  companies = []
-  for i in range(size.companies):
-    city = rng.choice(cities)
-    e = Entity(
-      f"company{i}",
-      "company",
-      f"{namer.brand()} {rng.choice(_FIRMS)}",
-      {"city": city.name, "founded": _year(rng), "product": rng.choice(_PRODUCTS)},
-      {"city": city.id},
-    )
-    ents[e.id] = e
-    companies.append(e)
-  people = []
-  for i in range(size.people):
-    city = rng.choice(cities)
-    facts = {"born": _year(rng), "birthplace": city.name}
-    links = {"birthplace": city.id}
-    if i % 2 == 0:
-      team = rng.choice(teams)
-      facts["team"], links["team"] = team.name, team.id
-    else:
-      company = rng.choice(companies)
-      facts["employer"], links["employer"] = company.name, company.id
-    e = Entity(f"person{i}", "person", namer.person(), facts, links)
-    ents[e.id] = e
-    people.append(e)
+  return entities
+
+
+def _person(
+  i: int,
+  rng: random.Random,
+  namer: _PoolNames | _Names,
+  cities: List[Entity],
+  teams: List[Entity],
+  companies: List[Entity],
+) -> Entity:
+  """The i-th person: born in a random city; even ones play for a team, odd ones work
+  for a company."""
+  city = rng.choice(cities)
+  facts = {"born": _year(rng), "birthplace": city.name}
+  links = {"birthplace": city.id}
+  if i % 2 == 0:
+    team = rng.choice(teams)
+    facts["team"], links["team"] = team.name, team.id
+  else:
+    company = rng.choice(companies)
+    facts["employer"], links["employer"] = company.name, company.id
+  return Entity(f"person{i}", "person", namer.person(), facts, links)
+
+
+def _pair_siblings(rng: random.Random, people: List[Entity]) -> None:
+  """Pairs the people up at random as siblings (one left over when odd)."""
   order = list(range(len(people)))
   rng.shuffle(order)
-  for a, b in zip(order[0::2], order[1::2]):  # sibling pairs
+  for a, b in zip(order[0::2], order[1::2]):
     pa, pb = people[a], people[b]
     pa.facts["sibling"], pa.links["sibling"] = pb.name, pb.id
     pb.facts["sibling"], pb.links["sibling"] = pa.name, pa.id
-  return ents
 
 
 # Sentences per attribute, several wordings each: {n} the entity's name, {v} the value.
@@ -1001,17 +1012,10 @@ def write_world(
   check_output_dir(directory)
   the_world = make_world(seed, size, max_facts=max_facts, names=names, world=world)
   paths.makedirs(directory)
-  counts = {}
-  for split in ("train", "test"):
-    for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
-      name = f"{fmt}_{split}.jsonl"
-      counts[name] = write_jsonl_atomic(paths.join(directory, name, absolute=False), rows)
-  lines = lm_text(the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
-  write_text(paths.join(directory, "lm.txt", absolute=False), lines)
-  counts["lm.txt"] = len(lines)
-  world_lines = world_lm_lines(the_world, lm_wordings)
-  write_text(paths.join(directory, LM_WORLD_FILE, absolute=False), world_lines)
-  counts[LM_WORLD_FILE] = len(world_lines)
+  counts = _write_stage_files(directory, the_world, candidates, k, seed)
+  counts.update(
+    _write_lm_files(directory, the_world, lm_wordings, lm_fresh_worlds, size, max_facts)
+  )
   counts["corpus.jsonl"] = write_jsonl_atomic(
     paths.join(directory, "corpus.jsonl", absolute=False),
     ({"id": e.id, "text": e.text} for e in the_world.docs()),
@@ -1040,29 +1044,50 @@ def write_world(
     "world": dataclasses.asdict(the_world.options),
     "files": counts,
     "documents": {e.id: {"kind": e.kind, "name": e.name} for e in the_world.docs()},
-    "questions": {
-      q.id: {
-        "question": q.text,
-        "answer": q.answer,
-        "kind": q.kind,
-        "hops": q.hops,
-        "attribute": q.attribute,
-        "template": q.template,
-        "gold": q.gold,
-        "bridge": q.bridge,
-        "chain": q.chain,
-        "clues": q.clues,
-        "bridge_clues": q.bridge_clues,
-        "split": q.split,
-        "seen": q.seen,
-      }
-      for q in the_world.questions
-    },
+    "questions": {q.id: _question_record(q) for q in the_world.questions},
   }
   paths.write_atomic(
     paths.join(directory, "manifest.json", absolute=False), [json.dumps(manifest, indent=1)]
   )
   return manifest
+
+
+def _write_stage_files(directory: str, the_world, candidates: int, k: int, seed: int) -> Dict:
+  """Each stage format's train and test rows; {file name: rows}."""
+  counts = {}
+  for split in ("train", "test"):
+    for fmt, rows in stage_rows(the_world, split, candidates, k, seed).items():
+      name = f"{fmt}_{split}.jsonl"
+      counts[name] = write_jsonl_atomic(paths.join(directory, name, absolute=False), rows)
+  return counts
+
+
+def _write_lm_files(directory: str, the_world, wordings: int, fresh_worlds: int, size, max_facts):
+  """The pretraining text (lm.txt) and the world's own sentences; {file name: lines}."""
+  lines = lm_text(the_world, wordings, fresh_worlds, size, max_facts)
+  write_text(paths.join(directory, "lm.txt", absolute=False), lines)
+  world_lines = world_lm_lines(the_world, wordings)
+  write_text(paths.join(directory, LM_WORLD_FILE, absolute=False), world_lines)
+  return {"lm.txt": len(lines), LM_WORLD_FILE: len(world_lines)}
+
+
+def _question_record(q) -> Dict:
+  """A question as the manifest records it."""
+  return {
+    "question": q.text,
+    "answer": q.answer,
+    "kind": q.kind,
+    "hops": q.hops,
+    "attribute": q.attribute,
+    "template": q.template,
+    "gold": q.gold,
+    "bridge": q.bridge,
+    "chain": q.chain,
+    "clues": q.clues,
+    "bridge_clues": q.bridge_clues,
+    "split": q.split,
+    "seen": q.seen,
+  }
 
 
 def write_text(path: str, lines: Sequence[str]) -> None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 import io
 import os
 import re
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import sentencepiece as spm
 from etils import epath
@@ -375,6 +375,28 @@ class ClaraTokenizer:
     )
 
 
+# SentencePiece trainer settings of `Tokenizer.train`: Mistral's choices (byte fallback,
+# identity normalisation, whitespace kept, digits split), ids unk=0 bos=1 eos=2 pad=3,
+# and a deterministic run (one thread, every sentence in order).
+_TRAINER_SETTINGS: dict[str, Any] = dict(
+  hard_vocab_limit=False,
+  character_coverage=1.0,
+  byte_fallback=True,
+  unk_id=0,
+  bos_id=1,
+  eos_id=2,
+  pad_id=3,
+  normalization_rule_name="identity",
+  remove_extra_whitespaces=False,
+  split_digits=True,
+  allow_whitespace_only_pieces=True,
+  num_threads=1,
+  input_sentence_size=0,
+  shuffle_input_sentence=False,
+  minloglevel=2,  # the trainer otherwise logs every step to stderr
+)
+
+
 class Tokenizer(ClaraTokenizer):
   """SentencePiece tokenizer plus the CLaRa special tokens (see the module docstring).
 
@@ -476,22 +498,8 @@ class Tokenizer(ClaraTokenizer):
         model_writer=model_writer,
         vocab_size=vocab_size,
         model_type=model_type,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        byte_fallback=True,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=3,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        num_threads=1,
-        input_sentence_size=0,
-        shuffle_input_sentence=False,
         user_defined_symbols=list(user_symbols),
-        minloglevel=2,  # the trainer otherwise logs every step to stderr
+        **_TRAINER_SETTINGS,
       )
     except RuntimeError as e:
       raise ValueError(f"SentencePiece training failed: {e}") from e

@@ -189,19 +189,22 @@ class ClaraModel:
     return self._compress_texts(texts)
 
   def _compress_texts(self, texts: Sequence[str]) -> np.ndarray:
-    start = time.perf_counter()
-    tokens, mask = self._encode_texts(texts, self.doc_max_length, "documents")
-    mem = self._batched(self._compress, tokens, mask)
-    self.timings.compress_ms += 1e3 * (time.perf_counter() - start)
+    mem, ms = self._timed_memories(self._compress, texts, self.doc_max_length, "documents")
+    self.timings.compress_ms += ms
     return mem
 
   def reason(self, questions: Sequence[str]) -> np.ndarray:
     """Questions -> query memories [B, n_mem, H] (reasoner adapter)."""
-    start = time.perf_counter()
-    tokens, mask = self._encode_texts(questions, self.question_max_length, "questions")
-    mem = self._batched(self._reason, tokens, mask)
-    self.timings.query_ms += 1e3 * (time.perf_counter() - start)
+    mem, ms = self._timed_memories(self._reason, questions, self.question_max_length, "questions")
+    self.timings.query_ms += ms
     return mem
+
+  def _timed_memories(self, fn, texts: Sequence[str], max_length: int, what: str):
+    """(memories of `fn` over the texts' encoder rows, milliseconds taken)."""
+    start = time.perf_counter()
+    tokens, mask = self._encode_texts(texts, max_length, what)
+    mem = self._batched(fn, tokens, mask)
+    return mem, 1e3 * (time.perf_counter() - start)
 
   # --- generation -----------------------------------------------------------------
   def _split_head(self, prompts: List[List[int]]):

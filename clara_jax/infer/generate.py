@@ -127,39 +127,32 @@ def generate(
     (new tokens [B, max_new_tokens] (after eos: eos), lengths [B] including the eos).
   """
   model = Decoder(cfg)
-  b = tokens_bt.shape[0]
-  tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
-  embeddings = clara.generator_inputs(
+  last_hidden, cache, filled = _prefill(
     model,
     params,
-    tokens,
-    slots,
-    memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
+    (tokens_bt, mask_bt, slot_positions_bs, memories_bkmh),
+    max_new_tokens,
     memory_scale,
+    prefix,
   )
-  p0 = 0 if prefix is None else cache_length(prefix)
-  cache = init_cache(cfg, b, p0 + tokens.shape[1] + max_new_tokens)
-  if prefix is not None:
-    cache = _with_prefix(cache, prefix)
-  out = cast(
-    DecoderOutput,
-    model.apply(
-      {"params": params},
-      embeddings=embeddings,
-      adapter=clara.GENERATOR,
-      cache=cache,
-      cache_index=jnp.full(b, p0, jnp.int32),
-    ),
-  )
-  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
-  filled = p0 + lengths  # valid cache entries of each row after its prompt
   rng = jax.random.key(0) if rng is None else rng
 
-  def logits_of(hidden_bh):
-    return model.apply({"params": params}, hidden_bh, method=Decoder.logits)
+  def sample(hidden_bh, step):
+    logits = model.apply({"params": params}, hidden_bh, method=Decoder.logits)
+    return _sample(logits, jax.random.fold_in(rng, step), temperature, top_p)
 
-  first = _sample(logits_of(last_hidden), jax.random.fold_in(rng, 0), temperature, top_p)
-  generated = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
+  first = sample(last_hidden, 0)
+  generated = _decode(model, params, sample, cache, filled, first, eos_id, max_new_tokens)
+  is_eos = generated == eos_id
+  lengths_out = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
+  return generated, lengths_out
+
+
+def _decode(model: Decoder, params, sample, cache, filled, first, eos_id: int, max_new_tokens: int):
+  """The new tokens [B, max_new_tokens]: `first`, then one decoder step per token from
+  the prefilled `cache` (`filled` valid entries per row) until every row has produced
+  `eos_id` (eos after it); `sample(hidden [B, H], step)` picks each token."""
+  generated = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
   done = first == eos_id
 
   def cond(carry):
@@ -175,14 +168,45 @@ def generate(
       cache=cache,
       cache_index=filled + step - 1,
     )
-    nxt = _sample(logits_of(out.hidden[:, 0]), jax.random.fold_in(rng, step), temperature, top_p)
-    nxt = jnp.where(done, eos_id, nxt)
+    nxt = jnp.where(done, eos_id, sample(out.hidden[:, 0], step))
     generated = generated.at[:, step].set(nxt)
     return step + 1, out.cache, generated, nxt, done | (nxt == eos_id)
 
   _, _, generated, _, _ = jax.lax.while_loop(
-    cond, body, (jnp.int32(1), out.cache, generated, first, done)
+    cond, body, (jnp.int32(1), cache, generated, first, done)
   )
-  is_eos = generated == eos_id
-  lengths_out = jnp.where(jnp.any(is_eos, -1), jnp.argmax(is_eos, -1) + 1, max_new_tokens)
-  return generated, lengths_out
+  return generated
+
+
+def _prefill(model: Decoder, params, prompts, max_new_tokens: int, memory_scale: str, prefix):
+  """Runs the prompts (tokens, mask, slot positions, memories, as `generate` takes
+  them) through the generator: (the last prompt position's hidden state [B, H], the KV
+  cache with room for `max_new_tokens` more, its valid length per row [B])."""
+  tokens_bt, mask_bt, slot_positions_bs, memories_bkmh = prompts
+  b = tokens_bt.shape[0]
+  tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
+  embeddings = clara.generator_inputs(
+    model,
+    params,
+    tokens,
+    slots,
+    memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
+    memory_scale,
+  )
+  p0 = 0 if prefix is None else cache_length(prefix)
+  cache = init_cache(model.cfg, b, p0 + tokens.shape[1] + max_new_tokens)
+  if prefix is not None:
+    cache = _with_prefix(cache, prefix)
+  out = cast(
+    DecoderOutput,
+    model.apply(
+      {"params": params},
+      embeddings=embeddings,
+      adapter=clara.GENERATOR,
+      cache=cache,
+      cache_index=jnp.full(b, p0, jnp.int32),
+    ),
+  )
+  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)[:, 0]
+  filled = p0 + lengths  # valid cache entries of each row after its prompt
+  return last_hidden, out.cache, filled

@@ -129,6 +129,38 @@ def _matches(shard, ids: List[str], dtype: str, shape: Tuple[int, ...]) -> bool:
   return ("scales" in shard.files) == (dtype == "int8")
 
 
+def _open_out_dir(out_dir: str, inputs: Optional[Dict], shard_size: int, dtype: str) -> None:
+  """Creates the index directory (refusing a file), checking or recording the build's
+  `inputs` there."""
+  from clara_jax.data.formats import check_output_dir
+
+  check_output_dir(out_dir)
+  paths.makedirs(out_dir)
+  if inputs is not None:
+    from clara_jax.data import fingerprint
+
+    fingerprint.check_or_record(
+      paths.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
+      dict(inputs, shard_size=shard_size, dtype=dtype),
+      f"the index in {out_dir}",
+    )
+
+
+def _write_shard(path: str, compress, chunk: Sequence[Dict], ids: List[str], dtype: str):
+  """Compresses the documents of one shard and writes it; returns its memories' (M, H)."""
+  memories = np.asarray(compress([d["text"] for d in chunk]))
+  if memories.ndim != 3 or len(memories) != len(chunk):
+    raise ValueError(
+      f"compress returned shape {memories.shape} for {len(chunk)} "
+      "documents; expected [n, n_mem, hidden]"
+    )
+  buffer = io.BytesIO()
+  # numpy's stub types **kwds as possibly `allow_pickle: bool`.
+  np.savez(buffer, ids=np.asarray(ids), **encode(memories, dtype))  # type: ignore[arg-type]
+  paths.write_atomic(path, [buffer.getvalue()])  # a shard is there whole or not at all
+  return memories.shape[1:]
+
+
 def build_index(
   compress: Callable[[Sequence[str]], np.ndarray],
   docs: Sequence[Dict],
@@ -151,18 +183,7 @@ def build_index(
     raise ValueError(f"shard_size must be at least 1, got {shard_size}")
   if not docs:
     raise ValueError("no documents to index")  # an index of nothing cannot be loaded
-  from clara_jax.data.formats import check_output_dir
-
-  check_output_dir(out_dir)
-  paths.makedirs(out_dir)
-  if inputs is not None:
-    from clara_jax.data import fingerprint
-
-    fingerprint.check_or_record(
-      paths.join(out_dir, "index" + fingerprint.FINGERPRINT_SUFFIX),
-      dict(inputs, shard_size=shard_size, dtype=dtype),
-      f"the index in {out_dir}",
-    )
+  _open_out_dir(out_dir, inputs, shard_size, dtype)
   num_shards = -(-len(docs) // shard_size)
   shape: Tuple[int, ...] = ()  # (M, H), from the first shard seen
   for i in range(num_shards):
@@ -174,17 +195,7 @@ def build_index(
         if _matches(done, ids, dtype, shape):
           shape = done["memories"].shape[1:]
           continue
-    memories = np.asarray(compress([d["text"] for d in chunk]))
-    if memories.ndim != 3 or len(memories) != len(chunk):
-      raise ValueError(
-        f"compress returned shape {memories.shape} for {len(chunk)} "
-        "documents; expected [n, n_mem, hidden]"
-      )
-    shape = memories.shape[1:]
-    buffer = io.BytesIO()
-    # numpy's stub types **kwds as possibly `allow_pickle: bool`.
-    np.savez(buffer, ids=np.asarray(ids), **encode(memories, dtype))  # type: ignore[arg-type]
-    paths.write_atomic(path, [buffer.getvalue()])  # a shard is there whole or not at all
+    shape = _write_shard(path, compress, chunk, ids, dtype)
     if progress is not None:
       progress(i + 1, num_shards)
   n_mem, hidden = (int(s) for s in shape)

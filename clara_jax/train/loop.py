@@ -18,7 +18,7 @@ import posixpath
 import signal
 import tempfile
 import time
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -500,7 +500,6 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   setup = setup_train_step(
     config, cfg, params, replay="replay" in files, axis_name="batch" if pmap else None
   )
-  mesh, rules, state_sh = setup.mesh, setup.rules, None
   cache = _memory_cache(config, params, cclara)
   state = create_state(params, setup.mask, setup.tx, config.seed)
   del params
@@ -512,92 +511,155 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
     ckpt_dir, config.train.checkpoint_every, config.train.keep_checkpoints
   )
   step0, state = _restore(checkpointer, state, state_sh, pipeline, saved_steps)
+  writer = _open_writer(config, workdir, step0)
+  logging.info("%s", parameter_overview(state.trainable, state.frozen, setup.params_sh))
+  window = _MetricsWindow(
+    tokens_per_step=_tokens_per_step(config, cclara, cached=cache is not None),
+    flops=step_flops(config, cfg, cclara, cached=cache is not None),
+    peak=config.train.peak_flops or matmul_peak_flops(dtype=jnp.dtype(cfg.dtype)),
+  )
+  run = _Run(config, workdir, progress, pipeline, checkpointer, writer, window, pmap)
+  state = run.loop(_StepRunner(setup, state_sh, pmap), state, step0)
+  _write_export(config, workdir, cfg, state.params(), tok)
+  return run.last
+
+
+def _open_writer(config, workdir: str, step0: int) -> MetricsWriter:
+  """The run's metrics writer, resuming after `step0`; a first start records the
+  hyperparameters."""
   # train.tensorboard False: metrics.jsonl only (for stores TensorFlow cannot reach).
   writer = MetricsWriter(workdir, tensorboard=config.train.tensorboard, resume_step=step0)
   logging.info("training steps %d to %d", step0 + 1, config.train.num_steps)
   if step0 == 0:
     writer.write_hparams(_flat_hparams(config))
-  logging.info("%s", parameter_overview(state.trainable, state.frozen, setup.params_sh))
+  return writer
 
-  peak = config.train.peak_flops or matmul_peak_flops(dtype=jnp.dtype(cfg.dtype))
-  flops = step_flops(config, cfg, cclara, cached=cache is not None)
-  tokens_per_step = _tokens_per_step(config, cclara, cached=cache is not None)
-  report = periodic_actions.ReportProgress(
-    num_train_steps=config.train.num_steps, writer=None, every_steps=config.train.log_every
-  )
-  profile = _profiler(config, workdir)
 
-  mesh_ctx = contextlib.ExitStack()
-  run_step: Optional[Callable]
-  if pmap:
-    run_step = pmap_train_step(setup.step_fn)
-    state = replicate(jax.device_get(state))
-  else:
-    mesh_ctx.enter_context(setup.context())
-    batch_sh = None
-    run_step = None
+class _StepRunner:
+  """One training step on a host batch: pmapped over the local devices (the state is
+  replicated by `place`), or jitted over the mesh, compiled at the first batch with its
+  shardings."""
 
-  last: Dict[str, float] = {}
-  window, window_start = [], time.perf_counter()
-  streak = NonFiniteStreak(config.train.max_consecutive_nonfinite)
-  with mesh_ctx, _Preemption() as preemption:
-    for step in range(step0, config.train.num_steps):
-      local = next(pipeline)
-      # Between the steps where the host reads metrics, nothing comes back from the
-      # device (a read would make the host wait for each step before dispatching the
-      # next); on an accelerator, a read that creeps in here is logged.
-      with jax.transfer_guard_device_to_host("log"):
-        if pmap:
-          n = jax.local_device_count()
-          host_batch = {
-            k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()
-          }
-          assert run_step is not None  # the pmapped step, set before the loop
-          state, metrics = run_step(state, host_batch)
-          metrics = unreplicate(metrics)
-        else:
-          batch = to_global_arrays(local, mesh, rules)
-          if run_step is None:
-            batch_sh = {k: v.sharding for k, v in batch.items()}
-            run_step = setup.jit(state_sh, batch_sh)
-          state, metrics = run_step(state, batch)
-        window.append(metrics)
-        streak.update(metrics["nonfinite"], step + 1)
-      done = step + 1
-      report(done)
-      if profile is not None:
-        profile(done)
-      logging_step = done % config.train.log_every == 0 or done == config.train.num_steps
-      if logging_step or checkpointer.should_save(done) or done == config.train.num_steps:
-        try:
-          streak.check(done, checkpointer.directory)
-        except NonFiniteError:
-          checkpointer.close()
-          writer.close()  # the rows up to the divergence, buffered ones included
-          raise
-      if logging_step:
-        seconds = time.perf_counter() - window_start
-        last = _summarize(window, seconds, tokens_per_step, flops, peak)
-        writer.write_scalars(done, last)
-        if progress is not None:
-          progress(done, config.train.num_steps, last)
-        window, window_start = [], time.perf_counter()
-      host_state = unreplicate(state) if pmap else state
-      preempted, last_step = preemption.reached(done), done == config.train.num_steps
-      if preempted or last_step or checkpointer.should_save(done):
-        writer.flush()  # rows stored before the checkpoint that covers them
-      if preempted:
-        checkpointer.save(done, host_state, pipeline.get_state(), force=True)
-        checkpointer.close()
-        writer.close()
-        logging.warning("preempted at step %d: checkpoint saved", done)
-        raise Preempted(done, preemption.signum, workdir)
-      checkpointer.save(done, host_state, pipeline.get_state(), force=last_step)
-  final = unreplicate(state) if pmap else state
-  checkpointer.close()
-  writer.close()
-  _write_export(config, workdir, cfg, final.params(), tok)
-  return last
+  def __init__(self, setup, state_sh, pmap: bool):
+    self.setup, self.state_sh, self.pmap = setup, state_sh, pmap
+    self._step: Optional[Callable] = pmap_train_step(setup.step_fn) if pmap else None
+
+  def place(self, state):
+    return replicate(jax.device_get(state)) if self.pmap else state
+
+  def context(self):
+    """The context the loop runs in: the mesh's, for the jitted step."""
+    return contextlib.nullcontext() if self.pmap else self.setup.context()
+
+  def __call__(self, state, local: Dict[str, Any]):
+    if self.pmap:
+      n = jax.local_device_count()
+      host_batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
+      assert self._step is not None  # the pmapped step, set at construction
+      state, metrics = self._step(state, host_batch)
+      return state, unreplicate(metrics)
+    batch = to_global_arrays(local, self.setup.mesh, self.setup.rules)
+    if self._step is None:
+      self._step = self.setup.jit(self.state_sh, {k: v.sharding for k, v in batch.items()})
+    return self._step(state, batch)
+
+
+@dataclasses.dataclass
+class _MetricsWindow:
+  """The metrics of the steps since the last logging step, summarized at the next one."""
+
+  tokens_per_step: int
+  flops: float
+  peak: float
+  rows: List[Dict[str, jax.Array]] = dataclasses.field(default_factory=list)
+  start: float = dataclasses.field(default_factory=time.perf_counter)
+
+  def summarize(self) -> Dict[str, float]:
+    """The window's summary; a new window starts."""
+    seconds = time.perf_counter() - self.start
+    summary = _summarize(self.rows, seconds, self.tokens_per_step, self.flops, self.peak)
+    self.rows, self.start = [], time.perf_counter()
+    return summary
+
+
+class _Run:
+  """The training loop of a stage and what it does between the steps: progress
+  reports, the non-finite check, metrics, checkpoints and the preemption exit."""
+
+  def __init__(self, config, workdir, progress, pipeline, checkpointer, writer, window, pmap):
+    self.config, self.workdir, self.progress = config, workdir, progress
+    self.pipeline, self.checkpointer, self.writer = pipeline, checkpointer, writer
+    self.window, self.pmap = window, pmap
+    self.num_steps = config.train.num_steps
+    self.report = periodic_actions.ReportProgress(
+      num_train_steps=self.num_steps, writer=None, every_steps=config.train.log_every
+    )
+    self.profile = _profiler(config, workdir)
+    self.last: Dict[str, float] = {}
+
+  def loop(self, run_step: _StepRunner, state, step0: int):
+    """Trains from `step0` to the last step; returns the final (host) state."""
+    state = run_step.place(state)
+    with run_step.context():
+      # the streak's counters live on the devices like the metrics it counts
+      self.streak = NonFiniteStreak(self.config.train.max_consecutive_nonfinite)
+      self.window.start = time.perf_counter()
+      with _Preemption() as preemption:
+        for step in range(step0, self.num_steps):
+          state = self._step(run_step, state, step)
+          self._after_step(step + 1, state, preemption)
+    final = unreplicate(state) if self.pmap else state
+    self.checkpointer.close()
+    self.writer.close()
+    return final
+
+  def _step(self, run_step: _StepRunner, state, step: int):
+    local = next(self.pipeline)
+    # Between the steps where the host reads metrics, nothing comes back from the device
+    # (a read would make the host wait for each step before dispatching the next); on an
+    # accelerator, a read that creeps in here is logged.
+    with jax.transfer_guard_device_to_host("log"):
+      state, metrics = run_step(state, local)
+      self.window.rows.append(metrics)
+      self.streak.update(metrics["nonfinite"], step + 1)
+    return state
+
+  def _after_step(self, done: int, state, preemption: _Preemption) -> None:
+    self.report(done)
+    if self.profile is not None:
+      self.profile(done)
+    last_step = done == self.num_steps
+    logging_step = done % self.config.train.log_every == 0 or last_step
+    if logging_step or self.checkpointer.should_save(done) or last_step:
+      self._check_finite(done)
+    if logging_step:
+      self.last = self.window.summarize()
+      self.writer.write_scalars(done, self.last)
+      if self.progress is not None:
+        self.progress(done, self.num_steps, self.last)
+    self._save(done, unreplicate(state) if self.pmap else state, preemption, last_step)
+
+  def _check_finite(self, done: int) -> None:
+    try:
+      self.streak.check(done, self.checkpointer.directory)
+    except NonFiniteError:
+      self.checkpointer.close()
+      self.writer.close()  # the rows up to the divergence, buffered ones included
+      raise
+
+  def _save(self, done: int, host_state, preemption, last_step: bool) -> None:
+    """The step's checkpoint when one is due; on a preemption a forced one, then
+    `Preempted`."""
+    preempted = preemption.reached(done)
+    if preempted or last_step or self.checkpointer.should_save(done):
+      self.writer.flush()  # rows stored before the checkpoint that covers them
+    if preempted:
+      self.checkpointer.save(done, host_state, self.pipeline.get_state(), force=True)
+      self.checkpointer.close()
+      self.writer.close()
+      logging.warning("preempted at step %d: checkpoint saved", done)
+      raise Preempted(done, preemption.signum, self.workdir)
+    self.checkpointer.save(done, host_state, self.pipeline.get_state(), force=last_step)
 
 
 def _restore(checkpointer, state, state_sh, pipeline, saved_steps: List[int]):

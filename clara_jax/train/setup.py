@@ -133,16 +133,7 @@ def setup_train_step(
   mask = stages.trainable_mask(config.stage, params, cclara)
   if config.optimizer.frozen:
     mask = optimizer.freeze_by_path(mask, config.optimizer.frozen)
-  o = config.optimizer
-  schedule = optimizer.learning_rate_schedule(
-    o.lr, config.train.num_steps, o.schedule, o.warmup_ratio, o.final_ratio
-  )
-  optimizer.check_lr_multipliers(
-    o.lr_multipliers, [path for path, on in lora.flatten(mask).items() if on]
-  )
-  tx = optimizer.make_optimizer(
-    schedule, o.b1, o.b2, o.weight_decay, o.clip_norm, lr_multipliers=o.lr_multipliers
-  )
+  schedule, tx = _schedule_and_optimizer(config, mask)
   loss_fn = stages.stage_loss(config.stage, cfg, cclara)
   if replay:
     loss_fn = stages.with_replay(loss_fn, cfg, config.clara.replay_weight)
@@ -151,16 +142,7 @@ def setup_train_step(
   )
   mesh = partitioning.make_mesh(config.mesh.shape, devices)
   rules = tuple(tuple(r) for r in config.mesh.rules)
-  data_parallel = (
-    jax.device_count() if axis_name is not None else mesh.shape["data"] * mesh.shape["fsdp"]
-  )
-  micro_batch = config.train.global_batch // config.train.grad_accum_steps
-  if micro_batch % data_parallel:
-    raise ValueError(
-      f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
-      f"divisible by the data-parallel size {data_parallel} "
-      f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})"
-    )
+  _check_micro_batch(config, mesh, axis_name)
   params_sh = cast(
     Dict[str, NamedSharding],
     lora.flatten(partitioning.logical_shardings(abstract_params(cfg), mesh, rules)),
@@ -177,6 +159,36 @@ def setup_train_step(
     step_fn=step_fn,
     params_sh=params_sh,
   )
+
+
+def _schedule_and_optimizer(config, mask):
+  """The learning-rate schedule and the optimizer of `config.optimizer`; the
+  per-path learning-rate multipliers must name trainable parameters (`mask`)."""
+  o = config.optimizer
+  schedule = optimizer.learning_rate_schedule(
+    o.lr, config.train.num_steps, o.schedule, o.warmup_ratio, o.final_ratio
+  )
+  optimizer.check_lr_multipliers(
+    o.lr_multipliers, [path for path, on in lora.flatten(mask).items() if on]
+  )
+  tx = optimizer.make_optimizer(
+    schedule, o.b1, o.b2, o.weight_decay, o.clip_norm, lr_multipliers=o.lr_multipliers
+  )
+  return schedule, tx
+
+
+def _check_micro_batch(config, mesh, axis_name: Optional[str]) -> None:
+  """A micro-batch must split evenly over the data-parallel devices."""
+  data_parallel = (
+    jax.device_count() if axis_name is not None else mesh.shape["data"] * mesh.shape["fsdp"]
+  )
+  micro_batch = config.train.global_batch // config.train.grad_accum_steps
+  if micro_batch % data_parallel:
+    raise ValueError(
+      f"config: train.global_batch / grad_accum_steps = {micro_batch} is not "
+      f"divisible by the data-parallel size {data_parallel} "
+      f"(mesh {dict(mesh.shape)}, parallelism={config.train.parallelism})"
+    )
 
 
 def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:

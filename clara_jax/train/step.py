@@ -43,6 +43,49 @@ def _schedule_count(opt_state) -> Optional[jax.Array]:
   return found[0].count if found else None
 
 
+def _counters(batch: Batch) -> Metrics:
+  """The batch's truncation counters (`truncated_*`), summed."""
+  return {k: jnp.sum(v) for k, v in batch.items() if k.startswith("truncated_")}
+
+
+def _grads_and_metrics(loss_of: Callable, trainable, batch: Batch, rng, grad_accum_steps: int):
+  """(loss, metrics, grads) of `loss_of(trainable, batch, key)` over the whole batch,
+  accumulated over `grad_accum_steps` micro-batches."""
+  grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+  if grad_accum_steps == 1:
+    (loss, metrics), grads = grad_fn(trainable, batch, rng)
+    return loss, metrics, grads
+
+  micro = _split_micro(batch, grad_accum_steps)
+  keys = jax.random.split(rng, grad_accum_steps)
+
+  def body(carry, inputs):
+    micro_batch, key = inputs
+    (loss, metrics), grads = grad_fn(trainable, micro_batch, key)
+    acc_grads, acc_loss, acc_metrics = carry
+    add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
+    return (add(acc_grads, grads), acc_loss + loss, add(acc_metrics, metrics)), None
+
+  first = jax.tree_util.tree_map(lambda x: x[0], micro)
+  _, metrics_shape = jax.eval_shape(lambda: loss_of(trainable, first, keys[0]))
+  zeros = lambda tree: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
+  init = (zeros(trainable), jnp.zeros((), jnp.float32), zeros(metrics_shape))
+  (grads, loss, metrics), _ = jax.lax.scan(body, init, (micro, keys))
+  scale = lambda tree: jax.tree_util.tree_map(lambda x: x / grad_accum_steps, tree)
+  return loss / grad_accum_steps, scale(metrics), scale(grads)
+
+
+def _across_devices(axis_name: str, loss, metrics: Metrics, grads, extra: Metrics):
+  """The pmap reduction: gradients, loss and metrics averaged over the devices, token
+  and truncation counts summed."""
+  grads = jax.lax.pmean(grads, axis_name)
+  counts = {k: jax.lax.psum(v, axis_name) for k, v in metrics.items() if k == "tokens"}
+  loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
+  metrics.update(counts)
+  extra = jax.lax.psum(extra, axis_name)
+  return loss, metrics, grads, extra
+
+
 def make_train_step(
   loss_fn: LossFn,
   tx: optax.GradientTransformation,
@@ -55,48 +98,19 @@ def make_train_step(
   `axis_name` (pmap mode) averages gradients and metrics across devices with
   `lax.pmean`; under `jit` the mesh shardings make the batch reduction global.
   """
-  counters = lambda batch: {k: jnp.sum(v) for k, v in batch.items() if k.startswith("truncated_")}
-
-  def grads_and_metrics(trainable, frozen, batch, rng):
-    def loss_of(tr, micro, key):
-      return loss_fn(merge_params(tr, frozen), micro, key)
-
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
-    if grad_accum_steps == 1:
-      (loss, metrics), grads = grad_fn(trainable, batch, rng)
-      return loss, metrics, grads
-
-    micro = _split_micro(batch, grad_accum_steps)
-    keys = jax.random.split(rng, grad_accum_steps)
-
-    def body(carry, inputs):
-      micro_batch, key = inputs
-      (loss, metrics), grads = grad_fn(trainable, micro_batch, key)
-      acc_grads, acc_loss, acc_metrics = carry
-      add = lambda a, b: jax.tree_util.tree_map(jnp.add, a, b)
-      return (add(acc_grads, grads), acc_loss + loss, add(acc_metrics, metrics)), None
-
-    first = jax.tree_util.tree_map(lambda x: x[0], micro)
-    _, metrics_shape = jax.eval_shape(lambda: loss_of(trainable, first, keys[0]))
-    zeros = lambda tree: jax.tree_util.tree_map(lambda x: jnp.zeros(x.shape, x.dtype), tree)
-    init = (zeros(trainable), jnp.zeros((), jnp.float32), zeros(metrics_shape))
-    (grads, loss, metrics), _ = jax.lax.scan(body, init, (micro, keys))
-    scale = lambda tree: jax.tree_util.tree_map(lambda x: x / grad_accum_steps, tree)
-    return loss / grad_accum_steps, scale(metrics), scale(grads)
 
   def step(state: TrainState, batch: Batch) -> Tuple[TrainState, Metrics]:
     rng, step_rng = jax.random.split(jax.random.wrap_key_data(state.rng))
     if axis_name is not None:  # distinct dropout on every device
       step_rng = jax.random.fold_in(step_rng, jax.lax.axis_index(axis_name))
     model_batch = {k: v for k, v in batch.items() if not k.startswith("truncated_")}
-    loss, metrics, grads = grads_and_metrics(state.trainable, state.frozen, model_batch, step_rng)
-    extra = counters(batch)
+    loss_of = lambda tr, micro, key: loss_fn(merge_params(tr, state.frozen), micro, key)
+    loss, metrics, grads = _grads_and_metrics(
+      loss_of, state.trainable, model_batch, step_rng, grad_accum_steps
+    )
+    extra = _counters(batch)
     if axis_name is not None:
-      grads = jax.lax.pmean(grads, axis_name)
-      counts = {k: jax.lax.psum(v, axis_name) for k, v in metrics.items() if k == "tokens"}
-      loss, metrics = jax.lax.pmean((loss, metrics), axis_name)
-      metrics.update(counts)
-      extra = jax.lax.psum(extra, axis_name)
+      loss, metrics, grads, extra = _across_devices(axis_name, loss, metrics, grads, extra)
     updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
     grad_norm = optax.tree.norm(grads)

@@ -22,6 +22,7 @@ import pytest
 
 from clara_jax import cli
 from tests.faults import bad_input_cases as table
+from tests.random_export import tiny_random_model, write_export
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -37,15 +38,6 @@ class Fixtures:
   hf_dir: str
   hf_vocab: int
   hf_hidden: int
-
-
-def _make_export(out: str, params, cfg, tok) -> None:
-  from clara_jax.weights.export import save_params
-
-  save_params(out, cfg, params)
-  tok.save(os.path.join(out, "tokenizer.model"))
-  with open(os.path.join(out, "clara.json"), "w") as f:
-    json.dump({"doc_max_length": 16, "compr_rate": 4, "question_max_length": 8}, f)
 
 
 def _tiny_hf(out: str, vocab: int, hidden: int) -> None:
@@ -80,24 +72,8 @@ def _tiny_hf(out: str, vocab: int, hidden: int) -> None:
 
 @pytest.fixture(scope="module")
 def fixtures(tmp_path_factory):
-  import flax.linen as nn
-  import jax
-  from flax import traverse_util
-
-  from clara_jax.data.tokenizer import Tokenizer
-  from clara_jax.model.config import model_config
-  from clara_jax.model.decoder import abstract_params
-
   root = tmp_path_factory.mktemp("fault_fixtures")
-  words = "red blue green river stone city team coach mayor north south marsh".split()
-  rng = np.random.default_rng(0)
-  tok = Tokenizer.train(
-    [" ".join(rng.choice(words, 10)) for _ in range(200)], vocab_size=300, num_mem_tokens=4
-  )
-  cfg = model_config("tiny", base_vocab_size=tok.base_vocab_size, num_extra_tokens=tok.num_special)
-  # Random weights straight from the shapes: an export to load, no init program to compile.
-  flat = traverse_util.flatten_dict(nn.meta.unbox(abstract_params(cfg)), sep="/")
-  flat = {k: (rng.normal(0, 0.02, a.shape)).astype(a.dtype) for k, a in flat.items()}
+  tok, cfg, flat = tiny_random_model(np.random.default_rng(0))
   exports = {}
   for name, path, value, count in (
     ("export_dir", None, None, 0),
@@ -109,9 +85,7 @@ def fixtures(tmp_path_factory):
       params[path] = params[path].copy()
       params[path].reshape(-1)[:count] = value
     exports[name] = str(root / name)
-    _make_export(
-      exports[name], jax.device_put(traverse_util.unflatten_dict(params, sep="/")), cfg, tok
-    )
+    write_export(exports[name], cfg, params, tok)
   hf_dir = str(root / "hf")
   _tiny_hf(hf_dir, vocab=64, hidden=16)
   return Fixtures(hf_dir=hf_dir, hf_vocab=64, hf_hidden=16, **exports)
