@@ -9,6 +9,7 @@ import pytest
 from clara_jax.model.config import MODEL_SIZES, model_config
 from configs.base import parse_arg, validate
 from configs.common import decoder_config, model_config_dict
+from configs.recipes.common import apply_overrides
 from tests.python_process import run_python
 
 
@@ -41,15 +42,7 @@ def test_stage_configs_and_sweeps_validate(name):
   module.sweep(lambda **overrides: points.append(overrides))
   assert points
   for overrides in points:
-    config = module.get_config("model=tiny")
-    for path, value in overrides.items():
-      node = config
-      *parents, leaf = path.split(".")
-      for p in parents:
-        node = node[p]
-      assert leaf in node, path
-      node[leaf] = value
-    validate(config)
+    validate(apply_overrides(module.get_config("model=tiny"), overrides))
 
 
 def test_config_errors_name_the_field():

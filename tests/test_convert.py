@@ -12,24 +12,10 @@ import pytest
 from clara_jax.data.convert import convert, doc_text
 from clara_jax.data.formats import DataError, validate_row
 from tests.python_process import run_python
+from tests.qa_fixtures import ANIMALS, shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
 
-ANIMALS = [
-  "otter",
-  "heron",
-  "lynx",
-  "badger",
-  "marten",
-  "ibis",
-  "vole",
-  "newt",
-  "stoat",
-  "crane",
-  "shrew",
-  "gecko",
-]
 FOODS = [
   "clams",
   "frogs",
@@ -375,15 +361,8 @@ def test_limit(tmp_path):
 # The real shared files.
 
 
-def _shared(name):
-  path = os.path.join(SHARED, name)
-  if not os.path.exists(path):
-    pytest.skip(f"{path} not present")
-  return path
-
-
 def test_real_hotpotqa_to_stage2(tmp_path):
-  path = _shared("hotpotqa_dev500.jsonl")
+  path = shared_path("hotpotqa_dev500.jsonl")
   out = str(tmp_path / "hotpot.jsonl")
   report = convert("hotpotqa_ircot", path, out, candidates=20)
   rows = _read(out)
@@ -402,7 +381,7 @@ def test_real_hotpotqa_to_stage2(tmp_path):
 
 
 def test_real_nq_to_stage2(tmp_path):
-  path = _shared("nq_open_oracle.jsonl.gz")
+  path = shared_path("nq_open_oracle.jsonl.gz")
   out = str(tmp_path / "nq.jsonl")
   report = convert("nq", path, out, candidates=20)
   rows = _read(out)
@@ -418,7 +397,7 @@ def test_real_nq_to_stage2(tmp_path):
 
 
 def test_real_stage1_passthrough(tmp_path):
-  path = _shared("clara_pretrain_1k.jsonl")
+  path = shared_path("clara_pretrain_1k.jsonl")
   out = str(tmp_path / "s1.jsonl")
   report = convert("stage1", path, out)
   assert report.rows_in == report.rows_out == 1000 and report.skipped == 0

@@ -14,35 +14,9 @@ from clara_jax import cli
 from clara_jax.data.formats import validate_row
 from clara_jax.pipeline import real_data, run, stages
 from clara_jax.pipeline import recipe as recipe_lib
+from tests.qa_fixtures import ANIMALS, shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(ROOT, "..", "shared", "data")
-ANIMALS = [
-  "otter",
-  "heron",
-  "lynx",
-  "badger",
-  "marten",
-  "ibis",
-  "vole",
-  "newt",
-  "stoat",
-  "crane",
-  "shrew",
-  "gecko",
-  "egret",
-  "mink",
-  "kite",
-  "wren",
-  "finch",
-  "hare",
-  "moth",
-  "carp",
-  "pike",
-  "tern",
-  "rook",
-  "swift",
-]
 
 
 def _hotpot_rows(n):
@@ -347,15 +321,9 @@ def test_a_stage_stopped_early_is_not_marked_done(monkeypatch, tmp_path):
   assert not os.path.exists(os.path.join(str(tmp_path), "lm", stages.DONE_FILE))
 
 
-def _shared():
-  if not os.path.isdir(SHARED):
-    pytest.skip(f"{SHARED} not present")
-  return SHARED
-
-
 def test_real_files_quick_plan(tmp_path):
   record = real_data.prepare_data(
-    _shared(),
+    shared_path(),
     str(tmp_path),
     real_data.data_plan(recipe_lib.load("real_tiny", True)),
     log=lambda _: None,
@@ -374,7 +342,7 @@ def test_real_files_quick_plan(tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-  data_dir = _shared()
+  data_dir = shared_path()
   workdir = str(tmp_path_factory.mktemp("real_data"))
   lines = []
   summary = run.run("real_tiny", workdir, quick=True, data_dir=data_dir, log=lines.append)

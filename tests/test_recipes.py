@@ -10,6 +10,7 @@ import pytest
 from clara_jax.pipeline import recipe as recipe_lib
 from clara_jax.pipeline import world
 from configs.base import validate
+from configs.recipes.common import apply_overrides
 from configs.recipes.demo import recipe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,12 +104,16 @@ def test_sweep_points_validate():
   _stage_file("stage2").sweep(lambda **overrides: points.append(overrides))
   assert points
   for overrides in points:
-    config = _stage_file("stage2").get_config()
-    for key, value in overrides.items():
-      *parents, leaf = key.split(".")
-      node = config
-      for part in parents:
-        node = node[part]
-      assert leaf in node, key
-      node[leaf] = value
-    validate(config)
+    validate(apply_overrides(_stage_file("stage2").get_config(), overrides))
+
+
+def test_an_override_of_no_field_is_named():
+  """A typo in a recipe must not create a field the stage never reads."""
+  demo = recipe_lib.load("demo")
+  typo = recipe_lib.with_overrides(demo, {}, {"stage1": {"optimizer.lrr": 1.0}})
+  with pytest.raises(ValueError, match=r"stage 'stage1': override 'optimizer.lrr': no such"):
+    recipe_lib.stage_config("stage1", typo)
+  with pytest.raises(
+    ValueError, match=r"override 'optimiser.lr': no such config field 'optimiser'"
+  ):
+    apply_overrides(recipe_lib.stage_config("stage1", demo), {"optimiser.lr": 1.0})

@@ -45,11 +45,22 @@ def build_config(stage, model, values, seed=0, config_of=None):
   # One seed for the parameters and the generated world: a pipeline's stages share it.
   config.seed = seed
   config.data.synth_seed = seed
+  return apply_overrides(config, values, f"stage {stage!r}")
+
+
+def apply_overrides(config, values, where="config"):
+  """`config` with `values` (dotted keys, e.g. "optimizer.lr") set in order; a key that
+  names no field of the config is a ValueError naming it and `where` it came from (a
+  typo must not create a field the stage never reads)."""
   for key, value in values.items():
     node = config
     *parents, leaf = key.split(".")
     for part in parents:
+      if part not in node:
+        raise ValueError(f"{where}: override {key!r}: no such config field {part!r}")
       node = node[part]
+    if leaf not in node:
+      raise ValueError(f"{where}: override {key!r}: no such config field")
     node[leaf] = value
   return config
 
