@@ -53,12 +53,12 @@ def _scp(args: argparse.Namespace, source: str, dest: str) -> List[str]:
   """Copies `source` to `dest` (directories recursively) on every worker; scp takes SRC
   then NAME:DEST, so it does not fit _gcloud's NAME-first shape."""
   scp = ["gcloud", "compute", "tpus", "tpu-vm", "scp", "--recurse"]
-  return scp + [source, dest, "--worker=all", f"--zone={args.zone}"]
+  scp += [source, dest, "--worker=all", f"--zone={args.zone}"]
+  return scp + ([f"--project={args.project}"] if args.project else [])
 
 
 def setup(args) -> List[List[str]]:
   copy = _scp(args, ROOT, f"{args.name}:~/{REMOTE_DIR}")
-  copy += [f"--project={args.project}"] if args.project else []
   install = _ssh(args, f"cd ~/{REMOTE_DIR} && CLARA_EXTRA=tpu bash launch/install.sh")
   return [copy, install]
 

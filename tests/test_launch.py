@@ -58,3 +58,16 @@ def test_sweep_launches_one_job_per_point():
   commands = [job[-1] for job in jobs]
   assert all("--config.optimizer.lr=" in c and "--config.clara.temperature=" in c for c in commands)
   assert len({c.split("--workdir=")[1].split()[0] for c in commands}) == 4
+
+
+def test_every_gcloud_command_names_the_project():
+  """--project reaches each command, the copies (setup, logs) as well as the ssh ones."""
+  project = ["--project", "p1"]
+  commands = _run("setup", *project) + _run("logs", "--run", "s2", *project)
+  assert commands and all("--project=p1" in command for command in commands)
+  (logs,) = _run("logs", "--run", "s2")
+  assert (
+    logs[4] == "scp"
+    and logs[6] == "clara:~/clara_jax/logs/s2"
+    and not any(a.startswith("--project") for a in logs)
+  )

@@ -587,20 +587,6 @@ def answer_rows(
   return answers, idx, scores
 
 
-def answer_from_index(
-  model,
-  index: MemoryIndex,
-  questions: Sequence[str],
-  k: int = 5,
-  max_new_tokens: int = 64,
-  approx: bool = False,
-):
-  """Retrieves k documents per question from the index with the reasoner and answers
-  from their stored memories. Returns (answers, [[doc ids]])."""
-  answers, idx, _ = answer_rows(model, index, questions, k, max_new_tokens, approx)
-  return answers, [[index.ids[j] for j in row] for row in idx]
-
-
 def iter_answers(
   model,
   index: MemoryIndex,
