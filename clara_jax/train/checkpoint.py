@@ -11,7 +11,7 @@ target shardings as the abstract tree.
 from __future__ import annotations
 
 import os
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import numpy as np
@@ -66,7 +66,7 @@ class Checkpointer:
   def wait(self) -> None:
     self.manager.wait_until_finished()
 
-  def all_steps(self):
+  def all_steps(self) -> List[int]:
     return sorted(self.manager.all_steps())
 
   def restore(
@@ -99,7 +99,7 @@ class Checkpointer:
       return candidate, restored["state"], dict(restored["data"] or {})
     return None
 
-  def _set_aside(self, unreadable) -> None:
+  def _set_aside(self, unreadable: Sequence[int]) -> None:
     """Renames unreadable steps newer than the restored one to `<step>.unreadable`
     (kept for inspection, never deleted), so the resumed run saves those steps anew
     instead of colliding with them."""

@@ -18,7 +18,20 @@ import posixpath
 import signal
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import (
+  TYPE_CHECKING,
+  Any,
+  BinaryIO,
+  Callable,
+  Dict,
+  Iterator,
+  List,
+  Mapping,
+  Optional,
+  Sequence,
+  Tuple,
+  cast,
+)
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +60,16 @@ from clara_jax.train.step import pmap_train_step, replicate, unreplicate
 from clara_jax.train.workdir_lock import WorkdirLock
 from clara_jax.weights.export import load_params, save_params
 
+if TYPE_CHECKING:
+  import types
+
+  import ml_collections
+
+  from clara_jax.model.config import DecoderConfig
+  from clara_jax.train.memory_cache import MemoryCache
+  from clara_jax.train.setup import TrainStepSetup
+  from clara_jax.train.state import TrainState
+
 TOKENIZER_FILE = "tokenizer.model"
 CLARA_FILE = "clara.json"  # the CLaRa lengths an export was trained with
 
@@ -55,7 +78,7 @@ class Preempted(RuntimeError):
   """SIGTERM (how a TPU VM is preempted) or SIGINT stopped the run after a checkpoint
   of `step` was saved; the same command resumes it. `exit_code`: 128 + the signal."""
 
-  def __init__(self, step: int, signum: int, workdir: str):
+  def __init__(self, step: int, signum: int, workdir: str) -> None:
     name = signal.Signals(signum).name
     super().__init__(
       f"{name} at step {step}: checkpoint saved in {workdir}/checkpoints; "
@@ -77,9 +100,9 @@ class _Preemption:
   into a SIGTERM for the notifier, so Ctrl-C on one host stops all of them at one step.
   """
 
-  def __init__(self):
+  def __init__(self) -> None:
     self.signum: Optional[int] = None
-    self._previous: Dict[int, object] = {}
+    self._previous: Dict[int, Any] = {}  # the handlers signal.signal replaced
     self._synced = _preemption_service_running()
 
   def reached(self, step: int) -> bool:
@@ -92,7 +115,7 @@ class _Preemption:
       return True
     return False
 
-  def __enter__(self):
+  def __enter__(self) -> _Preemption:
     # With the sync service, SIGTERM stays with its notifier (a Python handler would
     # replace the notifier's and the other hosts would never hear of it).
     signals = (signal.SIGINT,) if self._synced else (signal.SIGTERM, signal.SIGINT)
@@ -103,14 +126,14 @@ class _Preemption:
         pass
     return self
 
-  def _handle(self, signum, frame):
+  def _handle(self, signum: int, frame: Optional[types.FrameType]) -> None:
     del frame
     logging.warning("%s received: saving a checkpoint before exiting", signal.Signals(signum).name)
     self.signum = signum
     if self._synced:
       os.kill(os.getpid(), signal.SIGTERM)
 
-  def __exit__(self, *exc):
+  def __exit__(self, *exc: object) -> None:
     for signum, previous in self._previous.items():
       signal.signal(signum, previous)
     self._previous = {}
@@ -133,7 +156,7 @@ def _preemption_service_running() -> bool:
   return True
 
 
-def _previous_export(config, workdir: str) -> Optional[str]:
+def _previous_export(config: ml_collections.ConfigDict, workdir: str) -> Optional[str]:
   if not config.init.from_workdir:
     return None
   prev = paths.resolve(workdir, config.init.from_workdir, "export")
@@ -145,7 +168,7 @@ def _previous_export(config, workdir: str) -> Optional[str]:
   return prev
 
 
-def synth_dir(config, workdir: str) -> str:
+def synth_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Where the generated world lives: beside the workdir, shared by the stages of one
   pipeline that ask for the same world (its name holds every generation setting)."""
   d = config.data
@@ -159,11 +182,11 @@ def synth_dir(config, workdir: str) -> str:
   return paths.resolve(workdir, "..", "data", name)
 
 
-def _fresh_rows_needed(config) -> int:
+def _fresh_rows_needed(config: ml_collections.ConfigDict) -> int:
   return config.train.num_steps * config.train.global_batch
 
 
-def data_files(config, workdir: str) -> Dict[str, str]:
+def data_files(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, str]:
   """{split: file} of this stage's rows (the generated world is written on first use)."""
   fmt = config.data.format
   d = config.data
@@ -220,7 +243,9 @@ def data_files(config, workdir: str) -> Dict[str, str]:
   return _with_shuffled_answers(config, tfds_builders.split_files(source))
 
 
-def _with_replay_text(config, workdir: str, files: Dict[str, str]) -> Dict[str, str]:
+def _with_replay_text(
+  config: ml_collections.ConfigDict, workdir: str, files: Dict[str, str]
+) -> Dict[str, str]:
   """`data.replay_text`: "world" (the generated world's own LM text) or a text file,
   added as `files["replay"]` for the stage's replay loss."""
   replay = config.data.replay_text
@@ -242,7 +267,9 @@ def _with_replay_text(config, workdir: str, files: Dict[str, str]) -> Dict[str, 
   return dict(files, replay=replay)
 
 
-def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
+def _with_shuffled_answers(
+  config: ml_collections.ConfigDict, files: Dict[str, str]
+) -> Dict[str, str]:
   """`data.shuffle_answers`: the training file with every answer taken from another
   question of the same template (the ablation whose gradient carries no
   question-document signal), written once beside the original."""
@@ -260,7 +287,7 @@ def _with_shuffled_answers(config, files: Dict[str, str]) -> Dict[str, str]:
 
 
 def load_tokenizer(
-  config, workdir: str, files: Dict[str, str], prev: Optional[str]
+  config: ml_collections.ConfigDict, workdir: str, files: Dict[str, str], prev: Optional[str]
 ) -> ClaraTokenizer:
   """The tokenizer: configured path (a SentencePiece model, a tokenizer.json or a
   directory with one), else the previous stage's, else trained on the text of the
@@ -292,12 +319,13 @@ def load_tokenizer(
   return tok
 
 
-def _open_text(path: str):
+def _open_text(path: str) -> io.TextIOWrapper:
   """A text file (local or a URI; `.gz` decompressed) read line by line."""
-  return io.TextIOWrapper(paths.open_binary(path), encoding="utf-8")
+  # cast: typeshed's TextIOWrapper wants a buffer with `name`, which BufferedIOBase lacks
+  return io.TextIOWrapper(cast(BinaryIO, paths.open_binary(path)), encoding="utf-8")
 
 
-def _training_texts(path: str, fmt: str):
+def _training_texts(path: str, fmt: str) -> Iterator[str]:
   if fmt == "text":
     with _open_text(path) as f:
       yield from (line.rstrip("\n") for line in f if line.strip())
@@ -308,7 +336,7 @@ def _training_texts(path: str, fmt: str):
     yield from row["answers"]
 
 
-def _text_source(path: str):
+def _text_source(path: str) -> List[Dict[str, str]]:
   with _open_text(path) as f:
     return [{"text": line.rstrip("\n")} for line in f if line.strip()]
 
@@ -326,7 +354,12 @@ def prepared_data_dir(workdir: str) -> Tuple[str, bool]:
 
 
 def build_pipeline(
-  config, workdir: str, tok: ClaraTokenizer, files: Dict[str, str], cclara: ClaraConfig, cache=None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  tok: ClaraTokenizer,
+  files: Dict[str, str],
+  cclara: ClaraConfig,
+  cache: Optional[MemoryCache] = None,
 ) -> InputPipeline:
   """The stage's input pipeline; `cache` (a `memory_cache.MemoryCache`): stage2 examples
   carry the candidates' cached memories instead of their tokens."""
@@ -381,8 +414,11 @@ def build_pipeline(
 
 
 def initial_params(
-  config, tok: ClaraTokenizer, prev: Optional[str], overlay_from: Optional[str] = None
-):
+  config: ml_collections.ConfigDict,
+  tok: ClaraTokenizer,
+  prev: Optional[str],
+  overlay_from: Optional[str] = None,
+) -> Tuple[DecoderConfig, Any]:
   """(DecoderConfig, params): the previous stage's export, or a fresh init; then the
   parameters of the checkpoint in `overlay_from` where path and shape match; then the
   configured adapter resets and copies (stage1_2: fresh generator; stage2: reasoner :=
@@ -413,7 +449,9 @@ def initial_params(
   return cfg, params
 
 
-def overlay_parameters(params, origin: str, saved: Mapping[str, np.ndarray | jax.Array]):
+def overlay_parameters(
+  params: Any, origin: str, saved: Mapping[str, np.ndarray | jax.Array]
+) -> Any:
   """`params` with every parameter whose path and shape `saved` also has replaced by the
   saved value (cast to the model's dtype). What does not match keeps its value and is
   logged; no match at all is an error (the wrong workdir, most likely)."""
@@ -449,7 +487,9 @@ def overlay_parameters(params, origin: str, saved: Mapping[str, np.ndarray | jax
   return lora.unflatten(flat)
 
 
-def _memory_cache(config, params, cclara: ClaraConfig):
+def _memory_cache(
+  config: ml_collections.ConfigDict, params: Any, cclara: ClaraConfig
+) -> Optional[MemoryCache]:
   """The stage's `data.memory_cache`, loaded and checked against the initial parameters'
   compressor (None when not configured)."""
   if not config.data.memory_cache:
@@ -462,7 +502,9 @@ def _memory_cache(config, params, cclara: ClaraConfig):
 
 
 def train(
-  config, workdir: str, progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  progress: Optional[Callable[[int, int, Dict[str, float]], None]] = None,
 ) -> Dict[str, float]:
   """Runs (or resumes) a stage; returns the last logged metrics. `progress(step,
   num_steps, metrics)` is called at every logging step (e.g. a progress bar).
@@ -481,7 +523,11 @@ def train(
     return _train(config, workdir, progress)
 
 
-def _train(config, workdir: str, progress) -> Dict[str, float]:
+def _train(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  progress: Optional[Callable[[int, int, Dict[str, float]], None]],
+) -> Dict[str, float]:
   ckpt_dir = paths.join(workdir, "checkpoints")
   saved_steps = sorted(int(d) for d in paths.listdir(ckpt_dir) if d.isdigit())
   run_config.check_or_record(workdir, config, bool(saved_steps), write=jax.process_index() == 0)
@@ -524,7 +570,7 @@ def _train(config, workdir: str, progress) -> Dict[str, float]:
   return run.last
 
 
-def _open_writer(config, workdir: str, step0: int) -> MetricsWriter:
+def _open_writer(config: ml_collections.ConfigDict, workdir: str, step0: int) -> MetricsWriter:
   """The run's metrics writer, resuming after `step0`; a first start records the
   hyperparameters."""
   # train.tensorboard False: metrics.jsonl only (for stores TensorFlow cannot reach).
@@ -540,18 +586,20 @@ class _StepRunner:
   replicated by `place`), or jitted over the mesh, compiled at the first batch with its
   shardings."""
 
-  def __init__(self, setup, state_sh, pmap: bool):
+  def __init__(self, setup: TrainStepSetup, state_sh: TrainState, pmap: bool) -> None:
     self.setup, self.state_sh, self.pmap = setup, state_sh, pmap
     self._step: Optional[Callable] = pmap_train_step(setup.step_fn) if pmap else None
 
-  def place(self, state):
+  def place(self, state: TrainState) -> TrainState:
     return replicate(jax.device_get(state)) if self.pmap else state
 
-  def context(self):
+  def context(self) -> contextlib.AbstractContextManager[Any]:
     """The context the loop runs in: the mesh's, for the jitted step."""
     return contextlib.nullcontext() if self.pmap else self.setup.context()
 
-  def __call__(self, state, local: Dict[str, Any]):
+  def __call__(
+    self, state: TrainState, local: Dict[str, Any]
+  ) -> Tuple[TrainState, Dict[str, jax.Array]]:
     if self.pmap:
       n = jax.local_device_count()
       host_batch = {k: np.asarray(v).reshape((n, -1) + np.shape(v)[1:]) for k, v in local.items()}
@@ -586,7 +634,17 @@ class _Run:
   """The training loop of a stage and what it does between the steps: progress
   reports, the non-finite check, metrics, checkpoints and the preemption exit."""
 
-  def __init__(self, config, workdir, progress, pipeline, checkpointer, writer, window, pmap):
+  def __init__(
+    self,
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    progress: Optional[Callable[[int, int, Dict[str, float]], None]],
+    pipeline: InputPipeline,
+    checkpointer: Checkpointer,
+    writer: MetricsWriter,
+    window: _MetricsWindow,
+    pmap: bool,
+  ) -> None:
     self.config, self.workdir, self.progress = config, workdir, progress
     self.pipeline, self.checkpointer, self.writer = pipeline, checkpointer, writer
     self.window, self.pmap = window, pmap
@@ -597,7 +655,7 @@ class _Run:
     self.profile = _profiler(config, workdir)
     self.last: Dict[str, float] = {}
 
-  def loop(self, run_step: _StepRunner, state, step0: int):
+  def loop(self, run_step: _StepRunner, state: TrainState, step0: int) -> TrainState:
     """Trains from `step0` to the last step; returns the final (host) state."""
     state = run_step.place(state)
     with run_step.context():
@@ -613,7 +671,7 @@ class _Run:
     self.writer.close()
     return final
 
-  def _step(self, run_step: _StepRunner, state, step: int):
+  def _step(self, run_step: _StepRunner, state: TrainState, step: int) -> TrainState:
     local = next(self.pipeline)
     # Between the steps where the host reads metrics, nothing comes back from the device
     # (a read would make the host wait for each step before dispatching the next); on an
@@ -624,7 +682,7 @@ class _Run:
       self.streak.update(metrics["nonfinite"], step + 1)
     return state
 
-  def _after_step(self, done: int, state, preemption: _Preemption) -> None:
+  def _after_step(self, done: int, state: TrainState, preemption: _Preemption) -> None:
     self.report(done)
     if self.profile is not None:
       self.profile(done)
@@ -647,7 +705,9 @@ class _Run:
       self.writer.close()  # the rows up to the divergence, buffered ones included
       raise
 
-  def _save(self, done: int, host_state, preemption, last_step: bool) -> None:
+  def _save(
+    self, done: int, host_state: TrainState, preemption: _Preemption, last_step: bool
+  ) -> None:
     """The step's checkpoint when one is due; on a preemption a forced one, then
     `Preempted`."""
     preempted = preemption.reached(done)
@@ -658,11 +718,18 @@ class _Run:
       self.checkpointer.close()
       self.writer.close()
       logging.warning("preempted at step %d: checkpoint saved", done)
+      assert preemption.signum is not None  # reached() is True only once a signal is set
       raise Preempted(done, preemption.signum, self.workdir)
     self.checkpointer.save(done, host_state, self.pipeline.get_state(), force=last_step)
 
 
-def _restore(checkpointer, state, state_sh, pipeline, saved_steps: List[int]):
+def _restore(
+  checkpointer: Checkpointer,
+  state: TrainState,
+  state_sh: TrainState,
+  pipeline: InputPipeline,
+  saved_steps: List[int],
+) -> Tuple[int, TrainState]:
   """(first step, state): the newest checkpoint's, with the pipeline's position, or (0,
   `state`) on a first start. Checkpoints that exist but none of which restores stop the
   run rather than train over them."""
@@ -681,7 +748,9 @@ def _restore(checkpointer, state, state_sh, pipeline, saved_steps: List[int]):
   return step0, state
 
 
-def _profiler(config, workdir: str):
+def _profiler(
+  config: ml_collections.ConfigDict, workdir: str
+) -> Optional[periodic_actions.Profile]:
   """The profiler trace of `train.profile_steps` (first, last), or None."""
   if not config.train.profile_steps:
     return None
@@ -694,7 +763,13 @@ def _profiler(config, workdir: str):
   )
 
 
-def _write_export(config, workdir: str, cfg, params, tok) -> None:
+def _write_export(
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  cfg: DecoderConfig,
+  params: Any,
+  tok: ClaraTokenizer,
+) -> None:
   """`export/`: the parameters, and (process 0) the tokenizer and the CLaRa lengths and
   settings that `ClaraModel.load` reads."""
   cclara = clara_config(config)
@@ -725,10 +800,10 @@ def _barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _flat_hparams(config) -> Dict:
+def _flat_hparams(config: ml_collections.ConfigDict) -> Dict:
   out = {}
 
-  def walk(prefix, node):
+  def walk(prefix: str, node: Any) -> None:
     for key, value in node.items():
       name = f"{prefix}{key}"
       if hasattr(value, "items"):
@@ -740,7 +815,9 @@ def _flat_hparams(config) -> Dict:
   return out
 
 
-def _tokens_per_step(config, cclara: ClaraConfig, cached: bool = False) -> int:
+def _tokens_per_step(
+  config: ml_collections.ConfigDict, cclara: ClaraConfig, cached: bool = False
+) -> int:
   d, b = config.data, config.train.global_batch
   if config.stage == "lm":
     return b * d.lm_length
@@ -754,7 +831,13 @@ def _tokens_per_step(config, cclara: ClaraConfig, cached: bool = False) -> int:
   return b * (docs * doc + q + d.prompt_length + d.answer_length)
 
 
-def _summarize(window, seconds: float, tokens_per_step: int, flops: float, peak: float):
+def _summarize(
+  window: List[Dict[str, jax.Array]],
+  seconds: float,
+  tokens_per_step: int,
+  flops: float,
+  peak: float,
+) -> Dict[str, float]:
   """Means of the window's metrics (sums for counters) plus throughput."""
   host = jax.device_get(window)
   out = {}

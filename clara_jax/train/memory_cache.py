@@ -16,12 +16,15 @@ Shapes: D documents in the cache, N candidates per question, M = n_mem, H hidden
 from __future__ import annotations
 
 import hashlib
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterable, List, Optional, Sequence, cast
 
 import numpy as np
 
 from clara_jax import paths
 from clara_jax.model import clara, layout, lora
+
+if TYPE_CHECKING:
+  from clara_jax.infer.api import ClaraModel
 
 CACHE_FILE = "memory_cache.json"
 
@@ -31,7 +34,7 @@ def doc_key(text: str) -> str:
   return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
-def compressor_fingerprint(params) -> str:
+def compressor_fingerprint(params: Any) -> str:
   """SHA-256 over every parameter a document's memory depends on (paths sorted, values
   as float32 bytes): all but the reasoner's and the generator's adapters. Read in the
   unrolled layout, so scanned and unrolled models of the same weights agree."""
@@ -50,7 +53,7 @@ class StaleMemoryCache(ValueError):
 
 
 def build_cache(
-  model,
+  model: ClaraModel,
   texts: Iterable[str],
   out_dir: str,
   shard_size: int = 512,
@@ -112,7 +115,7 @@ class MemoryCache:
   def n_mem(self) -> int:
     return self.record["n_mem"]
 
-  def check(self, params, n_mem: int, doc_max_length: int, who: str) -> None:
+  def check(self, params: Any, n_mem: int, doc_max_length: int, who: str) -> None:
     """Raises `StaleMemoryCache` unless `params` has the cache's compressor and the
     lengths match."""
     if (n_mem, doc_max_length) != (self.record["n_mem"], self.record["doc_max_length"]):

@@ -107,7 +107,7 @@ class MetricsWriter:
       self._writer.close()
 
 
-def read_metrics(workdir: str):
+def read_metrics(workdir: str) -> List[Dict[str, Any]]:
   """The rows of `WORKDIR/metrics.jsonl` (for scripts and tests)."""
   path = paths.join(workdir, "metrics.jsonl")
   if not paths.exists(path):

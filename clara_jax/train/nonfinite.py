@@ -13,6 +13,8 @@ ones.
 
 from __future__ import annotations
 
+from typing import Any, Tuple
+
 import jax
 import jax.numpy as jnp
 
@@ -22,7 +24,9 @@ class NonFiniteError(RuntimeError):
 
 
 @jax.jit
-def _advance(carry, nonfinite, step, limit):
+def _advance(
+  carry: Tuple[jax.Array, jax.Array], nonfinite: jax.Array, step: Any, limit: Any
+) -> Tuple[jax.Array, jax.Array]:
   """carry = (streak, first step at which the streak reached `limit`, or 0)."""
   streak, reached_at = carry
   streak = jnp.where(nonfinite > 0, streak + 1, 0)

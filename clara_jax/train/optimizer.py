@@ -4,7 +4,7 @@ learning-rate multipliers chosen by regex over parameter paths."""
 from __future__ import annotations
 
 import re
-from typing import Sequence, Tuple
+from typing import Any, Sequence, Tuple
 
 import jax
 import optax
@@ -56,7 +56,7 @@ def make_optimizer(
   return optax.chain(*parts)
 
 
-def path_string(path) -> str:
+def path_string(path: Sequence[Any]) -> str:
   """A tree path of dict keys as 'a/b/c' (the train state's flat keys are whole paths)."""
   return "/".join(str(getattr(entry, "key", entry)) for entry in path)
 
@@ -88,7 +88,7 @@ def check_lr_multipliers(lr_multipliers: Sequence[Tuple[str, float]], paths: Seq
       )
 
 
-def freeze_by_path(mask, frozen: Sequence[str]):
+def freeze_by_path(mask: Any, frozen: Sequence[str]) -> Any:
   """The trainable `mask` (a boolean tree keyed by parameter path) with every parameter
   whose path fully matches a regex of `frozen` set to False (big_vision's regex
   freezing). A bad regex, or one that matches no trainable parameter, is an error."""
@@ -119,18 +119,18 @@ def scale_by_path(lr_multipliers: Sequence[Tuple[str, float]]) -> optax.Gradient
   that trains beside it."""
   compiled = [(re.compile(p), float(f)) for p, f in lr_multipliers]
 
-  def factor(path) -> float:
+  def factor(path: Sequence[Any]) -> float:
     name = path_string(path)
     return next((f for c, f in compiled if c.fullmatch(name)), 1.0)
 
-  def init_fn(params):
+  def init_fn(params: Any) -> optax.EmptyState:
     del params
     return optax.EmptyState()
 
-  def update_fn(updates, state, params=None):
+  def update_fn(updates: Any, state: Any, params: Any = None) -> Tuple[Any, Any]:
     del params
 
-    def scale(path, u):
+    def scale(path: Sequence[Any], u: Any) -> Any:
       f = factor(path)
       return u if f == 1.0 else u * f
 

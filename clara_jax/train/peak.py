@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 
-def time_fn(fn, *args, warmup: int = 1, iters: int = 5) -> float:
+def time_fn(fn: Callable[..., Any], *args: Any, warmup: int = 1, iters: int = 5) -> float:
   """Median wall seconds of `fn(*args)` (blocked until ready), after warm-up calls."""
   for _ in range(warmup):
     jax.block_until_ready(fn(*args))
@@ -28,7 +29,7 @@ def time_fn(fn, *args, warmup: int = 1, iters: int = 5) -> float:
 
 
 @functools.lru_cache(maxsize=None)
-def matmul_peak_flops(n: int = 2048, dtype=jnp.float32, iters: int = 5) -> float:
+def matmul_peak_flops(n: int = 2048, dtype: Any = jnp.float32, iters: int = 5) -> float:
   """FLOP/s of a jitted n^3 matmul in `dtype` (float32 accumulation) on the default
   device; measured once per process and dtype, so every figure of a run divides by the
   same peak."""

@@ -11,11 +11,14 @@ that only steer logging and saving (`RUN_CONTROL`) may change between resumes.
 from __future__ import annotations
 
 import json
-from typing import Any, Dict, Mapping
+from typing import TYPE_CHECKING, Any, Dict, Mapping
 
 from absl import logging
 
 from clara_jax import paths
+
+if TYPE_CHECKING:
+  import ml_collections
 
 RUN_CONFIG_FILE = "run_config.json"
 # Fields a resumed run may change: when and where to log (`train.tensorboard`), save,
@@ -61,11 +64,11 @@ class ConfigChanged(ValueError):
   """The config differs from the one the workdir's checkpoints were trained with."""
 
 
-def flat_config(config) -> Dict[str, Any]:
+def flat_config(config: ml_collections.ConfigDict) -> Dict[str, Any]:
   """{"dotted.key": JSON value} of a ConfigDict (tuples as lists, as JSON reads them)."""
   out: Dict[str, Any] = {}
 
-  def walk(prefix: str, node) -> None:
+  def walk(prefix: str, node: Any) -> None:
     for key, value in node.items():
       name = f"{prefix}{key}"
       if hasattr(value, "items"):
@@ -89,7 +92,9 @@ def differences(recorded: Mapping[str, Any], current: Mapping[str, Any]) -> Dict
   }
 
 
-def check_or_record(workdir: str, config, has_checkpoints: bool, write: bool = True) -> None:
+def check_or_record(
+  workdir: str, config: ml_collections.ConfigDict, has_checkpoints: bool, write: bool = True
+) -> None:
   """Records the config in `workdir/run_config.json` on a first start; on a resume,
   raises `ConfigChanged` naming every differing field. `write`: False on processes
   other than 0 (they check, process 0 writes)."""

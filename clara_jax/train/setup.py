@@ -13,13 +13,13 @@ for a pod is the step `train` would run there (maxtext's `setup_train_loop` idea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Dict, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, Callable, Dict, Mapping, Optional, Sequence, Tuple, cast
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, Sharding
 
 from clara_jax import partitioning
 from clara_jax.data import features, packing, tokenizer
@@ -32,8 +32,13 @@ from clara_jax.train import optimizer
 from clara_jax.train.state import TrainState, create_state
 from clara_jax.train.step import jit_train_step, make_train_step, state_shardings
 
+if TYPE_CHECKING:
+  import contextlib
 
-def clara_config(config) -> ClaraConfig:
+  import ml_collections
+
+
+def clara_config(config: ml_collections.ConfigDict) -> ClaraConfig:
   """The CLaRa lengths and loss settings of a config's `clara` block."""
   c = config.clara
   return ClaraConfig(
@@ -69,24 +74,24 @@ class TrainStepSetup:
   step_fn: Callable
   params_sh: Dict[str, NamedSharding]
 
-  def abstract_state(self, params) -> TrainState:
+  def abstract_state(self, params: Any) -> TrainState:
     """ShapeDtypeStructs of the train state `create_state(params, ...)` builds."""
     return jax.eval_shape(lambda p: create_state(p, self.mask, self.tx, self.config.seed), params)
 
   def state_shardings(self, state_shape: TrainState) -> TrainState:
     return state_shardings(state_shape, self.params_sh, self.tx, self.mesh)
 
-  def batch_shardings(self, batch) -> Dict[str, NamedSharding]:
+  def batch_shardings(self, batch: Dict[str, Any]) -> Dict[str, NamedSharding]:
     """Each input split over the data-parallel axes on its leading (batch) dimension."""
     return {
       k: partitioning.batch_sharding(self.mesh, len(v.shape), self.rules) for k, v in batch.items()
     }
 
-  def jit(self, state_sh: TrainState, batch_sh) -> jax.stages.Wrapped:
+  def jit(self, state_sh: TrainState, batch_sh: Mapping[str, Sharding]) -> jax.stages.Wrapped:
     """The jitted step (state donated); call it inside `self.context()`."""
     return jit_train_step(self.step_fn, self.mesh, state_sh, batch_sh)
 
-  def context(self):
+  def context(self) -> contextlib.ExitStack:
     """The mesh and logical-axis rules the step is traced under."""
     import contextlib
 
@@ -95,7 +100,9 @@ class TrainStepSetup:
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
-  def lower(self, state_shape: TrainState, state_sh: TrainState, batch):
+  def lower(
+    self, state_shape: TrainState, state_sh: TrainState, batch: Dict[str, jax.ShapeDtypeStruct]
+  ) -> jax.stages.Lowered:
     """The step lowered for abstract inputs (`batch`: {name: ShapeDtypeStruct})."""
     batch_sh = self.batch_shardings(batch)
     with_sharding = lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh)
@@ -106,7 +113,7 @@ class TrainStepSetup:
       )
 
 
-def stage_decoder_config(config) -> DecoderConfig:
+def stage_decoder_config(config: ml_collections.ConfigDict) -> DecoderConfig:
   """The decoder of `config`'s model fields, with rows for its tokenizer's special
   tokens (<ENC>, <SEP>, <AE> and the memory tokens); `train` takes the count from the
   tokenizer it loads, which has the same."""
@@ -116,12 +123,12 @@ def stage_decoder_config(config) -> DecoderConfig:
 
 
 def setup_train_step(
-  config,
+  config: ml_collections.ConfigDict,
   cfg: DecoderConfig,
-  params,
+  params: Any,
   *,
   replay: bool = False,
-  devices: Optional[Sequence] = None,
+  devices: Optional[Sequence[jax.Device]] = None,
   axis_name: Optional[str] = None,
 ) -> TrainStepSetup:
   """The step of `config.stage` for model `cfg` whose parameters are `params` (real
@@ -161,7 +168,9 @@ def setup_train_step(
   )
 
 
-def _schedule_and_optimizer(config, mask):
+def _schedule_and_optimizer(
+  config: ml_collections.ConfigDict, mask: Any
+) -> Tuple[optax.Schedule, optax.GradientTransformation]:
   """The learning-rate schedule and the optimizer of `config.optimizer`; the
   per-path learning-rate multipliers must name trainable parameters (`mask`)."""
   o = config.optimizer
@@ -177,7 +186,9 @@ def _schedule_and_optimizer(config, mask):
   return schedule, tx
 
 
-def _check_micro_batch(config, mesh, axis_name: Optional[str]) -> None:
+def _check_micro_batch(
+  config: ml_collections.ConfigDict, mesh: Mesh, axis_name: Optional[str]
+) -> None:
   """A micro-batch must split evenly over the data-parallel devices."""
   data_parallel = (
     jax.device_count() if axis_name is not None else mesh.shape["data"] * mesh.shape["fsdp"]
@@ -191,7 +202,9 @@ def _check_micro_batch(config, mesh, axis_name: Optional[str]) -> None:
     )
 
 
-def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+  config: ml_collections.ConfigDict, n_mem: int
+) -> Dict[str, jax.ShapeDtypeStruct]:
   """The shapes of one global batch of the stage (int32 tokens and masks), as the input
   pipeline makes it."""
   d, b, c = config.data, config.train.global_batch, config.clara
@@ -216,7 +229,9 @@ def abstract_batch(config, n_mem: int) -> Dict[str, jax.ShapeDtypeStruct]:
   return _with_counters(batch, config.stage, b)
 
 
-def _with_counters(batch, stage: str, b: int):
+def _with_counters(
+  batch: Dict[str, jax.ShapeDtypeStruct], stage: str, b: int
+) -> Dict[str, jax.ShapeDtypeStruct]:
   """`batch` and the truncation counters the input pipeline adds to every example (the
   step sums them into its metrics, so they are part of the compiled program)."""
   return {
@@ -225,7 +240,7 @@ def _with_counters(batch, stage: str, b: int):
   }
 
 
-def step_shapes(config, n_mem: int) -> StepShapes:
+def step_shapes(config: ml_collections.ConfigDict, n_mem: int) -> StepShapes:
   """The token lengths of one global batch of `config`'s stage."""
   d, c = config.data, config.clara
   return StepShapes(
@@ -241,7 +256,9 @@ def step_shapes(config, n_mem: int) -> StepShapes:
   )
 
 
-def step_flops(config, cfg: DecoderConfig, cclara: ClaraConfig, cached: bool = False) -> float:
+def step_flops(
+  config: ml_collections.ConfigDict, cfg: DecoderConfig, cclara: ClaraConfig, cached: bool = False
+) -> float:
   """FLOPs one train step of `config` executes (`clara_jax.model.flops`); `cached`:
   stage2 reads its candidates' memories from a cache instead of compressing them."""
   return train_step_flops(

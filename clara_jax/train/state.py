@@ -28,7 +28,7 @@ class TrainState:
     return merge_params(self.trainable, self.frozen)
 
 
-def split_params(params, mask) -> Tuple[FlatParams, FlatParams]:
+def split_params(params: Any, mask: Any) -> Tuple[FlatParams, FlatParams]:
   """Nested params + boolean mask -> (trainable, frozen) flat dicts."""
   flat, flat_mask = lora.flatten(params), lora.flatten(mask)
   if set(flat) != set(flat_mask):
@@ -45,7 +45,9 @@ def merge_params(trainable: FlatParams, frozen: FlatParams) -> Dict:
   return lora.unflatten({**frozen, **trainable})
 
 
-def create_state(params, mask, tx: optax.GradientTransformation, seed: int = 0) -> TrainState:
+def create_state(
+  params: Any, mask: Any, tx: optax.GradientTransformation, seed: int = 0
+) -> TrainState:
   trainable, frozen = split_params(params, mask)
   # flax.struct.dataclass is untyped without flax's stubs: mypy sees no generated __init__.
   return TrainState(  # type: ignore[call-arg]

@@ -8,7 +8,7 @@ gradients are not finite, reporting `nonfinite = 1` so the loop can count and st
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +27,7 @@ def _split_micro(batch: Batch, accum: int) -> Batch:
   """[B, ...] -> [accum, B / accum, ...], keeping each device's rows on that device
   (micro-batch j takes rows j, j + accum, ... of every contiguous shard)."""
 
-  def split(x):
+  def split(x: jax.Array) -> jax.Array:
     if x.shape[0] % accum:
       raise ValueError(f"batch of {x.shape[0]} does not split into {accum} micro-batches")
     x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:])
@@ -36,7 +36,7 @@ def _split_micro(batch: Batch, accum: int) -> Batch:
   return jax.tree_util.tree_map(split, batch)
 
 
-def _schedule_count(opt_state) -> Optional[jax.Array]:
+def _schedule_count(opt_state: Any) -> Optional[jax.Array]:
   """Updates applied so far (the learning-rate schedule's step), from the optimizer."""
   is_sched = lambda x: isinstance(x, optax.ScaleByScheduleState)
   found = [x for x in jax.tree_util.tree_leaves(opt_state, is_leaf=is_sched) if is_sched(x)]
@@ -48,7 +48,9 @@ def _counters(batch: Batch) -> Metrics:
   return {k: jnp.sum(v) for k, v in batch.items() if k.startswith("truncated_")}
 
 
-def _grads_and_metrics(loss_of: Callable, trainable, batch: Batch, rng, grad_accum_steps: int):
+def _grads_and_metrics(
+  loss_of: Callable, trainable: Any, batch: Batch, rng: jax.Array, grad_accum_steps: int
+) -> Tuple[jax.Array, Metrics, Any]:
   """(loss, metrics, grads) of `loss_of(trainable, batch, key)` over the whole batch,
   accumulated over `grad_accum_steps` micro-batches."""
   grad_fn = jax.value_and_grad(loss_of, has_aux=True)
@@ -59,7 +61,9 @@ def _grads_and_metrics(loss_of: Callable, trainable, batch: Batch, rng, grad_acc
   micro = _split_micro(batch, grad_accum_steps)
   keys = jax.random.split(rng, grad_accum_steps)
 
-  def body(carry, inputs):
+  def body(
+    carry: Tuple[Any, jax.Array, Metrics], inputs: Tuple[Batch, jax.Array]
+  ) -> Tuple[Tuple[Any, jax.Array, Metrics], None]:
     micro_batch, key = inputs
     (loss, metrics), grads = grad_fn(trainable, micro_batch, key)
     acc_grads, acc_loss, acc_metrics = carry
@@ -75,7 +79,9 @@ def _grads_and_metrics(loss_of: Callable, trainable, batch: Batch, rng, grad_acc
   return loss / grad_accum_steps, scale(metrics), scale(grads)
 
 
-def _across_devices(axis_name: str, loss, metrics: Metrics, grads, extra: Metrics):
+def _across_devices(
+  axis_name: str, loss: jax.Array, metrics: Metrics, grads: Any, extra: Metrics
+) -> Tuple[jax.Array, Metrics, Any, Metrics]:
   """The pmap reduction: gradients, loss and metrics averaged over the devices, token
   and truncation counts summed."""
   grads = jax.lax.pmean(grads, axis_name)
@@ -138,7 +144,7 @@ def make_train_step(
 
 
 def jit_train_step(
-  step: Callable, mesh: Mesh, state_shardings, batch_shardings
+  step: Callable, mesh: Mesh, state_shardings: Any, batch_shardings: Any
 ) -> jax.stages.Wrapped:
   """`jax.jit` with explicit NamedShardings; the state is donated (updated in place)."""
   replicated = NamedSharding(mesh, PartitionSpec())
@@ -184,12 +190,12 @@ def state_shardings(
   )
 
 
-def replicate(tree, devices=None):
+def replicate(tree: Any, devices: Optional[Sequence[jax.Device]] = None) -> Any:
   """A copy of `tree` per local device, stacked on a new leading axis (pmap inputs)."""
   n = len(jax.local_devices() if devices is None else devices)
   return jax.tree_util.tree_map(lambda x: np.broadcast_to(np.asarray(x), (n,) + np.shape(x)), tree)
 
 
-def unreplicate(tree):
+def unreplicate(tree: Any) -> Any:
   """The first device's copy of a replicated (pmap) tree."""
   return jax.tree_util.tree_map(lambda x: x[0], tree)
