@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import jax
 
 from clara_jax.model.config import model_config
-from clara_jax.model.decoder import Decoder, init_params
+from clara_jax.model.decoder import Decoder, DecoderOutput, init_params
 from clara_jax.model.flops import forward_flops
 from clara_jax.train.peak import matmul_peak_flops, time_fn
 
@@ -24,9 +26,9 @@ def forward_throughput(
   tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, cfg.vocab_size)
 
   @jax.jit
-  def forward(p, t):
-    hidden = decoder.apply({"params": p}, t, adapter=adapter).hidden
-    return decoder.apply({"params": p}, hidden, method=Decoder.logits)
+  def forward(p: Any, t: jax.Array) -> jax.Array:
+    hidden = cast(DecoderOutput, decoder.apply({"params": p}, t, adapter=adapter)).hidden
+    return cast(jax.Array, decoder.apply({"params": p}, hidden, method=Decoder.logits))
 
   seconds = time_fn(forward, params, tokens, iters=iters)
   peak = matmul_peak_flops()

@@ -4,7 +4,7 @@ reason over the question, select the top k, and decode the answer greedily."""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -28,7 +28,7 @@ def _prompts_after_head(
   prompt_len: int,
   n_mem: int,
   k: int,
-):
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """Generator prompts of `prompt_len` tokens whose first `head_len` (the chat header and
   system text, shared by every question) are the same in every row: (head [head_len],
   the rows' rests as packed arrays (tokens, mask, slot positions) of prompt_len - head_len)."""
@@ -137,26 +137,36 @@ def generation_latency(
   }
 
 
-def _retrieval_phases(decoder: Decoder, n_mem: int, k: int):
+def _retrieval_phases(
+  decoder: Decoder, n_mem: int, k: int
+) -> Tuple[Callable[..., Any], Callable[..., Any], Callable[..., Any]]:
   """The jitted phases before decoding: (compress, reason, select)."""
   # The frozen compressor's path of the stage2 step: adapter folded, candidates in chunks.
   compress = jax.jit(lambda p, t, m: stages.frozen_compress(decoder, p, t, m, n_mem))
   reason = jax.jit(lambda p, t, m: clara.reason(decoder, p, t, m, n_mem))
 
   @jax.jit
-  def select(q_mem, doc_mem):
+  def select(q_mem: jax.Array, doc_mem: jax.Array) -> jax.Array:
     _, indices = jax.lax.top_k(clara.score(q_mem, doc_mem), k)
     return jnp.take_along_axis(doc_mem, indices[:, :, None, None], axis=1)
 
   return compress, reason, select
 
 
-def _time_phases(params, data, compress, reason, select, decode, iters: int):
+def _time_phases(
+  params: Any,
+  data: Dict[str, Any],
+  compress: Callable[..., Any],
+  reason: Callable[..., Any],
+  select: Callable[..., Any],
+  decode: Callable[..., Any],
+  iters: int,
+) -> Tuple[Dict[str, float], float]:
   """(seconds of each phase, seconds of the four in one call) on the batch `data`."""
   doc_t, doc_m = data["doc_tokens"], data["doc_mask"]  # [B, N, L + n_mem]
   q_t, q_m = data["q_tokens"], data["q_mask"]
 
-  def answer():
+  def answer() -> Any:
     doc_mem = compress(params, doc_t, doc_m)
     return decode(select(reason(params, q_t, q_m), doc_mem))
 
@@ -172,7 +182,9 @@ def _time_phases(params, data, compress, reason, select, decode, iters: int):
   return phases, time_fn(answer, iters=iters)
 
 
-def _latencies(phases, total: float, batch: int, new_tokens: int, flops: float, dtype) -> dict:
+def _latencies(
+  phases: Dict[str, float], total: float, batch: int, new_tokens: int, flops: float, dtype: Any
+) -> dict:
   """Per-question milliseconds, decode throughput and MFU of the timed phases."""
   peak = matmul_peak_flops(dtype=dtype)
   per_q = {f"{name}_ms_per_question": round(1e3 * s / batch, 3) for name, s in phases.items()}

@@ -36,9 +36,12 @@ import shutil
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+  from clara_jax.infer.index import MemoryIndex
 
 MODEL_SEED = 0  # the memory distribution's mean; documents and queries draw from `seed`
 DEV_SEED, EVAL_SEED = 0, 1
@@ -249,7 +252,7 @@ def _median_ms(fn: Callable[[], object], repeats: int, warmup: int = 2) -> float
   return 1e3 * statistics.median(times)
 
 
-def _top_k(index, queries: np.ndarray, k: int, batch: int) -> np.ndarray:
+def _top_k(index: MemoryIndex, queries: np.ndarray, k: int, batch: int) -> np.ndarray:
   return np.concatenate(
     [index.search(queries[s : s + batch], k)[0] for s in range(0, len(queries), batch)]
   )
@@ -313,7 +316,17 @@ def run(
   return result
 
 
-def _measure_dtypes(dtypes, memories, queries, gold, k, batch, repeats, shard_size, log):
+def _measure_dtypes(
+  dtypes: Sequence[str],
+  memories: np.ndarray,
+  queries: np.ndarray,
+  gold: np.ndarray,
+  k: int,
+  batch: int,
+  repeats: int,
+  shard_size: int,
+  log: Callable[[str], None],
+) -> Tuple[Dict[str, Dict[str, Any]], Dict[str, np.ndarray]]:
   """({dtype: its row of figures}, {dtype: its top-k ids of every query}), each index
   built from the documents' `memories` in a temporary directory."""
   docs = [{"id": str(i), "text": str(i)} for i in range(len(memories))]
@@ -332,7 +345,18 @@ def _measure_dtypes(dtypes, memories, queries, gold, k, batch, repeats, shard_si
   return results, found
 
 
-def _measure(out, dtype, compress, docs, queries, gold, k, batch, repeats, shard_size):
+def _measure(
+  out: str,
+  dtype: str,
+  compress: Callable[[Sequence[str]], np.ndarray],
+  docs: Sequence[Dict],
+  queries: np.ndarray,
+  gold: np.ndarray,
+  k: int,
+  batch: int,
+  repeats: int,
+  shard_size: int,
+) -> Tuple[Dict[str, Any], np.ndarray]:
   """(the dtype's row of figures, its top-k ids of every query): builds the index in
   `out`, loads and searches it, then deletes it."""
   import jax

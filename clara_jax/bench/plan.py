@@ -20,7 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import flax.linen as nn
 import jax
@@ -31,10 +31,15 @@ from clara_jax.model.config import REMAT_POLICIES
 from clara_jax.model.decoder import abstract_params
 from clara_jax.train.setup import abstract_batch, setup_train_step, stage_decoder_config, step_flops
 
+if TYPE_CHECKING:
+  import ml_collections
+
+  from clara_jax.train.setup import TrainStepSetup
+
 GIB = 1024**3
 
 
-def _per_device_bytes(tree, shardings) -> float:
+def _per_device_bytes(tree: Any, shardings: Any) -> float:
   total = 0.0
   for leaf, sharding in zip(jax.tree_util.tree_leaves(tree), jax.tree_util.tree_leaves(shardings)):
     shard_shape = sharding.shard_shape(leaf.shape)
@@ -42,13 +47,15 @@ def _per_device_bytes(tree, shardings) -> float:
   return total
 
 
-def _cost(compiled) -> Dict[str, float]:
+def _cost(compiled: Any) -> Dict[str, float]:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
 
 
-def lower_step(config, devices):
+def lower_step(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
+) -> Tuple[TrainStepSetup, Any, Any, Any]:
   """(setup, abstract state, its shardings, the step lowered for abstract inputs)."""
   cfg = stage_decoder_config(config)
   abstract = nn.meta.unbox(abstract_params(cfg))
@@ -59,7 +66,9 @@ def lower_step(config, devices):
   return setup, state_shape, state_sh, setup.lower(state_shape, state_sh, batch)
 
 
-def _compile(config, devices):
+def _compile(
+  config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
+) -> Tuple[TrainStepSetup, Any, Any, Any, float]:
   """(setup, abstract state, its shardings, compiled step, compile seconds)."""
   setup, state_shape, state_sh, lowered = lower_step(config, devices)
   start = time.perf_counter()
@@ -67,7 +76,7 @@ def _compile(config, devices):
   return setup, state_shape, state_sh, compiled, time.perf_counter() - start
 
 
-def step_cost(config, devices) -> Dict[str, float]:
+def step_cost(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]) -> Dict[str, float]:
   """The compiler's FLOPs and bytes accessed per device for the whole depth.
 
   XLA's cost analysis counts a loop body once, so a scanned decoder reads as one layer.
@@ -95,7 +104,7 @@ def step_cost(config, devices) -> Dict[str, float]:
   return {key: costs[0][key] + (layers - 1) * (costs[1][key] - costs[0][key]) for key in costs[0]}
 
 
-def memory_plan(config, topology: Optional[str] = None) -> Dict:
+def memory_plan(config: ml_collections.ConfigDict, topology: Optional[str] = None) -> Dict:
   """Compiles the stage's train step for `config.mesh.shape` over the TPU slice
   `topology`'s devices, or over the visible devices when None; returns per-device
   bytes, the compiler's cost analysis and, on a TPU slice, a roofline estimate."""
@@ -189,12 +198,12 @@ def mesh_shapes(devices: int) -> Iterator[Tuple[int, int, int]]:
 
 
 def search(
-  config,
+  config: ml_collections.ConfigDict,
   topology: str,
   remat_policies: Sequence[str] = ("none", "full"),
   accum_steps: Sequence[int] = (1, 2, 4),
   max_tensor: int = 8,
-  log=print,
+  log: Callable[[str], None] = print,
 ) -> List[Dict]:
   """Plans for the (data, fsdp, tensor) factorisations of the slice, remat policies and
   gradient-accumulation counts whose micro-batch divides the data-parallel size; returns

@@ -43,7 +43,7 @@ import json
 import os
 import platform
 import subprocess
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 # Our benchmark -> (the harness's benchmark, keyword arguments of our timing function).
 # Decoder rows split as the reference's labels do (363 answer tokens of 609 in stage1;
@@ -107,7 +107,7 @@ def run_reference(
   runs: int,
   threads: int,
   repo: Optional[str] = None,
-  log=print,
+  log: Callable[[str], None] = print,
 ) -> dict:
   """The harness's final JSON line ({"benchmarks": {name: {"median_s": ...}}, ...})."""
   cmd = [
@@ -140,7 +140,11 @@ def run_reference(
 
 
 def run_ours(
-  dtype: str, iters: int, names: Sequence[str], model: str = "ref_tiny", log=print
+  dtype: str,
+  iters: int,
+  names: Sequence[str],
+  model: str = "ref_tiny",
+  log: Callable[[str], None] = print,
 ) -> Dict[str, dict]:
   """This side's result dict of each benchmark, at the reference's shapes."""
   from clara_jax.bench.generation import generation_latency
@@ -220,7 +224,7 @@ def compare(
   runs: int = 5,
   threads: int = 2,
   repo: Optional[str] = None,
-  log=print,
+  log: Callable[[str], None] = print,
 ) -> dict:
   """Both sides in both dtypes, then the table; `passed` is every judged goal met."""
   cpu = cpu_info()

@@ -6,7 +6,7 @@ set up by `train.setup.setup_train_step` (also what `plan` compiles)."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,11 @@ from clara_jax.model.decoder import Decoder, init_params
 from clara_jax.train.peak import matmul_peak_flops, time_fn
 from clara_jax.train.setup import setup_train_step, stage_decoder_config, step_flops
 from clara_jax.train.state import create_state
+
+if TYPE_CHECKING:
+  import ml_collections
+
+  from clara_jax.train.setup import TrainStepSetup
 
 STAGES = ("lm", "stage1", "stage1_2", "stage2")
 
@@ -95,7 +100,7 @@ def stage_config(
   answer_len: int = 20,
   dtype: Optional[str] = None,
   attention_layout: Optional[str] = None,
-):
+) -> ml_collections.ConfigDict:
   """The stage's config file (`configs/STAGE.py`) at the benchmark's shapes, on one
   device: what `train` would run for these lengths."""
   import importlib
@@ -120,7 +125,11 @@ def stage_config(
   return config
 
 
-def build_stage_step(config, cached: bool = False, devices=None):
+def build_stage_step(
+  config: ml_collections.ConfigDict,
+  cached: bool = False,
+  devices: Optional[Sequence[jax.Device]] = None,
+) -> Tuple[TrainStepSetup, Callable[..., Any], Any, Dict[str, Any]]:
   """(setup, jitted step, its initial state, a batch) of `config`'s stage on `devices`
   (default: all, shaped by `config.mesh.shape`), set up by
   `train.setup.setup_train_step` as `train` and `plan` do; the state is donated, so
@@ -162,7 +171,7 @@ def build_stage_step(config, cached: bool = False, devices=None):
 
 
 def stage_step_time(
-  stage: str = "stage2", model: str = "tiny", cached: bool = False, iters: int = 3, **options
+  stage: str = "stage2", model: str = "tiny", cached: bool = False, iters: int = 3, **options: Any
 ) -> dict:
   """Seconds per train step of `stage` (stage2: document memories recomputed, as the
   reference does, or `cached`), tokens/s and MFU against this process's matmul peak.
@@ -172,7 +181,7 @@ def stage_step_time(
   cfg_m, cfg_c = setup.cfg, setup.cclara
   holder = [state]
 
-  def run():
+  def run() -> Any:
     with setup.context():
       holder[0], metrics = step(holder[0], data)
     return metrics

@@ -33,7 +33,8 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+import types
+from typing import TYPE_CHECKING, Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -47,6 +48,12 @@ from clara_jax.eval.stats import (
   format_value,
   reported,
 )
+
+if TYPE_CHECKING:
+  from clara_jax.data import synth
+  from clara_jax.data.tokenizer import ClaraTokenizer
+  from clara_jax.infer.api import ClaraModel
+  from clara_jax.model.decoder import Decoder
 
 EDIT_SHARE = 0.5  # share of the held-out links edited; the rest is the locality control
 MODELS = ("stage2", "sham", "edit")  # stage2 as trained, then the two fine-tunes
@@ -113,7 +120,7 @@ def plan_edits(
   return edits, control
 
 
-def rebuild_world(manifest: Mapping):
+def rebuild_world(manifest: Mapping) -> synth.World:
   """The `synth.World` a manifest was written from (generation is deterministic);
   raises if the rebuilt documents differ from the manifest's."""
   from clara_jax.data import synth
@@ -158,14 +165,14 @@ def edited_lines(
   return before, after
 
 
-def _name_pieces(tok, manifest: Mapping, entity: str) -> set:
+def _name_pieces(tok: ClaraTokenizer, manifest: Mapping, entity: str) -> set:
   from clara_jax.eval.lens import word_pieces
 
   return word_pieces(tok, manifest["documents"][entity]["name"].split())
 
 
 def records(
-  model,
+  model: ClaraModel,
   rows: Sequence[Mapping],
   manifest: Mapping,
   edits: Sequence[Edit],
@@ -208,7 +215,9 @@ def records(
   return out
 
 
-def _retrieval_and_lens(model, decoder, chunk: Sequence[Mapping]):
+def _retrieval_and_lens(
+  model: ClaraModel, decoder: Decoder, chunk: Sequence[Mapping]
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(the reasoner's top-1 [B, 1], its scores of every candidate [B, D], the lens's best
   log-probability of every vocabulary piece [B, vocab]) of a chunk of rows."""
   from clara_jax.eval.evaluate import candidate_memories
@@ -239,7 +248,12 @@ def _choice_record(
 
 
 def _moved_measures(
-  tok, manifest: Mapping, rec: Mapping, ids: Sequence[str], scores_d: np.ndarray, lens_v: np.ndarray
+  tok: ClaraTokenizer,
+  manifest: Mapping,
+  rec: Mapping,
+  ids: Sequence[str],
+  scores_d: np.ndarray,
+  lens_v: np.ndarray,
 ) -> Dict[str, Any]:
   """An edited question's `top1_new`, `margin` (from the scores [D] of its candidates
   `ids`) and `lens_auc` (from the lens's scores [vocab]), given its `_choice_record`."""
@@ -258,7 +272,7 @@ def _moved_measures(
 PROBED_ADAPTERS = ("reasoner", "generator")  # beside the base (no adapter)
 
 
-def probe(base, manifest: Mapping, edits: Sequence[Edit]) -> Dict[str, Any]:
+def probe(base: types.SimpleNamespace, manifest: Mapping, edits: Sequence[Edit]) -> Dict[str, Any]:
   """Share of edited links for which the base (closed book) ranks the new target first
   (`new_known`) and still ranks the old one first (`old_known`); the same with each
   PROBED_ADAPTERS adapter active (`<adapter>_new_known`, `<adapter>_old_known`): where

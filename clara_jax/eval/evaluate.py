@@ -323,7 +323,7 @@ def evaluate(
   out_path: Optional[str] = None,
   seed: int = 0,
   gold_counts: Optional[Dict[str, int]] = None,
-  progress=None,
+  progress: Optional[Callable[[int, int], None]] = None,
   closed_book: bool = False,
 ) -> Dict:
   """`evaluate_records` and `summarize_records`; writes `out_path` (summary) and
@@ -399,7 +399,7 @@ def run_lens(
   rows: List[Dict],
   out_path: str,
   top_t: Optional[int] = None,
-  clues=None,
+  clues: Optional[Sequence[Sequence[str]]] = None,
   progress: Optional[Callable[[str], Callable[[int, int], None]]] = None,
 ) -> Dict:
   """Lens for one or more checkpoints side by side; writes JSON and a PNG figure.
@@ -427,7 +427,7 @@ def run_lens(
   }
 
 
-def _write_json(path: str, obj) -> None:
+def _write_json(path: str, obj: Any) -> None:
   paths.write_json(path, obj, indent=2)
 
 

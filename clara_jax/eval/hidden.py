@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import types
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from clara_jax.eval.stats import (
   mean_at_least,
   reported,
 )
+
+if TYPE_CHECKING:
+  from clara_jax.data.tokenizer import ClaraTokenizer
+  from clara_jax.infer.api import ClaraModel
 
 # The models compared, by workdir name; "init" is the stage1_2 export with the reasoner
 # set as stage2 starts it.
@@ -62,7 +66,7 @@ def load_reasoners(workdir: str) -> Dict[str, Any]:
   return models
 
 
-def base_model(export_dir: str):
+def base_model(export_dir: str) -> types.SimpleNamespace:
   """The base of an export (config, params, tokenizer), for the probe: no adapter and
   no CLaRa lengths needed."""
   from clara_jax.data.tokenizer import load_tokenizer
@@ -73,7 +77,7 @@ def base_model(export_dir: str):
   return types.SimpleNamespace(cfg=cfg, params=params, tok=tok)
 
 
-def excluded_pieces(tok, world_dir: str) -> set:
+def excluded_pieces(tok: ClaraTokenizer, world_dir: str) -> set:
   """Template pieces of the world's documents (`lens.template_pieces`, per kind)."""
   manifest = paths.read_json(paths.join(world_dir, "manifest.json"))
   kinds = {i: d["kind"] for i, d in manifest["documents"].items()}
@@ -83,7 +87,9 @@ def excluded_pieces(tok, world_dir: str) -> set:
   return lens_lib.template_pieces(tok, by_kind, TEMPLATE_SHARE)
 
 
-def lens_matched_sets(tok, rows: Sequence[Dict], excluded: set, seed: int = 0) -> List[Dict]:
+def lens_matched_sets(
+  tok: ClaraTokenizer, rows: Sequence[Dict], excluded: set, seed: int = 0
+) -> List[Dict]:
   """Each row's `lens.matched_sets` against its non-gold candidates of the gold's kind,
   built once (seeded) so every model is scored on the same sets."""
   rng = np.random.default_rng(seed)
@@ -110,7 +116,11 @@ def lens_matched_sets(tok, rows: Sequence[Dict], excluded: set, seed: int = 0) -
 
 
 def lens_records(
-  model, rows: Sequence[Dict], matched: Sequence[Dict], seed: int = 0, num_permutations: int = 200
+  model: ClaraModel,
+  rows: Sequence[Dict],
+  matched: Sequence[Dict],
+  seed: int = 0,
+  num_permutations: int = 200,
 ) -> Tuple[List[Dict], Dict]:
   """The reasoner's lens v2 on `rows`, one record per question: its `id`, `seen`,
   `template`, each measure (`lens.MEASURES`) and that measure's permutation null

@@ -26,6 +26,8 @@ import io
 import re
 from collections import Counter
 from typing import (
+  TYPE_CHECKING,
+  Any,
   Dict,
   Iterable,
   List,
@@ -46,6 +48,9 @@ from clara_jax import paths
 from clara_jax.data.tokenizer import ClaraTokenizer
 from clara_jax.eval.stats import bootstrap_ci, paired_difference
 from clara_jax.model.decoder import Decoder
+
+if TYPE_CHECKING:
+  from matplotlib.figure import Figure
 
 STOPWORDS = frozenset(
   """a about above after again against all am an and any are as at be
@@ -79,7 +84,7 @@ def token_word(tok: ClaraTokenizer, token_id: int) -> Optional[str]:
 
 
 def lens_decode(
-  params, model: Decoder, states: jax.typing.ArrayLike, top_t: int
+  params: Any, model: Decoder, states: jax.typing.ArrayLike, top_t: int
 ) -> Tuple[np.ndarray, np.ndarray]:
   """One pass of states [B, M, hidden] through the lens: the top-T token ids of every
   slot [B, M, top_t], and each token's best log-probability over the slots [B, vocab]
@@ -375,7 +380,7 @@ def plot(
   plt.close(fig)
 
 
-def save_figure(fig, path: str, dpi: int = 100) -> None:
+def save_figure(fig: Figure, path: str, dpi: int = 100) -> None:
   """`fig.savefig(path)` for any path `clara_jax.paths` writes (a `gs://` URI too), all
   or nothing; the format from the file's extension, as matplotlib picks it."""
   buffer = io.BytesIO()

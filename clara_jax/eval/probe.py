@@ -13,14 +13,15 @@ sibling, Y) and (Y, link, gold). A question's chain is known when every link is.
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+import types
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from clara_jax.model import clara
-from clara_jax.model.decoder import Decoder
+from clara_jax.model.decoder import Decoder, DecoderOutput
 
 # The first LM-text wording of each person link ({n} the person, {v} the linked name).
 LINK_SENTENCES = {
@@ -42,7 +43,10 @@ def chain_links(question: Mapping) -> List[Link]:
 
 
 def sentence_log_likelihoods(
-  model, sentences: Sequence[str], batch: int = 64, adapter: Optional[str] = None
+  model: types.SimpleNamespace,
+  sentences: Sequence[str],
+  batch: int = 64,
+  adapter: Optional[str] = None,
 ) -> np.ndarray:
   """Sum of next-token log-probabilities of each sentence [S] under the base model
   (`adapter` None) or the model with that LoRA adapter active, after BOS."""
@@ -56,15 +60,20 @@ def sentence_log_likelihoods(
   decoder = Decoder(model.cfg)
 
   @jax.jit
-  def score(params, t, m):
-    hidden = decoder.apply(
-      {"params": params},
-      t,
-      attention_mask=m,
-      positions=clara.positions_from_mask(m),
-      adapter=adapter,
+  def score(params: Any, t: jax.Array, m: jax.Array) -> jax.Array:
+    hidden = cast(
+      DecoderOutput,
+      decoder.apply(
+        {"params": params},
+        t,
+        attention_mask=m,
+        positions=clara.positions_from_mask(m),
+        adapter=adapter,
+      ),
     ).hidden
-    logits = decoder.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
+    logits = cast(
+      jax.Array, decoder.apply({"params": params}, hidden[:, :-1], method=Decoder.logits)
+    )
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     picked = jnp.take_along_axis(logp, t[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(picked * (m[:, 1:] * m[:, :-1]), axis=-1)
@@ -81,7 +90,10 @@ def sentence_log_likelihoods(
 
 
 def probe_links(
-  model, manifest: Mapping, links: Sequence[Link], adapter: Optional[str] = None
+  model: types.SimpleNamespace,
+  manifest: Mapping,
+  links: Sequence[Link],
+  adapter: Optional[str] = None,
 ) -> Dict[Link, bool]:
   """{link: known} for each distinct link: the true entity's sentence outscores the
   sentence with every other entity of its kind (under the base, or with `adapter`)."""
@@ -105,7 +117,9 @@ def probe_links(
   return known
 
 
-def knowledge_report(model, manifest: Mapping, question_ids: Sequence[str]) -> Dict:
+def knowledge_report(
+  model: types.SimpleNamespace, manifest: Mapping, question_ids: Sequence[str]
+) -> Dict:
   """Probe accuracy over the links of the given questions' chains, and per question
   whether its whole chain is known ({"links", "known_share", "chance", "questions"})."""
   questions = manifest["questions"]

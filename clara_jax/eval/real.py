@@ -25,7 +25,7 @@ neither the compressor nor the base, so they are the memories it trained on.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -43,12 +43,16 @@ from clara_jax.eval.stats import (
   reported,
 )
 
+if TYPE_CHECKING:
+  from clara_jax.data.tokenizer import ClaraTokenizer
+  from clara_jax.infer.api import ClaraModel
+
 TEMPLATE_SHARE = 0.3  # pieces in more share of the documents are template words
 RECALL_AT = (1, 5)
 EXAMPLES = 12  # questions on the examples page, spread over the held-out rows
 
 
-def retrieval_records(model, rows: Sequence[Dict], batch: int = 8) -> List[Dict]:
+def retrieval_records(model: ClaraModel, rows: Sequence[Dict], batch: int = 8) -> List[Dict]:
   """Per question: the reasoner's ranking of its candidates and Recall@1/5 (no
   generation: what the initial reasoner is compared on)."""
   from clara_jax.eval.evaluate import candidate_memories
@@ -71,7 +75,7 @@ def retrieval_records(model, rows: Sequence[Dict], batch: int = 8) -> List[Dict]
 
 
 def matched_lens_sets(
-  tok, rows: Sequence[Dict], corpus: Sequence[str], seed: int = 0
+  tok: ClaraTokenizer, rows: Sequence[Dict], corpus: Sequence[str], seed: int = 0
 ) -> List[Dict]:
   """Each row's `lens.matched_sets` of its first gold document against every non-gold
   candidate, template pieces (`TEMPLATE_SHARE` of `corpus`) and the pieces of its
@@ -92,7 +96,7 @@ def matched_lens_sets(
   return out
 
 
-def lens_examples(model, rows: Sequence[Dict], top_words: int = 12) -> List[Dict]:
+def lens_examples(model: ClaraModel, rows: Sequence[Dict], top_words: int = 12) -> List[Dict]:
   """Per row: the question, answer, gold document, and the reasoner memories' top lens
   words (best log-probability over the memory slots), each marked `in_question` (a form
   of a question word, `lens.same_stem`) or `in_gold` (else in the gold document)."""
@@ -219,7 +223,7 @@ def evaluate_run(
   return results
 
 
-def _cached_models(workdir: str, cache_dir: str):
+def _cached_models(workdir: str, cache_dir: str) -> Tuple[ClaraModel, ClaraModel]:
   """(the stage2 export, the stage1_2-initialised reasoner), both reading candidates'
   memories from the memory cache in `cache_dir`."""
   from clara_jax.infer.api import ClaraModel, initial_reasoner

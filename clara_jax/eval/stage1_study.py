@@ -26,9 +26,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+if TYPE_CHECKING:
+  import jax
+  import ml_collections
+
+  from clara_jax.pipeline.recipe import Recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +118,14 @@ def dev_losses(
   compress = jax.jit(lambda p, t, m: clara.memories(model, p, t, m, n_mem, clara.COMPRESSOR))
 
   @jax.jit
-  def per_row(p, tokens, mask, slots, mem, answer_mask):
+  def per_row(
+    p: Any,
+    tokens: jax.Array,
+    mask: jax.Array,
+    slots: jax.Array,
+    mem: jax.Array,
+    answer_mask: jax.Array,
+  ) -> jax.Array:
     one = lambda t, m, s, mm, a: clara.generator_loss(
       model, p, t[None], m[None], s[None], mm[None, None], a[None], memory_scale=memory_scale
     )[0]
@@ -128,7 +141,7 @@ def dev_losses(
   )
   other = np.roll(mem, -1, axis=0)
 
-  def losses(memories):
+  def losses(memories: np.ndarray) -> np.ndarray:
     return np.concatenate(
       [
         np.asarray(
@@ -218,7 +231,7 @@ def run(
 
 def _prepared_recipe(
   data_dir: str, workdir: str, base: str, quick: bool, seed: int, log: Callable[[str], None]
-):
+) -> Tuple[Recipe, bool]:
   """(the pretrained recipe fitted to the prepared data and imported base, whether the
   recipe's data plan restates stage1's documents): the pipeline's preparation of
   configs/recipes/real_pretrained, on the plan's stage1 rows without restatements (each
@@ -249,14 +262,14 @@ def _training_source(workdir: str, train_rows: List[Dict], restate: bool) -> str
   return source
 
 
-def _variant_recipe(recipe, overrides: Dict[str, Any]):
+def _variant_recipe(recipe: Recipe, overrides: Dict[str, Any]) -> Recipe:
   """The recipe with stage1's config updated by `overrides`."""
   from clara_jax.pipeline import recipe as recipe_lib
 
   return recipe_lib.with_overrides(recipe, {}, {"stage1": overrides})
 
 
-def _dev_record(workdir: str, recipe, dev_rows: List[Dict], seed: int) -> Dict[str, Any]:
+def _dev_record(workdir: str, recipe: Recipe, dev_rows: List[Dict], seed: int) -> Dict[str, Any]:
   """`summarize` of the trained stage1 export on the dev rows and their restatements."""
   from clara_jax import paths
   from clara_jax.pipeline import real_data
@@ -275,7 +288,7 @@ def _dev_record(workdir: str, recipe, dev_rows: List[Dict], seed: int) -> Dict[s
 
 
 def _dev_arrays(
-  config, export: str, n_mem: int, dev_data: List[Dict], seed: int
+  config: ml_collections.ConfigDict, export: str, n_mem: int, dev_data: List[Dict], seed: int
 ) -> Dict[str, np.ndarray]:
   """The stage1 features of the dev rows, stacked (`dev_losses`' input)."""
   from clara_jax.data.features import FeatureConfig, Featurizer
