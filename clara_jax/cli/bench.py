@@ -3,13 +3,14 @@ reference; the document-memory index."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 
 from clara_jax.cli.common import positive_int
 
 
-def _bench_shapes(args) -> dict:
+def _bench_shapes(args: argparse.Namespace) -> dict:
   return {
     "batch": args.batch or 4,
     "candidates": args.candidates,
@@ -20,11 +21,11 @@ def _bench_shapes(args) -> dict:
   }
 
 
-def _step_options(args) -> dict:
+def _step_options(args: argparse.Namespace) -> dict:
   return {"dtype": args.dtype, "attention_layout": args.attention}
 
 
-def _cmd_bench(args) -> int:
+def _cmd_bench(args: argparse.Namespace) -> int:
   """Prints one JSON line per benchmark; `suite` ends with a line holding them all."""
   if args.what == "index":  # before anything starts jax: it sets the simulated devices
     return _bench_index(args)
@@ -62,7 +63,7 @@ def _cmd_bench(args) -> int:
   return 0
 
 
-def _bench_reference(args) -> int:
+def _bench_reference(args: argparse.Namespace) -> int:
   """Both sides at the reference's shapes; the table; exit 1 if a judged goal is missed."""
   from clara_jax.bench import reference
 
@@ -96,7 +97,7 @@ def _bench_reference(args) -> int:
   return 0 if result["passed"] else 1
 
 
-def _bench_index(args) -> int:
+def _bench_index(args: argparse.Namespace) -> int:
   """The index's build, storage, search and int8 recall, then the goals; exit 1 if one
   is missed."""
   from clara_jax.bench import index as bench_index
@@ -123,7 +124,7 @@ def _bench_index(args) -> int:
   return 0 if result["passed"] is not False else 1
 
 
-def _add_bench(sub) -> None:
+def _add_bench(sub: argparse._SubParsersAction) -> None:
   bench = sub.add_parser(
     "bench",
     help="step time, tokens/s, MFU and generation latency (JSON lines; `suite` runs them all)",
@@ -138,7 +139,7 @@ def _add_bench(sub) -> None:
   bench.set_defaults(fn=_cmd_bench)
 
 
-def _add_step_flags(bench) -> None:
+def _add_step_flags(bench: argparse.ArgumentParser) -> None:
   """The model and shapes of forward, step, stage2, generate and suite."""
   bench.add_argument("--model", default="small", help="a named size (e.g. ref_tiny)")
   bench.add_argument(
@@ -179,7 +180,7 @@ def _add_step_flags(bench) -> None:
   )
 
 
-def _add_reference_flags(bench) -> None:
+def _add_reference_flags(bench: argparse.ArgumentParser) -> None:
   """`bench reference`: the PyTorch harness and how long it runs."""
   bench.add_argument(
     "--harness", default=None, help="reference: the PyTorch CLaRa harness script (bench_ref.py)"
@@ -197,7 +198,7 @@ def _add_reference_flags(bench) -> None:
   bench.add_argument("--ref_runs", type=positive_int, default=5)
 
 
-def _add_index_flags(bench) -> None:
+def _add_index_flags(bench: argparse.ArgumentParser) -> None:
   """`bench index`: the synthetic corpus, its storage dtypes and devices."""
   bench.add_argument(
     "--docs", type=positive_int, default=100_000, help="index: synthetic documents"

@@ -4,6 +4,10 @@ one line, count validators, loading a trained stage's model, checks on output pa
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING, Callable, NoReturn
+
+if TYPE_CHECKING:
+  from clara_jax.infer.api import ClaraModel
 
 
 class UsageError(Exception):
@@ -14,11 +18,11 @@ class ArgumentParser(argparse.ArgumentParser):
   """argparse whose usage errors raise UsageError (one line from `main`, exit 2) instead
   of printing the usage block and exiting; subcommand parsers are of this class too."""
 
-  def error(self, message: str):
+  def error(self, message: str) -> NoReturn:
     raise UsageError(message)
 
 
-def _int_at_least(minimum: int):
+def _int_at_least(minimum: int) -> Callable[[str], int]:
   def parse(text: str) -> int:
     try:
       value = int(text)
@@ -36,7 +40,7 @@ non_negative_int = _int_at_least(0)
 positive_int = _int_at_least(1)
 
 
-def load_model(workdir: str):
+def load_model(workdir: str) -> ClaraModel:
   """The ClaraModel of a trained stage's workdir (its export/), with errors that say
   which of the two is missing."""
   from clara_jax import paths

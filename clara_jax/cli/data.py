@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from typing import Dict
@@ -10,7 +11,7 @@ from clara_jax.cli.common import UsageError, non_negative_int, one_line, positiv
 from clara_jax.progress import Progress
 
 
-def _cmd_synth(args) -> int:
+def _cmd_synth(args: argparse.Namespace) -> int:
   from clara_jax.data import synth
 
   size = args.size
@@ -60,7 +61,7 @@ def _cmd_synth(args) -> int:
   return 0
 
 
-def _cmd_convert(args) -> int:
+def _cmd_convert(args: argparse.Namespace) -> int:
   # Only stdlib, numpy and scipy on this path: converting data must not start jax.
   from clara_jax.data.convert import convert
   from clara_jax.data.formats import DataError
@@ -88,7 +89,7 @@ def _cmd_convert(args) -> int:
   return 0
 
 
-def _add_synth(sub) -> None:
+def _add_synth(sub: argparse._SubParsersAction) -> None:
   sy = sub.add_parser("synth", help="generate a fictional world (the embedded default data)")
   sy.add_argument("--out", required=True, help="output directory (or file with --stream)")
   sy.add_argument("--seed", type=int, default=0)
@@ -129,7 +130,7 @@ def _add_synth(sub) -> None:
   sy.set_defaults(fn=_cmd_synth)
 
 
-def _add_convert(sub) -> None:
+def _add_convert(sub: argparse._SubParsersAction) -> None:
   cv = sub.add_parser(
     "convert",
     help="a QA dataset (or stage1 rows) to CLaRa JSONL, with BM25 distractors and seeded shuffling",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 from clara_jax.cli.common import check_out_file, load_model, positive_int
 from clara_jax.progress import Progress
 
 
-def _cmd_evaluate(args) -> int:
+def _cmd_evaluate(args: argparse.Namespace) -> int:
   from clara_jax.eval.baselines import gold_counts_of
   from clara_jax.eval.evaluate import evaluate, load_rows
 
@@ -29,7 +30,7 @@ def _cmd_evaluate(args) -> int:
   return 0
 
 
-def _cmd_lens(args) -> int:
+def _cmd_lens(args: argparse.Namespace) -> int:
   from clara_jax.eval.evaluate import load_rows, run_lens
 
   # Every input is read and checked before the models load: bad data fails at once.
@@ -65,7 +66,7 @@ def _cmd_lens(args) -> int:
   return 0
 
 
-def _cmd_index(args) -> int:
+def _cmd_index(args: argparse.Namespace) -> int:
   from clara_jax import paths
   from clara_jax.data.formats import check_output_dir, read_corpus
   from clara_jax.infer.index import MemoryIndex, build_index
@@ -104,7 +105,7 @@ def _cmd_index(args) -> int:
   return 0
 
 
-def _cmd_answer(args) -> int:
+def _cmd_answer(args: argparse.Namespace) -> int:
   """Answers every question of --questions from the index, --batch at a time, into the
   JSONL file --out (written whole at the end, or not at all)."""
   from clara_jax import paths
@@ -156,7 +157,7 @@ def _cmd_answer(args) -> int:
   return 0
 
 
-def _add_evaluate(sub) -> None:
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
   ev = sub.add_parser("evaluate", help="EM/F1/Cover EM, Recall@k vs BM25, latency")
   ev.add_argument("--workdir", required=True, help="a trained stage's workdir (export/)")
   ev.add_argument("--data", required=True, help="stage2 or stage1_2 JSONL")
@@ -172,7 +173,7 @@ def _add_evaluate(sub) -> None:
   ev.set_defaults(fn=_cmd_evaluate)
 
 
-def _add_lens(sub) -> None:
+def _add_lens(sub: argparse._SubParsersAction) -> None:
   ln = sub.add_parser("lens", help="logit lens of the reasoner's memories")
   ln.add_argument("--workdir", required=True)
   ln.add_argument("--compare", default=None, help="a second workdir, side by side")
@@ -193,7 +194,7 @@ def _add_lens(sub) -> None:
   ln.set_defaults(fn=_cmd_lens)
 
 
-def _add_index(sub) -> None:
+def _add_index(sub: argparse._SubParsersAction) -> None:
   ix = sub.add_parser("index", help="compress a corpus into a document-memory index")
   ix.add_argument("--workdir", required=True)
   ix.add_argument("--corpus", required=True, help='JSONL of {"id", "text"}')
@@ -210,7 +211,7 @@ def _add_index(sub) -> None:
   ix.set_defaults(fn=_cmd_index)
 
 
-def _add_answer(sub) -> None:
+def _add_answer(sub: argparse._SubParsersAction) -> None:
   an = sub.add_parser(
     "answer",
     help="answer a JSONL file of questions from an index, in "

@@ -4,6 +4,7 @@ edit of a demo run."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import List, Optional
 
@@ -16,7 +17,11 @@ def _seeds(text: str) -> List[int]:
 
 
 def _run_recipe(
-  command: str, recipe: str, args, data_dir: Optional[str] = None, base: Optional[str] = None
+  command: str,
+  recipe: str,
+  args: argparse.Namespace,
+  data_dir: Optional[str] = None,
+  base: Optional[str] = None,
 ) -> int:
   """Runs the pipeline of `recipe`: 0 when every claim with a target passed, 1 when one
   missed, 128 + the signal when a stage was stopped."""
@@ -43,20 +48,20 @@ def _run_recipe(
   return 0 if report.claims_met(summary) else 1
 
 
-def _cmd_pipeline(args) -> int:
+def _cmd_pipeline(args: argparse.Namespace) -> int:
   return _run_recipe("pipeline", args.recipe, args, args.data_dir, args.base)
 
 
-def _cmd_demo(args) -> int:
+def _cmd_demo(args: argparse.Namespace) -> int:
   return _run_recipe("demo", "demo", args)
 
 
-def _cmd_real_data(args) -> int:
+def _cmd_real_data(args: argparse.Namespace) -> int:
   recipe = "real_tiny" if args.base is None else "real_pretrained"
   return _run_recipe("real-data", recipe, args, args.data_dir, args.base)
 
 
-def _cmd_edit(args) -> int:
+def _cmd_edit(args: argparse.Namespace) -> int:
   from absl import logging
 
   logging.set_verbosity(logging.WARNING)
@@ -81,13 +86,15 @@ def _cmd_edit(args) -> int:
   return 0 if all(passed is not False for *_, passed in rows) else 1
 
 
-def _add_run_flags(parser, workdir: str, quick_help: str, seed_help: str) -> None:
+def _add_run_flags(
+  parser: argparse.ArgumentParser, workdir: str, quick_help: str, seed_help: str
+) -> None:
   parser.add_argument("--workdir", default=workdir)
   parser.add_argument("--quick", action="store_true", help=quick_help)
   parser.add_argument("--seed", type=int, default=0, help=seed_help)
 
 
-def _add_seeds(parser) -> None:
+def _add_seeds(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--seeds",
     default="",
@@ -97,7 +104,7 @@ def _add_seeds(parser) -> None:
   )
 
 
-def _add_data_dir(parser, required: bool) -> None:
+def _add_data_dir(parser: argparse.ArgumentParser, required: bool) -> None:
   parser.add_argument(
     "--data_dir",
     required=required,
@@ -107,7 +114,7 @@ def _add_data_dir(parser, required: bool) -> None:
   )
 
 
-def _add_base(parser) -> None:
+def _add_base(parser: argparse.ArgumentParser) -> None:
   parser.add_argument(
     "--base",
     default=None,
@@ -116,7 +123,7 @@ def _add_base(parser) -> None:
   )
 
 
-def _add_pipeline(sub) -> None:
+def _add_pipeline(sub: argparse._SubParsersAction) -> None:
   parser = sub.add_parser(
     "pipeline",
     help="a recipe's whole pipeline: its stages in order (each resumable), its "
@@ -140,7 +147,7 @@ def _add_pipeline(sub) -> None:
   parser.set_defaults(fn=_cmd_pipeline)
 
 
-def _add_demo(sub) -> None:
+def _add_demo(sub: argparse._SubParsersAction) -> None:
   demo = sub.add_parser(
     "demo", help="the whole CLaRa pipeline on the generated world (`pipeline --recipe demo`)"
   )
@@ -151,7 +158,7 @@ def _add_demo(sub) -> None:
   demo.set_defaults(fn=_cmd_demo)
 
 
-def _add_edit(sub) -> None:
+def _add_edit(sub: argparse._SubParsersAction) -> None:
   ed = sub.add_parser(
     "edit",
     help="the causal edit on a demo run: change held-out links in "
@@ -164,7 +171,7 @@ def _add_edit(sub) -> None:
   ed.set_defaults(fn=_cmd_edit)
 
 
-def _add_real_data(sub) -> None:
+def _add_real_data(sub: argparse._SubParsersAction) -> None:
   real = sub.add_parser(
     "real-data",
     help="the pipeline on the real HotpotQA, NQ and CLaRa-pretraining files (see "

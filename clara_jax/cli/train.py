@@ -4,12 +4,16 @@ ahead of time for a TPU slice."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import sys
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
 from clara_jax.cli.common import ArgumentParser, UsageError, positive_int
+
+if TYPE_CHECKING:
+  import ml_collections
 
 
 def train_main(argv: Sequence[str]) -> int:
@@ -18,7 +22,7 @@ def train_main(argv: Sequence[str]) -> int:
   --process_id=I | --distributed]` (absl flags, ml_collections config files)."""
   from absl import flags, logging
 
-  def define(fv):
+  def define(fv: Any) -> None:
     flags.DEFINE_string(
       "workdir", None, "run directory (checkpoints, metrics, export)", flag_values=fv
     )
@@ -56,7 +60,7 @@ def train_main(argv: Sequence[str]) -> int:
   return 0
 
 
-def _config_flags(argv: Sequence[str], extra_defs=None):
+def _config_flags(argv: Sequence[str], extra_defs: Optional[Callable[[Any], None]] = None) -> Any:
   """Parses `--config=FILE[:variant]` (+ `--config.*` overrides) with absl flags."""
   from absl import flags
   from ml_collections import config_flags
@@ -147,7 +151,7 @@ def plan_main(argv: Sequence[str]) -> int:
     if relaunched is not None:
       return relaunched
 
-  def define(fv):
+  def define(fv: Any) -> None:
     flags.DEFINE_string("mesh", None, "d,f,t", flag_values=fv)
     flags.DEFINE_string("topology", None, "a TPU slice, e.g. v5e-256", flag_values=fv)
     flags.DEFINE_bool(
@@ -205,7 +209,7 @@ def _relaunch_on_cpu_devices(argv: Sequence[str], shape: tuple) -> Optional[int]
   return subprocess.call([sys.executable, "-m", "clara_jax.cli", "plan", *argv], env=env)
 
 
-def _run_plan(config, topology: Optional[str], search: bool) -> int:
+def _run_plan(config: ml_collections.ConfigDict, topology: Optional[str], search: bool) -> int:
   """The memory plan (or with `search`, every configuration that fits) as JSON."""
   from clara_jax.bench import plan
 
@@ -251,7 +255,7 @@ def _plan_index(argv: Sequence[str]) -> int:
   return 0
 
 
-def _add_train(sub) -> None:
+def _add_train(sub: argparse._SubParsersAction) -> None:
   # Listed for the help only: `main` hands `train` to train_main before argparse runs.
   sub.add_parser(
     "train",
@@ -260,7 +264,7 @@ def _add_train(sub) -> None:
   )
 
 
-def _add_plan(sub) -> None:
+def _add_plan(sub: argparse._SubParsersAction) -> None:
   # Listed for the help only: `main` hands `plan` to plan_main before argparse runs.
   sub.add_parser(
     "plan",

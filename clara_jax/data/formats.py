@@ -215,7 +215,7 @@ def check_output_dir(path: str) -> None:
     raise NotADirectoryError(f"{path}: is a file; expected a directory to write into")
 
 
-def _lines(f) -> Iterator[Tuple[int, Optional[bytes], int]]:
+def _lines(f: Any) -> Iterator[Tuple[int, Optional[bytes], int]]:
   """(line number, bytes, length) of each line of a binary stream with `readline(size)`
   (`paths.open_binary`); bytes is None for a line over MAX_LINE_BYTES, which is read past
   in chunks, never held whole."""
@@ -529,7 +529,7 @@ def write_jsonl_atomic(path: str, rows: Iterable[Dict[str, Any]]) -> int:
   an existing one. Returns the number of rows written."""
   count = 0
 
-  def lines():
+  def lines() -> Iterator[str]:
     nonlocal count
     for row in rows:
       yield json.dumps(row, ensure_ascii=False) + "\n"

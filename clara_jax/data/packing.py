@@ -10,7 +10,7 @@ Truncation never fails silently: every packer returns how many rows it truncated
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Set, Tuple
 
 import numpy as np
 
@@ -67,7 +67,15 @@ def slot_ids(n_mem: int, k: int, mem_ids: Sequence[int], sep_id: int) -> List[in
   return (list(mem_ids[:n_mem]) + [sep_id]) * k
 
 
-def _fit_row(row: int, prompt, answer, prompt_len: int, answer_len: int, mem_set, eos_id: int):
+def _fit_row(
+  row: int,
+  prompt: Sequence[int],
+  answer: Sequence[int],
+  prompt_len: int,
+  answer_len: int,
+  mem_set: Set[int],
+  eos_id: int,
+) -> Tuple[List[int], List[int], bool]:
   """(prompt, answer + eos, whether either was cut) cut to their regions: the prompt
   from the left (never through a memory slot), the answer at the right (keeping eos)."""
   prompt, answer = list(prompt), list(answer) + [eos_id]

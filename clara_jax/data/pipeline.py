@@ -15,7 +15,7 @@ the number of processes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, Optional, Sequence
 
 import grain.python as grain
 import jax
@@ -67,7 +67,7 @@ class InputPipeline:
     self._dataset = ds.batch(lb, drop_remainder=True)
     self._iterator = iter(self._dataset.to_iter_dataset())
 
-  def __iter__(self):
+  def __iter__(self) -> Iterator[Example]:
     return self
 
   def __next__(self) -> Example:
@@ -82,7 +82,7 @@ class InputPipeline:
 
 
 def to_global_arrays(
-  local_batch: Example, mesh: Mesh, rules=partitioning.DEFAULT_RULES
+  local_batch: Example, mesh: Mesh, rules: Any = partitioning.DEFAULT_RULES
 ) -> Dict[str, jax.Array]:
   """Assembles every process's local batch into global arrays sharded over the batch
   axes of `mesh` (`jax.make_array_from_process_local_data`)."""

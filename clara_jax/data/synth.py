@@ -36,7 +36,7 @@ import functools
 import json
 import random
 import re
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple, Union
 
 from clara_jax import paths
 from clara_jax.data.formats import (
@@ -202,7 +202,7 @@ WORLDS = {
 }
 
 
-def world_options(world) -> WorldOptions:
+def world_options(world: Union[str, WorldOptions]) -> WorldOptions:
   """A name of WORLDS, or WorldOptions as they are."""
   if isinstance(world, WorldOptions):
     return world
@@ -739,11 +739,11 @@ def _limit_facts(rng: random.Random, ents: Dict[str, Entity], max_facts: int) ->
 
 def make_world(
   seed: int,
-  size="tiny",
+  size: Union[str, WorldSize] = "tiny",
   test_share: float = 0.2,
   max_facts: Optional[int] = None,
   names: str = "syllables",
-  world="hidden",
+  world: Union[str, WorldOptions] = "hidden",
   fresh: bool = False,
 ) -> World:
   """A world from a seed: `size` is a name in SIZES or a WorldSize; `max_facts` caps the
@@ -898,7 +898,7 @@ def lm_text(
   world: World,
   wordings: int = 3,
   fresh_worlds: int = 8,
-  size="tiny",
+  size: Union[str, WorldSize] = "tiny",
   max_facts: Optional[int] = None,
 ) -> List[str]:
   """Lines of pretraining text: `world_lm_lines`, then the documents of `fresh_worlds`
@@ -943,13 +943,13 @@ def _fresh_seed(seed: int, index: int) -> int:
 def iter_fresh_rows(
   seed: int,
   fmt: str = STAGE1,
-  size="tiny",
+  size: Union[str, WorldSize] = "tiny",
   k: int = 5,
   start_world: int = 0,
   max_facts: Optional[int] = None,
   names: str = "syllables",
   candidates: Optional[int] = None,
-  world="hidden",
+  world: Union[str, WorldOptions] = "hidden",
 ) -> Iterator[Dict]:
   """Endless rows from fresh worlds (new names and facts each world), in world order:
   nothing learned about one world helps answer the next except reading the document.
@@ -979,12 +979,12 @@ def write_fresh(
   seed: int,
   num_rows: int,
   fmt: str = STAGE1,
-  size="tiny",
+  size: Union[str, WorldSize] = "tiny",
   k: int = 5,
   max_facts: Optional[int] = None,
   names: str = "syllables",
   candidates: Optional[int] = None,
-  world="hidden",
+  world: Union[str, WorldOptions] = "hidden",
 ) -> int:
   """Writes the first `num_rows` streamed fresh-world rows (a training file in which no
   fact repeats across worlds)."""
@@ -997,7 +997,7 @@ def write_fresh(
 def write_world(
   directory: str,
   seed: int = 0,
-  size="tiny",
+  size: Union[str, WorldSize] = "tiny",
   candidates: int = 20,
   k: int = 5,
   lm_wordings: int = 3,
@@ -1005,7 +1005,7 @@ def write_world(
   fresh_rows: int = 0,
   max_facts: Optional[int] = None,
   names: str = "syllables",
-  world="hidden",
+  world: Union[str, WorldOptions] = "hidden",
 ) -> Dict:
   """Writes a world's files into `directory` (see the module docstring); returns the
   manifest. The manifest is written last, so its presence means the world is complete."""
@@ -1052,7 +1052,9 @@ def write_world(
   return manifest
 
 
-def _write_stage_files(directory: str, the_world, candidates: int, k: int, seed: int) -> Dict:
+def _write_stage_files(
+  directory: str, the_world: World, candidates: int, k: int, seed: int
+) -> Dict:
   """Each stage format's train and test rows; {file name: rows}."""
   counts = {}
   for split in ("train", "test"):
@@ -1062,7 +1064,14 @@ def _write_stage_files(directory: str, the_world, candidates: int, k: int, seed:
   return counts
 
 
-def _write_lm_files(directory: str, the_world, wordings: int, fresh_worlds: int, size, max_facts):
+def _write_lm_files(
+  directory: str,
+  the_world: World,
+  wordings: int,
+  fresh_worlds: int,
+  size: Union[str, WorldSize],
+  max_facts: Optional[int],
+) -> Dict[str, int]:
   """The pretraining text (lm.txt) and the world's own sentences; {file name: lines}."""
   lines = lm_text(the_world, wordings, fresh_worlds, size, max_facts)
   write_text(paths.join(directory, "lm.txt", absolute=False), lines)
@@ -1071,7 +1080,7 @@ def _write_lm_files(directory: str, the_world, wordings: int, fresh_worlds: int,
   return {"lm.txt": len(lines), LM_WORLD_FILE: len(world_lines)}
 
 
-def _question_record(q) -> Dict:
+def _question_record(q: Question) -> Dict:
   """A question as the manifest records it."""
   return {
     "question": q.text,

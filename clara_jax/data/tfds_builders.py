@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple, Union
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -72,8 +72,8 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
     files: Dict[str, str],
     on_error: str = "raise",
     num_docs: Optional[int] = None,
-    **kwargs,
-  ):
+    **kwargs: Any,
+  ) -> None:
     self._files, self._on_error, self._num_docs = dict(files), on_error, num_docs
     self.reports: Dict[str, formats.ReadReport] = {}
     super().__init__(**kwargs)
@@ -85,7 +85,7 @@ class _ClaraBuilder(tfds.core.GeneratorBasedBuilder):
       description=f"CLaRa {self.FORMAT} rows from local JSONL.",
     )
 
-  def _split_generators(self, dl_manager):
+  def _split_generators(self, dl_manager: Any) -> Dict[str, Iterator[Tuple[int, dict]]]:
     del dl_manager  # local files only: nothing is downloaded
     return {split: self._generate_examples(split, path) for split, path in self._files.items()}
 
@@ -127,7 +127,11 @@ BUILDERS = {
 
 
 def prepare(
-  fmt: str, source, data_dir: str, on_error: str = "raise", num_docs: Optional[int] = None
+  fmt: str,
+  source: Union[str, os.PathLike, Dict[str, str]],
+  data_dir: str,
+  on_error: str = "raise",
+  num_docs: Optional[int] = None,
 ) -> _ClaraBuilder:
   """Validates and writes the dataset (once; later calls reuse it) and returns the
   builder, whose `as_data_source(split)` gives random access to decoded rows.
@@ -163,7 +167,7 @@ def prepare(
 def decode_row(row: Dict) -> Dict:
   """TFDS yields bytes for text; turn an example back into a normalised row."""
 
-  def text(value):
+  def text(value: Any) -> Any:
     return value.decode("utf-8") if isinstance(value, bytes) else value
 
   out = {}

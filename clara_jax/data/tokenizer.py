@@ -564,7 +564,7 @@ class BPETokenizer(ClaraTokenizer):
 
   def __init__(
     self,
-    backend,
+    backend: Any,
     num_mem_tokens: int,
     *,
     bos_id: int,
@@ -572,7 +572,7 @@ class BPETokenizer(ClaraTokenizer):
     unk_id: int | None = None,
     pad_id: int | None = None,
     source: str = "tokenizers model",
-  ):
+  ) -> None:
     self._tk = backend
     base = backend.get_vocab_size(with_added_tokens=True)
     for role, value in (("bos", bos_id), ("eos", eos_id), ("unk", unk_id), ("pad", pad_id)):
@@ -636,7 +636,7 @@ class BPETokenizer(ClaraTokenizer):
     with paths.local_file(path) as local:  # the reader maps a local file
       reader = gguf.GGUFReader(local)
 
-    def field(name, required=True):
+    def field(name: str, required: bool = True) -> Any:
       if name not in reader.fields:
         if required:
           raise ValueError(f"{path}: metadata {name} is missing")
