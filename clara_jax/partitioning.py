@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, List, Mapping, Sequence, Tuple, Union, cast
+from typing import Any, Iterable, List, Mapping, Optional, Sequence, Tuple, Union, cast
 
 import flax.linen as nn
 import jax
@@ -62,7 +62,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> Tuple[int, ...
   return shape
 
 
-def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Optional[Iterable[Any]] = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all), -1 filling one axis."""
   devices = jax.devices() if devices is None else list(devices)
   shape = resolve_mesh_shape(shape, len(devices))
@@ -75,7 +75,9 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices=None) -> Mesh:
   return Mesh(device_array, MESH_AXES)
 
 
-def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str):
+def _divisible_spec(
+  spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where: str
+) -> PartitionSpec:
   """Drops mesh axes from dimensions they do not divide (replicating those instead)."""
   fixed: List[Any] = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -94,7 +96,7 @@ def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, where
   return PartitionSpec(*fixed)
 
 
-def logical_shardings(boxed_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES):
+def logical_shardings(boxed_tree: Any, mesh: Mesh, rules: LogicalRules = DEFAULT_RULES) -> Any:
   """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (abstract or real).
 
   Leaves without logical names are replicated. A mesh axis that does not divide a
@@ -104,8 +106,9 @@ def logical_shardings(boxed_tree, mesh: Mesh, rules: LogicalRules = DEFAULT_RULE
   unboxed = nn.meta.unbox(boxed_tree)
   is_spec = lambda x: isinstance(x, PartitionSpec)
 
-  def to_sharding(path, spec, leaf):
+  def to_sharding(path: Any, spec: Any, leaf: Any) -> NamedSharding:
     mesh_spec = nn.logical_to_mesh_axes(tuple(spec), rules)
+    assert mesh_spec is not None  # None only for no names; a tuple of names gives a spec
     where = jax.tree_util.keystr(path)
     return NamedSharding(mesh, _divisible_spec(mesh_spec, leaf.shape, mesh, where))
 
@@ -118,7 +121,7 @@ def batch_sharding(mesh: Mesh, ndim: int, rules: LogicalRules = DEFAULT_RULES) -
   return NamedSharding(mesh, cast(PartitionSpec, spec))
 
 
-def sharding_summary(shardings) -> Mapping[str, str]:
+def sharding_summary(shardings: Any) -> Mapping[str, str]:
   """'{path: PartitionSpec}' strings, for the parameter overview at start-up."""
   flat = jax.tree_util.tree_flatten_with_path(shardings)[0]
   return {jax.tree_util.keystr(p): str(s.spec) for p, s in flat}

@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any, BinaryIO, Iterable, Iterator, Optional, Union
+from typing import Any, BinaryIO, Iterable, Iterator, Optional, TextIO, Union
 
 from etils import epath
 
@@ -132,7 +132,7 @@ def read_json(p: PathLike) -> Any:
 class _GzipReader(gzip.GzipFile):
   """A GzipFile that also closes the stream it reads (GzipFile leaves it open)."""
 
-  def __init__(self, raw: BinaryIO):
+  def __init__(self, raw: BinaryIO) -> None:
     super().__init__(fileobj=raw, mode="rb")
     self._raw = raw
 
@@ -147,14 +147,14 @@ class _RawReader(io.RawIOBase):
   """`readinto` over a stream that only has `read(n)`, so that an `io.BufferedReader` can
   be put on it."""
 
-  def __init__(self, f):
+  def __init__(self, f: Any) -> None:
     super().__init__()
     self._f = f
 
   def readable(self) -> bool:
     return True
 
-  def readinto(self, buffer) -> int:
+  def readinto(self, buffer: Any) -> int:
     data = self._f.read(len(buffer))
     buffer[: len(data)] = data
     return len(data)
@@ -176,7 +176,7 @@ def open_binary(p: PathLike) -> io.BufferedIOBase:
   return f if isinstance(f, io.BufferedIOBase) else io.BufferedReader(_RawReader(f), _READ_BUFFER)
 
 
-def open_append(p: PathLike):
+def open_append(p: PathLike) -> TextIO:
   """A text stream appending to `p`. Object stores cannot append: there the file is read
   and written back whole on close, which is right for the small logs this is used for
   (metrics rows), and the write is all or nothing."""
@@ -188,7 +188,7 @@ def open_append(p: PathLike):
 
 
 class _RewriteOnClose(io.StringIO):
-  def __init__(self, p: epath.Path):
+  def __init__(self, p: epath.Path) -> None:
     super().__init__(p.read_text(encoding="utf-8") if p.exists() else "")
     self.seek(0, io.SEEK_END)
     self._path = p

@@ -18,7 +18,7 @@ class Progress:
   """`progress(done, total)`: moves a bar of `unit`s to `done` of `total` (None: a
   count without an end); the bar closes when `done` reaches `total`."""
 
-  def __init__(self, description: str, unit: str = "it"):
+  def __init__(self, description: str, unit: str = "it") -> None:
     self.description, self.unit = description, unit
     self._bar: Optional[tqdm] = None
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -53,7 +53,7 @@ class ClaraModel:
   def __init__(
     self,
     cfg: DecoderConfig,
-    params,
+    params: Any,
     tokenizer: ClaraTokenizer,
     doc_max_length: int,
     compr_rate: int,
@@ -61,7 +61,7 @@ class ClaraModel:
     doc_batch: int = 32,
     prompt_style: str = "reference",
     memory_scale: str = "none",
-  ):
+  ) -> None:
     clara.check_memory_scale(memory_scale)
     self.cfg, self.params, self.tok = cfg, params, tokenizer
     self.prompt_style, self.memory_scale = prompt_style, memory_scale
@@ -82,7 +82,14 @@ class ClaraModel:
     self._compress = jax.jit(lambda p, t, m: stages.frozen_memories(model, p, t, m, n_mem))
     self._reason = jax.jit(lambda p, t, m: clara.reason(model, p, t, m, n_mem))
 
-    def nll_per_example(p, tokens, mask, slots, memories, answer_mask):
+    def nll_per_example(
+      p: Any,
+      tokens: jax.Array,
+      mask: jax.Array,
+      slots: jax.Array,
+      memories: jax.Array,
+      answer_mask: jax.Array,
+    ) -> jax.Array:
       one = lambda t, m, s, mem, a: clara.generator_loss(
         model, p, t[None], m[None], s[None], mem[None], a[None], memory_scale=memory_scale
       )[0]
@@ -97,7 +104,7 @@ class ClaraModel:
     doc_max_length: Optional[int] = None,
     compr_rate: Optional[int] = None,
     dtype: Optional[str] = None,
-    **kw,
+    **kw: Any,
   ) -> "ClaraModel":
     """Loads an export; lengths default to those recorded by training (clara.json).
     `dtype` ("bfloat16", "float32") sets the compute dtype; parameters keep theirs."""
@@ -129,7 +136,9 @@ class ClaraModel:
     return cls(cfg, params, tok, doc_max_length, compr_rate, **kw)
 
   # --- encoders -------------------------------------------------------------------
-  def _encode_texts(self, texts: Sequence[str], max_len: int, kind: str):
+  def _encode_texts(
+    self, texts: Sequence[str], max_len: int, kind: str
+  ) -> Tuple[np.ndarray, np.ndarray]:
     ids = [self.tok.encode(t, parse_special=False) for t in texts]
     tokens, mask, cut = packing.pack_encoder(
       ids,
@@ -154,7 +163,9 @@ class ClaraModel:
       )
     return tokens, mask
 
-  def _batched(self, fn, tokens, mask):
+  def _batched(
+    self, fn: Callable[[Any, np.ndarray, np.ndarray], Any], tokens: np.ndarray, mask: np.ndarray
+  ) -> np.ndarray:
     """Runs fn over fixed-size chunks (padded) so one compiled program serves all."""
     out, n, size = [], len(tokens), self.doc_batch
     for start in range(0, n, size):
@@ -166,7 +177,7 @@ class ClaraModel:
       out.append(np.asarray(fn(self.params, t, m))[: size - pad])
     return np.concatenate(out) if out else np.zeros((0, self.n_mem, self.cfg.hidden_size))
 
-  def use_memory_cache(self, cache) -> "ClaraModel":
+  def use_memory_cache(self, cache: Any) -> "ClaraModel":
     """Reads documents' memories from `cache` (a `clara_jax.train.memory_cache.MemoryCache`
     built by this model's compressor: checked here) and compresses only the documents it
     lacks. Returns self."""
@@ -199,7 +210,13 @@ class ClaraModel:
     self.timings.query_ms += ms
     return mem
 
-  def _timed_memories(self, fn, texts: Sequence[str], max_length: int, what: str):
+  def _timed_memories(
+    self,
+    fn: Callable[[Any, np.ndarray, np.ndarray], Any],
+    texts: Sequence[str],
+    max_length: int,
+    what: str,
+  ) -> Tuple[np.ndarray, float]:
     """(memories of `fn` over the texts' encoder rows, milliseconds taken)."""
     start = time.perf_counter()
     tokens, mask = self._encode_texts(texts, max_length, what)
@@ -207,7 +224,7 @@ class ClaraModel:
     return mem, 1e3 * (time.perf_counter() - start)
 
   # --- generation -----------------------------------------------------------------
-  def _split_head(self, prompts: List[List[int]]):
+  def _split_head(self, prompts: List[List[int]]) -> Tuple[Optional[KVCache], List[List[int]]]:
     """(the KV cache of the tokens before the first memory slot, prompts without them)
     when every prompt has the same such tokens; else (None, prompts)."""
     first_slot = self.tok.mem_ids[0]
@@ -244,7 +261,7 @@ class ClaraModel:
     b = len(prompts)
     padded_b = bucket_length(b, (1, 2, 4, 8, 16, 32, 64))
 
-    def pad(x):
+    def pad(x: np.ndarray) -> np.ndarray:
       return np.concatenate([x, np.repeat(x[-1:], padded_b - b, 0)]) if padded_b > b else x
 
     tokens, _ = generate(

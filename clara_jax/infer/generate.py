@@ -15,7 +15,7 @@ the prefix's keys and values into every row.
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence, TypeAlias, cast
+from typing import Any, Callable, Optional, Sequence, Tuple, TypeAlias, Union, cast
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +36,9 @@ def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024
   return -(-length // top) * top
 
 
-def left_to_right_padding(tokens_bt: Array, mask_bt: Array, slot_positions_bs: Array):
+def left_to_right_padding(
+  tokens_bt: Array, mask_bt: Array, slot_positions_bs: Array
+) -> Tuple[Array, Array, Array]:
   """Moves each row's real tokens to the front; returns (tokens, lengths, slots)."""
   t = tokens_bt.shape[1]
   lengths = jnp.sum(mask_bt, axis=-1).astype(jnp.int32)
@@ -62,7 +64,7 @@ def _sample(logits_bv: Array, key: Array, temperature: float, top_p: float) -> A
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def prefix_cache(params, cfg: DecoderConfig, prefix_tokens_p: Array) -> KVCache:
+def prefix_cache(params: Any, cfg: DecoderConfig, prefix_tokens_p: Array) -> KVCache:
   """The generator's keys and values of prompt tokens [P0] every row shares: a KV cache
   of batch 1 and length P0 for `generate(..., prefix=)`."""
   model = Decoder(cfg)
@@ -84,7 +86,7 @@ def _with_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
   """`cache` [..., B, T, kv, d] with positions [0, P0) of every row set to the batch-1
   `prefix` [..., 1, P0, kv, d] (either cache layout)."""
 
-  def put(c, p):
+  def put(c: Array, p: Array) -> Array:
     return jax.lax.dynamic_update_slice_in_dim(
       c, jnp.broadcast_to(p, c.shape[:-3] + p.shape[-3:]).astype(c.dtype), 0, c.ndim - 3
     )
@@ -97,7 +99,7 @@ def _with_prefix(cache: KVCache, prefix: KVCache) -> KVCache:
   static_argnames=("cfg", "max_new_tokens", "eos_id", "temperature", "top_p", "memory_scale"),
 )
 def generate(
-  params,
+  params: Any,
   cfg: DecoderConfig,
   tokens_bt: Array,
   mask_bt: Array,
@@ -111,7 +113,7 @@ def generate(
   rng: Optional[Array] = None,
   memory_scale: str = "none",
   prefix: Optional[KVCache] = None,
-):
+) -> Tuple[Array, Array]:
   """Generates up to `max_new_tokens` per row after the prompt.
 
   Args:
@@ -137,8 +139,8 @@ def generate(
   )
   rng = jax.random.key(0) if rng is None else rng
 
-  def sample(hidden_bh, step):
-    logits = model.apply({"params": params}, hidden_bh, method=Decoder.logits)
+  def sample(hidden_bh: Array, step: Union[int, Array]) -> Array:
+    logits = cast(Array, model.apply({"params": params}, hidden_bh, method=Decoder.logits))
     return _sample(logits, jax.random.fold_in(rng, step), temperature, top_p)
 
   first = sample(last_hidden, 0)
@@ -148,25 +150,39 @@ def generate(
   return generated, lengths_out
 
 
-def _decode(model: Decoder, params, sample, cache, filled, first, eos_id: int, max_new_tokens: int):
+def _decode(
+  model: Decoder,
+  params: Any,
+  sample: Callable[[Array, Array], Array],
+  cache: Optional[KVCache],
+  filled: Array,
+  first: Array,
+  eos_id: int,
+  max_new_tokens: int,
+) -> Array:
   """The new tokens [B, max_new_tokens]: `first`, then one decoder step per token from
   the prefilled `cache` (`filled` valid entries per row) until every row has produced
   `eos_id` (eos after it); `sample(hidden [B, H], step)` picks each token."""
   generated = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
   done = first == eos_id
 
-  def cond(carry):
+  def cond(carry: Tuple[Array, Optional[KVCache], Array, Array, Array]) -> Array:
     step, _, _, _, done = carry
     return (step < max_new_tokens) & ~jnp.all(done)
 
-  def body(carry):
+  def body(
+    carry: Tuple[Array, Optional[KVCache], Array, Array, Array],
+  ) -> Tuple[Array, Optional[KVCache], Array, Array, Array]:
     step, cache, generated, token, done = carry
-    out = model.apply(
-      {"params": params},
-      token[:, None],
-      adapter=clara.GENERATOR,
-      cache=cache,
-      cache_index=filled + step - 1,
+    out = cast(
+      DecoderOutput,
+      model.apply(
+        {"params": params},
+        token[:, None],
+        adapter=clara.GENERATOR,
+        cache=cache,
+        cache_index=filled + step - 1,
+      ),
     )
     nxt = jnp.where(done, eos_id, sample(out.hidden[:, 0], step))
     generated = generated.at[:, step].set(nxt)
@@ -178,7 +194,14 @@ def _decode(model: Decoder, params, sample, cache, filled, first, eos_id: int, m
   return generated
 
 
-def _prefill(model: Decoder, params, prompts, max_new_tokens: int, memory_scale: str, prefix):
+def _prefill(
+  model: Decoder,
+  params: Any,
+  prompts: Tuple[Array, Array, Array, Array],
+  max_new_tokens: int,
+  memory_scale: str,
+  prefix: Optional[KVCache],
+) -> Tuple[Array, Optional[KVCache], Array]:
   """Runs the prompts (tokens, mask, slot positions, memories, as `generate` takes
   them) through the generator: (the last prompt position's hidden state [B, H], the KV
   cache with room for `max_new_tokens` more, its valid length per row [B])."""

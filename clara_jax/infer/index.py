@@ -32,7 +32,7 @@ import dataclasses
 import functools
 import io
 import json
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
+from typing import TYPE_CHECKING, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from clara_jax import paths
+
+if TYPE_CHECKING:
+  from clara_jax.infer.api import ClaraModel
 
 try:
   from jax import shard_map as _shard_map
@@ -112,12 +115,14 @@ def _shard_path(out_dir: str, i: int) -> str:
   return paths.join(out_dir, f"shard_{i:05d}.npz")
 
 
-def _read_npz(path: str):
+def _read_npz(path: str) -> np.lib.npyio.NpzFile:
   """A shard's arrays (`np.load` of its bytes: any store `paths` reads)."""
   return np.load(io.BytesIO(paths.read_bytes(path)))
 
 
-def _matches(shard, ids: List[str], dtype: str, shape: Tuple[int, ...]) -> bool:
+def _matches(
+  shard: np.lib.npyio.NpzFile, ids: List[str], dtype: str, shape: Tuple[int, ...]
+) -> bool:
   """Whether a finished shard holds these ids in this storage (a build into a directory
   of another dtype recomputes rather than mixing two)."""
   if list(shard["ids"]) != ids:
@@ -146,7 +151,13 @@ def _open_out_dir(out_dir: str, inputs: Optional[Dict], shard_size: int, dtype: 
     )
 
 
-def _write_shard(path: str, compress, chunk: Sequence[Dict], ids: List[str], dtype: str):
+def _write_shard(
+  path: str,
+  compress: Callable[[Sequence[str]], np.ndarray],
+  chunk: Sequence[Dict],
+  ids: List[str],
+  dtype: str,
+) -> Tuple[int, ...]:
   """Compresses the documents of one shard and writes it; returns its memories' (M, H)."""
   memories = np.asarray(compress([d["text"] for d in chunk]))
   if memories.ndim != 3 or len(memories) != len(chunk):
@@ -232,7 +243,9 @@ def read_meta(out_dir: str) -> Dict:
   return meta
 
 
-def _stored_shard(out_dir: str, i: int, dtype: str):
+def _stored_shard(
+  out_dir: str, i: int, dtype: str
+) -> Tuple[List[str], np.ndarray, Optional[np.ndarray]]:
   """(ids, stored values [n, D], scales [n, M] float32 or None) of shard i."""
   with _read_npz(_shard_path(out_dir, i)) as shard:
     ids = [str(x) for x in shard["ids"]]
@@ -319,7 +332,7 @@ class MemoryIndex:
     cache: Dict[int, tuple] = {}
     ids: Dict[int, List[str]] = {}
 
-    def shard(i: int):
+    def shard(i: int) -> tuple:
       if i not in cache:
         cache.clear()  # devices are filled in row order: one shard is enough to keep
         cache[i] = _stored_shard(out_dir, i, dtype)
@@ -369,7 +382,17 @@ class MemoryIndex:
 
   @classmethod
   def _place(
-    cls, num_docs, n_mem, hidden, dtype, shard_size, num_shards, shard, ids_of, mesh, block
+    cls,
+    num_docs: int,
+    n_mem: int,
+    hidden: int,
+    dtype: str,
+    shard_size: int,
+    num_shards: int,
+    shard: Callable[[int], tuple],
+    ids_of: Callable[[int], Sequence[str]],
+    mesh: Optional[Mesh],
+    block: Optional[int],
   ) -> "MemoryIndex":
     """Builds each local device's [R, D] rows from `shard(i)` = (ids, stored [n, D],
     scales [n, M] or None), the file shards of `shard_size` rows, in row order."""
@@ -456,7 +479,7 @@ class MemoryIndex:
     return self.memories(np.arange(self.num_docs)[None])[0]
 
 
-def _dequantize(rows_rd, scales_rm, spec: _Spec):
+def _dequantize(rows_rd: jax.Array, scales_rm: Optional[jax.Array], spec: _Spec) -> jax.Array:
   """Stored rows [r, D] -> float32 [r, D]."""
   if spec.dtype == "bfloat16":
     wide = lax.shift_left(rows_rd.astype(jnp.uint32), jnp.uint32(16))
@@ -464,6 +487,7 @@ def _dequantize(rows_rd, scales_rm, spec: _Spec):
   else:
     values = rows_rd.astype(jnp.float32)
   if spec.dtype == "int8":
+    assert scales_rm is not None  # an int8 index always has scales
     r = rows_rd.shape[0]
     values = (values.reshape(r, spec.n_mem, spec.hidden) * scales_rm[:, :, None]).reshape(
       r, spec.dim
@@ -471,13 +495,18 @@ def _dequantize(rows_rd, scales_rm, spec: _Spec):
   return values
 
 
-def _blocks(fn, matrix_rd, scales_rm, spec: _Spec):
+def _blocks(
+  fn: Callable[[jax.Array], jax.Array],
+  matrix_rd: jax.Array,
+  scales_rm: Optional[jax.Array],
+  spec: _Spec,
+) -> jax.Array:
   """fn(float32 block [block, D]) over a device's rows, block by block: [R / block, ...]
   stacked. The block is materialised (an optimisation barrier on CPU), since XLA:CPU
   fusing the conversion into the matmul is several times slower than the matmul."""
   blocks = spec.rows_per_device // spec.block
 
-  def one(args):
+  def one(args: Tuple[jax.Array, Optional[jax.Array]]) -> jax.Array:
     rows, scales = args
     values = _dequantize(rows, scales, spec)
     if spec.cpu and spec.dtype != "float32":
@@ -491,14 +520,16 @@ def _blocks(fn, matrix_rd, scales_rm, spec: _Spec):
   return lax.map(one, (rows, scales))
 
 
-def _row_specs(spec: _Spec, scales):
+def _row_specs(
+  spec: _Spec, scales: Optional[jax.Array]
+) -> Tuple[PartitionSpec, Optional[PartitionSpec]]:
   rows = PartitionSpec(AXIS, None)
   return rows, (None if scales is None else rows)
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _inverse_norms(matrix, scales, spec: _Spec):
-  def local(m, s):
+def _inverse_norms(matrix: jax.Array, scales: Optional[jax.Array], spec: _Spec) -> jax.Array:
+  def local(m: jax.Array, s: Optional[jax.Array]) -> jax.Array:
     sq = _blocks(lambda v: jnp.sum(v * v, axis=-1), m, s, spec).reshape(-1)
     return jnp.where(sq > 0, lax.rsqrt(jnp.maximum(sq, 1e-30)), 0.0)
 
@@ -509,15 +540,24 @@ def _inverse_norms(matrix, scales, spec: _Spec):
 
 @functools.partial(jax.jit, static_argnames=("spec", "top_n", "approx", "recall_target"))
 def _search(
-  matrix, scales, inv_norms, query_bmh, spec: _Spec, top_n: int, approx: bool, recall_target: float
-):
+  matrix: jax.Array,
+  scales: Optional[jax.Array],
+  inv_norms: jax.Array,
+  query_bmh: jax.Array,
+  spec: _Spec,
+  top_n: int,
+  approx: bool,
+  recall_target: float,
+) -> Tuple[jax.Array, jax.Array]:
   """(scores [B, top_n], global row indices [B, top_n]) of the exact cosine."""
   b = query_bmh.shape[0]
   q = query_bmh.reshape(b, -1)
   q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
   k = min(top_n, spec.rows_per_device)
 
-  def local(m, s, inv, q):
+  def local(
+    m: jax.Array, s: Optional[jax.Array], inv: jax.Array, q: jax.Array
+  ) -> Tuple[jax.Array, jax.Array]:
     scores = _blocks(lambda v: q @ v.T, m, s, spec)  # [R / block, B, block]
     scores = scores.transpose(1, 0, 2).reshape(b, -1) * inv[None]
     start = lax.axis_index(AXIS) * spec.rows_per_device
@@ -544,11 +584,13 @@ def _search(
 
 
 @functools.partial(jax.jit, static_argnames=("spec",))
-def _gather(matrix, scales, idx_bk, spec: _Spec):
+def _gather(
+  matrix: jax.Array, scales: Optional[jax.Array], idx_bk: jax.Array, spec: _Spec
+) -> jax.Array:
   """Dequantized memories [B, K, M, H] of global rows [B, K]: each device contributes
   the rows it holds, zeros elsewhere, summed over the devices."""
 
-  def local(m, s, idx):
+  def local(m: jax.Array, s: Optional[jax.Array], idx: jax.Array) -> jax.Array:
     rel = idx - lax.axis_index(AXIS) * spec.rows_per_device
     held = (rel >= 0) & (rel < spec.rows_per_device)
     rel = jnp.clip(rel, 0, spec.rows_per_device - 1).reshape(-1)
@@ -563,7 +605,7 @@ def _gather(matrix, scales, idx_bk, spec: _Spec):
 
 
 def answer_rows(
-  model,
+  model: ClaraModel,
   index: MemoryIndex,
   questions: Sequence[str],
   k: int = 5,
@@ -588,7 +630,7 @@ def answer_rows(
 
 
 def iter_answers(
-  model,
+  model: ClaraModel,
   index: MemoryIndex,
   rows: Sequence[Dict],
   k: int = 5,

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import jax
 import numpy as np
@@ -40,6 +40,9 @@ from clara_jax.weights.clara_import import ADAPTERS_FILE, FIRST_LAST_FILE, posit
 from clara_jax.weights.export import load_params
 from clara_jax.weights.hf_import import CONFIG_FILE, path_in_directory, read_json_object
 from clara_jax.weights.layout import OFFICIAL_ADAPTER_NAMES, official_lora_keys
+
+if TYPE_CHECKING:
+  import torch
 
 EXPORT_DIR = "export"  # where training writes a run's final model
 CLARA_FILE = "clara.json"  # the CLaRa lengths a run was trained with
@@ -107,7 +110,7 @@ def _check_base_family(cfg: DecoderConfig, what: str) -> None:
     )
 
 
-def _to_torch(array: np.ndarray):
+def _to_torch(array: np.ndarray) -> torch.Tensor:
   import torch
 
   array = np.ascontiguousarray(array)

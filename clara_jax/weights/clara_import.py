@@ -17,7 +17,7 @@ needed for this import only (`pip install clara_jax[import]`).
 
 from __future__ import annotations
 
-from typing import Any, Dict, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +30,9 @@ from clara_jax.weights import layout
 from clara_jax.weights.export import check_finite
 from clara_jax.weights.hf_import import CONFIG_FILE, import_hf_checkpoint, read_json_object
 from clara_jax.weights.layout import ADAPTER_NAMES
+
+if TYPE_CHECKING:
+  import torch
 
 ADAPTERS_FILE = "adapters.pth"
 FIRST_LAST_FILE = "decoder_first_last_layers.pth"
@@ -61,7 +64,7 @@ def _torch_load(path: str) -> dict:
   return obj
 
 
-def _np(tensor) -> np.ndarray:
+def _np(tensor: torch.Tensor) -> np.ndarray:
   return tensor.detach().float().cpu().numpy()
 
 

@@ -7,6 +7,7 @@ of a training run.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, Iterable, List, Tuple
 
 import jax
 import orbax.checkpoint as ocp
@@ -16,6 +17,9 @@ from clara_jax import paths
 from clara_jax.data.formats import check_output_dir
 from clara_jax.model import layout
 from clara_jax.model.config import DecoderConfig, config_from_dict, config_to_dict
+
+if TYPE_CHECKING:
+  from etils import epath
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -30,7 +34,7 @@ def _file_sizes(directory: str) -> dict:
   `walk`, whose roots lose the `gs://` scheme on the fsspec backend."""
   out = {}
 
-  def walk(folder, prefix: str) -> None:
+  def walk(folder: epath.Path, prefix: str) -> None:
     for child in sorted(folder.iterdir(), key=lambda c: c.name):
       name = f"{prefix}{child.name}"
       if child.is_dir():
@@ -43,11 +47,11 @@ def _file_sizes(directory: str) -> dict:
 
 
 @jax.jit
-def _all_finite(arrays):
+def _all_finite(arrays: List[jax.Array]) -> List[jax.Array]:
   return [jax.numpy.isfinite(x).all() for x in arrays]
 
 
-def check_finite(items, where: str) -> None:
+def check_finite(items: Iterable[Tuple[str, Any]], where: str) -> None:
   """Refuses NaN or infinite weights, naming the first parameter of `items` ((path,
   array) pairs, numpy or jax) that has any: such a model computes NaN everywhere, and
   nothing downstream would say why. jax arrays are checked where they live, in one
@@ -68,7 +72,7 @@ def check_finite(items, where: str) -> None:
     )
 
 
-def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
+def save_params(out_dir: str, cfg: DecoderConfig, params: Any) -> None:
   """Writes `out_dir/config.json` and `out_dir/params` (an orbax checkpoint); call it
   from every process of a multi-host job. The blocks are written unrolled whatever the
   model's layout (`clara_jax.model.layout`), so exports read the same either way."""
@@ -87,7 +91,7 @@ def save_params(out_dir: str, cfg: DecoderConfig, params) -> None:
     paths.write_json(paths.join(out_dir, CONFIG_FILE), config_to_dict(cfg), indent=2)
 
 
-def load_params(in_dir: str, shardings=None):
+def load_params(in_dir: str, shardings: Any = None) -> Tuple[DecoderConfig, Any]:
   """Reads what `save_params` wrote: returns (DecoderConfig, params).
 
   `shardings` (a tree of jax.sharding.Sharding matching the unrolled params) places the

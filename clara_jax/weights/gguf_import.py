@@ -57,7 +57,7 @@ class GGUFCheckpoint:
   """A GGUF file seen as a checkpoint of HF-named float32 tensors (the interface
   `hf_import` reads: `keys`, `in`, `info`, `get`, `file_of`), dequantized on `get`."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str) -> None:
     import gguf
 
     self.path = os.fspath(path)
@@ -99,11 +99,12 @@ class GGUFCheckpoint:
     if self.config["vocab_size"] is None and layout.EMBEDDING in self._tensors:
       self.config["vocab_size"] = self.info(layout.EMBEDDING).shape[0]
 
-  def __enter__(self):
+  def __enter__(self) -> GGUFCheckpoint:
     return self
 
-  def __exit__(self, *exc):
-    self.reader = None
+  def __exit__(self, *exc: Any) -> None:
+    # Released on exit; callers (cli/weights.py) read `reader` only while it is open.
+    self.reader = None  # type: ignore[assignment]
 
   def keys(self) -> List[str]:
     return list(self._tensors)
@@ -138,7 +139,7 @@ class GGUFCheckpoint:
     return value
 
 
-def _field_value(field) -> Any:
+def _field_value(field: Any) -> Any:
   try:
     return field.contents()
   except (ValueError, IndexError, TypeError):  # an array of arrays: not needed here
@@ -155,7 +156,7 @@ def hf_config_from_gguf(meta: Dict[str, Any], where: str, tied: bool) -> Dict[st
       f"{where}: general.architecture is {arch!r}; supported: {list(SUPPORTED_ARCHITECTURES)}"
     )
 
-  def get(key, default=None, required=False):
+  def get(key: str, default: Any = None, required: bool = False) -> Any:
     value = meta.get(f"{arch}.{key}", default)
     if value is None and required:
       raise ValueError(f"{where}: metadata {arch}.{key} is missing")
@@ -192,7 +193,7 @@ def hf_config_from_gguf(meta: Dict[str, Any], where: str, tied: bool) -> Dict[st
   }
 
 
-def _float32_value(value) -> float:
+def _float32_value(value: Any) -> float:
   """The shortest decimal of a float32 metadata value (GGUF stores 1e-5 as
   9.99999974e-06): the same float32 in computation, the intended number in the config."""
   return float(str(np.float32(value)))

@@ -172,7 +172,7 @@ def hf_config(
   return conf, model_type
 
 
-def _inverse(entry, flat: Dict[str, np.ndarray], model_type: str) -> np.ndarray:
+def _inverse(entry: layout.Entry, flat: Dict[str, np.ndarray], model_type: str) -> np.ndarray:
   """The HF tensor of one plan entry, from the clara_jax arrays it was converted into.
 
   The import's conversions move elements around (transposes, head reshapes, the split of

@@ -75,7 +75,7 @@ def read_json_object(path: str) -> Dict[str, Any]:
   return value
 
 
-def _field(hf: Dict[str, Any], name: str, default: Any = None, required: bool = False):
+def _field(hf: Dict[str, Any], name: str, default: Any = None, required: bool = False) -> Any:
   """A config value; JSON null counts as absent (HF writes e.g. `head_dim: null`)."""
   value = hf.get(name)
   if value is None:
@@ -396,7 +396,9 @@ def _extra_rows(rows_vd: np.ndarray, num: int, key: jax.Array) -> np.ndarray:
   return (mean + np.sqrt(EXTRA_ROW_VARIANCE_SCALE * var) * noise).astype(np.float32)
 
 
-def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
+def _lora_leaves(
+  cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]
+) -> Dict[str, jax.Array]:
   """The LoRA leaves of `init_params(cfg, rng)`, flat, without materialising the base.
 
   Under jit, the base kernels' initialisers feed no output, so XLA drops them: a 7B
@@ -410,7 +412,7 @@ def _lora_leaves(cfg: DecoderConfig, rng: jax.Array, shardings: Dict[str, Any]):
   if not paths:
     return {}
 
-  def init_lora(key):
+  def init_lora(key: jax.Array) -> Dict[str, jax.Array]:
     flat = traverse_util.flatten_dict(init_params(cfg, key), sep="/")
     return {p: flat[p] for p in paths}
 
@@ -477,7 +479,7 @@ def import_hf_checkpoint(
 
 
 def import_tensors(
-  ckpt,
+  ckpt: Any,
   hf: Dict[str, Any],
   config_source: str,
   num_extra_tokens: int,
@@ -536,7 +538,7 @@ def _placer(param_dtype: str, flat_shardings: Dict[str, Any]) -> Place:
   return place
 
 
-def _convert_plan(ckpt, plan: List[layout.Entry], place: Place) -> Dict[str, jax.Array]:
+def _convert_plan(ckpt: Any, plan: List[layout.Entry], place: Place) -> Dict[str, jax.Array]:
   """One tensor at a time: read (memmap), check, rearrange, cast, place."""
   flat: Dict[str, jax.Array] = {}
   for entry in plan:
@@ -548,7 +550,7 @@ def _convert_plan(ckpt, plan: List[layout.Entry], place: Place) -> Dict[str, jax
 
 
 def _vocabulary_rows(
-  ckpt, cfg: DecoderConfig, tied: bool, model_type: str, rng: jax.Array, place: Place
+  ckpt: Any, cfg: DecoderConfig, tied: bool, model_type: str, rng: jax.Array, place: Place
 ) -> Dict[str, jax.Array]:
   """The tied output head, and the special tokens' embedding and head rows."""
   flat: Dict[str, jax.Array] = {}

@@ -84,7 +84,7 @@ def dtype_code(dtype: np.dtype) -> str:
   raise ValueError(f"dtype {dtype} has no safetensors code; supported: {sorted(DTYPES)}")
 
 
-def _parse_entry(path: str, name: str, entry) -> TensorInfo:
+def _parse_entry(path: str, name: str, entry: Any) -> TensorInfo:
   where = f"{path}: tensor {name!r}"
   if not isinstance(entry, dict):
     raise ValueError(f"{where}: header entry must be an object, found {entry!r}")
@@ -224,7 +224,7 @@ class _NamedTensors:
 class SafetensorsFile(_NamedTensors):
   """One safetensors file, memory-mapped; `get(name)` returns a read-only numpy view."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str) -> None:
     self.path = os.fspath(path)
     data_start, self._infos, self.metadata = read_header(self.path)
     data_len = paths.size(self.path) - data_start
@@ -268,7 +268,7 @@ class SafetensorsFile(_NamedTensors):
   def __enter__(self) -> "SafetensorsFile":
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, *exc: Any) -> None:
     self.close()
 
 
@@ -323,7 +323,7 @@ class SafetensorsCheckpoint(_NamedTensors):
   single `model.safetensors`. Only headers are read on opening; data is memory-mapped.
   """
 
-  def __init__(self, ckpt_dir: str):
+  def __init__(self, ckpt_dir: str) -> None:
     self.ckpt_dir = os.fspath(ckpt_dir)
     index_path = paths.join(self.ckpt_dir, INDEX_FILE, absolute=False)
     single_path = paths.join(self.ckpt_dir, SINGLE_FILE, absolute=False)
@@ -402,5 +402,5 @@ class SafetensorsCheckpoint(_NamedTensors):
   def __enter__(self) -> "SafetensorsCheckpoint":
     return self
 
-  def __exit__(self, *exc) -> None:
+  def __exit__(self, *exc: Any) -> None:
     self.close()
