@@ -103,7 +103,7 @@ def ensure_cpu_devices(count: int) -> None:
 
 
 def memory_model(n_mem: int, hidden: int) -> Tuple[np.ndarray, np.ndarray]:
-  """The distribution every seed draws from: (channel scales [H], mean [M, H]). The
+  """The distribution every seed draws from: (channel scales [D], mean [n_mem, D]). The
   scales are the quantiles of a log-normal (sigma 0.5, median 1), the last
   OUTLIER_CHANNELS set to OUTLIER_SCALE; fixed, since a random draw of them changes how
   hard retrieval is from seed to seed (it sets how much of the energy the outliers
@@ -118,7 +118,8 @@ def memory_model(n_mem: int, hidden: int) -> Tuple[np.ndarray, np.ndarray]:
 def synthetic_corpus(
   num_docs: int, n_mem: int, hidden: int, num_queries: int, seed: int, noise: float = NOISE
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(memories [N, M, H] float32, queries [Q, M, H] float32, gold doc per query [Q])."""
+  """(memories [N, n_mem, D] float32, queries [queries, n_mem, D] float32, gold doc per
+  query [queries])."""
   channel, mean = memory_model(n_mem, hidden)
   rng = np.random.default_rng(seed)
   memories = np.empty((num_docs, n_mem, hidden), np.float32)

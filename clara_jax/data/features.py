@@ -48,7 +48,7 @@ class Featurizer:
   """Callable row -> example (numpy arrays), deterministic given (row, index, seed).
 
   `doc_memories` (stage2, stage2_retrieval): texts -> their precomputed memories
-  [N, n_mem, H] (e.g. `clara_jax.train.memory_cache.MemoryCache.lookup`); the examples
+  [N, n_mem, D] (e.g. `clara_jax.train.memory_cache.MemoryCache.lookup`); the examples
   then carry `doc_mem` instead of the documents' tokens, and the step skips the
   compressor."""
 

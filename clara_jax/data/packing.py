@@ -41,7 +41,7 @@ def pack_encoder(
     mem_ids: the n_mem memory token ids appended after the block.
 
   Returns:
-    (tokens [M, body_len + n_mem] int32, mask same shape int32, rows truncated).
+    (tokens [R, body_len + n_mem] int32, mask same shape int32, rows truncated).
   """
   if body_len < 4:
     raise ValueError(f"body_len must leave room for <ENC><s> ... </s>, got {body_len}")

@@ -78,7 +78,7 @@ def has_gold_and_control(row: Dict) -> bool:
 
 
 def candidate_memories(model: ClaraModel, rows: Sequence[Mapping]) -> np.ndarray:
-  """The memories of every row's candidates [B, D, n_mem, H], compressed in one call."""
+  """The memories of every row's candidates [B, N, n_mem, D], compressed in one call."""
   flat = model.compress_documents([d for r in rows for d in r["docs"]])
   return flat.reshape(len(rows), -1, model.n_mem, flat.shape[-1])
 
@@ -174,7 +174,7 @@ def _selections(
 
 
 def _take(doc_mem: np.ndarray, selection: np.ndarray) -> np.ndarray:
-  """The selected candidates' memories [B, k, n_mem, H] of `doc_mem` [B, D, n_mem, H]."""
+  """The selected candidates' memories [B, k, n_mem, D] of `doc_mem` [B, N, n_mem, D]."""
   return np.take_along_axis(doc_mem, selection[:, :, None, None], axis=1)
 
 

@@ -86,8 +86,8 @@ def token_word(tok: ClaraTokenizer, token_id: int) -> Optional[str]:
 def lens_decode(
   params: Any, model: Decoder, states: jax.typing.ArrayLike, top_t: int
 ) -> Tuple[np.ndarray, np.ndarray]:
-  """One pass of states [B, M, hidden] through the lens: the top-T token ids of every
-  slot [B, M, top_t], and each token's best log-probability over the slots [B, vocab]
+  """One pass of states [B, n_mem, D] through the lens: the top-T token ids of every
+  slot [B, n_mem, top_t], and each token's best log-probability over the slots [B, V]
   (log-softmax per slot, then the max over slots)."""
   logits = cast(
     jax.Array, model.apply({"params": params}, jnp.asarray(states), method=Decoder.lens_logits)
@@ -519,7 +519,7 @@ def score_matched(sets: Dict, piece_scores_v: np.ndarray) -> Dict:
 
 
 def group_derangement(groups: Sequence[str], rng: np.random.Generator) -> np.ndarray:
-  """[Q] source row per question: another question of the same group, a uniform random
+  """[questions] source row per question: another question of the same group, a uniform random
   derangement within each group (rejection-sampled: no question keeps its own row);
   -1 for a question alone in its group, which has no null."""
   groups = list(groups)
@@ -551,8 +551,8 @@ def permutation_null(
 ) -> Dict:
   """The lens AUCs when each question is scored with another question's lens.
 
-  `matched` [Q]: each question's `matched_sets`; `score_rows` [Q, vocab]: each
-  question's lens scores (`lens_decode`'s best log-probabilities); `groups` [Q]: each
+  `matched` [questions]: each question's `matched_sets`; `score_rows` [questions, V]: each
+  question's lens scores (`lens_decode`'s best log-probabilities); `groups` [questions]: each
   question's template. Each permutation draws a `group_derangement`, so a question is
   scored with the lens of another question of its template: what the lens shows
   without knowing that question's documents. Questions alone in their group are left
@@ -560,7 +560,7 @@ def permutation_null(
 
   Returns, for each measure in MEASURES, {"mean": mean over permutations of the mean
   over questions, "q95": the 95% quantile of that per-permutation mean, "per_question":
-  [Q] each question's mean over permutations (None: singleton or no value)}, plus
+  [questions] each question's mean over permutations (None: singleton or no value)}, plus
   "num_permutations" and "num_questions" (questions with a null)."""
   score_rows = np.asarray(score_rows)
   if not len(matched) == len(score_rows) == len(groups):

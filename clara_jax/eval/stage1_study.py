@@ -91,9 +91,9 @@ def split_pool(docs: Sequence[str], dev_rows: int, seed: int = 0) -> Tuple[List[
   return [i for i, doc in enumerate(docs) if doc not in held_set], [first[d] for d in held]
 
 
-def memory_spread(memories_mnh: np.ndarray) -> Dict[str, float]:
-  """{"memory_cosine", "variance_off_mean"} of memories [M, n_mem, H], M >= 2."""
-  flat = memories_mnh.reshape(len(memories_mnh), -1).astype(np.float64)
+def memory_spread(memories_rmd: np.ndarray) -> Dict[str, float]:
+  """{"memory_cosine", "variance_off_mean"} of memories [R, n_mem, D], R >= 2."""
+  flat = memories_rmd.reshape(len(memories_rmd), -1).astype(np.float64)
   unit = flat / np.linalg.norm(flat, axis=1, keepdims=True)
   m = len(flat)
   cosine = ((unit @ unit.T).sum() - m) / (m * (m - 1))
@@ -105,7 +105,7 @@ def dev_losses(
   export_dir: str, examples: Dict[str, np.ndarray], n_mem: int, memory_scale: str, batch: int = 8
 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(CE per row from its own document's memories [R], from the next row's document's
-  [R], the memories [R, n_mem, H]) of stage1 examples (`Featurizer` arrays, R rows)."""
+  [R], the memories [R, n_mem, D]) of stage1 examples (`Featurizer` arrays, R rows)."""
   import jax
   import jax.numpy as jnp
 
@@ -165,7 +165,7 @@ def summarize(
   own: np.ndarray, other: np.ndarray, memories: np.ndarray, is_qa: np.ndarray, seed: int = 0
 ) -> Dict[str, Any]:
   """The dev record of per-row CEs [R] from own / another document's memories and the
-  memories [R, n_mem, H]: the QA rows' memory gain (the headline, with its bootstrap
+  memories [R, n_mem, D]: the QA rows' memory gain (the headline, with its bootstrap
   interval), the restatement rows' (`memory_gain_restate`), and the spread of the QA
   rows' memories (one row per dev document)."""
   from clara_jax.eval import stats

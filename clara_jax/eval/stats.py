@@ -25,10 +25,10 @@ def bootstrap_ci(
   level: float = 0.95,
   clusters: Optional[Sequence[Hashable]] = None,
 ) -> Optional[Dict[str, float]]:
-  """{"mean", "lo", "hi", "n"}: the mean of `values` [Q] (None: unknown, left out) and the percentile bootstrap
+  """{"mean", "lo", "hi", "n"}: the mean of `values` [questions] (None: unknown, left out) and the percentile bootstrap
   interval of that mean at `level`; None for no values. One value gives lo = hi = it.
 
-  `clusters` [Q]: questions that share a cause (e.g. one edited fact) are resampled
+  `clusters` [questions]: questions that share a cause (e.g. one edited fact) are resampled
   together, whole clusters at a time, so they do not count as independent."""
   keep = [i for i, v in enumerate(values) if v is not None]
   x = np.asarray([values[i] for i in keep], np.float64)
@@ -59,7 +59,7 @@ def paired_difference(
   clusters: Optional[Sequence[Hashable]] = None,
 ) -> Optional[Dict[str, float]]:
   """Bootstrap interval of mean(a - b) over the questions where both are known; a and b
-  [Q] are aligned per question (None marks a missing value); `clusters` as in
+  [questions] are aligned per question (None marks a missing value); `clusters` as in
   `bootstrap_ci`."""
   if len(a) != len(b):
     raise ValueError(f"paired values need equal lengths, got {len(a)} and {len(b)}")

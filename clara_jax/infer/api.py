@@ -1,7 +1,7 @@
 """A trained CLaRa as a Python object, mirroring the reference's entry points.
 
     model = ClaraModel.load("runs/stage2/export", doc_max_length=64, compr_rate=16)
-    memories = model.compress_documents(["doc one", "doc two"])        # [N, n_mem, H]
+    memories = model.compress_documents(["doc one", "doc two"])        # [N, n_mem, D]
     model.generate_from_paraphrase(["a document"])                      # stage1
     model.generate_from_documents(["question?"], [["d1", "d2", ...]])  # stage1_2
     answers, chosen = model.generate_from_questions(["q?"], [[20 docs]], k=5)  # stage2
@@ -186,7 +186,7 @@ class ClaraModel:
     return self
 
   def compress_documents(self, texts: Sequence[str]) -> np.ndarray:
-    """Documents -> memories [N, n_mem, H] (compressor adapter, or the memory cache)."""
+    """Documents -> memories [N, n_mem, D] (compressor adapter, or the memory cache)."""
     if self.memory_cache is not None:
       cached = self.memory_cache.rows(texts)
       missing = [i for i, row in enumerate(cached) if row is None]
@@ -205,7 +205,7 @@ class ClaraModel:
     return mem
 
   def reason(self, questions: Sequence[str]) -> np.ndarray:
-    """Questions -> query memories [B, n_mem, H] (reasoner adapter)."""
+    """Questions -> query memories [B, n_mem, D] (reasoner adapter)."""
     mem, ms = self._timed_memories(self._reason, questions, self.question_max_length, "questions")
     self.timings.query_ms += ms
     return mem
@@ -243,7 +243,7 @@ class ClaraModel:
   def generate_turns(
     self, turns: List[Tuple[str, str]], memories: np.ndarray, k: int, max_new_tokens: int
   ) -> List[str]:
-    """turns: (system, user) with k slots each; memories [B, k, n_mem, H]."""
+    """turns: (system, user) with k slots each; memories [B, k, n_mem, D]."""
     start = time.perf_counter()
     prompts = [self.tok.encode_prompt(user, system) for system, user in turns]
     prefix, prompts = self._split_head(prompts)
@@ -290,7 +290,7 @@ class ClaraModel:
     self, turns: List[Tuple[str, str]], answers: Sequence[str], memories: np.ndarray, k: int
   ) -> np.ndarray:
     """Teacher-forced answer loss: mean NLL (nats) per answer token (incl. eos) of each
-    answer [B], given memories [B, k, n_mem, H] in the turns' k slots."""
+    answer [B], given memories [B, k, n_mem, D] in the turns' k slots."""
     prompts = [self.tok.encode_prompt(user, system) for system, user in turns]
     answer_ids = [self.tok.encode(a, parse_special=False) for a in answers]
     length = bucket_length(max(len(p) for p in prompts))
@@ -348,7 +348,7 @@ class ClaraModel:
   def retrieve(
     self, questions: Sequence[str], doc_mem: np.ndarray, k: int
   ) -> Tuple[np.ndarray, np.ndarray]:
-    """Reasoner top-k over candidate memories [B, N, n_mem, H]: (indices, scores)."""
+    """Reasoner top-k over candidate memories [B, N, n_mem, D]: (indices, scores)."""
     q_mem = self.reason(questions)
     scores = np.asarray(clara.score(jnp.asarray(q_mem), jnp.asarray(doc_mem)))
     order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]

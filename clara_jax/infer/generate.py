@@ -37,7 +37,7 @@ def bucket_length(length: int, buckets: Sequence[int] = (64, 128, 256, 512, 1024
 
 
 def left_to_right_padding(
-  tokens_bt: Array, mask_bt: Array, slot_positions_bs: Array
+  tokens_bt: Array, mask_bt: Array, slot_positions_bj: Array
 ) -> Tuple[Array, Array, Array]:
   """Moves each row's real tokens to the front; returns (tokens, lengths, slots)."""
   t = tokens_bt.shape[1]
@@ -45,7 +45,7 @@ def left_to_right_padding(
   shift = t - lengths  # left padding of each row
   index = (jnp.arange(t)[None, :] + shift[:, None]) % t
   tokens = jnp.take_along_axis(tokens_bt, index, axis=1)
-  return tokens, lengths, slot_positions_bs - shift[:, None]
+  return tokens, lengths, slot_positions_bj - shift[:, None]
 
 
 def _sample(logits_bv: Array, key: Array, temperature: float, top_p: float) -> Array:
@@ -103,8 +103,8 @@ def generate(
   cfg: DecoderConfig,
   tokens_bt: Array,
   mask_bt: Array,
-  slot_positions_bs: Array,
-  memories_bkmh: Array,
+  slot_positions_bj: Array,
+  memories_bkmd: Array,
   *,
   max_new_tokens: int,
   eos_id: int,
@@ -119,8 +119,8 @@ def generate(
   Args:
     tokens_bt, mask_bt: left-padded generator prompts [B, P] (placeholders included);
       with `prefix`, the part of each prompt after it.
-    slot_positions_bs: [B, k * n_mem] placeholder positions in that layout.
-    memories_bkmh: [B, k, n_mem, H] memories to write into the slots.
+    slot_positions_bj: [B, k * n_mem] placeholder positions in that layout.
+    memories_bkmd: [B, k, n_mem, D] memories to write into the slots.
     memory_scale: how they enter the generator (`clara.MEMORY_SCALES`).
     prefix: `prefix_cache` of the P0 tokens that precede every row's prompt (it holds
       no slot), or None.
@@ -132,15 +132,15 @@ def generate(
   last_hidden, cache, filled = _prefill(
     model,
     params,
-    (tokens_bt, mask_bt, slot_positions_bs, memories_bkmh),
+    (tokens_bt, mask_bt, slot_positions_bj, memories_bkmd),
     max_new_tokens,
     memory_scale,
     prefix,
   )
   rng = jax.random.key(0) if rng is None else rng
 
-  def sample(hidden_bh: Array, step: Union[int, Array]) -> Array:
-    logits = cast(Array, model.apply({"params": params}, hidden_bh, method=Decoder.logits))
+  def sample(hidden_bd: Array, step: Union[int, Array]) -> Array:
+    logits = cast(Array, model.apply({"params": params}, hidden_bd, method=Decoder.logits))
     return _sample(logits, jax.random.fold_in(rng, step), temperature, top_p)
 
   first = sample(last_hidden, 0)
@@ -162,7 +162,7 @@ def _decode(
 ) -> Array:
   """The new tokens [B, max_new_tokens]: `first`, then one decoder step per token from
   the prefilled `cache` (`filled` valid entries per row) until every row has produced
-  `eos_id` (eos after it); `sample(hidden [B, H], step)` picks each token."""
+  `eos_id` (eos after it); `sample(hidden [B, D], step)` picks each token."""
   generated = jnp.full((first.shape[0], max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first)
   done = first == eos_id
 
@@ -203,17 +203,17 @@ def _prefill(
   prefix: Optional[KVCache],
 ) -> Tuple[Array, Optional[KVCache], Array]:
   """Runs the prompts (tokens, mask, slot positions, memories, as `generate` takes
-  them) through the generator: (the last prompt position's hidden state [B, H], the KV
+  them) through the generator: (the last prompt position's hidden state [B, D], the KV
   cache with room for `max_new_tokens` more, its valid length per row [B])."""
-  tokens_bt, mask_bt, slot_positions_bs, memories_bkmh = prompts
+  tokens_bt, mask_bt, slot_positions_bj, memories_bkmd = prompts
   b = tokens_bt.shape[0]
-  tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bs)
+  tokens, lengths, slots = left_to_right_padding(tokens_bt, mask_bt, slot_positions_bj)
   embeddings = clara.generator_inputs(
     model,
     params,
     tokens,
     slots,
-    memories_bkmh.reshape(b, -1, memories_bkmh.shape[-1]),
+    memories_bkmd.reshape(b, -1, memories_bkmd.shape[-1]),
     memory_scale,
   )
   p0 = 0 if prefix is None else cache_length(prefix)

@@ -1,8 +1,8 @@
 """A document-memory index: compress a corpus once, then retrieve by cosine for the
 reasoner's query memories (built in, where the reference calls an external service).
 
-On disk (`out_dir`): `shard_00000.npz` ... each holding `ids` and `memories` [n, M, H]
-in the storage dtype, plus `index.json` written last (the dtype, M, H and the bytes a
+On disk (`out_dir`): `shard_00000.npz` ... each holding `ids` and `memories` [n, n_mem, D]
+in the storage dtype, plus `index.json` written last (the dtype, n_mem, D and the bytes a
 document takes). Building is resumable: finished shards are kept and the build
 continues after the last one. Storage dtypes (STORAGE_DTYPES):
 
@@ -11,7 +11,7 @@ continues after the last one. Storage dtypes (STORAGE_DTYPES):
   uint16 bit patterns (`memories`) and index.json names the dtype.
 * int8: symmetric per-vector quantization, one float32 scale per memory vector (per
   [doc, mem] row of H values): q = round(x * 127 / max|x|), x ~ q * scale, with
-  `scales` [n, M] beside `memories` in each shard. An element's error is at most
+  `scales` [n, n_mem] beside `memories` in each shard. An element's error is at most
   scale / 2 = max|x| / 254 of its vector.
 
 Loaded (`MemoryIndex.load`), the stored values are placed on the devices, sharded along
@@ -22,8 +22,9 @@ cosine is exact for the stored values. A search scores each device's slice block
 block (`shard_map`), takes the slice's top N (exact, or `lax.approx_max_k`), and merges
 the devices' candidates with one more top N.
 
-Shapes: N documents, M = n_mem memory vectors of H values (D = M * H flattened), B
-questions, K results per question, S devices, R rows per device.
+Shapes (the letters of `clara_jax.model`): N documents of the index, n_mem memory
+vectors of D values each (E = n_mem * D flattened), B questions, k results per question,
+R rows per device (the documents are sharded over the devices by rows).
 """
 
 from __future__ import annotations
@@ -78,30 +79,30 @@ def bytes_per_doc(n_mem: int, hidden: int, dtype: str) -> int:
   return n_mem * hidden * _VALUE_BYTES[dtype] + scales
 
 
-def quantize_int8(x_nmh: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-  """Per-vector symmetric int8: (q [N, M, H] int8, scales [N, M] float32) with
+def quantize_int8(x_nmd: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+  """Per-vector symmetric int8: (q [N, n_mem, D] int8, scales [N, n_mem] float32) with
   x ~ q * scales[..., None]; an all-zero vector gets scale 0."""
-  x = np.asarray(x_nmh, np.float32)
+  x = np.asarray(x_nmd, np.float32)
   scales = np.abs(x).max(axis=-1) / 127.0
   safe = np.where(scales > 0, scales, 1.0)
   q = np.clip(np.rint(x / safe[..., None]), -127, 127).astype(np.int8)
   return q, scales.astype(np.float32)
 
 
-def encode(x_nmh: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
-  """Memories [N, M, H] as a shard stores them: {"memories"} (+ {"scales"} for int8)."""
+def encode(x_nmd: np.ndarray, dtype: str) -> Dict[str, np.ndarray]:
+  """Memories [N, n_mem, D] as a shard stores them: {"memories"} (+ {"scales"} for int8)."""
   check_dtype(dtype)
   if dtype == "int8":
-    q, scales = quantize_int8(x_nmh)
+    q, scales = quantize_int8(x_nmd)
     return {"memories": q, "scales": scales}
   if dtype == "bfloat16":
-    values = np.asarray(x_nmh, np.float32).astype(ml_dtypes.bfloat16)
+    values = np.asarray(x_nmd, np.float32).astype(ml_dtypes.bfloat16)
     return {"memories": values.view(np.uint16)}
-  return {"memories": np.asarray(x_nmh).astype(dtype)}
+  return {"memories": np.asarray(x_nmd).astype(dtype)}
 
 
 def decode(stored: Dict[str, np.ndarray], dtype: str) -> np.ndarray:
-  """The values [N, M, H] a shard stores: float32/float16 as stored, bfloat16 as
+  """The values [N, n_mem, D] a shard stores: float32/float16 as stored, bfloat16 as
   `ml_dtypes.bfloat16`, int8 dequantized to float32."""
   values = stored["memories"]
   if dtype == "int8":
@@ -158,7 +159,7 @@ def _write_shard(
   ids: List[str],
   dtype: str,
 ) -> Tuple[int, ...]:
-  """Compresses the documents of one shard and writes it; returns its memories' (M, H)."""
+  """Compresses the documents of one shard and writes it; returns its memories' (n_mem, D)."""
   memories = np.asarray(compress([d["text"] for d in chunk]))
   if memories.ndim != 3 or len(memories) != len(chunk):
     raise ValueError(
@@ -182,7 +183,7 @@ def build_index(
   inputs: Optional[Dict] = None,
 ) -> Dict:
   """Compresses `docs` ({"id", "text"}) shard by shard with `compress` (texts -> [n,
-  M, H]) and stores them in `dtype` (STORAGE_DTYPES). Existing complete shards are
+  n_mem, D]) and stores them in `dtype` (STORAGE_DTYPES). Existing complete shards are
   reused, so an interrupted build resumes.
 
   `inputs`: what the shards are computed from (e.g. the export's and the corpus's
@@ -196,7 +197,7 @@ def build_index(
     raise ValueError("no documents to index")  # an index of nothing cannot be loaded
   _open_out_dir(out_dir, inputs, shard_size, dtype)
   num_shards = -(-len(docs) // shard_size)
-  shape: Tuple[int, ...] = ()  # (M, H), from the first shard seen
+  shape: Tuple[int, ...] = ()  # (n_mem, D), from the first shard seen
   for i in range(num_shards):
     path = _shard_path(out_dir, i)
     chunk = docs[i * shard_size : (i + 1) * shard_size]
@@ -246,7 +247,7 @@ def read_meta(out_dir: str) -> Dict:
 def _stored_shard(
   out_dir: str, i: int, dtype: str
 ) -> Tuple[List[str], np.ndarray, Optional[np.ndarray]]:
-  """(ids, stored values [n, D], scales [n, M] float32 or None) of shard i."""
+  """(ids, stored values [n, E], scales [n, n_mem] float32 or None) of shard i."""
   with _read_npz(_shard_path(out_dir, i)) as shard:
     ids = [str(x) for x in shard["ids"]]
     memories = shard["memories"]
@@ -255,7 +256,7 @@ def _stored_shard(
 
 
 def read_shards(out_dir: str) -> Tuple[List[str], np.ndarray]:
-  """(ids, memories [N, M, H]) of a finished build in `out_dir`, on the host: values as
+  """(ids, memories [N, n_mem, D]) of a finished build in `out_dir`, on the host: values as
   `decode` gives them (int8 dequantized to float32)."""
   meta = read_meta(out_dir)
   ids: List[str] = []
@@ -299,10 +300,10 @@ def _layout(num_docs: int, devices: int, dim: int, block: Optional[int]) -> Tupl
 class MemoryIndex:
   """A loaded index: its ids and the stored memories on the devices.
 
-  `matrix` [S * R, D] holds the stored values (float32, float16, int8, or bfloat16's
+  `matrix` [devices * R, E] holds the stored values (float32, float16, int8, or bfloat16's
   uint16 bit patterns: XLA:CPU converts bfloat16 arrays elementwise several times slower
-  than the 16-bit shift that widens the bits exactly), `scales` [S * R, M] float32 for
-  int8 (else None), `inv_norms` [S * R] the inverse L2 norm of each document's
+  than the 16-bit shift that widens the bits exactly), `scales` [devices * R, n_mem] float32 for
+  int8 (else None), `inv_norms` [devices * R] the inverse L2 norm of each document's
   dequantized flattened memory; all sharded along rows. Rows past N are zero padding,
   never returned."""
 
@@ -362,22 +363,22 @@ class MemoryIndex:
   def from_memories(
     cls,
     ids: Sequence[str],
-    memories_nmh: np.ndarray,
+    memories_nmd: np.ndarray,
     dtype: str = "float32",
     mesh: Optional[Mesh] = None,
     block: Optional[int] = None,
   ) -> "MemoryIndex":
-    """An index of host memories [N, M, H] stored in `dtype`, without files (tests,
+    """An index of host memories [N, n_mem, D] stored in `dtype`, without files (tests,
     benchmarks)."""
     ids = [str(i) for i in ids]
-    if memories_nmh.ndim != 3 or len(memories_nmh) != len(ids) or not ids:
+    if memories_nmd.ndim != 3 or len(memories_nmd) != len(ids) or not ids:
       raise ValueError(
-        f"expected memories [N, M, H] for {len(ids)} ids, got shape {memories_nmh.shape}"
+        f"expected memories [N, n_mem, D] for {len(ids)} ids, got shape {memories_nmd.shape}"
       )
-    stored = encode(memories_nmh, dtype)
+    stored = encode(memories_nmd, dtype)
     values = stored["memories"].reshape(len(ids), -1)
     one = (ids, values, stored.get("scales"))
-    n, n_mem, hidden = memories_nmh.shape
+    n, n_mem, hidden = memories_nmd.shape
     return cls._place(n, n_mem, hidden, dtype, n, 1, lambda i: one, lambda i: ids, mesh, block)
 
   @classmethod
@@ -394,8 +395,8 @@ class MemoryIndex:
     mesh: Optional[Mesh],
     block: Optional[int],
   ) -> "MemoryIndex":
-    """Builds each local device's [R, D] rows from `shard(i)` = (ids, stored [n, D],
-    scales [n, M] or None), the file shards of `shard_size` rows, in row order."""
+    """Builds each local device's [R, E] rows from `shard(i)` = (ids, stored [n, E],
+    scales [n, n_mem] or None), the file shards of `shard_size` rows, in row order."""
     check_dtype(dtype)
     devices = (np.asarray(jax.devices()) if mesh is None else mesh.devices).reshape(-1)
     mesh = Mesh(devices, (AXIS,))
@@ -438,14 +439,14 @@ class MemoryIndex:
     return cls(ids, spec, matrix, scale_array)
 
   def search(
-    self, query_mem_bmh: np.ndarray, top_n: int, approx: bool = False, recall_target: float = 0.95
+    self, query_mem_bmd: np.ndarray, top_n: int, approx: bool = False, recall_target: float = 0.95
   ) -> Tuple[np.ndarray, np.ndarray]:
-    """Cosine top-n for query memories [B, M, H]: (doc indices [B, n], scores [B, n]),
+    """Cosine top-n for query memories [B, n_mem, D]: (doc indices [B, n], scores [B, n]),
     best first. `approx`: each device's top-n by `lax.approx_max_k` at `recall_target`
     (fast on TPU; elsewhere it is exact)."""
     if top_n < 1:
       raise ValueError(f"top_n must be at least 1, got {top_n}")
-    q = np.asarray(query_mem_bmh, np.float32)
+    q = np.asarray(query_mem_bmd, np.float32)
     if q.ndim != 3 or q.shape[1:] != (self.n_mem, self.hidden):
       raise ValueError(
         f"query memories of shape {q.shape}; this index holds [N, {self.n_mem}, {self.hidden}]"
@@ -466,29 +467,29 @@ class MemoryIndex:
     return np.asarray(idx)[:b], np.asarray(scores)[:b]
 
   def memories(self, idx_bk: np.ndarray) -> np.ndarray:
-    """The memories of documents [B, K] (indices from `search`), dequantized: [B, K, M,
-    H] float32, gathered from the devices holding them."""
+    """The memories of documents [B, k] (indices from `search`), dequantized: [B, k,
+    n_mem, D] float32, gathered from the devices holding them."""
     idx = np.asarray(idx_bk, np.int32)
     if idx.size and (idx.min() < 0 or idx.max() >= self.num_docs):
       raise IndexError(f"document indices must be in [0, {self.num_docs})")
     return np.asarray(_gather(self.matrix, self.scales, idx, spec=self.spec))
 
   def values(self) -> np.ndarray:
-    """Every document's dequantized memories [N, M, H] float32 on the host: a full copy,
+    """Every document's dequantized memories [N, n_mem, D] float32 on the host: a full copy,
     for tests and small indexes."""
     return self.memories(np.arange(self.num_docs)[None])[0]
 
 
-def _dequantize(rows_rd: jax.Array, scales_rm: Optional[jax.Array], spec: _Spec) -> jax.Array:
+def _dequantize(rows_re: jax.Array, scales_rm: Optional[jax.Array], spec: _Spec) -> jax.Array:
   """Stored rows [r, D] -> float32 [r, D]."""
   if spec.dtype == "bfloat16":
-    wide = lax.shift_left(rows_rd.astype(jnp.uint32), jnp.uint32(16))
+    wide = lax.shift_left(rows_re.astype(jnp.uint32), jnp.uint32(16))
     values = lax.bitcast_convert_type(wide, jnp.float32)
   else:
-    values = rows_rd.astype(jnp.float32)
+    values = rows_re.astype(jnp.float32)
   if spec.dtype == "int8":
     assert scales_rm is not None  # an int8 index always has scales
-    r = rows_rd.shape[0]
+    r = rows_re.shape[0]
     values = (values.reshape(r, spec.n_mem, spec.hidden) * scales_rm[:, :, None]).reshape(
       r, spec.dim
     )
@@ -497,11 +498,11 @@ def _dequantize(rows_rd: jax.Array, scales_rm: Optional[jax.Array], spec: _Spec)
 
 def _blocks(
   fn: Callable[[jax.Array], jax.Array],
-  matrix_rd: jax.Array,
+  matrix_re: jax.Array,
   scales_rm: Optional[jax.Array],
   spec: _Spec,
 ) -> jax.Array:
-  """fn(float32 block [block, D]) over a device's rows, block by block: [R / block, ...]
+  """fn(float32 block [block, E]) over a device's rows, block by block: [R / block, ...]
   stacked. The block is materialised (an optimisation barrier on CPU), since XLA:CPU
   fusing the conversion into the matmul is several times slower than the matmul."""
   blocks = spec.rows_per_device // spec.block
@@ -513,7 +514,7 @@ def _blocks(
       values = lax.optimization_barrier(values)
     return fn(values)
 
-  rows = matrix_rd.reshape(blocks, spec.block, spec.dim)
+  rows = matrix_re.reshape(blocks, spec.block, spec.dim)
   scales = None if scales_rm is None else scales_rm.reshape(blocks, spec.block, spec.n_mem)
   if blocks == 1:
     return jax.tree.map(lambda x: x[None], one((rows[0], None if scales is None else scales[0])))
@@ -543,15 +544,15 @@ def _search(
   matrix: jax.Array,
   scales: Optional[jax.Array],
   inv_norms: jax.Array,
-  query_bmh: jax.Array,
+  query_bmd: jax.Array,
   spec: _Spec,
   top_n: int,
   approx: bool,
   recall_target: float,
 ) -> Tuple[jax.Array, jax.Array]:
   """(scores [B, top_n], global row indices [B, top_n]) of the exact cosine."""
-  b = query_bmh.shape[0]
-  q = query_bmh.reshape(b, -1)
+  b = query_bmd.shape[0]
+  q = query_bmd.reshape(b, -1)
   q = q / jnp.maximum(jnp.linalg.norm(q, axis=-1, keepdims=True), 1e-12)
   k = min(top_n, spec.rows_per_device)
 
@@ -587,7 +588,7 @@ def _search(
 def _gather(
   matrix: jax.Array, scales: Optional[jax.Array], idx_bk: jax.Array, spec: _Spec
 ) -> jax.Array:
-  """Dequantized memories [B, K, M, H] of global rows [B, K]: each device contributes
+  """Dequantized memories [B, k, n_mem, D] of global rows [B, k]: each device contributes
   the rows it holds, zeros elsewhere, summed over the devices."""
 
   def local(m: jax.Array, s: Optional[jax.Array], idx: jax.Array) -> jax.Array:

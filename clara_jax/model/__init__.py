@@ -1,7 +1,7 @@
 """The decoder, its LoRA adapters, and CLaRa's roles and stage losses on top of it.
 
-Shape letters, one meaning each across `clara_jax.model` and `clara_jax.ops` (and the
-parameter shapes of `clara_jax.weights`):
+Shape letters, one meaning each across clara_jax (model, ops, the parameter shapes of
+weights, infer, eval, train, bench):
 
     B   batch: questions, or sequences of a plain pass
     T   positions of a pass (its queries)
@@ -15,11 +15,13 @@ parameter shapes of `clara_jax.weights`):
     G   query heads per key/value head, H / K
     hd  head width
     Q   the G * T queries of one key/value head stacked along one axis
-    R   rows of an encoder batch: documents or questions, any leading axes flattened
-    N   candidate documents per question
+    R   rows: of an encoder batch (documents or questions, any leading axes flattened),
+        or of one device's shard of the memory index
+    N   candidate documents per question (in the memory index: the documents it holds)
     k   documents in one generator prompt (selected in stage 2; stage1: 1)
     n_mem  memory tokens per encoder row
     J   memory slots of one generator prompt, k * n_mem
+    E   one document's memories flattened, n_mem * D (the memory index's rows)
     Ld, Lq  text block of a document / question before its memory tokens (Lt: either)
     P, A    prompt and answer regions of a generator row (T = P + A)
 

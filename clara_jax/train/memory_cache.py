@@ -94,7 +94,7 @@ def build_cache(
 
 
 class MemoryCache:
-  """A finished cache in memory: `lookup(texts) -> [len(texts), M, H]` float32."""
+  """A finished cache in memory: `lookup(texts) -> [len(texts), n_mem, D]` float32."""
 
   def __init__(self, directory: str):
     from clara_jax.infer.index import read_shards
@@ -108,7 +108,7 @@ class MemoryCache:
     self.record = paths.read_json(path)
     ids, memories = read_shards(directory)
     self.directory = directory
-    self.memories = memories.astype(np.float32)  # [D, M, H]
+    self.memories = memories.astype(np.float32)  # [documents, n_mem, D]
     self.row = {key: i for i, key in enumerate(ids)}
 
   @property
@@ -135,7 +135,7 @@ class MemoryCache:
     return [self.row.get(doc_key(text)) for text in texts]
 
   def lookup(self, texts: Sequence[str]) -> np.ndarray:
-    """Memories [len(texts), M, H]; KeyError naming a document the cache lacks."""
+    """Memories [len(texts), n_mem, D]; KeyError naming a document the cache lacks."""
     rows = self.rows(texts)
     for text, row in zip(texts, rows):
       if row is None:
