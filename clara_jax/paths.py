@@ -25,7 +25,7 @@ import json
 import os
 import posixpath
 import tempfile
-from typing import Any, BinaryIO, Iterable, Iterator, Optional, TextIO, Union
+from typing import Any, BinaryIO, Callable, Iterable, Iterator, Optional, TextIO, Union
 
 from etils import epath
 
@@ -284,9 +284,15 @@ def write_text(p: PathLike, text: str) -> None:
   write_atomic(p, [text])
 
 
-def write_json(p: PathLike, obj: Any, indent: Optional[int] = 1) -> None:
-  """One JSON document, written all or nothing."""
-  write_atomic(p, [json.dumps(obj, indent=indent, sort_keys=False)])
+def write_json(
+  p: PathLike,
+  obj: Any,
+  indent: Optional[int] = 1,
+  default: Optional[Callable[[Any], Any]] = None,
+) -> None:
+  """One JSON document, written all or nothing; `default` as in `json.dumps` (e.g. str
+  for values JSON has no type for)."""
+  write_atomic(p, [json.dumps(obj, indent=indent, sort_keys=False, default=default)])
 
 
 @contextlib.contextmanager

@@ -5,7 +5,6 @@ seeds pooled."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import sys
 import time
@@ -114,10 +113,6 @@ def claim_dicts(rows: Sequence[ClaimRow]) -> List[Dict[str, Any]]:
   return [dict(zip(("claim", "measured", "target", "passed"), row)) for row in rows]
 
 
-def write_json(path: str, summary: Dict[str, Any]) -> None:
-  paths.write_text(path, json.dumps(summary, indent=1, default=str))
-
-
 def write_report(
   workdir: str,
   recipe: Recipe,
@@ -141,7 +136,7 @@ def write_report(
     "provenance": provenance(),
     **(extra or {}),
   }
-  write_json(paths.join(workdir, SUMMARY_FILE), summary)
+  paths.write_json(paths.join(workdir, SUMMARY_FILE), summary, default=str)
   log("\n" + format_table(table))
   log(f"\nartefacts in {workdir}: {SUMMARY_FILE}, lens.png, losses.png, */tensorboard")
   return summary

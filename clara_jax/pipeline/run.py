@@ -150,6 +150,6 @@ def run_seeds(
     "per_seed": {str(seed): s["claims"] for seed, s in per_seed.items()},
     "provenance": report.provenance(),
   }
-  report.write_json(paths.join(workdir, report.SEEDS_SUMMARY_FILE), summary)
+  paths.write_json(paths.join(workdir, report.SEEDS_SUMMARY_FILE), summary, default=str)
   log("\n" + report.format_seeds_table(pooled, verdicts))
   return summary
