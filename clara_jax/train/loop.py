@@ -695,7 +695,7 @@ class _Run:
       self.writer.write_scalars(done, self.last)
       if self.progress is not None:
         self.progress(done, self.num_steps, self.last)
-    self._save(done, unreplicate(state) if self.pmap else state, preemption, last_step)
+    self._save(done, state, preemption, last_step)
 
   def _check_finite(self, done: int) -> None:
     try:
@@ -705,14 +705,14 @@ class _Run:
       self.writer.close()  # the rows up to the divergence, buffered ones included
       raise
 
-  def _save(
-    self, done: int, host_state: TrainState, preemption: _Preemption, last_step: bool
-  ) -> None:
+  def _save(self, done: int, state: TrainState, preemption: _Preemption, last_step: bool) -> None:
     """The step's checkpoint when one is due; on a preemption a forced one, then
     `Preempted`."""
     preempted = preemption.reached(done)
-    if preempted or last_step or self.checkpointer.should_save(done):
-      self.writer.flush()  # rows stored before the checkpoint that covers them
+    if not (preempted or last_step or self.checkpointer.should_save(done)):
+      return  # nothing to save: the state stays on the devices, the pipeline unread
+    self.writer.flush()  # rows stored before the checkpoint that covers them
+    host_state = unreplicate(state) if self.pmap else state
     if preempted:
       self.checkpointer.save(done, host_state, self.pipeline.get_state(), force=True)
       self.checkpointer.close()
